@@ -1,1 +1,185 @@
-pub fn placeholder() {}
+//! sagahost: a saga orchestrator whose steps are sandboxed WebAssembly components.
+//!
+//! The library is the whole application; `main.rs` only parses flags. [`App::build`] wires the
+//! parts from a [`Config`] and [`App::run`] serves until the shutdown token fires, so tests
+//! start exactly what production starts. See ARCHITECTURE.md for the map.
+
+pub mod catalog;
+pub mod clock;
+pub mod driver;
+pub mod engine;
+pub mod failpoint;
+pub mod http;
+pub mod relay;
+pub mod runtime;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::clock::{Clock, SystemClock};
+use crate::driver::{Driver, DriverHandle, DriverOptions};
+use crate::relay::{Relay, RelayOptions, Sink};
+use crate::runtime::{Runtime, StateReader};
+use crate::store::{SqliteStore, Store};
+
+/// Everything needed to build an [`App`].
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Holds the SQLite file, `events.jsonl` and the host identity.
+    pub data_dir: PathBuf,
+    /// A `sqlite:` URL; `None` means `<data_dir>/sagahost.db`.
+    pub database: Option<String>,
+    pub idempotency_ttl: Duration,
+    pub limits: runtime::Limits,
+    pub driver: DriverOptions,
+    pub relay: RelayOptions,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Config {
+    /// The embedded default: 127.0.0.1:8080, SQLite and events.jsonl under `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: data_dir.into(),
+            database: None,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            limits: runtime::Limits::default(),
+            driver: DriverOptions::default(),
+            relay: RelayOptions::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Lets the runtime read plugin state through the store without depending on it.
+struct StoreReader(Arc<dyn Store>);
+
+#[async_trait]
+impl StateReader for StoreReader {
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.state_get(plugin, key).await?)
+    }
+}
+
+/// A built, not yet running, sagahost.
+pub struct App {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    driver: Driver,
+    relay: Relay,
+    store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
+    handle: DriverHandle,
+    clock: Arc<dyn Clock>,
+}
+
+/// A stable identity for this data directory's host process, so that a restarted process
+/// recognises (and releases at once) the claims its predecessor died holding.
+fn host_identity(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let id = format!("host-{}", uuid::Uuid::new_v4());
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+impl App {
+    /// Opens the database (running migrations), loads the plugins, and binds the listener.
+    pub async fn build(mut config: Config) -> anyhow::Result<App> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let store: Arc<dyn Store> = match &config.database {
+            None => Arc::new(
+                SqliteStore::open(&config.data_dir.join("sagahost.db")).await.context("opening the SQLite database")?,
+            ),
+            Some(url) if url.starts_with("sqlite:") => {
+                Arc::new(SqliteStore::open_url(url).await.context("opening the SQLite database")?)
+            }
+            Some(url) => anyhow::bail!("unsupported database URL '{url}': this build supports sqlite: URLs only"),
+        };
+        config.driver.owner = host_identity(&config.data_dir)?;
+        let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(Arc::clone(&store))))?);
+        let catalog =
+            Arc::new(Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
+        let driver = Driver::new(
+            Arc::clone(&store),
+            runtime,
+            Arc::clone(&catalog),
+            Arc::clone(&config.clock),
+            config.driver.clone(),
+        );
+        let handle = driver.handle();
+        let sink: Arc<dyn Sink> = Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?);
+        let relay =
+            Relay::new(Arc::clone(&store), sink, Arc::clone(&config.clock), handle.clone(), config.relay.clone());
+        let state = http::AppState {
+            store: Arc::clone(&store),
+            catalog: Arc::clone(&catalog),
+            driver: handle.clone(),
+            clock: Arc::clone(&config.clock),
+            config: Arc::new(http::HttpConfig { idempotency_ttl: config.idempotency_ttl }),
+        };
+        let listener =
+            tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        Ok(App { listener, router: http::router(state), driver, relay, store, catalog, handle, clock: config.clock })
+    }
+
+    /// The address the HTTP server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog)
+    }
+
+    pub fn driver(&self) -> DriverHandle {
+        self.handle.clone()
+    }
+
+    /// Serves HTTP, drives sagas and relays events until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "sagahost listening");
+        let driver = tokio::spawn(self.driver.run(shutdown.clone()));
+        let relay = tokio::spawn(self.relay.run(shutdown.clone()));
+        let janitor = tokio::spawn(janitor(Arc::clone(&self.store), Arc::clone(&self.clock), shutdown.clone()));
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = server.await;
+        shutdown.cancel();
+        let _ = tokio::join!(driver, relay, janitor);
+        served.context("HTTP server failed")
+    }
+}
+
+/// Periodic housekeeping: forgets idempotency keys past their retention.
+async fn janitor(store: Arc<dyn Store>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        match store.expire_idempotency(clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(expired = n, "forgot expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
+        }
+    }
+}

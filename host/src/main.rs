@@ -1,1 +1,92 @@
-fn main() {}
+//! The `sagahost` binary: parses flags (each also an environment variable) and runs the app.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "sagahost", version, about = "Saga orchestrator with WebAssembly steps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the host: HTTP API, saga driver and outbox relay.
+    Serve(Serve),
+}
+
+#[derive(Parser)]
+struct Serve {
+    /// Address to listen on.
+    #[arg(long, env = "SAGAHOST_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the SQLite database, events.jsonl and the host identity.
+    #[arg(long, env = "SAGAHOST_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Database URL (sqlite:...). Default: a SQLite file in the data directory.
+    #[arg(long, env = "SAGAHOST_DATABASE")]
+    database: Option<String>,
+    /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
+    #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
+    idempotency_ttl_hours: u64,
+    /// Linear memory limit of one plugin call, in MiB.
+    #[arg(long, env = "SAGAHOST_PLUGIN_MEMORY_MIB", default_value_t = 64)]
+    plugin_memory_mib: usize,
+    /// Largest output a plugin call may return, in KiB.
+    #[arg(long, env = "SAGAHOST_PLUGIN_OUTPUT_KIB", default_value_t = 256)]
+    plugin_output_kib: usize,
+    /// Log lines kept per plugin call.
+    #[arg(long, env = "SAGAHOST_PLUGIN_LOG_LINES", default_value_t = 100)]
+    plugin_log_lines: u32,
+    /// How many sagas run at once in this process.
+    #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
+    max_concurrent_sagas: usize,
+    /// Log format: text or json.
+    #[arg(long, env = "SAGAHOST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Serve(args) = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let mut config = sagahost::Config::embedded(&args.data_dir);
+    config.listen = args.listen;
+    config.database = args.database;
+    config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
+    config.limits.memory_bytes = args.plugin_memory_mib << 20;
+    config.limits.output_bytes = args.plugin_output_kib << 10;
+    config.limits.log_lines = args.plugin_log_lines;
+    config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
+
+    let app = sagahost::App::build(config).await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        #[cfg(unix)]
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    app.run(shutdown).await
+}

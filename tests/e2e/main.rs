@@ -1,1 +1,408 @@
-fn main(){}
+//! End-to-end tests: the real host on port 0, real HTTP, the real demo plugins compiled from
+//! plugins/, a fresh SQLite file per test.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{fixture, good_order, key, order, TestHost};
+use reqwest::StatusCode;
+use sagahost::engine::PluginRef;
+use sagahost::store::DefinitionSource;
+use serde_json::{json, Value};
+
+fn step<'a>(o: &'a Value, name: &str) -> &'a Value {
+    o["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {o:#}"))
+}
+
+#[tokio::test]
+async fn happy_path_completes_with_every_effect_once_and_gapless_events() {
+    let host = TestHost::start().await;
+    let r = host.post_order_raw(Some(&key()), good_order().to_string().as_bytes(), Some(20)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let o = r.json();
+    assert_eq!(o["status"], "COMPLETED");
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(r.header("location").as_deref(), Some(format!("/orders/{id}").as_str()));
+    for name in ["inventory", "payment", "shipment"] {
+        let s = step(&o, name);
+        assert_eq!(s["status"], "succeeded");
+        assert_eq!(s["attempts"], 1);
+        assert!(s["execute_digest"].as_str().unwrap().starts_with("sha256:"));
+    }
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "reserved");
+    let charge = host.state("payment", &format!("charge/{id}")).await.unwrap();
+    assert_eq!(charge, json!({"amount_cents": 3000, "currency": "USD", "status": "charged"}));
+    assert_eq!(host.state("shipment", &format!("shipment/{id}")).await.unwrap()["status"], "created");
+    assert_eq!(
+        host.event_types(id).await,
+        ["OrderCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderCompleted"]
+    );
+    let events = host.events(id).await;
+    let statuses: Vec<_> = events.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["CREATED", "INVENTORY_RESERVED", "PAYMENT_CHARGED", "SHIPMENT_CREATED", "COMPLETED"]);
+    assert!(events.iter().all(|e| e["saga_type"] == "order" && e["event_id"].as_str().unwrap().len() == 36));
+
+    // The relay appends the same events to events.jsonl, in seq order.
+    let path = host.dir.path().join("events.jsonl");
+    let start = std::time::Instant::now();
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &Value| e["saga_id"] == id)
+            .collect();
+        if lines.len() == events.len() {
+            assert_eq!(lines, events);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "relay did not publish: {lines:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(host.store.outbox_pending(10).await.unwrap().is_empty(), "published rows are marked");
+}
+
+#[tokio::test]
+async fn out_of_stock_is_rejected_at_inventory_and_nothing_is_compensated() {
+    let host = TestHost::start().await;
+    let o = host.run_order(&order("tok_visa", "OOS-1", "US")).await;
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(o["status"], "CANCELLED");
+    assert!(o["reason"].as_str().unwrap().contains("out of stock"), "{o:#}");
+    assert_eq!(step(&o, "inventory")["status"], "failed");
+    assert_eq!(step(&o, "payment")["status"], "pending");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await, None);
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await, None);
+    assert_eq!(host.event_types(id).await, ["OrderCreated", "OrderCompensating", "OrderCancelled"]);
+}
+
+#[tokio::test]
+async fn declined_card_releases_the_inventory() {
+    let host = TestHost::start().await;
+    let o = host.run_order(&order("tok_decline", "SKU-1", "US")).await;
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "payment: card declined");
+    assert_eq!(step(&o, "inventory")["status"], "compensated");
+    assert_eq!(step(&o, "payment")["status"], "failed");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await, None);
+    assert_eq!(
+        host.event_types(id).await,
+        ["OrderCreated", "InventoryReserved", "OrderCompensating", "StepCompensated", "OrderCancelled"]
+    );
+}
+
+#[tokio::test]
+async fn no_carrier_refunds_payment_then_releases_inventory() {
+    let host = TestHost::start().await;
+    let o = host.run_order(&order("tok_visa", "SKU-1", "XX")).await;
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "shipment: no carrier for XX");
+    assert_eq!(step(&o, "shipment")["status"], "failed");
+    assert_eq!(step(&o, "payment")["status"], "compensated");
+    assert_eq!(step(&o, "inventory")["status"], "compensated");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+    let charge = host.state("payment", &format!("charge/{id}")).await.unwrap();
+    assert_eq!(charge["status"], "refunded");
+    assert_eq!(charge["amount_cents"], 3000);
+    assert_eq!(host.state("shipment", &format!("shipment/{id}")).await, None);
+    // Compensation ran in reverse order: payment, then inventory.
+    let compensated: Vec<String> = host
+        .events(id)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "StepCompensated")
+        .map(|e| e["data"]["step"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(compensated, ["payment", "inventory"]);
+    assert_eq!(
+        host.event_types(id).await,
+        [
+            "OrderCreated",
+            "InventoryReserved",
+            "PaymentCharged",
+            "OrderCompensating",
+            "StepCompensated",
+            "StepCompensated",
+            "OrderCancelled"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn flaky_payment_completes_on_attempt_three_with_one_charge() {
+    let host = TestHost::start().await;
+    let o = host.run_order(&order("tok_flaky", "SKU-1", "US")).await;
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(o["status"], "COMPLETED");
+    assert_eq!(step(&o, "payment")["attempts"], 3);
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "charged");
+    let charges = host.store.state_list("payment", "charge/", 100).await.unwrap();
+    assert_eq!(charges.len(), 1, "exactly one charge");
+    let types = host.event_types(id).await;
+    assert_eq!(types.iter().filter(|t| *t == "StepRetryScheduled").count(), 2);
+    assert_eq!(types.last().unwrap(), "OrderCompleted");
+}
+
+#[tokio::test]
+async fn idempotent_replay_is_byte_identical_and_marked() {
+    let host = TestHost::start().await;
+    let k = key();
+    let first = host.post_order(&k, &good_order()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    // Same body with other whitespace and key order is the same request.
+    let reordered = serde_json::to_string_pretty(&good_order()).unwrap();
+    let again = host.post_order_raw(Some(&k), reordered.as_bytes(), None).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.bytes, first.bytes, "replay is byte for byte");
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(again.header("location"), first.header("location"));
+
+    let mut other = good_order();
+    other["customer_id"] = json!("c-43");
+    let r = host.post_order(&k, &other).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.json()["error"]["code"], "idempotency_key_reused");
+
+    let r = host.post_order_raw(None, good_order().to_string().as_bytes(), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("Idempotency-Key"));
+
+    let list = host.get("/orders").await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "one saga for one key");
+}
+
+#[tokio::test]
+async fn ten_concurrent_identical_requests_make_exactly_one_saga() {
+    let host = TestHost::start().await;
+    let k = key();
+    let body = good_order().to_string();
+    let responses =
+        futures::future::join_all((0..10).map(|_| host.post_order_raw(Some(&k), body.as_bytes(), None))).await;
+    let mut ids = std::collections::HashSet::new();
+    for r in &responses {
+        match r.status {
+            StatusCode::CREATED => {
+                ids.insert(r.json()["id"].as_str().unwrap().to_owned());
+            }
+            StatusCode::CONFLICT => assert!(r.header("retry-after").is_some()),
+            other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.bytes)),
+        }
+    }
+    assert_eq!(ids.len(), 1, "every success names the same saga");
+    let list = host.get("/orders?limit=100").await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn prefer_wait_replays_the_settled_response() {
+    let host = TestHost::start().await;
+    let k = key();
+    let body = order("tok_decline", "SKU-1", "US").to_string();
+    let first = host.post_order_raw(Some(&k), body.as_bytes(), Some(20)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.json()["status"], "CANCELLED");
+    let again = host.post_order_raw(Some(&k), body.as_bytes(), Some(20)).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.bytes, first.bytes);
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn invalid_orders_get_400_naming_the_field_and_change_nothing() {
+    let host = TestHost::start().await;
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"items": []}), "customer_id"),
+        (
+            {
+                let mut o = good_order();
+                o["items"] = json!([]);
+                o
+            },
+            "items",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["items"][0]["quantity"] = json!(0);
+                o
+            },
+            "items[0].quantity",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["items"][1]["quantity"] = json!(-1);
+                o
+            },
+            "items[1].quantity",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["currency"] = json!("ABC");
+                o
+            },
+            "currency",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["payment"]["token"] = json!("");
+                o
+            },
+            "payment.token",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["ship_to"]["country"] = json!("U");
+                o
+            },
+            "ship_to.country",
+        ),
+        (
+            {
+                let mut o = good_order();
+                o["ship_to"]["city"] = json!(7);
+                o
+            },
+            "ship_to.city",
+        ),
+    ];
+    for (body, field) in cases {
+        let r = host.post_order(&key(), &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        let e = r.json();
+        assert_eq!(e["error"]["code"], "invalid_request");
+        assert!(e["error"]["message"].as_str().unwrap().contains(field), "{field}: {e}");
+    }
+    let r = host.post_order_raw(Some(&key()), b"{not json", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = host.post_order_raw(Some(&"k".repeat(256)), good_order().to_string().as_bytes(), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let mut big = good_order();
+    big["customer_id"] = json!("x".repeat(70 * 1024));
+    let r = host.post_order(&key(), &big).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.json()["error"]["code"], "payload_too_large");
+
+    // A rejected request is not stored: the same key works for a valid request afterwards.
+    let k = key();
+    assert_eq!(host.post_order(&k, &json!({"items": []})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(host.post_order(&k, &good_order()).await.status, StatusCode::CREATED);
+    assert_eq!(host.get("/orders").await.json()["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn orders_list_newest_first_with_cursor_and_404_for_unknown() {
+    let host = TestHost::start().await;
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(host.post_order(&key(), &good_order()).await.json()["id"].as_str().unwrap().to_owned());
+    }
+    let page = host.get("/orders?limit=2").await.json();
+    let got: Vec<_> = page["data"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got, [ids[2].clone(), ids[1].clone()]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let page2 = host.get(&format!("/orders?limit=2&cursor={cursor}")).await.json();
+    assert_eq!(page2["data"][0]["id"], json!(ids[0]));
+    assert_eq!(page2["next_cursor"], Value::Null);
+    for id in &ids {
+        host.wait_settled(id).await;
+    }
+    assert_eq!(host.get("/orders?status=COMPLETED").await.json()["data"].as_array().unwrap().len(), 3);
+    assert_eq!(host.get("/orders?status=CANCELLED").await.json()["data"].as_array().unwrap().len(), 0);
+    assert_eq!(host.get("/orders?limit=0").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(host.get("/orders?cursor=nope").await.status, StatusCode::BAD_REQUEST);
+
+    let r = host.get("/orders/00000000-0000-0000-0000-000000000000").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn health_readiness_and_openapi() {
+    let host = TestHost::start().await;
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(host.get("/readyz").await.status, StatusCode::OK);
+    let api = host.get("/openapi.json").await.json();
+    for path in ["/orders", "/orders/{id}", "/orders/{id}/cancel", "/sagas/{type}", "/healthz", "/readyz"] {
+        assert!(api["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert!(api["components"]["schemas"]["OrderRequest"].is_object());
+    assert_eq!(host.get("/nope").await.status, StatusCode::NOT_FOUND);
+}
+
+/// Binds the hostile fixture plugin as the shipment step's execute (compensate stays the demo).
+async fn bind_misbehave_to_shipment(host: &TestHost, timeout_ms: u64) {
+    let (digest, _) = host.catalog.install_plugin("misbehave", fixture("misbehave")).await.expect("fixture loads");
+    let mut def = (*host.catalog.definition("order").unwrap()).clone();
+    def.steps[2].execute = PluginRef { plugin: "misbehave".into(), digest };
+    def.steps[2].timeout_ms = timeout_ms;
+    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+}
+
+fn misbehaving(mode: &str) -> Value {
+    let mut o = good_order();
+    o["customer_id"] = json!(mode);
+    o
+}
+
+#[tokio::test]
+async fn a_trapping_plugin_is_retried_then_compensated_and_the_host_keeps_serving() {
+    let host = TestHost::start().await;
+    bind_misbehave_to_shipment(&host, 300).await;
+
+    // Traps on attempts 1 and 2, then succeeds: traps count as retryable.
+    let o = host.run_order(&misbehaving("panic-until-3")).await;
+    assert_eq!(o["status"], "COMPLETED", "{o:#}");
+    assert_eq!(step(&o, "shipment")["attempts"], 3);
+
+    // Always panics: after max attempts the trap counts as a rejection and the saga compensates.
+    let o = host.run_order(&misbehaving("panic")).await;
+    let id = o["id"].as_str().unwrap();
+    assert_eq!(o["status"], "CANCELLED", "{o:#}");
+    let s = step(&o, "shipment");
+    assert_eq!(s["attempts"], 5);
+    assert!(s["last_error"].as_str().unwrap().contains("panicked"), "{s:#}");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "refunded");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+
+    // An infinite loop is interrupted by the timeout; ordinary orders keep completing meanwhile.
+    let r = host.post_order(&key(), &misbehaving("loop")).await;
+    let looping = r.json()["id"].as_str().unwrap().to_owned();
+    let ok = host.run_order(&good_order()).await;
+    assert_eq!(ok["status"], "COMPLETED");
+    let o = host.wait_settled(&looping).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert!(step(&o, "shipment")["last_error"].as_str().unwrap().contains("timed out"), "{o:#}");
+
+    // Output that is not JSON is a host-limit failure, not a success.
+    let o = host.run_order(&misbehaving("bad-json")).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert!(step(&o, "shipment")["last_error"].as_str().unwrap().contains("not valid JSON"), "{o:#}");
+}
+
+#[tokio::test]
+async fn data_survives_a_restart() {
+    let host = TestHost::start().await;
+    let o = host.run_order(&good_order()).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    let dir = host.stop().await;
+    let host = TestHost::start_in(dir, |_| {}).await;
+    let again = host.get(&format!("/orders/{id}")).await.json();
+    assert_eq!(again["status"], "COMPLETED");
+    assert_eq!(again["steps"], o["steps"]);
+    assert_eq!(host.event_types(&id).await.len(), 5);
+}

@@ -1,0 +1,119 @@
+//! The catalog: which plugin components exist and which saga definitions use them.
+//!
+//! It owns the path from bytes to a runnable step: store the component by digest, compile it
+//! in the runtime, and check that definitions only bind loaded components. Definitions are
+//! cached in memory; the store is the source of truth, so every replica can rebuild it.
+
+pub mod demo;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::clock::Clock;
+use crate::engine::definition::DefinitionError;
+use crate::engine::SagaDefinition;
+use crate::runtime::{LoadError, Runtime};
+use crate::store::{self, DefinitionSource, Store};
+
+/// Why the catalog refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    #[error("{field}: plugin {digest} is not uploaded; upload it first")]
+    UnknownPlugin { field: String, digest: String },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// Plugins and definitions, shared by the HTTP layer and the driver.
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    runtime: Arc<Runtime>,
+    clock: Arc<dyn Clock>,
+    definitions: RwLock<HashMap<String, Arc<SagaDefinition>>>,
+    /// digest -> plugin name, for every loaded component.
+    plugin_names: RwLock<HashMap<String, String>>,
+}
+
+impl Catalog {
+    /// Loads every stored plugin into the runtime and every definition into memory, and
+    /// installs the demo plugins and the built-in `order` definition.
+    pub async fn open(store: Arc<dyn Store>, runtime: Arc<Runtime>, clock: Arc<dyn Clock>) -> Result<Catalog, Error> {
+        let catalog = Catalog {
+            store,
+            runtime,
+            clock,
+            definitions: RwLock::new(HashMap::new()),
+            plugin_names: RwLock::new(HashMap::new()),
+        };
+        for row in catalog.store.plugins().await? {
+            match catalog.runtime.load(row.wasm).await {
+                Ok(_) => {
+                    catalog.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, row.name);
+                }
+                // A component that this build cannot load must not stop the host: sagas bound
+                // to it fail their attempts visibly instead.
+                Err(e) => {
+                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load")
+                }
+            }
+        }
+        let builtin = demo::install(&catalog).await?;
+        for def in catalog.store.definitions().await? {
+            catalog.cache(def);
+        }
+        match catalog.store.definition(&builtin.saga_type).await? {
+            Some((current, DefinitionSource::Builtin)) if current != builtin => {
+                tracing::info!(saga_type = %builtin.saga_type, "upgrading the built-in definition to this release's plugins");
+                catalog.put_definition(builtin, DefinitionSource::Builtin).await?;
+            }
+            None => catalog.put_definition(builtin, DefinitionSource::Builtin).await?,
+            _ => {}
+        }
+        Ok(catalog)
+    }
+
+    /// Stores and compiles a component. Returns its digest and whether it was new.
+    pub async fn install_plugin(&self, name: &str, wasm: Vec<u8>) -> Result<(String, bool), Error> {
+        // Compile first: nothing invalid is ever stored.
+        let digest = self.runtime.load(wasm.clone()).await?;
+        let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms()).await?;
+        self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), name.to_owned());
+        Ok((digest, new))
+    }
+
+    /// The plugin name a digest was uploaded under.
+    pub fn plugin_name(&self, digest: &str) -> Option<String> {
+        self.plugin_names.read().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+    }
+
+    /// Validates and stores a definition; new sagas of its type use it from now on.
+    pub async fn put_definition(&self, def: SagaDefinition, source: DefinitionSource) -> Result<(), Error> {
+        def.validate()?;
+        for (i, step) in def.steps.iter().enumerate() {
+            for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
+                if !self.runtime.is_loaded(&plugin.digest) {
+                    return Err(Error::UnknownPlugin {
+                        field: format!("steps[{i}].{which}"),
+                        digest: plugin.digest.clone(),
+                    });
+                }
+            }
+        }
+        self.store.put_definition(&def, source, self.clock.now_ms()).await?;
+        self.cache(def);
+        Ok(())
+    }
+
+    fn cache(&self, def: SagaDefinition) {
+        self.definitions.write().unwrap_or_else(|e| e.into_inner()).insert(def.saga_type.clone(), Arc::new(def));
+    }
+
+    /// The current definition of a saga type.
+    pub fn definition(&self, saga_type: &str) -> Option<Arc<SagaDefinition>> {
+        self.definitions.read().unwrap_or_else(|e| e.into_inner()).get(saga_type).cloned()
+    }
+}

@@ -1,0 +1,368 @@
+//! The driver: the IO loop around the pure engine.
+//!
+//! It claims due sagas from the store (a lease plus a fencing epoch), asks the engine what to
+//! do, calls the plugin, feeds the result back to the engine, and commits the transition:
+//! saga row, step row, the plugin's state writes and one outbox event, in ONE transaction.
+//! Then it goes on with the same saga while work is due now, and releases it when the next
+//! step lies in the future (a backoff, a wait) or the saga is terminal.
+//!
+//! Architecture invariant: a plugin's state writes are durable only together with the step
+//! result that produced them. A crash before the commit leaves no trace; the step runs again
+//! with the same idempotency key.
+//!
+//! Architecture invariant: the driver never holds a database transaction open across a plugin
+//! call. Calls take milliseconds to seconds; the single SQLite writer must not wait on them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome, Phase};
+use crate::runtime::{CallError, CallInfo, Executed, Runtime};
+use crate::store::{self, Commit, Fence, SagaRecord, StateWrite, Store};
+
+/// Tuning of the driver.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// Identity of this host process in lease columns.
+    pub owner: String,
+    /// How long a claim lasts without a commit before another worker may take the saga over.
+    pub lease_ms: i64,
+    /// The longest the driver sleeps without looking for due work.
+    pub poll_interval: Duration,
+    /// How many sagas this process runs at once.
+    pub max_concurrency: usize,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        DriverOptions {
+            owner: format!("host-{}", uuid::Uuid::new_v4()),
+            lease_ms: 60_000,
+            poll_interval: Duration::from_millis(500),
+            max_concurrency: 64,
+        }
+    }
+}
+
+/// A status change, broadcast to whoever waits on a saga (`Prefer: wait`).
+#[derive(Debug, Clone)]
+pub struct StatusChange {
+    pub saga_id: String,
+    pub status: String,
+    /// Terminal, or stuck until an operator acts: no point waiting further.
+    pub settled: bool,
+}
+
+/// A cheap, cloneable handle to wake the driver and follow status changes.
+#[derive(Clone)]
+pub struct DriverHandle {
+    wake: Arc<Notify>,
+    changes: broadcast::Sender<StatusChange>,
+}
+
+impl DriverHandle {
+    /// Tells the driver that new work may be due now (a new saga, a signal, a cancel).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Follows status changes of all sagas.
+    pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {
+        self.changes.subscribe()
+    }
+
+    /// Announces a status change committed outside the driver.
+    pub fn announce(&self, change: StatusChange) {
+        let _ = self.changes.send(change);
+    }
+}
+
+/// The saga driver. Build it, hand out [`Driver::handle`]s, then [`Driver::run`] it.
+pub struct Driver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    runtime: Arc<Runtime>,
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+    options: DriverOptions,
+    handle: DriverHandle,
+}
+
+impl Driver {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        catalog: Arc<Catalog>,
+        clock: Arc<dyn Clock>,
+        options: DriverOptions,
+    ) -> Driver {
+        let handle = DriverHandle { wake: Arc::new(Notify::new()), changes: broadcast::channel(4096).0 };
+        Driver { inner: Arc::new(Inner { store, runtime, catalog, clock, options, handle }) }
+    }
+
+    pub fn handle(&self) -> DriverHandle {
+        self.inner.handle.clone()
+    }
+
+    /// Runs until `shutdown`; then lets the sagas in progress finish their current call and
+    /// commit (or not: a crash at any point is safe too).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let inner = self.inner;
+        let permits = Arc::new(Semaphore::new(inner.options.max_concurrency));
+        let tasks = TaskTracker::new();
+        // A previous process with our identity may have died holding claims.
+        if let Err(e) = inner.store.release_owner(&inner.options.owner).await {
+            tracing::warn!(error = %e, "could not release stale claims");
+        }
+        loop {
+            let free = permits.available_permits();
+            let mut claimed = 0;
+            if free > 0 {
+                let now = inner.clock.now_ms();
+                match inner.store.claim_due(&inner.options.owner, now, inner.options.lease_ms, free as u32).await {
+                    Ok(due) => {
+                        claimed = due.len();
+                        for (id, epoch) in due {
+                            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                                break;
+                            };
+                            let inner = Arc::clone(&inner);
+                            tasks.spawn(async move {
+                                inner.run_saga(id, epoch).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "claiming due sagas failed"),
+                }
+            }
+            if claimed > 0 && claimed == free {
+                // There may be more due work than permits: wait for a permit, not a timer.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = Arc::clone(&permits).acquire_owned() => drop(p),
+                }
+                continue;
+            }
+            let sleep = inner.sleep_for().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = inner.handle.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+impl Inner {
+    /// Until the next timer is due, at most the poll interval.
+    async fn sleep_for(&self) -> Duration {
+        let max = self.options.poll_interval;
+        match self.store.next_due().await {
+            Ok(Some(at)) => {
+                let ms = (at - self.clock.now_ms()).clamp(0, max.as_millis() as i64);
+                Duration::from_millis(ms as u64)
+            }
+            _ => max,
+        }
+    }
+
+    /// Runs one claimed saga for as long as work is due now.
+    async fn run_saga(&self, id: String, epoch: i64) {
+        let mut rec = match self.store.saga(&id).await {
+            Ok(Some(rec)) if rec.epoch == epoch => rec,
+            Ok(_) => return, // gone or taken over since the claim
+            Err(e) => {
+                tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
+                self.release_later(&id, epoch).await;
+                return;
+            }
+        };
+        loop {
+            let now = self.clock.now_ms();
+            let action = engine::next_action(&rec.definition, &rec.state, now);
+            let (event, writes) = match action {
+                Action::Idle => {
+                    if let Err(e) = self.store.release(&id, epoch).await {
+                        tracing::warn!(saga_id = %id, error = %e, "releasing a saga failed; its claim will expire");
+                    }
+                    return;
+                }
+                Action::Finish => (Event::Finish, None),
+                Action::DeadlineExceeded { step } => (Event::DeadlineExceeded { step }, None),
+                Action::Execute { step, attempt } => self.execute(&rec, step, attempt, now).await,
+                Action::Compensate { step, attempt } => self.compensate(&rec, step, attempt).await,
+            };
+            let now = self.clock.now_ms();
+            let transition = match engine::apply(&rec.definition, &rec.state, event, now) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Cannot happen for an event built from the action we just computed; if it
+                    // does, stop and let a fresh claim reload the saga.
+                    tracing::error!(saga_id = %id, error = %e, "engine refused the driver's own event");
+                    self.release_later(&id, epoch).await;
+                    return;
+                }
+            };
+            let keep = transition.state.next_run_at.is_some_and(|t| t <= now);
+            let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
+            let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
+            let event_id = uuid::Uuid::now_v7().to_string();
+            let commit = Commit {
+                saga_id: &id,
+                saga_type: &rec.saga_type,
+                fence,
+                state: &transition.state,
+                step_names: &step_names,
+                changed_steps: &transition.changed_steps,
+                plugin_writes: writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice())),
+                event: &transition.event,
+                event_id: &event_id,
+                now,
+            };
+            match self.store.commit(&commit).await {
+                Ok(seq) => {
+                    tracing::debug!(saga_id = %id, seq, event = %transition.event.event_type, status = %transition.state.status, "committed");
+                    let settled =
+                        transition.state.phase.is_terminal() || transition.state.phase == Phase::CompensationFailed;
+                    self.handle.announce(StatusChange {
+                        saga_id: id.clone(),
+                        status: transition.state.status.clone(),
+                        settled,
+                    });
+                    rec.state = transition.state;
+                    rec.seq = seq;
+                    if !keep {
+                        return;
+                    }
+                }
+                Err(store::Error::Fenced) => {
+                    tracing::info!(saga_id = %id, "lost the saga to a newer claim; discarding this result");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(saga_id = %id, error = %e, "committing a transition failed; the step will run again");
+                    self.release_later(&id, epoch).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After an unexpected failure, wait a little before giving the saga back, so that a
+    /// persistent fault (disk full, database down) does not become a hot loop.
+    async fn release_later(&self, id: &str, epoch: i64) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = self.store.release(id, epoch).await;
+    }
+
+    async fn execute(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        attempt: u32,
+        started_at: i64,
+    ) -> (Event, Option<(String, Vec<StateWrite>)>) {
+        let sdef = &rec.definition.steps[step];
+        let info = CallInfo {
+            saga_id: rec.id.clone(),
+            saga_type: rec.saga_type.clone(),
+            step: sdef.name.clone(),
+            attempt,
+            idempotency_key: format!("{}:{}:execute", rec.id, sdef.name),
+            signal: rec.state.steps[step].signal_payload.clone(),
+        };
+        let input = step_input(rec);
+        let timeout = Duration::from_millis(sdef.timeout_ms);
+        let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
+        tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
+        let outcome = match out.result {
+            Ok(Executed::Done(output)) => ExecuteOutcome::Done(output),
+            Ok(Executed::Wait { delay_ms, signal }) => ExecuteOutcome::Wait { delay_ms, signal },
+            Err(CallError::Retryable(e)) => ExecuteOutcome::Retryable(e),
+            Err(CallError::Rejected(e)) => ExecuteOutcome::Rejected(e),
+            Err(CallError::Trap(e)) => {
+                tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
+                ExecuteOutcome::Trapped(e)
+            }
+        };
+        let event = Event::Executed {
+            step,
+            attempt,
+            started_at,
+            digest: sdef.execute.digest.clone(),
+            outcome,
+            jitter: rand::random::<f64>(),
+        };
+        (event, Some((sdef.execute.plugin.clone(), out.writes)))
+    }
+
+    async fn compensate(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        attempt: u32,
+    ) -> (Event, Option<(String, Vec<StateWrite>)>) {
+        let sdef = &rec.definition.steps[step];
+        // Compensation uses the binding in force now, so a fixed compensation can be bound
+        // and applied to sagas already in flight or stuck (SPEC §3). If the type's current
+        // definition no longer has this step, the pinned binding is all we have.
+        let binding = self
+            .catalog
+            .definition(&rec.saga_type)
+            .and_then(|current| current.steps.iter().find(|s| s.name == sdef.name).map(|s| s.compensate.clone()))
+            .unwrap_or_else(|| sdef.compensate.clone());
+        let info = CallInfo {
+            saga_id: rec.id.clone(),
+            saga_type: rec.saga_type.clone(),
+            step: sdef.name.clone(),
+            attempt,
+            idempotency_key: format!("{}:{}:compensate", rec.id, sdef.name),
+            signal: None,
+        };
+        let input = step_input(rec);
+        let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
+        let timeout = Duration::from_millis(sdef.timeout_ms);
+        let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
+        let outcome = match out.result {
+            Ok(output) => CompensateOutcome::Done(output),
+            Err(e) => {
+                tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");
+                CompensateOutcome::Failed(e.to_string())
+            }
+        };
+        let event = Event::Compensated {
+            step,
+            attempt,
+            digest: binding.digest.clone(),
+            outcome,
+            jitter: rand::random::<f64>(),
+        };
+        (event, Some((binding.plugin, out.writes)))
+    }
+}
+
+/// The `input` argument of every call: `{"input": <saga input>, "steps": {"<step>": <output>}}`
+/// with the outputs of the steps that completed so far.
+pub fn step_input(rec: &SagaRecord) -> String {
+    let mut steps = serde_json::Map::new();
+    for (def, state) in rec.definition.steps.iter().zip(&rec.state.steps) {
+        if let Some(output) = &state.output {
+            let value = serde_json::from_str(output).unwrap_or(serde_json::Value::Null);
+            steps.insert(def.name.clone(), value);
+        }
+    }
+    let input: serde_json::Value = serde_json::from_str(&rec.input).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({ "input": input, "steps": steps }).to_string()
+}

@@ -1,0 +1,212 @@
+//! Saga definitions as data: the ordered steps, their plugin bindings and policies.
+//!
+//! A definition is validated once, when it is registered; the engine trusts it afterwards.
+//! Nothing here does IO.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Which plugin version a step calls: the plugin's name (its state space) and the
+/// SHA-256 digest of the exact component bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PluginRef {
+    pub plugin: String,
+    /// `sha256:<64 hex digits>`.
+    pub digest: String,
+}
+
+/// Exponential backoff with jitter: attempt `n` (1-based) that failed waits
+/// `min(max_backoff, initial * 2^(n-1))`, of which the upper half is jittered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Total attempts, including the first. At least 1.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl RetryPolicy {
+    /// The default for forward steps.
+    pub const EXECUTE: RetryPolicy = RetryPolicy { max_attempts: 5, initial_backoff_ms: 100, max_backoff_ms: 5_000 };
+    /// The default compensation budget: compensations must finish, so they get more room.
+    pub const COMPENSATE: RetryPolicy =
+        RetryPolicy { max_attempts: 20, initial_backoff_ms: 100, max_backoff_ms: 30_000 };
+
+    /// The delay before the attempt after `failed_attempt`, given a jitter draw in `[0, 1)`.
+    ///
+    /// "Equal jitter": half the exponential delay is fixed, half is random. The fixed half
+    /// keeps a floor under retry storms; the random half spreads sagas that failed together.
+    pub fn backoff_ms(&self, failed_attempt: u32, jitter: f64) -> u64 {
+        let exp = failed_attempt.saturating_sub(1).min(62);
+        let base = self.initial_backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let half = base / 2;
+        let jitter = jitter.clamp(0.0, 1.0);
+        half + ((base - half) as f64 * jitter) as u64
+    }
+}
+
+/// One step of a saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepDefinition {
+    /// Unique within the definition; later steps see this step's output under this name.
+    pub name: String,
+    /// The saga status label reached when this step completes, e.g. `PAYMENT_CHARGED`.
+    pub state: String,
+    pub execute: PluginRef,
+    pub compensate: PluginRef,
+    pub retry: RetryPolicy,
+    pub compensate_retry: RetryPolicy,
+    /// Wall-clock limit of one plugin call.
+    pub timeout_ms: u64,
+    /// Limit on the whole step, waits and retries included, from its first attempt.
+    pub deadline_ms: Option<u64>,
+}
+
+/// An ordered list of steps under a saga type name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaDefinition {
+    /// The saga type, e.g. `order`; also the URL segment of `/sagas/{type}`.
+    pub saga_type: String,
+    pub steps: Vec<StepDefinition>,
+}
+
+/// Status labels the engine reserves; step states may not reuse them.
+pub const RESERVED_STATES: [&str; 5] = ["CREATED", "COMPLETED", "COMPENSATING", "CANCELLED", "COMPENSATION_FAILED"];
+
+/// Why a definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> DefinitionError {
+    DefinitionError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// Saga type names and step names: lowercase ASCII, digits, `-` and `_`, 1-64 characters.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+fn is_valid_state(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 64
+        && label.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && label.as_bytes()[0].is_ascii_uppercase()
+}
+
+fn validate_policy(field: &str, p: &RetryPolicy) -> Result<(), DefinitionError> {
+    if p.max_attempts == 0 || p.max_attempts > 1_000 {
+        return Err(invalid(format!("{field}.max_attempts"), "must be between 1 and 1000"));
+    }
+    if p.initial_backoff_ms == 0 || p.initial_backoff_ms > p.max_backoff_ms {
+        return Err(invalid(format!("{field}.initial_backoff_ms"), "must be at least 1 and at most max_backoff_ms"));
+    }
+    if p.max_backoff_ms > 24 * 3_600_000 {
+        return Err(invalid(format!("{field}.max_backoff_ms"), "must be at most 24 hours"));
+    }
+    Ok(())
+}
+
+impl SagaDefinition {
+    /// Checks everything the engine relies on; the error names the offending field.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        if !is_valid_name(&self.saga_type) {
+            return Err(invalid("name", "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter"));
+        }
+        if self.steps.is_empty() || self.steps.len() > 64 {
+            return Err(invalid("steps", "a saga needs between 1 and 64 steps"));
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            let f = |name: &str| format!("steps[{i}].{name}");
+            if !is_valid_name(&step.name) {
+                return Err(invalid(
+                    f("name"),
+                    "use 1-64 lowercase letters, digits, '-' or '_', starting with a letter",
+                ));
+            }
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
+                return Err(invalid(f("name"), format!("step name '{}' is used twice", step.name)));
+            }
+            if !is_valid_state(&step.state) || RESERVED_STATES.contains(&step.state.as_str()) {
+                return Err(invalid(
+                    f("state"),
+                    "use an UPPER_SNAKE_CASE label that is not one of CREATED, COMPLETED, COMPENSATING, CANCELLED, COMPENSATION_FAILED",
+                ));
+            }
+            validate_policy(&f("retry"), &step.retry)?;
+            validate_policy(&f("compensate_retry"), &step.compensate_retry)?;
+            if step.timeout_ms == 0 || step.timeout_ms > 3_600_000 {
+                return Err(invalid(f("timeout_ms"), "must be between 1 ms and 1 hour"));
+            }
+            if step.deadline_ms == Some(0) {
+                return Err(invalid(f("deadline_ms"), "must be positive or null"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of a step by name.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// `order` -> `Order`, `account-onboarding` -> `AccountOnboarding`: the prefix of saga-level event types.
+    pub fn event_prefix(&self) -> String {
+        pascal(&self.saga_type)
+    }
+}
+
+/// `PAYMENT_CHARGED` -> `PaymentCharged`, `account-onboarding` -> `AccountOnboarding`.
+pub fn pascal(s: &str) -> String {
+    s.split(['_', '-'])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let lower = w.to_ascii_lowercase();
+            let mut chars = lower.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_keeps_a_floor() {
+        let p = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1_000 };
+        assert_eq!(p.backoff_ms(1, 0.0), 50);
+        assert_eq!(p.backoff_ms(1, 0.999_999), 99);
+        assert_eq!(p.backoff_ms(2, 0.0), 100);
+        assert_eq!(p.backoff_ms(3, 0.5), 300);
+        assert_eq!(p.backoff_ms(10, 0.0), 500);
+        assert_eq!(p.backoff_ms(60, 1.0), 1_000);
+        assert_eq!(p.backoff_ms(u32::MAX, 1.0), 1_000);
+    }
+
+    #[test]
+    fn pascal_case() {
+        assert_eq!(pascal("PAYMENT_CHARGED"), "PaymentCharged");
+        assert_eq!(pascal("order"), "Order");
+        assert_eq!(pascal("account-onboarding"), "AccountOnboarding");
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("order"));
+        assert!(is_valid_name("a-b_c9"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("Order"));
+        assert!(!is_valid_name("9a"));
+        assert!(!is_valid_name("a/b"));
+    }
+}

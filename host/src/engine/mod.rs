@@ -1,0 +1,581 @@
+//! The saga state machine: a pure function from (definition, state, event, now) to the next
+//! state and the one event it publishes.
+//!
+//! Architecture invariant: this module does no IO, reads no clock and draws no random numbers.
+//! Time and jitter arrive in the arguments, so every transition can be tested from data and
+//! replayed exactly. The driver owns everything else: plugin calls, commits and timers.
+//!
+//! The two halves of [`next_action`] and [`apply`] form a loop: the driver asks what is due,
+//! performs it (a plugin call, or nothing), and feeds the result back as an [`Event`].
+
+pub mod definition;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub use definition::{PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
+
+/// Where the saga is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Running forward steps.
+    Forward,
+    /// Running compensations of completed steps, in reverse order.
+    Compensating,
+    /// Terminal: every step completed.
+    Completed,
+    /// Terminal: every completed step was compensated.
+    Cancelled,
+    /// Stuck: a compensation spent its budget. An operator must act.
+    CompensationFailed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Compensating => "compensating",
+            Phase::Completed => "completed",
+            Phase::Cancelled => "cancelled",
+            Phase::CompensationFailed => "compensation_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        Some(match s {
+            "forward" => Phase::Forward,
+            "compensating" => Phase::Compensating,
+            "completed" => Phase::Completed,
+            "cancelled" => Phase::Cancelled,
+            "compensation_failed" => Phase::CompensationFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// Where one step is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not started.
+    Pending,
+    /// An execute attempt failed retryably; another is scheduled.
+    Retrying,
+    /// Execute returned `wait`; parked until a delay passes or a signal arrives.
+    Waiting,
+    /// Execute returned `done`.
+    Succeeded,
+    /// Execute was rejected (or gave up); this step is not compensated.
+    Failed,
+    /// A compensate attempt failed; another is scheduled.
+    Compensating,
+    /// Compensate succeeded.
+    Compensated,
+    /// Compensate spent its budget.
+    CompensationFailed,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Retrying => "retrying",
+            StepStatus::Waiting => "waiting",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Compensating => "compensating",
+            StepStatus::Compensated => "compensated",
+            StepStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepStatus> {
+        Some(match s {
+            "pending" => StepStatus::Pending,
+            "retrying" => StepStatus::Retrying,
+            "waiting" => StepStatus::Waiting,
+            "succeeded" => StepStatus::Succeeded,
+            "failed" => StepStatus::Failed,
+            "compensating" => StepStatus::Compensating,
+            "compensated" => StepStatus::Compensated,
+            "compensation_failed" => StepStatus::CompensationFailed,
+            _ => return None,
+        })
+    }
+
+    /// Steps whose execute committed something, and so must be undone when compensating.
+    fn needs_compensation(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Succeeded | StepStatus::Waiting | StepStatus::Compensating | StepStatus::CompensationFailed
+        )
+    }
+}
+
+/// The durable state of one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepState {
+    pub status: StepStatus,
+    /// Execute attempts made so far.
+    pub attempts: u32,
+    /// Compensate attempts made in the current compensation round.
+    pub compensate_attempts: u32,
+    /// Execute's output JSON once `done`.
+    pub output: Option<String>,
+    /// Compensate's output JSON once compensated.
+    pub compensate_output: Option<String>,
+    pub last_error: Option<String>,
+    /// The signal a waiting step waits for.
+    pub wait_signal: Option<String>,
+    /// A delivered signal payload, handed to the next execute attempt.
+    pub signal_payload: Option<String>,
+    /// Digest of the component that ran the last execute attempt.
+    pub execute_digest: Option<String>,
+    /// Digest of the component that ran the last compensate attempt.
+    pub compensate_digest: Option<String>,
+    /// When the first execute attempt started (ms since the Unix epoch); the deadline counts from here.
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub updated_at: Option<i64>,
+}
+
+impl StepState {
+    pub fn pending() -> StepState {
+        StepState {
+            status: StepStatus::Pending,
+            attempts: 0,
+            compensate_attempts: 0,
+            output: None,
+            compensate_output: None,
+            last_error: None,
+            wait_signal: None,
+            signal_payload: None,
+            execute_digest: None,
+            compensate_digest: None,
+            started_at: None,
+            finished_at: None,
+            updated_at: None,
+        }
+    }
+}
+
+/// The durable state of one saga, as far as the engine cares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaState {
+    /// The public status label: CREATED, a step's state label, COMPLETED, COMPENSATING, ...
+    pub status: String,
+    pub phase: Phase,
+    /// Why the saga compensates, once it does.
+    pub reason: Option<String>,
+    pub steps: Vec<StepState>,
+    /// When the driver should next look at this saga; `None` when only an outside event
+    /// (a signal, an operator) can move it.
+    pub next_run_at: Option<i64>,
+}
+
+impl SagaState {
+    /// A new saga: nothing done, first step due now.
+    pub fn new(def: &SagaDefinition, now: i64) -> SagaState {
+        SagaState {
+            status: "CREATED".to_owned(),
+            phase: Phase::Forward,
+            reason: None,
+            steps: def.steps.iter().map(|_| StepState::pending()).collect(),
+            next_run_at: Some(now),
+        }
+    }
+}
+
+/// The result of an execute call, as the driver classified it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecuteOutcome {
+    Done(String),
+    Wait {
+        delay_ms: Option<u64>,
+        signal: Option<String>,
+    },
+    Retryable(String),
+    Rejected(String),
+    /// The plugin trapped, timed out, ran out of memory or broke a host limit.
+    Trapped(String),
+}
+
+/// The result of a compensate call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompensateOutcome {
+    Done(String),
+    /// Any error or trap: compensation is retried within its budget whatever the cause.
+    Failed(String),
+}
+
+/// Something that happened to a saga.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Executed {
+        step: usize,
+        attempt: u32,
+        started_at: i64,
+        digest: String,
+        outcome: ExecuteOutcome,
+        jitter: f64,
+    },
+    Compensated {
+        step: usize,
+        attempt: u32,
+        digest: String,
+        outcome: CompensateOutcome,
+        jitter: f64,
+    },
+    /// Every forward step completed (-> COMPLETED) or every compensation did (-> CANCELLED).
+    Finish,
+    /// The current step's deadline passed.
+    DeadlineExceeded {
+        step: usize,
+    },
+    /// A client asked to cancel.
+    Cancel {
+        reason: String,
+    },
+    /// A named signal arrived for a waiting step.
+    Signal {
+        name: String,
+        payload: String,
+    },
+    /// An operator asks to run the failed compensations again.
+    RetryCompensation,
+    /// An operator marks a stuck saga as handled by hand.
+    Resolve {
+        note: String,
+    },
+}
+
+/// What the driver should do next for a saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing is due (terminal, waiting for a signal, or a timer in the future).
+    Idle,
+    Execute {
+        step: usize,
+        attempt: u32,
+    },
+    Compensate {
+        step: usize,
+        attempt: u32,
+    },
+    Finish,
+    DeadlineExceeded {
+        step: usize,
+    },
+}
+
+/// The outbox event a transition publishes (the store adds id, seq and time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventSpec {
+    pub event_type: String,
+    pub data: serde_json::Value,
+}
+
+/// The outcome of [`apply`]: the next state, which steps changed, and the one event to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub state: SagaState,
+    pub changed_steps: Vec<usize>,
+    pub event: EventSpec,
+}
+
+/// Why an event cannot be applied to a saga in its current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("the saga is {0}; it can no longer be cancelled")]
+    NotCancellable(String),
+    #[error("no step of this saga is waiting for signal '{0}'")]
+    NotWaitingForSignal(String),
+    #[error("only a saga in COMPENSATION_FAILED can be retried or resolved; this one is {0}")]
+    NotStuck(String),
+    #[error("the event does not match the saga's current action (stale or duplicate)")]
+    Stale,
+}
+
+fn deadline_at(def: &StepDefinition, step: &StepState) -> Option<i64> {
+    let started = step.started_at?;
+    let deadline = def.deadline_ms?;
+    Some(started.saturating_add(i64::try_from(deadline).unwrap_or(i64::MAX)))
+}
+
+/// The step that forward execution is at: the first that has not succeeded.
+fn current_forward_step(state: &SagaState) -> Option<usize> {
+    state.steps.iter().position(|s| s.status != StepStatus::Succeeded)
+}
+
+/// The step compensation is at: the last one that committed something and is not undone.
+fn current_compensation_step(state: &SagaState) -> Option<usize> {
+    state.steps.iter().rposition(|s| s.status.needs_compensation())
+}
+
+/// What is due for this saga at `now`.
+pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action {
+    match state.phase {
+        Phase::Completed | Phase::Cancelled | Phase::CompensationFailed => Action::Idle,
+        Phase::Forward => {
+            let Some(i) = current_forward_step(state) else {
+                return Action::Finish;
+            };
+            let step = &state.steps[i];
+            if deadline_at(&def.steps[i], step).is_some_and(|d| now >= d) {
+                return Action::DeadlineExceeded { step: i };
+            }
+            if state.next_run_at.is_none_or(|t| t > now) {
+                return Action::Idle;
+            }
+            Action::Execute { step: i, attempt: step.attempts + 1 }
+        }
+        Phase::Compensating => {
+            if state.next_run_at.is_none_or(|t| t > now) {
+                return Action::Idle;
+            }
+            match current_compensation_step(state) {
+                Some(i) => Action::Compensate { step: i, attempt: state.steps[i].compensate_attempts + 1 },
+                None => Action::Finish,
+            }
+        }
+    }
+}
+
+fn start_compensating(def: &SagaDefinition, state: &mut SagaState, reason: String, now: i64) -> EventSpec {
+    state.phase = Phase::Compensating;
+    state.status = "COMPENSATING".to_owned();
+    state.reason = Some(reason.clone());
+    state.next_run_at = Some(now);
+    EventSpec { event_type: format!("{}Compensating", def.event_prefix()), data: json!({ "reason": reason }) }
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Applies one event. Pure: the same inputs always give the same transition.
+pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) -> Result<Transition, Error> {
+    let mut next = state.clone();
+    let mut changed = Vec::new();
+    let event = match event {
+        Event::Executed { step: i, attempt, started_at, digest, outcome, jitter } => {
+            if state.phase != Phase::Forward
+                || current_forward_step(state) != Some(i)
+                || state.steps[i].attempts + 1 != attempt
+            {
+                return Err(Error::Stale);
+            }
+            let sdef = &def.steps[i];
+            let step = &mut next.steps[i];
+            changed.push(i);
+            step.attempts = attempt;
+            step.started_at.get_or_insert(started_at);
+            step.execute_digest = Some(digest);
+            step.signal_payload = None;
+            step.updated_at = Some(now);
+            let deadline = deadline_at(sdef, step);
+            let cap = |t: i64| deadline.map_or(t, |d| t.min(d));
+            // A trap or a retryable error is retried until the attempts run out; then it
+            // counts as a rejection, so the saga compensates rather than hang.
+            let outcome = match outcome {
+                ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) if attempt >= sdef.retry.max_attempts => {
+                    ExecuteOutcome::Rejected(format!("gave up after {attempt} attempts: {e}"))
+                }
+                other => other,
+            };
+            match outcome {
+                ExecuteOutcome::Done(output) => {
+                    step.status = StepStatus::Succeeded;
+                    step.output = Some(output.clone());
+                    step.last_error = None;
+                    step.wait_signal = None;
+                    step.finished_at = Some(now);
+                    next.status = sdef.state.clone();
+                    next.next_run_at = Some(now);
+                    let output: serde_json::Value = serde_json::from_str(&output).unwrap_or(serde_json::Value::Null);
+                    EventSpec {
+                        event_type: definition::pascal(&sdef.state),
+                        data: json!({ "step": sdef.name, "attempt": attempt, "output": output }),
+                    }
+                }
+                ExecuteOutcome::Wait { delay_ms, signal } => {
+                    step.status = StepStatus::Waiting;
+                    step.wait_signal = signal.clone();
+                    let wake = delay_ms.map(|d| now.saturating_add(ms(d)));
+                    next.next_run_at = match wake {
+                        Some(t) => Some(cap(t)),
+                        None => deadline,
+                    };
+                    EventSpec {
+                        event_type: "StepWaiting".to_owned(),
+                        data: json!({ "step": sdef.name, "attempt": attempt, "signal": signal, "wake_at": wake }),
+                    }
+                }
+                ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) => {
+                    step.status = StepStatus::Retrying;
+                    step.last_error = Some(e.clone());
+                    let at = cap(now.saturating_add(ms(sdef.retry.backoff_ms(attempt, jitter))));
+                    next.next_run_at = Some(at);
+                    EventSpec {
+                        event_type: "StepRetryScheduled".to_owned(),
+                        data: json!({ "step": sdef.name, "attempt": attempt, "error": e, "retry_at": at }),
+                    }
+                }
+                ExecuteOutcome::Rejected(e) => {
+                    step.status = StepStatus::Failed;
+                    step.last_error = Some(e.clone());
+                    step.wait_signal = None;
+                    step.finished_at = Some(now);
+                    start_compensating(def, &mut next, format!("{}: {e}", sdef.name), now)
+                }
+            }
+        }
+        Event::Compensated { step: i, attempt, digest, outcome, jitter } => {
+            if state.phase != Phase::Compensating
+                || current_compensation_step(state) != Some(i)
+                || state.steps[i].compensate_attempts + 1 != attempt
+            {
+                return Err(Error::Stale);
+            }
+            let sdef = &def.steps[i];
+            let step = &mut next.steps[i];
+            changed.push(i);
+            step.compensate_attempts = attempt;
+            step.compensate_digest = Some(digest);
+            step.updated_at = Some(now);
+            match outcome {
+                CompensateOutcome::Done(output) => {
+                    step.status = StepStatus::Compensated;
+                    step.compensate_output = Some(output.clone());
+                    step.last_error = None;
+                    step.wait_signal = None;
+                    step.finished_at = Some(now);
+                    next.next_run_at = Some(now);
+                    let output: serde_json::Value = serde_json::from_str(&output).unwrap_or(serde_json::Value::Null);
+                    EventSpec {
+                        event_type: "StepCompensated".to_owned(),
+                        data: json!({ "step": sdef.name, "attempt": attempt, "output": output }),
+                    }
+                }
+                CompensateOutcome::Failed(e) if attempt >= sdef.compensate_retry.max_attempts => {
+                    step.status = StepStatus::CompensationFailed;
+                    step.last_error = Some(e.clone());
+                    next.phase = Phase::CompensationFailed;
+                    next.status = "COMPENSATION_FAILED".to_owned();
+                    next.next_run_at = None;
+                    EventSpec {
+                        event_type: format!("{}CompensationFailed", def.event_prefix()),
+                        data: json!({ "step": sdef.name, "attempts": attempt, "error": e, "reason": next.reason }),
+                    }
+                }
+                CompensateOutcome::Failed(e) => {
+                    step.status = StepStatus::Compensating;
+                    step.last_error = Some(e.clone());
+                    let at = now.saturating_add(ms(sdef.compensate_retry.backoff_ms(attempt, jitter)));
+                    next.next_run_at = Some(at);
+                    EventSpec {
+                        event_type: "StepCompensationRetryScheduled".to_owned(),
+                        data: json!({ "step": sdef.name, "attempt": attempt, "error": e, "retry_at": at }),
+                    }
+                }
+            }
+        }
+        Event::Finish => match state.phase {
+            Phase::Forward if current_forward_step(state).is_none() => {
+                next.phase = Phase::Completed;
+                next.status = "COMPLETED".to_owned();
+                next.next_run_at = None;
+                EventSpec { event_type: format!("{}Completed", def.event_prefix()), data: json!({}) }
+            }
+            Phase::Compensating if current_compensation_step(state).is_none() => {
+                next.phase = Phase::Cancelled;
+                next.status = "CANCELLED".to_owned();
+                next.next_run_at = None;
+                EventSpec {
+                    event_type: format!("{}Cancelled", def.event_prefix()),
+                    data: json!({ "reason": next.reason }),
+                }
+            }
+            _ => return Err(Error::Stale),
+        },
+        Event::DeadlineExceeded { step: i } => {
+            let due = state.phase == Phase::Forward
+                && current_forward_step(state) == Some(i)
+                && deadline_at(&def.steps[i], &state.steps[i]).is_some_and(|d| now >= d);
+            if !due {
+                return Err(Error::Stale);
+            }
+            let sdef = &def.steps[i];
+            let step = &mut next.steps[i];
+            changed.push(i);
+            let msg = format!("deadline of {} ms passed", sdef.deadline_ms.unwrap_or_default());
+            // A step that waited committed its writes, so it stays compensable; one that only
+            // failed retryably committed nothing.
+            if step.status != StepStatus::Waiting {
+                step.status = StepStatus::Failed;
+            }
+            step.last_error = Some(msg.clone());
+            step.updated_at = Some(now);
+            start_compensating(def, &mut next, format!("{}: {msg}", sdef.name), now)
+        }
+        Event::Cancel { reason } => match state.phase {
+            Phase::Forward => start_compensating(def, &mut next, reason, now),
+            _ => return Err(Error::NotCancellable(state.status.clone())),
+        },
+        Event::Signal { name, payload } => {
+            let waiting = (state.phase == Phase::Forward).then(|| current_forward_step(state)).flatten().filter(|&i| {
+                state.steps[i].status == StepStatus::Waiting && state.steps[i].wait_signal.as_deref() == Some(&name)
+            });
+            let Some(i) = waiting else {
+                return Err(Error::NotWaitingForSignal(name));
+            };
+            let step = &mut next.steps[i];
+            changed.push(i);
+            step.signal_payload = Some(payload);
+            step.updated_at = Some(now);
+            next.next_run_at = Some(now);
+            EventSpec {
+                event_type: "SignalReceived".to_owned(),
+                data: json!({ "step": def.steps[i].name, "signal": name }),
+            }
+        }
+        Event::RetryCompensation => {
+            if state.phase != Phase::CompensationFailed {
+                return Err(Error::NotStuck(state.status.clone()));
+            }
+            for (i, step) in next.steps.iter_mut().enumerate() {
+                if step.status == StepStatus::CompensationFailed {
+                    step.status = StepStatus::Compensating;
+                    step.compensate_attempts = 0;
+                    step.updated_at = Some(now);
+                    changed.push(i);
+                }
+            }
+            next.phase = Phase::Compensating;
+            next.status = "COMPENSATING".to_owned();
+            next.next_run_at = Some(now);
+            EventSpec { event_type: "CompensationRetried".to_owned(), data: json!({}) }
+        }
+        Event::Resolve { note } => {
+            if state.phase != Phase::CompensationFailed {
+                return Err(Error::NotStuck(state.status.clone()));
+            }
+            next.phase = Phase::Cancelled;
+            next.status = "CANCELLED".to_owned();
+            next.next_run_at = None;
+            EventSpec {
+                event_type: format!("{}Resolved", def.event_prefix()),
+                data: json!({ "note": note, "reason": next.reason }),
+            }
+        }
+    };
+    Ok(Transition { state: next, changed_steps: changed, event })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+//! The state machine tested from data, and with proptest against a simple model.
+
+use super::*;
+use proptest::prelude::*;
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy { max_attempts, initial_backoff_ms: 100, max_backoff_ms: 1_000 }
+}
+
+fn plugin(name: &str) -> PluginRef {
+    PluginRef { plugin: name.to_owned(), digest: format!("sha256:{name}") }
+}
+
+fn def_with(n: usize, retry: u32, comp_retry: u32) -> SagaDefinition {
+    let names = ["inventory", "payment", "shipment", "notify", "audit", "extra"];
+    let states = ["INVENTORY_RESERVED", "PAYMENT_CHARGED", "SHIPMENT_CREATED", "NOTIFIED", "AUDITED", "EXTRA_DONE"];
+    SagaDefinition {
+        saga_type: "order".into(),
+        steps: (0..n)
+            .map(|i| StepDefinition {
+                name: names[i].into(),
+                state: states[i].into(),
+                execute: plugin(names[i]),
+                compensate: plugin(names[i]),
+                retry: policy(retry),
+                compensate_retry: policy(comp_retry),
+                timeout_ms: 1_000,
+                deadline_ms: None,
+            })
+            .collect(),
+    }
+}
+
+fn order_def() -> SagaDefinition {
+    def_with(3, 3, 3)
+}
+
+/// Feeds an event and returns the transition, panicking on error.
+fn step(def: &SagaDefinition, s: &SagaState, e: Event, now: i64) -> Transition {
+    apply(def, s, e, now).expect("event applies")
+}
+
+fn executed(i: usize, attempt: u32, outcome: ExecuteOutcome) -> Event {
+    Event::Executed { step: i, attempt, started_at: 0, digest: "sha256:x".into(), outcome, jitter: 0.0 }
+}
+
+fn compensated(i: usize, attempt: u32, outcome: CompensateOutcome) -> Event {
+    Event::Compensated { step: i, attempt, digest: "sha256:y".into(), outcome, jitter: 0.0 }
+}
+
+fn done() -> ExecuteOutcome {
+    ExecuteOutcome::Done(r#"{"ok":true}"#.into())
+}
+
+#[test]
+fn happy_path_walks_every_state_label_then_completes() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    assert_eq!(s.status, "CREATED");
+    let mut types = vec![];
+    for i in 0..3 {
+        assert_eq!(next_action(&def, &s, 0), Action::Execute { step: i, attempt: 1 });
+        let t = step(&def, &s, executed(i, 1, done()), 0);
+        assert_eq!(t.changed_steps, vec![i]);
+        types.push(t.event.event_type.clone());
+        s = t.state;
+        assert_eq!(s.status, def.steps[i].state);
+    }
+    assert_eq!(next_action(&def, &s, 0), Action::Finish);
+    let t = step(&def, &s, Event::Finish, 0);
+    types.push(t.event.event_type);
+    assert_eq!(t.state.status, "COMPLETED");
+    assert_eq!(t.state.next_run_at, None);
+    assert_eq!(next_action(&def, &t.state, i64::MAX), Action::Idle);
+    assert_eq!(types, ["InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderCompleted"]);
+}
+
+#[test]
+fn rejection_compensates_completed_steps_in_reverse_then_cancels() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    s = step(&def, &s, executed(1, 1, done()), 0).state;
+    let t = step(&def, &s, executed(2, 1, ExecuteOutcome::Rejected("no carrier for XX".into())), 5);
+    assert_eq!(t.state.status, "COMPENSATING");
+    assert_eq!(t.state.reason.as_deref(), Some("shipment: no carrier for XX"));
+    assert_eq!(t.event.event_type, "OrderCompensating");
+    s = t.state;
+    // The rejected step itself is not compensated: payment first, then inventory.
+    assert_eq!(next_action(&def, &s, 5), Action::Compensate { step: 1, attempt: 1 });
+    s = step(&def, &s, compensated(1, 1, CompensateOutcome::Done("{}".into())), 5).state;
+    assert_eq!(next_action(&def, &s, 5), Action::Compensate { step: 0, attempt: 1 });
+    s = step(&def, &s, compensated(0, 1, CompensateOutcome::Done("{}".into())), 5).state;
+    assert_eq!(next_action(&def, &s, 5), Action::Finish);
+    let t = step(&def, &s, Event::Finish, 5);
+    assert_eq!(t.state.status, "CANCELLED");
+    assert_eq!(t.event.event_type, "OrderCancelled");
+    let statuses: Vec<_> = t.state.steps.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [StepStatus::Compensated, StepStatus::Compensated, StepStatus::Failed]);
+}
+
+#[test]
+fn rejection_at_first_step_compensates_nothing() {
+    let def = order_def();
+    let s = SagaState::new(&def, 0);
+    let s = step(&def, &s, executed(0, 1, ExecuteOutcome::Rejected("out of stock".into())), 0).state;
+    assert_eq!(next_action(&def, &s, 0), Action::Finish);
+    assert_eq!(step(&def, &s, Event::Finish, 0).state.status, "CANCELLED");
+}
+
+#[test]
+fn retryable_errors_back_off_then_give_up_as_rejection() {
+    let def = order_def(); // 3 attempts
+    let mut s = SagaState::new(&def, 0);
+    let t = step(&def, &s, executed(0, 1, ExecuteOutcome::Retryable("flaky".into())), 1_000);
+    assert_eq!(t.event.event_type, "StepRetryScheduled");
+    assert_eq!(t.state.steps[0].status, StepStatus::Retrying);
+    assert_eq!(t.state.next_run_at, Some(1_050)); // 100 ms base, equal jitter at 0
+    s = t.state;
+    assert_eq!(next_action(&def, &s, 1_049), Action::Idle);
+    assert_eq!(next_action(&def, &s, 1_050), Action::Execute { step: 0, attempt: 2 });
+    s = step(&def, &s, executed(0, 2, ExecuteOutcome::Trapped("wasm trap: unreachable".into())), 2_000).state;
+    assert_eq!(s.next_run_at, Some(2_100));
+    let t = step(&def, &s, executed(0, 3, ExecuteOutcome::Trapped("wasm trap: unreachable".into())), 3_000);
+    assert_eq!(t.state.status, "COMPENSATING");
+    assert_eq!(t.state.reason.as_deref(), Some("inventory: gave up after 3 attempts: wasm trap: unreachable"));
+    assert_eq!(t.state.steps[0].status, StepStatus::Failed);
+}
+
+#[test]
+fn flaky_step_succeeds_on_third_attempt() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, ExecuteOutcome::Retryable("x".into())), 0).state;
+    s = step(&def, &s, executed(0, 2, ExecuteOutcome::Retryable("x".into())), 0).state;
+    s = step(&def, &s, executed(0, 3, done()), 0).state;
+    assert_eq!(s.status, "INVENTORY_RESERVED");
+    assert_eq!(s.steps[0].attempts, 3);
+    assert_eq!(s.steps[0].last_error, None);
+}
+
+#[test]
+fn compensation_budget_spent_is_compensation_failed_and_operator_can_retry() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    s = step(&def, &s, executed(1, 1, ExecuteOutcome::Rejected("card declined".into())), 0).state;
+    for attempt in 1..=3 {
+        assert_eq!(next_action(&def, &s, i64::MAX - 1), Action::Compensate { step: 0, attempt });
+        s = step(&def, &s, compensated(0, attempt, CompensateOutcome::Failed("boom".into())), 0).state;
+    }
+    assert_eq!(s.status, "COMPENSATION_FAILED");
+    assert_eq!(s.phase, Phase::CompensationFailed);
+    assert_eq!(s.steps[0].status, StepStatus::CompensationFailed);
+    assert_eq!(s.next_run_at, None);
+    assert_eq!(next_action(&def, &s, i64::MAX - 1), Action::Idle);
+    // Only a stuck saga can be retried; a retry restarts the budget.
+    let t = step(&def, &s, Event::RetryCompensation, 10);
+    assert_eq!(t.state.status, "COMPENSATING");
+    assert_eq!(next_action(&def, &t.state, 10), Action::Compensate { step: 0, attempt: 1 });
+    let s2 = step(&def, &t.state, compensated(0, 1, CompensateOutcome::Done("{}".into())), 10).state;
+    assert_eq!(step(&def, &s2, Event::Finish, 10).state.status, "CANCELLED");
+    assert_eq!(apply(&def, &s2, Event::RetryCompensation, 0), Err(Error::NotStuck("COMPENSATING".into())));
+}
+
+#[test]
+fn resolve_marks_a_stuck_saga_cancelled() {
+    let def = def_with(2, 1, 1);
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    s = step(&def, &s, executed(1, 1, ExecuteOutcome::Rejected("no".into())), 0).state;
+    s = step(&def, &s, compensated(0, 1, CompensateOutcome::Failed("boom".into())), 0).state;
+    let t = step(&def, &s, Event::Resolve { note: "refunded by hand".into() }, 0);
+    assert_eq!(t.state.status, "CANCELLED");
+    assert_eq!(t.event.event_type, "OrderResolved");
+}
+
+#[test]
+fn stale_and_duplicate_events_are_refused() {
+    let def = order_def();
+    let s = SagaState::new(&def, 0);
+    assert_eq!(apply(&def, &s, executed(1, 1, done()), 0), Err(Error::Stale));
+    assert_eq!(apply(&def, &s, executed(0, 2, done()), 0), Err(Error::Stale));
+    assert_eq!(apply(&def, &s, Event::Finish, 0), Err(Error::Stale));
+    let s = step(&def, &s, executed(0, 1, done()), 0).state;
+    assert_eq!(apply(&def, &s, executed(0, 1, done()), 0), Err(Error::Stale));
+    assert_eq!(apply(&def, &s, compensated(0, 1, CompensateOutcome::Done("{}".into())), 0), Err(Error::Stale));
+}
+
+#[test]
+fn wait_for_signal_then_resume_with_payload() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
+    let t = step(&def, &s, executed(1, 1, wait), 0);
+    assert_eq!(t.event.event_type, "StepWaiting");
+    s = t.state;
+    assert_eq!(s.steps[1].status, StepStatus::Waiting);
+    assert_eq!(s.next_run_at, None);
+    assert_eq!(next_action(&def, &s, i64::MAX - 1), Action::Idle);
+    assert_eq!(
+        apply(&def, &s, Event::Signal { name: "other".into(), payload: "{}".into() }, 0),
+        Err(Error::NotWaitingForSignal("other".into()))
+    );
+    s = step(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: r#"{"ok":1}"#.into() }, 7).state;
+    assert_eq!(s.steps[1].signal_payload.as_deref(), Some(r#"{"ok":1}"#));
+    assert_eq!(next_action(&def, &s, 7), Action::Execute { step: 1, attempt: 2 });
+    s = step(&def, &s, executed(1, 2, done()), 8).state;
+    assert_eq!(s.steps[1].signal_payload, None);
+    assert_eq!(s.status, "PAYMENT_CHARGED");
+}
+
+#[test]
+fn deadline_rejects_a_waiting_step_and_compensates_it() {
+    let mut def = order_def();
+    def.steps[1].deadline_ms = Some(900_000);
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
+    s = step(
+        &def,
+        &s,
+        Event::Executed { step: 1, attempt: 1, started_at: 100, digest: "d".into(), outcome: wait, jitter: 0.0 },
+        100,
+    )
+    .state;
+    // Waiting for a signal alone still wakes at the deadline.
+    assert_eq!(s.next_run_at, Some(900_100));
+    assert_eq!(next_action(&def, &s, 900_099), Action::Idle);
+    assert_eq!(next_action(&def, &s, 900_100), Action::DeadlineExceeded { step: 1 });
+    s = step(&def, &s, Event::DeadlineExceeded { step: 1 }, 900_100).state;
+    assert_eq!(s.reason.as_deref(), Some("payment: deadline of 900000 ms passed"));
+    // The waiting step committed its writes, so it is compensated (with output null), then inventory.
+    assert_eq!(next_action(&def, &s, 900_100), Action::Compensate { step: 1, attempt: 1 });
+}
+
+#[test]
+fn retry_backoff_is_capped_by_the_deadline() {
+    let mut def = order_def();
+    def.steps[0].deadline_ms = Some(30);
+    let s = SagaState::new(&def, 0);
+    let t = step(&def, &s, executed(0, 1, ExecuteOutcome::Retryable("x".into())), 10);
+    assert_eq!(t.state.next_run_at, Some(30));
+}
+
+#[test]
+fn cancel_compensates_from_forward_and_is_refused_when_terminal() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let t = step(&def, &s, Event::Cancel { reason: "cancelled by client".into() }, 0);
+    assert_eq!(t.state.status, "COMPENSATING");
+    assert_eq!(next_action(&def, &t.state, 0), Action::Compensate { step: 0, attempt: 1 });
+    let mut c = SagaState::new(&def, 0);
+    for i in 0..3 {
+        c = step(&def, &c, executed(i, 1, done()), 0).state;
+    }
+    c = step(&def, &c, Event::Finish, 0).state;
+    assert_eq!(
+        apply(&def, &c, Event::Cancel { reason: "x".into() }, 0),
+        Err(Error::NotCancellable("COMPLETED".into()))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Property: driving the engine with arbitrary plugin outcomes agrees with a simple model.
+
+#[derive(Debug, Clone, Copy)]
+enum Exec {
+    Done,
+    Retry,
+    Trap,
+    Reject,
+}
+
+fn exec_strategy() -> impl Strategy<Value = Exec> {
+    prop_oneof![4 => Just(Exec::Done), 2 => Just(Exec::Retry), 1 => Just(Exec::Trap), 1 => Just(Exec::Reject)]
+}
+
+/// What the model says the saga ends as.
+#[derive(Debug, PartialEq)]
+struct Expected {
+    phase: Phase,
+    statuses: Vec<StepStatus>,
+    compensation_order: Vec<usize>,
+}
+
+fn model(n: usize, max: u32, comp_max: u32, execs: &[Exec], comps: &[bool]) -> Expected {
+    let mut execs = execs.iter().cycle();
+    let mut comps = comps.iter().cycle();
+    let mut statuses = vec![StepStatus::Pending; n];
+    let mut failed_at = None;
+    'steps: for (i, status) in statuses.iter_mut().enumerate() {
+        for attempt in 1..=max {
+            match execs.next().unwrap() {
+                Exec::Done => {
+                    *status = StepStatus::Succeeded;
+                    continue 'steps;
+                }
+                Exec::Reject => break,
+                Exec::Retry | Exec::Trap if attempt == max => break,
+                Exec::Retry | Exec::Trap => {}
+            }
+        }
+        *status = StepStatus::Failed;
+        failed_at = Some(i);
+        break;
+    }
+    let Some(k) = failed_at else {
+        return Expected { phase: Phase::Completed, statuses, compensation_order: vec![] };
+    };
+    let mut order = vec![];
+    for i in (0..k).rev() {
+        order.push(i);
+        let ok = (1..=comp_max).any(|_| *comps.next().unwrap());
+        if !ok {
+            statuses[i] = StepStatus::CompensationFailed;
+            return Expected { phase: Phase::CompensationFailed, statuses, compensation_order: order };
+        }
+        statuses[i] = StepStatus::Compensated;
+    }
+    Expected { phase: Phase::Cancelled, statuses, compensation_order: order }
+}
+
+proptest! {
+    #[test]
+    fn engine_agrees_with_model(
+        n in 1usize..=5,
+        max in 1u32..=4,
+        comp_max in 1u32..=3,
+        execs in prop::collection::vec(exec_strategy(), 1..12),
+        comps in prop::collection::vec(prop::bool::weighted(0.7), 1..8),
+        jitter in 0.0f64..1.0,
+    ) {
+        let def = def_with(n, max, comp_max);
+        let expected = model(n, max, comp_max, &execs, &comps);
+        let mut state = SagaState::new(&def, 0);
+        let mut now = 0i64;
+        let mut exec_iter = execs.iter().cycle();
+        let mut comp_iter = comps.iter().cycle();
+        let mut compensation_order = vec![];
+        let mut events = 0usize;
+        for _ in 0..500 {
+            if let Some(t) = state.next_run_at { now = now.max(t); }
+            let event = match next_action(&def, &state, now) {
+                Action::Idle => break,
+                Action::Execute { step, attempt } => {
+                    let outcome = match exec_iter.next().unwrap() {
+                        Exec::Done => ExecuteOutcome::Done("{}".into()),
+                        Exec::Retry => ExecuteOutcome::Retryable("r".into()),
+                        Exec::Trap => ExecuteOutcome::Trapped("t".into()),
+                        Exec::Reject => ExecuteOutcome::Rejected("x".into()),
+                    };
+                    Event::Executed { step, attempt, started_at: now, digest: "d".into(), outcome, jitter }
+                }
+                Action::Compensate { step, attempt } => {
+                    if attempt == 1 { compensation_order.push(step); }
+                    let outcome = if *comp_iter.next().unwrap() {
+                        CompensateOutcome::Done("{}".into())
+                    } else {
+                        CompensateOutcome::Failed("f".into())
+                    };
+                    Event::Compensated { step, attempt, digest: "d".into(), outcome, jitter }
+                }
+                Action::Finish => Event::Finish,
+                Action::DeadlineExceeded { step } => Event::DeadlineExceeded { step },
+            };
+            let before = state.clone();
+            let t = apply(&def, &state, event, now).expect("the action's event applies");
+            events += 1;
+            // Time never runs backwards and a live saga always has somewhere to go.
+            if let Some(at) = t.state.next_run_at { prop_assert!(at >= now); }
+            prop_assert!(t.state.phase.is_terminal() || t.state.phase == Phase::CompensationFailed || t.state.next_run_at.is_some());
+            // Only the steps the transition names changed.
+            for (i, (a, b)) in before.steps.iter().zip(&t.state.steps).enumerate() {
+                if a != b { prop_assert!(t.changed_steps.contains(&i)); }
+            }
+            state = t.state;
+        }
+        prop_assert!(events > 0);
+        prop_assert_eq!(state.phase, expected.phase);
+        let statuses: Vec<_> = state.steps.iter().map(|s| s.status).collect();
+        prop_assert_eq!(statuses, expected.statuses);
+        prop_assert_eq!(compensation_order, expected.compensation_order);
+        let label_ok = match state.phase {
+            Phase::Completed => state.status == "COMPLETED",
+            Phase::Cancelled => state.status == "CANCELLED",
+            Phase::CompensationFailed => state.status == "COMPENSATION_FAILED",
+            _ => false,
+        };
+        prop_assert!(label_ok, "status {} for phase {:?}", state.status, state.phase);
+    }
+}

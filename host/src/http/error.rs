@@ -1,0 +1,129 @@
+//! `ApiError`: the one place where failures become HTTP responses.
+//!
+//! Every error body is `{"error": {"code": "...", "message": "..."}}` (plus `field` for
+//! validation errors), with a message that says what to do next. Internal causes are logged
+//! here and never returned to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong and what to do about it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code, e.g. `invalid_request`.
+    pub code: String,
+    /// A human-readable message that says what to do next.
+    pub message: String,
+    /// The offending request field, for validation errors, e.g. `items[0].quantity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), field: None, retry_after: None }
+    }
+
+    /// 400 naming the field.
+    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> ApiError {
+        let field = field.into();
+        let message = if field.is_empty() { message.to_string() } else { format!("{field}: {message}") };
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message,
+            field: Some(field).filter(|f| !f.is_empty()),
+            retry_after: None,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// A failure the client cannot fix: log the cause, say only that it happened.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed to handle the request; retry with the same Idempotency-Key, it is safe",
+        )
+    }
+
+    /// The store is unavailable for a moment.
+    pub fn unavailable(cause: impl std::fmt::Display) -> ApiError {
+        tracing::warn!(error = %cause, "store unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is busy or unreachable; retry shortly with the same Idempotency-Key",
+        )
+        .with_retry_after(1)
+    }
+}
+
+impl From<crate::store::Error> for ApiError {
+    fn from(e: crate::store::Error) -> ApiError {
+        match e {
+            crate::store::Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => ApiError::unavailable(e),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code.to_owned(), message: self.message, field: self.field } };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Maps axum's body-reading failures (too large, unreadable) to our error shape.
+pub fn body_rejection(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than the limit for this route; send a smaller body",
+        )
+    } else {
+        ApiError::new(
+            rejection.status(),
+            "unreadable_body",
+            format!("the request body could not be read: {}", rejection.body_text()),
+        )
+    }
+}

@@ -1,0 +1,117 @@
+//! The HTTP API (axum): routes, shared state, limits and the OpenAPI document.
+//!
+//! Architecture invariant: handlers never call plugins or Kafka. They validate, read and write
+//! through the store, and wake the driver; the driver does the work.
+
+pub mod error;
+pub mod idempotency;
+pub mod order;
+pub mod sagas;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::driver::DriverHandle;
+use crate::store::Store;
+use error::ApiError;
+
+/// Largest body on order and saga routes (SPEC §8).
+pub const SAGA_BODY_LIMIT: usize = 64 << 10;
+
+/// Settings the HTTP layer needs.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// How long idempotency keys are remembered (at least 24 h in production).
+    pub idempotency_ttl: Duration,
+}
+
+/// Shared state of every handler: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub catalog: Arc<Catalog>,
+    pub driver: DriverHandle,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<HttpConfig>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "sagahost", description = "Saga orchestrator: WebAssembly steps, durable state, idempotent intake, transactional outbox."),
+    tags((name = "orders", description = "The built-in order saga"), (name = "sagas", description = "Sagas of any registered type"),
+         (name = "health", description = "Liveness and readiness")),
+)]
+struct ApiDoc;
+
+/// Builds the router and the OpenAPI document from the same route list.
+pub fn router(state: AppState) -> Router {
+    let (saga_routes, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(sagas::create_order, sagas::list_orders))
+        .routes(routes!(sagas::get_order))
+        .routes(routes!(sagas::cancel_order))
+        .routes(routes!(sagas::signal_order))
+        .routes(routes!(sagas::create_saga, sagas::list_sagas))
+        .routes(routes!(sagas::get_saga))
+        .routes(routes!(sagas::cancel_saga))
+        .routes(routes!(sagas::signal_saga))
+        .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
+        .split_for_parts();
+    let (health_routes, health_api) =
+        OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).split_for_parts();
+    api.merge(health_api);
+    let api = Arc::new(api);
+    Router::new()
+        .merge(saga_routes)
+        .merge(health_routes)
+        .route("/openapi.json", axum::routing::get(move || async move { Json(api.as_ref().clone()) }))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /openapi.json for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method; see /openapi.json",
+    )
+}
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: the database answers and the plugins are loaded.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = error::ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    if let Err(e) = state.store.ping().await {
+        return ApiError::unavailable(e).into_response();
+    }
+    if state.catalog.definition("order").is_none() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "plugins are not loaded yet; retry shortly",
+        )
+        .into_response();
+    }
+    Json(serde_json::json!({ "status": "ready" })).into_response()
+}

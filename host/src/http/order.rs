@@ -1,0 +1,190 @@
+//! The `order` saga's input: its JSON shape and its validation rules (SPEC §5.2).
+//!
+//! Validation happens before anything is stored: a 400 names the field and changes nothing.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+
+/// `POST /orders` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    #[schema(example = "c-42")]
+    pub customer_id: String,
+    /// 1 to 100 lines.
+    pub items: Vec<OrderItem>,
+    /// ISO 4217 code, e.g. `USD`.
+    #[schema(example = "USD")]
+    pub currency: String,
+    pub payment: Payment,
+    pub ship_to: Address,
+}
+
+/// One order line.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderItem {
+    #[schema(example = "SKU-1")]
+    pub sku: String,
+    /// At least 1.
+    #[schema(example = 2)]
+    pub quantity: u32,
+    #[schema(example = 1250)]
+    pub unit_price_cents: u64,
+}
+
+/// How the customer pays.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Payment {
+    /// A payment token, e.g. `tok_visa`.
+    #[schema(example = "tok_visa")]
+    pub token: String,
+}
+
+/// Where the order ships.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub name: String,
+    pub line1: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    /// ISO 3166-1 alpha-2, e.g. `US`.
+    #[schema(example = "US")]
+    pub country: String,
+}
+
+/// Currencies the order saga accepts (ISO 4217).
+pub const CURRENCIES: &[&str] = &[
+    "AUD", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "INR", "JPY", "MXN", "NOK", "NZD", "PLN",
+    "SEK", "SGD", "USD", "ZAR",
+];
+
+const MAX_ITEMS: usize = 100;
+const MAX_QUANTITY: u32 = 10_000;
+const MAX_UNIT_PRICE: u64 = 10_000_000_000;
+
+fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::invalid(field, format!("must be at most {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Parses and validates an order; the error names the first offending field.
+pub fn parse(body: &serde_json::Value) -> Result<OrderRequest, ApiError> {
+    let order: OrderRequest = serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ApiError::invalid(path, e.into_inner())
+    })?;
+    text("customer_id", &order.customer_id, 128)?;
+    if order.items.is_empty() {
+        return Err(ApiError::invalid("items", "an order needs at least one item"));
+    }
+    if order.items.len() > MAX_ITEMS {
+        return Err(ApiError::invalid("items", format!("an order has at most {MAX_ITEMS} items")));
+    }
+    let mut total: u64 = 0;
+    for (i, item) in order.items.iter().enumerate() {
+        text(&format!("items[{i}].sku"), &item.sku, 64)?;
+        if item.quantity < 1 || item.quantity > MAX_QUANTITY {
+            return Err(ApiError::invalid(
+                format!("items[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
+        }
+        if item.unit_price_cents > MAX_UNIT_PRICE {
+            return Err(ApiError::invalid(
+                format!("items[{i}].unit_price_cents"),
+                format!("must be at most {MAX_UNIT_PRICE}"),
+            ));
+        }
+        total = total.saturating_add(u64::from(item.quantity) * item.unit_price_cents);
+    }
+    if total > i64::MAX as u64 {
+        return Err(ApiError::invalid("items", "the order total is too large"));
+    }
+    if !CURRENCIES.contains(&order.currency.as_str()) {
+        return Err(ApiError::invalid(
+            "currency",
+            format!("unknown currency '{}'; use one of {}", order.currency, CURRENCIES.join(", ")),
+        ));
+    }
+    text("payment.token", &order.payment.token, 128)?;
+    text("ship_to.name", &order.ship_to.name, 200)?;
+    text("ship_to.line1", &order.ship_to.line1, 200)?;
+    if let Some(line2) = &order.ship_to.line2 {
+        if line2.chars().count() > 200 {
+            return Err(ApiError::invalid("ship_to.line2", "must be at most 200 characters"));
+        }
+    }
+    text("ship_to.city", &order.ship_to.city, 100)?;
+    text("ship_to.postal_code", &order.ship_to.postal_code, 20)?;
+    let country = &order.ship_to.country;
+    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ApiError::invalid(
+            "ship_to.country",
+            "must be a two-letter ISO 3166-1 code in upper case, e.g. US",
+        ));
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn valid() -> serde_json::Value {
+        json!({"customer_id": "c-42",
+               "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+               "currency": "USD", "payment": {"token": "tok_visa"},
+               "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}})
+    }
+
+    fn field_of(v: serde_json::Value) -> Option<String> {
+        parse(&v).err().and_then(|e| e.field)
+    }
+
+    #[test]
+    fn accepts_the_spec_example() {
+        assert!(parse(&valid()).is_ok());
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        let mut v = valid();
+        v["items"] = json!([]);
+        assert_eq!(field_of(v).as_deref(), Some("items"));
+        let mut v = valid();
+        v["items"][0]["quantity"] = json!(0);
+        assert_eq!(field_of(v).as_deref(), Some("items[0].quantity"));
+        let mut v = valid();
+        v["items"][0]["quantity"] = json!("two");
+        assert_eq!(field_of(v).as_deref(), Some("items[0].quantity"));
+        let mut v = valid();
+        v["currency"] = json!("XYZ");
+        assert_eq!(field_of(v).as_deref(), Some("currency"));
+        let mut v = valid();
+        v["ship_to"]["country"] = json!("usa");
+        assert_eq!(field_of(v).as_deref(), Some("ship_to.country"));
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove("payment");
+        assert!(parse(&v).unwrap_err().message.contains("payment"));
+        let mut v = valid();
+        v["extra"] = json!(1);
+        assert!(parse(&v).unwrap_err().message.contains("extra"));
+    }
+}

@@ -1,0 +1,123 @@
+//! The outbox relay: publishes committed outbox rows to a [`Sink`] and marks them published.
+//!
+//! Delivery is at least once. A row is marked only after the sink confirmed it (for the
+//! JSON-lines file: written and fsynced), so a crash between publishing and marking publishes
+//! the row again; consumers drop repeats by `event_id`.
+//!
+//! Order: rows are read oldest first (by outbox id) and a batch is published in that order.
+//! One saga's transitions commit one after another, so its rows' ids rise with `seq`, and a
+//! batch that fails is retried whole: `seq` n+1 never goes out ahead of n.
+//!
+//! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
+
+pub mod jsonl;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::driver::DriverHandle;
+use crate::store::{OutboxRow, Store};
+
+/// Where events go.
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// A short name for logs, e.g. `jsonl:/data/events.jsonl`.
+    fn name(&self) -> String;
+    /// Publishes the rows in order. Returns only when every row is durably accepted; an
+    /// error means some rows may or may not have been accepted, and all will be retried.
+    async fn publish(&self, rows: &[OutboxRow]) -> anyhow::Result<()>;
+}
+
+/// Tuning of the relay.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub batch_size: u32,
+    /// The longest the relay sleeps without looking for new rows.
+    pub poll_interval: Duration,
+    /// Backoff after a failed publish, doubling up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            batch_size: 256,
+            poll_interval: Duration::from_millis(200),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The relay loop.
+pub struct Relay {
+    store: Arc<dyn Store>,
+    sink: Arc<dyn Sink>,
+    clock: Arc<dyn Clock>,
+    driver: DriverHandle,
+    options: RelayOptions,
+}
+
+impl Relay {
+    pub fn new(
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        clock: Arc<dyn Clock>,
+        driver: DriverHandle,
+        options: RelayOptions,
+    ) -> Relay {
+        Relay { store, sink, clock, driver, options }
+    }
+
+    /// Publishes until `shutdown`. Wakes on every committed status change, and polls.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut changes = self.driver.subscribe();
+        let mut backoff = self.options.initial_backoff;
+        tracing::info!(sink = %self.sink.name(), "relay started");
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match self.publish_batch().await {
+                Ok(n) if n == self.options.batch_size as usize => {
+                    backoff = self.options.initial_backoff;
+                    continue; // more may be waiting
+                }
+                Ok(_) => backoff = self.options.initial_backoff,
+                Err(e) => {
+                    tracing::warn!(sink = %self.sink.name(), error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "publishing events failed; will retry");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = changes.recv() => {}
+                _ = tokio::time::sleep(self.options.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Publishes one batch; returns how many rows it published.
+    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+        let rows = self.store.outbox_pending(self.options.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        self.sink.publish(&rows).await?;
+        crate::failpoint!("relay-after-publish");
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.store.outbox_mark_published(&ids, self.clock.now_ms()).await?;
+        tracing::debug!(count = rows.len(), "published events");
+        Ok(rows.len())
+    }
+}

@@ -1,0 +1,630 @@
+//! The SQLite store: the embedded default, one host process per database file.
+//!
+//! Writes go through a pool of exactly one connection. SQLite allows one writer at a time
+//! anyway; funnelling writes through one connection means a transaction never meets
+//! `SQLITE_BUSY` halfway (no deferred-to-write lock upgrade can fail), and it is the natural
+//! place to batch commits across sagas later. Reads use a separate pool: in WAL mode readers
+//! never block the writer nor each other.
+//!
+//! `synchronous = FULL`: a commit is on disk before we acknowledge it, so "nothing
+//! acknowledged is lost" holds across power loss, not only process crashes.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::*;
+use crate::engine::{Phase, StepState, StepStatus};
+
+/// The SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs migrations.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        Self::connect(SqliteConnectOptions::new().filename(path)).await
+    }
+
+    /// Opens a `sqlite:` URL.
+    pub async fn open_url(url: &str) -> Result<SqliteStore> {
+        Self::connect(SqliteConnectOptions::from_str(url)?).await
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<SqliteStore> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("../migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, reader })
+    }
+}
+
+fn corrupt(what: impl Into<String>) -> Error {
+    Error::Corrupt(what.into())
+}
+
+fn step_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StepState> {
+    let status: String = row.try_get("status")?;
+    Ok(StepState {
+        status: StepStatus::parse(&status).ok_or_else(|| corrupt(format!("step status {status}")))?,
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).map_err(|_| corrupt("attempts"))?,
+        compensate_attempts: u32::try_from(row.try_get::<i64, _>("compensate_attempts")?)
+            .map_err(|_| corrupt("compensate_attempts"))?,
+        output: row.try_get("output")?,
+        compensate_output: row.try_get("compensate_output")?,
+        last_error: row.try_get("last_error")?,
+        wait_signal: row.try_get("wait_signal")?,
+        signal_payload: row.try_get("signal_payload")?,
+        execute_digest: row.try_get("execute_digest")?,
+        compensate_digest: row.try_get("compensate_digest")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
+     compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
+     finished_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+     ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+     compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
+     compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
+     wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
+     execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
+     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at";
+
+async fn upsert_step(
+    tx: &mut sqlx::SqliteConnection,
+    saga_id: &str,
+    idx: usize,
+    name: &str,
+    s: &StepState,
+) -> Result<()> {
+    sqlx::query(UPSERT_STEP)
+        .bind(saga_id)
+        .bind(idx as i64)
+        .bind(name)
+        .bind(s.status.as_str())
+        .bind(i64::from(s.attempts))
+        .bind(i64::from(s.compensate_attempts))
+        .bind(&s.output)
+        .bind(&s.compensate_output)
+        .bind(&s.last_error)
+        .bind(&s.wait_signal)
+        .bind(&s.signal_payload)
+        .bind(&s.execute_digest)
+        .bind(&s.compensate_digest)
+        .bind(s.started_at)
+        .bind(s.finished_at)
+        .bind(s.updated_at)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// The fields of an outbox row; the payload is the event JSON exactly as it will be published.
+struct OutboxInsert<'a> {
+    event_id: &'a str,
+    saga_id: &'a str,
+    seq: i64,
+    event_type: &'a str,
+    payload: String,
+    now: i64,
+}
+
+async fn insert_outbox(tx: &mut sqlx::SqliteConnection, row: OutboxInsert<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(row.event_id)
+    .bind(row.saga_id)
+    .bind(row.seq)
+    .bind(row.event_type)
+    .bind(row.payload)
+    .bind(row.now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+fn outbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.try_get("id")?,
+        event_id: r.try_get("event_id")?,
+        saga_id: r.try_get("saga_id")?,
+        seq: r.try_get("seq")?,
+        event_type: r.try_get("event_type")?,
+        payload: r.try_get("payload")?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn put_plugin(&self, digest: &str, name: &str, wasm: &[u8], now: i64) -> Result<bool> {
+        let r = sqlx::query("INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING")
+            .bind(digest)
+            .bind(name)
+            .bind(wasm.len() as i64)
+            .bind(wasm)
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn plugins(&self) -> Result<Vec<PluginRow>> {
+        let rows = sqlx::query("SELECT digest, name, size, wasm, uploaded_at FROM plugins ORDER BY name, uploaded_at")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PluginRow {
+                    digest: r.try_get("digest")?,
+                    name: r.try_get("name")?,
+                    size: r.try_get("size")?,
+                    wasm: r.try_get("wasm")?,
+                    uploaded_at: r.try_get("uploaded_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn definition(&self, saga_type: &str) -> Result<Option<(SagaDefinition, DefinitionSource)>> {
+        let row = sqlx::query("SELECT definition, source FROM saga_definitions WHERE saga_type = ?1")
+            .bind(saga_type)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            let def: String = r.try_get("definition")?;
+            let source: String = r.try_get("source")?;
+            let def = serde_json::from_str(&def).map_err(|e| corrupt(format!("definition of {saga_type}: {e}")))?;
+            let source = if source == "builtin" { DefinitionSource::Builtin } else { DefinitionSource::Admin };
+            Ok((def, source))
+        })
+        .transpose()
+    }
+
+    async fn definitions(&self) -> Result<Vec<SagaDefinition>> {
+        let rows =
+            sqlx::query("SELECT definition FROM saga_definitions ORDER BY saga_type").fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                let def: String = r.try_get("definition")?;
+                serde_json::from_str(&def).map_err(|e| corrupt(format!("definition: {e}")))
+            })
+            .collect()
+    }
+
+    async fn put_definition(&self, def: &SagaDefinition, source: DefinitionSource, now: i64) -> Result<()> {
+        let json = serde_json::to_string(def).map_err(|e| corrupt(e.to_string()))?;
+        let source = match source {
+            DefinitionSource::Builtin => "builtin",
+            DefinitionSource::Admin => "admin",
+        };
+        sqlx::query(
+            "INSERT INTO saga_definitions (saga_type, definition, source, updated_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, source = excluded.source, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&def.saga_type)
+        .bind(json)
+        .bind(source)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
+        let mut tx = self.writer.begin().await?;
+        if let Some(c) = claim {
+            // Claim first: INSERT .. ON CONFLICT DO NOTHING is atomic, never SELECT-then-INSERT.
+            // An expired row (past retention) is replaced as if it never existed.
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE caller = ?1 AND route = ?2 AND key = ?3 AND expires_at <= ?4",
+            )
+            .bind(&c.caller)
+            .bind(&c.route)
+            .bind(&c.key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let (status, body) = match &c.response {
+                Some((s, b)) => (Some(i64::from(*s)), Some(b.as_slice())),
+                None => (None, None),
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, response_body, \
+                 locked_until, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING",
+            )
+            .bind(&c.caller)
+            .bind(&c.route)
+            .bind(&c.key)
+            .bind(&c.fingerprint)
+            .bind(&saga.id)
+            .bind(status)
+            .bind(body)
+            .bind(now + c.lock_ms)
+            .bind(now)
+            .bind(now + c.ttl_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !inserted {
+                let row = sqlx::query(
+                    "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
+                     WHERE caller = ?1 AND route = ?2 AND key = ?3",
+                )
+                .bind(&c.caller)
+                .bind(&c.route)
+                .bind(&c.key)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                let fingerprint: String = row.try_get("fingerprint")?;
+                if fingerprint != c.fingerprint {
+                    return Ok(CreateOutcome::Mismatch);
+                }
+                let status: Option<i64> = row.try_get("response_status")?;
+                if let Some(status) = status {
+                    let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
+                    let saga_id: Option<String> = row.try_get("saga_id")?;
+                    return Ok(CreateOutcome::Replay {
+                        status: u16::try_from(status).map_err(|_| corrupt("status"))?,
+                        body,
+                        saga_id,
+                    });
+                }
+                let locked_until: i64 = row.try_get("locked_until")?;
+                let saga_id: Option<String> = row.try_get("saga_id")?;
+                return Ok(match saga_id {
+                    Some(saga_id) if locked_until <= now => CreateOutcome::Abandoned { saga_id },
+                    _ => CreateOutcome::InFlight,
+                });
+            }
+        }
+        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, 0, ?9, ?9)",
+        )
+        .bind(&saga.id)
+        .bind(&saga.definition.saga_type)
+        .bind(&saga.state.status)
+        .bind(saga.state.phase.as_str())
+        .bind(&saga.state.reason)
+        .bind(&saga.input)
+        .bind(definition)
+        .bind(saga.state.next_run_at)
+        .bind(saga.now)
+        .execute(&mut *tx)
+        .await?;
+        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+            upsert_step(&mut tx, &saga.id, i, &def.name, step).await?;
+        }
+        let payload = event_payload(
+            &saga.event_id,
+            &saga.id,
+            &saga.definition.saga_type,
+            1,
+            &saga.event,
+            &saga.state.status,
+            saga.now,
+        );
+        let row = OutboxInsert {
+            event_id: &saga.event_id,
+            saga_id: &saga.id,
+            seq: 1,
+            event_type: &saga.event.event_type,
+            payload,
+            now: saga.now,
+        };
+        insert_outbox(&mut tx, row).await?;
+        tx.commit().await?;
+        Ok(CreateOutcome::Created)
+    }
+
+    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = ?4, response_body = ?5 \
+             WHERE caller = ?1 AND route = ?2 AND key = ?3 AND response_status IS NULL",
+        )
+        .bind(caller)
+        .bind(route)
+        .bind(key)
+        .bind(i64::from(status))
+        .bind(body)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn expire_idempotency(&self, now: i64) -> Result<u64> {
+        // In batches, so that a large backlog never holds the single writer for long.
+        let r = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE rowid IN \
+             (SELECT rowid FROM idempotency_keys WHERE expires_at <= ?1 LIMIT 1000)",
+        )
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn saga(&self, id: &str) -> Result<Option<SagaRecord>> {
+        let mut conn = self.reader.acquire().await?;
+        // One read transaction, so the saga row and its steps are one snapshot.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let Some(r) = sqlx::query(
+            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at \
+             FROM sagas WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let steps = sqlx::query("SELECT * FROM saga_steps WHERE saga_id = ?1 ORDER BY idx")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let definition: String = r.try_get("definition")?;
+        let definition: SagaDefinition =
+            serde_json::from_str(&definition).map_err(|e| corrupt(format!("definition: {e}")))?;
+        let phase: String = r.try_get("phase")?;
+        let steps = steps.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        if steps.len() != definition.steps.len() {
+            return Err(corrupt(format!(
+                "saga {id} has {} step rows for {} steps",
+                steps.len(),
+                definition.steps.len()
+            )));
+        }
+        Ok(Some(SagaRecord {
+            id: r.try_get("id")?,
+            saga_type: r.try_get("saga_type")?,
+            definition,
+            input: r.try_get("input")?,
+            state: SagaState {
+                status: r.try_get("status")?,
+                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
+                reason: r.try_get("reason")?,
+                steps,
+                next_run_at: r.try_get("next_run_at")?,
+            },
+            seq: r.try_get("seq")?,
+            epoch: r.try_get("epoch")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        }))
+    }
+
+    async fn list_sagas(
+        &self,
+        saga_type: &str,
+        status: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SagaSummary>> {
+        // UUIDv7 ids sort by creation time, so `id < before` is a stable keyset cursor.
+        let rows = sqlx::query(
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id < ?3) \
+             ORDER BY id DESC LIMIT ?4",
+        )
+        .bind(saga_type)
+        .bind(status)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SagaSummary {
+                    id: r.try_get("id")?,
+                    saga_type: r.try_get("saga_type")?,
+                    status: r.try_get("status")?,
+                    reason: r.try_get("reason")?,
+                    created_at: r.try_get("created_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "UPDATE sagas SET lease_owner = ?1, lease_until = ?2, epoch = epoch + 1 WHERE id IN \
+             (SELECT id FROM sagas WHERE next_run_at IS NOT NULL AND next_run_at <= ?3 \
+              AND (lease_until IS NULL OR lease_until <= ?3) ORDER BY next_run_at LIMIT ?4) \
+             RETURNING id, epoch",
+        )
+        .bind(owner)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
+    }
+
+    async fn release(&self, id: &str, epoch: i64) -> Result<()> {
+        sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND epoch = ?2")
+            .bind(id)
+            .bind(epoch)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_owner(&self, owner: &str) -> Result<u64> {
+        let r = sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn next_due(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_run_at) FROM sagas WHERE next_run_at IS NOT NULL")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
+        let mut tx = self.writer.begin().await?;
+        let (Fence::Lease(epoch) | Fence::LeaseRelease(epoch) | Fence::Takeover(epoch)) = c.fence;
+        // The fence: the row only updates if nobody moved the epoch since we read it.
+        let sql = match c.fence {
+            Fence::Lease(_) => "UPDATE sagas SET status = ?3, phase = ?4, reason = ?5, next_run_at = ?6, updated_at = ?7, \
+                 seq = seq + 1 WHERE id = ?1 AND epoch = ?2 RETURNING seq",
+            Fence::LeaseRelease(_) => "UPDATE sagas SET status = ?3, phase = ?4, reason = ?5, next_run_at = ?6, updated_at = ?7, \
+                 seq = seq + 1, lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND epoch = ?2 RETURNING seq",
+            Fence::Takeover(_) => "UPDATE sagas SET status = ?3, phase = ?4, reason = ?5, next_run_at = ?6, updated_at = ?7, \
+                 seq = seq + 1, lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = ?1 AND epoch = ?2 RETURNING seq",
+        };
+        let seq: Option<i64> = sqlx::query_scalar(sql)
+            .bind(c.saga_id)
+            .bind(epoch)
+            .bind(&c.state.status)
+            .bind(c.state.phase.as_str())
+            .bind(&c.state.reason)
+            .bind(c.state.next_run_at)
+            .bind(c.now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(seq) = seq else {
+            tx.rollback().await?;
+            return Err(Error::Fenced);
+        };
+        for &i in c.changed_steps {
+            let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
+            let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
+            upsert_step(&mut tx, c.saga_id, i, name, step).await?;
+        }
+        if let Some((plugin, writes)) = c.plugin_writes {
+            for (key, value) in writes {
+                match value {
+                    Some(v) => {
+                        sqlx::query(
+                            "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                        )
+                        .bind(plugin)
+                        .bind(key)
+                        .bind(v)
+                        .bind(c.now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    None => {
+                        sqlx::query("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")
+                            .bind(plugin)
+                            .bind(key)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+        }
+        let payload = event_payload(c.event_id, c.saga_id, c.saga_type, seq, c.event, &c.state.status, c.now);
+        let row = OutboxInsert {
+            event_id: c.event_id,
+            saga_id: c.saga_id,
+            seq,
+            event_type: &c.event.event_type,
+            payload,
+            now: c.now,
+        };
+        insert_outbox(&mut tx, row).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = ?1 AND key = ?2")
+            .bind(plugin)
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
+        // A range scan on the primary key rather than LIKE, so '%' and '_' in keys are literal.
+        let mut upper = prefix.to_owned();
+        upper.push(char::MAX);
+        let rows = sqlx::query(
+            "SELECT key, value FROM plugin_state WHERE plugin = ?1 AND key >= ?2 AND key < ?3 ORDER BY key LIMIT ?4",
+        )
+        .bind(plugin)
+        .bind(prefix)
+        .bind(upper)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
+    }
+
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, saga_id, seq, event_type, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE outbox SET published_at = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, saga_id, seq, event_type, payload FROM outbox WHERE saga_id = ?1 ORDER BY seq",
+        )
+        .bind(saga_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+}
