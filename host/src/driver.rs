@@ -189,7 +189,16 @@ impl Inner {
                 return;
             }
         };
+        let mut renewed = std::time::Instant::now();
+        let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
         loop {
+            if renewed.elapsed() >= renew_every {
+                match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
+                    Ok(true) => renewed = std::time::Instant::now(),
+                    Ok(false) => return, // taken over
+                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "renewing a lease failed"),
+                }
+            }
             let now = self.clock.now_ms();
             let action = engine::next_action(&rec.definition, &rec.state, now);
             let (event, writes) = match action {
@@ -201,8 +210,16 @@ impl Inner {
                 }
                 Action::Finish => (Event::Finish, None),
                 Action::DeadlineExceeded { step } => (Event::DeadlineExceeded { step }, None),
-                Action::Execute { step, attempt } => self.execute(&rec, step, attempt, now).await,
-                Action::Compensate { step, attempt } => self.compensate(&rec, step, attempt).await,
+                Action::Execute { step, attempt } => {
+                    let out = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now)).await;
+                    crate::failpoint!("driver-after-call");
+                    out
+                }
+                Action::Compensate { step, attempt } => {
+                    let out = self.heartbeat(&id, epoch, self.compensate(&rec, step, attempt)).await;
+                    crate::failpoint!("driver-after-compensate-call");
+                    out
+                }
             };
             let now = self.clock.now_ms();
             let transition = match engine::apply(&rec.definition, &rec.state, event, now) {
@@ -230,9 +247,11 @@ impl Inner {
                 event: &transition.event,
                 event_id: &event_id,
                 now,
+                audit: None,
             };
             match self.store.commit(&commit).await {
                 Ok(seq) => {
+                    crate::failpoint!("driver-after-commit");
                     tracing::debug!(saga_id = %id, seq, event = %transition.event.event_type, status = %transition.state.status, "committed");
                     let settled =
                         transition.state.phase.is_terminal() || transition.state.phase == Phase::CompensationFailed;
@@ -256,6 +275,26 @@ impl Inner {
                     self.release_later(&id, epoch).await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// Runs a plugin call while renewing the saga's lease every third of its length, so a long
+    /// call keeps its claim. If the claim is lost anyway (the process stalled), the call still
+    /// finishes but its commit will be fenced and discarded.
+    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, call: F) -> F::Output {
+        let lease_ms = self.options.lease_ms;
+        let period = Duration::from_millis((lease_ms / 3).max(50) as u64);
+        tokio::pin!(call);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                out = &mut call => return out,
+                _ = tick.tick() => match self.store.renew_lease(id, epoch, lease_ms).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(saga_id = %id, "lost the claim during a plugin call; its result will be discarded"),
+                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "renewing a lease failed"),
+                },
             }
         }
     }

@@ -39,6 +39,10 @@ pub struct Config {
     /// A `sqlite:` URL; `None` means `<data_dir>/sagahost.db`.
     pub database: Option<String>,
     pub idempotency_ttl: Duration,
+    /// Bearer token for the admin routes; `None` turns them off.
+    pub admin_token: Option<String>,
+    /// How long the built-in order saga's payment may wait for confirmation (`tok_3ds`).
+    pub payment_deadline: Duration,
     pub limits: runtime::Limits,
     pub driver: DriverOptions,
     pub relay: RelayOptions,
@@ -53,6 +57,8 @@ impl Config {
             data_dir: data_dir.into(),
             database: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            admin_token: None,
+            payment_deadline: Duration::from_millis(catalog::demo::PAYMENT_DEADLINE_MS),
             limits: runtime::Limits::default(),
             driver: DriverOptions::default(),
             relay: RelayOptions::default(),
@@ -113,8 +119,10 @@ impl App {
         };
         config.driver.owner = host_identity(&config.data_dir)?;
         let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(Arc::clone(&store))))?);
-        let catalog =
-            Arc::new(Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
+        let catalog = Arc::new(
+            Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock), config.payment_deadline)
+                .await?,
+        );
         let driver = Driver::new(
             Arc::clone(&store),
             runtime,
@@ -131,7 +139,10 @@ impl App {
             catalog: Arc::clone(&catalog),
             driver: handle.clone(),
             clock: Arc::clone(&config.clock),
-            config: Arc::new(http::HttpConfig { idempotency_ttl: config.idempotency_ttl }),
+            config: Arc::new(http::HttpConfig {
+                idempotency_ttl: config.idempotency_ttl,
+                admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+            }),
         };
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -31,6 +31,12 @@ struct Serve {
     /// Database URL (sqlite:...). Default: a SQLite file in the data directory.
     #[arg(long, env = "SAGAHOST_DATABASE")]
     database: Option<String>,
+    /// Bearer token for the admin routes (/admin/...). Without one, admin routes answer 403.
+    #[arg(long, env = "SAGAHOST_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// How long the order saga's payment may wait for its confirmation signal, in seconds.
+    #[arg(long, env = "SAGAHOST_PAYMENT_DEADLINE_SECS", default_value_t = 900)]
+    payment_deadline_secs: u64,
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
     #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
     idempotency_ttl_hours: u64,
@@ -64,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
     let mut config = sagahost::Config::embedded(&args.data_dir);
     config.listen = args.listen;
     config.database = args.database;
+    config.admin_token = args.admin_token;
+    config.payment_deadline = Duration::from_secs(args.payment_deadline_secs.max(1));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
     config.limits.memory_bytes = args.plugin_memory_mib << 20;
     config.limits.output_bytes = args.plugin_output_kib << 10;

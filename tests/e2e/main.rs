@@ -1,7 +1,11 @@
 //! End-to-end tests: the real host on port 0, real HTTP, the real demo plugins compiled from
 //! plugins/, a fresh SQLite file per test.
 
+mod crash;
 mod harness;
+mod invariants;
+mod operators;
+mod process;
 
 use std::time::Duration;
 

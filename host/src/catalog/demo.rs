@@ -14,21 +14,27 @@ pub const PLUGINS: [(&str, &[u8]); 3] = [
     ("shipment", include_bytes!(concat!(env!("OUT_DIR"), "/shipment.wasm"))),
 ];
 
-/// How long a payment may wait for its confirmation signal (`tok_3ds`) before it is rejected.
+/// How long a payment may wait for its confirmation signal (`tok_3ds`) before it is rejected,
+/// unless configured otherwise (`--payment-deadline-secs`).
 pub const PAYMENT_DEADLINE_MS: u64 = 15 * 60 * 1000;
 
 /// Stores and loads the demo plugins; returns the built-in `order` definition bound to them.
-pub(super) async fn install(catalog: &Catalog) -> Result<SagaDefinition, Error> {
+pub(super) async fn install(catalog: &Catalog, payment_deadline_ms: u64) -> Result<SagaDefinition, Error> {
     let mut refs = Vec::new();
     for (name, wasm) in PLUGINS {
         let (digest, _) = catalog.install_plugin(name, wasm.to_vec()).await?;
         refs.push(PluginRef { plugin: name.to_owned(), digest });
     }
-    Ok(order_definition(&refs[0], &refs[1], &refs[2]))
+    Ok(order_definition(&refs[0], &refs[1], &refs[2], payment_deadline_ms))
 }
 
 /// The `order` saga: cart -> inventory -> payment -> shipment.
-pub fn order_definition(inventory: &PluginRef, payment: &PluginRef, shipment: &PluginRef) -> SagaDefinition {
+pub fn order_definition(
+    inventory: &PluginRef,
+    payment: &PluginRef,
+    shipment: &PluginRef,
+    payment_deadline_ms: u64,
+) -> SagaDefinition {
     let step = |name: &str, state: &str, plugin: &PluginRef, deadline_ms: Option<u64>| StepDefinition {
         name: name.to_owned(),
         state: state.to_owned(),
@@ -43,7 +49,7 @@ pub fn order_definition(inventory: &PluginRef, payment: &PluginRef, shipment: &P
         saga_type: "order".to_owned(),
         steps: vec![
             step("inventory", "INVENTORY_RESERVED", inventory, None),
-            step("payment", "PAYMENT_CHARGED", payment, Some(PAYMENT_DEADLINE_MS)),
+            step("payment", "PAYMENT_CHARGED", payment, Some(payment_deadline_ms)),
             step("shipment", "SHIPMENT_CREATED", shipment, None),
         ],
     }

@@ -41,7 +41,12 @@ pub struct Catalog {
 impl Catalog {
     /// Loads every stored plugin into the runtime and every definition into memory, and
     /// installs the demo plugins and the built-in `order` definition.
-    pub async fn open(store: Arc<dyn Store>, runtime: Arc<Runtime>, clock: Arc<dyn Clock>) -> Result<Catalog, Error> {
+    pub async fn open(
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        clock: Arc<dyn Clock>,
+        payment_deadline: std::time::Duration,
+    ) -> Result<Catalog, Error> {
         let catalog = Catalog {
             store,
             runtime,
@@ -61,7 +66,7 @@ impl Catalog {
                 }
             }
         }
-        let builtin = demo::install(&catalog).await?;
+        let builtin = demo::install(&catalog, payment_deadline.as_millis() as u64).await?;
         for def in catalog.store.definitions().await? {
             catalog.cache(def);
         }

@@ -529,7 +529,9 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         },
         Event::Signal { name, payload } => {
             let waiting = (state.phase == Phase::Forward).then(|| current_forward_step(state)).flatten().filter(|&i| {
-                state.steps[i].status == StepStatus::Waiting && state.steps[i].wait_signal.as_deref() == Some(&name)
+                // A signal already delivered (and not yet consumed) is not delivered twice.
+                let s = &state.steps[i];
+                s.status == StepStatus::Waiting && s.wait_signal.as_deref() == Some(&name) && s.signal_payload.is_none()
             });
             let Some(i) = waiting else {
                 return Err(Error::NotWaitingForSignal(name));

@@ -205,6 +205,11 @@ fn wait_for_signal_then_resume_with_payload() {
     );
     s = step(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: r#"{"ok":1}"#.into() }, 7).state;
     assert_eq!(s.steps[1].signal_payload.as_deref(), Some(r#"{"ok":1}"#));
+    // A repeated signal before the step consumed the first is refused, not delivered twice.
+    assert_eq!(
+        apply(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: "{}".into() }, 7),
+        Err(Error::NotWaitingForSignal("payment-confirmed".into()))
+    );
     assert_eq!(next_action(&def, &s, 7), Action::Execute { step: 1, attempt: 2 });
     s = step(&def, &s, executed(1, 2, done()), 8).state;
     assert_eq!(s.steps[1].signal_payload, None);

@@ -3,6 +3,7 @@
 //! Architecture invariant: handlers never call plugins or Kafka. They validate, read and write
 //! through the store, and wake the driver; the driver does the work.
 
+pub mod admin;
 pub mod error;
 pub mod idempotency;
 pub mod order;
@@ -33,6 +34,8 @@ pub const SAGA_BODY_LIMIT: usize = 64 << 10;
 pub struct HttpConfig {
     /// How long idempotency keys are remembered (at least 24 h in production).
     pub idempotency_ttl: Duration,
+    /// Bearer token of the admin routes; `None` turns them off (403).
+    pub admin_token: Option<String>,
 }
 
 /// Shared state of every handler: cheap to clone.
@@ -49,9 +52,25 @@ pub struct AppState {
 #[openapi(
     info(title = "sagahost", description = "Saga orchestrator: WebAssembly steps, durable state, idempotent intake, transactional outbox."),
     tags((name = "orders", description = "The built-in order saga"), (name = "sagas", description = "Sagas of any registered type"),
+         (name = "admin", description = "Operators and plugin management (bearer admin token)"),
          (name = "health", description = "Liveness and readiness")),
+    modifiers(&AdminSecurity),
 )]
 struct ApiDoc;
+
+/// Declares the bearer scheme the admin routes use.
+struct AdminSecurity;
+
+impl utoipa::Modify for AdminSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// Builds the router and the OpenAPI document from the same route list.
 pub fn router(state: AppState) -> Router {
@@ -66,12 +85,21 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sagas::signal_saga))
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .split_for_parts();
+    let (admin_routes, admin_api) = OpenApiRouter::new()
+        .routes(routes!(admin::retry_saga))
+        .routes(routes!(admin::resolve_saga))
+        .routes(routes!(admin::audit_log))
+        .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
+        .split_for_parts();
+    api.merge(admin_api);
     let (health_routes, health_api) =
         OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).split_for_parts();
     api.merge(health_api);
     let api = Arc::new(api);
     Router::new()
         .merge(saga_routes)
+        .merge(admin_routes)
         .merge(health_routes)
         .route("/openapi.json", axum::routing::get(move || async move { Json(api.as_ref().clone()) }))
         .fallback(not_found)

@@ -17,7 +17,7 @@ use super::order::OrderRequest;
 use super::{idempotency, order, AppState};
 use crate::clock::rfc3339;
 use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
-use crate::store::{Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaSummary};
+use crate::store::{AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaSummary};
 
 /// The longest `Prefer: wait=N` honoured, in seconds.
 pub const MAX_WAIT_SECS: u64 = 30;
@@ -133,7 +133,10 @@ pub fn view(
                 output: json_or_null(&s.output),
                 compensate_output: json_or_null(&s.compensate_output),
                 last_error: s.last_error.clone(),
-                waiting_for: s.wait_signal.clone().filter(|_| s.status == engine::StepStatus::Waiting),
+                waiting_for: s
+                    .wait_signal
+                    .clone()
+                    .filter(|_| s.status == engine::StepStatus::Waiting && s.signal_payload.is_none()),
                 started_at: opt_time(s.started_at),
                 finished_at: opt_time(s.finished_at),
                 updated_at: opt_time(s.updated_at),
@@ -142,11 +145,11 @@ pub fn view(
     }
 }
 
-fn record_view(rec: &SagaRecord) -> SagaView {
+pub(super) fn record_view(rec: &SagaRecord) -> SagaView {
     view(&rec.id, &rec.definition, &rec.input, &rec.state, rec.created_at, rec.updated_at)
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>, location: Option<&str>) -> Response {
+pub(super) fn json_response(status: StatusCode, body: Vec<u8>, location: Option<&str>) -> Response {
     let mut r = (status, body).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(loc) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
@@ -155,7 +158,7 @@ fn json_response(status: StatusCode, body: Vec<u8>, location: Option<&str>) -> R
     r
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
+pub(super) fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(v).map_err(ApiError::internal)
 }
 
@@ -195,7 +198,7 @@ fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         .map(|n| n.min(MAX_WAIT_SECS))
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, ApiError> {
+pub(super) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, ApiError> {
     let body = body.map_err(body_rejection)?;
     if body.is_empty() {
         return Err(ApiError::invalid("", "the request body is empty; send a JSON object"));
@@ -205,11 +208,15 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, 
 
 async fn load(state: &AppState, saga_type: &str, id: &str) -> Result<SagaRecord, ApiError> {
     match state.store.saga(id).await? {
-        Some(rec) if rec.saga_type == saga_type => Ok(rec),
+        Some(rec) if rec.saga_type == saga_type || saga_type.is_empty() => Ok(rec),
         _ => Err(ApiError::not_found(format!(
             "no {} with id '{id}'; check the id, or list them with GET {}",
             noun(saga_type),
-            if saga_type == "order" { "/orders".to_owned() } else { format!("/sagas/{saga_type}") }
+            if saga_type == "order" || saga_type.is_empty() {
+                "/orders".to_owned()
+            } else {
+                format!("/sagas/{saga_type}")
+            }
         ))),
     }
 }
@@ -391,11 +398,13 @@ async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Result<Response
 /// Applies an outside event (cancel, signal) to a saga: read, apply, commit fenced on the epoch
 /// that was read, retrying if the driver committed in between. The commit takes the saga over
 /// from a worker that may be mid-call; that worker's result is discarded.
-async fn apply_outside(
+/// An empty `saga_type` matches a saga of any type (operator routes address sagas by id).
+pub(super) async fn apply_outside(
     state: &AppState,
     saga_type: &str,
     id: &str,
     event: Event,
+    audit: Option<(&str, &str, Option<String>)>,
 ) -> Result<Result<SagaRecord, (engine::Error, SagaRecord)>, ApiError> {
     for _ in 0..10 {
         let mut rec = load(state, saga_type, id).await?;
@@ -406,9 +415,17 @@ async fn apply_outside(
         };
         let names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
         let event_id = uuid::Uuid::now_v7().to_string();
+        let audit = audit.as_ref().map(|(actor, action, note)| AuditEntry {
+            actor: (*actor).to_owned(),
+            action: (*action).to_owned(),
+            target: id.to_owned(),
+            before: Some(serde_json::json!({ "status": rec.state.status })),
+            after: Some(serde_json::json!({ "status": t.state.status })),
+            note: note.clone(),
+        });
         let commit = Commit {
             saga_id: id,
-            saga_type,
+            saga_type: &rec.saga_type,
             fence: Fence::Takeover(rec.epoch),
             state: &t.state,
             step_names: &names,
@@ -417,6 +434,7 @@ async fn apply_outside(
             event: &t.event,
             event_id: &event_id,
             now,
+            audit: audit.as_ref(),
         };
         match state.store.commit(&commit).await {
             Ok(_) => {
@@ -434,7 +452,8 @@ async fn apply_outside(
 
 async fn cancel(state: AppState, saga_type: &str, id: &str, headers: HeaderMap) -> Result<Response, ApiError> {
     idempotency::key(&headers, false)?;
-    match apply_outside(&state, saga_type, id, Event::Cancel { reason: "cancelled by client".to_owned() }).await? {
+    match apply_outside(&state, saga_type, id, Event::Cancel { reason: "cancelled by client".to_owned() }, None).await?
+    {
         Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
         // Cancelling is idempotent: a saga already compensating or cancelled stays so.
         Err((_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
@@ -457,8 +476,14 @@ async fn signal(
     if name.is_empty() || name.len() > 128 {
         return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters"));
     }
-    match apply_outside(&state, saga_type, id, Event::Signal { name: name.to_owned(), payload: payload.to_string() })
-        .await?
+    match apply_outside(
+        &state,
+        saga_type,
+        id,
+        Event::Signal { name: name.to_owned(), payload: payload.to_string() },
+        None,
+    )
+    .await?
     {
         Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
         Err((e, _)) => Err(ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for"))),

@@ -137,6 +137,30 @@ pub struct Commit<'a> {
     pub event: &'a EventSpec,
     pub event_id: &'a str,
     pub now: i64,
+    /// An audit record to write in the same transaction (operator actions).
+    pub audit: Option<&'a AuditEntry>,
+}
+
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditEntry {
+    pub actor: String,
+    /// e.g. `saga.retry`, `saga.resolve`.
+    pub action: String,
+    /// The saga id, plugin digest or binding the action applies to.
+    pub target: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    pub note: Option<String>,
+}
+
+/// A stored audit entry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: i64,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
 }
 
 /// A compact row for listings.
@@ -201,8 +225,12 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<SagaSummary>>;
 
-    /// Claims up to `limit` due sagas for `owner` until `now + lease_ms`; returns (id, epoch).
+    /// Claims up to `limit` sagas due at `now` (the driver's clock) for `owner`. The lease is
+    /// measured in database time (`lease_ms` from the database's now), so replicas with skewed
+    /// clocks agree on when a lease expired. Returns (id, epoch).
     async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>>;
+    /// Extends a claim by `lease_ms` from the database's now; false if the claim was lost.
+    async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool>;
     /// Gives up a claim without a transition.
     async fn release(&self, id: &str, epoch: i64) -> Result<()>;
     /// Drops every claim held by `owner` (a process that restarts under the same identity).
@@ -220,6 +248,11 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
     /// Every outbox row of one saga in `seq` order (published or not).
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>>;
+
+    /// Writes an audit entry on its own (actions that are not saga transitions).
+    async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()>;
+    /// The audit trail, newest first, optionally for one target.
+    async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>>;
 }
 
 /// Builds the event JSON published for an outbox row (SPEC §6).

@@ -20,6 +20,9 @@ use sqlx::{Row, SqlitePool};
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
+/// The database's clock in milliseconds since the Unix epoch, for leases.
+const DB_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
 /// The SQLite implementation of [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -144,6 +147,22 @@ async fn insert_outbox(tx: &mut sqlx::SqliteConnection, row: OutboxInsert<'_>) -
     .bind(row.event_type)
     .bind(row.payload)
     .bind(row.now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_audit(tx: &mut sqlx::SqliteConnection, a: &AuditEntry, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, target, before, after, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(now)
+    .bind(&a.actor)
+    .bind(&a.action)
+    .bind(&a.target)
+    .bind(a.before.as_ref().map(|v| v.to_string()))
+    .bind(a.after.as_ref().map(|v| v.to_string()))
+    .bind(&a.note)
     .execute(tx)
     .await?;
     Ok(())
@@ -311,6 +330,9 @@ impl Store for SqliteStore {
                 });
             }
         }
+        // A crash here, between the claim and the saga row, must leave neither: both are in
+        // this one transaction.
+        crate::failpoint!("intake-after-claim");
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at) \
@@ -463,19 +485,28 @@ impl Store for SqliteStore {
     }
 
     async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "UPDATE sagas SET lease_owner = ?1, lease_until = ?2, epoch = epoch + 1 WHERE id IN \
+        let sql = format!(
+            "UPDATE sagas SET lease_owner = ?1, lease_until = {DB_NOW_MS} + ?2, epoch = epoch + 1 WHERE id IN \
              (SELECT id FROM sagas WHERE next_run_at IS NOT NULL AND next_run_at <= ?3 \
-              AND (lease_until IS NULL OR lease_until <= ?3) ORDER BY next_run_at LIMIT ?4) \
-             RETURNING id, epoch",
-        )
-        .bind(owner)
-        .bind(now + lease_ms)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.writer)
-        .await?;
+              AND (lease_until IS NULL OR lease_until <= {DB_NOW_MS}) ORDER BY next_run_at LIMIT ?4) \
+             RETURNING id, epoch"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.writer)
+            .await?;
         rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
+    }
+
+    async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool> {
+        let sql = format!(
+            "UPDATE sagas SET lease_until = {DB_NOW_MS} + ?3 WHERE id = ?1 AND epoch = ?2 AND lease_owner IS NOT NULL"
+        );
+        let r = sqlx::query(&sql).bind(id).bind(epoch).bind(lease_ms).execute(&self.writer).await?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn release(&self, id: &str, epoch: i64) -> Result<()> {
@@ -567,6 +598,9 @@ impl Store for SqliteStore {
             now: c.now,
         };
         insert_outbox(&mut tx, row).await?;
+        if let Some(a) = c.audit {
+            insert_audit(&mut tx, a, c.now).await?;
+        }
         tx.commit().await?;
         Ok(seq)
     }
@@ -626,5 +660,38 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()> {
+        let mut conn = self.writer.acquire().await?;
+        insert_audit(&mut conn, entry, now).await
+    }
+
+    async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
+             WHERE (?1 IS NULL OR target = ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(target)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    entry: AuditEntry {
+                        actor: r.try_get("actor")?,
+                        action: r.try_get("action")?,
+                        target: r.try_get("target")?,
+                        before: json(r.try_get("before")?),
+                        after: json(r.try_get("after")?),
+                        note: r.try_get("note")?,
+                    },
+                })
+            })
+            .collect()
     }
 }

@@ -1,0 +1,188 @@
+//! Admin routes: bearer-token authentication, operator actions on stuck sagas (SPEC §5.4),
+//! and the audit trail.
+//!
+//! Without a configured admin token every admin route answers 403: admin is off, not open.
+//! The token is compared in constant time (over SHA-256 digests, so length leaks nothing).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::sagas::{apply_outside, json_response, record_view, to_json, SagaView};
+use super::AppState;
+use crate::engine::Event;
+
+/// Constant-time equality of two secrets.
+fn secret_eq(a: &str, b: &str) -> bool {
+    let (da, db) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    da.iter().zip(db.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware guarding every `/admin` route.
+pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+    let Some(expected) = state.config.admin_token.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "admin routes are off; start sagahost with --admin-token (or SAGAHOST_ADMIN_TOKEN) to enable them",
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match presented {
+        Some(token) if secret_eq(token.trim(), expected) => Ok(next.run(req).await),
+        _ => {
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "admin routes need the header Authorization: Bearer <admin token>",
+            )
+            .into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Ok(r)
+        }
+    }
+}
+
+/// Who performed an admin action: the `X-Actor` header if given (an operator's name), else
+/// `admin`. The token proves the right to act; the header says who, for the audit trail.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().chars().take(128).collect::<String>())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "admin".to_owned())
+}
+
+/// Body of operator actions.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorNote {
+    /// Why the operator acts; required to resolve.
+    pub note: Option<String>,
+}
+
+fn parse_note(body: Result<Bytes, BytesRejection>) -> Result<OperatorNote, ApiError> {
+    let body = body.map_err(super::error::body_rejection)?;
+    if body.is_empty() {
+        return Ok(OperatorNote::default());
+    }
+    let note: OperatorNote = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("", format!("expected {{\"note\": \"...\"}}: {e}")))?;
+    if note.note.as_ref().is_some_and(|n| n.chars().count() > 2000) {
+        return Err(ApiError::invalid("note", "must be at most 2000 characters"));
+    }
+    Ok(note)
+}
+
+async fn operate(
+    state: AppState,
+    id: &str,
+    headers: HeaderMap,
+    event: Event,
+    action: &str,
+    note: Option<String>,
+) -> Result<Response, ApiError> {
+    let who = actor(&headers);
+    match apply_outside(&state, "", id, event, Some((&who, action, note))).await? {
+        Ok(rec) => {
+            tracing::info!(saga_id = %id, actor = %who, action, status = %rec.state.status, "operator action");
+            Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))
+        }
+        Err((e, _)) => Err(ApiError::conflict("not_stuck", e.to_string())),
+    }
+}
+
+/// Re-run the compensation of a COMPENSATION_FAILED saga (after a fix is bound).
+///
+/// Compensations restart with a fresh budget and use the compensate bindings in force now.
+#[utoipa::path(post, path = "/admin/sagas/{id}/retry", tag = "admin", params(("id" = String, Path)),
+    request_body(content = Option<OperatorNote>),
+    security(("admin_token" = [])),
+    responses((status = 202, body = SagaView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "Not in COMPENSATION_FAILED", body = ErrorBody)))]
+pub async fn retry_saga(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let note = parse_note(body)?;
+    operate(state, &id, headers, Event::RetryCompensation, "saga.retry", note.note).await
+}
+
+/// Mark a COMPENSATION_FAILED saga as resolved by hand (it ends CANCELLED); audited.
+#[utoipa::path(post, path = "/admin/sagas/{id}/resolve", tag = "admin", params(("id" = String, Path)),
+    request_body = OperatorNote,
+    security(("admin_token" = [])),
+    responses((status = 202, body = SagaView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, description = "Not in COMPENSATION_FAILED", body = ErrorBody)))]
+pub async fn resolve_saga(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let note = parse_note(body)?.note.filter(|n| !n.trim().is_empty());
+    let Some(note) = note else {
+        return Err(ApiError::invalid(
+            "note",
+            "say what was done by hand, e.g. {\"note\": \"refunded in the PSP console\"}",
+        ));
+    };
+    operate(state, &id, headers, Event::Resolve { note: note.clone() }, "saga.resolve", Some(note)).await
+}
+
+/// Query of the audit trail.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AuditQuery {
+    /// Only entries about this saga id, plugin digest or binding.
+    pub target: Option<String>,
+    /// At most this many entries (1-500, default 100).
+    pub limit: Option<u32>,
+}
+
+/// The audit trail of admin and operator actions, newest first.
+#[utoipa::path(get, path = "/admin/audit", tag = "admin", params(AuditQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Audit entries"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn audit_log(State(state): State<AppState>, Query(q): Query<AuditQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be from 1 to 500"));
+    }
+    let entries = state.store.audit_log(q.target.as_deref(), limit).await?;
+    let data: Vec<serde_json::Value> = entries
+        .into_iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(&r).unwrap_or_default();
+            v["at"] = serde_json::Value::String(crate::clock::rfc3339(r.at));
+            v
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": data }))?, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_eq;
+
+    #[test]
+    fn secrets_compare_by_value() {
+        assert!(secret_eq("s3cret", "s3cret"));
+        assert!(!secret_eq("s3cret", "s3cres"));
+        assert!(!secret_eq("s3cret", "s3cret "));
+        assert!(!secret_eq("", "x"));
+    }
+}

@@ -1,0 +1,300 @@
+//! Crash tests and the soak: the real binary is killed (an armed failpoint aborts it, or
+//! SIGKILL), restarted on the same data directory, and the invariants must hold.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::key;
+use crate::invariants::{self, Kind};
+use crate::process::HostProcess;
+
+/// Counters of what the clients lived through.
+#[derive(Default)]
+pub struct Stats {
+    /// Requests that failed in transit (the host died) or got 409/5xx, and were retried.
+    pub retries: AtomicUsize,
+    /// Responses marked `Idempotent-Replayed: true`.
+    pub replays: AtomicUsize,
+}
+
+/// A client that survives host restarts: it always talks to the current base URL and retries
+/// with the same idempotency key until it gets an answer.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Arc<RwLock<String>>,
+    stats: Arc<Stats>,
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base.read().unwrap())
+    }
+
+    async fn pause(&self) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// POSTs until a 2xx arrives; panics on a 4xx other than 409 (that would be a bug).
+    async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(120), "POST {path} got no answer in 120 s");
+            let mut req = self.http.post(self.url(path)).json(body).timeout(Duration::from_secs(10));
+            if let Some(k) = key {
+                req = req.header("Idempotency-Key", k);
+            }
+            let Ok(r) = req.send().await else {
+                self.pause().await;
+                continue;
+            };
+            let status = r.status().as_u16();
+            if r.headers().get("idempotent-replayed").is_some() {
+                self.stats.replays.fetch_add(1, Ordering::Relaxed);
+            }
+            let Ok(json) = r.json::<Value>().await else {
+                self.pause().await;
+                continue;
+            };
+            match status {
+                200..=299 => return (status, json),
+                409 if key.is_none() => return (status, json),
+                409 | 500..=599 => self.pause().await,
+                _ => panic!("POST {path}: {status} {json}"),
+            }
+        }
+    }
+
+    async fn get_order(&self, id: &str) -> Value {
+        loop {
+            if let Ok(r) =
+                self.http.get(self.url(&format!("/orders/{id}"))).timeout(Duration::from_secs(10)).send().await
+            {
+                if r.status().is_success() {
+                    if let Ok(v) = r.json::<Value>().await {
+                        return v;
+                    }
+                }
+            }
+            self.pause().await;
+        }
+    }
+
+    /// Submits one order of `kind` and, for `tok_3ds`, confirms or cancels it once it waits.
+    /// Sometimes submits twice with the same key, like a client whose response got lost.
+    pub async fn drive(&self, kind: Kind, resubmit: bool) -> String {
+        let k = key();
+        let body = kind.body();
+        let (_, created) = self.post("/orders", Some(&k), &body).await;
+        let id = created["id"].as_str().expect("order id").to_owned();
+        if resubmit {
+            let (_, again) = self.post("/orders", Some(&k), &body).await;
+            assert_eq!(again["id"].as_str(), Some(id.as_str()), "one key, one saga");
+        }
+        if matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds) {
+            let start = Instant::now();
+            loop {
+                assert!(start.elapsed() < Duration::from_secs(120), "3ds order {id} never waited");
+                let o = self.get_order(&id).await;
+                let payment = &o["steps"][1];
+                let waiting = payment["status"] == "waiting";
+                if waiting && payment["waiting_for"].is_null() {
+                    break; // our signal landed earlier; its answer was lost
+                }
+                if !waiting {
+                    if matches!(payment["status"].as_str(), Some("pending" | "retrying"))
+                        && o["status"] != "COMPENSATING"
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    break; // past waiting: our signal or cancel landed
+                }
+                let path = match kind {
+                    Kind::Confirmed3ds => format!("/orders/{id}/signals/payment-confirmed"),
+                    _ => format!("/orders/{id}/cancel"),
+                };
+                let (status, _) = self.post(&path, None, &serde_json::json!({"confirmed": true})).await;
+                if status != 409 {
+                    break;
+                }
+            }
+        }
+        id
+    }
+
+    /// Waits until every order is COMPLETED, CANCELLED or COMPENSATION_FAILED.
+    pub async fn wait_settled(&self, ids: &[String]) {
+        let start = Instant::now();
+        for id in ids {
+            loop {
+                let o = self.get_order(id).await;
+                if matches!(o["status"].as_str(), Some("COMPLETED" | "CANCELLED" | "COMPENSATION_FAILED")) {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(300), "order {id} did not settle: {o}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Waits until events.jsonl holds `expected` distinct events (the relay caught up).
+async fn wait_published(dir: &std::path::Path, expected: usize) {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+        let distinct: std::collections::HashSet<&str> =
+            text.lines().filter_map(|l| l.split("\"event_id\":\"").nth(1)).map(|s| &s[..36.min(s.len())]).collect();
+        if distinct.len() >= expected {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "relay published {} of {expected} events", distinct.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `kinds` against a host armed with `failpoint`, checks that it died there, restarts it,
+/// lets the clients finish, and checks every invariant.
+async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProcess::spawn(dir.path(), Some(failpoint), &[]).await;
+    let client =
+        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(host.base.clone())), stats: Arc::default() };
+    let tasks: Vec<_> = kinds
+        .iter()
+        .map(|&k| {
+            let c = client.clone();
+            tokio::spawn(async move { (c.drive(k, false).await, k) })
+        })
+        .collect();
+    let mut host = host;
+    assert!(host.wait_death(Duration::from_secs(60)).await, "failpoint {failpoint} never fired");
+    let host = HostProcess::spawn(dir.path(), None, &[]).await;
+    *client.base.write().unwrap() = host.base.clone();
+    let mut orders = HashMap::new();
+    for t in tasks {
+        let (id, kind) = t.await.unwrap();
+        orders.insert(id, kind);
+    }
+    let ids: Vec<String> = orders.keys().cloned().collect();
+    client.wait_settled(&ids).await;
+    wait_published(dir.path(), orders.values().map(|k| k.events().len()).sum()).await;
+    host.kill().await;
+    let bad = invariants::check(dir.path(), &orders, kinds.len()).await;
+    assert!(bad.is_empty(), "invariants violated after a crash at {failpoint}:\n{}", bad.join("\n"));
+    dir
+}
+
+#[tokio::test]
+async fn crash_between_idempotency_claim_and_saga_row_leaves_nothing_and_the_retry_creates_one_saga() {
+    crash_scenario("intake-after-claim=abort@1", &[Kind::Good]).await;
+}
+
+#[tokio::test]
+async fn crash_after_a_plugin_call_before_its_commit_reruns_the_step_with_one_effect() {
+    crash_scenario("driver-after-call=abort@3", &[Kind::Good, Kind::NoCarrier, Kind::Flaky, Kind::Declined]).await;
+}
+
+#[tokio::test]
+async fn crash_after_a_commit_resumes_with_the_next_step() {
+    crash_scenario("driver-after-commit=abort@4", &[Kind::Good, Kind::NoCarrier, Kind::OutOfStock, Kind::Flaky]).await;
+}
+
+#[tokio::test]
+async fn crash_inside_a_compensation_compensates_exactly_once() {
+    crash_scenario("driver-after-compensate-call=abort@1", &[Kind::NoCarrier, Kind::Declined]).await;
+}
+
+#[tokio::test]
+async fn crash_in_the_relay_after_publishing_redelivers_and_the_deduped_stream_is_exact() {
+    let dir = crash_scenario("relay-after-publish=abort@2", &[Kind::Good, Kind::Declined, Kind::NoCarrier]).await;
+    assert!(invariants::duplicate_deliveries(dir.path()) > 0, "the crash between publish and mark must redeliver");
+}
+
+/// 1,000 orders mixing every trigger, concurrent clients that retry with the same keys, and a
+/// SIGKILL of the host every few seconds. Prints its figures. `./scripts/soak` runs it.
+#[tokio::test]
+#[ignore = "slow (minutes): run with ./scripts/soak"]
+async fn soak() {
+    let total: usize = std::env::var("SOAK_ORDERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let kill_every_ms: u64 = std::env::var("SOAK_KILL_EVERY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let concurrency: usize = std::env::var("SOAK_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProcess::spawn(dir.path(), None, &[]).await;
+    let client =
+        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(host.base.clone())), stats: Arc::default() };
+    let done = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicUsize::new(0));
+
+    let killer = {
+        let (done, kills, base, path) = (done.clone(), kills.clone(), client.base.clone(), dir.path().to_owned());
+        tokio::spawn(async move {
+            let mut host = host;
+            while !done.load(Ordering::SeqCst) {
+                let jitter = rand_ms(kill_every_ms / 2);
+                tokio::time::sleep(Duration::from_millis(kill_every_ms / 2 + jitter)).await;
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                host.kill().await;
+                kills.fetch_add(1, Ordering::SeqCst);
+                host = HostProcess::spawn(&path, None, &[]).await;
+                *base.write().unwrap() = host.base.clone();
+            }
+            host
+        })
+    };
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let c = client.clone();
+        let kind = Kind::ALL[i % Kind::ALL.len()];
+        tasks.push(tokio::spawn(async move {
+            let id = c.drive(kind, i % 5 == 0).await;
+            drop(permit);
+            (id, kind)
+        }));
+    }
+    let mut orders = HashMap::new();
+    for t in tasks {
+        let (id, kind) = t.await.unwrap();
+        orders.insert(id, kind);
+    }
+    done.store(true, Ordering::SeqCst);
+    let host = killer.await.unwrap();
+    let ids: Vec<String> = orders.keys().cloned().collect();
+    client.wait_settled(&ids).await;
+    wait_published(dir.path(), orders.values().map(|k| k.events().len()).sum()).await;
+    host.kill().await;
+    let bad = invariants::check(dir.path(), &orders, total).await;
+    println!(
+        "soak: orders={} kills={} retries_absorbed={} replays={} redelivered_events={} invariant_violations={} elapsed_s={:.1}",
+        orders.len(),
+        kills.load(Ordering::SeqCst),
+        client.stats.retries.load(Ordering::Relaxed),
+        client.stats.replays.load(Ordering::Relaxed),
+        invariants::duplicate_deliveries(dir.path()),
+        bad.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(bad.is_empty(), "invariant violations:\n{}", bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n"));
+}
+
+/// A pseudo-random number of milliseconds below `max` (no extra dependency needed).
+fn rand_ms(max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    if max == 0 {
+        0
+    } else {
+        nanos % max
+    }
+}

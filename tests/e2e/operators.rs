@@ -1,0 +1,185 @@
+//! Waits, signals, deadlines, client cancel, and the operator escape hatches (SPEC §5.4).
+
+use reqwest::StatusCode;
+use sagahost::clock::OffsetClock;
+use sagahost::engine::{PluginRef, RetryPolicy};
+use sagahost::store::DefinitionSource;
+use serde_json::json;
+
+use crate::harness::{fixture, key, order, TestHost};
+
+const TOKEN: &str = "test-admin-token";
+
+async fn admin_post(host: &TestHost, path: &str, token: Option<&str>, body: serde_json::Value) -> crate::harness::Resp {
+    let mut req = host.client.post(host.url(path)).json(&body).header("X-Actor", "ops@example.com");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    host.send(req).await
+}
+
+#[tokio::test]
+async fn admin_routes_are_off_without_a_token_and_need_the_right_bearer() {
+    let host = TestHost::start().await;
+    let r = admin_post(&host, "/admin/sagas/x/retry", Some("anything"), json!({})).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"]["code"], "admin_disabled");
+
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    assert_eq!(admin_post(&host, "/admin/sagas/x/retry", None, json!({})).await.status, StatusCode::UNAUTHORIZED);
+    let r = admin_post(&host, "/admin/sagas/x/retry", Some("wrong"), json!({})).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"));
+    assert_eq!(admin_post(&host, "/admin/sagas/x/retry", Some(TOKEN), json!({})).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn tok_3ds_waits_for_its_signal_then_completes() {
+    let host = TestHost::start().await;
+    let r = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let o = host.wait_for(&id, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+    assert_eq!(o["status"], "INVENTORY_RESERVED");
+    assert_eq!(o["steps"][1]["status"], "waiting");
+    // A signal nobody waits for is refused and changes nothing.
+    let path = format!("/orders/{id}/signals/other");
+    assert_eq!(host.send(host.client.post(host.url(&path)).json(&json!({}))).await.status, StatusCode::CONFLICT);
+    let path = format!("/orders/{id}/signals/payment-confirmed");
+    let r = host.send(host.client.post(host.url(&path)).json(&json!({"auth": "ok"}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "COMPLETED");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "charged");
+    assert_eq!(
+        host.event_types(&id).await,
+        [
+            "OrderCreated",
+            "InventoryReserved",
+            "StepWaiting",
+            "SignalReceived",
+            "PaymentCharged",
+            "ShipmentCreated",
+            "OrderCompleted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn cancel_while_waiting_compensates_and_a_completed_order_cannot_be_cancelled() {
+    let host = TestHost::start().await;
+    let id = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&id, |o| o["steps"][1]["status"] == "waiting").await;
+    let r = host.send(host.client.post(host.url(&format!("/orders/{id}/cancel")))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "cancelled by client");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await, None);
+    // Cancelling again is idempotent.
+    let again = host.send(host.client.post(host.url(&format!("/orders/{id}/cancel")))).await;
+    assert_eq!(again.status, StatusCode::OK);
+
+    let done = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    let done_id = done["id"].as_str().unwrap();
+    let r = host.send(host.client.post(host.url(&format!("/orders/{done_id}/cancel")))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(host.get(&format!("/orders/{done_id}")).await.json()["status"], "COMPLETED");
+}
+
+#[tokio::test]
+async fn a_payment_waiting_past_its_deadline_is_rejected_and_compensated() {
+    let clock = OffsetClock::new();
+    let c = clock.clone();
+    let host = TestHost::start_with(move |cfg| cfg.clock = std::sync::Arc::new(c)).await;
+    let id = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&id, |o| o["steps"][1]["status"] == "waiting").await;
+    // Fifteen minutes pass in an instant.
+    clock.advance(15 * 60 * 1000 + 1);
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "payment: deadline of 900000 ms passed");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+}
+
+#[tokio::test]
+async fn a_stuck_compensation_is_fixed_by_rebinding_then_retried_by_an_operator() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let (broken, _) = host.catalog.install_plugin("payment", fixture("misbehave")).await.unwrap();
+    let original = (*host.catalog.definition("order").unwrap()).clone();
+    let mut def = original.clone();
+    def.steps[1].compensate = PluginRef { plugin: "payment".into(), digest: broken };
+    def.steps[1].compensate_retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 20 };
+    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+
+    let mut body = order("tok_visa", "SKU-1", "XX");
+    body["customer_id"] = json!("compensate-panic");
+    let o = host.run_order(&body).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(o["status"], "COMPENSATION_FAILED", "{o:#}");
+    assert_eq!(o["steps"][1]["status"], "compensation_failed");
+    assert!(o["steps"][1]["last_error"].as_str().unwrap().contains("panicked"));
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "charged");
+
+    // Retrying a saga that is not stuck is refused.
+    let ok = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    let r =
+        admin_post(&host, &format!("/admin/sagas/{}/retry", ok["id"].as_str().unwrap()), Some(TOKEN), json!({})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    // Bind the fixed compensation (the original plugin), then retry: one refund.
+    host.catalog.put_definition(original, DefinitionSource::Admin).await.unwrap();
+    let r = admin_post(
+        &host,
+        &format!("/admin/sagas/{id}/retry"),
+        Some(TOKEN),
+        json!({"note": "fixed payment compensate"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "refunded");
+    assert_eq!(host.state("inventory", &format!("reservation/{id}")).await.unwrap()["status"], "released");
+    let types = host.event_types(&id).await;
+    assert_eq!(types.iter().filter(|t| *t == "OrderCompensationFailed").count(), 1);
+    assert_eq!(types.iter().filter(|t| *t == "CompensationRetried").count(), 1);
+
+    let audit =
+        host.send(host.client.get(host.url(&format!("/admin/audit?target={id}"))).bearer_auth(TOKEN)).await.json();
+    let entry = &audit["data"][0];
+    assert_eq!(entry["action"], "saga.retry");
+    assert_eq!(entry["actor"], "ops@example.com");
+    assert_eq!(entry["before"]["status"], "COMPENSATION_FAILED");
+    assert_eq!(entry["after"]["status"], "COMPENSATING");
+    assert_eq!(entry["note"], "fixed payment compensate");
+}
+
+#[tokio::test]
+async fn an_operator_can_resolve_a_stuck_saga_by_hand_with_a_note() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let (broken, _) = host.catalog.install_plugin("payment", fixture("misbehave")).await.unwrap();
+    let mut def = (*host.catalog.definition("order").unwrap()).clone();
+    def.steps[1].compensate = PluginRef { plugin: "payment".into(), digest: broken };
+    def.steps[1].compensate_retry = RetryPolicy { max_attempts: 1, initial_backoff_ms: 10, max_backoff_ms: 20 };
+    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+    let mut body = order("tok_visa", "SKU-1", "XX");
+    body["customer_id"] = json!("compensate-panic");
+    let id = host.run_order(&body).await["id"].as_str().unwrap().to_owned();
+
+    let r = admin_post(&host, &format!("/admin/sagas/{id}/resolve"), Some(TOKEN), json!({})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "a note is required");
+    let r = admin_post(
+        &host,
+        &format!("/admin/sagas/{id}/resolve"),
+        Some(TOKEN),
+        json!({"note": "refunded in the PSP console"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(host.get(&format!("/orders/{id}")).await.json()["status"], "CANCELLED");
+    assert_eq!(host.event_types(&id).await.last().unwrap(), "OrderResolved");
+    let audit = host.send(host.client.get(host.url("/admin/audit")).bearer_auth(TOKEN)).await.json();
+    assert_eq!(audit["data"][0]["action"], "saga.resolve");
+    assert_eq!(audit["data"][0]["note"], "refunded in the PSP console");
+}

@@ -1,0 +1,86 @@
+//! The real `sagahost` binary as a child process, for tests that kill it (SIGKILL or an armed
+//! failpoint) and restart it on the same data directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// The `sagahost` binary cargo built next to this test binary (`target/<profile>/sagahost`).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = dir.join(format!("sagahost{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is missing: build the workspace first (./scripts/test does)", bin.display());
+    bin
+}
+
+/// A free local port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct HostProcess {
+    child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+}
+
+impl HostProcess {
+    /// Starts `sagahost serve` on `data_dir`, with failpoints armed if given, and waits until it
+    /// answers `/healthz`.
+    pub async fn spawn(data_dir: &Path, failpoints: Option<&str>, extra_env: &[(&str, &str)]) -> HostProcess {
+        let port = free_port();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("host.log")).unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("SAGAHOST_FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if let Some(fp) = failpoints {
+            cmd.env("SAGAHOST_FAILPOINTS", fp);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("sagahost starts");
+        let mut host = HostProcess { child, base: format!("http://127.0.0.1:{port}"), data_dir: data_dir.to_owned() };
+        host.wait_healthy().await;
+        host
+    }
+
+    async fn wait_healthy(&mut self) {
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = client.get(format!("{}/healthz", self.base)).timeout(Duration::from_secs(1)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sagahost exited during start-up ({status}); see {}/host.log", self.data_dir.display());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "sagahost did not become healthy in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flushing, exactly like a crash.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// Waits for the process to die on its own (an armed failpoint); true if it did.
+    pub async fn wait_death(&mut self, within: Duration) -> bool {
+        matches!(tokio::time::timeout(within, self.child.wait()).await, Ok(Ok(_)))
+    }
+}
