@@ -43,6 +43,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// How long the built-in order saga's payment may wait for confirmation (`tok_3ds`).
     pub payment_deadline: Duration,
+    /// Publish events to Kafka instead of `<data_dir>/events.jsonl`.
+    pub kafka: Option<relay::kafka::KafkaOptions>,
+    /// How long published outbox rows are kept before they are deleted.
+    pub outbox_retention: Duration,
     pub limits: runtime::Limits,
     pub driver: DriverOptions,
     pub relay: RelayOptions,
@@ -58,6 +62,8 @@ impl Config {
             database: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             admin_token: None,
+            kafka: None,
+            outbox_retention: Duration::from_secs(24 * 3600),
             payment_deadline: Duration::from_millis(catalog::demo::PAYMENT_DEADLINE_MS),
             limits: runtime::Limits::default(),
             driver: DriverOptions::default(),
@@ -87,6 +93,7 @@ pub struct App {
     catalog: Arc<Catalog>,
     handle: DriverHandle,
     clock: Arc<dyn Clock>,
+    outbox_retention: Duration,
 }
 
 /// A stable identity for this data directory's host process, so that a restarted process
@@ -131,7 +138,10 @@ impl App {
             config.driver.clone(),
         );
         let handle = driver.handle();
-        let sink: Arc<dyn Sink> = Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?);
+        let sink: Arc<dyn Sink> = match &config.kafka {
+            Some(kafka) => Arc::new(relay::kafka::KafkaSink::new(kafka.clone())?),
+            None => Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?),
+        };
         let relay =
             Relay::new(Arc::clone(&store), sink, Arc::clone(&config.clock), handle.clone(), config.relay.clone());
         let state = http::AppState {
@@ -146,7 +156,17 @@ impl App {
         };
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        Ok(App { listener, router: http::router(state), driver, relay, store, catalog, handle, clock: config.clock })
+        Ok(App {
+            listener,
+            router: http::router(state),
+            driver,
+            relay,
+            store,
+            catalog,
+            handle,
+            clock: config.clock,
+            outbox_retention: config.outbox_retention,
+        })
     }
 
     /// The address the HTTP server listens on (useful with port 0).
@@ -171,7 +191,12 @@ impl App {
         tracing::info!(addr = %self.local_addr(), "sagahost listening");
         let driver = tokio::spawn(self.driver.run(shutdown.clone()));
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
-        let janitor = tokio::spawn(janitor(Arc::clone(&self.store), Arc::clone(&self.clock), shutdown.clone()));
+        let janitor = tokio::spawn(janitor(
+            Arc::clone(&self.store),
+            Arc::clone(&self.clock),
+            self.outbox_retention,
+            shutdown.clone(),
+        ));
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await;
         shutdown.cancel();
@@ -180,8 +205,14 @@ impl App {
     }
 }
 
-/// Periodic housekeeping: forgets idempotency keys past their retention.
-async fn janitor(store: Arc<dyn Store>, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+/// Periodic housekeeping: forgets idempotency keys and published outbox rows past their
+/// retention, in small batches so the single writer is never held for long.
+async fn janitor(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    outbox_retention: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -191,6 +222,12 @@ async fn janitor(store: Arc<dyn Store>, clock: Arc<dyn Clock>, shutdown: Cancell
             Ok(0) => {}
             Ok(n) => tracing::debug!(expired = n, "forgot expired idempotency keys"),
             Err(e) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
+        }
+        let before = clock.now_ms() - outbox_retention.as_millis() as i64;
+        match store.outbox_purge(before, 1000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "deleted published outbox rows past retention"),
+            Err(e) => tracing::warn!(error = %e, "purging the outbox failed"),
         }
     }
 }

@@ -37,6 +37,20 @@ struct Serve {
     /// How long the order saga's payment may wait for its confirmation signal, in seconds.
     #[arg(long, env = "SAGAHOST_PAYMENT_DEADLINE_SECS", default_value_t = 900)]
     payment_deadline_secs: u64,
+    /// Kafka bootstrap servers (host:port[,host:port]). Without them, events go to
+    /// <data-dir>/events.jsonl.
+    #[arg(long, env = "SAGAHOST_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Kafka topic for the events.
+    #[arg(long, env = "SAGAHOST_KAFKA_TOPIC", default_value = "sagahost.events")]
+    kafka_topic: String,
+    /// Extra librdkafka producer setting, KEY=VALUE (repeat the flag, or comma-separate in the
+    /// environment variable), e.g. security.protocol=SASL_SSL or compression.type=lz4.
+    #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_setting)]
+    kafka_config: Vec<(String, String)>,
+    /// How long published outbox rows are kept, in hours.
+    #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
+    outbox_retention_hours: u64,
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
     #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
     idempotency_ttl_hours: u64,
@@ -57,6 +71,13 @@ struct Serve {
     log_format: String,
 }
 
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Serve(args) = Cli::parse().command;
@@ -71,6 +92,12 @@ async fn main() -> anyhow::Result<()> {
     config.listen = args.listen;
     config.database = args.database;
     config.admin_token = args.admin_token;
+    config.kafka = args.kafka_brokers.map(|brokers| sagahost::relay::kafka::KafkaOptions {
+        brokers,
+        topic: args.kafka_topic,
+        settings: args.kafka_config,
+    });
+    config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
     config.payment_deadline = Duration::from_secs(args.payment_deadline_secs.max(1));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
     config.limits.memory_bytes = args.plugin_memory_mib << 20;

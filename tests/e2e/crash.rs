@@ -31,6 +31,15 @@ pub struct Client {
 }
 
 impl Client {
+    pub fn new(base: &str) -> Client {
+        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(base.to_owned())), stats: Arc::default() }
+    }
+
+    /// Points the client at a restarted host.
+    pub fn set_base(&self, base: &str) {
+        *self.base.write().unwrap() = base.to_owned();
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base.read().unwrap())
     }

@@ -4,6 +4,7 @@
 mod crash;
 mod harness;
 mod invariants;
+mod kafka;
 mod operators;
 mod process;
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::Sink;
+use super::{Published, Sink};
 use crate::store::OutboxRow;
 
 /// Appends events to a JSON-lines file and fsyncs before confirming.
@@ -28,7 +28,20 @@ impl Sink for JsonlSink {
         format!("jsonl:{}", self.path.display())
     }
 
-    async fn publish(&self, rows: &[OutboxRow]) -> anyhow::Result<()> {
+    async fn publish(&self, rows: &[OutboxRow]) -> Published {
+        match self.append(rows).await {
+            Ok(()) => Published { acked: rows.len(), error: None },
+            Err(e) => Published {
+                acked: 0,
+                error: Some(anyhow::Error::new(e).context(format!("appending to {}", self.path.display()))),
+            },
+        }
+    }
+}
+
+impl JsonlSink {
+    /// Appends the rows as lines and fsyncs: the whole batch is on disk, or is sent again.
+    async fn append(&self, rows: &[OutboxRow]) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(rows.iter().map(|r| r.payload.len() + 1).sum());
         for row in rows {
             buf.extend_from_slice(row.payload.as_bytes());

@@ -11,6 +11,7 @@
 //! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
 
 pub mod jsonl;
+pub mod kafka;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +23,23 @@ use crate::clock::Clock;
 use crate::driver::DriverHandle;
 use crate::store::{OutboxRow, Store};
 
+/// What a sink did with a batch.
+#[derive(Debug)]
+pub struct Published {
+    /// How many rows, from the start of the batch, are durably accepted. Only these are
+    /// marked; the rest are sent again later, so a sink may accept a row twice.
+    pub acked: usize,
+    /// Why the sink stopped short of the whole batch.
+    pub error: Option<anyhow::Error>,
+}
+
 /// Where events go.
 #[async_trait]
 pub trait Sink: Send + Sync + 'static {
     /// A short name for logs, e.g. `jsonl:/data/events.jsonl`.
     fn name(&self) -> String;
-    /// Publishes the rows in order. Returns only when every row is durably accepted; an
-    /// error means some rows may or may not have been accepted, and all will be retried.
-    async fn publish(&self, rows: &[OutboxRow]) -> anyhow::Result<()>;
+    /// Publishes the rows in order and reports the acknowledged prefix.
+    async fn publish(&self, rows: &[OutboxRow]) -> Published;
 }
 
 /// Tuning of the relay.
@@ -41,6 +51,8 @@ pub struct RelayOptions {
     /// Backoff after a failed publish, doubling up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Relay lag (age of the oldest unpublished event) above which the relay warns.
+    pub lag_warning: Duration,
 }
 
 impl Default for RelayOptions {
@@ -50,6 +62,7 @@ impl Default for RelayOptions {
             poll_interval: Duration::from_millis(200),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
+            lag_warning: Duration::from_secs(5),
         }
     }
 }
@@ -110,14 +123,25 @@ impl Relay {
     /// Publishes one batch; returns how many rows it published.
     pub async fn publish_batch(&self) -> anyhow::Result<usize> {
         let rows = self.store.outbox_pending(self.options.batch_size).await?;
-        if rows.is_empty() {
+        let Some(oldest) = rows.first() else {
             return Ok(0);
+        };
+        // Lag: how long the oldest unpublished event has waited. Logged now; a metric later.
+        let lag_ms = (self.clock.now_ms() - oldest.created_at).max(0);
+        if lag_ms as u128 > self.options.lag_warning.as_millis() {
+            tracing::warn!(sink = %self.sink.name(), lag_ms, pending = rows.len(), "relay is behind");
         }
-        self.sink.publish(&rows).await?;
+        let published = self.sink.publish(&rows).await;
+        let acked = published.acked.min(rows.len());
         crate::failpoint!("relay-after-publish");
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        self.store.outbox_mark_published(&ids, self.clock.now_ms()).await?;
-        tracing::debug!(count = rows.len(), "published events");
-        Ok(rows.len())
+        if acked > 0 {
+            let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
+            self.store.outbox_mark_published(&ids, self.clock.now_ms()).await?;
+            tracing::debug!(count = acked, lag_ms, "published events");
+        }
+        match published.error {
+            Some(e) => Err(e),
+            None => Ok(acked),
+        }
     }
 }

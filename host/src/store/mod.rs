@@ -105,6 +105,7 @@ pub struct OutboxRow {
     pub event_type: String,
     /// The event JSON exactly as it must be published.
     pub payload: String,
+    pub created_at: i64,
 }
 
 /// A state write buffered during a plugin call: `None` deletes the key.
@@ -246,6 +247,8 @@ pub trait Store: Send + Sync + 'static {
     /// Unpublished outbox rows, oldest first.
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
+    /// Deletes up to `limit` rows published before `before`. Returns how many.
+    async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64>;
     /// Every outbox row of one saga in `seq` order (published or not).
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>>;
 

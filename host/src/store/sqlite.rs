@@ -176,6 +176,7 @@ fn outbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxRow> {
         seq: r.try_get("seq")?,
         event_type: r.try_get("event_type")?,
         payload: r.try_get("payload")?,
+        created_at: r.try_get("created_at")?,
     })
 }
 
@@ -631,7 +632,7 @@ impl Store for SqliteStore {
 
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
-            "SELECT id, event_id, saga_id, seq, event_type, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?1",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
@@ -652,9 +653,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < ?1 LIMIT ?2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
-            "SELECT id, event_id, saga_id, seq, event_type, payload FROM outbox WHERE saga_id = ?1 ORDER BY seq",
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE saga_id = ?1 ORDER BY seq",
         )
         .bind(saga_id)
         .fetch_all(&self.reader)

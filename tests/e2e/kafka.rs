@@ -1,0 +1,267 @@
+//! The outbox relay against a real Kafka-protocol broker (tansu, started by the test): every
+//! transition of every saga exactly once after dedupe, in `seq` order, each saga on one
+//! partition; through a 20-second broker outage; and across a host crash between publishing
+//! and marking.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sagahost::relay::kafka::KafkaOptions;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+use crate::crash::Client;
+use crate::harness::TestHost;
+use crate::invariants::Kind;
+use crate::process::HostProcess;
+
+const PARTITIONS: i32 = 3;
+
+/// A tansu broker with in-memory storage on a free port.
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the tansu broker is not installed: `cargo install tansu --locked --features dynostore` (.ci/run does it)");
+        let addr = format!("127.0.0.1:{port}");
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "tansu did not listen on {addr}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Broker { child, addr }
+    }
+
+    /// Creates a topic with [`PARTITIONS`] partitions.
+    pub async fn create_topic(&self, topic: &str) {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.addr).create().expect("admin client");
+        let t = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
+        let res =
+            admin.create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await;
+        for r in res.expect("create_topics") {
+            r.expect("topic created");
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("broker running").to_string();
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// SIGSTOP: the broker freezes with its connections open, as a hung broker would.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+/// One consumed message.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub key: String,
+    pub headers: HashMap<String, String>,
+    pub event: Value,
+}
+
+/// Reads the whole topic from the beginning until `expected` distinct events arrived (or 60 s),
+/// then until the topic stays quiet for two seconds, so late redeliveries are seen too.
+pub async fn consume(addr: &str, topic: &str, expected: usize) -> Vec<Consumed> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", format!("check-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut distinct = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let until =
+            if distinct.len() < expected { deadline } else { tokio::time::Instant::now() + Duration::from_secs(2) };
+        let m = match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => panic!("consuming failed: {e}"),
+            Err(_) if distinct.len() >= expected => break,
+            Err(_) => panic!("only {} of {expected} events arrived in 60 s", distinct.len()),
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let event: Value = serde_json::from_slice(m.payload().expect("a value")).expect("value is JSON");
+        distinct.insert(event["event_id"].as_str().unwrap().to_owned());
+        out.push(Consumed {
+            partition: m.partition(),
+            key: String::from_utf8_lossy(m.key().expect("a key")).into_owned(),
+            headers,
+            event,
+        });
+    }
+    out
+}
+
+/// Checks the consumed stream against each saga's outbox rows; returns the redelivery count.
+pub fn check_stream(consumed: &[Consumed], outbox: &BTreeMap<String, Vec<Value>>) -> usize {
+    let mut seen = HashSet::new();
+    let mut per_saga: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut partitions: HashMap<String, HashSet<i32>> = HashMap::new();
+    let mut duplicates = 0;
+    for c in consumed {
+        let e = &c.event;
+        let saga = e["saga_id"].as_str().unwrap().to_owned();
+        assert_eq!(c.key, saga, "message key is the saga id");
+        assert_eq!(c.headers.get("event_id").map(String::as_str), e["event_id"].as_str());
+        assert_eq!(c.headers.get("type").map(String::as_str), e["type"].as_str());
+        assert_eq!(c.headers.get("seq").cloned(), Some(e["seq"].to_string()));
+        partitions.entry(saga.clone()).or_default().insert(c.partition);
+        if seen.insert(e["event_id"].as_str().unwrap().to_owned()) {
+            per_saga.entry(saga).or_default().push(e.clone());
+        } else {
+            duplicates += 1;
+        }
+    }
+    for (saga, parts) in &partitions {
+        assert_eq!(parts.len(), 1, "saga {saga} spread over partitions {parts:?}");
+    }
+    assert_eq!(per_saga.keys().collect::<Vec<_>>(), outbox.keys().collect::<Vec<_>>(), "the same sagas");
+    for (saga, events) in &per_saga {
+        // Deduplicated and in arrival order, a saga's events are exactly its outbox, seq 1..n.
+        assert_eq!(events, &outbox[saga], "saga {saga}: consumed stream differs from the outbox");
+    }
+    duplicates
+}
+
+async fn outbox_of(store: &dyn sagahost::store::Store, ids: &[String]) -> BTreeMap<String, Vec<Value>> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let rows = store.outbox_for_saga(id).await.unwrap();
+        out.insert(id.clone(), rows.iter().map(|r| serde_json::from_str(&r.payload).unwrap()).collect());
+    }
+    out
+}
+
+const KINDS: [Kind; 5] = [Kind::Good, Kind::OutOfStock, Kind::Declined, Kind::NoCarrier, Kind::Flaky];
+
+async fn kafka_host(broker: &Broker, topic: &str) -> TestHost {
+    let (brokers, topic) = (broker.addr.clone(), topic.to_owned());
+    TestHost::start_with(move |c| c.kafka = Some(KafkaOptions { brokers, topic, settings: vec![] })).await
+}
+
+#[tokio::test]
+async fn every_transition_reaches_kafka_once_in_order_on_one_partition() {
+    let broker = Broker::start().await;
+    broker.create_topic("sagahost.events").await;
+    let host = kafka_host(&broker, "sagahost.events").await;
+    let mut ids = vec![];
+    for i in 0..15 {
+        ids.push(host.run_order(&KINDS[i % KINDS.len()].body()).await["id"].as_str().unwrap().to_owned());
+    }
+    let outbox = outbox_of(host.store.as_ref(), &ids).await;
+    let total = outbox.values().map(Vec::len).sum();
+    let consumed = consume(&broker.addr, "sagahost.events", total).await;
+    check_stream(&consumed, &outbox);
+    // Everything acknowledged was marked.
+    let start = Instant::now();
+    while !host.store.outbox_pending(10).await.unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "relay did not mark published rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_twenty_second_broker_outage_loses_nothing() {
+    let broker = Broker::start().await;
+    broker.create_topic("orders.events").await;
+    let host = kafka_host(&broker, "orders.events").await;
+    let mut ids = vec![];
+    for i in 0..5 {
+        ids.push(host.run_order(&KINDS[i % KINDS.len()].body()).await["id"].as_str().unwrap().to_owned());
+    }
+    broker.pause();
+    // Sagas keep running while the broker is down: Kafka is downstream of the commit.
+    for i in 0..10 {
+        ids.push(host.run_order(&KINDS[i % KINDS.len()].body()).await["id"].as_str().unwrap().to_owned());
+    }
+    assert!(!host.store.outbox_pending(1000).await.unwrap().is_empty(), "events wait in the outbox during the outage");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    broker.resume();
+    let outbox = outbox_of(host.store.as_ref(), &ids).await;
+    let total = outbox.values().map(Vec::len).sum();
+    let consumed = consume(&broker.addr, "orders.events", total).await;
+    check_stream(&consumed, &outbox);
+}
+
+#[tokio::test]
+async fn a_host_killed_between_publishing_and_marking_redelivers_and_the_deduped_stream_is_exact() {
+    let broker = Broker::start().await;
+    broker.create_topic("sagahost.events").await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SAGAHOST_KAFKA_BROKERS", broker.addr.as_str())];
+    let mut host = HostProcess::spawn(dir.path(), Some("relay-after-publish=abort@2"), &env).await;
+    let client = Client::new(&host.base);
+    // One order after another, so the relay publishes many small batches and the failpoint
+    // (at its second batch) fires with more events still to come.
+    let driver = {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let mut done = vec![];
+            for i in 0..6 {
+                let kind = KINDS[i % KINDS.len()];
+                done.push((c.drive(kind, false).await, kind));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done
+        })
+    };
+    assert!(host.wait_death(Duration::from_secs(60)).await, "the relay failpoint never fired");
+    let host = HostProcess::spawn(dir.path(), None, &env).await;
+    client.set_base(&host.base);
+    let orders: HashMap<String, Kind> = driver.await.unwrap().into_iter().collect();
+    let ids: Vec<String> = orders.keys().cloned().collect();
+    client.wait_settled(&ids).await;
+    let total: usize = orders.values().map(|k| k.events().len()).sum();
+    let consumed = consume(&broker.addr, "sagahost.events", total).await;
+    host.kill().await;
+    let store = sagahost::store::SqliteStore::open(&dir.path().join("sagahost.db")).await.unwrap();
+    let outbox = outbox_of(&store, &ids).await;
+    for (id, kind) in &orders {
+        let types: Vec<&str> = outbox[id].iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, kind.events(), "{id}");
+    }
+    let duplicates = check_stream(&consumed, &outbox);
+    assert!(duplicates > 0, "a crash between publish and mark must redeliver");
+}
