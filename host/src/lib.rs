@@ -125,7 +125,11 @@ impl App {
             Some(url) => anyhow::bail!("unsupported database URL '{url}': this build supports sqlite: URLs only"),
         };
         config.driver.owner = host_identity(&config.data_dir)?;
-        let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(Arc::clone(&store))))?);
+        let runtime = Arc::new(Runtime::new(
+            config.limits.clone(),
+            Arc::new(StoreReader(Arc::clone(&store))),
+            Some(config.data_dir.join("cache")),
+        )?);
         let catalog = Arc::new(
             Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock), config.payment_deadline)
                 .await?,

@@ -60,7 +60,12 @@ pub fn key() -> String {
 
 /// Path of a test fixture plugin built from plugins/fixtures.
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/../plugins/target/wasm32-wasip2/release/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    // cargo names the artifact after the package with dashes turned into underscores.
+    let path = format!(
+        "{}/../plugins/target/wasm32-wasip2/release/{}.wasm",
+        env!("CARGO_MANIFEST_DIR"),
+        name.replace('-', "_")
+    );
     std::fs::read(&path)
         .unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds the plugins workspace"))
 }

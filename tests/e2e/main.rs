@@ -6,6 +6,7 @@ mod harness;
 mod invariants;
 mod kafka;
 mod operators;
+mod plugins;
 mod process;
 
 use std::time::Duration;

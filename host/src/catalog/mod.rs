@@ -24,6 +24,12 @@ pub enum Error {
     Definition(#[from] DefinitionError),
     #[error("{field}: plugin {digest} is not uploaded; upload it first")]
     UnknownPlugin { field: String, digest: String },
+    #[error("these bytes are already uploaded as plugin '{existing}'; a version belongs to one plugin, so upload them under that name")]
+    NameMismatch { existing: String },
+    #[error("no saga type '{0}' is registered")]
+    UnknownSagaType(String),
+    #[error("saga type '{saga_type}' has no step '{step}'")]
+    UnknownStep { saga_type: String, step: String },
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -83,11 +89,59 @@ impl Catalog {
 
     /// Stores and compiles a component. Returns its digest and whether it was new.
     pub async fn install_plugin(&self, name: &str, wasm: Vec<u8>) -> Result<(String, bool), Error> {
+        if let Some(existing) = self.plugin_name(&crate::runtime::digest_of(&wasm)) {
+            if existing != name {
+                return Err(Error::NameMismatch { existing });
+            }
+        }
         // Compile first: nothing invalid is ever stored.
         let digest = self.runtime.load(wasm.clone()).await?;
         let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms()).await?;
         self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), name.to_owned());
         Ok((digest, new))
+    }
+
+    /// A loaded plugin version as a step binding.
+    pub fn plugin_ref(&self, digest: &str) -> Option<crate::engine::PluginRef> {
+        self.plugin_name(digest).map(|plugin| crate::engine::PluginRef { plugin, digest: digest.to_owned() })
+    }
+
+    /// Rebinds a step's execute and/or compensate to other versions. Returns the step's
+    /// bindings before and after. New sagas use the new execute binding; every compensation
+    /// from now on uses the new compensate binding.
+    pub async fn bind(
+        &self,
+        saga_type: &str,
+        step: &str,
+        execute: Option<&str>,
+        compensate: Option<&str>,
+    ) -> Result<(crate::engine::StepDefinition, crate::engine::StepDefinition), Error> {
+        let current = self.definition(saga_type).ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))?;
+        let mut def = (*current).clone();
+        let i = def
+            .step_index(step)
+            .ok_or_else(|| Error::UnknownStep { saga_type: saga_type.to_owned(), step: step.to_owned() })?;
+        let before = def.steps[i].clone();
+        let resolve = |field: &str, digest: &str| {
+            self.plugin_ref(digest)
+                .ok_or_else(|| Error::UnknownPlugin { field: field.to_owned(), digest: digest.to_owned() })
+        };
+        if let Some(d) = execute {
+            def.steps[i].execute = resolve("execute", d)?;
+        }
+        if let Some(d) = compensate {
+            def.steps[i].compensate = resolve("compensate", d)?;
+        }
+        let after = def.steps[i].clone();
+        self.put_definition(def, DefinitionSource::Admin).await?;
+        Ok((before, after))
+    }
+
+    /// Every current definition, by saga type.
+    pub fn definitions(&self) -> Vec<Arc<SagaDefinition>> {
+        let mut defs: Vec<_> = self.definitions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        defs.sort_by(|a, b| a.saga_type.cmp(&b.saga_type));
+        defs
     }
 
     /// The plugin name a digest was uploaded under.

@@ -56,7 +56,7 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
 
 /// Who performed an admin action: the `X-Actor` header if given (an operator's name), else
 /// `admin`. The token proves the right to act; the header says who, for the audit trail.
-fn actor(headers: &HeaderMap) -> String {
+pub(super) fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-actor")
         .and_then(|v| v.to_str().ok())

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod error;
 pub mod idempotency;
 pub mod order;
+pub mod plugins;
 pub mod sagas;
 
 use std::sync::Arc;
@@ -85,10 +86,22 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sagas::signal_saga))
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .split_for_parts();
+    let (upload_routes, upload_api) = OpenApiRouter::new()
+        .routes(routes!(plugins::upload_plugin))
+        .layer(DefaultBodyLimit::max(plugins::PLUGIN_BODY_LIMIT))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
+        .split_for_parts();
+    api.merge(upload_api);
     let (admin_routes, admin_api) = OpenApiRouter::new()
         .routes(routes!(admin::retry_saga))
         .routes(routes!(admin::resolve_saga))
         .routes(routes!(admin::audit_log))
+        .routes(routes!(plugins::list_plugins))
+        .routes(routes!(plugins::get_plugin))
+        .routes(routes!(plugins::plugin_state))
+        .routes(routes!(plugins::bind_step))
+        .routes(routes!(plugins::put_definition, plugins::get_definition))
+        .routes(routes!(plugins::list_definitions))
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
         .split_for_parts();
@@ -100,6 +113,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(saga_routes)
         .merge(admin_routes)
+        .merge(upload_routes)
         .merge(health_routes)
         .route("/openapi.json", axum::routing::get(move || async move { Json(api.as_ref().clone()) }))
         .fallback(not_found)

@@ -132,9 +132,50 @@ pub enum LoadError {
     WrongWorld(String),
 }
 
+/// Is this a component (not a core module)? The preamble's layer field says: the first 8
+/// bytes are `\0asm`, a 16-bit version and a 16-bit layer, which is 1 for components.
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[6..8] == [1, 0]
+}
+
 /// `sha256:<hex>` of some bytes: the identity of a plugin version.
 pub fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Imports a plugin may have. The `sagahost:plugin` interfaces are the contract; the WASI
+/// pieces are what Rust's standard library links (streams, an empty environment, exit,
+/// stdio) and grant nothing with our empty `WasiCtx`; randomness has no effect outside the
+/// call. Everything else (files, sockets, clocks, HTTP, unknown functions) is refused at
+/// upload, so a plugin cannot even ask for a capability the host does not grant.
+const GRANTED_IMPORTS: &[&str] = &[
+    "sagahost:plugin/",
+    "wasi:io/",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-",
+    "wasi:random/",
+];
+
+/// Checks a component's imports against [`GRANTED_IMPORTS`].
+fn check_imports(engine: &Engine, component: &Component) -> Result<(), LoadError> {
+    let ty = component.component_type();
+    let refused: Vec<&str> = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .filter(|name| !GRANTED_IMPORTS.iter().any(|p| name.starts_with(p)))
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(LoadError::WrongWorld(format!(
+        "it imports {}, which the host does not grant; plugins may import only the sagahost:plugin interfaces \
+         and the WASI streams, environment, exit, stdio and random interfaces Rust's std links (no files, sockets or clocks)",
+        refused.join(", ")
+    )))
 }
 
 /// The wasmtime engine, the linker with host imports, and the compiled plugins by digest.
@@ -144,10 +185,18 @@ pub struct Runtime {
     components: RwLock<HashMap<String, StepPre<CallState>>>,
     reader: Arc<dyn StateReader>,
     limits: Limits,
+    /// Where compiled artifacts are kept, by digest and engine compatibility hash.
+    cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Runtime {
-    pub fn new(limits: Limits, reader: Arc<dyn StateReader>) -> anyhow::Result<Runtime> {
+    /// `cache_dir` keeps compiled artifacts across restarts (compiling costs tens of
+    /// milliseconds per plugin; loading a cached artifact well under one).
+    pub fn new(
+        limits: Limits,
+        reader: Arc<dyn StateReader>,
+        cache_dir: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Runtime> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         // Deep recursion must trap inside the plugin, well before the host thread's stack.
@@ -166,7 +215,10 @@ impl Runtime {
                 None => break,
             }
         })?;
-        Ok(Runtime { engine, linker, components: RwLock::new(HashMap::new()), reader, limits })
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Runtime { engine, linker, components: RwLock::new(HashMap::new()), reader, limits, cache_dir })
     }
 
     /// Compiles and checks a component, and keeps it ready under its digest. Compiling takes
@@ -177,19 +229,80 @@ impl Runtime {
             return Ok(digest);
         }
         let this = Arc::clone(self);
-        let pre = tokio::task::spawn_blocking(move || this.compile(&wasm))
+        let key = digest.clone();
+        let pre = tokio::task::spawn_blocking(move || this.compile(&key, &wasm))
             .await
             .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
         self.components.write().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), pre);
         Ok(digest)
     }
 
-    fn compile(&self, wasm: &[u8]) -> Result<StepPre<CallState>, LoadError> {
-        let component = Component::new(&self.engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    fn compile(&self, digest: &str, wasm: &[u8]) -> Result<StepPre<CallState>, LoadError> {
+        if !is_component(wasm) {
+            return Err(LoadError::Invalid(
+                "the bytes are not a WebAssembly component (a core module or something else); build the plugin with \
+                 cargo build --target wasm32-wasip2, which produces a component"
+                    .to_owned(),
+            ));
+        }
+        let component = match self.cached(digest) {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, wasm).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+                self.store_cached(digest, &c);
+                c
+            }
+        };
+        check_imports(&self.engine, &component)?;
         // Resolving imports here rejects components that import anything the host does not
         // provide; StepPre::new rejects missing or mistyped exports.
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         StepPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+    }
+
+    fn cache_path(&self, digest: &str) -> Option<std::path::PathBuf> {
+        use std::hash::{Hash, Hasher};
+        let dir = self.cache_dir.as_ref()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        Some(dir.join(format!("{hex}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// A compiled artifact of this digest for this engine, if one was cached.
+    #[allow(unsafe_code)]
+    fn cached(&self, digest: &str) -> Option<Component> {
+        let path = self.cache_path(digest)?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: `deserialize_file` trusts its input to be an artifact wasmtime produced. The
+        // cache directory is written only by `store_cached` below, from a component this
+        // process compiled, under a name that includes the engine's compatibility hash; wasmtime
+        // also checks the artifact's header and refuses artifacts of another version or config.
+        match unsafe { Component::deserialize_file(&self.engine, &path) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "ignoring an unusable compiled artifact");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Writes a compiled artifact atomically (temp file, then rename), so a crash never leaves
+    /// a torn artifact under the final name.
+    fn store_cached(&self, digest: &str, component: &Component) {
+        let Some(path) = self.cache_path(digest) else { return };
+        let result = component.serialize().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|bytes| {
+            let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache a compiled plugin");
+        }
     }
 
     pub fn is_loaded(&self, digest: &str) -> bool {
@@ -380,7 +493,9 @@ fn classify_trap(
     let mut msg = match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::UnreachableCodeReached) => "plugin panicked (wasm trap: unreachable)".to_owned(),
         Some(wasmtime::Trap::StackOverflow) => "plugin overflowed its stack".to_owned(),
-        Some(trap) => format!("wasm trap: {trap}"),
+        // Rust keeps its stack in linear memory: unbounded recursion usually ends here, as an
+        // out-of-bounds access below the bottom of memory, before the native stack overflows.
+        Some(trap) => trap.to_string(),
         None => format!("{err:#}"),
     };
     let root = format!("{:#}", err);

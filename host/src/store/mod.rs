@@ -185,6 +185,15 @@ pub struct PluginRow {
     pub uploaded_at: i64,
 }
 
+/// A stored plugin version without its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    pub digest: String,
+    pub name: String,
+    pub size: i64,
+    pub uploaded_at: i64,
+}
+
 /// Where a definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefinitionSource {
@@ -203,6 +212,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_plugin(&self, digest: &str, name: &str, wasm: &[u8], now: i64) -> Result<bool>;
     async fn plugins(&self) -> Result<Vec<PluginRow>>;
+    /// Every stored plugin version, without the bytes, by name then upload time.
+    async fn plugin_versions(&self) -> Result<Vec<PluginInfo>>;
 
     async fn definition(&self, saga_type: &str) -> Result<Option<(SagaDefinition, DefinitionSource)>>;
     async fn definitions(&self) -> Result<Vec<SagaDefinition>>;

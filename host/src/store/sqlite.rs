@@ -216,6 +216,23 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn plugin_versions(&self) -> Result<Vec<PluginInfo>> {
+        let rows =
+            sqlx::query("SELECT digest, name, size, uploaded_at FROM plugins ORDER BY name, uploaded_at, digest")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PluginInfo {
+                    digest: r.try_get("digest")?,
+                    name: r.try_get("name")?,
+                    size: r.try_get("size")?,
+                    uploaded_at: r.try_get("uploaded_at")?,
+                })
+            })
+            .collect()
+    }
+
     async fn definition(&self, saga_type: &str) -> Result<Option<(SagaDefinition, DefinitionSource)>> {
         let row = sqlx::query("SELECT definition, source FROM saga_definitions WHERE saga_type = ?1")
             .bind(saga_type)

@@ -1,0 +1,340 @@
+//! Teams ship steps on their own: upload, validation, binding, version pinning, hot swap,
+//! saga definitions over HTTP, and hostile plugins that must not hurt the host.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{fixture, key, order, Resp, TestHost};
+
+const TOKEN: &str = "plugin-admin-token";
+
+async fn admin_host() -> TestHost {
+    TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await
+}
+
+async fn upload(host: &TestHost, name: &str, bytes: Vec<u8>) -> Resp {
+    let req = host
+        .client
+        .post(host.url(&format!("/admin/plugins/{name}")))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/wasm")
+        .header("X-Actor", "team-payments")
+        .body(bytes);
+    host.send(req).await
+}
+
+async fn admin_json(host: &TestHost, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
+    let mut req = host.client.request(method, host.url(path)).bearer_auth(TOKEN).header("X-Actor", "team-payments");
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    host.send(req).await
+}
+
+async fn bind(host: &TestHost, saga_type: &str, step: &str, body: Value) -> Resp {
+    admin_json(host, reqwest::Method::PUT, &format!("/admin/sagas/{saga_type}/steps/{step}"), Some(body)).await
+}
+
+fn digest_of(r: &Resp) -> String {
+    r.json()["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no digest in {}", String::from_utf8_lossy(&r.bytes)))
+        .to_owned()
+}
+
+fn demo(name: &str) -> Vec<u8> {
+    sagahost::catalog::demo::PLUGINS.iter().find(|(n, _)| *n == name).unwrap().1.to_vec()
+}
+
+#[tokio::test]
+async fn upload_validates_stores_by_digest_and_is_idempotent() {
+    let host = admin_host().await;
+    let r = host.send(host.client.post(host.url("/admin/plugins/x")).body(fixture("misbehave"))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    let r = upload(&host, "misbehave", fixture("misbehave")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
+    let body = r.json();
+    let digest = digest_of(&r);
+    assert!(digest.starts_with("sha256:") && digest.len() == 71);
+    assert_eq!(body["name"], "misbehave");
+    assert_eq!(body["size"], fixture("misbehave").len());
+    let again = upload(&host, "misbehave", fixture("misbehave")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(digest_of(&again), digest);
+    // The same bytes under another name would split the plugin's state space.
+    assert_eq!(upload(&host, "other", fixture("misbehave")).await.status, StatusCode::CONFLICT);
+
+    // Not a component, a core module, and components that import what the host does not grant.
+    let r = upload(&host, "junk", b"not wasm at all".to_vec()).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.json()["error"]["code"], "invalid_plugin");
+    let core_module = b"\0asm\x01\0\0\0".to_vec();
+    let r = upload(&host, "core", core_module).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a WebAssembly component"));
+    for (fixture_name, import) in
+        [("fs-reader", "wasi:filesystem"), ("net-dialer", "wasi:sockets"), ("unknown-import", "steal-secret")]
+    {
+        let r = upload(&host, fixture_name, fixture(fixture_name)).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{fixture_name}");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(import), "{fixture_name}: {msg}");
+    }
+    let too_big = vec![0u8; 16 * 1024 * 1024 + 1];
+    assert_eq!(upload(&host, "big", too_big).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Only the valid upload is listed; refused uploads left nothing behind.
+    let list = admin_json(&host, reqwest::Method::GET, "/admin/plugins", None).await.json();
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["inventory", "misbehave", "payment", "shipment"]);
+    let one = admin_json(&host, reqwest::Method::GET, "/admin/plugins/misbehave", None).await.json();
+    assert_eq!(one["versions"][0]["digest"], json!(digest));
+    let audit = admin_json(&host, reqwest::Method::GET, &format!("/admin/audit?target={digest}"), None).await.json();
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1, "one upload audited once");
+    assert_eq!(audit["data"][0]["action"], "plugin.upload");
+    assert_eq!(audit["data"][0]["actor"], "team-payments");
+}
+
+#[tokio::test]
+async fn sagas_keep_their_pinned_execute_while_new_sagas_use_the_new_binding_and_bindings_survive_restart() {
+    let host = admin_host().await;
+    let original = host.catalog.definition("order").unwrap().steps[2].execute.digest.clone();
+    // A saga in flight: waits at payment, so its shipment has not run yet.
+    let waiting =
+        host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&waiting, |o| o["steps"][1]["status"] == "waiting").await;
+
+    // The shipment team ships a new version (here: the misbehave fixture, which completes
+    // ordinary input) and binds it. An upload alone changes nothing.
+    let v2 = digest_of(&upload(&host, "shipment", fixture("misbehave")).await);
+    let before = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(before["steps"][2]["execute_digest"], json!(original));
+    let r = bind(&host, "order", "shipment", json!({"execute": v2})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json()["execute"], json!(v2));
+    assert_eq!(r.json()["compensate"], json!(original), "an omitted binding is unchanged");
+
+    let new = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(new["status"], "COMPLETED");
+    assert_eq!(new["steps"][2]["execute_digest"], json!(v2), "new sagas use the new binding at once");
+    assert_eq!(new["steps"][2]["output"], json!({"ok": true}));
+
+    // The saga that started before the change runs shipment with the version pinned at start.
+    let path = format!("/orders/{waiting}/signals/payment-confirmed");
+    assert_eq!(host.send(host.client.post(host.url(&path)).json(&json!({}))).await.status, StatusCode::ACCEPTED);
+    let o = host.wait_settled(&waiting).await;
+    assert_eq!(o["status"], "COMPLETED");
+    assert_eq!(o["steps"][2]["execute_digest"], json!(original));
+    assert!(o["steps"][2]["output"]["tracking"].is_string());
+
+    // Audited, and reversible by binding the old digest again.
+    let audit = admin_json(&host, reqwest::Method::GET, "/admin/audit?target=order/shipment", None).await.json();
+    assert_eq!(audit["data"][0]["before"]["execute"], json!(original));
+    assert_eq!(audit["data"][0]["after"]["execute"], json!(v2));
+
+    // Bindings survive a restart.
+    let dir = host.stop().await;
+    let host = TestHost::start_in(dir, |c| c.admin_token = Some(TOKEN.into())).await;
+    let def = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    assert_eq!(def["steps"][2]["execute"], json!(v2));
+    assert_eq!(host.run_order(&order("tok_visa", "SKU-1", "US")).await["steps"][2]["execute_digest"], json!(v2));
+    assert_eq!(bind(&host, "order", "shipment", json!({"execute": original})).await.status, StatusCode::OK);
+    assert_eq!(host.run_order(&order("tok_visa", "SKU-1", "US")).await["steps"][2]["execute_digest"], json!(original));
+
+    // Bad bindings change nothing.
+    assert_eq!(bind(&host, "order", "nope", json!({"execute": original})).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        bind(&host, "order", "shipment", json!({"execute": "sha256:00"})).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(bind(&host, "order", "shipment", json!({})).await.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_fixed_compensation_is_uploaded_bound_and_retried_over_http_with_exactly_one_refund_each() {
+    let host = admin_host().await;
+    let payment = host.catalog.definition("order").unwrap().steps[1].compensate.digest.clone();
+    // A payment compensate that always fails (the fixture panics in this mode), with a small budget.
+    let broken = digest_of(&upload(&host, "payment", fixture("misbehave")).await);
+    let mut def = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    def["steps"][1]["compensate"] = json!(broken);
+    def["steps"][1]["compensate_retry"] = json!({"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 20});
+    let r = admin_json(&host, reqwest::Method::PUT, "/admin/sagas/order", Some(def)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+
+    let mut stuck = vec![];
+    for _ in 0..3 {
+        let mut body = order("tok_visa", "SKU-1", "XX");
+        body["customer_id"] = json!("compensate-panic");
+        let o = host.run_order(&body).await;
+        assert_eq!(o["status"], "COMPENSATION_FAILED", "{o:#}");
+        stuck.push(o["id"].as_str().unwrap().to_owned());
+    }
+    // The fix: the payment team uploads its corrected compensate (here the demo's) and binds it.
+    let fixed = upload(&host, "payment", demo("payment")).await;
+    assert_eq!(fixed.status, StatusCode::OK, "already stored: a no-op upload");
+    assert_eq!(digest_of(&fixed), payment);
+    assert_eq!(bind(&host, "order", "payment", json!({"compensate": payment})).await.status, StatusCode::OK);
+    for id in &stuck {
+        let r = admin_json(&host, reqwest::Method::POST, &format!("/admin/sagas/{id}/retry"), Some(json!({}))).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+    }
+    for id in &stuck {
+        let o = host.wait_settled(id).await;
+        assert_eq!(o["status"], "CANCELLED");
+        assert_eq!(o["steps"][1]["compensate_digest"], json!(payment), "compensation used the binding in force");
+        assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "refunded");
+        let refunds = host
+            .events(id)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "StepCompensated" && e["data"]["step"] == "payment")
+            .count();
+        assert_eq!(refunds, 1, "exactly one refund");
+    }
+    // The state view shows the plugin's records.
+    let view = admin_json(
+        &host,
+        reqwest::Method::GET,
+        &format!("/admin/plugins/payment/state?prefix=charge/{}", stuck[0]),
+        None,
+    )
+    .await;
+    assert_eq!(view.json()["data"][0]["value"]["status"], "refunded");
+}
+
+#[tokio::test]
+async fn a_saga_type_registered_over_http_runs_two_uploaded_steps() {
+    let host = admin_host().await;
+    let digest = digest_of(&upload(&host, "misbehave", fixture("misbehave")).await);
+    // Invalid definitions are refused and change nothing.
+    let r = admin_json(
+        &host,
+        reqwest::Method::PUT,
+        "/admin/sagas/refund",
+        Some(json!({"steps": [{"name": "hold", "state": "lower", "execute": digest}]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("steps[0].state"));
+    let r = admin_json(
+        &host,
+        reqwest::Method::PUT,
+        "/admin/sagas/refund",
+        Some(json!({"steps": [{"name": "hold", "execute": "sha256:ab"}]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        host.send(host.client.post(host.url("/sagas/refund")).header("Idempotency-Key", key()).json(&json!({})))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
+    let spec = json!({"steps": [
+        {"name": "hold", "state": "FUNDS_HELD", "execute": digest},
+        {"name": "notify", "execute": digest, "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}}]});
+    let r = admin_json(&host, reqwest::Method::PUT, "/admin/sagas/refund", Some(spec)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let def = admin_json(&host, reqwest::Method::GET, "/admin/sagas/refund", None).await.json();
+    assert_eq!(def["steps"][1]["state"], "NOTIFY_DONE", "defaults filled in");
+    assert_eq!(def["steps"][1]["compensate"], json!(digest));
+    assert_eq!(def["steps"][0]["retry"]["max_attempts"], 5);
+
+    let r = host
+        .send(
+            host.client
+                .post(host.url("/sagas/refund"))
+                .header("Idempotency-Key", key())
+                .header("Prefer", "wait=10")
+                .json(&json!({"customer_id": "r-1"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let s = r.json();
+    assert_eq!(s["status"], "COMPLETED");
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(r.header("location").unwrap(), format!("/sagas/refund/{id}"));
+    assert_eq!(host.get(&format!("/sagas/refund/{id}")).await.json()["steps"][1]["status"], "succeeded");
+    let types = host.event_types(id).await;
+    assert_eq!(types, ["RefundCreated", "FundsHeld", "NotifyDone", "RefundCompleted"]);
+    let listed = admin_json(&host, reqwest::Method::GET, "/admin/sagas", None).await.json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing() {
+    let host = admin_host().await;
+    let digest = digest_of(&upload(&host, "misbehave", fixture("misbehave")).await);
+    let spec = json!({"steps": [{"name": "work", "execute": digest, "timeout_ms": 500,
+                                 "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}}]});
+    assert_eq!(
+        admin_json(&host, reqwest::Method::PUT, "/admin/sagas/hostile", Some(spec)).await.status,
+        StatusCode::OK
+    );
+
+    let modes = ["loop", "oom", "recurse", "panic", "huge-output", "log-flood", "bad-json"];
+    let mut hostile = vec![];
+    for mode in modes {
+        let r = host
+            .send(
+                host.client
+                    .post(host.url("/sagas/hostile"))
+                    .header("Idempotency-Key", key())
+                    .json(&json!({"customer_id": mode})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        hostile.push((mode, r.json()["id"].as_str().unwrap().to_owned()));
+    }
+    // Meanwhile, ordinary orders: every one completes, and we measure how long they take.
+    let started = Instant::now();
+    let latencies: Vec<Duration> = futures::future::join_all((0..10).map(|_| async {
+        let t = Instant::now();
+        let o = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+        assert_eq!(o["status"], "COMPLETED");
+        t.elapsed()
+    }))
+    .await;
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    println!(
+        "ordinary orders during hostile plugins: {} completed in {:?}, latency p50 {:?} max {:?}",
+        sorted.len(),
+        started.elapsed(),
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+    assert!(sorted[sorted.len() - 1] < Duration::from_secs(15), "ordinary orders stalled: {sorted:?}");
+
+    for (mode, id) in hostile {
+        let start = Instant::now();
+        let s = loop {
+            let s = host.get(&format!("/sagas/hostile/{id}")).await.json();
+            if matches!(s["status"].as_str(), Some("COMPLETED" | "CANCELLED" | "COMPENSATION_FAILED")) {
+                break s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{mode} did not settle: {s:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let expected = if mode == "log-flood" { "COMPLETED" } else { "CANCELLED" };
+        assert_eq!(s["status"], expected, "{mode}: {s:#}");
+        let err = s["steps"][0]["last_error"].as_str().unwrap_or_default().to_owned();
+        let why = match mode {
+            "loop" => "timed out",
+            "oom" => "memory",
+            // Rust's stack lives in linear memory: runaway recursion runs off its bottom.
+            "recurse" => "out of bounds memory access",
+            "panic" => "panicked",
+            "huge-output" => "exceeds the limit",
+            "bad-json" => "not valid JSON",
+            _ => "",
+        };
+        assert!(err.contains(why), "{mode}: last_error {err:?} should mention {why:?}");
+    }
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+}
