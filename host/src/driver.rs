@@ -322,7 +322,7 @@ impl Inner {
             idempotency_key: format!("{}:{}:execute", rec.id, sdef.name),
             signal: rec.state.steps[step].signal_payload.clone(),
         };
-        let input = step_input(rec);
+        let input = step_input(rec, step);
         let timeout = Duration::from_millis(sdef.timeout_ms);
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
@@ -370,7 +370,7 @@ impl Inner {
             idempotency_key: format!("{}:{}:compensate", rec.id, sdef.name),
             signal: None,
         };
-        let input = step_input(rec);
+        let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
         let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
@@ -392,11 +392,12 @@ impl Inner {
     }
 }
 
-/// The `input` argument of every call: `{"input": <saga input>, "steps": {"<step>": <output>}}`
-/// with the outputs of the steps that completed so far.
-pub fn step_input(rec: &SagaRecord) -> String {
+/// The `input` argument of a call to step `step`: `{"input": <saga input>, "steps":
+/// {"<step>": <output>}}` with the outputs of the steps before it. Compensation gets the same
+/// input its execute got, whatever later steps did.
+pub fn step_input(rec: &SagaRecord, step: usize) -> String {
     let mut steps = serde_json::Map::new();
-    for (def, state) in rec.definition.steps.iter().zip(&rec.state.steps) {
+    for (def, state) in rec.definition.steps.iter().zip(&rec.state.steps).take(step) {
         if let Some(output) = &state.output {
             let value = serde_json::from_str(output).unwrap_or(serde_json::Value::Null);
             steps.insert(def.name.clone(), value);

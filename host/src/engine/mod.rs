@@ -117,12 +117,26 @@ impl StepStatus {
     }
 }
 
+impl StepState {
+    /// Did this step's execute commit anything? A `done` did; so did a `wait`, even if a later
+    /// attempt of the same step failed or was rejected: its writes stay, so it is compensated.
+    fn needs_compensation(&self) -> bool {
+        self.status.needs_compensation()
+            || (self.waited && matches!(self.status, StepStatus::Retrying | StepStatus::Failed))
+    }
+}
+
 /// The durable state of one step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepState {
     pub status: StepStatus,
-    /// Execute attempts made so far.
+    /// Execute calls made so far (the plugin's `attempt` is this plus one).
     pub attempts: u32,
+    /// Execute calls that failed (retryable error or trap): what the retry policy counts, so
+    /// that a step polling with `wait` does not use up its retries.
+    pub failures: u32,
+    /// The step returned `wait` at least once, so it committed writes.
+    pub waited: bool,
     /// Compensate attempts made in the current compensation round.
     pub compensate_attempts: u32,
     /// Execute's output JSON once `done`.
@@ -149,6 +163,8 @@ impl StepState {
         StepState {
             status: StepStatus::Pending,
             attempts: 0,
+            failures: 0,
+            waited: false,
             compensate_attempts: 0,
             output: None,
             compensate_output: None,
@@ -314,7 +330,7 @@ fn current_forward_step(state: &SagaState) -> Option<usize> {
 
 /// The step compensation is at: the last one that committed something and is not undone.
 fn current_compensation_step(state: &SagaState) -> Option<usize> {
-    state.steps.iter().rposition(|s| s.status.needs_compensation())
+    state.steps.iter().rposition(StepState::needs_compensation)
 }
 
 /// What is due for this saga at `now`.
@@ -382,9 +398,13 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             let cap = |t: i64| deadline.map_or(t, |d| t.min(d));
             // A trap or a retryable error is retried until the attempts run out; then it
             // counts as a rejection, so the saga compensates rather than hang.
+            if matches!(outcome, ExecuteOutcome::Retryable(_) | ExecuteOutcome::Trapped(_)) {
+                step.failures += 1;
+            }
+            let failures = step.failures;
             let outcome = match outcome {
-                ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) if attempt >= sdef.retry.max_attempts => {
-                    ExecuteOutcome::Rejected(format!("gave up after {attempt} attempts: {e}"))
+                ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) if failures >= sdef.retry.max_attempts => {
+                    ExecuteOutcome::Rejected(format!("gave up after {failures} failed attempts: {e}"))
                 }
                 other => other,
             };
@@ -405,6 +425,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                 }
                 ExecuteOutcome::Wait { delay_ms, signal } => {
                     step.status = StepStatus::Waiting;
+                    step.waited = true;
                     step.wait_signal = signal.clone();
                     let wake = delay_ms.map(|d| now.saturating_add(ms(d)));
                     next.next_run_at = match wake {
@@ -419,7 +440,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                 ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) => {
                     step.status = StepStatus::Retrying;
                     step.last_error = Some(e.clone());
-                    let at = cap(now.saturating_add(ms(sdef.retry.backoff_ms(attempt, jitter))));
+                    let at = cap(now.saturating_add(ms(sdef.retry.backoff_ms(failures, jitter))));
                     next.next_run_at = Some(at);
                     EventSpec {
                         event_type: "StepRetryScheduled".to_owned(),

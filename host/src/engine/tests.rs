@@ -123,7 +123,7 @@ fn retryable_errors_back_off_then_give_up_as_rejection() {
     assert_eq!(s.next_run_at, Some(2_100));
     let t = step(&def, &s, executed(0, 3, ExecuteOutcome::Trapped("wasm trap: unreachable".into())), 3_000);
     assert_eq!(t.state.status, "COMPENSATING");
-    assert_eq!(t.state.reason.as_deref(), Some("inventory: gave up after 3 attempts: wasm trap: unreachable"));
+    assert_eq!(t.state.reason.as_deref(), Some("inventory: gave up after 3 failed attempts: wasm trap: unreachable"));
     assert_eq!(t.state.steps[0].status, StepStatus::Failed);
 }
 
@@ -238,6 +238,26 @@ fn deadline_rejects_a_waiting_step_and_compensates_it() {
     assert_eq!(s.reason.as_deref(), Some("payment: deadline of 900000 ms passed"));
     // The waiting step committed its writes, so it is compensated (with output null), then inventory.
     assert_eq!(next_action(&def, &s, 900_100), Action::Compensate { step: 1, attempt: 1 });
+}
+
+#[test]
+fn waiting_does_not_use_up_retries_and_a_step_that_waited_is_compensated_even_after_failing() {
+    let def = order_def(); // 3 attempts
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let poll = || ExecuteOutcome::Wait { delay_ms: Some(10), signal: None };
+    for attempt in 1..=4 {
+        s = step(&def, &s, executed(1, attempt, poll()), 0).state;
+    }
+    // Four waits, then a retryable error: the first failure, not the fifth attempt.
+    s = step(&def, &s, executed(1, 5, ExecuteOutcome::Retryable("busy".into())), 0).state;
+    assert_eq!(s.steps[1].status, StepStatus::Retrying);
+    assert_eq!(s.steps[1].failures, 1);
+    s = step(&def, &s, executed(1, 6, ExecuteOutcome::Rejected("no".into())), 0).state;
+    // It waited (committed writes), so it is compensated before inventory.
+    assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 1, attempt: 1 });
+    s = step(&def, &s, compensated(1, 1, CompensateOutcome::Done("{}".into())), 0).state;
+    assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 0, attempt: 1 });
 }
 
 #[test]

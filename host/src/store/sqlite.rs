@@ -75,6 +75,8 @@ fn step_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StepState> {
         attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).map_err(|_| corrupt("attempts"))?,
         compensate_attempts: u32::try_from(row.try_get::<i64, _>("compensate_attempts")?)
             .map_err(|_| corrupt("compensate_attempts"))?,
+        failures: u32::try_from(row.try_get::<i64, _>("failures")?).map_err(|_| corrupt("failures"))?,
+        waited: row.try_get::<i64, _>("waited")? != 0,
         output: row.try_get("output")?,
         compensate_output: row.try_get("compensate_output")?,
         last_error: row.try_get("last_error")?,
@@ -90,13 +92,14 @@ fn step_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StepState> {
 
 const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
      compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
-     finished_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+     finished_at, updated_at, failures, waited) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
      ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
      compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
      compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
      wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
      execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
-     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at";
+     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
+     failures = excluded.failures, waited = excluded.waited";
 
 async fn upsert_step(
     tx: &mut sqlx::SqliteConnection,
@@ -122,6 +125,8 @@ async fn upsert_step(
         .bind(s.started_at)
         .bind(s.finished_at)
         .bind(s.updated_at)
+        .bind(i64::from(s.failures))
+        .bind(i64::from(s.waited))
         .execute(tx)
         .await?;
     Ok(())
@@ -722,5 +727,140 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
+
+    fn def() -> SagaDefinition {
+        let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
+        SagaDefinition {
+            saga_type: "order".into(),
+            steps: vec![StepDefinition {
+                name: "only".into(),
+                state: "DONE_ONE".into(),
+                execute: p.clone(),
+                compensate: p,
+                retry: RetryPolicy::EXECUTE,
+                compensate_retry: RetryPolicy::COMPENSATE,
+                timeout_ms: 1000,
+                deadline_ms: None,
+            }],
+        }
+    }
+
+    async fn store_with_saga(dir: &tempfile::TempDir) -> SqliteStore {
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let d = def();
+        let saga = NewSaga {
+            id: "s1".into(),
+            state: SagaState::new(&d, 0),
+            definition: d,
+            input: "{}".into(),
+            event: EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) },
+            event_id: "e1".into(),
+            now: 0,
+        };
+        assert_eq!(store.create_saga(&saga, None, 0).await.unwrap(), CreateOutcome::Created);
+        store
+    }
+
+    fn commit<'a>(
+        state: &'a SagaState,
+        names: &'a [String],
+        event: &'a EventSpec,
+        fence: Fence,
+        id: &'a str,
+    ) -> Commit<'a> {
+        Commit {
+            saga_id: "s1",
+            saga_type: "order",
+            fence,
+            state,
+            step_names: names,
+            changed_steps: &[],
+            plugin_writes: None,
+            event,
+            event_id: id,
+            now: 1,
+            audit: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_blocks_others_an_expired_one_is_taken_over_and_the_old_holder_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_saga(&dir).await;
+        let claimed = store.claim_due("a", 0, 200, 10).await.unwrap();
+        assert_eq!(claimed, vec![("s1".to_owned(), 1)]);
+        assert!(store.claim_due("b", 0, 200, 10).await.unwrap().is_empty(), "a live lease blocks other workers");
+        // Leases run on the database's clock: wait it out for real.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let taken = store.claim_due("b", 0, 200, 10).await.unwrap();
+        assert_eq!(taken, vec![("s1".to_owned(), 2)], "an expired lease is taken over with a new epoch");
+
+        let rec = store.saga("s1").await.unwrap().unwrap();
+        let names = vec!["only".to_owned()];
+        let event = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
+        // The old holder cannot commit, renew or release.
+        let stale = commit(&rec.state, &names, &event, Fence::Lease(1), "e2");
+        assert!(matches!(store.commit(&stale).await, Err(Error::Fenced)));
+        assert!(!store.renew_lease("s1", 1, 1000).await.unwrap());
+        // The new holder commits; seq continues gapless.
+        let fresh = commit(&rec.state, &names, &event, Fence::Lease(2), "e3");
+        assert_eq!(store.commit(&fresh).await.unwrap(), 2);
+        // An outside event takes over: the epoch moves and the holder is fenced out.
+        let outside = commit(&rec.state, &names, &event, Fence::Takeover(2), "e4");
+        assert_eq!(store.commit(&outside).await.unwrap(), 3);
+        let late = commit(&rec.state, &names, &event, Fence::Lease(2), "e5");
+        assert!(matches!(store.commit(&late).await, Err(Error::Fenced)));
+        let seqs: Vec<i64> = store.outbox_for_saga("s1").await.unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let d = def();
+        let saga = |id: &str| NewSaga {
+            id: id.into(),
+            state: SagaState::new(&d, 0),
+            definition: d.clone(),
+            input: "{}".into(),
+            event: EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) },
+            event_id: format!("ev-{id}"),
+            now: 0,
+        };
+        let claim = |fp: &str, response: Option<(u16, Vec<u8>)>| IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders".into(),
+            key: "k".into(),
+            fingerprint: fp.into(),
+            lock_ms: 100,
+            ttl_ms: 10_000,
+            response,
+        };
+        assert_eq!(store.create_saga(&saga("a"), Some(&claim("f1", None)), 0).await.unwrap(), CreateOutcome::Created);
+        assert_eq!(store.create_saga(&saga("b"), Some(&claim("f1", None)), 50).await.unwrap(), CreateOutcome::InFlight);
+        assert_eq!(store.create_saga(&saga("b"), Some(&claim("f2", None)), 50).await.unwrap(), CreateOutcome::Mismatch);
+        assert_eq!(
+            store.create_saga(&saga("b"), Some(&claim("f1", None)), 200).await.unwrap(),
+            CreateOutcome::Abandoned { saga_id: "a".into() }
+        );
+        store.complete_idempotency("c", "POST /orders", "k", 201, b"body").await.unwrap();
+        assert_eq!(
+            store.create_saga(&saga("b"), Some(&claim("f1", None)), 300).await.unwrap(),
+            CreateOutcome::Replay { status: 201, body: b"body".to_vec(), saga_id: Some("a".into()) }
+        );
+        assert!(store.saga("b").await.unwrap().is_none(), "never a second saga for one key");
+        // Past retention the key is forgotten and may be used afresh.
+        assert_eq!(
+            store.create_saga(&saga("c"), Some(&claim("f2", None)), 20_000).await.unwrap(),
+            CreateOutcome::Created
+        );
     }
 }
