@@ -363,24 +363,14 @@ impl Runtime {
         input: &str,
         timeout: Duration,
     ) -> CallOutcome<Executed> {
-        let started = Instant::now();
-        let Some(pre) = self.pre(digest) else {
-            return not_loaded(digest, started);
-        };
-        let (mut store, stderr) = self.new_store(plugin, info, timeout);
-        let ctx = wit_context(info);
-        let call = async {
-            let step = pre.instantiate_async(&mut store).await?;
-            step.call_execute(&mut store, &ctx, input).await
-        };
-        let result = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
-            Ok(Ok(Ok(bindings::StepOutcome::Done(out)))) => self.check_output(out).map(Executed::Done),
-            Ok(Ok(Ok(bindings::StepOutcome::Wait(w)))) => Ok(Executed::Wait { delay_ms: w.delay_ms, signal: w.signal }),
-            Ok(Ok(Err(e))) => Err(step_error(e)),
-            Ok(Err(trap)) => Err(classify_trap(&trap, &store, &stderr, timeout)),
-            Err(_) => Err(CallError::Trap(format!("timed out after {} ms", timeout.as_millis()))),
-        };
-        finish(store, result, started)
+        let out = self.call(digest, plugin, info, timeout, Export::Execute { input }).await;
+        let result = out.result.map(|r| match r {
+            Returned::Executed(bindings::StepOutcome::Done(o)) | Returned::Compensated(o) => Executed::Done(o),
+            Returned::Executed(bindings::StepOutcome::Wait(w)) => {
+                Executed::Wait { delay_ms: w.delay_ms, signal: w.signal }
+            }
+        });
+        CallOutcome { result, writes: out.writes, elapsed: out.elapsed }
     }
 
     /// Runs `compensate`.
@@ -393,6 +383,24 @@ impl Runtime {
         output: &str,
         timeout: Duration,
     ) -> CallOutcome<String> {
+        let out = self.call(digest, plugin, info, timeout, Export::Compensate { input, output }).await;
+        let result = out.result.and_then(|r| match r {
+            Returned::Compensated(o) => Ok(o),
+            Returned::Executed(_) => Err(CallError::Trap("internal: execute result from a compensate call".into())),
+        });
+        CallOutcome { result, writes: out.writes, elapsed: out.elapsed }
+    }
+
+    /// One call in a fresh store: instantiate, call the export, classify the result, and keep
+    /// the state writes only if the call succeeded and its output passed the checks.
+    async fn call(
+        &self,
+        digest: &str,
+        plugin: &str,
+        info: &CallInfo,
+        timeout: Duration,
+        export: Export<'_>,
+    ) -> CallOutcome<Returned> {
         let started = Instant::now();
         let Some(pre) = self.pre(digest) else {
             return not_loaded(digest, started);
@@ -401,10 +409,21 @@ impl Runtime {
         let ctx = wit_context(info);
         let call = async {
             let step = pre.instantiate_async(&mut store).await?;
-            step.call_compensate(&mut store, &ctx, input, output).await
+            match export {
+                Export::Execute { input } => {
+                    Ok(step.call_execute(&mut store, &ctx, input).await?.map(Returned::Executed))
+                }
+                Export::Compensate { input, output } => {
+                    Ok(step.call_compensate(&mut store, &ctx, input, output).await?.map(Returned::Compensated))
+                }
+            }
         };
         let result = match tokio::time::timeout(timeout + HOST_GRACE, call).await {
-            Ok(Ok(Ok(out))) => self.check_output(out),
+            Ok(Ok(Ok(Returned::Executed(bindings::StepOutcome::Done(out))))) => {
+                self.check_output(out).map(|o| Returned::Executed(bindings::StepOutcome::Done(o)))
+            }
+            Ok(Ok(Ok(Returned::Compensated(out)))) => self.check_output(out).map(Returned::Compensated),
+            Ok(Ok(Ok(waiting))) => Ok(waiting),
             Ok(Ok(Err(e))) => Err(step_error(e)),
             Ok(Err(trap)) => Err(classify_trap(&trap, &store, &stderr, timeout)),
             Err(_) => Err(CallError::Trap(format!("timed out after {} ms", timeout.as_millis()))),
@@ -426,6 +445,18 @@ impl Runtime {
         }
         Ok(out)
     }
+}
+
+/// Which export a call runs, with its arguments.
+enum Export<'a> {
+    Execute { input: &'a str },
+    Compensate { input: &'a str, output: &'a str },
+}
+
+/// What an export returned, before it is mapped to the public result types.
+enum Returned {
+    Executed(bindings::StepOutcome),
+    Compensated(String),
 }
 
 /// Extra wall-clock time beyond a call's timeout before the host abandons the future. Epoch
