@@ -93,6 +93,7 @@ struct Inner {
     runtime: Arc<Runtime>,
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<crate::metrics::Metrics>,
     options: DriverOptions,
     handle: DriverHandle,
 }
@@ -103,10 +104,11 @@ impl Driver {
         runtime: Arc<Runtime>,
         catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<crate::metrics::Metrics>,
         options: DriverOptions,
     ) -> Driver {
         let handle = DriverHandle { wake: Arc::new(Notify::new()), changes: broadcast::channel(4096).0 };
-        Driver { inner: Arc::new(Inner { store, runtime, catalog, clock, options, handle }) }
+        Driver { inner: Arc::new(Inner { store, runtime, catalog, clock, metrics, options, handle }) }
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -306,6 +308,13 @@ impl Inner {
         let _ = self.store.release(id, epoch).await;
     }
 
+    /// Counts a plugin call and its latency by outcome.
+    fn record(&self, rec: &SagaRecord, step: &str, call: &'static str, outcome: &'static str, elapsed: Duration) {
+        let labels =
+            crate::metrics::CallLabels { saga_type: rec.saga_type.clone(), step: step.to_owned(), call, outcome };
+        self.metrics.call(labels, elapsed);
+    }
+
     async fn execute(
         &self,
         rec: &SagaRecord,
@@ -326,6 +335,12 @@ impl Inner {
         let timeout = Duration::from_millis(sdef.timeout_ms);
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
+        let label = match &out.result {
+            Ok(Executed::Done(_)) => "done",
+            Ok(Executed::Wait { .. }) => "wait",
+            Err(e) => e.kind(),
+        };
+        self.record(rec, &sdef.name, "execute", label, out.elapsed);
         let outcome = match out.result {
             Ok(Executed::Done(output)) => ExecuteOutcome::Done(output),
             Ok(Executed::Wait { delay_ms, signal }) => ExecuteOutcome::Wait { delay_ms, signal },
@@ -374,6 +389,8 @@ impl Inner {
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
         let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
+        let label = out.result.as_ref().map_or_else(CallError::kind, |_| "done");
+        self.record(rec, &sdef.name, "compensate", label, out.elapsed);
         let outcome = match out.result {
             Ok(output) => CompensateOutcome::Done(output),
             Err(e) => {

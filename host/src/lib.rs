@@ -10,6 +10,7 @@ pub mod driver;
 pub mod engine;
 pub mod failpoint;
 pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod runtime;
 pub mod store;
@@ -134,11 +135,13 @@ impl App {
             Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock), config.payment_deadline)
                 .await?,
         );
+        let metrics = metrics::Metrics::new();
         let driver = Driver::new(
             Arc::clone(&store),
             runtime,
             Arc::clone(&catalog),
             Arc::clone(&config.clock),
+            Arc::clone(&metrics),
             config.driver.clone(),
         );
         let handle = driver.handle();
@@ -146,13 +149,20 @@ impl App {
             Some(kafka) => Arc::new(relay::kafka::KafkaSink::new(kafka.clone())?),
             None => Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?),
         };
-        let relay =
-            Relay::new(Arc::clone(&store), sink, Arc::clone(&config.clock), handle.clone(), config.relay.clone());
+        let relay = Relay::new(
+            Arc::clone(&store),
+            sink,
+            Arc::clone(&config.clock),
+            handle.clone(),
+            Arc::clone(&metrics),
+            config.relay.clone(),
+        );
         let state = http::AppState {
             store: Arc::clone(&store),
             catalog: Arc::clone(&catalog),
             driver: handle.clone(),
             clock: Arc::clone(&config.clock),
+            metrics,
             config: Arc::new(http::HttpConfig {
                 idempotency_ttl: config.idempotency_ttl,
                 admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),

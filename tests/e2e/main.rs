@@ -412,3 +412,37 @@ async fn data_survives_a_restart() {
     assert_eq!(again["steps"], o["steps"]);
     assert_eq!(host.event_types(&id).await.len(), 5);
 }
+
+#[tokio::test]
+async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
+    let host = TestHost::start().await;
+    host.run_order(&good_order()).await;
+    host.run_order(&order("tok_decline", "SKU-1", "US")).await;
+    host.run_order(&order("tok_flaky", "SKU-1", "US")).await;
+    let r = host.get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.header("content-type").unwrap().starts_with("application/openmetrics-text"));
+    let text = String::from_utf8(r.bytes).unwrap();
+    let value = |line_start: &str| -> f64 {
+        let line =
+            text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no {line_start} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value(r#"sagahost_sagas{saga_type="order",status="COMPLETED"}"#), 2.0);
+    assert_eq!(value(r#"sagahost_sagas{saga_type="order",status="CANCELLED"}"#), 1.0);
+    assert_eq!(
+        value(r#"sagahost_plugin_calls_total{saga_type="order",step="payment",call="execute",outcome="retryable"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"sagahost_plugin_calls_total{saga_type="order",step="payment",call="execute",outcome="rejected"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"sagahost_plugin_calls_total{saga_type="order",step="inventory",call="compensate",outcome="done"}"#),
+        1.0
+    );
+    assert!(text.contains("sagahost_plugin_call_seconds_bucket"));
+    assert!(text.contains("sagahost_outbox_lag_seconds"));
+    assert!(text.trim_end().ends_with("# EOF"));
+}

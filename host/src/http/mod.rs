@@ -46,6 +46,7 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub driver: DriverHandle,
     pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub config: Arc<HttpConfig>,
 }
 
@@ -106,8 +107,11 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
         .split_for_parts();
     api.merge(admin_api);
-    let (health_routes, health_api) =
-        OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).split_for_parts();
+    let (health_routes, health_api) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .split_for_parts();
     api.merge(health_api);
     let api = Arc::new(api);
     Router::new()
@@ -138,6 +142,19 @@ async fn method_not_allowed() -> ApiError {
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Metrics in the OpenMetrics text format: sagas by status, plugin calls by outcome and their
+/// latency, events published, outbox backlog and relay lag.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "OpenMetrics text")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    match state.metrics.render(state.store.as_ref(), state.clock.now_ms()).await {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(e) => ApiError::unavailable(e).into_response(),
+    }
 }
 
 /// Readiness: the database answers and the plugins are loaded.

@@ -73,6 +73,7 @@ pub struct Relay {
     sink: Arc<dyn Sink>,
     clock: Arc<dyn Clock>,
     driver: DriverHandle,
+    metrics: Arc<crate::metrics::Metrics>,
     options: RelayOptions,
 }
 
@@ -82,9 +83,10 @@ impl Relay {
         sink: Arc<dyn Sink>,
         clock: Arc<dyn Clock>,
         driver: DriverHandle,
+        metrics: Arc<crate::metrics::Metrics>,
         options: RelayOptions,
     ) -> Relay {
-        Relay { store, sink, clock, driver, options }
+        Relay { store, sink, clock, driver, metrics, options }
     }
 
     /// Publishes until `shutdown`. Wakes on every committed status change, and polls.
@@ -134,6 +136,10 @@ impl Relay {
         let published = self.sink.publish(&rows).await;
         let acked = published.acked.min(rows.len());
         crate::failpoint!("relay-after-publish");
+        self.metrics.published(acked);
+        if published.error.is_some() {
+            self.metrics.relay_failed();
+        }
         if acked > 0 {
             let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
             self.store.outbox_mark_published(&ids, self.clock.now_ms()).await?;

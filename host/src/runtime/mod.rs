@@ -114,6 +114,17 @@ pub enum CallError {
     Trap(String),
 }
 
+impl CallError {
+    /// `retryable`, `rejected` or `trap`: a label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Retryable(_) => "retryable",
+            CallError::Rejected(_) => "rejected",
+            CallError::Trap(_) => "trap",
+        }
+    }
+}
+
 /// The result of a call plus the state writes to commit if it succeeded.
 #[derive(Debug)]
 pub struct CallOutcome<T> {

@@ -258,6 +258,10 @@ pub trait Store: Send + Sync + 'static {
     /// Unpublished outbox rows, oldest first.
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
+    /// How many events wait for the relay, and when the oldest was committed.
+    async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)>;
+    /// Sagas by (type, status, count), for metrics.
+    async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>>;
     /// Deletes up to `limit` rows published before `before`. Returns how many.
     async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64>;
     /// Every outbox row of one saga in `seq` order (published or not).

@@ -675,6 +675,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)> {
+        let r = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok((r.try_get("n")?, r.try_get("oldest")?))
+    }
+
+    async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT saga_type, status, COUNT(*) AS n FROM sagas GROUP BY saga_type, status ORDER BY saga_type, status",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("saga_type")?, r.try_get("status")?, r.try_get("n")?))).collect()
+    }
+
     async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64> {
         let r = sqlx::query(
             "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < ?1 LIMIT ?2)",
