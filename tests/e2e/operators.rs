@@ -45,8 +45,24 @@ async fn tok_3ds_waits_for_its_signal_then_completes() {
     let path = format!("/orders/{id}/signals/other");
     assert_eq!(host.send(host.client.post(host.url(&path)).json(&json!({}))).await.status, StatusCode::CONFLICT);
     let path = format!("/orders/{id}/signals/payment-confirmed");
-    let r = host.send(host.client.post(host.url(&path)).json(&json!({"auth": "ok"}))).await;
+    let k = key();
+    let send = |k: Option<String>, body: serde_json::Value| {
+        let mut req = host.client.post(host.url(&path)).json(&body);
+        if let Some(k) = k {
+            req = req.header("Idempotency-Key", k);
+        }
+        host.send(req)
+    };
+    let r = send(Some(k.clone()), json!({"auth": "ok"})).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    // A webhook retried with the same key gets the first answer, not a 409.
+    let again = send(Some(k.clone()), json!({"auth": "ok"})).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.bytes, r.bytes);
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(send(Some(k), json!({"auth": "other"})).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Without a key, a repeated signal is refused: it was delivered once.
+    assert_eq!(send(None, json!({"auth": "ok"})).await.status, StatusCode::CONFLICT);
     let o = host.wait_settled(&id).await;
     assert_eq!(o["status"], "COMPLETED");
     assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "charged");

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::sagas::{apply_outside, json_response, record_view, to_json, SagaView};
+use super::sagas::{apply_outside, idempotent, json_response, record_view, to_json, SagaView};
 use super::AppState;
 use crate::engine::Event;
 
@@ -94,8 +94,21 @@ async fn operate(
     action: &str,
     note: Option<String>,
 ) -> Result<Response, ApiError> {
-    let who = actor(&headers);
-    match apply_outside(&state, "", id, event, Some((&who, action, note))).await? {
+    let route = format!("POST /admin/sagas/{id}/{}", action.trim_start_matches("saga."));
+    let body = serde_json::json!({ "note": note });
+    idempotent(&state, &headers, route, &body, || operate_now(&state, id, &headers, event, action, note)).await
+}
+
+async fn operate_now(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    event: Event,
+    action: &str,
+    note: Option<String>,
+) -> Result<Response, ApiError> {
+    let who = actor(headers);
+    match apply_outside(state, "", id, event, Some((&who, action, note))).await? {
         Ok(rec) => {
             tracing::info!(saga_id = %id, actor = %who, action, status = %rec.state.status, "operator action");
             Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))

@@ -450,10 +450,75 @@ pub(super) async fn apply_outside(
     Err(ApiError::conflict("busy", "the saga is changing rapidly; retry the request").with_retry_after(1))
 }
 
+/// Runs a mutating request that creates no saga under its optional `Idempotency-Key` (SPEC
+/// §5.1): the first request runs and its response is stored; a retry with the same key and
+/// body gets that response back (`Idempotent-Replayed: true`), one with another body 422, one
+/// while the first runs 409. Validation must happen before: rejected requests are not stored.
+/// A 5xx is not stored either, so a retry runs the request again.
+pub(super) async fn idempotent<F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    route: String,
+    body: &serde_json::Value,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let Some(key) = idempotency::key(headers, false)? else {
+        return run().await;
+    };
+    let claim = IdempotencyClaim {
+        caller: idempotency::caller(headers),
+        fingerprint: idempotency::fingerprint(&route, body),
+        route,
+        key,
+        lock_ms: 30_000,
+        ttl_ms: state.config.idempotency_ttl.as_millis() as i64,
+        response: None,
+    };
+    match state.store.claim_key(&claim, state.clock.now_ms()).await? {
+        CreateOutcome::Created | CreateOutcome::Abandoned { .. } => {
+            let response = run().await.unwrap_or_else(IntoResponse::into_response);
+            if response.status().is_server_error() {
+                state.store.release_key(&claim.caller, &claim.route, &claim.key).await?;
+                return Ok(response);
+            }
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(ApiError::internal)?;
+            state
+                .store
+                .complete_idempotency(&claim.caller, &claim.route, &claim.key, parts.status.as_u16(), &bytes)
+                .await?;
+            Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
+        }
+        CreateOutcome::Replay { status, body, .. } => {
+            let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
+            let mut r = json_response(status, body, None);
+            r.headers_mut().insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
+            Ok(r)
+        }
+        CreateOutcome::InFlight => Err(ApiError::conflict(
+            "idempotency_key_in_flight",
+            "a request with this Idempotency-Key is still being processed; retry after the Retry-After delay",
+        )
+        .with_retry_after(1)),
+        CreateOutcome::Mismatch => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request body; use a new key for a new request",
+        )),
+    }
+}
+
 async fn cancel(state: AppState, saga_type: &str, id: &str, headers: HeaderMap) -> Result<Response, ApiError> {
-    idempotency::key(&headers, false)?;
-    match apply_outside(&state, saga_type, id, Event::Cancel { reason: "cancelled by client".to_owned() }, None).await?
-    {
+    let route = format!("POST {}/cancel", location(saga_type, id));
+    idempotent(&state, &headers, route, &serde_json::Value::Null, || cancel_now(&state, saga_type, id)).await
+}
+
+async fn cancel_now(state: &AppState, saga_type: &str, id: &str) -> Result<Response, ApiError> {
+    match apply_outside(state, saga_type, id, Event::Cancel { reason: "cancelled by client".to_owned() }, None).await? {
         Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
         // Cancelling is idempotent: a saga already compensating or cancelled stays so.
         Err((_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
@@ -471,23 +536,19 @@ async fn signal(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    idempotency::key(&headers, false)?;
     let payload = parse_body(body)?;
     if name.is_empty() || name.len() > 128 {
         return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters"));
     }
-    match apply_outside(
-        &state,
-        saga_type,
-        id,
-        Event::Signal { name: name.to_owned(), payload: payload.to_string() },
-        None,
-    )
-    .await?
-    {
-        Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
-        Err((e, _)) => Err(ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for"))),
-    }
+    let route = format!("POST {}/signals/{name}", location(saga_type, id));
+    let event = Event::Signal { name: name.to_owned(), payload: payload.to_string() };
+    idempotent(&state, &headers, route, &payload, || async {
+        match apply_outside(&state, saga_type, id, event, None).await? {
+            Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
+            Err((e, _)) => Err(ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for"))),
+        }
+    })
+    .await
 }
 
 // ------------------------------------------------------------------------------------------

@@ -222,6 +222,12 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a saga and its first event, under an idempotency key when one is given: the
     /// claim, the saga and (when known) the stored response commit in one transaction.
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome>;
+    /// Claims an idempotency key for a request that creates no saga (a signal, a cancel, an
+    /// operator action). `Created` means the key is now this request's; an in-flight claim
+    /// whose lock expired is taken over the same way.
+    async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome>;
+    /// Forgets an in-flight key whose request failed without effect, so a retry runs again.
+    async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()>;
     /// Stores the response of an in-flight idempotency key.
     async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()>;
     /// Forgets keys past their retention. Returns how many.

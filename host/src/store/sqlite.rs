@@ -173,6 +173,77 @@ async fn insert_audit(tx: &mut sqlx::SqliteConnection, a: &AuditEntry, now: i64)
     Ok(())
 }
 
+/// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
+/// already holds. INSERT .. ON CONFLICT DO NOTHING is atomic: never SELECT-then-INSERT.
+async fn claim_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    c: &IdempotencyClaim,
+    saga_id: Option<&str>,
+    now: i64,
+) -> Result<Option<CreateOutcome>> {
+    // An expired row (past retention) is replaced as if it never existed.
+    sqlx::query("DELETE FROM idempotency_keys WHERE caller = ?1 AND route = ?2 AND key = ?3 AND expires_at <= ?4")
+        .bind(&c.caller)
+        .bind(&c.route)
+        .bind(&c.key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let (status, body) = match &c.response {
+        Some((s, b)) => (Some(i64::from(*s)), Some(b.as_slice())),
+        None => (None, None),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, response_body, \
+         locked_until, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING",
+    )
+    .bind(&c.caller)
+    .bind(&c.route)
+    .bind(&c.key)
+    .bind(&c.fingerprint)
+    .bind(saga_id)
+    .bind(status)
+    .bind(body)
+    .bind(now + c.lock_ms)
+    .bind(now)
+    .bind(now + c.ttl_ms)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if inserted {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
+         WHERE caller = ?1 AND route = ?2 AND key = ?3",
+    )
+    .bind(&c.caller)
+    .bind(&c.route)
+    .bind(&c.key)
+    .fetch_one(&mut *tx)
+    .await?;
+    let fingerprint: String = row.try_get("fingerprint")?;
+    if fingerprint != c.fingerprint {
+        return Ok(Some(CreateOutcome::Mismatch));
+    }
+    let existing_saga: Option<String> = row.try_get("saga_id")?;
+    let status: Option<i64> = row.try_get("response_status")?;
+    if let Some(status) = status {
+        let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
+        let status = u16::try_from(status).map_err(|_| corrupt("status"))?;
+        return Ok(Some(CreateOutcome::Replay { status, body, saga_id: existing_saga }));
+    }
+    let locked_until: i64 = row.try_get("locked_until")?;
+    if locked_until > now {
+        return Ok(Some(CreateOutcome::InFlight));
+    }
+    Ok(Some(match existing_saga {
+        Some(saga_id) => CreateOutcome::Abandoned { saga_id },
+        None => CreateOutcome::Abandoned { saga_id: String::new() },
+    }))
+}
+
 fn outbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxRow> {
     Ok(OutboxRow {
         id: r.try_get("id")?,
@@ -287,70 +358,9 @@ impl Store for SqliteStore {
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
         let mut tx = self.writer.begin().await?;
         if let Some(c) = claim {
-            // Claim first: INSERT .. ON CONFLICT DO NOTHING is atomic, never SELECT-then-INSERT.
-            // An expired row (past retention) is replaced as if it never existed.
-            sqlx::query(
-                "DELETE FROM idempotency_keys WHERE caller = ?1 AND route = ?2 AND key = ?3 AND expires_at <= ?4",
-            )
-            .bind(&c.caller)
-            .bind(&c.route)
-            .bind(&c.key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let (status, body) = match &c.response {
-                Some((s, b)) => (Some(i64::from(*s)), Some(b.as_slice())),
-                None => (None, None),
-            };
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, response_body, \
-                 locked_until, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING",
-            )
-            .bind(&c.caller)
-            .bind(&c.route)
-            .bind(&c.key)
-            .bind(&c.fingerprint)
-            .bind(&saga.id)
-            .bind(status)
-            .bind(body)
-            .bind(now + c.lock_ms)
-            .bind(now)
-            .bind(now + c.ttl_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !inserted {
-                let row = sqlx::query(
-                    "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
-                     WHERE caller = ?1 AND route = ?2 AND key = ?3",
-                )
-                .bind(&c.caller)
-                .bind(&c.route)
-                .bind(&c.key)
-                .fetch_one(&mut *tx)
-                .await?;
+            if let Some(existing) = claim_in_tx(&mut tx, c, Some(&saga.id), now).await? {
                 tx.rollback().await?;
-                let fingerprint: String = row.try_get("fingerprint")?;
-                if fingerprint != c.fingerprint {
-                    return Ok(CreateOutcome::Mismatch);
-                }
-                let status: Option<i64> = row.try_get("response_status")?;
-                if let Some(status) = status {
-                    let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
-                    let saga_id: Option<String> = row.try_get("saga_id")?;
-                    return Ok(CreateOutcome::Replay {
-                        status: u16::try_from(status).map_err(|_| corrupt("status"))?,
-                        body,
-                        saga_id,
-                    });
-                }
-                let locked_until: i64 = row.try_get("locked_until")?;
-                let saga_id: Option<String> = row.try_get("saga_id")?;
-                return Ok(match saga_id {
-                    Some(saga_id) if locked_until <= now => CreateOutcome::Abandoned { saga_id },
-                    _ => CreateOutcome::InFlight,
-                });
+                return Ok(existing);
             }
         }
         // A crash here, between the claim and the saga row, must leave neither: both are in
@@ -395,6 +405,41 @@ impl Store for SqliteStore {
         insert_outbox(&mut tx, row).await?;
         tx.commit().await?;
         Ok(CreateOutcome::Created)
+    }
+
+    async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
+        let mut tx = self.writer.begin().await?;
+        let outcome = match claim_in_tx(&mut tx, claim, None, now).await? {
+            None => CreateOutcome::Created,
+            // An abandoned claim of a request that creates nothing: take it over.
+            Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET locked_until = ?4 WHERE caller = ?1 AND route = ?2 AND key = ?3",
+                )
+                .bind(&claim.caller)
+                .bind(&claim.route)
+                .bind(&claim.key)
+                .bind(now + claim.lock_ms)
+                .execute(&mut *tx)
+                .await?;
+                CreateOutcome::Created
+            }
+            Some(other) => other,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE caller = ?1 AND route = ?2 AND key = ?3 AND response_status IS NULL",
+        )
+        .bind(caller)
+        .bind(route)
+        .bind(key)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()> {
