@@ -26,6 +26,9 @@ use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome, Phas
 use crate::runtime::{CallError, CallInfo, Executed, Runtime};
 use crate::store::{self, Commit, Fence, SagaRecord, StateWrite, Store};
 
+/// How long shutdown waits for plugin calls in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Tuning of the driver.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
@@ -116,7 +119,7 @@ impl Driver {
     }
 
     /// Runs until `shutdown`; then lets the sagas in progress finish their current call and
-    /// commit (or not: a crash at any point is safe too).
+    /// commit, for up to ten seconds (or not: a crash at any point is safe too).
     pub async fn run(self, shutdown: CancellationToken) {
         let inner = self.inner;
         let permits = Arc::new(Semaphore::new(inner.options.max_concurrency));
@@ -163,7 +166,12 @@ impl Driver {
             }
         }
         tasks.close();
-        tasks.wait().await;
+        // Calls in progress get a moment to finish and commit; a step with a long timeout must
+        // not hold the process hostage. Whatever is still running is simply dropped: that is a
+        // crash from the saga's point of view, and crashes are safe (the step runs again).
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+            tracing::warn!(running = tasks.len(), "shutting down with plugin calls still running; they will run again after restart");
+        }
     }
 }
 
