@@ -170,7 +170,10 @@ impl Driver {
         // not hold the process hostage. Whatever is still running is simply dropped: that is a
         // crash from the saga's point of view, and crashes are safe (the step runs again).
         if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
-            tracing::warn!(running = tasks.len(), "shutting down with plugin calls still running; they will run again after restart");
+            tracing::warn!(
+                running = tasks.len(),
+                "shutting down with plugin calls still running; they will run again after restart"
+            );
         }
     }
 }
@@ -210,16 +213,17 @@ impl Inner {
                 }
             }
             let now = self.clock.now_ms();
+            let began = std::time::Instant::now();
             let action = engine::next_action(&rec.definition, &rec.state, now);
-            let (event, writes) = match action {
+            let (event, writes, call_time) = match action {
                 Action::Idle => {
                     if let Err(e) = self.store.release(&id, epoch).await {
                         tracing::warn!(saga_id = %id, error = %e, "releasing a saga failed; its claim will expire");
                     }
                     return;
                 }
-                Action::Finish => (Event::Finish, None),
-                Action::DeadlineExceeded { step } => (Event::DeadlineExceeded { step }, None),
+                Action::Finish => (Event::Finish, None, Duration::ZERO),
+                Action::DeadlineExceeded { step } => (Event::DeadlineExceeded { step }, None, Duration::ZERO),
                 Action::Execute { step, attempt } => {
                     let out = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now)).await;
                     crate::failpoint!("driver-after-call");
@@ -262,6 +266,7 @@ impl Inner {
             match self.store.commit(&commit).await {
                 Ok(seq) => {
                     crate::failpoint!("driver-after-commit");
+                    self.metrics.transition(began.elapsed().saturating_sub(call_time));
                     tracing::debug!(saga_id = %id, seq, event = %transition.event.event_type, status = %transition.state.status, "committed");
                     let settled =
                         transition.state.phase.is_terminal() || transition.state.phase == Phase::CompensationFailed;
@@ -329,7 +334,7 @@ impl Inner {
         step: usize,
         attempt: u32,
         started_at: i64,
-    ) -> (Event, Option<(String, Vec<StateWrite>)>) {
+    ) -> (Event, Option<(String, Vec<StateWrite>)>, Duration) {
         let sdef = &rec.definition.steps[step];
         let info = CallInfo {
             saga_id: rec.id.clone(),
@@ -367,7 +372,7 @@ impl Inner {
             outcome,
             jitter: rand::random::<f64>(),
         };
-        (event, Some((sdef.execute.plugin.clone(), out.writes)))
+        (event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed)
     }
 
     async fn compensate(
@@ -375,7 +380,7 @@ impl Inner {
         rec: &SagaRecord,
         step: usize,
         attempt: u32,
-    ) -> (Event, Option<(String, Vec<StateWrite>)>) {
+    ) -> (Event, Option<(String, Vec<StateWrite>)>, Duration) {
         let sdef = &rec.definition.steps[step];
         // Compensation uses the binding in force now, so a fixed compensation can be bound
         // and applied to sagas already in flight or stuck (SPEC §3). If the type's current
@@ -413,7 +418,7 @@ impl Inner {
             outcome,
             jitter: rand::random::<f64>(),
         };
-        (event, Some((binding.plugin, out.writes)))
+        (event, Some((binding.plugin, out.writes)), out.elapsed)
     }
 }
 

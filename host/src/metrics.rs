@@ -50,6 +50,7 @@ pub struct Metrics {
     call_seconds: Family<CallLabels, Histogram, HistogramFn>,
     events_published: Counter,
     relay_failures: Counter,
+    transition_overhead: Histogram,
 }
 
 impl Metrics {
@@ -72,13 +73,24 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register("relay_failures", "Relay batches that failed and will be retried", relay_failures.clone());
-        Arc::new(Metrics { registry, calls, call_seconds, events_published, relay_failures })
+        let transition_overhead = latency_histogram();
+        registry.register(
+            "transition_overhead_seconds",
+            "Host time per committed transition, plugin call excluded: engine, state reads, the commit",
+            transition_overhead.clone(),
+        );
+        Arc::new(Metrics { registry, calls, call_seconds, events_published, relay_failures, transition_overhead })
     }
 
     /// Records one plugin call.
     pub fn call(&self, labels: CallLabels, elapsed: Duration) {
         self.call_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         self.calls.get_or_create(&labels).inc();
+    }
+
+    /// Records the host's own time for one committed transition.
+    pub fn transition(&self, overhead: Duration) {
+        self.transition_overhead.observe(overhead.as_secs_f64());
     }
 
     pub fn published(&self, n: usize) {

@@ -1,0 +1,101 @@
+//! The load benchmark: drives the real binary over real HTTP and prints figures. Not a timed
+//! test: it asserts nothing about speed. `./scripts/bench` runs it on a release build.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{good_order, key};
+use crate::process::HostProcess;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Sums a metric family's `_sum` and `_count` over all its label sets.
+fn sum_and_count(metrics: &str, family: &str) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("_sum"), total("_count"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[tokio::test]
+#[ignore = "a benchmark, not a test: run with ./scripts/bench"]
+async fn load() {
+    let total = env_or("BENCH_SAGAS", 2000);
+    let clients = env_or("BENCH_CLIENTS", 32);
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProcess::spawn(dir.path(), None, &[("RUST_LOG", "error")]).await;
+    let http = reqwest::Client::new();
+    let body = good_order().to_string();
+    // Warm up: compile caches, connection pools, SQLite pages.
+    for _ in 0..20 {
+        let r = http
+            .post(format!("{}/orders", host.base))
+            .header("Idempotency-Key", key())
+            .header("Prefer", "wait=30")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = http.get(format!("{}/metrics", host.base)).send().await.unwrap().text().await.unwrap();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, base, body, next) = (http.clone(), host.base.clone(), body.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut latencies = vec![];
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                    let t = Instant::now();
+                    let r = http
+                        .post(format!("{base}/orders"))
+                        .header("Idempotency-Key", key())
+                        .header("Prefer", "wait=30")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200, "a saga did not complete within 30 s");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = vec![];
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let after = http.get(format!("{}/metrics", host.base)).send().await.unwrap().text().await.unwrap();
+    let delta = |family: &str| {
+        let (s0, c0) = sum_and_count(&before, family);
+        let (s1, c1) = sum_and_count(&after, family);
+        ((s1 - s0) / (c1 - c0).max(1.0)) * 1e6
+    };
+    println!(
+        "bench: backend=sqlite replicas=1 clients={clients} sagas={} elapsed_s={:.2} sagas_per_s={:.1} \
+         latency_ms p50={:.1} p95={:.1} p99={:.1} plugin_call_us_mean={:.0} host_overhead_per_transition_us_mean={:.0}",
+        latencies.len(),
+        elapsed.as_secs_f64(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.95),
+        percentile(&latencies, 0.99),
+        delta("sagahost_plugin_call_seconds"),
+        delta("sagahost_transition_overhead_seconds"),
+    );
+    host.kill().await;
+}
