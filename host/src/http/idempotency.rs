@@ -11,6 +11,24 @@ pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
 pub const MAX_KEY_LEN: usize = 255;
 
+/// 409: the key's first request is still running.
+pub fn in_flight() -> ApiError {
+    ApiError::conflict(
+        "idempotency_key_in_flight",
+        "a request with this Idempotency-Key is still being processed; retry after the Retry-After delay",
+    )
+    .with_retry_after(1)
+}
+
+/// 422: the key was used with another request.
+pub fn reused() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used with a different request body; use a new key for a new request",
+    )
+}
+
 /// The key from the request, if any, checked for length and printability.
 pub fn key(headers: &HeaderMap, required: bool) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(HEADER) else {

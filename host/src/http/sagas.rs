@@ -162,6 +162,14 @@ pub(super) fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(v).map_err(ApiError::internal)
 }
 
+/// A stored response, replayed byte for byte and marked `Idempotent-Replayed: true`.
+fn replay(status: u16, body: Vec<u8>, location: Option<&str>) -> Result<Response, ApiError> {
+    let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
+    let mut r = json_response(status, body, location);
+    r.headers_mut().insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
+    Ok(r)
+}
+
 /// Where a saga lives: `/orders/{id}` for orders, `/sagas/{type}/{id}` otherwise.
 pub fn location(saga_type: &str, id: &str) -> String {
     if saga_type == "order" {
@@ -317,22 +325,10 @@ async fn create(
             Ok(r)
         }
         CreateOutcome::Replay { status, body, saga_id } => {
-            let loc = saga_id.map(|id| location(saga_type, &id));
-            let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
-            let mut r = json_response(status, body, loc.as_deref());
-            r.headers_mut().insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
-            Ok(r)
+            replay(status, body, saga_id.map(|id| location(saga_type, &id)).as_deref())
         }
-        CreateOutcome::InFlight => Err(ApiError::conflict(
-            "idempotency_key_in_flight",
-            "a request with this Idempotency-Key is still being processed; retry after the Retry-After delay",
-        )
-        .with_retry_after(1)),
-        CreateOutcome::Mismatch => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was already used with a different request body; use a new key for a new request",
-        )),
+        CreateOutcome::InFlight => Err(idempotency::in_flight()),
+        CreateOutcome::Mismatch => Err(idempotency::reused()),
         CreateOutcome::Abandoned { saga_id } => {
             // The first request created the saga, then died before answering. Answer now, from
             // the saga: never a second saga for one key.
@@ -493,22 +489,9 @@ where
                 .await?;
             Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
         }
-        CreateOutcome::Replay { status, body, .. } => {
-            let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
-            let mut r = json_response(status, body, None);
-            r.headers_mut().insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
-            Ok(r)
-        }
-        CreateOutcome::InFlight => Err(ApiError::conflict(
-            "idempotency_key_in_flight",
-            "a request with this Idempotency-Key is still being processed; retry after the Retry-After delay",
-        )
-        .with_retry_after(1)),
-        CreateOutcome::Mismatch => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was already used with a different request body; use a new key for a new request",
-        )),
+        CreateOutcome::Replay { status, body, .. } => replay(status, body, None),
+        CreateOutcome::InFlight => Err(idempotency::in_flight()),
+        CreateOutcome::Mismatch => Err(idempotency::reused()),
     }
 }
 
