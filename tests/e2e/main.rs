@@ -351,11 +351,12 @@ async fn health_readiness_and_openapi() {
     assert_eq!(host.get("/nope").await.status, StatusCode::NOT_FOUND);
 }
 
-/// Binds the hostile fixture plugin as the shipment step's execute (compensate stays the demo).
+/// Binds the hostile fixture plugin, uploaded as a version of `shipment`, as the shipment
+/// step's execute (compensate stays the demo's).
 async fn bind_misbehave_to_shipment(host: &TestHost, timeout_ms: u64) {
-    let (digest, _) = host.catalog.install_plugin("misbehave", fixture("misbehave")).await.expect("fixture loads");
+    let (digest, _) = host.catalog.install_plugin("shipment", fixture("misbehave")).await.expect("fixture loads");
     let mut def = (*host.catalog.definition("order").unwrap()).clone();
-    def.steps[2].execute = PluginRef { plugin: "misbehave".into(), digest };
+    def.steps[2].execute = PluginRef { plugin: "shipment".into(), digest };
     def.steps[2].timeout_ms = timeout_ms;
     host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
 }

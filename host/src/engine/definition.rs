@@ -139,6 +139,18 @@ impl SagaDefinition {
                     "use an UPPER_SNAKE_CASE label that is not one of CREATED, COMPLETED, COMPENSATING, CANCELLED, COMPENSATION_FAILED",
                 ));
             }
+            // Execute and compensate share the plugin's state space: compensation must see the
+            // records its execute wrote, so both bindings are versions of one plugin.
+            if step.execute.plugin != step.compensate.plugin {
+                return Err(invalid(
+                    f("compensate"),
+                    format!(
+                        "is a version of plugin '{}' but execute is a version of '{}'; both must be versions of one plugin, \
+                         so that compensate sees the state execute wrote",
+                        step.compensate.plugin, step.execute.plugin
+                    ),
+                ));
+            }
             validate_policy(&f("retry"), &step.retry)?;
             validate_policy(&f("compensate_retry"), &step.compensate_retry)?;
             if step.timeout_ms == 0 || step.timeout_ms > 3_600_000 {
@@ -198,6 +210,28 @@ mod tests {
         assert_eq!(pascal("PAYMENT_CHARGED"), "PaymentCharged");
         assert_eq!(pascal("order"), "Order");
         assert_eq!(pascal("account-onboarding"), "AccountOnboarding");
+    }
+
+    #[test]
+    fn execute_and_compensate_must_be_one_plugin() {
+        let p = |name: &str| PluginRef { plugin: name.into(), digest: format!("sha256:{name}") };
+        let mut def = SagaDefinition {
+            saga_type: "order".into(),
+            steps: vec![StepDefinition {
+                name: "pay".into(),
+                state: "PAID".into(),
+                execute: p("payment"),
+                compensate: p("payment"),
+                retry: RetryPolicy::EXECUTE,
+                compensate_retry: RetryPolicy::COMPENSATE,
+                timeout_ms: 1000,
+                deadline_ms: None,
+            }],
+        };
+        assert_eq!(def.validate(), Ok(()));
+        def.steps[0].compensate = p("other");
+        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        assert_eq!(field, "steps[0].compensate");
     }
 
     #[test]
