@@ -408,6 +408,13 @@ async fn data_survives_a_restart() {
     let o = host.run_order(&good_order()).await;
     let id = o["id"].as_str().unwrap().to_owned();
     let dir = host.stop().await;
+    // The compiled plugins were cached by digest and engine, so the restart does not recompile.
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".cwasm"))
+        .collect();
+    assert_eq!(cached.len(), 3, "{cached:?}");
     let host = TestHost::start_in(dir, |_| {}).await;
     let again = host.get(&format!("/orders/{id}")).await.json();
     assert_eq!(again["status"], "COMPLETED");
