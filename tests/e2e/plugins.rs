@@ -277,7 +277,7 @@ async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing
         StatusCode::OK
     );
 
-    let modes = ["loop", "oom", "recurse", "panic", "huge-output", "log-flood", "bad-json"];
+    let modes = ["loop", "oom", "recurse", "panic", "huge-output", "log-flood", "bad-json", "wait-for-nothing"];
     let mut hostile = vec![];
     for mode in modes {
         let r = host
@@ -332,6 +332,7 @@ async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing
             "panic" => "panicked",
             "huge-output" => "exceeds the limit",
             "bad-json" => "not valid JSON",
+            "wait-for-nothing" => "wait needs a delay-ms or a signal",
             _ => "",
         };
         assert!(err.contains(why), "{mode}: last_error {err:?} should mention {why:?}");

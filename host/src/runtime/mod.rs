@@ -434,6 +434,13 @@ impl Runtime {
                 self.check_output(out).map(|o| Returned::Executed(bindings::StepOutcome::Done(o)))
             }
             Ok(Ok(Ok(Returned::Compensated(out)))) => self.check_output(out).map(Returned::Compensated),
+            // A wait for nothing would park the step until its deadline, or forever: a broken
+            // contract, failed like a trap so the retry policy bounds it.
+            Ok(Ok(Ok(Returned::Executed(bindings::StepOutcome::Wait(w)))))
+                if w.delay_ms.is_none() && w.signal.is_none() =>
+            {
+                Err(CallError::Trap("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
+            }
             Ok(Ok(Ok(waiting))) => Ok(waiting),
             Ok(Ok(Err(e))) => Err(step_error(e)),
             Ok(Err(trap)) => Err(classify_trap(&trap, &store, &stderr, timeout)),
