@@ -336,14 +336,7 @@ impl Inner {
         started_at: i64,
     ) -> (Event, Option<(String, Vec<StateWrite>)>, Duration) {
         let sdef = &rec.definition.steps[step];
-        let info = CallInfo {
-            saga_id: rec.id.clone(),
-            saga_type: rec.saga_type.clone(),
-            step: sdef.name.clone(),
-            attempt,
-            idempotency_key: format!("{}:{}:execute", rec.id, sdef.name),
-            signal: rec.state.steps[step].signal_payload.clone(),
-        };
+        let info = call_info(rec, &sdef.name, attempt, "execute", rec.state.steps[step].signal_payload.clone());
         let input = step_input(rec, step);
         let timeout = Duration::from_millis(sdef.timeout_ms);
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
@@ -390,14 +383,7 @@ impl Inner {
             .definition(&rec.saga_type)
             .and_then(|current| current.steps.iter().find(|s| s.name == sdef.name).map(|s| s.compensate.clone()))
             .unwrap_or_else(|| sdef.compensate.clone());
-        let info = CallInfo {
-            saga_id: rec.id.clone(),
-            saga_type: rec.saga_type.clone(),
-            step: sdef.name.clone(),
-            attempt,
-            idempotency_key: format!("{}:{}:compensate", rec.id, sdef.name),
-            signal: None,
-        };
+        let info = call_info(rec, &sdef.name, attempt, "compensate", None);
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
@@ -419,6 +405,19 @@ impl Inner {
             jitter: rand::random::<f64>(),
         };
         (event, Some((binding.plugin, out.writes)), out.elapsed)
+    }
+}
+
+/// The call context of one attempt. The idempotency key, `{saga-id}:{step}:{execute|compensate}`,
+/// is part of the plugin contract: the same on every retry and after every restart.
+fn call_info(rec: &SagaRecord, step: &str, attempt: u32, export: &str, signal: Option<String>) -> CallInfo {
+    CallInfo {
+        saga_id: rec.id.clone(),
+        saga_type: rec.saga_type.clone(),
+        step: step.to_owned(),
+        attempt,
+        idempotency_key: format!("{}:{step}:{export}", rec.id),
+        signal,
     }
 }
 
