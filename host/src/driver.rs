@@ -282,7 +282,8 @@ impl Inner {
                     }
                 }
                 Err(store::Error::Fenced) => {
-                    tracing::info!(saga_id = %id, "lost the saga to a newer claim; discarding this result");
+                    self.metrics.stale_commit();
+                    tracing::warn!(saga_id = %id, epoch, "lost the saga to a newer claim; discarding this result");
                     return;
                 }
                 Err(e) => {
@@ -339,6 +340,8 @@ impl Inner {
         let info = call_info(rec, &sdef.name, attempt, "execute", rec.state.steps[step].signal_payload.clone());
         let input = step_input(rec, step);
         let timeout = Duration::from_millis(sdef.timeout_ms);
+        // A version bound through another replica a moment ago: load it rather than fail.
+        self.catalog.ensure_loaded(&sdef.execute.digest).await;
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
         let label = match &out.result {
@@ -387,6 +390,7 @@ impl Inner {
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
+        self.catalog.ensure_loaded(&binding.digest).await;
         let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
         let label = out.result.as_ref().map_or_else(CallError::kind, |_| "done");
         self.record(rec, &sdef.name, "compensate", label, out.elapsed);

@@ -29,7 +29,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::driver::{Driver, DriverHandle, DriverOptions};
 use crate::relay::{Relay, RelayOptions, Sink};
 use crate::runtime::{Runtime, StateReader};
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 
 /// Everything needed to build an [`App`].
 #[derive(Clone)]
@@ -37,8 +37,14 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Holds the SQLite file, `events.jsonl` and the host identity.
     pub data_dir: PathBuf,
-    /// A `sqlite:` URL; `None` means `<data_dir>/sagahost.db`.
+    /// A `sqlite:` or `postgres://` URL; `None` means `<data_dir>/sagahost.db`.
     pub database: Option<String>,
+    /// This process's identity in leases; `None` keeps one in `<data_dir>/host-id`. Replicas
+    /// on one database must have different identities (different data dirs do that).
+    pub host_id: Option<String>,
+    /// How often the catalog checks the store for plugins and definitions changed through
+    /// other replicas.
+    pub catalog_refresh: Duration,
     pub idempotency_ttl: Duration,
     /// Bearer token for the admin routes; `None` turns them off.
     pub admin_token: Option<String>,
@@ -61,6 +67,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.into(),
             database: None,
+            host_id: None,
+            catalog_refresh: Duration::from_millis(250),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             admin_token: None,
             kafka: None,
@@ -95,6 +103,7 @@ pub struct App {
     handle: DriverHandle,
     clock: Arc<dyn Clock>,
     outbox_retention: Duration,
+    catalog_refresh: Duration,
 }
 
 /// A stable identity for this data directory's host process, so that a restarted process
@@ -116,16 +125,12 @@ impl App {
     pub async fn build(mut config: Config) -> anyhow::Result<App> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let store: Arc<dyn Store> = match &config.database {
-            None => Arc::new(
-                SqliteStore::open(&config.data_dir.join("sagahost.db")).await.context("opening the SQLite database")?,
-            ),
-            Some(url) if url.starts_with("sqlite:") => {
-                Arc::new(SqliteStore::open_url(url).await.context("opening the SQLite database")?)
-            }
-            Some(url) => anyhow::bail!("unsupported database URL '{url}': this build supports sqlite: URLs only"),
+        let store = store::open(config.database.as_deref(), &config.data_dir).await.context("opening the database")?;
+        config.driver.owner = match config.host_id.clone().filter(|id| !id.trim().is_empty()) {
+            Some(id) => id,
+            None => host_identity(&config.data_dir)?,
         };
-        config.driver.owner = host_identity(&config.data_dir)?;
+        config.relay.owner = config.driver.owner.clone();
         let runtime = Arc::new(Runtime::new(
             config.limits.clone(),
             Arc::new(StoreReader(Arc::clone(&store))),
@@ -180,6 +185,7 @@ impl App {
             handle,
             clock: config.clock,
             outbox_retention: config.outbox_retention,
+            catalog_refresh: config.catalog_refresh,
         })
     }
 
@@ -205,6 +211,7 @@ impl App {
         tracing::info!(addr = %self.local_addr(), "sagahost listening");
         let driver = tokio::spawn(self.driver.run(shutdown.clone()));
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
+        let catalog = tokio::spawn(Arc::clone(&self.catalog).watch(self.catalog_refresh, shutdown.clone()));
         let janitor = tokio::spawn(janitor(
             Arc::clone(&self.store),
             Arc::clone(&self.clock),
@@ -214,7 +221,7 @@ impl App {
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await;
         shutdown.cancel();
-        let _ = tokio::join!(driver, relay, janitor);
+        let _ = tokio::join!(driver, relay, janitor, catalog);
         served.context("HTTP server failed")
     }
 }

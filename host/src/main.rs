@@ -28,9 +28,26 @@ struct Serve {
     /// Directory for the SQLite database, events.jsonl and the host identity.
     #[arg(long, env = "SAGAHOST_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
-    /// Database URL (sqlite:...). Default: a SQLite file in the data directory.
-    #[arg(long, env = "SAGAHOST_DATABASE")]
+    /// Database URL: sqlite:PATH, or postgres://USER[:PASSWORD]@HOST[:PORT]/DB for production
+    /// (any number of replicas may share one PostgreSQL database). Default: a SQLite file in the
+    /// data directory.
+    #[arg(long, env = "SAGAHOST_DATABASE", hide_env_values = true)]
     database: Option<String>,
+    /// This process's identity in saga and relay leases. Default: one kept in
+    /// <data-dir>/host-id. Replicas on one database need distinct identities.
+    #[arg(long, env = "SAGAHOST_HOST_ID")]
+    host_id: Option<String>,
+    /// How long a replica's claim on a saga lasts without renewal, in milliseconds: how soon a
+    /// dead replica's sagas are taken over. Renewed every third of it while a step runs.
+    #[arg(long, env = "SAGAHOST_LEASE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(i64).range(300..))]
+    lease_ms: i64,
+    /// How long the relay lease lasts without renewal, in milliseconds: how soon another
+    /// replica takes over publishing events when the publishing one dies.
+    #[arg(long, env = "SAGAHOST_RELAY_LEASE_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(300..))]
+    relay_lease_ms: u64,
+    /// How often to look for plugins and bindings changed through other replicas, in ms.
+    #[arg(long, env = "SAGAHOST_CATALOG_REFRESH_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+    catalog_refresh_ms: u64,
     /// Bearer token for the admin routes (/admin/...). Without one, admin routes answer 403.
     #[arg(long, env = "SAGAHOST_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -91,6 +108,10 @@ async fn main() -> anyhow::Result<()> {
     let mut config = sagahost::Config::embedded(&args.data_dir);
     config.listen = args.listen;
     config.database = args.database;
+    config.host_id = args.host_id;
+    config.driver.lease_ms = args.lease_ms;
+    config.relay.lease = Duration::from_millis(args.relay_lease_ms);
+    config.catalog_refresh = Duration::from_millis(args.catalog_refresh_ms);
     config.admin_token = args.admin_token;
     config.kafka = args.kafka_brokers.map(|brokers| sagahost::relay::kafka::KafkaOptions {
         brokers,

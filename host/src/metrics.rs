@@ -51,6 +51,8 @@ pub struct Metrics {
     events_published: Counter,
     relay_failures: Counter,
     transition_overhead: Histogram,
+    stale_commits: Counter,
+    relay_leader: Gauge,
 }
 
 impl Metrics {
@@ -79,7 +81,24 @@ impl Metrics {
             "Host time per committed transition, plugin call excluded: engine, state reads, the commit",
             transition_overhead.clone(),
         );
-        Arc::new(Metrics { registry, calls, call_seconds, events_published, relay_failures, transition_overhead })
+        let stale_commits = Counter::default();
+        registry.register(
+            "stale_commits",
+            "Step results discarded because the saga's lease had passed to another worker (fencing)",
+            stale_commits.clone(),
+        );
+        let relay_leader = Gauge::default();
+        registry.register("relay_leader", "1 while this process holds the relay lease and publishes", relay_leader.clone());
+        Arc::new(Metrics {
+            registry,
+            calls,
+            call_seconds,
+            events_published,
+            relay_failures,
+            transition_overhead,
+            stale_commits,
+            relay_leader,
+        })
     }
 
     /// Records one plugin call.
@@ -99,6 +118,15 @@ impl Metrics {
 
     pub fn relay_failed(&self) {
         self.relay_failures.inc();
+    }
+
+    /// A commit refused by the fence: this worker had lost the saga.
+    pub fn stale_commit(&self) {
+        self.stale_commits.inc();
+    }
+
+    pub fn relay_leader(&self, leading: bool) {
+        self.relay_leader.set(i64::from(leading));
     }
 
     /// The whole exposition: live counters plus gauges read from the store now.

@@ -3,11 +3,21 @@
 //! It owns the path from bytes to a runnable step: store the component by digest, compile it
 //! in the runtime, and check that definitions only bind loaded components. Definitions are
 //! cached in memory; the store is the source of truth, so every replica can rebuild it.
+//!
+//! Replicas: every upload and definition change bumps a version counter in the same
+//! transaction. [`Catalog::watch`] polls that one row (every 250 ms by default) and reloads
+//! what changed: new plugin versions are fetched and compiled, definitions are re-read. A
+//! replica that meets a digest it does not know yet (a binding made through another replica a
+//! moment ago) refreshes on the spot instead of failing.
 
 pub mod demo;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::engine::definition::DefinitionError;
@@ -42,6 +52,10 @@ pub struct Catalog {
     definitions: RwLock<HashMap<String, Arc<SagaDefinition>>>,
     /// digest -> plugin name, for every loaded component.
     plugin_names: RwLock<HashMap<String, String>>,
+    /// The store's catalog version this cache reflects (at least).
+    version: AtomicI64,
+    /// One refresh at a time: compiling a component twice in parallel would waste a core.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
@@ -59,23 +73,11 @@ impl Catalog {
             clock,
             definitions: RwLock::new(HashMap::new()),
             plugin_names: RwLock::new(HashMap::new()),
+            version: AtomicI64::new(i64::MIN),
+            refreshing: tokio::sync::Mutex::new(()),
         };
-        for row in catalog.store.plugins().await? {
-            match catalog.runtime.load(row.wasm).await {
-                Ok(_) => {
-                    catalog.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, row.name);
-                }
-                // A component that this build cannot load must not stop the host: sagas bound
-                // to it fail their attempts visibly instead.
-                Err(e) => {
-                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load")
-                }
-            }
-        }
+        catalog.refresh().await?;
         let builtin = demo::install(&catalog, payment_deadline.as_millis() as u64).await?;
-        for def in catalog.store.definitions().await? {
-            catalog.cache(def);
-        }
         match catalog.store.definition(&builtin.saga_type).await? {
             Some((current, DefinitionSource::Builtin)) if current != builtin => {
                 tracing::info!(saga_type = %builtin.saga_type, "upgrading the built-in definition to this release's plugins");
@@ -87,9 +89,86 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// Brings the cache up to the store's catalog version: compiles plugin versions uploaded
+    /// through other replicas and re-reads the definitions. Cheap when nothing changed (one
+    /// single-row read).
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let _one = self.refreshing.lock().await;
+        // Read the version first: a change committed while we load bumps it again, and the
+        // next refresh picks that up.
+        let version = self.store.catalog_version().await?;
+        if version == self.version.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let known: Vec<String> = self.plugin_names.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for info in self.store.plugin_versions().await? {
+            if known.contains(&info.digest) {
+                continue;
+            }
+            let Some(row) = self.store.plugin(&info.digest).await? else { continue };
+            match self.runtime.load(row.wasm).await {
+                Ok(_) => {
+                    self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, row.name);
+                }
+                // A component that this build cannot load must not stop the host: sagas bound
+                // to it fail their attempts visibly instead. It is tried again on the next
+                // catalog change.
+                Err(e) => {
+                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load")
+                }
+            }
+        }
+        let definitions: HashMap<String, Arc<SagaDefinition>> =
+            self.store.definitions().await?.into_iter().map(|d| (d.saga_type.clone(), Arc::new(d))).collect();
+        *self.definitions.write().unwrap_or_else(|e| e.into_inner()) = definitions;
+        self.version.store(version, Ordering::Release);
+        Ok(())
+    }
+
+    /// Refreshes every `interval` until `shutdown`, so a change made through any replica
+    /// reaches this one within about `interval`.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            match self.refresh().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("catalog refresh works again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "refreshing the catalog failed; serving the cached one");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Makes sure a digest is loaded if any replica stored it; false if it is unknown.
+    pub async fn ensure_loaded(&self, digest: &str) -> bool {
+        if self.runtime.is_loaded(digest) {
+            return true;
+        }
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(%digest, error = %e, "refreshing the catalog for an unknown plugin failed");
+        }
+        self.runtime.is_loaded(digest)
+    }
+
     /// Stores and compiles a component. Returns its digest and whether it was new.
     pub async fn install_plugin(&self, name: &str, wasm: Vec<u8>) -> Result<(String, bool), Error> {
-        if let Some(existing) = self.plugin_name(&crate::runtime::digest_of(&wasm)) {
+        let digest = crate::runtime::digest_of(&wasm);
+        // The same bytes may have been uploaded through another replica: the store decides.
+        let stored = match self.plugin_name(&digest) {
+            Some(existing) => Some(existing),
+            None => self.store.plugin(&digest).await?.map(|row| row.name),
+        };
+        if let Some(existing) = stored {
             if existing != name {
                 return Err(Error::NameMismatch { existing });
             }
@@ -97,6 +176,14 @@ impl Catalog {
         // Compile first: nothing invalid is ever stored.
         let digest = self.runtime.load(wasm.clone()).await?;
         let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms()).await?;
+        if !new {
+            // Lost a race with an upload of the same bytes elsewhere: keep the stored name.
+            if let Some(row) = self.store.plugin(&digest).await? {
+                if row.name != name {
+                    return Err(Error::NameMismatch { existing: row.name });
+                }
+            }
+        }
         self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(digest.clone(), name.to_owned());
         Ok((digest, new))
     }
@@ -116,6 +203,9 @@ impl Catalog {
         execute: Option<&str>,
         compensate: Option<&str>,
     ) -> Result<(crate::engine::StepDefinition, crate::engine::StepDefinition), Error> {
+        for digest in execute.iter().chain(compensate.iter()) {
+            self.ensure_loaded(digest).await;
+        }
         let current = self.definition(saga_type).ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))?;
         let mut def = (*current).clone();
         let i = def
@@ -154,7 +244,7 @@ impl Catalog {
         def.validate()?;
         for (i, step) in def.steps.iter().enumerate() {
             for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
-                if !self.runtime.is_loaded(&plugin.digest) {
+                if !self.ensure_loaded(&plugin.digest).await {
                     return Err(Error::UnknownPlugin {
                         field: format!("steps[{i}].{which}"),
                         digest: plugin.digest.clone(),

@@ -293,6 +293,8 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
 }
 
 async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) -> Result<SagaDefinition, ApiError> {
+    // Plugins uploaded through another replica a moment ago count as uploaded.
+    state.catalog.refresh().await.map_err(catalog_error)?;
     let versions = state.store.plugin_versions().await?;
     let mut steps = Vec::with_capacity(spec.steps.len());
     for (i, s) in spec.steps.into_iter().enumerate() {
@@ -354,6 +356,8 @@ pub async fn put_definition(
 #[utoipa::path(get, path = "/admin/sagas", tag = "admin", security(("admin_token" = [])),
     responses((status = 200, description = "Definitions", body = Vec<DefinitionSpec>)))]
 pub async fn list_definitions(State(state): State<AppState>) -> Result<Response, ApiError> {
+    // Read your writes through any replica: a change made elsewhere shows at once.
+    state.catalog.refresh().await.map_err(catalog_error)?;
     let data: Vec<DefinitionSpec> = state.catalog.definitions().iter().map(|d| spec_of(d)).collect();
     Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": data }))?, None))
 }
@@ -365,6 +369,7 @@ pub async fn get_definition(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
 ) -> Result<Response, ApiError> {
+    state.catalog.refresh().await.map_err(catalog_error)?;
     let def = state.catalog.definition(&saga_type).ok_or_else(|| {
         ApiError::not_found(format!("no saga type '{saga_type}'; register it with PUT /admin/sagas/{saga_type}"))
     })?;

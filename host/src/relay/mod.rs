@@ -9,6 +9,15 @@
 //! batch that fails is retried whole: `seq` n+1 never goes out ahead of n.
 //!
 //! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
+//!
+//! Replicas: only the holder of the relay lease (a row in the store, measured in database
+//! time and renewed before every batch) publishes; the others stand by and take over when the
+//! holder stops renewing. Per-saga order does not rest on the lease, though: a publisher sends
+//! only rows that were unpublished when it read them, in `seq` order, and a row is marked only
+//! after the sink acknowledged it, so every `seq` below the first one of any batch was already
+//! acknowledged. A stale holder that wakes up (SIGSTOP, a long stall) can only repeat events
+//! that were delivered before; the first delivery of each event is always in order. The lease
+//! keeps the repeats rare.
 
 pub mod jsonl;
 pub mod kafka;
@@ -53,6 +62,11 @@ pub struct RelayOptions {
     pub max_backoff: Duration,
     /// Relay lag (age of the oldest unpublished event) above which the relay warns.
     pub lag_warning: Duration,
+    /// How long the relay lease lasts without renewal: how soon another replica takes over
+    /// publishing when the holder dies.
+    pub lease: Duration,
+    /// This process's identity in the relay lease (the driver's owner id).
+    pub owner: String,
 }
 
 impl Default for RelayOptions {
@@ -63,6 +77,8 @@ impl Default for RelayOptions {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             lag_warning: Duration::from_secs(5),
+            lease: Duration::from_secs(5),
+            owner: format!("host-{}", uuid::Uuid::new_v4()),
         }
     }
 }
@@ -93,10 +109,38 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut changes = self.driver.subscribe();
         let mut backoff = self.options.initial_backoff;
+        let mut leading: Option<i64> = None;
         tracing::info!(sink = %self.sink.name(), "relay started");
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            let lease_ms = self.options.lease.as_millis() as i64;
+            match self.store.relay_lease(&self.options.owner, lease_ms).await {
+                Ok(epoch) if epoch != leading => {
+                    match epoch {
+                        Some(epoch) => tracing::info!(epoch, "this replica now publishes the outbox"),
+                        None if leading.is_some() => tracing::warn!("lost the relay lease; standing by"),
+                        None => tracing::info!("another replica publishes the outbox; standing by"),
+                    }
+                    leading = epoch;
+                    self.metrics.relay_leader(epoch.is_some());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Without the lease we cannot know whether we still hold it: stop publishing
+                    // until the store answers again.
+                    tracing::warn!(error = %e, "renewing the relay lease failed");
+                    leading = None;
+                    self.metrics.relay_leader(false);
+                }
+            }
+            if leading.is_none() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(self.options.poll_interval) => {}
+                }
+                continue;
             }
             match self.publish_batch().await {
                 Ok(n) if n == self.options.batch_size as usize => {
@@ -118,6 +162,12 @@ impl Relay {
                 _ = shutdown.cancelled() => break,
                 _ = changes.recv() => {}
                 _ = tokio::time::sleep(self.options.poll_interval) => {}
+            }
+        }
+        if leading.is_some() {
+            // Hand over at once instead of letting the lease run out.
+            if let Err(e) = self.store.relay_release(&self.options.owner).await {
+                tracing::warn!(error = %e, "releasing the relay lease failed; it expires on its own");
             }
         }
     }

@@ -10,13 +10,40 @@
 //! exactly one outbox row commit together or not at all. Every commit is fenced by the saga's
 //! `epoch`, so a worker that lost its claim can never commit.
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::engine::{EventSpec, SagaDefinition, SagaState};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+/// Opens the store a database URL names, running its migrations: `sqlite:` URLs and
+/// `postgres://` (or `postgresql://`) URLs. `None` is the embedded default, a SQLite file in
+/// `data_dir`.
+pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> {
+    Ok(match url {
+        None => Arc::new(SqliteStore::open(&data_dir.join("sagahost.db")).await?),
+        Some(url) if url.starts_with("sqlite:") => Arc::new(SqliteStore::open_url(url).await?),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Arc::new(PgStore::open(url).await?)
+        }
+        Some(url) => {
+            // Never echo credentials back: show the scheme only.
+            let scheme = url.split_once(':').map_or("", |(s, _)| s);
+            return Err(Error::Unsupported(format!(
+                "database URL scheme '{scheme}:' is not supported; use sqlite:PATH or postgres://USER@HOST/DB"
+            )));
+        }
+    })
+}
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +57,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -212,12 +241,17 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_plugin(&self, digest: &str, name: &str, wasm: &[u8], now: i64) -> Result<bool>;
     async fn plugins(&self) -> Result<Vec<PluginRow>>;
+    /// One stored plugin version, with its bytes.
+    async fn plugin(&self, digest: &str) -> Result<Option<PluginRow>>;
     /// Every stored plugin version, without the bytes, by name then upload time.
     async fn plugin_versions(&self) -> Result<Vec<PluginInfo>>;
 
     async fn definition(&self, saga_type: &str) -> Result<Option<(SagaDefinition, DefinitionSource)>>;
     async fn definitions(&self) -> Result<Vec<SagaDefinition>>;
     async fn put_definition(&self, def: &SagaDefinition, source: DefinitionSource, now: i64) -> Result<()>;
+    /// A counter bumped in the transaction of every new plugin version and every definition
+    /// change: a replica whose catalog was built at an older version reloads.
+    async fn catalog_version(&self) -> Result<i64>;
 
     /// Creates a saga and its first event, under an idempotency key when one is given: the
     /// claim, the saga and (when known) the stored response commit in one transaction.
@@ -260,6 +294,14 @@ pub trait Store: Send + Sync + 'static {
 
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Takes or renews the relay lease for `owner`, for `lease_ms` of database time. Returns
+    /// the lease's epoch when `owner` holds it (the epoch moves on every change of holder),
+    /// `None` while another owner's lease is live. Only the holder publishes, so the events of
+    /// one saga leave in `seq` order however many replicas run.
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>>;
+    /// Gives the relay lease up at once (a clean shutdown), if `owner` holds it.
+    async fn relay_release(&self, owner: &str) -> Result<()>;
 
     /// Unpublished outbox rows, oldest first.
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;

@@ -244,6 +244,22 @@ async fn claim_in_tx(
     }))
 }
 
+/// Marks the catalog changed, inside the transaction that changes it.
+async fn bump_catalog(tx: &mut sqlx::SqliteConnection) -> Result<()> {
+    sqlx::query("UPDATE catalog_version SET version = version + 1 WHERE id = 1").execute(tx).await?;
+    Ok(())
+}
+
+fn plugin_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PluginRow> {
+    Ok(PluginRow {
+        digest: r.try_get("digest")?,
+        name: r.try_get("name")?,
+        size: r.try_get("size")?,
+        wasm: r.try_get("wasm")?,
+        uploaded_at: r.try_get("uploaded_at")?,
+    })
+}
+
 fn outbox_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OutboxRow> {
     Ok(OutboxRow {
         id: r.try_get("id")?,
@@ -264,32 +280,36 @@ impl Store for SqliteStore {
     }
 
     async fn put_plugin(&self, digest: &str, name: &str, wasm: &[u8], now: i64) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
         let r = sqlx::query("INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING")
             .bind(digest)
             .bind(name)
             .bind(wasm.len() as i64)
             .bind(wasm)
             .bind(now)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
-        Ok(r.rows_affected() == 1)
+        let new = r.rows_affected() == 1;
+        if new {
+            bump_catalog(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn plugin(&self, digest: &str) -> Result<Option<PluginRow>> {
+        let row = sqlx::query("SELECT digest, name, size, wasm, uploaded_at FROM plugins WHERE digest = ?1")
+            .bind(digest)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(plugin_from_row).transpose()
     }
 
     async fn plugins(&self) -> Result<Vec<PluginRow>> {
         let rows = sqlx::query("SELECT digest, name, size, wasm, uploaded_at FROM plugins ORDER BY name, uploaded_at")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(PluginRow {
-                    digest: r.try_get("digest")?,
-                    name: r.try_get("name")?,
-                    size: r.try_get("size")?,
-                    wasm: r.try_get("wasm")?,
-                    uploaded_at: r.try_get("uploaded_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(plugin_from_row).collect()
     }
 
     async fn plugin_versions(&self) -> Result<Vec<PluginInfo>> {
@@ -341,6 +361,7 @@ impl Store for SqliteStore {
             DefinitionSource::Builtin => "builtin",
             DefinitionSource::Admin => "admin",
         };
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO saga_definitions (saga_type, definition, source, updated_at) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, source = excluded.source, \
@@ -350,9 +371,15 @@ impl Store for SqliteStore {
         .bind(json)
         .bind(source)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        bump_catalog(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn catalog_version(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT version FROM catalog_version WHERE id = 1").fetch_one(&self.reader).await?)
     }
 
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
@@ -697,6 +724,26 @@ impl Store for SqliteStore {
         rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
     }
 
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
+        // One statement: take the lease if it is free or expired, renew it if it is ours.
+        let sql = format!(
+            "INSERT INTO relay_lease (name, owner, lease_until, epoch) VALUES ('outbox', ?1, {DB_NOW_MS} + ?2, 1) \
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
+             epoch = CASE WHEN relay_lease.owner = excluded.owner THEN relay_lease.epoch ELSE relay_lease.epoch + 1 END \
+             WHERE relay_lease.owner = excluded.owner OR relay_lease.lease_until <= {DB_NOW_MS} \
+             RETURNING epoch"
+        );
+        Ok(sqlx::query_scalar(&sql).bind(owner).bind(lease_ms).fetch_optional(&self.writer).await?)
+    }
+
+    async fn relay_release(&self, owner: &str) -> Result<()> {
+        sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = 'outbox' AND owner = ?1")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
             "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?1",
@@ -788,140 +835,5 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
-
-    fn def() -> SagaDefinition {
-        let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
-        SagaDefinition {
-            saga_type: "order".into(),
-            steps: vec![StepDefinition {
-                name: "only".into(),
-                state: "DONE_ONE".into(),
-                execute: p.clone(),
-                compensate: p,
-                retry: RetryPolicy::EXECUTE,
-                compensate_retry: RetryPolicy::COMPENSATE,
-                timeout_ms: 1000,
-                deadline_ms: None,
-            }],
-        }
-    }
-
-    async fn store_with_saga(dir: &tempfile::TempDir) -> SqliteStore {
-        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        let d = def();
-        let saga = NewSaga {
-            id: "s1".into(),
-            state: SagaState::new(&d, 0),
-            definition: d,
-            input: "{}".into(),
-            event: EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) },
-            event_id: "e1".into(),
-            now: 0,
-        };
-        assert_eq!(store.create_saga(&saga, None, 0).await.unwrap(), CreateOutcome::Created);
-        store
-    }
-
-    fn commit<'a>(
-        state: &'a SagaState,
-        names: &'a [String],
-        event: &'a EventSpec,
-        fence: Fence,
-        id: &'a str,
-    ) -> Commit<'a> {
-        Commit {
-            saga_id: "s1",
-            saga_type: "order",
-            fence,
-            state,
-            step_names: names,
-            changed_steps: &[],
-            plugin_writes: None,
-            event,
-            event_id: id,
-            now: 1,
-            audit: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_live_lease_blocks_others_an_expired_one_is_taken_over_and_the_old_holder_is_fenced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_saga(&dir).await;
-        let claimed = store.claim_due("a", 0, 200, 10).await.unwrap();
-        assert_eq!(claimed, vec![("s1".to_owned(), 1)]);
-        assert!(store.claim_due("b", 0, 200, 10).await.unwrap().is_empty(), "a live lease blocks other workers");
-        // Leases run on the database's clock: wait it out for real.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let taken = store.claim_due("b", 0, 200, 10).await.unwrap();
-        assert_eq!(taken, vec![("s1".to_owned(), 2)], "an expired lease is taken over with a new epoch");
-
-        let rec = store.saga("s1").await.unwrap().unwrap();
-        let names = vec!["only".to_owned()];
-        let event = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
-        // The old holder cannot commit, renew or release.
-        let stale = commit(&rec.state, &names, &event, Fence::Lease(1), "e2");
-        assert!(matches!(store.commit(&stale).await, Err(Error::Fenced)));
-        assert!(!store.renew_lease("s1", 1, 1000).await.unwrap());
-        // The new holder commits; seq continues gapless.
-        let fresh = commit(&rec.state, &names, &event, Fence::Lease(2), "e3");
-        assert_eq!(store.commit(&fresh).await.unwrap(), 2);
-        // An outside event takes over: the epoch moves and the holder is fenced out.
-        let outside = commit(&rec.state, &names, &event, Fence::Takeover(2), "e4");
-        assert_eq!(store.commit(&outside).await.unwrap(), 3);
-        let late = commit(&rec.state, &names, &event, Fence::Lease(2), "e5");
-        assert!(matches!(store.commit(&late).await, Err(Error::Fenced)));
-        let seqs: Vec<i64> = store.outbox_for_saga("s1").await.unwrap().iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [1, 2, 3]);
-    }
-
-    #[tokio::test]
-    async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        let d = def();
-        let saga = |id: &str| NewSaga {
-            id: id.into(),
-            state: SagaState::new(&d, 0),
-            definition: d.clone(),
-            input: "{}".into(),
-            event: EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) },
-            event_id: format!("ev-{id}"),
-            now: 0,
-        };
-        let claim = |fp: &str, response: Option<(u16, Vec<u8>)>| IdempotencyClaim {
-            caller: "c".into(),
-            route: "POST /orders".into(),
-            key: "k".into(),
-            fingerprint: fp.into(),
-            lock_ms: 100,
-            ttl_ms: 10_000,
-            response,
-        };
-        assert_eq!(store.create_saga(&saga("a"), Some(&claim("f1", None)), 0).await.unwrap(), CreateOutcome::Created);
-        assert_eq!(store.create_saga(&saga("b"), Some(&claim("f1", None)), 50).await.unwrap(), CreateOutcome::InFlight);
-        assert_eq!(store.create_saga(&saga("b"), Some(&claim("f2", None)), 50).await.unwrap(), CreateOutcome::Mismatch);
-        assert_eq!(
-            store.create_saga(&saga("b"), Some(&claim("f1", None)), 200).await.unwrap(),
-            CreateOutcome::Abandoned { saga_id: "a".into() }
-        );
-        store.complete_idempotency("c", "POST /orders", "k", 201, b"body").await.unwrap();
-        assert_eq!(
-            store.create_saga(&saga("b"), Some(&claim("f1", None)), 300).await.unwrap(),
-            CreateOutcome::Replay { status: 201, body: b"body".to_vec(), saga_id: Some("a".into()) }
-        );
-        assert!(store.saga("b").await.unwrap().is_none(), "never a second saga for one key");
-        // Past retention the key is forgotten and may be used afresh.
-        assert_eq!(
-            store.create_saga(&saga("c"), Some(&claim("f2", None)), 20_000).await.unwrap(),
-            CreateOutcome::Created
-        );
     }
 }
