@@ -1,6 +1,12 @@
 //! The test host: the real sagahost (the same `App` the binary runs) on port 0, with a fresh
-//! SQLite file in a temporary directory and the real demo plugins, plus a helper-rich client.
+//! database and the real demo plugins, plus a helper-rich client.
+//!
+//! The backend is `SAGAHOST_TEST_BACKEND`: `sqlite` (default; a file in the test's temporary
+//! directory) or `postgres` (a fresh database per test on the server `SAGAHOST_TEST_POSTGRES`
+//! names, default `postgres://postgres@127.0.0.1:5432/postgres`). `./scripts/test` runs the
+//! suite once for each.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +76,49 @@ pub fn fixture(name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds the plugins workspace"))
 }
 
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Is this run of the suite on PostgreSQL?
+pub fn on_postgres() -> bool {
+    std::env::var("SAGAHOST_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// A fresh PostgreSQL database for one test (the harness drops leftovers at the next run).
+pub async fn scratch_postgres() -> String {
+    let admin = postgres_admin_url();
+    sagahost::store::postgres::scratch_database(&admin, "sagahost_e2e")
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed ({e}); is it running?"))
+}
+
+/// The database URL of a test's data directory: `None` (the SQLite file inside it) unless the
+/// suite runs on PostgreSQL, where the directory remembers its database so that a restarted
+/// host finds its data again.
+pub async fn database_for(dir: &Path) -> Option<String> {
+    if !on_postgres() {
+        return None;
+    }
+    let file = dir.join("test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let url = scratch_postgres().await;
+    std::fs::write(&file, &url).unwrap();
+    Some(url)
+}
+
+/// Opens the store a test host in `dir` used (SQLite file or its PostgreSQL database).
+pub async fn open_store(dir: &Path) -> Arc<dyn Store> {
+    let url = match std::fs::read_to_string(dir.join("test-database-url")) {
+        Ok(url) => Some(url),
+        Err(_) => None,
+    };
+    sagahost::store::open(url.as_deref(), dir).await.expect("open the host's database")
+}
+
 impl TestHost {
     pub async fn start() -> TestHost {
         Self::start_in(tempfile::tempdir().expect("temp dir"), |_| {}).await
@@ -83,6 +132,7 @@ impl TestHost {
     /// Starts a host on an existing data directory (to test restarts).
     pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut sagahost::Config)) -> TestHost {
         let mut config = sagahost::Config::embedded(dir.path());
+        config.database = database_for(dir.path()).await;
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.driver.poll_interval = Duration::from_millis(50);
         config.relay.poll_interval = Duration::from_millis(50);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use sagahost::store::{SqliteStore, Store};
+use sagahost::store::Store;
 use serde_json::{json, Value};
 
 use crate::harness::order;
@@ -116,7 +116,18 @@ impl Kind {
 
 /// Violations found, as readable lines; empty means every invariant holds.
 pub async fn check(data_dir: &Path, orders: &HashMap<String, Kind>, expected_sagas: usize) -> Vec<String> {
-    let store = SqliteStore::open(&data_dir.join("sagahost.db")).await.expect("open the host's database");
+    let store = crate::harness::open_store(data_dir).await;
+    check_with(store.as_ref(), &[data_dir], orders, expected_sagas).await
+}
+
+/// [`check`] for replicas: one store, and the events.jsonl of every replica's data dir (each
+/// relay lease holder appends to its own file; together they are the published stream).
+pub async fn check_with(
+    store: &dyn Store,
+    event_dirs: &[&Path],
+    orders: &HashMap<String, Kind>,
+    expected_sagas: usize,
+) -> Vec<String> {
     let mut bad = Vec::new();
 
     // Never two sagas for one key: the database holds exactly the sagas the clients created.
@@ -126,7 +137,8 @@ pub async fn check(data_dir: &Path, orders: &HashMap<String, Kind>, expected_sag
     }
 
     // The published stream, deduplicated.
-    let published = std::fs::read_to_string(data_dir.join("events.jsonl")).unwrap_or_default();
+    let published: String =
+        event_dirs.iter().map(|d| std::fs::read_to_string(d.join("events.jsonl")).unwrap_or_default()).collect();
     let mut by_id: HashMap<String, Value> = HashMap::new();
     for line in published.lines() {
         let e: Value = match serde_json::from_str(line) {
@@ -193,7 +205,13 @@ pub async fn check(data_dir: &Path, orders: &HashMap<String, Kind>, expected_sag
 
 /// How many events.jsonl lines repeat an earlier event_id (at-least-once redeliveries).
 pub fn duplicate_deliveries(data_dir: &Path) -> usize {
-    let text = std::fs::read_to_string(data_dir.join("events.jsonl")).unwrap_or_default();
+    duplicate_deliveries_in(&[data_dir])
+}
+
+/// [`duplicate_deliveries`] over several replicas' files.
+pub fn duplicate_deliveries_in(data_dirs: &[&Path]) -> usize {
+    let text: String =
+        data_dirs.iter().map(|d| std::fs::read_to_string(d.join("events.jsonl")).unwrap_or_default()).collect();
     let mut seen = HashSet::new();
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

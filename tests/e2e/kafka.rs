@@ -256,8 +256,8 @@ async fn a_host_killed_between_publishing_and_marking_redelivers_and_the_deduped
     let total: usize = orders.values().map(|k| k.events().len()).sum();
     let consumed = consume(&broker.addr, "sagahost.events", total).await;
     host.kill().await;
-    let store = sagahost::store::SqliteStore::open(&dir.path().join("sagahost.db")).await.unwrap();
-    let outbox = outbox_of(&store, &ids).await;
+    let store = crate::harness::open_store(dir.path()).await;
+    let outbox = outbox_of(store.as_ref(), &ids).await;
     for (id, kind) in &orders {
         let types: Vec<&str> = outbox[id].iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(types, kind.events(), "{id}");

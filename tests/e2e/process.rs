@@ -28,9 +28,21 @@ pub struct HostProcess {
 }
 
 impl HostProcess {
-    /// Starts `sagahost serve` on `data_dir`, with failpoints armed if given, and waits until it
-    /// answers `/healthz`.
+    /// Starts `sagahost serve` on `data_dir` (and the suite's backend, see the harness), with
+    /// failpoints armed if given, and waits until it answers `/healthz`.
     pub async fn spawn(data_dir: &Path, failpoints: Option<&str>, extra_env: &[(&str, &str)]) -> HostProcess {
+        let database = crate::harness::database_for(data_dir).await;
+        Self::spawn_on(data_dir, database.as_deref(), failpoints, extra_env).await
+    }
+
+    /// Starts `sagahost serve` on `data_dir` and the given database URL (None: SQLite in the
+    /// data dir): several of these on one PostgreSQL database are replicas.
+    pub async fn spawn_on(
+        data_dir: &Path,
+        database: Option<&str>,
+        failpoints: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> HostProcess {
         let port = free_port();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("host.log")).unwrap();
         let mut cmd = Command::new(binary());
@@ -41,10 +53,14 @@ impl HostProcess {
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .env_remove("SAGAHOST_FAILPOINTS")
+            .env_remove("SAGAHOST_DATABASE")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
+        if let Some(url) = database {
+            cmd.arg("--database").arg(url);
+        }
         if let Some(fp) = failpoints {
             cmd.env("SAGAHOST_FAILPOINTS", fp);
         }
