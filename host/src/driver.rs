@@ -215,15 +215,15 @@ impl Inner {
             let now = self.clock.now_ms();
             let began = std::time::Instant::now();
             let action = engine::next_action(&rec.definition, &rec.state, now);
-            let (event, writes, call_time) = match action {
+            let action_result = match action {
                 Action::Idle => {
                     if let Err(e) = self.store.release(&id, epoch).await {
                         tracing::warn!(saga_id = %id, error = %e, "releasing a saga failed; its claim will expire");
                     }
                     return;
                 }
-                Action::Finish => (Event::Finish, None, Duration::ZERO),
-                Action::DeadlineExceeded { step } => (Event::DeadlineExceeded { step }, None, Duration::ZERO),
+                Action::Finish => Ok((Event::Finish, None, Duration::ZERO)),
+                Action::DeadlineExceeded { step } => Ok((Event::DeadlineExceeded { step }, None, Duration::ZERO)),
                 Action::Execute { step, attempt } => {
                     let out = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now)).await;
                     crate::failpoint!("driver-after-call");
@@ -234,6 +234,19 @@ impl Inner {
                     crate::failpoint!("driver-after-compensate-call");
                     out
                 }
+            }
+            .map_or_else(
+                |unavailable| {
+                    // The host, not the plugin, failed (a state read lost its database
+                    // connection): nothing to commit, and the attempt does not count.
+                    tracing::warn!(saga_id = %id, error = %unavailable, "the host could not serve a plugin call; retrying the step shortly");
+                    None
+                },
+                Some,
+            );
+            let Some((event, writes, call_time)) = action_result else {
+                self.release_later(&id, epoch).await;
+                return;
             };
             let now = self.clock.now_ms();
             let transition = match engine::apply(&rec.definition, &rec.state, event, now) {
@@ -335,7 +348,7 @@ impl Inner {
         step: usize,
         attempt: u32,
         started_at: i64,
-    ) -> (Event, Option<(String, Vec<StateWrite>)>, Duration) {
+    ) -> Result<Transition, String> {
         let sdef = &rec.definition.steps[step];
         let info = call_info(rec, &sdef.name, attempt, "execute", rec.state.steps[step].signal_payload.clone());
         let input = step_input(rec, step);
@@ -359,6 +372,7 @@ impl Inner {
                 tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
                 ExecuteOutcome::Trapped(e)
             }
+            Err(CallError::Unavailable(e)) => return Err(e),
         };
         let event = Event::Executed {
             step,
@@ -368,7 +382,7 @@ impl Inner {
             outcome,
             jitter: rand::random::<f64>(),
         };
-        (event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed)
+        Ok((event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed))
     }
 
     async fn compensate(
@@ -376,7 +390,7 @@ impl Inner {
         rec: &SagaRecord,
         step: usize,
         attempt: u32,
-    ) -> (Event, Option<(String, Vec<StateWrite>)>, Duration) {
+    ) -> Result<Transition, String> {
         let sdef = &rec.definition.steps[step];
         // Compensation uses the binding in force now, so a fixed compensation can be bound
         // and applied to sagas already in flight or stuck (SPEC §3). If the type's current
@@ -396,6 +410,7 @@ impl Inner {
         self.record(rec, &sdef.name, "compensate", label, out.elapsed);
         let outcome = match out.result {
             Ok(output) => CompensateOutcome::Done(output),
+            Err(CallError::Unavailable(e)) => return Err(e),
             Err(e) => {
                 tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");
                 CompensateOutcome::Failed(e.to_string())
@@ -408,9 +423,13 @@ impl Inner {
             outcome,
             jitter: rand::random::<f64>(),
         };
-        (event, Some((binding.plugin, out.writes)), out.elapsed)
+        Ok((event, Some((binding.plugin, out.writes)), out.elapsed))
     }
 }
+
+/// What a plugin call produced for the engine: the event, the state writes to commit with
+/// it (plugin, writes), and the call's wall-clock time.
+type Transition = (Event, Option<(String, Vec<StateWrite>)>, Duration);
 
 /// The call context of one attempt. The idempotency key, `{saga-id}:{step}:{execute|compensate}`,
 /// is part of the plugin contract: the same on every retry and after every restart.

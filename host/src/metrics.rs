@@ -130,8 +130,17 @@ impl Metrics {
     }
 
     /// The whole exposition: live counters plus gauges read from the store now.
-    pub async fn render(&self, store: &dyn Store, now_ms: i64) -> anyhow::Result<String> {
+    /// `catalog_version` is the store's catalog version this process's plugins and definitions
+    /// reflect: replicas agree on it within a catalog refresh interval.
+    pub async fn render(&self, store: &dyn Store, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
         let mut scrape = Registry::with_prefix("sagahost");
+        let catalog = Gauge::<i64>::default();
+        catalog.set(catalog_version);
+        scrape.register(
+            "catalog_version",
+            "The plugin and definition version this process serves (compare across replicas)",
+            catalog,
+        );
         let sagas = Family::<StatusLabels, Gauge>::default();
         for (saga_type, status, count) in store.saga_counts().await? {
             sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);

@@ -22,26 +22,46 @@ pub struct Stats {
 }
 
 /// A client that survives host restarts: it always talks to the current base URL and retries
-/// with the same idempotency key until it gets an answer.
+/// with the same idempotency key until it gets an answer. Given several bases (replicas) it
+/// spreads requests round-robin like a load balancer without health checks, so a request to
+/// a dead replica fails and is retried on the next one.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: Arc<RwLock<String>>,
-    stats: Arc<Stats>,
+    bases: Arc<RwLock<Vec<String>>>,
+    next: Arc<AtomicUsize>,
+    pub stats: Arc<Stats>,
 }
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(base.to_owned())), stats: Arc::default() }
+        Self::balanced(&[base.to_owned()])
+    }
+
+    /// A client spreading requests over several replicas.
+    pub fn balanced(bases: &[String]) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            bases: Arc::new(RwLock::new(bases.to_vec())),
+            next: Arc::default(),
+            stats: Arc::default(),
+        }
     }
 
     /// Points the client at a restarted host.
     pub fn set_base(&self, base: &str) {
-        *self.base.write().unwrap() = base.to_owned();
+        *self.bases.write().unwrap() = vec![base.to_owned()];
+    }
+
+    /// Replaces replica `i`'s address (it was restarted on another port).
+    pub fn set_replica(&self, i: usize, base: &str) {
+        self.bases.write().unwrap()[i] = base.to_owned();
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base.read().unwrap())
+        let bases = self.bases.read().unwrap();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % bases.len();
+        format!("{}{path}", bases[i])
     }
 
     async fn pause(&self) {
@@ -155,9 +175,15 @@ impl Client {
 
 /// Waits until events.jsonl holds `expected` distinct events (the relay caught up).
 async fn wait_published(dir: &std::path::Path, expected: usize) {
+    wait_published_in(&[dir], expected).await
+}
+
+/// [`wait_published`] over the events.jsonl files of several replicas.
+pub async fn wait_published_in(dirs: &[&std::path::Path], expected: usize) {
     let start = Instant::now();
     loop {
-        let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+        let text: String =
+            dirs.iter().map(|d| std::fs::read_to_string(d.join("events.jsonl")).unwrap_or_default()).collect();
         let distinct: std::collections::HashSet<&str> =
             text.lines().filter_map(|l| l.split("\"event_id\":\"").nth(1)).map(|s| &s[..36.min(s.len())]).collect();
         if distinct.len() >= expected {
@@ -173,8 +199,7 @@ async fn wait_published(dir: &std::path::Path, expected: usize) {
 async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let host = HostProcess::spawn(dir.path(), Some(failpoint), &[]).await;
-    let client =
-        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(host.base.clone())), stats: Arc::default() };
+    let client = Client::new(&host.base);
     let tasks: Vec<_> = kinds
         .iter()
         .map(|&k| {
@@ -185,7 +210,7 @@ async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
     let mut host = host;
     assert!(host.wait_death(Duration::from_secs(60)).await, "failpoint {failpoint} never fired");
     let host = HostProcess::spawn(dir.path(), None, &[]).await;
-    *client.base.write().unwrap() = host.base.clone();
+    client.set_base(&host.base);
     let mut orders = HashMap::new();
     for t in tasks {
         let (id, kind) = t.await.unwrap();
@@ -237,13 +262,12 @@ async fn soak() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let host = HostProcess::spawn(dir.path(), None, &[]).await;
-    let client =
-        Client { http: reqwest::Client::new(), base: Arc::new(RwLock::new(host.base.clone())), stats: Arc::default() };
+    let client = Client::new(&host.base);
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicUsize::new(0));
 
     let killer = {
-        let (done, kills, base, path) = (done.clone(), kills.clone(), client.base.clone(), dir.path().to_owned());
+        let (done, kills, client, path) = (done.clone(), kills.clone(), client.clone(), dir.path().to_owned());
         tokio::spawn(async move {
             let mut host = host;
             while !done.load(Ordering::SeqCst) {
@@ -255,7 +279,7 @@ async fn soak() {
                 host.kill().await;
                 kills.fetch_add(1, Ordering::SeqCst);
                 host = HostProcess::spawn(&path, None, &[]).await;
-                *base.write().unwrap() = host.base.clone();
+                client.set_base(&host.base);
             }
             host
         })

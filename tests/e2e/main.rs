@@ -9,6 +9,7 @@ mod kafka;
 mod operators;
 mod plugins;
 mod process;
+mod replicas;
 
 use std::time::Duration;
 

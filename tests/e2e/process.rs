@@ -90,6 +90,32 @@ impl HostProcess {
         }
     }
 
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("host running").to_string();
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// SIGSTOP: the process freezes mid-instruction with its connections open, like a VM
+    /// pause or a long stall.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`HostProcess::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// A counter or gauge from `/metrics`, summed over its label sets (0 if absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// SIGKILL: no shutdown, no flushing, exactly like a crash.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill");

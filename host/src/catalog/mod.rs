@@ -149,6 +149,11 @@ impl Catalog {
         }
     }
 
+    /// The store's catalog version this cache reflects.
+    pub fn version(&self) -> i64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// Makes sure a digest is loaded if any replica stored it; false if it is unknown.
     pub async fn ensure_loaded(&self, digest: &str) -> bool {
         if self.runtime.is_loaded(digest) {

@@ -148,7 +148,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// latency, events published, outbox backlog and relay lag.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "OpenMetrics text")))]
 async fn metrics(State(state): State<AppState>) -> Response {
-    match state.metrics.render(state.store.as_ref(), state.clock.now_ms()).await {
+    match state.metrics.render(state.store.as_ref(), state.clock.now_ms(), state.catalog.version()).await {
         Ok(text) => {
             ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
                 .into_response()

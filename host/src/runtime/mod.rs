@@ -112,6 +112,10 @@ pub enum CallError {
     /// not loaded: an infrastructure failure, not a business outcome.
     #[error("{0}")]
     Trap(String),
+    /// The host could not serve the call (a state read failed: the database was unreachable).
+    /// Not the plugin's doing: the attempt does not count, and the step runs again later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CallError {
@@ -121,6 +125,7 @@ impl CallError {
             CallError::Retryable(_) => "retryable",
             CallError::Rejected(_) => "rejected",
             CallError::Trap(_) => "trap",
+            CallError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -351,6 +356,7 @@ impl Runtime {
             logs_dropped: 0,
             deadline: Instant::now() + timeout,
             timed_out: false,
+            host_error: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.store_limits);
@@ -494,6 +500,10 @@ fn finish<T>(store: Store<CallState>, result: Result<T, CallError>, started: Ins
     if state.logs_dropped > 0 {
         tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
     }
+    let result = match state.host_error {
+        Some(e) => Err(CallError::Unavailable(e)),
+        None => result,
+    };
     let writes = if result.is_ok() { state.writes.into_iter().collect() } else { Vec::new() };
     CallOutcome { result, writes, elapsed: started.elapsed() }
 }
@@ -575,6 +585,9 @@ struct CallState {
     logs_dropped: u32,
     deadline: Instant,
     timed_out: bool,
+    /// Set when a host import failed for the host's own reasons (the database): the call's
+    /// result is then [`CallError::Unavailable`] whatever the plugin did with the trap.
+    host_error: Option<String>,
 }
 
 impl WasiView for CallState {
@@ -606,7 +619,10 @@ impl wit_state::Host for CallState {
         let remaining = self.deadline.saturating_duration_since(Instant::now()) + HOST_GRACE;
         match tokio::time::timeout(remaining, self.reader.get(&self.plugin, &key)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(wasmtime::format_err!("state read failed: {e:#}")),
+            Ok(Err(e)) => {
+                self.host_error = Some(format!("state read failed: {e:#}"));
+                Err(wasmtime::format_err!("state read failed: {e:#}"))
+            }
             Err(_) => {
                 self.timed_out = true;
                 Err(wasmtime::format_err!("state read timed out"))
