@@ -385,12 +385,7 @@ impl Inner {
         Ok((event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed))
     }
 
-    async fn compensate(
-        &self,
-        rec: &SagaRecord,
-        step: usize,
-        attempt: u32,
-    ) -> Result<Transition, String> {
+    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Transition, String> {
         let sdef = &rec.definition.steps[step];
         // Compensation uses the binding in force now, so a fixed compensation can be bound
         // and applied to sagas already in flight or stuck (SPEC §3). If the type's current

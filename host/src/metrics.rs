@@ -88,7 +88,11 @@ impl Metrics {
             stale_commits.clone(),
         );
         let relay_leader = Gauge::default();
-        registry.register("relay_leader", "1 while this process holds the relay lease and publishes", relay_leader.clone());
+        registry.register(
+            "relay_leader",
+            "1 while this process holds the relay lease and publishes",
+            relay_leader.clone(),
+        );
         Arc::new(Metrics {
             registry,
             calls,

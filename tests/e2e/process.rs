@@ -107,9 +107,12 @@ impl HostProcess {
         self.signal("-CONT");
     }
 
-    /// A counter or gauge from `/metrics`, summed over its label sets (0 if absent).
+    /// A counter or gauge from `/metrics`, summed over its label sets (0 if absent, or if the
+    /// host does not answer within 2 s: it may be frozen).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.base)).await.unwrap().text().await.unwrap();
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        let Ok(r) = client.get(format!("{}/metrics", self.base)).send().await else { return 0.0 };
+        let Ok(text) = r.text().await else { return 0.0 };
         text.lines()
             .filter(|l| l.split([' ', '{']).next() == Some(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

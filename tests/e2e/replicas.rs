@@ -93,7 +93,11 @@ impl Cluster {
     pub async fn assert_invariants(&self, orders: &HashMap<String, Kind>) {
         wait_published_in(&self.dirs(), orders.values().map(|k| k.events().len()).sum()).await;
         let bad = self.check(orders, orders.len()).await;
-        assert!(bad.is_empty(), "invariant violations:\n{}", bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n"));
+        assert!(
+            bad.is_empty(),
+            "invariant violations:\n{}",
+            bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n")
+        );
     }
 }
 
@@ -200,8 +204,7 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     assert_eq!(status, 200);
     assert!(listed.to_string().contains(&v2), "replica 2 lists the version uploaded through replica 0: {listed}");
     let path = |b: &str| format!("{b}/admin/sagas/order/steps/shipment");
-    let (status, bound) =
-        admin(&http, reqwest::Method::PUT, path(&bases[1]), Some(json!({"execute": v2}))).await;
+    let (status, bound) = admin(&http, reqwest::Method::PUT, path(&bases[1]), Some(json!({"execute": v2}))).await;
     assert_eq!(status, 200, "{bound}");
     let took = catalog_converges(&c).await;
     println!("replicas: binding reached every replica in {} ms", took.as_millis());
@@ -219,8 +222,7 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     let odd = o["id"].as_str().unwrap().to_owned();
 
     // Back to the demo version (through replica 2 this time), then ordinary traffic.
-    let (status, _) =
-        admin(&http, reqwest::Method::PUT, path(&bases[2]), Some(json!({"execute": original}))).await;
+    let (status, _) = admin(&http, reqwest::Method::PUT, path(&bases[2]), Some(json!({"execute": original}))).await;
     assert_eq!(status, 200);
     catalog_converges(&c).await;
     let client = Client::balanced(&bases);
@@ -323,7 +325,10 @@ async fn terminating_the_hosts_database_sessions_loses_and_corrupts_nothing() {
     done.store(true, Ordering::SeqCst);
     terminator.await.unwrap();
     let killed = killed.load(Ordering::SeqCst);
-    println!("replicas: terminated {killed} host sessions; retries absorbed {}", client.stats.retries.load(Ordering::Relaxed));
+    println!(
+        "replicas: terminated {killed} host sessions; retries absorbed {}",
+        client.stats.retries.load(Ordering::Relaxed)
+    );
     assert!(killed > 0, "no session was terminated");
     c.assert_invariants(&orders).await;
     for h in c.hosts.iter().flatten() {

@@ -137,13 +137,7 @@ const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, a
      started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
      failures = excluded.failures, waited = excluded.waited";
 
-async fn upsert_step(
-    tx: &mut sqlx::PgConnection,
-    saga_id: &str,
-    idx: usize,
-    name: &str,
-    s: &StepState,
-) -> Result<()> {
+async fn upsert_step(tx: &mut sqlx::PgConnection, saga_id: &str, idx: usize, name: &str, s: &StepState) -> Result<()> {
     sqlx::query(UPSERT_STEP)
         .bind(saga_id)
         .bind(idx as i64)
@@ -623,13 +617,8 @@ impl Store for PgStore {
               FOR UPDATE SKIP LOCKED) \
              RETURNING id, epoch"
         );
-        let rows = sqlx::query(&sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query(&sql).bind(owner).bind(lease_ms).bind(now).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
     }
 
@@ -874,4 +863,3 @@ impl Store for PgStore {
             .collect()
     }
 }
-

@@ -35,9 +35,9 @@ async fn backends() -> Vec<Backend> {
     let mut out = vec![Backend { name: "sqlite", store: sqlite, _dir: dir, pg: None }];
     let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
     if admin != "off" {
-        let url = postgres::scratch_database(&admin, "sagahost_test")
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed for the store tests ({e}); SAGAHOST_TEST_POSTGRES=off skips them"));
+        let url = postgres::scratch_database(&admin, "sagahost_test").await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {admin} is needed for the store tests ({e}); SAGAHOST_TEST_POSTGRES=off skips them")
+        });
         let pg: Arc<dyn Store> = Arc::new(PgStore::open(&url).await.unwrap());
         out.push(Backend { name: "postgres", store: pg, _dir: tempfile::tempdir().unwrap(), pg: Some((admin, url)) });
     }
