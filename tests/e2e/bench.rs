@@ -27,19 +27,48 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+async fn scrape(http: &reqwest::Client, bases: &[String]) -> Vec<String> {
+    let mut out = vec![];
+    for b in bases {
+        out.push(http.get(format!("{b}/metrics")).send().await.unwrap().text().await.unwrap());
+    }
+    out
+}
+
+/// Drives the real binary: `BENCH_BACKEND` (`sqlite` or `postgres`) with `BENCH_REPLICAS`
+/// processes (PostgreSQL only; clients spread round-robin over them, as a load balancer would),
+/// `BENCH_CLIENTS` concurrent clients and `BENCH_SAGAS` sagas in all.
 #[tokio::test]
 #[ignore = "a benchmark, not a test: run with ./scripts/bench"]
 async fn load() {
     let total = env_or("BENCH_SAGAS", 2000);
     let clients = env_or("BENCH_CLIENTS", 32);
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProcess::spawn(dir.path(), None, &[("RUST_LOG", "error")]).await;
+    let replicas = env_or("BENCH_REPLICAS", 1).max(1);
+    let backend = std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "sqlite".into());
+    let database = match backend.as_str() {
+        "sqlite" => {
+            assert_eq!(replicas, 1, "SQLite is embedded: one host process per database file");
+            None
+        }
+        "postgres" => Some(
+            sagahost::store::postgres::scratch_database(&crate::harness::postgres_admin_url(), "sagahost_bench")
+                .await
+                .expect("a PostgreSQL server for the benchmark"),
+        ),
+        other => panic!("BENCH_BACKEND={other}: use sqlite or postgres"),
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..replicas).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hosts = vec![];
+    for dir in &dirs {
+        hosts.push(HostProcess::spawn_on(dir.path(), database.as_deref(), None, &[("RUST_LOG", "error")]).await);
+    }
+    let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
     let http = reqwest::Client::new();
     let body = good_order().to_string();
-    // Warm up: compile caches, connection pools, SQLite pages.
-    for _ in 0..20 {
+    // Warm up every replica: compile caches, connection pools, database pages.
+    for i in 0..20 * replicas {
         let r = http
-            .post(format!("{}/orders", host.base))
+            .post(format!("{}/orders", bases[i % replicas]))
             .header("Idempotency-Key", key())
             .header("Prefer", "wait=30")
             .body(body.clone())
@@ -48,12 +77,12 @@ async fn load() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let before = http.get(format!("{}/metrics", host.base)).send().await.unwrap().text().await.unwrap();
+    let before = scrape(&http, &bases).await;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (http, base, body, next) = (http.clone(), host.base.clone(), body.clone(), next.clone());
+        .map(|c| {
+            let (http, base, body, next) = (http.clone(), bases[c % replicas].clone(), body.clone(), next.clone());
             tokio::spawn(async move {
                 let mut latencies = vec![];
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
@@ -79,14 +108,20 @@ async fn load() {
     }
     let elapsed = started.elapsed();
     latencies.sort();
-    let after = http.get(format!("{}/metrics", host.base)).send().await.unwrap().text().await.unwrap();
+    let after = scrape(&http, &bases).await;
+    // Mean of a histogram over the run, all replicas together.
     let delta = |family: &str| {
-        let (s0, c0) = sum_and_count(&before, family);
-        let (s1, c1) = sum_and_count(&after, family);
-        ((s1 - s0) / (c1 - c0).max(1.0)) * 1e6
+        let (mut sum, mut count) = (0.0, 0.0);
+        for (b, a) in before.iter().zip(&after) {
+            let (s0, c0) = sum_and_count(b, family);
+            let (s1, c1) = sum_and_count(a, family);
+            sum += s1 - s0;
+            count += c1 - c0;
+        }
+        (sum / count.max(1.0)) * 1e6
     };
     println!(
-        "bench: backend=sqlite replicas=1 clients={clients} sagas={} elapsed_s={:.2} sagas_per_s={:.1} \
+        "bench: backend={backend} replicas={replicas} clients={clients} sagas={} elapsed_s={:.2} sagas_per_s={:.1} \
          latency_ms p50={:.1} p95={:.1} p99={:.1} plugin_call_us_mean={:.0} host_overhead_per_transition_us_mean={:.0}",
         latencies.len(),
         elapsed.as_secs_f64(),
@@ -97,5 +132,10 @@ async fn load() {
         delta("sagahost_plugin_call_seconds"),
         delta("sagahost_transition_overhead_seconds"),
     );
-    host.kill().await;
+    for h in hosts {
+        h.kill().await;
+    }
+    if let Some(url) = database {
+        let _ = sagahost::store::postgres::drop_database(&crate::harness::postgres_admin_url(), &url).await;
+    }
 }

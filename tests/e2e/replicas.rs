@@ -217,7 +217,9 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200, "Prefer: wait sees the saga settle whichever replica runs it");
     let o: Value = r.json().await.unwrap();
+    assert_eq!(o["status"], "COMPLETED");
     assert_eq!(o["steps"][2]["execute_digest"], json!(v2), "replica 2 started the saga on the new binding: {o}");
     let odd = o["id"].as_str().unwrap().to_owned();
 

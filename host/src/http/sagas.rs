@@ -234,8 +234,15 @@ fn settled(rec: &SagaRecord) -> bool {
 }
 
 /// Waits until the saga is settled or the time is up; returns the latest record.
+///
+/// This process's driver announces the changes it commits, which wakes the wait at once. With
+/// replicas, another process may be running the saga: those changes are only seen by reading
+/// the store, so the wait also re-reads on a timer that backs off from 20 ms to 250 ms.
 async fn wait_settled(state: &AppState, id: &str, secs: u64) -> Result<SagaRecord, ApiError> {
+    const FIRST_POLL: Duration = Duration::from_millis(20);
+    const MAX_POLL: Duration = Duration::from_millis(250);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut poll = FIRST_POLL;
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = state.driver.subscribe();
     loop {
@@ -253,8 +260,12 @@ async fn wait_settled(state: &AppState, id: &str, secs: u64) -> Result<SagaRecor
                 }
             }
         };
-        if tokio::time::timeout_at(deadline, next).await.is_err() {
-            return state.store.saga(id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")));
+        let wake = (tokio::time::Instant::now() + poll).min(deadline);
+        if tokio::time::timeout_at(wake, next).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return state.store.saga(id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")));
+            }
+            poll = (poll * 2).min(MAX_POLL);
         }
     }
 }
