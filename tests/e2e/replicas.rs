@@ -347,7 +347,7 @@ async fn terminating_the_hosts_database_sessions_loses_and_corrupts_nothing() {
 async fn soak() {
     let env_or = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let total = env_or("SOAK_ORDERS", 1000);
-    let kill_every_ms = env_or("SOAK_KILL_EVERY_MS", 3000) as u64;
+    let kill_every_ms = env_or("SOAK_KILL_EVERY_MS", 1500) as u64;
     let concurrency = env_or("SOAK_CLIENTS", 16);
     let started = Instant::now();
     let cluster = Cluster::start(3, &[("SAGAHOST_LEASE_MS", "2000"), ("SAGAHOST_RELAY_LEASE_MS", "1000")]).await;
