@@ -112,10 +112,7 @@ pub async fn database_for(dir: &Path) -> Option<String> {
 
 /// Opens the store a test host in `dir` used (SQLite file or its PostgreSQL database).
 pub async fn open_store(dir: &Path) -> Arc<dyn Store> {
-    let url = match std::fs::read_to_string(dir.join("test-database-url")) {
-        Ok(url) => Some(url),
-        Err(_) => None,
-    };
+    let url = std::fs::read_to_string(dir.join("test-database-url")).ok();
     sagahost::store::open(url.as_deref(), dir).await.expect("open the host's database")
 }
 
