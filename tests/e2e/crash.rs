@@ -285,27 +285,9 @@ async fn soak() {
         })
     };
 
-    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
-        let permit = permits.clone().acquire_owned().await.unwrap();
-        let c = client.clone();
-        let kind = Kind::ALL[i % Kind::ALL.len()];
-        tasks.push(tokio::spawn(async move {
-            let id = c.drive(kind, i % 5 == 0).await;
-            drop(permit);
-            (id, kind)
-        }));
-    }
-    let mut orders = HashMap::new();
-    for t in tasks {
-        let (id, kind) = t.await.unwrap();
-        orders.insert(id, kind);
-    }
+    let orders = drive_many(&client, total, concurrency).await;
     done.store(true, Ordering::SeqCst);
     let host = killer.await.unwrap();
-    let ids: Vec<String> = orders.keys().cloned().collect();
-    client.wait_settled(&ids).await;
     wait_published(dir.path(), orders.values().map(|k| k.events().len()).sum()).await;
     host.kill().await;
     let bad = invariants::check(dir.path(), &orders, total).await;
@@ -320,6 +302,31 @@ async fn soak() {
         started.elapsed().as_secs_f64()
     );
     assert!(bad.is_empty(), "invariant violations:\n{}", bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n"));
+}
+
+/// Drives `n` orders cycling through every kind, `concurrency` at a time (every fifth submitted
+/// twice with its key), and waits until all settled; returns them.
+pub async fn drive_many(client: &Client, n: usize, concurrency: usize) -> HashMap<String, Kind> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = Arc::clone(&permits).acquire_owned().await.unwrap();
+        let c = client.clone();
+        let kind = Kind::ALL[i % Kind::ALL.len()];
+        tasks.push(tokio::spawn(async move {
+            let id = c.drive(kind, i % 5 == 0).await;
+            drop(permit);
+            (id, kind)
+        }));
+    }
+    let mut orders = HashMap::new();
+    for t in tasks {
+        let (id, kind) = t.await.unwrap();
+        orders.insert(id, kind);
+    }
+    let ids: Vec<String> = orders.keys().cloned().collect();
+    client.wait_settled(&ids).await;
+    orders
 }
 
 /// A pseudo-random number of milliseconds below `max` (no extra dependency needed).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::crash::{wait_published_in, Client};
+use crate::crash::{drive_many, wait_published_in, Client};
 use crate::harness::{fixture, good_order, key, scratch_postgres};
 use crate::invariants::{self, Kind};
 use crate::process::HostProcess;
@@ -99,30 +99,6 @@ impl Cluster {
             bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n")
         );
     }
-}
-
-/// Drives `n` orders of every kind through `client` with `concurrency` at once; returns them.
-async fn drive(client: &Client, n: usize, concurrency: usize) -> HashMap<String, Kind> {
-    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let permit = Arc::clone(&permits).acquire_owned().await.unwrap();
-        let c = client.clone();
-        let kind = Kind::ALL[i % Kind::ALL.len()];
-        tasks.push(tokio::spawn(async move {
-            let id = c.drive(kind, i % 7 == 0).await;
-            drop(permit);
-            (id, kind)
-        }));
-    }
-    let mut orders = HashMap::new();
-    for t in tasks {
-        let (id, kind) = t.await.unwrap();
-        orders.insert(id, kind);
-    }
-    let ids: Vec<String> = orders.keys().cloned().collect();
-    client.wait_settled(&ids).await;
-    orders
 }
 
 async fn admin(http: &reqwest::Client, method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
@@ -228,7 +204,7 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     assert_eq!(status, 200);
     catalog_converges(&c).await;
     let client = Client::balanced(&bases);
-    let mut orders = drive(&client, 35, 8).await;
+    let mut orders = drive_many(&client, 35, 8).await;
     let busy = futures::future::join_all(c.hosts.iter().flatten().map(|h| h.metric("sagahost_plugin_calls_total")))
         .await
         .into_iter()
@@ -250,7 +226,7 @@ async fn a_killed_replica_s_sagas_are_taken_over_once_its_lease_expires() {
     let client = Client::balanced(&c.bases());
     let load = {
         let client = client.clone();
-        tokio::spawn(async move { drive(&client, 90, 12).await })
+        tokio::spawn(async move { drive_many(&client, 90, 12).await })
     };
     // Kill replica 0 while it holds claims.
     let start = Instant::now();
@@ -279,7 +255,7 @@ async fn a_replica_frozen_past_its_lease_has_its_stale_commits_rejected() {
     let client = Client::balanced(&c.bases());
     let load = {
         let client = client.clone();
-        tokio::spawn(async move { drive(&client, 90, 16).await })
+        tokio::spawn(async move { drive_many(&client, 90, 16).await })
     };
     let start = Instant::now();
     let held = loop {
@@ -323,7 +299,7 @@ async fn terminating_the_hosts_database_sessions_loses_and_corrupts_nothing() {
             }
         })
     };
-    let orders = drive(&client, 70, 12).await;
+    let orders = drive_many(&client, 70, 12).await;
     done.store(true, Ordering::SeqCst);
     terminator.await.unwrap();
     let killed = killed.load(Ordering::SeqCst);
@@ -373,7 +349,7 @@ async fn soak() {
             cluster
         })
     };
-    let orders = drive(&client, total, concurrency).await;
+    let orders = drive_many(&client, total, concurrency).await;
     done.store(true, Ordering::SeqCst);
     let cluster = killer.await.unwrap();
     wait_published_in(&cluster.dirs(), orders.values().map(|k| k.events().len()).sum()).await;
