@@ -11,7 +11,7 @@
 //! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
 //!
 //! Replicas: only the holder of the relay lease (a row in the store, measured in database
-//! time and renewed before every batch) publishes; the others stand by and take over when the
+//! time and renewed every third of its length) publishes; the others stand by and take over when the
 //! holder stops renewing. Per-saga order does not rest on the lease, though: a publisher sends
 //! only rows that were unpublished when it read them, in `seq` order, and a row is marked only
 //! after the sink acknowledged it, so every `seq` below the first one of any batch was already
@@ -110,13 +110,22 @@ impl Relay {
         let mut changes = self.driver.subscribe();
         let mut backoff = self.options.initial_backoff;
         let mut leading: Option<i64> = None;
+        // Renewing is a database write: do it every third of the lease, not on every batch
+        // (on SQLite every write is an fsync on the one writer).
+        let renew_every = self.options.lease / 3;
+        let mut renewed = tokio::time::Instant::now();
         tracing::info!(sink = %self.sink.name(), "relay started");
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             let lease_ms = self.options.lease.as_millis() as i64;
-            match self.store.relay_lease(&self.options.owner, lease_ms).await {
+            let due = leading.is_none() || renewed.elapsed() >= renew_every;
+            let lease = if due { Some(self.store.relay_lease(&self.options.owner, lease_ms).await) } else { None };
+            if let Some(Ok(Some(_))) = lease {
+                renewed = tokio::time::Instant::now();
+            }
+            match lease.unwrap_or(Ok(leading)) {
                 Ok(epoch) if epoch != leading => {
                     match epoch {
                         Some(epoch) => tracing::info!(epoch, "this replica now publishes the outbox"),
