@@ -59,6 +59,8 @@ pub enum Error {
     Corrupt(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Connect(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

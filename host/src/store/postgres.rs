@@ -47,9 +47,22 @@ impl PgStore {
     }
 
     pub async fn open_with(url: &str, max_connections: u32) -> Result<PgStore> {
+        use sqlx::ConnectOptions as _;
         let options = PgConnectOptions::from_str(url)?
             .application_name("sagahost")
             .options([("idle_in_transaction_session_timeout", "10s"), ("lock_timeout", "10s")]);
+        // One direct connection first: a pool only reports "timed out", this says why
+        // (refused, unknown host, authentication, no such database). No password in the text.
+        let probe = options.connect().await.map_err(|e| {
+            Error::Connect(format!(
+                "cannot connect to PostgreSQL at {}:{} as '{}', database '{}': {e}",
+                options.get_host(),
+                options.get_port(),
+                options.get_username(),
+                options.get_database().unwrap_or("(default)"),
+            ))
+        })?;
+        sqlx::Connection::close(probe).await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))

@@ -299,3 +299,14 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
         b.cleanup().await;
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_database_or_unknown_scheme_is_a_clear_error_without_the_password() {
+    let err =
+        PgStore::open("postgres://postgres:secret@127.0.0.1:1/x").await.err().expect("port 1 refuses").to_string();
+    assert!(err.contains("127.0.0.1:1") && err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = open(Some("mysql://u:secret@h/db"), dir.path()).await.err().expect("not supported").to_string();
+    assert!(err.contains("'mysql:'") && !err.contains("secret"), "{err}");
+}
