@@ -39,6 +39,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A `sqlite:` or `postgres://` URL; `None` means `<data_dir>/sagahost.db`.
     pub database: Option<String>,
+    /// Size of the PostgreSQL connection pool of this process.
+    pub database_max_connections: u32,
+    /// How long start-up keeps retrying a database it cannot reach (it may be starting too).
+    pub database_wait: Duration,
     /// This process's identity in leases; `None` keeps one in `<data_dir>/host-id`. Replicas
     /// on one database must have different identities (different data dirs do that).
     pub host_id: Option<String>,
@@ -67,6 +71,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.into(),
             database: None,
+            database_max_connections: store::postgres::DEFAULT_MAX_CONNECTIONS,
+            database_wait: Duration::from_secs(30),
             host_id: None,
             catalog_refresh: Duration::from_millis(250),
             idempotency_ttl: Duration::from_secs(24 * 3600),
@@ -106,6 +112,21 @@ pub struct App {
     catalog_refresh: Duration,
 }
 
+/// Opens the configured store, retrying for `database_wait` while the server cannot be reached
+/// (a database that starts with the hosts, a failover); any other error ends start-up at once.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match store::open_with(config.database.as_deref(), &config.data_dir, config.database_max_connections).await {
+            Err(store::Error::Connect(e)) if started.elapsed() < config.database_wait => {
+                tracing::warn!(error = %e, "the database is not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A stable identity for this data directory's host process, so that a restarted process
 /// recognises (and releases at once) the claims its predecessor died holding.
 fn host_identity(data_dir: &std::path::Path) -> anyhow::Result<String> {
@@ -125,7 +146,7 @@ impl App {
     pub async fn build(mut config: Config) -> anyhow::Result<App> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let store = store::open(config.database.as_deref(), &config.data_dir).await.context("opening the database")?;
+        let store = open_store(&config).await.context("opening the database")?;
         config.driver.owner = match config.host_id.clone().filter(|id| !id.trim().is_empty()) {
             Some(id) => id,
             None => host_identity(&config.data_dir)?,

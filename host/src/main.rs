@@ -33,6 +33,12 @@ struct Serve {
     /// data directory.
     #[arg(long, env = "SAGAHOST_DATABASE", hide_env_values = true)]
     database: Option<String>,
+    /// Connections this process may open to PostgreSQL.
+    #[arg(long, env = "SAGAHOST_DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
+    database_max_connections: u32,
+    /// How long start-up waits for an unreachable database before giving up, in seconds.
+    #[arg(long, env = "SAGAHOST_DATABASE_WAIT_SECS", default_value_t = 30)]
+    database_wait_secs: u64,
     /// This process's identity in saga and relay leases. Default: one kept in
     /// <data-dir>/host-id. Replicas on one database need distinct identities.
     #[arg(long, env = "SAGAHOST_HOST_ID")]
@@ -109,6 +115,8 @@ async fn main() -> anyhow::Result<()> {
     config.listen = args.listen;
     config.database = args.database;
     config.host_id = args.host_id;
+    config.database_max_connections = args.database_max_connections;
+    config.database_wait = Duration::from_secs(args.database_wait_secs);
     config.driver.lease_ms = args.lease_ms;
     config.relay.lease = Duration::from_millis(args.relay_lease_ms);
     config.catalog_refresh = Duration::from_millis(args.catalog_refresh_ms);

@@ -444,3 +444,31 @@ fn jitter(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
     nanos.checked_rem(max).unwrap_or(0)
 }
+
+#[tokio::test]
+async fn a_replica_started_before_its_database_exists_waits_for_it() {
+    let admin = crate::harness::postgres_admin_url();
+    let url = scratch_postgres().await;
+    sagahost::store::postgres::drop_database(&admin, &url).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = {
+        let (dir, url) = (dir.path().to_owned(), url.clone());
+        tokio::spawn(async move { HostProcess::spawn_on(&dir, Some(&url), None, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!host.is_finished(), "the host must still be waiting for its database");
+    let name = url.rsplit('/').next().unwrap();
+    let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&pool).await.unwrap();
+    let host = host.await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", host.base))
+        .header("Idempotency-Key", key())
+        .header("Prefer", "wait=10")
+        .body(good_order().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "COMPLETED");
+}

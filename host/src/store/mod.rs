@@ -29,11 +29,17 @@ pub use sqlite::SqliteStore;
 /// `postgres://` (or `postgresql://`) URLs. `None` is the embedded default, a SQLite file in
 /// `data_dir`.
 pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> {
+    open_with(url, data_dir, postgres::DEFAULT_MAX_CONNECTIONS).await
+}
+
+/// [`open`] with the size of the PostgreSQL connection pool (SQLite ignores it: it has one
+/// writer connection and a small reader pool).
+pub async fn open_with(url: Option<&str>, data_dir: &Path, max_connections: u32) -> Result<Arc<dyn Store>> {
     Ok(match url {
         None => Arc::new(SqliteStore::open(&data_dir.join("sagahost.db")).await?),
         Some(url) if url.starts_with("sqlite:") => Arc::new(SqliteStore::open_url(url).await?),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Arc::new(PgStore::open(url).await?)
+            Arc::new(PgStore::open_with(url, max_connections).await?)
         }
         Some(url) => {
             // Never echo credentials back: show the scheme only.
