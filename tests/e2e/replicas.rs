@@ -88,6 +88,19 @@ impl Cluster {
         .unwrap()
     }
 
+    /// Waits (under load) until replica `i` holds at least `n` live claims; returns them.
+    pub async fn wait_claims(&self, i: usize, n: usize) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let held = self.claims_of(i).await;
+            if held.len() >= n {
+                return held;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "replica {i} never held {n} claims");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     pub async fn catalog_version(&self) -> i64 {
         sqlx::query_scalar("SELECT version FROM catalog_version").fetch_one(&self.pool).await.unwrap()
     }
@@ -240,15 +253,7 @@ async fn a_killed_replica_s_sagas_are_taken_over_once_its_lease_expires() {
         tokio::spawn(async move { drive_many(&client, 90, 12).await })
     };
     // Kill replica 0 while it holds claims.
-    let start = Instant::now();
-    let held = loop {
-        let held = c.claims_of(0).await;
-        if held.len() >= 2 {
-            break held;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "replica 0 never held claims");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let held = c.wait_claims(0, 2).await;
     c.kill(0).await;
     let orders = load.await.unwrap();
     for id in &held {
@@ -330,15 +335,7 @@ async fn a_replica_frozen_under_load_past_its_lease_breaks_no_invariant() {
         let client = client.clone();
         tokio::spawn(async move { drive_many(&client, 90, 16).await })
     };
-    let start = Instant::now();
-    let held = loop {
-        let held = c.claims_of(0).await;
-        if held.len() >= 3 {
-            break held;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "replica 0 never held claims");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    let held = c.wait_claims(0, 3).await;
     c.host(0).freeze();
     // Three leases long: the others take its sagas over (new epochs) meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
