@@ -10,6 +10,8 @@
 //! exactly one outbox row commit together or not at all. Every commit is fenced by the saga's
 //! `epoch`, so a worker that lost its claim can never commit.
 
+#[macro_use]
+mod shared;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
