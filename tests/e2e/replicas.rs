@@ -132,6 +132,20 @@ async fn admin(http: &reqwest::Client, method: reqwest::Method, url: String, bod
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// Uploads the misbehave fixture under `name` through `base`; returns its digest.
+async fn upload_misbehave(http: &reqwest::Client, base: &str, name: &str) -> String {
+    let r = http
+        .post(format!("{base}/admin/plugins/{name}"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/wasm")
+        .body(fixture("misbehave"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned()
+}
+
 /// Polls every running replica's `sagahost_catalog_version` until it reaches the database's;
 /// returns how long that took (at most 30 s: a new plugin version is compiled by each replica).
 async fn catalog_converges(c: &Cluster) -> Duration {
@@ -188,16 +202,7 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     // binding within a second, and the next saga it starts pins the new version.
     let (_, def) = admin(&http, reqwest::Method::GET, format!("{}/admin/sagas/order", bases[2]), None).await;
     let original = def["steps"][2]["execute"].as_str().unwrap().to_owned();
-    let r = http
-        .post(format!("{}/admin/plugins/shipment", bases[0]))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(fixture("misbehave"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v2 = r.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned();
+    let v2 = upload_misbehave(&http, &bases[0], "shipment").await;
     let (status, listed) = admin(&http, reqwest::Method::GET, format!("{}/admin/plugins", bases[2]), None).await;
     assert_eq!(status, 200);
     assert!(listed.to_string().contains(&v2), "replica 2 lists the version uploaded through replica 0: {listed}");
@@ -271,15 +276,7 @@ async fn a_replica_frozen_mid_call_past_its_lease_has_its_late_result_rejected()
     let mut c = Cluster::start(1, &[("SAGAHOST_LEASE_MS", "1000")]).await;
     let http = reqwest::Client::new();
     let base = c.host(0).base.clone();
-    let r = http
-        .post(format!("{base}/admin/plugins/misbehave"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(fixture("misbehave"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    upload_misbehave(&http, &base, "misbehave").await;
     // A step that spins until its 3-second timeout: long enough to freeze the caller mid-call.
     let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 3000,
         "retry": {"max_attempts": 2, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
