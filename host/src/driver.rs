@@ -234,19 +234,16 @@ impl Inner {
                     crate::failpoint!("driver-after-compensate-call");
                     out
                 }
-            }
-            .map_or_else(
-                |unavailable| {
+            };
+            let (event, writes, call_time) = match action_result {
+                Ok(called) => called,
+                Err(unavailable) => {
                     // The host, not the plugin, failed (a state read lost its database
                     // connection): nothing to commit, and the attempt does not count.
                     tracing::warn!(saga_id = %id, error = %unavailable, "the host could not serve a plugin call; retrying the step shortly");
-                    None
-                },
-                Some,
-            );
-            let Some((event, writes, call_time)) = action_result else {
-                self.release_later(&id, epoch).await;
-                return;
+                    self.release_later(&id, epoch).await;
+                    return;
+                }
             };
             let now = self.clock.now_ms();
             let transition = match engine::apply(&rec.definition, &rec.state, event, now) {

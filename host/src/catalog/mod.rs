@@ -100,9 +100,8 @@ impl Catalog {
         if version == self.version.load(Ordering::Acquire) {
             return Ok(());
         }
-        let known: Vec<String> = self.plugin_names.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         for info in self.store.plugin_versions().await? {
-            if known.contains(&info.digest) {
+            if self.plugin_name(&info.digest).is_some() {
                 continue;
             }
             let Some(row) = self.store.plugin(&info.digest).await? else { continue };
@@ -167,13 +166,7 @@ impl Catalog {
 
     /// Stores and compiles a component. Returns its digest and whether it was new.
     pub async fn install_plugin(&self, name: &str, wasm: Vec<u8>) -> Result<(String, bool), Error> {
-        let digest = crate::runtime::digest_of(&wasm);
-        // The same bytes may have been uploaded through another replica: the store decides.
-        let stored = match self.plugin_name(&digest) {
-            Some(existing) => Some(existing),
-            None => self.store.plugin(&digest).await?.map(|row| row.name),
-        };
-        if let Some(existing) = stored {
+        if let Some(existing) = self.plugin_name(&crate::runtime::digest_of(&wasm)) {
             if existing != name {
                 return Err(Error::NameMismatch { existing });
             }
@@ -182,7 +175,8 @@ impl Catalog {
         let digest = self.runtime.load(wasm.clone()).await?;
         let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms()).await?;
         if !new {
-            // Lost a race with an upload of the same bytes elsewhere: keep the stored name.
+            // Stored before, perhaps through another replica this one has not caught up with:
+            // the stored name decides.
             if let Some(row) = self.store.plugin(&digest).await? {
                 if row.name != name {
                     return Err(Error::NameMismatch { existing: row.name });
