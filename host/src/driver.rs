@@ -57,7 +57,7 @@ impl Default for DriverOptions {
 #[derive(Debug, Clone)]
 pub struct StatusChange {
     pub saga_id: String,
-    pub status: String,
+    pub status: engine::SagaStatus,
     /// Terminal, or stuck until an operator acts: no point waiting further.
     pub settled: bool,
 }

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod clock;
 pub mod driver;
 pub mod engine;
+pub mod event;
 pub mod failpoint;
 pub mod http;
 pub mod metrics;

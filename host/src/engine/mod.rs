@@ -58,6 +58,70 @@ impl Phase {
     }
 }
 
+/// The public status label of a saga: CREATED, the state label of the last completed step
+/// (e.g. PAYMENT_CHARGED), COMPENSATING, COMPLETED, CANCELLED or COMPENSATION_FAILED.
+/// Serialised as that label, exactly as the API, the events and the database show it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SagaStatus {
+    Created,
+    /// A forward step completed; its definition's `state` label.
+    Reached(String),
+    Compensating,
+    Completed,
+    Cancelled,
+    CompensationFailed,
+}
+
+impl SagaStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            SagaStatus::Created => "CREATED",
+            SagaStatus::Reached(label) => label,
+            SagaStatus::Compensating => "COMPENSATING",
+            SagaStatus::Completed => "COMPLETED",
+            SagaStatus::Cancelled => "CANCELLED",
+            SagaStatus::CompensationFailed => "COMPENSATION_FAILED",
+        }
+    }
+
+    /// The status a label names. Step labels may not take the reserved names
+    /// ([`definition::RESERVED_STATES`]), so every label parses to exactly one status.
+    pub fn parse(label: &str) -> SagaStatus {
+        match label {
+            "CREATED" => SagaStatus::Created,
+            "COMPENSATING" => SagaStatus::Compensating,
+            "COMPLETED" => SagaStatus::Completed,
+            "CANCELLED" => SagaStatus::Cancelled,
+            "COMPENSATION_FAILED" => SagaStatus::CompensationFailed,
+            other => SagaStatus::Reached(other.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for SagaStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for SagaStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SagaStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SagaStatus, D::Error> {
+        Ok(SagaStatus::parse(&String::deserialize(d)?))
+    }
+}
+
 /// Where one step is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -183,8 +247,8 @@ impl StepState {
 /// The durable state of one saga, as far as the engine cares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaState {
-    /// The public status label: CREATED, a step's state label, COMPLETED, COMPENSATING, ...
-    pub status: String,
+    /// The public status label.
+    pub status: SagaStatus,
     pub phase: Phase,
     /// Why the saga compensates, once it does.
     pub reason: Option<String>,
@@ -198,7 +262,7 @@ impl SagaState {
     /// A new saga: nothing done, first step due now.
     pub fn new(def: &SagaDefinition, now: i64) -> SagaState {
         SagaState {
-            status: "CREATED".to_owned(),
+            status: SagaStatus::Created,
             phase: Phase::Forward,
             reason: None,
             steps: def.steps.iter().map(|_| StepState::pending()).collect(),
@@ -364,7 +428,7 @@ pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action 
 
 fn start_compensating(def: &SagaDefinition, state: &mut SagaState, reason: String, now: i64) -> EventSpec {
     state.phase = Phase::Compensating;
-    state.status = "COMPENSATING".to_owned();
+    state.status = SagaStatus::Compensating;
     state.reason = Some(reason.clone());
     state.next_run_at = Some(now);
     EventSpec { event_type: format!("{}Compensating", def.event_prefix()), data: json!({ "reason": reason }) }
@@ -415,7 +479,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     step.last_error = None;
                     step.wait_signal = None;
                     step.finished_at = Some(now);
-                    next.status = sdef.state.clone();
+                    next.status = SagaStatus::Reached(sdef.state.clone());
                     next.next_run_at = Some(now);
                     let output: serde_json::Value = serde_json::from_str(&output).unwrap_or(serde_json::Value::Null);
                     EventSpec {
@@ -487,7 +551,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     step.status = StepStatus::CompensationFailed;
                     step.last_error = Some(e.clone());
                     next.phase = Phase::CompensationFailed;
-                    next.status = "COMPENSATION_FAILED".to_owned();
+                    next.status = SagaStatus::CompensationFailed;
                     next.next_run_at = None;
                     EventSpec {
                         event_type: format!("{}CompensationFailed", def.event_prefix()),
@@ -509,13 +573,13 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         Event::Finish => match state.phase {
             Phase::Forward if current_forward_step(state).is_none() => {
                 next.phase = Phase::Completed;
-                next.status = "COMPLETED".to_owned();
+                next.status = SagaStatus::Completed;
                 next.next_run_at = None;
                 EventSpec { event_type: format!("{}Completed", def.event_prefix()), data: json!({}) }
             }
             Phase::Compensating if current_compensation_step(state).is_none() => {
                 next.phase = Phase::Cancelled;
-                next.status = "CANCELLED".to_owned();
+                next.status = SagaStatus::Cancelled;
                 next.next_run_at = None;
                 EventSpec {
                     event_type: format!("{}Cancelled", def.event_prefix()),
@@ -546,7 +610,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         }
         Event::Cancel { reason } => match state.phase {
             Phase::Forward => start_compensating(def, &mut next, reason, now),
-            _ => return Err(Error::NotCancellable(state.status.clone())),
+            _ => return Err(Error::NotCancellable(state.status.to_string())),
         },
         Event::Signal { name, payload } => {
             let waiting = (state.phase == Phase::Forward).then(|| current_forward_step(state)).flatten().filter(|&i| {
@@ -569,7 +633,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         }
         Event::RetryCompensation => {
             if state.phase != Phase::CompensationFailed {
-                return Err(Error::NotStuck(state.status.clone()));
+                return Err(Error::NotStuck(state.status.to_string()));
             }
             for (i, step) in next.steps.iter_mut().enumerate() {
                 if step.status == StepStatus::CompensationFailed {
@@ -580,16 +644,16 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                 }
             }
             next.phase = Phase::Compensating;
-            next.status = "COMPENSATING".to_owned();
+            next.status = SagaStatus::Compensating;
             next.next_run_at = Some(now);
             EventSpec { event_type: "CompensationRetried".to_owned(), data: json!({}) }
         }
         Event::Resolve { note } => {
             if state.phase != Phase::CompensationFailed {
-                return Err(Error::NotStuck(state.status.clone()));
+                return Err(Error::NotStuck(state.status.to_string()));
             }
             next.phase = Phase::Cancelled;
-            next.status = "CANCELLED".to_owned();
+            next.status = SagaStatus::Cancelled;
             next.next_run_at = None;
             EventSpec {
                 event_type: format!("{}Resolved", def.event_prefix()),

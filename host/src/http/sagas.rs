@@ -16,7 +16,7 @@ use super::error::{body_rejection, ApiError, ErrorBody};
 use super::order::OrderRequest;
 use super::{idempotency, order, AppState};
 use crate::clock::rfc3339;
-use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
+use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
 use crate::store::{AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaSummary};
 
 /// The longest `Prefer: wait=N` honoured, in seconds.
@@ -28,8 +28,8 @@ pub struct SagaView {
     pub id: String,
     pub saga_type: String,
     /// CREATED, a step's state label (e.g. PAYMENT_CHARGED), COMPLETED, COMPENSATING, CANCELLED or COMPENSATION_FAILED.
-    #[schema(example = "COMPLETED")]
-    pub status: String,
+    #[schema(value_type = String, example = "COMPLETED")]
+    pub status: SagaStatus,
     /// Why the saga compensated, once it does.
     pub reason: Option<String>,
     /// The input as accepted.
@@ -45,7 +45,8 @@ pub struct SagaView {
 pub struct StepView {
     pub name: String,
     /// pending, retrying, waiting, succeeded, failed, compensating, compensated or compensation_failed.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: StepStatus,
     pub attempts: u32,
     pub compensate_attempts: u32,
     /// The component digest that runs (or ran) execute: pinned when the saga started.
@@ -77,7 +78,8 @@ pub struct SagaPage {
 pub struct SagaSummaryView {
     pub id: String,
     pub saga_type: String,
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: SagaStatus,
     pub reason: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -125,7 +127,7 @@ pub fn view(
             .zip(&state.steps)
             .map(|(d, s)| StepView {
                 name: d.name.clone(),
-                status: s.status.as_str().to_owned(),
+                status: s.status,
                 attempts: s.attempts,
                 compensate_attempts: s.compensate_attempts,
                 execute_digest: s.execute_digest.clone().unwrap_or_else(|| d.execute.digest.clone()),

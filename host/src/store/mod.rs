@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::engine::{EventSpec, SagaDefinition, SagaState};
+use crate::engine::{EventSpec, SagaDefinition, SagaState, SagaStatus};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -208,7 +208,7 @@ pub struct AuditRecord {
 pub struct SagaSummary {
     pub id: String,
     pub saga_type: String,
-    pub status: String,
+    pub status: SagaStatus,
     pub reason: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,

@@ -25,7 +25,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::*;
-use crate::engine::{Phase, StepState, StepStatus};
+use crate::engine::{Phase, SagaStatus, StepState, StepStatus};
 
 /// The database's clock in milliseconds since the Unix epoch, for leases.
 const DB_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -243,7 +243,7 @@ impl Store for PgStore {
         )
         .bind(&saga.id)
         .bind(&saga.definition.saga_type)
-        .bind(&saga.state.status)
+        .bind(saga.state.status.as_str())
         .bind(saga.state.phase.as_str())
         .bind(&saga.state.reason)
         .bind(&saga.input)
@@ -261,7 +261,7 @@ impl Store for PgStore {
             &saga.definition.saga_type,
             1,
             &saga.event,
-            &saga.state.status,
+            saga.state.status.as_str(),
             saga.now,
         );
         let row = OutboxInsert {
@@ -376,7 +376,7 @@ impl Store for PgStore {
             definition,
             input: r.try_get("input")?,
             state: SagaState {
-                status: r.try_get("status")?,
+                status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
                 phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
                 reason: r.try_get("reason")?,
                 steps,
@@ -413,7 +413,7 @@ impl Store for PgStore {
                 Ok(SagaSummary {
                     id: r.try_get("id")?,
                     saga_type: r.try_get("saga_type")?,
-                    status: r.try_get("status")?,
+                    status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
                     reason: r.try_get("reason")?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
@@ -481,7 +481,7 @@ impl Store for PgStore {
         let seq: Option<i64> = sqlx::query_scalar(sql)
             .bind(c.saga_id)
             .bind(epoch)
-            .bind(&c.state.status)
+            .bind(c.state.status.as_str())
             .bind(c.state.phase.as_str())
             .bind(&c.state.reason)
             .bind(c.state.next_run_at)
@@ -522,7 +522,7 @@ impl Store for PgStore {
                 }
             }
         }
-        let payload = event_payload(c.event_id, c.saga_id, c.saga_type, seq, c.event, &c.state.status, c.now);
+        let payload = event_payload(c.event_id, c.saga_id, c.saga_type, seq, c.event, c.state.status.as_str(), c.now);
         let row = OutboxInsert {
             event_id: c.event_id,
             saga_id: c.saga_id,
