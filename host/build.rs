@@ -1,5 +1,5 @@
 //! Builds the demo plugins (the `plugins/` workspace, for wasm32-wasip2) and hands the three
-//! demo components to the host crate through OUT_DIR, where `catalog::demo` embeds them.
+//! demo components to the host crate through OUT_DIR, where `builtin::order` embeds them.
 //!
 //! The plugins build in their own target directory (`plugins/target`), so this nested cargo
 //! never contends with the outer build's lock.

@@ -22,9 +22,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
-use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome, Phase};
+use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
 use crate::runtime::{CallError, CallInfo, Executed, Runtime};
-use crate::store::{self, Commit, Fence, SagaRecord, StateWrite, Store};
+use crate::saga::{self, Sagas};
+use crate::store::{SagaRecord, StateWrite, Store};
 
 /// How long shutdown waits for plugin calls in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -69,6 +70,12 @@ pub struct DriverHandle {
     changes: broadcast::Sender<StatusChange>,
 }
 
+impl Default for DriverHandle {
+    fn default() -> Self {
+        DriverHandle { wake: Arc::new(Notify::new()), changes: broadcast::channel(4096).0 }
+    }
+}
+
 impl DriverHandle {
     /// Tells the driver that new work may be due now (a new saga, a signal, a cancel).
     pub fn wake(&self) {
@@ -80,7 +87,7 @@ impl DriverHandle {
         self.changes.subscribe()
     }
 
-    /// Announces a status change committed outside the driver.
+    /// Announces a committed status change (the saga service does, for every commit).
     pub fn announce(&self, change: StatusChange) {
         let _ = self.changes.send(change);
     }
@@ -93,6 +100,7 @@ pub struct Driver {
 
 struct Inner {
     store: Arc<dyn Store>,
+    sagas: Arc<Sagas>,
     runtime: Arc<Runtime>,
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
@@ -102,16 +110,18 @@ struct Inner {
 }
 
 impl Driver {
+    /// A driver that commits through `sagas` and is woken through the saga service's handle.
     pub fn new(
         store: Arc<dyn Store>,
+        sagas: Arc<Sagas>,
         runtime: Arc<Runtime>,
         catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
         metrics: Arc<crate::metrics::Metrics>,
         options: DriverOptions,
     ) -> Driver {
-        let handle = DriverHandle { wake: Arc::new(Notify::new()), changes: broadcast::channel(4096).0 };
-        Driver { inner: Arc::new(Inner { store, runtime, catalog, clock, metrics, options, handle }) }
+        let handle = sagas.handle();
+        Driver { inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }) }
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -245,58 +255,24 @@ impl Inner {
                     return;
                 }
             };
-            let now = self.clock.now_ms();
-            let transition = match engine::apply(&rec.definition, &rec.state, event, now) {
-                Ok(t) => t,
-                Err(e) => {
-                    // Cannot happen for an event built from the action we just computed; if it
-                    // does, stop and let a fresh claim reload the saga.
-                    tracing::error!(saga_id = %id, error = %e, "engine refused the driver's own event");
-                    self.release_later(&id, epoch).await;
-                    return;
-                }
-            };
-            let keep = transition.state.next_run_at.is_some_and(|t| t <= now);
-            let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
-            let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
-            let event_id = uuid::Uuid::now_v7().to_string();
-            let commit = Commit {
-                saga_id: &id,
-                saga_type: &rec.saga_type,
-                fence,
-                state: &transition.state,
-                step_names: &step_names,
-                changed_steps: &transition.changed_steps,
-                plugin_writes: writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice())),
-                event: &transition.event,
-                event_id: &event_id,
-                now,
-                audit: None,
-            };
-            match self.store.commit(&commit).await {
-                Ok(seq) => {
+            let writes = writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice()));
+            match self.sagas.advance(&mut rec, epoch, event, writes).await {
+                Ok(keep) => {
                     crate::failpoint!("driver-after-commit");
                     self.metrics.transition(began.elapsed().saturating_sub(call_time));
-                    tracing::debug!(saga_id = %id, seq, event = %transition.event.event_type, status = %transition.state.status, "committed");
-                    let settled =
-                        transition.state.phase.is_terminal() || transition.state.phase == Phase::CompensationFailed;
-                    self.handle.announce(StatusChange {
-                        saga_id: id.clone(),
-                        status: transition.state.status.clone(),
-                        settled,
-                    });
-                    rec.state = transition.state;
-                    rec.seq = seq;
                     if !keep {
                         return;
                     }
                 }
-                Err(store::Error::Fenced) => {
+                Err(saga::Error::Fenced) => {
                     self.metrics.stale_commit();
                     tracing::warn!(saga_id = %id, epoch, "lost the saga to a newer claim; discarding this result");
                     return;
                 }
                 Err(e) => {
+                    // A refused event cannot happen for one built from the action just
+                    // computed; a store error can. Either way, let a fresh claim reload the saga
+                    // after a pause; the step runs again.
                     tracing::error!(saga_id = %id, error = %e, "committing a transition failed; the step will run again");
                     self.release_later(&id, epoch).await;
                     return;

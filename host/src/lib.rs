@@ -4,6 +4,7 @@
 //! parts from a [`Config`] and [`App::run`] serves until the shutdown token fires, so tests
 //! start exactly what production starts. See ARCHITECTURE.md for the map.
 
+pub mod builtin;
 pub mod catalog;
 pub mod clock;
 pub mod driver;
@@ -14,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod relay;
 pub mod runtime;
+pub mod saga;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -53,8 +55,8 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Bearer token for the admin routes; `None` turns them off.
     pub admin_token: Option<String>,
-    /// How long the built-in order saga's payment may wait for confirmation (`tok_3ds`).
-    pub payment_deadline: Duration,
+    /// Bearer tokens for the client routes; empty leaves them open.
+    pub api_tokens: Vec<String>,
     /// Publish events to Kafka instead of `<data_dir>/events.jsonl`.
     pub kafka: Option<relay::kafka::KafkaOptions>,
     /// How long published outbox rows are kept before they are deleted.
@@ -78,9 +80,9 @@ impl Config {
             catalog_refresh: Duration::from_millis(250),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             admin_token: None,
+            api_tokens: Vec::new(),
             kafka: None,
             outbox_retention: Duration::from_secs(24 * 3600),
-            payment_deadline: Duration::from_millis(catalog::demo::PAYMENT_DEADLINE_MS),
             limits: runtime::Limits::default(),
             driver: DriverOptions::default(),
             relay: RelayOptions::default(),
@@ -158,13 +160,13 @@ impl App {
             Arc::new(StoreReader(Arc::clone(&store))),
             Some(config.data_dir.join("cache")),
         )?);
-        let catalog = Arc::new(
-            Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock), config.payment_deadline)
-                .await?,
-        );
+        let catalog =
+            Arc::new(Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
         let metrics = metrics::Metrics::new();
+        let sagas = Arc::new(saga::Sagas::new(Arc::clone(&store), Arc::clone(&config.clock), DriverHandle::default()));
         let driver = Driver::new(
             Arc::clone(&store),
+            Arc::clone(&sagas),
             runtime,
             Arc::clone(&catalog),
             Arc::clone(&config.clock),
@@ -186,6 +188,7 @@ impl App {
         );
         let state = http::AppState {
             store: Arc::clone(&store),
+            sagas,
             catalog: Arc::clone(&catalog),
             driver: handle.clone(),
             clock: Arc::clone(&config.clock),
@@ -193,6 +196,7 @@ impl App {
             config: Arc::new(http::HttpConfig {
                 idempotency_ttl: config.idempotency_ttl,
                 admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+                api_tokens: config.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect(),
             }),
         };
         let listener =

@@ -57,9 +57,10 @@ struct Serve {
     /// Bearer token for the admin routes (/admin/...). Without one, admin routes answer 403.
     #[arg(long, env = "SAGAHOST_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// How long the order saga's payment may wait for its confirmation signal, in seconds.
-    #[arg(long, env = "SAGAHOST_PAYMENT_DEADLINE_SECS", default_value_t = 900)]
-    payment_deadline_secs: u64,
+    /// Bearer token that opens the client routes (/orders, /sagas); repeat the flag (or
+    /// comma-separate in the environment variable) for several. Without one they are open.
+    #[arg(long = "api-token", env = "SAGAHOST_API_TOKENS", hide_env_values = true, value_delimiter = ',')]
+    api_token: Vec<String>,
     /// Kafka bootstrap servers (host:port[,host:port]). Without them, events go to
     /// <data-dir>/events.jsonl.
     #[arg(long, env = "SAGAHOST_KAFKA_BROKERS")]
@@ -69,7 +70,7 @@ struct Serve {
     kafka_topic: String,
     /// Extra librdkafka producer setting, KEY=VALUE (repeat the flag, or comma-separate in the
     /// environment variable), e.g. security.protocol=SASL_SSL or compression.type=lz4.
-    #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_setting)]
+    #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", hide_env_values = true, value_delimiter = ',', value_parser = parse_setting)]
     kafka_config: Vec<(String, String)>,
     /// How long published outbox rows are kept, in hours.
     #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
@@ -121,13 +122,13 @@ async fn main() -> anyhow::Result<()> {
     config.relay.lease = Duration::from_millis(args.relay_lease_ms);
     config.catalog_refresh = Duration::from_millis(args.catalog_refresh_ms);
     config.admin_token = args.admin_token;
+    config.api_tokens = args.api_token;
     config.kafka = args.kafka_brokers.map(|brokers| sagahost::relay::kafka::KafkaOptions {
         brokers,
         topic: args.kafka_topic,
         settings: args.kafka_config,
     });
     config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
-    config.payment_deadline = Duration::from_secs(args.payment_deadline_secs.max(1));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
     config.limits.memory_bytes = args.plugin_memory_mib << 20;
     config.limits.output_bytes = args.plugin_output_kib << 10;
@@ -153,4 +154,26 @@ async fn main() -> anyhow::Result<()> {
         signal.cancel();
     });
     app.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_that_carry_secrets_never_show_their_environment_values_in_help() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+        let mut secret = 0;
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["admin_token", "kafka_config", "database", "api_token"].contains(&id) {
+                secret += 1;
+                assert!(arg.is_hide_env_values_set(), "--{id} would print its secret in `serve --help`");
+            }
+        }
+        assert!(secret >= 2, "the secret-bearing flags were not found");
+    }
 }

@@ -9,7 +9,9 @@ mod kafka;
 mod operators;
 mod plugins;
 mod process;
+mod races;
 mod replicas;
+mod security;
 
 use std::time::Duration;
 

@@ -199,3 +199,30 @@ async fn an_operator_can_resolve_a_stuck_saga_by_hand_with_a_note() {
     assert_eq!(audit["data"][0]["action"], "saga.resolve");
     assert_eq!(audit["data"][0]["note"], "refunded in the PSP console");
 }
+
+#[tokio::test]
+async fn a_provisional_409_is_not_stored_under_the_idempotency_key() {
+    let host = TestHost::start().await;
+    let r = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&id, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+    // A webhook that arrives for a signal the saga does not wait for (yet) is refused, and a
+    // retry with its key must be decided again, not replayed from a stored 409.
+    let k = key();
+    let path = format!("/orders/{id}/signals/not-yet");
+    let send = || host.send(host.client.post(host.url(&path)).header("Idempotency-Key", &k).json(&json!({"n": 1})));
+    let first = send().await;
+    assert_eq!(first.status, StatusCode::CONFLICT);
+    assert_eq!(first.json()["error"]["code"], "not_waiting");
+    let again = send().await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.header("idempotent-replayed"), None, "a provisional answer was replayed");
+    // A final answer is stored: the signal it waits for, sent twice with one key.
+    let k = key();
+    let path = format!("/orders/{id}/signals/payment-confirmed");
+    let send = || host.send(host.client.post(host.url(&path)).header("Idempotency-Key", &k).json(&json!({})));
+    assert_eq!(send().await.status, StatusCode::ACCEPTED);
+    let replay = send().await;
+    assert_eq!(replay.status, StatusCode::ACCEPTED);
+    assert_eq!(replay.header("idempotent-replayed").as_deref(), Some("true"));
+}

@@ -45,7 +45,7 @@ fn digest_of(r: &Resp) -> String {
 }
 
 fn demo(name: &str) -> Vec<u8> {
-    sagahost::catalog::demo::PLUGINS.iter().find(|(n, _)| *n == name).unwrap().1.to_vec()
+    sagahost::builtin::order::PLUGINS.iter().find(|(n, _)| *n == name).unwrap().1.to_vec()
 }
 
 #[tokio::test]

@@ -10,8 +10,6 @@
 //! replica that meets a digest it does not know yet (a binding made through another replica a
 //! moment ago) refreshes on the spot instead of failing.
 
-pub mod demo;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -60,13 +58,8 @@ pub struct Catalog {
 
 impl Catalog {
     /// Loads every stored plugin into the runtime and every definition into memory, and
-    /// installs the demo plugins and the built-in `order` definition.
-    pub async fn open(
-        store: Arc<dyn Store>,
-        runtime: Arc<Runtime>,
-        clock: Arc<dyn Clock>,
-        payment_deadline: std::time::Duration,
-    ) -> Result<Catalog, Error> {
+    /// installs the built-in saga types ([`crate::builtin::ALL`]) with their plugins.
+    pub async fn open(store: Arc<dyn Store>, runtime: Arc<Runtime>, clock: Arc<dyn Clock>) -> Result<Catalog, Error> {
         let catalog = Catalog {
             store,
             runtime,
@@ -77,16 +70,33 @@ impl Catalog {
             refreshing: tokio::sync::Mutex::new(()),
         };
         catalog.refresh().await?;
-        let builtin = demo::install(&catalog, payment_deadline.as_millis() as u64).await?;
-        match catalog.store.definition(&builtin.saga_type).await? {
-            Some((current, DefinitionSource::Builtin)) if current != builtin => {
-                tracing::info!(saga_type = %builtin.saga_type, "upgrading the built-in definition to this release's plugins");
-                catalog.put_definition(builtin, DefinitionSource::Builtin).await?;
-            }
-            None => catalog.put_definition(builtin, DefinitionSource::Builtin).await?,
-            _ => {}
+        for builtin in crate::builtin::ALL {
+            catalog.install_builtin(builtin).await?;
         }
         Ok(catalog)
+    }
+
+    /// Stores and loads a built-in's plugins and registers its definition, unless an admin
+    /// replaced it: a definition the host installed is upgraded in place to this release's.
+    async fn install_builtin(&self, builtin: &crate::builtin::Builtin) -> Result<(), Error> {
+        let mut refs = HashMap::new();
+        for (name, wasm) in builtin.plugins {
+            let (digest, _) = self.install_plugin(name, wasm.to_vec()).await?;
+            refs.insert(*name, crate::engine::PluginRef { plugin: (*name).to_owned(), digest });
+        }
+        let def = (builtin.definition)(&|name| {
+            refs.get(name)
+                .cloned()
+                .unwrap_or_else(|| panic!("built-in {} binds plugin {name}, which it does not ship", builtin.saga_type))
+        });
+        match self.store.definition(&def.saga_type).await? {
+            Some((current, DefinitionSource::Builtin)) if current != def => {
+                tracing::info!(saga_type = %def.saga_type, "upgrading the built-in definition to this release's plugins");
+                self.put_definition(def, DefinitionSource::Builtin).await
+            }
+            None => self.put_definition(def, DefinitionSource::Builtin).await,
+            _ => Ok(()),
+        }
     }
 
     /// Brings the cache up to the store's catalog version: compiles plugin versions uploaded

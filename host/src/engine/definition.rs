@@ -4,11 +4,10 @@
 //! Nothing here does IO.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Which plugin version a step calls: the plugin's name (its state space) and the
 /// SHA-256 digest of the exact component bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginRef {
     pub plugin: String,
     /// `sha256:<64 hex digits>`.
@@ -17,7 +16,7 @@ pub struct PluginRef {
 
 /// Exponential backoff with jitter: attempt `n` (1-based) that failed waits
 /// `min(max_backoff, initial * 2^(n-1))`, of which the upper half is jittered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Total attempts, including the first. At least 1.
@@ -69,7 +68,14 @@ pub struct SagaDefinition {
     /// The saga type, e.g. `order`; also the URL segment of `/sagas/{type}`.
     pub saga_type: String,
     pub steps: Vec<StepDefinition>,
+    /// Sensitive input fields, as JSON pointers (e.g. `/payment/token`): plugins receive
+    /// them, but every response, event and log shows [`REDACTED`] in their place (SPEC §8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive: Vec<String>,
 }
+
+/// What a sensitive field shows instead of its value.
+pub const REDACTED: &str = "[redacted]";
 
 /// Status labels the engine reserves; step states may not reuse them.
 pub const RESERVED_STATES: [&str; 5] = ["CREATED", "COMPLETED", "COMPENSATING", "CANCELLED", "COMPENSATION_FAILED"];
@@ -160,7 +166,29 @@ impl SagaDefinition {
                 return Err(invalid(f("deadline_ms"), "must be positive or null"));
             }
         }
+        if self.sensitive.len() > 64 {
+            return Err(invalid("sensitive", "name at most 64 sensitive fields"));
+        }
+        for (i, pointer) in self.sensitive.iter().enumerate() {
+            if !pointer.starts_with('/') || pointer.len() > 256 || pointer.chars().any(char::is_control) {
+                return Err(invalid(
+                    format!("sensitive[{i}]"),
+                    "use a JSON pointer into the input such as /payment/token (at most 256 characters)",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `input` with every sensitive field that it has replaced by [`REDACTED`].
+    pub fn redact(&self, input: &serde_json::Value) -> serde_json::Value {
+        let mut out = input.clone();
+        for pointer in &self.sensitive {
+            if let Some(v) = out.pointer_mut(pointer) {
+                *v = serde_json::Value::String(REDACTED.to_owned());
+            }
+        }
+        out
     }
 
     /// The index of a step by name.
@@ -216,6 +244,7 @@ mod tests {
     fn execute_and_compensate_must_be_one_plugin() {
         let p = |name: &str| PluginRef { plugin: name.into(), digest: format!("sha256:{name}") };
         let mut def = SagaDefinition {
+            sensitive: vec![],
             saga_type: "order".into(),
             steps: vec![StepDefinition {
                 name: "pay".into(),
@@ -242,5 +271,46 @@ mod tests {
         assert!(!is_valid_name("Order"));
         assert!(!is_valid_name("9a"));
         assert!(!is_valid_name("a/b"));
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn sensitive_fields_are_redacted_wherever_they_are_and_the_rest_is_kept() {
+        let def = SagaDefinition {
+            saga_type: "order".into(),
+            steps: vec![],
+            sensitive: vec!["/payment/token".into(), "/cards/0/pan".into(), "/absent".into()],
+        };
+        let input = serde_json::json!({"payment": {"token": "tok_visa"}, "cards": [{"pan": "4242"}], "x": 1});
+        let out = def.redact(&input);
+        assert_eq!(out["payment"]["token"], REDACTED);
+        assert_eq!(out["cards"][0]["pan"], REDACTED);
+        assert_eq!(out["x"], 1);
+        assert!(out.get("absent").is_none(), "redaction adds no fields");
+        assert_eq!(input["payment"]["token"], "tok_visa", "the input itself is untouched");
+    }
+
+    #[test]
+    fn a_sensitive_field_must_be_a_json_pointer() {
+        let mut def =
+            SagaDefinition { saga_type: "order".into(), steps: vec![], sensitive: vec!["payment.token".into()] };
+        def.steps.push(StepDefinition {
+            name: "a".into(),
+            state: "A_DONE".into(),
+            execute: PluginRef { plugin: "p".into(), digest: "sha256:x".into() },
+            compensate: PluginRef { plugin: "p".into(), digest: "sha256:x".into() },
+            retry: RetryPolicy::EXECUTE,
+            compensate_retry: RetryPolicy::COMPENSATE,
+            timeout_ms: 1,
+            deadline_ms: None,
+        });
+        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        assert_eq!(field, "sensitive[0]");
+        def.sensitive = vec!["/payment/token".into()];
+        def.validate().unwrap();
     }
 }

@@ -426,6 +426,16 @@ pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action 
     }
 }
 
+/// The shortest delay a `wait` gets: a step that asks for less (polling with `delay-ms: 0`)
+/// runs again after this long, not at once.
+pub const MIN_WAIT_DELAY_MS: u64 = 100;
+
+/// The first event of every saga, published with its creation: `{Type}Created` with the
+/// input, its sensitive fields redacted.
+pub fn created(def: &SagaDefinition, input: &serde_json::Value) -> EventSpec {
+    EventSpec { event_type: format!("{}Created", def.event_prefix()), data: json!({ "input": def.redact(input) }) }
+}
+
 fn start_compensating(def: &SagaDefinition, state: &mut SagaState, reason: String, now: i64) -> EventSpec {
     state.phase = Phase::Compensating;
     state.status = SagaStatus::Compensating;
@@ -491,7 +501,9 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     step.status = StepStatus::Waiting;
                     step.waited = true;
                     step.wait_signal = signal.clone();
-                    let wake = delay_ms.map(|d| now.saturating_add(ms(d)));
+                    // A plugin that polls with a zero or tiny delay would otherwise re-run in a
+                    // tight loop, a commit and an event per pass, holding the writer.
+                    let wake = delay_ms.map(|d| now.saturating_add(ms(d.max(MIN_WAIT_DELAY_MS))));
                     next.next_run_at = match wake {
                         Some(t) => Some(cap(t)),
                         None => deadline,

@@ -15,6 +15,7 @@ fn def_with(n: usize, retry: u32, comp_retry: u32) -> SagaDefinition {
     let names = ["inventory", "payment", "shipment", "notify", "audit", "extra"];
     let states = ["INVENTORY_RESERVED", "PAYMENT_CHARGED", "SHIPMENT_CREATED", "NOTIFIED", "AUDITED", "EXTRA_DONE"];
     SagaDefinition {
+        sensitive: vec![],
         saga_type: "order".into(),
         steps: (0..n)
             .map(|i| StepDefinition {
@@ -64,7 +65,7 @@ fn happy_path_walks_every_state_label_then_completes() {
         assert_eq!(t.changed_steps, vec![i]);
         types.push(t.event.event_type.clone());
         s = t.state;
-        assert_eq!(s.status, def.steps[i].state);
+        assert_eq!(s.status, SagaStatus::Reached(def.steps[i].state.clone()));
     }
     assert_eq!(next_action(&def, &s, 0), Action::Finish);
     let t = step(&def, &s, Event::Finish, 0);
@@ -416,4 +417,16 @@ proptest! {
         };
         prop_assert!(label_ok, "status {} for phase {:?}", state.status, state.phase);
     }
+}
+
+#[test]
+fn a_wait_with_no_delay_does_not_spin_the_step() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let t = step(&def, &s, executed(1, 1, ExecuteOutcome::Wait { delay_ms: Some(0), signal: None }), 1_000);
+    assert_eq!(t.state.next_run_at, Some(1_000 + MIN_WAIT_DELAY_MS as i64));
+    assert_eq!(next_action(&def, &t.state, 1_000), Action::Idle, "re-run at once: a tight loop");
+    let t = step(&def, &s, executed(1, 1, ExecuteOutcome::Wait { delay_ms: Some(5_000), signal: None }), 1_000);
+    assert_eq!(t.state.next_run_at, Some(6_000), "longer delays are kept as asked");
 }

@@ -15,9 +15,10 @@ use sha2::{Digest as _, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::sagas::{apply_outside, idempotent, json_response, record_view, to_json, SagaView};
+use super::sagas::{idempotent, json_response, outside_error, record_view, to_json, SagaView};
 use super::AppState;
 use crate::engine::Event;
+use crate::saga::Actor;
 
 /// Constant-time equality of two secrets.
 fn secret_eq(a: &str, b: &str) -> bool {
@@ -34,24 +35,41 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
             "admin routes are off; start sagahost with --admin-token (or SAGAHOST_ADMIN_TOKEN) to enable them",
         ));
     };
-    let presented = req
-        .headers()
+    match bearer(req.headers()) {
+        Some(token) if secret_eq(token, expected) => Ok(next.run(req).await),
+        _ => Ok(unauthorized("admin routes need the header Authorization: Bearer <admin token>")),
+    }
+}
+
+/// Middleware guarding the client routes (`/orders`, `/sagas`) when API tokens are
+/// configured (`--api-token`, SPEC §8): any one of them opens them. Without tokens they are
+/// open. Idempotency keys are scoped per credential (`idempotency::caller`).
+pub async fn require_client(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let tokens = &state.config.api_tokens;
+    if tokens.is_empty() {
+        return next.run(req).await;
+    }
+    match bearer(req.headers()) {
+        // Compare with every token, so the time taken does not tell which one matched.
+        Some(token) if tokens.iter().fold(false, |ok, t| secret_eq(token, t) | ok) => next.run(req).await,
+        _ => unauthorized("this route needs the header Authorization: Bearer <API token>"),
+    }
+}
+
+/// The bearer token of a request, if it presents one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    match presented {
-        Some(token) if secret_eq(token.trim(), expected) => Ok(next.run(req).await),
-        _ => {
-            let mut r = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "admin routes need the header Authorization: Bearer <admin token>",
-            )
-            .into_response();
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Ok(r)
-        }
-    }
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
+/// 401 with `WWW-Authenticate: Bearer`.
+fn unauthorized(message: &'static str) -> Response {
+    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// Who performed an admin action: the `X-Actor` header if given (an operator's name), else
@@ -94,6 +112,7 @@ async fn operate(
     action: &str,
     note: Option<String>,
 ) -> Result<Response, ApiError> {
+    super::sagas::check_id(None, id)?;
     let route = format!("POST /admin/sagas/{id}/{}", action.trim_start_matches("saga."));
     let body = serde_json::json!({ "note": note });
     idempotent(&state, &headers, route, &body, || operate_now(&state, id, &headers, event, action, note)).await
@@ -107,13 +126,13 @@ async fn operate_now(
     action: &str,
     note: Option<String>,
 ) -> Result<Response, ApiError> {
-    let who = actor(headers);
-    match apply_outside(state, "", id, event, Some((&who, action, note))).await? {
+    let who = Actor { name: actor(headers), action: action.to_owned(), note };
+    match state.sagas.apply(None, id, event, Some(&who)).await {
         Ok(rec) => {
-            tracing::info!(saga_id = %id, actor = %who, action, status = %rec.state.status, "operator action");
+            tracing::info!(saga_id = %id, actor = %who.name, action, status = %rec.state.status, "operator action");
             Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))
         }
-        Err((e, _)) => Err(ApiError::conflict("not_stuck", e.to_string())),
+        Err(e) => Err(outside_error(None, id, e, |e, _| ApiError::conflict("not_stuck", e.to_string()))),
     }
 }
 

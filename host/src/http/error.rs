@@ -17,7 +17,15 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub retry_after: Option<u64>,
+    /// The answer may change if the request is sent again later (the saga is busy, or not
+    /// waiting for that signal yet): it is never stored under an idempotency key.
+    pub provisional: bool,
 }
+
+/// Marks a response that is not final (see [`ApiError::provisional`]), so that
+/// idempotency storage can tell it from a final answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Provisional;
 
 /// The JSON body of every error.
 #[derive(Debug, Serialize, ToSchema)]
@@ -39,7 +47,7 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), field: None, retry_after: None }
+        ApiError { status, code, message: message.into(), field: None, retry_after: None, provisional: false }
     }
 
     /// 400 naming the field.
@@ -52,6 +60,7 @@ impl ApiError {
             message,
             field: Some(field).filter(|f| !f.is_empty()),
             retry_after: None,
+            provisional: false,
         }
     }
 
@@ -63,8 +72,16 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, code, message)
     }
 
+    /// Says when to retry; an answer that asks for a retry is provisional.
     pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
         self.retry_after = Some(seconds);
+        self.provisional = true;
+        self
+    }
+
+    /// An answer that a later retry may not get (see [`Provisional`]).
+    pub fn provisional(mut self) -> ApiError {
+        self.provisional = true;
         self
     }
 
@@ -106,6 +123,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.provisional {
+            response.extensions_mut().insert(Provisional);
         }
         response
     }

@@ -6,7 +6,6 @@
 pub mod admin;
 pub mod error;
 pub mod idempotency;
-pub mod order;
 pub mod plugins;
 pub mod sagas;
 
@@ -37,12 +36,16 @@ pub struct HttpConfig {
     pub idempotency_ttl: Duration,
     /// Bearer token of the admin routes; `None` turns them off (403).
     pub admin_token: Option<String>,
+    /// Bearer tokens of the client routes (`/orders`, `/sagas`); empty leaves them open.
+    pub api_tokens: Vec<String>,
 }
 
 /// Shared state of every handler: cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Every saga change goes through here.
+    pub sagas: Arc<crate::saga::Sagas>,
     pub catalog: Arc<Catalog>,
     pub driver: DriverHandle,
     pub clock: Arc<dyn Clock>,
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sagas::cancel_saga))
         .routes(routes!(sagas::signal_saga))
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_client))
         .split_for_parts();
     let (upload_routes, upload_api) = OpenApiRouter::new()
         .routes(routes!(plugins::upload_plugin))
@@ -164,7 +168,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if let Err(e) = state.store.ping().await {
         return ApiError::unavailable(e).into_response();
     }
-    if state.catalog.definition("order").is_none() {
+    if crate::builtin::ALL.iter().any(|b| state.catalog.definition(b.saga_type).is_none()) {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",

@@ -255,11 +255,44 @@ pub struct StepSpec {
     pub execute: Option<String>,
     /// Digest of the compensate plugin. Default: the execute digest.
     pub compensate: Option<String>,
-    pub retry: Option<RetryPolicy>,
-    pub compensate_retry: Option<RetryPolicy>,
+    pub retry: Option<RetrySpec>,
+    pub compensate_retry: Option<RetrySpec>,
     /// Default 2000.
     pub timeout_ms: Option<u64>,
     pub deadline_ms: Option<u64>,
+}
+
+/// A retry policy as the admin API shows and accepts it: exponential backoff with jitter
+/// (attempt n waits up to `min(max_backoff_ms, initial_backoff_ms * 2^(n-1))`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Total attempts, including the first: 1 to 1000.
+    pub max_attempts: u32,
+    /// At least 1 and at most `max_backoff_ms`.
+    pub initial_backoff_ms: u64,
+    /// At most 24 hours.
+    pub max_backoff_ms: u64,
+}
+
+impl From<RetrySpec> for RetryPolicy {
+    fn from(r: RetrySpec) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: r.max_attempts,
+            initial_backoff_ms: r.initial_backoff_ms,
+            max_backoff_ms: r.max_backoff_ms,
+        }
+    }
+}
+
+impl From<RetryPolicy> for RetrySpec {
+    fn from(r: RetryPolicy) -> RetrySpec {
+        RetrySpec {
+            max_attempts: r.max_attempts,
+            initial_backoff_ms: r.initial_backoff_ms,
+            max_backoff_ms: r.max_backoff_ms,
+        }
+    }
 }
 
 /// A saga definition as the admin API shows and accepts it.
@@ -270,6 +303,10 @@ pub struct DefinitionSpec {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub saga_type: Option<String>,
     pub steps: Vec<StepSpec>,
+    /// Sensitive input fields as JSON pointers (e.g. `/payment/token`): plugins receive them;
+    /// responses, events and logs show `"[redacted]"` instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive: Vec<String>,
 }
 
 fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
@@ -283,12 +320,13 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
                 state: Some(s.state.clone()),
                 execute: Some(s.execute.digest.clone()),
                 compensate: Some(s.compensate.digest.clone()),
-                retry: Some(s.retry),
-                compensate_retry: Some(s.compensate_retry),
+                retry: Some(s.retry.into()),
+                compensate_retry: Some(s.compensate_retry.into()),
                 timeout_ms: Some(s.timeout_ms),
                 deadline_ms: s.deadline_ms,
             })
             .collect(),
+        sensitive: def.sensitive.clone(),
     }
 }
 
@@ -320,13 +358,13 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
             execute: resolve("execute", &execute)?,
             compensate: resolve("compensate", &compensate)?,
             name: s.name,
-            retry: s.retry.unwrap_or(RetryPolicy::EXECUTE),
-            compensate_retry: s.compensate_retry.unwrap_or(RetryPolicy::COMPENSATE),
+            retry: s.retry.map_or(RetryPolicy::EXECUTE, Into::into),
+            compensate_retry: s.compensate_retry.map_or(RetryPolicy::COMPENSATE, Into::into),
             timeout_ms: s.timeout_ms.unwrap_or(2_000),
             deadline_ms: s.deadline_ms,
         });
     }
-    Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps })
+    Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive: spec.sensitive })
 }
 
 /// Register or replace a saga definition. New sagas use it; running ones keep theirs.

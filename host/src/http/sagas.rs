@@ -12,12 +12,14 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_rejection, ApiError, ErrorBody};
-use super::order::OrderRequest;
-use super::{idempotency, order, AppState};
+use super::error::{body_rejection, ApiError, ErrorBody, Provisional};
+use super::{idempotency, AppState};
+use crate::builtin::order::{self, OrderRequest};
+use crate::builtin::{self, InputError};
 use crate::clock::rfc3339;
-use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
-use crate::store::{AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaSummary};
+use crate::engine::{self, Event, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
+use crate::saga;
+use crate::store::{CreateOutcome, IdempotencyClaim, SagaRecord, SagaSummary};
 
 /// The longest `Prefer: wait=N` honoured, in seconds.
 pub const MAX_WAIT_SECS: u64 = 30;
@@ -118,7 +120,7 @@ pub fn view(
         saga_type: def.saga_type.clone(),
         status: state.status.clone(),
         reason: state.reason.clone(),
-        input: serde_json::from_str(input).unwrap_or(serde_json::Value::Null),
+        input: def.redact(&serde_json::from_str(input).unwrap_or(serde_json::Value::Null)),
         created_at: rfc3339(created_at),
         updated_at: rfc3339(updated_at),
         steps: def
@@ -172,20 +174,9 @@ fn replay(status: u16, body: Vec<u8>, location: Option<&str>) -> Result<Response
     Ok(r)
 }
 
-/// Where a saga lives: `/orders/{id}` for orders, `/sagas/{type}/{id}` otherwise.
-pub fn location(saga_type: &str, id: &str) -> String {
-    if saga_type == "order" {
-        format!("/orders/{id}")
-    } else {
-        format!("/sagas/{saga_type}/{id}")
-    }
-}
-
-fn noun(saga_type: &str) -> String {
-    if saga_type == "order" {
-        "order".to_owned()
-    } else {
-        format!("{saga_type} saga")
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> ApiError {
+        ApiError::invalid(e.field, e.message)
     }
 }
 
@@ -216,18 +207,49 @@ pub(super) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_js
     serde_json::from_slice(&body).map_err(|e| ApiError::invalid("", format!("the request body is not valid JSON: {e}")))
 }
 
-async fn load(state: &AppState, saga_type: &str, id: &str) -> Result<SagaRecord, ApiError> {
-    match state.store.saga(id).await? {
-        Some(rec) if rec.saga_type == saga_type || saga_type.is_empty() => Ok(rec),
-        _ => Err(ApiError::not_found(format!(
+/// 404 for a saga that does not exist (as a saga of `saga_type`, when given).
+pub(super) fn not_found(saga_type: Option<&str>, id: &str) -> ApiError {
+    match saga_type {
+        Some(t) => ApiError::not_found(format!(
             "no {} with id '{id}'; check the id, or list them with GET {}",
-            noun(saga_type),
-            if saga_type == "order" || saga_type.is_empty() {
-                "/orders".to_owned()
-            } else {
-                format!("/sagas/{saga_type}")
-            }
-        ))),
+            builtin::noun(t),
+            builtin::collection(t)
+        )),
+        None => ApiError::not_found(format!("no saga with id '{id}'; check the id")),
+    }
+}
+
+async fn load(state: &AppState, saga_type: Option<&str>, id: &str) -> Result<SagaRecord, ApiError> {
+    check_id(saga_type, id)?;
+    state.sagas.get(saga_type, id).await?.ok_or_else(|| not_found(saga_type, id))
+}
+
+/// Saga ids are UUIDs this API issued: anything else (too long, a NUL, not a UUID) names no
+/// saga, and is answered without asking the database.
+pub(super) fn check_id(saga_type: Option<&str>, id: &str) -> Result<(), ApiError> {
+    if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
+        // Never echo a hostile id back in full.
+        let shown: String = id.chars().filter(|c| !c.is_control()).take(64).collect();
+        return Err(not_found(saga_type, &shown));
+    }
+    Ok(())
+}
+
+/// Maps what the saga service says about an outside event to the API's terms; `refused`
+/// words the engine's refusal for the route.
+pub(super) fn outside_error(
+    saga_type: Option<&str>,
+    id: &str,
+    e: saga::Error,
+    refused: impl FnOnce(engine::Error, Box<SagaRecord>) -> ApiError,
+) -> ApiError {
+    match e {
+        saga::Error::NotFound => not_found(saga_type, id),
+        saga::Error::Refused(e, rec) => refused(e, rec),
+        saga::Error::Busy | saga::Error::Fenced => {
+            ApiError::conflict("busy", "the saga is changing rapidly; retry the request").with_retry_after(1)
+        }
+        saga::Error::Store(e) => e.into(),
     }
 }
 
@@ -287,30 +309,11 @@ async fn create(
             "no saga type '{saga_type}' is registered; register it with PUT /admin/sagas/{saga_type}"
         ))
     })?;
-    if saga_type == "order" {
-        order::parse(&value)?;
-    } else if !value.is_object() {
-        return Err(ApiError::invalid("", "the saga input must be a JSON object"));
-    }
+    builtin::validate_input(saga_type, &value)?;
     let wait = prefer_wait(&headers);
-    let now = state.clock.now_ms();
-    let id = uuid::Uuid::now_v7().to_string();
-    let saga_state = SagaState::new(&def, now);
-    let input = value.to_string();
-    let created = view(&id, &def, &input, &saga_state, now, now);
-    let created_body = to_json(&created)?;
-    let new = NewSaga {
-        id: id.clone(),
-        definition: (*def).clone(),
-        input,
-        state: saga_state,
-        event: EventSpec {
-            event_type: format!("{}Created", def.event_prefix()),
-            data: serde_json::json!({ "input": value }),
-        },
-        event_id: uuid::Uuid::now_v7().to_string(),
-        now,
-    };
+    let draft = state.sagas.draft(&def, &value);
+    let id = draft.record.id.clone();
+    let created_body = to_json(&record_view(&draft.record))?;
     let claim = IdempotencyClaim {
         caller: idempotency::caller(&headers),
         route: route.to_owned(),
@@ -321,10 +324,9 @@ async fn create(
         ttl_ms: state.config.idempotency_ttl.as_millis() as i64,
         response: if wait.is_none() { Some((201, created_body.clone())) } else { None },
     };
-    match state.store.create_saga(&new, Some(&claim), now).await? {
+    match state.sagas.create(&draft, Some(&claim)).await? {
         CreateOutcome::Created => {
-            state.driver.wake();
-            let loc = location(saga_type, &id);
+            let loc = builtin::location(saga_type, &id);
             let Some(secs) = wait else {
                 return Ok(json_response(StatusCode::CREATED, created_body, Some(&loc)));
             };
@@ -338,27 +340,32 @@ async fn create(
             Ok(r)
         }
         CreateOutcome::Replay { status, body, saga_id } => {
-            replay(status, body, saga_id.map(|id| location(saga_type, &id)).as_deref())
+            replay(status, body, saga_id.map(|id| builtin::location(saga_type, &id)).as_deref())
         }
         CreateOutcome::InFlight => Err(idempotency::in_flight()),
         CreateOutcome::Mismatch => Err(idempotency::reused()),
         CreateOutcome::Abandoned { saga_id } => {
             // The first request created the saga, then died before answering. Answer now, from
             // the saga: never a second saga for one key.
-            let rec = load(&state, saga_type, &saga_id).await?;
+            let rec = load(&state, Some(saga_type), &saga_id).await?;
             let body = to_json(&record_view(&rec))?;
             state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, 201, &body).await?;
-            Ok(json_response(StatusCode::CREATED, body, Some(&location(saga_type, &saga_id))))
+            Ok(json_response(StatusCode::CREATED, body, Some(&builtin::location(saga_type, &saga_id))))
         }
     }
 }
 
 async fn get_one(state: AppState, saga_type: &str, id: &str) -> Result<Response, ApiError> {
-    let rec = load(&state, saga_type, id).await?;
+    let rec = load(&state, Some(saga_type), id).await?;
     Ok(json_response(StatusCode::OK, to_json(&record_view(&rec))?, None))
 }
 
 async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Result<Response, ApiError> {
+    if !crate::engine::definition::is_valid_name(saga_type) {
+        return Err(ApiError::not_found(
+            "no such saga type; type names are 1-64 lowercase letters, digits, '-' or '_'",
+        ));
+    }
     let limit = match q.limit.as_deref() {
         None => 20,
         Some(s) => s
@@ -404,66 +411,13 @@ async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Result<Response
     Ok(json_response(StatusCode::OK, to_json(&page)?, None))
 }
 
-/// Applies an outside event (cancel, signal) to a saga: read, apply, commit fenced on the epoch
-/// that was read, retrying if the driver committed in between. The commit takes the saga over
-/// from a worker that may be mid-call; that worker's result is discarded.
-/// An empty `saga_type` matches a saga of any type (operator routes address sagas by id).
-pub(super) async fn apply_outside(
-    state: &AppState,
-    saga_type: &str,
-    id: &str,
-    event: Event,
-    audit: Option<(&str, &str, Option<String>)>,
-) -> Result<Result<SagaRecord, (engine::Error, SagaRecord)>, ApiError> {
-    for _ in 0..10 {
-        let mut rec = load(state, saga_type, id).await?;
-        let now = state.clock.now_ms();
-        let t = match engine::apply(&rec.definition, &rec.state, event.clone(), now) {
-            Ok(t) => t,
-            Err(e) => return Ok(Err((e, rec))),
-        };
-        let names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
-        let event_id = uuid::Uuid::now_v7().to_string();
-        let audit = audit.as_ref().map(|(actor, action, note)| AuditEntry {
-            actor: (*actor).to_owned(),
-            action: (*action).to_owned(),
-            target: id.to_owned(),
-            before: Some(serde_json::json!({ "status": rec.state.status })),
-            after: Some(serde_json::json!({ "status": t.state.status })),
-            note: note.clone(),
-        });
-        let commit = Commit {
-            saga_id: id,
-            saga_type: &rec.saga_type,
-            fence: Fence::Takeover(rec.epoch),
-            state: &t.state,
-            step_names: &names,
-            changed_steps: &t.changed_steps,
-            plugin_writes: None,
-            event: &t.event,
-            event_id: &event_id,
-            now,
-            audit: audit.as_ref(),
-        };
-        match state.store.commit(&commit).await {
-            Ok(_) => {
-                state.driver.wake();
-                rec.state = t.state;
-                rec.updated_at = now;
-                return Ok(Ok(rec));
-            }
-            Err(crate::store::Error::Fenced) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::conflict("busy", "the saga is changing rapidly; retry the request").with_retry_after(1))
-}
-
 /// Runs a mutating request that creates no saga under its optional `Idempotency-Key` (SPEC
 /// §5.1): the first request runs and its response is stored; a retry with the same key and
 /// body gets that response back (`Idempotent-Replayed: true`), one with another body 422, one
 /// while the first runs 409. Validation must happen before: rejected requests are not stored.
-/// A 5xx is not stored either, so a retry runs the request again.
+/// Only final answers are stored: a 5xx, or an answer marked [`Provisional`] (a 409 "busy,
+/// retry", a signal the saga does not wait for yet), releases the key, so a retry runs the
+/// request again.
 pub(super) async fn idempotent<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -490,7 +444,7 @@ where
     match state.store.claim_key(&claim, state.clock.now_ms()).await? {
         CreateOutcome::Created | CreateOutcome::Abandoned { .. } => {
             let response = run().await.unwrap_or_else(IntoResponse::into_response);
-            if response.status().is_server_error() {
+            if response.status().is_server_error() || response.extensions().get::<Provisional>().is_some() {
                 state.store.release_key(&claim.caller, &claim.route, &claim.key).await?;
                 return Ok(response);
             }
@@ -509,18 +463,22 @@ where
 }
 
 async fn cancel(state: AppState, saga_type: &str, id: &str, headers: HeaderMap) -> Result<Response, ApiError> {
-    let route = format!("POST {}/cancel", location(saga_type, id));
+    check_id(Some(saga_type), id)?;
+    let route = format!("POST {}/cancel", builtin::location(saga_type, id));
     idempotent(&state, &headers, route, &serde_json::Value::Null, || cancel_now(&state, saga_type, id)).await
 }
 
 async fn cancel_now(state: &AppState, saga_type: &str, id: &str) -> Result<Response, ApiError> {
-    match apply_outside(state, saga_type, id, Event::Cancel { reason: "cancelled by client".to_owned() }, None).await? {
+    let event = Event::Cancel { reason: "cancelled by client".to_owned() };
+    match state.sagas.apply(Some(saga_type), id, event, None).await {
         Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
         // Cancelling is idempotent: a saga already compensating or cancelled stays so.
-        Err((_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
+        Err(saga::Error::Refused(_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
             Ok(json_response(StatusCode::OK, to_json(&record_view(&rec))?, None))
         }
-        Err((e, _)) => Err(ApiError::conflict("not_cancellable", format!("{e}; a completed saga is final"))),
+        Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| {
+            ApiError::conflict("not_cancellable", format!("{e}; a completed saga is final"))
+        })),
     }
 }
 
@@ -532,16 +490,20 @@ async fn signal(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    check_id(Some(saga_type), id)?;
     let payload = parse_body(body)?;
-    if name.is_empty() || name.len() > 128 {
-        return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters"));
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters and no control characters"));
     }
-    let route = format!("POST {}/signals/{name}", location(saga_type, id));
+    let route = format!("POST {}/signals/{name}", builtin::location(saga_type, id));
     let event = Event::Signal { name: name.to_owned(), payload: payload.to_string() };
     idempotent(&state, &headers, route, &payload, || async {
-        match apply_outside(&state, saga_type, id, event, None).await? {
+        match state.sagas.apply(Some(saga_type), id, event, None).await {
             Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
-            Err((e, _)) => Err(ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for"))),
+            Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| {
+                // The step may come to wait for it later: a retry must run again, not replay this.
+                ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for")).provisional()
+            })),
         }
     })
     .await
@@ -569,21 +531,21 @@ pub async fn create_order(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    create(state, "order", "POST /orders", headers, body).await
+    create(state, order::SAGA_TYPE, "POST /orders", headers, body).await
 }
 
 /// Get an order with its step history.
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", params(("id" = String, Path)),
     responses((status = 200, body = SagaView), (status = 404, body = ErrorBody)))]
 pub async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    get_one(state, "order", &id).await
+    get_one(state, order::SAGA_TYPE, &id).await
 }
 
 /// List orders, newest first.
 #[utoipa::path(get, path = "/orders", tag = "orders", params(ListQuery),
     responses((status = 200, body = SagaPage), (status = 400, body = ErrorBody)))]
 pub async fn list_orders(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
-    list(state, "order", q).await
+    list(state, order::SAGA_TYPE, q).await
 }
 
 /// Cancel an order: compensates the steps done so far. 409 once COMPLETED.
@@ -595,7 +557,7 @@ pub async fn cancel_order(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    cancel(state, "order", &id, headers).await
+    cancel(state, order::SAGA_TYPE, &id, headers).await
 }
 
 /// Send a named signal to an order's waiting step (e.g. `payment-confirmed`).
@@ -608,7 +570,7 @@ pub async fn signal_order(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    signal(state, "order", &id, &name, headers, body).await
+    signal(state, order::SAGA_TYPE, &id, &name, headers, body).await
 }
 
 /// Start a saga of any registered type.

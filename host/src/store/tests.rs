@@ -48,6 +48,7 @@ fn def() -> SagaDefinition {
     let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
     SagaDefinition {
         saga_type: "order".into(),
+        sensitive: vec![],
         steps: vec![StepDefinition {
             name: "only".into(),
             state: "DONE_ONE".into(),

@@ -1,11 +1,66 @@
-//! The `order` saga's input: its JSON shape and its validation rules (SPEC §5.2).
+//! The built-in `order` saga (SPEC §1, §5.2, §7): cart -> inventory -> payment -> shipment.
+//!
+//! Everything the host knows about orders lives here: the demo plugins it binds (built from
+//! `plugins/` by `host/build.rs` and embedded, so the binary runs with no files beside it),
+//! its definition (with the payment step's deadline), and its input's JSON shape and
+//! validation rules. The generic host finds it through [`super::ALL`].
 //!
 //! Validation happens before anything is stored: a 400 names the field and changes nothing.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::{Builtin, InputError};
+use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
+
+/// The saga type of orders.
+pub const SAGA_TYPE: &str = "order";
+
+/// The registration of the order saga in the list of built-ins.
+pub const BUILTIN: Builtin = Builtin {
+    saga_type: SAGA_TYPE,
+    noun: "order",
+    route: Some("/orders"),
+    plugins: &PLUGINS,
+    definition,
+    validate: |input| parse(input).map(drop),
+};
+
+/// `(plugin name, component bytes)` of each demo plugin.
+pub const PLUGINS: [(&str, &[u8]); 3] = [
+    ("inventory", include_bytes!(concat!(env!("OUT_DIR"), "/inventory.wasm"))),
+    ("payment", include_bytes!(concat!(env!("OUT_DIR"), "/payment.wasm"))),
+    ("shipment", include_bytes!(concat!(env!("OUT_DIR"), "/shipment.wasm"))),
+];
+
+/// How long a payment may wait for its confirmation signal (`tok_3ds`) before it is rejected:
+/// the payment step's deadline (SPEC §7). An operator who needs another one registers the
+/// definition with a different `deadline_ms` through `PUT /admin/sagas/order`.
+pub const PAYMENT_DEADLINE_MS: u64 = 15 * 60 * 1000;
+
+/// The `order` definition, bound to the demo plugins `plugin` names.
+pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
+    let step = |name: &str, state: &str, deadline_ms: Option<u64>| StepDefinition {
+        name: name.to_owned(),
+        state: state.to_owned(),
+        execute: plugin(name),
+        compensate: plugin(name),
+        retry: RetryPolicy::EXECUTE,
+        compensate_retry: RetryPolicy::COMPENSATE,
+        timeout_ms: 2_000,
+        deadline_ms,
+    };
+    SagaDefinition {
+        saga_type: SAGA_TYPE.to_owned(),
+        steps: vec![
+            step("inventory", "INVENTORY_RESERVED", None),
+            step("payment", "PAYMENT_CHARGED", Some(PAYMENT_DEADLINE_MS)),
+            step("shipment", "SHIPMENT_CREATED", None),
+        ],
+        // The payment token reaches the payment plugin only (SPEC §8).
+        sensitive: vec!["/payment/token".to_owned()],
+    }
+}
 
 /// `POST /orders` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -69,44 +124,44 @@ const MAX_ITEMS: usize = 100;
 const MAX_QUANTITY: u32 = 10_000;
 const MAX_UNIT_PRICE: u64 = 10_000_000_000;
 
-fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn text(field: &str, value: &str, max: usize) -> Result<(), InputError> {
     if value.trim().is_empty() {
-        return Err(ApiError::invalid(field, "must not be empty"));
+        return Err(InputError::new(field, "must not be empty"));
     }
     if value.chars().count() > max {
-        return Err(ApiError::invalid(field, format!("must be at most {max} characters")));
+        return Err(InputError::new(field, format!("must be at most {max} characters")));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(InputError::new(field, "must not contain control characters"));
     }
     Ok(())
 }
 
 /// Parses and validates an order; the error names the first offending field.
-pub fn parse(body: &serde_json::Value) -> Result<OrderRequest, ApiError> {
+pub fn parse(body: &serde_json::Value) -> Result<OrderRequest, InputError> {
     let order: OrderRequest = serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ApiError::invalid(path, e.into_inner())
+        InputError::new(path, e.into_inner())
     })?;
     text("customer_id", &order.customer_id, 128)?;
     if order.items.is_empty() {
-        return Err(ApiError::invalid("items", "an order needs at least one item"));
+        return Err(InputError::new("items", "an order needs at least one item"));
     }
     if order.items.len() > MAX_ITEMS {
-        return Err(ApiError::invalid("items", format!("an order has at most {MAX_ITEMS} items")));
+        return Err(InputError::new("items", format!("an order has at most {MAX_ITEMS} items")));
     }
     let mut total: u64 = 0;
     for (i, item) in order.items.iter().enumerate() {
         text(&format!("items[{i}].sku"), &item.sku, 64)?;
         if item.quantity < 1 || item.quantity > MAX_QUANTITY {
-            return Err(ApiError::invalid(
+            return Err(InputError::new(
                 format!("items[{i}].quantity"),
                 format!("must be between 1 and {MAX_QUANTITY}"),
             ));
         }
         if item.unit_price_cents > MAX_UNIT_PRICE {
-            return Err(ApiError::invalid(
+            return Err(InputError::new(
                 format!("items[{i}].unit_price_cents"),
                 format!("must be at most {MAX_UNIT_PRICE}"),
             ));
@@ -114,10 +169,10 @@ pub fn parse(body: &serde_json::Value) -> Result<OrderRequest, ApiError> {
         total = total.saturating_add(u64::from(item.quantity) * item.unit_price_cents);
     }
     if total > i64::MAX as u64 {
-        return Err(ApiError::invalid("items", "the order total is too large"));
+        return Err(InputError::new("items", "the order total is too large"));
     }
     if !CURRENCIES.contains(&order.currency.as_str()) {
-        return Err(ApiError::invalid(
+        return Err(InputError::new(
             "currency",
             format!("unknown currency '{}'; use one of {}", order.currency, CURRENCIES.join(", ")),
         ));
@@ -127,17 +182,14 @@ pub fn parse(body: &serde_json::Value) -> Result<OrderRequest, ApiError> {
     text("ship_to.line1", &order.ship_to.line1, 200)?;
     if let Some(line2) = &order.ship_to.line2 {
         if line2.chars().count() > 200 {
-            return Err(ApiError::invalid("ship_to.line2", "must be at most 200 characters"));
+            return Err(InputError::new("ship_to.line2", "must be at most 200 characters"));
         }
     }
     text("ship_to.city", &order.ship_to.city, 100)?;
     text("ship_to.postal_code", &order.ship_to.postal_code, 20)?;
     let country = &order.ship_to.country;
     if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(ApiError::invalid(
-            "ship_to.country",
-            "must be a two-letter ISO 3166-1 code in upper case, e.g. US",
-        ));
+        return Err(InputError::new("ship_to.country", "must be a two-letter ISO 3166-1 code in upper case, e.g. US"));
     }
     Ok(order)
 }
@@ -155,7 +207,7 @@ mod tests {
     }
 
     fn field_of(v: serde_json::Value) -> Option<String> {
-        parse(&v).err().and_then(|e| e.field)
+        parse(&v).err().map(|e| e.field).filter(|f| !f.is_empty())
     }
 
     #[test]

@@ -1,0 +1,246 @@
+//! One way in for every saga change.
+//!
+//! Every path that changes a saga goes through [`Sagas`]: creating one (with its first event
+//! and its idempotency claim), applying an outside event (a client's cancel or signal, an
+//! operator's retry or resolve), and committing a transition the driver computed after a
+//! plugin call. Each reads the saga, decides with the pure engine and commits conditional on
+//! exactly what it read; the HTTP handlers and the driver only call this module, and never
+//! `engine::apply` or `Store::commit` themselves.
+//!
+//! Architecture invariant: a commit applies only to the state it was computed from. The
+//! store refuses it (`Fenced`) when the saga's `seq` moved since the read, and, for the
+//! driver, when its claim (the `epoch`) was taken over. A cancel computed from the state
+//! before the last step can therefore never land on top of COMPLETED: it is recomputed from
+//! the new state, and refused there.
+//!
+//! The event envelope is built here, once, before the commit ([`crate::event`]); the
+//! status change is announced here, once, after it ([`DriverHandle::announce`]).
+//!
+//! It must not call plugins: the driver does, and hands the outcome in as an engine event.
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::driver::{DriverHandle, StatusChange};
+use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState, Transition};
+use crate::event::Envelope;
+use crate::store::{
+    self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, StateWrite, Store,
+};
+
+/// How often an outside event is recomputed when the saga keeps changing under it.
+const OUTSIDE_EVENT_TRIES: usize = 10;
+
+/// Why an outside event was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No saga with that id (of that type).
+    #[error("no such saga")]
+    NotFound,
+    /// The engine refuses the event in the saga's current state (e.g. cancelling a
+    /// COMPLETED saga); the saga as it is now comes along.
+    #[error("{0}")]
+    Refused(engine::Error, Box<SagaRecord>),
+    /// The saga changed under the event every time it was recomputed.
+    #[error("the saga is changing rapidly; retry the request")]
+    Busy,
+    /// The driver's claim was taken over, or the saga moved on, since it was read: nothing
+    /// was written, and the result it carried is discarded.
+    #[error("the saga was changed by someone else; its result was discarded")]
+    Fenced,
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// Who acts, when an outside event is an audited operator action.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    /// e.g. `saga.retry`, `saga.resolve`.
+    pub action: String,
+    pub note: Option<String>,
+}
+
+/// A saga about to be created: the record it will be, and its first event.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub record: SagaRecord,
+    event: EventSpec,
+}
+
+/// The saga service. Cheap to share behind an `Arc`.
+pub struct Sagas {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    driver: DriverHandle,
+}
+
+impl Sagas {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, driver: DriverHandle) -> Sagas {
+        Sagas { store, clock, driver }
+    }
+
+    /// The handle through which commits are announced and the driver is woken.
+    pub fn handle(&self) -> DriverHandle {
+        self.driver.clone()
+    }
+
+    /// The saga a create request would start: a fresh id, the definition pinned, nothing run.
+    pub fn draft(&self, def: &SagaDefinition, input: &serde_json::Value) -> Draft {
+        let now = self.clock.now_ms();
+        let record = SagaRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            saga_type: def.saga_type.clone(),
+            definition: def.clone(),
+            input: input.to_string(),
+            state: SagaState::new(def, now),
+            seq: 1,
+            epoch: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        Draft { record, event: engine::created(def, input) }
+    }
+
+    /// Creates a drafted saga with its first event, under an idempotency key when one is
+    /// given: the claim, the saga and (when known) the stored response commit together.
+    pub async fn create(&self, draft: &Draft, claim: Option<&IdempotencyClaim>) -> Result<CreateOutcome, store::Error> {
+        let rec = &draft.record;
+        let envelope = Envelope {
+            saga_id: &rec.id,
+            saga_type: &rec.saga_type,
+            seq: 1,
+            status: &rec.state.status,
+            at: rec.created_at,
+        };
+        let event = envelope.wrap(&draft.event);
+        let new = NewSaga {
+            id: rec.id.clone(),
+            definition: rec.definition.clone(),
+            input: rec.input.clone(),
+            state: rec.state.clone(),
+            event: draft.event.clone(),
+            event_id: event.event_id,
+            now: rec.created_at,
+        };
+        let outcome = self.store.create_saga(&new, claim, rec.created_at).await?;
+        if outcome == CreateOutcome::Created {
+            self.driver.wake();
+        }
+        Ok(outcome)
+    }
+
+    /// Reads a saga; `saga_type` `None` matches any type (operator routes address sagas by
+    /// id alone).
+    pub async fn get(&self, saga_type: Option<&str>, id: &str) -> Result<Option<SagaRecord>, store::Error> {
+        Ok(self.store.saga(id).await?.filter(|rec| saga_type.is_none_or(|t| rec.saga_type == t)))
+    }
+
+    /// Applies an outside event (cancel, signal, operator retry or resolve): read, decide with
+    /// the engine, commit conditional on exactly the state read; on a conflict, read again
+    /// and decide again. The commit takes the saga over from a driver that may be mid-call:
+    /// that call's result is discarded and its step runs again from the new state.
+    pub async fn apply(
+        &self,
+        saga_type: Option<&str>,
+        id: &str,
+        event: Event,
+        actor: Option<&Actor>,
+    ) -> Result<SagaRecord, Error> {
+        for _ in 0..OUTSIDE_EVENT_TRIES {
+            let mut rec = self.get(saga_type, id).await?.ok_or(Error::NotFound)?;
+            let now = self.clock.now_ms();
+            let t = match engine::apply(&rec.definition, &rec.state, event.clone(), now) {
+                Ok(t) => t,
+                Err(e) => return Err(Error::Refused(e, Box::new(rec))),
+            };
+            let audit = actor.map(|a| AuditEntry {
+                actor: a.name.clone(),
+                action: a.action.clone(),
+                target: id.to_owned(),
+                before: Some(serde_json::json!({ "status": rec.state.status })),
+                after: Some(serde_json::json!({ "status": t.state.status })),
+                note: a.note.clone(),
+            });
+            let fence = Fence::Takeover(rec.epoch);
+            match self.commit(&mut rec, t, fence, None, audit.as_ref()).await {
+                Ok(()) => {
+                    self.driver.wake();
+                    return Ok(rec);
+                }
+                Err(store::Error::Fenced) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Busy)
+    }
+
+    /// Commits what the driver did for a saga it claimed at `epoch`: the engine event for the
+    /// action it performed (a plugin call's outcome, a finish, a deadline), with the state
+    /// writes of that call. Returns whether more work is due now, in which case the driver
+    /// keeps its claim; otherwise the claim is released in the same commit. On success `rec`
+    /// is the saga as committed.
+    pub async fn advance(
+        &self,
+        rec: &mut SagaRecord,
+        epoch: i64,
+        event: Event,
+        writes: Option<(&str, &[StateWrite])>,
+    ) -> Result<bool, Error> {
+        let now = self.clock.now_ms();
+        let t = match engine::apply(&rec.definition, &rec.state, event, now) {
+            Ok(t) => t,
+            Err(e) => return Err(Error::Refused(e, Box::new(rec.clone()))),
+        };
+        let keep = t.state.next_run_at.is_some_and(|at| at <= now);
+        let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
+        match self.commit(rec, t, fence, writes, None).await {
+            Ok(()) => Ok(keep),
+            Err(store::Error::Fenced) => Err(Error::Fenced),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Commits a transition of `rec` computed from its current state, with the plugin's
+    /// state writes that produced it, and announces the status change. On success `rec` is
+    /// the saga as committed. `Err(Fenced)` means the saga moved on since it was read (or
+    /// the claim was lost): nothing was written.
+    async fn commit(
+        &self,
+        rec: &mut SagaRecord,
+        t: Transition,
+        fence: Fence,
+        writes: Option<(&str, &[StateWrite])>,
+        audit: Option<&AuditEntry>,
+    ) -> Result<(), store::Error> {
+        let now = self.clock.now_ms();
+        let seq = rec.seq + 1;
+        let envelope = Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
+        let event = envelope.wrap(&t.event);
+        let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
+        let commit = Commit {
+            saga_id: &rec.id,
+            saga_type: &rec.saga_type,
+            fence,
+            state: &t.state,
+            step_names: &step_names,
+            changed_steps: &t.changed_steps,
+            plugin_writes: writes,
+            event: &t.event,
+            event_id: &event.event_id,
+            now,
+            audit,
+        };
+        let seq = self.store.commit(&commit).await?;
+        tracing::debug!(saga_id = %rec.id, seq, event = %t.event.event_type, status = %t.state.status, "committed");
+        let settled = t.state.phase.is_terminal() || t.state.phase == Phase::CompensationFailed;
+        self.driver.announce(StatusChange { saga_id: rec.id.clone(), status: t.state.status.clone(), settled });
+        rec.state = t.state;
+        rec.seq = seq;
+        rec.updated_at = now;
+        if matches!(fence, Fence::Takeover(_)) {
+            rec.epoch += 1;
+        }
+        Ok(())
+    }
+}

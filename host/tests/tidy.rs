@@ -1,0 +1,136 @@
+//! Architecture invariants, checked on the source text (rust-analyzer's `tidy` tests are the
+//! model): each rule names the one place a concern may live, and fails with every offending
+//! line. See the "Invariants" section of ARCHITECTURE.md.
+
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `host/src`, with its path relative to `host/src`.
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("host/src is readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&root, &mut files);
+    files.sort();
+    assert!(files.len() > 20, "found only {} source files under {}", files.len(), root.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+            (rel, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect()
+}
+
+/// The lines of production code (comments and the trailing `#[cfg(test)]` module dropped)
+/// of `text` that contain any of `needles`.
+fn hits(text: &str, needles: &[&str]) -> Vec<(usize, String)> {
+    text.lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .enumerate()
+        .filter(|(_, line)| {
+            let code = line.trim_start();
+            !code.starts_with("//") && needles.iter().any(|n| code.contains(n))
+        })
+        .map(|(i, line)| (i + 1, line.trim().to_owned()))
+        .collect()
+}
+
+/// Fails listing every line outside `allowed` (path prefixes) that contains a needle.
+fn only_in(rule: &str, allowed: &[&str], needles: &[&str]) {
+    let mut offences = Vec::new();
+    for (path, text) in sources() {
+        if allowed.iter().any(|a| path.starts_with(a)) {
+            continue;
+        }
+        for (line, code) in hits(&text, needles) {
+            offences.push(format!("  host/src/{path}:{line}: {code}"));
+        }
+    }
+    assert!(offences.is_empty(), "{rule}; found:\n{}", offences.join("\n"));
+}
+
+#[test]
+fn only_the_store_contains_sql() {
+    only_in(
+        "architecture invariant: only store/ contains SQL and names sqlx",
+        // main.rs names sqlx only as a log target in the default log filter.
+        &["store/", "main.rs"],
+        &["sqlx", "SELECT ", "INSERT INTO", "UPDATE ", "DELETE FROM", "CREATE TABLE"],
+    );
+}
+
+#[test]
+fn only_the_runtime_names_wasmtime() {
+    only_in("architecture invariant: only runtime/ names wasmtime types", &["runtime/"], &["wasmtime"]);
+}
+
+#[test]
+fn the_engine_does_no_io_reads_no_clock_and_imports_no_web_crate() {
+    let forbidden = [
+        "std::fs",
+        "std::net",
+        "std::io",
+        "std::time",
+        "std::thread",
+        "std::env",
+        "Instant",
+        "SystemTime",
+        "tokio",
+        "chrono",
+        "rand::",
+        "uuid",
+        "axum",
+        "utoipa",
+        "sqlx",
+        "wasmtime",
+        "rdkafka",
+        "tracing",
+        "crate::store",
+        "crate::http",
+        "crate::runtime",
+        "crate::driver",
+        "crate::clock",
+    ];
+    let mut offences = Vec::new();
+    for (path, text) in sources().into_iter().filter(|(p, _)| p.starts_with("engine/")) {
+        for (line, code) in hits(&text, &forbidden) {
+            offences.push(format!("  host/src/{path}:{line}: {code}"));
+        }
+    }
+    assert!(offences.is_empty(), "architecture invariant: the engine is pure; found:\n{}", offences.join("\n"));
+}
+
+#[test]
+fn only_the_saga_service_applies_events_and_commits_transitions() {
+    only_in(
+        "architecture invariant: every saga change goes through saga.rs (one way in)",
+        &["saga.rs", "engine/", "store/"],
+        &["engine::apply(", ".commit(&", ".create_saga("],
+    );
+}
+
+#[test]
+fn the_generic_host_names_no_builtin_saga_type() {
+    only_in(
+        "the generic host knows no saga type by name; built-ins live in builtin/",
+        &["builtin/", "engine/tests.rs", "store/tests.rs"],
+        &["\"order\""],
+    );
+}
+
+#[test]
+fn the_rules_above_can_fail() {
+    // A check that cannot fail checks nothing: feed the matcher a line it must catch, and a
+    // comment it must skip.
+    let text = "fn f() {\n    sqlx::query(\"SELECT 1\");\n}\n// sqlx in a comment\n#[cfg(test)]\nmod tests { sqlx }\n";
+    assert_eq!(hits(text, &["sqlx"]), vec![(2, "sqlx::query(\"SELECT 1\");".to_owned())]);
+}

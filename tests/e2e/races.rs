@@ -1,0 +1,86 @@
+//! Outside events racing the driver: every commit must apply only to the state it was
+//! computed from (issue: a cancel computed before the last step landed on top of COMPLETED,
+//! and a COMPLETED order was then refunded and released).
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::harness::{good_order, key, TestHost};
+
+/// A random whole number below `n`, without another dependency.
+fn below(n: u64) -> u64 {
+    (uuid::Uuid::new_v4().as_u128() % u128::from(n)) as u64
+}
+
+/// Posts an order, sleeps `delay`, cancels it; returns the id and the cancel's answer.
+async fn order_then_cancel(client: reqwest::Client, base: String, delay: Duration) -> (String, StatusCode) {
+    let r = client
+        .post(format!("{base}/orders"))
+        .header("Idempotency-Key", key())
+        .json(&good_order())
+        .send()
+        .await
+        .expect("order sent");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(delay).await;
+    let cancel = client.post(format!("{base}/orders/{id}/cancel")).send().await.expect("cancel sent");
+    (id, cancel.status())
+}
+
+#[tokio::test]
+async fn a_cancel_racing_the_last_step_never_compensates_a_completed_order() {
+    const WAVES: usize = 12;
+    const PER_WAVE: usize = 10;
+    let host = TestHost::start().await;
+    // Each cancel comes at a random moment in [0, window). The window adapts, so that the
+    // cancels straddle the orders' completion on any machine and build: it grows while every
+    // cancel wins and shrinks while every order completes first.
+    let mut window_us: u64 = 20_000;
+    let (mut cancelled, mut completed) = (0, 0);
+    for _ in 0..WAVES {
+        let tasks: Vec<_> = (0..PER_WAVE)
+            .map(|_| {
+                let delay = Duration::from_micros(below(window_us));
+                tokio::spawn(order_then_cancel(host.client.clone(), host.url(""), delay))
+            })
+            .collect();
+        let (mut wave_cancelled, mut wave_completed) = (0, 0);
+        for task in tasks {
+            let (id, answer) = task.await.unwrap();
+            let o = host.wait_settled(&id).await;
+            let types = host.event_types(&id).await;
+            let charge = host.state("payment", &format!("charge/{id}")).await;
+            let reservation = host.state("inventory", &format!("reservation/{id}")).await;
+            if answer.is_success() {
+                wave_cancelled += 1;
+                assert_eq!(o["status"], "CANCELLED", "cancel answered {answer} for {id}: {o:#}");
+                assert!(!types.iter().any(|t| t == "OrderCompleted"), "a cancelled order had completed: {types:?}");
+                assert!(charge.as_ref().is_none_or(|c| c["status"] == "refunded"), "{id}: {charge:?}");
+                assert!(reservation.as_ref().is_none_or(|r| r["status"] == "released"), "{id}: {reservation:?}");
+            } else {
+                wave_completed += 1;
+                assert_eq!(answer, StatusCode::CONFLICT, "{id}");
+                assert_eq!(o["status"], "COMPLETED", "cancel answered 409 for {id}: {o:#}");
+                assert!(
+                    !types.iter().any(|t| t == "OrderCompensating" || t == "OrderCancelled"),
+                    "a completed order compensated: {types:?}"
+                );
+                assert_eq!(charge.expect("a completed order was charged")["status"], "charged", "{id}");
+                assert_eq!(reservation.expect("a completed order reserved")["status"], "reserved", "{id}");
+            }
+        }
+        if wave_completed == 0 {
+            window_us = window_us.saturating_mul(2);
+        } else if wave_cancelled == 0 {
+            window_us = (window_us / 2).max(1_000);
+        }
+        cancelled += wave_cancelled;
+        completed += wave_completed;
+    }
+    eprintln!("races: orders={} cancelled={cancelled} completed={completed} window_us={window_us}", WAVES * PER_WAVE);
+    // Both sides of the race were run.
+    assert!(cancelled > 0 && completed > 0, "cancelled={cancelled} completed={completed}: the race was not run");
+}
