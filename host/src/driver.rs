@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
-use crate::runtime::{CallError, CallInfo, Executed, Runtime};
+use crate::runtime::{CallInfo, Runtime};
 use crate::saga::{self, Sagas};
 use crate::store::{SagaRecord, StateWrite, Store};
 
@@ -330,23 +330,11 @@ impl Inner {
         self.catalog.ensure_loaded(&sdef.execute.digest).await;
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
-        let label = match &out.result {
-            Ok(Executed::Done(_)) => "done",
-            Ok(Executed::Wait { .. }) => "wait",
-            Err(e) => e.kind(),
-        };
-        self.record(rec, &sdef.name, "execute", label, out.elapsed);
-        let outcome = match out.result {
-            Ok(Executed::Done(output)) => ExecuteOutcome::Done(output),
-            Ok(Executed::Wait { delay_ms, signal }) => ExecuteOutcome::Wait { delay_ms, signal },
-            Err(CallError::Retryable(e)) => ExecuteOutcome::Retryable(e),
-            Err(CallError::Rejected(e)) => ExecuteOutcome::Rejected(e),
-            Err(CallError::Trap(e)) => {
-                tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
-                ExecuteOutcome::Trapped(e)
-            }
-            Err(CallError::Unavailable(e)) => return Err(e),
-        };
+        self.record(rec, &sdef.name, "execute", out.label, out.elapsed);
+        let outcome = out.result.map_err(|e| e.0)?;
+        if let ExecuteOutcome::Trapped(e) = &outcome {
+            tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
+        }
         let event = Event::Executed {
             step,
             attempt,
@@ -374,16 +362,11 @@ impl Inner {
         let timeout = Duration::from_millis(sdef.timeout_ms);
         self.catalog.ensure_loaded(&binding.digest).await;
         let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
-        let label = out.result.as_ref().map_or_else(CallError::kind, |_| "done");
-        self.record(rec, &sdef.name, "compensate", label, out.elapsed);
-        let outcome = match out.result {
-            Ok(output) => CompensateOutcome::Done(output),
-            Err(CallError::Unavailable(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");
-                CompensateOutcome::Failed(e.to_string())
-            }
-        };
+        self.record(rec, &sdef.name, "compensate", out.label, out.elapsed);
+        let outcome = out.result.map_err(|e| e.0)?;
+        if let CompensateOutcome::Failed(e) = &outcome {
+            tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");
+        }
         let event = Event::Compensated {
             step,
             attempt,

@@ -1,0 +1,240 @@
+//! One plugin call: a fresh store with its limits and deadline, the export run through the
+//! world's [`Prepared`] component, and the answer checked and classified into the engine's
+//! outcome types.
+//!
+//! Every call gets a fresh `Store`, so a trap (which leaves an instance unusable) costs only
+//! that attempt. Limits per call:
+//! - time: epoch interruption. The engine's epoch advances every [`EPOCH_TICK`]; the store's
+//!   deadline callback yields to tokio on every tick (so a busy plugin never starves other
+//!   tasks) and interrupts the call once its timeout passed.
+//! - memory: a `StoreLimits` cap on linear memory and tables; growing past it traps.
+//! - output: checked here; state writes and log lines: checked in `host.rs`, as they cross.
+//!
+//! This module must not name a world version's generated types: it sees components only
+//! through [`Prepared`].
+//!
+//! [`EPOCH_TICK`]: super::EPOCH_TICK
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::host::HostState;
+use super::wit::{Answer, Export, Prepared};
+use super::{CallInfo, CallOutcome, Limits, StateReader, Unavailable};
+use crate::engine::{CompensateOutcome, ExecuteOutcome};
+
+/// Extra wall-clock time beyond a call's timeout before the host abandons the future. Epoch
+/// interruption stops wasm code; this guards against a host import that blocks.
+pub(super) const HOST_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest message from a plugin's `step-error` that is kept.
+const MAX_ERROR_BYTES: usize = 1024;
+
+/// Longest part of a plugin's stderr kept in a trap's message.
+const MAX_STDERR_BYTES: usize = 512;
+
+/// The data of one call's `Store`.
+pub(super) struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    store_limits: StoreLimits,
+    memory_bytes: usize,
+    pub(super) host: HostState,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// One call to make: what it needs from the runtime, and what it calls.
+pub(super) struct Call<'a> {
+    pub(super) engine: &'a Engine,
+    pub(super) reader: &'a Arc<dyn StateReader>,
+    pub(super) limits: &'a Limits,
+    /// The component, if it is loaded.
+    pub(super) ready: Option<Arc<dyn Prepared>>,
+    pub(super) digest: &'a str,
+    /// Whose state space the call reads and writes.
+    pub(super) plugin: &'a str,
+    pub(super) info: &'a CallInfo,
+    pub(super) timeout: Duration,
+}
+
+/// How a call ended, before it is shaped into an engine outcome.
+enum Ended {
+    Answered(Answer),
+    /// Trapped, timed out, ran out of memory or broke a host limit.
+    Trapped(String),
+}
+
+/// Runs `execute` and classifies its result.
+pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteOutcome> {
+    let limits = call.limits.clone();
+    run(call, Export::Execute { input }, |ended| match ended {
+        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+            Ok(out) => ("done", ExecuteOutcome::Done(out)),
+            Err(e) => ("trap", ExecuteOutcome::Trapped(e)),
+        },
+        // A wait for nothing would park the step until its deadline, or forever: a broken
+        // contract, failed like a trap so the retry policy bounds it.
+        Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => {
+            ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
+        }
+        Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
+        Ended::Answered(Answer::Retryable(e)) => ("retryable", ExecuteOutcome::Retryable(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
+    })
+    .await
+}
+
+/// Runs `compensate` and classifies its result. Every failure is `Failed`; the label keeps
+/// which kind it was.
+pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> CallOutcome<CompensateOutcome> {
+    let limits = call.limits.clone();
+    run(call, Export::Compensate { input, output }, |ended| match ended {
+        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+            Ok(out) => ("done", CompensateOutcome::Done(out)),
+            Err(e) => ("trap", CompensateOutcome::Failed(e)),
+        },
+        Ended::Answered(Answer::Wait { .. }) => {
+            ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
+        }
+        Ended::Answered(Answer::Retryable(e)) => ("retryable", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
+    })
+    .await
+}
+
+/// One call in a fresh store: instantiate, call the export, classify the result with
+/// `classify`, and keep the state writes only if the call succeeded (label `done` or `wait`).
+async fn run<T>(
+    call: Call<'_>,
+    export: Export<'_>,
+    classify: impl FnOnce(Ended) -> (&'static str, T),
+) -> CallOutcome<T> {
+    let started = Instant::now();
+    let (info, timeout, digest) = (call.info, call.timeout, call.digest);
+    let Some(ready) = call.ready.clone() else {
+        let (label, outcome) = classify(Ended::Trapped(format!("plugin {digest} is not loaded on this host")));
+        return CallOutcome { result: Ok(outcome), writes: Vec::new(), elapsed: started.elapsed(), label };
+    };
+    let (mut store, stderr) = new_store(&call);
+    let answer = tokio::time::timeout(timeout + HOST_GRACE, ready.call(&mut store, info, export)).await;
+    let ended = match answer {
+        Ok(Ok(answer)) => Ended::Answered(answer),
+        Ok(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
+        Err(_) => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
+    };
+    let state = store.into_data().host;
+    if state.logs_dropped > 0 {
+        tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
+    }
+    if let Some(e) = state.host_error {
+        return CallOutcome {
+            result: Err(Unavailable(e)),
+            writes: Vec::new(),
+            elapsed: started.elapsed(),
+            label: "unavailable",
+        };
+    }
+    let (label, outcome) = classify(ended);
+    let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
+    CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label }
+}
+
+fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
+    // Rust panics print to stderr; we keep the first few KiB to explain the trap.
+    let stderr = MemoryOutputPipe::new(4 << 10);
+    let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+    let limits = call.limits;
+    let store_limits = StoreLimitsBuilder::new()
+        .memory_size(limits.memory_bytes)
+        .table_elements(100_000)
+        .instances(16)
+        .tables(16)
+        .memories(4)
+        .trap_on_grow_failure(true)
+        .build();
+    let host = HostState::new(
+        call.plugin,
+        &call.info.saga_id,
+        &call.info.step,
+        Arc::clone(call.reader),
+        limits.clone(),
+        Instant::now() + call.timeout,
+    );
+    let state = CallState { wasi, table: ResourceTable::new(), store_limits, memory_bytes: limits.memory_bytes, host };
+    let mut store = Store::new(call.engine, state);
+    store.limiter(|s| &mut s.store_limits);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|ctx| {
+        if Instant::now() >= ctx.data().host.deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    (store, stderr)
+}
+
+/// Output must be JSON and within the size limit: later steps and the API rely on both.
+fn check_output(limits: &Limits, out: String) -> Result<String, String> {
+    if out.len() > limits.output_bytes {
+        return Err(format!("output of {} bytes exceeds the limit of {} bytes", out.len(), limits.output_bytes));
+    }
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&out) {
+        return Err(format!("output is not valid JSON: {e}"));
+    }
+    Ok(out)
+}
+
+pub(super) fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Turns a wasmtime error into a message an operator can act on.
+fn classify_trap(
+    err: &wasmtime::Error,
+    store: &Store<CallState>,
+    stderr: &MemoryOutputPipe,
+    timeout: Duration,
+) -> String {
+    let state = store.data();
+    if state.host.timed_out || matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        return format!("timed out after {} ms", timeout.as_millis());
+    }
+    let mut msg = match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::UnreachableCodeReached) => "plugin panicked (wasm trap: unreachable)".to_owned(),
+        Some(wasmtime::Trap::StackOverflow) => "plugin overflowed its stack".to_owned(),
+        // Rust keeps its stack in linear memory: unbounded recursion usually ends here, as an
+        // out-of-bounds access below the bottom of memory, before the native stack overflows.
+        Some(trap) => trap.to_string(),
+        None => format!("{err:#}"),
+    };
+    let root = format!("{:#}", err);
+    if root.contains("forcing trap when growing memory") {
+        msg = format!("plugin exceeded its memory limit of {} bytes", state.memory_bytes);
+    }
+    let panic = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
+    if !panic.is_empty() {
+        msg = format!("{msg}: {}", truncate(panic, MAX_STDERR_BYTES));
+    }
+    msg
+}

@@ -1,0 +1,162 @@
+//! The host side of the WIT imports: `state` (reads of committed state, buffered writes) and
+//! `log`, written once for every version of the `sagahost:plugin` world.
+//!
+//! The functions are defined on the linker by hand rather than through `bindgen!`'s traits,
+//! so one definition serves every world version: a world module calls [`add_to_linker`] with
+//! its version and its log level type. They receive strings and lists as `WasmStr` and
+//! `WasmList`, which still lie in the plugin's memory.
+//!
+//! This module must not decide how a call ends: it records what the host did wrong in
+//! [`HostState::host_error`] and lets `call.rs` classify.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::{ComponentType, Lift, Linker, WasmList, WasmStr};
+use wasmtime::StoreContextMut;
+
+use super::call::{truncate, CallState, HOST_GRACE};
+use super::{Limits, StateReader};
+
+/// Severity of a plugin's log line, whatever world version the plugin targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// What the host keeps for the imports during one call.
+pub(super) struct HostState {
+    pub(super) plugin: String,
+    pub(super) saga_id: String,
+    pub(super) step: String,
+    reader: Arc<dyn StateReader>,
+    limits: Limits,
+    /// When the call's time is up.
+    pub(super) deadline: Instant,
+    /// Buffered writes: `None` is a delete. A BTreeMap so the commit order is deterministic.
+    pub(super) writes: BTreeMap<String, Option<Vec<u8>>>,
+    write_bytes: usize,
+    log_lines: u32,
+    pub(super) logs_dropped: u32,
+    /// Set when a state read ran out of the call's time.
+    pub(super) timed_out: bool,
+    /// Set when an import failed for the host's own reasons (the database): the call then
+    /// ends unavailable, whatever the plugin did with the trap.
+    pub(super) host_error: Option<String>,
+}
+
+impl HostState {
+    pub(super) fn new(
+        plugin: &str,
+        saga_id: &str,
+        step: &str,
+        reader: Arc<dyn StateReader>,
+        limits: Limits,
+        deadline: Instant,
+    ) -> HostState {
+        HostState {
+            plugin: plugin.to_owned(),
+            saga_id: saga_id.to_owned(),
+            step: step.to_owned(),
+            reader,
+            limits,
+            deadline,
+            writes: BTreeMap::new(),
+            write_bytes: 0,
+            log_lines: 0,
+            logs_dropped: 0,
+            timed_out: false,
+            host_error: None,
+        }
+    }
+
+    /// Counts `bytes` against the call's state write limit.
+    fn charge_write(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.write_bytes = self.write_bytes.saturating_add(bytes);
+        if self.write_bytes > self.limits.state_write_bytes {
+            return Err(wasmtime::format_err!(
+                "plugin wrote more than {} bytes of state in one call",
+                self.limits.state_write_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Defines `sagahost:plugin/{types,state,log}@{version}` on the linker. `L` is the world's
+/// generated log level enum.
+pub(super) fn add_to_linker<L>(linker: &mut Linker<CallState>, version: &str) -> wasmtime::Result<()>
+where
+    L: ComponentType + Lift + Into<Level> + Send + Sync + 'static,
+{
+    // `types` holds only type definitions, but a component imports it all the same.
+    linker.instance(&format!("sagahost:plugin/types@{version}"))?;
+    let mut state = linker.instance(&format!("sagahost:plugin/state@{version}"))?;
+    state.func_wrap_async("get", |store, (key,): (WasmStr,)| Box::new(async move { Ok((get(store, key).await?,)) }))?;
+    state.func_wrap("set", |store, (key, value): (WasmStr, WasmList<u8>)| set(store, key, Some(value)))?;
+    state.func_wrap("delete", |store, (key,): (WasmStr,)| set(store, key, None))?;
+    let mut log = linker.instance(&format!("sagahost:plugin/log@{version}"))?;
+    log.func_wrap("log", |store, (level, message): (L, WasmStr)| self::log(store, level.into(), message))?;
+    Ok(())
+}
+
+/// `state.get`: the call's own buffered write if there is one, else the committed value.
+async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtime::Result<Option<Vec<u8>>> {
+    let key = key.to_str(&store)?.into_owned();
+    let host = &mut store.data_mut().host;
+    if let Some(buffered) = host.writes.get(&key) {
+        return Ok(buffered.clone());
+    }
+    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
+    let remaining = host.deadline.saturating_duration_since(Instant::now()) + HOST_GRACE;
+    let read = tokio::time::timeout(remaining, reader.get(&plugin, &key)).await;
+    let host = &mut store.data_mut().host;
+    match read {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
+            host.host_error = Some(format!("state read failed: {e:#}"));
+            Err(wasmtime::format_err!("state read failed: {e:#}"))
+        }
+        Err(_) => {
+            host.timed_out = true;
+            Err(wasmtime::format_err!("state read timed out"))
+        }
+    }
+}
+
+/// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit, then
+/// buffered.
+fn set(mut store: StoreContextMut<'_, CallState>, key: WasmStr, value: Option<WasmList<u8>>) -> wasmtime::Result<()> {
+    let key = key.to_str(&store)?.into_owned();
+    let value = value.map(|v| v.as_le_slice(&store).to_vec());
+    let host = &mut store.data_mut().host;
+    host.charge_write(key.len() + value.as_ref().map_or(0, Vec::len))?;
+    host.writes.insert(key, value);
+    Ok(())
+}
+
+/// `log.log`: at most `log_lines` lines per call, each cut to `log_line_bytes`.
+fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr) -> wasmtime::Result<()> {
+    let message = message.to_str(&store)?.into_owned();
+    let host = &mut store.data_mut().host;
+    if host.log_lines >= host.limits.log_lines {
+        host.logs_dropped = host.logs_dropped.saturating_add(1);
+        return Ok(());
+    }
+    host.log_lines += 1;
+    let message = truncate(message, host.limits.log_line_bytes);
+    let (saga_id, step, plugin) = (&host.saga_id, &host.step, &host.plugin);
+    match level {
+        Level::Trace => tracing::trace!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
+        Level::Debug => tracing::debug!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
+        Level::Info => tracing::info!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
+        Level::Warn => tracing::warn!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
+        Level::Error => tracing::error!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! The runtime against real components: the fixture plugins that `host/build.rs` builds into
+//! `plugins/target/wasm32-wasip2/release/`, and a fake [`StateReader`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::*;
+use crate::engine::{CompensateOutcome, ExecuteOutcome};
+
+/// Committed state in memory.
+#[derive(Default)]
+struct FakeReader {
+    values: Mutex<HashMap<(String, String), Vec<u8>>>,
+}
+
+#[async_trait]
+impl StateReader for FakeReader {
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned())
+    }
+}
+
+/// The bytes of a fixture component.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../plugins/target/wasm32-wasip2/release/{}.wasm",
+        env!("CARGO_MANIFEST_DIR"),
+        name.replace('-', "_")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds it"))
+}
+
+/// A runtime with `misbehave` loaded; its digest. Compiled artifacts are shared between the
+/// tests (each runs in its own process under nextest), so only the first compiles.
+async fn misbehave(limits: Limits, reader: FakeReader) -> (Arc<Runtime>, String) {
+    let artifacts = std::env::temp_dir().join("sagahost-runtime-test-artifacts");
+    let runtime = Arc::new(Runtime::new(limits, Arc::new(reader), Some(artifacts)).unwrap());
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    (runtime, digest)
+}
+
+fn info(attempt: u32) -> CallInfo {
+    CallInfo {
+        saga_id: "saga-1".into(),
+        saga_type: "hostile".into(),
+        step: "work".into(),
+        attempt,
+        idempotency_key: "saga-1:work:execute".into(),
+        signal: None,
+    }
+}
+
+/// The `input` that makes `misbehave` behave as `mode`.
+fn input(mode: &str) -> String {
+    json!({"input": {"customer_id": mode}, "steps": {}}).to_string()
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn execute(runtime: &Runtime, digest: &str, mode: &str) -> CallOutcome<ExecuteOutcome> {
+    runtime.execute(digest, "misbehave", &info(1), &input(mode), TIMEOUT).await
+}
+
+fn trapped(out: &CallOutcome<ExecuteOutcome>) -> &str {
+    match &out.result {
+        Ok(ExecuteOutcome::Trapped(e)) => e,
+        other => panic!("expected a trap, got {other:?} (label {})", out.label),
+    }
+}
+
+#[tokio::test]
+async fn a_successful_execute_returns_its_output_and_its_state_writes() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())));
+    assert_eq!(out.label, "done");
+    assert_eq!(out.writes, vec![("misbehave/saga-1".to_owned(), Some(br#""fine""#.to_vec()))]);
+}
+
+#[tokio::test]
+async fn business_errors_and_traps_become_the_engines_outcomes() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "retryable").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Retryable("fixture says retry".into())));
+    assert_eq!(out.label, "retryable");
+
+    let out = execute(&runtime, &digest, "panic").await;
+    assert_eq!(out.label, "trap");
+    let msg = trapped(&out);
+    assert!(msg.starts_with("plugin panicked (wasm trap: unreachable)"), "{msg}");
+    assert!(msg.contains("misbehave: panic on attempt 1"), "stderr explains the panic: {msg}");
+
+    let out = execute(&runtime, &digest, "wait-for-nothing").await;
+    assert!(trapped(&out).contains("wait needs a delay-ms or a signal"));
+    assert!(out.writes.is_empty());
+}
+
+#[tokio::test]
+async fn compensation_failures_are_failed_with_a_label_saying_which_kind() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let call = |mode: &'static str| {
+        let runtime = Arc::clone(&runtime);
+        let digest = digest.clone();
+        async move { runtime.compensate(&digest, "misbehave", &info(1), &input(mode), "{}", TIMEOUT).await }
+    };
+    let out = call("fine").await;
+    assert_eq!(out.result, Ok(CompensateOutcome::Done(r#"{"ok":true}"#.into())));
+    assert_eq!(out.label, "done");
+    let out = call("compensate-panic").await;
+    assert_eq!(out.label, "trap");
+    assert!(matches!(&out.result, Ok(CompensateOutcome::Failed(e)) if e.contains("panicked")), "{:?}", out.result);
+}
