@@ -62,6 +62,8 @@ pub struct Config {
     /// How long published outbox rows are kept before they are deleted.
     pub outbox_retention: Duration,
     pub limits: runtime::Limits,
+    /// How much the HTTP layer takes on at once, and for how long.
+    pub serve: http::limits::ServeLimits,
     pub driver: DriverOptions,
     pub relay: RelayOptions,
     pub clock: Arc<dyn Clock>,
@@ -84,6 +86,7 @@ impl Config {
             kafka: None,
             outbox_retention: Duration::from_secs(24 * 3600),
             limits: runtime::Limits::default(),
+            serve: http::limits::ServeLimits::default(),
             driver: DriverOptions::default(),
             relay: RelayOptions::default(),
             clock: Arc::new(SystemClock),
@@ -103,7 +106,7 @@ impl StateReader for StoreReader {
 
 /// A built, not yet running, sagahost.
 pub struct App {
-    listener: tokio::net::TcpListener,
+    listener: http::limits::LimitedListener,
     router: axum::Router,
     driver: Driver,
     relay: Relay,
@@ -193,14 +196,17 @@ impl App {
             driver: handle.clone(),
             clock: Arc::clone(&config.clock),
             metrics,
+            gates: Arc::new(http::limits::Gates::new(config.serve.clone())),
             config: Arc::new(http::HttpConfig {
                 idempotency_ttl: config.idempotency_ttl,
                 admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
                 api_tokens: config.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect(),
+                shared_database: config.database.as_deref().is_some_and(|url| url.starts_with("postgres")),
             }),
         };
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = http::limits::LimitedListener::new(listener, config.serve.max_connections);
         Ok(App {
             listener,
             router: http::router(state),
@@ -217,7 +223,7 @@ impl App {
 
     /// The address the HTTP server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        axum::serve::Listener::local_addr(&self.listener).expect("a bound listener has an address")
     }
 
     pub fn store(&self) -> Arc<dyn Store> {

@@ -90,6 +90,18 @@ struct Serve {
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
+    /// HTTP requests handled at once; more are answered 503 with Retry-After at once.
+    #[arg(long, env = "SAGAHOST_MAX_IN_FLIGHT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_in_flight_requests: u64,
+    /// The longest one HTTP request may take, its body included; then 503.
+    #[arg(long, env = "SAGAHOST_REQUEST_TIMEOUT_SECS", default_value_t = 45, value_parser = clap::value_parser!(u64).range(31..))]
+    request_timeout_secs: u64,
+    /// Requests waiting with `Prefer: wait` at once; more are answered without waiting.
+    #[arg(long, env = "SAGAHOST_MAX_WAITERS", default_value_t = 512)]
+    max_waiters: usize,
+    /// Open HTTP connections; more wait to be accepted.
+    #[arg(long, env = "SAGAHOST_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Log format: text or json.
     #[arg(long, env = "SAGAHOST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -134,6 +146,12 @@ async fn main() -> anyhow::Result<()> {
     config.limits.output_bytes = args.plugin_output_kib << 10;
     config.limits.log_lines = args.plugin_log_lines;
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
+    config.serve = sagahost::http::limits::ServeLimits {
+        max_in_flight: args.max_in_flight_requests as usize,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        max_waiters: args.max_waiters,
+        max_connections: args.max_connections as usize,
+    };
 
     let app = sagahost::App::build(config).await?;
     let shutdown = CancellationToken::new();

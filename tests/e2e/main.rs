@@ -12,6 +12,7 @@ mod process;
 mod races;
 mod replicas;
 mod security;
+mod serving;
 
 use std::time::Duration;
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod error;
 pub mod idempotency;
+pub mod limits;
 pub mod plugins;
 pub mod sagas;
 
@@ -38,6 +39,9 @@ pub struct HttpConfig {
     pub admin_token: Option<String>,
     /// Bearer tokens of the client routes (`/orders`, `/sagas`); empty leaves them open.
     pub api_tokens: Vec<String>,
+    /// Other processes may commit to the same database (PostgreSQL replicas): `Prefer: wait`
+    /// must re-read the store to see their progress, not only listen to this process.
+    pub shared_database: bool,
 }
 
 /// Shared state of every handler: cheap to clone.
@@ -51,6 +55,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub config: Arc<HttpConfig>,
+    pub gates: Arc<limits::Gates>,
 }
 
 #[derive(OpenApi)]
@@ -126,6 +131,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", axum::routing::get(move || async move { Json(api.as_ref().clone()) }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.gates), limits::guard))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

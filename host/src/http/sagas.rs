@@ -259,14 +259,18 @@ fn settled(rec: &SagaRecord) -> bool {
 
 /// Waits until the saga is settled or the time is up; returns the latest record.
 ///
-/// This process's driver announces the changes it commits, which wakes the wait at once. With
-/// replicas, another process may be running the saga: those changes are only seen by reading
-/// the store, so the wait also re-reads on a timer that backs off from 20 ms to 250 ms.
+/// This process's saga service announces every change it commits, which wakes the wait at
+/// once. With replicas another process may be running the saga: its changes are seen only by
+/// reading the store, so on a shared database the wait also re-reads on a timer that backs off
+/// from 20 ms to 250 ms. On a database of its own the timer is only a safety net (1 s).
 async fn wait_settled(state: &AppState, id: &str, secs: u64) -> Result<SagaRecord, ApiError> {
-    const FIRST_POLL: Duration = Duration::from_millis(20);
-    const MAX_POLL: Duration = Duration::from_millis(250);
+    let (first_poll, max_poll) = if state.config.shared_database {
+        (Duration::from_millis(20), Duration::from_millis(250))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(1))
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    let mut poll = FIRST_POLL;
+    let mut poll = first_poll;
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = state.driver.subscribe();
     loop {
@@ -289,7 +293,7 @@ async fn wait_settled(state: &AppState, id: &str, secs: u64) -> Result<SagaRecor
             if tokio::time::Instant::now() >= deadline {
                 return state.store.saga(id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")));
             }
-            poll = (poll * 2).min(MAX_POLL);
+            poll = (poll * 2).min(max_poll);
         }
     }
 }
@@ -310,7 +314,9 @@ async fn create(
         ))
     })?;
     builtin::validate_input(saga_type, &value)?;
-    let wait = prefer_wait(&headers);
+    // A waiter holds its place until its response is stored; past the cap, no wait.
+    let waiter = prefer_wait(&headers).and_then(|secs| Some((secs, state.gates.waiter()?)));
+    let wait = waiter.as_ref().map(|(secs, _)| *secs);
     let draft = state.sagas.draft(&def, &value);
     let id = draft.record.id.clone();
     let created_body = to_json(&record_view(&draft.record))?;

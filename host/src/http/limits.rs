@@ -1,0 +1,186 @@
+//! Serving limits: how much work the HTTP layer accepts at once and for how long.
+//!
+//! - In-flight requests are capped: past the cap a request is shed at once with 503 and
+//!   `Retry-After`, rather than queueing without bound in front of the database.
+//! - Every request has a deadline (reading its body included): past it the client gets 503 and
+//!   the handler is dropped. Dropping a handler is as safe as a crash: a saga it committed
+//!   is kept, and the client's retry with its idempotency key gets the stored answer or
+//!   rebuilds it from the saga.
+//! - `Prefer: wait` waiters are capped separately: past the cap a request is answered at once
+//!   (201, the saga runs on) instead of waiting.
+//! - Connections are capped by the listener ([`LimitedListener`]): past the cap, accepting
+//!   waits until one closes.
+//!
+//! It must not know about routes: it sees requests and connections only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::ApiError;
+
+/// The limits, configurable on the command line.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// Requests handled at once; more are shed with 503.
+    pub max_in_flight: usize,
+    /// The longest one request may take, its body included (longer than the longest
+    /// `Prefer: wait`).
+    pub request_timeout: Duration,
+    /// Requests waiting with `Prefer: wait` at once; more are answered without waiting.
+    pub max_waiters: usize,
+    /// Open connections; more wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_in_flight: 1024,
+            request_timeout: Duration::from_secs(45),
+            max_waiters: 512,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The shared counters behind [`ServeLimits`].
+pub struct Gates {
+    limits: ServeLimits,
+    in_flight: Arc<Semaphore>,
+    waiters: Arc<Semaphore>,
+}
+
+impl Gates {
+    pub fn new(limits: ServeLimits) -> Gates {
+        Gates {
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            waiters: Arc::new(Semaphore::new(limits.max_waiters)),
+            limits,
+        }
+    }
+
+    /// A place among the `Prefer: wait` waiters, if one is free.
+    pub fn waiter(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.waiters).try_acquire_owned().ok()
+    }
+}
+
+/// Middleware: sheds requests past the in-flight cap and ends those past their deadline.
+pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = Arc::clone(&gates.in_flight).try_acquire_owned() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server is handling as many requests as it accepts at once; retry after the Retry-After delay",
+        )
+        .with_retry_after(1)
+        .into_response();
+    };
+    match tokio::time::timeout(gates.limits.request_timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took longer than the server allows; retry with the same Idempotency-Key, it is safe",
+        )
+        .with_retry_after(1)
+        .into_response(),
+    }
+}
+
+/// A TCP listener that holds at most `max` connections open: past that, accepting waits
+/// until one closes, so a flood of idle connections cannot exhaust file descriptors.
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl LimitedListener {
+    pub fn new(inner: tokio::net::TcpListener, max: usize) -> LimitedListener {
+        LimitedListener { inner, permits: Arc::new(Semaphore::new(max.max(1))) }
+    }
+}
+
+/// A connection of a [`LimitedListener`]; its place is freed when it closes.
+pub struct LimitedIo {
+    stream: tokio::net::TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (LimitedIo, std::net::SocketAddr) {
+        let permit = Arc::clone(&self.permits).acquire_owned().await.expect("the semaphore is never closed");
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (LimitedIo { stream, _permit: permit }, addr);
+                }
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for LimitedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

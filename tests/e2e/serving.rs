@@ -1,0 +1,65 @@
+//! Serving limits: in-flight requests, request deadline, `Prefer: wait` waiters, connections.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::harness::{key, order, TestHost};
+
+/// Posts a `tok_3ds` order (it waits for a signal) with `Prefer: wait=secs`.
+async fn post_waiting(host: &TestHost, secs: u64) -> crate::harness::Resp {
+    host.post_order_raw(Some(&key()), order("tok_3ds", "SKU-1", "US").to_string().as_bytes(), Some(secs)).await
+}
+
+#[tokio::test]
+async fn requests_past_the_in_flight_cap_are_shed_with_503_and_retry_after() {
+    let host = TestHost::start_with(|c| c.serve.max_in_flight = 1).await;
+    let waiting = post_waiting(&host, 3);
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        host.get("/healthz").await
+    };
+    let (held, shed) = tokio::join!(waiting, probe);
+    assert_eq!(held.status, StatusCode::CREATED, "the waiting order itself is served");
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.json()["error"]["code"], "overloaded");
+    assert_eq!(shed.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK, "the slot is free again");
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_gets_503_and_the_saga_it_created_is_kept() {
+    let host = TestHost::start_with(|c| c.serve.request_timeout = Duration::from_millis(700)).await;
+    let started = std::time::Instant::now();
+    let r = post_waiting(&host, 10).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    assert!(started.elapsed() < Duration::from_secs(5), "the deadline did not end the request");
+    let page = host.get("/orders").await.json();
+    assert_eq!(page["data"].as_array().unwrap().len(), 1, "the accepted saga is kept: {page:#}");
+}
+
+#[tokio::test]
+async fn past_the_waiter_cap_prefer_wait_is_answered_at_once() {
+    let host = TestHost::start_with(|c| c.serve.max_waiters = 0).await;
+    let started = std::time::Instant::now();
+    let r = post_waiting(&host, 10).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.header("preference-applied"), None);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_to_be_accepted() {
+    let host = TestHost::start_with(|c| c.serve.max_connections = 1).await;
+    let addr = host.url("").trim_start_matches("http://").to_owned();
+    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let url = host.url("/healthz");
+    let blocked = tokio::time::timeout(Duration::from_millis(700), fresh.get(&url).send()).await;
+    assert!(blocked.is_err(), "a second connection was served past the cap");
+    drop(idle);
+    let r = tokio::time::timeout(Duration::from_secs(5), fresh.get(&url).send()).await;
+    assert_eq!(r.expect("served once the first connection closed").unwrap().status(), StatusCode::OK);
+}
