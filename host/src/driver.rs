@@ -24,7 +24,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome, Phase};
 use crate::runtime::{CallError, CallInfo, Executed, Runtime};
-use crate::store::{self, Commit, Fence, SagaRecord, StateWrite, Store};
+use crate::store::{self, Commit, Fence, SagaRecord, SagaStore, StateWrite};
 
 /// How long shutdown waits for plugin calls in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -92,7 +92,7 @@ pub struct Driver {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    store: Arc<dyn SagaStore>,
     runtime: Arc<Runtime>,
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
@@ -103,7 +103,7 @@ struct Inner {
 
 impl Driver {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn SagaStore>,
         runtime: Arc<Runtime>,
         catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
@@ -259,17 +259,23 @@ impl Inner {
             let keep = transition.state.next_run_at.is_some_and(|t| t <= now);
             let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
             let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
-            let event_id = uuid::Uuid::now_v7().to_string();
-            let commit = Commit {
+            let event = crate::event::Envelope {
                 saga_id: &id,
                 saga_type: &rec.saga_type,
+                seq: rec.seq + 1,
+                status: &transition.state.status,
+                at: now,
+            }
+            .wrap(&transition.event);
+            let commit = Commit {
+                saga_id: &id,
                 fence,
+                read_seq: rec.seq,
                 state: &transition.state,
                 step_names: &step_names,
                 changed_steps: &transition.changed_steps,
                 plugin_writes: writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice())),
-                event: &transition.event,
-                event_id: &event_id,
+                event: &event,
                 now,
                 audit: None,
             };

@@ -60,7 +60,8 @@ mod tests {
     #[test]
     fn the_envelope_carries_every_field_of_spec_section_6() {
         let status = SagaStatus::Reached("PAYMENT_CHARGED".to_owned());
-        let spec = EventSpec { event_type: "PaymentCharged".to_owned(), data: serde_json::json!({ "step": "payment" }) };
+        let spec =
+            EventSpec { event_type: "PaymentCharged".to_owned(), data: serde_json::json!({ "step": "payment" }) };
         let env = Envelope { saga_id: "s-1", saga_type: "order", seq: 3, status: &status, at: 0 };
         let e = env.wrap(&spec);
         let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();

@@ -303,12 +303,18 @@ async fn create(
         id: id.clone(),
         definition: (*def).clone(),
         input,
-        state: saga_state,
-        event: EventSpec {
+        event: crate::event::Envelope {
+            saga_id: &id,
+            saga_type: &def.saga_type,
+            seq: 1,
+            status: &saga_state.status,
+            at: now,
+        }
+        .wrap(&EventSpec {
             event_type: format!("{}Created", def.event_prefix()),
             data: serde_json::json!({ "input": value }),
-        },
-        event_id: uuid::Uuid::now_v7().to_string(),
+        }),
+        state: saga_state,
         now,
     };
     let claim = IdempotencyClaim {
@@ -423,7 +429,14 @@ pub(super) async fn apply_outside(
             Err(e) => return Ok(Err((e, rec))),
         };
         let names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
-        let event_id = uuid::Uuid::now_v7().to_string();
+        let event = crate::event::Envelope {
+            saga_id: id,
+            saga_type: &rec.saga_type,
+            seq: rec.seq + 1,
+            status: &t.state.status,
+            at: now,
+        }
+        .wrap(&t.event);
         let audit = audit.as_ref().map(|(actor, action, note)| AuditEntry {
             actor: (*actor).to_owned(),
             action: (*action).to_owned(),
@@ -434,14 +447,13 @@ pub(super) async fn apply_outside(
         });
         let commit = Commit {
             saga_id: id,
-            saga_type: &rec.saga_type,
-            fence: Fence::Takeover(rec.epoch),
+            fence: Fence::Takeover,
+            read_seq: rec.seq,
             state: &t.state,
             step_names: &names,
             changed_steps: &t.changed_steps,
             plugin_writes: None,
-            event: &t.event,
-            event_id: &event_id,
+            event: &event,
             now,
             audit: audit.as_ref(),
         };
