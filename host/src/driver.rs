@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
 use crate::runtime::{CallInfo, Runtime};
 use crate::saga::{self, Sagas};
-use crate::store::{SagaRecord, StateWrite, Store};
+use crate::store::{SagaRecord, SagaStore, StateWrite};
 
 /// How long shutdown waits for plugin calls in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -99,7 +99,7 @@ pub struct Driver {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    store: Arc<dyn SagaStore>,
     sagas: Arc<Sagas>,
     runtime: Arc<Runtime>,
     catalog: Arc<Catalog>,
@@ -112,7 +112,7 @@ struct Inner {
 impl Driver {
     /// A driver that commits through `sagas` and is woken through the saga service's handle.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn SagaStore>,
         sagas: Arc<Sagas>,
         runtime: Arc<Runtime>,
         catalog: Arc<Catalog>,

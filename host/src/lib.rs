@@ -32,7 +32,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::driver::{Driver, DriverHandle, DriverOptions};
 use crate::relay::{Relay, RelayOptions, Sink};
 use crate::runtime::{Runtime, StateReader};
-use crate::store::Store;
+use crate::store::{JanitorStore, PluginStateStore, Store};
 
 /// Everything needed to build an [`App`].
 #[derive(Clone)]
@@ -61,6 +61,9 @@ pub struct Config {
     pub kafka: Option<relay::kafka::KafkaOptions>,
     /// How long published outbox rows are kept before they are deleted.
     pub outbox_retention: Duration,
+    /// How long finished sagas (COMPLETED, CANCELLED) are kept, with their steps and events,
+    /// once their events are published; `None` keeps them for ever.
+    pub saga_retention: Option<Duration>,
     pub limits: runtime::Limits,
     /// How much the HTTP layer takes on at once, and for how long.
     pub serve: http::limits::ServeLimits,
@@ -85,6 +88,7 @@ impl Config {
             api_tokens: Vec::new(),
             kafka: None,
             outbox_retention: Duration::from_secs(24 * 3600),
+            saga_retention: None,
             limits: runtime::Limits::default(),
             serve: http::limits::ServeLimits::default(),
             driver: DriverOptions::default(),
@@ -95,7 +99,7 @@ impl Config {
 }
 
 /// Lets the runtime read plugin state through the store without depending on it.
-struct StoreReader(Arc<dyn Store>);
+struct StoreReader(Arc<dyn PluginStateStore>);
 
 #[async_trait]
 impl StateReader for StoreReader {
@@ -115,6 +119,7 @@ pub struct App {
     handle: DriverHandle,
     clock: Arc<dyn Clock>,
     outbox_retention: Duration,
+    saga_retention: Option<Duration>,
     catalog_refresh: Duration,
 }
 
@@ -160,15 +165,14 @@ impl App {
         config.relay.owner = config.driver.owner.clone();
         let runtime = Arc::new(Runtime::new(
             config.limits.clone(),
-            Arc::new(StoreReader(Arc::clone(&store))),
+            Arc::new(StoreReader(store.clone())),
             Some(config.data_dir.join("cache")),
         )?);
-        let catalog =
-            Arc::new(Catalog::open(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
         let metrics = metrics::Metrics::new();
-        let sagas = Arc::new(saga::Sagas::new(Arc::clone(&store), Arc::clone(&config.clock), DriverHandle::default()));
+        let sagas = Arc::new(saga::Sagas::new(store.clone(), Arc::clone(&config.clock), DriverHandle::default()));
         let driver = Driver::new(
-            Arc::clone(&store),
+            store.clone(),
             Arc::clone(&sagas),
             runtime,
             Arc::clone(&catalog),
@@ -182,7 +186,7 @@ impl App {
             None => Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?),
         };
         let relay = Relay::new(
-            Arc::clone(&store),
+            store.clone(),
             sink,
             Arc::clone(&config.clock),
             handle.clone(),
@@ -217,6 +221,7 @@ impl App {
             handle,
             clock: config.clock,
             outbox_retention: config.outbox_retention,
+            saga_retention: config.saga_retention,
             catalog_refresh: config.catalog_refresh,
         })
     }
@@ -244,12 +249,8 @@ impl App {
         let driver = tokio::spawn(self.driver.run(shutdown.clone()));
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
         let catalog = tokio::spawn(Arc::clone(&self.catalog).watch(self.catalog_refresh, shutdown.clone()));
-        let janitor = tokio::spawn(janitor(
-            Arc::clone(&self.store),
-            Arc::clone(&self.clock),
-            self.outbox_retention,
-            shutdown.clone(),
-        ));
+        let retention = Retention { outbox: self.outbox_retention, sagas: self.saga_retention };
+        let janitor = tokio::spawn(janitor(self.store.clone(), Arc::clone(&self.clock), retention, shutdown.clone()));
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await;
         shutdown.cancel();
@@ -258,12 +259,24 @@ impl App {
     }
 }
 
-/// Periodic housekeeping: forgets idempotency keys and published outbox rows past their
-/// retention, in small batches so the single writer is never held for long.
+/// What the janitor keeps, and for how long.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    outbox: Duration,
+    sagas: Option<Duration>,
+}
+
+/// Rows the janitor deletes per statement: small enough that no transaction holds the single
+/// SQLite writer (or PostgreSQL row locks) for long.
+const JANITOR_BATCH: u32 = 1000;
+
+/// Periodic housekeeping, once a minute: forgets idempotency keys, published outbox rows and
+/// (if configured) finished sagas past their retention. Each kind is deleted in batches until
+/// none is left, yielding between batches so that other work gets the writer in between.
 async fn janitor(
-    store: Arc<dyn Store>,
+    store: Arc<dyn JanitorStore>,
     clock: Arc<dyn Clock>,
-    outbox_retention: Duration,
+    retention: Retention,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -271,16 +284,41 @@ async fn janitor(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        match store.expire_idempotency(clock.now_ms()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(expired = n, "forgot expired idempotency keys"),
-            Err(e) => tracing::warn!(error = %e, "expiring idempotency keys failed"),
+        let now = clock.now_ms();
+        drain("expired idempotency keys", &shutdown, JANITOR_BATCH, |n| store.expire_idempotency(now, n)).await;
+        let before = now - retention.outbox.as_millis() as i64;
+        drain("published outbox rows", &shutdown, JANITOR_BATCH, |n| store.outbox_purge(before, n)).await;
+        if let Some(keep) = retention.sagas {
+            let before = now - keep.as_millis() as i64;
+            // Fewer per batch: each saga is three deletes (events, steps, row).
+            drain("finished sagas", &shutdown, JANITOR_BATCH / 10, |n| store.purge_finished_sagas(before, n)).await;
         }
-        let before = clock.now_ms() - outbox_retention.as_millis() as i64;
-        match store.outbox_purge(before, 1000).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "deleted published outbox rows past retention"),
-            Err(e) => tracing::warn!(error = %e, "purging the outbox failed"),
+    }
+}
+
+/// Runs `batch(limit)` until a batch deletes less than `limit` (or fails, or shutdown fires).
+async fn drain<F, Fut>(what: &str, shutdown: &CancellationToken, limit: u32, mut batch: F)
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, store::Error>>,
+{
+    let mut total = 0;
+    loop {
+        match batch(limit).await {
+            Ok(n) => {
+                total += n;
+                if n < u64::from(limit) || shutdown.is_cancelled() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting {what} failed; trying again in a minute");
+                break;
+            }
         }
+    }
+    if total > 0 {
+        tracing::debug!(deleted = total, "deleted {what} past retention");
     }
 }

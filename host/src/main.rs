@@ -75,6 +75,10 @@ struct Serve {
     /// How long published outbox rows are kept, in hours.
     #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
     outbox_retention_hours: u64,
+    /// How long finished sagas (COMPLETED, CANCELLED) are kept, in hours, once their events are
+    /// published; then they are deleted with their steps and events. Unset keeps them for ever.
+    #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS")]
+    saga_retention_hours: Option<u64>,
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
     #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
     idempotency_ttl_hours: u64,
@@ -141,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         settings: args.kafka_config,
     });
     config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
+    config.saga_retention = args.saga_retention_hours.map(|h| Duration::from_secs(h * 3600));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
     config.limits.memory_bytes = args.plugin_memory_mib << 20;
     config.limits.output_bytes = args.plugin_output_kib << 10;

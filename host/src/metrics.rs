@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::store::Store;
+use crate::store::StatsStore;
 
 /// Labels of a plugin call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,7 +136,7 @@ impl Metrics {
     /// The whole exposition: live counters plus gauges read from the store now.
     /// `catalog_version` is the store's catalog version this process's plugins and definitions
     /// reflect: replicas agree on it within a catalog refresh interval.
-    pub async fn render(&self, store: &dyn Store, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
+    pub async fn render(&self, store: &dyn StatsStore, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
         let mut scrape = Registry::with_prefix("sagahost");
         let catalog = Gauge::<i64>::default();
         catalog.set(catalog_version);

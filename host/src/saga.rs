@@ -25,7 +25,7 @@ use crate::driver::{DriverHandle, StatusChange};
 use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState, Transition};
 use crate::event::Envelope;
 use crate::store::{
-    self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, StateWrite, Store,
+    self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore, StateWrite,
 };
 
 /// How often an outside event is recomputed when the saga keeps changing under it.
@@ -70,13 +70,13 @@ pub struct Draft {
 
 /// The saga service. Cheap to share behind an `Arc`.
 pub struct Sagas {
-    store: Arc<dyn Store>,
+    store: Arc<dyn SagaStore>,
     clock: Arc<dyn Clock>,
     driver: DriverHandle,
 }
 
 impl Sagas {
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, driver: DriverHandle) -> Sagas {
+    pub fn new(store: Arc<dyn SagaStore>, clock: Arc<dyn Clock>, driver: DriverHandle) -> Sagas {
         Sagas { store, clock, driver }
     }
 
@@ -113,14 +113,12 @@ impl Sagas {
             status: &rec.state.status,
             at: rec.created_at,
         };
-        let event = envelope.wrap(&draft.event);
         let new = NewSaga {
             id: rec.id.clone(),
             definition: rec.definition.clone(),
             input: rec.input.clone(),
             state: rec.state.clone(),
-            event: draft.event.clone(),
-            event_id: event.event_id,
+            event: envelope.wrap(&draft.event),
             now: rec.created_at,
         };
         let outcome = self.store.create_saga(&new, claim, rec.created_at).await?;
@@ -162,8 +160,7 @@ impl Sagas {
                 after: Some(serde_json::json!({ "status": t.state.status })),
                 note: a.note.clone(),
             });
-            let fence = Fence::Takeover(rec.epoch);
-            match self.commit(&mut rec, t, fence, None, audit.as_ref()).await {
+            match self.commit(&mut rec, t, Fence::Takeover, None, audit.as_ref()).await {
                 Ok(()) => {
                     self.driver.wake();
                     return Ok(rec);
@@ -220,14 +217,13 @@ impl Sagas {
         let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
         let commit = Commit {
             saga_id: &rec.id,
-            saga_type: &rec.saga_type,
             fence,
+            read_seq: rec.seq,
             state: &t.state,
             step_names: &step_names,
             changed_steps: &t.changed_steps,
             plugin_writes: writes,
-            event: &t.event,
-            event_id: &event.event_id,
+            event: &event,
             now,
             audit,
         };
@@ -238,7 +234,7 @@ impl Sagas {
         rec.state = t.state;
         rec.seq = seq;
         rec.updated_at = now;
-        if matches!(fence, Fence::Takeover(_)) {
+        if matches!(fence, Fence::Takeover) {
             rec.epoch += 1;
         }
         Ok(())

@@ -9,6 +9,11 @@
 //! what changed: new plugin versions are fetched and compiled, definitions are re-read. A
 //! replica that meets a digest it does not know yet (a binding made through another replica a
 //! moment ago) refreshes on the spot instead of failing.
+//!
+//! Changes to a definition are compare-and-set on its stored version: a bind or a definition
+//! based on the version this replica last saw commits only if nobody changed it since, so two
+//! admins (or two replicas) cannot silently overwrite each other; the loser gets
+//! [`Error::Conflict`], and the cache is refreshed so that a retry sees the winner's change.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,7 +26,7 @@ use crate::clock::Clock;
 use crate::engine::definition::DefinitionError;
 use crate::engine::SagaDefinition;
 use crate::runtime::{LoadError, Runtime};
-use crate::store::{self, DefinitionSource, Store};
+use crate::store::{self, AuditEntry, CatalogStore, DefinitionSource};
 
 /// Why the catalog refused something.
 #[derive(Debug, thiserror::Error)]
@@ -38,16 +43,19 @@ pub enum Error {
     UnknownSagaType(String),
     #[error("saga type '{saga_type}' has no step '{step}'")]
     UnknownStep { saga_type: String, step: String },
+    #[error("the definition of saga type '{0}' was changed by someone else meanwhile; read it again and retry")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] store::Error),
 }
 
 /// Plugins and definitions, shared by the HTTP layer and the driver.
 pub struct Catalog {
-    store: Arc<dyn Store>,
+    store: Arc<dyn CatalogStore>,
     runtime: Arc<Runtime>,
     clock: Arc<dyn Clock>,
-    definitions: RwLock<HashMap<String, Arc<SagaDefinition>>>,
+    /// Definitions by saga type, with the stored version each was read at.
+    definitions: RwLock<HashMap<String, (Arc<SagaDefinition>, i64)>>,
     /// digest -> plugin name, for every loaded component.
     plugin_names: RwLock<HashMap<String, String>>,
     /// The store's catalog version this cache reflects (at least).
@@ -59,7 +67,11 @@ pub struct Catalog {
 impl Catalog {
     /// Loads every stored plugin into the runtime and every definition into memory, and
     /// installs the built-in saga types ([`crate::builtin::ALL`]) with their plugins.
-    pub async fn open(store: Arc<dyn Store>, runtime: Arc<Runtime>, clock: Arc<dyn Clock>) -> Result<Catalog, Error> {
+    pub async fn open(
+        store: Arc<dyn CatalogStore>,
+        runtime: Arc<Runtime>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Catalog, Error> {
         let catalog = Catalog {
             store,
             runtime,
@@ -73,6 +85,7 @@ impl Catalog {
         for builtin in crate::builtin::ALL {
             catalog.install_builtin(builtin).await?;
         }
+        catalog.refresh().await?;
         Ok(catalog)
     }
 
@@ -89,13 +102,19 @@ impl Catalog {
                 .cloned()
                 .unwrap_or_else(|| panic!("built-in {} binds plugin {name}, which it does not ship", builtin.saga_type))
         });
-        match self.store.definition(&def.saga_type).await? {
-            Some((current, DefinitionSource::Builtin)) if current != def => {
+        // Compare and set: replicas starting together install or upgrade it once; the others
+        // find it done.
+        let installed = match self.store.definition(&def.saga_type).await? {
+            Some(current) if current.source == DefinitionSource::Builtin && current.definition != def => {
                 tracing::info!(saga_type = %def.saga_type, "upgrading the built-in definition to this release's plugins");
-                self.put_definition(def, DefinitionSource::Builtin).await
+                self.put_definition_checked(def, DefinitionSource::Builtin, Some(current.version), None).await
             }
-            None => self.put_definition(def, DefinitionSource::Builtin).await,
-            _ => Ok(()),
+            None => self.put_definition_checked(def, DefinitionSource::Builtin, Some(0), None).await,
+            Some(_) => Ok(0),
+        };
+        match installed {
+            Ok(_) | Err(Error::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -127,8 +146,13 @@ impl Catalog {
                 }
             }
         }
-        let definitions: HashMap<String, Arc<SagaDefinition>> =
-            self.store.definitions().await?.into_iter().map(|d| (d.saga_type.clone(), Arc::new(d))).collect();
+        let definitions: HashMap<String, (Arc<SagaDefinition>, i64)> = self
+            .store
+            .definitions()
+            .await?
+            .into_iter()
+            .map(|d| (d.definition.saga_type.clone(), (Arc::new(d.definition), d.version)))
+            .collect();
         *self.definitions.write().unwrap_or_else(|e| e.into_inner()) = definitions;
         self.version.store(version, Ordering::Release);
         Ok(())
@@ -176,6 +200,17 @@ impl Catalog {
 
     /// Stores and compiles a component. Returns its digest and whether it was new.
     pub async fn install_plugin(&self, name: &str, wasm: Vec<u8>) -> Result<(String, bool), Error> {
+        self.install_plugin_audited(name, wasm, None).await
+    }
+
+    /// [`Catalog::install_plugin`], writing `audit` in the upload's transaction if the version
+    /// is new (and only then).
+    pub async fn install_plugin_audited(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        audit: Option<AuditEntry>,
+    ) -> Result<(String, bool), Error> {
         if let Some(existing) = self.plugin_name(&crate::runtime::digest_of(&wasm)) {
             if existing != name {
                 return Err(Error::NameMismatch { existing });
@@ -183,7 +218,7 @@ impl Catalog {
         }
         // Compile first: nothing invalid is ever stored.
         let digest = self.runtime.load(wasm.clone()).await?;
-        let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms()).await?;
+        let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms(), audit.as_ref()).await?;
         if !new {
             // Stored before, perhaps through another replica this one has not caught up with:
             // the stored name decides.
@@ -204,18 +239,22 @@ impl Catalog {
 
     /// Rebinds a step's execute and/or compensate to other versions. Returns the step's
     /// bindings before and after. New sagas use the new execute binding; every compensation
-    /// from now on uses the new compensate binding.
+    /// from now on uses the new compensate binding. `audit` makes the audit entry from the
+    /// bindings before and after; it commits with the change. [`Error::Conflict`] if the
+    /// definition changed since this replica read it.
     pub async fn bind(
         &self,
         saga_type: &str,
         step: &str,
         execute: Option<&str>,
         compensate: Option<&str>,
+        audit: impl FnOnce(&crate::engine::StepDefinition, &crate::engine::StepDefinition) -> AuditEntry,
     ) -> Result<(crate::engine::StepDefinition, crate::engine::StepDefinition), Error> {
         for digest in execute.iter().chain(compensate.iter()) {
             self.ensure_loaded(digest).await;
         }
-        let current = self.definition(saga_type).ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))?;
+        let (current, version) =
+            self.versioned_definition(saga_type).ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))?;
         let mut def = (*current).clone();
         let i = def
             .step_index(step)
@@ -232,13 +271,15 @@ impl Catalog {
             def.steps[i].compensate = resolve("compensate", d)?;
         }
         let after = def.steps[i].clone();
-        self.put_definition(def, DefinitionSource::Admin).await?;
+        let entry = audit(&before, &after);
+        self.put_definition_checked(def, DefinitionSource::Admin, Some(version), Some(&entry)).await?;
         Ok((before, after))
     }
 
     /// Every current definition, by saga type.
     pub fn definitions(&self) -> Vec<Arc<SagaDefinition>> {
-        let mut defs: Vec<_> = self.definitions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut defs: Vec<_> =
+            self.definitions.read().unwrap_or_else(|e| e.into_inner()).values().map(|(d, _)| Arc::clone(d)).collect();
         defs.sort_by(|a, b| a.saga_type.cmp(&b.saga_type));
         defs
     }
@@ -248,8 +289,23 @@ impl Catalog {
         self.plugin_names.read().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
     }
 
-    /// Validates and stores a definition; new sagas of its type use it from now on.
+    /// Validates and stores a definition, whatever is stored now; new sagas of its type use it
+    /// from now on.
     pub async fn put_definition(&self, def: SagaDefinition, source: DefinitionSource) -> Result<(), Error> {
+        self.put_definition_checked(def, source, None, None).await.map(drop)
+    }
+
+    /// Validates and stores a definition if the stored one is still at `expected_version` (0:
+    /// none stored yet; `None`: whatever is stored), with `audit` in the same transaction.
+    /// Returns the new version. [`Error::Conflict`] if someone changed it meanwhile; the cache
+    /// is then refreshed, so a retry works from the current definition.
+    pub async fn put_definition_checked(
+        &self,
+        def: SagaDefinition,
+        source: DefinitionSource,
+        expected_version: Option<i64>,
+        audit: Option<&AuditEntry>,
+    ) -> Result<i64, Error> {
         def.validate()?;
         for (i, step) in def.steps.iter().enumerate() {
             for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
@@ -261,17 +317,94 @@ impl Catalog {
                 }
             }
         }
-        self.store.put_definition(&def, source, self.clock.now_ms()).await?;
-        self.cache(def);
-        Ok(())
+        match self.store.put_definition(&def, source, expected_version, self.clock.now_ms(), audit).await {
+            Ok(version) => {
+                self.cache(def, version);
+                Ok(version)
+            }
+            Err(store::Error::Conflict) => {
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "refreshing the catalog after a conflict failed");
+                }
+                Err(Error::Conflict(def.saga_type))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    fn cache(&self, def: SagaDefinition) {
-        self.definitions.write().unwrap_or_else(|e| e.into_inner()).insert(def.saga_type.clone(), Arc::new(def));
+    fn cache(&self, def: SagaDefinition, version: i64) {
+        let mut defs = self.definitions.write().unwrap_or_else(|e| e.into_inner());
+        // Never replace a newer version a concurrent refresh brought in.
+        if defs.get(&def.saga_type).is_none_or(|(_, v)| *v <= version) {
+            defs.insert(def.saga_type.clone(), (Arc::new(def), version));
+        }
     }
 
     /// The current definition of a saga type.
     pub fn definition(&self, saga_type: &str) -> Option<Arc<SagaDefinition>> {
+        self.versioned_definition(saga_type).map(|(d, _)| d)
+    }
+
+    /// The current definition of a saga type with its stored version, the one to pass to
+    /// [`Catalog::put_definition_checked`] for a change based on it.
+    pub fn versioned_definition(&self, saga_type: &str) -> Option<(Arc<SagaDefinition>, i64)> {
         self.definitions.read().unwrap_or_else(|e| e.into_inner()).get(saga_type).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::StepDefinition;
+
+    struct NoState;
+
+    #[async_trait::async_trait]
+    impl crate::runtime::StateReader for NoState {
+        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+    }
+
+    fn audit(before: &StepDefinition, _: &StepDefinition) -> AuditEntry {
+        AuditEntry {
+            actor: "test".into(),
+            action: "binding.change".into(),
+            target: format!("order/{}", before.name),
+            before: None,
+            after: None,
+            note: None,
+        }
+    }
+
+    /// Two catalogs on one store, as two replicas have; they share one runtime so the demo
+    /// plugins compile once.
+    #[tokio::test]
+    async fn of_two_binds_from_the_same_version_one_conflicts_and_its_retry_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState), None).unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
+        let b = Catalog::open(store.clone(), runtime, clock).await.unwrap();
+        let order = a.definition("order").unwrap();
+        let (step, digest) = (order.steps[0].name.clone(), order.steps[0].execute.digest.clone());
+
+        // Concurrent binds through one catalog: both start from the version it holds.
+        let (one, two) = tokio::join!(
+            a.bind("order", &step, Some(&digest), None, audit),
+            a.bind("order", &step, None, Some(&digest), audit)
+        );
+        let conflicts = [&one, &two].iter().filter(|r| matches!(r, Err(Error::Conflict(_)))).count();
+        assert_eq!((conflicts, one.is_ok() || two.is_ok()), (1, true), "{one:?} {two:?}");
+
+        // A replica that has not caught up yet binds from a stale version: conflict, and the
+        // catalog refreshes, so the retry commits.
+        let lost = b.bind("order", &step, Some(&digest), None, audit).await;
+        assert!(matches!(lost, Err(Error::Conflict(_))), "{lost:?}");
+        b.bind("order", &step, Some(&digest), None, audit).await.unwrap();
+        // Exactly the committed binds are audited.
+        let binds = store.audit_log(None, 10).await.unwrap();
+        assert_eq!(binds.iter().filter(|r| r.entry.action == "binding.change").count(), 2);
     }
 }

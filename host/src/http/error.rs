@@ -109,9 +109,10 @@ impl ApiError {
 
 impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> ApiError {
-        match e {
-            crate::store::Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => ApiError::unavailable(e),
-            other => ApiError::internal(other),
+        if e.is_transient() {
+            ApiError::unavailable(e)
+        } else {
+            ApiError::internal(e)
         }
     }
 }

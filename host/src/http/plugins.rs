@@ -1,5 +1,7 @@
 //! Admin routes for plugins, bindings and saga definitions (SPEC §5.3). Every change is
-//! audited: who, when, and the state before and after.
+//! audited: who, when, and the state before and after; the audit row commits in the change's
+//! own transaction. Binds and definition changes are compare-and-set on the definition's
+//! version: of two concurrent changes, the second gets 409 instead of undoing the first.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -34,27 +36,26 @@ fn catalog_error(e: catalog::Error) -> ApiError {
         }
         catalog::Error::NameMismatch { .. } => ApiError::conflict("plugin_name_mismatch", e.to_string()),
         catalog::Error::UnknownSagaType(_) | catalog::Error::UnknownStep { .. } => ApiError::not_found(e.to_string()),
+        catalog::Error::Conflict(_) => ApiError::conflict("definition_changed", e.to_string()),
         catalog::Error::Store(e) => e.into(),
     }
 }
 
-async fn audit(
-    state: &AppState,
+fn audit(
     headers: &HeaderMap,
     action: &str,
     target: &str,
     before: Option<serde_json::Value>,
     after: Option<serde_json::Value>,
-) -> Result<(), ApiError> {
-    let entry = AuditEntry {
+) -> AuditEntry {
+    AuditEntry {
         actor: actor(headers),
         action: action.to_owned(),
         target: target.to_owned(),
         before,
         after,
         note: None,
-    };
-    Ok(state.store.audit(&entry, state.clock.now_ms()).await?)
+    }
 }
 
 /// An uploaded plugin version.
@@ -97,18 +98,15 @@ pub async fn upload_plugin(
         ));
     }
     let size = body.len();
-    let (digest, new) = state.catalog.install_plugin(&name, body.to_vec()).await.map_err(catalog_error)?;
-    if new {
-        audit(
-            &state,
-            &headers,
-            "plugin.upload",
-            &digest,
-            None,
-            Some(serde_json::json!({ "name": name, "size": size })),
-        )
-        .await?;
-    }
+    let entry = audit(
+        &headers,
+        "plugin.upload",
+        &crate::runtime::digest_of(&body),
+        None,
+        Some(serde_json::json!({ "name": name, "size": size })),
+    );
+    let (digest, new) =
+        state.catalog.install_plugin_audited(&name, body.to_vec(), Some(entry)).await.map_err(catalog_error)?;
     let status = if new { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json_response(status, to_json(&UploadedPlugin { name, digest, size })?, None))
 }
@@ -217,7 +215,7 @@ pub struct BindingView {
 /// compensate binding, including those of sagas in flight or stuck.
 #[utoipa::path(put, path = "/admin/sagas/{type}/steps/{step}", tag = "admin",
     params(("type" = String, Path), ("step" = String, Path)), request_body = BindingRequest, security(("admin_token" = [])),
-    responses((status = 200, body = BindingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = BindingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
               (status = 422, body = ErrorBody)))]
 pub async fn bind_step(
     State(state): State<AppState>,
@@ -230,15 +228,16 @@ pub async fn bind_step(
     if req.execute.is_none() && req.compensate.is_none() {
         return Err(ApiError::invalid("", "send at least one of \"execute\" and \"compensate\" (a sha256: digest)"));
     }
-    let (before, after) = state
-        .catalog
-        .bind(&saga_type, &step, req.execute.as_deref(), req.compensate.as_deref())
-        .await
-        .map_err(catalog_error)?;
     let view =
         |s: &StepDefinition| serde_json::json!({ "execute": s.execute.digest, "compensate": s.compensate.digest });
-    audit(&state, &headers, "binding.change", &format!("{saga_type}/{step}"), Some(view(&before)), Some(view(&after)))
-        .await?;
+    let target = format!("{saga_type}/{step}");
+    let (_, after) = state
+        .catalog
+        .bind(&saga_type, &step, req.execute.as_deref(), req.compensate.as_deref(), |before, after| {
+            audit(&headers, "binding.change", &target, Some(view(before)), Some(view(after)))
+        })
+        .await
+        .map_err(catalog_error)?;
     tracing::info!(saga_type, step, execute = %after.execute.digest, compensate = %after.compensate.digest, "binding changed");
     let out = BindingView { saga_type, step, execute: after.execute.digest, compensate: after.compensate.digest };
     Ok(json_response(StatusCode::OK, to_json(&out)?, None))
@@ -370,7 +369,7 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
 /// Register or replace a saga definition. New sagas use it; running ones keep theirs.
 #[utoipa::path(put, path = "/admin/sagas/{type}", tag = "admin", params(("type" = String, Path)), request_body = DefinitionSpec,
     security(("admin_token" = [])),
-    responses((status = 200, body = DefinitionSpec), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = DefinitionSpec), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put_definition(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
@@ -383,10 +382,18 @@ pub async fn put_definition(
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
     })?;
     let def = definition_of(&state, &saga_type, spec).await?;
-    let before = state.catalog.definition(&saga_type).map(|d| serde_json::to_value(spec_of(&d)).unwrap_or_default());
-    state.catalog.put_definition(def.clone(), DefinitionSource::Admin).await.map_err(catalog_error)?;
+    // The change replaces what this replica read just now (definition_of refreshed it); if
+    // someone else replaced it meanwhile, 409.
+    let current = state.catalog.versioned_definition(&saga_type);
+    let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
+    let expected = current.map_or(0, |(_, version)| version);
     let after = serde_json::to_value(spec_of(&def)).unwrap_or_default();
-    audit(&state, &headers, "saga.define", &saga_type, before, Some(after)).await?;
+    let entry = audit(&headers, "saga.define", &saga_type, before, Some(after));
+    state
+        .catalog
+        .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
+        .await
+        .map_err(catalog_error)?;
     Ok(json_response(StatusCode::OK, to_json(&spec_of(&def))?, None))
 }
 

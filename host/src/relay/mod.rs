@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::driver::DriverHandle;
-use crate::store::{OutboxRow, Store};
+use crate::store::{OutboxRow, OutboxStore};
 
 /// What a sink did with a batch.
 #[derive(Debug)]
@@ -85,7 +85,7 @@ impl Default for RelayOptions {
 
 /// The relay loop.
 pub struct Relay {
-    store: Arc<dyn Store>,
+    store: Arc<dyn OutboxStore>,
     sink: Arc<dyn Sink>,
     clock: Arc<dyn Clock>,
     driver: DriverHandle,
@@ -95,7 +95,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn OutboxStore>,
         sink: Arc<dyn Sink>,
         clock: Arc<dyn Clock>,
         driver: DriverHandle,

@@ -1,19 +1,28 @@
-//! Durable storage: sagas, steps, plugin state, the outbox, idempotency keys, plugins and
-//! definitions.
+//! Durable storage: sagas, steps, plugin state, the outbox, idempotency keys, plugins,
+//! definitions and the audit trail.
 //!
 //! Architecture invariant: this is the only module that contains SQL. Everything above it
-//! speaks in the types defined here, behind the [`Store`] trait, so that SQLite (embedded
-//! default) and PostgreSQL (production) are interchangeable.
+//! speaks in the types defined here, through role-sized traits ([`SagaStore`],
+//! [`IdempotencyStore`], [`OutboxStore`], [`CatalogStore`], [`PluginStateStore`],
+//! [`AuditStore`], [`JanitorStore`], [`StatsStore`]); [`Store`] is their sum, for wiring. Each
+//! consumer holds only the role it uses (`Arc<dyn Store>` upcasts to `Arc<dyn OutboxStore>`).
 //!
-//! Architecture invariant: a saga transition is one call, [`Store::commit`], and one
+//! There is one implementation, `sql.rs`: every statement is written once, run through sqlx's
+//! `Any` driver, and a small [`dialect::Dialect`] per database (`sqlite.rs`, `postgres.rs`)
+//! holds what differs. No sqlx type leaves this module: errors are [`Error`], which says
+//! whether a failure is transient.
+//!
+//! Architecture invariant: a saga transition is one call, [`SagaStore::commit`], and one
 //! database transaction: the saga row, the changed step rows, the plugin's state writes and
-//! exactly one outbox row commit together or not at all. Every commit is fenced by the saga's
-//! `epoch`, so a worker that lost its claim can never commit.
+//! exactly one outbox row commit together or not at all. Every commit is conditional on the
+//! saga's `seq` being the one its state was read at, and the driver's also on its `epoch`, so
+//! neither a worker that lost its claim nor a change computed from a stale read can commit.
 
-#[macro_use]
-mod shared;
+mod dialect;
+mod error;
 pub mod postgres;
-pub mod sqlite;
+mod sql;
+mod sqlite;
 #[cfg(test)]
 mod tests;
 
@@ -22,10 +31,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::engine::{EventSpec, SagaDefinition, SagaState, SagaStatus};
+use crate::engine::{SagaDefinition, SagaState, SagaStatus};
+use crate::event::OutboxEvent;
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use error::{DatabaseError, Error, Result};
 
 /// Opens the store a database URL names, running its migrations: `sqlite:` URLs and
 /// `postgres://` (or `postgresql://`) URLs. `None` is the embedded default, a SQLite file in
@@ -34,44 +43,22 @@ pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> 
     open_with(url, data_dir, postgres::DEFAULT_MAX_CONNECTIONS).await
 }
 
-/// [`open`] with the size of the PostgreSQL connection pool (SQLite ignores it: it has one
-/// writer connection and a small reader pool).
+/// [`open`] with the size of the connection pool, for databases that take several writers
+/// (SQLite ignores it: it has one writer connection and a small reader pool).
 pub async fn open_with(url: Option<&str>, data_dir: &Path, max_connections: u32) -> Result<Arc<dyn Store>> {
-    Ok(match url {
-        None => Arc::new(SqliteStore::open(&data_dir.join("sagahost.db")).await?),
-        Some(url) if url.starts_with("sqlite:") => Arc::new(SqliteStore::open_url(url).await?),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Arc::new(PgStore::open_with(url, max_connections).await?)
-        }
-        Some(url) => {
-            // Never echo credentials back: show the scheme only.
-            let scheme = url.split_once(':').map_or("", |(s, _)| s);
-            return Err(Error::Unsupported(format!(
-                "database URL scheme '{scheme}:' is not supported; use sqlite:PATH or postgres://USER@HOST/DB"
-            )));
-        }
-    })
+    let url = match url {
+        Some(url) => url.to_owned(),
+        None => sqlite::file_url(&data_dir.join("sagahost.db")),
+    };
+    let Some(dialect) = dialect::for_url(&url) else {
+        // Never echo credentials back: show the scheme only.
+        let scheme = url.split_once(':').map_or("", |(s, _)| s);
+        return Err(Error::Unsupported(format!(
+            "database URL scheme '{scheme}:' is not supported; use sqlite:PATH or postgres://USER@HOST/DB"
+        )));
+    };
+    Ok(Arc::new(sql::SqlStore::open(dialect, &url, max_connections).await?))
 }
-
-/// What can go wrong in the store.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The saga's epoch moved on: another worker (or an outside event) owns it now.
-    #[error("the saga was changed by someone else; reload it and try again")]
-    Fenced,
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{0}")]
-    Connect(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A saga as stored.
 #[derive(Debug, Clone)]
@@ -98,8 +85,8 @@ pub struct NewSaga {
     pub definition: SagaDefinition,
     pub input: String,
     pub state: SagaState,
-    pub event: EventSpec,
-    pub event_id: String,
+    /// The first event (`seq` 1), built by the caller with [`crate::event::Envelope::wrap`].
+    pub event: OutboxEvent,
     pub now: i64,
 }
 
@@ -150,32 +137,35 @@ pub struct OutboxRow {
 /// A state write buffered during a plugin call: `None` deletes the key.
 pub type StateWrite = (String, Option<Vec<u8>>);
 
-/// Who is allowed to commit a transition.
+/// Who is allowed to commit a transition, besides the condition every commit carries (the
+/// saga's `seq` is still the one the transition was computed from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fence {
     /// The driver holding the claim at this epoch; the claim is kept.
     Lease(i64),
     /// The driver holding the claim at this epoch, giving it up with this commit.
     LeaseRelease(i64),
-    /// An outside event (client cancel, signal, operator) applied to the state read at this
-    /// epoch. It bumps the epoch, which fences out any worker mid-call: that worker's result
-    /// is discarded and the step runs again from the new state.
-    Takeover(i64),
+    /// An outside event (client cancel, signal, operator): no epoch check. It bumps the epoch
+    /// and clears the lease, which fences out any worker mid-call: that worker's result is
+    /// discarded and the step runs again from the new state.
+    Takeover,
 }
 
-/// One saga transition, committed atomically.
+/// One saga transition, committed atomically by [`SagaStore::commit`].
 #[derive(Debug, Clone)]
 pub struct Commit<'a> {
     pub saga_id: &'a str,
-    pub saga_type: &'a str,
     pub fence: Fence,
+    /// The saga's `seq` when the state this transition was computed from was read. The commit
+    /// applies only if it is still the saga's `seq`, and sets it to `read_seq + 1`.
+    pub read_seq: i64,
     pub state: &'a SagaState,
     pub step_names: &'a [String],
     pub changed_steps: &'a [usize],
     /// The plugin whose state space the writes go to, and the writes.
     pub plugin_writes: Option<(&'a str, &'a [StateWrite])>,
-    pub event: &'a EventSpec,
-    pub event_id: &'a str,
+    /// The transition's event, built by the caller with `seq = read_seq + 1`.
+    pub event: &'a OutboxEvent,
     pub now: i64,
     /// An audit record to write in the same transaction (operator actions).
     pub audit: Option<&'a AuditEntry>,
@@ -242,41 +232,22 @@ pub enum DefinitionSource {
     Admin,
 }
 
-/// The storage interface. Implementations must make [`Store::commit`] and
-/// [`Store::create_saga`] atomic and fenced as documented.
+/// A stored definition with its compare-and-set version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDefinition {
+    pub definition: SagaDefinition,
+    pub source: DefinitionSource,
+    /// 1 when first stored, +1 on every change. [`CatalogStore::put_definition`] can require it.
+    pub version: i64,
+}
+
+/// Sagas: creation (with its idempotency claim), reads, the driver's claims and leases, and
+/// the one way a saga changes, [`SagaStore::commit`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Is the database reachable?
-    async fn ping(&self) -> Result<()>;
-
-    async fn put_plugin(&self, digest: &str, name: &str, wasm: &[u8], now: i64) -> Result<bool>;
-    async fn plugins(&self) -> Result<Vec<PluginRow>>;
-    /// One stored plugin version, with its bytes.
-    async fn plugin(&self, digest: &str) -> Result<Option<PluginRow>>;
-    /// Every stored plugin version, without the bytes, by name then upload time.
-    async fn plugin_versions(&self) -> Result<Vec<PluginInfo>>;
-
-    async fn definition(&self, saga_type: &str) -> Result<Option<(SagaDefinition, DefinitionSource)>>;
-    async fn definitions(&self) -> Result<Vec<SagaDefinition>>;
-    async fn put_definition(&self, def: &SagaDefinition, source: DefinitionSource, now: i64) -> Result<()>;
-    /// A counter bumped in the transaction of every new plugin version and every definition
-    /// change: a replica whose catalog was built at an older version reloads.
-    async fn catalog_version(&self) -> Result<i64>;
-
+pub trait SagaStore: Send + Sync + 'static {
     /// Creates a saga and its first event, under an idempotency key when one is given: the
     /// claim, the saga and (when known) the stored response commit in one transaction.
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome>;
-    /// Claims an idempotency key for a request that creates no saga (a signal, a cancel, an
-    /// operator action). `Created` means the key is now this request's; an in-flight claim
-    /// whose lock expired is taken over the same way.
-    async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome>;
-    /// Forgets an in-flight key whose request failed without effect, so a retry runs again.
-    async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()>;
-    /// Stores the response of an in-flight idempotency key.
-    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()>;
-    /// Forgets keys past their retention. Returns how many.
-    async fn expire_idempotency(&self, now: i64) -> Result<u64>;
-
     async fn saga(&self, id: &str) -> Result<Option<SagaRecord>>;
     /// Newest first; `before` is the id of the last saga of the previous page.
     async fn list_sagas(
@@ -286,10 +257,10 @@ pub trait Store: Send + Sync + 'static {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<SagaSummary>>;
-
-    /// Claims up to `limit` sagas due at `now` (the driver's clock) for `owner`. The lease is
-    /// measured in database time (`lease_ms` from the database's now), so replicas with skewed
-    /// clocks agree on when a lease expired. Returns (id, epoch).
+    /// Claims up to `limit` sagas due at `now` (the driver's clock) for `owner`, never more,
+    /// and never one another caller holds. The lease is measured in database time (`lease_ms`
+    /// from the database's now), so replicas with skewed clocks agree on when a lease expired.
+    /// Returns (id, epoch).
     async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>>;
     /// Extends a claim by `lease_ms` from the database's now; false if the claim was lost.
     async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool>;
@@ -299,12 +270,37 @@ pub trait Store: Send + Sync + 'static {
     async fn release_owner(&self, owner: &str) -> Result<u64>;
     /// The earliest `next_run_at` of any saga, to know how long the driver may sleep.
     async fn next_due(&self) -> Result<Option<i64>>;
-    /// Commits one transition; returns the event's `seq`.
+    /// Commits one transition if the saga's `seq` is still `read_seq` (and, for the driver's
+    /// fences, its epoch is still the claim's); returns the new `seq` (`read_seq + 1`).
+    /// [`Error::Fenced`] if not, and then nothing was written.
     async fn commit(&self, c: &Commit<'_>) -> Result<i64>;
+}
 
+/// The plugins' durable key-value spaces (written only by [`SagaStore::commit`]).
+#[async_trait]
+pub trait PluginStateStore: Send + Sync + 'static {
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Keys starting with `prefix`, in byte order.
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>>;
+}
 
+/// Idempotency keys of requests that create no saga (those that do claim theirs in
+/// [`SagaStore::create_saga`]).
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims an idempotency key for a request that creates no saga (a signal, a cancel, an
+    /// operator action). `Created` means the key is now this request's; an in-flight claim
+    /// whose lock expired is taken over the same way.
+    async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome>;
+    /// Forgets an in-flight key whose request failed without effect, so a retry runs again.
+    async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()>;
+    /// Stores the response of an in-flight idempotency key.
+    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()>;
+}
+
+/// The relay's side of the outbox.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
     /// Takes or renews the relay lease for `owner`, for `lease_ms` of database time. Returns
     /// the lease's epoch when `owner` holds it (the epoch moves on every change of holder),
     /// `None` while another owner's lease is live. Only the holder publishes, so the events of
@@ -312,45 +308,96 @@ pub trait Store: Send + Sync + 'static {
     async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>>;
     /// Gives the relay lease up at once (a clean shutdown), if `owner` holds it.
     async fn relay_release(&self, owner: &str) -> Result<()>;
-
     /// Unpublished outbox rows, oldest first.
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
-    /// How many events wait for the relay, and when the oldest was committed.
-    async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)>;
-    /// Sagas by (type, status, count), for metrics.
-    async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>>;
-    /// Deletes up to `limit` rows published before `before`. Returns how many.
-    async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64>;
     /// Every outbox row of one saga in `seq` order (published or not).
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>>;
+}
 
-    /// Writes an audit entry on its own (actions that are not saga transitions).
+/// Plugins and definitions, the source of truth of every replica's catalog.
+#[async_trait]
+pub trait CatalogStore: Send + Sync + 'static {
+    /// Stores a plugin version; true if it was new. The audit entry, if any, is written in the
+    /// same transaction, and only if the version was new.
+    async fn put_plugin(
+        &self,
+        digest: &str,
+        name: &str,
+        wasm: &[u8],
+        now: i64,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool>;
+    async fn plugins(&self) -> Result<Vec<PluginRow>>;
+    /// One stored plugin version, with its bytes.
+    async fn plugin(&self, digest: &str) -> Result<Option<PluginRow>>;
+    /// Every stored plugin version, without the bytes, by name then upload time.
+    async fn plugin_versions(&self) -> Result<Vec<PluginInfo>>;
+    async fn definition(&self, saga_type: &str) -> Result<Option<StoredDefinition>>;
+    async fn definitions(&self) -> Result<Vec<StoredDefinition>>;
+    /// Stores a definition; returns its new version. With `expected_version`, a compare and
+    /// set: the stored version must be that one (0: no definition of the type yet), else
+    /// [`Error::Conflict`] and nothing changes. The audit entry, if any, commits with it.
+    async fn put_definition(
+        &self,
+        def: &SagaDefinition,
+        source: DefinitionSource,
+        expected_version: Option<i64>,
+        now: i64,
+        audit: Option<&AuditEntry>,
+    ) -> Result<i64>;
+    /// A counter bumped in the transaction of every new plugin version and every definition
+    /// change: a replica whose catalog was built at an older version reloads.
+    async fn catalog_version(&self) -> Result<i64>;
+}
+
+/// The audit trail of operator and admin actions.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Writes an audit entry on its own (actions that change nothing in the store).
     async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()>;
     /// The audit trail, newest first, optionally for one target.
     async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>>;
 }
 
-/// Builds the event JSON published for an outbox row (SPEC §6).
-pub fn event_payload(
-    event_id: &str,
-    saga_id: &str,
-    saga_type: &str,
-    seq: i64,
-    spec: &EventSpec,
-    status: &str,
-    now: i64,
-) -> String {
-    let at = crate::clock::rfc3339(now);
-    serde_json::json!({
-        "event_id": event_id,
-        "saga_id": saga_id,
-        "saga_type": saga_type,
-        "seq": seq,
-        "type": spec.event_type,
-        "status": status,
-        "at": at,
-        "data": spec.data,
-    })
-    .to_string()
+/// Housekeeping: every call deletes at most `limit` rows, so that no transaction runs long;
+/// callers repeat while a call returns `limit`.
+#[async_trait]
+pub trait JanitorStore: Send + Sync + 'static {
+    /// Forgets idempotency keys past their retention. Returns how many.
+    async fn expire_idempotency(&self, now: i64, limit: u32) -> Result<u64>;
+    /// Deletes outbox rows published before `before`. Returns how many.
+    async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64>;
+    /// Deletes sagas that finished (COMPLETED or CANCELLED) before `before`, with their steps
+    /// and outbox rows, once every one of those rows is published. Returns how many sagas.
+    async fn purge_finished_sagas(&self, before: i64, limit: u32) -> Result<u64>;
+}
+
+/// Health and the gauges read at scrape time.
+#[async_trait]
+pub trait StatsStore: Send + Sync + 'static {
+    /// Is the database reachable?
+    async fn ping(&self) -> Result<()>;
+    /// How many events wait for the relay, and when the oldest was committed.
+    async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)>;
+    /// Sagas by (type, status, count), for metrics.
+    async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>>;
+}
+
+/// Every role at once, for wiring: [`open`] returns one, and it upcasts to each role.
+pub trait Store:
+    SagaStore + PluginStateStore + IdempotencyStore + OutboxStore + CatalogStore + AuditStore + JanitorStore + StatsStore
+{
+}
+
+impl<T> Store for T where
+    T: SagaStore
+        + PluginStateStore
+        + IdempotencyStore
+        + OutboxStore
+        + CatalogStore
+        + AuditStore
+        + JanitorStore
+        + StatsStore
+{
 }

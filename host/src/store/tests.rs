@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
+use crate::engine::{EventSpec, PluginRef, RetryPolicy, SagaDefinition, StepDefinition};
+use crate::event::Envelope;
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -15,7 +16,10 @@ struct Backend {
     name: &'static str,
     store: Arc<dyn Store>,
     _dir: tempfile::TempDir,
+    /// (admin URL, database URL) of a PostgreSQL scratch database.
     pg: Option<(String, String)>,
+    /// The SQLite file.
+    file: Option<std::path::PathBuf>,
 }
 
 impl Backend {
@@ -31,15 +35,17 @@ impl Backend {
 /// Every backend this machine runs, each empty and migrated.
 async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("t.db")).await.unwrap());
-    let mut out = vec![Backend { name: "sqlite", store: sqlite, _dir: dir, pg: None }];
+    let sqlite = open(None, dir.path()).await.unwrap();
+    let file = Some(dir.path().join("sagahost.db"));
+    let mut out = vec![Backend { name: "sqlite", store: sqlite, _dir: dir, pg: None, file }];
     let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
     if admin != "off" {
         let url = postgres::scratch_database(&admin, "sagahost_test").await.unwrap_or_else(|e| {
             panic!("PostgreSQL at {admin} is needed for the store tests ({e}); SAGAHOST_TEST_POSTGRES=off skips them")
         });
-        let pg: Arc<dyn Store> = Arc::new(PgStore::open(&url).await.unwrap());
-        out.push(Backend { name: "postgres", store: pg, _dir: tempfile::tempdir().unwrap(), pg: Some((admin, url)) });
+        let dir = tempfile::tempdir().unwrap();
+        let pg = open(Some(&url), dir.path()).await.unwrap();
+        out.push(Backend { name: "postgres", store: pg, _dir: dir, pg: Some((admin, url)), file: None });
     }
     out
 }
@@ -64,36 +70,47 @@ fn def() -> SagaDefinition {
 
 fn new_saga(id: &str) -> NewSaga {
     let d = def();
-    NewSaga {
-        id: id.into(),
-        state: SagaState::new(&d, 0),
-        definition: d,
-        input: "{}".into(),
-        event: EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) },
-        event_id: format!("ev-{id}"),
-        now: 0,
-    }
+    let state = SagaState::new(&d, 0);
+    let spec = EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) };
+    let event = Envelope { saga_id: id, saga_type: "order", seq: 1, status: &state.status, at: 0 }.wrap(&spec);
+    NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0 }
+}
+
+/// The event of the transition from `read_seq`, as a caller builds it.
+fn event(id: &str, state: &SagaState, read_seq: i64) -> OutboxEvent {
+    let spec = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
+    Envelope { saga_id: id, saga_type: "order", seq: read_seq + 1, status: &state.status, at: 1 }.wrap(&spec)
 }
 
 fn commit<'a>(
     state: &'a SagaState,
     names: &'a [String],
-    event: &'a EventSpec,
+    event: &'a OutboxEvent,
     fence: Fence,
-    id: &'a str,
+    read_seq: i64,
 ) -> Commit<'a> {
     Commit {
         saga_id: "s1",
-        saga_type: "order",
         fence,
+        read_seq,
         state,
         step_names: names,
         changed_steps: &[0],
         plugin_writes: None,
         event,
-        event_id: id,
         now: 1,
         audit: None,
+    }
+}
+
+fn entry(action: &str, target: &str) -> AuditEntry {
+    AuditEntry {
+        actor: "admin".into(),
+        action: action.into(),
+        target: target.into(),
+        before: None,
+        after: Some(serde_json::json!({ "x": 1 })),
+        note: None,
     }
 }
 
@@ -112,18 +129,20 @@ async fn a_live_lease_blocks_others_an_expired_one_is_taken_over_and_the_old_hol
 
         let rec = store.saga("s1").await.unwrap().unwrap();
         let names = vec!["only".to_owned()];
-        let event = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
         // The old holder cannot commit, renew or release.
-        let stale = commit(&rec.state, &names, &event, Fence::Lease(1), "e2");
+        let e2 = event("s1", &rec.state, 1);
+        let stale = commit(&rec.state, &names, &e2, Fence::Lease(1), 1);
         assert!(matches!(store.commit(&stale).await, Err(Error::Fenced)), "{}", b.name);
         assert!(!store.renew_lease("s1", 1, 1000).await.unwrap(), "{}", b.name);
         // The new holder commits; seq continues gapless.
-        let fresh = commit(&rec.state, &names, &event, Fence::Lease(2), "e3");
+        let fresh = commit(&rec.state, &names, &e2, Fence::Lease(2), 1);
         assert_eq!(store.commit(&fresh).await.unwrap(), 2, "{}", b.name);
         // An outside event takes over: the epoch moves and the holder is fenced out.
-        let outside = commit(&rec.state, &names, &event, Fence::Takeover(2), "e4");
+        let e3 = event("s1", &rec.state, 2);
+        let outside = commit(&rec.state, &names, &e3, Fence::Takeover, 2);
         assert_eq!(store.commit(&outside).await.unwrap(), 3, "{}", b.name);
-        let late = commit(&rec.state, &names, &event, Fence::Lease(2), "e5");
+        let e4 = event("s1", &rec.state, 3);
+        let late = commit(&rec.state, &names, &e4, Fence::Lease(2), 3);
         assert!(matches!(store.commit(&late).await, Err(Error::Fenced)), "{}", b.name);
         let seqs: Vec<i64> = store.outbox_for_saga("s1").await.unwrap().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 2, 3], "{}", b.name);
@@ -214,16 +233,19 @@ async fn one_key_raced_from_many_connections_creates_one_saga() {
 #[tokio::test]
 async fn workers_claiming_at_once_take_disjoint_sagas() {
     for b in backends().await {
-        for i in 0..60 {
-            b.store.create_saga(&new_saga(&format!("s{i:02}")), None, 0).await.unwrap();
+        for i in 0..200 {
+            b.store.create_saga(&new_saga(&format!("s{i:03}")), None, 0).await.unwrap();
         }
-        let tasks: Vec<_> = (0..3)
+        // Eight claimers at once, on PostgreSQL each on its own connection: no call may return
+        // more than its limit (issue 11 item 19), and no saga may go to two of them.
+        let tasks: Vec<_> = (0..8)
             .map(|w| {
                 let store = Arc::clone(&b.store);
                 tokio::spawn(async move {
                     let mut mine = vec![];
                     loop {
                         let got = store.claim_due(&format!("w{w}"), 0, 60_000, 7).await.unwrap();
+                        assert!(got.len() <= 7, "a claim returned {} sagas for a limit of 7", got.len());
                         if got.is_empty() {
                             return mine;
                         }
@@ -237,7 +259,7 @@ async fn workers_claiming_at_once_take_disjoint_sagas() {
             all.extend(t.await.unwrap());
         }
         all.sort();
-        let expected: Vec<String> = (0..60).map(|i| format!("s{i:02}")).collect();
+        let expected: Vec<String> = (0..200).map(|i| format!("s{i:03}")).collect();
         assert_eq!(all, expected, "{}: every due saga claimed exactly once", b.name);
         b.cleanup().await;
     }
@@ -265,12 +287,12 @@ async fn uploads_and_definition_changes_bump_the_catalog_version() {
     for b in backends().await {
         let s = &b.store;
         let v0 = s.catalog_version().await.unwrap();
-        assert!(s.put_plugin("sha256:p", "p", b"wasm", 1).await.unwrap(), "{}", b.name);
+        assert!(s.put_plugin("sha256:p", "p", b"wasm", 1, None).await.unwrap(), "{}", b.name);
         let v1 = s.catalog_version().await.unwrap();
         assert!(v1 > v0, "{}", b.name);
-        assert!(!s.put_plugin("sha256:p", "p", b"wasm", 2).await.unwrap(), "{}: the same bytes twice", b.name);
+        assert!(!s.put_plugin("sha256:p", "p", b"wasm", 2, None).await.unwrap(), "{}: the same bytes twice", b.name);
         assert_eq!(s.catalog_version().await.unwrap(), v1, "{}: nothing new, no bump", b.name);
-        s.put_definition(&def(), DefinitionSource::Admin, 3).await.unwrap();
+        s.put_definition(&def(), DefinitionSource::Admin, None, 3, None).await.unwrap();
         assert!(s.catalog_version().await.unwrap() > v1, "{}", b.name);
         let row = s.plugin("sha256:p").await.unwrap().unwrap();
         assert_eq!((row.name.as_str(), row.wasm.as_slice()), ("p", b"wasm".as_slice()), "{}", b.name);
@@ -286,12 +308,12 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
         s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
         let rec = s.saga("s1").await.unwrap().unwrap();
         let names = vec!["only".to_owned()];
-        let event = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
+        let e = event("s1", &rec.state, 1);
         let writes: Vec<StateWrite> = ["a%/1", "a%/2", "ab/1", "a_/1", "b/1"]
             .iter()
             .map(|k| (k.to_string(), Some(k.as_bytes().to_vec())))
             .collect();
-        let mut c = commit(&rec.state, &names, &event, Fence::Takeover(0), "e2");
+        let mut c = commit(&rec.state, &names, &e, Fence::Takeover, 1);
         c.plugin_writes = Some(("p", &writes));
         s.commit(&c).await.unwrap();
         let keys: Vec<String> = s.state_list("p", "a%/", 10).await.unwrap().into_iter().map(|(k, _)| k).collect();
@@ -303,11 +325,273 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
 
 #[tokio::test]
 async fn an_unreachable_database_or_unknown_scheme_is_a_clear_error_without_the_password() {
-    let err =
-        PgStore::open("postgres://postgres:secret@127.0.0.1:1/x").await.err().expect("port 1 refuses").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let err = open(Some("postgres://postgres:secret@127.0.0.1:1/x"), dir.path())
+        .await
+        .err()
+        .expect("port 1 refuses")
+        .to_string();
     assert!(err.contains("127.0.0.1:1") && err.to_lowercase().contains("refused"), "{err}");
     assert!(!err.contains("secret"), "{err}");
-    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        open(Some("postgres://postgres@127.0.0.1:1/x"), dir.path()).await.err().unwrap().is_transient(),
+        "a refused connection is worth retrying"
+    );
     let err = open(Some("mysql://u:secret@h/db"), dir.path()).await.err().expect("not supported").to_string();
     assert!(err.contains("'mysql:'") && !err.contains("secret"), "{err}");
+}
+
+#[tokio::test]
+async fn a_commit_from_a_stale_read_is_fenced_and_leaves_nothing() {
+    for b in backends().await {
+        let s = &b.store;
+        s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+        let claimed = s.claim_due("a", 0, 60_000, 1).await.unwrap();
+        assert_eq!(claimed, vec![("s1".to_owned(), 1)], "{}", b.name);
+        let rec = s.saga("s1").await.unwrap().unwrap();
+        let names = vec!["only".to_owned()];
+        // The driver commits a transition read at seq 1 and keeps its claim.
+        let e2 = event("s1", &rec.state, 1);
+        assert_eq!(s.commit(&commit(&rec.state, &names, &e2, Fence::Lease(1), 1)).await.unwrap(), 2, "{}", b.name);
+        // The same holder, epoch still right, commits another transition computed from the old
+        // read (seq 1): fenced by seq, with its plugin writes and event discarded.
+        let mut changed = rec.state.clone();
+        changed.reason = Some("stale".into());
+        let writes: Vec<StateWrite> = vec![("k".into(), Some(b"v".to_vec()))];
+        let stale_event = event("s1", &changed, 1);
+        let mut stale = commit(&changed, &names, &stale_event, Fence::Lease(1), 1);
+        stale.plugin_writes = Some(("p", &writes));
+        let retry = entry("saga.retry", "s1");
+        stale.audit = Some(&retry);
+        let audit_before = s.audit_log(None, 10).await.unwrap().len();
+        assert!(matches!(s.commit(&stale).await, Err(Error::Fenced)), "{}", b.name);
+        assert_eq!(s.state_get("p", "k").await.unwrap(), None, "{}: no plugin state", b.name);
+        let events = s.outbox_for_saga("s1").await.unwrap();
+        assert_eq!(events.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2], "{}: no outbox row", b.name);
+        assert!(events.iter().all(|r| r.event_id != stale_event.event_id), "{}", b.name);
+        assert_eq!(s.audit_log(None, 10).await.unwrap().len(), audit_before, "{}: no audit row", b.name);
+        let now = s.saga("s1").await.unwrap().unwrap();
+        assert_eq!((now.seq, now.epoch, now.state.reason), (2, 1, None), "{}", b.name);
+        // The event row holds the caller's payload exactly.
+        assert_eq!(events[1].payload, e2.payload, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_takeover_computed_before_a_driver_commit_is_fenced() {
+    for b in backends().await {
+        let s = &b.store;
+        s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+        s.claim_due("a", 0, 60_000, 1).await.unwrap();
+        // A cancel reads the saga at seq 1 ...
+        let read = s.saga("s1").await.unwrap().unwrap();
+        let names = vec!["only".to_owned()];
+        // ... the driver commits meanwhile ...
+        let e2 = event("s1", &read.state, 1);
+        assert_eq!(s.commit(&commit(&read.state, &names, &e2, Fence::Lease(1), 1)).await.unwrap(), 2, "{}", b.name);
+        // ... so the cancel, computed from seq 1, must not overwrite the driver's transition.
+        let e_cancel = event("s1", &read.state, 1);
+        let takeover = commit(&read.state, &names, &e_cancel, Fence::Takeover, read.seq);
+        assert!(matches!(s.commit(&takeover).await, Err(Error::Fenced)), "{}", b.name);
+        // Read again, apply again: it commits, bumps the epoch and clears the lease.
+        let reread = s.saga("s1").await.unwrap().unwrap();
+        let e3 = event("s1", &reread.state, reread.seq);
+        let takeover = commit(&reread.state, &names, &e3, Fence::Takeover, reread.seq);
+        assert_eq!(s.commit(&takeover).await.unwrap(), 3, "{}", b.name);
+        assert_eq!(s.saga("s1").await.unwrap().unwrap().epoch, 2, "{}", b.name);
+        assert!(!s.renew_lease("s1", 1, 1000).await.unwrap(), "{}: the driver's claim is gone", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn definitions_are_compare_and_set_on_their_version() {
+    for b in backends().await {
+        let s = &b.store;
+        assert!(s.definition("order").await.unwrap().is_none(), "{}", b.name);
+        // 0 means "none stored yet".
+        assert_eq!(s.put_definition(&def(), DefinitionSource::Admin, Some(0), 1, None).await.unwrap(), 1, "{}", b.name);
+        assert!(
+            matches!(s.put_definition(&def(), DefinitionSource::Admin, Some(0), 2, None).await, Err(Error::Conflict)),
+            "{}: it exists now",
+            b.name
+        );
+        let mut changed = def();
+        changed.steps[0].timeout_ms = 5;
+        // Two changes based on version 1: the first wins, the second conflicts and changes nothing.
+        assert_eq!(
+            s.put_definition(&changed, DefinitionSource::Admin, Some(1), 3, None).await.unwrap(),
+            2,
+            "{}",
+            b.name
+        );
+        let v = s.catalog_version().await.unwrap();
+        let bind = entry("binding.change", "order/only");
+        let lost = s.put_definition(&def(), DefinitionSource::Admin, Some(1), 4, Some(&bind)).await;
+        assert!(matches!(lost, Err(Error::Conflict)), "{}", b.name);
+        assert_eq!(s.catalog_version().await.unwrap(), v, "{}: a lost race bumps nothing", b.name);
+        assert!(s.audit_log(None, 10).await.unwrap().is_empty(), "{}: and audits nothing", b.name);
+        let stored = s.definition("order").await.unwrap().unwrap();
+        assert_eq!((stored.version, stored.definition.steps[0].timeout_ms), (2, 5), "{}", b.name);
+        assert!(
+            matches!(s.put_definition(&def(), DefinitionSource::Admin, Some(7), 5, None).await, Err(Error::Conflict)),
+            "{}: a version from the future",
+            b.name
+        );
+        // No expectation: an unconditional replace, still counted.
+        assert_eq!(s.put_definition(&def(), DefinitionSource::Builtin, None, 6, None).await.unwrap(), 3, "{}", b.name);
+        let all = s.definitions().await.unwrap();
+        assert_eq!((all.len(), all[0].version, all[0].source), (1, 3, DefinitionSource::Builtin), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn catalog_changes_are_audited_in_their_own_transaction() {
+    for b in backends().await {
+        let s = &b.store;
+        let upload = entry("plugin.upload", "sha256:p");
+        assert!(s.put_plugin("sha256:p", "p", b"wasm", 1, Some(&upload)).await.unwrap(), "{}", b.name);
+        // The same bytes again change nothing, so they are not audited either.
+        assert!(!s.put_plugin("sha256:p", "p", b"wasm", 2, Some(&upload)).await.unwrap(), "{}", b.name);
+        let define = entry("saga.define", "order");
+        s.put_definition(&def(), DefinitionSource::Admin, Some(0), 3, Some(&define)).await.unwrap();
+        // A change that loses its compare-and-set is not audited.
+        let conflict = s.put_definition(&def(), DefinitionSource::Admin, Some(0), 4, Some(&define)).await;
+        assert!(matches!(conflict, Err(Error::Conflict)), "{}", b.name);
+        let log = s.audit_log(None, 10).await.unwrap();
+        let got: Vec<(&str, i64)> = log.iter().map(|r| (r.entry.action.as_str(), r.at)).collect();
+        assert_eq!(got, [("saga.define", 3), ("plugin.upload", 1)], "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn finished_sagas_past_retention_go_with_their_steps_and_published_events() {
+    for b in backends().await {
+        let s = &b.store;
+        let names = vec!["only".to_owned()];
+        // s1: completed long ago, events published. s2: completed long ago, one event
+        // unpublished. s3: completed recently. s4: still running.
+        for (id, finished_at) in [("s1", 10), ("s2", 10), ("s3", 1_000), ("s4", 0)] {
+            s.create_saga(&new_saga(id), None, 0).await.unwrap();
+            if id == "s4" {
+                continue;
+            }
+            let mut done = s.saga(id).await.unwrap().unwrap().state;
+            done.phase = crate::engine::Phase::Completed;
+            done.status = SagaStatus::Completed;
+            done.next_run_at = None;
+            let e = event(id, &done, 1);
+            let mut c = commit(&done, &names, &e, Fence::Takeover, 1);
+            c.saga_id = id;
+            c.now = finished_at;
+            s.commit(&c).await.unwrap();
+        }
+        let ids: Vec<i64> = s
+            .outbox_pending(100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| !(r.saga_id == "s2" && r.seq == 2))
+            .map(|r| r.id)
+            .collect();
+        s.outbox_mark_published(&ids, 20).await.unwrap();
+        assert_eq!(s.purge_finished_sagas(500, 100).await.unwrap(), 1, "{}", b.name);
+        assert!(s.saga("s1").await.unwrap().is_none(), "{}", b.name);
+        assert!(s.outbox_for_saga("s1").await.unwrap().is_empty(), "{}: its events went too", b.name);
+        for kept in ["s2", "s3", "s4"] {
+            assert!(s.saga(kept).await.unwrap().is_some(), "{}: {kept} is kept", b.name);
+        }
+        // Batches: at most `limit` per call.
+        s.outbox_mark_published(&s.outbox_pending(100).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), 30)
+            .await
+            .unwrap();
+        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 1, "{}", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 1, "{}", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 0, "{}: running sagas stay", b.name);
+        assert!(s.saga("s4").await.unwrap().is_some(), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn housekeeping_deletes_in_batches_of_at_most_the_limit() {
+    for b in backends().await {
+        let s = &b.store;
+        for i in 0..5 {
+            let c = IdempotencyClaim {
+                caller: "c".into(),
+                route: "POST /x".into(),
+                key: format!("k{i}"),
+                fingerprint: "f".into(),
+                lock_ms: 0,
+                ttl_ms: 10,
+                response: Some((200, vec![])),
+            };
+            s.claim_key(&c, 0).await.unwrap();
+        }
+        assert_eq!(s.expire_idempotency(100, 2).await.unwrap(), 2, "{}", b.name);
+        assert_eq!(s.expire_idempotency(100, 2).await.unwrap(), 2, "{}", b.name);
+        assert_eq!(s.expire_idempotency(100, 2).await.unwrap(), 1, "{}", b.name);
+        assert_eq!(s.expire_idempotency(100, 2).await.unwrap(), 0, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
+    use sqlx::{Connection as _, Executor as _};
+    assert!(Error::from(sqlx::Error::PoolTimedOut).is_transient());
+    assert!(!Error::from(sqlx::Error::RowNotFound).is_transient());
+    assert!(!Error::Fenced.is_transient() && !Error::Conflict.is_transient());
+    for b in backends().await {
+        if let Some(file) = &b.file {
+            // Another connection holds the write lock; ours does not wait for it.
+            let url = sqlite::file_url(file);
+            let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            holder.execute("BEGIN IMMEDIATE").await.unwrap();
+            let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            other.execute("PRAGMA busy_timeout = 0").await.unwrap();
+            let busy = Error::from(other.execute("BEGIN IMMEDIATE").await.unwrap_err());
+            assert!(busy.is_transient(), "sqlite: {busy}");
+            holder.execute("ROLLBACK").await.unwrap();
+        }
+        if let Some((_, url)) = &b.pg {
+            let mut holder = sqlx::PgConnection::connect(url).await.unwrap();
+            holder.execute("BEGIN; LOCK TABLE catalog_version").await.unwrap();
+            let mut other = sqlx::PgConnection::connect(url).await.unwrap();
+            other.execute("SET lock_timeout = '10ms'").await.unwrap();
+            let timeout = Error::from(other.execute("SELECT version FROM catalog_version").await.unwrap_err());
+            assert!(timeout.is_transient(), "postgres: {timeout}");
+            holder.execute("ROLLBACK").await.unwrap();
+            let unique = other.execute("INSERT INTO catalog_version (id, version) VALUES (1, 0)").await.unwrap_err();
+            assert!(!Error::from(unique).is_transient(), "postgres: a unique violation is permanent");
+        }
+        b.cleanup().await;
+    }
+}
+
+/// Architecture invariant: only `store/` speaks to the database. Checked in code, so that a
+/// `sqlx::` path outside it (a leaked error type, a stray query) fails the build's tests.
+#[test]
+fn no_module_outside_the_store_names_sqlx() {
+    fn visit(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("store") {
+                    visit(&path, found);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && std::fs::read_to_string(&path).unwrap().contains("sqlx::")
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    let mut found = vec![];
+    visit(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
+    assert!(found.is_empty(), "sqlx outside host/src/store/: {found:?}; go through a store trait");
 }

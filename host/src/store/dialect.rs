@@ -1,0 +1,61 @@
+//! What differs between the databases the store runs on, and nothing else.
+//!
+//! The store's statements are written once, in the SQL that SQLite and PostgreSQL share
+//! (`$N` placeholders, `ON CONFLICT`, `RETURNING`, `CAST(.. AS ..)`, row values, `UPDATE ..
+//! FROM`, `WITH .. AS MATERIALIZED`), and run through sqlx's `Any` driver. A [`Dialect`] holds
+//! the handful of clauses that cannot be shared (the database's clock, row locks that skip
+//! locked rows, how a snapshot read begins), how connections are made, which migrations apply,
+//! and which of the database's error codes mean "try again".
+//!
+//! Adding a backend means one more `Dialect` (a file beside `sqlite.rs` and `postgres.rs`,
+//! listed in [`ALL`]) and one more folder under `migrations/`, in lockstep with the others.
+//! It must not mean another copy of any statement.
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
+
+use super::Result;
+
+/// The connections a store uses. Databases with one writer (SQLite) get a pool of exactly one
+/// writer connection and a separate reader pool; others use one pool for both.
+pub struct Pools {
+    pub writer: AnyPool,
+    pub reader: AnyPool,
+}
+
+/// One database's differences from the shared SQL.
+#[async_trait]
+pub trait Dialect: Send + Sync + 'static {
+    /// For logs and test names, e.g. `sqlite`.
+    fn name(&self) -> &'static str;
+    /// Whether this dialect serves a database URL (by its scheme).
+    fn accepts(&self, url: &str) -> bool;
+    /// An SQL expression for the database's clock in milliseconds since the Unix epoch, as a
+    /// 64-bit integer. Leases are measured on it so that hosts with skewed clocks agree.
+    fn now_ms(&self) -> &'static str;
+    /// Appended to a `SELECT .. LIMIT n` that picks rows to change in the same statement or
+    /// transaction: locks them and skips rows another transaction has locked, so concurrent
+    /// claimers take disjoint rows without queueing. Empty where writers are serialised anyway.
+    fn skip_locked(&self) -> &'static str;
+    /// The statement that begins a read-only transaction in which several SELECTs see one
+    /// snapshot (a saga row and its steps).
+    fn begin_snapshot(&self) -> &'static str;
+    /// The schema, `migrations/<dialect>/`.
+    fn migrator(&self) -> &'static Migrator;
+    /// Opens the pools for `url`, with the session settings this database needs. The first
+    /// failure to reach the server is [`super::Error::Connect`] and says why without the
+    /// password.
+    async fn connect(&self, url: &str, max_connections: u32) -> Result<Pools>;
+    /// Whether a database error of this backend is worth retrying as it is (busy, locked,
+    /// serialization failure, deadlock, connection lost). Errors of other backends are false.
+    fn is_transient(&self, e: &dyn sqlx::error::DatabaseError) -> bool;
+}
+
+/// Every dialect, in the order URLs are matched.
+pub static ALL: &[&dyn Dialect] = &[&super::sqlite::Sqlite, &super::postgres::Postgres];
+
+/// The dialect that serves `url`, if any.
+pub fn for_url(url: &str) -> Option<&'static dyn Dialect> {
+    ALL.iter().copied().find(|d| d.accepts(url))
+}

@@ -1,0 +1,99 @@
+//! What can go wrong in the store, and whether trying again may help.
+//!
+//! No sqlx type leaves the store: driver errors are wrapped in [`DatabaseError`], which keeps
+//! the message and the one fact callers act on, [`Error::is_transient`]. Which database codes
+//! are transient is each dialect's knowledge ([`super::dialect::Dialect::is_transient`]).
+
+use std::fmt;
+
+use super::dialect;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The saga changed since it was read (its `seq` moved on), or the epoch the commit
+    /// presented is no longer the saga's: someone else owns it now.
+    #[error("the saga was changed by someone else; reload it and try again")]
+    Fenced,
+    /// A compare-and-set lost: the stored definition is not the version the change was based on.
+    #[error("the definition was changed by someone else since it was read; reload it and try again")]
+    Conflict,
+    #[error("database error: {0}")]
+    Database(DatabaseError),
+    #[error("migration failed: {0}")]
+    Migrate(DatabaseError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Unsupported(String),
+    /// The database could not be reached at start-up (the text names the cause, never the
+    /// password).
+    #[error("{0}")]
+    Connect(String),
+}
+
+impl Error {
+    /// True when the same request may succeed if tried again shortly: the connection was lost
+    /// or refused, the pool timed out, the database was busy or locked, or it aborted the
+    /// transaction to break a conflict (serialization failure, deadlock, lock timeout, admin
+    /// shutdown). Callers answer 503 with `Retry-After`, or retry on their own.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => e.transient,
+            Error::Connect(_) => true,
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A database driver's error, opaque outside the store.
+pub struct DatabaseError {
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    transient: bool,
+}
+
+impl DatabaseError {
+    fn new(e: sqlx::Error) -> DatabaseError {
+        let transient = match &e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+            sqlx::Error::Database(db) => dialect::ALL.iter().any(|d| d.is_transient(db.as_ref())),
+            _ => false,
+        };
+        DatabaseError { source: Box::new(e), transient }
+    }
+}
+
+impl fmt::Debug for DatabaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.source, f)
+    }
+}
+
+impl fmt::Display for DatabaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl std::error::Error for DatabaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.source()
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Error {
+        Error::Database(DatabaseError::new(e))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Error {
+        match e {
+            sqlx::migrate::MigrateError::Execute(e) => Error::Migrate(DatabaseError::new(e)),
+            other => Error::Migrate(DatabaseError { source: Box::new(other), transient: false }),
+        }
+    }
+}

@@ -1,0 +1,903 @@
+//! The store: every statement, written once for every database, run through sqlx's `Any`
+//! driver. What differs between databases comes from the [`Dialect`]; the few statements that
+//! need one of its clauses are composed once, when the store opens ([`Statements`]).
+//!
+//! Only types `Any` carries cross this boundary: 64-bit integers, text and bytes. Counts and
+//! `MIN()` come back as 64-bit integers on every database; times are integer milliseconds.
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use sqlx::{AnyConnection, AnyPool};
+
+use super::dialect::Dialect;
+use super::*;
+use crate::engine::{Phase, StepState, StepStatus};
+
+/// The statements that embed a dialect clause, composed once per store.
+struct Statements {
+    claim_due: String,
+    renew_lease: String,
+    relay_lease: String,
+    finished_sagas: String,
+}
+
+impl Statements {
+    fn new(d: &dyn Dialect) -> Statements {
+        let now = d.now_ms();
+        let skip_locked = d.skip_locked();
+        Statements {
+            // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
+            // is evaluated once (MATERIALIZED); the UPDATE then changes exactly those. An
+            // `UPDATE .. WHERE id IN (SELECT .. LIMIT n FOR UPDATE SKIP LOCKED)` may run its
+            // subquery more than once and claim more than n.
+            claim_due: format!(
+                "WITH due AS MATERIALIZED (SELECT id FROM sagas WHERE next_run_at IS NOT NULL AND next_run_at <= $3 \
+                 AND (lease_until IS NULL OR lease_until <= {now}) ORDER BY next_run_at LIMIT $4{skip_locked}) \
+                 UPDATE sagas SET lease_owner = $1, lease_until = {now} + $2, epoch = epoch + 1 \
+                 FROM due WHERE sagas.id = due.id RETURNING sagas.id AS id, sagas.epoch AS epoch"
+            ),
+            renew_lease: format!(
+                "UPDATE sagas SET lease_until = {now} + $3 WHERE id = $1 AND epoch = $2 AND lease_owner IS NOT NULL"
+            ),
+            // One statement: take the lease if it is free or expired, renew it if it is ours.
+            relay_lease: format!(
+                "INSERT INTO relay_lease (name, owner, lease_until, epoch) VALUES ('outbox', $1, {now} + $2, 1) \
+                 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
+                 epoch = CASE WHEN relay_lease.owner = excluded.owner THEN relay_lease.epoch ELSE relay_lease.epoch + 1 END \
+                 WHERE relay_lease.owner = excluded.owner OR relay_lease.lease_until <= {now} \
+                 RETURNING epoch"
+            ),
+            // Locked, so no transition can commit to a saga while it is being deleted (none
+            // should: it is finished, but an operator action is an outside event).
+            finished_sagas: format!(
+                "SELECT id FROM sagas WHERE phase IN ('completed', 'cancelled') AND next_run_at IS NULL \
+                 AND updated_at < $1 AND NOT EXISTS \
+                 (SELECT 1 FROM outbox WHERE outbox.saga_id = sagas.id AND outbox.published_at IS NULL) \
+                 ORDER BY updated_at LIMIT $2{skip_locked}"
+            ),
+        }
+    }
+}
+
+/// The one implementation of every store role.
+pub struct SqlStore {
+    dialect: &'static dyn Dialect,
+    /// Transactions and every write. For SQLite, exactly one connection.
+    writer: AnyPool,
+    /// Plain reads. For PostgreSQL, the same pool as `writer`.
+    reader: AnyPool,
+    sql: Statements,
+}
+
+impl SqlStore {
+    /// Connects as the dialect says and brings the schema up to date.
+    pub async fn open(dialect: &'static dyn Dialect, url: &str, max_connections: u32) -> Result<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let pools = dialect.connect(url, max_connections).await?;
+        dialect.migrator().run(&pools.writer).await?;
+        tracing::debug!(dialect = dialect.name(), "store open");
+        Ok(SqlStore { dialect, writer: pools.writer, reader: pools.reader, sql: Statements::new(dialect) })
+    }
+}
+
+fn corrupt(what: impl Into<String>) -> Error {
+    Error::Corrupt(what.into())
+}
+
+fn count(n: i64, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| corrupt(what.to_owned()))
+}
+
+fn step_from_row(row: &AnyRow) -> Result<StepState> {
+    let status: String = row.try_get("status")?;
+    Ok(StepState {
+        status: StepStatus::parse(&status).ok_or_else(|| corrupt(format!("step status {status}")))?,
+        attempts: count(row.try_get("attempts")?, "attempts")?,
+        compensate_attempts: count(row.try_get("compensate_attempts")?, "compensate_attempts")?,
+        failures: count(row.try_get("failures")?, "failures")?,
+        waited: row.try_get::<i64, _>("waited")? != 0,
+        output: row.try_get("output")?,
+        compensate_output: row.try_get("compensate_output")?,
+        last_error: row.try_get("last_error")?,
+        wait_signal: row.try_get("wait_signal")?,
+        signal_payload: row.try_get("signal_payload")?,
+        execute_digest: row.try_get("execute_digest")?,
+        compensate_digest: row.try_get("compensate_digest")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn plugin_from_row(r: &AnyRow) -> Result<PluginRow> {
+    Ok(PluginRow {
+        digest: r.try_get("digest")?,
+        name: r.try_get("name")?,
+        size: r.try_get("size")?,
+        wasm: r.try_get("wasm")?,
+        uploaded_at: r.try_get("uploaded_at")?,
+    })
+}
+
+fn outbox_from_row(r: &AnyRow) -> Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.try_get("id")?,
+        event_id: r.try_get("event_id")?,
+        saga_id: r.try_get("saga_id")?,
+        seq: r.try_get("seq")?,
+        event_type: r.try_get("event_type")?,
+        payload: r.try_get("payload")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn definition_from_row(r: &AnyRow) -> Result<StoredDefinition> {
+    let saga_type: String = r.try_get("saga_type")?;
+    let def: String = r.try_get("definition")?;
+    let source: String = r.try_get("source")?;
+    Ok(StoredDefinition {
+        definition: serde_json::from_str(&def).map_err(|e| corrupt(format!("definition of {saga_type}: {e}")))?,
+        source: if source == "builtin" { DefinitionSource::Builtin } else { DefinitionSource::Admin },
+        version: r.try_get("version")?,
+    })
+}
+
+const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
+     compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
+     finished_at, updated_at, failures, waited) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+     ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+     compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
+     compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
+     wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
+     execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
+     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
+     failures = excluded.failures, waited = excluded.waited";
+
+async fn upsert_step(tx: &mut AnyConnection, saga_id: &str, idx: usize, name: &str, s: &StepState) -> Result<()> {
+    sqlx::query(UPSERT_STEP)
+        .bind(saga_id)
+        .bind(idx as i64)
+        .bind(name)
+        .bind(s.status.as_str())
+        .bind(i64::from(s.attempts))
+        .bind(i64::from(s.compensate_attempts))
+        .bind(&s.output)
+        .bind(&s.compensate_output)
+        .bind(&s.last_error)
+        .bind(&s.wait_signal)
+        .bind(&s.signal_payload)
+        .bind(&s.execute_digest)
+        .bind(&s.compensate_digest)
+        .bind(s.started_at)
+        .bind(s.finished_at)
+        .bind(s.updated_at)
+        .bind(i64::from(s.failures))
+        .bind(i64::from(s.waited))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Writes a prebuilt event as the saga's outbox row number `seq`.
+async fn insert_outbox(tx: &mut AnyConnection, saga_id: &str, seq: i64, e: &OutboxEvent, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&e.event_id)
+    .bind(saga_id)
+    .bind(seq)
+    .bind(&e.event_type)
+    .bind(&e.payload)
+    .bind(now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_audit(tx: &mut AnyConnection, a: &AuditEntry, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, target, before, after, note) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(now)
+    .bind(&a.actor)
+    .bind(&a.action)
+    .bind(&a.target)
+    .bind(a.before.as_ref().map(|v| v.to_string()))
+    .bind(a.after.as_ref().map(|v| v.to_string()))
+    .bind(&a.note)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks the catalog changed, inside the transaction that changes it.
+async fn bump_catalog(tx: &mut AnyConnection) -> Result<()> {
+    sqlx::query("UPDATE catalog_version SET version = version + 1 WHERE id = 1").execute(tx).await?;
+    Ok(())
+}
+
+/// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
+/// already holds. INSERT .. ON CONFLICT DO NOTHING is atomic: never SELECT-then-INSERT.
+async fn claim_in_tx(
+    tx: &mut AnyConnection,
+    c: &IdempotencyClaim,
+    saga_id: Option<&str>,
+    now: i64,
+) -> Result<Option<CreateOutcome>> {
+    // An expired row (past retention) is replaced as if it never existed.
+    sqlx::query("DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND expires_at <= $4")
+        .bind(&c.caller)
+        .bind(&c.route)
+        .bind(&c.key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let (status, body) = match &c.response {
+        Some((s, b)) => (Some(i64::from(*s)), Some(b.as_slice())),
+        None => (None, None),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, response_body, \
+         locked_until, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+    )
+    .bind(&c.caller)
+    .bind(&c.route)
+    .bind(&c.key)
+    .bind(&c.fingerprint)
+    .bind(saga_id)
+    .bind(status)
+    .bind(body)
+    .bind(now + c.lock_ms)
+    .bind(now)
+    .bind(now + c.ttl_ms)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if inserted {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
+         WHERE caller = $1 AND route = $2 AND key = $3",
+    )
+    .bind(&c.caller)
+    .bind(&c.route)
+    .bind(&c.key)
+    .fetch_one(&mut *tx)
+    .await?;
+    let fingerprint: String = row.try_get("fingerprint")?;
+    if fingerprint != c.fingerprint {
+        return Ok(Some(CreateOutcome::Mismatch));
+    }
+    let existing_saga: Option<String> = row.try_get("saga_id")?;
+    let status: Option<i64> = row.try_get("response_status")?;
+    if let Some(status) = status {
+        let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
+        let status = u16::try_from(status).map_err(|_| corrupt("status"))?;
+        return Ok(Some(CreateOutcome::Replay { status, body, saga_id: existing_saga }));
+    }
+    let locked_until: i64 = row.try_get("locked_until")?;
+    if locked_until > now {
+        return Ok(Some(CreateOutcome::InFlight));
+    }
+    Ok(Some(CreateOutcome::Abandoned { saga_id: existing_saga.unwrap_or_default() }))
+}
+
+#[async_trait]
+impl SagaStore for SqlStore {
+    async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
+        let mut tx = self.writer.begin().await?;
+        if let Some(c) = claim {
+            if let Some(existing) = claim_in_tx(&mut tx, c, Some(&saga.id), now).await? {
+                tx.rollback().await?;
+                return Ok(existing);
+            }
+        }
+        // A crash here, between the claim and the saga row, must leave neither: both are in
+        // this one transaction.
+        crate::failpoint!("intake-after-claim");
+        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, 0, $9, $9)",
+        )
+        .bind(&saga.id)
+        .bind(&saga.definition.saga_type)
+        .bind(saga.state.status.as_str())
+        .bind(saga.state.phase.as_str())
+        .bind(&saga.state.reason)
+        .bind(&saga.input)
+        .bind(definition)
+        .bind(saga.state.next_run_at)
+        .bind(saga.now)
+        .execute(&mut *tx)
+        .await?;
+        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+            upsert_step(&mut tx, &saga.id, i, &def.name, step).await?;
+        }
+        insert_outbox(&mut tx, &saga.id, 1, &saga.event, saga.now).await?;
+        tx.commit().await?;
+        Ok(CreateOutcome::Created)
+    }
+
+    async fn saga(&self, id: &str) -> Result<Option<SagaRecord>> {
+        // One read transaction, so the saga row and its steps are one snapshot.
+        let mut tx = self.reader.begin_with(self.dialect.begin_snapshot()).await?;
+        let Some(r) = sqlx::query(
+            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at \
+             FROM sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let steps = sqlx::query("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let definition: String = r.try_get("definition")?;
+        let definition: SagaDefinition =
+            serde_json::from_str(&definition).map_err(|e| corrupt(format!("definition: {e}")))?;
+        let phase: String = r.try_get("phase")?;
+        let steps = steps.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        if steps.len() != definition.steps.len() {
+            return Err(corrupt(format!(
+                "saga {id} has {} step rows for {} steps",
+                steps.len(),
+                definition.steps.len()
+            )));
+        }
+        Ok(Some(SagaRecord {
+            id: r.try_get("id")?,
+            saga_type: r.try_get("saga_type")?,
+            definition,
+            input: r.try_get("input")?,
+            state: SagaState {
+                status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
+                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
+                reason: r.try_get("reason")?,
+                steps,
+                next_run_at: r.try_get("next_run_at")?,
+            },
+            seq: r.try_get("seq")?,
+            epoch: r.try_get("epoch")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        }))
+    }
+
+    async fn list_sagas(
+        &self,
+        saga_type: &str,
+        status: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SagaSummary>> {
+        // UUIDv7 ids sort by creation time, so `id < before` is a stable keyset cursor.
+        let rows = sqlx::query(
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = $1 AND (CAST($2 AS TEXT) IS NULL OR status = $2) \
+             AND (CAST($3 AS TEXT) IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+        )
+        .bind(saga_type)
+        .bind(status)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SagaSummary {
+                    id: r.try_get("id")?,
+                    saga_type: r.try_get("saga_type")?,
+                    status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
+                    reason: r.try_get("reason")?,
+                    created_at: r.try_get("created_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(&self.sql.claim_due)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.writer)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
+    }
+
+    async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool> {
+        let r = sqlx::query(&self.sql.renew_lease).bind(id).bind(epoch).bind(lease_ms).execute(&self.writer).await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn release(&self, id: &str, epoch: i64) -> Result<()> {
+        sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND epoch = $2")
+            .bind(id)
+            .bind(epoch)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_owner(&self, owner: &str) -> Result<u64> {
+        let r = sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn next_due(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_run_at) FROM sagas WHERE next_run_at IS NOT NULL")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
+        // The fence: the row updates only if nobody committed since the state was read (seq)
+        // and, for the driver, nobody claimed or took the saga over since its claim (epoch).
+        // The row lock this takes serialises one saga's transitions, so its outbox rows get
+        // ids in seq order.
+        const SET: &str = "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, \
+                           seq = seq + 1";
+        let (sql, epoch) = match c.fence {
+            Fence::Lease(epoch) => (format!("{SET} WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"), Some(epoch)),
+            Fence::LeaseRelease(epoch) => (
+                format!(
+                    "{SET}, lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"
+                ),
+                Some(epoch),
+            ),
+            Fence::Takeover => (
+                format!(
+                    "{SET}, lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
+                ),
+                None,
+            ),
+        };
+        let mut tx = self.writer.begin().await?;
+        let mut update = sqlx::query_scalar(&sql)
+            .bind(c.saga_id)
+            .bind(c.read_seq)
+            .bind(c.state.status.as_str())
+            .bind(c.state.phase.as_str())
+            .bind(&c.state.reason)
+            .bind(c.state.next_run_at)
+            .bind(c.now);
+        if let Some(epoch) = epoch {
+            update = update.bind(epoch);
+        }
+        let seq: Option<i64> = update.fetch_optional(&mut *tx).await?;
+        let Some(seq) = seq else {
+            tx.rollback().await?;
+            return Err(Error::Fenced);
+        };
+        for &i in c.changed_steps {
+            let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
+            let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
+            upsert_step(&mut tx, c.saga_id, i, name, step).await?;
+        }
+        if let Some((plugin, writes)) = c.plugin_writes {
+            for (key, value) in writes {
+                match value {
+                    Some(v) => {
+                        sqlx::query(
+                            "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                        )
+                        .bind(plugin)
+                        .bind(key)
+                        .bind(v)
+                        .bind(c.now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    None => {
+                        sqlx::query("DELETE FROM plugin_state WHERE plugin = $1 AND key = $2")
+                            .bind(plugin)
+                            .bind(key)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+        }
+        insert_outbox(&mut tx, c.saga_id, seq, c.event, c.now).await?;
+        if let Some(a) = c.audit {
+            insert_audit(&mut tx, a, c.now).await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+}
+
+#[async_trait]
+impl PluginStateStore for SqlStore {
+    async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
+            .bind(plugin)
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
+        // A range scan on the primary key rather than LIKE, so '%' and '_' in keys are literal.
+        let mut upper = prefix.to_owned();
+        upper.push(char::MAX);
+        let rows = sqlx::query(
+            "SELECT key, value FROM plugin_state WHERE plugin = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4",
+        )
+        .bind(plugin)
+        .bind(prefix)
+        .bind(upper)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SqlStore {
+    async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
+        let mut tx = self.writer.begin().await?;
+        let outcome = match claim_in_tx(&mut tx, claim, None, now).await? {
+            None => CreateOutcome::Created,
+            // An abandoned claim of a request that creates nothing: take it over.
+            Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET locked_until = $4 WHERE caller = $1 AND route = $2 AND key = $3",
+                )
+                .bind(&claim.caller)
+                .bind(&claim.route)
+                .bind(&claim.key)
+                .bind(now + claim.lock_ms)
+                .execute(&mut *tx)
+                .await?;
+                CreateOutcome::Created
+            }
+            Some(other) => other,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+        )
+        .bind(caller)
+        .bind(route)
+        .bind(key)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
+             WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+        )
+        .bind(caller)
+        .bind(route)
+        .bind(key)
+        .bind(i64::from(status))
+        .bind(body)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OutboxStore for SqlStore {
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(&self.sql.relay_lease).bind(owner).bind(lease_ms).fetch_optional(&self.writer).await?)
+    }
+
+    async fn relay_release(&self, owner: &str) -> Result<()> {
+        sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = 'outbox' AND owner = $1")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE published_at IS NULL \
+             ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE saga_id = $1 ORDER BY seq",
+        )
+        .bind(saga_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+}
+
+#[async_trait]
+impl CatalogStore for SqlStore {
+    async fn put_plugin(
+        &self,
+        digest: &str,
+        name: &str,
+        wasm: &[u8],
+        now: i64,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let r = sqlx::query(
+            "INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(digest)
+        .bind(name)
+        .bind(wasm.len() as i64)
+        .bind(wasm)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let new = r.rows_affected() == 1;
+        if new {
+            bump_catalog(&mut tx).await?;
+            if let Some(a) = audit {
+                insert_audit(&mut tx, a, now).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn plugins(&self) -> Result<Vec<PluginRow>> {
+        let rows = sqlx::query("SELECT digest, name, size, wasm, uploaded_at FROM plugins ORDER BY name, uploaded_at")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(plugin_from_row).collect()
+    }
+
+    async fn plugin(&self, digest: &str) -> Result<Option<PluginRow>> {
+        let row = sqlx::query("SELECT digest, name, size, wasm, uploaded_at FROM plugins WHERE digest = $1")
+            .bind(digest)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(plugin_from_row).transpose()
+    }
+
+    async fn plugin_versions(&self) -> Result<Vec<PluginInfo>> {
+        let rows =
+            sqlx::query("SELECT digest, name, size, uploaded_at FROM plugins ORDER BY name, uploaded_at, digest")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PluginInfo {
+                    digest: r.try_get("digest")?,
+                    name: r.try_get("name")?,
+                    size: r.try_get("size")?,
+                    uploaded_at: r.try_get("uploaded_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn definition(&self, saga_type: &str) -> Result<Option<StoredDefinition>> {
+        let row =
+            sqlx::query("SELECT saga_type, definition, source, version FROM saga_definitions WHERE saga_type = $1")
+                .bind(saga_type)
+                .fetch_optional(&self.reader)
+                .await?;
+        row.as_ref().map(definition_from_row).transpose()
+    }
+
+    async fn definitions(&self) -> Result<Vec<StoredDefinition>> {
+        let rows =
+            sqlx::query("SELECT saga_type, definition, source, version FROM saga_definitions ORDER BY saga_type")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter().map(definition_from_row).collect()
+    }
+
+    async fn put_definition(
+        &self,
+        def: &SagaDefinition,
+        source: DefinitionSource,
+        expected_version: Option<i64>,
+        now: i64,
+        audit: Option<&AuditEntry>,
+    ) -> Result<i64> {
+        let json = serde_json::to_string(def).map_err(|e| corrupt(e.to_string()))?;
+        let source = match source {
+            DefinitionSource::Builtin => "builtin",
+            DefinitionSource::Admin => "admin",
+        };
+        let mut tx = self.writer.begin().await?;
+        let version: Option<i64> = match expected_version {
+            // Replace a definition that must exist at exactly this version.
+            Some(expected) if expected > 0 => {
+                sqlx::query_scalar(
+                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1 \
+                     WHERE saga_type = $1 AND version = $5 RETURNING version",
+                )
+                .bind(&def.saga_type)
+                .bind(json)
+                .bind(source)
+                .bind(now)
+                .bind(expected)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            // Create, or (no expectation) replace whatever is there. With an expectation of 0
+            // the update never matches, so an existing definition is a conflict.
+            _ => {
+                sqlx::query_scalar(
+                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version) \
+                     VALUES ($1, $2, $3, $4, 1) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
+                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1 \
+                     WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
+                )
+                .bind(&def.saga_type)
+                .bind(json)
+                .bind(source)
+                .bind(now)
+                .bind(expected_version)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+        };
+        let Some(version) = version else {
+            tx.rollback().await?;
+            return Err(Error::Conflict);
+        };
+        bump_catalog(&mut tx).await?;
+        if let Some(a) = audit {
+            insert_audit(&mut tx, a, now).await?;
+        }
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn catalog_version(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT version FROM catalog_version WHERE id = 1").fetch_one(&self.reader).await?)
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqlStore {
+    async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()> {
+        let mut conn = self.writer.acquire().await?;
+        insert_audit(&mut conn, entry, now).await
+    }
+
+    async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
+             WHERE (CAST($1 AS TEXT) IS NULL OR target = $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(target)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    entry: AuditEntry {
+                        actor: r.try_get("actor")?,
+                        action: r.try_get("action")?,
+                        target: r.try_get("target")?,
+                        before: json(r.try_get("before")?),
+                        after: json(r.try_get("after")?),
+                        note: r.try_get("note")?,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl JanitorStore for SqlStore {
+    async fn expire_idempotency(&self, now: i64, limit: u32) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (caller, route, key) IN \
+             (SELECT caller, route, key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM outbox WHERE id IN \
+             (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn purge_finished_sagas(&self, before: i64, limit: u32) -> Result<u64> {
+        let mut tx = self.writer.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(&self.sql.finished_sagas)
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        for id in &ids {
+            for sql in [
+                "DELETE FROM outbox WHERE saga_id = $1",
+                "DELETE FROM saga_steps WHERE saga_id = $1",
+                "DELETE FROM sagas WHERE id = $1",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+}
+
+#[async_trait]
+impl StatsStore for SqlStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)> {
+        let r = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok((r.try_get("n")?, r.try_get("oldest")?))
+    }
+
+    async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT saga_type, status, COUNT(*) AS n FROM sagas GROUP BY saga_type, status ORDER BY saga_type, status",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("saga_type")?, r.try_get("status")?, r.try_get("n")?))).collect()
+    }
+}
