@@ -322,3 +322,24 @@ where
         tracing::debug!(deleted = total, "deleted {what} past retention");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_janitor_repeats_full_batches_until_one_comes_back_short() {
+        let left = AtomicU64::new(2_500);
+        let calls = AtomicU64::new(0);
+        let batch = |limit: u32| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let n = left.load(Ordering::SeqCst).min(u64::from(limit));
+            left.fetch_sub(n, Ordering::SeqCst);
+            async move { Ok(n) }
+        };
+        drain("rows", &CancellationToken::new(), 1000, batch).await;
+        assert_eq!((left.load(Ordering::SeqCst), calls.load(Ordering::SeqCst)), (0, 3));
+    }
+}
