@@ -348,14 +348,9 @@ impl Inner {
 
     async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Transition, String> {
         let sdef = &rec.definition.steps[step];
-        // Compensation uses the binding in force now, so a fixed compensation can be bound
-        // and applied to sagas already in flight or stuck (SPEC §3). If the type's current
-        // definition no longer has this step, the pinned binding is all we have.
-        let binding = self
-            .catalog
-            .definition(&rec.saga_type)
-            .and_then(|current| current.steps.iter().find(|s| s.name == sdef.name).map(|s| s.compensate.clone()))
-            .unwrap_or_else(|| sdef.compensate.clone());
+        let current = self.catalog.definition(&rec.saga_type);
+        let binding =
+            sdef.compensate_binding(current.as_ref().and_then(|c| c.steps.iter().find(|s| s.name == sdef.name)));
         let info = call_info(rec, &sdef.name, attempt, "compensate", None);
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());

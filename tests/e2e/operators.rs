@@ -226,3 +226,28 @@ async fn a_provisional_409_is_not_stored_under_the_idempotency_key() {
     assert_eq!(replay.status, StatusCode::ACCEPTED);
     assert_eq!(replay.header("idempotent-replayed").as_deref(), Some("true"));
 }
+
+#[tokio::test]
+async fn a_step_rebound_to_another_plugin_keeps_compensating_in_flight_sagas_with_the_plugin_that_executed() {
+    let host = TestHost::start().await;
+    let r = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await;
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let o = host.wait_for(&id, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+    let payment = o["steps"][1]["execute_digest"].as_str().unwrap().to_owned();
+    // An admin rebinds the payment step to a different plugin (here: inventory's component).
+    let mut def = (*host.catalog.definition("order").unwrap()).clone();
+    let other = def.steps[0].execute.clone();
+    assert_ne!(other.plugin, "payment");
+    def.steps[1].execute = other.clone();
+    def.steps[1].compensate = other.clone();
+    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+    // The in-flight order's payment waited (it committed writes), so cancelling compensates
+    // it: with the plugin that executed, which holds its state, not the one bound now.
+    let cancel = host.send(host.client.post(host.url(&format!("/orders/{id}/cancel")))).await;
+    assert_eq!(cancel.status, StatusCode::ACCEPTED);
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "CANCELLED", "{o:#}");
+    assert_eq!(o["steps"][1]["status"], "compensated");
+    assert_eq!(o["steps"][1]["compensate_digest"], payment.as_str(), "compensated by another plugin: {o:#}");
+    assert_ne!(payment, other.digest);
+}

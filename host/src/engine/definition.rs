@@ -62,6 +62,22 @@ pub struct StepDefinition {
     pub deadline_ms: Option<u64>,
 }
 
+impl StepDefinition {
+    /// The compensate binding a saga that pinned `self` uses now, given the step as the saga
+    /// type's current definition has it (if it still has it).
+    ///
+    /// The current binding, so that a fixed compensation can be bound and applied to sagas in
+    /// flight or stuck (SPEC §3), but only when it is a version of the plugin that executed:
+    /// compensation must see the state its execute wrote (a refund needs the charge record).
+    /// A step rebound to another plugin keeps compensating in flight sagas with the pinned one.
+    pub fn compensate_binding(&self, current: Option<&StepDefinition>) -> PluginRef {
+        match current {
+            Some(now) if now.compensate.plugin == self.execute.plugin => now.compensate.clone(),
+            _ => self.compensate.clone(),
+        }
+    }
+}
+
 /// An ordered list of steps under a saga type name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaDefinition {
@@ -271,6 +287,36 @@ mod tests {
         assert!(!is_valid_name("Order"));
         assert!(!is_valid_name("9a"));
         assert!(!is_valid_name("a/b"));
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    fn step(plugin: &str, digest: &str) -> StepDefinition {
+        let r = PluginRef { plugin: plugin.into(), digest: digest.into() };
+        StepDefinition {
+            name: "payment".into(),
+            state: "PAID".into(),
+            execute: r.clone(),
+            compensate: r,
+            retry: RetryPolicy::EXECUTE,
+            compensate_retry: RetryPolicy::COMPENSATE,
+            timeout_ms: 1,
+            deadline_ms: None,
+        }
+    }
+
+    #[test]
+    fn compensation_follows_a_rebinding_only_within_the_plugin_that_executed() {
+        let pinned = step("payment", "sha256:v1");
+        // A fixed version of the same plugin is used by sagas in flight.
+        assert_eq!(pinned.compensate_binding(Some(&step("payment", "sha256:v2"))).digest, "sha256:v2");
+        // Another plugin never saw the charge: the pinned compensation stays.
+        assert_eq!(pinned.compensate_binding(Some(&step("payments-ng", "sha256:x"))).digest, "sha256:v1");
+        // The step is gone from the current definition: the pinned one.
+        assert_eq!(pinned.compensate_binding(None).digest, "sha256:v1");
     }
 }
 
