@@ -53,6 +53,20 @@ pub struct Metrics {
     transition_overhead: Histogram,
     stale_commits: Counter,
     relay_leader: Gauge,
+    /// The gauges read from the store, and when: scrapes within [`STORE_GAUGES_TTL`] share one
+    /// read, so a scrape storm costs the database one query pair.
+    store_gauges: tokio::sync::Mutex<Option<(std::time::Instant, StoreGauges)>>,
+}
+
+/// How long the gauges read from the store are reused.
+pub const STORE_GAUGES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a scrape reads from the store: sagas by (type, status, count), and the outbox backlog
+/// (pending events, oldest commit time).
+#[derive(Clone)]
+struct StoreGauges {
+    sagas: Vec<(String, String, i64)>,
+    backlog: (i64, Option<i64>),
 }
 
 impl Metrics {
@@ -94,6 +108,7 @@ impl Metrics {
             relay_leader.clone(),
         );
         Arc::new(Metrics {
+            store_gauges: tokio::sync::Mutex::new(None),
             registry,
             calls,
             call_seconds,
@@ -133,7 +148,8 @@ impl Metrics {
         self.relay_leader.set(i64::from(leading));
     }
 
-    /// The whole exposition: live counters plus gauges read from the store now.
+    /// The whole exposition: live counters plus gauges read from the store (at most
+    /// [`STORE_GAUGES_TTL`] old).
     /// `catalog_version` is the store's catalog version this process's plugins and definitions
     /// reflect: replicas agree on it within a catalog refresh interval.
     pub async fn render(&self, store: &dyn StatsStore, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
@@ -145,12 +161,24 @@ impl Metrics {
             "The plugin and definition version this process serves (compare across replicas)",
             catalog,
         );
+        let read = {
+            let mut cached = self.store_gauges.lock().await;
+            match cached.as_ref() {
+                Some((at, gauges)) if at.elapsed() < STORE_GAUGES_TTL => gauges.clone(),
+                _ => {
+                    let gauges =
+                        StoreGauges { sagas: store.saga_counts().await?, backlog: store.outbox_backlog().await? };
+                    *cached = Some((std::time::Instant::now(), gauges.clone()));
+                    gauges
+                }
+            }
+        };
         let sagas = Family::<StatusLabels, Gauge>::default();
-        for (saga_type, status, count) in store.saga_counts().await? {
+        for (saga_type, status, count) in read.sagas {
             sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
         }
         scrape.register("sagas", "Sagas by type and status", sagas);
-        let (pending, oldest) = store.outbox_backlog().await?;
+        let (pending, oldest) = read.backlog;
         let backlog = Gauge::<i64>::default();
         backlog.set(pending);
         scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
@@ -163,5 +191,46 @@ impl Metrics {
         encode_registry(&mut out, &scrape)?;
         encode_eof(&mut out)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Counts the store reads a scrape makes.
+    #[derive(Default)]
+    struct CountingStats(AtomicU32);
+
+    #[async_trait::async_trait]
+    impl StatsStore for CountingStats {
+        async fn ping(&self) -> crate::store::Result<()> {
+            Ok(())
+        }
+        async fn outbox_backlog(&self) -> crate::store::Result<(i64, Option<i64>)> {
+            Ok((3, Some(0)))
+        }
+        async fn saga_counts(&self) -> crate::store::Result<Vec<(String, String, i64)>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(vec![("order".into(), "COMPLETED".into(), i64::from(n))])
+        }
+    }
+
+    #[tokio::test]
+    async fn scrapes_within_the_ttl_share_one_store_read() {
+        let metrics = Metrics::new();
+        let stats = CountingStats::default();
+        for _ in 0..5 {
+            let text = metrics.render(&stats, 1_000, 1).await.unwrap();
+            assert!(text.contains("sagahost_sagas{saga_type=\"order\",status=\"COMPLETED\"} 1"), "{text}");
+            assert!(text.contains("sagahost_outbox_pending_events 3"), "{text}");
+        }
+        assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a scrape storm read the store more than once");
+        // Past the TTL the next scrape reads again.
+        *metrics.store_gauges.lock().await = None;
+        let text = metrics.render(&stats, 1_000, 1).await.unwrap();
+        assert!(text.contains("status=\"COMPLETED\"} 2"), "{text}");
     }
 }
