@@ -256,7 +256,20 @@ impl Inner {
                 }
             };
             let writes = writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice()));
-            match self.sagas.advance(&mut rec, epoch, event, writes).await {
+            let mut advanced = self.sagas.advance(&mut rec, epoch, event.clone(), writes).await;
+            if let Err(saga::Error::Store(e)) = &advanced {
+                if !e.is_transient() {
+                    // The store refuses this result for good (it would refuse it on every
+                    // retry): record the attempt as failed, without its writes, so that the
+                    // retry policy and then compensation decide, rather than a hot loop.
+                    let reason = "the host could not store this attempt's result (the host log says why)".to_owned();
+                    tracing::warn!(saga_id = %id, error = %e, "a plugin call's result cannot be stored; counting the attempt as failed");
+                    if let Some(failed) = event.into_failure(reason) {
+                        advanced = self.sagas.advance(&mut rec, epoch, failed, None).await;
+                    }
+                }
+            }
+            match advanced {
                 Ok(keep) => {
                     crate::failpoint!("driver-after-commit");
                     self.metrics.transition(began.elapsed().saturating_sub(call_time));

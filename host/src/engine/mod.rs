@@ -334,6 +334,29 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The same attempt, failed for `reason` and with nothing to commit: what the driver
+    /// records when the store refuses a plugin call's result for good (text a database cannot
+    /// hold, a value too large), so that the refusal counts as a failed attempt instead of
+    /// being retried forever. `None` for events that are not plugin calls.
+    pub fn into_failure(self, reason: String) -> Option<Event> {
+        match self {
+            Event::Executed { step, attempt, started_at, digest, jitter, .. } => Some(Event::Executed {
+                step,
+                attempt,
+                started_at,
+                digest,
+                outcome: ExecuteOutcome::Trapped(reason),
+                jitter,
+            }),
+            Event::Compensated { step, attempt, digest, jitter, .. } => {
+                Some(Event::Compensated { step, attempt, digest, outcome: CompensateOutcome::Failed(reason), jitter })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What the driver should do next for a saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
