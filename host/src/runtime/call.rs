@@ -6,7 +6,9 @@
 //! that attempt. Limits per call:
 //! - time: epoch interruption. The engine's epoch advances every [`EPOCH_TICK`]; the store's
 //!   deadline callback yields to tokio on every tick (so a busy plugin never starves other
-//!   tasks) and interrupts the call once its timeout passed.
+//!   tasks) and interrupts the call once its [`Deadline`] passed. Time blocked in the host's
+//!   state reads is credited back (up to the timeout once more), and a read slower than the
+//!   whole timeout is the host's failure, not the plugin's.
 //! - memory: a `StoreLimits` cap on linear memory and tables; growing past it traps.
 //! - output: checked here; state writes and log lines: checked in `host.rs`, as they cross.
 //!
@@ -15,6 +17,7 @@
 //!
 //! [`EPOCH_TICK`]: super::EPOCH_TICK
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,15 +31,46 @@ use super::wit::{Answer, Export, Prepared};
 use super::{CallInfo, CallOutcome, Limits, StateReader, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
-/// Extra wall-clock time beyond a call's timeout before the host abandons the future. Epoch
+/// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
 /// interruption stops wasm code; this guards against a host import that blocks.
-pub(super) const HOST_GRACE: Duration = Duration::from_secs(1);
+const HOST_GRACE: Duration = Duration::from_secs(1);
 
 /// Longest message from a plugin's `step-error` that is kept.
 const MAX_ERROR_BYTES: usize = 1024;
 
 /// Longest part of a plugin's stderr kept in a trap's message.
 const MAX_STDERR_BYTES: usize = 512;
+
+/// When a call's time is up: its start plus its timeout, plus the time its state reads were
+/// credited back (see `host::get`). Shared by the store's epoch callback, the state reads and
+/// the guard in [`run`].
+pub(super) struct Deadline {
+    start: Instant,
+    /// Nanoseconds after `start`. A timeout is at most an hour, far below `u64::MAX` ns.
+    after: AtomicU64,
+}
+
+impl Deadline {
+    fn new(timeout: Duration) -> Arc<Deadline> {
+        Arc::new(Deadline { start: Instant::now(), after: AtomicU64::new(nanos(timeout)) })
+    }
+
+    pub(super) fn at(&self) -> Instant {
+        self.start + Duration::from_nanos(self.after.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn extend(&self, by: Duration) {
+        self.after.fetch_add(nanos(by), Ordering::Relaxed);
+    }
+
+    pub(super) fn shorten(&self, by: Duration) {
+        self.after.fetch_sub(nanos(by), Ordering::Relaxed);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// The data of one call's `Store`.
 pub(super) struct CallState {
@@ -123,32 +157,48 @@ async fn run<T>(
 ) -> CallOutcome<T> {
     let started = Instant::now();
     let (info, timeout, digest) = (call.info, call.timeout, call.digest);
+    // Not the plugin's doing: the catalog could not load it here (yet).
     let Some(ready) = call.ready.clone() else {
-        let (label, outcome) = classify(Ended::Trapped(format!("plugin {digest} is not loaded on this host")));
-        return CallOutcome { result: Ok(outcome), writes: Vec::new(), elapsed: started.elapsed(), label };
+        return unavailable(format!("plugin {digest} is not loaded on this host"), started);
     };
     let (mut store, stderr) = new_store(&call);
-    let answer = tokio::time::timeout(timeout + HOST_GRACE, ready.call(&mut store, info, export)).await;
+    let deadline = Arc::clone(&store.data().host.deadline);
+    let answer = {
+        let running = ready.call(&mut store, info, export);
+        tokio::pin!(running);
+        // The deadline moves while state reads are credited back, so the guard re-arms until
+        // the call ends or the deadline (plus grace) has really passed.
+        loop {
+            tokio::select! {
+                answer = &mut running => break Some(answer),
+                () = tokio::time::sleep_until((deadline.at() + HOST_GRACE).into()) => {
+                    if Instant::now() >= deadline.at() + HOST_GRACE {
+                        break None;
+                    }
+                }
+            }
+        }
+    };
     let ended = match answer {
-        Ok(Ok(answer)) => Ended::Answered(answer),
-        Ok(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
-        Err(_) => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
+        Some(Ok(answer)) => Ended::Answered(answer),
+        Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
+        None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
     let state = store.into_data().host;
     if state.logs_dropped > 0 {
         tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
     }
     if let Some(e) = state.host_error {
-        return CallOutcome {
-            result: Err(Unavailable(e)),
-            writes: Vec::new(),
-            elapsed: started.elapsed(),
-            label: "unavailable",
-        };
+        return unavailable(e, started);
     }
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
     CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label }
+}
+
+/// The host's own failure: no outcome, no writes, and no attempt counted.
+fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
+    CallOutcome { result: Err(Unavailable(why)), writes: Vec::new(), elapsed: started.elapsed(), label: "unavailable" }
 }
 
 fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
@@ -170,14 +220,15 @@ fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
         &call.info.step,
         Arc::clone(call.reader),
         limits.clone(),
-        Instant::now() + call.timeout,
+        Deadline::new(call.timeout),
+        call.timeout,
     );
     let state = CallState { wasi, table: ResourceTable::new(), store_limits, memory_bytes: limits.memory_bytes, host };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.store_limits);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|ctx| {
-        if Instant::now() >= ctx.data().host.deadline {
+        if Instant::now() >= ctx.data().host.deadline.at() {
             Ok(UpdateDeadline::Interrupt)
         } else {
             Ok(UpdateDeadline::Yield(1))
@@ -217,7 +268,7 @@ fn classify_trap(
     timeout: Duration,
 ) -> String {
     let state = store.data();
-    if state.host.timed_out || matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+    if matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
         return format!("timed out after {} ms", timeout.as_millis());
     }
     let mut msg = match err.downcast_ref::<wasmtime::Trap>() {

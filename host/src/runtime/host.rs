@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{ComponentType, Lift, Linker, WasmList, WasmStr};
 use wasmtime::StoreContextMut;
 
-use super::call::{truncate, CallState, HOST_GRACE};
+use super::call::{truncate, CallState, Deadline};
 use super::{Limits, StateReader};
 
 /// Severity of a plugin's log line, whatever world version the plugin targets.
@@ -36,15 +36,18 @@ pub(super) struct HostState {
     pub(super) step: String,
     reader: Arc<dyn StateReader>,
     limits: Limits,
-    /// When the call's time is up.
-    pub(super) deadline: Instant,
+    /// When the call's time is up; state reads move it back by the time they take.
+    pub(super) deadline: Arc<Deadline>,
+    /// How long one state read may take before it is the host's failure; also the most read
+    /// time credited back to the plugin in one call.
+    read_timeout: Duration,
+    /// Read time not yet credited back.
+    read_credit: Duration,
     /// Buffered writes: `None` is a delete. A BTreeMap so the commit order is deterministic.
     pub(super) writes: BTreeMap<String, Option<Vec<u8>>>,
     write_bytes: usize,
     log_lines: u32,
     pub(super) logs_dropped: u32,
-    /// Set when a state read ran out of the call's time.
-    pub(super) timed_out: bool,
     /// Set when an import failed for the host's own reasons (the database): the call then
     /// ends unavailable, whatever the plugin did with the trap.
     pub(super) host_error: Option<String>,
@@ -57,7 +60,8 @@ impl HostState {
         step: &str,
         reader: Arc<dyn StateReader>,
         limits: Limits,
-        deadline: Instant,
+        deadline: Arc<Deadline>,
+        timeout: Duration,
     ) -> HostState {
         HostState {
             plugin: plugin.to_owned(),
@@ -66,11 +70,12 @@ impl HostState {
             reader,
             limits,
             deadline,
+            read_timeout: timeout,
+            read_credit: timeout,
             writes: BTreeMap::new(),
             write_bytes: 0,
             log_lines: 0,
             logs_dropped: 0,
-            timed_out: false,
             host_error: None,
         }
     }
@@ -106,27 +111,39 @@ where
 }
 
 /// `state.get`: the call's own buffered write if there is one, else the committed value.
+///
+/// Time blocked here is the host's, not the plugin's: the call's deadline moves back by the
+/// time the read took, up to the call's timeout in total (so a plugin that reads in a loop
+/// still runs out of time). A single read that takes longer than the call's timeout is the
+/// host's failure (its database is slow or gone): the call ends unavailable and the attempt
+/// does not count.
 async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtime::Result<Option<Vec<u8>>> {
     let key = key.to_str(&store)?.into_owned();
     let host = &mut store.data_mut().host;
     if let Some(buffered) = host.writes.get(&key) {
         return Ok(buffered.clone());
     }
-    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
-    let remaining = host.deadline.saturating_duration_since(Instant::now()) + HOST_GRACE;
-    let read = tokio::time::timeout(remaining, reader.get(&plugin, &key)).await;
+    let (reader, plugin, bound, deadline) =
+        (Arc::clone(&host.reader), host.plugin.clone(), host.read_timeout, Arc::clone(&host.deadline));
+    // No wasm runs while we wait, but the call's guard watches the deadline: hold it off for
+    // as long as the read may take, then keep only what is credited.
+    deadline.extend(bound);
+    let started = Instant::now();
+    let read = tokio::time::timeout(bound, reader.get(&plugin, &key)).await;
     let host = &mut store.data_mut().host;
-    match read {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => {
-            host.host_error = Some(format!("state read failed: {e:#}"));
-            Err(wasmtime::format_err!("state read failed: {e:#}"))
-        }
-        Err(_) => {
-            host.timed_out = true;
-            Err(wasmtime::format_err!("state read timed out"))
-        }
-    }
+    let credit = started.elapsed().min(host.read_credit);
+    host.read_credit -= credit;
+    deadline.shorten(bound.saturating_sub(credit));
+    let failure = match read {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => format!("state read failed: {e:#}"),
+        Err(_) => format!(
+            "a state read took longer than the call's timeout of {} ms; the database is slow or unreachable",
+            bound.as_millis()
+        ),
+    };
+    host.host_error = Some(failure.clone());
+    Err(wasmtime::format_err!("{failure}"))
 }
 
 /// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit, then

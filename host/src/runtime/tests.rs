@@ -11,15 +11,22 @@ use serde_json::json;
 use super::*;
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
-/// Committed state in memory.
+/// Committed state in memory; reads can be made slow or failing.
 #[derive(Default)]
 struct FakeReader {
     values: Mutex<HashMap<(String, String), Vec<u8>>>,
+    /// How long every read blocks.
+    delay: Duration,
+    fail: bool,
 }
 
 #[async_trait]
 impl StateReader for FakeReader {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        tokio::time::sleep(self.delay).await;
+        if self.fail {
+            anyhow::bail!("connection refused");
+        }
         Ok(self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned())
     }
 }
@@ -113,4 +120,60 @@ async fn compensation_failures_are_failed_with_a_label_saying_which_kind() {
     let out = call("compensate-panic").await;
     assert_eq!(out.label, "trap");
     assert!(matches!(&out.result, Ok(CompensateOutcome::Failed(e)) if e.contains("panicked")), "{:?}", out.result);
+}
+
+fn unavailable<T: std::fmt::Debug>(out: &CallOutcome<T>) -> &str {
+    match &out.result {
+        Err(Unavailable(e)) if out.label == "unavailable" && out.writes.is_empty() => e,
+        other => panic!("expected the host's failure, got {other:?} (label {})", out.label),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_state_read_is_the_hosts_failure() {
+    let reader = FakeReader { fail: true, ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let out = execute(&runtime, &digest, "read-state").await;
+    assert!(unavailable(&out).contains("connection refused"));
+}
+
+#[tokio::test]
+async fn a_state_read_slower_than_the_timeout_is_the_hosts_failure_not_a_plugin_timeout() {
+    let reader = FakeReader { delay: Duration::from_millis(600), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(200);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
+    assert!(unavailable(&out).contains("state read"), "{:?}", out.result);
+}
+
+#[tokio::test]
+async fn time_blocked_in_state_reads_is_not_charged_to_the_plugin() {
+    // `read-state` reads twice: together longer than the timeout, each well within it.
+    let reader = FakeReader { delay: Duration::from_millis(250), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(400);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())));
+}
+
+#[tokio::test]
+async fn a_plugin_reading_in_a_loop_still_times_out_as_its_own_failure() {
+    // Every read is quick, but the credit for time spent reading is bounded by the timeout.
+    let reader = FakeReader { delay: Duration::from_millis(5), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-loop"), timeout).await;
+    assert_eq!(trapped(&out), "timed out after 200 ms");
+    assert!(started.elapsed() < timeout * 2 + Duration::from_millis(500), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_plugin_not_loaded_on_this_host_is_the_hosts_failure() {
+    let (runtime, _) = misbehave(Limits::default(), FakeReader::default()).await;
+    let absent = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let out = runtime.execute(absent, "misbehave", &info(1), &input("fine"), TIMEOUT).await;
+    assert!(unavailable(&out).contains("not loaded"));
+    let out = runtime.compensate(absent, "misbehave", &info(1), &input("fine"), "{}", TIMEOUT).await;
+    assert!(unavailable(&out).contains("not loaded"));
 }
