@@ -9,7 +9,9 @@
 //!   tasks) and interrupts the call once its [`Deadline`] passed. Time blocked in the host's
 //!   state reads is credited back (up to the timeout once more), and a read slower than the
 //!   whole timeout is the host's failure, not the plugin's.
-//! - memory: a `StoreLimits` cap on linear memory and tables; growing past it traps.
+//! - memory: a [`MemoryBudget`] for the whole call: every linear memory and table of the
+//!   store counts against one limit (a component may hold several core instances, each with
+//!   its own memory), and growing past it traps.
 //! - output: checked here; state writes and log lines: checked in `host.rs`, as they cross.
 //!
 //! This module must not name a world version's generated types: it sees components only
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -76,8 +78,7 @@ fn nanos(d: Duration) -> u64 {
 pub(super) struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
-    store_limits: StoreLimits,
-    memory_bytes: usize,
+    memory: MemoryBudget,
     pub(super) host: HostState,
 }
 
@@ -122,8 +123,10 @@ pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteO
             ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
         }
         Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
-        Ended::Answered(Answer::Retryable(e)) => ("retryable", ExecuteOutcome::Retryable(truncate(e, MAX_ERROR_BYTES))),
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", ExecuteOutcome::Retryable(truncate(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(truncate(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
     })
     .await
@@ -141,8 +144,10 @@ pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> Cal
         Ended::Answered(Answer::Wait { .. }) => {
             ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
         }
-        Ended::Answered(Answer::Retryable(e)) => ("retryable", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", CompensateOutcome::Failed(truncate(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(truncate(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
     })
     .await
@@ -201,19 +206,11 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
     CallOutcome { result: Err(Unavailable(why)), writes: Vec::new(), elapsed: started.elapsed(), label: "unavailable" }
 }
 
-fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
+pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
     // Rust panics print to stderr; we keep the first few KiB to explain the trap.
     let stderr = MemoryOutputPipe::new(4 << 10);
     let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
     let limits = call.limits;
-    let store_limits = StoreLimitsBuilder::new()
-        .memory_size(limits.memory_bytes)
-        .table_elements(100_000)
-        .instances(16)
-        .tables(16)
-        .memories(4)
-        .trap_on_grow_failure(true)
-        .build();
     let host = HostState::new(
         call.plugin,
         &call.info.saga_id,
@@ -223,9 +220,10 @@ fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
         Deadline::new(call.timeout),
         call.timeout,
     );
-    let state = CallState { wasi, table: ResourceTable::new(), store_limits, memory_bytes: limits.memory_bytes, host };
+    let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
+    let state = CallState { wasi, table: ResourceTable::new(), memory, host };
     let mut store = Store::new(call.engine, state);
-    store.limiter(|s| &mut s.store_limits);
+    store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|ctx| {
         if Instant::now() >= ctx.data().host.deadline.at() {
@@ -235,6 +233,83 @@ fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
         }
     });
     (store, stderr)
+}
+
+/// Instances, memories and tables a call's store may create. A Rust component has a handful of
+/// core instances and one memory; these only bound what a hand-made component could ask for.
+const MAX_INSTANCES: usize = 16;
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLES: usize = 16;
+/// Elements one table may have.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// What wasmtime keeps per table element: a pointer.
+const TABLE_ELEMENT_BYTES: usize = size_of::<usize>();
+
+/// The memory of one call: every linear memory and table the store creates or grows is
+/// charged against one limit, so several memories cannot take several times the limit.
+/// (wasmtime's `StoreLimits` caps each memory on its own.)
+pub(super) struct MemoryBudget {
+    limit: usize,
+    /// Bytes of memories and tables granted so far. A failed growth is not given back: it
+    /// traps, and the store is dropped.
+    used: usize,
+    /// Set when a growth was refused for the limit: the trap's message says so.
+    exceeded: bool,
+}
+
+impl MemoryBudget {
+    fn charge(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        let after = self.used.saturating_add(bytes);
+        if after > self.limit {
+            self.exceeded = true;
+            return Err(wasmtime::format_err!(
+                "growing the call's memory to {after} bytes would pass its limit of {} bytes",
+                self.limit
+            ));
+        }
+        self.used = after;
+        Ok(true)
+    }
+}
+
+// Every refusal is an error rather than `Ok(false)`, so it traps at once (as wasmtime's
+// `trap_on_grow_failure` would) instead of leaving the plugin's allocator to fail later.
+impl ResourceLimiter for MemoryBudget {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            return Err(wasmtime::format_err!("growing a memory past its declared maximum"));
+        }
+        self.charge(desired.saturating_sub(current))
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a memory failed"))
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+            return Err(wasmtime::format_err!(
+                "growing a table past {MAX_TABLE_ELEMENTS} elements or its declared maximum"
+            ));
+        }
+        self.charge(desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a table failed"))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
 }
 
 /// Output must be JSON and within the size limit: later steps and the API rely on both.
@@ -248,16 +323,17 @@ fn check_output(limits: &Limits, out: String) -> Result<String, String> {
     Ok(out)
 }
 
-pub(super) fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
+/// `s` cut to at most `max` bytes (at a character boundary, with `…` after a cut). Copies
+/// only what is kept.
+pub(super) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
     }
-    s
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Turns a wasmtime error into a message an operator can act on.
@@ -279,13 +355,15 @@ fn classify_trap(
         Some(trap) => trap.to_string(),
         None => format!("{err:#}"),
     };
-    let root = format!("{:#}", err);
-    if root.contains("forcing trap when growing memory") {
-        msg = format!("plugin exceeded its memory limit of {} bytes", state.memory_bytes);
+    if state.memory.exceeded {
+        msg = format!(
+            "plugin exceeded its memory limit of {} bytes (all memories and tables of the call together)",
+            state.memory.limit
+        );
     }
     let panic = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
     if !panic.is_empty() {
-        msg = format!("{msg}: {}", truncate(panic, MAX_STDERR_BYTES));
+        msg = format!("{msg}: {}", truncate(&panic, MAX_STDERR_BYTES));
     }
     msg
 }

@@ -4,7 +4,16 @@
 //! The functions are defined on the linker by hand rather than through `bindgen!`'s traits,
 //! so one definition serves every world version: a world module calls [`add_to_linker`] with
 //! its version and its log level type. They receive strings and lists as `WasmStr` and
-//! `WasmList`, which still lie in the plugin's memory.
+//! `WasmList`, which still lie in the plugin's memory, so sizes are checked before anything
+//! is copied into the host: a state write over the limit, a key no write could have made, a
+//! log line over the per-call count are refused or dropped without a copy, and a long log
+//! line is cut to its limit before it is copied.
+//!
+//! What is still copied before a check: a component using UTF-16 strings (no Rust component
+//! does) has every string transcoded whole by `WasmStr::to_str`; and the results of `execute`
+//! and `compensate` (output, error messages) are lifted whole by the generated bindings
+//! before `call.rs` checks them. Both are bounded by the call's memory limit, since they lie
+//! in the plugin's memory first.
 //!
 //! This module must not decide how a call ends: it records what the host did wrong in
 //! [`HostState::host_error`] and lets `call.rs` classify.
@@ -80,10 +89,10 @@ impl HostState {
         }
     }
 
-    /// Counts `bytes` against the call's state write limit.
-    fn charge_write(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        self.write_bytes = self.write_bytes.saturating_add(bytes);
-        if self.write_bytes > self.limits.state_write_bytes {
+    /// Whether `bytes` more of state writes stay within the call's limit. Asked before the
+    /// bytes are copied; the caller charges them once copied.
+    fn charge_check(&self, bytes: usize) -> wasmtime::Result<()> {
+        if self.write_bytes.saturating_add(bytes) > self.limits.state_write_bytes {
             return Err(wasmtime::format_err!(
                 "plugin wrote more than {} bytes of state in one call",
                 self.limits.state_write_bytes
@@ -118,7 +127,17 @@ where
 /// host's failure (its database is slow or gone): the call ends unavailable and the attempt
 /// does not count.
 async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtime::Result<Option<Vec<u8>>> {
-    let key = key.to_str(&store)?.into_owned();
+    let key = {
+        let key = key.to_str(&store)?;
+        let max = store.data().host.limits.state_write_bytes;
+        if key.len() > max {
+            return Err(wasmtime::format_err!(
+                "state key of {} bytes is longer than any key a call may write ({max} bytes)",
+                key.len()
+            ));
+        }
+        key.into_owned()
+    };
     let host = &mut store.data_mut().host;
     if let Some(buffered) = host.writes.get(&key) {
         return Ok(buffered.clone());
@@ -146,27 +165,32 @@ async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtim
     Err(wasmtime::format_err!("{failure}"))
 }
 
-/// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit, then
-/// buffered.
+/// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit while
+/// the bytes still lie in the plugin's memory, then buffered.
 fn set(mut store: StoreContextMut<'_, CallState>, key: WasmStr, value: Option<WasmList<u8>>) -> wasmtime::Result<()> {
-    let key = key.to_str(&store)?.into_owned();
+    let key_str = key.to_str(&store)?;
+    let bytes = key_str.len().saturating_add(value.as_ref().map_or(0, WasmList::len));
+    store.data().host.charge_check(bytes)?;
+    let key = key_str.into_owned();
     let value = value.map(|v| v.as_le_slice(&store).to_vec());
     let host = &mut store.data_mut().host;
-    host.charge_write(key.len() + value.as_ref().map_or(0, Vec::len))?;
+    host.write_bytes = host.write_bytes.saturating_add(bytes);
     host.writes.insert(key, value);
     Ok(())
 }
 
-/// `log.log`: at most `log_lines` lines per call, each cut to `log_line_bytes`.
+/// `log.log`: at most `log_lines` lines per call, each cut to `log_line_bytes` before it is
+/// copied (a dropped line is not read at all).
 fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr) -> wasmtime::Result<()> {
-    let message = message.to_str(&store)?.into_owned();
     let host = &mut store.data_mut().host;
     if host.log_lines >= host.limits.log_lines {
         host.logs_dropped = host.logs_dropped.saturating_add(1);
         return Ok(());
     }
     host.log_lines += 1;
-    let message = truncate(message, host.limits.log_line_bytes);
+    let max = host.limits.log_line_bytes;
+    let message = truncate(&message.to_str(&store)?, max);
+    let host = &store.data().host;
     let (saga_id, step, plugin) = (&host.saga_id, &host.step, &host.plugin);
     match level {
         Level::Trace => tracing::trace!(target: "plugin", %saga_id, %step, %plugin, "{message}"),

@@ -177,3 +177,58 @@ async fn a_plugin_not_loaded_on_this_host_is_the_hosts_failure() {
     let out = runtime.compensate(absent, "misbehave", &info(1), &input("fine"), "{}", TIMEOUT).await;
     assert!(unavailable(&out).contains("not loaded"));
 }
+
+/// A component that instantiates `instances` core instances of a module with one linear
+/// memory of `pages` 64 KiB pages, and does nothing else. Written by hand (the component
+/// binary format is small at this size) so the test needs no assembler.
+fn memories_component(instances: u8, pages: u8) -> Vec<u8> {
+    assert!(instances < 128 && pages < 128, "one-byte LEB128 only");
+    // A core module: the preamble, then a memory section (id 5) with one memory, min `pages`.
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    module.extend([5, 3, 1, 0, pages]);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    // A core module section (id 1) holding the module.
+    component.extend([1, module.len() as u8]);
+    component.extend(module);
+    // A core instance section (id 2): `instances` times "instantiate module 0 with no args".
+    let mut section = vec![instances];
+    for _ in 0..instances {
+        section.extend([0, 0, 0]);
+    }
+    component.extend([2, section.len() as u8]);
+    component.extend(section);
+    component
+}
+
+/// Instantiates `wasm` in a store set up exactly as for a plugin call under `limits`.
+async fn instantiate(limits: Limits, wasm: &[u8]) -> Result<(), String> {
+    let runtime = Runtime::new(limits, Arc::new(FakeReader::default()), None).unwrap();
+    let component = wasmtime::component::Component::new(&runtime.engine, wasm).unwrap();
+    let info = info(1);
+    let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let linker = wasmtime::component::Linker::new(&runtime.engine);
+    linker.instantiate_async(&mut store, &component).await.map(drop).map_err(|e| format!("{e:#}"))
+}
+
+const PAGE: usize = 64 << 10;
+
+#[tokio::test]
+async fn the_memory_limit_holds_for_all_memories_of_a_call_together() {
+    // Three memories of four pages: 768 KiB in all, 256 KiB each.
+    let wasm = memories_component(3, 4);
+    let limits = |memory_bytes| Limits { memory_bytes, ..Limits::default() };
+    instantiate(limits(12 * PAGE), &wasm).await.expect("exactly at the limit");
+    let err = instantiate(limits(12 * PAGE - 1), &wasm).await.expect_err("one byte under the limit");
+    assert!(err.contains("memory"), "{err}");
+    // Each memory alone fits the limit; together they do not.
+    instantiate(limits(8 * PAGE), &wasm).await.expect_err("two memories' worth for three");
+}
+
+#[tokio::test]
+async fn a_plugin_that_allocates_without_end_traps_at_the_limit() {
+    let limits = Limits { memory_bytes: 8 << 20, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "oom").await;
+    assert!(trapped(&out).starts_with("plugin exceeded its memory limit of 8388608 bytes"), "{:?}", out.result);
+    assert!(out.writes.is_empty());
+}
