@@ -37,7 +37,7 @@ use crate::engine::{CompensateOutcome, ExecuteOutcome};
 /// interruption stops wasm code; this guards against a host import that blocks.
 const HOST_GRACE: Duration = Duration::from_secs(1);
 
-/// Longest message from a plugin's `step-error` that is kept.
+/// Longest message of a failed call that is kept: it becomes the step's public `last_error`.
 const MAX_ERROR_BYTES: usize = 1024;
 
 /// Longest part of a plugin's stderr kept in a trap's message.
@@ -124,9 +124,9 @@ pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteO
         }
         Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
         Ended::Answered(Answer::Retryable(e)) => {
-            ("retryable", ExecuteOutcome::Retryable(truncate(&e, MAX_ERROR_BYTES)))
+            ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
         }
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(truncate(&e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
     })
     .await
@@ -145,9 +145,9 @@ pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> Cal
             ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
         }
         Ended::Answered(Answer::Retryable(e)) => {
-            ("retryable", CompensateOutcome::Failed(truncate(&e, MAX_ERROR_BYTES)))
+            ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
         }
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(truncate(&e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
     })
     .await
@@ -323,20 +323,47 @@ fn check_output(limits: &Limits, out: String) -> Result<String, String> {
     Ok(out)
 }
 
-/// `s` cut to at most `max` bytes (at a character boundary, with `…` after a cut). Copies
-/// only what is kept.
-pub(super) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
+/// Text from a plugin made safe for logs and the API (`last_error`): control characters
+/// (newlines, escapes, NUL) and characters that reorder or hide text (bidirectional
+/// overrides, zero-width marks) become spaces, runs of spaces become one, and the result is
+/// cut to at most `max` bytes at a character boundary, ending in `…` when cut. Reads only as
+/// much of `s` as it keeps.
+pub(super) fn sanitize(s: &str, max: usize) -> String {
+    const ELLIPSIS: char = '…';
+    let mut out = String::with_capacity(s.len().min(max.saturating_add(4)));
+    let mut space = false;
+    for c in s.chars() {
+        if is_unsafe(c) || c.is_whitespace() {
+            space = true;
+            continue;
+        }
+        if space && !out.is_empty() {
+            out.push(' ');
+        }
+        space = false;
+        out.push(c);
+        if out.len() > max {
+            let mut end = max.saturating_sub(ELLIPSIS.len_utf8());
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push(ELLIPSIS);
+            return out;
+        }
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    out
 }
 
-/// Turns a wasmtime error into a message an operator can act on.
+/// Characters that must not reach a log line or a terminal as they are.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Turns a wasmtime error into a message an operator can act on. It becomes the step's public
+/// `last_error`, and parts of it (stderr, symbol names in a backtrace) are the plugin's text,
+/// so it is sanitised and bounded.
 fn classify_trap(
     err: &wasmtime::Error,
     store: &Store<CallState>,
@@ -363,7 +390,7 @@ fn classify_trap(
     }
     let panic = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
     if !panic.is_empty() {
-        msg = format!("{msg}: {}", truncate(&panic, MAX_STDERR_BYTES));
+        msg = format!("{msg}: {}", sanitize(&panic, MAX_STDERR_BYTES));
     }
-    msg
+    sanitize(&msg, MAX_ERROR_BYTES)
 }

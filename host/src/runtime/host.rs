@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{ComponentType, Lift, Linker, WasmList, WasmStr};
 use wasmtime::StoreContextMut;
 
-use super::call::{truncate, CallState, Deadline};
+use super::call::{sanitize, CallState, Deadline};
 use super::{Limits, StateReader};
 
 /// Severity of a plugin's log line, whatever world version the plugin targets.
@@ -179,8 +179,9 @@ fn set(mut store: StoreContextMut<'_, CallState>, key: WasmStr, value: Option<Wa
     Ok(())
 }
 
-/// `log.log`: at most `log_lines` lines per call, each cut to `log_line_bytes` before it is
-/// copied (a dropped line is not read at all).
+/// `log.log`: at most `log_lines` lines per call, each sanitised (no control characters, so a
+/// plugin cannot forge log lines or send escapes to a terminal) and cut to `log_line_bytes`
+/// before it is copied (a dropped line is not read at all).
 fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr) -> wasmtime::Result<()> {
     let host = &mut store.data_mut().host;
     if host.log_lines >= host.limits.log_lines {
@@ -189,7 +190,7 @@ fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr
     }
     host.log_lines += 1;
     let max = host.limits.log_line_bytes;
-    let message = truncate(&message.to_str(&store)?, max);
+    let message = sanitize(&message.to_str(&store)?, max);
     let host = &store.data().host;
     let (saga_id, step, plugin) = (&host.saga_id, &host.step, &host.plugin);
     match level {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
+use tracing_subscriber::layer::SubscriberExt as _;
 
 use super::*;
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
@@ -48,6 +49,48 @@ async fn misbehave(limits: Limits, reader: FakeReader) -> (Arc<Runtime>, String)
     let runtime = Arc::new(Runtime::new(limits, Arc::new(reader), Some(artifacts)).unwrap());
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     (runtime, digest)
+}
+
+/// One event the runtime logged: its target, message and other fields.
+#[derive(Debug, Clone)]
+struct Logged {
+    target: String,
+    message: String,
+    fields: HashMap<String, String>,
+}
+
+/// Collects the events logged on this thread while its guard lives. The calls of a
+/// `#[tokio::test]` run on its one thread, wasm included.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<Logged>>>);
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logs.clone()));
+        (logs, guard)
+    }
+
+    /// The plugin's own log lines.
+    fn plugin_lines(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().iter().filter(|e| e.target == "plugin").cloned().collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logs {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(HashMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+        }
+        let mut fields = Fields(HashMap::new());
+        event.record(&mut fields);
+        let message = fields.0.remove("message").unwrap_or_default();
+        let target = event.metadata().target().to_owned();
+        self.0.lock().unwrap().push(Logged { target, message, fields: fields.0 });
+    }
 }
 
 fn info(attempt: u32) -> CallInfo {
@@ -231,4 +274,58 @@ async fn a_plugin_that_allocates_without_end_traps_at_the_limit() {
     let out = execute(&runtime, &digest, "oom").await;
     assert!(trapped(&out).starts_with("plugin exceeded its memory limit of 8388608 bytes"), "{:?}", out.result);
     assert!(out.writes.is_empty());
+}
+
+/// No control characters (newlines, escapes, NUL) and no characters that reorder or hide text.
+fn assert_clean(text: &str) {
+    let bad: Vec<char> = text
+        .chars()
+        .filter(|c| {
+            c.is_control()
+                || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect();
+    assert!(bad.is_empty(), "{bad:?} in {text:?}");
+}
+
+#[test]
+fn sanitised_text_keeps_its_words_on_one_line_within_its_bound() {
+    assert_eq!(call::sanitize("  a\r\n\tb\u{1b}[0m \u{202e}c  ", 100), "a b [0m c");
+    assert_eq!(call::sanitize("exactly ten", 11), "exactly ten", "not cut at the bound");
+    assert_eq!(call::sanitize("exactly ten!", 11), "exactly …");
+    let cut = call::sanitize(&"é".repeat(100), 10);
+    assert!(cut.len() <= 10 && cut.ends_with('…'), "{cut:?}");
+}
+
+#[tokio::test]
+async fn a_panic_message_reaches_last_error_sanitised_and_bounded() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "panic-dirty").await;
+    let msg = trapped(&out);
+    assert!(msg.starts_with("plugin panicked (wasm trap: unreachable): "), "{msg}");
+    assert!(msg.contains("red FAKE LOG LINE"), "the text survives, its control characters do not: {msg}");
+    assert_clean(msg);
+    assert!(msg.len() <= 1024, "{} bytes", msg.len());
+}
+
+#[tokio::test]
+async fn a_step_errors_message_is_sanitised_and_bounded() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "reject-dirty").await;
+    let Ok(ExecuteOutcome::Rejected(msg)) = &out.result else { panic!("{:?}", out.result) };
+    assert!(msg.contains("red FAKE LOG LINE"), "{msg}");
+    assert_clean(msg);
+    assert!(msg.len() <= 1024 && msg.ends_with('…'), "{} bytes", msg.len());
+}
+
+#[tokio::test]
+async fn plugin_log_lines_cannot_forge_lines_or_escapes() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let (logs, _guard) = Logs::capture();
+    let out = execute(&runtime, &digest, "log-dirty").await;
+    assert_eq!(out.label, "done");
+    let lines = logs.plugin_lines();
+    let dirty = lines.iter().find(|l| l.message.contains("FAKE LOG LINE")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_clean(&dirty.message);
+    assert_eq!(dirty.fields["saga_id"], "saga-1", "tagged with the call: {dirty:?}");
 }
