@@ -380,7 +380,9 @@ fn classify_trap(
         // Rust keeps its stack in linear memory: unbounded recursion usually ends here, as an
         // out-of-bounds access below the bottom of memory, before the native stack overflows.
         Some(trap) => trap.to_string(),
-        None => format!("{err:#}"),
+        // A host import refused the call (a limit): its own message says why; the context
+        // wasmtime wraps around it is a backtrace of function indices.
+        None => err.root_cause().to_string(),
     };
     if state.memory.exceeded {
         msg = format!(

@@ -71,6 +71,10 @@ impl Logs {
         (logs, guard)
     }
 
+    fn all(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().clone()
+    }
+
     /// The plugin's own log lines.
     fn plugin_lines(&self) -> Vec<Logged> {
         self.0.lock().unwrap().iter().filter(|e| e.target == "plugin").cloned().collect()
@@ -328,4 +332,89 @@ async fn plugin_log_lines_cannot_forge_lines_or_escapes() {
     let dirty = lines.iter().find(|l| l.message.contains("FAKE LOG LINE")).unwrap_or_else(|| panic!("{lines:?}"));
     assert_clean(&dirty.message);
     assert_eq!(dirty.fields["saga_id"], "saga-1", "tagged with the call: {dirty:?}");
+}
+
+#[tokio::test]
+async fn log_lines_over_the_per_call_count_are_dropped_and_counted() {
+    let limits = Limits { log_lines: 5, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let (logs, _guard) = Logs::capture();
+    let out = execute(&runtime, &digest, "log-flood").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())), "dropping lines is no failure");
+    let lines = logs.plugin_lines();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(lines[0].message.starts_with("misbehave execute attempt 1"));
+    assert_eq!(lines[4].message, "misbehave log-flood line 3");
+    // The attempt line plus 100 000 flood lines, less the five kept.
+    let dropped = logs.all().into_iter().find(|e| e.message.contains("log lines dropped")).expect("the drop is logged");
+    assert_eq!(dropped.fields["dropped"], "99996");
+}
+
+#[tokio::test]
+async fn a_log_line_is_cut_at_its_limit_and_kept_whole_at_exactly_the_limit() {
+    const LINE: usize = 64 << 10;
+    for (limit, kept) in [(LINE, LINE), (LINE - 1, LINE - 1), (1000, 1000)] {
+        let limits = Limits { log_line_bytes: limit, ..Limits::default() };
+        let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+        let (logs, _guard) = Logs::capture();
+        assert_eq!(execute(&runtime, &digest, "log-long").await.label, "done");
+        let lines = logs.plugin_lines();
+        let long = lines.iter().find(|l| l.message.starts_with("yyy")).unwrap_or_else(|| panic!("{lines:?}"));
+        assert_eq!(long.message.len(), kept, "limit {limit}");
+        assert_eq!(long.message.ends_with('…'), kept < LINE, "limit {limit}");
+    }
+}
+
+#[tokio::test]
+async fn output_is_checked_at_exactly_its_limit() {
+    // `huge-output` returns `{"padding":"xxx…"}` with 8 MiB of x.
+    const OUTPUT: usize = (8 << 20) + r#"{"padding":""}"#.len();
+    let limits = |output_bytes| Limits { output_bytes, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits(OUTPUT), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "huge-output").await;
+    assert!(matches!(&out.result, Ok(ExecuteOutcome::Done(o)) if o.len() == OUTPUT), "{}", out.label);
+    assert_eq!(out.writes.len(), 1);
+
+    let (runtime, digest) = misbehave(limits(OUTPUT - 1), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "huge-output").await;
+    assert_eq!(trapped(&out), format!("output of {OUTPUT} bytes exceeds the limit of {} bytes", OUTPUT - 1));
+    assert!(out.writes.is_empty(), "the state written before the output was refused is dropped");
+}
+
+#[tokio::test]
+async fn state_writes_are_checked_at_exactly_their_limit() {
+    // `fine` writes `misbehave/saga-1` = `"fine"`: 16 + 6 bytes.
+    let limits = |state_write_bytes| Limits { state_write_bytes, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits(22), FakeReader::default()).await;
+    assert_eq!(execute(&runtime, &digest, "fine").await.writes.len(), 1);
+    let (runtime, digest) = misbehave(limits(21), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    assert_eq!(trapped(&out), "plugin wrote more than 21 bytes of state in one call");
+    assert!(out.writes.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_attempts_state_writes_are_dropped() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    // Each of these writes `misbehave/saga-1` before it fails.
+    let out = execute(&runtime, &digest, "write-then-retry").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Retryable("wrote, then failed".into())));
+    assert!(out.writes.is_empty(), "{:?}", out.writes);
+    let out = execute(&runtime, &digest, "bad-json").await;
+    assert!(trapped(&out).starts_with("output is not valid JSON"));
+    assert!(out.writes.is_empty(), "{:?}", out.writes);
+    // The same write survives a successful attempt.
+    assert_eq!(execute(&runtime, &digest, "fine").await.writes.len(), 1);
+}
+
+#[tokio::test]
+async fn a_plugin_that_reads_the_clock_is_refused_at_load() {
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default()), None).unwrap());
+    let err = runtime.load(fixture("clock-reader")).await.expect_err("clocks are not granted");
+    let LoadError::WrongWorld(msg) = &err else { panic!("{err}") };
+    assert!(msg.contains("wasi:clocks/wall-clock") && msg.contains("wasi:clocks/monotonic-clock"), "{msg}");
+    // The clocks alone are the reason: nothing else in the fixture is refused.
+    let refused = msg.split_once("it imports ").unwrap().1.split_once(", which").unwrap().0;
+    assert!(refused.split(", ").all(|import| import.starts_with("wasi:clocks/")), "{refused}");
+    assert!(!runtime.is_loaded(&digest_of(&fixture("clock-reader"))));
 }
