@@ -333,7 +333,7 @@ pub(super) fn sanitize(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max.saturating_add(4)));
     let mut space = false;
     for c in s.chars() {
-        if is_unsafe(c) || c.is_whitespace() {
+        if hides_or_reorders(c) || c.is_whitespace() {
             space = true;
             continue;
         }
@@ -355,8 +355,9 @@ pub(super) fn sanitize(s: &str, max: usize) -> String {
     out
 }
 
-/// Characters that must not reach a log line or a terminal as they are.
-fn is_unsafe(c: char) -> bool {
+/// Control characters and characters that hide or reorder text: they must not reach a log
+/// line or a terminal as they are.
+fn hides_or_reorders(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
