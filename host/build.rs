@@ -21,7 +21,10 @@ fn main() {
         "plugins/shipment",
         "plugins/fixtures",
     ] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+        // Relative to this package, so cargo resolves them in whichever checkout builds: a
+        // target directory shared by several clones (CI's cache) must not keep watching the
+        // clone that built first.
+        println!("cargo:rerun-if-changed=../{watched}");
     }
     let target_dir = plugins.join("target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());

@@ -82,7 +82,7 @@ struct Serve {
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
     #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
     idempotency_ttl_hours: u64,
-    /// Linear memory limit of one plugin call, in MiB.
+    /// Memory limit of one plugin call (all its linear memories and tables together), in MiB.
     #[arg(long, env = "SAGAHOST_PLUGIN_MEMORY_MIB", default_value_t = 64)]
     plugin_memory_mib: usize,
     /// Largest output a plugin call may return, in KiB.
@@ -118,16 +118,8 @@ fn parse_setting(s: &str) -> Result<(String, String), String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
-    if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-
+/// The app's configuration from the flags.
+fn config(args: Serve) -> sagahost::Config {
     let mut config = sagahost::Config::embedded(&args.data_dir);
     config.listen = args.listen;
     config.database = args.database;
@@ -157,7 +149,20 @@ async fn main() -> anyhow::Result<()> {
         max_waiters: args.max_waiters,
         max_connections: args.max_connections as usize,
     };
+    config
+}
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Serve(args) = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let config = config(args);
     let app = sagahost::App::build(config).await?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -198,5 +203,24 @@ mod tests {
             }
         }
         assert!(secret >= 2, "the secret-bearing flags were not found");
+    }
+
+    fn config_of(flags: &[&str]) -> sagahost::Config {
+        let cli = Cli::try_parse_from(["sagahost", "serve"].iter().chain(flags)).unwrap();
+        let Command::Serve(args) = cli.command;
+        config(args)
+    }
+
+    #[test]
+    fn the_plugin_limit_flags_reach_the_runtimes_limits() {
+        let limits =
+            config_of(&["--plugin-memory-mib", "3", "--plugin-output-kib", "5", "--plugin-log-lines", "7"]).limits;
+        assert_eq!((limits.memory_bytes, limits.output_bytes, limits.log_lines), (3 << 20, 5 << 10, 7));
+        // The flags' defaults are the library's defaults.
+        let (flags, library) = (config_of(&[]).limits, sagahost::runtime::Limits::default());
+        assert_eq!(
+            (flags.memory_bytes, flags.output_bytes, flags.log_lines),
+            (library.memory_bytes, library.output_bytes, library.log_lines)
+        );
     }
 }

@@ -75,9 +75,12 @@ async fn upload_validates_stores_by_digest_and_is_idempotent() {
     let r = upload(&host, "core", core_module).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("not a WebAssembly component"));
-    for (fixture_name, import) in
-        [("fs-reader", "wasi:filesystem"), ("net-dialer", "wasi:sockets"), ("unknown-import", "steal-secret")]
-    {
+    for (fixture_name, import) in [
+        ("fs-reader", "wasi:filesystem"),
+        ("net-dialer", "wasi:sockets"),
+        ("clock-reader", "wasi:clocks"),
+        ("unknown-import", "steal-secret"),
+    ] {
         let r = upload(&host, fixture_name, fixture(fixture_name)).await;
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{fixture_name}");
         let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
@@ -277,7 +280,8 @@ async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing
         StatusCode::OK
     );
 
-    let modes = ["loop", "oom", "recurse", "panic", "huge-output", "log-flood", "bad-json", "wait-for-nothing"];
+    let modes =
+        ["loop", "oom", "recurse", "panic", "huge-output", "log-flood", "bad-json", "wait-for-nothing", "long-key"];
     let mut hostile = vec![];
     for mode in modes {
         let r = host
@@ -321,8 +325,15 @@ async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing
             assert!(start.elapsed() < Duration::from_secs(30), "{mode} did not settle: {s:#}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let expected = if mode == "log-flood" { "COMPLETED" } else { "CANCELLED" };
-        assert_eq!(s["status"], expected, "{mode}: {s:#}");
+        if mode == "log-flood" {
+            // 100 000 log lines are no failure: the host keeps its per-call count of lines
+            // (checked line by line in the runtime's unit tests) and the step completes once.
+            assert_eq!(s["status"], "COMPLETED", "{mode}: {s:#}");
+            assert_eq!(s["steps"][0]["last_error"], Value::Null, "{mode}: {s:#}");
+            assert_eq!(s["steps"][0]["attempts"], 1, "{mode}: {s:#}");
+            continue;
+        }
+        assert_eq!(s["status"], "CANCELLED", "{mode}: {s:#}");
         let err = s["steps"][0]["last_error"].as_str().unwrap_or_default().to_owned();
         let why = match mode {
             "loop" => "timed out",
@@ -333,7 +344,10 @@ async fn hostile_plugins_fail_their_attempts_and_ordinary_orders_keep_completing
             "huge-output" => "exceeds the limit",
             "bad-json" => "not valid JSON",
             "wait-for-nothing" => "wait needs a delay-ms or a signal",
-            _ => "",
+            // A key one database would refuse fails the attempt the same on both, never the
+            // commit forever.
+            "long-key" => "state key of 4096 bytes",
+            other => unreachable!("no expectation for mode {other}"),
         };
         assert!(err.contains(why), "{mode}: last_error {err:?} should mention {why:?}");
     }

@@ -6,8 +6,12 @@
 //! that attempt. Limits per call:
 //! - time: epoch interruption. The engine's epoch advances every [`EPOCH_TICK`]; the store's
 //!   deadline callback yields to tokio on every tick (so a busy plugin never starves other
-//!   tasks) and interrupts the call once its timeout passed.
-//! - memory: a `StoreLimits` cap on linear memory and tables; growing past it traps.
+//!   tasks) and interrupts the call once its [`Deadline`] passed. Time blocked in the host's
+//!   state reads is credited back (up to the timeout once more), and a read slower than the
+//!   whole timeout is the host's failure, not the plugin's.
+//! - memory: a [`MemoryBudget`] for the whole call: every linear memory and table of the
+//!   store counts against one limit (a component may hold several core instances, each with
+//!   its own memory), and growing past it traps.
 //! - output: checked here; state writes and log lines: checked in `host.rs`, as they cross.
 //!
 //! This module must not name a world version's generated types: it sees components only
@@ -15,11 +19,12 @@
 //!
 //! [`EPOCH_TICK`]: super::EPOCH_TICK
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -28,22 +33,52 @@ use super::wit::{Answer, Export, Prepared};
 use super::{CallInfo, CallOutcome, Limits, StateReader, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
-/// Extra wall-clock time beyond a call's timeout before the host abandons the future. Epoch
+/// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
 /// interruption stops wasm code; this guards against a host import that blocks.
-pub(super) const HOST_GRACE: Duration = Duration::from_secs(1);
+const HOST_GRACE: Duration = Duration::from_secs(1);
 
-/// Longest message from a plugin's `step-error` that is kept.
+/// Longest message of a failed call that is kept: it becomes the step's public `last_error`.
 const MAX_ERROR_BYTES: usize = 1024;
 
 /// Longest part of a plugin's stderr kept in a trap's message.
 const MAX_STDERR_BYTES: usize = 512;
 
+/// When a call's time is up: its start plus its timeout, plus the time its state reads were
+/// credited back (see `host::get`). Shared by the store's epoch callback, the state reads and
+/// the guard in [`run`].
+pub(super) struct Deadline {
+    start: Instant,
+    /// Nanoseconds after `start`. A timeout is at most an hour, far below `u64::MAX` ns.
+    after: AtomicU64,
+}
+
+impl Deadline {
+    fn new(timeout: Duration) -> Arc<Deadline> {
+        Arc::new(Deadline { start: Instant::now(), after: AtomicU64::new(nanos(timeout)) })
+    }
+
+    pub(super) fn at(&self) -> Instant {
+        self.start + Duration::from_nanos(self.after.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn extend(&self, by: Duration) {
+        self.after.fetch_add(nanos(by), Ordering::Relaxed);
+    }
+
+    pub(super) fn shorten(&self, by: Duration) {
+        self.after.fetch_sub(nanos(by), Ordering::Relaxed);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The data of one call's `Store`.
 pub(super) struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
-    store_limits: StoreLimits,
-    memory_bytes: usize,
+    memory: MemoryBudget,
     pub(super) host: HostState,
 }
 
@@ -87,9 +122,23 @@ pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteO
         Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => {
             ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
         }
+        // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
+        // characters and no control characters: a wait for any other name could never end.
+        Ended::Answered(Answer::Wait { signal: Some(name), .. })
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
+        {
+            (
+                "trap",
+                ExecuteOutcome::Trapped(
+                    "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
+                ),
+            )
+        }
         Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
-        Ended::Answered(Answer::Retryable(e)) => ("retryable", ExecuteOutcome::Retryable(truncate(e, MAX_ERROR_BYTES))),
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
     })
     .await
@@ -107,8 +156,10 @@ pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> Cal
         Ended::Answered(Answer::Wait { .. }) => {
             ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
         }
-        Ended::Answered(Answer::Retryable(e)) => ("retryable", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(truncate(e, MAX_ERROR_BYTES))),
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES))),
         Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
     })
     .await
@@ -123,67 +174,154 @@ async fn run<T>(
 ) -> CallOutcome<T> {
     let started = Instant::now();
     let (info, timeout, digest) = (call.info, call.timeout, call.digest);
+    // Not the plugin's doing: the catalog could not load it here (yet).
     let Some(ready) = call.ready.clone() else {
-        let (label, outcome) = classify(Ended::Trapped(format!("plugin {digest} is not loaded on this host")));
-        return CallOutcome { result: Ok(outcome), writes: Vec::new(), elapsed: started.elapsed(), label };
+        return unavailable(format!("plugin {digest} is not loaded on this host"), started);
     };
     let (mut store, stderr) = new_store(&call);
-    let answer = tokio::time::timeout(timeout + HOST_GRACE, ready.call(&mut store, info, export)).await;
+    let deadline = Arc::clone(&store.data().host.deadline);
+    let answer = {
+        let running = ready.call(&mut store, info, export);
+        tokio::pin!(running);
+        // The deadline moves while state reads are credited back, so the guard re-arms until
+        // the call ends or the deadline (plus grace) has really passed.
+        loop {
+            tokio::select! {
+                answer = &mut running => break Some(answer),
+                () = tokio::time::sleep_until((deadline.at() + HOST_GRACE).into()) => {
+                    if Instant::now() >= deadline.at() + HOST_GRACE {
+                        break None;
+                    }
+                }
+            }
+        }
+    };
     let ended = match answer {
-        Ok(Ok(answer)) => Ended::Answered(answer),
-        Ok(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
-        Err(_) => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
+        Some(Ok(answer)) => Ended::Answered(answer),
+        Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
+        None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
     let state = store.into_data().host;
     if state.logs_dropped > 0 {
         tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
     }
     if let Some(e) = state.host_error {
-        return CallOutcome {
-            result: Err(Unavailable(e)),
-            writes: Vec::new(),
-            elapsed: started.elapsed(),
-            label: "unavailable",
-        };
+        return unavailable(e, started);
     }
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
     CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label }
 }
 
-fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
+/// The host's own failure: no outcome, no writes, and no attempt counted.
+fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
+    CallOutcome { result: Err(Unavailable(why)), writes: Vec::new(), elapsed: started.elapsed(), label: "unavailable" }
+}
+
+pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
     // Rust panics print to stderr; we keep the first few KiB to explain the trap.
     let stderr = MemoryOutputPipe::new(4 << 10);
     let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
     let limits = call.limits;
-    let store_limits = StoreLimitsBuilder::new()
-        .memory_size(limits.memory_bytes)
-        .table_elements(100_000)
-        .instances(16)
-        .tables(16)
-        .memories(4)
-        .trap_on_grow_failure(true)
-        .build();
     let host = HostState::new(
         call.plugin,
         &call.info.saga_id,
         &call.info.step,
         Arc::clone(call.reader),
         limits.clone(),
-        Instant::now() + call.timeout,
+        Deadline::new(call.timeout),
+        call.timeout,
     );
-    let state = CallState { wasi, table: ResourceTable::new(), store_limits, memory_bytes: limits.memory_bytes, host };
+    let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
+    let state = CallState { wasi, table: ResourceTable::new(), memory, host };
     let mut store = Store::new(call.engine, state);
-    store.limiter(|s| &mut s.store_limits);
+    store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|ctx| {
-        if Instant::now() >= ctx.data().host.deadline {
+        if Instant::now() >= ctx.data().host.deadline.at() {
             Ok(UpdateDeadline::Interrupt)
         } else {
             Ok(UpdateDeadline::Yield(1))
         }
     });
     (store, stderr)
+}
+
+/// Instances, memories and tables a call's store may create. A Rust component has a handful of
+/// core instances and one memory; these only bound what a hand-made component could ask for.
+const MAX_INSTANCES: usize = 16;
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLES: usize = 16;
+/// Elements one table may have.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// What wasmtime keeps per table element: a pointer.
+const TABLE_ELEMENT_BYTES: usize = size_of::<usize>();
+
+/// The memory of one call: every linear memory and table the store creates or grows is
+/// charged against one limit, so several memories cannot take several times the limit.
+/// (wasmtime's `StoreLimits` caps each memory on its own.)
+pub(super) struct MemoryBudget {
+    limit: usize,
+    /// Bytes of memories and tables granted so far. A failed growth is not given back: it
+    /// traps, and the store is dropped.
+    used: usize,
+    /// Set when a growth was refused for the limit: the trap's message says so.
+    exceeded: bool,
+}
+
+impl MemoryBudget {
+    fn charge(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        let after = self.used.saturating_add(bytes);
+        if after > self.limit {
+            self.exceeded = true;
+            return Err(wasmtime::format_err!(
+                "growing the call's memory to {after} bytes would pass its limit of {} bytes",
+                self.limit
+            ));
+        }
+        self.used = after;
+        Ok(true)
+    }
+}
+
+// Every refusal is an error rather than `Ok(false)`, so it traps at once (as wasmtime's
+// `trap_on_grow_failure` would) instead of leaving the plugin's allocator to fail later.
+impl ResourceLimiter for MemoryBudget {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            return Err(wasmtime::format_err!("growing a memory past its declared maximum"));
+        }
+        self.charge(desired.saturating_sub(current))
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a memory failed"))
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+            return Err(wasmtime::format_err!(
+                "growing a table past {MAX_TABLE_ELEMENTS} elements or its declared maximum"
+            ));
+        }
+        self.charge(desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a table failed"))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
 }
 
 /// Output must be JSON and within the size limit: later steps and the API rely on both.
@@ -197,19 +335,48 @@ fn check_output(limits: &Limits, out: String) -> Result<String, String> {
     Ok(out)
 }
 
-pub(super) fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
+/// Text from a plugin made safe for logs and the API (`last_error`): control characters
+/// (newlines, escapes, NUL) and characters that reorder or hide text (bidirectional
+/// overrides, zero-width marks) become spaces, runs of spaces become one, and the result is
+/// cut to at most `max` bytes at a character boundary, ending in `…` when cut. Reads only as
+/// much of `s` as it keeps.
+pub(super) fn sanitize(s: &str, max: usize) -> String {
+    const ELLIPSIS: char = '…';
+    let mut out = String::with_capacity(s.len().min(max.saturating_add(4)));
+    let mut space = false;
+    for c in s.chars() {
+        if hides_or_reorders(c) || c.is_whitespace() {
+            space = true;
+            continue;
         }
-        s.truncate(end);
-        s.push('…');
+        if space && !out.is_empty() {
+            out.push(' ');
+        }
+        space = false;
+        out.push(c);
+        if out.len() > max {
+            let mut end = max.saturating_sub(ELLIPSIS.len_utf8());
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push(ELLIPSIS);
+            return out;
+        }
     }
-    s
+    out
 }
 
-/// Turns a wasmtime error into a message an operator can act on.
+/// Control characters and characters that hide or reorder text: they must not reach a log
+/// line or a terminal as they are.
+fn hides_or_reorders(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Turns a wasmtime error into a message an operator can act on. It becomes the step's public
+/// `last_error`, and parts of it (stderr, symbol names in a backtrace) are the plugin's text,
+/// so it is sanitised and bounded.
 fn classify_trap(
     err: &wasmtime::Error,
     store: &Store<CallState>,
@@ -217,7 +384,7 @@ fn classify_trap(
     timeout: Duration,
 ) -> String {
     let state = store.data();
-    if state.host.timed_out || matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+    if matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
         return format!("timed out after {} ms", timeout.as_millis());
     }
     let mut msg = match err.downcast_ref::<wasmtime::Trap>() {
@@ -226,15 +393,19 @@ fn classify_trap(
         // Rust keeps its stack in linear memory: unbounded recursion usually ends here, as an
         // out-of-bounds access below the bottom of memory, before the native stack overflows.
         Some(trap) => trap.to_string(),
-        None => format!("{err:#}"),
+        // A host import refused the call (a limit): its own message says why; the context
+        // wasmtime wraps around it is a backtrace of function indices.
+        None => err.root_cause().to_string(),
     };
-    let root = format!("{:#}", err);
-    if root.contains("forcing trap when growing memory") {
-        msg = format!("plugin exceeded its memory limit of {} bytes", state.memory_bytes);
+    if state.memory.exceeded {
+        msg = format!(
+            "plugin exceeded its memory limit of {} bytes (all memories and tables of the call together)",
+            state.memory.limit
+        );
     }
     let panic = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
     if !panic.is_empty() {
-        msg = format!("{msg}: {}", truncate(panic, MAX_STDERR_BYTES));
+        msg = format!("{msg}: {}", sanitize(&panic, MAX_STDERR_BYTES));
     }
-    msg
+    sanitize(&msg, MAX_ERROR_BYTES)
 }

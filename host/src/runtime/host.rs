@@ -4,19 +4,28 @@
 //! The functions are defined on the linker by hand rather than through `bindgen!`'s traits,
 //! so one definition serves every world version: a world module calls [`add_to_linker`] with
 //! its version and its log level type. They receive strings and lists as `WasmStr` and
-//! `WasmList`, which still lie in the plugin's memory.
+//! `WasmList`, which still lie in the plugin's memory, so sizes are checked before anything
+//! is copied into the host: a state write over the limit, a key no write could have made, a
+//! log line over the per-call count are refused or dropped without a copy, and a long log
+//! line is cut to its limit before it is copied.
+//!
+//! What is still copied before a check: a component using UTF-16 strings (no Rust component
+//! does) has every string transcoded whole by `WasmStr::to_str`; and the results of `execute`
+//! and `compensate` (output, error messages) are lifted whole by the generated bindings
+//! before `call.rs` checks them. Both are bounded by the call's memory limit, since they lie
+//! in the plugin's memory first.
 //!
 //! This module must not decide how a call ends: it records what the host did wrong in
 //! [`HostState::host_error`] and lets `call.rs` classify.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{ComponentType, Lift, Linker, WasmList, WasmStr};
 use wasmtime::StoreContextMut;
 
-use super::call::{truncate, CallState, HOST_GRACE};
+use super::call::{sanitize, CallState, Deadline};
 use super::{Limits, StateReader};
 
 /// Severity of a plugin's log line, whatever world version the plugin targets.
@@ -36,15 +45,18 @@ pub(super) struct HostState {
     pub(super) step: String,
     reader: Arc<dyn StateReader>,
     limits: Limits,
-    /// When the call's time is up.
-    pub(super) deadline: Instant,
+    /// When the call's time is up; state reads move it back by the time they take.
+    pub(super) deadline: Arc<Deadline>,
+    /// How long one state read may take before it is the host's failure; also the most read
+    /// time credited back to the plugin in one call.
+    read_timeout: Duration,
+    /// Read time not yet credited back.
+    read_credit: Duration,
     /// Buffered writes: `None` is a delete. A BTreeMap so the commit order is deterministic.
     pub(super) writes: BTreeMap<String, Option<Vec<u8>>>,
     write_bytes: usize,
     log_lines: u32,
     pub(super) logs_dropped: u32,
-    /// Set when a state read ran out of the call's time.
-    pub(super) timed_out: bool,
     /// Set when an import failed for the host's own reasons (the database): the call then
     /// ends unavailable, whatever the plugin did with the trap.
     pub(super) host_error: Option<String>,
@@ -57,7 +69,8 @@ impl HostState {
         step: &str,
         reader: Arc<dyn StateReader>,
         limits: Limits,
-        deadline: Instant,
+        deadline: Arc<Deadline>,
+        timeout: Duration,
     ) -> HostState {
         HostState {
             plugin: plugin.to_owned(),
@@ -66,19 +79,20 @@ impl HostState {
             reader,
             limits,
             deadline,
+            read_timeout: timeout,
+            read_credit: timeout,
             writes: BTreeMap::new(),
             write_bytes: 0,
             log_lines: 0,
             logs_dropped: 0,
-            timed_out: false,
             host_error: None,
         }
     }
 
-    /// Counts `bytes` against the call's state write limit.
-    fn charge_write(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        self.write_bytes = self.write_bytes.saturating_add(bytes);
-        if self.write_bytes > self.limits.state_write_bytes {
+    /// Whether `bytes` more of state writes stay within the call's limit. Asked before the
+    /// bytes are copied; the caller charges them once copied.
+    fn charge_check(&self, bytes: usize) -> wasmtime::Result<()> {
+        if self.write_bytes.saturating_add(bytes) > self.limits.state_write_bytes {
             return Err(wasmtime::format_err!(
                 "plugin wrote more than {} bytes of state in one call",
                 self.limits.state_write_bytes
@@ -106,50 +120,93 @@ where
 }
 
 /// `state.get`: the call's own buffered write if there is one, else the committed value.
+///
+/// Time blocked here is the host's, not the plugin's: the call's deadline moves back by the
+/// time the read took, up to the call's timeout in total (so a plugin that reads in a loop
+/// still runs out of time). A single read that takes longer than the call's timeout is the
+/// host's failure (its database is slow or gone): the call ends unavailable and the attempt
+/// does not count.
 async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtime::Result<Option<Vec<u8>>> {
-    let key = key.to_str(&store)?.into_owned();
+    let key = {
+        let key = key.to_str(&store)?;
+        check_key(&key)?;
+        key.into_owned()
+    };
     let host = &mut store.data_mut().host;
     if let Some(buffered) = host.writes.get(&key) {
         return Ok(buffered.clone());
     }
-    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
-    let remaining = host.deadline.saturating_duration_since(Instant::now()) + HOST_GRACE;
-    let read = tokio::time::timeout(remaining, reader.get(&plugin, &key)).await;
+    let (reader, plugin, bound, deadline) =
+        (Arc::clone(&host.reader), host.plugin.clone(), host.read_timeout, Arc::clone(&host.deadline));
+    // No wasm runs while we wait, but the call's guard watches the deadline: hold it off for
+    // as long as the read may take, then keep only what is credited.
+    deadline.extend(bound);
+    let started = Instant::now();
+    let read = tokio::time::timeout(bound, reader.get(&plugin, &key)).await;
     let host = &mut store.data_mut().host;
-    match read {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => {
-            host.host_error = Some(format!("state read failed: {e:#}"));
-            Err(wasmtime::format_err!("state read failed: {e:#}"))
-        }
-        Err(_) => {
-            host.timed_out = true;
-            Err(wasmtime::format_err!("state read timed out"))
-        }
-    }
+    let credit = started.elapsed().min(host.read_credit);
+    host.read_credit -= credit;
+    deadline.shorten(bound.saturating_sub(credit));
+    let failure = match read {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => format!("state read failed: {e:#}"),
+        Err(_) => format!(
+            "a state read took longer than the call's timeout of {} ms; the database is slow or unreachable",
+            bound.as_millis()
+        ),
+    };
+    host.host_error = Some(failure.clone());
+    Err(wasmtime::format_err!("{failure}"))
 }
 
-/// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit, then
-/// buffered.
+/// The longest state key a plugin may use. Keys are part of a primary key in both databases;
+/// PostgreSQL cannot index much more than 2.7 KB in one B-tree entry.
+pub const MAX_STATE_KEY_BYTES: usize = 1024;
+
+/// A key every database can store, checked the same on both at the boundary: a key that one
+/// database refuses would otherwise fail the commit (or the read) on every retry. The plugin
+/// broke the contract, so its attempt fails (a trap), and nothing else does.
+fn check_key(key: &str) -> wasmtime::Result<()> {
+    if key.len() > MAX_STATE_KEY_BYTES {
+        return Err(wasmtime::format_err!(
+            "state key of {} bytes is longer than {MAX_STATE_KEY_BYTES} bytes; use shorter keys",
+            key.len()
+        ));
+    }
+    if key.contains('\0') {
+        return Err(wasmtime::format_err!("a state key may not contain a NUL character"));
+    }
+    Ok(())
+}
+
+/// `state.set` (`value` is `Some`) and `state.delete`: charged against the write limit while
+/// the bytes still lie in the plugin's memory, then buffered.
 fn set(mut store: StoreContextMut<'_, CallState>, key: WasmStr, value: Option<WasmList<u8>>) -> wasmtime::Result<()> {
-    let key = key.to_str(&store)?.into_owned();
+    let key_str = key.to_str(&store)?;
+    check_key(&key_str)?;
+    let bytes = key_str.len().saturating_add(value.as_ref().map_or(0, WasmList::len));
+    store.data().host.charge_check(bytes)?;
+    let key = key_str.into_owned();
     let value = value.map(|v| v.as_le_slice(&store).to_vec());
     let host = &mut store.data_mut().host;
-    host.charge_write(key.len() + value.as_ref().map_or(0, Vec::len))?;
+    host.write_bytes = host.write_bytes.saturating_add(bytes);
     host.writes.insert(key, value);
     Ok(())
 }
 
-/// `log.log`: at most `log_lines` lines per call, each cut to `log_line_bytes`.
+/// `log.log`: at most `log_lines` lines per call, each sanitised (no control characters, so a
+/// plugin cannot forge log lines or send escapes to a terminal) and cut to `log_line_bytes`
+/// before it is copied (a dropped line is not read at all).
 fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr) -> wasmtime::Result<()> {
-    let message = message.to_str(&store)?.into_owned();
     let host = &mut store.data_mut().host;
     if host.log_lines >= host.limits.log_lines {
         host.logs_dropped = host.logs_dropped.saturating_add(1);
         return Ok(());
     }
     host.log_lines += 1;
-    let message = truncate(message, host.limits.log_line_bytes);
+    let max = host.limits.log_line_bytes;
+    let message = sanitize(&message.to_str(&store)?, max);
+    let host = &store.data().host;
     let (saga_id, step, plugin) = (&host.saga_id, &host.step, &host.plugin);
     match level {
         Level::Trace => tracing::trace!(target: "plugin", %saga_id, %step, %plugin, "{message}"),

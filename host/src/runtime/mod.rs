@@ -43,7 +43,7 @@ pub use engine::EPOCH_TICK;
 /// Per-call limits. Configurable on the command line.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Linear memory per instance, in bytes.
+    /// Memory of one call, in bytes: all its linear memories and tables together.
     pub memory_bytes: usize,
     /// Largest output JSON a call may return.
     pub output_bytes: usize,

@@ -7,19 +7,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
+use tracing_subscriber::layer::SubscriberExt as _;
 
 use super::*;
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
-/// Committed state in memory.
+/// Committed state in memory; reads can be made slow or failing.
 #[derive(Default)]
 struct FakeReader {
     values: Mutex<HashMap<(String, String), Vec<u8>>>,
+    /// How long every read blocks.
+    delay: Duration,
+    fail: bool,
 }
 
 #[async_trait]
 impl StateReader for FakeReader {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        tokio::time::sleep(self.delay).await;
+        if self.fail {
+            anyhow::bail!("connection refused");
+        }
         Ok(self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned())
     }
 }
@@ -41,6 +49,52 @@ async fn misbehave(limits: Limits, reader: FakeReader) -> (Arc<Runtime>, String)
     let runtime = Arc::new(Runtime::new(limits, Arc::new(reader), Some(artifacts)).unwrap());
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     (runtime, digest)
+}
+
+/// One event the runtime logged: its target, message and other fields.
+#[derive(Debug, Clone)]
+struct Logged {
+    target: String,
+    message: String,
+    fields: HashMap<String, String>,
+}
+
+/// Collects the events logged on this thread while its guard lives. The calls of a
+/// `#[tokio::test]` run on its one thread, wasm included.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<Logged>>>);
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(logs.clone()));
+        (logs, guard)
+    }
+
+    fn all(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The plugin's own log lines.
+    fn plugin_lines(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().iter().filter(|e| e.target == "plugin").cloned().collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logs {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(HashMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+        }
+        let mut fields = Fields(HashMap::new());
+        event.record(&mut fields);
+        let message = fields.0.remove("message").unwrap_or_default();
+        let target = event.metadata().target().to_owned();
+        self.0.lock().unwrap().push(Logged { target, message, fields: fields.0 });
+    }
 }
 
 fn info(attempt: u32) -> CallInfo {
@@ -113,4 +167,254 @@ async fn compensation_failures_are_failed_with_a_label_saying_which_kind() {
     let out = call("compensate-panic").await;
     assert_eq!(out.label, "trap");
     assert!(matches!(&out.result, Ok(CompensateOutcome::Failed(e)) if e.contains("panicked")), "{:?}", out.result);
+}
+
+fn unavailable<T: std::fmt::Debug>(out: &CallOutcome<T>) -> &str {
+    match &out.result {
+        Err(Unavailable(e)) if out.label == "unavailable" && out.writes.is_empty() => e,
+        other => panic!("expected the host's failure, got {other:?} (label {})", out.label),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_state_read_is_the_hosts_failure() {
+    let reader = FakeReader { fail: true, ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let out = execute(&runtime, &digest, "read-state").await;
+    assert!(unavailable(&out).contains("connection refused"));
+}
+
+#[tokio::test]
+async fn a_state_read_slower_than_the_timeout_is_the_hosts_failure_not_a_plugin_timeout() {
+    let reader = FakeReader { delay: Duration::from_millis(600), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(200);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
+    assert!(unavailable(&out).contains("state read"), "{:?}", out.result);
+}
+
+#[tokio::test]
+async fn time_blocked_in_state_reads_is_not_charged_to_the_plugin() {
+    // `read-state` reads twice: together longer than the timeout, each well within it.
+    let reader = FakeReader { delay: Duration::from_millis(250), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(400);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())));
+}
+
+#[tokio::test]
+async fn a_plugin_reading_in_a_loop_still_times_out_as_its_own_failure() {
+    // Every read is quick, but the credit for time spent reading is bounded by the timeout.
+    let reader = FakeReader { delay: Duration::from_millis(5), ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-loop"), timeout).await;
+    assert_eq!(trapped(&out), "timed out after 200 ms");
+    assert!(started.elapsed() < timeout * 2 + Duration::from_millis(500), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_plugin_not_loaded_on_this_host_is_the_hosts_failure() {
+    let (runtime, _) = misbehave(Limits::default(), FakeReader::default()).await;
+    let absent = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let out = runtime.execute(absent, "misbehave", &info(1), &input("fine"), TIMEOUT).await;
+    assert!(unavailable(&out).contains("not loaded"));
+    let out = runtime.compensate(absent, "misbehave", &info(1), &input("fine"), "{}", TIMEOUT).await;
+    assert!(unavailable(&out).contains("not loaded"));
+}
+
+/// A component that instantiates `instances` core instances of a module with one linear
+/// memory of `pages` 64 KiB pages, and does nothing else. Written by hand (the component
+/// binary format is small at this size) so the test needs no assembler.
+fn memories_component(instances: u8, pages: u8) -> Vec<u8> {
+    assert!(instances < 128 && pages < 128, "one-byte LEB128 only");
+    // A core module: the preamble, then a memory section (id 5) with one memory, min `pages`.
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    module.extend([5, 3, 1, 0, pages]);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    // A core module section (id 1) holding the module.
+    component.extend([1, module.len() as u8]);
+    component.extend(module);
+    // A core instance section (id 2): `instances` times "instantiate module 0 with no args".
+    let mut section = vec![instances];
+    for _ in 0..instances {
+        section.extend([0, 0, 0]);
+    }
+    component.extend([2, section.len() as u8]);
+    component.extend(section);
+    component
+}
+
+/// Instantiates `wasm` in a store set up exactly as for a plugin call under `limits`.
+async fn instantiate(limits: Limits, wasm: &[u8]) -> Result<(), String> {
+    let runtime = Runtime::new(limits, Arc::new(FakeReader::default()), None).unwrap();
+    let component = wasmtime::component::Component::new(&runtime.engine, wasm).unwrap();
+    let info = info(1);
+    let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let linker = wasmtime::component::Linker::new(&runtime.engine);
+    linker.instantiate_async(&mut store, &component).await.map(drop).map_err(|e| format!("{e:#}"))
+}
+
+const PAGE: usize = 64 << 10;
+
+#[tokio::test]
+async fn the_memory_limit_holds_for_all_memories_of_a_call_together() {
+    // Three memories of four pages: 768 KiB in all, 256 KiB each.
+    let wasm = memories_component(3, 4);
+    let limits = |memory_bytes| Limits { memory_bytes, ..Limits::default() };
+    instantiate(limits(12 * PAGE), &wasm).await.expect("exactly at the limit");
+    let err = instantiate(limits(12 * PAGE - 1), &wasm).await.expect_err("one byte under the limit");
+    assert!(err.contains("memory"), "{err}");
+    // Each memory alone fits the limit; together they do not.
+    instantiate(limits(8 * PAGE), &wasm).await.expect_err("two memories' worth for three");
+}
+
+#[tokio::test]
+async fn a_plugin_that_allocates_without_end_traps_at_the_limit() {
+    let limits = Limits { memory_bytes: 8 << 20, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "oom").await;
+    assert!(trapped(&out).starts_with("plugin exceeded its memory limit of 8388608 bytes"), "{:?}", out.result);
+    assert!(out.writes.is_empty());
+}
+
+/// No control characters (newlines, escapes, NUL) and no characters that reorder or hide text.
+fn assert_clean(text: &str) {
+    let bad: Vec<char> = text
+        .chars()
+        .filter(|c| {
+            c.is_control()
+                || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect();
+    assert!(bad.is_empty(), "{bad:?} in {text:?}");
+}
+
+#[test]
+fn sanitised_text_keeps_its_words_on_one_line_within_its_bound() {
+    assert_eq!(call::sanitize("  a\r\n\tb\u{1b}[0m \u{202e}c  ", 100), "a b [0m c");
+    assert_eq!(call::sanitize("exactly ten", 11), "exactly ten", "not cut at the bound");
+    assert_eq!(call::sanitize("exactly ten!", 11), "exactly …");
+    let cut = call::sanitize(&"é".repeat(100), 10);
+    assert!(cut.len() <= 10 && cut.ends_with('…'), "{cut:?}");
+}
+
+#[tokio::test]
+async fn a_panic_message_reaches_last_error_sanitised_and_bounded() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "panic-dirty").await;
+    let msg = trapped(&out);
+    assert!(msg.starts_with("plugin panicked (wasm trap: unreachable): "), "{msg}");
+    assert!(msg.contains("red FAKE LOG LINE"), "the text survives, its control characters do not: {msg}");
+    assert_clean(msg);
+    assert!(msg.len() <= 1024, "{} bytes", msg.len());
+}
+
+#[tokio::test]
+async fn a_step_errors_message_is_sanitised_and_bounded() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "reject-dirty").await;
+    let Ok(ExecuteOutcome::Rejected(msg)) = &out.result else { panic!("{:?}", out.result) };
+    assert!(msg.contains("red FAKE LOG LINE"), "{msg}");
+    assert_clean(msg);
+    assert!(msg.len() <= 1024 && msg.ends_with('…'), "{} bytes", msg.len());
+}
+
+#[tokio::test]
+async fn plugin_log_lines_cannot_forge_lines_or_escapes() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let (logs, _guard) = Logs::capture();
+    let out = execute(&runtime, &digest, "log-dirty").await;
+    assert_eq!(out.label, "done");
+    let lines = logs.plugin_lines();
+    let dirty = lines.iter().find(|l| l.message.contains("FAKE LOG LINE")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_clean(&dirty.message);
+    assert_eq!(dirty.fields["saga_id"], "saga-1", "tagged with the call: {dirty:?}");
+}
+
+#[tokio::test]
+async fn log_lines_over_the_per_call_count_are_dropped_and_counted() {
+    let limits = Limits { log_lines: 5, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let (logs, _guard) = Logs::capture();
+    let out = execute(&runtime, &digest, "log-flood").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())), "dropping lines is no failure");
+    let lines = logs.plugin_lines();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(lines[0].message.starts_with("misbehave execute attempt 1"));
+    assert_eq!(lines[4].message, "misbehave log-flood line 3");
+    // The attempt line plus 100 000 flood lines, less the five kept.
+    let dropped = logs.all().into_iter().find(|e| e.message.contains("log lines dropped")).expect("the drop is logged");
+    assert_eq!(dropped.fields["dropped"], "99996");
+}
+
+#[tokio::test]
+async fn a_log_line_is_cut_at_its_limit_and_kept_whole_at_exactly_the_limit() {
+    const LINE: usize = 64 << 10;
+    for (limit, kept) in [(LINE, LINE), (LINE - 1, LINE - 1), (1000, 1000)] {
+        let limits = Limits { log_line_bytes: limit, ..Limits::default() };
+        let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+        let (logs, _guard) = Logs::capture();
+        assert_eq!(execute(&runtime, &digest, "log-long").await.label, "done");
+        let lines = logs.plugin_lines();
+        let long = lines.iter().find(|l| l.message.starts_with("yyy")).unwrap_or_else(|| panic!("{lines:?}"));
+        assert_eq!(long.message.len(), kept, "limit {limit}");
+        assert_eq!(long.message.ends_with('…'), kept < LINE, "limit {limit}");
+    }
+}
+
+#[tokio::test]
+async fn output_is_checked_at_exactly_its_limit() {
+    // `huge-output` returns `{"padding":"xxx…"}` with 8 MiB of x.
+    const OUTPUT: usize = (8 << 20) + r#"{"padding":""}"#.len();
+    let limits = |output_bytes| Limits { output_bytes, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits(OUTPUT), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "huge-output").await;
+    assert!(matches!(&out.result, Ok(ExecuteOutcome::Done(o)) if o.len() == OUTPUT), "{}", out.label);
+    assert_eq!(out.writes.len(), 1);
+
+    let (runtime, digest) = misbehave(limits(OUTPUT - 1), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "huge-output").await;
+    assert_eq!(trapped(&out), format!("output of {OUTPUT} bytes exceeds the limit of {} bytes", OUTPUT - 1));
+    assert!(out.writes.is_empty(), "the state written before the output was refused is dropped");
+}
+
+#[tokio::test]
+async fn state_writes_are_checked_at_exactly_their_limit() {
+    // `fine` writes `misbehave/saga-1` = `"fine"`: 16 + 6 bytes.
+    let limits = |state_write_bytes| Limits { state_write_bytes, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits(22), FakeReader::default()).await;
+    assert_eq!(execute(&runtime, &digest, "fine").await.writes.len(), 1);
+    let (runtime, digest) = misbehave(limits(21), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    assert_eq!(trapped(&out), "plugin wrote more than 21 bytes of state in one call");
+    assert!(out.writes.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_attempts_state_writes_are_dropped() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    // Each of these writes `misbehave/saga-1` before it fails.
+    let out = execute(&runtime, &digest, "write-then-retry").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Retryable("wrote, then failed".into())));
+    assert!(out.writes.is_empty(), "{:?}", out.writes);
+    let out = execute(&runtime, &digest, "bad-json").await;
+    assert!(trapped(&out).starts_with("output is not valid JSON"));
+    assert!(out.writes.is_empty(), "{:?}", out.writes);
+    // The same write survives a successful attempt.
+    assert_eq!(execute(&runtime, &digest, "fine").await.writes.len(), 1);
+}
+
+#[tokio::test]
+async fn a_plugin_that_reads_the_clock_is_refused_at_load() {
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default()), None).unwrap());
+    let err = runtime.load(fixture("clock-reader")).await.expect_err("clocks are not granted");
+    let LoadError::WrongWorld(msg) = &err else { panic!("{err}") };
+    assert!(msg.contains("wasi:clocks/wall-clock") && msg.contains("wasi:clocks/monotonic-clock"), "{msg}");
+    // The clocks alone are the reason: nothing else in the fixture is refused.
+    let refused = msg.split_once("it imports ").unwrap().1.split_once(", which").unwrap().0;
+    assert!(refused.split(", ").all(|import| import.starts_with("wasi:clocks/")), "{refused}");
+    assert!(!runtime.is_loaded(&digest_of(&fixture("clock-reader"))));
 }
