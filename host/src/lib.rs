@@ -163,11 +163,9 @@ impl App {
             None => host_identity(&config.data_dir)?,
         };
         config.relay.owner = config.driver.owner.clone();
-        let runtime = Arc::new(Runtime::new(
-            config.limits.clone(),
-            Arc::new(StoreReader(store.clone())),
-            Some(config.data_dir.join("cache")),
-        )?);
+        // Compiled artifacts were kept here by earlier versions; nothing loads them any more.
+        let _ = std::fs::remove_dir_all(config.data_dir.join("cache"));
+        let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(store.clone())))?);
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
         let metrics = metrics::Metrics::new();
         let sagas = Arc::new(saga::Sagas::new(store.clone(), Arc::clone(&config.clock), DriverHandle::default()));

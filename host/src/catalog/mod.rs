@@ -383,7 +383,7 @@ mod tests {
     async fn of_two_binds_from_the_same_version_one_conflicts_and_its_retry_works() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open(None, dir.path()).await.unwrap();
-        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState), None).unwrap());
+        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
         let b = Catalog::open(store.clone(), runtime, clock).await.unwrap();

@@ -9,7 +9,7 @@
 //!
 //! One concept per file:
 //! - `engine.rs`: the wasmtime engine and the epoch ticker behind call timeouts.
-//! - `cache.rs`: compiled components by digest, in memory and on disk (the only `unsafe`).
+//! - `cache.rs`: compiled components by digest, in memory (nothing compiled is kept on disk).
 //! - `policy.rs`: what a plugin may import.
 //! - `wit/`: one module per world version, each with the only `bindgen!` for its version,
 //!   behind the `PluginWorld` and `Prepared` traits.
@@ -130,20 +130,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// `cache_dir` keeps compiled artifacts across restarts (compiling costs tens of
-    /// milliseconds per plugin; loading a cached artifact well under one).
-    pub fn new(
-        limits: Limits,
-        reader: Arc<dyn StateReader>,
-        cache_dir: Option<std::path::PathBuf>,
-    ) -> anyhow::Result<Runtime> {
+    /// A runtime whose plugins read committed state through `reader`.
+    pub fn new(limits: Limits, reader: Arc<dyn StateReader>) -> anyhow::Result<Runtime> {
         let engine = engine::new()?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for world in wit::WORLDS {
             world.add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
-        let cache = cache::Cache::new(cache_dir)?;
+        let cache = cache::Cache::new();
         Ok(Runtime { engine, linker, cache, reader, limits })
     }
 
@@ -155,15 +150,14 @@ impl Runtime {
             return Ok(digest);
         }
         let this = Arc::clone(self);
-        let key = digest.clone();
-        let ready = tokio::task::spawn_blocking(move || this.compile(&key, &wasm))
+        let ready = tokio::task::spawn_blocking(move || this.compile(&wasm))
             .await
             .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
         self.cache.insert(digest.clone(), ready);
         Ok(digest)
     }
 
-    fn compile(&self, digest: &str, wasm: &[u8]) -> Result<Arc<dyn wit::Prepared>, LoadError> {
+    fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn wit::Prepared>, LoadError> {
         if !policy::is_component(wasm) {
             return Err(LoadError::Invalid(
                 "the bytes are not a WebAssembly component (a core module or something else); build the plugin with \
@@ -171,7 +165,7 @@ impl Runtime {
                     .to_owned(),
             ));
         }
-        let component = self.cache.component(&self.engine, digest, wasm)?;
+        let component = self.cache.component(&self.engine, wasm)?;
         let world = wit::classify(&self.engine, &component)?;
         policy::check_imports(&self.engine, &component, world.grants())?;
         // Resolving imports here rejects components that import anything the host does not

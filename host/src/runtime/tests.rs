@@ -42,11 +42,9 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds it"))
 }
 
-/// A runtime with `misbehave` loaded; its digest. Compiled artifacts are shared between the
-/// tests (each runs in its own process under nextest), so only the first compiles.
+/// A runtime with `misbehave` loaded; its digest.
 async fn misbehave(limits: Limits, reader: FakeReader) -> (Arc<Runtime>, String) {
-    let artifacts = std::env::temp_dir().join("sagahost-runtime-test-artifacts");
-    let runtime = Arc::new(Runtime::new(limits, Arc::new(reader), Some(artifacts)).unwrap());
+    let runtime = Arc::new(Runtime::new(limits, Arc::new(reader)).unwrap());
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     (runtime, digest)
 }
@@ -249,7 +247,7 @@ fn memories_component(instances: u8, pages: u8) -> Vec<u8> {
 
 /// Instantiates `wasm` in a store set up exactly as for a plugin call under `limits`.
 async fn instantiate(limits: Limits, wasm: &[u8]) -> Result<(), String> {
-    let runtime = Runtime::new(limits, Arc::new(FakeReader::default()), None).unwrap();
+    let runtime = Runtime::new(limits, Arc::new(FakeReader::default())).unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, wasm).unwrap();
     let info = info(1);
     let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
@@ -409,7 +407,7 @@ async fn a_failed_attempts_state_writes_are_dropped() {
 
 #[tokio::test]
 async fn a_plugin_that_reads_the_clock_is_refused_at_load() {
-    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default()), None).unwrap());
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap());
     let err = runtime.load(fixture("clock-reader")).await.expect_err("clocks are not granted");
     let LoadError::WrongWorld(msg) = &err else { panic!("{err}") };
     assert!(msg.contains("wasi:clocks/wall-clock") && msg.contains("wasi:clocks/monotonic-clock"), "{msg}");
