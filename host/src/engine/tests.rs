@@ -64,7 +64,7 @@ fn happy_path_walks_every_state_label_then_completes() {
         assert_eq!(t.changed_steps, vec![i]);
         types.push(t.event.event_type.clone());
         s = t.state;
-        assert_eq!(s.status, def.steps[i].state);
+        assert_eq!(s.status.as_str(), def.steps[i].state);
     }
     assert_eq!(next_action(&def, &s, 0), Action::Finish);
     let t = step(&def, &s, Event::Finish, 0);
