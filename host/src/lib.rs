@@ -57,6 +57,8 @@ pub struct Config {
     pub payment_deadline: Duration,
     /// Publish events to Kafka instead of `<data_dir>/events.jsonl`.
     pub kafka: Option<relay::kafka::KafkaOptions>,
+    /// When `<data_dir>/events.jsonl` rotates (unused with Kafka).
+    pub events_file: relay::jsonl::JsonlOptions,
     /// How long published outbox rows are kept before they are deleted.
     pub outbox_retention: Duration,
     pub limits: runtime::Limits,
@@ -79,6 +81,7 @@ impl Config {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             admin_token: None,
             kafka: None,
+            events_file: relay::jsonl::JsonlOptions::default(),
             outbox_retention: Duration::from_secs(24 * 3600),
             payment_deadline: Duration::from_millis(catalog::demo::PAYMENT_DEADLINE_MS),
             limits: runtime::Limits::default(),
@@ -174,7 +177,9 @@ impl App {
         let handle = driver.handle();
         let sink: Arc<dyn Sink> = match &config.kafka {
             Some(kafka) => Arc::new(relay::kafka::KafkaSink::new(kafka.clone())?),
-            None => Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?),
+            None => Arc::new(
+                relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl"), config.events_file).await?,
+            ),
         };
         let relay = Relay::new(
             Arc::clone(&store),

@@ -71,6 +71,13 @@ struct Serve {
     /// environment variable), e.g. security.protocol=SASL_SSL or compression.type=lz4.
     #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_setting)]
     kafka_config: Vec<(String, String)>,
+    /// Rotate <data-dir>/events.jsonl once it has reached this size, in MiB: between two
+    /// batches it is renamed events.jsonl.1 and a new file begins. 0 never rotates.
+    #[arg(long, env = "SAGAHOST_EVENTS_FILE_MAX_MIB", default_value_t = 256)]
+    events_file_max_mib: u64,
+    /// How many rotated events files to keep: events.jsonl.1 (the newest) to events.jsonl.N.
+    #[arg(long, env = "SAGAHOST_EVENTS_FILE_KEEP", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    events_file_keep: u32,
     /// How long published outbox rows are kept, in hours.
     #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
     outbox_retention_hours: u64,
@@ -126,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
         topic: args.kafka_topic,
         settings: args.kafka_config,
     });
+    config.events_file = sagahost::relay::jsonl::JsonlOptions {
+        max_bytes: args.events_file_max_mib.saturating_mul(1 << 20),
+        keep: args.events_file_keep,
+    };
     config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
     config.payment_deadline = Duration::from_secs(args.payment_deadline_secs.max(1));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);

@@ -1,6 +1,6 @@
 //! The file operations the JSON-lines sink performs, behind a small trait so that tests can make
 //! them fail the way disks do: a write that stops half-way (ENOSPC), an fsync that reports EIO,
-//! a truncation refused.
+//! a file that cannot be created, a rename refused.
 //!
 //! [`RealFs`] is what production uses: plain blocking `std::fs` calls, which the sink runs on
 //! tokio's blocking pool. We do not use `tokio::fs` here: its `write_all` returns once the write
@@ -11,11 +11,15 @@
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::Path;
 
-/// The directory-level operations: opening the events file, making its creation durable.
+/// The directory-level operations: opening the events file, renaming it, making renames durable.
 pub(super) trait Fs: Send + Sync + 'static {
     /// Opens `path` for appending (and for reading its tail), creating it when missing.
     fn open(&self, path: &Path) -> io::Result<Box<dyn LogFile>>;
-    /// Makes the entries of `dir` (files created in it) durable.
+    /// Does `path` exist?
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// Renames `from` to `to` atomically, replacing `to` if it exists.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the entries of `dir` (files created or renamed in it) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
@@ -39,6 +43,14 @@ impl Fs for RealFs {
     fn open(&self, path: &Path) -> io::Result<Box<dyn LogFile>> {
         let file = std::fs::OpenOptions::new().create(true).append(true).read(true).open(path)?;
         Ok(Box::new(file))
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

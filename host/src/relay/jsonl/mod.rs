@@ -1,5 +1,5 @@
 //! The embedded sink: appends each event as one JSON line to `events.jsonl` in the data
-//! directory.
+//! directory, and rotates that file by size.
 //!
 //! What "published" means for the file: a batch is acknowledged only when all of its bytes were
 //! written and `fdatasync` returned success, each step checked. The writes and the fsync run
@@ -10,6 +10,14 @@
 //! lines only, and every acknowledged event, in outbox order; it may hold an event twice (a
 //! crash after the fsync and before the outbox row was marked). A line cut short by a crash in
 //! the middle of a write is removed when the sink opens the file again.
+//!
+//! Rotation: once the file has reached `max_bytes`, before the next batch is written (never in
+//! the middle of one), it is renamed to `events.jsonl.1`, older files move up one number
+//! (`.1` to `.2`, ...) and the one beyond `keep` is dropped, and a new `events.jsonl` is
+//! created. Every rename is atomic and made durable (the directory is fsynced) before the next
+//! step, so a crash at any point leaves each acknowledged event in exactly one file; a crash
+//! after the rename and before the new file exists leaves no `events.jsonl`, which the next
+//! start creates.
 
 mod fs;
 #[cfg(test)]
@@ -25,6 +33,22 @@ use self::fs::{Fs, LogFile, RealFs};
 use super::{Published, Sink};
 use crate::store::OutboxRow;
 
+/// When to rotate the events file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonlOptions {
+    /// Rotate once the file has reached this many bytes; 0 never rotates.
+    pub max_bytes: u64,
+    /// How many rotated files to keep: `events.jsonl.1` (the newest) to `events.jsonl.<keep>`.
+    /// At least 1.
+    pub keep: u32,
+}
+
+impl Default for JsonlOptions {
+    fn default() -> Self {
+        JsonlOptions { max_bytes: 256 << 20, keep: 5 }
+    }
+}
+
 /// Appends events to a JSON-lines file and fsyncs before confirming.
 pub struct JsonlSink {
     path: PathBuf,
@@ -34,12 +58,18 @@ pub struct JsonlSink {
 
 impl JsonlSink {
     /// Opens (or creates) the events file, cutting off a line a crash left unfinished.
-    pub async fn open(path: &Path) -> io::Result<JsonlSink> {
-        JsonlSink::open_with(path, Arc::new(RealFs)).await
+    pub async fn open(path: &Path, options: JsonlOptions) -> io::Result<JsonlSink> {
+        JsonlSink::open_with(path, options, Arc::new(RealFs)).await
     }
 
-    async fn open_with(path: &Path, fs: Arc<dyn Fs>) -> io::Result<JsonlSink> {
-        let mut writer = Writer { fs, path: path.to_owned(), file: None, good_len: 0 };
+    async fn open_with(path: &Path, options: JsonlOptions, fs: Arc<dyn Fs>) -> io::Result<JsonlSink> {
+        let mut writer = Writer {
+            fs,
+            path: path.to_owned(),
+            options: JsonlOptions { keep: options.keep.max(1), ..options },
+            file: None,
+            good_len: 0,
+        };
         let writer = tokio::task::spawn_blocking(move || writer.open_current().map(|()| writer))
             .await
             .map_err(io::Error::other)??;
@@ -86,7 +116,9 @@ const MAX_TORN_TAIL: u64 = 64 << 20;
 struct Writer {
     fs: Arc<dyn Fs>,
     path: PathBuf,
-    /// `None` until the file is opened.
+    options: JsonlOptions,
+    /// `None` after the full file was renamed away and its successor could not be created
+    /// yet; the next batch creates it.
     file: Option<Box<dyn LogFile>>,
     /// The file's length after the last acknowledged batch: everything before it is on disk.
     good_len: u64,
@@ -96,6 +128,13 @@ impl Writer {
     /// Appends one batch and fsyncs it: on `Ok` all of it is on disk; on `Err` none of it is
     /// left in the file (or, if even cutting it off failed, the next append cuts it first).
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.file.is_some() && self.options.max_bytes > 0 && self.good_len >= self.options.max_bytes {
+            if let Err(e) = self.rotate() {
+                // Until its own rename, the full file stays where it is: keep appending to it
+                // rather than stop publishing over housekeeping, and try again next batch.
+                tracing::warn!(path = %self.path.display(), error = %e, "rotating the events file failed; will retry after the next batch");
+            }
+        }
         if self.file.is_none() {
             self.open_current()?;
         }
@@ -136,6 +175,37 @@ impl Writer {
         self.file = Some(file);
         self.good_len = len;
         Ok(())
+    }
+
+    /// Renames the current file to `.1`, moving older ones up to make room.
+    fn rotate(&mut self) -> io::Result<()> {
+        // Shift only up to the first free number: after a crash in the middle of an earlier
+        // rotation there is a gap, and shifting across it would overwrite a file to be kept.
+        // With no gap, `.keep` is the one replaced (dropped).
+        let mut free = self.options.keep;
+        for i in 1..self.options.keep {
+            if !self.fs.exists(&self.rotated(i))? {
+                free = i;
+                break;
+            }
+        }
+        for i in (1..free).rev() {
+            self.fs.rename(&self.rotated(i), &self.rotated(i + 1))?;
+            self.fs.sync_dir(self.dir())?;
+        }
+        self.fs.rename(&self.path, &self.rotated(1))?;
+        // The full file is `.1` now: a crash from here until the new file exists leaves no
+        // current file, which the next start (or batch) creates.
+        self.file = None;
+        self.fs.sync_dir(self.dir())?;
+        tracing::info!(path = %self.path.display(), bytes = self.good_len, "rotated the events file");
+        Ok(())
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
     }
 
     fn dir(&self) -> &Path {
