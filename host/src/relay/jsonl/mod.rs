@@ -107,9 +107,10 @@ impl Sink for JsonlSink {
     }
 }
 
-/// A line longer than this at the end of the file, without its newline, was not cut short by
-/// sagahost (a batch is far smaller): the sink refuses to guess and asks for the file to be
-/// moved aside rather than cutting it off.
+/// An unfinished last line longer than this was not left by a crash of sagahost: what a torn
+/// write leaves after the last newline is part of one event, and an event is far smaller
+/// (a plugin's output is limited to `--plugin-output-kib`). The sink refuses to guess and asks
+/// for the file to be moved aside rather than cutting it off.
 const MAX_TORN_TAIL: u64 = 64 << 20;
 
 /// The open events file and what is known to be on disk in it.
