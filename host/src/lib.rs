@@ -59,6 +59,8 @@ pub struct Config {
     pub api_tokens: Vec<String>,
     /// Publish events to Kafka instead of `<data_dir>/events.jsonl`.
     pub kafka: Option<relay::kafka::KafkaOptions>,
+    /// When `<data_dir>/events.jsonl` rotates (unused with Kafka).
+    pub events_file: relay::jsonl::JsonlOptions,
     /// How long published outbox rows are kept before they are deleted.
     pub outbox_retention: Duration,
     /// How long finished sagas (COMPLETED, CANCELLED) are kept, with their steps and events,
@@ -87,6 +89,7 @@ impl Config {
             admin_token: None,
             api_tokens: Vec::new(),
             kafka: None,
+            events_file: relay::jsonl::JsonlOptions::default(),
             outbox_retention: Duration::from_secs(24 * 3600),
             saga_retention: None,
             limits: runtime::Limits::default(),
@@ -181,7 +184,9 @@ impl App {
         let handle = driver.handle();
         let sink: Arc<dyn Sink> = match &config.kafka {
             Some(kafka) => Arc::new(relay::kafka::KafkaSink::new(kafka.clone())?),
-            None => Arc::new(relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl")).await?),
+            None => Arc::new(
+                relay::jsonl::JsonlSink::open(&config.data_dir.join("events.jsonl"), config.events_file).await?,
+            ),
         };
         let relay = Relay::new(
             store.clone(),

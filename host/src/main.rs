@@ -72,6 +72,13 @@ struct Serve {
     /// environment variable), e.g. security.protocol=SASL_SSL or compression.type=lz4.
     #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", hide_env_values = true, value_delimiter = ',', value_parser = parse_setting)]
     kafka_config: Vec<(String, String)>,
+    /// Rotate <data-dir>/events.jsonl once it has reached this size, in MiB: between two
+    /// batches it is renamed events.jsonl.1 and a new file begins. 0 never rotates.
+    #[arg(long, env = "SAGAHOST_EVENTS_FILE_MAX_MIB", default_value_t = 256)]
+    events_file_max_mib: u64,
+    /// How many rotated events files to keep: events.jsonl.1 (the newest) to events.jsonl.N.
+    #[arg(long, env = "SAGAHOST_EVENTS_FILE_KEEP", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    events_file_keep: u32,
     /// How long published outbox rows are kept, in hours.
     #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
     outbox_retention_hours: u64,
@@ -136,6 +143,10 @@ fn config(args: Serve) -> sagahost::Config {
         topic: args.kafka_topic,
         settings: args.kafka_config,
     });
+    config.events_file = sagahost::relay::jsonl::JsonlOptions {
+        max_bytes: args.events_file_max_mib.saturating_mul(1 << 20),
+        keep: args.events_file_keep,
+    };
     config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
     config.saga_retention = args.saga_retention_hours.map(|h| Duration::from_secs(h * 3600));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);

@@ -5,8 +5,9 @@
 //! the row again; consumers drop repeats by `event_id`.
 //!
 //! Order: rows are read oldest first (by outbox id) and a batch is published in that order.
-//! One saga's transitions commit one after another, so its rows' ids rise with `seq`, and a
-//! batch that fails is retried whole: `seq` n+1 never goes out ahead of n.
+//! One saga's transitions commit one after another, so its rows' ids rise with `seq`. Only the
+//! prefix of a batch the sink acknowledged is marked ([`settle`]); the rest is read again, first,
+//! by the next batch: `seq` n+1 never goes out ahead of n.
 //!
 //! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
 //!
@@ -21,6 +22,8 @@
 
 pub mod jsonl;
 pub mod kafka;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::driver::DriverHandle;
+use crate::metrics::Metrics;
 use crate::store::{OutboxRow, OutboxStore};
 
 /// What a sink did with a batch.
@@ -183,30 +187,62 @@ impl Relay {
 
     /// Publishes one batch; returns how many rows it published.
     pub async fn publish_batch(&self) -> anyhow::Result<usize> {
-        let rows = self.store.outbox_pending(self.options.batch_size).await?;
-        let Some(oldest) = rows.first() else {
-            return Ok(0);
-        };
-        // Lag: how long the oldest unpublished event has waited. Logged now; a metric later.
-        let lag_ms = (self.clock.now_ms() - oldest.created_at).max(0);
-        if lag_ms as u128 > self.options.lag_warning.as_millis() {
-            tracing::warn!(sink = %self.sink.name(), lag_ms, pending = rows.len(), "relay is behind");
-        }
-        let published = self.sink.publish(&rows).await;
-        let acked = published.acked.min(rows.len());
-        crate::failpoint!("relay-after-publish");
-        self.metrics.published(acked);
-        if published.error.is_some() {
-            self.metrics.relay_failed();
-        }
-        if acked > 0 {
-            let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
-            self.store.outbox_mark_published(&ids, self.clock.now_ms()).await?;
-            tracing::debug!(count = acked, lag_ms, "published events");
-        }
-        match published.error {
-            Some(e) => Err(e),
-            None => Ok(acked),
-        }
+        publish_once(&*self.store, &*self.sink, &*self.clock, &self.metrics, &self.options).await
     }
+}
+
+/// Publishes one batch: reads the oldest pending rows, hands them to the sink and marks the
+/// prefix it acknowledged (see [`settle`]). Returns how many rows it marked. Apart from the
+/// [`Relay`] so tests can run it without a driver.
+async fn publish_once(
+    store: &dyn OutboxStore,
+    sink: &dyn Sink,
+    clock: &dyn Clock,
+    metrics: &Metrics,
+    options: &RelayOptions,
+) -> anyhow::Result<usize> {
+    let rows = store.outbox_pending(options.batch_size).await?;
+    let Some(oldest) = rows.first() else {
+        return Ok(0);
+    };
+    // Lag: how long the oldest unpublished event has waited. Logged now; a metric later.
+    let lag_ms = (clock.now_ms() - oldest.created_at).max(0);
+    if lag_ms as u128 > options.lag_warning.as_millis() {
+        tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
+    }
+    let (acked, error) = settle(rows.len(), sink.publish(&rows).await);
+    crate::failpoint!("relay-after-publish");
+    metrics.published(acked);
+    if error.is_some() {
+        metrics.relay_failed();
+    }
+    if acked > 0 {
+        let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
+        store.outbox_mark_published(&ids, clock.now_ms()).await?;
+        tracing::debug!(count = acked, lag_ms, "published events");
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(acked),
+    }
+}
+
+/// The acknowledged-prefix rule: of a batch of `len` rows, how many, counted from its start,
+/// may be marked published after the sink answered `published`, and the error to report. Never
+/// more than the batch. The rest stays pending and is read again, first, by the next batch: so
+/// a row is never marked while one before it in the outbox is not, and `seq` n+1 of a saga is
+/// never marked (nor first published) ahead of n.
+///
+/// A sink that stops short without an error breaks the [`Published`] contract; it counts as a
+/// failure all the same, so the relay logs it and backs off instead of taking the batch as done
+/// and waiting for the next poll.
+fn settle(len: usize, published: Published) -> (usize, Option<anyhow::Error>) {
+    let acked = published.acked.min(len);
+    let error = match published.error {
+        None if acked < len => Some(anyhow::anyhow!(
+            "the sink acknowledged {acked} of {len} events without saying why; the rest are sent again"
+        )),
+        error => error,
+    };
+    (acked, error)
 }

@@ -1,0 +1,202 @@
+//! The acknowledged-prefix rule: only what the sink acknowledged, counted from the start of the
+//! batch, is marked published; the rest goes out again next time, in order, so `seq` n+1 is
+//! never published ahead of an unacknowledged n.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::*;
+use crate::clock::SystemClock;
+use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, SagaState, StepDefinition};
+use crate::event::OutboxEvent;
+use crate::metrics::Metrics;
+use crate::store::{Commit, Fence, NewSaga, Store};
+
+fn reply(acked: usize, error: bool) -> Published {
+    Published { acked, error: error.then(|| anyhow::anyhow!("the sink failed")) }
+}
+
+#[test]
+fn settle_marks_the_acknowledged_prefix_and_never_more_than_the_batch() {
+    // (batch length, acked, sink error) -> (rows marked, error reported)
+    let cases = [
+        (5, 5, false, 5, false),
+        (5, 0, true, 0, true),
+        (5, 2, true, 2, true),
+        (5, 5, true, 5, true),
+        // A sink that stops short without saying why is failing all the same.
+        (5, 2, false, 2, true),
+        (5, 0, false, 0, true),
+        // A sink that claims more than it was given: the batch, no more.
+        (5, 7, false, 5, false),
+        (5, 7, true, 5, true),
+        (0, 0, false, 0, false),
+        (1, 1, false, 1, false),
+    ];
+    for (len, acked, error, marked, reported) in cases {
+        let (m, e) = settle(len, reply(acked, error));
+        assert_eq!((m, e.is_some()), (marked, reported), "batch of {len}, acked {acked}, sink error {error}");
+    }
+}
+
+/// What [`ScriptedSink`] answers to one batch.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    /// Acknowledges the first `n` rows and says nothing about the rest.
+    Prefix(usize),
+    /// Acknowledges the first `n` rows, then fails.
+    ErrorAfter(usize),
+}
+
+/// A sink that answers from a script, then acknowledges everything; it records every batch.
+#[derive(Default)]
+struct ScriptedSink {
+    script: Mutex<VecDeque<Reply>>,
+    batches: Mutex<Vec<Vec<OutboxRow>>>,
+}
+
+#[async_trait]
+impl Sink for ScriptedSink {
+    fn name(&self) -> String {
+        "scripted".into()
+    }
+
+    async fn publish(&self, rows: &[OutboxRow]) -> Published {
+        self.batches.lock().unwrap().push(rows.to_vec());
+        match self.script.lock().unwrap().pop_front() {
+            Some(Reply::Prefix(n)) => reply(n, false),
+            Some(Reply::ErrorAfter(n)) => reply(n, true),
+            None => reply(rows.len(), false),
+        }
+    }
+}
+
+fn definition() -> SagaDefinition {
+    let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
+    SagaDefinition {
+        sensitive: vec![],
+        saga_type: "order".into(),
+        steps: vec![StepDefinition {
+            name: "only".into(),
+            state: "DONE_ONE".into(),
+            execute: p.clone(),
+            compensate: p,
+            retry: RetryPolicy::EXECUTE,
+            compensate_retry: RetryPolicy::COMPENSATE,
+            timeout_ms: 1000,
+            deadline_ms: None,
+        }],
+    }
+}
+
+/// A fresh SQLite store whose outbox holds the events of three sagas, interleaved as
+/// concurrent sagas commit: a1 b1 c1 a2 b2 a3 c2 b3 a4 c3 b4 a5.
+/// An outbox event with a readable id, `{saga}-{seq}`.
+fn event(saga: &str, seq: i64) -> OutboxEvent {
+    let event_id = format!("{saga}-{seq}");
+    let payload = serde_json::json!({ "event_id": event_id, "saga_id": saga, "seq": seq, "type": "X" }).to_string();
+    OutboxEvent { event_id, event_type: "X".into(), payload }
+}
+
+async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
+    let store = crate::store::open(None, dir).await.unwrap();
+    let def = definition();
+    for id in ["a", "b", "c"] {
+        let saga = NewSaga {
+            id: id.into(),
+            definition: def.clone(),
+            input: "{}".into(),
+            state: SagaState::new(&def, 0),
+            event: event(id, 1),
+            now: 0,
+        };
+        store.create_saga(&saga, None, 0).await.unwrap();
+    }
+    let names = vec!["only".to_owned()];
+    for id in ["a", "b", "a", "c", "b", "a", "c", "b", "a"] {
+        let rec = store.saga(id).await.unwrap().unwrap();
+        let event = event(id, rec.seq + 1);
+        let commit = Commit {
+            saga_id: id,
+            fence: Fence::Takeover,
+            read_seq: rec.seq,
+            state: &rec.state,
+            step_names: &names,
+            changed_steps: &[0],
+            plugin_writes: None,
+            event: &event,
+            now: 1,
+            audit: None,
+        };
+        store.commit(&commit).await.unwrap();
+    }
+    store
+}
+
+async fn pending(store: &dyn Store) -> Vec<i64> {
+    store.outbox_pending(1000).await.unwrap().iter().map(|r| r.id).collect()
+}
+
+/// Per saga, the `seq`s marked published so far; they must be 1..=n, with no hole.
+async fn marked(store: &dyn Store, all: &[OutboxRow]) -> BTreeMap<String, Vec<i64>> {
+    let unpublished: HashSet<i64> = pending(store).await.into_iter().collect();
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for row in all.iter().filter(|r| !unpublished.contains(&r.id)) {
+        out.entry(row.saga_id.clone()).or_default().push(row.seq);
+    }
+    out
+}
+
+#[tokio::test]
+async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let all = store.outbox_pending(1000).await.unwrap();
+    assert_eq!(all.len(), 12);
+    let script = [
+        Reply::Prefix(2),
+        Reply::ErrorAfter(1),
+        Reply::ErrorAfter(0),
+        Reply::Prefix(0),
+        Reply::ErrorAfter(3),
+        Reply::Prefix(1),
+    ];
+    let sink = ScriptedSink { script: Mutex::new(script.into()), ..ScriptedSink::default() };
+    let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
+    let metrics = Metrics::new();
+
+    let mut acknowledged = 0;
+    for (call, reply) in script.iter().enumerate() {
+        let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await;
+        let n = match *reply {
+            Reply::Prefix(n) | Reply::ErrorAfter(n) => n,
+        };
+        assert!(result.is_err(), "call {call}: a batch not acknowledged whole is an error ({reply:?})");
+        let sent = sink.batches.lock().unwrap()[call].clone();
+        let expected = &all[acknowledged..(acknowledged + 4).min(all.len())];
+        assert_eq!(sent, expected, "call {call}: the batch starts at the first unacknowledged event, in outbox order");
+        acknowledged += n;
+        assert_eq!(
+            pending(&*store).await,
+            all[acknowledged..].iter().map(|r| r.id).collect::<Vec<_>>(),
+            "call {call}: exactly the acknowledged prefix is marked"
+        );
+        for (saga, seqs) in marked(&*store, &all).await {
+            assert_eq!(
+                seqs,
+                (1..=seqs.len() as i64).collect::<Vec<_>>(),
+                "call {call}: saga {saga} has a published seq past an unpublished one"
+            );
+        }
+    }
+    // The script is spent: the sink takes everything now.
+    while !pending(&*store).await.is_empty() {
+        publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    }
+    // The first delivery of every event was in outbox order, so in `seq` order per saga.
+    let mut seen = HashSet::new();
+    let first: Vec<i64> =
+        sink.batches.lock().unwrap().iter().flatten().filter(|r| seen.insert(r.id)).map(|r| r.id).collect();
+    assert_eq!(first, all.iter().map(|r| r.id).collect::<Vec<_>>());
+}
