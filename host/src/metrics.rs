@@ -53,6 +53,7 @@ pub struct Metrics {
     transition_overhead: Histogram,
     stale_commits: Counter,
     relay_leader: Gauge,
+    dead_lettered: Counter,
     /// The gauges read from the store, and when: scrapes within [`STORE_GAUGES_TTL`] share one
     /// read, so a scrape storm costs the database one query pair.
     store_gauges: tokio::sync::Mutex<Option<(std::time::Instant, StoreGauges)>>,
@@ -89,6 +90,12 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register("relay_failures", "Relay batches that failed and will be retried", relay_failures.clone());
+        let dead_lettered = Counter::default();
+        registry.register(
+            "dead_lettered_events",
+            "Events the sink refused for good, moved to the dead letters (GET /admin/dead-letters)",
+            dead_lettered.clone(),
+        );
         let transition_overhead = latency_histogram();
         registry.register(
             "transition_overhead_seconds",
@@ -109,6 +116,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             store_gauges: tokio::sync::Mutex::new(None),
+            dead_lettered,
             registry,
             calls,
             call_seconds,
@@ -133,6 +141,11 @@ impl Metrics {
 
     pub fn published(&self, n: usize) {
         self.events_published.inc_by(n as u64);
+    }
+
+    /// An event the sink refused for good went to the dead letters.
+    pub fn dead_lettered(&self) {
+        self.dead_lettered.inc();
     }
 
     pub fn relay_failed(&self) {

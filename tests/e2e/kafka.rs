@@ -321,3 +321,59 @@ async fn replicas_racing_for_the_relay_keep_each_saga_s_events_in_order() {
     let duplicates = check_stream(&consumed, &outbox);
     println!("kafka: relay handed over twice (freeze, kill); {total} events, {duplicates} repeated, order kept");
 }
+
+#[tokio::test]
+async fn an_event_the_broker_refuses_for_good_is_dead_lettered_and_the_rest_keep_flowing() {
+    let broker = Broker::start().await;
+    broker.create_topic("sagahost.events").await;
+    let brokers = broker.addr.clone();
+    // The producer takes messages of at most ~3 KB: an order with a hundred items has an
+    // OrderCreated event about twice that size, refused on every try.
+    let settings = vec![("message.max.bytes".to_owned(), "3000".to_owned())];
+    let host = TestHost::start_with(move |c| {
+        c.kafka = Some(KafkaOptions { brokers, topic: "sagahost.events".into(), settings });
+        c.admin_token = Some("t".into());
+    })
+    .await;
+    let mut big = crate::harness::good_order();
+    big["items"] = Value::Array(
+        (0..100)
+            .map(|i| serde_json::json!({"sku": format!("SKU-{i:04}"), "quantity": 1, "unit_price_cents": 100}))
+            .collect(),
+    );
+    let big_id = host.run_order(&big).await["id"].as_str().unwrap().to_owned();
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(host.run_order(&crate::harness::good_order()).await["id"].as_str().unwrap().to_owned());
+    }
+    // The small orders' events all arrive, each saga in order, although the big one's
+    // oversized events came first in the outbox.
+    let outbox = outbox_of(host.store.as_ref(), &ids).await;
+    let total = outbox.values().map(Vec::len).sum();
+    let consumed: Vec<Consumed> = consume(&broker.addr, "sagahost.events", total)
+        .await
+        .into_iter()
+        .filter(|c| c.event["saga_id"] != big_id.as_str())
+        .collect();
+    check_stream(&consumed, &outbox);
+    // Nothing is stuck: every row is published or dead-lettered.
+    let start = Instant::now();
+    while !host.store.outbox_pending(10).await.unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the relay is stuck behind a refused event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = host.send(host.client.get(host.url("/admin/dead-letters")).bearer_auth("t")).await;
+    assert_eq!(r.status, reqwest::StatusCode::OK);
+    let dead = r.json()["data"].as_array().unwrap().clone();
+    assert!(!dead.is_empty(), "nothing was dead-lettered");
+    assert!(dead.iter().all(|d| d["saga_id"] == big_id.as_str()), "{dead:#?}");
+    assert!(dead.iter().any(|d| d["event_type"] == "OrderCreated"), "{dead:#?}");
+    assert!(dead[0]["reason"].as_str().unwrap().contains("refuses"), "{dead:#?}");
+    let metrics = host.get("/metrics").await;
+    let line = String::from_utf8_lossy(&metrics.bytes)
+        .lines()
+        .find(|l| l.starts_with("sagahost_dead_lettered_events_total"))
+        .map(str::to_owned)
+        .expect("the dead-letter counter");
+    assert_eq!(line, format!("sagahost_dead_lettered_events_total {}", dead.len()));
+}

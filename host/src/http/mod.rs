@@ -4,6 +4,7 @@
 //! through the store, and wake the driver; the driver does the work.
 
 pub mod admin;
+pub mod dead_letters;
 pub mod error;
 pub mod idempotency;
 pub mod limits;
@@ -106,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::retry_saga))
         .routes(routes!(admin::resolve_saga))
         .routes(routes!(admin::audit_log))
+        .routes(routes!(dead_letters::list_dead_letters))
         .routes(routes!(plugins::list_plugins))
         .routes(routes!(plugins::get_plugin))
         .routes(routes!(plugins::plugin_state))

@@ -92,6 +92,7 @@ impl Sink for KafkaSink {
         let p = self.current();
         let mut pending = Vec::with_capacity(rows.len());
         let mut enqueue_error = None;
+        let mut enqueue_refused = None;
         for row in rows {
             let seq = row.seq.to_string();
             let headers = OwnedHeaders::new()
@@ -116,6 +117,7 @@ impl Sink for KafkaSink {
             match delivery {
                 Ok(d) => pending.push(d),
                 Err(e) => {
+                    enqueue_refused = refused(&e).map(|why| (pending.len(), why));
                     enqueue_error = Some(anyhow::Error::new(e).context("enqueueing an event"));
                     break;
                 }
@@ -129,12 +131,37 @@ impl Sink for KafkaSink {
                     self.renew_if_fatal(&p);
                     return Published {
                         acked,
+                        refused: refused(&e),
                         error: Some(anyhow::Error::new(e).context("the broker did not acknowledge an event")),
                     };
                 }
-                Err(_) => return Published { acked, error: Some(anyhow::anyhow!("the Kafka producer went away")) },
+                Err(_) => {
+                    return Published {
+                        acked,
+                        error: Some(anyhow::anyhow!("the Kafka producer went away")),
+                        refused: None,
+                    }
+                }
             }
         }
-        Published { acked, error: enqueue_error }
+        // Only a refusal of the row right after the acknowledged prefix counts as one.
+        let refused = enqueue_refused.filter(|&(i, _)| i == acked).map(|(_, why)| why);
+        Published { acked, error: enqueue_error, refused }
     }
+}
+
+/// Why Kafka will never take a message, if the error says so: it is too large for the
+/// producer's or the broker's limit, or malformed. Anything else (a broker down, a timeout, a
+/// leader election) may pass, and the batch is sent again.
+fn refused(e: &KafkaError) -> Option<String> {
+    let code = e.rdkafka_error_code()?;
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidMessage
+    )
+    .then(|| format!("Kafka refuses this event for good: {e}"))
 }

@@ -44,6 +44,10 @@ pub struct Published {
     pub acked: usize,
     /// Why the sink stopped short of the whole batch.
     pub error: Option<anyhow::Error>,
+    /// The sink refused the row right after the acknowledged prefix for good (it would refuse
+    /// it on every retry: larger than the broker accepts, say), for this reason. The relay
+    /// dead-letters that row and goes on with the rest; see [`publish_once`].
+    pub refused: Option<String>,
 }
 
 /// Where events go.
@@ -210,16 +214,29 @@ async fn publish_once(
     if lag_ms as u128 > options.lag_warning.as_millis() {
         tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
     }
-    let (acked, error) = settle(rows.len(), sink.publish(&rows).await);
+    let published = sink.publish(&rows).await;
+    let refused = published.refused.clone().filter(|_| published.acked < rows.len());
+    let (acked, error) = settle(rows.len(), published);
     crate::failpoint!("relay-after-publish");
     metrics.published(acked);
-    if error.is_some() {
-        metrics.relay_failed();
-    }
     if acked > 0 {
         let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
         store.outbox_mark_published(&ids, clock.now_ms()).await?;
         tracing::debug!(count = acked, lag_ms, "published events");
+    }
+    // A row the sink will never take must not stop every saga's events behind it: it goes to
+    // the dead letters (an operator sees it there and in the metric) and the relay moves on.
+    // Its saga's later events are still published, so consumers see a gap in that saga's
+    // `seq` where the dead letter is; every other event keeps its order.
+    if let Some(reason) = refused {
+        let row = &rows[acked];
+        store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await?;
+        metrics.dead_lettered();
+        tracing::error!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good; it is in the dead letters");
+        return Ok(acked + 1);
+    }
+    if error.is_some() {
+        metrics.relay_failed();
     }
     match error {
         Some(e) => Err(e),

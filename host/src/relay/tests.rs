@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::store::{Commit, Fence, NewSaga, Store};
 
 fn reply(acked: usize, error: bool) -> Published {
-    Published { acked, error: error.then(|| anyhow::anyhow!("the sink failed")) }
+    Published { acked, error: error.then(|| anyhow::anyhow!("the sink failed")), refused: None }
 }
 
 #[test]

@@ -313,6 +313,25 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
     /// Every outbox row of one saga in `seq` order (published or not).
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>>;
+    /// Moves an outbox row the sink refused for good into the dead letters, with the reason,
+    /// and marks it published, in one transaction. False if the row was already gone.
+    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool>;
+    /// Dead-lettered events, newest first.
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>>;
+}
+
+/// An event a sink refused for good.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub outbox_id: i64,
+    pub event_id: String,
+    pub saga_id: String,
+    pub seq: i64,
+    pub event_type: String,
+    /// The event JSON as it would have been published.
+    pub payload: String,
+    pub reason: String,
+    pub at: i64,
 }
 
 /// Plugins and definitions, the source of truth of every replica's catalog.

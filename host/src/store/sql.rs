@@ -639,6 +639,53 @@ impl OutboxStore for SqlStore {
         Ok(())
     }
 
+    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
+        let moved = sqlx::query(
+            "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
+             SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox WHERE id = $1 \
+             ON CONFLICT (outbox_id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1 AND published_at IS NULL")
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT outbox_id, event_id, saga_id, seq, event_type, payload, reason, at FROM dead_letters \
+             ORDER BY outbox_id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    outbox_id: r.try_get("outbox_id")?,
+                    event_id: r.try_get("event_id")?,
+                    saga_id: r.try_get("saga_id")?,
+                    seq: r.try_get("seq")?,
+                    event_type: r.try_get("event_type")?,
+                    payload: r.try_get("payload")?,
+                    reason: r.try_get("reason")?,
+                    at: r.try_get("at")?,
+                })
+            })
+            .collect()
+    }
+
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
             "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE saga_id = $1 ORDER BY seq",

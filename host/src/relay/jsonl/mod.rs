@@ -98,9 +98,10 @@ impl Sink for JsonlSink {
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
         match appended {
-            Ok(()) => Published { acked: rows.len(), error: None },
+            Ok(()) => Published { acked: rows.len(), error: None, refused: None },
             Err(e) => Published {
                 acked: 0,
+                refused: None,
                 error: Some(anyhow::Error::new(e).context(format!("appending to {}", self.path.display()))),
             },
         }

@@ -1,0 +1,78 @@
+//! `GET /admin/dead-letters`: events the sink refused for good (SPEC §6 delivery, issue
+//! "one oversized event must not stop every saga's events"). Read-only: the store keeps them,
+//! the relay puts them there.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::sagas::{json_response, to_json};
+use super::AppState;
+
+/// Query of the dead-letter listing.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeadLetterQuery {
+    /// At most this many entries (1-500, default 100).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// An event the sink refused for good. Its saga's later events were published: consumers see
+/// a gap in that saga's `seq` where this event is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterView {
+    pub saga_id: String,
+    pub seq: i64,
+    pub event_id: String,
+    pub event_type: String,
+    /// Why the sink refused it.
+    pub reason: String,
+    /// When it was moved here (RFC 3339).
+    pub at: String,
+    /// The size of the event JSON, in bytes.
+    pub size: usize,
+    /// The event JSON as it would have been published.
+    #[schema(value_type = Object)]
+    pub event: serde_json::Value,
+}
+
+/// A page of dead letters, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterPage {
+    pub data: Vec<DeadLetterView>,
+}
+
+/// Events the sink refused for good (too large for the broker, say), newest first.
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", params(DeadLetterQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, body = DeadLetterPage), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn list_dead_letters(
+    State(state): State<AppState>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be from 1 to 500"));
+    }
+    let data = state
+        .store
+        .dead_letters(limit)
+        .await?
+        .into_iter()
+        .map(|d| DeadLetterView {
+            size: d.payload.len(),
+            event: serde_json::from_str(&d.payload).unwrap_or(serde_json::Value::Null),
+            saga_id: d.saga_id,
+            seq: d.seq,
+            event_id: d.event_id,
+            event_type: d.event_type,
+            reason: d.reason,
+            at: crate::clock::rfc3339(d.at),
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, to_json(&DeadLetterPage { data })?, None))
+}
