@@ -227,9 +227,7 @@ impl Inner {
             let action = engine::next_action(&rec.definition, &rec.state, now);
             let action_result = match action {
                 Action::Idle => {
-                    if let Err(e) = self.store.release(&id, epoch).await {
-                        tracing::warn!(saga_id = %id, error = %e, "releasing a saga failed; its claim will expire");
-                    }
+                    self.release(&id, epoch).await;
                     return;
                 }
                 Action::Finish => Ok((Event::Finish, None, Duration::ZERO)),
@@ -318,7 +316,26 @@ impl Inner {
     /// persistent fault (disk full, database down) does not become a hot loop.
     async fn release_later(&self, id: &str, epoch: i64) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let _ = self.store.release(id, epoch).await;
+        self.release(id, epoch).await;
+    }
+
+    /// Gives a claim back, trying a few times: a release that fails (its connection was just
+    /// killed; the pool opens a new one) would otherwise leave the saga untouched until its
+    /// lease expires, a minute by default.
+    async fn release(&self, id: &str, epoch: i64) {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 1..=4 {
+            match self.store.release(id, epoch).await {
+                Ok(()) => return,
+                Err(e) if attempt == 4 => {
+                    tracing::warn!(saga_id = %id, error = %e, "releasing a saga failed; its claim will expire");
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+            }
+        }
     }
 
     /// Counts a plugin call and its latency by outcome.

@@ -48,7 +48,8 @@ fn hits(text: &str, needles: &[&str]) -> Vec<(usize, String)> {
 fn only_in(rule: &str, allowed: &[&str], needles: &[&str]) {
     let mut offences = Vec::new();
     for (path, text) in sources() {
-        if allowed.iter().any(|a| path.starts_with(a)) {
+        // Test modules (`tests.rs`, `*/tests/*`) set up what they check by any means.
+        if allowed.iter().any(|a| path.starts_with(a)) || path.ends_with("tests.rs") || path.contains("/tests/") {
             continue;
         }
         for (line, code) in hits(&text, needles) {
@@ -122,7 +123,7 @@ fn only_the_saga_service_applies_events_and_commits_transitions() {
 fn the_generic_host_names_no_builtin_saga_type() {
     only_in(
         "the generic host knows no saga type by name; built-ins live in builtin/",
-        &["builtin/", "engine/tests.rs", "store/tests.rs"],
+        &["builtin/"],
         &["\"order\""],
     );
 }
