@@ -247,7 +247,7 @@ async fn a_host_killed_between_publishing_and_marking_redelivers_and_the_deduped
             done
         })
     };
-    assert!(host.wait_death(Duration::from_secs(60)).await, "the relay failpoint never fired");
+    host.wait_failpoint("relay-after-publish", 2, Duration::from_secs(60)).await;
     let host = HostProcess::spawn(dir.path(), None, &env).await;
     client.set_base(&host.base);
     let orders: HashMap<String, Kind> = driver.await.unwrap().into_iter().collect();
