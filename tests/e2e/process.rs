@@ -133,7 +133,6 @@ impl HostProcess {
         assert_eq!(status.signal(), Some(9), "the host did not die of SIGKILL: {status}");
     }
 
-    #[allow(dead_code)] // used by the graceful-stop test
     /// SIGTERM (a graceful stop, as an orchestrator sends it); waits up to `within` for the
     /// process to exit and returns its exit status.
     pub async fn terminate(mut self, within: Duration) -> ExitStatus {
