@@ -718,10 +718,7 @@ proptest! {
                             None
                         }
                     };
-                    match event {
-                        Some(e) => Some(apply(&def, &state, e, now).map_err(|e| format!("{e}"))),
-                        None => None,
-                    }
+                    event.map(|e| apply(&def, &state, e, now).map_err(|e| format!("{e}")))
                 }
                 Op::Deadline => {
                     let cur = current_forward_step(&state).unwrap_or(0);
