@@ -424,6 +424,9 @@ async fn soak() {
     let started = Instant::now();
     let cluster = Cluster::start(3, &[("SAGAHOST_LEASE_MS", "2000"), ("SAGAHOST_RELAY_LEASE_MS", "1000")]).await;
     register_counted(&cluster.bases()[0], TOKEN).await;
+    // Every replica must know the new saga type (and have compiled its plugin) before the
+    // clients spread requests for it over them.
+    catalog_converges(&cluster).await;
     let client = Client::balanced(&cluster.bases());
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicUsize::new(0));
