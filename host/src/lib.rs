@@ -287,20 +287,54 @@ async fn janitor(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        let now = clock.now_ms();
-        drain("expired idempotency keys", &shutdown, JANITOR_BATCH, |n| store.expire_idempotency(now, n)).await;
-        let before = now - retention.outbox.as_millis() as i64;
-        drain("published outbox rows", &shutdown, JANITOR_BATCH, |n| store.outbox_purge(before, n)).await;
-        if let Some(keep) = retention.sagas {
-            let before = now - keep.as_millis() as i64;
-            // Fewer per batch: each saga is three deletes (events, steps, row).
-            drain("finished sagas", &shutdown, JANITOR_BATCH / 10, |n| store.purge_finished_sagas(before, n)).await;
-        }
+        janitor_pass(store.as_ref(), clock.now_ms(), &retention, &shutdown).await;
     }
 }
 
-/// Runs `batch(limit)` until a batch deletes less than `limit` (or fails, or shutdown fires).
-async fn drain<F, Fut>(what: &str, shutdown: &CancellationToken, limit: u32, mut batch: F)
+/// What one janitor pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Janitored {
+    /// Idempotency keys past their time to live.
+    pub expired_keys: u64,
+    /// Published outbox rows older than the retention.
+    pub purged_events: u64,
+    /// Finished sagas older than their retention (when one is set).
+    pub purged_sagas: u64,
+}
+
+/// One pass of the janitor at `now_ms`, keeping published events for `outbox_retention` and
+/// every finished saga (the running app makes a pass every minute; tests call this to make
+/// one now). Failures are logged and count as nothing removed: the next pass tries again.
+pub async fn run_janitor_once(store: &dyn JanitorStore, now_ms: i64, outbox_retention: Duration) -> Janitored {
+    let retention = Retention { outbox: outbox_retention, sagas: None };
+    janitor_pass(store, now_ms, &retention, &CancellationToken::new()).await
+}
+
+async fn janitor_pass(
+    store: &dyn JanitorStore,
+    now: i64,
+    retention: &Retention,
+    shutdown: &CancellationToken,
+) -> Janitored {
+    let expired_keys =
+        drain("expired idempotency keys", shutdown, JANITOR_BATCH, |n| store.expire_idempotency(now, n)).await;
+    let before = now - retention.outbox.as_millis() as i64;
+    let purged_events =
+        drain("published outbox rows", shutdown, JANITOR_BATCH, |n| store.outbox_purge(before, n)).await;
+    let purged_sagas = match retention.sagas {
+        Some(keep) => {
+            let before = now - keep.as_millis() as i64;
+            // Fewer per batch: each saga is three deletes (events, steps, row).
+            drain("finished sagas", shutdown, JANITOR_BATCH / 10, |n| store.purge_finished_sagas(before, n)).await
+        }
+        None => 0,
+    };
+    Janitored { expired_keys, purged_events, purged_sagas }
+}
+
+/// Runs `batch(limit)` until a batch deletes less than `limit` (or fails, or shutdown fires);
+/// returns how many rows it deleted.
+async fn drain<F, Fut>(what: &str, shutdown: &CancellationToken, limit: u32, mut batch: F) -> u64
 where
     F: FnMut(u32) -> Fut,
     Fut: std::future::Future<Output = Result<u64, store::Error>>,
@@ -324,6 +358,7 @@ where
     if total > 0 {
         tracing::debug!(deleted = total, "deleted {what} past retention");
     }
+    total
 }
 
 #[cfg(test)]

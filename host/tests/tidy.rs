@@ -121,11 +121,7 @@ fn only_the_saga_service_applies_events_and_commits_transitions() {
 
 #[test]
 fn the_generic_host_names_no_builtin_saga_type() {
-    only_in(
-        "the generic host knows no saga type by name; built-ins live in builtin/",
-        &["builtin/"],
-        &["\"order\""],
-    );
+    only_in("the generic host knows no saga type by name; built-ins live in builtin/", &["builtin/"], &["\"order\""]);
 }
 
 #[test]

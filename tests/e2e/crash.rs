@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::harness::key;
-use crate::invariants::{self, Kind};
+use crate::invariants::{self, register_counted, Kind};
 use crate::process::HostProcess;
 
 /// Counters of what the clients lived through.
@@ -19,6 +19,22 @@ pub struct Stats {
     pub retries: AtomicUsize,
     /// Responses marked `Idempotent-Replayed: true`.
     pub replays: AtomicUsize,
+    /// 5xx answers the client retried.
+    pub server_errors: AtomicUsize,
+    /// 5xx answers that came while [`Stats::down`] was false: no process was down or being
+    /// faulted, so nothing excused them. Tests assert there are none.
+    pub unexcused_server_errors: AtomicUsize,
+    /// Set by the test while it has a process down (killed and not yet restarted, frozen, its
+    /// sessions being terminated): 5xx answers are expected then.
+    pub down: AtomicBool,
+}
+
+impl Stats {
+    /// Panics if a 5xx arrived while no process was down.
+    pub fn assert_no_unexcused_server_errors(&self) {
+        let n = self.unexcused_server_errors.load(Ordering::SeqCst);
+        assert_eq!(n, 0, "{n} 5xx answers while every process was up (retried silently, but a bug)");
+    }
 }
 
 /// A client that survives host restarts: it always talks to the current base URL and retries
@@ -31,6 +47,8 @@ pub struct Client {
     bases: Arc<RwLock<Vec<String>>>,
     next: Arc<AtomicUsize>,
     pub stats: Arc<Stats>,
+    /// The resource path of each saga this client created (`/orders/{id}`, `/sagas/{type}/{id}`).
+    paths: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Client {
@@ -45,6 +63,7 @@ impl Client {
             bases: Arc::new(RwLock::new(bases.to_vec())),
             next: Arc::default(),
             stats: Arc::default(),
+            paths: Arc::default(),
         }
     }
 
@@ -90,6 +109,13 @@ impl Client {
                 self.pause().await;
                 continue;
             };
+            if status >= 500 {
+                self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+                if !self.stats.down.load(Ordering::SeqCst) {
+                    eprintln!("unexcused {status} from POST {path}: {json}");
+                    self.stats.unexcused_server_errors.fetch_add(1, Ordering::SeqCst);
+                }
+            }
             match status {
                 200..=299 => return (status, json),
                 409 if key.is_none() => return (status, json),
@@ -100,10 +126,9 @@ impl Client {
     }
 
     async fn get_order(&self, id: &str) -> Value {
+        let path = self.paths.lock().unwrap().get(id).cloned().unwrap_or_else(|| format!("/orders/{id}"));
         loop {
-            if let Ok(r) =
-                self.http.get(self.url(&format!("/orders/{id}"))).timeout(Duration::from_secs(10)).send().await
-            {
+            if let Ok(r) = self.http.get(self.url(&path)).timeout(Duration::from_secs(10)).send().await {
                 if r.status().is_success() {
                     if let Ok(v) = r.json::<Value>().await {
                         return v;
@@ -119,10 +144,12 @@ impl Client {
     pub async fn drive(&self, kind: Kind, resubmit: bool) -> String {
         let k = key();
         let body = kind.body();
-        let (_, created) = self.post("/orders", Some(&k), &body).await;
-        let id = created["id"].as_str().expect("order id").to_owned();
+        let create = kind.create_path();
+        let (_, created) = self.post(&create, Some(&k), &body).await;
+        let id = created["id"].as_str().expect("saga id").to_owned();
+        self.paths.lock().unwrap().insert(id.clone(), format!("{create}/{id}"));
         if resubmit {
-            let (_, again) = self.post("/orders", Some(&k), &body).await;
+            let (_, again) = self.post(&create, Some(&k), &body).await;
             assert_eq!(again["id"].as_str(), Some(id.as_str()), "one key, one saga");
         }
         if matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds) {
@@ -194,11 +221,25 @@ pub async fn wait_published_in(dirs: &[&std::path::Path], expected: usize) {
     }
 }
 
-/// Runs `kinds` against a host armed with `failpoint`, checks that it died there, restarts it,
-/// lets the clients finish, and checks every invariant.
+/// The admin token of the single-host crash tests and the soak (to register the `counted` saga).
+const ADMIN_TOKEN: &str = "crash-admin-token";
+
+/// Starts the binary on `dir` with the admin token (and `failpoints`, if any).
+async fn spawn_host(dir: &std::path::Path, failpoints: Option<&str>) -> HostProcess {
+    HostProcess::spawn(dir, failpoints, &[("SAGAHOST_ADMIN_TOKEN", ADMIN_TOKEN)]).await
+}
+
+/// Runs `kinds` against a host armed with `failpoint` (`name=abort@N`), checks that it died
+/// there (SIGABRT and the failpoint's own marker in its log), restarts it, lets the clients
+/// finish, and checks every invariant, the `counter` fixture's counts among them.
 async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
+    let (name, hit) = match failpoint.split_once("=abort@") {
+        Some((name, n)) => (name, n.parse().expect("a hit number")),
+        None => (failpoint.trim_end_matches("=abort"), 1),
+    };
     let dir = tempfile::tempdir().unwrap();
-    let host = HostProcess::spawn(dir.path(), Some(failpoint), &[]).await;
+    let mut host = spawn_host(dir.path(), Some(failpoint)).await;
+    register_counted(&host.base, ADMIN_TOKEN).await;
     let client = Client::new(&host.base);
     let tasks: Vec<_> = kinds
         .iter()
@@ -207,9 +248,8 @@ async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
             tokio::spawn(async move { (c.drive(k, false).await, k) })
         })
         .collect();
-    let mut host = host;
-    assert!(host.wait_death(Duration::from_secs(60)).await, "failpoint {failpoint} never fired");
-    let host = HostProcess::spawn(dir.path(), None, &[]).await;
+    host.wait_failpoint(name, hit, Duration::from_secs(60)).await;
+    let host = spawn_host(dir.path(), None).await;
     client.set_base(&host.base);
     let mut orders = HashMap::new();
     for t in tasks {
@@ -220,6 +260,8 @@ async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
     client.wait_settled(&ids).await;
     wait_published(dir.path(), orders.values().map(|k| k.events().len()).sum()).await;
     host.kill().await;
+    // A process that aborts mid-request resets its connections; it never answers 5xx.
+    client.stats.assert_no_unexcused_server_errors();
     let bad = invariants::check(dir.path(), &orders, kinds.len()).await;
     assert!(bad.is_empty(), "invariants violated after a crash at {failpoint}:\n{}", bad.join("\n"));
     dir
@@ -227,32 +269,53 @@ async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
 
 #[tokio::test]
 async fn crash_between_idempotency_claim_and_saga_row_leaves_nothing_and_the_retry_creates_one_saga() {
-    crash_scenario("intake-after-claim=abort@1", &[Kind::Good]).await;
+    crash_scenario("intake-after-claim=abort@1", &[Kind::Good, Kind::Counted]).await;
 }
 
 #[tokio::test]
 async fn crash_after_a_plugin_call_before_its_commit_reruns_the_step_with_one_effect() {
-    crash_scenario("driver-after-call=abort@3", &[Kind::Good, Kind::NoCarrier, Kind::Flaky, Kind::Declined]).await;
+    crash_scenario(
+        "driver-after-call=abort@3",
+        &[Kind::Good, Kind::NoCarrier, Kind::Flaky, Kind::Declined, Kind::Counted, Kind::CountedFlaky],
+    )
+    .await;
+}
+
+/// Only `counted` sagas, so the call whose commit the crash prevents is certainly a counter
+/// call: its state write must not survive, and the rerun must count once.
+#[tokio::test]
+async fn crash_after_a_counter_call_before_its_commit_keeps_no_write_of_the_lost_attempt() {
+    crash_scenario("driver-after-call=abort@2", &[Kind::Counted, Kind::CountedRejected, Kind::CountedFlaky]).await;
 }
 
 #[tokio::test]
 async fn crash_after_a_commit_resumes_with_the_next_step() {
-    crash_scenario("driver-after-commit=abort@4", &[Kind::Good, Kind::NoCarrier, Kind::OutOfStock, Kind::Flaky]).await;
+    crash_scenario(
+        "driver-after-commit=abort@4",
+        &[Kind::Good, Kind::NoCarrier, Kind::OutOfStock, Kind::Flaky, Kind::Counted, Kind::CountedRejected],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn crash_inside_a_compensation_compensates_exactly_once() {
-    crash_scenario("driver-after-compensate-call=abort@1", &[Kind::NoCarrier, Kind::Declined]).await;
+    crash_scenario("driver-after-compensate-call=abort@1", &[Kind::CountedRejected, Kind::NoCarrier, Kind::Declined])
+        .await;
 }
 
 #[tokio::test]
 async fn crash_in_the_relay_after_publishing_redelivers_and_the_deduped_stream_is_exact() {
-    let dir = crash_scenario("relay-after-publish=abort@2", &[Kind::Good, Kind::Declined, Kind::NoCarrier]).await;
+    let dir = crash_scenario(
+        "relay-after-publish=abort@2",
+        &[Kind::Good, Kind::Declined, Kind::NoCarrier, Kind::Counted, Kind::CountedRejected],
+    )
+    .await;
     assert!(invariants::duplicate_deliveries(dir.path()) > 0, "the crash between publish and mark must redeliver");
 }
 
-/// 1,000 orders mixing every trigger, concurrent clients that retry with the same keys, and a
-/// SIGKILL of the host every few seconds. Prints its figures. `./scripts/soak` runs it.
+/// 1,000 sagas mixing every order trigger and the `counted` kinds, concurrent clients that
+/// retry with the same keys, and a SIGKILL of the host every few seconds. Prints its figures
+/// and asserts the faults really happened. `./scripts/soak` runs it.
 #[tokio::test]
 #[ignore = "slow (minutes): run with ./scripts/soak"]
 async fn soak() {
@@ -261,7 +324,8 @@ async fn soak() {
     let concurrency: usize = std::env::var("SOAK_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let host = HostProcess::spawn(dir.path(), None, &[]).await;
+    let host = spawn_host(dir.path(), None).await;
+    register_counted(&host.base, ADMIN_TOKEN).await;
     let client = Client::new(&host.base);
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicUsize::new(0));
@@ -276,43 +340,59 @@ async fn soak() {
                 if done.load(Ordering::SeqCst) {
                     break;
                 }
-                host.kill().await;
+                client.stats.down.store(true, Ordering::SeqCst);
+                host.kill().await; // checks it was running and died of the SIGKILL
                 kills.fetch_add(1, Ordering::SeqCst);
-                host = HostProcess::spawn(&path, None, &[]).await;
+                host = spawn_host(&path, None).await;
                 client.set_base(&host.base);
+                client.stats.down.store(false, Ordering::SeqCst);
             }
             host
         })
     };
 
-    let orders = drive_many(&client, total, concurrency).await;
+    let kinds: Vec<Kind> = Kind::ALL.iter().chain(Kind::COUNTED.iter()).copied().collect();
+    let orders = drive_kinds(&client, total, concurrency, &kinds).await;
     done.store(true, Ordering::SeqCst);
     let host = killer.await.unwrap();
     wait_published(dir.path(), orders.values().map(|k| k.events().len()).sum()).await;
     host.kill().await;
     let bad = invariants::check(dir.path(), &orders, total).await;
-    println!(
-        "soak: orders={} kills={} retries_absorbed={} replays={} redelivered_events={} invariant_violations={} elapsed_s={:.1}",
-        orders.len(),
+    let (kills, retries, replays, server_errors) = (
         kills.load(Ordering::SeqCst),
         client.stats.retries.load(Ordering::Relaxed),
         client.stats.replays.load(Ordering::Relaxed),
+        client.stats.server_errors.load(Ordering::Relaxed),
+    );
+    println!(
+        "soak: sagas={} kills={kills} retries_absorbed={retries} server_errors={server_errors} replays={replays} redelivered_events={} invariant_violations={} elapsed_s={:.1}",
+        orders.len(),
         invariants::duplicate_deliveries(dir.path()),
         bad.len(),
         started.elapsed().as_secs_f64()
     );
     assert!(bad.is_empty(), "invariant violations:\n{}", bad.iter().take(50).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(kills > 0, "the soak never killed the host: raise SOAK_ORDERS or lower SOAK_KILL_EVERY_MS");
+    assert!(retries > 0, "{kills} kills and no client ever had to retry: the kills hit nothing");
+    // Every fifth saga is submitted twice with its key, after its first answer: a replay each.
+    assert!(replays >= total.div_ceil(5), "{replays} replays for {} resubmissions", total.div_ceil(5));
+    client.stats.assert_no_unexcused_server_errors();
 }
 
-/// Drives `n` orders cycling through every kind, `concurrency` at a time (every fifth submitted
-/// twice with its key), and waits until all settled; returns them.
+/// Drives `n` orders cycling through every order kind, `concurrency` at a time (every fifth
+/// submitted twice with its key), and waits until all settled; returns them.
 pub async fn drive_many(client: &Client, n: usize, concurrency: usize) -> HashMap<String, Kind> {
+    drive_kinds(client, n, concurrency, &Kind::ALL).await
+}
+
+/// [`drive_many`] cycling through `kinds`.
+pub async fn drive_kinds(client: &Client, n: usize, concurrency: usize, kinds: &[Kind]) -> HashMap<String, Kind> {
     let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let permit = Arc::clone(&permits).acquire_owned().await.unwrap();
         let c = client.clone();
-        let kind = Kind::ALL[i % Kind::ALL.len()];
+        let kind = kinds[i % kinds.len()];
         tasks.push(tokio::spawn(async move {
             let id = c.drive(kind, i % 5 == 0).await;
             drop(permit);

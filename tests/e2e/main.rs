@@ -6,6 +6,7 @@ mod crash;
 mod harness;
 mod invariants;
 mod kafka;
+mod lifecycle;
 mod operators;
 mod plugins;
 mod process;

@@ -1,8 +1,9 @@
 //! The real `sagahost` binary as a child process, for tests that kill it (SIGKILL or an armed
 //! failpoint) and restart it on the same data directory.
 
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
@@ -119,13 +120,50 @@ impl HostProcess {
             .sum()
     }
 
-    /// SIGKILL: no shutdown, no flushing, exactly like a crash.
+    /// SIGKILL: no shutdown, no flushing, exactly like a crash. Checks that the process was
+    /// running and died of the SIGKILL (not of something else before it).
     pub async fn kill(mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "the host had already exited before the kill; see {}/host.log",
+            self.data_dir.display()
+        );
         self.child.kill().await.expect("kill");
+        let status = self.child.wait().await.expect("reaping the killed host");
+        assert_eq!(status.signal(), Some(9), "the host did not die of SIGKILL: {status}");
     }
 
-    /// Waits for the process to die on its own (an armed failpoint); true if it did.
-    pub async fn wait_death(&mut self, within: Duration) -> bool {
-        matches!(tokio::time::timeout(within, self.child.wait()).await, Ok(Ok(_)))
+    /// SIGTERM (a graceful stop, as an orchestrator sends it); waits up to `within` for the
+    /// process to exit and returns its exit status.
+    pub async fn terminate(mut self, within: Duration) -> ExitStatus {
+        self.signal("-TERM");
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("reaping the host"),
+            Err(_) => panic!("the host did not exit within {within:?} of SIGTERM"),
+        }
+    }
+
+    /// Waits for the process to die on its own (an armed failpoint); its exit status if it did.
+    pub async fn wait_death(&mut self, within: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(within, self.child.wait()).await.ok().map(|r| r.expect("reaping the host"))
+    }
+
+    /// Waits for the process to die at the failpoint `name` on its `hit`-th hit, and checks
+    /// that it did: the exit was SIGABRT (`std::process::abort`), and the log holds the
+    /// failpoint's own marker line. A death anywhere else (a panic, an unrelated abort, an
+    /// exit) fails the test.
+    pub async fn wait_failpoint(&mut self, name: &str, hit: u64, within: Duration) {
+        let Some(status) = self.wait_death(within).await else {
+            panic!("failpoint {name} never fired in {within:?}");
+        };
+        assert_eq!(status.signal(), Some(6), "the host did not abort at failpoint {name}: {status}");
+        let marker = format!("failpoint {name} hit {hit} times: aborting");
+        let log = self.log();
+        assert!(log.contains(&marker), "the host died, but not at {name} (no {marker:?} in its log):\n{log}");
+    }
+
+    /// Everything the host (and its predecessors on this data dir) wrote to stdout and stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("host.log")).unwrap_or_default()
     }
 }

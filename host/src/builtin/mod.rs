@@ -12,6 +12,9 @@ pub mod order;
 
 use crate::engine::{PluginRef, SagaDefinition};
 
+/// The installed version of a built-in's plugin, by plugin name.
+pub type PluginsByName<'a> = dyn Fn(&str) -> PluginRef + 'a;
+
 /// A saga type that ships with the host.
 pub struct Builtin {
     pub saga_type: &'static str,
@@ -22,7 +25,7 @@ pub struct Builtin {
     /// `(plugin name, component bytes)`: the components its definition binds, embedded.
     pub plugins: &'static [(&'static str, &'static [u8])],
     /// The definition, given the installed version of each of its plugins by name.
-    pub definition: fn(&dyn Fn(&str) -> PluginRef) -> SagaDefinition,
+    pub definition: fn(&PluginsByName) -> SagaDefinition,
     /// Checks a saga input before anything is stored.
     pub validate: fn(&serde_json::Value) -> Result<(), InputError>,
 }

@@ -430,3 +430,368 @@ fn a_wait_with_no_delay_does_not_spin_the_step() {
     let t = step(&def, &s, executed(1, 1, ExecuteOutcome::Wait { delay_ms: Some(5_000), signal: None }), 1_000);
     assert_eq!(t.state.next_run_at, Some(6_000), "longer delays are kept as asked");
 }
+
+// ---------------------------------------------------------------------------------------
+// Property: the driver's actions interleaved with outside events (cancel, signal, a deadline
+// passing, an operator's retry and resolve) agree, event by event, with a step-wise model.
+
+/// One thing that happens to the saga.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// The driver performs what is due (advancing time to the next timer if nothing is due
+    /// now); the plugin answers `exec` if it executes, `comp_ok` if it compensates.
+    Drive { exec: ExecOp, comp_ok: bool },
+    /// A client cancels.
+    Cancel,
+    /// The signal the waiting step asked for (`go`), or another one.
+    Signal { right_name: bool },
+    /// Time moves past the current step's deadline.
+    Deadline,
+    /// An operator retries the failed compensations.
+    Retry,
+    /// An operator resolves the saga by hand.
+    Resolve,
+}
+
+/// A plugin's answer to execute, `Wait` being a wait for the signal `go`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ExecOp {
+    Done,
+    Wait,
+    Retry,
+    Trap,
+    Reject,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let exec = prop_oneof![
+        4 => Just(ExecOp::Done), 2 => Just(ExecOp::Wait), 2 => Just(ExecOp::Retry),
+        1 => Just(ExecOp::Trap), 1 => Just(ExecOp::Reject)
+    ];
+    prop_oneof![
+        8 => (exec, prop::bool::weighted(0.7)).prop_map(|(exec, comp_ok)| Op::Drive { exec, comp_ok }),
+        1 => Just(Op::Cancel),
+        2 => prop::bool::weighted(0.8).prop_map(|right_name| Op::Signal { right_name }),
+        1 => Just(Op::Deadline),
+        1 => Just(Op::Retry),
+        1 => Just(Op::Resolve),
+    ]
+}
+
+/// The model: what each step and the saga are, written from SPEC's rules rather than from
+/// the engine's code.
+#[derive(Debug, Clone)]
+struct Model {
+    phase: Phase,
+    status: Vec<StepStatus>,
+    /// The step returned `wait` at some point: it committed writes, so it is compensated
+    /// even if it later failed.
+    waited: Vec<bool>,
+    /// The step has been attempted (its deadline clock runs).
+    started: Vec<bool>,
+    failures: Vec<u32>,
+    comp_attempts: Vec<u32>,
+    /// A signal arrived for the waiting step and was not consumed yet.
+    signalled: bool,
+    max: u32,
+    comp_max: u32,
+}
+
+/// What the model says the driver must do next.
+#[derive(Debug, PartialEq)]
+enum Due {
+    Idle,
+    Execute(usize),
+    Compensate(usize),
+    Finish,
+}
+
+impl Model {
+    fn new(n: usize, max: u32, comp_max: u32) -> Model {
+        Model {
+            phase: Phase::Forward,
+            status: vec![StepStatus::Pending; n],
+            waited: vec![false; n],
+            started: vec![false; n],
+            failures: vec![0; n],
+            comp_attempts: vec![0; n],
+            signalled: false,
+            max,
+            comp_max,
+        }
+    }
+
+    fn forward_step(&self) -> Option<usize> {
+        self.status.iter().position(|s| *s != StepStatus::Succeeded)
+    }
+
+    /// Compensated: whatever committed something and is not undone yet, last first.
+    fn compensation_step(&self) -> Option<usize> {
+        (0..self.status.len()).rev().find(|&i| {
+            matches!(
+                self.status[i],
+                StepStatus::Succeeded | StepStatus::Waiting | StepStatus::Compensating | StepStatus::CompensationFailed
+            ) || (self.waited[i] && matches!(self.status[i], StepStatus::Retrying | StepStatus::Failed))
+        })
+    }
+
+    /// The driver's next action once every timer short of a deadline has fired: a step
+    /// waiting for a signal that has not come stays parked (only the `Deadline` op moves
+    /// time that far).
+    fn due(&self) -> Due {
+        match self.phase {
+            Phase::Forward => match self.forward_step() {
+                None => Due::Finish,
+                Some(i) if self.status[i] == StepStatus::Waiting && !self.signalled => Due::Idle,
+                Some(i) => Due::Execute(i),
+            },
+            Phase::Compensating => self.compensation_step().map_or(Due::Finish, Due::Compensate),
+            _ => Due::Idle,
+        }
+    }
+
+    fn compensate_from_here(&mut self) {
+        self.phase = Phase::Compensating;
+        self.signalled = false;
+    }
+
+    fn execute(&mut self, i: usize, outcome: ExecOp) {
+        self.started[i] = true;
+        self.signalled = false;
+        let failed = matches!(outcome, ExecOp::Retry | ExecOp::Trap);
+        if failed {
+            self.failures[i] += 1;
+        }
+        match outcome {
+            ExecOp::Done => self.status[i] = StepStatus::Succeeded,
+            ExecOp::Wait => {
+                self.status[i] = StepStatus::Waiting;
+                self.waited[i] = true;
+            }
+            // Out of attempts, a failure counts as a rejection.
+            ExecOp::Retry | ExecOp::Trap if self.failures[i] < self.max => self.status[i] = StepStatus::Retrying,
+            _ => {
+                self.status[i] = StepStatus::Failed;
+                self.compensate_from_here();
+            }
+        }
+    }
+
+    fn compensate(&mut self, i: usize, ok: bool) {
+        self.comp_attempts[i] += 1;
+        if ok {
+            self.status[i] = StepStatus::Compensated;
+        } else if self.comp_attempts[i] >= self.comp_max {
+            self.status[i] = StepStatus::CompensationFailed;
+            self.phase = Phase::CompensationFailed;
+        } else {
+            self.status[i] = StepStatus::Compensating;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = if self.phase == Phase::Forward { Phase::Completed } else { Phase::Cancelled };
+    }
+
+    /// The deadline of the current step passed: a step that waited stays compensable, any
+    /// other is failed; the saga compensates.
+    fn deadline(&mut self, i: usize) {
+        if self.status[i] != StepStatus::Waiting {
+            self.status[i] = StepStatus::Failed;
+        }
+        self.compensate_from_here();
+    }
+
+    /// Whether a deadline can pass now: a forward step that has started.
+    fn deadline_runs(&self) -> Option<usize> {
+        (self.phase == Phase::Forward).then(|| self.forward_step()).flatten().filter(|&i| self.started[i])
+    }
+
+    fn cancel(&mut self) -> bool {
+        let ok = self.phase == Phase::Forward;
+        if ok {
+            self.compensate_from_here();
+        }
+        ok
+    }
+
+    fn signal(&mut self, right_name: bool) -> bool {
+        let waiting = self.phase == Phase::Forward
+            && self.forward_step().is_some_and(|i| self.status[i] == StepStatus::Waiting)
+            && !self.signalled;
+        let ok = waiting && right_name;
+        if ok {
+            self.signalled = true;
+        }
+        ok
+    }
+
+    fn retry(&mut self) -> bool {
+        let ok = self.phase == Phase::CompensationFailed;
+        if ok {
+            for i in 0..self.status.len() {
+                if self.status[i] == StepStatus::CompensationFailed {
+                    self.status[i] = StepStatus::Compensating;
+                    self.comp_attempts[i] = 0;
+                }
+            }
+            self.phase = Phase::Compensating;
+        }
+        ok
+    }
+
+    fn resolve(&mut self) -> bool {
+        let ok = self.phase == Phase::CompensationFailed;
+        if ok {
+            self.phase = Phase::Cancelled;
+        }
+        ok
+    }
+}
+
+/// The deadline every step gets: far beyond any backoff, so only a wait or the `Deadline` op
+/// reaches it.
+const DEADLINE_MS: u64 = 1_000_000;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+    #[test]
+    fn engine_agrees_with_model_under_outside_events(
+        n in 1usize..=4,
+        max in 1u32..=3,
+        comp_max in 1u32..=3,
+        ops in prop::collection::vec(op_strategy(), 1..60),
+        jitter in 0.0f64..1.0,
+    ) {
+        let mut def = def_with(n, max, comp_max);
+        for s in &mut def.steps {
+            s.deadline_ms = Some(DEADLINE_MS);
+        }
+        let mut model = Model::new(n, max, comp_max);
+        let mut state = SagaState::new(&def, 0);
+        let mut now = 0i64;
+        for op in ops {
+            let result = match op {
+                Op::Drive { exec, comp_ok } => {
+                    // Time runs to the next timer when nothing is due now (a backoff), but
+                    // not as far as the current step's deadline: that is the `Deadline` op's.
+                    if next_action(&def, &state, now) == Action::Idle {
+                        let deadline = (state.phase == Phase::Forward)
+                            .then(|| current_forward_step(&state))
+                            .flatten()
+                            .and_then(|i| state.steps[i].started_at)
+                            .map(|t| t + DEADLINE_MS as i64);
+                        if let Some(t) = state.next_run_at.filter(|&t| deadline.is_none_or(|d| t < d)) {
+                            now = now.max(t);
+                        }
+                    }
+                    let action = next_action(&def, &state, now);
+                    let due = model.due();
+                    let event = match (&action, &due) {
+                        (Action::Idle, Due::Idle) => None,
+                        (Action::Execute { step, attempt }, Due::Execute(i)) if step == i => {
+                            model.execute(*i, exec);
+                            let outcome = match exec {
+                                ExecOp::Done => ExecuteOutcome::Done("{}".into()),
+                                ExecOp::Wait => ExecuteOutcome::Wait { delay_ms: None, signal: Some("go".into()) },
+                                ExecOp::Retry => ExecuteOutcome::Retryable("r".into()),
+                                ExecOp::Trap => ExecuteOutcome::Trapped("t".into()),
+                                ExecOp::Reject => ExecuteOutcome::Rejected("x".into()),
+                            };
+                            Some(Event::Executed { step: *step, attempt: *attempt, started_at: now, digest: "d".into(), outcome, jitter })
+                        }
+                        (Action::Compensate { step, attempt }, Due::Compensate(i)) if step == i => {
+                            model.compensate(*i, comp_ok);
+                            let outcome = if comp_ok {
+                                CompensateOutcome::Done("{}".into())
+                            } else {
+                                CompensateOutcome::Failed("f".into())
+                            };
+                            Some(Event::Compensated { step: *step, attempt: *attempt, digest: "d".into(), outcome, jitter })
+                        }
+                        (Action::Finish, Due::Finish) => {
+                            model.finish();
+                            Some(Event::Finish)
+                        }
+                        _ => {
+                            prop_assert!(false, "engine wants {:?}, model expects {:?} in {:?}", action, due, model);
+                            None
+                        }
+                    };
+                    event.map(|e| apply(&def, &state, e, now).map_err(|e| format!("{e}")))
+                }
+                Op::Deadline => {
+                    let cur = current_forward_step(&state).unwrap_or(0);
+                    match model.deadline_runs() {
+                        Some(i) => {
+                            let started = state.steps[i].started_at.expect("a started step has a start time");
+                            now = now.max(started + DEADLINE_MS as i64);
+                            prop_assert_eq!(next_action(&def, &state, now), Action::DeadlineExceeded { step: i });
+                            model.deadline(i);
+                            Some(apply(&def, &state, Event::DeadlineExceeded { step: i }, now).map_err(|e| format!("{e}")))
+                        }
+                        None => {
+                            // No deadline can pass: a deadline event is refused as stale.
+                            let r = apply(&def, &state, Event::DeadlineExceeded { step: cur }, now);
+                            prop_assert_eq!(r.err(), Some(Error::Stale));
+                            None
+                        }
+                    }
+                }
+                Op::Cancel => {
+                    let expected = model.cancel();
+                    let r = apply(&def, &state, Event::Cancel { reason: "client".into() }, now);
+                    prop_assert_eq!(r.is_ok(), expected, "cancel in {:?}: {:?}", state.phase, r.as_ref().err());
+                    if !expected {
+                        prop_assert!(matches!(r, Err(Error::NotCancellable(_))));
+                    }
+                    r.ok().map(Ok)
+                }
+                Op::Signal { right_name } => {
+                    let expected = model.signal(right_name);
+                    let name = if right_name { "go" } else { "other" };
+                    let r = apply(&def, &state, Event::Signal { name: name.into(), payload: "{}".into() }, now);
+                    prop_assert_eq!(r.is_ok(), expected, "signal {} in {:?}", name, state);
+                    if !expected {
+                        prop_assert!(matches!(r, Err(Error::NotWaitingForSignal(_))));
+                    }
+                    r.ok().map(Ok)
+                }
+                Op::Retry | Op::Resolve => {
+                    let (expected, event) = match op {
+                        Op::Retry => (model.retry(), Event::RetryCompensation),
+                        _ => (model.resolve(), Event::Resolve { note: "by hand".into() }),
+                    };
+                    let r = apply(&def, &state, event, now);
+                    prop_assert_eq!(r.is_ok(), expected, "{:?} in {:?}", op, state.phase);
+                    if !expected {
+                        prop_assert!(matches!(r, Err(Error::NotStuck(_))));
+                    }
+                    r.ok().map(Ok)
+                }
+            };
+            if let Some(result) = result {
+                let t = match result {
+                    Ok(t) => t,
+                    Err(e) => {
+                        prop_assert!(false, "{:?} was refused ({}) in {:?}", op, e, state);
+                        unreachable!()
+                    }
+                };
+                if let Some(at) = t.state.next_run_at { prop_assert!(at >= now, "a timer in the past"); }
+                state = t.state;
+            }
+            prop_assert_eq!(state.phase, model.phase, "phase after {:?}", op);
+            let statuses: Vec<_> = state.steps.iter().map(|s| s.status).collect();
+            prop_assert_eq!(&statuses, &model.status, "step statuses after {:?}", op);
+            let label_ok = match state.phase {
+                Phase::Completed => state.status == "COMPLETED",
+                Phase::Cancelled => state.status == "CANCELLED",
+                Phase::CompensationFailed => state.status == "COMPENSATION_FAILED",
+                Phase::Compensating => state.status == "COMPENSATING",
+                Phase::Forward => !matches!(state.status.to_string().as_str(), "COMPLETED" | "CANCELLED" | "COMPENSATING" | "COMPENSATION_FAILED"),
+            };
+            prop_assert!(label_ok, "status {} for phase {:?}", state.status, state.phase);
+        }
+    }
+}

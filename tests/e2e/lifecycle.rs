@@ -1,0 +1,142 @@
+//! The host's life cycle around the sagas: a graceful stop (SIGTERM) in the middle of work,
+//! the janitor forgetting idempotency keys past their time to live, and the cap on sagas run
+//! at once (`--max-concurrent-sagas`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{good_order, key, TestHost};
+use crate::invariants::{self, register_counted, Kind, COUNTED};
+use crate::process::HostProcess;
+
+const TOKEN: &str = "lifecycle-admin-token";
+
+/// Creates a `counted` saga with `body` through `base`; returns its id once acknowledged.
+async fn create_counted(http: &reqwest::Client, base: &str, body: &Value) -> String {
+    let r =
+        http.post(format!("{base}/sagas/{COUNTED}")).header("Idempotency-Key", key()).json(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// A `counted` saga's status and how many of its steps succeeded.
+async fn progress(http: &reqwest::Client, base: &str, id: &str) -> (String, usize) {
+    let s: Value = http.get(format!("{base}/sagas/{COUNTED}/{id}")).send().await.unwrap().json().await.unwrap();
+    let done = s["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "succeeded").count();
+    (s["status"].as_str().unwrap().to_owned(), done)
+}
+
+/// Waits until every saga in `ids` is COMPLETED.
+async fn wait_completed(http: &reqwest::Client, base: &str, ids: &[String]) {
+    let start = std::time::Instant::now();
+    for id in ids {
+        loop {
+            let (status, _) = progress(http, base, id).await;
+            if status == "COMPLETED" {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{id} did not complete: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_once_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN)];
+    let host = HostProcess::spawn(dir.path(), None, &env).await;
+    register_counted(&host.base, TOKEN).await;
+    let http = reqwest::Client::new();
+    // Slow steps (a busy loop in the plugin), so that the stop comes while calls run.
+    let body = json!({"customer_id": "counted", "spin": 30});
+    let mut ids = vec![];
+    for _ in 0..8 {
+        ids.push(create_counted(&http, &host.base, &body).await);
+    }
+    // Stop once some work is done and some is not: sagas are in flight.
+    let start = std::time::Instant::now();
+    loop {
+        let mut steps = 0;
+        let mut completed = 0;
+        for id in &ids {
+            let (status, done) = progress(&http, &host.base, id).await;
+            steps += done;
+            completed += usize::from(status == "COMPLETED");
+        }
+        assert!(completed < ids.len(), "every saga completed before the stop: make the steps slower");
+        if steps > 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no step ever completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = host.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "SIGTERM must end the host with exit status 0, got {status}");
+    // Restarted, it resumes what the stop interrupted; every acknowledged saga completes, and
+    // every step ran (committed) exactly once.
+    let host = HostProcess::spawn(dir.path(), None, &env).await;
+    wait_completed(&http, &host.base, &ids).await;
+    let total: usize = ids.len() * Kind::Counted.events().len();
+    crate::crash::wait_published_in(&[dir.path()], total).await;
+    host.kill().await;
+    let orders: HashMap<String, Kind> = ids.iter().map(|id| (id.clone(), Kind::Counted)).collect();
+    let bad = invariants::check(dir.path(), &orders, ids.len()).await;
+    assert!(bad.is_empty(), "after a graceful stop and a restart:\n{}", bad.join("\n"));
+}
+
+#[tokio::test]
+async fn the_janitor_forgets_idempotency_keys_past_their_time_to_live() {
+    let ttl = Duration::from_secs(2);
+    let host = TestHost::start_with(|c| c.idempotency_ttl = ttl).await;
+    let retention = Duration::from_secs(24 * 3600);
+    let keys: Vec<String> = (0..3).map(|_| key()).collect();
+    let mut ids = vec![];
+    for k in &keys {
+        let r = host.post_order(k, &good_order()).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    // Within the time to live: the janitor keeps the keys, and a retry replays the answer.
+    let now = || sagahost::clock::Clock::now_ms(&sagahost::clock::SystemClock);
+    let kept = sagahost::run_janitor_once(host.store.as_ref(), now(), retention).await;
+    assert_eq!(kept.expired_keys, 0, "keys within their time to live were forgotten");
+    let again = host.post_order(&keys[0], &good_order()).await;
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(again.json()["id"], json!(ids[0]));
+    // Past it: one pass of the janitor forgets all three.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let swept = sagahost::run_janitor_once(host.store.as_ref(), now(), retention).await;
+    assert_eq!(swept.expired_keys, 3, "the janitor must forget every key past its time to live");
+    let swept = sagahost::run_janitor_once(host.store.as_ref(), now(), retention).await;
+    assert_eq!(swept.expired_keys, 0, "nothing left to forget");
+    // A forgotten key is a new request: a new saga, not a replay.
+    let fresh = host.post_order(&keys[1], &good_order()).await;
+    assert_eq!(fresh.status, StatusCode::CREATED);
+    assert!(fresh.header("idempotent-replayed").is_none());
+    assert_ne!(fresh.json()["id"], json!(ids[1]), "an expired key must not replay its old saga");
+}
+
+/// With `--max-concurrent-sagas 1`, no two plugin calls overlap. The `counter` fixture reads
+/// its `total` before a slow busy loop and writes it after, so two calls that overlap lose an
+/// increment; with one saga at a time, `total` must equal the number of calls.
+#[tokio::test]
+async fn max_concurrent_sagas_one_never_runs_two_calls_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = std::env::var("TEST_MAX_CONCURRENT_SAGAS").unwrap_or_else(|_| "1".into()); // to show it failing
+    let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN), ("SAGAHOST_MAX_CONCURRENT_SAGAS", max.as_str())];
+    let host = HostProcess::spawn(dir.path(), None, &env).await;
+    register_counted(&host.base, TOKEN).await;
+    let http = reqwest::Client::new();
+    let body = json!({"customer_id": "counted", "spin": 20, "global": true});
+    let ids: Vec<String> = futures::future::join_all((0..6).map(|_| create_counted(&http, &host.base, &body))).await;
+    wait_completed(&http, &host.base, &ids).await;
+    host.kill().await;
+    let store = crate::harness::open_store(dir.path()).await;
+    let total: u64 = serde_json::from_slice(&store.state_get("counter", "total").await.unwrap().unwrap()).unwrap();
+    let calls = (ids.len() * 3) as u64;
+    assert_eq!(total, calls, "{} of {calls} calls overlapped another one", calls - total);
+}
