@@ -123,6 +123,7 @@ pub struct App {
     clock: Arc<dyn Clock>,
     outbox_retention: Duration,
     saga_retention: Option<Duration>,
+    serve: http::limits::ServeLimits,
     catalog_refresh: Duration,
 }
 
@@ -226,6 +227,7 @@ impl App {
             outbox_retention: config.outbox_retention,
             saga_retention: config.saga_retention,
             catalog_refresh: config.catalog_refresh,
+            serve: config.serve.clone(),
         })
     }
 
@@ -254,11 +256,11 @@ impl App {
         let catalog = tokio::spawn(Arc::clone(&self.catalog).watch(self.catalog_refresh, shutdown.clone()));
         let retention = Retention { outbox: self.outbox_retention, sagas: self.saga_retention };
         let janitor = tokio::spawn(janitor(self.store.clone(), Arc::clone(&self.clock), retention, shutdown.clone()));
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let served = server.await;
+        let drain = self.serve.request_timeout;
+        http::limits::serve(self.listener, self.router, &self.serve, shutdown.clone(), drain).await;
         shutdown.cancel();
         let _ = tokio::join!(driver, relay, janitor, catalog);
-        served.context("HTTP server failed")
+        Ok(())
     }
 }
 

@@ -110,6 +110,10 @@ struct Serve {
     /// Requests waiting with `Prefer: wait` at once; more are answered without waiting.
     #[arg(long, env = "SAGAHOST_MAX_WAITERS", default_value_t = 512)]
     max_waiters: usize,
+    /// How long a client may take to send a request's line and headers; then the connection
+    /// is closed.
+    #[arg(long, env = "SAGAHOST_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_secs: u64,
     /// Open HTTP connections; more wait to be accepted.
     #[arg(long, env = "SAGAHOST_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
@@ -159,6 +163,7 @@ fn config(args: Serve) -> sagahost::Config {
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         max_waiters: args.max_waiters,
         max_connections: args.max_connections as usize,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
     };
     config
 }

@@ -63,3 +63,22 @@ async fn connections_past_the_cap_wait_to_be_accepted() {
     let r = tokio::time::timeout(Duration::from_secs(5), fresh.get(&url).send()).await;
     assert_eq!(r.expect("served once the first connection closed").unwrap().status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = TestHost::start_with(|c| c.serve.header_read_timeout = Duration::from_millis(500)).await;
+    let addr = host.url("").trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // A request line and one header, then nothing: the head never ends.
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: sagahost\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+    let n = read.expect("the connection was held open past the header deadline").unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "expected the connection closed, got {answer:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400), "closed before the deadline");
+    // A client that sends its head in time is served as usual.
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+}

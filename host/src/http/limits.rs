@@ -10,6 +10,9 @@
 //!   (201, the saga runs on) instead of waiting.
 //! - Connections are capped by the listener ([`LimitedListener`]): past the cap, accepting
 //!   waits until one closes.
+//! - A request's head (request line and headers) must arrive within a deadline, so a client
+//!   that trickles its headers (slowloris) cannot hold a connection; [`serve`] sets it on
+//!   hyper, which axum's own `serve` does not expose.
 //!
 //! It must not know about routes: it sees requests and connections only.
 
@@ -36,6 +39,8 @@ pub struct ServeLimits {
     pub max_waiters: usize,
     /// Open connections; more wait to be accepted.
     pub max_connections: usize,
+    /// How long a client may take to send a request's head; then the connection is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServeLimits {
@@ -45,6 +50,7 @@ impl Default for ServeLimits {
             request_timeout: Duration::from_secs(45),
             max_waiters: 512,
             max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -182,5 +188,41 @@ impl tokio::io::AsyncWrite for LimitedIo {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`: then accepts no more connections and lets
+/// those open finish the requests they are in (at most `drain`). Each connection has the
+/// header read deadline of `limits`.
+pub async fn serve(
+    mut listener: LimitedListener,
+    router: axum::Router,
+    limits: &ServeLimits,
+    shutdown: tokio_util::sync::CancellationToken,
+    drain: Duration,
+) {
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    loop {
+        let (io, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open at shutdown were closed");
     }
 }
