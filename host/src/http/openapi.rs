@@ -166,3 +166,18 @@ pub struct OptionalKey {
     )]
     pub key: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema;
+
+    use crate::builtin::order::{OrderRequest, CURRENCIES};
+
+    /// The document's currency pattern is the list the order saga accepts.
+    #[test]
+    fn currency_pattern_lists_the_accepted_currencies() {
+        let schema = serde_json::to_value(OrderRequest::schema()).unwrap();
+        let pattern = &schema["properties"]["currency"]["pattern"];
+        assert_eq!(pattern.as_str(), Some(format!("^({})$", CURRENCIES.join("|")).as_str()), "{schema:#}");
+    }
+}
