@@ -105,6 +105,8 @@ pub fn router(state: AppState) -> Router {
     openapi::every_route(&mut api);
     let mut doc = openapi::ApiDoc::openapi();
     doc.merge(api);
+    let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serialises");
+    openapi::links(&mut doc);
     let api = Arc::new(doc);
     Router::new()
         .merge(saga_routes)

@@ -137,6 +137,38 @@ pub fn every_route(api: &mut OpenApi) {
     }
 }
 
+/// Links from a created saga to what can be done with it (OpenAPI links), so that clients
+/// and stateful fuzzing (schemathesis) follow a saga from its creation to its reads, cancel,
+/// signals and operator actions. Written into the JSON document: utoipa 5.5 serialises a
+/// link's `operationId` as `operation_id`.
+pub fn links(doc: &mut serde_json::Value) {
+    // (operation, whether it also takes the saga type from the response)
+    let for_orders = [("get_order", false), ("cancel_order", false), ("signal_order", false)];
+    let for_sagas = [("get_saga", true), ("cancel_saga", true), ("signal_saga", true)];
+    let operator = [("retry_saga", false), ("resolve_saga", false)];
+    for (path, targets) in [("/orders", for_orders), ("/sagas/{type}", for_sagas)] {
+        for status in ["200", "201"] {
+            let Some(response) =
+                doc.pointer_mut(&format!("/paths/{}/post/responses/{status}", path.replace('/', "~1")))
+            else {
+                continue;
+            };
+            let links: serde_json::Map<String, serde_json::Value> = targets
+                .iter()
+                .chain(&operator)
+                .map(|(operation, typed)| {
+                    let mut parameters = serde_json::json!({ "id": "$response.body#/id" });
+                    if *typed {
+                        parameters["type"] = "$response.body#/saga_type".into();
+                    }
+                    ((*operation).to_owned(), serde_json::json!({ "operationId": operation, "parameters": parameters }))
+                })
+                .collect();
+            response["links"] = links.into();
+        }
+    }
+}
+
 /// The `Idempotency-Key` header where it is required (creating a saga).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Header)]
