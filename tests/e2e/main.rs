@@ -3,6 +3,7 @@
 
 mod bench;
 mod crash;
+mod fuzz;
 mod harness;
 mod invariants;
 mod kafka;

@@ -66,12 +66,22 @@ pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderRequest {
-    #[schema(example = "c-42")]
+    /// Not blank, no control characters.
+    #[schema(
+        example = "c-42",
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub customer_id: String,
     /// 1 to 100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<OrderItem>,
-    /// ISO 4217 code, e.g. `USD`.
-    #[schema(example = "USD")]
+    /// ISO 4217 code, one of the currencies the saga accepts.
+    #[schema(
+        example = "USD",
+        pattern = "^(AUD|BRL|CAD|CHF|CNY|CZK|DKK|EUR|GBP|HKD|INR|JPY|MXN|NOK|NZD|PLN|SEK|SGD|USD|ZAR)$"
+    )]
     pub currency: String,
     pub payment: Payment,
     pub ship_to: Address,
@@ -81,12 +91,16 @@ pub struct OrderRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderItem {
-    #[schema(example = "SKU-1")]
+    #[schema(
+        example = "SKU-1",
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub sku: String,
-    /// At least 1.
-    #[schema(example = 2)]
+    #[schema(example = 2, minimum = 1, maximum = 10_000)]
     pub quantity: u32,
-    #[schema(example = 1250)]
+    #[schema(example = 1250, minimum = 0, maximum = 10_000_000_000_u64)]
     pub unit_price_cents: u64,
 }
 
@@ -95,7 +109,12 @@ pub struct OrderItem {
 #[serde(deny_unknown_fields)]
 pub struct Payment {
     /// A payment token, e.g. `tok_visa`.
-    #[schema(example = "tok_visa")]
+    #[schema(
+        example = "tok_visa",
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub token: String,
 }
 
@@ -103,14 +122,39 @@ pub struct Payment {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
+    #[schema(
+        example = "Ada",
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
+    #[schema(
+        example = "1 Main St",
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub line1: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 200)]
     pub line2: Option<String>,
+    #[schema(
+        example = "Springfield",
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub city: String,
+    #[schema(
+        example = "12345",
+        min_length = 1,
+        max_length = 20,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub postal_code: String,
-    /// ISO 3166-1 alpha-2, e.g. `US`.
-    #[schema(example = "US")]
+    /// ISO 3166-1 alpha-2 in upper case, e.g. `US`.
+    #[schema(example = "US", pattern = "^[A-Z]{2}$")]
     pub country: String,
 }
 

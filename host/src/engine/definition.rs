@@ -186,7 +186,7 @@ impl SagaDefinition {
             return Err(invalid("sensitive", "name at most 64 sensitive fields"));
         }
         for (i, pointer) in self.sensitive.iter().enumerate() {
-            if !pointer.starts_with('/') || pointer.len() > 256 || pointer.chars().any(char::is_control) {
+            if !pointer.starts_with('/') || pointer.chars().count() > 256 || pointer.chars().any(char::is_control) {
                 return Err(invalid(
                     format!("sensitive[{i}]"),
                     "use a JSON pointer into the input such as /payment/token (at most 256 characters)",

@@ -5,7 +5,7 @@
 //! The token is compared in constant time (over SHA-256 digests, so length leaks nothing).
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
+use super::openapi::OptionalKey;
 use super::sagas::{idempotent, json_response, outside_error, record_view, to_json, SagaView};
 use super::AppState;
 use crate::engine::Event;
@@ -83,21 +84,33 @@ pub(super) fn actor(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| "admin".to_owned())
 }
 
-/// Body of operator actions.
+/// Body of a retry (optional, as is its note).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorNote {
-    /// Why the operator acts; required to resolve.
+    /// Why the operator acts; kept in the audit trail.
+    #[schema(max_length = 2000)]
     pub note: Option<String>,
 }
 
+/// Body of a resolve: what was done by hand.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveNote {
+    /// What was done by hand (not blank); kept in the audit trail.
+    #[schema(min_length = 1, max_length = 2000, pattern = "\\S", example = "refunded in the PSP console")]
+    pub note: String,
+}
+
+/// The note of an operator action. No body, an empty one, and JSON `null` all mean no note.
 fn parse_note(body: Result<Bytes, BytesRejection>) -> Result<OperatorNote, ApiError> {
     let body = body.map_err(super::error::body_rejection)?;
     if body.is_empty() {
         return Ok(OperatorNote::default());
     }
-    let note: OperatorNote = serde_json::from_slice(&body)
+    let note: Option<OperatorNote> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid("", format!("expected {{\"note\": \"...\"}}: {e}")))?;
+    let note = note.unwrap_or_default();
     if note.note.as_ref().is_some_and(|n| n.chars().count() > 2000) {
         return Err(ApiError::invalid("note", "must be at most 2000 characters"));
     }
@@ -139,11 +152,15 @@ async fn operate_now(
 /// Re-run the compensation of a COMPENSATION_FAILED saga (after a fix is bound).
 ///
 /// Compensations restart with a fresh budget and use the compensate bindings in force now.
-#[utoipa::path(post, path = "/admin/sagas/{id}/retry", tag = "admin", params(("id" = String, Path)),
-    request_body(content = Option<OperatorNote>),
-    security(("admin_token" = [])),
-    responses((status = 202, body = SagaView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, description = "Not in COMPENSATION_FAILED", body = ErrorBody)))]
+#[utoipa::path(post, path = "/admin/sagas/{id}/retry", tag = "admin", params(
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey, ActorHeader),
+    request_body(content = Option<OperatorNote>, description = "Optional: no body, `null` or `{\"note\": ...}`"),
+    responses((status = 202, description = "Compensation restarts", body = SagaView),
+              (status = 400, description = "The body is not a note, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No saga with this id", body = ErrorBody),
+              (status = 409, description = "Not in COMPENSATION_FAILED, busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn retry_saga(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -155,11 +172,15 @@ pub async fn retry_saga(
 }
 
 /// Mark a COMPENSATION_FAILED saga as resolved by hand (it ends CANCELLED); audited.
-#[utoipa::path(post, path = "/admin/sagas/{id}/resolve", tag = "admin", params(("id" = String, Path)),
-    request_body = OperatorNote,
-    security(("admin_token" = [])),
-    responses((status = 202, body = SagaView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, description = "Not in COMPENSATION_FAILED", body = ErrorBody)))]
+#[utoipa::path(post, path = "/admin/sagas/{id}/resolve", tag = "admin", params(
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey, ActorHeader),
+    request_body = ResolveNote,
+    responses((status = 202, description = "Resolved: the saga ends CANCELLED", body = SagaView),
+              (status = 400, description = "No note, a blank one, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No saga with this id", body = ErrorBody),
+              (status = 409, description = "Not in COMPENSATION_FAILED, busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn resolve_saga(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -176,34 +197,85 @@ pub async fn resolve_saga(
     operate(state, &id, headers, Event::Resolve { note: note.clone() }, "saga.resolve", Some(note)).await
 }
 
+/// The `X-Actor` header of admin actions.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct ActorHeader {
+    /// Who acts, for the audit trail (at most 128 characters are kept; default `admin`).
+    #[param(rename = "X-Actor")]
+    pub actor: Option<String>,
+}
+
 /// Query of the audit trail.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Only entries about this saga id, plugin digest or binding.
+    #[param(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub target: Option<String>,
     /// At most this many entries (1-500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+}
+
+/// An entry of the audit trail.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct AuditEntryView {
+    pub id: i64,
+    /// When, RFC 3339.
+    pub at: String,
+    /// `X-Actor` of the request, or `admin`.
+    pub actor: String,
+    /// e.g. `saga.retry`, `saga.resolve`, `plugin.upload`, `binding.change`, `saga.define`.
+    pub action: String,
+    /// The saga id, plugin digest, binding or saga type the action applies to.
+    pub target: String,
+    /// The state before the change, where there was one.
+    pub before: Option<serde_json::Value>,
+    /// The state after the change.
+    pub after: Option<serde_json::Value>,
+    pub note: Option<String>,
+}
+
+/// A page of audit entries, newest first.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct AuditPage {
+    pub data: Vec<AuditEntryView>,
 }
 
 /// The audit trail of admin and operator actions, newest first.
 #[utoipa::path(get, path = "/admin/audit", tag = "admin", params(AuditQuery),
-    security(("admin_token" = [])),
-    responses((status = 200, description = "Audit entries"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn audit_log(State(state): State<AppState>, Query(q): Query<AuditQuery>) -> Result<Response, ApiError> {
+    responses((status = 200, description = "Audit entries, newest first", body = AuditPage),
+              (status = 400, description = "A query parameter is out of bounds", body = ErrorBody)))]
+pub async fn audit_log(
+    State(state): State<AppState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = super::error::query(q)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be from 1 to 500"));
     }
+    if let Some(target) = &q.target {
+        if target.chars().count() > 256 || target.chars().any(char::is_control) {
+            return Err(ApiError::invalid("target", "must be at most 256 characters without control characters"));
+        }
+    }
     let entries = state.store.audit_log(q.target.as_deref(), limit).await?;
-    let data: Vec<serde_json::Value> = entries
+    let data = entries
         .into_iter()
-        .map(|r| {
-            let mut v = serde_json::to_value(&r).unwrap_or_default();
-            v["at"] = serde_json::Value::String(crate::clock::rfc3339(r.at));
-            v
+        .map(|r| AuditEntryView {
+            id: r.id,
+            at: crate::clock::rfc3339(r.at),
+            actor: r.entry.actor,
+            action: r.entry.action,
+            target: r.entry.target,
+            before: r.entry.before,
+            after: r.entry.after,
+            note: r.entry.note,
         })
         .collect();
-    Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": data }))?, None))
+    Ok(json_response(StatusCode::OK, to_json(&AuditPage { data })?, None))
 }
 
 #[cfg(test)]

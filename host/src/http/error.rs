@@ -148,3 +148,18 @@ pub fn body_rejection(rejection: axum::extract::rejection::BytesRejection) -> Ap
         )
     }
 }
+
+/// Maps axum's query-string failures (a bound that is not a number, a repeated parameter) to
+/// our error shape, so that every 400 is JSON.
+pub fn query<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query.map(|q| q.0).map_err(|e| {
+        let text = e.body_text();
+        let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+        let field = detail.split_once(':').map(|(f, _)| f.trim()).filter(|f| !f.is_empty() && !f.contains(' '));
+        let mut error = ApiError::invalid("", format!("the query string is not valid ({detail}); see /openapi.json"));
+        error.field = field.map(str::to_owned);
+        error
+    })
+}

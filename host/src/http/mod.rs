@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod idempotency;
 pub mod limits;
+pub mod openapi;
 pub mod plugins;
 pub mod sagas;
 
@@ -18,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use utoipa::OpenApi;
+use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -59,33 +60,9 @@ pub struct AppState {
     pub gates: Arc<limits::Gates>,
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "sagahost", description = "Saga orchestrator: WebAssembly steps, durable state, idempotent intake, transactional outbox."),
-    tags((name = "orders", description = "The built-in order saga"), (name = "sagas", description = "Sagas of any registered type"),
-         (name = "admin", description = "Operators and plugin management (bearer admin token)"),
-         (name = "health", description = "Liveness and readiness")),
-    modifiers(&AdminSecurity),
-)]
-struct ApiDoc;
-
-/// Declares the bearer scheme the admin routes use.
-struct AdminSecurity;
-
-impl utoipa::Modify for AdminSecurity {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "admin_token",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
 /// Builds the router and the OpenAPI document from the same route list.
 pub fn router(state: AppState) -> Router {
-    let (saga_routes, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (saga_routes, mut api) = OpenApiRouter::new()
         .routes(routes!(sagas::create_order, sagas::list_orders))
         .routes(routes!(sagas::get_order))
         .routes(routes!(sagas::cancel_order))
@@ -97,13 +74,15 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_client))
         .split_for_parts();
-    let (upload_routes, upload_api) = OpenApiRouter::new()
+    openapi::client_routes(&mut api);
+    let (upload_routes, mut upload_api) = OpenApiRouter::new()
         .routes(routes!(plugins::upload_plugin))
         .layer(DefaultBodyLimit::max(plugins::PLUGIN_BODY_LIMIT))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
         .split_for_parts();
+    openapi::admin_routes(&mut upload_api, "16 MiB");
     api.merge(upload_api);
-    let (admin_routes, admin_api) = OpenApiRouter::new()
+    let (admin_routes, mut admin_api) = OpenApiRouter::new()
         .routes(routes!(admin::retry_saga))
         .routes(routes!(admin::resolve_saga))
         .routes(routes!(admin::audit_log))
@@ -117,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
         .split_for_parts();
+    openapi::admin_routes(&mut admin_api, "64 KiB");
     api.merge(admin_api);
     let (health_routes, health_api) = OpenApiRouter::new()
         .routes(routes!(healthz))
@@ -124,7 +104,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(metrics))
         .split_for_parts();
     api.merge(health_api);
-    let api = Arc::new(api);
+    openapi::every_route(&mut api);
+    let mut doc = openapi::ApiDoc::openapi();
+    doc.merge(api);
+    let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serialises");
+    openapi::links(&mut doc);
+    let api = Arc::new(doc);
     Router::new()
         .merge(saga_routes)
         .merge(admin_routes)
@@ -150,15 +135,25 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The body of `/healthz` and `/readyz`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Status {
+    /// `ok` (healthz) or `ready` (readyz).
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up")))]
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "The process is up", body = Status)))]
+async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
 }
 
 /// Metrics in the OpenMetrics text format: sagas by status, plugin calls by outcome and their
 /// latency, events published, outbox backlog and relay lag.
-#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "OpenMetrics text")))]
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "OpenMetrics text", body = String,
+               content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.render(state.store.as_ref(), state.clock.now_ms(), state.catalog.version()).await {
         Ok(text) => {
@@ -171,7 +166,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Readiness: the database answers and the plugins are loaded.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = error::ErrorBody)))]
+    responses((status = 200, description = "Ready", body = Status),
+              (status = 503, description = "Not ready: the database does not answer or the plugins are not loaded yet", body = error::ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before asking again")))))]
 async fn readyz(State(state): State<AppState>) -> Response {
     if let Err(e) = state.store.ping().await {
         return ApiError::unavailable(e).into_response();
@@ -182,7 +179,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "not_ready",
             "plugins are not loaded yet; retry shortly",
         )
+        .with_retry_after(1)
         .into_response();
     }
-    Json(serde_json::json!({ "status": "ready" })).into_response()
+    Json(Status { status: "ready" }).into_response()
 }

@@ -4,14 +4,14 @@
 //! version: of two concurrent changes, the second gets 409 instead of undoing the first.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::admin::actor;
+use super::admin::{actor, ActorHeader};
 use super::error::{body_rejection, ApiError, ErrorBody};
 use super::sagas::{json_response, parse_body, to_json};
 use super::AppState;
@@ -58,6 +58,24 @@ fn audit(
     }
 }
 
+/// The body of an upload: the component's bytes.
+pub struct ComponentBytes;
+
+impl utoipa::PartialSchema for ComponentBytes {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .min_length(Some(1))
+            .max_length(Some(PLUGIN_BODY_LIMIT))
+            .description(Some("A WebAssembly component meeting the step world (wit/)"))
+            .into()
+    }
+}
+
+impl ToSchema for ComponentBytes {}
+
 /// An uploaded plugin version.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UploadedPlugin {
@@ -72,12 +90,17 @@ pub struct UploadedPlugin {
 /// Validates that the bytes are a component meeting the `step` world and importing only what
 /// the host grants (422 with the reason if not), stores it by digest and compiles it. Uploading
 /// the same bytes again is a no-op (200). An upload never changes what runs until it is bound.
-#[utoipa::path(post, path = "/admin/plugins/{name}", tag = "admin", params(("name" = String, Path)),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
-    security(("admin_token" = [])),
-    responses((status = 201, body = UploadedPlugin), (status = 200, description = "Already uploaded", body = UploadedPlugin),
-              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+///
+/// The request's `Content-Type` is not checked: `application/wasm` and
+/// `application/octet-stream` are the documented ones.
+#[utoipa::path(post, path = "/admin/plugins/{name}", tag = "admin", params(
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader),
+    request_body(content((ComponentBytes = "application/wasm"), (ComponentBytes = "application/octet-stream"))),
+    responses((status = 201, description = "Uploaded", body = UploadedPlugin),
+              (status = 200, description = "Already uploaded", body = UploadedPlugin),
+              (status = 400, description = "An invalid plugin name or an empty body", body = ErrorBody),
+              (status = 409, description = "These bytes are uploaded under another name", body = ErrorBody),
+              (status = 422, description = "Not a component meeting the step world, or it imports what the host does not grant", body = ErrorBody)))]
 pub async fn upload_plugin(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -138,18 +161,35 @@ async fn plugin_views(state: &AppState) -> Result<Vec<PluginView>, ApiError> {
     Ok(out)
 }
 
+/// Every plugin and its versions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginList {
+    pub data: Vec<PluginView>,
+}
+
 /// List plugins and their versions.
-#[utoipa::path(get, path = "/admin/plugins", tag = "admin", security(("admin_token" = [])),
-    responses((status = 200, body = Vec<PluginView>), (status = 401, body = ErrorBody)))]
+#[utoipa::path(get, path = "/admin/plugins", tag = "admin", responses((status = 200, body = PluginList)))]
 pub async fn list_plugins(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let views = plugin_views(&state).await?;
-    Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": views }))?, None))
+    let data = plugin_views(&state).await?;
+    Ok(json_response(StatusCode::OK, to_json(&PluginList { data })?, None))
+}
+
+/// 404 for a plugin name that is not valid: it names no plugin.
+fn check_plugin_name(name: &str) -> Result<(), ApiError> {
+    if is_valid_name(name) {
+        return Ok(());
+    }
+    Err(ApiError::not_found(
+        "no such plugin; plugin names are 1-64 lowercase letters, digits, '-' or '_', starting with a letter",
+    ))
 }
 
 /// One plugin's versions.
-#[utoipa::path(get, path = "/admin/plugins/{name}", tag = "admin", params(("name" = String, Path)), security(("admin_token" = [])),
-    responses((status = 200, body = PluginView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/admin/plugins/{name}", tag = "admin", params(
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
+    responses((status = 200, body = PluginView), (status = 404, description = "No plugin of this name", body = ErrorBody)))]
 pub async fn get_plugin(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    check_plugin_name(&name)?;
     let view = plugin_views(&state).await?.into_iter().find(|p| p.name == name);
     let view = view.ok_or_else(|| {
         ApiError::not_found(format!("no plugin named '{name}'; upload one with POST /admin/plugins/{name}"))
@@ -159,45 +199,106 @@ pub async fn get_plugin(State(state): State<AppState>, Path(name): Path<String>)
 
 /// Query of the state view.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StateQuery {
     /// Only keys starting with this prefix.
+    #[param(max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub prefix: Option<String>,
     /// At most this many entries (1-1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
+/// One entry of a plugin's state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StateEntry {
+    pub key: String,
+    /// The value as JSON if it is JSON, else a string of its UTF-8 (lossy).
+    pub value: serde_json::Value,
+}
+
+/// Entries of a plugin's state, by key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatePage {
+    pub data: Vec<StateEntry>,
+}
+
 /// Read-only view of a plugin's state. Values that are JSON are shown as JSON, others as a
-/// string of their UTF-8 (lossy).
-#[utoipa::path(get, path = "/admin/plugins/{name}/state", tag = "admin", params(("name" = String, Path), StateQuery),
-    security(("admin_token" = [])), responses((status = 200, description = "Entries by key"), (status = 400, body = ErrorBody)))]
+/// string of their UTF-8 (lossy). A plugin that has no state (or does not exist) has no entries.
+#[utoipa::path(get, path = "/admin/plugins/{name}/state", tag = "admin", params(
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), StateQuery),
+    responses((status = 200, description = "Entries by key", body = StatePage),
+              (status = 400, description = "A query parameter is out of bounds", body = ErrorBody),
+              (status = 404, description = "Not a valid plugin name", body = ErrorBody)))]
 pub async fn plugin_state(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(q): Query<StateQuery>,
+    q: Result<Query<StateQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    check_plugin_name(&name)?;
+    let q = super::error::query(q)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be from 1 to 1000"));
     }
-    let rows = state.store.state_list(&name, q.prefix.as_deref().unwrap_or(""), limit).await?;
-    let data: Vec<serde_json::Value> = rows
+    let prefix = q.prefix.as_deref().unwrap_or("");
+    // A NUL cannot be stored in PostgreSQL text: refuse control characters up front.
+    if prefix.chars().count() > 1024 || prefix.chars().any(char::is_control) {
+        return Err(ApiError::invalid("prefix", "must be at most 1024 characters without control characters"));
+    }
+    let rows = state.store.state_list(&name, prefix, limit).await?;
+    let data = rows
         .into_iter()
         .map(|(key, value)| {
             let value = serde_json::from_slice(&value)
                 .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&value).into_owned()));
-            serde_json::json!({ "key": key, "value": value })
+            StateEntry { key, value }
         })
         .collect();
-    Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": data }))?, None))
+    Ok(json_response(StatusCode::OK, to_json(&StatePage { data })?, None))
 }
 
-/// `PUT /admin/sagas/{type}/steps/{step}` body: either binding may be omitted.
-#[derive(Debug, Deserialize, ToSchema)]
+/// `PUT /admin/sagas/{type}/steps/{step}` body: either binding may be omitted, not both.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingRequest {
     /// `sha256:...` of an uploaded plugin version.
     pub execute: Option<String>,
     pub compensate: Option<String>,
+}
+
+impl utoipa::PartialSchema for BindingRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        binding_request_schema().into()
+    }
+}
+
+impl ToSchema for BindingRequest {}
+
+/// A plugin digest as the API writes it.
+pub const DIGEST_PATTERN: &str = "^sha256:[0-9a-f]{64}$";
+
+/// `BindingRequest`: at least one of the two is a digest (the other may be absent or null).
+fn binding_request_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AdditionalProperties, AllOfBuilder, AnyOfBuilder, ObjectBuilder, SchemaType, Type};
+    let digest = || ObjectBuilder::new().schema_type(Type::String).pattern(Some(DIGEST_PATTERN));
+    let nullable = |description: &str| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+            .pattern(Some(DIGEST_PATTERN))
+            .description(Some(description))
+    };
+    let requires = |field: &str| ObjectBuilder::new().property(field, digest()).required(field);
+    let fields = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("execute", nullable("`sha256:...` of an uploaded plugin version for execute"))
+        .property("compensate", nullable("`sha256:...` of an uploaded plugin version for compensate"))
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+    AllOfBuilder::new()
+        .item(fields)
+        .item(AnyOfBuilder::new().item(requires("execute")).item(requires("compensate")))
+        .description(Some("Either binding may be omitted or null, not both"))
+        .into()
 }
 
 /// A step's bindings.
@@ -214,9 +315,14 @@ pub struct BindingView {
 /// New sagas use the new execute binding; every compensation from now on uses the new
 /// compensate binding, including those of sagas in flight or stuck.
 #[utoipa::path(put, path = "/admin/sagas/{type}/steps/{step}", tag = "admin",
-    params(("type" = String, Path), ("step" = String, Path)), request_body = BindingRequest, security(("admin_token" = [])),
-    responses((status = 200, body = BindingView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 422, body = ErrorBody)))]
+    params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
+           ("step" = String, Path, description = "A step name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader), request_body = BindingRequest,
+    responses((status = 200, description = "Bound", body = BindingView),
+              (status = 400, description = "The body is not a binding", body = ErrorBody),
+              (status = 404, description = "No such saga type or step", body = ErrorBody),
+              (status = 409, description = "The definition changed meanwhile, or the plugin's name differs from the bound one", body = ErrorBody),
+              (status = 422, description = "A digest names no uploaded plugin version", body = ErrorBody)))]
 pub async fn bind_step(
     State(state): State<AppState>,
     Path((saga_type, step)): Path<(String, String)>,
@@ -247,17 +353,29 @@ pub async fn bind_step(
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
+    /// Unique within the definition.
+    #[schema(pattern = "^[a-z][a-z0-9_-]{0,63}$")]
     pub name: String,
-    /// Status label reached when the step completes. Default: `<NAME>_DONE`.
+    /// Status label reached when the step completes, unique within the definition and not one
+    /// of CREATED, COMPLETED, COMPENSATING, CANCELLED, COMPENSATION_FAILED. Default:
+    /// `<NAME>_DONE`.
+    #[schema(pattern = "^[A-Z0-9_]{1,64}$")]
     pub state: Option<String>,
     /// Digest of the execute plugin. Default: the newest version of the plugin named like the step.
+    #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub execute: Option<String>,
-    /// Digest of the compensate plugin. Default: the execute digest.
+    /// Digest of the compensate plugin, a version of the same plugin. Default: the execute digest.
+    #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub compensate: Option<String>,
+    /// Default: 5 attempts, backoff 100 ms to 5 s.
     pub retry: Option<RetrySpec>,
+    /// Default: 20 attempts, backoff 100 ms to 30 s.
     pub compensate_retry: Option<RetrySpec>,
-    /// Default 2000.
+    /// One call's time limit: 1 ms to 1 hour. Default 2000.
+    #[schema(minimum = 1, maximum = 3_600_000)]
     pub timeout_ms: Option<u64>,
+    /// How long the step may take in all (waits included) before it is rejected; none by default.
+    #[schema(minimum = 1)]
     pub deadline_ms: Option<u64>,
 }
 
@@ -267,10 +385,13 @@ pub struct StepSpec {
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     /// Total attempts, including the first: 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: u32,
     /// At least 1 and at most `max_backoff_ms`.
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub initial_backoff_ms: u64,
     /// At most 24 hours.
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub max_backoff_ms: u64,
 }
 
@@ -301,11 +422,36 @@ pub struct DefinitionSpec {
     /// Ignored on PUT (the path names the type); set on GET.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub saga_type: Option<String>,
+    /// 1 to 64 steps, run in order.
+    #[schema(min_items = 1, max_items = 64)]
     pub steps: Vec<StepSpec>,
     /// Sensitive input fields as JSON pointers (e.g. `/payment/token`): plugins receive them;
-    /// responses, events and logs show `"[redacted]"` instead.
+    /// responses, events and logs show `"[redacted]"` instead. At most 64.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64, inline, value_type = Vec<SensitivePointer>)]
     pub sensitive: Vec<String>,
+}
+
+/// A JSON pointer into the input, at most 256 characters, no control characters.
+pub struct SensitivePointer;
+
+impl utoipa::PartialSchema for SensitivePointer {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^/[^\\x00-\\x1f\\x7f-\\x9f]{0,255}$"))
+            .description(Some("A JSON pointer into the input, e.g. /payment/token"))
+            .into()
+    }
+}
+
+impl ToSchema for SensitivePointer {}
+
+/// Every saga definition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DefinitionList {
+    pub data: Vec<DefinitionSpec>,
 }
 
 fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
@@ -339,7 +485,15 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
         let execute = match s.execute {
             Some(d) => d,
             None => versions.iter().rev().find(|v| v.name == s.name).map(|v| v.digest.clone()).ok_or_else(|| {
-                ApiError::invalid(field("execute"), format!("no plugin named '{}' is uploaded; give a digest", s.name))
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_plugin",
+                    format!(
+                        "{}: no plugin named '{}' is uploaded; upload it or give a digest",
+                        field("execute"),
+                        s.name
+                    ),
+                )
             })?,
         };
         let compensate = s.compensate.unwrap_or_else(|| execute.clone());
@@ -367,16 +521,21 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
 }
 
 /// Register or replace a saga definition. New sagas use it; running ones keep theirs.
-#[utoipa::path(put, path = "/admin/sagas/{type}", tag = "admin", params(("type" = String, Path)), request_body = DefinitionSpec,
-    security(("admin_token" = [])),
-    responses((status = 200, body = DefinitionSpec), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+///
+/// Every plugin a step names (by digest, or by the step's name) must be uploaded first.
+#[utoipa::path(put, path = "/admin/sagas/{type}", tag = "admin", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader), request_body = DefinitionSpec,
+    responses((status = 200, description = "Registered", body = DefinitionSpec),
+              (status = 400, description = "The body is not a valid definition (the error names the field)", body = ErrorBody),
+              (status = 409, description = "The definition changed meanwhile; read it again and retry", body = ErrorBody),
+              (status = 422, description = "A step names a plugin that is not uploaded", body = ErrorBody)))]
 pub async fn put_definition(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let value = parse_body(body)?;
+    let value = super::sagas::integral_numbers(parse_body(body)?);
     let spec: DefinitionSpec = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
@@ -398,18 +557,18 @@ pub async fn put_definition(
 }
 
 /// List saga definitions.
-#[utoipa::path(get, path = "/admin/sagas", tag = "admin", security(("admin_token" = [])),
-    responses((status = 200, description = "Definitions", body = Vec<DefinitionSpec>)))]
+#[utoipa::path(get, path = "/admin/sagas", tag = "admin", responses((status = 200, description = "Definitions", body = DefinitionList)))]
 pub async fn list_definitions(State(state): State<AppState>) -> Result<Response, ApiError> {
     // Read your writes through any replica: a change made elsewhere shows at once.
     state.catalog.refresh().await.map_err(catalog_error)?;
     let data: Vec<DefinitionSpec> = state.catalog.definitions().iter().map(|d| spec_of(d)).collect();
-    Ok(json_response(StatusCode::OK, to_json(&serde_json::json!({ "data": data }))?, None))
+    Ok(json_response(StatusCode::OK, to_json(&DefinitionList { data })?, None))
 }
 
 /// One saga definition.
-#[utoipa::path(get, path = "/admin/sagas/{type}", tag = "admin", params(("type" = String, Path)), security(("admin_token" = [])),
-    responses((status = 200, body = DefinitionSpec), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/admin/sagas/{type}", tag = "admin", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
+    responses((status = 200, body = DefinitionSpec), (status = 404, description = "No saga type of this name", body = ErrorBody)))]
 pub async fn get_definition(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{body_rejection, ApiError, ErrorBody, Provisional};
+use super::openapi::{OptionalKey, RequiredKey};
 use super::{idempotency, AppState};
 use crate::builtin::order::{self, OrderRequest};
 use crate::builtin::{self, InputError};
@@ -34,8 +35,7 @@ pub struct SagaView {
     pub status: SagaStatus,
     /// Why the saga compensated, once it does.
     pub reason: Option<String>,
-    /// The input as accepted.
-    #[schema(value_type = Object)]
+    /// The input as accepted, with the definition's sensitive fields shown as `"[redacted]"`.
     pub input: serde_json::Value,
     pub created_at: String,
     pub updated_at: String,
@@ -55,9 +55,9 @@ pub struct StepView {
     pub execute_digest: String,
     /// The component digest that ran compensate, once it ran.
     pub compensate_digest: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// What execute returned, once it succeeded.
     pub output: Option<serde_json::Value>,
-    #[schema(value_type = Option<Object>)]
+    /// What compensate returned, once it succeeded.
     pub compensate_output: Option<serde_json::Value>,
     pub last_error: Option<String>,
     /// The signal a waiting step waits for.
@@ -89,12 +89,17 @@ pub struct SagaSummaryView {
 
 /// Query of the list routes.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only sagas with this status, e.g. `CANCELLED`.
+    #[param(pattern = "^[A-Z0-9_]{1,64}$")]
     pub status: Option<String>,
-    /// Page size, 1 to 100 (default 20).
+    /// Page size, 1 to 100 (default 20). Parsed here rather than by serde, so that a bad value
+    /// gets our error shape and names the field.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
     pub cursor: Option<String>,
 }
 
@@ -207,6 +212,29 @@ pub(super) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_js
     serde_json::from_slice(&body).map_err(|e| ApiError::invalid("", format!("the request body is not valid JSON: {e}")))
 }
 
+/// JSON numbers with no fractional part become integers (`2.0` -> `2`), at every level.
+///
+/// JSON Schema counts `2.0` as an integer, and so does the OpenAPI document; serde does not.
+/// Typed bodies (orders, definitions) are normalised before they are parsed, so that every
+/// request the document calls valid is accepted, and the input stored is the one validated.
+pub(super) fn integral_numbers(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Exactly representable integers only: beyond 2^53 a float is not a precise integer.
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                Value::from(f as i64)
+            } else {
+                Value::Number(n)
+            }
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(integral_numbers).collect()),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, integral_numbers(v))).collect()),
+        other => other,
+    }
+}
+
 /// 404 for a saga that does not exist (as a saga of `saga_type`, when given).
 pub(super) fn not_found(saga_type: Option<&str>, id: &str) -> ApiError {
     match saga_type {
@@ -307,7 +335,7 @@ async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = idempotency::key(&headers, true)?.unwrap_or_default();
-    let value = parse_body(body)?;
+    let value = integral_numbers(parse_body(body)?);
     let def = state.catalog.definition(saga_type).ok_or_else(|| {
         ApiError::not_found(format!(
             "no saga type '{saga_type}' is registered; register it with PUT /admin/sagas/{saga_type}"
@@ -389,7 +417,7 @@ async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Result<Response
         }
     }
     if let Some(cursor) = &q.cursor {
-        if uuid::Uuid::parse_str(cursor).is_err() {
+        if cursor.len() != 36 || uuid::Uuid::try_parse(cursor).is_err() {
             return Err(ApiError::invalid(
                 "cursor",
                 "is not a cursor this API returned; pass next_cursor from the previous page",
@@ -498,7 +526,7 @@ async fn signal(
 ) -> Result<Response, ApiError> {
     check_id(Some(saga_type), id)?;
     let payload = parse_body(body)?;
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters and no control characters"));
     }
     let route = format!("POST {}/signals/{name}", builtin::location(saga_type, id));
@@ -523,14 +551,14 @@ async fn signal(
 /// Starts an `order` saga. Requires `Idempotency-Key`. With `Prefer: wait=N` (N <= 30) the
 /// response waits for the saga to settle: 200 with the final order, or 201 if N passed.
 #[utoipa::path(post, path = "/orders", tag = "orders", request_body = OrderRequest,
-    params(("Idempotency-Key" = String, Header, description = "Unique per request; reuse it on retries"),
-           ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds for a final status")),
+    params(RequiredKey,
+           ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (at most 30) for a final status; other preferences are ignored")),
     responses(
-        (status = 201, description = "Order accepted", body = SagaView),
-        (status = 200, description = "Order settled within the Prefer wait", body = SagaView),
-        (status = 400, description = "Invalid body or missing Idempotency-Key", body = ErrorBody),
-        (status = 409, description = "The same key is still in flight", body = ErrorBody),
-        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 201, description = "Order accepted", body = SagaView, headers(("Location" = String, description = "/orders/{id}"))),
+        (status = 200, description = "Order settled within the Prefer wait", body = SagaView, headers(("Location" = String))),
+        (status = 400, description = "Invalid body (the error names the field) or a missing or malformed Idempotency-Key", body = ErrorBody),
+        (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 422, description = "The key was used with a different body", body = ErrorBody)))]
 pub async fn create_order(
     State(state): State<AppState>,
@@ -541,23 +569,33 @@ pub async fn create_order(
 }
 
 /// Get an order with its step history.
-#[utoipa::path(get, path = "/orders/{id}", tag = "orders", params(("id" = String, Path)),
-    responses((status = 200, body = SagaView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", params(
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses((status = 200, body = SagaView), (status = 404, description = "No order with this id", body = ErrorBody)))]
 pub async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     get_one(state, order::SAGA_TYPE, &id).await
 }
 
 /// List orders, newest first.
 #[utoipa::path(get, path = "/orders", tag = "orders", params(ListQuery),
-    responses((status = 200, body = SagaPage), (status = 400, body = ErrorBody)))]
-pub async fn list_orders(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
-    list(state, order::SAGA_TYPE, q).await
+    responses((status = 200, body = SagaPage), (status = 400, description = "A query parameter is out of bounds", body = ErrorBody)))]
+pub async fn list_orders(
+    State(state): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    list(state, order::SAGA_TYPE, super::error::query(q)?).await
 }
 
 /// Cancel an order: compensates the steps done so far. 409 once COMPLETED.
-#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", params(("id" = String, Path)),
-    responses((status = 202, body = SagaView), (status = 200, description = "Already cancelling or cancelled", body = SagaView),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", params(
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey),
+    responses((status = 202, description = "Cancelling", body = SagaView),
+              (status = 200, description = "Already cancelling or cancelled", body = SagaView),
+              (status = 400, description = "A malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No order with this id", body = ErrorBody),
+              (status = 409, description = "Completed (final), busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn cancel_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -567,9 +605,18 @@ pub async fn cancel_order(
 }
 
 /// Send a named signal to an order's waiting step (e.g. `payment-confirmed`).
-#[utoipa::path(post, path = "/orders/{id}/signals/{name}", tag = "orders", params(("id" = String, Path), ("name" = String, Path)),
-    request_body = Object,
-    responses((status = 202, body = SagaView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+///
+/// The body is any JSON value; the waiting step receives it.
+#[utoipa::path(post, path = "/orders/{id}/signals/{name}", tag = "orders", params(
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), 
+           ("name" = String, Path, description = "The signal name: 1 to 128 characters, no control characters", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"), OptionalKey),
+    request_body(content = serde_json::Value, description = "Any JSON value: the signal's payload"),
+    responses((status = 202, description = "Delivered", body = SagaView),
+              (status = 400, description = "The body is not JSON, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No order with this id", body = ErrorBody),
+              (status = 409, description = "No step waits for this signal (yet), the saga is busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_order(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
@@ -580,11 +627,22 @@ pub async fn signal_order(
 }
 
 /// Start a saga of any registered type.
-#[utoipa::path(post, path = "/sagas/{type}", tag = "sagas", params(("type" = String, Path),
-        ("Idempotency-Key" = String, Header), ("Prefer" = Option<String>, Header)),
-    request_body = Object,
-    responses((status = 201, body = SagaView), (status = 200, body = SagaView), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+///
+/// The body is the saga's input: a JSON object, which a built-in type checks against its own
+/// shape (the `order` type: `OrderRequest`). Requires `Idempotency-Key`; `Prefer: wait=N` as
+/// for orders.
+#[utoipa::path(post, path = "/sagas/{type}", tag = "sagas",
+    params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), RequiredKey,
+           ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (at most 30) for a final status")),
+    request_body(content = Object, description = "The saga's input"),
+    responses((status = 201, description = "Saga accepted", body = SagaView, headers(("Location" = String))),
+              (status = 200, description = "Saga settled within the Prefer wait", body = SagaView, headers(("Location" = String))),
+              (status = 400, description = "Invalid input (the error names the field) or a missing or malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No saga type of this name is registered", body = ErrorBody),
+              (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+              (status = 422, description = "The key was used with a different body", body = ErrorBody)))]
 pub async fn create_saga(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
@@ -596,8 +654,10 @@ pub async fn create_saga(
 }
 
 /// Get a saga.
-#[utoipa::path(get, path = "/sagas/{type}/{id}", tag = "sagas", params(("type" = String, Path), ("id" = String, Path)),
-    responses((status = 200, body = SagaView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/sagas/{type}/{id}", tag = "sagas", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses((status = 200, body = SagaView), (status = 404, description = "No saga of this type with this id", body = ErrorBody)))]
 pub async fn get_saga(
     State(state): State<AppState>,
     Path((saga_type, id)): Path<(String, String)>,
@@ -606,19 +666,29 @@ pub async fn get_saga(
 }
 
 /// List sagas of a type, newest first.
-#[utoipa::path(get, path = "/sagas/{type}", tag = "sagas", params(("type" = String, Path), ListQuery),
-    responses((status = 200, body = SagaPage), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/sagas/{type}", tag = "sagas", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ListQuery),
+    responses((status = 200, body = SagaPage), (status = 400, description = "A query parameter is out of bounds", body = ErrorBody),
+              (status = 404, description = "The type is not a valid saga type name", body = ErrorBody)))]
 pub async fn list_sagas(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    list(state, &saga_type, q).await
+    list(state, &saga_type, super::error::query(q)?).await
 }
 
 /// Cancel a saga.
-#[utoipa::path(post, path = "/sagas/{type}/{id}/cancel", tag = "sagas", params(("type" = String, Path), ("id" = String, Path)),
-    responses((status = 202, body = SagaView), (status = 200, body = SagaView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/sagas/{type}/{id}/cancel", tag = "sagas", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey),
+    responses((status = 202, description = "Cancelling", body = SagaView),
+              (status = 200, description = "Already cancelling or cancelled", body = SagaView),
+              (status = 400, description = "A malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No saga of this type with this id", body = ErrorBody),
+              (status = 409, description = "Completed (final), busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn cancel_saga(
     State(state): State<AppState>,
     Path((saga_type, id)): Path<(String, String)>,
@@ -629,8 +699,17 @@ pub async fn cancel_saga(
 
 /// Send a named signal to a saga's waiting step.
 #[utoipa::path(post, path = "/sagas/{type}/{id}/signals/{name}", tag = "sagas",
-    params(("type" = String, Path), ("id" = String, Path), ("name" = String, Path)), request_body = Object,
-    responses((status = 202, body = SagaView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), 
+           ("name" = String, Path, description = "The signal name: 1 to 128 characters, no control characters", min_length = 1, max_length = 128, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"), OptionalKey),
+    request_body(content = serde_json::Value, description = "Any JSON value: the signal's payload"),
+    responses((status = 202, description = "Delivered", body = SagaView),
+              (status = 400, description = "The body is not JSON, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No saga of this type with this id", body = ErrorBody),
+              (status = 409, description = "No step waits for this signal (yet), the saga is busy, or the key is in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
+              (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_saga(
     State(state): State<AppState>,
     Path((saga_type, id, name)): Path<(String, String, String)>,
