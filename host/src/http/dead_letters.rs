@@ -2,6 +2,7 @@
 //! "one oversized event must not stop every saga's events"). Read-only: the store keeps them,
 //! the relay puts them there.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -14,6 +15,7 @@ use super::AppState;
 
 /// Query of the dead-letter listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// At most this many entries (1-500, default 100).
     #[param(minimum = 1, maximum = 500)]
@@ -48,12 +50,13 @@ pub struct DeadLetterPage {
 /// Events the sink refused for good (too large for the broker, say), newest first.
 #[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", params(DeadLetterQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = DeadLetterPage), (status = 400, body = ErrorBody),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "Dead letters, newest first", body = DeadLetterPage),
+              (status = 400, description = "A query parameter is out of bounds", body = ErrorBody)))]
 pub async fn list_dead_letters(
     State(state): State<AppState>,
-    Query(q): Query<DeadLetterQuery>,
+    q: Result<Query<DeadLetterQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let q = super::error::query(q)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be from 1 to 500"));
