@@ -62,12 +62,12 @@ mod tests {
         let status = SagaStatus::Reached("PAYMENT_CHARGED".to_owned());
         let spec =
             EventSpec { event_type: "PaymentCharged".to_owned(), data: serde_json::json!({ "step": "payment" }) };
-        let env = Envelope { saga_id: "s-1", saga_type: "order", seq: 3, status: &status, at: 0 };
+        let env = Envelope { saga_id: "s-1", saga_type: "refund", seq: 3, status: &status, at: 0 };
         let e = env.wrap(&spec);
         let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
         assert_eq!(v["event_id"], e.event_id.as_str());
         assert_eq!(v["saga_id"], "s-1");
-        assert_eq!(v["saga_type"], "order");
+        assert_eq!(v["saga_type"], "refund");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["type"], "PaymentCharged");
         assert_eq!(v["status"], "PAYMENT_CHARGED");

@@ -227,7 +227,7 @@ mod tests {
         }
         async fn saga_counts(&self) -> crate::store::Result<Vec<(String, String, i64)>> {
             let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(vec![("order".into(), "COMPLETED".into(), i64::from(n))])
+            Ok(vec![("refund".into(), "COMPLETED".into(), i64::from(n))])
         }
     }
 
@@ -237,7 +237,7 @@ mod tests {
         let stats = CountingStats::default();
         for _ in 0..5 {
             let text = metrics.render(&stats, 1_000, 1).await.unwrap();
-            assert!(text.contains("sagahost_sagas{saga_type=\"order\",status=\"COMPLETED\"} 1"), "{text}");
+            assert!(text.contains("sagahost_sagas{saga_type=\"refund\",status=\"COMPLETED\"} 1"), "{text}");
             assert!(text.contains("sagahost_outbox_pending_events 3"), "{text}");
         }
         assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a scrape storm read the store more than once");

@@ -18,7 +18,7 @@ pub type PluginsByName<'a> = dyn Fn(&str) -> PluginRef + 'a;
 /// A saga type that ships with the host.
 pub struct Builtin {
     pub saga_type: &'static str,
-    /// What one saga of this type is called in messages ("order").
+    /// What one saga of this type is called in messages, e.g. `order`.
     pub noun: &'static str,
     /// The collection route of its own, e.g. `/orders`, besides `/sagas/{type}`.
     pub route: Option<&'static str>,
@@ -75,7 +75,7 @@ pub fn location(saga_type: &str, id: &str) -> String {
     format!("{}/{id}", collection(saga_type))
 }
 
-/// What one saga of a type is called in messages: "order", or "refund saga".
+/// What one saga of a type is called in messages: its built-in noun, or `{type} saga`.
 pub fn noun(saga_type: &str) -> String {
     match find(saga_type) {
         Some(b) => b.noun.to_owned(),
@@ -91,7 +91,7 @@ mod tests {
     fn routes_and_nouns_come_from_the_builtin_list() {
         assert_eq!(location(order::SAGA_TYPE, "x"), "/orders/x");
         assert_eq!(location("refund", "x"), "/sagas/refund/x");
-        assert_eq!(noun(order::SAGA_TYPE), "order");
+        assert_eq!(noun(order::SAGA_TYPE), order::BUILTIN.noun);
         assert_eq!(noun("refund"), "refund saga");
     }
 

@@ -387,22 +387,22 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
         let b = Catalog::open(store.clone(), runtime, clock).await.unwrap();
-        let order = a.definition("order").unwrap();
+        let order = a.definition(crate::builtin::order::SAGA_TYPE).unwrap();
         let (step, digest) = (order.steps[0].name.clone(), order.steps[0].execute.digest.clone());
 
         // Concurrent binds through one catalog: both start from the version it holds.
         let (one, two) = tokio::join!(
-            a.bind("order", &step, Some(&digest), None, audit),
-            a.bind("order", &step, None, Some(&digest), audit)
+            a.bind(crate::builtin::order::SAGA_TYPE, &step, Some(&digest), None, audit),
+            a.bind(crate::builtin::order::SAGA_TYPE, &step, None, Some(&digest), audit)
         );
         let conflicts = [&one, &two].iter().filter(|r| matches!(r, Err(Error::Conflict(_)))).count();
         assert_eq!((conflicts, one.is_ok() || two.is_ok()), (1, true), "{one:?} {two:?}");
 
         // A replica that has not caught up yet binds from a stale version: conflict, and the
         // catalog refreshes, so the retry commits.
-        let lost = b.bind("order", &step, Some(&digest), None, audit).await;
+        let lost = b.bind(crate::builtin::order::SAGA_TYPE, &step, Some(&digest), None, audit).await;
         assert!(matches!(lost, Err(Error::Conflict(_))), "{lost:?}");
-        b.bind("order", &step, Some(&digest), None, audit).await.unwrap();
+        b.bind(crate::builtin::order::SAGA_TYPE, &step, Some(&digest), None, audit).await.unwrap();
         // Exactly the committed binds are audited.
         let binds = store.audit_log(None, 10).await.unwrap();
         assert_eq!(binds.iter().filter(|r| r.entry.action == "binding.change").count(), 2);

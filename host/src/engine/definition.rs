@@ -252,7 +252,7 @@ mod tests {
     #[test]
     fn pascal_case() {
         assert_eq!(pascal("PAYMENT_CHARGED"), "PaymentCharged");
-        assert_eq!(pascal("order"), "Order");
+        assert_eq!(pascal("refund"), "Refund");
         assert_eq!(pascal("account-onboarding"), "AccountOnboarding");
     }
 
@@ -261,7 +261,7 @@ mod tests {
         let p = |name: &str| PluginRef { plugin: name.into(), digest: format!("sha256:{name}") };
         let mut def = SagaDefinition {
             sensitive: vec![],
-            saga_type: "order".into(),
+            saga_type: "refund".into(),
             steps: vec![StepDefinition {
                 name: "pay".into(),
                 state: "PAID".into(),
@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(is_valid_name("order"));
+        assert!(is_valid_name("refund"));
         assert!(is_valid_name("a-b_c9"));
         assert!(!is_valid_name(""));
         assert!(!is_valid_name("Order"));
@@ -327,7 +327,7 @@ mod redaction_tests {
     #[test]
     fn sensitive_fields_are_redacted_wherever_they_are_and_the_rest_is_kept() {
         let def = SagaDefinition {
-            saga_type: "order".into(),
+            saga_type: "refund".into(),
             steps: vec![],
             sensitive: vec!["/payment/token".into(), "/cards/0/pan".into(), "/absent".into()],
         };
@@ -343,7 +343,7 @@ mod redaction_tests {
     #[test]
     fn a_sensitive_field_must_be_a_json_pointer() {
         let mut def =
-            SagaDefinition { saga_type: "order".into(), steps: vec![], sensitive: vec!["payment.token".into()] };
+            SagaDefinition { saga_type: "refund".into(), steps: vec![], sensitive: vec!["payment.token".into()] };
         def.steps.push(StepDefinition {
             name: "a".into(),
             state: "A_DONE".into(),
