@@ -256,7 +256,7 @@ impl Inner {
             let writes = writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice()));
             let mut advanced = self.sagas.advance(&mut rec, epoch, event.clone(), writes).await;
             if let Err(saga::Error::Store(e)) = &advanced {
-                if !e.is_transient() {
+                if e.is_refused_data() {
                     // The store refuses this result for good (it would refuse it on every
                     // retry): record the attempt as failed, without its writes, so that the
                     // retry policy and then compensation decide, rather than a hot loop.

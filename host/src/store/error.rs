@@ -44,6 +44,13 @@ impl Error {
             _ => false,
         }
     }
+
+    /// The database refuses the data itself (a value it cannot hold, a key too large to
+    /// index): the same statement with the same data fails every time, whatever the
+    /// connection. Only such errors may turn a plugin's result into a failed attempt.
+    pub fn is_refused_data(&self) -> bool {
+        matches!(self, Error::Database(e) if e.refused_data)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -52,6 +59,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct DatabaseError {
     source: Box<dyn std::error::Error + Send + Sync + 'static>,
     transient: bool,
+    refused_data: bool,
 }
 
 impl DatabaseError {
@@ -61,7 +69,15 @@ impl DatabaseError {
             sqlx::Error::Database(db) => dialect::ALL.iter().any(|d| d.is_transient(db.as_ref())),
             _ => false,
         };
-        DatabaseError { source: Box::new(e), transient }
+        // SQLSTATE class 22 (data exception: a NUL byte, a string too long) and 54 (program
+        // limit exceeded: an index row too large) on PostgreSQL; SQLITE_TOOBIG (18) on SQLite.
+        let refused_data = match &e {
+            sqlx::Error::Database(db) => {
+                db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("54") || c == "18")
+            }
+            _ => false,
+        };
+        DatabaseError { source: Box::new(e), transient, refused_data }
     }
 }
 
@@ -93,7 +109,7 @@ impl From<sqlx::migrate::MigrateError> for Error {
     fn from(e: sqlx::migrate::MigrateError) -> Error {
         match e {
             sqlx::migrate::MigrateError::Execute(e) => Error::Migrate(DatabaseError::new(e)),
-            other => Error::Migrate(DatabaseError { source: Box::new(other), transient: false }),
+            other => Error::Migrate(DatabaseError { source: Box::new(other), transient: false, refused_data: false }),
         }
     }
 }

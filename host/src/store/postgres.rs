@@ -97,8 +97,10 @@ impl Dialect for Postgres {
         let code = e.code();
         // Class 08: connection exceptions. 40001 serialization_failure, 40P01 deadlock_detected,
         // 55P03 lock_not_available (our lock_timeout), 57P01-57P03 admin or crash shutdown and
-        // "the database system is starting up", 53300 too_many_connections.
-        code.starts_with("08") || matches!(code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300")
+        // "the database system is starting up", 53300 too_many_connections, 25P03 the session
+        // was ended for idling in a transaction (a frozen process), 57014 a cancelled statement.
+        code.starts_with("08")
+            || matches!(code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300" | "25P03" | "57014")
     }
 }
 

@@ -567,7 +567,18 @@ async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
             assert!(timeout.is_transient(), "postgres: {timeout}");
             holder.execute("ROLLBACK").await.unwrap();
             let unique = other.execute("INSERT INTO catalog_version (id, version) VALUES (1, 0)").await.unwrap_err();
-            assert!(!Error::from(unique).is_transient(), "postgres: a unique violation is permanent");
+            let unique = Error::from(unique);
+            assert!(!unique.is_transient(), "postgres: a unique violation is permanent");
+            assert!(!unique.is_refused_data(), "postgres: a unique violation is not about the data's form");
+            // Data no retry can store: a NUL in text, an index row too large.
+            let nul = other.execute("SELECT convert_from('\\x00'::bytea, 'UTF8')").await.unwrap_err();
+            assert!(Error::from(nul).is_refused_data(), "postgres: a NUL is refused data");
+            // A session ended for idling in a transaction (a frozen process) is transient.
+            other.execute("SET idle_in_transaction_session_timeout = '50ms'").await.unwrap();
+            other.execute("BEGIN").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let ended = Error::from(other.execute("SELECT 1").await.unwrap_err());
+            assert!(ended.is_transient() && !ended.is_refused_data(), "postgres: {ended}");
         }
         b.cleanup().await;
     }
