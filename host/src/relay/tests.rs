@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::clock::SystemClock;
-use crate::engine::{PluginRef, RetryPolicy, SagaDefinition, SagaState, StepDefinition};
+use crate::engine::SagaState;
 use crate::event::OutboxEvent;
 use crate::metrics::Metrics;
 use crate::store::{Commit, Fence, NewSaga, Store};
@@ -72,24 +72,6 @@ impl Sink for ScriptedSink {
     }
 }
 
-fn definition() -> SagaDefinition {
-    let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
-    SagaDefinition {
-        sensitive: vec![],
-        saga_type: "order".into(),
-        steps: vec![StepDefinition {
-            name: "only".into(),
-            state: "DONE_ONE".into(),
-            execute: p.clone(),
-            compensate: p,
-            retry: RetryPolicy::EXECUTE,
-            compensate_retry: RetryPolicy::COMPENSATE,
-            timeout_ms: 1000,
-            deadline_ms: None,
-        }],
-    }
-}
-
 /// A fresh SQLite store whose outbox holds the events of three sagas, interleaved as
 /// concurrent sagas commit: a1 b1 c1 a2 b2 a3 c2 b3 a4 c3 b4 a5.
 /// An outbox event with a readable id, `{saga}-{seq}`.
@@ -101,7 +83,7 @@ fn event(saga: &str, seq: i64) -> OutboxEvent {
 
 async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
     let store = crate::store::open(None, dir).await.unwrap();
-    let def = definition();
+    let def = crate::store::tests::def();
     for id in ["a", "b", "c"] {
         let saga = NewSaga {
             id: id.into(),

@@ -50,7 +50,8 @@ async fn backends() -> Vec<Backend> {
     out
 }
 
-fn def() -> SagaDefinition {
+/// A one-step definition for tests (the relay's tests use it too).
+pub(crate) fn def() -> SagaDefinition {
     let p = PluginRef { plugin: "p".into(), digest: "sha256:p".into() };
     SagaDefinition {
         saga_type: "order".into(),
