@@ -41,7 +41,7 @@ use serde::Serialize;
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "../../wit/0.1.0",
         world: "step",
         pub_export_macro: true,
         default_bindings_module: "sagahost_plugin_sdk::bindings",

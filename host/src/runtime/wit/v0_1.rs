@@ -19,7 +19,7 @@ mod bindings {
     // Only the exports are generated for use: the imports are defined by hand in `host.rs`,
     // shared by every world version.
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../wit/0.1.0",
         world: "step",
         exports: { default: async },
     });
