@@ -11,6 +11,7 @@ pub mod driver;
 pub mod engine;
 pub mod event;
 pub mod failpoint;
+pub mod grants;
 pub mod http;
 pub mod metrics;
 pub mod relay;
