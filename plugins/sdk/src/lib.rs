@@ -4,7 +4,8 @@
 //! `sagahost:plugin@0.2.0` (see `wit/0.2.0/step.wit` in the repository). This
 //! crate generates the bindings for that world once, re-exports its types, and
 //! adds small helpers for the chores every step has: parsing the `input` JSON,
-//! reading and writing typed JSON state, logging, and building outcomes.
+//! reading and writing typed JSON state, logging, building outcomes, and
+//! calling HTTP services ([`http`]).
 //!
 //! A plugin crate is a `cdylib` built for `wasm32-wasip2`:
 //!
@@ -27,10 +28,11 @@
 //! sagahost_plugin_sdk::export!(Hello);
 //! ```
 //!
-//! The helpers that touch the host (`state`, `log`) only work inside a
-//! component. Keep the step's logic in functions that take a
-//! [`state::Store`]; unit tests can then run it natively against a
-//! [`state::MemoryStore`].
+//! The helpers that touch the host (`state`, `log`, `http::Request::send`)
+//! only work inside a component. Keep the step's logic in functions that take
+//! a [`state::Store`], build an [`http::Request`] or read an
+//! [`http::Response`]; unit tests can then run it natively against a
+//! [`state::MemoryStore`] and hand-made responses.
 //!
 //! A component imports only what its code calls: a plugin that never sends a
 //! request does not import `wasi:http`, although the world offers it.
@@ -40,7 +42,7 @@ use serde::Serialize;
 /// The bindings generated from `wit/0.2.0/step.wit` (world `step`), including
 /// `wasi:http` and the `wasi:io` pieces it uses.
 ///
-/// Most plugins need only the re-exports at the crate root; this
+/// Most plugins need only the re-exports at the crate root and [`http`]; this
 /// module is public so that [`export!`] can find the generated glue, and so
 /// that a plugin can reach the raw `wasi:http` API if the helper does not fit.
 #[allow(missing_docs, unsafe_code, clippy::all)]
@@ -71,6 +73,8 @@ pub use bindings::Guest;
 /// `compensate`: `sagahost_plugin_sdk::export!(MyPlugin);` once, at the root of
 /// the plugin crate.
 pub use bindings::export;
+
+pub mod http;
 
 /// Serializes `output` and returns it as a `done` outcome.
 ///
