@@ -144,6 +144,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "o-1:inventory:execute".into(),
             signal: None,
+            signal_name: None,
         }
     }
 

@@ -185,6 +185,7 @@ mod tests {
             attempt,
             idempotency_key: "o-1:payment:execute".into(),
             signal: signal.map(str::to_string),
+            signal_name: signal.map(|_| "payment-confirmed".to_string()),
         }
     }
 

@@ -1,10 +1,11 @@
 //! The SDK for sagahost saga step plugins.
 //!
 //! A plugin is a WebAssembly component meeting the WIT world `step` of package
-//! `sagahost:plugin@0.1.0` (see `wit/step.wit` in the repository). This crate
-//! generates the bindings for that world once, re-exports its types, and adds
-//! small helpers for the chores every step has: parsing the `input` JSON,
-//! reading and writing typed JSON state, logging, and building outcomes.
+//! `sagahost:plugin@0.2.0` (see `wit/0.2.0/step.wit` in the repository). This
+//! crate generates the bindings for that world once, re-exports its types, and
+//! adds small helpers for the chores every step has: parsing the `input` JSON,
+//! reading and writing typed JSON state, logging, building outcomes, and
+//! calling HTTP services ([`http`]).
 //!
 //! A plugin crate is a `cdylib` built for `wasm32-wasip2`:
 //!
@@ -27,25 +28,41 @@
 //! sagahost_plugin_sdk::export!(Hello);
 //! ```
 //!
-//! The helpers that touch the host (`state`, `log`) only work inside a
-//! component. Keep the step's logic in functions that take a
-//! [`state::Store`]; unit tests can then run it natively against a
-//! [`state::MemoryStore`].
+//! The helpers that touch the host (`state`, `log`, `http::Request::send`)
+//! only work inside a component. Keep the step's logic in functions that take
+//! a [`state::Store`], build an [`http::Request`] or read an
+//! [`http::Response`]; unit tests can then run it natively against a
+//! [`state::MemoryStore`] and hand-made responses.
+//!
+//! A component imports only what its code calls: a plugin that never sends a
+//! request does not import `wasi:http`, although the world offers it.
 
 use serde::Serialize;
 
-/// The bindings generated from `wit/step.wit` (world `step`).
+/// The bindings generated from `wit/0.2.0/step.wit` (world `step`), including
+/// `wasi:http` and the `wasi:io` pieces it uses.
 ///
-/// Most plugins need only the re-exports at the crate root; this module is
-/// public so that [`export!`] can find the generated glue.
+/// Most plugins need only the re-exports at the crate root and [`http`]; this
+/// module is public so that [`export!`] can find the generated glue, and so
+/// that a plugin can reach the raw `wasi:http` API if the helper does not fit.
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit/0.1.0",
+        path: "../../wit/0.2.0",
         world: "step",
         pub_export_macro: true,
         default_bindings_module: "sagahost_plugin_sdk::bindings",
-        additional_derives: [PartialEq, Eq],
+        // Equality for the step's own types, so tests can compare outcomes
+        // (not for all types: the `wasi:io` error resource has none).
+        additional_type_attributes: {
+            "sagahost:plugin/types@0.2.0/call-context": [#[derive(PartialEq, Eq)]],
+            "sagahost:plugin/types@0.2.0/step-outcome": [#[derive(PartialEq, Eq)]],
+            "sagahost:plugin/types@0.2.0/wait-request": [#[derive(PartialEq, Eq)]],
+            "sagahost:plugin/types@0.2.0/step-error": [#[derive(PartialEq, Eq)]],
+        },
+        // The world's `wasi:*` imports (http and the io, clocks pieces it
+        // uses) are generated here too; no other crate provides them.
+        generate_all,
     });
 }
 
@@ -56,6 +73,8 @@ pub use bindings::Guest;
 /// `compensate`: `sagahost_plugin_sdk::export!(MyPlugin);` once, at the root of
 /// the plugin crate.
 pub use bindings::export;
+
+pub mod http;
 
 /// Serializes `output` and returns it as a `done` outcome.
 ///
@@ -82,7 +101,7 @@ pub mod input {
     use crate::StepError;
 
     /// The `input` JSON a step receives:
-    /// `{"input": <saga input>, "steps": {"<step>": <output>, ...}}`.
+    /// `{"input": <saga input>, "steps": {"<step>": <output>, ...}, "config": {...}}`.
     #[derive(Debug, Clone, Deserialize)]
     pub struct StepInput<T> {
         /// The saga's input (for the `order` saga, the order).
@@ -90,6 +109,30 @@ pub mod input {
         /// The outputs of the steps completed before this one, by step name.
         #[serde(default)]
         pub steps: Map<String, Value>,
+        /// The step's `config` object from the saga definition (for example
+        /// the base URL of the service it calls); empty when it has none.
+        #[serde(default, deserialize_with = "null_as_empty")]
+        pub config: Map<String, Value>,
+    }
+
+    impl<T> StepInput<T> {
+        /// The string under `key` in [`config`](Self::config): `Ok(None)` when
+        /// absent or `null`, a rejection (`invalid input: config.<key> must be a
+        /// string`) when it is something else.
+        pub fn config_str(&self, key: &str) -> Result<Option<&str>, StepError> {
+            match self.config.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(invalid(format!("config.{key} must be a string"))),
+            }
+        }
+    }
+
+    /// `config` may be absent or `null` as well as an object: both mean empty.
+    fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Map<String, Value>, D::Error> {
+        Ok(Option::<Map<String, Value>>::deserialize(deserializer)?.unwrap_or_default())
     }
 
     /// Parses the `input` argument, deserializing the saga input as `T`.
@@ -112,6 +155,7 @@ pub mod input {
 /// vanish if the call fails (see the WIT `state` interface).
 pub mod state {
     use std::collections::BTreeMap;
+    use std::ops::Bound;
 
     use serde::de::DeserializeOwned;
     use serde::Serialize;
@@ -134,6 +178,13 @@ pub mod state {
         host::delete(key)
     }
 
+    /// Lists up to `limit` keys of the host's state that start with `prefix`,
+    /// in byte order, strictly after `after` when given, with their values.
+    /// See [`Store::scan`].
+    pub fn scan(prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
+        host::scan(prefix, after, limit)
+    }
+
     /// Reads a key from the host's state and parses it as JSON.
     ///
     /// `None` if the key is absent or does not hold a valid `T`; use
@@ -154,6 +205,9 @@ pub mod state {
         }
     }
 
+    /// The most entries one `scan` returns, whatever `limit` asks for.
+    pub const MAX_SCAN_LIMIT: u32 = 1000;
+
     /// A key-value store a step's logic runs against: the host's state in a
     /// component ([`HostStore`]), a map in unit tests ([`MemoryStore`]).
     pub trait Store {
@@ -163,6 +217,12 @@ pub mod state {
         fn set(&mut self, key: &str, value: &[u8]);
         /// Deletes a key.
         fn delete(&mut self, key: &str);
+        /// One page of the keys starting with `prefix`, in byte order, with
+        /// their values: the keys strictly after `after` (when given), at most
+        /// `limit` of them (the host caps `limit` at [`MAX_SCAN_LIMIT`]). To
+        /// page on, pass the last key of a page as the next `after`; an empty
+        /// page means there is nothing more.
+        fn scan(&self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)>;
 
         /// Reads a key as JSON: `Ok(None)` if absent, `Err` (retryable, since
         /// a later plugin version may fix it) if the stored bytes are not a
@@ -204,6 +264,9 @@ pub mod state {
         fn delete(&mut self, key: &str) {
             host::delete(key)
         }
+        fn scan(&self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
+            host::scan(prefix, after, limit)
+        }
     }
 
     /// An in-memory store for unit tests of a step's logic.
@@ -240,6 +303,21 @@ pub mod state {
         fn delete(&mut self, key: &str) {
             self.writes += 1;
             self.entries.remove(key);
+        }
+        fn scan(&self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)> {
+            // `str` orders by bytes, as the host does. Start at the prefix, or
+            // just past `after` when that lies at or beyond it.
+            let start = match after {
+                Some(after) if after >= prefix => Bound::Excluded(after),
+                _ => Bound::Included(prefix),
+            };
+            let limit = limit.min(MAX_SCAN_LIMIT) as usize;
+            self.entries
+                .range::<str, _>((start, Bound::Unbounded))
+                .take_while(|(key, _)| key.starts_with(prefix))
+                .take(limit)
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect()
         }
     }
 }
@@ -338,6 +416,66 @@ mod tests {
             input::parse::<Order>(r#"{"input": {"customer_id": "c-1"}, "steps": {"a": 1}}"#)
                 .unwrap();
         assert_eq!(parsed.steps["a"], 1);
+    }
+
+    #[test]
+    fn config_defaults_to_empty() {
+        for raw in [
+            r#"{"input": {"customer_id": "c-1"}}"#,
+            r#"{"input": {"customer_id": "c-1"}, "config": null}"#,
+            r#"{"input": {"customer_id": "c-1"}, "config": {}}"#,
+        ] {
+            let parsed = input::parse::<Order>(raw).unwrap();
+            assert!(parsed.config.is_empty(), "{raw}");
+            assert_eq!(parsed.config_str("base_url"), Ok(None));
+        }
+        let parsed = input::parse::<Order>(
+            r#"{"input": {"customer_id": "c-1"}, "config": {"base_url": "http://h:1", "n": 2}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.config_str("base_url"), Ok(Some("http://h:1")));
+        assert_eq!(
+            parsed.config_str("n"),
+            Err(StepError::Rejected(
+                "invalid input: config.n must be a string".into()
+            ))
+        );
+        assert!(input::parse::<Order>(r#"{"input": {"customer_id": "c"}, "config": []}"#).is_err());
+    }
+
+    #[test]
+    fn scan_pages_in_byte_order() {
+        let mut store = MemoryStore::new();
+        for key in ["b/2", "a/1", "b/1", "b/10", "b/\u{e9}", "b0", "c/1", "b/"] {
+            store.set(key, key.as_bytes());
+        }
+        let keys = |page: Vec<(String, Vec<u8>)>| -> Vec<String> {
+            page.into_iter()
+                .map(|(k, v)| {
+                    assert_eq!(k.as_bytes(), v.as_slice());
+                    k
+                })
+                .collect()
+        };
+        assert_eq!(
+            keys(store.scan("b/", None, 100)),
+            ["b/", "b/1", "b/10", "b/2", "b/\u{e9}"]
+        );
+        assert_eq!(keys(store.scan("b/", None, 2)), ["b/", "b/1"]);
+        assert_eq!(keys(store.scan("b/", Some("b/1"), 2)), ["b/10", "b/2"]);
+        assert_eq!(keys(store.scan("b/", Some("b/2"), 2)), ["b/\u{e9}"]);
+        assert!(store.scan("b/", Some("b/\u{e9}"), 2).is_empty());
+        // `after` before the prefix starts at the prefix; past it, nothing.
+        assert_eq!(keys(store.scan("b/", Some("a"), 1)), ["b/"]);
+        assert!(store.scan("b/", Some("c"), 10).is_empty());
+        assert!(store.scan("b/", None, 0).is_empty());
+        assert_eq!(store.scan("", None, 100).len(), 8);
+        assert_eq!(store.writes, 8, "scans write nothing");
+
+        for i in 0..1005 {
+            store.set(&format!("many/{i:04}"), b"");
+        }
+        assert_eq!(store.scan("many/", None, u32::MAX).len(), 1000);
     }
 
     #[test]

@@ -144,6 +144,7 @@ mod tests {
             attempt: 1,
             idempotency_key: format!("{order_id}:shipment:execute"),
             signal: None,
+            signal_name: None,
         }
     }
 
