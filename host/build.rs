@@ -1,5 +1,5 @@
-//! Builds the demo plugins (the `plugins/` workspace, for wasm32-wasip2) and hands the three
-//! demo components to the host crate through OUT_DIR, where `builtin::order` embeds them.
+//! Builds the demo plugins (the `plugins/` workspace, for wasm32-wasip2) and hands the six
+//! built-in components (`order`'s and `order-http`'s) to the host crate through OUT_DIR, where `builtin::order` embeds them.
 //!
 //! The plugins build in their own target directory (`plugins/target`), so this nested cargo
 //! never contends with the outer build's lock.
@@ -19,6 +19,9 @@ fn main() {
         "plugins/inventory",
         "plugins/payment",
         "plugins/shipment",
+        "plugins/http-inventory",
+        "plugins/http-payment",
+        "plugins/http-shipment",
         "plugins/fixtures",
     ] {
         // Relative to this package, so cargo resolves them in whichever checkout builds: a
@@ -46,7 +49,7 @@ fn main() {
         );
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["inventory", "payment", "shipment"] {
+    for name in ["inventory", "payment", "shipment", "http_inventory", "http_payment", "http_shipment"] {
         let built = target_dir.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
         std::fs::copy(&built, out.join(format!("{name}.wasm")))
             .unwrap_or_else(|e| panic!("demo plugin {} is missing after the build: {e}", built.display()));

@@ -353,7 +353,11 @@ impl Inner {
         started_at: i64,
     ) -> Result<Transition, String> {
         let sdef = &rec.definition.steps[step];
-        let info = call_info(rec, &sdef.name, attempt, "execute", rec.state.steps[step].signal_payload.clone());
+        let woken = &rec.state.steps[step];
+        // A payload is set only once the signal the step waits for arrived: its name is the
+        // one the step waits for.
+        let signal = woken.signal_payload.clone().map(|payload| (woken.wait_signal.clone(), payload));
+        let info = call_info(rec, &sdef.name, attempt, "execute", signal);
         let input = step_input(rec, step);
         let timeout = Duration::from_millis(sdef.timeout_ms);
         // A version bound through another replica a moment ago: load it rather than fail.
@@ -409,7 +413,18 @@ type Transition = (Event, Option<(String, Vec<StateWrite>)>, Duration);
 
 /// The call context of one attempt. The idempotency key, `{saga-id}:{step}:{execute|compensate}`,
 /// is part of the plugin contract: the same on every retry and after every restart.
-fn call_info(rec: &SagaRecord, step: &str, attempt: u32, export: &str, signal: Option<String>) -> CallInfo {
+/// `signal` is the (name, payload) of the signal that woke the step.
+fn call_info(
+    rec: &SagaRecord,
+    step: &str,
+    attempt: u32,
+    export: &str,
+    signal: Option<(Option<String>, String)>,
+) -> CallInfo {
+    let (signal_name, signal) = match signal {
+        Some((name, payload)) => (name, Some(payload)),
+        None => (None, None),
+    };
     CallInfo {
         saga_id: rec.id.clone(),
         saga_type: rec.saga_type.clone(),
@@ -417,12 +432,13 @@ fn call_info(rec: &SagaRecord, step: &str, attempt: u32, export: &str, signal: O
         attempt,
         idempotency_key: format!("{}:{step}:{export}", rec.id),
         signal,
+        signal_name,
     }
 }
 
 /// The `input` argument of a call to step `step`: `{"input": <saga input>, "steps":
-/// {"<step>": <output>}}` with the outputs of the steps before it. Compensation gets the same
-/// input its execute got, whatever later steps did.
+/// {"<step>": <output>}, "config": <the step's config>}` with the outputs of the steps before
+/// it. Compensation gets the same input its execute got, whatever later steps did.
 pub fn step_input(rec: &SagaRecord, step: usize) -> String {
     let mut steps = serde_json::Map::new();
     for (def, state) in rec.definition.steps.iter().zip(&rec.state.steps).take(step) {
@@ -432,5 +448,6 @@ pub fn step_input(rec: &SagaRecord, step: usize) -> String {
         }
     }
     let input: serde_json::Value = serde_json::from_str(&rec.input).unwrap_or(serde_json::Value::Null);
-    serde_json::json!({ "input": input, "steps": steps }).to_string()
+    let config = rec.definition.steps.get(step).map(|d| d.config.clone()).unwrap_or_default();
+    serde_json::json!({ "input": input, "steps": steps, "config": config }).to_string()
 }

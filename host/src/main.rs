@@ -98,6 +98,13 @@ struct Serve {
     /// Log lines kept per plugin call.
     #[arg(long, env = "SAGAHOST_PLUGIN_LOG_LINES", default_value_t = 100)]
     plugin_log_lines: u32,
+    /// HTTP requests one plugin call may make (sagahost:plugin@0.2.0); past it, requests fail
+    /// inside the plugin and the step's last_error names the limit.
+    #[arg(long, env = "SAGAHOST_PLUGIN_HTTP_MAX_REQUESTS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    plugin_http_max_requests: u32,
+    /// Largest response body one plugin HTTP request may return, in bytes.
+    #[arg(long, env = "SAGAHOST_PLUGIN_HTTP_MAX_RESPONSE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(64 << 20)))]
+    plugin_http_max_response_bytes: u64,
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
@@ -157,6 +164,10 @@ fn config(args: Serve) -> sagahost::Config {
     config.limits.memory_bytes = args.plugin_memory_mib << 20;
     config.limits.output_bytes = args.plugin_output_kib << 10;
     config.limits.log_lines = args.plugin_log_lines;
+    config.limits.http = sagahost::runtime::HttpLimits {
+        max_requests: args.plugin_http_max_requests,
+        max_response_bytes: args.plugin_http_max_response_bytes,
+    };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
     config.serve = sagahost::http::limits::ServeLimits {
         max_in_flight: args.max_in_flight_requests as usize,
@@ -229,14 +240,30 @@ mod tests {
 
     #[test]
     fn the_plugin_limit_flags_reach_the_runtimes_limits() {
-        let limits =
-            config_of(&["--plugin-memory-mib", "3", "--plugin-output-kib", "5", "--plugin-log-lines", "7"]).limits;
+        let limits = config_of(&[
+            "--plugin-memory-mib",
+            "3",
+            "--plugin-output-kib",
+            "5",
+            "--plugin-log-lines",
+            "7",
+            "--plugin-http-max-requests",
+            "2",
+            "--plugin-http-max-response-bytes",
+            "100",
+        ])
+        .limits;
         assert_eq!((limits.memory_bytes, limits.output_bytes, limits.log_lines), (3 << 20, 5 << 10, 7));
+        assert_eq!((limits.http.max_requests, limits.http.max_response_bytes), (2, 100));
         // The flags' defaults are the library's defaults.
         let (flags, library) = (config_of(&[]).limits, sagahost::runtime::Limits::default());
         assert_eq!(
             (flags.memory_bytes, flags.output_bytes, flags.log_lines),
             (library.memory_bytes, library.output_bytes, library.log_lines)
+        );
+        assert_eq!(
+            (flags.http.max_requests, flags.http.max_response_bytes),
+            (library.http.max_requests, library.http.max_response_bytes)
         );
     }
 }

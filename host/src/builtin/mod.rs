@@ -9,6 +9,7 @@
 //! This module must not do IO: the catalog stores and compiles the plugins it names.
 
 pub mod order;
+pub mod order_http;
 
 use crate::engine::{PluginRef, SagaDefinition};
 
@@ -31,7 +32,7 @@ pub struct Builtin {
 }
 
 /// Every built-in saga type.
-pub const ALL: &[Builtin] = &[order::BUILTIN];
+pub const ALL: &[Builtin] = &[order::BUILTIN, order_http::BUILTIN];
 
 /// Why a saga input was refused: the offending field (a path such as `items[0].quantity`;
 /// empty for the whole input) and what to do about it.

@@ -49,6 +49,7 @@ pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
         compensate_retry: RetryPolicy::COMPENSATE,
         timeout_ms: 2_000,
         deadline_ms,
+        config: Default::default(),
     };
     SagaDefinition {
         saga_type: SAGA_TYPE.to_owned(),

@@ -360,9 +360,17 @@ mod tests {
     struct NoState;
 
     #[async_trait::async_trait]
-    impl crate::runtime::StateReader for NoState {
+    impl crate::runtime::PluginReader for NoState {
         async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
             Ok(None)
+        }
+
+        async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+            Ok(Vec::new())
+        }
+
+        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
+            Ok(Vec::new())
         }
     }
 

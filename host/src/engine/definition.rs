@@ -60,7 +60,14 @@ pub struct StepDefinition {
     pub timeout_ms: u64,
     /// Limit on the whole step, waits and retries included, from its first attempt.
     pub deadline_ms: Option<u64>,
+    /// Settings the step's plugin receives in its input under `config` (for example the base
+    /// URL of the service it calls). Not secret: shown by the admin API.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub config: serde_json::Map<String, serde_json::Value>,
 }
+
+/// Largest `config` of one step, as JSON.
+pub const MAX_CONFIG_BYTES: usize = 16 << 10;
 
 impl StepDefinition {
     /// The compensate binding a saga that pinned `self` uses now, given the step as the saga
@@ -181,6 +188,9 @@ impl SagaDefinition {
             if step.deadline_ms == Some(0) {
                 return Err(invalid(f("deadline_ms"), "must be positive or null"));
             }
+            if serde_json::to_vec(&step.config).map_or(true, |json| json.len() > MAX_CONFIG_BYTES) {
+                return Err(invalid(f("config"), format!("must be at most {MAX_CONFIG_BYTES} bytes of JSON")));
+            }
         }
         if self.sensitive.len() > 64 {
             return Err(invalid("sensitive", "name at most 64 sensitive fields"));
@@ -271,6 +281,7 @@ mod tests {
                 compensate_retry: RetryPolicy::COMPENSATE,
                 timeout_ms: 1000,
                 deadline_ms: None,
+                config: Default::default(),
             }],
         };
         assert_eq!(def.validate(), Ok(()));
@@ -305,6 +316,7 @@ mod binding_tests {
             compensate_retry: RetryPolicy::COMPENSATE,
             timeout_ms: 1,
             deadline_ms: None,
+            config: Default::default(),
         }
     }
 
@@ -353,6 +365,7 @@ mod redaction_tests {
             compensate_retry: RetryPolicy::COMPENSATE,
             timeout_ms: 1,
             deadline_ms: None,
+            config: Default::default(),
         });
         let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
         assert_eq!(field, "sensitive[0]");

@@ -27,6 +27,7 @@ fn def_with(n: usize, retry: u32, comp_retry: u32) -> SagaDefinition {
                 compensate_retry: policy(comp_retry),
                 timeout_ms: 1_000,
                 deadline_ms: None,
+                config: Default::default(),
             })
             .collect(),
     }

@@ -361,7 +361,12 @@ pub struct StepSpec {
     /// `<NAME>_DONE`.
     #[schema(pattern = "^[A-Z0-9_]{1,64}$")]
     pub state: Option<String>,
-    /// Digest of the execute plugin. Default: the newest version of the plugin named like the step.
+    /// The plugin whose newest version `execute` defaults to. Default: the step's name.
+    /// Ignored when `execute` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "http-payment")]
+    pub plugin: Option<String>,
+    /// Digest of the execute plugin. Default: the newest version of `plugin`.
     #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub execute: Option<String>,
     /// Digest of the compensate plugin, a version of the same plugin. Default: the execute digest.
@@ -377,6 +382,11 @@ pub struct StepSpec {
     /// How long the step may take in all (waits included) before it is rejected; none by default.
     #[schema(minimum = 1)]
     pub deadline_ms: Option<u64>,
+    /// Settings the plugin receives in its input under `config`, e.g. `{"base_url":
+    /// "http://127.0.0.1:9002"}`: at most 16 KiB of JSON. Not secret: it is shown here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, example = json!({"base_url": "http://127.0.0.1:9002"}))]
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A retry policy as the admin API shows and accepts it: exponential backoff with jitter
@@ -462,6 +472,7 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
             .iter()
             .map(|s| StepSpec {
                 name: s.name.clone(),
+                plugin: Some(s.execute.plugin.clone()),
                 state: Some(s.state.clone()),
                 execute: Some(s.execute.digest.clone()),
                 compensate: Some(s.compensate.digest.clone()),
@@ -469,6 +480,7 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
                 compensate_retry: Some(s.compensate_retry.into()),
                 timeout_ms: Some(s.timeout_ms),
                 deadline_ms: s.deadline_ms,
+                config: (!s.config.is_empty()).then(|| s.config.clone()),
             })
             .collect(),
         sensitive: def.sensitive.clone(),
@@ -484,17 +496,19 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
         let field = |f: &str| format!("steps[{i}].{f}");
         let execute = match s.execute {
             Some(d) => d,
-            None => versions.iter().rev().find(|v| v.name == s.name).map(|v| v.digest.clone()).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "unknown_plugin",
-                    format!(
-                        "{}: no plugin named '{}' is uploaded; upload it or give a digest",
-                        field("execute"),
-                        s.name
-                    ),
-                )
-            })?,
+            None => {
+                let (name, f) = match &s.plugin {
+                    Some(plugin) => (plugin, "plugin"),
+                    None => (&s.name, "execute"),
+                };
+                versions.iter().rev().find(|v| v.name == *name).map(|v| v.digest.clone()).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "unknown_plugin",
+                        format!("{}: no plugin named '{name}' is uploaded; upload it or give a digest", field(f)),
+                    )
+                })?
+            }
         };
         let compensate = s.compensate.unwrap_or_else(|| execute.clone());
         let resolve = |f: &str, d: &str| {
@@ -515,6 +529,7 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
             compensate_retry: s.compensate_retry.map_or(RetryPolicy::COMPENSATE, Into::into),
             timeout_ms: s.timeout_ms.unwrap_or(2_000),
             deadline_ms: s.deadline_ms,
+            config: s.config.unwrap_or_default(),
         });
     }
     Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive: spec.sensitive })

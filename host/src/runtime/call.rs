@@ -27,10 +27,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::host::HostState;
+use super::outbound::{Notes, Outbound};
 use super::wit::{Answer, Export, Prepared};
-use super::{CallInfo, CallOutcome, Limits, StateReader, Unavailable};
+use super::{CallInfo, CallOutcome, Limits, PluginReader, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
 /// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
@@ -77,6 +79,8 @@ fn nanos(d: Duration) -> u64 {
 /// The data of one call's `Store`.
 pub(super) struct CallState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    outbound: Outbound,
     table: ResourceTable,
     memory: MemoryBudget,
     pub(super) host: HostState,
@@ -88,10 +92,16 @@ impl WasiView for CallState {
     }
 }
 
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
 /// One call to make: what it needs from the runtime, and what it calls.
 pub(super) struct Call<'a> {
     pub(super) engine: &'a Engine,
-    pub(super) reader: &'a Arc<dyn StateReader>,
+    pub(super) reader: &'a Arc<dyn PluginReader>,
     pub(super) limits: &'a Limits,
     /// The component, if it is loaded.
     pub(super) ready: Option<Arc<dyn Prepared>>,
@@ -107,6 +117,20 @@ enum Ended {
     Answered(Answer),
     /// Trapped, timed out, ran out of memory or broke a host limit.
     Trapped(String),
+}
+
+impl Ended {
+    /// A failed call that ran into a host limit on the way says so first: the plugin's own
+    /// message ("request failed") rarely names the limit. A successful call is left alone
+    /// (the plugin coped).
+    fn blame(self, limit: &str) -> Ended {
+        match self {
+            Ended::Answered(Answer::Retryable(m)) => Ended::Answered(Answer::Retryable(format!("{limit}; the plugin said: {m}"))),
+            Ended::Answered(Answer::Rejected(m)) => Ended::Answered(Answer::Rejected(format!("{limit}; the plugin said: {m}"))),
+            Ended::Trapped(m) => Ended::Trapped(format!("{limit}; {m}")),
+            answered => answered,
+        }
+    }
 }
 
 /// Runs `execute` and classifies its result.
@@ -201,7 +225,15 @@ async fn run<T>(
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
+    let Notes { limit, host_error } = store.data().outbound.notes();
+    let ended = match limit {
+        Some(limit) => ended.blame(&limit),
+        None => ended,
+    };
     let state = store.into_data().host;
+    if let Some(e) = host_error {
+        return unavailable(e, started);
+    }
     if state.logs_dropped > 0 {
         tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
     }
@@ -233,7 +265,14 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
         call.timeout,
     );
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
-    let state = CallState { wasi, table: ResourceTable::new(), memory, host };
+    let outbound = Outbound::new(
+        call.plugin,
+        call.info,
+        Arc::clone(call.reader),
+        limits.http.clone(),
+        Arc::clone(&host.deadline),
+    );
+    let state = CallState { wasi, http: WasiHttpCtx::new(), outbound, table: ResourceTable::new(), memory, host };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);

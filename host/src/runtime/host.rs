@@ -26,7 +26,7 @@ use wasmtime::component::{ComponentType, Lift, Linker, WasmList, WasmStr};
 use wasmtime::StoreContextMut;
 
 use super::call::{sanitize, CallState, Deadline};
-use super::{Limits, StateReader};
+use super::{Limits, PluginReader};
 
 /// Severity of a plugin's log line, whatever world version the plugin targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub(super) struct HostState {
     pub(super) plugin: String,
     pub(super) saga_id: String,
     pub(super) step: String,
-    reader: Arc<dyn StateReader>,
+    reader: Arc<dyn PluginReader>,
     limits: Limits,
     /// When the call's time is up; state reads move it back by the time they take.
     pub(super) deadline: Arc<Deadline>,
@@ -67,7 +67,7 @@ impl HostState {
         plugin: &str,
         saga_id: &str,
         step: &str,
-        reader: Arc<dyn StateReader>,
+        reader: Arc<dyn PluginReader>,
         limits: Limits,
         deadline: Arc<Deadline>,
         timeout: Duration,
@@ -104,7 +104,9 @@ impl HostState {
 
 /// Defines `sagahost:plugin/{types,state,log}@{version}` on the linker. `L` is the world's
 /// generated log level enum.
-pub(super) fn add_to_linker<L>(linker: &mut Linker<CallState>, version: &str) -> wasmtime::Result<()>
+///
+/// `with_scan` adds `state.scan` (0.2.0 on).
+pub(super) fn add_to_linker<L>(linker: &mut Linker<CallState>, version: &str, with_scan: bool) -> wasmtime::Result<()>
 where
     L: ComponentType + Lift + Into<Level> + Send + Sync + 'static,
 {
@@ -114,18 +116,18 @@ where
     state.func_wrap_async("get", |store, (key,): (WasmStr,)| Box::new(async move { Ok((get(store, key).await?,)) }))?;
     state.func_wrap("set", |store, (key, value): (WasmStr, WasmList<u8>)| set(store, key, Some(value)))?;
     state.func_wrap("delete", |store, (key,): (WasmStr,)| set(store, key, None))?;
+    if with_scan {
+        state.func_wrap_async("scan", |store, (prefix, after, limit): (WasmStr, Option<WasmStr>, u32)| {
+            Box::new(async move { Ok((scan(store, prefix, after, limit).await?,)) })
+        })?;
+    }
     let mut log = linker.instance(&format!("sagahost:plugin/log@{version}"))?;
     log.func_wrap("log", |store, (level, message): (L, WasmStr)| self::log(store, level.into(), message))?;
     Ok(())
 }
 
-/// `state.get`: the call's own buffered write if there is one, else the committed value.
-///
-/// Time blocked here is the host's, not the plugin's: the call's deadline moves back by the
-/// time the read took, up to the call's timeout in total (so a plugin that reads in a loop
-/// still runs out of time). A single read that takes longer than the call's timeout is the
-/// host's failure (its database is slow or gone): the call ends unavailable and the attempt
-/// does not count.
+/// `state.get`: the call's own buffered write if there is one, else the committed value (see
+/// [`read`] for how the time of the read counts).
 async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtime::Result<Option<Vec<u8>>> {
     let key = {
         let key = key.to_str(&store)?;
@@ -136,18 +138,98 @@ async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtim
     if let Some(buffered) = host.writes.get(&key) {
         return Ok(buffered.clone());
     }
-    let (reader, plugin, bound, deadline) =
-        (Arc::clone(&host.reader), host.plugin.clone(), host.read_timeout, Arc::clone(&host.deadline));
+    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
+    read(&mut store, reader.get(&plugin, &key)).await
+}
+
+/// Most entries one `state.scan` returns, whatever `limit` the plugin asks for.
+pub const MAX_SCAN: u32 = 1000;
+
+/// `state.scan`: committed keys with the prefix, merged with the call's own buffered writes
+/// (a buffered value replaces the committed one, a buffered delete hides it), in byte order,
+/// strictly after `after`, at most `limit` (capped at [`MAX_SCAN`]).
+async fn scan(
+    mut store: StoreContextMut<'_, CallState>,
+    prefix: WasmStr,
+    after: Option<WasmStr>,
+    limit: u32,
+) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+    let prefix = {
+        let prefix = prefix.to_str(&store)?;
+        check_key(&prefix)?;
+        prefix.into_owned()
+    };
+    let after = match after {
+        None => None,
+        Some(after) => {
+            let after = after.to_str(&store)?;
+            check_key(&after)?;
+            Some(after.into_owned())
+        }
+    };
+    let limit = limit.min(MAX_SCAN);
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let host = &mut store.data_mut().host;
+    let in_range = |k: &String| k.starts_with(prefix.as_str()) && after.as_ref().is_none_or(|a| k > a);
+    let buffered: Vec<(String, Option<Vec<u8>>)> =
+        host.writes.iter().filter(|(k, _)| in_range(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    // Each buffered delete may hide one committed row: read that many more.
+    let deletes = u32::try_from(buffered.iter().filter(|(_, v)| v.is_none()).count()).unwrap_or(u32::MAX);
+    let want = limit.saturating_add(deletes);
+    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
+    let committed = read(&mut store, reader.scan(&plugin, &prefix, after.as_deref(), want)).await?;
+    Ok(merge(committed, buffered, want, limit))
+}
+
+/// The page a scan returns: `committed` (a page of at most `want` rows) overlaid with the
+/// buffered writes, cut to `limit`. When the committed page is full, keys past its last row
+/// are unknown, so buffered keys beyond it wait for the next page.
+fn merge(
+    committed: Vec<(String, Vec<u8>)>,
+    buffered: Vec<(String, Option<Vec<u8>>)>,
+    want: u32,
+    limit: u32,
+) -> Vec<(String, Vec<u8>)> {
+    let full = committed.len() >= want as usize;
+    let horizon = if full { committed.last().map(|(k, _)| k.clone()) } else { None };
+    let mut page: BTreeMap<String, Vec<u8>> = committed.into_iter().collect();
+    for (key, value) in buffered {
+        if horizon.as_ref().is_some_and(|h| key > *h) {
+            continue;
+        }
+        match value {
+            Some(v) => page.insert(key, v),
+            None => page.remove(&key),
+        };
+    }
+    page.into_iter().take(limit as usize).collect()
+}
+
+/// Awaits a read of committed data for a plugin import.
+///
+/// Time blocked here is the host's, not the plugin's: the call's deadline moves back by the
+/// time the read took, up to the call's timeout in total (so a plugin that reads in a loop
+/// still runs out of time). A single read that takes longer than the call's timeout is the
+/// host's failure (its database is slow or gone): the call ends unavailable and the attempt
+/// does not count.
+async fn read<T>(
+    store: &mut StoreContextMut<'_, CallState>,
+    reading: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> wasmtime::Result<T> {
+    let host = &mut store.data_mut().host;
+    let (bound, deadline) = (host.read_timeout, Arc::clone(&host.deadline));
     // No wasm runs while we wait, but the call's guard watches the deadline: hold it off for
     // as long as the read may take, then keep only what is credited.
     deadline.extend(bound);
     let started = Instant::now();
-    let read = tokio::time::timeout(bound, reader.get(&plugin, &key)).await;
+    let result = tokio::time::timeout(bound, reading).await;
     let host = &mut store.data_mut().host;
     let credit = started.elapsed().min(host.read_credit);
     host.read_credit -= credit;
     deadline.shorten(bound.saturating_sub(credit));
-    let failure = match read {
+    let failure = match result {
         Ok(Ok(value)) => return Ok(value),
         Ok(Err(e)) => format!("state read failed: {e:#}"),
         Err(_) => format!(
@@ -216,4 +298,37 @@ fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr
         Level::Error => tracing::error!(target: "plugin", %saga_id, %step, %plugin, "{message}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    fn rows(keys: &[&str]) -> Vec<(String, Vec<u8>)> {
+        keys.iter().map(|k| (k.to_string(), b"c".to_vec())).collect()
+    }
+
+    fn keys(page: &[(String, Vec<u8>)]) -> Vec<&str> {
+        page.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn buffered_writes_overlay_the_committed_page() {
+        let buffered = vec![("a/2".to_owned(), None), ("a/25".to_owned(), Some(b"b".to_vec()))];
+        let page = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 2);
+        assert_eq!(keys(&page), ["a/1", "a/25"]);
+        assert_eq!(page[1].1, b"b");
+    }
+
+    #[test]
+    fn buffered_keys_past_a_full_committed_page_wait_for_the_next_page() {
+        // The committed page is full at a/3: a/4 (committed, unseen) may come before a/9.
+        let buffered = vec![("a/9".to_owned(), Some(b"b".to_vec()))];
+        let page = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 5);
+        assert_eq!(keys(&page), ["a/1", "a/2", "a/3"]);
+        // Not full: everything committed is known, so a/9 belongs to this page.
+        let buffered = vec![("a/9".to_owned(), Some(b"b".to_vec()))];
+        let page = merge(rows(&["a/1"]), buffered, 3, 5);
+        assert_eq!(keys(&page), ["a/1", "a/9"]);
+    }
 }

@@ -14,11 +14,14 @@
 //! - `wit/`: one module per world version, each with the only `bindgen!` for its version,
 //!   behind the `PluginWorld` and `Prepared` traits.
 //! - `host.rs`: the host side of the imports (`state`, `log`), shared by every version.
+//! - `outbound.rs`: the host side of `wasi:http` for 0.2.0 plugins: grants, the idempotency
+//!   key and `traceparent` headers, and the per-call limits on requests.
 //! - `call.rs`: one call: store, limits, deadline, output checks, classification.
 //!
 //! Plugins get WASI preview 2 (Rust's std needs it) with an empty context: no files, no
-//! network, no environment, no arguments. Their `state` imports read committed state through
-//! [`StateReader`] and buffer writes; the driver commits the writes with the step result.
+//! sockets, no environment, no arguments; 0.2.0 plugins also get `wasi:http/outgoing-handler`,
+//! limited to the origins an admin granted them. Their `state` imports read committed state through
+//! [`PluginReader`] and buffer writes; the driver commits the writes with the step result.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,10 +38,13 @@ mod cache;
 mod call;
 mod engine;
 mod host;
+mod outbound;
 mod policy;
 mod wit;
 
 pub use engine::EPOCH_TICK;
+pub use host::MAX_SCAN;
+pub use outbound::HttpLimits;
 
 /// Per-call limits. Configurable on the command line.
 #[derive(Debug, Clone)]
@@ -53,6 +59,8 @@ pub struct Limits {
     pub log_lines: u32,
     /// Largest single log line kept (longer lines are truncated).
     pub log_line_bytes: usize,
+    /// Outbound HTTP of 0.2.0 plugins.
+    pub http: HttpLimits,
 }
 
 impl Default for Limits {
@@ -63,15 +71,26 @@ impl Default for Limits {
             state_write_bytes: 1 << 20,
             log_lines: 100,
             log_line_bytes: 4 << 10,
+            http: HttpLimits::default(),
         }
     }
 }
 
-/// Reads a plugin's committed state. Implemented by the store; a trait so the runtime does
-/// not depend on how state is kept.
+/// Reads what a call may need of a plugin's stored data: its committed state and its grants.
+/// Implemented by the store; a trait so the runtime does not depend on how they are kept.
 #[async_trait]
-pub trait StateReader: Send + Sync + 'static {
+pub trait PluginReader: Send + Sync + 'static {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Keys starting with `prefix`, in byte order, strictly after `after`, at most `limit`.
+    async fn scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
+    /// The origins the plugin may reach, in canonical form (`crate::grants`); empty if none.
+    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>>;
 }
 
 /// What the host tells the plugin about a call (the WIT `call-context`).
@@ -82,7 +101,10 @@ pub struct CallInfo {
     pub step: String,
     pub attempt: u32,
     pub idempotency_key: String,
+    /// The payload of the signal that woke the step, if one did.
     pub signal: Option<String>,
+    /// The name of that signal.
+    pub signal_name: Option<String>,
 }
 
 /// The host could not serve a call (a state read failed: the database was unreachable). Not
@@ -125,16 +147,19 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<call::CallState>,
     cache: cache::Cache,
-    reader: Arc<dyn StateReader>,
+    reader: Arc<dyn PluginReader>,
     limits: Limits,
 }
 
 impl Runtime {
     /// A runtime whose plugins read committed state through `reader`.
-    pub fn new(limits: Limits, reader: Arc<dyn StateReader>) -> anyhow::Result<Runtime> {
+    pub fn new(limits: Limits, reader: Arc<dyn PluginReader>) -> anyhow::Result<Runtime> {
         let engine = engine::new()?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        // Linked for every component, used only by those whose world grants it (`policy.rs`
+        // refuses a 0.1.0 component importing it); every request goes through `outbound.rs`.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for world in wit::WORLDS {
             world.add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }

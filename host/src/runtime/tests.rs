@@ -1,5 +1,5 @@
 //! The runtime against real components: the fixture plugins that `host/build.rs` builds into
-//! `plugins/target/wasm32-wasip2/release/`, and a fake [`StateReader`].
+//! `plugins/target/wasm32-wasip2/release/`, and a fake [`PluginReader`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,16 +19,49 @@ struct FakeReader {
     /// How long every read blocks.
     delay: Duration,
     fail: bool,
+    /// Granted origins by plugin.
+    grants: Mutex<HashMap<String, Vec<String>>>,
 }
 
 #[async_trait]
-impl StateReader for FakeReader {
+impl PluginReader for FakeReader {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         tokio::time::sleep(self.delay).await;
         if self.fail {
             anyhow::bail!("connection refused");
         }
         Ok(self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned())
+    }
+
+    async fn scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        tokio::time::sleep(self.delay).await;
+        if self.fail {
+            anyhow::bail!("connection refused");
+        }
+        let mut rows: Vec<(String, Vec<u8>)> = self
+            .values
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((p, k), _)| p == plugin && k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        rows.sort();
+        rows.truncate(limit as usize);
+        Ok(rows)
+    }
+
+    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+        if self.fail {
+            anyhow::bail!("connection refused");
+        }
+        Ok(self.grants.lock().unwrap().get(plugin).cloned().unwrap_or_default())
     }
 }
 
@@ -103,6 +136,7 @@ fn info(attempt: u32) -> CallInfo {
         attempt,
         idempotency_key: "saga-1:work:execute".into(),
         signal: None,
+        signal_name: None,
     }
 }
 

@@ -65,6 +65,7 @@ pub(crate) fn def() -> SagaDefinition {
             compensate_retry: RetryPolicy::COMPENSATE,
             timeout_ms: 1000,
             deadline_ms: None,
+            config: Default::default(),
         }],
     }
 }

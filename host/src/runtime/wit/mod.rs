@@ -20,9 +20,10 @@ use super::call::CallState;
 use super::{CallInfo, LoadError};
 
 mod v0_1;
+mod v0_2;
 
 /// The worlds this host serves, oldest first.
-pub(super) const WORLDS: &[&dyn PluginWorld] = &[&v0_1::V0_1];
+pub(super) const WORLDS: &[&dyn PluginWorld] = &[&v0_1::V0_1, &v0_2::V0_2];
 
 /// The package whose interfaces a component imports, before the `/`.
 const PACKAGE: &str = "sagahost:plugin";

@@ -37,7 +37,7 @@ impl PluginWorld for V0_1 {
     }
 
     fn add_to_linker(&self, linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
-        host::add_to_linker::<Level>(linker, self.version())
+        host::add_to_linker::<Level>(linker, self.version(), false)
     }
 
     fn prepare(&self, pre: InstancePre<CallState>) -> wasmtime::Result<Arc<dyn Prepared>> {

@@ -1,0 +1,322 @@
+//! Outbound HTTP of `sagahost:plugin@0.2.0` plugins: the hooks behind
+//! `wasi:http/outgoing-handler` (SPEC §4.1).
+//!
+//! wasmtime-wasi-http turns the plugin's request into an `http::Request` and hands it to
+//! [`Outbound::send_request`]; everything the host decides about it happens here, in order:
+//! 1. the request count of the call ([`HttpLimits::max_requests`]);
+//! 2. the headers the host adds: `Idempotency-Key` (the call's key, `:{n}` from the second
+//!    request on) unless the plugin set one, and a W3C `traceparent` of the attempt;
+//! 3. the grant: the plugin's granted origins, read from the database on its first request of
+//!    the call, must contain the request's origin exactly; otherwise `HTTP-request-denied`
+//!    and no connection is opened;
+//! 4. the address: a host name is resolved here, and a link-local or metadata address is
+//!    refused unless a grant names that very IP; plain-HTTP requests then connect to the
+//!    address that was checked (no second lookup to rebind);
+//! 5. time: every request ends when the call's deadline does, and so does reading its body;
+//! 6. size: a response body past [`HttpLimits::max_response_bytes`] fails with
+//!    `HTTP-response-body-size` as it streams, so it is never held whole.
+//!
+//! What the plugin did wrong against a limit is kept in [`Notes::limit`] and prefixed to the
+//! attempt's error by `call.rs`, so `last_error` says which limit; a grant read that failed
+//! for the database's sake is kept in [`Notes::host_error`] and makes the call unavailable.
+//!
+//! This module must not name a world version's generated types.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use sha2::{Digest as _, Sha256};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use super::call::Deadline;
+use super::PluginReader;
+use crate::grants::{self, Host, Origin, Scheme, Verdict};
+
+/// Limits on a call's outbound HTTP. Configurable on the command line.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Requests one call may make.
+    pub max_requests: u32,
+    /// Largest response body one request may return, in bytes.
+    pub max_response_bytes: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20 }
+    }
+}
+
+/// What the host noticed during a call's requests, read by `call.rs` when the call ends.
+#[derive(Debug, Default)]
+pub(super) struct Notes {
+    /// The first limit the plugin ran into, worded for `last_error`.
+    pub(super) limit: Option<String>,
+    /// The host could not read the plugin's grants (its database failed).
+    pub(super) host_error: Option<String>,
+}
+
+/// The hooks of one call's store.
+pub(super) struct Outbound {
+    call: Arc<CallFacts>,
+}
+
+/// What every request of one call needs; shared with the tasks that send them.
+struct CallFacts {
+    plugin: String,
+    idempotency_key: String,
+    /// `saga_id:step:kind:attempt`-derived, computed on the first request.
+    traceparent: HeaderValue,
+    reader: Arc<dyn PluginReader>,
+    limits: HttpLimits,
+    deadline: Arc<Deadline>,
+    sent: AtomicU32,
+    grants: tokio::sync::OnceCell<Result<Vec<String>, String>>,
+    notes: Mutex<Notes>,
+}
+
+impl Outbound {
+    pub(super) fn new(
+        plugin: &str,
+        info: &super::CallInfo,
+        reader: Arc<dyn PluginReader>,
+        limits: HttpLimits,
+        deadline: Arc<Deadline>,
+    ) -> Outbound {
+        Outbound {
+            call: Arc::new(CallFacts {
+                plugin: plugin.to_owned(),
+                idempotency_key: info.idempotency_key.clone(),
+                traceparent: traceparent(&info.saga_id, &info.idempotency_key, info.attempt),
+                reader,
+                limits,
+                deadline,
+                sent: AtomicU32::new(0),
+                grants: tokio::sync::OnceCell::new(),
+                notes: Mutex::new(Notes::default()),
+            }),
+        }
+    }
+
+    /// What was noticed during the call. Taken once, when the call ends.
+    pub(super) fn notes(&self) -> Notes {
+        std::mem::take(&mut *self.call.notes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A W3C `traceparent` for one attempt: the trace is the saga (the same id on every attempt
+/// and step, so a service's traces group by saga), the parent span is the attempt.
+fn traceparent(saga_id: &str, idempotency_key: &str, attempt: u32) -> HeaderValue {
+    let trace = Sha256::digest(saga_id.as_bytes());
+    let span = Sha256::digest(format!("{idempotency_key}:{attempt}").as_bytes());
+    let value = format!("00-{}-{}-01", hex::encode(&trace[..16]), hex::encode(&span[..8]));
+    HeaderValue::from_str(&value).expect("hex digits are a valid header value")
+}
+
+type Sent = Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<dyn Future<Output = Sent> + Send> {
+        let call = Arc::clone(&self.call);
+        let n = call.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n > call.limits.max_requests {
+            call.note_limit(format!(
+                "the plugin made more than {} HTTP requests in one call (the limit; see --plugin-http-max-requests)",
+                call.limits.max_requests
+            ));
+            return Box::new(async { Err(Error::ConnectionLimitReached) });
+        }
+        let headers = request.headers_mut();
+        if !headers.contains_key("idempotency-key") {
+            let key = match n {
+                1 => call.idempotency_key.clone(),
+                n => format!("{}:{n}", call.idempotency_key),
+            };
+            // The key is made of the saga id and step name, which are checked printable.
+            if let Ok(key) = HeaderValue::from_str(&key) {
+                headers.insert(HeaderName::from_static("idempotency-key"), key);
+            }
+        }
+        if !headers.contains_key("traceparent") {
+            headers.insert(HeaderName::from_static("traceparent"), call.traceparent.clone());
+        }
+        Box::new(async move { call.send(request).await })
+    }
+}
+
+impl CallFacts {
+    fn note_limit(&self, why: String) {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.limit.get_or_insert(why);
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.at().saturating_duration_since(Instant::now())
+    }
+
+    /// The plugin's granted origins, read once per call.
+    async fn grants(&self) -> Result<&[String], Error> {
+        let read = self
+            .grants
+            .get_or_init(|| async {
+                match tokio::time::timeout(self.remaining(), self.reader.grants(&self.plugin)).await {
+                    Ok(Ok(granted)) => Ok(granted),
+                    Ok(Err(e)) => Err(format!("reading the plugin's grants failed: {e:#}")),
+                    Err(_) => Err("reading the plugin's grants took longer than the call's timeout".to_owned()),
+                }
+            })
+            .await;
+        match read {
+            Ok(granted) => Ok(granted),
+            Err(why) => {
+                let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+                notes.host_error.get_or_insert_with(|| why.clone());
+                Err(Error::InternalError(Some("the host could not check this plugin's grants".to_owned())))
+            }
+        }
+    }
+
+    async fn send(self: Arc<Self>, mut request: http::Request<WasiBody>) -> Sent {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().and_then(Scheme::parse).ok_or(Error::HttpProtocolError)?;
+        let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
+        let origin = Origin::from_authority(scheme, authority.as_str()).map_err(|_| Error::HttpRequestUriInvalid)?;
+        let Verdict::Granted { exact_ip } = grants::check(self.grants().await?, &origin) else {
+            tracing::info!(plugin = %self.plugin, %origin, "outbound request denied: origin not granted");
+            return Err(Error::HttpRequestDenied);
+        };
+        let address = self.resolve(&origin, exact_ip).await?;
+        if scheme == Scheme::Http {
+            // Connect to the address just checked: a second lookup could answer otherwise.
+            // The Host header keeps the name the plugin asked for.
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            *request.uri_mut() = http::Uri::builder()
+                .scheme("http")
+                .authority(address.to_string())
+                .path_and_query(path)
+                .build()
+                .map_err(|_| Error::HttpRequestUriInvalid)?;
+        }
+        let remaining = self.remaining();
+        let options = RequestOptions {
+            connect_timeout: Some(remaining),
+            first_byte_timeout: Some(remaining),
+            between_bytes_timeout: Some(remaining),
+        };
+        let at = self.deadline.at();
+        let sent = tokio::time::timeout_at(at.into(), wasmtime_wasi_http::default_send_request(request, Some(options)))
+            .await
+            .map_err(|_| Error::ConnectionTimeout)??;
+        let (response, io) = sent;
+        let limit = self.limits.max_response_bytes;
+        let response = response.map(|body| {
+            Limited { inner: body.boxed_unsync(), left: limit, limit, deadline: Box::pin(tokio::time::sleep_until(at.into())), call: Arc::clone(&self) }
+                .boxed_unsync()
+        });
+        Ok((response, Box::new(io)))
+    }
+
+    /// The address to connect to: the granted IP itself, or the first address the name
+    /// resolves to, provided none of its addresses is link-local or metadata.
+    async fn resolve(&self, origin: &Origin, exact_ip: bool) -> Result<SocketAddr, Error> {
+        let name = match &origin.host {
+            Host::Ip(ip) => {
+                if Origin::needs_exact_grant(*ip) && !exact_ip {
+                    return Err(Error::HttpRequestDenied);
+                }
+                return Ok(SocketAddr::new(*ip, origin.port));
+            }
+            Host::Name(name) => name.clone(),
+        };
+        let found = tokio::time::timeout(self.remaining(), tokio::net::lookup_host((name.as_str(), origin.port)))
+            .await
+            .map_err(|_| Error::DnsTimeout)?
+            .map_err(|_| Error::DestinationNotFound)?
+            .collect::<Vec<_>>();
+        if let Some(bad) = found.iter().find(|a| Origin::needs_exact_grant(a.ip())) {
+            tracing::warn!(plugin = %self.plugin, %origin, address = %bad.ip(), "outbound request denied: the name resolves to a link-local or metadata address");
+            return Err(Error::HttpRequestDenied);
+        }
+        found.into_iter().next().ok_or(Error::DestinationNotFound)
+    }
+}
+
+/// A response body cut off at the size limit and at the call's deadline.
+struct Limited {
+    inner: WasiBody,
+    left: u64,
+    limit: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    call: Arc<CallFacts>,
+}
+
+impl Body for Limited {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > this.left {
+                    this.call.note_limit(format!(
+                        "a response body was larger than {} bytes (the limit; see --plugin-http-max-response-bytes)",
+                        this.limit
+                    ));
+                    this.left = 0;
+                    return Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(this.limit)))));
+                }
+                this.left -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Error::HttpResponseTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_stable_per_attempt() {
+        let a = traceparent("o-1", "o-1:payment:execute", 1);
+        let b = traceparent("o-1", "o-1:payment:execute", 2);
+        let c = traceparent("o-1", "o-1:shipment:execute", 1);
+        let parts: Vec<&str> = a.to_str().unwrap().split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
+        assert_eq!(a, traceparent("o-1", "o-1:payment:execute", 1), "the same attempt, the same span");
+        let trace = |v: &HeaderValue| v.to_str().unwrap().split('-').nth(1).unwrap().to_owned();
+        assert_eq!(trace(&a), trace(&b));
+        assert_eq!(trace(&a), trace(&c), "one trace per saga");
+        assert_ne!(a, b, "one span per attempt");
+    }
+}
