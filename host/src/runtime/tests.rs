@@ -450,3 +450,193 @@ async fn a_plugin_that_reads_the_clock_is_refused_at_load() {
     assert!(refused.split(", ").all(|import| import.starts_with("wasi:clocks/")), "{refused}");
     assert!(!runtime.is_loaded(&digest_of(&fixture("clock-reader"))));
 }
+
+// ---- sagahost:plugin@0.2.0: outbound HTTP, state.scan, signal-name, and 0.1.0 beside it ----
+
+/// A tiny HTTP/1.1 server on a real port: counts connections, keeps every request head, and
+/// answers each request with `body` (or never, when `body` is `None`).
+struct Service {
+    origin: String,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    async fn start(body: Option<String>) -> Service {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (r, body) = (Arc::clone(&r), body.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    r.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                    let Some(body) = body else {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        Service { origin, connections, requests }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The value of header `name` in each request received, in order.
+    fn header(&self, name: &str) -> Vec<Option<String>> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|head| {
+                head.lines().find(|l| l.to_ascii_lowercase().starts_with(&prefix)).map(|l| l[prefix.len()..].trim().to_owned())
+            })
+            .collect()
+    }
+}
+
+/// `misbehave` in mode `mode`, with `config.url` set.
+fn http_input(mode: &str, url: &str) -> String {
+    json!({"input": {"customer_id": mode}, "steps": {}, "config": {"url": url}}).to_string()
+}
+
+fn granting(origin: &str) -> FakeReader {
+    let reader = FakeReader::default();
+    reader.grants.lock().unwrap().insert("misbehave".into(), vec![crate::grants::Origin::parse(origin).unwrap().to_string()]);
+    reader
+}
+
+fn retryable(out: &CallOutcome<ExecuteOutcome>) -> &str {
+    match &out.result {
+        Ok(ExecuteOutcome::Retryable(e)) => e,
+        other => panic!("expected retryable, got {other:?} (label {})", out.label),
+    }
+}
+
+#[tokio::test]
+async fn a_request_to_an_origin_not_granted_is_denied_and_opens_no_connection() {
+    let service = Service::start(Some("{}".into())).await;
+    // Granted another port of the same host: still not this origin.
+    let other = granting("http://127.0.0.1:1");
+    let (runtime, digest) = misbehave(Limits::default(), other).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.contains("denied") && msg.contains("not granted"), "{msg}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(service.connections(), 0, "a denied request opens no connection");
+}
+
+#[tokio::test]
+async fn granted_requests_carry_the_idempotency_key_numbered_per_request_and_a_traceparent() {
+    let service = Service::start(Some(r#"{"ok":true}"#.into())).await;
+    let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(2), &http_input("http-get-3", &service.origin), TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"bytes":[11,11,11],"statuses":[200,200,200]}"#.into())));
+    let keys = service.header("idempotency-key");
+    assert_eq!(
+        keys,
+        [Some("saga-1:work:execute".into()), Some("saga-1:work:execute:2".into()), Some("saga-1:work:execute:3".into())]
+    );
+    let traces = service.header("traceparent");
+    assert!(traces.iter().all(|t| t.is_some() && *t == traces[0]), "one traceparent per attempt: {traces:?}");
+    assert!(traces[0].as_ref().unwrap().starts_with("00-"), "{traces:?}");
+}
+
+#[tokio::test]
+async fn requests_past_the_per_call_limit_fail_and_last_error_names_the_limit() {
+    let service = Service::start(Some("{}".into())).await;
+    let mut limits = Limits::default();
+    limits.http.max_requests = 2;
+    let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-3", &service.origin), TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.starts_with("the plugin made more than 2 HTTP requests in one call"), "{msg}");
+    assert_eq!(service.connections(), 2, "the third request never leaves the host");
+}
+
+#[tokio::test]
+async fn a_response_body_past_the_limit_fails_the_attempt_naming_the_limit() {
+    let service = Service::start(Some(format!("\"{}\"", "x".repeat(5_000)))).await;
+    let mut limits = Limits::default();
+    limits.http.max_response_bytes = 1_000;
+    let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.starts_with("a response body was larger than 1000 bytes"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout() {
+    let service = Service::start(None).await;
+    let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
+    let started = std::time::Instant::now();
+    let timeout = Duration::from_millis(500);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), timeout).await;
+    assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
+    assert!(started.elapsed() < Duration::from_millis(1_400), "took {:?}", started.elapsed());
+    assert_eq!(service.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_grant_that_cannot_be_read_is_the_hosts_failure() {
+    let service = Service::start(Some("{}".into())).await;
+    let reader = FakeReader { fail: true, ..FakeReader::default() };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    assert!(matches!(&out.result, Err(Unavailable(e)) if e.contains("grants")), "{:?}", out.result);
+    assert_eq!(service.connections(), 0);
+}
+
+#[tokio::test]
+async fn scan_pages_in_key_order_through_committed_state_and_the_calls_own_writes() {
+    let reader = FakeReader::default();
+    for key in ["s/a", "s/c", "s/d", "t/a"] {
+        reader.values.lock().unwrap().insert(("misbehave".into(), key.into()), b"c".to_vec());
+    }
+    reader.values.lock().unwrap().insert(("other".into(), "s/0".into()), b"c".to_vec());
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let out = execute(&runtime, &digest, "scan").await;
+    // s/b is the call's own write, s/c its own delete; t/a and the other plugin's key are out of range.
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"keys":["s/a","s/b","s/d"]}"#.into())));
+}
+
+#[tokio::test]
+async fn a_woken_step_learns_the_signals_name() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let woken = CallInfo { signal: Some(r#"{"ok":1}"#.into()), signal_name: Some("go".into()), ..info(1) };
+    let out = runtime.execute(&digest, "misbehave", &woken, &input("signal-name"), TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"signal":"{\"ok\":1}","signal_name":"go"}"#.into())));
+}
+
+#[tokio::test]
+async fn a_0_1_0_component_runs_beside_0_2_0_ones() {
+    let (runtime, v2) = misbehave(Limits::default(), FakeReader::default()).await;
+    let v1 = runtime.load(fixture("legacy-v0-1")).await.unwrap();
+    assert_ne!(v1, v2);
+    let out = runtime.execute(&v1, "legacy", &info(1), &input("x"), TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"saga_id":"saga-1","world":"0.1.0"}"#.into())));
+    assert_eq!(out.writes, vec![("legacy/saga-1".to_owned(), Some(br#""0.1.0""#.to_vec()))]);
+    assert_eq!(execute(&runtime, &v2, "fine").await.label, "done");
+}
