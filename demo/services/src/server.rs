@@ -79,7 +79,11 @@ impl Core {
     /// that does not go through [`Core::admit`] (the 3-D Secure confirmation).
     pub async fn write(&self) -> Result<Pending, ApiError> {
         let guard = self.write.clone().lock_owned().await;
-        let tx = self.db.begin().await?;
+        // IMMEDIATE takes SQLite's write lock now, not at the first write: the webhook outbox
+        // updates the payment database outside this process lock, and a deferred transaction
+        // that read before such a commit could not upgrade to a writer (SQLITE_BUSY_SNAPSHOT,
+        // which the busy timeout does not retry). Waiting at BEGIN is retried by the timeout.
+        let tx = self.db.begin_with("BEGIN IMMEDIATE").await?;
         Ok(Pending { _guard: guard, tx })
     }
 

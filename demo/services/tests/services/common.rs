@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// How long trigger sleeps (`--slow-ms`, `--hold-ms`) last in tests.
-pub const PAUSE_MS: u64 = 600;
+pub const PAUSE_MS: u64 = 1500;
 
 /// The three services running in this process.
 pub struct Demo {
