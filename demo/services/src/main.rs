@@ -2,7 +2,7 @@
 //! one `listening <service> http://<addr>` line per service on stdout and serves until SIGTERM
 //! or ctrl-c. Logs go to stderr (`RUST_LOG` filters them), so stdout carries only those lines.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use clap::Parser as _;
 use sagahost_demo_services::{Config, Services};
@@ -11,6 +11,7 @@ use sagahost_demo_services::{Config, Services};
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
