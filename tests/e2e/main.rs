@@ -4,6 +4,7 @@
 mod bench;
 mod crash;
 mod fuzz;
+mod grants;
 mod harness;
 mod invariants;
 mod kafka;

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod dead_letters;
 pub mod error;
+pub mod grants;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(plugins::list_plugins))
         .routes(routes!(plugins::get_plugin))
         .routes(routes!(plugins::plugin_state))
+        .routes(routes!(grants::put_grants, grants::get_grants))
         .routes(routes!(plugins::bind_step))
         .routes(routes!(plugins::put_definition, plugins::get_definition))
         .routes(routes!(plugins::list_definitions))

@@ -175,7 +175,7 @@ pub async fn list_plugins(State(state): State<AppState>) -> Result<Response, Api
 }
 
 /// 404 for a plugin name that is not valid: it names no plugin.
-fn check_plugin_name(name: &str) -> Result<(), ApiError> {
+pub(super) fn check_plugin_name(name: &str) -> Result<(), ApiError> {
     if is_valid_name(name) {
         return Ok(());
     }

@@ -1,11 +1,12 @@
 //! Durable storage: sagas, steps, plugin state, the outbox, idempotency keys, plugins,
-//! definitions and the audit trail.
+//! definitions, outbound grants and the audit trail.
 //!
 //! Architecture invariant: this is the only module that contains SQL. Everything above it
 //! speaks in the types defined here, through role-sized traits ([`SagaStore`],
 //! [`IdempotencyStore`], [`OutboxStore`], [`CatalogStore`], [`PluginStateStore`],
-//! [`AuditStore`], [`JanitorStore`], [`StatsStore`]); [`Store`] is their sum, for wiring. Each
-//! consumer holds only the role it uses (`Arc<dyn Store>` upcasts to `Arc<dyn OutboxStore>`).
+//! [`GrantStore`], [`AuditStore`], [`JanitorStore`], [`StatsStore`]); [`Store`] is their sum,
+//! for wiring. Each consumer holds only the role it uses (`Arc<dyn Store>` upcasts to
+//! `Arc<dyn OutboxStore>`).
 //!
 //! There is one implementation, `sql.rs`: every statement is written once, run through sqlx's
 //! `Any` driver, and a small [`dialect::Dialect`] per database (`sqlite.rs`, `postgres.rs`)
@@ -282,6 +283,38 @@ pub trait PluginStateStore: Send + Sync + 'static {
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
     /// Keys starting with `prefix`, in byte order.
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>>;
+    /// At most `limit` entries whose keys start with `prefix` and, when `after` is given, are
+    /// strictly greater than it, in byte order: one page of a scan that continues after the
+    /// last key of the previous page. A range scan on the primary key, so `%` and `_` in keys
+    /// and prefixes are literal.
+    async fn state_scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>>;
+}
+
+/// The origins each plugin may reach over outbound HTTP (SPEC §4.1). They live only in the
+/// database, never in the catalog, so every replica sees a change on its next read.
+#[async_trait]
+pub trait GrantStore: Send + Sync + 'static {
+    /// The origins granted to `plugin` as stored (canonical, see [`crate::grants::normalize`]);
+    /// empty when none were ever granted.
+    async fn grants(&self, plugin: &str) -> Result<Vec<String>>;
+    /// Replaces the grants of `plugin` (an empty list revokes every one) and writes the audit
+    /// entry in the same transaction, its `before` set to the previous list as read in that
+    /// transaction, so that of two concurrent changes each is audited with what it replaced.
+    /// Returns the previous list. The caller validates and normalizes: the store keeps what it
+    /// is given.
+    async fn put_grants(
+        &self,
+        plugin: &str,
+        allowed_hosts: &[String],
+        audit: &AuditEntry,
+        now: i64,
+    ) -> Result<Vec<String>>;
 }
 
 /// Idempotency keys of requests that create no saga (those that do claim theirs in
@@ -405,13 +438,22 @@ pub trait StatsStore: Send + Sync + 'static {
 
 /// Every role at once, for wiring: [`open`] returns one, and it upcasts to each role.
 pub trait Store:
-    SagaStore + PluginStateStore + IdempotencyStore + OutboxStore + CatalogStore + AuditStore + JanitorStore + StatsStore
+    SagaStore
+    + PluginStateStore
+    + GrantStore
+    + IdempotencyStore
+    + OutboxStore
+    + CatalogStore
+    + AuditStore
+    + JanitorStore
+    + StatsStore
 {
 }
 
 impl<T> Store for T where
     T: SagaStore
         + PluginStateStore
+        + GrantStore
         + IdempotencyStore
         + OutboxStore
         + CatalogStore

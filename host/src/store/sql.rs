@@ -532,19 +532,107 @@ impl PluginStateStore for SqlStore {
     }
 
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
+        self.state_scan(plugin, prefix, None, limit).await
+    }
+
+    async fn state_scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
         // A range scan on the primary key rather than LIKE, so '%' and '_' in keys are literal.
-        let mut upper = prefix.to_owned();
-        upper.push(char::MAX);
-        let rows = sqlx::query(
-            "SELECT key, value FROM plugin_state WHERE plugin = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4",
+        // Keys compare bytewise on both databases (SQLite's BINARY collation, PostgreSQL's
+        // COLLATE "C" on the column), and Rust's `str` order is the same byte order.
+        let (op, from) = match after {
+            Some(after) if after >= prefix => (">", after),
+            _ => (">=", prefix),
+        };
+        let end = prefix_end(prefix);
+        // Two statements rather than `($3 IS NULL OR key < $3)`: a generic plan could not use
+        // that as an index bound, and would read the plugin's keys past the prefix.
+        let sql = match end {
+            Some(_) => format!(
+                "SELECT key, value FROM plugin_state WHERE plugin = $1 AND key {op} $2 AND key < $3 ORDER BY key LIMIT $4"
+            ),
+            None => format!("SELECT key, value FROM plugin_state WHERE plugin = $1 AND key {op} $2 ORDER BY key LIMIT $3"),
+        };
+        let mut query = sqlx::query(&sql).bind(plugin).bind(from);
+        if let Some(end) = end {
+            query = query.bind(end);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.reader).await?;
+        rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
+    }
+}
+
+/// The least string above every string that starts with `prefix`, in byte order (which is
+/// code point order, for UTF-8): the prefix with its last character that is not `char::MAX`
+/// moved to the next one and what follows it dropped. `None` when the prefix is empty or only
+/// `char::MAX`: then no key is past the prefix's range.
+pub(super) fn prefix_end(prefix: &str) -> Option<String> {
+    let mut end = prefix.to_owned();
+    while let Some(last) = end.pop() {
+        // The surrogates are no characters: after U+D7FF comes U+E000.
+        let next = if last == '\u{D7FF}' { Some('\u{E000}') } else { char::from_u32(u32::from(last) + 1) };
+        if let Some(next) = next {
+            end.push(next);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn grants_from_json(plugin: &str, json: &str) -> Result<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| corrupt(format!("grants of plugin {plugin}: {e}")))
+}
+
+#[async_trait]
+impl GrantStore for SqlStore {
+    async fn grants(&self, plugin: &str) -> Result<Vec<String>> {
+        let json: Option<String> = sqlx::query_scalar("SELECT allowed_hosts FROM plugin_grants WHERE plugin = $1")
+            .bind(plugin)
+            .fetch_optional(&self.reader)
+            .await?;
+        json.map_or(Ok(Vec::new()), |json| grants_from_json(plugin, &json))
+    }
+
+    async fn put_grants(
+        &self,
+        plugin: &str,
+        allowed_hosts: &[String],
+        audit: &AuditEntry,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        let json = serde_json::to_string(allowed_hosts).map_err(|e| corrupt(e.to_string()))?;
+        let mut tx = self.writer.begin().await?;
+        // Lock the plugin's row first, creating it with no grants if there is none: a
+        // concurrent change waits here until this one commits, so the list read next is the
+        // one this change replaces, and the audit trail chains without a gap.
+        sqlx::query(
+            "INSERT INTO plugin_grants (plugin, allowed_hosts, updated_at) VALUES ($1, '[]', $2) \
+             ON CONFLICT (plugin) DO UPDATE SET updated_at = plugin_grants.updated_at",
         )
         .bind(plugin)
-        .bind(prefix)
-        .bind(upper)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
-        rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
+        let previous: String = sqlx::query_scalar("SELECT allowed_hosts FROM plugin_grants WHERE plugin = $1")
+            .bind(plugin)
+            .fetch_one(&mut *tx)
+            .await?;
+        let previous = grants_from_json(plugin, &previous)?;
+        sqlx::query("UPDATE plugin_grants SET allowed_hosts = $2, updated_at = $3 WHERE plugin = $1")
+            .bind(plugin)
+            .bind(json)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let audit = AuditEntry { before: Some(serde_json::json!(previous)), ..audit.clone() };
+        insert_audit(&mut tx, &audit, now).await?;
+        tx.commit().await?;
+        Ok(previous)
     }
 }
 

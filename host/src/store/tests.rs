@@ -325,6 +325,198 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
     }
 }
 
+/// Commits `keys` (each key its own value) to `plugin`'s state, as saga `s1`'s next transition.
+async fn write_state(s: &Arc<dyn Store>, plugin: &str, keys: &[&str]) {
+    let rec = match s.saga("s1").await.unwrap() {
+        Some(rec) => rec,
+        None => {
+            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+            s.saga("s1").await.unwrap().unwrap()
+        }
+    };
+    let names = vec!["only".to_owned()];
+    let e = event("s1", &rec.state, rec.seq);
+    let writes: Vec<StateWrite> = keys.iter().map(|k| (k.to_string(), Some(k.as_bytes().to_vec()))).collect();
+    let mut c = commit(&rec.state, &names, &e, Fence::Takeover, rec.seq);
+    c.plugin_writes = Some((plugin, &writes));
+    s.commit(&c).await.unwrap();
+}
+
+#[tokio::test]
+async fn state_scans_page_through_a_prefix_in_byte_order_within_one_plugin() {
+    let keys = [
+        "a%/1",
+        "a%/10",
+        "a%/2",
+        "a%/_",
+        "a%/%",
+        "a%/z",
+        "a%/é",
+        "a%/日本",
+        "a%/\u{D7FF}",
+        "a%/\u{E000}",
+        "a%/\u{10FFFF}",
+        "a%/\u{10FFFF}x",
+        "a%",
+        "a%0",
+        "a_/1",
+        "ab/1",
+        "a&",
+        "b/1",
+    ];
+    let prefix = "a%/";
+    let mut expected: Vec<String> = keys.iter().filter(|k| k.starts_with(prefix)).map(|k| k.to_string()).collect();
+    expected.sort(); // Rust orders strings by their bytes
+    for b in backends().await {
+        let s = &b.store;
+        write_state(s, "p", &keys).await;
+        // Another plugin holds keys under the same prefix, and one whose name extends "p".
+        write_state(s, "q", &["a%/1", "a%/0", "a%/zz"]).await;
+        write_state(s, "p2", &["a%/11"]).await;
+
+        let scan = |prefix: &'static str, after: Option<String>, limit: u32| {
+            let s = Arc::clone(s);
+            async move {
+                let rows = s.state_scan("p", prefix, after.as_deref(), limit).await.unwrap();
+                rows.into_iter()
+                    .map(|(k, v)| {
+                        assert_eq!(v, k.as_bytes(), "the value of {k}");
+                        k
+                    })
+                    .collect::<Vec<String>>()
+            }
+        };
+        // Page through the prefix, 3 at a time, each page after the last key of the previous.
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = scan(prefix, after.clone(), 3).await;
+            assert!(page.len() <= 3, "{}", b.name);
+            after = page.last().cloned();
+            let last = page.len() < 3;
+            pages.extend(page);
+            if last {
+                break;
+            }
+        }
+        assert_eq!(pages, expected, "{}: every key of the prefix once, in byte order", b.name);
+        assert_eq!(scan(prefix, None, 100).await, expected, "{}", b.name);
+        assert_eq!(s.state_list("p", prefix, 100).await.unwrap().len(), expected.len(), "{}", b.name);
+        // `after` below the prefix is the start of the prefix; past its end, nothing.
+        assert_eq!(scan(prefix, Some("a".into()), 100).await, expected, "{}", b.name);
+        assert_eq!(scan(prefix, Some("a%/z".into()), 100).await, expected[6..], "{}", b.name);
+        assert!(scan(prefix, Some("a%0".into()), 100).await.is_empty(), "{}", b.name);
+        assert!(scan(prefix, None, 0).await.is_empty(), "{}: limit 0", b.name);
+        // Wildcards of LIKE are literal, and a prefix ending in a multi-byte character works.
+        assert_eq!(scan("a_", None, 100).await, ["a_/1"], "{}", b.name);
+        assert_eq!(scan("a%/\u{10FFFF}", None, 100).await, ["a%/\u{10FFFF}", "a%/\u{10FFFF}x"], "{}", b.name);
+        assert_eq!(scan("a%/日", None, 100).await, ["a%/日本"], "{}", b.name);
+        // The empty prefix is the whole space of the plugin, and only of this plugin.
+        let mut all: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        all.sort();
+        assert_eq!(scan("", None, 100).await, all, "{}", b.name);
+        assert_eq!(scan("", Some("a%/z".into()), 2).await, ["a%/é", "a%/日本"], "{}", b.name);
+        let q: Vec<String> = s.state_scan("q", prefix, None, 100).await.unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(q, ["a%/0", "a%/1", "a%/zz"], "{}", b.name);
+        assert!(s.state_scan("nobody", "", None, 100).await.unwrap().is_empty(), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[test]
+fn the_end_of_a_prefix_range_is_the_least_string_above_it() {
+    let end = |p: &str| super::sql::prefix_end(p);
+    assert_eq!(end("a%/").as_deref(), Some("a%0"));
+    assert_eq!(end("ab").as_deref(), Some("ac"));
+    assert_eq!(end("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+    assert_eq!(end("a\u{10FFFF}\u{10FFFF}").as_deref(), Some("b"));
+    assert_eq!(end("\u{10FFFF}"), None);
+    assert_eq!(end(""), None);
+}
+
+fn grant_entry(target: &str, after: &[String]) -> AuditEntry {
+    AuditEntry {
+        actor: "admin".into(),
+        action: "plugin.grants".into(),
+        target: target.into(),
+        before: None,
+        after: Some(serde_json::json!(after)),
+        note: None,
+    }
+}
+
+#[tokio::test]
+async fn grants_default_to_none_are_replaced_whole_and_audited_with_what_they_replaced() {
+    let one = vec!["http://127.0.0.1:9001".to_owned(), "https://payments.example.com:443".to_owned()];
+    let two = vec!["http://[::1]:9002".to_owned()];
+    for b in backends().await {
+        let s = &b.store;
+        assert!(s.grants("payment").await.unwrap().is_empty(), "{}: none by default", b.name);
+        assert!(
+            s.put_grants("payment", &one, &grant_entry("payment", &one), 1).await.unwrap().is_empty(),
+            "{}",
+            b.name
+        );
+        assert_eq!(s.grants("payment").await.unwrap(), one, "{}: in the order given", b.name);
+        assert!(s.grants("inventory").await.unwrap().is_empty(), "{}: grants are per plugin", b.name);
+        assert_eq!(s.put_grants("payment", &two, &grant_entry("payment", &two), 2).await.unwrap(), one, "{}", b.name);
+        assert_eq!(s.grants("payment").await.unwrap(), two, "{}", b.name);
+        // An empty list revokes everything.
+        assert_eq!(s.put_grants("payment", &[], &grant_entry("payment", &[]), 3).await.unwrap(), two, "{}", b.name);
+        assert!(s.grants("payment").await.unwrap().is_empty(), "{}", b.name);
+
+        let log = s.audit_log(Some("payment"), 10).await.unwrap();
+        let got: Vec<_> = log
+            .iter()
+            .map(|r| (r.at, r.entry.action.as_str(), r.entry.before.clone(), r.entry.after.clone()))
+            .collect();
+        let json = |l: &[String]| Some(serde_json::json!(l));
+        assert_eq!(
+            got,
+            [
+                (3, "plugin.grants", json(&two), json(&[])),
+                (2, "plugin.grants", json(&one), json(&two)),
+                (1, "plugin.grants", json(&[]), json(&one)),
+            ],
+            "{}",
+            b.name
+        );
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_grant_changes_each_audit_the_list_they_replaced() {
+    for b in backends().await {
+        let s = &b.store;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let s = Arc::clone(s);
+                tokio::spawn(async move {
+                    let list = vec![format!("http://127.0.0.1:{}", 9000 + i)];
+                    s.put_grants("p", &list, &grant_entry("p", &list), i).await.unwrap()
+                })
+            })
+            .collect();
+        let mut replaced = Vec::new();
+        for t in tasks {
+            replaced.push(t.await.unwrap());
+        }
+        // In commit order (audit ids), every change replaced the one before it: no lost update.
+        let mut log = s.audit_log(Some("p"), 100).await.unwrap();
+        log.reverse();
+        assert_eq!(log.len(), 8, "{}", b.name);
+        assert_eq!(log[0].entry.before, Some(serde_json::json!([])), "{}", b.name);
+        for pair in log.windows(2) {
+            assert_eq!(pair[1].entry.before, pair[0].entry.after, "{}: {log:#?}", b.name);
+        }
+        let last = log.last().unwrap().entry.after.clone().unwrap();
+        assert_eq!(serde_json::json!(s.grants("p").await.unwrap()), last, "{}", b.name);
+        assert_eq!(replaced.iter().filter(|r| r.is_empty()).count(), 1, "{}: exactly one found none", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_database_or_unknown_scheme_is_a_clear_error_without_the_password() {
     let dir = tempfile::tempdir().unwrap();

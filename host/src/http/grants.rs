@@ -1,0 +1,133 @@
+//! `PUT` and `GET /admin/plugins/{name}/grants`: the origins a plugin may reach over outbound
+//! HTTP (SPEC §4.1). Default none; an empty list revokes every grant.
+//!
+//! Validation and the canonical form are `crate::grants`'s; this module only reads the body,
+//! checks that the plugin exists and hands the canonical list to the store. Grants live only
+//! in the database (`GrantStore`), never in the catalog, so a change made through one replica
+//! holds on every replica from the next read on. Every change is audited (`plugin.grants`,
+//! with the list before and after) in the transaction that makes it.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::admin::{actor, ActorHeader};
+use super::error::{ApiError, ErrorBody};
+use super::plugins::check_plugin_name;
+use super::sagas::{json_response, parse_body, to_json};
+use super::AppState;
+use crate::grants;
+use crate::store::AuditEntry;
+
+// The document below states the bound literally (utoipa takes literals only): keep them equal.
+const _: () = assert!(grants::MAX_GRANTS == 64);
+
+/// `PUT /admin/plugins/{name}/grants` body: the whole list, replacing the one before.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"allowed_hosts": ["http://127.0.0.1:9001", "https://payments.example.com"]}))]
+pub struct GrantsRequest {
+    /// Origins the plugin may reach: `http` or `https`, a host name or IP address, and an
+    /// optional port; no path, query or user info. At most 64; duplicates count once. An empty
+    /// list revokes every grant.
+    #[schema(max_items = 64, inline, value_type = Vec<GrantedOrigin>)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// One granted origin, as sent.
+pub struct GrantedOrigin;
+
+impl utoipa::PartialSchema for GrantedOrigin {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        // Every origin `grants::Origin::parse` accepts starts like this and is at most 256
+        // bytes; the server refuses the rest with 422 and the reason.
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(256))
+            .pattern(Some("^[hH][tT][tT][pP][sS]?://"))
+            .description(Some("An origin such as http://127.0.0.1:9001 or https://payments.example.com"))
+            .into()
+    }
+}
+
+impl ToSchema for GrantedOrigin {}
+
+/// A plugin's grants, in their canonical form: lower case, the port always written, IPv6 in
+/// brackets.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"plugin": "payment",
+                          "allowed_hosts": ["http://127.0.0.1:9001", "https://payments.example.com:443"]}))]
+pub struct GrantsView {
+    pub plugin: String,
+    pub allowed_hosts: Vec<String>,
+}
+
+/// 404 unless some version of the plugin was uploaded (the built-in demo plugins are, at
+/// start-up), as `GET /admin/plugins/{name}` decides.
+async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
+    check_plugin_name(name)?;
+    if state.store.plugin_versions().await?.iter().any(|v| v.name == name) {
+        return Ok(());
+    }
+    Err(ApiError::not_found(format!("no plugin named '{name}'; upload one with POST /admin/plugins/{name} first")))
+}
+
+/// Grant a plugin the origins it may reach over outbound HTTP, replacing its grants (audited).
+///
+/// The list is stored in its canonical form (lower case, explicit port) and shared by every
+/// replica at once: a plugin's calls check it before any connection is opened. An empty list
+/// revokes every grant. Link-local and metadata addresses (169.254.0.0/16, fd00:ec2::254) are
+/// reachable only when granted by that exact address.
+#[utoipa::path(put, path = "/admin/plugins/{name}/grants", tag = "admin", params(
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader),
+    request_body = GrantsRequest,
+    responses((status = 200, description = "Granted; the list in force now", body = GrantsView),
+              (status = 400, description = "The body is not `{\"allowed_hosts\": [...]}`", body = ErrorBody),
+              (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody),
+              (status = 422, description = "An entry is not an http(s) origin, or there are more than 64; nothing changed", body = ErrorBody)))]
+pub async fn put_grants(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_plugin_name(&name)?;
+    let value = parse_body(body)?;
+    let req: GrantsRequest = serde_json::from_value(value).map_err(|e| ApiError::invalid("", e))?;
+    let allowed_hosts = grants::normalize(&req.allowed_hosts).map_err(|reason| {
+        let mut e =
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_grant", format!("allowed_hosts: {reason}"));
+        e.field = Some("allowed_hosts".to_owned());
+        e
+    })?;
+    check_uploaded(&state, &name).await?;
+    let who = actor(&headers);
+    let entry = AuditEntry {
+        actor: who.clone(),
+        action: "plugin.grants".to_owned(),
+        target: name.clone(),
+        // The store sets `before` to the list this change replaces, read in its transaction.
+        before: None,
+        after: Some(serde_json::json!(allowed_hosts)),
+        note: None,
+    };
+    let previous = state.store.put_grants(&name, &allowed_hosts, &entry, state.clock.now_ms()).await?;
+    tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
+    Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name, allowed_hosts })?, None))
+}
+
+/// The origins a plugin may reach over outbound HTTP (empty: none).
+#[utoipa::path(get, path = "/admin/plugins/{name}/grants", tag = "admin", params(
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
+    responses((status = 200, description = "The grants in force", body = GrantsView),
+              (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody)))]
+pub async fn get_grants(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    check_uploaded(&state, &name).await?;
+    let allowed_hosts = state.store.grants(&name).await?;
+    Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name, allowed_hosts })?, None))
+}
