@@ -76,7 +76,9 @@ impl Origin {
         let scheme = Scheme::parse(scheme).ok_or_else(|| format!("{s:?}: the scheme must be http or https"))?;
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains(['/', '?', '#']) {
-            return Err(format!("{s:?}: a grant is an origin (scheme, host and port) without a path, query or fragment"));
+            return Err(format!(
+                "{s:?}: a grant is an origin (scheme, host and port) without a path, query or fragment"
+            ));
         }
         if authority.contains('@') {
             return Err(format!("{s:?}: user info is not allowed in an origin"));
@@ -187,7 +189,9 @@ pub fn normalize(allowed: &[String]) -> Result<Vec<String>, String> {
 pub enum Verdict {
     /// Granted. `exact_ip` is true when a grant names this very IP address (then even a
     /// link-local address may be reached).
-    Granted { exact_ip: bool },
+    Granted {
+        exact_ip: bool,
+    },
     Denied,
 }
 

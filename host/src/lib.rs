@@ -32,8 +32,8 @@ use crate::catalog::Catalog;
 use crate::clock::{Clock, SystemClock};
 use crate::driver::{Driver, DriverHandle, DriverOptions};
 use crate::relay::{Relay, RelayOptions, Sink};
-use crate::runtime::{Runtime, StateReader};
-use crate::store::{JanitorStore, PluginStateStore, Store};
+use crate::runtime::{PluginReader, Runtime};
+use crate::store::{JanitorStore, Store};
 
 /// Everything needed to build an [`App`].
 #[derive(Clone)]
@@ -102,13 +102,27 @@ impl Config {
     }
 }
 
-/// Lets the runtime read plugin state through the store without depending on it.
-struct StoreReader(Arc<dyn PluginStateStore>);
+/// Lets the runtime read plugin state and grants through the store without depending on it.
+struct StoreReader(Arc<dyn Store>);
 
 #[async_trait]
-impl StateReader for StoreReader {
+impl PluginReader for StoreReader {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.0.state_get(plugin, key).await?)
+    }
+
+    async fn scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.0.state_scan(plugin, prefix, after, limit).await?)
+    }
+
+    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self.0.grants(plugin).await?)
     }
 }
 

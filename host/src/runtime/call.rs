@@ -125,8 +125,12 @@ impl Ended {
     /// (the plugin coped).
     fn blame(self, limit: &str) -> Ended {
         match self {
-            Ended::Answered(Answer::Retryable(m)) => Ended::Answered(Answer::Retryable(format!("{limit}; the plugin said: {m}"))),
-            Ended::Answered(Answer::Rejected(m)) => Ended::Answered(Answer::Rejected(format!("{limit}; the plugin said: {m}"))),
+            Ended::Answered(Answer::Retryable(m)) => {
+                Ended::Answered(Answer::Retryable(format!("{limit}; the plugin said: {m}")))
+            }
+            Ended::Answered(Answer::Rejected(m)) => {
+                Ended::Answered(Answer::Rejected(format!("{limit}; the plugin said: {m}")))
+            }
             Ended::Trapped(m) => Ended::Trapped(format!("{limit}; {m}")),
             answered => answered,
         }
@@ -265,13 +269,8 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
         call.timeout,
     );
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
-    let outbound = Outbound::new(
-        call.plugin,
-        call.info,
-        Arc::clone(call.reader),
-        limits.http.clone(),
-        Arc::clone(&host.deadline),
-    );
+    let outbound =
+        Outbound::new(call.plugin, call.info, Arc::clone(call.reader), limits.http.clone(), Arc::clone(&host.deadline));
     let state = CallState { wasi, http: WasiHttpCtx::new(), outbound, table: ResourceTable::new(), memory, host };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);

@@ -224,8 +224,14 @@ impl CallFacts {
         let (response, io) = sent;
         let limit = self.limits.max_response_bytes;
         let response = response.map(|body| {
-            Limited { inner: body.boxed_unsync(), left: limit, limit, deadline: Box::pin(tokio::time::sleep_until(at.into())), call: Arc::clone(&self) }
-                .boxed_unsync()
+            Limited {
+                inner: body.boxed_unsync(),
+                left: limit,
+                limit,
+                deadline: Box::pin(tokio::time::sleep_until(at.into())),
+                call: Arc::clone(&self),
+            }
+            .boxed_unsync()
         });
         Ok((response, Box::new(io)))
     }

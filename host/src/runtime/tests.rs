@@ -511,7 +511,9 @@ impl Service {
             .unwrap()
             .iter()
             .map(|head| {
-                head.lines().find(|l| l.to_ascii_lowercase().starts_with(&prefix)).map(|l| l[prefix.len()..].trim().to_owned())
+                head.lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+                    .map(|l| l[prefix.len()..].trim().to_owned())
             })
             .collect()
     }
@@ -524,7 +526,11 @@ fn http_input(mode: &str, url: &str) -> String {
 
 fn granting(origin: &str) -> FakeReader {
     let reader = FakeReader::default();
-    reader.grants.lock().unwrap().insert("misbehave".into(), vec![crate::grants::Origin::parse(origin).unwrap().to_string()]);
+    reader
+        .grants
+        .lock()
+        .unwrap()
+        .insert("misbehave".into(), vec![crate::grants::Origin::parse(origin).unwrap().to_string()]);
     reader
 }
 
@@ -541,7 +547,8 @@ async fn a_request_to_an_origin_not_granted_is_denied_and_opens_no_connection() 
     // Granted another port of the same host: still not this origin.
     let other = granting("http://127.0.0.1:1");
     let (runtime, digest) = misbehave(Limits::default(), other).await;
-    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
     let msg = retryable(&out);
     assert!(msg.contains("denied") && msg.contains("not granted"), "{msg}");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -552,12 +559,17 @@ async fn a_request_to_an_origin_not_granted_is_denied_and_opens_no_connection() 
 async fn granted_requests_carry_the_idempotency_key_numbered_per_request_and_a_traceparent() {
     let service = Service::start(Some(r#"{"ok":true}"#.into())).await;
     let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
-    let out = runtime.execute(&digest, "misbehave", &info(2), &http_input("http-get-3", &service.origin), TIMEOUT).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(2), &http_input("http-get-3", &service.origin), TIMEOUT).await;
     assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"bytes":[11,11,11],"statuses":[200,200,200]}"#.into())));
     let keys = service.header("idempotency-key");
     assert_eq!(
         keys,
-        [Some("saga-1:work:execute".into()), Some("saga-1:work:execute:2".into()), Some("saga-1:work:execute:3".into())]
+        [
+            Some("saga-1:work:execute".into()),
+            Some("saga-1:work:execute:2".into()),
+            Some("saga-1:work:execute:3".into())
+        ]
     );
     let traces = service.header("traceparent");
     assert!(traces.iter().all(|t| t.is_some() && *t == traces[0]), "one traceparent per attempt: {traces:?}");
@@ -570,7 +582,8 @@ async fn requests_past_the_per_call_limit_fail_and_last_error_names_the_limit() 
     let mut limits = Limits::default();
     limits.http.max_requests = 2;
     let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
-    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-3", &service.origin), TIMEOUT).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-3", &service.origin), TIMEOUT).await;
     let msg = retryable(&out);
     assert!(msg.starts_with("the plugin made more than 2 HTTP requests in one call"), "{msg}");
     assert_eq!(service.connections(), 2, "the third request never leaves the host");
@@ -582,7 +595,8 @@ async fn a_response_body_past_the_limit_fails_the_attempt_naming_the_limit() {
     let mut limits = Limits::default();
     limits.http.max_response_bytes = 1_000;
     let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
-    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
     let msg = retryable(&out);
     assert!(msg.starts_with("a response body was larger than 1000 bytes"), "{msg}");
 }
@@ -593,7 +607,8 @@ async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout()
     let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
     let started = std::time::Instant::now();
     let timeout = Duration::from_millis(500);
-    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), timeout).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), timeout).await;
     assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
     assert!(started.elapsed() < Duration::from_millis(1_400), "took {:?}", started.elapsed());
     assert_eq!(service.connections(), 1);
@@ -604,7 +619,8 @@ async fn a_grant_that_cannot_be_read_is_the_hosts_failure() {
     let service = Service::start(Some("{}".into())).await;
     let reader = FakeReader { fail: true, ..FakeReader::default() };
     let (runtime, digest) = misbehave(Limits::default(), reader).await;
-    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
     assert!(matches!(&out.result, Err(Unavailable(e)) if e.contains("grants")), "{:?}", out.result);
     assert_eq!(service.connections(), 0);
 }
