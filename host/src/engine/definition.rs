@@ -305,7 +305,7 @@ mod tests {
 mod binding_tests {
     use super::*;
 
-    fn step(plugin: &str, digest: &str) -> StepDefinition {
+    pub(super) fn step(plugin: &str, digest: &str) -> StepDefinition {
         let r = PluginRef { plugin: plugin.into(), digest: digest.into() };
         StepDefinition {
             name: "payment".into(),
@@ -371,5 +371,19 @@ mod redaction_tests {
         assert_eq!(field, "sensitive[0]");
         def.sensitive = vec!["/payment/token".into()];
         def.validate().unwrap();
+    }
+
+    #[test]
+    fn a_steps_config_is_bounded() {
+        let mut def = SagaDefinition {
+            saga_type: "refund".into(),
+            steps: vec![binding_tests::step("p", "sha256:x")],
+            sensitive: vec![],
+        };
+        def.steps[0].config.insert("base_url".into(), "http://127.0.0.1:9002".into());
+        def.validate().unwrap();
+        def.steps[0].config.insert("padding".into(), "x".repeat(MAX_CONFIG_BYTES).into());
+        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        assert_eq!(field, "steps[0].config");
     }
 }
