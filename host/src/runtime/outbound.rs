@@ -74,8 +74,10 @@ pub(super) struct Outbound {
 struct CallFacts {
     plugin: String,
     idempotency_key: String,
-    /// `saga_id:step:kind:attempt`-derived, computed on the first request.
-    traceparent: HeaderValue,
+    saga_id: String,
+    attempt: u32,
+    /// Computed on the first request: most calls make none.
+    traceparent: std::sync::OnceLock<HeaderValue>,
     reader: Arc<dyn PluginReader>,
     limits: HttpLimits,
     deadline: Arc<Deadline>,
@@ -96,7 +98,9 @@ impl Outbound {
             call: Arc::new(CallFacts {
                 plugin: plugin.to_owned(),
                 idempotency_key: info.idempotency_key.clone(),
-                traceparent: traceparent(&info.saga_id, &info.idempotency_key, info.attempt),
+                saga_id: info.saga_id.clone(),
+                attempt: info.attempt,
+                traceparent: std::sync::OnceLock::new(),
                 reader,
                 limits,
                 deadline,
@@ -152,7 +156,9 @@ impl WasiHttpHooks for Outbound {
             }
         }
         if !headers.contains_key("traceparent") {
-            headers.insert(HeaderName::from_static("traceparent"), call.traceparent.clone());
+            let value =
+                call.traceparent.get_or_init(|| traceparent(&call.saga_id, &call.idempotency_key, call.attempt));
+            headers.insert(HeaderName::from_static("traceparent"), value.clone());
         }
         Box::new(async move { call.send(request).await })
     }
