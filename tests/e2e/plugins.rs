@@ -92,7 +92,10 @@ async fn upload_validates_stores_by_digest_and_is_idempotent() {
     // Only the valid upload is listed; refused uploads left nothing behind.
     let list = admin_json(&host, reqwest::Method::GET, "/admin/plugins", None).await.json();
     let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["inventory", "misbehave", "payment", "shipment"]);
+    assert_eq!(
+        names,
+        ["http-inventory", "http-payment", "http-shipment", "inventory", "misbehave", "payment", "shipment"]
+    );
     let one = admin_json(&host, reqwest::Method::GET, "/admin/plugins/misbehave", None).await.json();
     assert_eq!(one["versions"][0]["digest"], json!(digest));
     let audit = admin_json(&host, reqwest::Method::GET, &format!("/admin/audit?target={digest}"), None).await.json();
@@ -266,7 +269,9 @@ async fn a_saga_type_registered_over_http_runs_two_uploaded_steps() {
     let types = host.event_types(id).await;
     assert_eq!(types, ["RefundCreated", "FundsHeld", "NotifyDone", "RefundCompleted"]);
     let listed = admin_json(&host, reqwest::Method::GET, "/admin/sagas", None).await.json();
-    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
+    let mut types: Vec<&str> = listed["data"].as_array().unwrap().iter().map(|d| d["type"].as_str().unwrap()).collect();
+    types.sort_unstable();
+    assert_eq!(types, ["order", "order-http", "refund"], "the two built-ins and the new type");
 }
 
 #[tokio::test]
