@@ -19,6 +19,67 @@ use wasmtime::{Engine, Store};
 use super::call::CallState;
 use super::{CallInfo, LoadError};
 
+/// The glue every version module needs, identical but for the generated types it names: a
+/// `Ready` component behind [`Prepared`] (instantiate, call the export, convert the answer)
+/// and the conversions of `step-error` and `log.level`. Expanded inside a version module,
+/// after its `bindings` and a `fn context(&CallInfo) -> CallContext`.
+macro_rules! prepared_step {
+    () => {
+        /// A component of this version with its exports checked.
+        struct Ready(bindings::StepPre<CallState>);
+
+        impl Prepared for Ready {
+            fn call<'a>(
+                &'a self,
+                store: &'a mut Store<CallState>,
+                info: &'a CallInfo,
+                export: Export<'a>,
+            ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
+                Box::pin(async move {
+                    let step = self.0.instantiate_async(&mut *store).await?;
+                    let ctx = context(info);
+                    Ok(match export {
+                        Export::Execute { input } => match step.call_execute(&mut *store, &ctx, input).await? {
+                            Ok(bindings::StepOutcome::Done(output)) => Answer::Done(output),
+                            Ok(bindings::StepOutcome::Wait(w)) => {
+                                Answer::Wait { delay_ms: w.delay_ms, signal: w.signal }
+                            }
+                            Err(e) => e.into(),
+                        },
+                        Export::Compensate { input, output } => {
+                            match step.call_compensate(&mut *store, &ctx, input, output).await? {
+                                Ok(output) => Answer::Done(output),
+                                Err(e) => e.into(),
+                            }
+                        }
+                    })
+                })
+            }
+        }
+
+        impl From<bindings::StepError> for Answer {
+            fn from(e: bindings::StepError) -> Answer {
+                match e {
+                    bindings::StepError::Retryable(m) => Answer::Retryable(m),
+                    bindings::StepError::Rejected(m) => Answer::Rejected(m),
+                }
+            }
+        }
+
+        impl From<Level> for host::Level {
+            fn from(level: Level) -> host::Level {
+                match level {
+                    Level::Trace => host::Level::Trace,
+                    Level::Debug => host::Level::Debug,
+                    Level::Info => host::Level::Info,
+                    Level::Warn => host::Level::Warn,
+                    Level::Error => host::Level::Error,
+                }
+            }
+        }
+    };
+}
+
 mod v0_1;
 mod v0_2;
 

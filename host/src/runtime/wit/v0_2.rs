@@ -35,7 +35,7 @@ mod bindings {
 }
 
 use bindings::sagahost::plugin::log::Level;
-use bindings::{CallContext, StepError, StepOutcome, StepPre};
+use bindings::{CallContext, StepPre};
 
 /// The world `sagahost:plugin/step@0.2.0`.
 pub(super) struct V0_2;
@@ -58,35 +58,7 @@ impl PluginWorld for V0_2 {
     }
 }
 
-/// A 0.2.0 component with its exports checked.
-struct Ready(StepPre<CallState>);
-
-impl Prepared for Ready {
-    fn call<'a>(
-        &'a self,
-        store: &'a mut Store<CallState>,
-        info: &'a CallInfo,
-        export: Export<'a>,
-    ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
-        Box::pin(async move {
-            let step = self.0.instantiate_async(&mut *store).await?;
-            let ctx = context(info);
-            Ok(match export {
-                Export::Execute { input } => match step.call_execute(&mut *store, &ctx, input).await? {
-                    Ok(StepOutcome::Done(output)) => Answer::Done(output),
-                    Ok(StepOutcome::Wait(w)) => Answer::Wait { delay_ms: w.delay_ms, signal: w.signal },
-                    Err(e) => e.into(),
-                },
-                Export::Compensate { input, output } => {
-                    match step.call_compensate(&mut *store, &ctx, input, output).await? {
-                        Ok(output) => Answer::Done(output),
-                        Err(e) => e.into(),
-                    }
-                }
-            })
-        })
-    }
-}
+prepared_step!();
 
 fn context(info: &CallInfo) -> CallContext {
     CallContext {
@@ -97,26 +69,5 @@ fn context(info: &CallInfo) -> CallContext {
         idempotency_key: info.idempotency_key.clone(),
         signal: info.signal.clone(),
         signal_name: info.signal_name.clone(),
-    }
-}
-
-impl From<StepError> for Answer {
-    fn from(e: StepError) -> Answer {
-        match e {
-            StepError::Retryable(m) => Answer::Retryable(m),
-            StepError::Rejected(m) => Answer::Rejected(m),
-        }
-    }
-}
-
-impl From<Level> for host::Level {
-    fn from(level: Level) -> host::Level {
-        match level {
-            Level::Trace => host::Level::Trace,
-            Level::Debug => host::Level::Debug,
-            Level::Info => host::Level::Info,
-            Level::Warn => host::Level::Warn,
-            Level::Error => host::Level::Error,
-        }
     }
 }
