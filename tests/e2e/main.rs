@@ -3,6 +3,7 @@
 
 mod bench;
 mod crash;
+mod demo;
 mod fuzz;
 mod grants;
 mod harness;
@@ -15,6 +16,7 @@ mod process;
 mod races;
 mod replicas;
 mod security;
+mod services;
 mod serving;
 
 use std::time::Duration;

@@ -1,0 +1,673 @@
+//! `order-http` against the real demo services (issue 12, item 6): the inventory, payment and
+//! shipping services run as separate `sagahost-demo-services` processes on port 0; the host
+//! is granted their origins and given the `order-http` definition with their real ports over
+//! the admin API, exactly as an operator would. Every test checks what the services
+//! themselves counted (`GET /effects/{order_id}`, `/stats`, their idempotency tables), not only
+//! what the host says.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+
+use crate::demo::DemoService;
+use crate::harness::{fixture, key, order, TestHost};
+use crate::process::HostProcess;
+
+const TOKEN: &str = "services-admin-token";
+const SAGA: &str = "order-http";
+
+/// A host under test, in process or as the real binary: its base URL and a client.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = r.status();
+        let bytes = r.bytes().await.expect("body read");
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    async fn grant(&self, plugin: &str, origins: &[&str]) {
+        let body = json!({ "allowed_hosts": origins });
+        let (status, r) = self.call(Method::PUT, &format!("/admin/plugins/{plugin}/grants"), Some(&body)).await;
+        assert_eq!(status, StatusCode::OK, "grant {plugin}: {r}");
+    }
+
+    async fn define(&self, saga_type: &str, def: &Value) {
+        let (status, r) = self.call(Method::PUT, &format!("/admin/sagas/{saga_type}"), Some(def)).await;
+        assert_eq!(status, StatusCode::OK, "define {saga_type}: {r}");
+    }
+
+    /// `POST /sagas/{type}` with a fresh Idempotency-Key; the new saga's id.
+    async fn submit(&self, saga_type: &str, body: Value) -> String {
+        let r = self
+            .http
+            .post(format!("{}/sagas/{saga_type}", self.base))
+            .header("Idempotency-Key", key())
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /sagas");
+        let status = r.status();
+        let created: Value = r.json().await.expect("JSON answer");
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["id"].as_str().expect("saga id").to_owned()
+    }
+
+    async fn saga(&self, saga_type: &str, id: &str) -> Value {
+        let (status, s) = self.call(Method::GET, &format!("/sagas/{saga_type}/{id}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{s}");
+        s
+    }
+
+    async fn wait_for(&self, saga_type: &str, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let s = self.saga(saga_type, id).await;
+            if done(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < within, "saga {id} did not get there in {within:?}: {s:#}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the saga is COMPLETED, CANCELLED or COMPENSATION_FAILED.
+    async fn settled(&self, saga_type: &str, id: &str) -> Value {
+        self.wait_for(saga_type, id, Duration::from_secs(30), |s| {
+            matches!(s["status"].as_str(), Some("COMPLETED" | "CANCELLED" | "COMPENSATION_FAILED"))
+        })
+        .await
+    }
+}
+
+/// The three services, each its own process.
+struct Services {
+    inventory: DemoService,
+    payment: DemoService,
+    shipping: DemoService,
+}
+
+impl Services {
+    /// Starts them; the payment service's webhook signals `order-http` sagas at `host_base`.
+    async fn start(host_base: &str, inventory_args: &[&str], payment_args: &[&str]) -> Services {
+        let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let mut payment = owned(&["--sagahost-url", host_base, "--saga-type", SAGA]);
+        payment.extend(owned(payment_args));
+        let inventory = owned(inventory_args);
+        let (inventory, payment, shipping) = tokio::join!(
+            DemoService::start("inventory", &inventory),
+            DemoService::start("payment", &payment),
+            DemoService::start("shipping", &[]),
+        );
+        Services { inventory, payment, shipping }
+    }
+
+    /// Every effect of the three services for one order, in one object:
+    /// `{"reserve", "release", "charge", "refund", "create", "cancel"}`.
+    async fn effects(&self, order_id: &str) -> Value {
+        let mut all = Map::new();
+        for s in [&self.inventory, &self.payment, &self.shipping] {
+            all.extend(s.effects(order_id).await);
+        }
+        Value::Object(all)
+    }
+
+    /// Grants each http plugin its own service's origin, nothing more.
+    async fn grant(&self, api: &Api) {
+        api.grant("http-inventory", &[&self.inventory.url]).await;
+        api.grant("http-payment", &[&self.payment.url]).await;
+        api.grant("http-shipment", &[&self.shipping.url]).await;
+    }
+
+    /// The `order-http` definition pointed at these services, with short backoffs: like the
+    /// built-in one, but test-sized.
+    fn definition(&self) -> Value {
+        let step = |name: &str, plugin: &str, state: &str, url: &str| {
+            json!({
+                "name": name, "plugin": plugin, "state": state,
+                "config": {"base_url": url},
+                "retry": retry(5, 20, 200),
+                "compensate_retry": retry(20, 20, 200),
+                "timeout_ms": 5_000,
+            })
+        };
+        let mut payment = step("payment", "http-payment", "PAYMENT_CHARGED", &self.payment.url);
+        payment["deadline_ms"] = json!(60_000);
+        json!({
+            "steps": [
+                step("inventory", "http-inventory", "INVENTORY_RESERVED", &self.inventory.url),
+                payment,
+                step("shipment", "http-shipment", "SHIPMENT_CREATED", &self.shipping.url),
+            ],
+            "sensitive": ["/payment/token"],
+        })
+    }
+}
+
+fn retry(max_attempts: u32, initial_backoff_ms: u64, max_backoff_ms: u64) -> Value {
+    json!({"max_attempts": max_attempts, "initial_backoff_ms": initial_backoff_ms, "max_backoff_ms": max_backoff_ms})
+}
+
+/// Effect counts, every one of the six listed (0 when not given).
+fn effects(counts: &[(&str, u64)]) -> Value {
+    let mut all: Map<String, Value> = ["reserve", "release", "charge", "refund", "create", "cancel"]
+        .iter()
+        .map(|e| (e.to_string(), json!(0)))
+        .collect();
+    for (name, n) in counts {
+        all.insert(name.to_string(), json!(n));
+    }
+    Value::Object(all)
+}
+
+fn step<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {s:#}"))
+}
+
+/// In-process host with the admin API on, the services, grants and the definition.
+struct Env {
+    host: TestHost,
+    api: Api,
+    services: Services,
+}
+
+impl Env {
+    async fn start(inventory_args: &[&str], payment_args: &[&str]) -> Env {
+        Self::start_with(inventory_args, payment_args, |_| {}).await
+    }
+
+    /// Like `start`, with the definition adjusted before it is sent.
+    async fn start_with(inventory_args: &[&str], payment_args: &[&str], adjust: impl FnOnce(&mut Value)) -> Env {
+        let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+        let api = Api::new(&host.base);
+        let services = Services::start(&host.base, inventory_args, payment_args).await;
+        services.grant(&api).await;
+        let mut def = services.definition();
+        adjust(&mut def);
+        api.define(SAGA, &def).await;
+        Env { host, api, services }
+    }
+
+    async fn run(&self, body: Value) -> (String, Value) {
+        let id = self.api.submit(SAGA, body).await;
+        let s = self.api.settled(SAGA, &id).await;
+        (id, s)
+    }
+
+    /// The events' `type`s, checked gapless, and the `error` of every retry of `step`.
+    async fn events(&self, id: &str) -> (Vec<String>, Vec<String>) {
+        let types = self.host.event_types(id).await;
+        let events = self.host.events(id).await;
+        assert!(events.iter().all(|e| e["saga_type"] == SAGA), "{events:#?}");
+        (types, retry_errors(&events))
+    }
+}
+
+/// The error of each `StepRetryScheduled` event, as `step: error`.
+fn retry_errors(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "StepRetryScheduled")
+        .map(|e| format!("{}: {}", e["data"]["step"].as_str().unwrap(), e["data"]["error"].as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn happy_path_applies_each_effect_once_with_the_steps_keys() {
+    let env = Env::start(&[], &[]).await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    for name in ["inventory", "payment", "shipment"] {
+        let st = step(&s, name);
+        assert_eq!((&st["status"], &st["attempts"], &st["last_error"]), (&json!("succeeded"), &json!(1), &Value::Null));
+    }
+    // The outputs are the services' answers.
+    assert_eq!(step(&s, "inventory")["output"]["reservation_id"], format!("res_{id}"));
+    assert_eq!(step(&s, "payment")["output"]["charge_id"], format!("ch_{id}"));
+    assert_eq!(step(&s, "payment")["output"]["amount_cents"], 3000);
+    assert_eq!(step(&s, "shipment")["output"]["tracking"], format!("TRK-{id}"));
+    assert_eq!(s["input"]["payment"]["token"], "[redacted]", "the token is sensitive in order-http too");
+
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    // One request each, sent with the step's key (the services store the key with its answer).
+    for (svc, step) in [
+        (&env.services.inventory, "inventory"),
+        (&env.services.payment, "payment"),
+        (&env.services.shipping, "shipment"),
+    ] {
+        assert_eq!(svc.requests().await, 1, "{}", svc.service);
+        assert_eq!(svc.keys(&id).await, [format!("{id}:{step}:execute")], "{}", svc.service);
+    }
+    let (types, retries) = env.events(&id).await;
+    assert_eq!(
+        types,
+        ["OrderHttpCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderHttpCompleted"]
+    );
+    assert!(retries.is_empty(), "{retries:?}");
+}
+
+#[tokio::test]
+async fn out_of_stock_declined_card_and_flaky_gateway_each_take_effect_as_the_service_decides() {
+    let env = Env::start(&[], &[]).await;
+    let (oos, declined, flaky) = tokio::join!(
+        env.run(order("tok_visa", "OOS-1", "US")),
+        env.run(order("tok_decline", "SKU-1", "US")),
+        env.run(order("tok_flaky", "SKU-1", "US")),
+    );
+
+    // OOS-: refused at inventory, nothing to undo, no effect anywhere.
+    let (id, s) = oos;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    assert_eq!(s["reason"], "inventory: out of stock: OOS-1");
+    let inventory = step(&s, "inventory");
+    assert_eq!((&inventory["status"], &inventory["attempts"]), (&json!("failed"), &json!(1)));
+    assert_eq!(inventory["last_error"], "out of stock: OOS-1");
+    assert_eq!(step(&s, "payment")["status"], "pending");
+    assert_eq!(env.services.effects(&id).await, effects(&[]));
+    assert_eq!(env.services.inventory.keys(&id).await, [format!("{id}:inventory:execute")], "the refusal is stored");
+    assert!(env.services.payment.keys(&id).await.is_empty());
+    assert_eq!(env.events(&id).await.0, ["OrderHttpCreated", "OrderHttpCompensating", "OrderHttpCancelled"]);
+
+    // tok_decline: refused at payment; the reservation is released, once.
+    let (id, s) = declined;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    assert_eq!(s["reason"], "payment: card declined");
+    assert_eq!(step(&s, "payment")["status"], "failed");
+    assert_eq!(step(&s, "payment")["attempts"], 1);
+    assert_eq!(step(&s, "inventory")["status"], "compensated");
+    assert_eq!(step(&s, "inventory")["compensate_output"]["released"], true);
+    assert_eq!(step(&s, "shipment")["status"], "pending");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("release", 1)]));
+    assert_eq!(
+        env.services.inventory.keys(&id).await,
+        [format!("{id}:inventory:compensate"), format!("{id}:inventory:execute")]
+    );
+    assert_eq!(
+        env.events(&id).await.0,
+        ["OrderHttpCreated", "InventoryReserved", "OrderHttpCompensating", "StepCompensated", "OrderHttpCancelled"]
+    );
+
+    // tok_flaky: two 503s, then the charge on attempt 3, applied once.
+    let (id, s) = flaky;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "payment")["attempts"], 3);
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    assert_eq!(env.services.payment.keys(&id).await, [format!("{id}:payment:execute")]);
+    let (types, retries) = env.events(&id).await;
+    assert_eq!(retries.len(), 2, "{retries:?}");
+    for r in &retries {
+        assert!(
+            r.starts_with("payment: ") && r.contains("answered 503") && r.contains("payment gateway unavailable"),
+            "{r}"
+        );
+    }
+    assert_eq!(types.last().unwrap(), "OrderHttpCompleted");
+    // Every POST /charges of the three orders: 1 (declined) + 3 (flaky); inventory refused the first.
+    assert_eq!(env.services.payment.requests().await, 4);
+}
+
+#[tokio::test]
+async fn three_d_secure_waits_until_the_payment_services_webhook_signals_the_saga() {
+    let env = Env::start(&[], &[]).await;
+    let api = &env.api;
+    let id = api.submit(SAGA, order("tok_3ds", "SKU-1", "US")).await;
+    let s = api.wait_for(SAGA, &id, Duration::from_secs(30), |s| step(s, "payment")["status"] == "waiting").await;
+    assert_eq!(s["status"], "INVENTORY_RESERVED");
+    assert_eq!(step(&s, "payment")["waiting_for"], "payment-confirmed");
+    // Nothing charged yet: the service holds the charge until the customer confirms.
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1)]));
+
+    // The customer confirms at the payment service; its webhook signals the saga.
+    let r = api.http.post(format!("{}/charges/{id}/confirm", env.services.payment.url)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "charged");
+    let s = api.settled(SAGA, &id).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "payment")["output"]["status"], "charged");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    let (types, retries) = env.events(&id).await;
+    assert_eq!(
+        types,
+        [
+            "OrderHttpCreated",
+            "InventoryReserved",
+            "StepWaiting",
+            "SignalReceived",
+            "PaymentCharged",
+            "ShipmentCreated",
+            "OrderHttpCompleted"
+        ]
+    );
+    assert!(retries.is_empty(), "{retries:?}");
+    let signal = env.host.events(&id).await.into_iter().find(|e| e["type"] == "SignalReceived").unwrap();
+    assert_eq!(signal["data"]["signal"], "payment-confirmed", "{signal:#}");
+}
+
+#[tokio::test]
+async fn a_shipping_refusal_refunds_then_releases_each_effect_once() {
+    let env = Env::start(&[], &[]).await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "XX")).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    assert_eq!(s["reason"], "shipment: no carrier for XX");
+    assert_eq!(step(&s, "shipment")["status"], "failed");
+    assert_eq!(step(&s, "shipment")["last_error"], "no carrier for XX");
+    for name in ["payment", "inventory"] {
+        let st = step(&s, name);
+        assert_eq!((&st["status"], &st["compensate_attempts"]), (&json!("compensated"), &json!(1)), "{name}");
+    }
+    assert_eq!(
+        step(&s, "payment")["compensate_output"],
+        json!({"order_id": id, "status": "refunded", "refunded_cents": 3000})
+    );
+    assert_eq!(
+        env.services.effects(&id).await,
+        effects(&[("reserve", 1), ("charge", 1), ("refund", 1), ("release", 1)])
+    );
+    assert_eq!(env.services.shipping.keys(&id).await, [format!("{id}:shipment:execute")]);
+    assert_eq!(
+        env.services.payment.keys(&id).await,
+        [format!("{id}:payment:compensate"), format!("{id}:payment:execute")]
+    );
+    // Compensation in reverse order: payment (refund), then inventory (release).
+    let compensated: Vec<Value> = env
+        .host
+        .events(&id)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "StepCompensated")
+        .map(|e| e["data"]["step"].clone())
+        .collect();
+    assert_eq!(compensated, [json!("payment"), json!("inventory")]);
+    assert_eq!(
+        env.events(&id).await.0,
+        [
+            "OrderHttpCreated",
+            "InventoryReserved",
+            "PaymentCharged",
+            "OrderHttpCompensating",
+            "StepCompensated",
+            "StepCompensated",
+            "OrderHttpCancelled"
+        ]
+    );
+    // Exactly one request per action: reserve, charge, create (refused), refund, release.
+    assert_eq!(env.services.inventory.requests().await, 2);
+    assert_eq!(env.services.payment.requests().await, 2);
+    assert_eq!(env.services.shipping.requests().await, 1);
+}
+
+#[tokio::test]
+async fn an_inventory_answering_503_twice_is_retried_and_reserves_once() {
+    let env = Env::start(&[], &[]).await;
+    let (id, s) = env.run(order("tok_visa", "FLAKY-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "inventory")["attempts"], 3);
+    assert_eq!(step(&s, "payment")["attempts"], 1);
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    assert_eq!(env.services.inventory.requests().await, 3, "two 503s and the reservation");
+    let (_, retries) = env.events(&id).await;
+    assert_eq!(retries.len(), 2, "{retries:?}");
+    for r in &retries {
+        assert!(r.starts_with("inventory: ") && r.contains("answered 503"), "{r}");
+    }
+}
+
+#[tokio::test]
+async fn a_service_killed_and_restarted_while_sagas_run_applies_each_effect_once() {
+    let mut env = Env::start_with(&[], &[], |def| {
+        for st in def["steps"].as_array_mut().unwrap() {
+            st["retry"] = retry(30, 100, 1_000);
+        }
+    })
+    .await;
+    let ids: Vec<String> =
+        futures::future::join_all((0..10).map(|_| env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")))).await;
+
+    // Kill the payment service once it has taken a couple of charges, while the rest are due.
+    let start = Instant::now();
+    while env.services.payment.requests().await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no charge reached the payment service");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    env.services.payment.kill().await;
+    let mut completed = 0;
+    for id in &ids {
+        completed += usize::from(env.api.saga(SAGA, id).await["status"] == "COMPLETED");
+    }
+    assert!(completed < ids.len(), "every saga completed before the kill: the test tested nothing");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.services.payment.restart().await;
+
+    let mut retried = 0;
+    for id in &ids {
+        let s = env.api.settled(SAGA, id).await;
+        assert_eq!(s["status"], "COMPLETED", "{s:#}");
+        assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]), "{id}");
+        assert_eq!(env.services.payment.keys(id).await, [format!("{id}:payment:execute")]);
+        let (_, retries) = env.events(id).await;
+        assert!(retries.iter().all(|r| r.starts_with("payment: ")), "{retries:?}");
+        retried += usize::from(!retries.is_empty());
+    }
+    assert!(retried > 0, "no saga met the dead payment service");
+    println!("{retried} of {} sagas retried their payment across the outage", ids.len());
+}
+
+#[tokio::test]
+async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_token = [("SAGAHOST_ADMIN_TOKEN", TOKEN)];
+    let host = HostProcess::spawn(dir.path(), None, &env_token).await;
+    let api = Api::new(&host.base);
+    let services = Services::start(&host.base, &[], &["--hold-ms", "3000"]).await;
+    services.grant(&api).await;
+    let mut def = services.definition();
+    def["steps"][1]["timeout_ms"] = json!(10_000); // longer than the hold
+    api.define(SAGA, &def).await;
+
+    let id = api.submit(SAGA, order("tok_hold", "SKU-1", "US")).await;
+    // The service charged and committed its answer, and holds it: the host is still waiting.
+    let start = Instant::now();
+    while services.payment.effects(&id).await["charge"] != 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the payment service never charged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = api.saga(SAGA, &id).await;
+    assert_eq!(
+        (&s["status"], &step(&s, "payment")["status"]),
+        (&json!("INVENTORY_RESERVED"), &json!("pending")),
+        "{s:#}"
+    );
+    host.kill().await;
+
+    let host = HostProcess::spawn(dir.path(), None, &env_token).await;
+    let api = Api::new(&host.base);
+    let s = api.settled(SAGA, &id).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}\n{}", host.log());
+    assert_eq!(step(&s, "payment")["output"]["charge_id"], format!("ch_{id}"));
+    // The payment service's own count: one charge, though it was asked twice, with one key.
+    assert_eq!(services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    assert_eq!(services.payment.requests().await, 2, "the charge was sent again after the restart");
+    assert_eq!(services.payment.keys(&id).await, [format!("{id}:payment:execute")]);
+    let events = crate::harness::open_store(dir.path()).await.outbox_for_saga(&id).await.unwrap();
+    let types: Vec<String> = events
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        ["OrderHttpCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderHttpCompleted"]
+    );
+}
+
+#[tokio::test]
+async fn a_service_slower_than_the_attempt_timeout_fails_the_attempt_and_holds_up_no_other_saga() {
+    // Four SLOW- orders whose first inventory request sleeps 10 s against a 4 s attempt
+    // timeout, started together with six ordinary orders.
+    let env = Env::start_with(&["--slow-ms", "10000"], &[], |def| {
+        def["steps"][0]["timeout_ms"] = json!(4_000);
+    })
+    .await;
+    let started = Instant::now();
+    let slow: Vec<String> =
+        futures::future::join_all((0..4).map(|_| env.api.submit(SAGA, order("tok_visa", "SLOW-1", "US")))).await;
+    let ordinary = futures::future::join_all((0..6).map(|_| async {
+        let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+        (id, s, started.elapsed())
+    }))
+    .await;
+    let ordinary_done = started.elapsed();
+    // The ordinary orders completed while the slow orders' first calls were still waiting on
+    // the service (no attempt of theirs has ended yet): those calls hold no thread the other
+    // sagas need.
+    for id in &slow {
+        let s = env.api.saga(SAGA, id).await;
+        let inventory = step(&s, "inventory");
+        assert_eq!(
+            (&s["status"], &inventory["status"], &inventory["attempts"], &inventory["last_error"]),
+            (&json!("CREATED"), &json!("pending"), &json!(0), &Value::Null),
+            "a slow order's first call ended before the ordinary orders completed ({ordinary_done:?}): {s:#}"
+        );
+    }
+    for (id, s, took) in &ordinary {
+        assert_eq!(s["status"], "COMPLETED", "{s:#}");
+        assert!(*took < Duration::from_secs(4), "an ordinary order took {took:?} next to slow calls");
+        assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    }
+    for id in &slow {
+        let s = env.api.settled(SAGA, id).await;
+        assert_eq!(s["status"], "COMPLETED", "{s:#}");
+        assert_eq!(step(&s, "inventory")["attempts"], 2);
+        let (_, retries) = env.events(id).await;
+        assert_eq!(retries, ["inventory: timed out after 4000 ms"]);
+        assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    }
+    let slow_done = started.elapsed();
+    assert!(slow_done >= Duration::from_secs(4), "the slow orders cannot finish before their timeout");
+    println!("ordinary orders done after {ordinary_done:?}, slow ones after {slow_done:?}");
+}
+
+#[tokio::test]
+async fn a_response_over_the_size_limit_fails_the_step_and_the_host_keeps_serving() {
+    let env = Env::start_with(&[], &[], |def| {
+        def["steps"][0]["retry"] = retry(2, 20, 50);
+    })
+    .await;
+    let (id, s) = env.run(order("tok_visa", "HUGE-1", "US")).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    let inventory = step(&s, "inventory");
+    assert_eq!((&inventory["status"], &inventory["attempts"]), (&json!("failed"), &json!(2)));
+    let error = inventory["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("gave up after 2 failed attempts: ") && error.contains("larger than 1048576 bytes"),
+        "{error}"
+    );
+    let (_, retries) = env.events(&id).await;
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    assert!(retries[0].contains("larger than 1048576 bytes"), "{retries:?}");
+    // The service reserved (and replayed the same 2 MiB answer to the retry), but the step
+    // never read an answer, and a step whose every call failed is not compensated (SPEC §3:
+    // only completed steps are), so the reservation outlives the CANCELLED saga. This pins
+    // today's behaviour; whether a step that gave up after ambiguous failures (over the
+    // limit, timed out, reset after sending) should be compensated is an open question.
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1)]));
+    assert_eq!(env.services.inventory.requests().await, 2);
+    assert_eq!(step(&s, "inventory")["compensate_attempts"], 0);
+
+    // The host is up and answers; the next order completes.
+    assert_eq!(env.host.get("/healthz").await.status, StatusCode::OK);
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+}
+
+#[tokio::test]
+async fn a_request_to_an_origin_not_granted_is_denied_without_a_connection() {
+    // A listener that counts the connections it accepts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trap = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((_socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    // http-payment keeps its grant for the real payment service, but its step points elsewhere.
+    let env = Env::start_with(&[], &[], |def| {
+        def["steps"][1]["config"]["base_url"] = json!(trap);
+        def["steps"][1]["retry"] = retry(2, 20, 50);
+    })
+    .await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    let payment = step(&s, "payment");
+    assert_eq!((&payment["status"], &payment["attempts"]), (&json!("failed"), &json!(2)));
+    let error = payment["last_error"].as_str().unwrap();
+    assert!(error.contains("denied") && error.contains(&trap), "{error}");
+    assert_eq!(step(&s, "inventory")["status"], "compensated");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("release", 1)]));
+    assert_eq!(env.services.payment.requests().await, 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "a denied request opened a connection");
+}
+
+#[tokio::test]
+async fn a_0_1_0_plugin_uploaded_before_keeps_running_next_to_0_2_0_http_steps() {
+    // Uploaded to a host that then restarts: the plugin comes back from the store.
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let r = host
+        .send(host.client.post(host.url("/admin/plugins/legacy")).bearer_auth(TOKEN).body(fixture("legacy-v0-1")))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
+    let legacy = r.json()["digest"].as_str().unwrap().to_owned();
+    let dir = host.stop().await;
+    let host = TestHost::start_in(dir, |c| c.admin_token = Some(TOKEN.into())).await;
+    let api = Api::new(&host.base);
+
+    // A saga type with the 0.1.0 step first, then the 0.2.0 http-inventory step.
+    let services = Services::start(&host.base, &[], &[]).await;
+    services.grant(&api).await;
+    let def = services.definition();
+    let mixed = json!({"steps": [
+        {"name": "legacy", "plugin": "legacy", "state": "LEGACY_DONE", "retry": retry(2, 20, 50)},
+        def["steps"][0].clone(),
+    ]});
+    api.define("mixed", &mixed).await;
+    let id = api.submit("mixed", json!({"customer_id": "c-1", "items": [{"sku": "SKU-1", "quantity": 1}]})).await;
+    let s = api.settled("mixed", &id).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "legacy")["execute_digest"], json!(legacy));
+    assert_eq!(step(&s, "legacy")["output"], json!({"world": "0.1.0", "saga_id": id}));
+    assert_eq!(step(&s, "inventory")["output"]["reservation_id"], format!("res_{id}"));
+    assert_eq!(services.inventory.effects(&id).await["reserve"], 1);
+
+    let (status, view) = api.call(Method::GET, &format!("/admin/plugins/legacy/state?prefix=legacy/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let data = view["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{view}");
+    assert_eq!((&data[0]["key"], &data[0]["value"]), (&json!(format!("legacy/{id}")), &json!("0.1.0")), "{view}");
+}
