@@ -45,6 +45,14 @@ async fn load() {
     let clients = env_or("BENCH_CLIENTS", 32);
     let replicas = env_or("BENCH_REPLICAS", 1).max(1);
     let backend = std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "sqlite".into());
+    // `order`: the demo plugins keep their effects in host state. `order-http`: the http-*
+    // plugins call the demo services, three more processes on the same machine.
+    let saga = std::env::var("BENCH_SAGA").unwrap_or_else(|_| "order".into());
+    let path = match saga.as_str() {
+        "order" => "/orders",
+        "order-http" => "/sagas/order-http",
+        other => panic!("BENCH_SAGA={other}: use order or order-http"),
+    };
     let database = match backend.as_str() {
         "sqlite" => {
             assert_eq!(replicas, 1, "SQLite is embedded: one host process per database file");
@@ -60,15 +68,27 @@ async fn load() {
     let dirs: Vec<tempfile::TempDir> = (0..replicas).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut hosts = vec![];
     for dir in &dirs {
-        hosts.push(HostProcess::spawn_on(dir.path(), database.as_deref(), None, &[("RUST_LOG", "error")]).await);
+        let env = [("RUST_LOG", "error"), ("SAGAHOST_ADMIN_TOKEN", crate::services::TOKEN)];
+        hosts.push(HostProcess::spawn_on(dir.path(), database.as_deref(), None, &env).await);
     }
     let bases: Vec<String> = hosts.iter().map(|h| h.base.clone()).collect();
+    // The services, granted and defined through the first replica (the others share it all).
+    let services = match saga.as_str() {
+        "order-http" => {
+            let services = crate::services::Services::start(&bases[0], &[], &[]).await;
+            let api = crate::services::Api::new(&bases[0]);
+            services.grant(&api).await;
+            api.define("order-http", &services.definition()).await;
+            Some(services)
+        }
+        _ => None,
+    };
     let http = reqwest::Client::new();
     let body = good_order().to_string();
     // Warm up every replica: compile caches, connection pools, database pages.
     for i in 0..20 * replicas {
         let r = http
-            .post(format!("{}/orders", bases[i % replicas]))
+            .post(format!("{}{path}", bases[i % replicas]))
             .header("Idempotency-Key", key())
             .header("Prefer", "wait=30")
             .body(body.clone())
@@ -88,7 +108,7 @@ async fn load() {
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
                     let t = Instant::now();
                     let r = http
-                        .post(format!("{base}/orders"))
+                        .post(format!("{base}{path}"))
                         .header("Idempotency-Key", key())
                         .header("Prefer", "wait=30")
                         .body(body.clone())
@@ -121,7 +141,7 @@ async fn load() {
         (sum / count.max(1.0)) * 1e6
     };
     println!(
-        "bench: backend={backend} replicas={replicas} clients={clients} sagas={} elapsed_s={:.2} sagas_per_s={:.1} \
+        "bench: saga={saga} backend={backend} replicas={replicas} clients={clients} sagas={} elapsed_s={:.2} sagas_per_s={:.1} \
          latency_ms p50={:.1} p95={:.1} p99={:.1} plugin_call_us_mean={:.0} host_overhead_per_transition_us_mean={:.0}",
         latencies.len(),
         elapsed.as_secs_f64(),
@@ -135,6 +155,7 @@ async fn load() {
     for h in hosts {
         h.kill().await;
     }
+    drop(services);
     if let Some(url) = database {
         let _ = sagahost::store::postgres::drop_database(&crate::harness::postgres_admin_url(), &url).await;
     }

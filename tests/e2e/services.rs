@@ -14,18 +14,18 @@ use crate::demo::DemoService;
 use crate::harness::{fixture, key, order, TestHost};
 use crate::process::HostProcess;
 
-const TOKEN: &str = "services-admin-token";
+pub(crate) const TOKEN: &str = "services-admin-token";
 const SAGA: &str = "order-http";
 
 /// A host under test, in process or as the real binary: its base URL and a client.
 #[derive(Clone)]
-struct Api {
+pub(crate) struct Api {
     base: String,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn new(base: &str) -> Api {
+    pub(crate) fn new(base: &str) -> Api {
         Api {
             base: base.to_owned(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap(),
@@ -50,7 +50,7 @@ impl Api {
         assert_eq!(status, StatusCode::OK, "grant {plugin}: {r}");
     }
 
-    async fn define(&self, saga_type: &str, def: &Value) {
+    pub(crate) async fn define(&self, saga_type: &str, def: &Value) {
         let (status, r) = self.call(Method::PUT, &format!("/admin/sagas/{saga_type}"), Some(def)).await;
         assert_eq!(status, StatusCode::OK, "define {saga_type}: {r}");
     }
@@ -99,7 +99,7 @@ impl Api {
 }
 
 /// The three services, each its own process.
-struct Services {
+pub(crate) struct Services {
     inventory: DemoService,
     payment: DemoService,
     shipping: DemoService,
@@ -107,7 +107,7 @@ struct Services {
 
 impl Services {
     /// Starts them; the payment service's webhook signals `order-http` sagas at `host_base`.
-    async fn start(host_base: &str, inventory_args: &[&str], payment_args: &[&str]) -> Services {
+    pub(crate) async fn start(host_base: &str, inventory_args: &[&str], payment_args: &[&str]) -> Services {
         let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         let mut payment = owned(&["--sagahost-url", host_base, "--saga-type", SAGA]);
         payment.extend(owned(payment_args));
@@ -131,7 +131,7 @@ impl Services {
     }
 
     /// Grants each http plugin its own service's origin, nothing more.
-    async fn grant(&self, api: &Api) {
+    pub(crate) async fn grant(&self, api: &Api) {
         api.grant("http-inventory", &[&self.inventory.url]).await;
         api.grant("http-payment", &[&self.payment.url]).await;
         api.grant("http-shipment", &[&self.shipping.url]).await;
@@ -139,7 +139,7 @@ impl Services {
 
     /// The `order-http` definition pointed at these services, with short backoffs: like the
     /// built-in one, but test-sized.
-    fn definition(&self) -> Value {
+    pub(crate) fn definition(&self) -> Value {
         let step = |name: &str, plugin: &str, state: &str, url: &str| {
             json!({
                 "name": name, "plugin": plugin, "state": state,
