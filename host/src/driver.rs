@@ -376,6 +376,7 @@ impl Inner {
             digest: sdef.execute.digest.clone(),
             outcome,
             jitter: rand::random::<f64>(),
+            reached_out: out.reached_out,
         };
         Ok((event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed))
     }

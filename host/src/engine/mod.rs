@@ -182,8 +182,9 @@ impl StepStatus {
 }
 
 impl StepState {
-    /// Did this step's execute commit anything? A `done` did; so did a `wait`, even if a later
-    /// attempt of the same step failed or was rejected: its writes stay, so it is compensated.
+    /// May this step's execute have had effects? A `done` did; so did a `wait`, even if a later
+    /// attempt of the same step failed or was rejected (its writes stay), and so may a failed
+    /// attempt that had sent requests out: either way it is compensated.
     fn needs_compensation(&self) -> bool {
         self.status.needs_compensation()
             || (self.waited && matches!(self.status, StepStatus::Retrying | StepStatus::Failed))
@@ -199,7 +200,11 @@ pub struct StepState {
     /// Execute calls that failed (retryable error or trap): what the retry policy counts, so
     /// that a step polling with `wait` does not use up its retries.
     pub failures: u32,
-    /// The step returned `wait` at least once, so it committed writes.
+    /// The step may have had effects although it never completed: it returned `wait` at least
+    /// once (so it committed writes), or one of its failed attempts had sent requests out of
+    /// the host (a timeout or a cut-off answer says nothing of whether the service applied
+    /// them). Such a step is compensated when the saga compensates, with `null` for output.
+    /// (Stored as `waited`, its first meaning.)
     pub waited: bool,
     /// Compensate attempts made in the current compensation round.
     pub compensate_attempts: u32,
@@ -303,6 +308,9 @@ pub enum Event {
         digest: String,
         outcome: ExecuteOutcome,
         jitter: f64,
+        /// The attempt sent requests out of the host (outbound HTTP): if it failed, whatever
+        /// it asked for may have been applied.
+        reached_out: bool,
     },
     Compensated {
         step: usize,
@@ -341,13 +349,14 @@ impl Event {
     /// being retried forever. `None` for events that are not plugin calls.
     pub fn into_failure(self, reason: String) -> Option<Event> {
         match self {
-            Event::Executed { step, attempt, started_at, digest, jitter, .. } => Some(Event::Executed {
+            Event::Executed { step, attempt, started_at, digest, jitter, reached_out, .. } => Some(Event::Executed {
                 step,
                 attempt,
                 started_at,
                 digest,
                 outcome: ExecuteOutcome::Trapped(reason),
                 jitter,
+                reached_out,
             }),
             Event::Compensated { step, attempt, digest, jitter, .. } => {
                 Some(Event::Compensated { step, attempt, digest, outcome: CompensateOutcome::Failed(reason), jitter })
@@ -476,7 +485,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
     let mut next = state.clone();
     let mut changed = Vec::new();
     let event = match event {
-        Event::Executed { step: i, attempt, started_at, digest, outcome, jitter } => {
+        Event::Executed { step: i, attempt, started_at, digest, outcome, jitter, reached_out } => {
             if state.phase != Phase::Forward
                 || current_forward_step(state) != Some(i)
                 || state.steps[i].attempts + 1 != attempt
@@ -497,6 +506,8 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             // counts as a rejection, so the saga compensates rather than hang.
             if matches!(outcome, ExecuteOutcome::Retryable(_) | ExecuteOutcome::Trapped(_)) {
                 step.failures += 1;
+                // Its requests may have been applied: undo them if the saga compensates.
+                step.waited |= reached_out;
             }
             let failures = step.failures;
             let outcome = match outcome {
@@ -634,8 +645,8 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             let step = &mut next.steps[i];
             changed.push(i);
             let msg = format!("deadline of {} ms passed", sdef.deadline_ms.unwrap_or_default());
-            // A step that waited committed its writes, so it stays compensable; one that only
-            // failed retryably committed nothing.
+            // A step that waited committed its writes (or may have had effects: `waited`), so
+            // it stays compensable; one that only failed retryably within the host did nothing.
             if step.status != StepStatus::Waiting {
                 step.status = StepStatus::Failed;
             }

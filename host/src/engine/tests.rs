@@ -43,7 +43,15 @@ fn step(def: &SagaDefinition, s: &SagaState, e: Event, now: i64) -> Transition {
 }
 
 fn executed(i: usize, attempt: u32, outcome: ExecuteOutcome) -> Event {
-    Event::Executed { step: i, attempt, started_at: 0, digest: "sha256:x".into(), outcome, jitter: 0.0 }
+    Event::Executed {
+        step: i,
+        attempt,
+        started_at: 0,
+        digest: "sha256:x".into(),
+        outcome,
+        jitter: 0.0,
+        reached_out: false,
+    }
 }
 
 fn compensated(i: usize, attempt: u32, outcome: CompensateOutcome) -> Event {
@@ -228,7 +236,15 @@ fn deadline_rejects_a_waiting_step_and_compensates_it() {
     s = step(
         &def,
         &s,
-        Event::Executed { step: 1, attempt: 1, started_at: 100, digest: "d".into(), outcome: wait, jitter: 0.0 },
+        Event::Executed {
+            step: 1,
+            attempt: 1,
+            started_at: 100,
+            digest: "d".into(),
+            outcome: wait,
+            jitter: 0.0,
+            reached_out: false,
+        },
         100,
     )
     .state;
@@ -259,6 +275,37 @@ fn waiting_does_not_use_up_retries_and_a_step_that_waited_is_compensated_even_af
     // It waited (committed writes), so it is compensated before inventory.
     assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 1, attempt: 1 });
     s = step(&def, &s, compensated(1, 1, CompensateOutcome::Done("{}".into())), 0).state;
+    assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 0, attempt: 1 });
+}
+
+#[test]
+fn a_step_whose_failed_attempt_reached_out_is_compensated_after_giving_up_and_one_that_did_not_is_not() {
+    let def = order_def(); // 3 attempts
+    let failed_out = |attempt| match executed(1, attempt, ExecuteOutcome::Trapped("timed out after 2000 ms".into())) {
+        Event::Executed { step, attempt, started_at, digest, outcome, jitter, .. } => {
+            Event::Executed { step, attempt, started_at, digest, outcome, jitter, reached_out: true }
+        }
+        other => other,
+    };
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    // A retryable failure within the host, then one after requests went out, then a give-up.
+    s = step(&def, &s, executed(1, 1, ExecuteOutcome::Retryable("busy".into())), 0).state;
+    assert!(!s.steps[1].waited, "nothing left the host yet");
+    s = step(&def, &s, failed_out(2), 0).state;
+    s = step(&def, &s, failed_out(3), 0).state;
+    assert_eq!(s.steps[1].status, StepStatus::Failed);
+    // The service may have applied payment's request: it is undone (output null) before inventory.
+    assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 1, attempt: 1 });
+    s = step(&def, &s, compensated(1, 1, CompensateOutcome::Done("{}".into())), 0).state;
+    assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 0, attempt: 1 });
+
+    // The same failures without requests out of the host: only inventory is undone.
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    for attempt in 1..=3 {
+        s = step(&def, &s, executed(1, attempt, ExecuteOutcome::Trapped("t".into())), 0).state;
+    }
     assert_eq!(next_action(&def, &s, 0), Action::Compensate { step: 0, attempt: 1 });
 }
 
@@ -379,7 +426,7 @@ proptest! {
                         Exec::Trap => ExecuteOutcome::Trapped("t".into()),
                         Exec::Reject => ExecuteOutcome::Rejected("x".into()),
                     };
-                    Event::Executed { step, attempt, started_at: now, digest: "d".into(), outcome, jitter }
+                    Event::Executed { step, attempt, started_at: now, digest: "d".into(), outcome, jitter, reached_out: false }
                 }
                 Action::Compensate { step, attempt } => {
                     if attempt == 1 { compensation_order.push(step); }
@@ -460,6 +507,8 @@ enum ExecOp {
     Done,
     Wait,
     Retry,
+    /// A retryable failure of an attempt that had sent requests out of the host.
+    RetryOut,
     Trap,
     Reject,
 }
@@ -467,7 +516,7 @@ enum ExecOp {
 fn op_strategy() -> impl Strategy<Value = Op> {
     let exec = prop_oneof![
         4 => Just(ExecOp::Done), 2 => Just(ExecOp::Wait), 2 => Just(ExecOp::Retry),
-        1 => Just(ExecOp::Trap), 1 => Just(ExecOp::Reject)
+        1 => Just(ExecOp::RetryOut), 1 => Just(ExecOp::Trap), 1 => Just(ExecOp::Reject)
     ];
     prop_oneof![
         8 => (exec, prop::bool::weighted(0.7)).prop_map(|(exec, comp_ok)| Op::Drive { exec, comp_ok }),
@@ -559,9 +608,13 @@ impl Model {
     fn execute(&mut self, i: usize, outcome: ExecOp) {
         self.started[i] = true;
         self.signalled = false;
-        let failed = matches!(outcome, ExecOp::Retry | ExecOp::Trap);
+        let failed = matches!(outcome, ExecOp::Retry | ExecOp::RetryOut | ExecOp::Trap);
         if failed {
             self.failures[i] += 1;
+        }
+        // Its requests may have been applied: the step must be undone if the saga compensates.
+        if outcome == ExecOp::RetryOut {
+            self.waited[i] = true;
         }
         match outcome {
             ExecOp::Done => self.status[i] = StepStatus::Succeeded,
@@ -570,7 +623,9 @@ impl Model {
                 self.waited[i] = true;
             }
             // Out of attempts, a failure counts as a rejection.
-            ExecOp::Retry | ExecOp::Trap if self.failures[i] < self.max => self.status[i] = StepStatus::Retrying,
+            ExecOp::Retry | ExecOp::RetryOut | ExecOp::Trap if self.failures[i] < self.max => {
+                self.status[i] = StepStatus::Retrying
+            }
             _ => {
                 self.status[i] = StepStatus::Failed;
                 self.compensate_from_here();
@@ -695,11 +750,12 @@ proptest! {
                             let outcome = match exec {
                                 ExecOp::Done => ExecuteOutcome::Done("{}".into()),
                                 ExecOp::Wait => ExecuteOutcome::Wait { delay_ms: None, signal: Some("go".into()) },
-                                ExecOp::Retry => ExecuteOutcome::Retryable("r".into()),
+                                ExecOp::Retry | ExecOp::RetryOut => ExecuteOutcome::Retryable("r".into()),
                                 ExecOp::Trap => ExecuteOutcome::Trapped("t".into()),
                                 ExecOp::Reject => ExecuteOutcome::Rejected("x".into()),
                             };
-                            Some(Event::Executed { step: *step, attempt: *attempt, started_at: now, digest: "d".into(), outcome, jitter })
+                            let reached_out = exec == ExecOp::RetryOut;
+                            Some(Event::Executed { step: *step, attempt: *attempt, started_at: now, digest: "d".into(), outcome, jitter, reached_out })
                         }
                         (Action::Compensate { step, attempt }, Due::Compensate(i)) if step == i => {
                             model.compensate(*i, comp_ok);

@@ -229,7 +229,7 @@ async fn run<T>(
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
-    let Notes { limit, host_error } = store.data().outbound.notes();
+    let Notes { limit, host_error, reached_out } = store.data().outbound.notes();
     let ended = match limit {
         Some(limit) => ended.blame(&limit),
         None => ended,
@@ -246,12 +246,18 @@ async fn run<T>(
     }
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
-    CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label }
+    CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label, reached_out }
 }
 
 /// The host's own failure: no outcome, no writes, and no attempt counted.
 fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
-    CallOutcome { result: Err(Unavailable(why)), writes: Vec::new(), elapsed: started.elapsed(), label: "unavailable" }
+    CallOutcome {
+        result: Err(Unavailable(why)),
+        writes: Vec::new(),
+        elapsed: started.elapsed(),
+        label: "unavailable",
+        reached_out: false,
+    }
 }
 
 pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {

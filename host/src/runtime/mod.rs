@@ -125,6 +125,9 @@ pub struct CallOutcome<T> {
     /// `done`, `wait`, `retryable`, `rejected`, `trap` or `unavailable`: a label for logs and
     /// metrics (a compensation's `Failed` does not say which kind of failure it was).
     pub label: &'static str,
+    /// The call sent requests out of the host (0.2.0 outbound HTTP). A failed call that did
+    /// may have had effects the saga must undo.
+    pub reached_out: bool,
 }
 
 /// Why a component was refused.

@@ -63,6 +63,9 @@ pub(super) struct Notes {
     pub(super) limit: Option<String>,
     /// The host could not read the plugin's grants (its database failed).
     pub(super) host_error: Option<String>,
+    /// A request left the host (it passed the grant check and a connection was tried): if
+    /// the call fails, the service may have applied it.
+    pub(super) reached_out: bool,
 }
 
 /// The hooks of one call's store.
@@ -206,6 +209,7 @@ impl CallFacts {
             return Err(Error::HttpRequestDenied);
         };
         let address = self.resolve(&origin, exact_ip).await?;
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
         if scheme == Scheme::Http {
             // Connect to the address just checked: a second lookup could answer otherwise.
             // The Host header keeps the name the plugin asked for.

@@ -551,6 +551,7 @@ async fn a_request_to_an_origin_not_granted_is_denied_and_opens_no_connection() 
         runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), TIMEOUT).await;
     let msg = retryable(&out);
     assert!(msg.contains("denied") && msg.contains("not granted"), "{msg}");
+    assert!(!out.reached_out, "nothing left the host, so nothing needs undoing");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(service.connections(), 0, "a denied request opens no connection");
 }
@@ -562,6 +563,7 @@ async fn granted_requests_carry_the_idempotency_key_numbered_per_request_and_a_t
     let out =
         runtime.execute(&digest, "misbehave", &info(2), &http_input("http-get-3", &service.origin), TIMEOUT).await;
     assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"bytes":[11,11,11],"statuses":[200,200,200]}"#.into())));
+    assert!(out.reached_out);
     let keys = service.header("idempotency-key");
     assert_eq!(
         keys,
