@@ -157,6 +157,15 @@ async fn sagas_keep_their_pinned_execute_while_new_sagas_use_the_new_binding_and
         StatusCode::UNPROCESSABLE_ENTITY
     );
     assert_eq!(bind(&host, "order", "shipment", json!({})).await.status, StatusCode::BAD_REQUEST);
+    // Two valid digests of two plugins: compensate could not see execute's state. 422, as the
+    // server's plugins decide it, not the request's shape.
+    let inventory = def["steps"][0]["execute"].clone();
+    let r = bind(&host, "order", "shipment", json!({"compensate": inventory})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json()["error"]["code"], "plugin_mismatch");
+    assert_eq!(r.json()["error"]["field"], "steps[2].compensate");
+    let unchanged = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    assert_eq!(unchanged["steps"][2]["compensate"], def["steps"][2]["compensate"]);
 }
 
 #[tokio::test]

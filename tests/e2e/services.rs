@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use crate::demo::DemoService;
 use crate::harness::{fixture, key, order, TestHost};
 use crate::process::HostProcess;
+use crate::step;
 
 pub(crate) const TOKEN: &str = "services-admin-token";
 const SAGA: &str = "order-http";
@@ -176,15 +177,6 @@ fn effects(counts: &[(&str, u64)]) -> Value {
         all.insert(name.to_string(), json!(n));
     }
     Value::Object(all)
-}
-
-fn step<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|st| st["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {s:#}"))
 }
 
 /// In-process host with the admin API on, the services, grants and the definition.

@@ -106,12 +106,21 @@ pub const RESERVED_STATES: [&str; 5] = ["CREATED", "COMPLETED", "COMPENSATING", 
 /// Why a definition was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DefinitionError {
+    /// A field breaks the rules of its own (a name, a label, a bound).
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// Execute and compensate are versions of two plugins: each digest is fine on its own,
+    /// but together they cannot work (compensate would not see execute's state).
+    #[error("{field}: {message}")]
+    PluginMismatch { field: String, message: String },
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> DefinitionError {
     DefinitionError::Invalid { field: field.into(), message: message.into() }
+}
+
+fn mismatch(field: impl Into<String>, message: impl Into<String>) -> DefinitionError {
+    DefinitionError::PluginMismatch { field: field.into(), message: message.into() }
 }
 
 /// Saga type names and step names: lowercase ASCII, digits, `-` and `_`, 1-64 characters.
@@ -171,7 +180,7 @@ impl SagaDefinition {
             // Execute and compensate share the plugin's state space: compensation must see the
             // records its execute wrote, so both bindings are versions of one plugin.
             if step.execute.plugin != step.compensate.plugin {
-                return Err(invalid(
+                return Err(mismatch(
                     f("compensate"),
                     format!(
                         "is a version of plugin '{}' but execute is a version of '{}'; both must be versions of one plugin, \
@@ -286,7 +295,9 @@ mod tests {
         };
         assert_eq!(def.validate(), Ok(()));
         def.steps[0].compensate = p("other");
-        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        let DefinitionError::PluginMismatch { field, .. } = def.validate().unwrap_err() else {
+            panic!("a plugin mismatch")
+        };
         assert_eq!(field, "steps[0].compensate");
     }
 
@@ -367,7 +378,7 @@ mod redaction_tests {
             deadline_ms: None,
             config: Default::default(),
         });
-        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err() else { panic!("invalid") };
         assert_eq!(field, "sensitive[0]");
         def.sensitive = vec!["/payment/token".into()];
         def.validate().unwrap();
@@ -383,7 +394,7 @@ mod redaction_tests {
         def.steps[0].config.insert("base_url".into(), "http://127.0.0.1:9002".into());
         def.validate().unwrap();
         def.steps[0].config.insert("padding".into(), "x".repeat(MAX_CONFIG_BYTES).into());
-        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err();
+        let DefinitionError::Invalid { field, .. } = def.validate().unwrap_err() else { panic!("invalid") };
         assert_eq!(field, "steps[0].config");
     }
 }

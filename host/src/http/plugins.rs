@@ -17,7 +17,7 @@ use super::sagas::{json_response, parse_body, to_json};
 use super::AppState;
 use crate::catalog;
 use crate::clock::rfc3339;
-use crate::engine::definition::is_valid_name;
+use crate::engine::definition::{is_valid_name, DefinitionError};
 use crate::engine::{RetryPolicy, SagaDefinition, StepDefinition};
 use crate::store::{AuditEntry, DefinitionSource};
 
@@ -27,10 +27,12 @@ pub const PLUGIN_BODY_LIMIT: usize = 16 << 20;
 fn catalog_error(e: catalog::Error) -> ApiError {
     match e {
         catalog::Error::Load(e) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin", e.to_string()),
-        catalog::Error::Definition(e) => {
-            let crate::engine::definition::DefinitionError::Invalid { field, message } = e;
-            ApiError::invalid(field, message)
-        }
+        catalog::Error::Definition(DefinitionError::Invalid { field, message }) => ApiError::invalid(field, message),
+        // Both digests are valid on their own; what they name on this server does not fit.
+        catalog::Error::Definition(DefinitionError::PluginMismatch { field, message }) => ApiError {
+            field: Some(field.clone()),
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_mismatch", format!("{field}: {message}"))
+        },
         catalog::Error::UnknownPlugin { .. } => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin", e.to_string())
         }
