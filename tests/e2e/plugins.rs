@@ -98,6 +98,15 @@ async fn upload_validates_stores_by_digest_and_is_idempotent() {
     );
     let one = admin_json(&host, reqwest::Method::GET, "/admin/plugins/misbehave", None).await.json();
     assert_eq!(one["versions"][0]["digest"], json!(digest));
+    // What each version targets and may do: misbehave has an HTTP mode, the host-state demo
+    // plugins do not, and the http-* plugins call their services.
+    let world = |p: &Value, name: &str| {
+        let v = &p["data"].as_array().unwrap().iter().find(|x| x["name"] == name).unwrap()["versions"][0];
+        (v["world"].clone(), v["outbound_http"].clone())
+    };
+    assert_eq!(world(&list, "misbehave"), (json!("0.2.0"), json!(true)));
+    assert_eq!(world(&list, "inventory"), (json!("0.2.0"), json!(false)));
+    assert_eq!(world(&list, "http-payment"), (json!("0.2.0"), json!(true)));
     let audit = admin_json(&host, reqwest::Method::GET, &format!("/admin/audit?target={digest}"), None).await.json();
     assert_eq!(audit["data"].as_array().unwrap().len(), 1, "one upload audited once");
     assert_eq!(audit["data"][0]["action"], "plugin.upload");

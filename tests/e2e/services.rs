@@ -662,4 +662,10 @@ async fn a_0_1_0_plugin_uploaded_before_keeps_running_next_to_0_2_0_http_steps()
     let data = view["data"].as_array().unwrap();
     assert_eq!(data.len(), 1, "{view}");
     assert_eq!((&data[0]["key"], &data[0]["value"]), (&json!(format!("legacy/{id}")), &json!("0.1.0")), "{view}");
+    // The admin API says which world each version targets, after the restart too.
+    let (_, plugin) = api.call(Method::GET, "/admin/plugins/legacy", None).await;
+    assert_eq!(
+        (&plugin["versions"][0]["world"], &plugin["versions"][0]["outbound_http"]),
+        (&json!("0.1.0"), &json!(false))
+    );
 }

@@ -233,6 +233,11 @@ impl Catalog {
     }
 
     /// A loaded plugin version as a step binding.
+    /// What a plugin version targets and may do (its world, whether it can call HTTP).
+    pub fn capabilities(&self, digest: &str) -> Option<crate::runtime::Capabilities> {
+        self.runtime.capabilities(digest)
+    }
+
     pub fn plugin_ref(&self, digest: &str) -> Option<crate::engine::PluginRef> {
         self.plugin_name(digest).map(|plugin| crate::engine::PluginRef { plugin, digest: digest.to_owned() })
     }

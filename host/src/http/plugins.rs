@@ -142,6 +142,13 @@ pub struct PluginVersion {
     pub digest: String,
     pub size: i64,
     pub uploaded_at: String,
+    /// The `sagahost:plugin` version it targets (`0.1.0`, `0.2.0`); null if this replica has
+    /// not loaded it.
+    #[schema(example = "0.2.0")]
+    pub world: Option<String>,
+    /// It imports `wasi:http/outgoing-handler`: it can call the origins granted to the plugin
+    /// (`/admin/plugins/{name}/grants`); null if this replica has not loaded it.
+    pub outbound_http: Option<bool>,
 }
 
 /// A plugin and its versions, oldest first.
@@ -154,7 +161,14 @@ pub struct PluginView {
 async fn plugin_views(state: &AppState) -> Result<Vec<PluginView>, ApiError> {
     let mut out: Vec<PluginView> = Vec::new();
     for v in state.store.plugin_versions().await? {
-        let version = PluginVersion { digest: v.digest, size: v.size, uploaded_at: rfc3339(v.uploaded_at) };
+        let caps = state.catalog.capabilities(&v.digest);
+        let version = PluginVersion {
+            digest: v.digest,
+            size: v.size,
+            uploaded_at: rfc3339(v.uploaded_at),
+            world: caps.map(|c| c.world.to_owned()),
+            outbound_http: caps.map(|c| c.outbound_http),
+        };
         match out.last_mut() {
             Some(p) if p.name == v.name => p.versions.push(version),
             _ => out.push(PluginView { name: v.name, versions: vec![version] }),

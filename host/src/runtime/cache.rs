@@ -17,11 +17,14 @@ use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use super::wit::Prepared;
-use super::LoadError;
+use super::{Capabilities, LoadError};
 
-/// Compiled plugins by digest.
+/// A compiled plugin and what it may do.
+type Entry = (Arc<dyn Prepared>, Capabilities);
+
+/// Compiled plugins by digest, with what each may do.
 pub(super) struct Cache {
-    ready: RwLock<HashMap<String, Arc<dyn Prepared>>>,
+    ready: RwLock<HashMap<String, Entry>>,
 }
 
 impl Cache {
@@ -34,11 +37,15 @@ impl Cache {
     }
 
     pub(super) fn get(&self, digest: &str) -> Option<Arc<dyn Prepared>> {
-        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
+        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(ready, _)| Arc::clone(ready))
     }
 
-    pub(super) fn insert(&self, digest: String, ready: Arc<dyn Prepared>) {
-        self.ready.write().unwrap_or_else(|e| e.into_inner()).insert(digest, ready);
+    pub(super) fn capabilities(&self, digest: &str) -> Option<Capabilities> {
+        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(_, caps)| *caps)
+    }
+
+    pub(super) fn insert(&self, digest: String, ready: Arc<dyn Prepared>, caps: Capabilities) {
+        self.ready.write().unwrap_or_else(|e| e.into_inner()).insert(digest, (ready, caps));
     }
 
     /// The compiled component of `wasm`: compiled now (tens of milliseconds of CPU).

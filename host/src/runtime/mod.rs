@@ -130,6 +130,15 @@ pub struct CallOutcome<T> {
     pub reached_out: bool,
 }
 
+/// What a loaded component is and may do, for operators (`GET /admin/plugins`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The `sagahost:plugin` version it targets, e.g. `0.2.0`.
+    pub world: &'static str,
+    /// It imports `wasi:http/outgoing-handler`: it can call the origins granted to it.
+    pub outbound_http: bool,
+}
+
 /// Why a component was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -178,14 +187,14 @@ impl Runtime {
             return Ok(digest);
         }
         let this = Arc::clone(self);
-        let ready = tokio::task::spawn_blocking(move || this.compile(&wasm))
+        let (ready, caps) = tokio::task::spawn_blocking(move || this.compile(&wasm))
             .await
             .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
-        self.cache.insert(digest.clone(), ready);
+        self.cache.insert(digest.clone(), ready, caps);
         Ok(digest)
     }
 
-    fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn wit::Prepared>, LoadError> {
+    fn compile(&self, wasm: &[u8]) -> Result<(Arc<dyn wit::Prepared>, Capabilities), LoadError> {
         if !policy::is_component(wasm) {
             return Err(LoadError::Invalid(
                 "the bytes are not a WebAssembly component (a core module or something else); build the plugin with \
@@ -198,8 +207,16 @@ impl Runtime {
         policy::check_imports(&self.engine, &component, world.grants())?;
         // Resolving imports here rejects components that import anything the host does not
         // provide; `prepare` rejects missing or mistyped exports.
+        let caps =
+            Capabilities { world: world.version(), outbound_http: policy::imports_http(&self.engine, &component) };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        world.prepare(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+        let ready = world.prepare(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        Ok((ready, caps))
+    }
+
+    /// What a loaded component targets and may do; `None` if it is not loaded here.
+    pub fn capabilities(&self, digest: &str) -> Option<Capabilities> {
+        self.cache.capabilities(digest)
     }
 
     pub fn is_loaded(&self, digest: &str) -> bool {

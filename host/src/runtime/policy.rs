@@ -55,6 +55,11 @@ pub(super) fn check_imports(engine: &Engine, component: &Component, extra: &[&st
     )))
 }
 
+/// Does the component import `wasi:http/outgoing-handler` (so it can make requests)?
+pub(super) fn imports_http(engine: &Engine, component: &Component) -> bool {
+    component.component_type().imports(engine).any(|(name, _)| name.starts_with("wasi:http/outgoing-handler@"))
+}
+
 /// The import names that no granted prefix covers, in the component's order.
 fn refused<'a>(names: &[&'a str], extra: &[&str]) -> Vec<&'a str> {
     names.iter().copied().filter(|name| !GRANTED_IMPORTS.iter().chain(extra).any(|p| name.starts_with(p))).collect()
