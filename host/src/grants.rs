@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const MAX_GRANTS: usize = 64;
 
 /// Longest origin accepted, in bytes.
-const MAX_ORIGIN_BYTES: usize = 256;
+pub const MAX_ORIGIN_BYTES: usize = 256;
 
 /// `http` or `https`: nothing else is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -184,25 +184,17 @@ pub fn normalize(allowed: &[String]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// What a grant list says about one request's origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Granted. `exact_ip` is true when a grant names this very IP address (then even a
-    /// link-local address may be reached).
-    Granted {
-        exact_ip: bool,
-    },
-    Denied,
+/// Parses stored grants (canonical, as [`normalize`] returns them) once, for the checks of
+/// one call. Strings that no longer parse are dropped: they grant nothing.
+pub fn parse_all(granted: &[String]) -> Vec<Origin> {
+    granted.iter().filter_map(|g| Origin::parse(g).ok()).collect()
 }
 
-/// Checks a request origin against canonical granted origins (as [`normalize`] returns them).
-/// Granted strings that no longer parse are ignored.
-pub fn check(granted: &[String], origin: &Origin) -> Verdict {
-    let hit = granted.iter().filter_map(|g| Origin::parse(g).ok()).any(|g| g == *origin);
-    match hit {
-        true => Verdict::Granted { exact_ip: matches!(origin.host, Host::Ip(_)) },
-        false => Verdict::Denied,
-    }
+/// Is a request to `origin` granted? Only an exact match is. A granted origin whose host is
+/// an IP address names that very address, so it may be link-local; a granted name covers only
+/// what it resolves to outside the link-local ranges (the caller checks the addresses).
+pub fn is_granted(granted: &[Origin], origin: &Origin) -> bool {
+    granted.contains(origin)
 }
 
 #[cfg(test)]
@@ -249,15 +241,16 @@ mod tests {
 
     #[test]
     fn a_request_matches_only_its_exact_origin() {
-        let granted = normalize(&["http://127.0.0.1:9001".into(), "https://api.example.com".into()]).unwrap();
-        let at = |s: Scheme, a: &str| check(&granted, &Origin::from_authority(s, a).unwrap());
-        assert_eq!(at(Scheme::Http, "127.0.0.1:9001"), Verdict::Granted { exact_ip: true });
-        assert_eq!(at(Scheme::Https, "API.example.com"), Verdict::Granted { exact_ip: false });
-        assert_eq!(at(Scheme::Https, "api.example.com:443"), Verdict::Granted { exact_ip: false });
-        assert_eq!(at(Scheme::Http, "127.0.0.1:9002"), Verdict::Denied);
-        assert_eq!(at(Scheme::Https, "127.0.0.1:9001"), Verdict::Denied);
-        assert_eq!(at(Scheme::Http, "api.example.com"), Verdict::Denied);
-        assert_eq!(at(Scheme::Https, "evil.api.example.com"), Verdict::Denied);
+        let granted =
+            parse_all(&normalize(&["http://127.0.0.1:9001".into(), "https://api.example.com".into()]).unwrap());
+        let at = |s: Scheme, a: &str| is_granted(&granted, &Origin::from_authority(s, a).unwrap());
+        assert!(at(Scheme::Http, "127.0.0.1:9001"));
+        assert!(at(Scheme::Https, "API.example.com"));
+        assert!(at(Scheme::Https, "api.example.com:443"));
+        assert!(!at(Scheme::Http, "127.0.0.1:9002"));
+        assert!(!at(Scheme::Https, "127.0.0.1:9001"));
+        assert!(!at(Scheme::Http, "api.example.com"));
+        assert!(!at(Scheme::Https, "evil.api.example.com"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! table.
 
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,16 +13,6 @@ use serde_json::Value;
 use sqlx::Connection as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
-
-/// The `sagahost-demo-services` binary `cargo build --workspace` puts next to `sagahost`
-/// (`target/<profile>/`), found the way `process::binary` finds the host.
-pub fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = dir.join(format!("sagahost-demo-services{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} is missing: build the workspace first (cargo build --workspace)", bin.display());
-    bin
-}
 
 /// One demo service (`inventory`, `payment` or `shipping`) in its own process; killed when
 /// dropped.
@@ -127,7 +117,7 @@ impl DemoService {
 /// Starts the binary for one service on `127.0.0.1:port` and waits for its `listening` line.
 async fn launch(service: &str, dir: &Path, port: u16, args: &[String]) -> Result<(Child, String), String> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
-    let mut child = Command::new(binary())
+    let mut child = Command::new(crate::process::workspace_binary("sagahost-demo-services"))
         .arg("--service")
         .arg(service)
         .arg("--data-dir")

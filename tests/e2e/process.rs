@@ -10,9 +10,15 @@ use tokio::process::{Child, Command};
 
 /// The `sagahost` binary cargo built next to this test binary (`target/<profile>/sagahost`).
 pub fn binary() -> PathBuf {
+    workspace_binary("sagahost")
+}
+
+/// A binary of the workspace that `cargo build --workspace` put next to this test binary
+/// (`target/<profile>/<name>`): test runners build only test targets.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = dir.join(format!("sagahost{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(bin.exists(), "{} is missing: build the workspace first (./scripts/test does)", bin.display());
     bin
 }

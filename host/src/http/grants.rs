@@ -44,11 +44,11 @@ pub struct GrantedOrigin;
 impl utoipa::PartialSchema for GrantedOrigin {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
-        // Every origin `grants::Origin::parse` accepts starts like this and is at most 256
-        // bytes; the server refuses the rest with 422 and the reason.
+        // Every origin `grants::Origin::parse` accepts starts like this and is at most
+        // MAX_ORIGIN_BYTES long; the server refuses the rest with 422 and the reason.
         ObjectBuilder::new()
             .schema_type(Type::String)
-            .max_length(Some(256))
+            .max_length(Some(grants::MAX_ORIGIN_BYTES))
             .pattern(Some("^[hH][tT][tT][pP][sS]?://"))
             .description(Some("An origin such as http://127.0.0.1:9001 or https://payments.example.com"))
             .into()

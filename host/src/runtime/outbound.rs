@@ -39,7 +39,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::call::Deadline;
 use super::PluginReader;
-use crate::grants::{self, Host, Origin, Scheme, Verdict};
+use crate::grants::{self, Host, Origin, Scheme};
 
 /// Limits on a call's outbound HTTP. Configurable on the command line.
 #[derive(Debug, Clone)]
@@ -85,7 +85,8 @@ struct CallFacts {
     limits: HttpLimits,
     deadline: Arc<Deadline>,
     sent: AtomicU32,
-    grants: tokio::sync::OnceCell<Result<Vec<String>, String>>,
+    /// The plugin's granted origins, parsed; read on its first request.
+    grants: tokio::sync::OnceCell<Result<Vec<Origin>, String>>,
     notes: Mutex<Notes>,
 }
 
@@ -177,13 +178,13 @@ impl CallFacts {
         self.deadline.at().saturating_duration_since(Instant::now())
     }
 
-    /// The plugin's granted origins, read once per call.
-    async fn grants(&self) -> Result<&[String], Error> {
+    /// The plugin's granted origins, read and parsed once per call.
+    async fn grants(&self) -> Result<&[Origin], Error> {
         let read = self
             .grants
             .get_or_init(|| async {
                 match tokio::time::timeout(self.remaining(), self.reader.grants(&self.plugin)).await {
-                    Ok(Ok(granted)) => Ok(granted),
+                    Ok(Ok(granted)) => Ok(grants::parse_all(&granted)),
                     Ok(Err(e)) => Err(format!("reading the plugin's grants failed: {e:#}")),
                     Err(_) => Err("reading the plugin's grants took longer than the call's timeout".to_owned()),
                 }
@@ -204,11 +205,11 @@ impl CallFacts {
         let scheme = uri.scheme_str().and_then(Scheme::parse).ok_or(Error::HttpProtocolError)?;
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
         let origin = Origin::from_authority(scheme, authority.as_str()).map_err(|_| Error::HttpRequestUriInvalid)?;
-        let Verdict::Granted { exact_ip } = grants::check(self.grants().await?, &origin) else {
+        if !grants::is_granted(self.grants().await?, &origin) {
             tracing::info!(plugin = %self.plugin, %origin, "outbound request denied: origin not granted");
             return Err(Error::HttpRequestDenied);
-        };
-        let address = self.resolve(&origin, exact_ip).await?;
+        }
+        let address = self.resolve(&origin).await?;
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
         if scheme == Scheme::Http {
             // Connect to the address just checked: a second lookup could answer otherwise.
@@ -246,16 +247,12 @@ impl CallFacts {
         Ok((response, Box::new(io)))
     }
 
-    /// The address to connect to: the granted IP itself, or the first address the name
-    /// resolves to, provided none of its addresses is link-local or metadata.
-    async fn resolve(&self, origin: &Origin, exact_ip: bool) -> Result<SocketAddr, Error> {
+    /// The address to connect to of a granted origin: its IP itself (granted by exact
+    /// address, so even a link-local one may be reached), or the first address its name
+    /// resolves to, provided none of them is link-local or metadata.
+    async fn resolve(&self, origin: &Origin) -> Result<SocketAddr, Error> {
         let name = match &origin.host {
-            Host::Ip(ip) => {
-                if Origin::needs_exact_grant(*ip) && !exact_ip {
-                    return Err(Error::HttpRequestDenied);
-                }
-                return Ok(SocketAddr::new(*ip, origin.port));
-            }
+            Host::Ip(ip) => return Ok(SocketAddr::new(*ip, origin.port)),
             Host::Name(name) => name.clone(),
         };
         let found = tokio::time::timeout(self.remaining(), tokio::net::lookup_host((name.as_str(), origin.port)))
