@@ -25,9 +25,7 @@
 
 use sagahost_plugin_sdk::http::{self, Request, Response};
 use sagahost_plugin_sdk::input::{self, StepInput};
-use sagahost_plugin_sdk::{
-    describe_compensation, describe_outcome, log, CallContext, Guest, StepError, StepOutcome,
-};
+use sagahost_plugin_sdk::{log, CallContext, Guest, StepError, StepOutcome};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -106,23 +104,11 @@ struct HttpInventory;
 
 impl Guest for HttpInventory {
     fn execute(ctx: CallContext, input: String) -> Result<StepOutcome, StepError> {
-        let result = execute(&ctx, &input);
-        log::info(&format!(
-            "http-inventory execute attempt {}: {}",
-            ctx.attempt,
-            describe_outcome(&result)
-        ));
-        result
+        log::execution("http-inventory", &ctx, execute(&ctx, &input))
     }
 
     fn compensate(ctx: CallContext, input: String, _output: String) -> Result<String, StepError> {
-        let result = compensate(&ctx, &input);
-        log::info(&format!(
-            "http-inventory compensate attempt {}: {}",
-            ctx.attempt,
-            describe_compensation(&result)
-        ));
-        result
+        log::compensation("http-inventory", &ctx, compensate(&ctx, &input))
     }
 }
 

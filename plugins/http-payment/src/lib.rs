@@ -39,10 +39,7 @@
 
 use sagahost_plugin_sdk::http::{self, Request, Response};
 use sagahost_plugin_sdk::input::{self, StepInput};
-use sagahost_plugin_sdk::{
-    describe_compensation, describe_outcome, log, CallContext, Guest, StepError, StepOutcome,
-    WaitRequest,
-};
+use sagahost_plugin_sdk::{log, CallContext, Guest, StepError, StepOutcome, WaitRequest};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::json;
@@ -169,23 +166,11 @@ struct HttpPayment;
 
 impl Guest for HttpPayment {
     fn execute(ctx: CallContext, input: String) -> Result<StepOutcome, StepError> {
-        let result = execute(&ctx, &input);
-        log::info(&format!(
-            "http-payment execute attempt {}: {}",
-            ctx.attempt,
-            describe_outcome(&result)
-        ));
-        result
+        log::execution("http-payment", &ctx, execute(&ctx, &input))
     }
 
     fn compensate(ctx: CallContext, input: String, _output: String) -> Result<String, StepError> {
-        let result = compensate(&ctx, &input);
-        log::info(&format!(
-            "http-payment compensate attempt {}: {}",
-            ctx.attempt,
-            describe_compensation(&result)
-        ));
-        result
+        log::compensation("http-payment", &ctx, compensate(&ctx, &input))
     }
 }
 

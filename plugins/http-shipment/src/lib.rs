@@ -24,9 +24,7 @@
 
 use sagahost_plugin_sdk::http::{self, Request};
 use sagahost_plugin_sdk::input::{self, StepInput};
-use sagahost_plugin_sdk::{
-    describe_compensation, describe_outcome, log, CallContext, Guest, StepError, StepOutcome,
-};
+use sagahost_plugin_sdk::{log, CallContext, Guest, StepError, StepOutcome};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -83,23 +81,11 @@ struct HttpShipment;
 
 impl Guest for HttpShipment {
     fn execute(ctx: CallContext, input: String) -> Result<StepOutcome, StepError> {
-        let result = execute(&ctx, &input);
-        log::info(&format!(
-            "http-shipment execute attempt {}: {}",
-            ctx.attempt,
-            describe_outcome(&result)
-        ));
-        result
+        log::execution("http-shipment", &ctx, execute(&ctx, &input))
     }
 
     fn compensate(ctx: CallContext, input: String, _output: String) -> Result<String, StepError> {
-        let result = compensate(&ctx, &input);
-        log::info(&format!(
-            "http-shipment compensate attempt {}: {}",
-            ctx.attempt,
-            describe_compensation(&result)
-        ));
-        result
+        log::compensation("http-shipment", &ctx, compensate(&ctx, &input))
     }
 }
 

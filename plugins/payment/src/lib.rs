@@ -25,8 +25,7 @@
 
 use sagahost_plugin_sdk::state::{HostStore, Store};
 use sagahost_plugin_sdk::{
-    describe_compensation, describe_outcome, done, input, log, to_json, CallContext, Guest,
-    StepError, StepOutcome, WaitRequest,
+    done, input, log, to_json, CallContext, Guest, StepError, StepOutcome, WaitRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -150,23 +149,11 @@ struct PaymentStep;
 
 impl Guest for PaymentStep {
     fn execute(ctx: CallContext, input: String) -> Result<StepOutcome, StepError> {
-        let result = execute(&mut HostStore, &ctx, &input);
-        log::info(&format!(
-            "payment execute attempt {}: {}",
-            ctx.attempt,
-            describe_outcome(&result)
-        ));
-        result
+        log::execution("payment", &ctx, execute(&mut HostStore, &ctx, &input))
     }
 
     fn compensate(ctx: CallContext, _input: String, _output: String) -> Result<String, StepError> {
-        let result = compensate(&mut HostStore, &ctx);
-        log::info(&format!(
-            "payment compensate attempt {}: {}",
-            ctx.attempt,
-            describe_compensation(&result)
-        ));
-        result
+        log::compensation("payment", &ctx, compensate(&mut HostStore, &ctx))
     }
 }
 

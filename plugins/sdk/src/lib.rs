@@ -359,6 +359,36 @@ pub mod log {
     pub fn error(message: &str) {
         log(Level::Error, message)
     }
+
+    /// Logs `{step} execute attempt {n}: {outcome}` at `info` and hands `result` back: the one
+    /// line a step's `execute` usually logs, e.g.
+    /// `log::execution("inventory", &ctx, execute(&ctx, &input))`.
+    pub fn execution(
+        step: &str,
+        ctx: &crate::CallContext,
+        result: Result<crate::StepOutcome, crate::StepError>,
+    ) -> Result<crate::StepOutcome, crate::StepError> {
+        info(&format!(
+            "{step} execute attempt {}: {}",
+            ctx.attempt,
+            crate::describe_outcome(&result)
+        ));
+        result
+    }
+
+    /// Logs `{step} compensate attempt {n}: {result}` at `info` and hands `result` back.
+    pub fn compensation(
+        step: &str,
+        ctx: &crate::CallContext,
+        result: Result<String, crate::StepError>,
+    ) -> Result<String, crate::StepError> {
+        info(&format!(
+            "{step} compensate attempt {}: {}",
+            ctx.attempt,
+            crate::describe_compensation(&result)
+        ));
+        result
+    }
 }
 
 /// A one-line description of an `execute` result, for logs.

@@ -16,10 +16,7 @@
 //! The order id is the saga id.
 
 use sagahost_plugin_sdk::state::{HostStore, Store};
-use sagahost_plugin_sdk::{
-    describe_compensation, describe_outcome, done, input, log, to_json, CallContext, Guest,
-    StepError, StepOutcome,
-};
+use sagahost_plugin_sdk::{done, input, log, to_json, CallContext, Guest, StepError, StepOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -108,23 +105,11 @@ struct ShipmentStep;
 
 impl Guest for ShipmentStep {
     fn execute(ctx: CallContext, input: String) -> Result<StepOutcome, StepError> {
-        let result = execute(&mut HostStore, &ctx, &input);
-        log::info(&format!(
-            "shipment execute attempt {}: {}",
-            ctx.attempt,
-            describe_outcome(&result)
-        ));
-        result
+        log::execution("shipment", &ctx, execute(&mut HostStore, &ctx, &input))
     }
 
     fn compensate(ctx: CallContext, _input: String, _output: String) -> Result<String, StepError> {
-        let result = compensate(&mut HostStore, &ctx);
-        log::info(&format!(
-            "shipment compensate attempt {}: {}",
-            ctx.attempt,
-            describe_compensation(&result)
-        ));
-        result
+        log::compensation("shipment", &ctx, compensate(&mut HostStore, &ctx))
     }
 }
 
