@@ -50,7 +50,7 @@ pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
         // A network call: more room than the host-state demo's 2 s.
         timeout_ms: 5_000,
         deadline_ms,
-        config: serde_json::json!({ "base_url": base_url }).as_object().cloned().unwrap_or_default(),
+        config: serde_json::Map::from_iter([("base_url".to_owned(), base_url.into())]),
     };
     SagaDefinition {
         saga_type: SAGA_TYPE.to_owned(),
