@@ -13,10 +13,10 @@
 //! Architecture invariant: the driver never holds a database transaction open across a plugin
 //! call. Calls take milliseconds to seconds; the single SQLite writer must not wait on them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, Notify, Semaphore};
+use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,11 +68,27 @@ pub struct StatusChange {
 pub struct DriverHandle {
     wake: Arc<Notify>,
     changes: broadcast::Sender<StatusChange>,
+    /// Set once a [`Driver`] runs behind this handle: new sagas are created already claimed
+    /// by it and handed over in-process.
+    adoption: Arc<OnceLock<Adoption>>,
+}
+
+/// How a new saga reaches the driver of the process that created it without a database
+/// round trip: the saga service inserts it claimed for `owner` (epoch 1, a lease of
+/// `lease_ms`) and sends the record here. The driver runs it like a saga it claimed itself.
+struct Adoption {
+    owner: String,
+    lease_ms: i64,
+    sagas: mpsc::UnboundedSender<(SagaRecord, i64)>,
 }
 
 impl Default for DriverHandle {
     fn default() -> Self {
-        DriverHandle { wake: Arc::new(Notify::new()), changes: broadcast::channel(4096).0 }
+        DriverHandle {
+            wake: Arc::new(Notify::new()),
+            changes: broadcast::channel(4096).0,
+            adoption: Arc::new(OnceLock::new()),
+        }
     }
 }
 
@@ -91,11 +107,32 @@ impl DriverHandle {
     pub fn announce(&self, change: StatusChange) {
         let _ = self.changes.send(change);
     }
+
+    /// The claim a new saga should be created with, (owner, lease in ms), when a driver runs
+    /// behind this handle to adopt it; `None` otherwise (then [`DriverHandle::wake`] and the
+    /// driver claims it from the store).
+    pub fn claim_for_new(&self) -> Option<(String, i64)> {
+        self.adoption.get().map(|a| (a.owner.clone(), a.lease_ms))
+    }
+
+    /// Hands a saga created claimed with [`DriverHandle::claim_for_new`] (at `epoch`) to the
+    /// driver. If the driver has stopped, the claim simply expires and the saga is claimed
+    /// from the store (by this process after a restart, or by another replica).
+    pub fn adopt(&self, rec: SagaRecord, epoch: i64) {
+        match self.adoption.get() {
+            Some(a) => {
+                let _ = a.sagas.send((rec, epoch));
+            }
+            None => self.wake(),
+        }
+    }
 }
 
 /// The saga driver. Build it, hand out [`Driver::handle`]s, then [`Driver::run`] it.
 pub struct Driver {
     inner: Arc<Inner>,
+    /// Sagas created claimed by this driver, handed over by the saga service.
+    adopted: mpsc::UnboundedReceiver<(SagaRecord, i64)>,
 }
 
 struct Inner {
@@ -121,7 +158,15 @@ impl Driver {
         options: DriverOptions,
     ) -> Driver {
         let handle = sagas.handle();
-        Driver { inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }) }
+        let (sender, adopted) = mpsc::unbounded_channel();
+        let adoption = Adoption { owner: options.owner.clone(), lease_ms: options.lease_ms, sagas: sender };
+        if handle.adoption.set(adoption).is_err() {
+            tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
+        }
+        Driver {
+            inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }),
+            adopted,
+        }
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -131,7 +176,7 @@ impl Driver {
     /// Runs until `shutdown`; then lets the sagas in progress finish their current call and
     /// commit, for up to ten seconds (or not: a crash at any point is safe too).
     pub async fn run(self, shutdown: CancellationToken) {
-        let inner = self.inner;
+        let Driver { inner, mut adopted } = self;
         let permits = Arc::new(Semaphore::new(inner.options.max_concurrency));
         let tasks = TaskTracker::new();
         // A previous process with our identity may have died holding claims.
@@ -139,6 +184,18 @@ impl Driver {
             tracing::warn!(error = %e, "could not release stale claims");
         }
         loop {
+            // Sagas this process just created, already claimed: no claim, no read.
+            while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
+                let Ok((rec, epoch)) = adopted.try_recv() else {
+                    drop(permit);
+                    break;
+                };
+                let inner = Arc::clone(&inner);
+                tasks.spawn(async move {
+                    inner.run_claimed(rec, epoch).await;
+                    drop(permit);
+                });
+            }
             let free = permits.available_permits();
             let mut claimed = 0;
             if free > 0 {
@@ -173,6 +230,15 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 _ = inner.handle.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
+                // Only when a permit is free: otherwise the permit wait above takes over.
+                Some((rec, epoch)) = adopted.recv(), if permits.available_permits() > 0 => {
+                    let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
+                    let inner = Arc::clone(&inner);
+                    tasks.spawn(async move {
+                        inner.run_claimed(rec, epoch).await;
+                        drop(permit);
+                    });
+                }
             }
         }
         tasks.close();
@@ -201,17 +267,22 @@ impl Inner {
         }
     }
 
-    /// Runs one claimed saga for as long as work is due now.
+    /// Loads a saga claimed from the store and runs it.
     async fn run_saga(&self, id: String, epoch: i64) {
-        let mut rec = match self.store.saga(&id).await {
-            Ok(Some(rec)) if rec.epoch == epoch => rec,
-            Ok(_) => return, // gone or taken over since the claim
+        match self.store.saga(&id).await {
+            Ok(Some(rec)) if rec.epoch == epoch => self.run_claimed(rec, epoch).await,
+            Ok(_) => {} // gone or taken over since the claim
             Err(e) => {
                 tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
                 self.release_later(&id, epoch).await;
-                return;
             }
-        };
+        }
+    }
+
+    /// Runs one saga claimed at `epoch`, as last committed (`rec`), for as long as work is
+    /// due now.
+    async fn run_claimed(&self, mut rec: SagaRecord, epoch: i64) {
+        let id = rec.id.clone();
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
         loop {

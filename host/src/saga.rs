@@ -113,6 +113,9 @@ impl Sagas {
             status: &rec.state.status,
             at: rec.created_at,
         };
+        // Created claimed by this process's driver, which gets it handed over below: no
+        // claim and no read of what was just written.
+        let lease = self.driver.claim_for_new();
         let new = NewSaga {
             id: rec.id.clone(),
             definition: rec.definition.clone(),
@@ -120,10 +123,14 @@ impl Sagas {
             state: rec.state.clone(),
             event: envelope.wrap(&draft.event),
             now: rec.created_at,
+            lease: lease.clone(),
         };
         let outcome = self.store.create_saga(&new, claim, rec.created_at).await?;
         if outcome == CreateOutcome::Created {
-            self.driver.wake();
+            match lease {
+                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, ..rec.clone() }, 1),
+                None => self.driver.wake(),
+            }
         }
         Ok(outcome)
     }

@@ -92,6 +92,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             state: SagaState::new(&def, 0),
             event: event(id, 1),
             now: 0,
+            lease: None,
         };
         store.create_saga(&saga, None, 0).await.unwrap();
     }

@@ -41,6 +41,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// The statement that begins a read-only transaction in which several SELECTs see one
     /// snapshot (a saga row and its steps).
     fn begin_snapshot(&self) -> &'static str;
+    /// Whether hot-path writes share transactions ([`super::batch::Writes::Grouped`]): true
+    /// where the database has one writer and a commit is an fsync the next writer waits for.
+    fn group_commit(&self) -> bool;
     /// The schema, `migrations/<dialect>/`.
     fn migrator(&self) -> &'static Migrator;
     /// Opens the pools for `url`, with the session settings this database needs. The first

@@ -51,6 +51,25 @@ impl Error {
     pub fn is_refused_data(&self) -> bool {
         matches!(self, Error::Database(e) if e.refused_data)
     }
+
+    /// The same failure for another caller (a failed group commit fails every job in it with
+    /// one error): same kind, message and flags.
+    pub(super) fn replicate(&self) -> Error {
+        let copy = |e: &DatabaseError| DatabaseError {
+            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+            transient: e.transient,
+            refused_data: e.refused_data,
+        };
+        match self {
+            Error::Fenced => Error::Fenced,
+            Error::Conflict => Error::Conflict,
+            Error::Database(e) => Error::Database(copy(e)),
+            Error::Migrate(e) => Error::Migrate(copy(e)),
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Connect(m) => Error::Connect(m.clone()),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -19,6 +19,7 @@
 //! saga's `seq` being the one its state was read at, and the driver's also on its `epoch`, so
 //! neither a worker that lost its claim nor a change computed from a stale read can commit.
 
+mod batch;
 mod dialect;
 mod error;
 pub mod postgres;
@@ -89,6 +90,9 @@ pub struct NewSaga {
     /// The first event (`seq` 1), built by the caller with [`crate::event::Envelope::wrap`].
     pub event: OutboxEvent,
     pub now: i64,
+    /// Created already claimed: (owner, lease in ms from the database's now), at epoch 1,
+    /// as if [`SagaStore::claim_due`] had claimed it. `None`: unclaimed, epoch 0.
+    pub lease: Option<(String, i64)>,
 }
 
 /// The idempotency key a creating request presents.

@@ -63,6 +63,10 @@ impl Dialect for Postgres {
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
     }
 
+    fn group_commit(&self) -> bool {
+        false
+    }
+
     fn migrator(&self) -> &'static Migrator {
         // sqlx takes an advisory lock around migrations, so replicas starting together
         // migrate once.

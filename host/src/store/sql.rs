@@ -10,12 +10,14 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
+use super::batch::Writes;
 use super::dialect::Dialect;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
 /// The statements that embed a dialect clause, composed once per store.
 struct Statements {
+    insert_saga: String,
     claim_due: String,
     renew_lease: String,
     relay_lease: String,
@@ -27,6 +29,13 @@ impl Statements {
         let now = d.now_ms();
         let skip_locked = d.skip_locked();
         Statements {
+            // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
+            insert_saga: format!(
+                "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
+                 lease_owner, lease_until, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, \
+                 CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
+                 CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9)"
+            ),
             // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
             // is evaluated once (MATERIALIZED); the UPDATE then changes exactly those. An
             // `UPDATE .. WHERE id IN (SELECT .. LIMIT n FOR UPDATE SKIP LOCKED)` may run its
@@ -63,11 +72,15 @@ impl Statements {
 /// The one implementation of every store role.
 pub struct SqlStore {
     dialect: &'static dyn Dialect,
-    /// Transactions and every write. For SQLite, exactly one connection.
+    /// The hot-path writes (transitions, creations, claims, leases, outbox marks), grouped
+    /// into shared commits where the database has one writer ([`Writes`]).
+    writes: Writes,
+    /// Every other write, and the connection the group commit borrows per batch. For SQLite,
+    /// exactly one connection.
     writer: AnyPool,
     /// Plain reads. For PostgreSQL, the same pool as `writer`.
     reader: AnyPool,
-    sql: Statements,
+    sql: Arc<Statements>,
 }
 
 impl SqlStore {
@@ -77,7 +90,13 @@ impl SqlStore {
         let pools = dialect.connect(url, max_connections).await?;
         dialect.migrator().run(&pools.writer).await?;
         tracing::debug!(dialect = dialect.name(), "store open");
-        Ok(SqlStore { dialect, writer: pools.writer, reader: pools.reader, sql: Statements::new(dialect) })
+        let writes = if dialect.group_commit() {
+            Writes::grouped(pools.writer.clone())
+        } else {
+            Writes::Direct(pools.writer.clone())
+        };
+        let sql = Arc::new(Statements::new(dialect));
+        Ok(SqlStore { dialect, writes, writer: pools.writer, reader: pools.reader, sql })
     }
 }
 
@@ -288,38 +307,47 @@ async fn claim_in_tx(
 #[async_trait]
 impl SagaStore for SqlStore {
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
-        let mut tx = self.writer.begin().await?;
-        if let Some(c) = claim {
-            if let Some(existing) = claim_in_tx(&mut tx, c, Some(&saga.id), now).await? {
-                tx.rollback().await?;
-                return Ok(existing);
-            }
-        }
-        // A crash here, between the claim and the saga row, must leave neither: both are in
-        // this one transaction.
-        crate::failpoint!("intake-after-claim");
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, 0, $9, $9)",
-        )
-        .bind(&saga.id)
-        .bind(&saga.definition.saga_type)
-        .bind(saga.state.status.as_str())
-        .bind(saga.state.phase.as_str())
-        .bind(&saga.state.reason)
-        .bind(&saga.input)
-        .bind(definition)
-        .bind(saga.state.next_run_at)
-        .bind(saga.now)
-        .execute(&mut *tx)
-        .await?;
-        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-            upsert_step(&mut tx, &saga.id, i, &def.name, step).await?;
-        }
-        insert_outbox(&mut tx, &saga.id, 1, &saga.event, saga.now).await?;
-        tx.commit().await?;
-        Ok(CreateOutcome::Created)
+        let data = (Arc::clone(&self.sql), saga.clone(), claim.cloned(), now, definition);
+        self.writes
+            .run(data, |(sql, saga, claim, now, definition), conn| {
+                Box::pin(async move {
+                    if let Some(c) = claim {
+                        // A key that is not new wrote nothing: its expired row (the only thing
+                        // the claim deletes) would have let the insert through.
+                        if let Some(existing) = claim_in_tx(conn, c, Some(&saga.id), *now).await? {
+                            return Ok(existing);
+                        }
+                    }
+                    // A crash here, between the claim and the saga row, must leave neither: both
+                    // are in this one transaction.
+                    crate::failpoint!("intake-after-claim");
+                    let (owner, lease_ms) = match &saga.lease {
+                        Some((owner, ms)) => (Some(owner.as_str()), Some(*ms)),
+                        None => (None, None),
+                    };
+                    sqlx::query(&sql.insert_saga)
+                        .bind(&saga.id)
+                        .bind(&saga.definition.saga_type)
+                        .bind(saga.state.status.as_str())
+                        .bind(saga.state.phase.as_str())
+                        .bind(&saga.state.reason)
+                        .bind(&saga.input)
+                        .bind(definition)
+                        .bind(saga.state.next_run_at)
+                        .bind(saga.now)
+                        .bind(owner)
+                        .bind(lease_ms)
+                        .execute(&mut *conn)
+                        .await?;
+                    for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+                        upsert_step(conn, &saga.id, i, &def.name, step).await?;
+                    }
+                    insert_outbox(conn, &saga.id, 1, &saga.event, saga.now).await?;
+                    Ok(CreateOutcome::Created)
+                })
+            })
+            .await
     }
 
     async fn saga(&self, id: &str) -> Result<Option<SagaRecord>> {
@@ -405,28 +433,48 @@ impl SagaStore for SqlStore {
     }
 
     async fn claim_due(&self, owner: &str, now: i64, lease_ms: i64, limit: u32) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(&self.sql.claim_due)
-            .bind(owner)
-            .bind(lease_ms)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.writer)
-            .await?;
-        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
+        let data = (Arc::clone(&self.sql), owner.to_owned(), now, lease_ms, limit);
+        self.writes
+            .run_one(data, |(sql, owner, now, lease_ms, limit), conn| {
+                Box::pin(async move {
+                    let rows = sqlx::query(&sql.claim_due)
+                        .bind(owner)
+                        .bind(lease_ms)
+                        .bind(now)
+                        .bind(i64::from(*limit))
+                        .fetch_all(&mut *conn)
+                        .await?;
+                    rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("epoch")?))).collect()
+                })
+            })
+            .await
     }
 
     async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool> {
-        let r = sqlx::query(&self.sql.renew_lease).bind(id).bind(epoch).bind(lease_ms).execute(&self.writer).await?;
-        Ok(r.rows_affected() == 1)
+        let data = (Arc::clone(&self.sql), id.to_owned(), epoch, lease_ms);
+        self.writes
+            .run_one(data, |(sql, id, epoch, lease_ms), conn| {
+                Box::pin(async move {
+                    let r = sqlx::query(&sql.renew_lease).bind(id).bind(epoch).bind(lease_ms).execute(&mut *conn).await?;
+                    Ok(r.rows_affected() == 1)
+                })
+            })
+            .await
     }
 
     async fn release(&self, id: &str, epoch: i64) -> Result<()> {
-        sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND epoch = $2")
-            .bind(id)
-            .bind(epoch)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        self.writes
+            .run_one((id.to_owned(), epoch), |(id, epoch), conn| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND epoch = $2")
+                        .bind(id)
+                        .bind(epoch)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn release_owner(&self, owner: &str) -> Result<u64> {
@@ -444,81 +492,129 @@ impl SagaStore for SqlStore {
     }
 
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
-        // The fence: the row updates only if nobody committed since the state was read (seq)
-        // and, for the driver, nobody claimed or took the saga over since its claim (epoch).
-        // The row lock this takes serialises one saga's transitions, so its outbox rows get
-        // ids in seq order.
-        const SET: &str = "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, \
-                           seq = seq + 1";
-        let (sql, epoch) = match c.fence {
-            Fence::Lease(epoch) => (format!("{SET} WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"), Some(epoch)),
-            Fence::LeaseRelease(epoch) => (
-                format!(
-                    "{SET}, lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"
-                ),
-                Some(epoch),
-            ),
-            Fence::Takeover => (
-                format!(
-                    "{SET}, lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
-                ),
-                None,
-            ),
-        };
-        let mut tx = self.writer.begin().await?;
-        let mut update = sqlx::query_scalar(&sql)
-            .bind(c.saga_id)
-            .bind(c.read_seq)
-            .bind(c.state.status.as_str())
-            .bind(c.state.phase.as_str())
-            .bind(&c.state.reason)
-            .bind(c.state.next_run_at)
-            .bind(c.now);
-        if let Some(epoch) = epoch {
-            update = update.bind(epoch);
-        }
-        let seq: Option<i64> = update.fetch_optional(&mut *tx).await?;
-        let Some(seq) = seq else {
-            tx.rollback().await?;
-            return Err(Error::Fenced);
-        };
+        let mut steps = Vec::with_capacity(c.changed_steps.len());
         for &i in c.changed_steps {
             let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
             let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
-            upsert_step(&mut tx, c.saga_id, i, name, step).await?;
+            steps.push((i, name.clone(), step.clone()));
         }
-        if let Some((plugin, writes)) = c.plugin_writes {
-            for (key, value) in writes {
-                match value {
-                    Some(v) => {
-                        sqlx::query(
-                            "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                        )
+        let data = OwnedCommit {
+            saga_id: c.saga_id.to_owned(),
+            fence: c.fence,
+            read_seq: c.read_seq,
+            status: c.state.status.as_str().to_owned(),
+            phase: c.state.phase.as_str(),
+            reason: c.state.reason.clone(),
+            next_run_at: c.state.next_run_at,
+            steps,
+            writes: c.plugin_writes.map(|(plugin, writes)| (plugin.to_owned(), writes.to_vec())),
+            event: c.event.clone(),
+            now: c.now,
+            audit: c.audit.cloned(),
+        };
+        self.writes.run(data, |c, conn| Box::pin(commit_in_tx(c, conn))).await
+    }
+}
+
+/// How many outbox rows one statement marks published.
+const MARK_CHUNK: usize = 64;
+
+/// `UPDATE outbox SET published_at = $1 WHERE id IN ($2, .., $65)`.
+static MARK_PUBLISHED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let ids: Vec<String> = (2..MARK_CHUNK + 2).map(|i| format!("${i}")).collect();
+    format!("UPDATE outbox SET published_at = $1 WHERE id IN ({})", ids.join(", "))
+});
+
+/// A [`Commit`] that owns its data, to run in the writer (and again, after a rolled-back batch).
+struct OwnedCommit {
+    saga_id: String,
+    fence: Fence,
+    read_seq: i64,
+    status: String,
+    phase: &'static str,
+    reason: Option<String>,
+    next_run_at: Option<i64>,
+    /// (index, name, state) of every changed step.
+    steps: Vec<(usize, String, StepState)>,
+    writes: Option<(String, Vec<StateWrite>)>,
+    event: OutboxEvent,
+    now: i64,
+    audit: Option<AuditEntry>,
+}
+
+/// The saga row update of a commit, by fence. The fence: the row updates only if nobody
+/// committed since the state was read (seq) and, for the driver, nobody claimed or took the
+/// saga over since its claim (epoch). The row lock this takes serialises one saga's
+/// transitions, so its outbox rows get ids in seq order.
+macro_rules! commit_update {
+    ($($tail:literal),*) => {
+        concat!(
+            "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = seq + 1",
+            $($tail),*
+        )
+    };
+}
+const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq");
+const COMMIT_LEASE_RELEASE: &str = commit_update!(
+    ", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"
+);
+const COMMIT_TAKEOVER: &str = commit_update!(
+    ", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
+);
+
+async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection) -> Result<i64> {
+    let (sql, epoch) = match c.fence {
+        Fence::Lease(epoch) => (COMMIT_LEASE, Some(epoch)),
+        Fence::LeaseRelease(epoch) => (COMMIT_LEASE_RELEASE, Some(epoch)),
+        Fence::Takeover => (COMMIT_TAKEOVER, None),
+    };
+    let mut update = sqlx::query_scalar(sql)
+        .bind(&c.saga_id)
+        .bind(c.read_seq)
+        .bind(&c.status)
+        .bind(c.phase)
+        .bind(&c.reason)
+        .bind(c.next_run_at)
+        .bind(c.now);
+    if let Some(epoch) = epoch {
+        update = update.bind(epoch);
+    }
+    let seq: Option<i64> = update.fetch_optional(&mut *conn).await?;
+    // Fenced before anything was written (the batch may go on without this commit).
+    let Some(seq) = seq else { return Err(Error::Fenced) };
+    for (i, name, step) in &c.steps {
+        upsert_step(conn, &c.saga_id, *i, name, step).await?;
+    }
+    if let Some((plugin, writes)) = &c.writes {
+        for (key, value) in writes {
+            match value {
+                Some(v) => {
+                    sqlx::query(
+                        "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    )
+                    .bind(plugin)
+                    .bind(key)
+                    .bind(v)
+                    .bind(c.now)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM plugin_state WHERE plugin = $1 AND key = $2")
                         .bind(plugin)
                         .bind(key)
-                        .bind(v)
-                        .bind(c.now)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
-                    }
-                    None => {
-                        sqlx::query("DELETE FROM plugin_state WHERE plugin = $1 AND key = $2")
-                            .bind(plugin)
-                            .bind(key)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
                 }
             }
         }
-        insert_outbox(&mut tx, c.saga_id, seq, c.event, c.now).await?;
-        if let Some(a) = c.audit {
-            insert_audit(&mut tx, a, c.now).await?;
-        }
-        tx.commit().await?;
-        Ok(seq)
     }
+    insert_outbox(conn, &c.saga_id, seq, &c.event, c.now).await?;
+    if let Some(a) = &c.audit {
+        insert_audit(conn, a, c.now).await?;
+    }
+    Ok(seq)
 }
 
 #[async_trait]
@@ -639,60 +735,84 @@ impl GrantStore for SqlStore {
 #[async_trait]
 impl IdempotencyStore for SqlStore {
     async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
-        let mut tx = self.writer.begin().await?;
-        let outcome = match claim_in_tx(&mut tx, claim, None, now).await? {
-            None => CreateOutcome::Created,
-            // An abandoned claim of a request that creates nothing: take it over.
-            Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
-                sqlx::query(
-                    "UPDATE idempotency_keys SET locked_until = $4 WHERE caller = $1 AND route = $2 AND key = $3",
-                )
-                .bind(&claim.caller)
-                .bind(&claim.route)
-                .bind(&claim.key)
-                .bind(now + claim.lock_ms)
-                .execute(&mut *tx)
-                .await?;
-                CreateOutcome::Created
-            }
-            Some(other) => other,
-        };
-        tx.commit().await?;
-        Ok(outcome)
+        self.writes
+            .run((claim.clone(), now), |(claim, now), conn| {
+                Box::pin(async move {
+                    Ok(match claim_in_tx(conn, claim, None, *now).await? {
+                        None => CreateOutcome::Created,
+                        // An abandoned claim of a request that creates nothing: take it over.
+                        Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
+                            sqlx::query(
+                                "UPDATE idempotency_keys SET locked_until = $4 WHERE caller = $1 AND route = $2 AND key = $3",
+                            )
+                            .bind(&claim.caller)
+                            .bind(&claim.route)
+                            .bind(&claim.key)
+                            .bind(now + claim.lock_ms)
+                            .execute(&mut *conn)
+                            .await?;
+                            CreateOutcome::Created
+                        }
+                        Some(other) => other,
+                    })
+                })
+            })
+            .await
     }
 
     async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
-        )
-        .bind(caller)
-        .bind(route)
-        .bind(key)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let data = (caller.to_owned(), route.to_owned(), key.to_owned());
+        self.writes
+            .run_one(data, |(caller, route, key), conn| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+                    )
+                    .bind(caller)
+                    .bind(route)
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
-             WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
-        )
-        .bind(caller)
-        .bind(route)
-        .bind(key)
-        .bind(i64::from(status))
-        .bind(body)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let data = (caller.to_owned(), route.to_owned(), key.to_owned(), status, body.to_vec());
+        self.writes
+            .run_one(data, |(caller, route, key, status, body), conn| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
+                         WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+                    )
+                    .bind(caller)
+                    .bind(route)
+                    .bind(key)
+                    .bind(i64::from(*status))
+                    .bind(body)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 }
 
 #[async_trait]
 impl OutboxStore for SqlStore {
     async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(&self.sql.relay_lease).bind(owner).bind(lease_ms).fetch_optional(&self.writer).await?)
+        let data = (Arc::clone(&self.sql), owner.to_owned(), lease_ms);
+        self.writes
+            .run_one(data, |(sql, owner, lease_ms), conn| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar(&sql.relay_lease).bind(owner).bind(lease_ms).fetch_optional(&mut *conn).await?)
+                })
+            })
+            .await
     }
 
     async fn relay_release(&self, owner: &str) -> Result<()> {
@@ -715,39 +835,49 @@ impl OutboxStore for SqlStore {
     }
 
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
-        for id in ids {
-            sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1")
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.writes
+            .run((ids.to_vec(), now), |(ids, now), conn| {
+                Box::pin(async move {
+                    // A fixed number of placeholders per statement, the last chunk padded with a
+                    // repeated id: one prepared statement, and one round trip per 64 rows.
+                    for chunk in ids.chunks(MARK_CHUNK) {
+                        let mut update = sqlx::query(&MARK_PUBLISHED).bind(now);
+                        for i in 0..MARK_CHUNK {
+                            update = update.bind(chunk.get(i).unwrap_or(&chunk[chunk.len() - 1]));
+                        }
+                        update.execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await
     }
 
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool> {
-        let mut tx = self.writer.begin().await?;
-        let moved = sqlx::query(
-            "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
-             SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox WHERE id = $1 \
-             ON CONFLICT (outbox_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1 AND published_at IS NULL")
-            .bind(id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(moved)
+        self.writes
+            .run((id, reason.to_owned(), now), |(id, reason, now), conn| {
+                Box::pin(async move {
+                    let moved = sqlx::query(
+                        "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
+                         SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox WHERE id = $1 \
+                         ON CONFLICT (outbox_id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1 AND published_at IS NULL")
+                        .bind(id)
+                        .bind(now)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(moved)
+                })
+            })
+            .await
     }
 
     async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {

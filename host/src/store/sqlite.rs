@@ -63,6 +63,10 @@ impl Dialect for Sqlite {
         "BEGIN"
     }
 
+    fn group_commit(&self) -> bool {
+        true
+    }
+
     fn migrator(&self) -> &'static Migrator {
         &MIGRATOR
     }

@@ -75,7 +75,7 @@ fn new_saga(id: &str) -> NewSaga {
     let state = SagaState::new(&d, 0);
     let spec = EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) };
     let event = Envelope { saga_id: id, saga_type: "order", seq: 1, status: &state.status, at: 0 }.wrap(&spec);
-    NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0 }
+    NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0, lease: None }
 }
 
 /// The event of the transition from `read_seq`, as a caller builds it.
