@@ -199,6 +199,18 @@ impl Metrics {
         lag.set(oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0));
         scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
 
+        let writes = store.write_stats();
+        let transactions = Counter::<u64>::default();
+        transactions.inc_by(writes.transactions);
+        scrape.register(
+            "store_write_transactions",
+            "Database transactions the hot-path writes ran in (with group commit many writes share one)",
+            transactions,
+        );
+        let jobs = Counter::<u64>::default();
+        jobs.inc_by(writes.jobs);
+        scrape.register("store_writes", "Hot-path writes (transitions, creations, claims, leases, outbox marks)", jobs);
+
         let mut out = String::new();
         encode_registry(&mut out, &self.registry)?;
         encode_registry(&mut out, &scrape)?;

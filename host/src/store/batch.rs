@@ -34,11 +34,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Error, Result};
+use super::{Error, Result, WriteStats};
 
 /// A boxed future borrowing a connection (and the job).
 pub(super) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -59,20 +61,46 @@ struct Job<D, T> {
 }
 
 /// How the store runs its writes.
-pub(super) enum Writes {
+pub(super) struct Writes {
+    mode: Mode,
+    counters: Arc<Counters>,
+}
+
+enum Mode {
     /// Each job in its own transaction, in the caller's task (PostgreSQL).
     Direct(AnyPool),
     /// Jobs queued to the group-commit task (SQLite).
     Grouped(mpsc::UnboundedSender<Box<dyn Queued>>),
 }
 
+/// What the writes did so far: jobs per transaction is how well commits are shared.
+#[derive(Default)]
+struct Counters {
+    transactions: AtomicU64,
+    jobs: AtomicU64,
+}
+
 impl Writes {
+    /// Each job in its own transaction on a connection of `pool`.
+    pub(super) fn direct(pool: AnyPool) -> Writes {
+        Writes { mode: Mode::Direct(pool), counters: Arc::default() }
+    }
+
     /// Group commit over `pool`'s connection: starts the writer task (on the current tokio
     /// runtime; it ends when the store is dropped).
     pub(super) fn grouped(pool: AnyPool) -> Writes {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(group_commit(pool, rx));
-        Writes::Grouped(tx)
+        let counters = Arc::<Counters>::default();
+        tokio::spawn(group_commit(pool, rx, Arc::clone(&counters)));
+        Writes { mode: Mode::Grouped(tx), counters }
+    }
+
+    /// (transactions committed or tried, jobs run) since the store opened.
+    pub(super) fn stats(&self) -> WriteStats {
+        WriteStats {
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            jobs: self.counters.jobs.load(Ordering::Relaxed),
+        }
     }
 
     /// Runs the job `run` with `data` and returns once its outcome is durable (or known to
@@ -100,8 +128,10 @@ impl Writes {
         D: Send + Sync + 'static,
         T: Send + 'static,
     {
-        match self {
-            Writes::Direct(pool) => {
+        self.counters.jobs.fetch_add(1, Ordering::Relaxed);
+        match &self.mode {
+            Mode::Direct(pool) => {
+                self.counters.transactions.fetch_add(1, Ordering::Relaxed);
                 if single_statement {
                     let mut conn = pool.acquire().await?;
                     return run(&data, &mut conn).await;
@@ -120,7 +150,7 @@ impl Writes {
                     }
                 }
             }
-            Writes::Grouped(queue) => {
+            Mode::Grouped(queue) => {
                 let (reply, answer) = oneshot::channel();
                 let slot = Slot { job: Job { data, run }, result: None, reply };
                 queue.send(Box::new(slot)).map_err(|_| stopped())?;
@@ -184,7 +214,7 @@ impl<D: Send + Sync + 'static, T: Send + 'static> Queued for Slot<D, T> {
 }
 
 /// The writer task: takes whatever is queued, up to [`MAX_BATCH`], and commits it together.
-async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>) {
+async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>, counters: Arc<Counters>) {
     let mut batch: Vec<Box<dyn Queued>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -194,6 +224,7 @@ async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn 
                 Err(_) => break,
             }
         }
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
         run_batch(&pool, &mut batch).await;
         debug_assert!(batch.is_empty());
     }

@@ -438,6 +438,18 @@ pub trait StatsStore: Send + Sync + 'static {
     async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)>;
     /// Sagas by (type, status, count), for metrics.
     async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>>;
+    /// How the hot-path writes were committed since the store opened (no database read).
+    fn write_stats(&self) -> WriteStats {
+        WriteStats::default()
+    }
+}
+
+/// The hot-path writes so far: with group commit (SQLite) `jobs / transactions` is how many
+/// writes shared each commit and its fsync; elsewhere the two are equal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub transactions: u64,
+    pub jobs: u64,
 }
 
 /// Every role at once, for wiring: [`open`] returns one, and it upcasts to each role.

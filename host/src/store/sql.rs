@@ -93,7 +93,7 @@ impl SqlStore {
         let writes = if dialect.group_commit() {
             Writes::grouped(pools.writer.clone())
         } else {
-            Writes::Direct(pools.writer.clone())
+            Writes::direct(pools.writer.clone())
         };
         let sql = Arc::new(Statements::new(dialect));
         Ok(SqlStore { dialect, writes, writer: pools.writer, reader: pools.reader, sql })
@@ -1148,6 +1148,10 @@ impl StatsStore for SqlStore {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    fn write_stats(&self) -> WriteStats {
+        self.writes.stats()
     }
 
     async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)> {

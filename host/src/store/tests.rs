@@ -800,3 +800,124 @@ fn no_module_outside_the_store_names_sqlx() {
     visit(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
     assert!(found.is_empty(), "sqlx outside host/src/store/: {found:?}; go through a store trait");
 }
+
+/// Commits from many tasks at once: each applies exactly as if alone (seq 2 and one outbox row
+/// for each fresh one), the stale ones are fenced without disturbing the others, and on SQLite
+/// they shared transactions (group commit).
+#[tokio::test]
+async fn concurrent_commits_apply_each_alone_and_a_fenced_one_does_not_disturb_the_rest() {
+    for b in backends().await {
+        const N: usize = 40;
+        for i in 0..N {
+            b.store.create_saga(&new_saga(&format!("g{i:02}")), None, 0).await.unwrap();
+        }
+        let before = b.store.write_stats();
+        let tasks: Vec<_> = (0..N + 10)
+            .map(|i| {
+                let store = Arc::clone(&b.store);
+                tokio::spawn(async move {
+                    // The last ten present a seq that was never read: fenced.
+                    let (id, read_seq) = if i < N { (format!("g{i:02}"), 1) } else { (format!("g{:02}", i - N), 7) };
+                    let state = SagaState::new(&def(), 0);
+                    let names = vec!["only".to_owned()];
+                    let e = event(&id, &state, read_seq);
+                    let c = Commit { saga_id: &id, ..commit(&state, &names, &e, Fence::Takeover, read_seq) };
+                    store.commit(&c).await
+                })
+            })
+            .collect();
+        let mut fenced = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(seq) => assert!(i < N && seq == 2, "{}: commit {i} gave seq {seq}", b.name),
+                Err(Error::Fenced) => {
+                    assert!(i >= N, "{}: fresh commit {i} was fenced", b.name);
+                    fenced += 1;
+                }
+                Err(e) => panic!("{}: commit {i}: {e}", b.name),
+            }
+        }
+        assert_eq!(fenced, 10, "{}", b.name);
+        for i in 0..N {
+            let seqs: Vec<i64> =
+                b.store.outbox_for_saga(&format!("g{i:02}")).await.unwrap().iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, [1, 2], "{}: saga g{i:02}", b.name);
+        }
+        let after = b.store.write_stats();
+        assert_eq!(after.jobs - before.jobs, (N + 10) as u64, "{}", b.name);
+        if b.name == "sqlite" {
+            assert!(
+                after.transactions - before.transactions < after.jobs - before.jobs,
+                "{}: {N} concurrent commits never shared a transaction ({before:?} -> {after:?})",
+                b.name
+            );
+        }
+        b.cleanup().await;
+    }
+}
+
+/// A write that fails halfway (a saga id that exists, after its idempotency claim was
+/// inserted) fails alone: its claim is not left behind, and the writes that shared its
+/// transaction are committed all the same.
+#[tokio::test]
+async fn a_write_failing_halfway_fails_alone_and_leaves_nothing() {
+    for b in backends().await {
+        b.store.create_saga(&new_saga("taken"), None, 0).await.unwrap();
+        let claim = |key: String| IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders".into(),
+            key,
+            fingerprint: "f".into(),
+            lock_ms: 60_000,
+            ttl_ms: 60_000,
+            response: None,
+        };
+        let tasks: Vec<_> = (0..21)
+            .map(|i| {
+                let store = Arc::clone(&b.store);
+                let c = claim(format!("k{i}"));
+                tokio::spawn(async move {
+                    // Number 10 reuses an existing saga id: its insert fails after its claim.
+                    let id = if i == 10 { "taken".to_owned() } else { format!("n{i:02}") };
+                    store.create_saga(&new_saga(&id), Some(&c), 0).await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let out = t.await.unwrap();
+            if i == 10 {
+                let e = out.expect_err("a duplicate saga id is refused");
+                assert!(matches!(e, Error::Database(_)), "{}: {e:?}", b.name);
+            } else {
+                assert_eq!(out.unwrap(), CreateOutcome::Created, "{}: create {i}", b.name);
+            }
+        }
+        // The failed write's claim was rolled back with it: the key is free.
+        assert_eq!(b.store.claim_key(&claim("k10".into()), 1).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        assert_eq!(b.store.list_sagas("order", None, None, 100).await.unwrap().len(), 21, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+/// A saga created with a lease is born claimed (epoch 1, owned), so no other claimer takes
+/// it while the lease runs; without one it is free for the first claim.
+#[tokio::test]
+async fn a_saga_created_with_a_lease_is_born_claimed() {
+    for b in backends().await {
+        let owned = NewSaga { lease: Some(("me".into(), 60_000)), ..new_saga("owned") };
+        b.store.create_saga(&owned, None, 0).await.unwrap();
+        b.store.create_saga(&new_saga("free"), None, 0).await.unwrap();
+        let rec = b.store.saga("owned").await.unwrap().unwrap();
+        assert_eq!((rec.seq, rec.epoch), (1, 1), "{}", b.name);
+        assert_eq!(b.store.claim_due("other", 0, 60_000, 10).await.unwrap(), [("free".to_owned(), 1)], "{}", b.name);
+        // The owner commits at epoch 1 like after a claim, and a restart under its identity
+        // releases the claim.
+        let names = vec!["only".to_owned()];
+        let e = event("owned", &rec.state, 1);
+        let c = Commit { saga_id: "owned", ..commit(&rec.state, &names, &e, Fence::Lease(1), 1) };
+        assert_eq!(b.store.commit(&c).await.unwrap(), 2, "{}", b.name);
+        assert_eq!(b.store.release_owner("me").await.unwrap(), 1, "{}", b.name);
+        assert_eq!(b.store.claim_due("other", 0, 60_000, 10).await.unwrap(), [("owned".to_owned(), 2)], "{}", b.name);
+        b.cleanup().await;
+    }
+}
