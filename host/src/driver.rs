@@ -13,10 +13,11 @@
 //! Architecture invariant: the driver never holds a database transaction open across a plugin
 //! call. Calls take milliseconds to seconds; the single SQLite writer must not wait on them.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,23 +55,66 @@ impl Default for DriverOptions {
     }
 }
 
-/// A status change, broadcast to whoever waits on a saga (`Prefer: wait`).
+/// A committed status change, for whoever watches that saga (`Prefer: wait`).
 #[derive(Debug, Clone)]
 pub struct StatusChange {
     pub saga_id: String,
     pub status: engine::SagaStatus,
     /// Terminal, or stuck until an operator acts: no point waiting further.
     pub settled: bool,
+    /// The saga as committed, when settled: a waiter answers with it without reading it back.
+    pub record: Option<Arc<SagaRecord>>,
 }
 
 /// A cheap, cloneable handle to wake the driver and follow status changes.
 #[derive(Clone)]
 pub struct DriverHandle {
     wake: Arc<Notify>,
-    changes: broadcast::Sender<StatusChange>,
+    /// Woken on every commit (the relay: new events to publish).
+    committed: Arc<Notify>,
+    /// Who watches which saga. Only a saga's own watchers hear of its changes: a waiter
+    /// must not wake for every other saga's transitions (thousands a second).
+    watchers: Arc<Mutex<Watchers>>,
     /// Set once a [`Driver`] runs behind this handle: new sagas are created already claimed
     /// by it and handed over in-process.
     adoption: Arc<OnceLock<Adoption>>,
+}
+
+#[derive(Default)]
+struct Watchers {
+    next: u64,
+    by_saga: HashMap<String, Vec<(u64, mpsc::UnboundedSender<StatusChange>)>>,
+}
+
+/// The changes of one saga, from [`DriverHandle::watch`] on; unregisters itself when dropped.
+pub struct Watch {
+    id: String,
+    token: u64,
+    changes: mpsc::UnboundedReceiver<StatusChange>,
+    watchers: Arc<Mutex<Watchers>>,
+}
+
+impl Watch {
+    pub fn saga_id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next committed change of the saga (`None` only if the host is stopping).
+    pub async fn next(&mut self) -> Option<StatusChange> {
+        self.changes.recv().await
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = w.by_saga.get_mut(&self.id) {
+            list.retain(|(token, _)| *token != self.token);
+            if list.is_empty() {
+                w.by_saga.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// How a new saga reaches the driver of the process that created it without a database
@@ -86,7 +130,8 @@ impl Default for DriverHandle {
     fn default() -> Self {
         DriverHandle {
             wake: Arc::new(Notify::new()),
-            changes: broadcast::channel(4096).0,
+            committed: Arc::new(Notify::new()),
+            watchers: Arc::default(),
             adoption: Arc::new(OnceLock::new()),
         }
     }
@@ -98,14 +143,32 @@ impl DriverHandle {
         self.wake.notify_one();
     }
 
-    /// Follows status changes of all sagas.
-    pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {
-        self.changes.subscribe()
+    /// Follows the committed changes of saga `id` from now on. Watch before reading the saga,
+    /// so a change between the read and the wait is not missed.
+    pub fn watch(&self, id: &str) -> Watch {
+        let (sender, changes) = mpsc::unbounded_channel();
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.next += 1;
+        let token = w.next;
+        w.by_saga.entry(id.to_owned()).or_default().push((token, sender));
+        Watch { id: id.to_owned(), token, changes, watchers: Arc::clone(&self.watchers) }
     }
 
-    /// Announces a committed status change (the saga service does, for every commit).
+    /// Resolves after the next commit of any saga (or at once if one happened since the last
+    /// call): the relay's cue that new events may wait.
+    pub async fn committed(&self) {
+        self.committed.notified().await
+    }
+
+    /// Announces a committed change (the saga service does, for every commit and creation).
     pub fn announce(&self, change: StatusChange) {
-        let _ = self.changes.send(change);
+        self.committed.notify_one();
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = w.by_saga.get(&change.saga_id) {
+            for (_, sender) in list {
+                let _ = sender.send(change.clone());
+            }
+        }
     }
 
     /// The claim a new saga should be created with, (owner, lease in ms), when a driver runs

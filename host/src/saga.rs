@@ -127,6 +127,8 @@ impl Sagas {
         };
         let outcome = self.store.create_saga(&new, claim, rec.created_at).await?;
         if outcome == CreateOutcome::Created {
+            let status = rec.state.status.clone();
+            self.driver.announce(StatusChange { saga_id: rec.id.clone(), status, settled: false, record: None });
             match lease {
                 Some(_) => self.driver.adopt(SagaRecord { epoch: 1, ..rec.clone() }, 1),
                 None => self.driver.wake(),
@@ -237,13 +239,18 @@ impl Sagas {
         let seq = self.store.commit(&commit).await?;
         tracing::debug!(saga_id = %rec.id, seq, event = %t.event.event_type, status = %t.state.status, "committed");
         let settled = t.state.phase.is_terminal() || t.state.phase == Phase::CompensationFailed;
-        self.driver.announce(StatusChange { saga_id: rec.id.clone(), status: t.state.status.clone(), settled });
         rec.state = t.state;
         rec.seq = seq;
         rec.updated_at = now;
         if matches!(fence, Fence::Takeover) {
             rec.epoch += 1;
         }
+        self.driver.announce(StatusChange {
+            saga_id: rec.id.clone(),
+            status: rec.state.status.clone(),
+            settled,
+            record: settled.then(|| Arc::new(rec.clone())),
+        });
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Handlers validate, then talk to the store and wake the driver. They never call plugins.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -18,6 +19,7 @@ use super::{idempotency, AppState};
 use crate::builtin::order::{self, OrderRequest};
 use crate::builtin::{self, InputError};
 use crate::clock::rfc3339;
+use crate::driver::Watch;
 use crate::engine::{self, Event, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
 use crate::saga;
 use crate::store::{CreateOutcome, IdempotencyClaim, SagaRecord, SagaSummary};
@@ -291,37 +293,40 @@ fn settled(rec: &SagaRecord) -> bool {
 /// once. With replicas another process may be running the saga: its changes are seen only by
 /// reading the store, so on a shared database the wait also re-reads on a timer that backs off
 /// from 20 ms to 250 ms. On a database of its own the timer is only a safety net (1 s).
-async fn wait_settled(state: &AppState, id: &str, secs: u64) -> Result<SagaRecord, ApiError> {
+///
+/// `watch` was taken before the saga was created (the driver may finish it at once), so the
+/// saga is not read first: it cannot be settled before its first announced change.
+async fn wait_settled(state: &AppState, mut watch: Watch, secs: u64) -> Result<SagaRecord, ApiError> {
     let (first_poll, max_poll) = if state.config.shared_database {
         (Duration::from_millis(20), Duration::from_millis(250))
     } else {
         (Duration::from_secs(1), Duration::from_secs(1))
     };
+    let id = watch.saga_id().to_owned();
+    let read = || async {
+        state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut poll = first_poll;
-    // Subscribe before reading, so a change between the read and the wait is not missed.
-    let mut changes = state.driver.subscribe();
     loop {
-        let rec = state.store.saga(id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))?;
-        if settled(&rec) {
-            return Ok(rec);
-        }
-        let next = async {
-            loop {
-                match changes.recv().await {
-                    Ok(c) if c.saga_id == id => return,
-                    Ok(_) => continue,
-                    // Lagged: we may have missed ours; re-read. Closed: the host is stopping.
-                    Err(_) => return,
-                }
-            }
-        };
         let wake = (tokio::time::Instant::now() + poll).min(deadline);
-        if tokio::time::timeout_at(wake, next).await.is_err() {
-            if tokio::time::Instant::now() >= deadline {
-                return state.store.saga(id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")));
+        match tokio::time::timeout_at(wake, watch.next()).await {
+            // Committed here: the announcement carries the settled saga.
+            Ok(Some(change)) if change.settled => match change.record {
+                Some(rec) => return Ok(Arc::unwrap_or_clone(rec)),
+                None => return read().await,
+            },
+            Ok(Some(_)) => continue,
+            // The host is stopping: answer with what is stored.
+            Ok(None) => return read().await,
+            Err(_) => {
+                // The timer: a replica may be running the saga, or time is up.
+                let rec = read().await?;
+                if settled(&rec) || tokio::time::Instant::now() >= deadline {
+                    return Ok(rec);
+                }
+                poll = (poll * 2).min(max_poll);
             }
-            poll = (poll * 2).min(max_poll);
         }
     }
 }
@@ -347,6 +352,8 @@ async fn create(
     let wait = waiter.as_ref().map(|(secs, _)| *secs);
     let draft = state.sagas.draft(&def, &value);
     let id = draft.record.id.clone();
+    // Watched before it exists: this process's driver may settle it before `create` returns.
+    let watch = wait.map(|_| state.driver.watch(&id));
     let created_body = to_json(&record_view(&draft.record))?;
     let claim = IdempotencyClaim {
         caller: idempotency::caller(&headers),
@@ -361,10 +368,10 @@ async fn create(
     match state.sagas.create(&draft, Some(&claim)).await? {
         CreateOutcome::Created => {
             let loc = builtin::location(saga_type, &id);
-            let Some(secs) = wait else {
+            let (Some(secs), Some(watch)) = (wait, watch) else {
                 return Ok(json_response(StatusCode::CREATED, created_body, Some(&loc)));
             };
-            let rec = wait_settled(&state, &id, secs).await?;
+            let rec = wait_settled(&state, watch, secs).await?;
             let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
             let body = to_json(&record_view(&rec))?;
             state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, status.as_u16(), &body).await?;

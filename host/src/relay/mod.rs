@@ -115,7 +115,6 @@ impl Relay {
 
     /// Publishes until `shutdown`. Wakes on every committed status change, and polls.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut changes = self.driver.subscribe();
         let mut backoff = self.options.initial_backoff;
         let mut leading: Option<i64> = None;
         // Renewing is a database write: do it every third of the lease, not on every batch
@@ -177,7 +176,7 @@ impl Relay {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = changes.recv() => {}
+                _ = self.driver.committed() => {}
                 _ = tokio::time::sleep(self.options.poll_interval) => {}
             }
         }
