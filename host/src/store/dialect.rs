@@ -44,6 +44,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether hot-path writes share transactions ([`super::batch::Writes::Grouped`]): true
     /// where the database has one writer and a commit is an fsync the next writer waits for.
     fn group_commit(&self) -> bool;
+    /// Whether a query may hold several statements with arguments (numbered `$n` across them
+    /// all): SQLite's driver runs such a script in one round trip to its connection thread.
+    fn scripts(&self) -> bool;
     /// The schema, `migrations/<dialect>/`.
     fn migrator(&self) -> &'static Migrator;
     /// Opens the pools for `url`, with the session settings this database needs. The first

@@ -67,6 +67,10 @@ impl Dialect for Postgres {
         false
     }
 
+    fn scripts(&self) -> bool {
+        false
+    }
+
     fn migrator(&self) -> &'static Migrator {
         // sqlx takes an advisory lock around migrations, so replicas starting together
         // migrate once.

@@ -512,7 +512,7 @@ impl SagaStore for SqlStore {
             now: c.now,
             audit: c.audit.cloned(),
         };
-        self.writes.run(data, |c, conn| Box::pin(commit_in_tx(c, conn))).await
+        self.writes.run((data, self.dialect), |(c, dialect), conn| Box::pin(commit_in_tx(c, conn, *dialect))).await
     }
 }
 
@@ -545,76 +545,240 @@ struct OwnedCommit {
 /// The saga row update of a commit, by fence. The fence: the row updates only if nobody
 /// committed since the state was read (seq) and, for the driver, nobody claimed or took the
 /// saga over since its claim (epoch). The row lock this takes serialises one saga's
-/// transitions, so its outbox rows get ids in seq order.
+/// transitions, so its outbox rows get ids in seq order. It also records the transition's
+/// event id ($8), which every later statement of the commit checks ([`IF_COMMITTED`]).
 macro_rules! commit_update {
     ($($tail:literal),*) => {
         concat!(
-            "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = seq + 1",
+            "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = seq + 1, \
+             last_event_id = $8",
             $($tail),*
         )
     };
 }
-const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq");
+const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq");
 const COMMIT_LEASE_RELEASE: &str = commit_update!(
-    ", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $8 RETURNING seq"
+    ", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq"
 );
 const COMMIT_TAKEOVER: &str = commit_update!(
     ", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
 );
 
-async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection) -> Result<i64> {
-    let (sql, epoch) = match c.fence {
-        Fence::Lease(epoch) => (COMMIT_LEASE, Some(epoch)),
-        Fence::LeaseRelease(epoch) => (COMMIT_LEASE_RELEASE, Some(epoch)),
-        Fence::Takeover => (COMMIT_TAKEOVER, None),
+/// The condition of every statement of a commit after the fenced update: that update applied
+/// (the saga row carries this commit's event id; `$1` the saga id, `$2` the event id). So a
+/// fenced commit writes nothing even when its statements run as one script.
+macro_rules! if_committed {
+    () => {
+        "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND last_event_id = $2)"
     };
-    let mut update = sqlx::query_scalar(sql)
-        .bind(&c.saga_id)
-        .bind(c.read_seq)
-        .bind(&c.status)
-        .bind(c.phase)
-        .bind(&c.reason)
-        .bind(c.next_run_at)
-        .bind(c.now);
-    if let Some(epoch) = epoch {
-        update = update.bind(epoch);
+}
+
+const STEP_IF_COMMITTED: &str = concat!(
+    "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
+     compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
+     finished_at, updated_at, failures, waited) SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+     $16, $17, $18, $19 WHERE ",
+    if_committed!(),
+    " ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+     compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
+     compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
+     wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
+     execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
+     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
+     failures = excluded.failures, waited = excluded.waited"
+);
+const STATE_PUT_IF_COMMITTED: &str = concat!(
+    "INSERT INTO plugin_state (plugin, key, value, updated_at) SELECT $3, $4, $5, $6 WHERE ",
+    if_committed!(),
+    " ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+);
+const STATE_DELETE_IF_COMMITTED: &str =
+    concat!("DELETE FROM plugin_state WHERE plugin = $3 AND key = $4 AND ", if_committed!());
+const OUTBOX_IF_COMMITTED: &str = concat!(
+    "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) SELECT $2, $1, $3, $4, $5, $6 WHERE ",
+    if_committed!()
+);
+const AUDIT_IF_COMMITTED: &str = concat!(
+    "INSERT INTO audit_log (at, actor, action, target, before, after, note) SELECT $3, $4, $5, $6, $7, $8, $9 WHERE ",
+    if_committed!()
+);
+
+async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn Dialect) -> Result<i64> {
+    let mut script = Script::default();
+    let update = match c.fence {
+        Fence::Lease(_) => COMMIT_LEASE,
+        Fence::LeaseRelease(_) => COMMIT_LEASE_RELEASE,
+        Fence::Takeover => COMMIT_TAKEOVER,
+    };
+    let mut args = vec![
+        Arg::text(&c.saga_id),
+        Arg::Int(Some(c.read_seq)),
+        Arg::text(&c.status),
+        Arg::text(c.phase),
+        Arg::Text(c.reason.clone()),
+        Arg::Int(c.next_run_at),
+        Arg::Int(Some(c.now)),
+        Arg::text(&c.event.event_id),
+    ];
+    if let Fence::Lease(epoch) | Fence::LeaseRelease(epoch) = c.fence {
+        args.push(Arg::Int(Some(epoch)));
     }
-    let seq: Option<i64> = update.fetch_optional(&mut *conn).await?;
-    // Fenced before anything was written (the batch may go on without this commit).
-    let Some(seq) = seq else { return Err(Error::Fenced) };
-    for (i, name, step) in &c.steps {
-        upsert_step(conn, &c.saga_id, *i, name, step).await?;
+    script.push(update, args);
+    let fence = || [Arg::text(&c.saga_id), Arg::text(&c.event.event_id)];
+    for (i, name, s) in &c.steps {
+        let mut args = fence().to_vec();
+        args.extend([
+            Arg::Int(Some(*i as i64)),
+            Arg::text(name),
+            Arg::text(s.status.as_str()),
+            Arg::Int(Some(i64::from(s.attempts))),
+            Arg::Int(Some(i64::from(s.compensate_attempts))),
+            Arg::Text(s.output.clone()),
+            Arg::Text(s.compensate_output.clone()),
+            Arg::Text(s.last_error.clone()),
+            Arg::Text(s.wait_signal.clone()),
+            Arg::Text(s.signal_payload.clone()),
+            Arg::Text(s.execute_digest.clone()),
+            Arg::Text(s.compensate_digest.clone()),
+            Arg::Int(s.started_at),
+            Arg::Int(s.finished_at),
+            Arg::Int(s.updated_at),
+            Arg::Int(Some(i64::from(s.failures))),
+            Arg::Int(Some(i64::from(s.waited))),
+        ]);
+        script.push(STEP_IF_COMMITTED, args);
     }
     if let Some((plugin, writes)) = &c.writes {
         for (key, value) in writes {
+            let mut args = fence().to_vec();
+            args.extend([Arg::text(plugin), Arg::text(key)]);
             match value {
                 Some(v) => {
-                    sqlx::query(
-                        "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                    )
-                    .bind(plugin)
-                    .bind(key)
-                    .bind(v)
-                    .bind(c.now)
-                    .execute(&mut *conn)
-                    .await?;
+                    args.extend([Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))]);
+                    script.push(STATE_PUT_IF_COMMITTED, args);
                 }
-                None => {
-                    sqlx::query("DELETE FROM plugin_state WHERE plugin = $1 AND key = $2")
-                        .bind(plugin)
-                        .bind(key)
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                None => script.push(STATE_DELETE_IF_COMMITTED, args),
             }
         }
     }
-    insert_outbox(conn, &c.saga_id, seq, &c.event, c.now).await?;
+    let mut args = fence().to_vec();
+    args.extend([
+        Arg::Int(Some(c.read_seq + 1)),
+        Arg::text(&c.event.event_type),
+        Arg::text(&c.event.payload),
+        Arg::Int(Some(c.now)),
+    ]);
+    script.push(OUTBOX_IF_COMMITTED, args);
     if let Some(a) = &c.audit {
-        insert_audit(conn, a, c.now).await?;
+        let mut args = fence().to_vec();
+        args.extend([
+            Arg::Int(Some(c.now)),
+            Arg::text(&a.actor),
+            Arg::text(&a.action),
+            Arg::text(&a.target),
+            Arg::Text(a.before.as_ref().map(|v| v.to_string())),
+            Arg::Text(a.after.as_ref().map(|v| v.to_string())),
+            Arg::Text(a.note.clone()),
+        ]);
+        script.push(AUDIT_IF_COMMITTED, args);
     }
-    Ok(seq)
+    // The update is the only statement that returns a row: none means fenced, and then every
+    // other statement found its condition false and wrote nothing.
+    let rows = script.run(conn, dialect.scripts()).await?;
+    let Some(row) = rows.first() else { return Err(Error::Fenced) };
+    Ok(row.try_get("seq")?)
+}
+
+/// A value bound to a statement of a [`Script`]: the types `Any` carries.
+#[derive(Debug, Clone)]
+enum Arg {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
+}
+
+impl Arg {
+    fn text(s: &str) -> Arg {
+        Arg::Text(Some(s.to_owned()))
+    }
+}
+
+/// Statements that run in order, each with its own `$1..$n`. Where the dialect allows
+/// ([`Dialect::scripts`]: SQLite) they are sent as ONE multi-statement query, renumbered to
+/// one argument list, so a commit is one round trip to the connection's thread instead of one
+/// per statement; elsewhere one by one, stopping after a first statement that returned no
+/// row (the fenced update: the rest would be no-ops). Either way the rows of all statements
+/// come back in order.
+#[derive(Default)]
+struct Script {
+    statements: Vec<(&'static str, Vec<Arg>)>,
+}
+
+impl Script {
+    fn push(&mut self, sql: &'static str, args: Vec<Arg>) {
+        self.statements.push((sql, args));
+    }
+
+    async fn run(self, conn: &mut AnyConnection, together: bool) -> Result<Vec<AnyRow>> {
+        if together {
+            let mut sql = String::new();
+            let mut all = Vec::new();
+            for (part, args) in self.statements {
+                if !sql.is_empty() {
+                    sql.push_str(";\n");
+                }
+                renumber(part, all.len(), &mut sql);
+                all.extend(args);
+            }
+            return Ok(bind(sqlx::query(&sql), all).fetch_all(&mut *conn).await?);
+        }
+        let mut rows = Vec::new();
+        for (i, (part, args)) in self.statements.into_iter().enumerate() {
+            let got = bind(sqlx::query(part), args).fetch_all(&mut *conn).await?;
+            if i == 0 && got.is_empty() {
+                break;
+            }
+            rows.extend(got);
+        }
+        Ok(rows)
+    }
+}
+
+fn bind<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::Int(v) => q.bind(v),
+            Arg::Text(v) => q.bind(v),
+            Arg::Bytes(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+/// Appends `sql` with every `$n` made `$(n + offset)`. The statements are ours: no `$` inside
+/// a string literal.
+fn renumber(sql: &str, offset: usize, out: &mut String) {
+    let mut chars = sql.char_indices().peekable();
+    while let Some((_, ch)) = chars.next() {
+        out.push(ch);
+        if ch != '$' {
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = false;
+        while let Some(&(_, d)) = chars.peek() {
+            let Some(v) = d.to_digit(10) else { break };
+            n = n * 10 + v as usize;
+            digits = true;
+            chars.next();
+        }
+        if digits {
+            out.push_str(&(n + offset).to_string());
+        }
+    }
 }
 
 #[async_trait]
@@ -1168,5 +1332,17 @@ impl StatsStore for SqlStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(|r| Ok((r.try_get("saga_type")?, r.try_get("status")?, r.try_get("n")?))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renumber;
+
+    #[test]
+    fn renumbering_shifts_every_placeholder_and_nothing_else() {
+        let mut out = String::from("x;\n");
+        renumber("SELECT $1, $10, $2 WHERE a = $1 AND b = '$'", 9, &mut out);
+        assert_eq!(out, "x;\nSELECT $10, $19, $11 WHERE a = $10 AND b = '$'");
     }
 }

@@ -67,6 +67,10 @@ impl Dialect for Sqlite {
         true
     }
 
+    fn scripts(&self) -> bool {
+        true
+    }
+
     fn migrator(&self) -> &'static Migrator {
         &MIGRATOR
     }
