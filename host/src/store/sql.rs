@@ -15,9 +15,13 @@ use super::dialect::Dialect;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
+const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
+     lease_owner, lease_until, created_at, updated_at, last_event_id";
+
 /// The statements that embed a dialect clause, composed once per store.
 struct Statements {
     insert_saga: String,
+    insert_saga_if_claimed: String,
     claim_due: String,
     renew_lease: String,
     relay_lease: String,
@@ -27,14 +31,21 @@ struct Statements {
 impl Statements {
     fn new(d: &dyn Dialect) -> Statements {
         let now = d.now_ms();
+        let insert_saga_values = format!(
+            "$1, $2, $3, $4, $5, $6, $7, 1, $8, CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
+             CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9, $12"
+        );
         let skip_locked = d.skip_locked();
         Statements {
             // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
-            insert_saga: format!(
-                "INSERT INTO sagas (id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
-                 lease_owner, lease_until, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, \
-                 CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
-                 CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9)"
+            // $12 is its first event's id (see `IF_COMMITTED`).
+            insert_saga: format!("INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING id"),
+            // The same, only if the idempotency key ($13..$15) was claimed for this saga by the
+            // statement before (a key that was not new names another saga, or none).
+            insert_saga_if_claimed: format!(
+                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {insert_saga_values} WHERE EXISTS \
+                 (SELECT 1 FROM idempotency_keys WHERE caller = $13 AND route = $14 AND key = $15 AND saga_id = $1) \
+                 RETURNING id"
             ),
             // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
             // is evaluated once (MATERIALIZED); the UPDATE then changes exactly those. An
@@ -162,58 +173,6 @@ fn definition_from_row(r: &AnyRow) -> Result<StoredDefinition> {
     })
 }
 
-const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
-     compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
-     finished_at, updated_at, failures, waited) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-     ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-     compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
-     compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
-     wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
-     execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
-     started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
-     failures = excluded.failures, waited = excluded.waited";
-
-async fn upsert_step(tx: &mut AnyConnection, saga_id: &str, idx: usize, name: &str, s: &StepState) -> Result<()> {
-    sqlx::query(UPSERT_STEP)
-        .bind(saga_id)
-        .bind(idx as i64)
-        .bind(name)
-        .bind(s.status.as_str())
-        .bind(i64::from(s.attempts))
-        .bind(i64::from(s.compensate_attempts))
-        .bind(&s.output)
-        .bind(&s.compensate_output)
-        .bind(&s.last_error)
-        .bind(&s.wait_signal)
-        .bind(&s.signal_payload)
-        .bind(&s.execute_digest)
-        .bind(&s.compensate_digest)
-        .bind(s.started_at)
-        .bind(s.finished_at)
-        .bind(s.updated_at)
-        .bind(i64::from(s.failures))
-        .bind(i64::from(s.waited))
-        .execute(tx)
-        .await?;
-    Ok(())
-}
-
-/// Writes a prebuilt event as the saga's outbox row number `seq`.
-async fn insert_outbox(tx: &mut AnyConnection, saga_id: &str, seq: i64, e: &OutboxEvent, now: i64) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&e.event_id)
-    .bind(saga_id)
-    .bind(seq)
-    .bind(&e.event_type)
-    .bind(&e.payload)
-    .bind(now)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 async fn insert_audit(tx: &mut AnyConnection, a: &AuditEntry, now: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO audit_log (at, actor, action, target, before, after, note) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -236,47 +195,56 @@ async fn bump_catalog(tx: &mut AnyConnection) -> Result<()> {
     Ok(())
 }
 
-/// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
-/// already holds. INSERT .. ON CONFLICT DO NOTHING is atomic: never SELECT-then-INSERT.
-async fn claim_in_tx(
-    tx: &mut AnyConnection,
-    c: &IdempotencyClaim,
-    saga_id: Option<&str>,
-    now: i64,
-) -> Result<Option<CreateOutcome>> {
-    // An expired row (past retention) is replaced as if it never existed.
-    sqlx::query("DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND expires_at <= $4")
-        .bind(&c.caller)
-        .bind(&c.route)
-        .bind(&c.key)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+/// An expired row (past retention) is replaced as if it never existed.
+const CLAIM_DELETE_EXPIRED: &str =
+    "DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND expires_at <= $4";
+/// INSERT .. ON CONFLICT DO NOTHING is atomic: never SELECT-then-INSERT.
+const CLAIM_INSERT: &str = "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, \
+     response_body, locked_until, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ON CONFLICT DO NOTHING";
+
+/// The two statements that claim an idempotency key for `saga_id` (or for a request that
+/// creates nothing): delete it if expired, insert it unless it exists.
+fn claim_statements(script: &mut Script<'_>, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
+    let key = || [Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)];
+    let mut args = key().to_vec();
+    args.push(Arg::Int(Some(now)));
+    script.push(CLAIM_DELETE_EXPIRED, args);
     let (status, body) = match &c.response {
-        Some((s, b)) => (Some(i64::from(*s)), Some(b.as_slice())),
+        Some((s, b)) => (Some(i64::from(*s)), Some(b.clone())),
         None => (None, None),
     };
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, response_body, \
-         locked_until, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
-    )
-    .bind(&c.caller)
-    .bind(&c.route)
-    .bind(&c.key)
-    .bind(&c.fingerprint)
-    .bind(saga_id)
-    .bind(status)
-    .bind(body)
-    .bind(now + c.lock_ms)
-    .bind(now)
-    .bind(now + c.ttl_ms)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
+    let mut args = key().to_vec();
+    args.extend([
+        Arg::text(&c.fingerprint),
+        Arg::Text(saga_id.map(str::to_owned)),
+        Arg::Int(status),
+        Arg::Bytes(body),
+        Arg::Int(Some(now + c.lock_ms)),
+        Arg::Int(Some(now)),
+        Arg::Int(Some(now + c.ttl_ms)),
+    ]);
+    script.push(CLAIM_INSERT, args);
+}
+
+/// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
+/// already holds.
+async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
+    let mut script = Script::default();
+    claim_statements(&mut script, c, None, now);
+    let mut inserted = false;
+    for (sql, args) in script.statements {
+        inserted = bind(sqlx::query(sql), args).execute(&mut *tx).await?.rows_affected() == 1;
+    }
     if inserted {
         return Ok(None);
     }
+    Ok(Some(claim_existing(tx, c, now).await?))
+}
+
+/// What a key that was not new holds (after [`claim_statements`] found it taken): the first
+/// request's outcome.
+async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
     let row = sqlx::query(
         "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
          WHERE caller = $1 AND route = $2 AND key = $3",
@@ -288,63 +256,75 @@ async fn claim_in_tx(
     .await?;
     let fingerprint: String = row.try_get("fingerprint")?;
     if fingerprint != c.fingerprint {
-        return Ok(Some(CreateOutcome::Mismatch));
+        return Ok(CreateOutcome::Mismatch);
     }
     let existing_saga: Option<String> = row.try_get("saga_id")?;
     let status: Option<i64> = row.try_get("response_status")?;
     if let Some(status) = status {
         let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
         let status = u16::try_from(status).map_err(|_| corrupt("status"))?;
-        return Ok(Some(CreateOutcome::Replay { status, body, saga_id: existing_saga }));
+        return Ok(CreateOutcome::Replay { status, body, saga_id: existing_saga });
     }
     let locked_until: i64 = row.try_get("locked_until")?;
     if locked_until > now {
-        return Ok(Some(CreateOutcome::InFlight));
+        return Ok(CreateOutcome::InFlight);
     }
-    Ok(Some(CreateOutcome::Abandoned { saga_id: existing_saga.unwrap_or_default() }))
+    Ok(CreateOutcome::Abandoned { saga_id: existing_saga.unwrap_or_default() })
 }
 
 #[async_trait]
 impl SagaStore for SqlStore {
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
-        let data = (Arc::clone(&self.sql), saga.clone(), claim.cloned(), now, definition);
+        let data = (Arc::clone(&self.sql), saga.clone(), claim.cloned(), now, definition, self.dialect.scripts());
         self.writes
-            .run(data, |(sql, saga, claim, now, definition), conn| {
+            .run(data, |(sql, saga, claim, now, definition, scripts), conn| {
                 Box::pin(async move {
-                    if let Some(c) = claim {
-                        // A key that is not new wrote nothing: its expired row (the only thing
-                        // the claim deletes) would have let the insert through.
-                        if let Some(existing) = claim_in_tx(conn, c, Some(&saga.id), *now).await? {
-                            return Ok(existing);
-                        }
-                    }
-                    // A crash here, between the claim and the saga row, must leave neither: both
-                    // are in this one transaction.
-                    crate::failpoint!("intake-after-claim");
+                    // One script: the claim, the saga (only if the claim went in), its steps and
+                    // its first event (only if the saga went in). A key that was not new wrote
+                    // nothing: its expired row, the only thing deleted, would have let it in.
+                    let mut script = Script::default();
                     let (owner, lease_ms) = match &saga.lease {
-                        Some((owner, ms)) => (Some(owner.as_str()), Some(*ms)),
+                        Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
                         None => (None, None),
                     };
-                    sqlx::query(&sql.insert_saga)
-                        .bind(&saga.id)
-                        .bind(&saga.definition.saga_type)
-                        .bind(saga.state.status.as_str())
-                        .bind(saga.state.phase.as_str())
-                        .bind(&saga.state.reason)
-                        .bind(&saga.input)
-                        .bind(definition)
-                        .bind(saga.state.next_run_at)
-                        .bind(saga.now)
-                        .bind(owner)
-                        .bind(lease_ms)
-                        .execute(&mut *conn)
-                        .await?;
-                    for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-                        upsert_step(conn, &saga.id, i, &def.name, step).await?;
+                    let mut args = vec![
+                        Arg::text(&saga.id),
+                        Arg::text(&saga.definition.saga_type),
+                        Arg::text(saga.state.status.as_str()),
+                        Arg::text(saga.state.phase.as_str()),
+                        Arg::Text(saga.state.reason.clone()),
+                        Arg::text(&saga.input),
+                        Arg::text(definition),
+                        Arg::Int(saga.state.next_run_at),
+                        Arg::Int(Some(saga.now)),
+                        Arg::Text(owner),
+                        Arg::Int(lease_ms),
+                        Arg::text(&saga.event.event_id),
+                    ];
+                    match claim {
+                        Some(c) => {
+                            claim_statements(&mut script, c, Some(&saga.id), *now);
+                            args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
+                            script.push(&sql.insert_saga_if_claimed, args);
+                        }
+                        None => script.push(&sql.insert_saga, args),
                     }
-                    insert_outbox(conn, &saga.id, 1, &saga.event, saga.now).await?;
-                    Ok(CreateOutcome::Created)
+                    for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+                        script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
+                    }
+                    script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event, 1, saga.now));
+                    // A crash here, before the claim and the saga row commit, must leave
+                    // neither: both are in this one transaction.
+                    crate::failpoint!("intake-after-claim");
+                    // The saga insert is the only statement that returns a row.
+                    if !script.run(conn, *scripts).await?.is_empty() {
+                        return Ok(CreateOutcome::Created);
+                    }
+                    match claim {
+                        Some(c) => claim_existing(conn, c, *now).await,
+                        None => Err(corrupt(format!("saga {} was not inserted", saga.id))),
+                    }
                 })
             })
             .await
@@ -626,27 +606,7 @@ async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn D
     script.push(update, args);
     let fence = || [Arg::text(&c.saga_id), Arg::text(&c.event.event_id)];
     for (i, name, s) in &c.steps {
-        let mut args = fence().to_vec();
-        args.extend([
-            Arg::Int(Some(*i as i64)),
-            Arg::text(name),
-            Arg::text(s.status.as_str()),
-            Arg::Int(Some(i64::from(s.attempts))),
-            Arg::Int(Some(i64::from(s.compensate_attempts))),
-            Arg::Text(s.output.clone()),
-            Arg::Text(s.compensate_output.clone()),
-            Arg::Text(s.last_error.clone()),
-            Arg::Text(s.wait_signal.clone()),
-            Arg::Text(s.signal_payload.clone()),
-            Arg::Text(s.execute_digest.clone()),
-            Arg::Text(s.compensate_digest.clone()),
-            Arg::Int(s.started_at),
-            Arg::Int(s.finished_at),
-            Arg::Int(s.updated_at),
-            Arg::Int(Some(i64::from(s.failures))),
-            Arg::Int(Some(i64::from(s.waited))),
-        ]);
-        script.push(STEP_IF_COMMITTED, args);
+        script.push(STEP_IF_COMMITTED, step_args(&c.saga_id, &c.event.event_id, *i, name, s));
     }
     if let Some((plugin, writes)) = &c.writes {
         for (key, value) in writes {
@@ -661,14 +621,7 @@ async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn D
             }
         }
     }
-    let mut args = fence().to_vec();
-    args.extend([
-        Arg::Int(Some(c.read_seq + 1)),
-        Arg::text(&c.event.event_type),
-        Arg::text(&c.event.payload),
-        Arg::Int(Some(c.now)),
-    ]);
-    script.push(OUTBOX_IF_COMMITTED, args);
+    script.push(OUTBOX_IF_COMMITTED, outbox_args(&c.saga_id, &c.event, c.read_seq + 1, c.now));
     if let Some(a) = &c.audit {
         let mut args = fence().to_vec();
         args.extend([
@@ -689,6 +642,43 @@ async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn D
     Ok(row.try_get("seq")?)
 }
 
+/// The arguments of [`STEP_IF_COMMITTED`].
+fn step_args(saga_id: &str, event_id: &str, idx: usize, name: &str, s: &StepState) -> Vec<Arg> {
+    vec![
+        Arg::text(saga_id),
+        Arg::text(event_id),
+        Arg::Int(Some(idx as i64)),
+        Arg::text(name),
+        Arg::text(s.status.as_str()),
+        Arg::Int(Some(i64::from(s.attempts))),
+        Arg::Int(Some(i64::from(s.compensate_attempts))),
+        Arg::Text(s.output.clone()),
+        Arg::Text(s.compensate_output.clone()),
+        Arg::Text(s.last_error.clone()),
+        Arg::Text(s.wait_signal.clone()),
+        Arg::Text(s.signal_payload.clone()),
+        Arg::Text(s.execute_digest.clone()),
+        Arg::Text(s.compensate_digest.clone()),
+        Arg::Int(s.started_at),
+        Arg::Int(s.finished_at),
+        Arg::Int(s.updated_at),
+        Arg::Int(Some(i64::from(s.failures))),
+        Arg::Int(Some(i64::from(s.waited))),
+    ]
+}
+
+/// The arguments of [`OUTBOX_IF_COMMITTED`]: the event as the saga's outbox row `seq`.
+fn outbox_args(saga_id: &str, e: &OutboxEvent, seq: i64, now: i64) -> Vec<Arg> {
+    vec![
+        Arg::text(saga_id),
+        Arg::text(&e.event_id),
+        Arg::Int(Some(seq)),
+        Arg::text(&e.event_type),
+        Arg::text(&e.payload),
+        Arg::Int(Some(now)),
+    ]
+}
+
 /// A value bound to a statement of a [`Script`]: the types `Any` carries.
 #[derive(Debug, Clone)]
 enum Arg {
@@ -706,16 +696,15 @@ impl Arg {
 /// Statements that run in order, each with its own `$1..$n`. Where the dialect allows
 /// ([`Dialect::scripts`]: SQLite) they are sent as ONE multi-statement query, renumbered to
 /// one argument list, so a commit is one round trip to the connection's thread instead of one
-/// per statement; elsewhere one by one, stopping after a first statement that returned no
-/// row (the fenced update: the rest would be no-ops). Either way the rows of all statements
-/// come back in order.
+/// per statement; elsewhere one by one. Either way the rows of all statements come back in
+/// order, and statements that depend on an earlier one say so in their own conditions.
 #[derive(Default)]
-struct Script {
-    statements: Vec<(&'static str, Vec<Arg>)>,
+struct Script<'a> {
+    statements: Vec<(&'a str, Vec<Arg>)>,
 }
 
-impl Script {
-    fn push(&mut self, sql: &'static str, args: Vec<Arg>) {
+impl<'a> Script<'a> {
+    fn push(&mut self, sql: &'a str, args: Vec<Arg>) {
         self.statements.push((sql, args));
     }
 
@@ -733,12 +722,8 @@ impl Script {
             return Ok(bind(sqlx::query(&sql), all).fetch_all(&mut *conn).await?);
         }
         let mut rows = Vec::new();
-        for (i, (part, args)) in self.statements.into_iter().enumerate() {
-            let got = bind(sqlx::query(part), args).fetch_all(&mut *conn).await?;
-            if i == 0 && got.is_empty() {
-                break;
-            }
-            rows.extend(got);
+        for (part, args) in self.statements {
+            rows.extend(bind(sqlx::query(part), args).fetch_all(&mut *conn).await?);
         }
         Ok(rows)
     }
@@ -902,7 +887,7 @@ impl IdempotencyStore for SqlStore {
         self.writes
             .run((claim.clone(), now), |(claim, now), conn| {
                 Box::pin(async move {
-                    Ok(match claim_in_tx(conn, claim, None, *now).await? {
+                    Ok(match claim_in_tx(conn, claim, *now).await? {
                         None => CreateOutcome::Created,
                         // An abandoned claim of a request that creates nothing: take it over.
                         Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
