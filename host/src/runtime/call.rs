@@ -32,7 +32,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
 use super::wit::{Answer, Export, Prepared};
-use super::{CallInfo, CallOutcome, Limits, PluginReader, Unavailable};
+use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
 /// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
@@ -84,6 +84,9 @@ pub(super) struct CallState {
     table: ResourceTable,
     memory: MemoryBudget,
     pub(super) host: HostState,
+    /// When the component was instantiated, set by the world's [`Prepared`] call: it splits
+    /// a call's time into [`Phases`].
+    pub(super) instantiated: Option<Instant>,
 }
 
 impl WasiView for CallState {
@@ -207,6 +210,7 @@ async fn run<T>(
         return unavailable(format!("plugin {digest} is not loaded on this host"), started);
     };
     let (mut store, stderr) = new_store(&call);
+    let built = Instant::now();
     let deadline = Arc::clone(&store.data().host.deadline);
     let answer = {
         let running = ready.call(&mut store, info, export);
@@ -224,6 +228,7 @@ async fn run<T>(
             }
         }
     };
+    let returned = Instant::now();
     let ended = match answer {
         Some(Ok(answer)) => Ended::Answered(answer),
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
@@ -234,6 +239,7 @@ async fn run<T>(
         Some(limit) => ended.blame(&limit),
         None => ended,
     };
+    let instantiated = store.data().instantiated;
     let state = store.into_data().host;
     if let Some(e) = host_error {
         return unavailable(e, started);
@@ -246,7 +252,29 @@ async fn run<T>(
     }
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
-    CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label, reached_out }
+    let ended = Instant::now();
+    let phases = Phases::split(started, built, instantiated, returned, ended);
+    CallOutcome { result: Ok(outcome), writes, elapsed: ended - started, label, reached_out, phases }
+}
+
+impl Phases {
+    /// The phases between the marks of a call. A call that failed to instantiate has no
+    /// `instantiated` mark: all its time until the answer counts as instantiation.
+    fn split(
+        started: Instant,
+        built: Instant,
+        instantiated: Option<Instant>,
+        returned: Instant,
+        ended: Instant,
+    ) -> Phases {
+        let instantiated = instantiated.unwrap_or(returned);
+        Phases {
+            setup: built - started,
+            instantiate: instantiated - built,
+            run: returned - instantiated,
+            collect: ended - returned,
+        }
+    }
 }
 
 /// The host's own failure: no outcome, no writes, and no attempt counted.
@@ -257,6 +285,7 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
         elapsed: started.elapsed(),
         label: "unavailable",
         reached_out: false,
+        phases: Phases::default(),
     }
 }
 
@@ -277,7 +306,15 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
     let outbound =
         Outbound::new(call.plugin, call.info, Arc::clone(call.reader), limits.http.clone(), Arc::clone(&host.deadline));
-    let state = CallState { wasi, http: WasiHttpCtx::new(), outbound, table: ResourceTable::new(), memory, host };
+    let state = CallState {
+        wasi,
+        http: WasiHttpCtx::new(),
+        outbound,
+        table: ResourceTable::new(),
+        memory,
+        host,
+        instantiated: None,
+    };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);

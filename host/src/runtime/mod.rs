@@ -128,6 +128,22 @@ pub struct CallOutcome<T> {
     /// The call sent requests out of the host (0.2.0 outbound HTTP). A failed call that did
     /// may have had effects the saga must undo.
     pub reached_out: bool,
+    /// Where `elapsed` went.
+    pub phases: Phases,
+}
+
+/// Where a call's time went: the parts add up to [`CallOutcome::elapsed`]. Kept for the
+/// benchmark and for metrics that tell the host's overhead from the plugin's own time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// Building the call's store: its WASI context, limits, deadline and host state.
+    pub setup: Duration,
+    /// Instantiating the component in that store.
+    pub instantiate: Duration,
+    /// Running the export, the host's imports (state reads) included.
+    pub run: Duration,
+    /// Checking and classifying the answer, taking the writes, dropping the instance.
+    pub collect: Duration,
 }
 
 /// What a loaded component is and may do, for operators (`GET /admin/plugins`).
@@ -262,5 +278,7 @@ impl Runtime {
     }
 }
 
+#[cfg(test)]
+mod bench;
 #[cfg(test)]
 mod tests;

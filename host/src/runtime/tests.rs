@@ -658,3 +658,12 @@ async fn a_0_1_0_component_runs_beside_0_2_0_ones() {
     assert_eq!(out.writes, vec![("legacy/saga-1".to_owned(), Some(br#""0.1.0""#.to_vec()))]);
     assert_eq!(execute(&runtime, &v2, "fine").await.label, "done");
 }
+
+#[tokio::test]
+async fn a_call_reports_where_its_time_went() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    let Phases { setup, instantiate, run, collect } = out.phases;
+    assert_eq!(setup + instantiate + run + collect, out.elapsed);
+    assert!(instantiate > Duration::ZERO && run > Duration::ZERO, "{:?}", out.phases);
+}
