@@ -2,8 +2,13 @@
 //! world's [`Prepared`] component, and the answer checked and classified into the engine's
 //! outcome types.
 //!
-//! Every call gets a fresh `Store`, so a trap (which leaves an instance unusable) costs only
-//! that attempt. Limits per call:
+//! Every call gets a fresh `Store` and a fresh instance, so a trap (which leaves an instance
+//! unusable) costs only that attempt. The instance takes a slot of the engine's pool
+//! (`engine.rs`): instantiation costs microseconds, and a released slot is reset to the
+//! component's initial memory image, so nothing of one call is visible to the next. A call
+//! holds one of the runtime's slot permits while its store lives, so the pool cannot run out;
+//! a call that finds them all taken waits at most its timeout and then ends `Unavailable`
+//! (the host is overloaded: no attempt is counted). Limits per call:
 //! - time: epoch interruption. The engine's epoch advances every [`EPOCH_TICK`]; the store's
 //!   deadline callback yields to tokio on every tick (so a busy plugin never starves other
 //!   tasks) and interrupts the call once its [`Deadline`] passed. Time blocked in the host's
@@ -23,12 +28,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{Engine, PoolConcurrencyLimitError, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
 use super::wit::{Answer, Export, Prepared};
@@ -104,6 +111,8 @@ impl WasiHttpView for CallState {
 /// One call to make: what it needs from the runtime, and what it calls.
 pub(super) struct Call<'a> {
     pub(super) engine: &'a Engine,
+    /// The permits for the engine's sandbox slots.
+    pub(super) slots: &'a Semaphore,
     pub(super) reader: &'a Arc<dyn PluginReader>,
     pub(super) limits: &'a Limits,
     /// The component, if it is loaded.
@@ -209,6 +218,25 @@ async fn run<T>(
     let Some(ready) = call.ready.clone() else {
         return unavailable(format!("plugin {digest} is not loaded on this host"), started);
     };
+    // A slot in the engine's pool, held until the store is dropped. All busy: wait, but no
+    // longer than the call's own timeout; past it the host is overloaded, which is no attempt.
+    let _slot = match call.slots.try_acquire() {
+        Ok(slot) => slot,
+        Err(_) => match tokio::time::timeout(timeout, call.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return unavailable(
+                    format!(
+                        "all {} sandbox slots stayed busy for {} ms; run fewer calls at once \
+                         (--max-concurrent-sagas) or give the runtime more slots (Limits::concurrent_calls)",
+                        call.limits.concurrent_calls,
+                        timeout.as_millis()
+                    ),
+                    started,
+                )
+            }
+        },
+    };
     let (mut store, stderr) = new_store(&call);
     let built = Instant::now();
     let deadline = Arc::clone(&store.data().host.deadline);
@@ -231,6 +259,11 @@ async fn run<T>(
     let returned = Instant::now();
     let ended = match answer {
         Some(Ok(answer)) => Ended::Answered(answer),
+        // The permits make this unreachable; should wasmtime count otherwise, it is still
+        // the host's shortage, not the plugin's failure.
+        Some(Err(e)) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+            return unavailable(format!("no sandbox slot was free: {e:#}"), started);
+        }
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
@@ -328,13 +361,6 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     (store, stderr)
 }
 
-/// Instances, memories and tables a call's store may create. A Rust component has a handful of
-/// core instances and one memory; these only bound what a hand-made component could ask for.
-const MAX_INSTANCES: usize = 16;
-const MAX_MEMORIES: usize = 4;
-const MAX_TABLES: usize = 16;
-/// Elements one table may have.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// What wasmtime keeps per table element: a pointer.
 const TABLE_ELEMENT_BYTES: usize = size_of::<usize>();
 
@@ -380,9 +406,10 @@ impl ResourceLimiter for MemoryBudget {
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+        if desired > PER_CALL.table_elements || maximum.is_some_and(|max| desired > max) {
             return Err(wasmtime::format_err!(
-                "growing a table past {MAX_TABLE_ELEMENTS} elements or its declared maximum"
+                "growing a table past {} elements or its declared maximum",
+                PER_CALL.table_elements
             ));
         }
         self.charge(desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
@@ -392,16 +419,17 @@ impl ResourceLimiter for MemoryBudget {
         Err(error.context("growing a table failed"))
     }
 
+    // What one call may create (`engine::PER_CALL`); the pool refuses more as well.
     fn instances(&self) -> usize {
-        MAX_INSTANCES
+        PER_CALL.instances as usize
     }
 
     fn tables(&self) -> usize {
-        MAX_TABLES
+        PER_CALL.tables as usize
     }
 
     fn memories(&self) -> usize {
-        MAX_MEMORIES
+        PER_CALL.memories as usize
     }
 }
 
