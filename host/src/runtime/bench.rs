@@ -208,6 +208,14 @@ async fn suite(label: &str, reader: Arc<dyn PluginReader>) {
     let width = concurrency();
     concurrent(&runtime, &digests, n / 10, width).await;
     concurrent(&runtime, &digests, n, width).await.print(&format!("{label} all, {width} at once"));
+    // What the warm slots keep between calls: the pages a released slot keeps mapped.
+    if let Some(pool) = runtime.engine.pooling_allocator_metrics() {
+        println!(
+            "{label} pool after the runs: {} warm memory slots, {} KiB resident in them",
+            pool.unused_warm_memories(),
+            pool.unused_memory_bytes_resident() >> 10
+        );
+    }
 }
 
 #[test]

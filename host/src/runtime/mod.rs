@@ -18,7 +18,8 @@
 //! - `host.rs`: the host side of the imports (`state`, `log`), shared by every version.
 //! - `outbound.rs`: the host side of `wasi:http` for 0.2.0 plugins: grants, the idempotency
 //!   key and `traceparent` headers, and the per-call limits on requests.
-//! - `call.rs`: one call: store, limits, deadline, output checks, classification.
+//! - `call.rs`: one call: a pool slot, store, limits, deadline, output checks, classification.
+//! - `bench.rs` (tests only): the plugin call benchmark, `Phases` included (BENCHMARKS.md).
 //!
 //! Plugins get WASI preview 2 (Rust's std needs it) with an empty context: no files, no
 //! sockets, no environment, no arguments; 0.2.0 plugins also get `wasi:http/outgoing-handler`,
