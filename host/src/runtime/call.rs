@@ -2,8 +2,13 @@
 //! world's [`Prepared`] component, and the answer checked and classified into the engine's
 //! outcome types.
 //!
-//! Every call gets a fresh `Store`, so a trap (which leaves an instance unusable) costs only
-//! that attempt. Limits per call:
+//! Every call gets a fresh `Store` and a fresh instance, so a trap (which leaves an instance
+//! unusable) costs only that attempt. The instance takes a slot of the engine's pool
+//! (`engine.rs`): instantiation costs microseconds, and a released slot is reset to the
+//! component's initial memory image, so nothing of one call is visible to the next. A call
+//! holds one of the runtime's slot permits while its store lives, so the pool cannot run out;
+//! a call that finds them all taken waits at most its timeout and then ends `Unavailable`
+//! (the host is overloaded: no attempt is counted). Limits per call:
 //! - time: epoch interruption. The engine's epoch advances every [`EPOCH_TICK`]; the store's
 //!   deadline callback yields to tokio on every tick (so a busy plugin never starves other
 //!   tasks) and interrupts the call once its [`Deadline`] passed. Time blocked in the host's
@@ -23,16 +28,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{Engine, PoolConcurrencyLimitError, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
 use super::wit::{Answer, Export, Prepared};
-use super::{CallInfo, CallOutcome, Limits, PluginReader, Unavailable};
+use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
 /// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
@@ -84,6 +91,9 @@ pub(super) struct CallState {
     table: ResourceTable,
     memory: MemoryBudget,
     pub(super) host: HostState,
+    /// When the component was instantiated, set by the world's [`Prepared`] call: it splits
+    /// a call's time into [`Phases`].
+    pub(super) instantiated: Option<Instant>,
 }
 
 impl WasiView for CallState {
@@ -101,6 +111,8 @@ impl WasiHttpView for CallState {
 /// One call to make: what it needs from the runtime, and what it calls.
 pub(super) struct Call<'a> {
     pub(super) engine: &'a Engine,
+    /// The permits for the engine's sandbox slots.
+    pub(super) slots: &'a Semaphore,
     pub(super) reader: &'a Arc<dyn PluginReader>,
     pub(super) limits: &'a Limits,
     /// The component, if it is loaded.
@@ -206,7 +218,27 @@ async fn run<T>(
     let Some(ready) = call.ready.clone() else {
         return unavailable(format!("plugin {digest} is not loaded on this host"), started);
     };
+    // A slot in the engine's pool, held until the store is dropped. All busy: wait, but no
+    // longer than the call's own timeout; past it the host is overloaded, which is no attempt.
+    let _slot = match call.slots.try_acquire() {
+        Ok(slot) => slot,
+        Err(_) => match tokio::time::timeout(timeout, call.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return unavailable(
+                    format!(
+                        "all {} sandbox slots stayed busy for {} ms; run fewer calls at once \
+                         (--max-concurrent-sagas) or give the runtime more slots (Limits::concurrent_calls)",
+                        call.limits.concurrent_calls,
+                        timeout.as_millis()
+                    ),
+                    started,
+                )
+            }
+        },
+    };
     let (mut store, stderr) = new_store(&call);
+    let built = Instant::now();
     let deadline = Arc::clone(&store.data().host.deadline);
     let answer = {
         let running = ready.call(&mut store, info, export);
@@ -224,8 +256,14 @@ async fn run<T>(
             }
         }
     };
+    let returned = Instant::now();
     let ended = match answer {
         Some(Ok(answer)) => Ended::Answered(answer),
+        // The permits make this unreachable; should wasmtime count otherwise, it is still
+        // the host's shortage, not the plugin's failure.
+        Some(Err(e)) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+            return unavailable(format!("no sandbox slot was free: {e:#}"), started);
+        }
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
@@ -234,6 +272,7 @@ async fn run<T>(
         Some(limit) => ended.blame(&limit),
         None => ended,
     };
+    let instantiated = store.data().instantiated;
     let state = store.into_data().host;
     if let Some(e) = host_error {
         return unavailable(e, started);
@@ -246,7 +285,29 @@ async fn run<T>(
     }
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
-    CallOutcome { result: Ok(outcome), writes, elapsed: started.elapsed(), label, reached_out }
+    let ended = Instant::now();
+    let phases = Phases::split(started, built, instantiated, returned, ended);
+    CallOutcome { result: Ok(outcome), writes, elapsed: ended - started, label, reached_out, phases }
+}
+
+impl Phases {
+    /// The phases between the marks of a call. A call that failed to instantiate has no
+    /// `instantiated` mark: all its time until the answer counts as instantiation.
+    fn split(
+        started: Instant,
+        built: Instant,
+        instantiated: Option<Instant>,
+        returned: Instant,
+        ended: Instant,
+    ) -> Phases {
+        let instantiated = instantiated.unwrap_or(returned);
+        Phases {
+            setup: built - started,
+            instantiate: instantiated - built,
+            run: returned - instantiated,
+            collect: ended - returned,
+        }
+    }
 }
 
 /// The host's own failure: no outcome, no writes, and no attempt counted.
@@ -257,6 +318,7 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
         elapsed: started.elapsed(),
         label: "unavailable",
         reached_out: false,
+        phases: Phases::default(),
     }
 }
 
@@ -277,7 +339,15 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
     let outbound =
         Outbound::new(call.plugin, call.info, Arc::clone(call.reader), limits.http.clone(), Arc::clone(&host.deadline));
-    let state = CallState { wasi, http: WasiHttpCtx::new(), outbound, table: ResourceTable::new(), memory, host };
+    let state = CallState {
+        wasi,
+        http: WasiHttpCtx::new(),
+        outbound,
+        table: ResourceTable::new(),
+        memory,
+        host,
+        instantiated: None,
+    };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
@@ -291,13 +361,6 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     (store, stderr)
 }
 
-/// Instances, memories and tables a call's store may create. A Rust component has a handful of
-/// core instances and one memory; these only bound what a hand-made component could ask for.
-const MAX_INSTANCES: usize = 16;
-const MAX_MEMORIES: usize = 4;
-const MAX_TABLES: usize = 16;
-/// Elements one table may have.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// What wasmtime keeps per table element: a pointer.
 const TABLE_ELEMENT_BYTES: usize = size_of::<usize>();
 
@@ -343,9 +406,10 @@ impl ResourceLimiter for MemoryBudget {
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+        if desired > PER_CALL.table_elements || maximum.is_some_and(|max| desired > max) {
             return Err(wasmtime::format_err!(
-                "growing a table past {MAX_TABLE_ELEMENTS} elements or its declared maximum"
+                "growing a table past {} elements or its declared maximum",
+                PER_CALL.table_elements
             ));
         }
         self.charge(desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
@@ -355,16 +419,17 @@ impl ResourceLimiter for MemoryBudget {
         Err(error.context("growing a table failed"))
     }
 
+    // What one call may create (`engine::PER_CALL`); the pool refuses more as well.
     fn instances(&self) -> usize {
-        MAX_INSTANCES
+        PER_CALL.instances as usize
     }
 
     fn tables(&self) -> usize {
-        MAX_TABLES
+        PER_CALL.tables as usize
     }
 
     fn memories(&self) -> usize {
-        MAX_MEMORIES
+        PER_CALL.memories as usize
     }
 }
 

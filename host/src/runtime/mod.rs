@@ -8,7 +8,9 @@
 //! [`CompensateOutcome`](crate::engine::CompensateOutcome).
 //!
 //! One concept per file:
-//! - `engine.rs`: the wasmtime engine and the epoch ticker behind call timeouts.
+//! - `engine.rs`: the wasmtime engine, the pool its calls' instances come from (a slot per
+//!   call, reset to the component's initial image when the call ends), and the epoch ticker
+//!   behind call timeouts.
 //! - `cache.rs`: compiled components by digest, in memory (nothing compiled is kept on disk).
 //! - `policy.rs`: what a plugin may import.
 //! - `wit/`: one module per world version, each with the only `bindgen!` for its version,
@@ -16,7 +18,8 @@
 //! - `host.rs`: the host side of the imports (`state`, `log`), shared by every version.
 //! - `outbound.rs`: the host side of `wasi:http` for 0.2.0 plugins: grants, the idempotency
 //!   key and `traceparent` headers, and the per-call limits on requests.
-//! - `call.rs`: one call: store, limits, deadline, output checks, classification.
+//! - `call.rs`: one call: a pool slot, store, limits, deadline, output checks, classification.
+//! - `bench.rs` (tests only): the plugin call benchmark, `Phases` included (BENCHMARKS.md).
 //!
 //! Plugins get WASI preview 2 (Rust's std needs it) with an empty context: no files, no
 //! sockets, no environment, no arguments; 0.2.0 plugins also get `wasi:http/outgoing-handler`,
@@ -61,6 +64,10 @@ pub struct Limits {
     pub log_line_bytes: usize,
     /// Outbound HTTP of 0.2.0 plugins.
     pub http: HttpLimits,
+    /// Calls that may run at once. Each has a sandbox slot in the engine's pool, reserved at
+    /// start-up (address space, not memory); a call beyond them waits for a slot, at most for
+    /// its timeout, and then ends `Unavailable`. Keep it at least the driver's concurrency.
+    pub concurrent_calls: u32,
 }
 
 impl Default for Limits {
@@ -72,6 +79,7 @@ impl Default for Limits {
             log_lines: 100,
             log_line_bytes: 4 << 10,
             http: HttpLimits::default(),
+            concurrent_calls: 256,
         }
     }
 }
@@ -128,6 +136,23 @@ pub struct CallOutcome<T> {
     /// The call sent requests out of the host (0.2.0 outbound HTTP). A failed call that did
     /// may have had effects the saga must undo.
     pub reached_out: bool,
+    /// Where `elapsed` went.
+    pub phases: Phases,
+}
+
+/// Where a call's time went: the parts add up to [`CallOutcome::elapsed`]. Kept for the
+/// benchmark and for metrics that tell the host's overhead from the plugin's own time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// Waiting for a sandbox slot (none while fewer than `Limits::concurrent_calls` calls
+    /// run) and building the call's store: its WASI context, limits, deadline and host state.
+    pub setup: Duration,
+    /// Instantiating the component in that store.
+    pub instantiate: Duration,
+    /// Running the export, the host's imports (state reads) included.
+    pub run: Duration,
+    /// Checking and classifying the answer, taking the writes, dropping the instance.
+    pub collect: Duration,
 }
 
 /// What a loaded component is and may do, for operators (`GET /admin/plugins`).
@@ -161,12 +186,15 @@ pub struct Runtime {
     cache: cache::Cache,
     reader: Arc<dyn PluginReader>,
     limits: Limits,
+    /// One permit per sandbox slot of the engine's pool: a call holds one while its store
+    /// lives, so the pool never runs out.
+    slots: tokio::sync::Semaphore,
 }
 
 impl Runtime {
     /// A runtime whose plugins read committed state through `reader`.
     pub fn new(limits: Limits, reader: Arc<dyn PluginReader>) -> anyhow::Result<Runtime> {
-        let engine = engine::new()?;
+        let engine = engine::new(&limits)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         // Linked for every component, used only by those whose world grants it (`policy.rs`
@@ -176,7 +204,8 @@ impl Runtime {
             world.add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         let cache = cache::Cache::new();
-        Ok(Runtime { engine, linker, cache, reader, limits })
+        let slots = tokio::sync::Semaphore::new(limits.concurrent_calls.max(1) as usize);
+        Ok(Runtime { engine, linker, cache, reader, limits, slots })
     }
 
     /// Compiles and checks a component, and keeps it ready under its digest. Compiling takes
@@ -226,6 +255,7 @@ impl Runtime {
     fn call<'a>(&'a self, digest: &'a str, plugin: &'a str, info: &'a CallInfo, timeout: Duration) -> call::Call<'a> {
         call::Call {
             engine: &self.engine,
+            slots: &self.slots,
             reader: &self.reader,
             limits: &self.limits,
             ready: self.cache.get(digest),
@@ -262,5 +292,7 @@ impl Runtime {
     }
 }
 
+#[cfg(test)]
+mod bench;
 #[cfg(test)]
 mod tests;

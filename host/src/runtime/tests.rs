@@ -658,3 +658,196 @@ async fn a_0_1_0_component_runs_beside_0_2_0_ones() {
     assert_eq!(out.writes, vec![("legacy/saga-1".to_owned(), Some(br#""0.1.0""#.to_vec()))]);
     assert_eq!(execute(&runtime, &v2, "fine").await.label, "done");
 }
+
+// ---- the pooled sandboxes: slots, exhaustion, and what one call leaves to the next ----
+
+/// A core module with one memory of one page (a data segment puts 7 at address 16) and three
+/// functions: `poke(addr) -> old` reads the i32 at `addr` and writes a marker there, `trap(addr)`
+/// writes the marker and traps, `grow(pages) -> old size` grows the memory. Written by hand,
+/// like [`memories_component`].
+fn poke_module() -> Vec<u8> {
+    const MARKER: [u8; 5] = [0xda, 0xb4, 0xe9, 0xd2, 0x05]; // i32.const 0x5a5a5a5a, LEB128
+    fn section(id: u8, contents: &[u8]) -> Vec<u8> {
+        assert!(contents.len() < 128, "one-byte LEB128 only");
+        [&[id, contents.len() as u8][..], contents].concat()
+    }
+    fn body(code: &[u8]) -> Vec<u8> {
+        [&[code.len() as u8][..], code].concat()
+    }
+    let types = [2, 0x60, 1, 0x7f, 1, 0x7f, 0x60, 1, 0x7f, 0];
+    let funcs = [3, 0, 1, 0];
+    let memory = [1, 0, 1];
+    let mut exports = vec![3];
+    for (i, name) in ["poke", "trap", "grow"].iter().enumerate() {
+        exports.extend([name.len() as u8]);
+        exports.extend(name.as_bytes());
+        exports.extend([0, i as u8]);
+    }
+    // local.get 0; i32.load; local.set 1; local.get 0; i32.const MARKER; i32.store; local.get 1
+    let poke = [&[1, 1, 0x7f, 0x20, 0, 0x28, 2, 0, 0x21, 1, 0x20, 0, 0x41][..], &MARKER, &[0x36, 2, 0, 0x20, 1, 0x0b]]
+        .concat();
+    // local.get 0; i32.const MARKER; i32.store; unreachable
+    let trap = [&[0, 0x20, 0, 0x41][..], &MARKER, &[0x36, 2, 0, 0x00, 0x0b]].concat();
+    // local.get 0; memory.grow 0
+    let grow = [0, 0x20, 0, 0x40, 0, 0x0b];
+    let code = [&[3][..], &body(&poke), &body(&trap), &body(&grow)].concat();
+    let data = [1, 0, 0x41, 16, 0x0b, 4, 7, 0, 0, 0];
+    [
+        &b"\0asm\x01\0\0\0"[..],
+        &section(1, &types),
+        &section(3, &funcs),
+        &section(5, &memory),
+        &section(7, &exports),
+        &section(10, &code),
+        &section(11, &data),
+    ]
+    .concat()
+}
+
+#[tokio::test]
+async fn nothing_a_call_wrote_to_its_memory_is_visible_to_the_next_call_in_the_same_slot() {
+    let runtime = Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap();
+    let module = wasmtime::Module::new(&runtime.engine, poke_module()).unwrap();
+    let linker = wasmtime::Linker::new(&runtime.engine);
+    let info = info(1);
+    const PAGE: i32 = 64 << 10;
+    // Addresses in the first page (one the data segment set, one it did not), in grown memory
+    // within the range a released slot keeps resident, and past it (80 pages = 5 MiB).
+    let checks = [(16, 7), (1024, 0), (20 * PAGE, 0), (80 * PAGE - 4, 0)];
+    for round in 0..3 {
+        let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+        let instance = linker.instantiate_async(&mut store, &module).await.unwrap();
+        let poke = instance.get_typed_func::<i32, i32>(&mut store, "poke").unwrap();
+        let trap = instance.get_typed_func::<i32, ()>(&mut store, "trap").unwrap();
+        let grow = instance.get_typed_func::<i32, i32>(&mut store, "grow").unwrap();
+        assert_eq!(grow.call_async(&mut store, 79).await.unwrap(), 1, "round {round}: the memory starts at one page");
+        for (addr, fresh) in checks {
+            // Every round but the first, the previous one wrote the marker here.
+            assert_eq!(poke.call_async(&mut store, addr).await.unwrap(), fresh, "round {round}, address {addr}");
+        }
+        assert_eq!(poke.call_async(&mut store, 16).await.unwrap(), 0x5a5a_5a5a, "the marker is written");
+        // The last call of the round traps after writing: its store is dropped like a failed call's.
+        assert_eq!(poke.call_async(&mut store, 2048).await.unwrap(), 0, "round {round}: the trap's write is gone");
+        trap.call_async(&mut store, 2048).await.expect_err("unreachable traps");
+        drop(store);
+        // One memory slot served every round: the next instance reused it.
+        let pool = runtime.engine.pooling_allocator_metrics().expect("the engine pools its instances");
+        assert_eq!((pool.memories(), pool.unused_warm_memories()), (0, 1), "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_trap_or_a_memory_bomb_leaves_the_one_slot_clean_for_the_next_call() {
+    // One slot: every call below runs in the same pooled instance slot.
+    let limits = Limits { concurrent_calls: 1, memory_bytes: 8 << 20, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let first = execute(&runtime, &digest, "fine").await;
+    assert_eq!(first.label, "done");
+    for mode in ["panic", "oom", "recurse", "write-then-retry", "fine"] {
+        let out = execute(&runtime, &digest, mode).await;
+        assert_ne!(out.label, "unavailable", "{mode}: {:?}", out.result);
+        let again = execute(&runtime, &digest, "fine").await;
+        assert_eq!((&again.result, &again.writes, again.label), (&first.result, &first.writes, "done"), "after {mode}");
+    }
+}
+
+/// Holds every state read until the test opens the gate, counting the reads that wait.
+struct GateReader {
+    waiting: std::sync::atomic::AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl PluginReader for GateReader {
+    async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.gate.acquire().await?.forget();
+        Ok(None)
+    }
+
+    async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+
+    async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn the_drivers_default_concurrency_fits_the_pool() {
+    // Each call blocks in a state read until all of them do, so all hold an instance at once.
+    const CALLS: usize = 64;
+    let reader = Arc::new(GateReader { waiting: 0.into(), gate: tokio::sync::Semaphore::new(0) });
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::clone(&reader) as Arc<dyn PluginReader>).unwrap());
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let (runtime, digest) = (Arc::clone(&runtime), digest.clone());
+            tokio::spawn(async move { execute(&runtime, &digest, "read-state").await })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while reader.waiting.load(std::sync::atomic::Ordering::SeqCst) < CALLS {
+        assert!(started.elapsed() < Duration::from_secs(30), "the calls never all reached their read");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pool = runtime.engine.pooling_allocator_metrics().unwrap();
+    assert_eq!(pool.component_instances(), CALLS as u64, "every call is in flight at once");
+    reader.gate.add_permits(2 * CALLS); // `read-state` reads twice
+    for call in calls {
+        assert_eq!(call.await.unwrap().label, "done");
+    }
+    assert_eq!(runtime.engine.pooling_allocator_metrics().unwrap().component_instances(), 0);
+}
+
+#[tokio::test]
+async fn a_call_waits_for_a_free_slot_at_most_its_timeout_and_is_then_the_hosts_failure() {
+    let limits = Limits { concurrent_calls: 1, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let run = |mode: &'static str, timeout| {
+        let (runtime, digest) = (Arc::clone(&runtime), digest.clone());
+        async move { runtime.execute(&digest, "misbehave", &info(1), &input(mode), timeout).await }
+    };
+    // The loop holds the only slot for 300 ms; the epoch ticks let the others wait meanwhile.
+    let (looping, impatient, patient) = tokio::join!(
+        run("loop", Duration::from_millis(300)),
+        run("fine", Duration::from_millis(100)),
+        run("fine", TIMEOUT)
+    );
+    assert_eq!(trapped(&looping), "timed out after 300 ms");
+    let msg = unavailable(&impatient);
+    assert!(msg.contains("sandbox slots stayed busy for 100 ms"), "{msg}");
+    assert_eq!(patient.label, "done", "{:?}", patient.result);
+    assert!(patient.elapsed >= Duration::from_millis(200), "it waited for the slot: {:?}", patient.elapsed);
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
+    // Admit two calls to a pool of one, with the one slot taken: the engine refuses the
+    // instance, which must not count as the plugin's attempt.
+    let limits = Limits { concurrent_calls: 1, ..Limits::default() };
+    let reader = Arc::new(FakeReader::default());
+    let mut runtime = Runtime::new(limits, reader).unwrap();
+    runtime.slots = tokio::sync::Semaphore::new(2);
+    let runtime = Arc::new(runtime);
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
+    let info = info(1);
+    let (mut taken, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let _instance =
+        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut taken, &component).await.unwrap();
+    let out = execute(&runtime, &digest, "fine").await;
+    assert!(unavailable(&out).contains("no sandbox slot was free"), "{:?}", out.result);
+    drop(taken);
+    assert_eq!(execute(&runtime, &digest, "fine").await.label, "done", "the slot is back");
+}
+
+#[tokio::test]
+async fn a_call_reports_where_its_time_went() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    let Phases { setup, instantiate, run, collect } = out.phases;
+    assert_eq!(setup + instantiate + run + collect, out.elapsed);
+    assert!(instantiate > Duration::ZERO && run > Duration::ZERO, "{:?}", out.phases);
+}

@@ -37,6 +37,7 @@ macro_rules! prepared_step {
             ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
                 Box::pin(async move {
                     let step = self.0.instantiate_async(&mut *store).await?;
+                    store.data_mut().instantiated = Some(std::time::Instant::now());
                     let ctx = context(info);
                     Ok(match export {
                         Export::Execute { input } => match step.call_execute(&mut *store, &ctx, input).await? {

@@ -1,0 +1,249 @@
+//! The plugin call benchmark: [`Runtime::execute`] of the demo plugins (`inventory`,
+//! `payment`, `shipment`, SPEC §7) on the example order, with state read from memory, then
+//! from the embedded SQLite store, then many calls at once. Ignored by the test run; run it on
+//! a release build:
+//!
+//! ```text
+//! CARGO_TARGET_DIR=$HOME/.cache/sagahost-bench-target \
+//!   cargo test --release -p sagahost --lib runtime::bench -- --ignored --nocapture
+//! ```
+//!
+//! `BENCH_CALLS` (default 5000) sets the calls per plugin, `BENCH_CONCURRENCY` (default 64,
+//! the default `--max-concurrent-sagas`) the calls in flight in the concurrent run,
+//! `BENCH_READERS` (default `memory sqlite`) where state is read from. Every
+//! figure is the wall-clock time of one call as the driver records it (`CallOutcome::elapsed`,
+//! the `sagahost_plugin_call_seconds` metric), split into its [`Phases`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::*;
+use crate::engine::ExecuteOutcome;
+
+/// Committed state in memory, answering at once: the runtime's own cost, no database.
+#[derive(Default)]
+struct MemoryReader(HashMap<(String, String), Vec<u8>>);
+
+#[async_trait]
+impl PluginReader for MemoryReader {
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(&(plugin.to_owned(), key.to_owned())).cloned())
+    }
+
+    async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+
+    async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The store's reads, as the app wires them (`lib.rs`'s `StoreReader`).
+struct StoreReader(Arc<dyn crate::store::Store>);
+
+#[async_trait]
+impl PluginReader for StoreReader {
+    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.state_get(plugin, key).await?)
+    }
+
+    async fn scan(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.0.state_scan(plugin, prefix, after, limit).await?)
+    }
+
+    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self.0.grants(plugin).await?)
+    }
+}
+
+const PLUGINS: [&str; 3] = ["inventory", "payment", "shipment"];
+
+fn component(name: &str) -> Vec<u8> {
+    let path = format!("{}/../plugins/target/wasm32-wasip2/release/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path} missing ({e}); building the host builds it"))
+}
+
+/// The SPEC §5.2 example order as the driver hands it to the first step.
+fn input() -> String {
+    let order = json!({
+        "customer_id": "c-42",
+        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}, {"sku": "SKU-2", "quantity": 1, "unit_price_cents": 500}],
+        "currency": "USD",
+        "payment": {"token": "tok_visa"},
+        "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}
+    });
+    json!({"input": order, "steps": {}, "config": {}}).to_string()
+}
+
+fn info(saga: usize, step: &str) -> CallInfo {
+    let saga_id = format!("0190c6a2-0000-7000-8000-{saga:012}");
+    CallInfo {
+        idempotency_key: format!("{saga_id}:{step}:execute"),
+        saga_id,
+        saga_type: "bench".into(),
+        step: step.into(),
+        attempt: 1,
+        signal: None,
+        signal_name: None,
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn calls() -> usize {
+    std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000)
+}
+
+fn concurrency() -> usize {
+    std::env::var("BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
+
+/// The figures of a run: calls/s and the distribution of call times.
+struct Figures {
+    elapsed: Vec<Duration>,
+    phases: Vec<Phases>,
+    wall: Duration,
+}
+
+impl Figures {
+    fn print(&self, what: &str) {
+        let mut sorted = self.elapsed.clone();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mean = |f: &dyn Fn(&Phases) -> Duration| self.phases.iter().map(|p| us(f(p))).sum::<f64>() / n as f64;
+        let pct = |q: f64| us(sorted[((n as f64 * q) as usize).min(n - 1)]);
+        println!(
+            "{what:<26} {:>6.0} calls/s  mean {:>6.1}  p50 {:>6.1}  p99 {:>7.1}  max {:>8.1}  | setup {:>4.1}  instantiate {:>5.1}  run {:>6.1}  collect {:>5.1}",
+            n as f64 / self.wall.as_secs_f64(),
+            sorted.iter().map(|d| us(*d)).sum::<f64>() / n as f64,
+            pct(0.50),
+            pct(0.99),
+            us(sorted[n - 1]),
+            mean(&|p| p.setup),
+            mean(&|p| p.instantiate),
+            mean(&|p| p.run),
+            mean(&|p| p.collect),
+        );
+    }
+}
+
+/// `n` calls of `plugin`'s execute, one after the other; every one must be `done`.
+async fn sequential(runtime: &Runtime, digest: &str, plugin: &str, n: usize) -> Figures {
+    let input = input();
+    let (mut elapsed, mut phases) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let started = Instant::now();
+    for i in 0..n {
+        let out = runtime.execute(digest, plugin, &info(i, plugin), &input, TIMEOUT).await;
+        assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{plugin}: {:?}", out.result);
+        elapsed.push(out.elapsed);
+        phases.push(out.phases);
+    }
+    Figures { elapsed, phases, wall: started.elapsed() }
+}
+
+/// `n` calls of each demo plugin with `width` calls in flight at once.
+async fn concurrent(runtime: &Arc<Runtime>, digests: &[String], n: usize, width: usize) -> Figures {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..width)
+        .map(|_| {
+            let (runtime, digests, next) = (Arc::clone(runtime), digests.to_vec(), Arc::clone(&next));
+            tokio::spawn(async move {
+                let input = input();
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n * PLUGINS.len() {
+                        return mine;
+                    }
+                    let plugin = PLUGINS[i % PLUGINS.len()];
+                    let out =
+                        runtime.execute(&digests[i % PLUGINS.len()], plugin, &info(i, plugin), &input, TIMEOUT).await;
+                    assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{plugin}: {:?}", out.result);
+                    mine.push((out.elapsed, out.phases));
+                    // The driver commits between two calls of a saga and so lets other tasks
+                    // run; without this a task would run its calls back to back until an epoch
+                    // tick preempts one of them for a whole round of the other tasks.
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let wall = started.elapsed();
+    Figures { elapsed: all.iter().map(|(e, _)| *e).collect(), phases: all.iter().map(|(_, p)| *p).collect(), wall }
+}
+
+async fn loaded(reader: Arc<dyn PluginReader>) -> (Arc<Runtime>, Vec<String>) {
+    let runtime = Arc::new(Runtime::new(Limits::default(), reader).unwrap());
+    let mut digests = Vec::new();
+    for plugin in PLUGINS {
+        digests.push(runtime.load(component(plugin)).await.unwrap());
+    }
+    (runtime, digests)
+}
+
+async fn suite(label: &str, reader: Arc<dyn PluginReader>) {
+    let (runtime, digests) = loaded(reader).await;
+    let n = calls();
+    for (plugin, digest) in PLUGINS.iter().zip(&digests) {
+        sequential(&runtime, digest, plugin, n / 10).await; // warm-up
+        sequential(&runtime, digest, plugin, n).await.print(&format!("{label} {plugin}"));
+    }
+    let width = concurrency();
+    concurrent(&runtime, &digests, n / 10, width).await;
+    concurrent(&runtime, &digests, n, width).await.print(&format!("{label} all, {width} at once"));
+    // What the warm slots keep between calls: the pages a released slot keeps mapped.
+    if let Some(pool) = runtime.engine.pooling_allocator_metrics() {
+        println!(
+            "{label} pool after the runs: {} warm memory slots, {} KiB resident in them",
+            pool.unused_warm_memories(),
+            pool.unused_memory_bytes_resident() >> 10
+        );
+    }
+}
+
+#[test]
+#[ignore = "a benchmark: run it on a release build with --ignored --nocapture"]
+fn plugin_calls() {
+    // Two workers, like the 2-core machines the other figures come from; the driver runs on
+    // the same multi-threaded runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        println!("plugin calls: {} per plugin, Runtime::execute of the example order, times in µs", calls());
+        let readers = std::env::var("BENCH_READERS").unwrap_or_else(|_| "memory sqlite".to_owned());
+        if readers.contains("memory") {
+            suite("memory", Arc::new(MemoryReader::default())).await;
+        }
+        if readers.contains("sqlite") {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::open(None, dir.path()).await.unwrap();
+            let n = calls();
+            let started = Instant::now();
+            for i in 0..n {
+                store.state_get("inventory", &format!("reservation/{i}")).await.unwrap();
+            }
+            let per_read = started.elapsed() / n as u32;
+            println!(
+                "sqlite state_get alone (a miss, as a first execute reads): {:.1} µs mean",
+                per_read.as_secs_f64() * 1e6
+            );
+            suite("sqlite", Arc::new(StoreReader(store))).await;
+        }
+    });
+}
