@@ -169,6 +169,10 @@ fn config(args: Serve) -> sagahost::Config {
         max_response_bytes: args.plugin_http_max_response_bytes,
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
+    // A pooled sandbox per call the driver may run at once (each saga makes one call at a
+    // time), never fewer than the default pool.
+    config.limits.concurrent_calls =
+        u32::try_from(config.driver.max_concurrency).unwrap_or(u32::MAX).max(config.limits.concurrent_calls);
     config.serve = sagahost::http::limits::ServeLimits {
         max_in_flight: args.max_in_flight_requests as usize,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
