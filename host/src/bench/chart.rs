@@ -26,6 +26,22 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
+/// Series colours that stay apart on white, yellow-free (Tableau 10, reordered).
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn colour(i: usize) -> RGBAColor {
+    PALETTE[i % PALETTE.len()].to_rgba()
+}
+
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -82,7 +98,7 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
         .label("achieved = offered")
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], ideal));
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = colour(i);
         let line: Vec<(f64, f64)> = s.points.iter().map(|p| (p.offered, p.achieved)).collect();
         chart
             .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
@@ -124,7 +140,7 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
         .draw()
         .map_err(err)?;
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = colour(i);
         let curve = |pick: fn(&Point) -> Option<f64>| -> Vec<(f64, f64)> {
             s.points.iter().filter_map(|p| Some((p.offered, pick(p).filter(|l| *l > 0.0)?))).collect()
         };
