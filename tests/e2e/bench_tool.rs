@@ -227,6 +227,29 @@ async fn an_open_loop_keeps_its_schedule_and_a_sweep_draws_its_chart() {
         "{}",
         &chart[..200.min(chart.len())]
     );
+
+    // Without `Prefer: wait` every POST answers 201 at once and the saga is followed by polling.
+    let json = dir.path().join("polled.json");
+    let out = bench(&[
+        "--url",
+        &host.base,
+        "--wait",
+        "0",
+        "--clients",
+        "2",
+        "--sagas",
+        "10",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    assert!(out.status.success(), "exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let run = &report(&json, &out)["runs"][0];
+    check_run(run, 10);
+    assert_eq!(run["polled"].as_u64(), Some(10), "{run:#}");
+    assert!(run["poll_requests"].as_u64().unwrap() >= 10, "{run:#}");
     host.kill().await;
 }
 

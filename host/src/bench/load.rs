@@ -57,28 +57,26 @@ enum Outcome {
 
 impl Generator {
     /// Sends saga number `n` and follows it until it settles, `started` being when it was
-    /// sent (closed loop) or due (open loop).
-    async fn one(&self, n: u64, started: Instant) -> (Trigger, Outcome, bool) {
+    /// sent (closed loop) or due (open loop); with the GETs that took.
+    async fn one(&self, n: u64, started: Instant) -> (Trigger, Outcome, u32) {
         let trigger = self.mix.pick(self.seed, n);
         let key = HeaderValue::try_from(format!("{}-{n}", self.key_prefix)).expect("the key prefix is ASCII");
-        let answer = tokio::select! {
-            answer = self.client.settle(n, key, self.bodies.get(trigger), started + self.timeout) => answer,
-            () = self.stop.cancelled() => return (trigger, Outcome::Abandoned, false),
+        let (answer, polls) = tokio::select! {
+            settled = self.client.settle(n, key, self.bodies.get(trigger), started, started + self.timeout) => settled,
+            () = self.stop.cancelled() => return (trigger, Outcome::Abandoned, 0),
         };
         let expected = trigger.expected();
-        match answer {
-            Answer::Settled { status, polled, .. } if status == expected.status() => {
-                (trigger, Outcome::AsExpected, polled)
-            }
-            Answer::Settled { status, reason, polled } => {
+        let outcome = match answer {
+            Answer::Settled { status, .. } if status == expected.status() => Outcome::AsExpected,
+            Answer::Settled { status, reason } => {
                 let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
-                let what = format!("{trigger}: expected {}, got {status}{reason}", expected.status());
-                (trigger, Outcome::Mismatch(what), polled)
+                Outcome::Mismatch(format!("{trigger}: expected {}, got {status}{reason}", expected.status()))
             }
-            Answer::Unsettled => (trigger, Outcome::Unsettled, false),
-            Answer::Http { status, body } => (trigger, Outcome::Http(status, body), false),
-            Answer::Transport(e) => (trigger, Outcome::Transport(e), false),
-        }
+            Answer::Unsettled => Outcome::Unsettled,
+            Answer::Http { status, body } => Outcome::Http(status, body),
+            Answer::Transport(e) => Outcome::Transport(e),
+        };
+        (trigger, outcome, polls)
     }
 }
 
@@ -108,6 +106,8 @@ pub struct Tally {
     pub abandoned: u64,
     /// Sagas whose POST answered before they settled, followed by polling.
     pub polled: u64,
+    /// The GETs those polls sent: load the generator added.
+    pub polls: u64,
     /// Microseconds, of the sagas that ended as expected.
     pub latency: Histogram<u64>,
     pub triggers: BTreeMap<Trigger, TriggerTally>,
@@ -134,6 +134,7 @@ impl Tally {
             dropped: 0,
             abandoned: 0,
             polled: 0,
+            polls: 0,
             latency: histogram(),
             triggers: BTreeMap::new(),
             samples: Vec::new(),
@@ -156,9 +157,10 @@ impl Tally {
         }
     }
 
-    fn record(&mut self, trigger: Trigger, outcome: Outcome, latency: Duration, polled: bool, now: Instant) {
+    fn record(&mut self, trigger: Trigger, outcome: Outcome, latency: Duration, polls: u32, now: Instant) {
         self.last_end = Some(now);
-        self.polled += u64::from(polled);
+        self.polled += u64::from(polls > 0);
+        self.polls += u64::from(polls);
         match outcome {
             Outcome::AsExpected => {
                 let us = latency.as_micros().max(1) as u64;
@@ -260,9 +262,9 @@ pub async fn closed(generator: &Arc<Generator>, clients: usize, limit: Limit) ->
                 let n = generator.next.fetch_add(1, Ordering::Relaxed);
                 lock(&tally).sent(generator.mix.pick(generator.seed, n));
                 let sent_at = Instant::now();
-                let (trigger, outcome, polled) = generator.one(n, sent_at).await;
+                let (trigger, outcome, polls) = generator.one(n, sent_at).await;
                 let now = Instant::now();
-                lock(&tally).record(trigger, outcome, now - sent_at, polled, now);
+                lock(&tally).record(trigger, outcome, now - sent_at, polls, now);
             }
         });
     }
@@ -310,9 +312,9 @@ pub async fn open(generator: &Arc<Generator>, schedule: Schedule, max_in_flight:
         in_flight.fetch_add(1, Ordering::Relaxed);
         let (generator, tally, in_flight) = (generator.clone(), tally.clone(), in_flight.clone());
         tracker.spawn(async move {
-            let (trigger, outcome, polled) = generator.one(n, due).await;
+            let (trigger, outcome, polls) = generator.one(n, due).await;
             let now = Instant::now();
-            lock(&tally).record(trigger, outcome, now.saturating_duration_since(due), polled, now);
+            lock(&tally).record(trigger, outcome, now.saturating_duration_since(due), polls, now);
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }

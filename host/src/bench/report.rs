@@ -133,6 +133,8 @@ pub struct Run {
     pub abandoned: u64,
     /// Sagas whose POST answered before they were final, followed by polling their Location.
     pub polled: u64,
+    /// The GET requests of that polling (load the generator added).
+    pub poll_requests: u64,
     /// ok / elapsed_s.
     pub throughput_per_s: f64,
     /// Of the sagas that ended as expected; open loop: from their scheduled send time.
@@ -174,6 +176,7 @@ impl Run {
             dropped: t.dropped,
             abandoned: t.abandoned,
             polled: t.polled,
+            poll_requests: t.polls,
             throughput_per_s: if elapsed > 0.0 { t.ok() as f64 / elapsed } else { 0.0 },
             latency_ms: Percentiles::of(&t.latency),
             send_lag_ms: m.send_lag.as_ref().and_then(Percentiles::of),
@@ -232,7 +235,11 @@ impl Run {
             self.transport_errors,
             self.dropped,
             if self.abandoned > 0 { format!(", {} abandoned", self.abandoned) } else { String::new() },
-            if self.polled > 0 { format!("; {} polled after the POST answered", self.polled) } else { String::new() },
+            if self.polled > 0 {
+                format!("; {} polled after the POST answered ({} GETs)", self.polled, self.poll_requests)
+            } else {
+                String::new()
+            },
         );
         let _ = writeln!(s, "  throughput  {:.1} sagas/s", self.throughput_per_s);
         if let Some(l) = &self.latency_ms {
