@@ -116,7 +116,8 @@ pub struct Args {
     /// What to print on stdout: the human summary, or the JSON report.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub output: String,
-    /// Free text recorded in the report and used as the chart's legend (e.g. "sqlite, 1 host").
+    /// Free text recorded in the report and used as the chart's legend (e.g. "sqlite, 1 host");
+    /// with --plot, the chart's title.
     #[arg(long)]
     pub label: Option<String>,
     /// The commit to record. Default: `git` in the working directory, if it is a checkout.
