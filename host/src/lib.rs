@@ -4,6 +4,7 @@
 //! parts from a [`Config`] and [`App::run`] serves until the shutdown token fires, so tests
 //! start exactly what production starts. See ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod builtin;
 pub mod catalog;
 pub mod clock;

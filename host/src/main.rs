@@ -1,4 +1,5 @@
-//! The `sagahost` binary: parses flags (each also an environment variable) and runs the app.
+//! The `sagahost` binary: parses flags (each also an environment variable) and runs the app,
+//! or the load generator (`sagahost bench`, in the library's `bench` module).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the host: HTTP API, saga driver and outbox relay.
     Serve(Serve),
+    /// Load-test a running host: closed or open loop, latency percentiles, throughput, errors.
+    Bench(sagahost::bench::Args),
 }
 
 #[derive(Parser)]
@@ -184,8 +187,11 @@ fn config(args: Serve) -> sagahost::Config {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Bench(args) => return Ok(sagahost::bench::run(args).await),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
     if args.log_format == "json" {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
@@ -212,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         signal.cancel();
     });
-    app.run(shutdown).await
+    app.run(shutdown).await?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -236,9 +243,18 @@ mod tests {
         assert!(secret >= 2, "the secret-bearing flags were not found");
     }
 
+    #[test]
+    fn the_cli_is_well_formed_and_bench_hides_its_token_too() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let bench = cli.find_subcommand("bench").expect("a bench subcommand");
+        let token = bench.get_arguments().find(|a| a.get_id() == "api_token").expect("bench --api-token");
+        assert!(token.is_hide_env_values_set(), "--api-token would print its secret in `bench --help`");
+    }
+
     fn config_of(flags: &[&str]) -> sagahost::Config {
         let cli = Cli::try_parse_from(["sagahost", "serve"].iter().chain(flags)).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else { unreachable!("parsed as serve") };
         config(args)
     }
 

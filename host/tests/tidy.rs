@@ -125,6 +125,31 @@ fn the_generic_host_names_no_builtin_saga_type() {
 }
 
 #[test]
+fn the_load_generator_is_only_a_client_of_the_host() {
+    // `sagahost bench` measures a deployment through its public API, as a user's own tool
+    // would; reaching into the host's internals would measure something no client sees.
+    let internals = [
+        "crate::store",
+        "crate::runtime",
+        "crate::driver",
+        "crate::saga",
+        "crate::engine",
+        "crate::catalog",
+        "crate::http",
+        "crate::relay",
+        "crate::App",
+        "crate::Config",
+    ];
+    let mut offences = Vec::new();
+    for (path, text) in sources().into_iter().filter(|(p, _)| p.starts_with("bench/")) {
+        for (line, code) in hits(&text, &internals) {
+            offences.push(format!("  host/src/{path}:{line}: {code}"));
+        }
+    }
+    assert!(offences.is_empty(), "bench/ reaches the host over HTTP only; found:\n{}", offences.join("\n"));
+}
+
+#[test]
 fn the_rules_above_can_fail() {
     // A check that cannot fail checks nothing: feed the matcher a line it must catch, and a
     // comment it must skip.

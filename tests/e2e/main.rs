@@ -1,7 +1,7 @@
 //! End-to-end tests: the real host on port 0, real HTTP, the real demo plugins compiled from
 //! plugins/, a fresh SQLite file per test.
 
-mod bench;
+mod bench_tool;
 mod crash;
 mod demo;
 mod fuzz;

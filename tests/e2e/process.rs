@@ -97,6 +97,11 @@ impl HostProcess {
         }
     }
 
+    /// The process id, e.g. for `sagahost bench --pid`.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("host running")
+    }
+
     fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("host running").to_string();
         let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success();

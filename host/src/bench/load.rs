@@ -1,0 +1,330 @@
+//! The two ways of sending load, and the tally of what came back.
+//!
+//! Closed loop: `clients` tasks, each sending its next saga when the last one settled; the
+//! latency of a saga runs from its send. Open loop: one dispatcher keeps the arrival schedule
+//! ([`Schedule`]) and hands every send to its own task, so a slow answer never delays the
+//! next send; the latency runs from the time the send was *due*. Both stop early when the
+//! stop token fires (Ctrl-C): sagas in flight are then abandoned and counted as such.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use http::HeaderValue;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::client::{Answer, Client};
+use super::mix::{Bodies, Expected, Mix, Trigger};
+use super::schedule::Schedule;
+
+/// Failure descriptions kept per run, for the report: enough to see what went wrong.
+const SAMPLES: usize = 10;
+
+/// What every saga of every run shares: the client, the mix and the numbering.
+pub struct Generator {
+    pub client: Client,
+    pub mix: Mix,
+    pub seed: u64,
+    pub bodies: Bodies,
+    /// Prefix of every idempotency key: unique per invocation, so reruns never replay.
+    pub key_prefix: String,
+    /// The number of the next saga, over warm-up and every run: picks its trigger, its target
+    /// and its key.
+    pub next: AtomicU64,
+    /// How long one saga may take, from its send (its due time in an open loop).
+    pub timeout: Duration,
+    /// Fired by Ctrl-C.
+    pub stop: CancellationToken,
+}
+
+/// How one saga ended, as far as the generator is concerned.
+#[derive(Debug)]
+enum Outcome {
+    /// The final status its trigger should give.
+    AsExpected,
+    /// Another final status (COMPENSATION_FAILED, or COMPLETED for a trigger that must cancel).
+    Mismatch(String),
+    Unsettled,
+    Http(u16, String),
+    Transport(String),
+    /// In flight when the run was stopped.
+    Abandoned,
+}
+
+impl Generator {
+    /// Sends saga number `n` and follows it until it settles, `started` being when it was
+    /// sent (closed loop) or due (open loop); with the GETs that took.
+    async fn one(&self, n: u64, started: Instant) -> (Trigger, Outcome, u32) {
+        let trigger = self.mix.pick(self.seed, n);
+        let key = HeaderValue::try_from(format!("{}-{n}", self.key_prefix)).expect("the key prefix is ASCII");
+        let (answer, polls) = tokio::select! {
+            settled = self.client.settle(n, key, self.bodies.get(trigger), started, started + self.timeout) => settled,
+            () = self.stop.cancelled() => return (trigger, Outcome::Abandoned, 0),
+        };
+        let expected = trigger.expected();
+        let outcome = match answer {
+            Answer::Settled { status, .. } if status == expected.status() => Outcome::AsExpected,
+            Answer::Settled { status, reason } => {
+                let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+                Outcome::Mismatch(format!("{trigger}: expected {}, got {status}{reason}", expected.status()))
+            }
+            Answer::Unsettled => Outcome::Unsettled,
+            Answer::Http { status, body } => Outcome::Http(status, body),
+            Answer::Transport(e) => Outcome::Transport(e),
+        };
+        (trigger, outcome, polls)
+    }
+}
+
+/// Per-trigger counts and latency.
+pub struct TriggerTally {
+    pub sent: u64,
+    pub as_expected: u64,
+    /// Microseconds, of the sagas that ended as expected.
+    pub latency: Histogram<u64>,
+}
+
+/// Everything counted in one run.
+pub struct Tally {
+    /// Sends started (open loop: due), including the dropped ones.
+    pub sent: u64,
+    /// Ended COMPLETED as expected.
+    pub completed: u64,
+    /// Ended CANCELLED as expected (compensated or rejected before any step completed).
+    pub compensated: u64,
+    pub mismatched: u64,
+    /// Not final when the generator's timeout ran out.
+    pub unsettled: u64,
+    pub http_errors: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    /// Open loop: not sent because `--max-in-flight` sagas were already in flight.
+    pub dropped: u64,
+    pub abandoned: u64,
+    /// Sagas whose POST answered before they settled, followed by polling.
+    pub polled: u64,
+    /// The GETs those polls sent: load the generator added.
+    pub polls: u64,
+    /// Microseconds, of the sagas that ended as expected.
+    pub latency: Histogram<u64>,
+    pub triggers: BTreeMap<Trigger, TriggerTally>,
+    pub samples: Vec<String>,
+    /// When the last saga of the run ended (any outcome).
+    pub last_end: Option<Instant>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to an hour at 3 significant digits: fixed size, no resizing while recording.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Tally {
+    pub fn new() -> Tally {
+        Tally {
+            sent: 0,
+            completed: 0,
+            compensated: 0,
+            mismatched: 0,
+            unsettled: 0,
+            http_errors: BTreeMap::new(),
+            transport_errors: 0,
+            dropped: 0,
+            abandoned: 0,
+            polled: 0,
+            polls: 0,
+            latency: histogram(),
+            triggers: BTreeMap::new(),
+            samples: Vec::new(),
+            last_end: None,
+        }
+    }
+
+    fn trigger(&mut self, trigger: Trigger) -> &mut TriggerTally {
+        self.triggers.entry(trigger).or_insert_with(|| TriggerTally { sent: 0, as_expected: 0, latency: histogram() })
+    }
+
+    fn sent(&mut self, trigger: Trigger) {
+        self.sent += 1;
+        self.trigger(trigger).sent += 1;
+    }
+
+    fn sample(&mut self, what: String) {
+        if self.samples.len() < SAMPLES {
+            self.samples.push(what);
+        }
+    }
+
+    fn record(&mut self, trigger: Trigger, outcome: Outcome, latency: Duration, polls: u32, now: Instant) {
+        self.last_end = Some(now);
+        self.polled += u64::from(polls > 0);
+        self.polls += u64::from(polls);
+        match outcome {
+            Outcome::AsExpected => {
+                let us = latency.as_micros().max(1) as u64;
+                self.latency.saturating_record(us);
+                let t = self.trigger(trigger);
+                t.as_expected += 1;
+                t.latency.saturating_record(us);
+                match trigger.expected() {
+                    Expected::Completed => self.completed += 1,
+                    Expected::Cancelled => self.compensated += 1,
+                }
+            }
+            Outcome::Mismatch(what) => {
+                self.mismatched += 1;
+                self.sample(what);
+            }
+            Outcome::Unsettled => {
+                self.unsettled += 1;
+                self.sample(format!("{trigger}: not final within the timeout"));
+            }
+            Outcome::Http(status, body) => {
+                *self.http_errors.entry(status).or_insert(0) += 1;
+                self.sample(format!("{trigger}: HTTP {status}: {body}"));
+            }
+            Outcome::Transport(e) => {
+                self.transport_errors += 1;
+                self.sample(format!("{trigger}: {e}"));
+            }
+            Outcome::Abandoned => self.abandoned += 1,
+        }
+    }
+
+    /// Sagas that ended as their trigger says.
+    pub fn ok(&self) -> u64 {
+        self.completed + self.compensated
+    }
+
+    /// Sagas that did not: every outcome but success and abandonment.
+    pub fn failed(&self) -> u64 {
+        self.mismatched + self.unsettled + self.http_errors.values().sum::<u64>() + self.transport_errors + self.dropped
+    }
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally::new()
+    }
+}
+
+/// When a run stops sending: after `sagas` sends, after `duration`, whichever comes first.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub sagas: Option<u64>,
+    pub duration: Option<Duration>,
+}
+
+/// What a run measured.
+pub struct Measured {
+    pub tally: Tally,
+    /// From the first send to the end of the last saga.
+    pub elapsed: Duration,
+    /// Open loop: how late the dispatcher sent, in microseconds after the due time.
+    pub send_lag: Option<Histogram<u64>>,
+}
+
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    // A panic elsewhere never leaves the tally half-updated in a way that matters here.
+    tally.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn finish(tally: Arc<Mutex<Tally>>, start: Instant, send_lag: Option<Histogram<u64>>) -> Measured {
+    let tally =
+        Arc::try_unwrap(tally).map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).unwrap_or_else(|arc| {
+            // Every task has ended; a leftover reference would be a bug, but the counts are still right.
+            std::mem::take(&mut *lock(&arc))
+        });
+    let elapsed = tally.last_end.map_or_else(|| start.elapsed(), |end| end.saturating_duration_since(start));
+    Measured { tally, elapsed, send_lag }
+}
+
+/// Closed loop: `clients` concurrent clients, each sending its next saga once the last one
+/// settled.
+pub async fn closed(generator: &Arc<Generator>, clients: usize, limit: Limit) -> Measured {
+    let tally = Arc::new(Mutex::new(Tally::new()));
+    let issued = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = limit.duration.map(|d| start + d);
+    let tracker = TaskTracker::new();
+    for _ in 0..clients {
+        let (generator, tally, issued) = (generator.clone(), tally.clone(), issued.clone());
+        tracker.spawn(async move {
+            loop {
+                if generator.stop.is_cancelled() || end.is_some_and(|end| Instant::now() >= end) {
+                    break;
+                }
+                if limit.sagas.is_some_and(|max| issued.fetch_add(1, Ordering::Relaxed) >= max) {
+                    break;
+                }
+                let n = generator.next.fetch_add(1, Ordering::Relaxed);
+                lock(&tally).sent(generator.mix.pick(generator.seed, n));
+                let sent_at = Instant::now();
+                let (trigger, outcome, polls) = generator.one(n, sent_at).await;
+                let now = Instant::now();
+                lock(&tally).record(trigger, outcome, now - sent_at, polls, now);
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    finish(tally, start, None)
+}
+
+/// Open loop: sends at `schedule`'s rate, each send due at a fixed time, latency from then.
+/// At most `max_in_flight` sagas are in flight; a send due beyond that is dropped and counted.
+pub async fn open(generator: &Arc<Generator>, schedule: Schedule, max_in_flight: usize, limit: Limit) -> Measured {
+    let total = match (limit.sagas, limit.duration) {
+        (Some(n), Some(d)) => n.min(schedule.sends_within(d)),
+        (Some(n), None) => n,
+        (None, Some(d)) => schedule.sends_within(d),
+        (None, None) => 0,
+    };
+    let tally = Arc::new(Mutex::new(Tally::new()));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut send_lag = histogram();
+    let tracker = TaskTracker::new();
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + schedule.due(i);
+        if due > Instant::now() {
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = generator.stop.cancelled() => break,
+            }
+        } else if generator.stop.is_cancelled() {
+            break;
+        }
+        let n = generator.next.fetch_add(1, Ordering::Relaxed);
+        let trigger = generator.mix.pick(generator.seed, n);
+        {
+            let mut t = lock(&tally);
+            t.sent(trigger);
+            if in_flight.load(Ordering::Relaxed) >= max_in_flight {
+                t.dropped += 1;
+                t.sample(format!("{trigger}: dropped, {max_in_flight} sagas already in flight (--max-in-flight)"));
+                continue;
+            }
+        }
+        send_lag.saturating_record(Instant::now().saturating_duration_since(due).as_micros() as u64);
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (generator, tally, in_flight) = (generator.clone(), tally.clone(), in_flight.clone());
+        tracker.spawn(async move {
+            let (trigger, outcome, polls) = generator.one(n, due).await;
+            let now = Instant::now();
+            lock(&tally).record(trigger, outcome, now.saturating_duration_since(due), polls, now);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    let mut measured = finish(tally, start, Some(send_lag));
+    // The run lasts at least its schedule: without this, n sends that all kept up would count
+    // n-1 intervals plus one latency, and a run would seem to achieve more than it was offered.
+    if !generator.stop.is_cancelled() {
+        measured.elapsed = measured.elapsed.max(schedule.due(total));
+    }
+    measured
+}

@@ -1,0 +1,230 @@
+//! What the server says about a run: its `/metrics` scraped before and after, turned into
+//! means and rates, and the CPU time of local processes read from `/proc`.
+//!
+//! The figures are a table ([`FIGURES`]): each names an OpenMetrics sample and how to turn
+//! its change over the run into one number. A new family (a relay throughput, a cache hit
+//! rate) is one more row; a family the server does not export is left out of the report, so
+//! the generator works against older and newer hosts alike.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Every sample of one scrape, summed over its label sets: `name` -> value. Histograms appear
+/// as their `_sum` and `_count` samples, counters as `_total`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scrape(BTreeMap<String, f64>);
+
+impl Scrape {
+    /// Parses OpenMetrics (or Prometheus) text. Lines it cannot read are skipped: a figure
+    /// whose samples are missing is left out, not guessed.
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = BTreeMap::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (name, rest) = match line.find(['{', ' ']) {
+                Some(i) if line.as_bytes()[i] == b'{' => match line.rfind('}') {
+                    Some(end) => (&line[..i], &line[end + 1..]),
+                    None => continue,
+                },
+                Some(i) => (&line[..i], &line[i..]),
+                None => continue,
+            };
+            let Some(Ok(value)) = rest.split_whitespace().next().map(str::parse::<f64>) else { continue };
+            if value.is_finite() {
+                *samples.entry(name.to_owned()).or_insert(0.0) += value;
+            }
+        }
+        Scrape(samples)
+    }
+
+    /// Adds another replica's scrape to this one.
+    pub fn add(&mut self, other: &Scrape) {
+        for (name, value) in &other.0 {
+            *self.0.entry(name.clone()).or_insert(0.0) += value;
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
+
+    fn delta(before: &Scrape, after: &Scrape, name: &str) -> Option<f64> {
+        Some(after.get(name)? - before.get(name).unwrap_or(0.0))
+    }
+}
+
+/// How one figure is computed from the scrapes around a run.
+pub enum Kind {
+    /// Mean of a histogram over the run (`_sum` delta / `_count` delta), times `scale`.
+    HistogramMean { family: &'static str, scale: f64 },
+    /// A sample's increase per saga settled in the run.
+    PerSaga { sample: &'static str },
+    /// A sample's increase per second of the run.
+    PerSecond { sample: &'static str },
+    /// A sample's increase over the run.
+    Increase { sample: &'static str },
+    /// A sample's value at the end of the run (a gauge).
+    AtEnd { sample: &'static str },
+}
+
+/// A figure of the server's, reported under `key` when its samples are present.
+pub struct Figure {
+    pub key: &'static str,
+    /// A short description for the human summary.
+    pub label: &'static str,
+    pub kind: Kind,
+}
+
+/// The server figures the generator reports. Add a row for a new metric family.
+pub const FIGURES: &[Figure] = &[
+    Figure {
+        key: "plugin_call_mean_us",
+        label: "plugin call mean µs",
+        kind: Kind::HistogramMean { family: "sagahost_plugin_call_seconds", scale: 1e6 },
+    },
+    Figure {
+        key: "host_per_transition_mean_us",
+        label: "host time per transition mean µs",
+        kind: Kind::HistogramMean { family: "sagahost_transition_overhead_seconds", scale: 1e6 },
+    },
+    Figure {
+        key: "transitions_per_saga",
+        label: "transitions per saga",
+        kind: Kind::PerSaga { sample: "sagahost_transition_overhead_seconds_count" },
+    },
+    Figure {
+        key: "plugin_calls_per_saga",
+        label: "plugin calls per saga",
+        kind: Kind::PerSaga { sample: "sagahost_plugin_calls_total" },
+    },
+    Figure {
+        key: "events_published_per_s",
+        label: "events published per s",
+        kind: Kind::PerSecond { sample: "sagahost_events_published_total" },
+    },
+    Figure {
+        key: "relay_failures",
+        label: "relay failures",
+        kind: Kind::Increase { sample: "sagahost_relay_failures_total" },
+    },
+    Figure {
+        key: "stale_commits",
+        label: "stale commits",
+        kind: Kind::Increase { sample: "sagahost_stale_commits_total" },
+    },
+    Figure {
+        key: "outbox_pending_at_end",
+        label: "outbox events pending at the end",
+        kind: Kind::AtEnd { sample: "sagahost_outbox_pending_events" },
+    },
+];
+
+/// The figures of [`FIGURES`] whose samples both scrapes hold, by key.
+pub fn figures(before: &Scrape, after: &Scrape, sagas: u64, elapsed: Duration) -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    for f in FIGURES {
+        let value = match f.kind {
+            Kind::HistogramMean { family, scale } => {
+                let sum = Scrape::delta(before, after, &format!("{family}_sum"));
+                let count = Scrape::delta(before, after, &format!("{family}_count"));
+                match (sum, count) {
+                    (Some(sum), Some(count)) if count > 0.0 => Some(sum / count * scale),
+                    _ => None,
+                }
+            }
+            Kind::PerSaga { sample } => {
+                Scrape::delta(before, after, sample).filter(|_| sagas > 0).map(|d| d / sagas as f64)
+            }
+            Kind::PerSecond { sample } => {
+                Scrape::delta(before, after, sample).filter(|_| !elapsed.is_zero()).map(|d| d / elapsed.as_secs_f64())
+            }
+            Kind::Increase { sample } => Scrape::delta(before, after, sample),
+            Kind::AtEnd { sample } => after.get(sample),
+        };
+        if let Some(v) = value {
+            out.insert(f.key, v);
+        }
+    }
+    out
+}
+
+/// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat`. It is 100 on every
+/// architecture Linux runs on in practice, and reading it (`sysconf`) would need `unsafe`.
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system, all threads) of a process so far, from `/proc/{pid}/stat`;
+/// `None` where there is no `/proc` or no such process.
+pub fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+/// utime and stime of a `/proc/PID/stat` line. The command name (field 2) is in parentheses
+/// and may hold spaces and parentheses itself, so fields are counted after its last `)`.
+fn parse_stat(stat: &str) -> Option<Duration> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    // After the name: state (field 3) ... utime is field 14 and stime field 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "# HELP sagahost_plugin_call_seconds x\n\
+        # TYPE sagahost_plugin_call_seconds histogram\n\
+        sagahost_plugin_call_seconds_sum{saga_type=\"order\",step=\"a b\",call=\"execute\",outcome=\"done\"} 0.5\n\
+        sagahost_plugin_call_seconds_count{saga_type=\"order\",step=\"a\",call=\"execute\",outcome=\"done\"} 1000\n\
+        sagahost_plugin_call_seconds_sum{saga_type=\"order\",step=\"b\",call=\"execute\",outcome=\"done\"} 0.5\n\
+        sagahost_plugin_call_seconds_count{saga_type=\"order\",step=\"b\",call=\"execute\",outcome=\"done\"} 1000\n\
+        sagahost_events_published_total 10\n\
+        sagahost_outbox_pending_events 7\n\
+        # EOF\n";
+
+    const AFTER: &str = "sagahost_plugin_call_seconds_sum{step=\"a b\"} 1.0\n\
+        sagahost_plugin_call_seconds_count{step=\"a\"} 1500\n\
+        sagahost_plugin_call_seconds_sum{step=\"b\"} 1.0\n\
+        sagahost_plugin_call_seconds_count{step=\"b\"} 1500\n\
+        sagahost_events_published_total 510\n\
+        sagahost_outbox_pending_events 3\n\
+        garbage line\n\
+        # EOF\n";
+
+    #[test]
+    fn samples_are_summed_over_label_sets() {
+        let s = Scrape::parse(BEFORE);
+        assert_eq!(s.get("sagahost_plugin_call_seconds_sum"), Some(1.0));
+        assert_eq!(s.get("sagahost_plugin_call_seconds_count"), Some(2000.0));
+        assert_eq!(s.get("sagahost_events_published_total"), Some(10.0));
+        assert_eq!(s.get("sagahost_plugin_call_seconds"), None);
+        let mut two = s.clone();
+        two.add(&s);
+        assert_eq!(two.get("sagahost_events_published_total"), Some(20.0));
+    }
+
+    #[test]
+    fn figures_are_deltas_over_the_run_and_absent_families_are_left_out() {
+        let (before, after) = (Scrape::parse(BEFORE), Scrape::parse(AFTER));
+        let f = figures(&before, &after, 100, Duration::from_secs(2));
+        // 1.0 s over 1000 more calls: 1 ms each.
+        assert!((f["plugin_call_mean_us"] - 1000.0).abs() < 1e-6, "{f:?}");
+        assert_eq!(f["events_published_per_s"], 250.0);
+        assert_eq!(f["outbox_pending_at_end"], 3.0);
+        assert!(!f.contains_key("host_per_transition_mean_us"), "no transition histogram in the scrape");
+        assert!(!f.contains_key("stale_commits"));
+        assert!(!figures(&before, &before, 0, Duration::ZERO).contains_key("plugin_call_mean_us"), "no calls, no mean");
+    }
+
+    #[test]
+    fn cpu_times_are_read_after_the_command_name() {
+        let line = "4242 (sagahost (x) y) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
+        assert_eq!(parse_stat(line), Some(Duration::from_secs(3)));
+        assert_eq!(parse_stat("garbage"), None);
+        // This test process has a /proc entry on Linux.
+        if cfg!(target_os = "linux") {
+            assert!(cpu_time("self").is_some());
+        }
+    }
+}
