@@ -226,10 +226,7 @@ impl Driver {
         if handle.adoption.set(adoption).is_err() {
             tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
         }
-        Driver {
-            inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }),
-            adopted,
-        }
+        Driver { inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }), adopted }
     }
 
     pub fn handle(&self) -> DriverHandle {

@@ -303,9 +303,8 @@ async fn wait_settled(state: &AppState, mut watch: Watch, secs: u64) -> Result<S
         (Duration::from_secs(1), Duration::from_secs(1))
     };
     let id = watch.saga_id().to_owned();
-    let read = || async {
-        state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))
-    };
+    let read =
+        || async { state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished"))) };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut poll = first_poll;
     loop {

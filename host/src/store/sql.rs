@@ -435,7 +435,8 @@ impl SagaStore for SqlStore {
         self.writes
             .run_one(data, |(sql, id, epoch, lease_ms), conn| {
                 Box::pin(async move {
-                    let r = sqlx::query(&sql.renew_lease).bind(id).bind(epoch).bind(lease_ms).execute(&mut *conn).await?;
+                    let r =
+                        sqlx::query(&sql.renew_lease).bind(id).bind(epoch).bind(lease_ms).execute(&mut *conn).await?;
                     Ok(r.rows_affected() == 1)
                 })
             })
@@ -537,9 +538,8 @@ macro_rules! commit_update {
     };
 }
 const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq");
-const COMMIT_LEASE_RELEASE: &str = commit_update!(
-    ", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq"
-);
+const COMMIT_LEASE_RELEASE: &str =
+    commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq");
 const COMMIT_TAKEOVER: &str = commit_update!(
     ", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
 );
@@ -958,7 +958,11 @@ impl OutboxStore for SqlStore {
         self.writes
             .run_one(data, |(sql, owner, lease_ms), conn| {
                 Box::pin(async move {
-                    Ok(sqlx::query_scalar(&sql.relay_lease).bind(owner).bind(lease_ms).fetch_optional(&mut *conn).await?)
+                    Ok(sqlx::query_scalar(&sql.relay_lease)
+                        .bind(owner)
+                        .bind(lease_ms)
+                        .fetch_optional(&mut *conn)
+                        .await?)
                 })
             })
             .await
