@@ -18,6 +18,10 @@
 //! exactly one outbox row commit together or not at all. Every commit is conditional on the
 //! saga's `seq` being the one its state was read at, and the driver's also on its `epoch`, so
 //! neither a worker that lost its claim nor a change computed from a stale read can commit.
+//!
+//! The hot-path writes go through one commit path, `batch.rs`: on SQLite many of them share a
+//! transaction and its fsync (group commit), on PostgreSQL each has its own. Either way a
+//! write is answered only once it is durable.
 
 mod batch;
 mod dialect;

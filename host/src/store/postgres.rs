@@ -1,5 +1,5 @@
 //! The PostgreSQL dialect: production, any number of host replicas on one database; plus
-//! [`scratch_database`] and [`drop_database`] for tests and the benchmark.
+//! [`scratch_database`] and [`drop_database`] for tests.
 //!
 //! What differs from SQLite is how several processes share the data:
 //!
@@ -113,7 +113,7 @@ impl Dialect for Postgres {
 }
 
 /// A fresh, empty database on the server `admin_url` points at, named with `prefix` and a
-/// random suffix; returns its URL. For tests and benchmarks, which each need their own.
+/// random suffix; returns its URL. For tests, which each need their own.
 pub async fn scratch_database(admin_url: &str, prefix: &str) -> Result<String> {
     let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
     let mut conn = PgConnectOptions::from_str(admin_url)?.connect().await?;
