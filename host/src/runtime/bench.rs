@@ -23,6 +23,8 @@ use serde_json::json;
 
 use super::*;
 use crate::engine::ExecuteOutcome;
+// The store's reads, as the app wires them.
+use crate::StoreReader;
 
 /// Committed state in memory, answering at once: the runtime's own cost, no database.
 #[derive(Default)]
@@ -40,30 +42,6 @@ impl PluginReader for MemoryReader {
 
     async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
         Ok(Vec::new())
-    }
-}
-
-/// The store's reads, as the app wires them (`lib.rs`'s `StoreReader`).
-struct StoreReader(Arc<dyn crate::store::Store>);
-
-#[async_trait]
-impl PluginReader for StoreReader {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.0.state_get(plugin, key).await?)
-    }
-
-    async fn scan(
-        &self,
-        plugin: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: u32,
-    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        Ok(self.0.state_scan(plugin, prefix, after, limit).await?)
-    }
-
-    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
-        Ok(self.0.grants(plugin).await?)
     }
 }
 
