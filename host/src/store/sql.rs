@@ -5,6 +5,8 @@
 //! Only types `Any` carries cross this boundary: 64-bit integers, text and bytes. Counts and
 //! `MIN()` come back as 64-bit integers on every database; times are integer milliseconds.
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -205,7 +207,7 @@ const CLAIM_INSERT: &str = "INSERT INTO idempotency_keys (caller, route, key, fi
 
 /// The two statements that claim an idempotency key for `saga_id` (or for a request that
 /// creates nothing): delete it if expired, insert it unless it exists.
-fn claim_statements(script: &mut Script<'_>, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
+fn claim_statements(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
     let key = || [Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)];
     let mut args = key().to_vec();
     args.push(Arg::Int(Some(now)));
@@ -233,7 +235,7 @@ async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> 
     let mut script = Script::default();
     claim_statements(&mut script, c, None, now);
     let mut inserted = false;
-    for (sql, args) in script.statements {
+    for (sql, args) in &script.statements {
         inserted = bind(sqlx::query(sql), args).execute(&mut *tx).await?.rows_affected() == 1;
     }
     if inserted {
@@ -275,55 +277,55 @@ async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) 
 #[async_trait]
 impl SagaStore for SqlStore {
     async fn create_saga(&self, saga: &NewSaga, claim: Option<&IdempotencyClaim>, now: i64) -> Result<CreateOutcome> {
+        // One script: the claim, the saga (only if the claim went in), its steps and its first
+        // event (only if the saga went in). A key that was not new wrote nothing: its expired
+        // row, the only thing deleted, would have let it in.
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
-        let data = (Arc::clone(&self.sql), saga.clone(), claim.cloned(), now, definition, self.dialect.scripts());
+        let mut script = Script::default();
+        let (owner, lease_ms) = match &saga.lease {
+            Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
+            None => (None, None),
+        };
+        let mut args = vec![
+            Arg::text(&saga.id),
+            Arg::text(&saga.definition.saga_type),
+            Arg::text(saga.state.status.as_str()),
+            Arg::text(saga.state.phase.as_str()),
+            Arg::Text(saga.state.reason.clone()),
+            Arg::text(&saga.input),
+            Arg::Text(Some(definition)),
+            Arg::Int(saga.state.next_run_at),
+            Arg::Int(Some(saga.now)),
+            Arg::Text(owner),
+            Arg::Int(lease_ms),
+            Arg::text(&saga.event.event_id),
+        ];
+        match claim {
+            Some(c) => {
+                claim_statements(&mut script, c, Some(&saga.id), now);
+                args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
+                script.push(self.sql.insert_saga_if_claimed.clone(), args);
+            }
+            None => script.push(self.sql.insert_saga.clone(), args),
+        }
+        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+            script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
+        }
+        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event, 1, saga.now));
+        let data = (script, claim.cloned(), now, self.dialect.scripts());
         self.writes
-            .run(data, |(sql, saga, claim, now, definition, scripts), conn| {
+            .run(data, |(script, claim, now, together), conn| {
                 Box::pin(async move {
-                    // One script: the claim, the saga (only if the claim went in), its steps and
-                    // its first event (only if the saga went in). A key that was not new wrote
-                    // nothing: its expired row, the only thing deleted, would have let it in.
-                    let mut script = Script::default();
-                    let (owner, lease_ms) = match &saga.lease {
-                        Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
-                        None => (None, None),
-                    };
-                    let mut args = vec![
-                        Arg::text(&saga.id),
-                        Arg::text(&saga.definition.saga_type),
-                        Arg::text(saga.state.status.as_str()),
-                        Arg::text(saga.state.phase.as_str()),
-                        Arg::Text(saga.state.reason.clone()),
-                        Arg::text(&saga.input),
-                        Arg::text(definition),
-                        Arg::Int(saga.state.next_run_at),
-                        Arg::Int(Some(saga.now)),
-                        Arg::Text(owner),
-                        Arg::Int(lease_ms),
-                        Arg::text(&saga.event.event_id),
-                    ];
-                    match claim {
-                        Some(c) => {
-                            claim_statements(&mut script, c, Some(&saga.id), *now);
-                            args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
-                            script.push(&sql.insert_saga_if_claimed, args);
-                        }
-                        None => script.push(&sql.insert_saga, args),
-                    }
-                    for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-                        script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
-                    }
-                    script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event, 1, saga.now));
                     // A crash here, before the claim and the saga row commit, must leave
                     // neither: both are in this one transaction.
                     crate::failpoint!("intake-after-claim");
                     // The saga insert is the only statement that returns a row.
-                    if !script.run(conn, *scripts).await?.is_empty() {
+                    if !script.run(conn, *together).await?.is_empty() {
                         return Ok(CreateOutcome::Created);
                     }
                     match claim {
                         Some(c) => claim_existing(conn, c, *now).await,
-                        None => Err(corrupt(format!("saga {} was not inserted", saga.id))),
+                        None => Err(corrupt("a saga without an idempotency key was not inserted")),
                     }
                 })
             })
@@ -473,27 +475,18 @@ impl SagaStore for SqlStore {
     }
 
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
-        let mut steps = Vec::with_capacity(c.changed_steps.len());
-        for &i in c.changed_steps {
-            let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
-            let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
-            steps.push((i, name.clone(), step.clone()));
-        }
-        let data = OwnedCommit {
-            saga_id: c.saga_id.to_owned(),
-            fence: c.fence,
-            read_seq: c.read_seq,
-            status: c.state.status.as_str().to_owned(),
-            phase: c.state.phase.as_str(),
-            reason: c.state.reason.clone(),
-            next_run_at: c.state.next_run_at,
-            steps,
-            writes: c.plugin_writes.map(|(plugin, writes)| (plugin.to_owned(), writes.to_vec())),
-            event: c.event.clone(),
-            now: c.now,
-            audit: c.audit.cloned(),
-        };
-        self.writes.run((data, self.dialect), |(c, dialect), conn| Box::pin(commit_in_tx(c, conn, *dialect))).await
+        let script = commit_script(c)?;
+        self.writes
+            .run((script, self.dialect.scripts()), |(script, together), conn| {
+                Box::pin(async move {
+                    // The update is the only statement that returns a row: none means fenced,
+                    // and then every other statement found its condition false and wrote nothing.
+                    let rows = script.run(conn, *together).await?;
+                    let Some(row) = rows.first() else { return Err(Error::Fenced) };
+                    Ok(row.try_get("seq")?)
+                })
+            })
+            .await
     }
 }
 
@@ -505,23 +498,6 @@ static MARK_PUBLISHED: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     let ids: Vec<String> = (2..MARK_CHUNK + 2).map(|i| format!("${i}")).collect();
     format!("UPDATE outbox SET published_at = $1 WHERE id IN ({})", ids.join(", "))
 });
-
-/// A [`Commit`] that owns its data, to run in the writer (and again, after a rolled-back batch).
-struct OwnedCommit {
-    saga_id: String,
-    fence: Fence,
-    read_seq: i64,
-    status: String,
-    phase: &'static str,
-    reason: Option<String>,
-    next_run_at: Option<i64>,
-    /// (index, name, state) of every changed step.
-    steps: Vec<(usize, String, StepState)>,
-    writes: Option<(String, Vec<StateWrite>)>,
-    event: OutboxEvent,
-    now: i64,
-    audit: Option<AuditEntry>,
-}
 
 /// The saga row update of a commit, by fence. The fence: the row updates only if nobody
 /// committed since the state was read (seq) and, for the driver, nobody claimed or took the
@@ -583,34 +559,37 @@ const AUDIT_IF_COMMITTED: &str = concat!(
     if_committed!()
 );
 
-async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn Dialect) -> Result<i64> {
+/// The statements of one transition, with their arguments: the fenced update first, then
+/// the changed steps, the plugin's state writes, the outbox row and the audit entry, each
+/// conditional on the update having applied.
+fn commit_script(c: &Commit<'_>) -> Result<Script> {
     let mut script = Script::default();
-    let update = match c.fence {
-        Fence::Lease(_) => COMMIT_LEASE,
-        Fence::LeaseRelease(_) => COMMIT_LEASE_RELEASE,
-        Fence::Takeover => COMMIT_TAKEOVER,
+    let (update, epoch) = match c.fence {
+        Fence::Lease(epoch) => (COMMIT_LEASE, Some(epoch)),
+        Fence::LeaseRelease(epoch) => (COMMIT_LEASE_RELEASE, Some(epoch)),
+        Fence::Takeover => (COMMIT_TAKEOVER, None),
     };
     let mut args = vec![
-        Arg::text(&c.saga_id),
+        Arg::text(c.saga_id),
         Arg::Int(Some(c.read_seq)),
-        Arg::text(&c.status),
-        Arg::text(c.phase),
-        Arg::Text(c.reason.clone()),
-        Arg::Int(c.next_run_at),
+        Arg::text(c.state.status.as_str()),
+        Arg::text(c.state.phase.as_str()),
+        Arg::Text(c.state.reason.clone()),
+        Arg::Int(c.state.next_run_at),
         Arg::Int(Some(c.now)),
         Arg::text(&c.event.event_id),
     ];
-    if let Fence::Lease(epoch) | Fence::LeaseRelease(epoch) = c.fence {
-        args.push(Arg::Int(Some(epoch)));
-    }
+    args.extend(epoch.map(|e| Arg::Int(Some(e))));
     script.push(update, args);
-    let fence = || [Arg::text(&c.saga_id), Arg::text(&c.event.event_id)];
-    for (i, name, s) in &c.steps {
-        script.push(STEP_IF_COMMITTED, step_args(&c.saga_id, &c.event.event_id, *i, name, s));
+    for &i in c.changed_steps {
+        let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
+        let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
+        script.push(STEP_IF_COMMITTED, step_args(c.saga_id, &c.event.event_id, i, name, step));
     }
-    if let Some((plugin, writes)) = &c.writes {
+    let fence = || vec![Arg::text(c.saga_id), Arg::text(&c.event.event_id)];
+    if let Some((plugin, writes)) = c.plugin_writes {
         for (key, value) in writes {
-            let mut args = fence().to_vec();
+            let mut args = fence();
             args.extend([Arg::text(plugin), Arg::text(key)]);
             match value {
                 Some(v) => {
@@ -621,9 +600,9 @@ async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn D
             }
         }
     }
-    script.push(OUTBOX_IF_COMMITTED, outbox_args(&c.saga_id, &c.event, c.read_seq + 1, c.now));
-    if let Some(a) = &c.audit {
-        let mut args = fence().to_vec();
+    script.push(OUTBOX_IF_COMMITTED, outbox_args(c.saga_id, c.event, c.read_seq + 1, c.now));
+    if let Some(a) = c.audit {
+        let mut args = fence();
         args.extend([
             Arg::Int(Some(c.now)),
             Arg::text(&a.actor),
@@ -635,11 +614,7 @@ async fn commit_in_tx(c: &OwnedCommit, conn: &mut AnyConnection, dialect: &dyn D
         ]);
         script.push(AUDIT_IF_COMMITTED, args);
     }
-    // The update is the only statement that returns a row: none means fenced, and then every
-    // other statement found its condition false and wrote nothing.
-    let rows = script.run(conn, dialect.scripts()).await?;
-    let Some(row) = rows.first() else { return Err(Error::Fenced) };
-    Ok(row.try_get("seq")?)
+    Ok(script)
 }
 
 /// The arguments of [`STEP_IF_COMMITTED`].
@@ -699,30 +674,33 @@ impl Arg {
 /// per statement; elsewhere one by one. Either way the rows of all statements come back in
 /// order, and statements that depend on an earlier one say so in their own conditions.
 #[derive(Default)]
-struct Script<'a> {
-    statements: Vec<(&'a str, Vec<Arg>)>,
+struct Script {
+    statements: Vec<(Cow<'static, str>, Vec<Arg>)>,
 }
 
-impl<'a> Script<'a> {
-    fn push(&mut self, sql: &'a str, args: Vec<Arg>) {
-        self.statements.push((sql, args));
+impl Script {
+    fn push(&mut self, sql: impl Into<Cow<'static, str>>, args: Vec<Arg>) {
+        self.statements.push((sql.into(), args));
     }
 
-    async fn run(self, conn: &mut AnyConnection, together: bool) -> Result<Vec<AnyRow>> {
+    /// Runs the statements; again on every call (a job may run twice: after a rolled-back
+    /// batch).
+    async fn run(&self, conn: &mut AnyConnection, together: bool) -> Result<Vec<AnyRow>> {
         if together {
             let mut sql = String::new();
-            let mut all = Vec::new();
-            for (part, args) in self.statements {
+            let mut count = 0;
+            for (part, args) in &self.statements {
                 if !sql.is_empty() {
                     sql.push_str(";\n");
                 }
-                renumber(part, all.len(), &mut sql);
-                all.extend(args);
+                renumber(part, count, &mut sql);
+                count += args.len();
             }
+            let all = self.statements.iter().flat_map(|(_, args)| args);
             return Ok(bind(sqlx::query(&sql), all).fetch_all(&mut *conn).await?);
         }
         let mut rows = Vec::new();
-        for (part, args) in self.statements {
+        for (part, args) in &self.statements {
             rows.extend(bind(sqlx::query(part), args).fetch_all(&mut *conn).await?);
         }
         Ok(rows)
@@ -731,13 +709,13 @@ impl<'a> Script<'a> {
 
 fn bind<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    args: Vec<Arg>,
+    args: impl IntoIterator<Item = &'q Arg>,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     for a in args {
         q = match a {
-            Arg::Int(v) => q.bind(v),
-            Arg::Text(v) => q.bind(v),
-            Arg::Bytes(v) => q.bind(v),
+            Arg::Int(v) => q.bind(*v),
+            Arg::Text(v) => q.bind(v.as_deref()),
+            Arg::Bytes(v) => q.bind(v.as_deref()),
         };
     }
     q
