@@ -123,7 +123,7 @@ impl Drop for Watch {
 struct Adoption {
     owner: String,
     lease_ms: i64,
-    sagas: mpsc::UnboundedSender<(SagaRecord, i64)>,
+    sagas: mpsc::UnboundedSender<SagaRecord>,
 }
 
 impl Default for DriverHandle {
@@ -178,13 +178,13 @@ impl DriverHandle {
         self.adoption.get().map(|a| (a.owner.clone(), a.lease_ms))
     }
 
-    /// Hands a saga created claimed with [`DriverHandle::claim_for_new`] (at `epoch`) to the
-    /// driver. If the driver has stopped, the claim simply expires and the saga is claimed
+    /// Hands a saga created claimed with [`DriverHandle::claim_for_new`] (at `rec.epoch`) to
+    /// the driver. If the driver has stopped, the claim simply expires and the saga is claimed
     /// from the store (by this process after a restart, or by another replica).
-    pub fn adopt(&self, rec: SagaRecord, epoch: i64) {
+    pub fn adopt(&self, rec: SagaRecord) {
         match self.adoption.get() {
             Some(a) => {
-                let _ = a.sagas.send((rec, epoch));
+                let _ = a.sagas.send(rec);
             }
             None => self.wake(),
         }
@@ -195,7 +195,7 @@ impl DriverHandle {
 pub struct Driver {
     inner: Arc<Inner>,
     /// Sagas created claimed by this driver, handed over by the saga service.
-    adopted: mpsc::UnboundedReceiver<(SagaRecord, i64)>,
+    adopted: mpsc::UnboundedReceiver<SagaRecord>,
 }
 
 struct Inner {
@@ -246,15 +246,12 @@ impl Driver {
         loop {
             // Sagas this process just created, already claimed: no claim, no read.
             while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-                let Ok((rec, epoch)) = adopted.try_recv() else {
+                let Ok(rec) = adopted.try_recv() else {
                     drop(permit);
                     break;
                 };
                 let inner = Arc::clone(&inner);
-                tasks.spawn(async move {
-                    inner.run_claimed(rec, epoch).await;
-                    drop(permit);
-                });
+                spawn_with(&tasks, permit, async move { inner.run_claimed(rec).await });
             }
             let free = permits.available_permits();
             let mut claimed = 0;
@@ -268,17 +265,15 @@ impl Driver {
                                 break;
                             };
                             let inner = Arc::clone(&inner);
-                            tasks.spawn(async move {
-                                inner.run_saga(id, epoch).await;
-                                drop(permit);
-                            });
+                            spawn_with(&tasks, permit, async move { inner.run_saga(id, epoch).await });
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "claiming due sagas failed"),
                 }
             }
-            if claimed > 0 && claimed == free {
-                // There may be more due work than permits: wait for a permit, not a timer.
+            if free == 0 || claimed == free {
+                // Every permit is taken, or there may be more due work than permits: wait for a
+                // permit, not a timer (sagas in progress are due, so a timer would not sleep).
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     p = Arc::clone(&permits).acquire_owned() => drop(p),
@@ -290,14 +285,11 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 _ = inner.handle.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
-                // Only when a permit is free: otherwise the permit wait above takes over.
-                Some((rec, epoch)) = adopted.recv(), if permits.available_permits() > 0 => {
+                // A permit is free here (the wait above takes over otherwise).
+                Some(rec) = adopted.recv() => {
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
                     let inner = Arc::clone(&inner);
-                    tasks.spawn(async move {
-                        inner.run_claimed(rec, epoch).await;
-                        drop(permit);
-                    });
+                    spawn_with(&tasks, permit, async move { inner.run_claimed(rec).await });
                 }
             }
         }
@@ -330,7 +322,7 @@ impl Inner {
     /// Loads a saga claimed from the store and runs it.
     async fn run_saga(&self, id: String, epoch: i64) {
         match self.store.saga(&id).await {
-            Ok(Some(rec)) if rec.epoch == epoch => self.run_claimed(rec, epoch).await,
+            Ok(Some(rec)) if rec.epoch == epoch => self.run_claimed(rec).await,
             Ok(_) => {} // gone or taken over since the claim
             Err(e) => {
                 tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
@@ -339,10 +331,10 @@ impl Inner {
         }
     }
 
-    /// Runs one saga claimed at `epoch`, as last committed (`rec`), for as long as work is
+    /// Runs one saga claimed at `rec.epoch`, as last committed (`rec`), for as long as work is
     /// due now.
-    async fn run_claimed(&self, mut rec: SagaRecord, epoch: i64) {
-        let id = rec.id.clone();
+    async fn run_claimed(&self, mut rec: SagaRecord) {
+        let (id, epoch) = (rec.id.clone(), rec.epoch);
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
         loop {
@@ -537,6 +529,18 @@ impl Inner {
         };
         Ok((event, Some((binding.plugin, out.writes)), out.elapsed))
     }
+}
+
+/// Runs `work` in `tasks`, holding `permit` (one of the driver's concurrency slots) until it ends.
+fn spawn_with(
+    tasks: &TaskTracker,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        work.await;
+        drop(permit);
+    });
 }
 
 /// What a plugin call produced for the engine: the event, the state writes to commit with

@@ -130,7 +130,7 @@ impl Sagas {
             let status = rec.state.status.clone();
             self.driver.announce(StatusChange { saga_id: rec.id.clone(), status, settled: false, record: None });
             match lease {
-                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, ..rec.clone() }, 1),
+                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, ..rec.clone() }),
                 None => self.driver.wake(),
             }
         }
