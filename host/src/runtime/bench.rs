@@ -47,11 +47,6 @@ impl PluginReader for MemoryReader {
 
 const PLUGINS: [&str; 3] = ["inventory", "payment", "shipment"];
 
-fn component(name: &str) -> Vec<u8> {
-    let path = format!("{}/../plugins/target/wasm32-wasip2/release/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path} missing ({e}); building the host builds it"))
-}
-
 /// The SPEC §5.2 example order as the driver hands it to the first step.
 fn input() -> String {
     let order = json!({
@@ -171,7 +166,7 @@ async fn loaded(reader: Arc<dyn PluginReader>) -> (Arc<Runtime>, Vec<String>) {
     let runtime = Arc::new(Runtime::new(Limits::default(), reader).unwrap());
     let mut digests = Vec::new();
     for plugin in PLUGINS {
-        digests.push(runtime.load(component(plugin)).await.unwrap());
+        digests.push(runtime.load(super::tests::fixture(plugin)).await.unwrap());
     }
     (runtime, digests)
 }

@@ -65,8 +65,8 @@ impl PluginReader for FakeReader {
     }
 }
 
-/// The bytes of a fixture component.
-fn fixture(name: &str) -> Vec<u8> {
+/// The bytes of a component the host build put in `plugins/target` (a fixture or a demo plugin).
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     let path = format!(
         "{}/../plugins/target/wasm32-wasip2/release/{}.wasm",
         env!("CARGO_MANIFEST_DIR"),
