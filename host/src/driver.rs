@@ -2,9 +2,31 @@
 //!
 //! It claims due sagas from the store (a lease plus a fencing epoch), asks the engine what to
 //! do, calls the plugin, feeds the result back to the engine, and commits the transition:
-//! saga row, step row, the plugin's state writes and one outbox event, in ONE transaction.
+//! saga row, step rows, the plugin's state writes and the outbox events, in ONE transaction.
 //! Then it goes on with the same saga while work is due now, and releases it when the next
 //! step lies in the future (a backoff, a wait) or the saga is terminal.
+//!
+//! # Commit chains
+//!
+//! Plugin steps touch only host state, so the steps of one saga that follow each other
+//! without a pause need not wait for a durable commit each: the driver stages each
+//! transition ([`Sagas::stage`]) and commits a chain of them at once
+//! ([`Sagas::commit_staged`]), one outbox event per transition, in order. A chain ends (is
+//! committed) when:
+//! - nothing more is due now (the saga is terminal, parked, or backing off): the commit also
+//!   releases the claim;
+//! - a call reached another service (outbound HTTP): its effect out there is recorded before
+//!   anything else happens;
+//! - the next call is to a plugin with staged writes: a plugin reads its own state, and must
+//!   read it committed (there is no overlay of uncommitted writes);
+//! - it holds `chain_max` transitions or is `chain_max_age` old ([`DriverOptions`]).
+//!
+//! A crash or a lost claim before the commit loses the whole chain, as it would lose one
+//! transition: its steps run again with the same idempotency keys. Nobody sees a chain's
+//! middle: events, step rows and statuses appear at its commit, and a client waiting on the
+//! saga is answered only after it. If the store refuses a chain's data for good, the saga is
+//! reloaded and its transitions run again one commit each, so that the refused one is known
+//! and counted as a failed attempt.
 //!
 //! Architecture invariant: a plugin's state writes are durable only together with the step
 //! result that produced them. A crash before the commit leaves no trace; the step runs again
@@ -25,7 +47,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
 use crate::runtime::{CallInfo, Runtime};
-use crate::saga::{self, Sagas};
+use crate::saga::{self, Sagas, Staged};
 use crate::store::{SagaRecord, SagaStore, StateWrite};
 
 /// How long shutdown waits for plugin calls in progress.
@@ -42,6 +64,12 @@ pub struct DriverOptions {
     pub poll_interval: Duration,
     /// How many sagas this process runs at once.
     pub max_concurrency: usize,
+    /// Most transitions of one saga staged before they are committed together; 1 commits each
+    /// transition alone.
+    pub chain_max: usize,
+    /// The longest a chain stays uncommitted: a slow step must not hold the results of the
+    /// steps before it back from the outbox (and from readers) for long.
+    pub chain_max_age: Duration,
 }
 
 impl Default for DriverOptions {
@@ -51,6 +79,8 @@ impl Default for DriverOptions {
             lease_ms: 60_000,
             poll_interval: Duration::from_millis(500),
             max_concurrency: 64,
+            chain_max: 16,
+            chain_max_age: Duration::from_millis(50),
         }
     }
 }
@@ -332,11 +362,17 @@ impl Inner {
     }
 
     /// Runs one saga claimed at `rec.epoch`, as last committed (`rec`), for as long as work is
-    /// due now.
+    /// due now. Transitions are staged and committed in chains (see the module docs).
     async fn run_claimed(&self, mut rec: SagaRecord) {
         let (id, epoch) = (rec.id.clone(), rec.epoch);
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
+        let mut staged = Staged::default();
+        let mut chain_began = std::time::Instant::now();
+        // Cleared when the store refused a chain's data: then every transition commits alone,
+        // so that the one it refuses is known and counted as a failed attempt.
+        let mut chaining = self.options.chain_max > 1;
+        let chain_max = self.options.chain_max.max(1);
         loop {
             if renewed.elapsed() >= renew_every {
                 match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
@@ -348,13 +384,42 @@ impl Inner {
             let now = self.clock.now_ms();
             let began = std::time::Instant::now();
             let action = engine::next_action(&rec.definition, &rec.state, now);
+            // A plugin reads its own state: a call must not run while staged writes of its
+            // plugin are uncommitted, and with nothing due the chain ends here too.
+            let flush_first = !staged.is_empty()
+                && match &action {
+                    Action::Idle => true,
+                    Action::Execute { step, .. } => staged.wrote(&rec.definition.steps[*step].execute.plugin),
+                    Action::Compensate { step, .. } => staged.wrote(&self.compensate_binding(&rec, *step).plugin),
+                    Action::Finish | Action::DeadlineExceeded { .. } => false,
+                };
+            if flush_first {
+                let keep = !matches!(action, Action::Idle);
+                match self.flush(&mut rec, epoch, &mut staged, keep).await {
+                    Flushed::Done if keep => {
+                        chain_began = std::time::Instant::now();
+                        continue;
+                    }
+                    Flushed::Done | Flushed::Stop => return,
+                    Flushed::Refused => {
+                        chaining = false;
+                        if !self.reload(&mut rec, epoch).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if staged.is_empty() {
+                chain_began = began;
+            }
             let action_result = match action {
                 Action::Idle => {
                     self.release(&id, epoch).await;
                     return;
                 }
-                Action::Finish => Ok((Event::Finish, None, Duration::ZERO)),
-                Action::DeadlineExceeded { step } => Ok((Event::DeadlineExceeded { step }, None, Duration::ZERO)),
+                Action::Finish => Ok(Called::host(Event::Finish)),
+                Action::DeadlineExceeded { step } => Ok(Called::host(Event::DeadlineExceeded { step })),
                 Action::Execute { step, attempt } => {
                     let out = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now)).await;
                     crate::failpoint!("driver-after-call");
@@ -366,53 +431,146 @@ impl Inner {
                     out
                 }
             };
-            let (event, writes, call_time) = match action_result {
+            let called = match action_result {
                 Ok(called) => called,
                 Err(unavailable) => {
                     // The host, not the plugin, failed (a state read lost its database
-                    // connection): nothing to commit, and the attempt does not count.
+                    // connection): nothing to commit for this call, and the attempt does not
+                    // count. What the chain did before it is committed (or rerun) first.
                     tracing::warn!(saga_id = %id, error = %unavailable, "the host could not serve a plugin call; retrying the step shortly");
+                    // (Refused: nothing was written; those steps run again after the pause.)
+                    if !staged.is_empty()
+                        && matches!(self.flush(&mut rec, epoch, &mut staged, true).await, Flushed::Stop)
+                    {
+                        return;
+                    }
                     self.release_later(&id, epoch).await;
                     return;
                 }
             };
-            let writes = writes.as_ref().map(|(p, w)| (p.as_str(), w.as_slice()));
-            let mut advanced = self.sagas.advance(&mut rec, epoch, event.clone(), writes).await;
-            if let Err(saga::Error::Store(e)) = &advanced {
-                if e.is_refused_data() {
-                    // The store refuses this result for good (it would refuse it on every
-                    // retry): record the attempt as failed, without its writes, so that the
-                    // retry policy and then compensation decide, rather than a hot loop.
-                    let reason = "the host could not store this attempt's result (the host log says why)".to_owned();
-                    tracing::warn!(saga_id = %id, error = %e, "a plugin call's result cannot be stored; counting the attempt as failed");
-                    if let Some(failed) = event.into_failure(reason) {
-                        advanced = self.sagas.advance(&mut rec, epoch, failed, None).await;
-                    }
+            let Called { event, writes, call_time, reached_out } = called;
+            // Kept for the refused-data path: a chain of one whose data the store refuses is
+            // recorded as a failed attempt of this call.
+            let first = staged.is_empty().then(|| event.clone());
+            let keep = match self.sagas.stage(&mut rec, &mut staged, event, writes) {
+                Ok(keep) => keep,
+                Err(e) => {
+                    // Cannot happen for an event built from the action just computed. Discard
+                    // the chain (its steps run again) and let a fresh claim reload the saga.
+                    tracing::error!(saga_id = %id, error = %e, "the engine refused the driver's own event; the steps will run again");
+                    self.release_later(&id, epoch).await;
+                    return;
                 }
+            };
+            self.metrics.transition(began.elapsed().saturating_sub(call_time));
+            // A call that reached another service ends the chain: what it did out there is
+            // recorded durably before anything else happens.
+            let full = staged.len() >= chain_max || chain_began.elapsed() >= self.options.chain_max_age;
+            if keep && chaining && !reached_out && !full {
+                continue;
             }
-            match advanced {
-                Ok(keep) => {
-                    crate::failpoint!("driver-after-commit");
-                    self.metrics.transition(began.elapsed().saturating_sub(call_time));
+            let chained = staged.len();
+            match self.flush(&mut rec, epoch, &mut staged, keep).await {
+                Flushed::Done => {
+                    chain_began = std::time::Instant::now();
                     if !keep {
                         return;
                     }
                 }
-                Err(saga::Error::Fenced) => {
-                    self.metrics.stale_commit();
-                    tracing::warn!(saga_id = %id, epoch, "lost the saga to a newer claim; discarding this result");
-                    return;
-                }
-                Err(e) => {
-                    // A refused event cannot happen for one built from the action just
-                    // computed; a store error can. Either way, let a fresh claim reload the saga
-                    // after a pause; the step runs again.
-                    tracing::error!(saga_id = %id, error = %e, "committing a transition failed; the step will run again");
-                    self.release_later(&id, epoch).await;
-                    return;
+                Flushed::Stop => return,
+                Flushed::Refused => {
+                    // The store refuses this data for good (it would on every retry). Reload
+                    // the saga as committed; a chain runs again one commit per transition, so
+                    // the refusal is pinned on one call.
+                    chaining = false;
+                    if !self.reload(&mut rec, epoch).await {
+                        return;
+                    }
+                    let Some(failed) = first.filter(|_| chained == 1) else { continue };
+                    // That one call's result is recorded as a failed attempt, without its
+                    // writes, so that the retry policy and then compensation decide rather than a
+                    // hot loop.
+                    let reason = "the host could not store this attempt's result (the host log says why)".to_owned();
+                    tracing::warn!(saga_id = %id, "a plugin call's result cannot be stored; counting the attempt as failed");
+                    let Some(failed) = failed.into_failure(reason) else {
+                        self.release_later(&id, epoch).await;
+                        return;
+                    };
+                    let keep = match self.sagas.stage(&mut rec, &mut staged, failed, None) {
+                        Ok(keep) => keep,
+                        Err(e) => {
+                            tracing::error!(saga_id = %id, error = %e, "the engine refused a failed attempt");
+                            self.release_later(&id, epoch).await;
+                            return;
+                        }
+                    };
+                    match self.flush(&mut rec, epoch, &mut staged, keep).await {
+                        Flushed::Done if keep => {}
+                        Flushed::Done | Flushed::Stop => return,
+                        Flushed::Refused => {
+                            self.release_later(&id, epoch).await;
+                            return;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Commits the staged chain (`keep`: keeping the claim, else releasing it). `Refused`: the
+    /// store refuses the chain's data for good; nothing was written and `rec` must be
+    /// reloaded. `Stop`: the saga is no longer this driver's to run (fenced, or a store error
+    /// after which the claim is given back shortly).
+    async fn flush(&self, rec: &mut SagaRecord, epoch: i64, staged: &mut Staged, keep: bool) -> Flushed {
+        let (n, began) = (staged.len(), std::time::Instant::now());
+        match self.sagas.commit_staged(rec, epoch, staged, keep).await {
+            Ok(()) => {
+                crate::failpoint!("driver-after-commit");
+                self.metrics.commit(began.elapsed(), n);
+                Flushed::Done
+            }
+            Err(saga::Error::Fenced) => {
+                self.metrics.stale_commit();
+                tracing::warn!(saga_id = %rec.id, epoch, transitions = n, "lost the saga to a newer claim; discarding this result");
+                Flushed::Stop
+            }
+            Err(saga::Error::Store(e)) if e.is_refused_data() => {
+                tracing::warn!(saga_id = %rec.id, error = %e, transitions = n, "the store refuses a commit's data");
+                Flushed::Refused
+            }
+            Err(e) => {
+                // A store error: let a fresh claim reload the saga after a pause; the steps
+                // run again.
+                tracing::error!(saga_id = %rec.id, error = %e, transitions = n, "committing failed; the steps will run again");
+                self.release_later(&rec.id, epoch).await;
+                Flushed::Stop
+            }
+        }
+    }
+
+    /// Reads the saga back as committed after a refused commit; false (and the claim given up
+    /// when possible) unless it is still this driver's at `epoch`.
+    async fn reload(&self, rec: &mut SagaRecord, epoch: i64) -> bool {
+        match self.store.saga(&rec.id).await {
+            Ok(Some(fresh)) if fresh.epoch == epoch => {
+                *rec = fresh;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(saga_id = %rec.id, error = %e, "reloading a saga failed");
+                self.release_later(&rec.id, epoch).await;
+                false
+            }
+        }
+    }
+
+    /// The compensate binding of `step` in force now: the current definition's, by step name,
+    /// else the one pinned when the saga started.
+    fn compensate_binding(&self, rec: &SagaRecord, step: usize) -> engine::PluginRef {
+        let sdef = &rec.definition.steps[step];
+        let current = self.catalog.definition(&rec.saga_type);
+        sdef.compensate_binding(current.as_ref().and_then(|c| c.steps.iter().find(|s| s.name == sdef.name)))
     }
 
     /// Runs a plugin call while renewing the saga's lease every third of its length, so a long
@@ -468,13 +626,7 @@ impl Inner {
         self.metrics.call(labels, elapsed);
     }
 
-    async fn execute(
-        &self,
-        rec: &SagaRecord,
-        step: usize,
-        attempt: u32,
-        started_at: i64,
-    ) -> Result<Transition, String> {
+    async fn execute(&self, rec: &SagaRecord, step: usize, attempt: u32, started_at: i64) -> Result<Called, String> {
         let sdef = &rec.definition.steps[step];
         let woken = &rec.state.steps[step];
         // A payload is set only once the signal the step waits for arrived: its name is the
@@ -501,14 +653,13 @@ impl Inner {
             jitter: rand::random::<f64>(),
             reached_out: out.reached_out,
         };
-        Ok((event, Some((sdef.execute.plugin.clone(), out.writes)), out.elapsed))
+        let writes = Some((sdef.execute.plugin.clone(), out.writes));
+        Ok(Called { event, writes, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
-    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Transition, String> {
+    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, String> {
         let sdef = &rec.definition.steps[step];
-        let current = self.catalog.definition(&rec.saga_type);
-        let binding =
-            sdef.compensate_binding(current.as_ref().and_then(|c| c.steps.iter().find(|s| s.name == sdef.name)));
+        let binding = self.compensate_binding(rec, step);
         let info = call_info(rec, &sdef.name, attempt, "compensate", None);
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
@@ -527,7 +678,12 @@ impl Inner {
             outcome,
             jitter: rand::random::<f64>(),
         };
-        Ok((event, Some((binding.plugin, out.writes)), out.elapsed))
+        Ok(Called {
+            event,
+            writes: Some((binding.plugin, out.writes)),
+            call_time: out.elapsed,
+            reached_out: out.reached_out,
+        })
     }
 }
 
@@ -543,9 +699,30 @@ fn spawn_with(
     });
 }
 
-/// What a plugin call produced for the engine: the event, the state writes to commit with
-/// it (plugin, writes), and the call's wall-clock time.
-type Transition = (Event, Option<(String, Vec<StateWrite>)>, Duration);
+/// What an action produced for the engine.
+struct Called {
+    event: Event,
+    /// The state writes to commit with the event: (plugin, writes).
+    writes: Option<(String, Vec<StateWrite>)>,
+    /// The plugin call's wall-clock time.
+    call_time: Duration,
+    /// The call made an outbound request: it ends the chain.
+    reached_out: bool,
+}
+
+impl Called {
+    /// An action of the host alone: no call, no writes.
+    fn host(event: Event) -> Called {
+        Called { event, writes: None, call_time: Duration::ZERO, reached_out: false }
+    }
+}
+
+/// How a chain's commit went.
+enum Flushed {
+    Done,
+    Refused,
+    Stop,
+}
 
 /// The call context of one attempt. The idempotency key, `{saga-id}:{step}:{execute|compensate}`,
 /// is part of the plugin contract: the same on every retry and after every restart.

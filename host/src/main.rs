@@ -111,6 +111,10 @@ struct Serve {
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
+    /// Most transitions of one saga committed together (a chain of host-only steps); 1 commits
+    /// every transition alone.
+    #[arg(long, env = "SAGAHOST_MAX_CHAIN", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    max_chain: u64,
     /// HTTP requests handled at once; more are answered 503 with Retry-After at once.
     #[arg(long, env = "SAGAHOST_MAX_IN_FLIGHT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_in_flight_requests: u64,
@@ -172,6 +176,7 @@ fn config(args: Serve) -> sagahost::Config {
         max_response_bytes: args.plugin_http_max_response_bytes,
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
+    config.driver.chain_max = args.max_chain as usize;
     // A pooled sandbox per call the driver may run at once (each saga makes one call at a
     // time), never fewer than the default pool.
     config.limits.concurrent_calls =

@@ -51,6 +51,8 @@ pub struct Metrics {
     events_published: Counter,
     relay_failures: Counter,
     transition_overhead: Histogram,
+    commit_seconds: Histogram,
+    committed_transitions: Counter,
     stale_commits: Counter,
     relay_leader: Gauge,
     dead_lettered: Counter,
@@ -99,8 +101,22 @@ impl Metrics {
         let transition_overhead = latency_histogram();
         registry.register(
             "transition_overhead_seconds",
-            "Host time per committed transition, plugin call excluded: engine, state reads, the commit",
+            "Host time per transition of the driver, plugin call and durable commit excluded: the engine, \
+             the call's set-up, staging the result",
             transition_overhead.clone(),
+        );
+        let commit_seconds = latency_histogram();
+        registry.register(
+            "driver_commit_seconds",
+            "Time from the driver's commit request until it is durable (one commit carries a chain of \
+             transitions: see committed_transitions)",
+            commit_seconds.clone(),
+        );
+        let committed_transitions = Counter::default();
+        registry.register(
+            "committed_transitions",
+            "Transitions the driver committed; divided by the count of driver_commit_seconds, the mean chain length",
+            committed_transitions.clone(),
         );
         let stale_commits = Counter::default();
         registry.register(
@@ -123,6 +139,8 @@ impl Metrics {
             events_published,
             relay_failures,
             transition_overhead,
+            commit_seconds,
+            committed_transitions,
             stale_commits,
             relay_leader,
         })
@@ -134,9 +152,15 @@ impl Metrics {
         self.calls.get_or_create(&labels).inc();
     }
 
-    /// Records the host's own time for one committed transition.
+    /// Records the host's own time for one transition (plugin call and commit excluded).
     pub fn transition(&self, overhead: Duration) {
         self.transition_overhead.observe(overhead.as_secs_f64());
+    }
+
+    /// Records one durable commit of the driver carrying `transitions` transitions.
+    pub fn commit(&self, elapsed: Duration, transitions: usize) {
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+        self.committed_transitions.inc_by(transitions as u64);
     }
 
     pub fn published(&self, n: usize) {

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::driver::{DriverHandle, StatusChange};
-use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState, Transition};
-use crate::event::Envelope;
+use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
+use crate::event::{Envelope, OutboxEvent};
 use crate::store::{
     self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore, StateWrite,
 };
@@ -169,7 +169,12 @@ impl Sagas {
                 after: Some(serde_json::json!({ "status": t.state.status })),
                 note: a.note.clone(),
             });
-            match self.commit(&mut rec, t, Fence::Takeover, None, audit.as_ref()).await {
+            let seq = rec.seq + 1;
+            let envelope =
+                Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
+            let event = envelope.wrap(&t.event);
+            rec.state = t.state;
+            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], audit.as_ref()).await {
                 Ok(()) => {
                     self.driver.wake();
                     return Ok(rec);
@@ -181,65 +186,94 @@ impl Sagas {
         Err(Error::Busy)
     }
 
-    /// Commits what the driver did for a saga it claimed at `epoch`: the engine event for the
-    /// action it performed (a plugin call's outcome, a finish, a deadline), with the state
-    /// writes of that call. Returns whether more work is due now, in which case the driver
-    /// keeps its claim; otherwise the claim is released in the same commit. On success `rec`
-    /// is the saga as committed.
-    pub async fn advance(
+    /// Stages what the driver did for a saga it claimed: the engine event for the action it
+    /// performed (a plugin call's outcome, a finish, a deadline), with the state writes of that
+    /// call, applied to `rec.state` but not committed; [`Sagas::commit_staged`] commits every
+    /// staged transition at once. `rec.seq` stays the seq the chain was read at. Returns
+    /// whether more work is due now (the driver keeps its claim and may go on), as of the
+    /// driver's clock.
+    pub fn stage(
         &self,
         rec: &mut SagaRecord,
-        epoch: i64,
+        staged: &mut Staged,
         event: Event,
-        writes: Option<(&str, &[StateWrite])>,
+        writes: Option<(String, Vec<StateWrite>)>,
     ) -> Result<bool, Error> {
         let now = self.clock.now_ms();
         let t = match engine::apply(&rec.definition, &rec.state, event, now) {
             Ok(t) => t,
             Err(e) => return Err(Error::Refused(e, Box::new(rec.clone()))),
         };
-        let keep = t.state.next_run_at.is_some_and(|at| at <= now);
+        let seq = rec.seq + staged.events.len() as i64 + 1;
+        let envelope = Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
+        staged.events.push(envelope.wrap(&t.event));
+        for i in t.changed_steps {
+            if !staged.changed.contains(&i) {
+                staged.changed.push(i);
+            }
+        }
+        if let Some((plugin, writes)) = writes.filter(|(_, w)| !w.is_empty()) {
+            staged.writes.push((plugin, writes));
+        }
+        rec.state = t.state;
+        Ok(rec.state.next_run_at.is_some_and(|at| at <= now))
+    }
+
+    /// Commits the transitions staged on `rec` by the driver holding its claim at `epoch`, in
+    /// one transaction, keeping the claim when `keep` (more work is due) and releasing it
+    /// otherwise. On success `rec` is the saga as committed and `staged` is empty. On an error
+    /// nothing was written; `rec.state` then holds uncommitted changes and must be reloaded.
+    pub async fn commit_staged(
+        &self,
+        rec: &mut SagaRecord,
+        epoch: i64,
+        staged: &mut Staged,
+        keep: bool,
+    ) -> Result<(), Error> {
         let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
-        match self.commit(rec, t, fence, writes, None).await {
-            Ok(()) => Ok(keep),
+        let writes: Vec<(&str, &[StateWrite])> =
+            staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
+        let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None).await;
+        match committed {
+            Ok(()) => {
+                staged.clear();
+                Ok(())
+            }
             Err(store::Error::Fenced) => Err(Error::Fenced),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Commits a transition of `rec` computed from its current state, with the plugin's
-    /// state writes that produced it, and announces the status change. On success `rec` is
-    /// the saga as committed. `Err(Fenced)` means the saga moved on since it was read (or
-    /// the claim was lost): nothing was written.
+    /// Commits the events of transitions already applied to `rec.state` (computed from the
+    /// saga as read at `rec.seq`), with the plugins' state writes that produced them, and
+    /// announces the status change. On success `rec` is the saga as committed. `Err(Fenced)`
+    /// means the saga moved on since it was read (or the claim was lost): nothing was written.
     async fn commit(
         &self,
         rec: &mut SagaRecord,
-        t: Transition,
         fence: Fence,
-        writes: Option<(&str, &[StateWrite])>,
+        events: &[OutboxEvent],
+        changed_steps: &[usize],
+        writes: &[(&str, &[StateWrite])],
         audit: Option<&AuditEntry>,
     ) -> Result<(), store::Error> {
         let now = self.clock.now_ms();
-        let seq = rec.seq + 1;
-        let envelope = Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
-        let event = envelope.wrap(&t.event);
         let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
         let commit = Commit {
             saga_id: &rec.id,
             fence,
             read_seq: rec.seq,
-            state: &t.state,
+            state: &rec.state,
             step_names: &step_names,
-            changed_steps: &t.changed_steps,
+            changed_steps,
             plugin_writes: writes,
-            event: &event,
+            events,
             now,
             audit,
         };
         let seq = self.store.commit(&commit).await?;
-        tracing::debug!(saga_id = %rec.id, seq, event = %t.event.event_type, status = %t.state.status, "committed");
-        let settled = t.state.phase.is_terminal() || t.state.phase == Phase::CompensationFailed;
-        rec.state = t.state;
+        tracing::debug!(saga_id = %rec.id, seq, transitions = events.len(), status = %rec.state.status, "committed");
+        let settled = rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed;
         rec.seq = seq;
         rec.updated_at = now;
         if matches!(fence, Fence::Takeover) {
@@ -252,5 +286,36 @@ impl Sagas {
             record: settled.then(|| Arc::new(rec.clone())),
         });
         Ok(())
+    }
+}
+
+/// Transitions of one saga staged by the driver and not yet committed: a commit chain.
+#[derive(Debug, Default)]
+pub struct Staged {
+    events: Vec<OutboxEvent>,
+    changed: Vec<usize>,
+    writes: Vec<(String, Vec<StateWrite>)>,
+}
+
+impl Staged {
+    /// How many transitions are staged.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Whether a staged transition wrote to `plugin`'s state: a call of that plugin must not
+    /// run before they commit, or it would read its state without them.
+    pub fn wrote(&self, plugin: &str) -> bool {
+        self.writes.iter().any(|(p, _)| p == plugin)
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.changed.clear();
+        self.writes.clear();
     }
 }

@@ -38,7 +38,8 @@ fn step<'a>(o: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn happy_path_completes_with_every_effect_once_and_gapless_events() {
-    let host = TestHost::start().await;
+    // A chain never ages out here, so the commits below do not depend on the machine's speed.
+    let host = TestHost::start_with(|c| c.driver.chain_max_age = Duration::from_secs(30)).await;
     let r = host.post_order_raw(Some(&key()), good_order().to_string().as_bytes(), Some(20)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
     let o = r.json();
@@ -63,6 +64,13 @@ async fn happy_path_completes_with_every_effect_once_and_gapless_events() {
     let statuses: Vec<_> = events.iter().map(|e| e["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["CREATED", "INVENTORY_RESERVED", "PAYMENT_CHARGED", "SHIPMENT_CREATED", "COMPLETED"]);
     assert!(events.iter().all(|e| e["saga_type"] == "order" && e["event_id"].as_str().unwrap().len() == 36));
+    // The driver ran the three steps and the finish as one chain: one commit after creation.
+    let metrics = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+    let sample = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(-1.0)
+    };
+    assert_eq!(sample("sagahost_committed_transitions_total"), 4.0, "{metrics}");
+    assert_eq!(sample("sagahost_driver_commit_seconds_count"), 1.0, "{metrics}");
 
     // The relay appends the same events to events.jsonl, in seq order.
     let path = host.dir.path().join("events.jsonl");

@@ -92,6 +92,16 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::PerSaga { sample: "sagahost_transition_overhead_seconds_count" },
     },
     Figure {
+        key: "driver_commit_mean_us",
+        label: "driver commit mean µs",
+        kind: Kind::HistogramMean { family: "sagahost_driver_commit_seconds", scale: 1e6 },
+    },
+    Figure {
+        key: "driver_commits_per_saga",
+        label: "driver commits per saga",
+        kind: Kind::PerSaga { sample: "sagahost_driver_commit_seconds_count" },
+    },
+    Figure {
         key: "plugin_calls_per_saga",
         label: "plugin calls per saga",
         kind: Kind::PerSaga { sample: "sagahost_plugin_calls_total" },

@@ -107,8 +107,8 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             state: &rec.state,
             step_names: &names,
             changed_steps: &[0],
-            plugin_writes: None,
-            event: &event,
+            plugin_writes: &[],
+            events: std::slice::from_ref(&event),
             now: 1,
             audit: None,
         };

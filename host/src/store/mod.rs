@@ -15,7 +15,9 @@
 //!
 //! Architecture invariant: a saga transition is one call, [`SagaStore::commit`], and one
 //! database transaction: the saga row, the changed step rows, the plugin's state writes and
-//! exactly one outbox row commit together or not at all. Every commit is conditional on the
+//! the transition's outbox row commit together or not at all. A chain of transitions (the
+//! driver's host-only steps of one saga) is one commit too: all of it or none of it, one
+//! outbox row per transition, in order. Every commit is conditional on the
 //! saga's `seq` being the one its state was read at, and the driver's also on its `epoch`, so
 //! neither a worker that lost its claim nor a change computed from a stale read can commit.
 //!
@@ -160,21 +162,27 @@ pub enum Fence {
     Takeover,
 }
 
-/// One saga transition, committed atomically by [`SagaStore::commit`].
+/// One commit of a saga: one transition, or a chain of transitions the driver computed one
+/// after the other from the same read, committed atomically by [`SagaStore::commit`].
 #[derive(Debug, Clone)]
 pub struct Commit<'a> {
     pub saga_id: &'a str,
     pub fence: Fence,
-    /// The saga's `seq` when the state this transition was computed from was read. The commit
-    /// applies only if it is still the saga's `seq`, and sets it to `read_seq + 1`.
+    /// The saga's `seq` when the state the first transition was computed from was read. The
+    /// commit applies only if it is still the saga's `seq`, and sets it to
+    /// `read_seq + events.len()`.
     pub read_seq: i64,
+    /// The state after the last transition.
     pub state: &'a SagaState,
     pub step_names: &'a [String],
+    /// Every step any of the transitions changed.
     pub changed_steps: &'a [usize],
-    /// The plugin whose state space the writes go to, and the writes.
-    pub plugin_writes: Option<(&'a str, &'a [StateWrite])>,
-    /// The transition's event, built by the caller with `seq = read_seq + 1`.
-    pub event: &'a OutboxEvent,
+    /// The plugins' state writes, (plugin, writes) in the order the calls made them: a later
+    /// write of a key wins.
+    pub plugin_writes: &'a [(&'a str, &'a [StateWrite])],
+    /// The transitions' events in order, built by the caller: the first with
+    /// `seq = read_seq + 1`, each next one `seq + 1`. At least one.
+    pub events: &'a [OutboxEvent],
     pub now: i64,
     /// An audit record to write in the same transaction (operator actions).
     pub audit: Option<&'a AuditEntry>,
@@ -279,8 +287,9 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn release_owner(&self, owner: &str) -> Result<u64>;
     /// The earliest `next_run_at` of any saga, to know how long the driver may sleep.
     async fn next_due(&self) -> Result<Option<i64>>;
-    /// Commits one transition if the saga's `seq` is still `read_seq` (and, for the driver's
-    /// fences, its epoch is still the claim's); returns the new `seq` (`read_seq + 1`).
+    /// Commits one transition, or a chain of them, if the saga's `seq` is still `read_seq`
+    /// (and, for the driver's fences, its epoch is still the claim's); returns the new `seq`
+    /// (`read_seq` + the number of events).
     /// [`Error::Fenced`] if not, and then nothing was written.
     async fn commit(&self, c: &Commit<'_>) -> Result<i64>;
 }

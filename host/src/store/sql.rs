@@ -311,7 +311,7 @@ impl SagaStore for SqlStore {
         for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
             script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
         }
-        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event, 1, saga.now));
+        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
         let data = (script, claim.cloned(), now, self.dialect.scripts());
         self.writes
             .run(data, |(script, claim, now, together), conn| {
@@ -501,28 +501,29 @@ static MARK_PUBLISHED: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 
 /// The saga row update of a commit, by fence. The fence: the row updates only if nobody
 /// committed since the state was read (seq) and, for the driver, nobody claimed or took the
-/// saga over since its claim (epoch). The row lock this takes serialises one saga's
-/// transitions, so its outbox rows get ids in seq order. It also records the transition's
-/// event id ($8), which every later statement of the commit checks ([`IF_COMMITTED`]).
+/// saga over since its claim (epoch, $10). The row lock this takes serialises one saga's
+/// commits, so its outbox rows get ids in seq order. It sets the new seq ($9, the read seq
+/// plus the commit's number of events) and records the commit's last event id ($8), which
+/// every later statement of the commit checks ([`if_committed`]).
 macro_rules! commit_update {
     ($($tail:literal),*) => {
         concat!(
-            "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = seq + 1, \
+            "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = $9, \
              last_event_id = $8",
             $($tail),*
         )
     };
 }
-const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq");
+const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $10 RETURNING seq");
 const COMMIT_LEASE_RELEASE: &str =
-    commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $9 RETURNING seq");
+    commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $10 RETURNING seq");
 const COMMIT_TAKEOVER: &str = commit_update!(
     ", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
 );
 
 /// The condition of every statement of a commit after the fenced update: that update applied
-/// (the saga row carries this commit's event id; `$1` the saga id, `$2` the event id). So a
-/// fenced commit writes nothing even when its statements run as one script.
+/// (the saga row carries this commit's last event id; `$1` the saga id, `$2` that event id).
+/// So a fenced commit writes nothing even when its statements run as one script.
 macro_rules! if_committed {
     () => {
         "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND last_event_id = $2)"
@@ -551,7 +552,7 @@ const STATE_PUT_IF_COMMITTED: &str = concat!(
 const STATE_DELETE_IF_COMMITTED: &str =
     concat!("DELETE FROM plugin_state WHERE plugin = $3 AND key = $4 AND ", if_committed!());
 const OUTBOX_IF_COMMITTED: &str = concat!(
-    "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) SELECT $2, $1, $3, $4, $5, $6 WHERE ",
+    "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) SELECT $7, $1, $3, $4, $5, $6 WHERE ",
     if_committed!()
 );
 const AUDIT_IF_COMMITTED: &str = concat!(
@@ -559,11 +560,13 @@ const AUDIT_IF_COMMITTED: &str = concat!(
     if_committed!()
 );
 
-/// The statements of one transition, with their arguments: the fenced update first, then
-/// the changed steps, the plugin's state writes, the outbox row and the audit entry, each
-/// conditional on the update having applied.
+/// The statements of one commit, with their arguments: the fenced update first, then the
+/// changed steps, the plugins' state writes, one outbox row per transition and the audit
+/// entry, each conditional on the update having applied.
 fn commit_script(c: &Commit<'_>) -> Result<Script> {
     let mut script = Script::default();
+    let last = c.events.last().ok_or_else(|| corrupt("a commit without an event".to_owned()))?;
+    let new_seq = c.read_seq + c.events.len() as i64;
     let (update, epoch) = match c.fence {
         Fence::Lease(epoch) => (COMMIT_LEASE, Some(epoch)),
         Fence::LeaseRelease(epoch) => (COMMIT_LEASE_RELEASE, Some(epoch)),
@@ -577,17 +580,18 @@ fn commit_script(c: &Commit<'_>) -> Result<Script> {
         Arg::Text(c.state.reason.clone()),
         Arg::Int(c.state.next_run_at),
         Arg::Int(Some(c.now)),
-        Arg::text(&c.event.event_id),
+        Arg::text(&last.event_id),
+        Arg::Int(Some(new_seq)),
     ];
     args.extend(epoch.map(|e| Arg::Int(Some(e))));
     script.push(update, args);
     for &i in c.changed_steps {
         let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
         let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
-        script.push(STEP_IF_COMMITTED, step_args(c.saga_id, &c.event.event_id, i, name, step));
+        script.push(STEP_IF_COMMITTED, step_args(c.saga_id, &last.event_id, i, name, step));
     }
-    let fence = || vec![Arg::text(c.saga_id), Arg::text(&c.event.event_id)];
-    if let Some((plugin, writes)) = c.plugin_writes {
+    let fence = || vec![Arg::text(c.saga_id), Arg::text(&last.event_id)];
+    for &(plugin, writes) in c.plugin_writes {
         for (key, value) in writes {
             let mut args = fence();
             args.extend([Arg::text(plugin), Arg::text(key)]);
@@ -600,7 +604,9 @@ fn commit_script(c: &Commit<'_>) -> Result<Script> {
             }
         }
     }
-    script.push(OUTBOX_IF_COMMITTED, outbox_args(c.saga_id, c.event, c.read_seq + 1, c.now));
+    for (seq, event) in (c.read_seq + 1..).zip(c.events) {
+        script.push(OUTBOX_IF_COMMITTED, outbox_args(c.saga_id, &last.event_id, event, seq, c.now));
+    }
     if let Some(a) = c.audit {
         let mut args = fence();
         args.extend([
@@ -642,15 +648,17 @@ fn step_args(saga_id: &str, event_id: &str, idx: usize, name: &str, s: &StepStat
     ]
 }
 
-/// The arguments of [`OUTBOX_IF_COMMITTED`]: the event as the saga's outbox row `seq`.
-fn outbox_args(saga_id: &str, e: &OutboxEvent, seq: i64, now: i64) -> Vec<Arg> {
+/// The arguments of [`OUTBOX_IF_COMMITTED`]: the event as the saga's outbox row `seq`, written
+/// if the saga row carries `fence_id` (the commit's last event id).
+fn outbox_args(saga_id: &str, fence_id: &str, e: &OutboxEvent, seq: i64, now: i64) -> Vec<Arg> {
     vec![
         Arg::text(saga_id),
-        Arg::text(&e.event_id),
+        Arg::text(fence_id),
         Arg::Int(Some(seq)),
         Arg::text(&e.event_type),
         Arg::text(&e.payload),
         Arg::Int(Some(now)),
+        Arg::text(&e.event_id),
     ]
 }
 

@@ -98,8 +98,8 @@ fn commit<'a>(
         state,
         step_names: names,
         changed_steps: &[0],
-        plugin_writes: None,
-        event,
+        plugin_writes: &[],
+        events: std::slice::from_ref(event),
         now: 1,
         audit: None,
     }
@@ -151,6 +151,54 @@ async fn a_live_lease_blocks_others_an_expired_one_is_taken_over_and_the_old_hol
         // A fenced commit left nothing behind: the saga reads back whole.
         let rec = store.saga("s1").await.unwrap().unwrap();
         assert_eq!((rec.seq, rec.epoch), (3, 3), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_chain_of_transitions_commits_whole_in_order_or_not_at_all() {
+    for b in backends().await {
+        let s = &b.store;
+        s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+        assert_eq!(s.claim_due("a", 0, 60_000, 1).await.unwrap(), vec![("s1".to_owned(), 1)], "{}", b.name);
+        let rec = s.saga("s1").await.unwrap().unwrap();
+        let names = vec!["only".to_owned()];
+        let mut last = rec.state.clone();
+        last.reason = Some("after three".into());
+        // Three transitions from the read at seq 1, as the driver chains host-only steps.
+        let events: Vec<OutboxEvent> = (1..=3).map(|n| event("s1", &last, n)).collect();
+        let (pay, ship): (Vec<StateWrite>, Vec<StateWrite>) =
+            (vec![("k".into(), Some(b"1".to_vec())), ("gone".into(), None)], vec![("k".into(), Some(b"2".to_vec()))]);
+        let writes =
+            [("pay", pay.as_slice()), ("ship", ship.as_slice()), ("pay", &[("k".into(), Some(b"3".to_vec()))][..])];
+
+        // A chain computed from a stale read is fenced: none of it lands.
+        let mut stale = commit(&last, &names, &events[0], Fence::Lease(2), 1);
+        stale.events = &events;
+        stale.plugin_writes = &writes;
+        assert!(matches!(s.commit(&stale).await, Err(Error::Fenced)), "{}", b.name);
+        assert_eq!(s.outbox_for_saga("s1").await.unwrap().len(), 1, "{}: no event of a fenced chain", b.name);
+        assert_eq!(s.state_get("pay", "k").await.unwrap(), None, "{}: no write of a fenced chain", b.name);
+
+        let mut chain = commit(&last, &names, &events[0], Fence::Lease(1), 1);
+        chain.events = &events;
+        chain.plugin_writes = &writes;
+        assert_eq!(s.commit(&chain).await.unwrap(), 4, "{}: seq moves by the chain's length", b.name);
+        let rows = s.outbox_for_saga("s1").await.unwrap();
+        let got: Vec<(i64, &str)> = rows.iter().map(|r| (r.seq, r.event_id.as_str())).collect();
+        let want: Vec<(i64, &str)> = (1..=4)
+            .zip(std::iter::once(rows[0].event_id.as_str()).chain(events.iter().map(|e| e.event_id.as_str())))
+            .collect();
+        assert_eq!(got, want, "{}: one outbox row per transition, in seq order", b.name);
+        assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "{}: outbox ids follow seq", b.name);
+        // Writes apply in call order: the later write of a key wins.
+        assert_eq!(s.state_get("pay", "k").await.unwrap().as_deref(), Some(b"3".as_slice()), "{}", b.name);
+        assert_eq!(s.state_get("ship", "k").await.unwrap().as_deref(), Some(b"2".as_slice()), "{}", b.name);
+        let rec = s.saga("s1").await.unwrap().unwrap();
+        assert_eq!((rec.seq, rec.state.reason.as_deref()), (4, Some("after three")), "{}", b.name);
+        // The next commit continues from the chain's seq.
+        let e5 = event("s1", &last, 4);
+        assert_eq!(s.commit(&commit(&last, &names, &e5, Fence::Lease(1), 4)).await.unwrap(), 5, "{}", b.name);
         b.cleanup().await;
     }
 }
@@ -316,7 +364,8 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
             .map(|k| (k.to_string(), Some(k.as_bytes().to_vec())))
             .collect();
         let mut c = commit(&rec.state, &names, &e, Fence::Takeover, 1);
-        c.plugin_writes = Some(("p", &writes));
+        let plugin_writes = [("p", writes.as_slice())];
+        c.plugin_writes = &plugin_writes;
         s.commit(&c).await.unwrap();
         let keys: Vec<String> = s.state_list("p", "a%/", 10).await.unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a%/1", "a%/2"], "{}", b.name);
@@ -338,7 +387,8 @@ async fn write_state(s: &Arc<dyn Store>, plugin: &str, keys: &[&str]) {
     let e = event("s1", &rec.state, rec.seq);
     let writes: Vec<StateWrite> = keys.iter().map(|k| (k.to_string(), Some(k.as_bytes().to_vec()))).collect();
     let mut c = commit(&rec.state, &names, &e, Fence::Takeover, rec.seq);
-    c.plugin_writes = Some((plugin, &writes));
+    let plugin_writes = [(plugin, writes.as_slice())];
+    c.plugin_writes = &plugin_writes;
     s.commit(&c).await.unwrap();
 }
 
@@ -554,7 +604,8 @@ async fn a_commit_from_a_stale_read_is_fenced_and_leaves_nothing() {
         let writes: Vec<StateWrite> = vec![("k".into(), Some(b"v".to_vec()))];
         let stale_event = event("s1", &changed, 1);
         let mut stale = commit(&changed, &names, &stale_event, Fence::Lease(1), 1);
-        stale.plugin_writes = Some(("p", &writes));
+        let plugin_writes = [("p", writes.as_slice())];
+        stale.plugin_writes = &plugin_writes;
         let retry = entry("saga.retry", "s1");
         stale.audit = Some(&retry);
         let audit_before = s.audit_log(None, 10).await.unwrap().len();
