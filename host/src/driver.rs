@@ -620,10 +620,14 @@ impl Inner {
     }
 
     /// Counts a plugin call and its latency by outcome.
-    fn record(&self, rec: &SagaRecord, step: &str, call: &'static str, outcome: &'static str, elapsed: Duration) {
-        let labels =
-            crate::metrics::CallLabels { saga_type: rec.saga_type.clone(), step: step.to_owned(), call, outcome };
-        self.metrics.call(labels, elapsed);
+    fn record<T>(&self, rec: &SagaRecord, step: &str, call: &'static str, out: &crate::runtime::CallOutcome<T>) {
+        let labels = crate::metrics::CallLabels {
+            saga_type: rec.saga_type.clone(),
+            step: step.to_owned(),
+            call,
+            outcome: out.label,
+        };
+        self.metrics.call(labels, out.elapsed, &out.phases);
     }
 
     async fn execute(&self, rec: &SagaRecord, step: usize, attempt: u32, started_at: i64) -> Result<Called, String> {
@@ -639,7 +643,7 @@ impl Inner {
         self.catalog.ensure_loaded(&sdef.execute.digest).await;
         let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
-        self.record(rec, &sdef.name, "execute", out.label, out.elapsed);
+        self.record(rec, &sdef.name, "execute", &out);
         let outcome = out.result.map_err(|e| e.0)?;
         if let ExecuteOutcome::Trapped(e) = &outcome {
             tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
@@ -666,7 +670,7 @@ impl Inner {
         let timeout = Duration::from_millis(sdef.timeout_ms);
         self.catalog.ensure_loaded(&binding.digest).await;
         let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
-        self.record(rec, &sdef.name, "compensate", out.label, out.elapsed);
+        self.record(rec, &sdef.name, "compensate", &out);
         let outcome = out.result.map_err(|e| e.0)?;
         if let CompensateOutcome::Failed(e) = &outcome {
             tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");

@@ -36,7 +36,19 @@ struct StatusLabels {
     status: String,
 }
 
+/// Labels of a plugin call's phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    /// `setup`, `instantiate`, `run` or `collect` ([`crate::runtime::Phases`]).
+    phase: &'static str,
+}
+
 type HistogramFn = fn() -> Histogram;
+
+fn phase_histogram() -> Histogram {
+    // 1 µs to about 4 s: a pooled instantiation takes microseconds.
+    Histogram::new(exponential_buckets(0.000_001, 4.0, 12))
+}
 
 fn latency_histogram() -> Histogram {
     // 50 µs to about 13 s: host overhead sits at the bottom, timeouts at the top.
@@ -48,6 +60,7 @@ pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     call_seconds: Family<CallLabels, Histogram, HistogramFn>,
+    call_phase_seconds: Family<PhaseLabels, Histogram, HistogramFn>,
     events_published: Counter,
     relay_failures: Counter,
     transition_overhead: Histogram,
@@ -78,6 +91,14 @@ impl Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         let call_seconds =
             Family::<CallLabels, Histogram, HistogramFn>::new_with_constructor(latency_histogram as HistogramFn);
+        let call_phase_seconds =
+            Family::<PhaseLabels, Histogram, HistogramFn>::new_with_constructor(phase_histogram as HistogramFn);
+        registry.register(
+            "plugin_call_phase_seconds",
+            "Where plugin calls' time goes, by phase: setup (a sandbox slot and the call's store), instantiate, \
+             run (the export, host imports included), collect (checking the answer, dropping the instance)",
+            call_phase_seconds.clone(),
+        );
         let events_published = Counter::default();
         let relay_failures = Counter::default();
         registry.register("plugin_calls", "Plugin calls (step attempts) by outcome", calls.clone());
@@ -136,6 +157,7 @@ impl Metrics {
             registry,
             calls,
             call_seconds,
+            call_phase_seconds,
             events_published,
             relay_failures,
             transition_overhead,
@@ -146,10 +168,18 @@ impl Metrics {
         })
     }
 
-    /// Records one plugin call.
-    pub fn call(&self, labels: CallLabels, elapsed: Duration) {
+    /// Records one plugin call and where its time went.
+    pub fn call(&self, labels: CallLabels, elapsed: Duration, phases: &crate::runtime::Phases) {
         self.call_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         self.calls.get_or_create(&labels).inc();
+        for (phase, time) in [
+            ("setup", phases.setup),
+            ("instantiate", phases.instantiate),
+            ("run", phases.run),
+            ("collect", phases.collect),
+        ] {
+            self.call_phase_seconds.get_or_create(&PhaseLabels { phase }).observe(time.as_secs_f64());
+        }
     }
 
     /// Records the host's own time for one transition (plugin call and commit excluded).

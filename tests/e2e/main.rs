@@ -475,6 +475,16 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
         1.0
     );
     assert!(text.contains("sagahost_plugin_call_seconds_bucket"));
+    // Every call is also counted in each of its phases.
+    let calls: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("sagahost_plugin_calls_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(calls >= 9.0, "{text}");
+    for phase in ["setup", "instantiate", "run", "collect"] {
+        assert_eq!(value(&format!("sagahost_plugin_call_phase_seconds_count{{phase=\"{phase}\"}}")), calls, "{phase}");
+    }
     assert!(text.contains("sagahost_outbox_lag_seconds"));
     assert!(text.trim_end().ends_with("# EOF"));
 }

@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Every sample of one scrape, summed over its label sets: `name` -> value. Histograms appear
-/// as their `_sum` and `_count` samples, counters as `_total`.
+/// Every sample of one scrape, summed over its label sets: `name` -> value; and summed per label
+/// too: `name|label="value"` -> value (the sum over the label sets with that label). Histograms
+/// appear as their `_sum` and `_count` samples, counters as `_total`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Scrape(BTreeMap<String, f64>);
 
@@ -20,17 +21,20 @@ impl Scrape {
     pub fn parse(text: &str) -> Scrape {
         let mut samples = BTreeMap::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (name, rest) = match line.find(['{', ' ']) {
+            let (name, labels, rest) = match line.find(['{', ' ']) {
                 Some(i) if line.as_bytes()[i] == b'{' => match line.rfind('}') {
-                    Some(end) => (&line[..i], &line[end + 1..]),
+                    Some(end) => (&line[..i], &line[i + 1..end], &line[end + 1..]),
                     None => continue,
                 },
-                Some(i) => (&line[..i], &line[i..]),
+                Some(i) => (&line[..i], "", &line[i..]),
                 None => continue,
             };
             let Some(Ok(value)) = rest.split_whitespace().next().map(str::parse::<f64>) else { continue };
             if value.is_finite() {
                 *samples.entry(name.to_owned()).or_insert(0.0) += value;
+                for pair in label_pairs(labels) {
+                    *samples.entry(format!("{name}|{pair}")).or_insert(0.0) += value;
+                }
             }
         }
         Scrape(samples)
@@ -52,10 +56,34 @@ impl Scrape {
     }
 }
 
+/// The `key="value"` pairs of a label set as written, split at the commas between pairs (a
+/// quoted value may hold commas and escaped quotes).
+fn label_pairs(labels: &str) -> Vec<&str> {
+    let mut pairs = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in labels.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                pairs.push(labels[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    pairs.push(labels[start..].trim());
+    pairs.retain(|p| !p.is_empty());
+    pairs
+}
+
 /// How one figure is computed from the scrapes around a run.
 pub enum Kind {
     /// Mean of a histogram over the run (`_sum` delta / `_count` delta), times `scale`.
     HistogramMean { family: &'static str, scale: f64 },
+    /// [`Kind::HistogramMean`] over the label sets with one label, e.g. `phase="run"`.
+    LabelledMean { family: &'static str, label: &'static str, scale: f64 },
     /// A sample's increase per saga settled in the run.
     PerSaga { sample: &'static str },
     /// A sample's increase per second of the run.
@@ -80,6 +108,34 @@ pub const FIGURES: &[Figure] = &[
         key: "plugin_call_mean_us",
         label: "plugin call mean µs",
         kind: Kind::HistogramMean { family: "sagahost_plugin_call_seconds", scale: 1e6 },
+    },
+    Figure {
+        key: "plugin_call_setup_mean_us",
+        label: "plugin call setup mean µs",
+        kind: Kind::LabelledMean { family: "sagahost_plugin_call_phase_seconds", label: "phase=\"setup\"", scale: 1e6 },
+    },
+    Figure {
+        key: "plugin_call_instantiate_mean_us",
+        label: "plugin call instantiate mean µs",
+        kind: Kind::LabelledMean {
+            family: "sagahost_plugin_call_phase_seconds",
+            label: "phase=\"instantiate\"",
+            scale: 1e6,
+        },
+    },
+    Figure {
+        key: "plugin_call_run_mean_us",
+        label: "plugin call run mean µs",
+        kind: Kind::LabelledMean { family: "sagahost_plugin_call_phase_seconds", label: "phase=\"run\"", scale: 1e6 },
+    },
+    Figure {
+        key: "plugin_call_collect_mean_us",
+        label: "plugin call collect mean µs",
+        kind: Kind::LabelledMean {
+            family: "sagahost_plugin_call_phase_seconds",
+            label: "phase=\"collect\"",
+            scale: 1e6,
+        },
     },
     Figure {
         key: "host_per_transition_mean_us",
@@ -136,6 +192,14 @@ pub fn figures(before: &Scrape, after: &Scrape, sagas: u64, elapsed: Duration) -
             Kind::HistogramMean { family, scale } => {
                 let sum = Scrape::delta(before, after, &format!("{family}_sum"));
                 let count = Scrape::delta(before, after, &format!("{family}_count"));
+                match (sum, count) {
+                    (Some(sum), Some(count)) if count > 0.0 => Some(sum / count * scale),
+                    _ => None,
+                }
+            }
+            Kind::LabelledMean { family, label, scale } => {
+                let sum = Scrape::delta(before, after, &format!("{family}_sum|{label}"));
+                let count = Scrape::delta(before, after, &format!("{family}_count|{label}"));
                 match (sum, count) {
                     (Some(sum), Some(count)) if count > 0.0 => Some(sum / count * scale),
                     _ => None,
@@ -201,6 +265,18 @@ mod tests {
         sagahost_outbox_pending_events 3\n\
         garbage line\n\
         # EOF\n";
+
+    #[test]
+    fn samples_are_also_summed_per_label_and_quoted_commas_do_not_split_pairs() {
+        let text =
+            "m_sum{phase=\"run\",step=\"a,\\\"b\"} 2\nm_sum{phase=\"run\",step=\"c\"} 3\nm_sum{phase=\"setup\"} 1\n";
+        let s = Scrape::parse(text);
+        assert_eq!(s.get("m_sum"), Some(6.0));
+        assert_eq!(s.get("m_sum|phase=\"run\""), Some(5.0));
+        assert_eq!(s.get("m_sum|step=\"a,\\\"b\""), Some(2.0));
+        assert_eq!(s.get("m_sum|phase=\"setup\""), Some(1.0));
+        assert_eq!(label_pairs(""), Vec::<&str>::new());
+    }
 
     #[test]
     fn samples_are_summed_over_label_sets() {
