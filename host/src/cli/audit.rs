@@ -21,7 +21,8 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<(), Failure> {
     let ctx = Ctx::new(&args.global)?;
-    let path = format!("/admin/audit{}", query(&[("target", args.target), ("limit", args.limit.map(|l| l.to_string()))]));
+    let path =
+        format!("/admin/audit{}", query(&[("target", args.target), ("limit", args.limit.map(|l| l.to_string()))]));
     let body = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
     ctx.out.print(&body, |b, colour| {
         let mut t = Table::new(&["AT", "ACTOR", "ACTION", "TARGET", "NOTE"]);

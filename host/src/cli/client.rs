@@ -179,10 +179,23 @@ impl Client {
         let (status, bytes) = tokio::time::timeout(self.timeout, exchange).await.map_err(|_| {
             Failure::new(
                 Exit::Unreachable,
-                format!("{} did not answer within {} s; is the host overloaded? (--timeout)", self.base, self.timeout.as_secs()),
+                format!(
+                    "{} did not answer within {} s; is the host overloaded? (--timeout)",
+                    self.base,
+                    self.timeout.as_secs()
+                ),
             )
         })??;
-        interpret(&self.base, status, &bytes)
+        interpret(&self.base, status, &bytes).map_err(|mut f| {
+            // The host says which header it wants; say which flag sends it.
+            if status == StatusCode::UNAUTHORIZED && token.is_none() {
+                f.message.push_str(match auth {
+                    Auth::Admin => "; pass --admin-token (or set SAGAHOST_ADMIN_TOKEN)",
+                    Auth::Client => "; pass --api-token (or set SAGAHOST_API_TOKEN)",
+                });
+            }
+            f
+        })
     }
 }
 
@@ -212,7 +225,10 @@ pub fn interpret(base: &str, status: StatusCode, bytes: &[u8]) -> Result<Answer,
 fn not_sagahost(base: &str, status: StatusCode) -> Failure {
     Failure::new(
         Exit::NotSagahost,
-        format!("{base} answered HTTP {} without sagahost's JSON; is --url the address of a sagahost?", status.as_u16()),
+        format!(
+            "{base} answered HTTP {} without sagahost's JSON; is --url the address of a sagahost?",
+            status.as_u16()
+        ),
     )
 }
 
@@ -234,9 +250,15 @@ fn transport(base: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
         source = s.source();
     }
     if garbled {
-        Failure::new(Exit::NotSagahost, format!("{base} did not answer HTTP ({text}); is --url the address of a sagahost?"))
+        Failure::new(
+            Exit::NotSagahost,
+            format!("{base} did not answer HTTP ({text}); is --url the address of a sagahost?"),
+        )
     } else {
-        Failure::new(Exit::Unreachable, format!("cannot reach {base} ({text}); is the host running? (--url, SAGAHOST_URL)"))
+        Failure::new(
+            Exit::Unreachable,
+            format!("cannot reach {base} ({text}); is the host running? (--url, SAGAHOST_URL)"),
+        )
     }
 }
 
@@ -257,8 +279,10 @@ mod tests {
         assert_eq!(encode("payment-confirmed"), "payment-confirmed");
         assert_eq!(encode("../admin?x=1 y"), "..%2Fadmin%3Fx%3D1%20y");
         assert_eq!(encode("żó"), "%C5%BC%C3%B3");
-        assert_eq!(query(&[("status", Some("CANCELLED".into())), ("limit", None), ("prefix", Some("a/b".into()))]),
-            "?status=CANCELLED&prefix=a%2Fb");
+        assert_eq!(
+            query(&[("status", Some("CANCELLED".into())), ("limit", None), ("prefix", Some("a/b".into()))]),
+            "?status=CANCELLED&prefix=a%2Fb"
+        );
         assert_eq!(query(&[("limit", None)]), "");
     }
 
@@ -287,7 +311,9 @@ mod tests {
 
     #[test]
     fn answers_without_sagahosts_json_mean_the_url_is_not_sagahost() {
-        for (status, body) in [(200, &b"<html>hi</html>"[..]), (404, b"Not Found"), (502, br#"{"message": "bad gateway"}"#)] {
+        for (status, body) in
+            [(200, &b"<html>hi</html>"[..]), (404, b"Not Found"), (502, br#"{"message": "bad gateway"}"#)]
+        {
             let e = interpret("http://h", StatusCode::from_u16(status).unwrap(), body).unwrap_err();
             assert_eq!(e.exit, Exit::NotSagahost, "HTTP {status}");
             assert!(e.message.contains("is --url the address of a sagahost"), "{}", e.message);

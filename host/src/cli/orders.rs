@@ -150,8 +150,10 @@ pub async fn signal(ctx: &Ctx, saga_type: &str, args: &SignalArgs) -> Result<(),
     let data: Value = serde_json::from_str(&args.data)
         .map_err(|e| Failure::usage(format!("--data is not JSON ({e}); e.g. --data '{{\"auth\": \"ok\"}}'")))?;
     let path = format!("{}/signals/{}", location(saga_type, &args.id), encode(&args.name));
-    let answer =
-        ctx.client.send(Method::POST, &path, Auth::Client, Payload::Json(data), args.key.idempotency_key.as_deref()).await?;
+    let answer = ctx
+        .client
+        .send(Method::POST, &path, Auth::Client, Payload::Json(data), args.key.idempotency_key.as_deref())
+        .await?;
     ctx.out.print(&answer.body, |s, colour| summaries(std::slice::from_ref(s), colour));
     Ok(())
 }

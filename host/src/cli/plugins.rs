@@ -181,9 +181,9 @@ async fn upload(
     let binding = binding(ctx, step, execute.then_some(digest.as_str()), compensate.then_some(digest.as_str()))
         .await
         .map_err(|mut f| {
-            f.message = format!("uploaded {name} as {digest}, but binding it failed: {}", f.message);
-            f
-        })?;
+        f.message = format!("uploaded {name} as {digest}, but binding it failed: {}", f.message);
+        f
+    })?;
     let both = json!({ "upload": uploaded, "binding": binding });
     ctx.out.print(&both, |b, colour| {
         let mut out = upload_pairs(&b["upload"], new, colour);
@@ -237,8 +237,10 @@ async fn grants(ctx: &Ctx, name: &str, allow: Vec<String>, revoke_all: bool) -> 
         ctx.client.send(Method::PUT, &path, Auth::Admin, Payload::Json(req), None).await?.body
     };
     ctx.out.print(&body, |g, colour| {
-        let hosts: Vec<&str> = g["allowed_hosts"].as_array().map_or(&[][..], Vec::as_slice).iter().filter_map(Value::as_str).collect();
-        let hosts = if hosts.is_empty() { Cell::new("none", super::table::Style::Dim) } else { hosts.join(", ").into() };
+        let hosts: Vec<&str> =
+            g["allowed_hosts"].as_array().map_or(&[][..], Vec::as_slice).iter().filter_map(Value::as_str).collect();
+        let hosts =
+            if hosts.is_empty() { Cell::new("none", super::table::Style::Dim) } else { hosts.join(", ").into() };
         pairs(&[("plugin", text(g, "plugin").into()), ("allowed hosts", hosts)], colour)
     });
     Ok(())

@@ -127,7 +127,9 @@ async fn definition(ctx: &Ctx, saga_type: Option<&str>) -> Result<(), Failure> {
 pub(super) fn read_json(file: &std::path::Path) -> Result<Value, Failure> {
     let text = if file.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| Failure::usage(format!("cannot read standard input: {e}")))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::usage(format!("cannot read standard input: {e}")))?;
         s
     } else {
         std::fs::read_to_string(file).map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?

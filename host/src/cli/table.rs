@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn pairs_align_their_values() {
-        let out = pairs(&[("id", "x".into()), ("status", Cell::status("COMPLETED")), ("reason", Cell::opt(None))], false);
+        let out =
+            pairs(&[("id", "x".into()), ("status", Cell::status("COMPLETED")), ("reason", Cell::opt(None))], false);
         assert_eq!(out, "id:     x\nstatus: COMPLETED\nreason: -\n");
     }
 
