@@ -278,9 +278,12 @@ mod tests {
             assert_eq!(orders.global.url, "http://h:1");
             assert_eq!(orders.global.output, sagahost::cli::Output::Json);
         }
-        // `serve` and `bench` are untouched by the client commands.
+        // `serve` and `bench` are untouched by the client commands, and no subcommand is still
+        // a usage error (exit 2), not a client command.
         assert!(matches!(Cli::try_parse_from(["sagahost", "serve"]).unwrap().command, Command::Serve(_)));
+        assert!(matches!(Cli::try_parse_from(["sagahost", "bench"]).unwrap().command, Command::Bench(_)));
         let usage = |args: &[&str]| Cli::try_parse_from(args).map(|_| ()).unwrap_err().exit_code();
+        assert_eq!(usage(&["sagahost"]), 2);
         assert_eq!(usage(&["sagahost", "orders", "list", "--limit", "0"]), 2);
         assert_eq!(usage(&["sagahost", "orders", "get", "x", "--url", "https://h"]), 2);
         assert_eq!(usage(&["sagahost", "plugins", "upload", "f.wasm", "--name", "p", "--compensate-only"]), 2);

@@ -25,17 +25,27 @@ use serde_json::Value;
 
 use self::client::Client;
 
+/// The exit codes, as `--help` lists them (the contract is [`Exit`] and docs/cli.md).
+const EXIT_HELP: &str = "\
+Exit status: 0 ok, 1 the API refused the request (4xx), 2 usage, 3 host unreachable, 4 not found,
+5 auth (401/403), 6 conflict (409), 7 server error (5xx), 8 the URL is not a sagahost.
+On failure, stderr has the API's error message. See docs/cli.md.";
+
 /// The client commands, flattened into the binary's own subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Orders (the built-in order saga) of a running host: list, get, cancel, signal.
+    #[command(after_help = EXIT_HELP)]
     Orders(orders::Args),
     /// Plugins of a running host (admin): list, upload (and bind), bind, grants, state.
+    #[command(after_help = EXIT_HELP)]
     Plugins(plugins::Args),
     /// Sagas of any type and their definitions: list, get, definition, define (admin),
     /// retry and resolve stuck ones (admin).
+    #[command(after_help = EXIT_HELP)]
     Sagas(sagas::Args),
     /// The audit trail of admin and operator actions, newest first (admin).
+    #[command(after_help = EXIT_HELP)]
     Audit(audit::Args),
 }
 
