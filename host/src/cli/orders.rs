@@ -30,6 +30,7 @@ pub enum Cmd {
     /// Cancel an order: compensates the steps done so far. A completed order cannot be
     /// cancelled (exit 6); cancelling one already cancelled succeeds.
     Cancel {
+        /// The order's id.
         id: String,
         #[command(flatten)]
         key: KeyArg,

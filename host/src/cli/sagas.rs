@@ -41,12 +41,14 @@ pub enum Cmd {
     },
     /// Show one saga with its steps.
     Get {
+        /// The saga's id.
         id: String,
         #[command(flatten)]
         saga_type: TypeArg,
     },
     /// Cancel a saga: compensates the steps done so far.
     Cancel {
+        /// The saga's id.
         id: String,
         #[command(flatten)]
         saga_type: TypeArg,
