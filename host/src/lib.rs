@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod builtin;
 pub mod catalog;
+pub mod cli;
 pub mod clock;
 pub mod driver;
 pub mod engine;

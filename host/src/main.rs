@@ -1,5 +1,7 @@
 //! The `sagahost` binary: parses flags (each also an environment variable) and runs the app,
-//! or the load generator (`sagahost bench`, in the library's `bench` module).
+//! the load generator (`sagahost bench`, in the library's `bench` module), or one of the
+//! operator commands against a running host (`sagahost orders|plugins|sagas|audit`, in the
+//! library's `cli` module).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ enum Command {
     Serve(Serve),
     /// Load-test a running host: closed or open loop, latency percentiles, throughput, errors.
     Bench(sagahost::bench::Args),
+    #[command(flatten)]
+    Client(sagahost::cli::Command),
 }
 
 #[derive(Parser)]
@@ -196,6 +200,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Bench(args) => return Ok(sagahost::bench::run(args).await),
+        Command::Client(command) => return Ok(sagahost::cli::run(command).await),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
     if args.log_format == "json" {
@@ -255,6 +260,40 @@ mod tests {
         let bench = cli.find_subcommand("bench").expect("a bench subcommand");
         let token = bench.get_arguments().find(|a| a.get_id() == "api_token").expect("bench --api-token");
         assert!(token.is_hide_env_values_set(), "--api-token would print its secret in `bench --help`");
+    }
+
+    #[test]
+    fn the_client_commands_hide_their_tokens_and_take_global_flags_before_or_after_the_subcommand() {
+        let cli = Cli::command();
+        for group in ["orders", "plugins", "sagas", "audit"] {
+            let sub = cli.find_subcommand(group).unwrap_or_else(|| panic!("a {group} subcommand"));
+            for id in ["admin_token", "api_token"] {
+                let arg = sub.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("{group} --{id}"));
+                assert!(arg.is_hide_env_values_set(), "{group} --{id} would print its secret in --help");
+            }
+        }
+        for args in [
+            &["sagahost", "orders", "--url", "http://h:1", "-o", "json", "get", "x"][..],
+            &["sagahost", "orders", "get", "x", "--url", "http://h:1", "--output", "json"],
+        ] {
+            let Command::Client(sagahost::cli::Command::Orders(orders)) = Cli::try_parse_from(args).unwrap().command
+            else {
+                panic!("{args:?} parsed as another command")
+            };
+            assert_eq!(orders.global.url, "http://h:1");
+            assert_eq!(orders.global.output, sagahost::cli::Output::Json);
+        }
+        // `serve` and `bench` are untouched by the client commands, and no subcommand is still
+        // a usage error (exit 2), not a client command.
+        assert!(matches!(Cli::try_parse_from(["sagahost", "serve"]).unwrap().command, Command::Serve(_)));
+        assert!(matches!(Cli::try_parse_from(["sagahost", "bench"]).unwrap().command, Command::Bench(_)));
+        let usage = |args: &[&str]| Cli::try_parse_from(args).map(|_| ()).unwrap_err().exit_code();
+        assert_eq!(usage(&["sagahost"]), 2);
+        assert_eq!(usage(&["sagahost", "orders", "list", "--limit", "0"]), 2);
+        assert_eq!(usage(&["sagahost", "orders", "get", "x", "--url", "https://h"]), 2);
+        assert_eq!(usage(&["sagahost", "plugins", "upload", "f.wasm", "--name", "p", "--compensate-only"]), 2);
+        assert_eq!(usage(&["sagahost", "plugins", "bind", "order/payment"]), 2);
+        assert_eq!(usage(&["sagahost", "sagas", "resolve", "x"]), 2);
     }
 
     fn config_of(flags: &[&str]) -> sagahost::Config {

@@ -1,0 +1,300 @@
+//! The operator CLI (`sagahost orders|plugins|sagas|audit`), run as operators run it: the real
+//! binary as a child process against a real host, its JSON output parsed, its tables read,
+//! its exit codes checked against the documented ones (docs/cli.md).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::{fixture, key, order, TestHost};
+use crate::process::binary;
+
+const TOKEN: &str = "cli-admin-token";
+
+/// What one run of the CLI did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+
+    /// Asserts the exit code; returns the run for more checks.
+    fn exits(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "exit code of {self:#?}");
+        self
+    }
+}
+
+/// Runs `sagahost ARGS` with a clean environment (none of the SAGAHOST_* variables of whoever
+/// runs the tests), `env` added.
+async fn sagahost(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args).kill_on_drop(true);
+    for var in ["SAGAHOST_URL", "SAGAHOST_ADMIN_TOKEN", "SAGAHOST_API_TOKEN", "SAGAHOST_ACTOR", "NO_COLOR"] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("sagahost {args:?} did not end within 60 s"))
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `sagahost ARGS --url <host> --admin-token <TOKEN>` (global flags go after the command).
+async fn cli(host: &TestHost, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend(["--url", &host.base, "--admin-token", TOKEN]);
+    sagahost(&all, &[]).await
+}
+
+async fn admin_host() -> TestHost {
+    TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await
+}
+
+#[tokio::test]
+async fn orders_are_listed_shown_signalled_and_cancelled_with_tables_json_and_exit_codes() {
+    let host = admin_host().await;
+    let done = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    let done_id = done["id"].as_str().unwrap().to_owned();
+    let waiting =
+        host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&waiting, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+    let other =
+        host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&other, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+
+    // A table: a header, then one aligned row per order, newest first.
+    let run = cli(&host, &["orders", "list"]).await.exits(0);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{run:#?}");
+    assert!(lines[0].starts_with("ID") && lines[0].contains("STATUS") && lines[0].contains("REASON"), "{run:#?}");
+    assert!(lines[1].starts_with(&other) && lines[3].starts_with(&done_id), "{run:#?}");
+    let status_column = lines[0].find("STATUS").unwrap();
+    assert_eq!(&lines[3][status_column..status_column + "COMPLETED".len()], "COMPLETED", "aligned: {run:#?}");
+    assert!(!run.stdout.contains('\x1b'), "no colour when stdout is not a terminal");
+
+    // JSON: the API's page, every page with --all.
+    let page = cli(&host, &["orders", "list", "-o", "json", "--limit", "1", "--all"]).await.exits(0).json();
+    let ids: Vec<&str> = page["data"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [other.as_str(), waiting.as_str(), done_id.as_str()]);
+    assert_eq!(page["next_cursor"], Value::Null);
+    let run = cli(&host, &["orders", "list", "--limit", "1"]).await.exits(0);
+    assert!(run.stderr.contains("--cursor"), "a table says there is more: {run:#?}");
+    let page = cli(&host, &["orders", "list", "--output", "json", "--status", "COMPLETED"]).await.exits(0).json();
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+
+    // One order: fields and steps; JSON is the API's view.
+    let run = cli(&host, &["orders", "get", &waiting]).await.exits(0);
+    assert!(run.stdout.contains(&format!("id:      {waiting}")), "{run:#?}");
+    assert!(run.stdout.contains("waiting for signal payment-confirmed"), "{run:#?}");
+    let o = cli(&host, &["orders", "get", &done_id, "-o", "json"]).await.exits(0).json();
+    assert_eq!(o, host.get(&format!("/orders/{done_id}")).await.json());
+
+    // A signal nobody waits for is a conflict (6) with the API's message; the right one wakes it.
+    let run = cli(&host, &["orders", "signal", &waiting, "other"]).await.exits(6);
+    assert!(run.stderr.contains("waiting_for") && run.stderr.contains("HTTP 409 not_waiting"), "{run:#?}");
+    assert_eq!(run.stdout, "");
+    cli(&host, &["orders", "signal", &waiting, "payment-confirmed", "--data", r#"{"auth": "ok"}"#]).await.exits(0);
+    assert_eq!(host.wait_settled(&waiting).await["status"], "COMPLETED");
+    let run = cli(&host, &["orders", "signal", &waiting, "x", "--data", "{nope"]).await.exits(2);
+    assert!(run.stderr.contains("--data is not JSON"), "{run:#?}");
+
+    // Cancel: compensates; again succeeds (already cancelled); a completed order is a conflict.
+    let run = cli(&host, &["orders", "cancel", &other, "-o", "json"]).await.exits(0);
+    assert_eq!(run.json()["id"], other.as_str());
+    assert_eq!(host.wait_settled(&other).await["status"], "CANCELLED");
+    let run = cli(&host, &["orders", "cancel", &other]).await.exits(0);
+    assert!(run.stdout.contains("already cancelling or cancelled"), "{run:#?}");
+    let run = cli(&host, &["orders", "cancel", &done_id]).await.exits(6);
+    assert!(run.stderr.contains("a completed saga is final"), "{run:#?}");
+
+    // Not found (4), with the API's message; the same order through `sagas`.
+    let run = cli(&host, &["orders", "get", "00000000-0000-0000-0000-000000000000"]).await.exits(4);
+    assert!(run.stderr.contains("no order with id") && run.stderr.contains("HTTP 404"), "{run:#?}");
+    let o = cli(&host, &["sagas", "get", &done_id, "--type", "order", "-o", "json"]).await.exits(0).json();
+    assert_eq!(o["status"], "COMPLETED");
+    cli(&host, &["sagas", "list", "--type", "order-http"]).await.exits(0);
+    cli(&host, &["sagas", "get", &done_id, "--type", "order-http"]).await.exits(4);
+}
+
+#[tokio::test]
+async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and_resolves_it() {
+    let host = admin_host().await;
+    // Fast compensation retries for the payment step, set through `sagas define`.
+    let mut def = cli(&host, &["sagas", "definition", "order", "-o", "json"]).await.exits(0).json();
+    let original = def["steps"][1]["compensate"].as_str().unwrap().to_owned();
+    let execute = def["steps"][1]["execute"].as_str().unwrap().to_owned();
+    def["steps"][1]["compensate_retry"] = json!({"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 20});
+    let file = host.dir.path().join("order.json");
+    std::fs::write(&file, def.to_string()).unwrap();
+    let run = cli(&host, &["sagas", "define", "order", file.to_str().unwrap(), "--actor", "ops@example.com"]).await;
+    let run = run.exits(0);
+    assert!(run.stdout.lines().next().unwrap().starts_with("TYPE"), "{run:#?}");
+    assert!(run.stdout.contains("payment") && run.stdout.contains(" 5/2\n"), "{run:#?}");
+
+    // The hot-swap shortcut: upload a version and bind it as the payment step's compensation
+    // only. (Here a broken one: the misbehave fixture panics in compensate.)
+    let wasm = host.dir.path().join("misbehave.wasm");
+    std::fs::write(&wasm, fixture("misbehave")).unwrap();
+    let args = ["plugins", "upload", wasm.to_str().unwrap(), "--name", "payment", "--bind", "order/payment"];
+    let out = cli(&host, &[&args[..], &["--compensate-only", "-o", "json"]].concat()).await.exits(0).json();
+    let broken = out["upload"]["digest"].as_str().unwrap().to_owned();
+    assert!(broken.starts_with("sha256:") && broken != original);
+    assert_eq!(
+        out["binding"],
+        json!({"saga_type": "order", "step": "payment", "execute": execute, "compensate": broken})
+    );
+    // The same bytes again: a no-op upload, said so in the table.
+    let run = cli(&host, &args[..3].iter().chain(&["--name", "payment"]).copied().collect::<Vec<_>>()).await.exits(0);
+    assert!(run.stdout.contains("uploaded") && run.stdout.contains("uploaded before"), "{run:#?}");
+    let list = cli(&host, &["plugins", "list", "-o", "json"]).await.exits(0).json();
+    let payment = list["data"].as_array().unwrap().iter().find(|p| p["name"] == "payment").unwrap();
+    assert_eq!(payment["versions"].as_array().unwrap().len(), 2);
+    let run = cli(&host, &["plugins", "list", "payment"]).await.exits(0);
+    assert!(run.stdout.contains(&broken) && run.stdout.contains(&original), "{run:#?}");
+    cli(&host, &["plugins", "list", "nope"]).await.exits(4);
+
+    // Two orders whose refunds panic: both stop in COMPENSATION_FAILED.
+    let mut body = order("tok_visa", "SKU-1", "XX");
+    body["customer_id"] = json!("compensate-panic");
+    let first = host.run_order(&body).await;
+    let second = host.run_order(&body).await;
+    assert_eq!((&first["status"], &second["status"]), (&json!("COMPENSATION_FAILED"), &json!("COMPENSATION_FAILED")));
+    let (first, second) = (first["id"].as_str().unwrap().to_owned(), second["id"].as_str().unwrap().to_owned());
+    let stuck = cli(&host, &["sagas", "list", "--status", "COMPENSATION_FAILED", "-o", "json"]).await.exits(0).json();
+    assert_eq!(stuck["data"].as_array().unwrap().len(), 2);
+    let run = cli(&host, &["orders", "get", &first]).await.exits(0);
+    assert!(run.stdout.contains("compensation_failed") && run.stdout.contains("panicked"), "{run:#?}");
+
+    // Fix: bind the original compensation back, then retry the first; resolve the second by hand.
+    let bound = cli(&host, &["plugins", "bind", "order/payment", "--compensate", &original, "-o", "json"]).await;
+    assert_eq!(bound.exits(0).json()["compensate"], original.as_str());
+    let run = cli(&host, &["sagas", "retry", &first, "--note", "refund fixed", "--actor", "ops@example.com"]).await;
+    assert!(run.exits(0).stdout.contains(&first));
+    assert_eq!(host.wait_settled(&first).await["status"], "CANCELLED");
+    assert_eq!(host.state("payment", &format!("charge/{first}")).await.unwrap()["status"], "refunded");
+    let run = cli(&host, &["sagas", "retry", &first]).await.exits(6);
+    assert!(run.stderr.contains("HTTP 409"), "{run:#?}");
+    let resolved =
+        cli(&host, &["sagas", "resolve", &second, "--note", "refunded in the PSP console", "-o", "json"]).await;
+    assert_eq!(resolved.exits(0).json()["status"], "CANCELLED");
+    cli(&host, &["sagas", "resolve", "00000000-0000-0000-0000-000000000000", "--note", "x"]).await.exits(4);
+
+    // The plugin's state and the audit trail, through the CLI.
+    let state =
+        cli(&host, &["plugins", "state", "payment", "--prefix", &format!("charge/{first}"), "-o", "json"]).await;
+    assert_eq!(state.exits(0).json()["data"][0]["value"]["status"], "refunded");
+    let audit = cli(&host, &["audit", "--target", &first, "-o", "json"]).await.exits(0).json();
+    assert_eq!(audit["data"][0]["action"], "saga.retry");
+    assert_eq!(audit["data"][0]["actor"], "ops@example.com");
+    assert_eq!(audit["data"][0]["note"], "refund fixed");
+    let run = cli(&host, &["audit"]).await.exits(0);
+    for action in ["saga.define", "plugin.upload", "binding.change", "saga.retry", "saga.resolve"] {
+        assert!(run.stdout.contains(action), "{action} missing: {run:#?}");
+    }
+    let define = cli(&host, &["audit", "--target", "order", "-o", "json"]).await.exits(0).json();
+    assert_eq!(define["data"][0]["actor"], "ops@example.com");
+}
+
+#[tokio::test]
+async fn grants_refusals_and_local_usage_errors_have_their_exit_codes() {
+    let host = admin_host().await;
+    let run = cli(&host, &["plugins", "grants", "http-payment", "--allow", "HTTP://127.0.0.1", "-o", "json"]).await;
+    assert_eq!(run.exits(0).json(), json!({"plugin": "http-payment", "allowed_hosts": ["http://127.0.0.1:80"]}));
+    let run = cli(&host, &["plugins", "grants", "http-payment"]).await.exits(0);
+    assert!(run.stdout.contains("http://127.0.0.1:80"), "{run:#?}");
+    let run = cli(&host, &["plugins", "grants", "http-payment", "--revoke-all", "-o", "json"]).await.exits(0);
+    assert_eq!(run.json()["allowed_hosts"], json!([]));
+    // The API refuses (422 -> 1) with its reason.
+    let run = cli(&host, &["plugins", "grants", "http-payment", "--allow", "ftp://x"]).await.exits(1);
+    assert!(run.stderr.contains("allowed_hosts") && run.stderr.contains("HTTP 422"), "{run:#?}");
+    let junk = host.dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a component").unwrap();
+    let run = cli(&host, &["plugins", "upload", junk.to_str().unwrap(), "--name", "junk"]).await.exits(1);
+    assert!(run.stderr.contains("HTTP 422 invalid_plugin"), "{run:#?}");
+    // A failed bind after an upload says what was uploaded.
+    let wasm = host.dir.path().join("misbehave.wasm");
+    std::fs::write(&wasm, fixture("misbehave")).unwrap();
+    let run =
+        cli(&host, &["plugins", "upload", wasm.to_str().unwrap(), "--name", "spare", "--bind", "order/nope"]).await;
+    let run = run.exits(4);
+    assert!(run.stderr.contains("uploaded spare as sha256:") && run.stderr.contains("binding it failed"), "{run:#?}");
+
+    // Local usage errors: 2, before any request.
+    let run = cli(&host, &["plugins", "upload", "/nonexistent.wasm", "--name", "x"]).await.exits(2);
+    assert!(run.stderr.contains("cannot read /nonexistent.wasm"), "{run:#?}");
+    cli(&host, &["orders", "frobnicate"]).await.exits(2);
+    cli(&host, &["sagas", "define", "order", "/nonexistent.json"]).await.exits(2);
+    sagahost(&["orders", "list", "--url", "not a url"], &[]).await.exits(2);
+}
+
+#[tokio::test]
+async fn tokens_come_from_flags_or_the_environment_and_auth_failures_exit_5() {
+    let host = admin_host().await;
+    let run = sagahost(&["plugins", "list", "--url", &host.base], &[]).await.exits(5);
+    assert!(run.stderr.contains("Authorization: Bearer") && run.stderr.contains("HTTP 401"), "{run:#?}");
+    assert!(run.stderr.contains("pass --admin-token"), "the message names the flag: {run:#?}");
+    sagahost(&["audit", "--url", &host.base, "--admin-token", "wrong"], &[]).await.exits(5);
+    let env = [("SAGAHOST_URL", host.base.as_str()), ("SAGAHOST_ADMIN_TOKEN", TOKEN)];
+    let run = sagahost(&["plugins", "list"], &env).await.exits(0);
+    assert!(run.stdout.contains("inventory"), "{run:#?}");
+
+    // Admin routes are off on a host without an admin token: 403, also 5, with the reason.
+    let open = TestHost::start().await;
+    let run = sagahost(&["audit", "--url", &open.base, "--admin-token", "x"], &[]).await.exits(5);
+    assert!(run.stderr.contains("admin routes are off"), "{run:#?}");
+
+    // Client routes closed with --api-token on the host.
+    let closed = TestHost::start_with(|c| c.api_tokens = vec!["client-1".into()]).await;
+    sagahost(&["orders", "list", "--url", &closed.base], &[]).await.exits(5);
+    sagahost(&["orders", "list", "--url", &closed.base, "--api-token", "client-1"], &[]).await.exits(0);
+    sagahost(&["orders", "list", "--url", &closed.base], &[("SAGAHOST_API_TOKEN", "client-1")]).await.exits(0);
+}
+
+#[tokio::test]
+async fn an_unreachable_url_exits_3_and_a_url_that_is_not_sagahost_exits_8() {
+    // Nothing listens on a port that was just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let run = sagahost(&["orders", "list", "--url", &url], &[]).await.exits(3);
+    assert!(run.stderr.contains("cannot reach") && run.stderr.contains(&url), "{run:#?}");
+
+    // Something else answers: an HTTP server of another kind, and a server that is not HTTP.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_url = format!("http://{}", other.local_addr().unwrap());
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_url = format!("http://{}", garbage.local_addr().unwrap());
+    let answer = |listener: tokio::net::TcpListener, reply: &'static [u8]| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(reply).await;
+            let _ = socket.shutdown().await;
+        }
+    };
+    let a = tokio::spawn(answer(
+        other,
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot here!",
+    ));
+    let b = tokio::spawn(answer(garbage, b"SSH-2.0-OpenSSH_9.6\r\n"));
+    for (url, kind) in [(&other_url, "an HTTP server"), (&garbage_url, "not HTTP")] {
+        let run = sagahost(&["orders", "list", "--url", url], &[]).await;
+        assert_eq!(run.code, 8, "{kind}: {run:#?}");
+        assert!(run.stderr.contains("is --url the address of a sagahost"), "{kind}: {run:#?}");
+    }
+    a.abort();
+    b.abort();
+}
