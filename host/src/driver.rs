@@ -527,6 +527,10 @@ impl Inner {
             Ok(()) => {
                 crate::failpoint!("driver-after-commit");
                 self.metrics.commit(began.elapsed(), n);
+                let phase = rec.state.phase;
+                if phase.is_terminal() || phase == engine::Phase::CompensationFailed {
+                    self.metrics.settled(&rec.saga_type, rec.state.status.as_str());
+                }
                 Flushed::Done
             }
             Err(saga::Error::Fenced) => {

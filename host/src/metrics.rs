@@ -43,6 +43,14 @@ struct PhaseLabels {
     phase: &'static str,
 }
 
+/// Labels of a saga the driver settled.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SettledLabels {
+    saga_type: String,
+    /// `COMPLETED`, `CANCELLED` or `COMPENSATION_FAILED`.
+    status: String,
+}
+
 type HistogramFn = fn() -> Histogram;
 
 fn phase_histogram() -> Histogram {
@@ -67,6 +75,7 @@ pub struct Metrics {
     commit_seconds: Histogram,
     committed_transitions: Counter,
     stale_commits: Counter,
+    settled: Family<SettledLabels, Counter>,
     relay_leader: Gauge,
     dead_lettered: Counter,
     /// The gauges read from the store, and when: scrapes within [`STORE_GAUGES_TTL`] share one
@@ -145,6 +154,13 @@ impl Metrics {
             "Step results discarded because the saga's lease had passed to another worker (fencing)",
             stale_commits.clone(),
         );
+        let settled = Family::<SettledLabels, Counter>::default();
+        registry.register(
+            "sagas_settled",
+            "Sagas the driver brought to rest, by type and status: COMPLETED, CANCELLED, or COMPENSATION_FAILED \
+             (stuck until an operator retries or resolves it; alert on its rate)",
+            settled.clone(),
+        );
         let relay_leader = Gauge::default();
         registry.register(
             "relay_leader",
@@ -164,6 +180,7 @@ impl Metrics {
             commit_seconds,
             committed_transitions,
             stale_commits,
+            settled,
             relay_leader,
         })
     }
@@ -191,6 +208,11 @@ impl Metrics {
     pub fn commit(&self, elapsed: Duration, transitions: usize) {
         self.commit_seconds.observe(elapsed.as_secs_f64());
         self.committed_transitions.inc_by(transitions as u64);
+    }
+
+    /// The driver committed a saga into a terminal status or COMPENSATION_FAILED.
+    pub fn settled(&self, saga_type: &str, status: &str) {
+        self.settled.get_or_create(&SettledLabels { saga_type: saga_type.to_owned(), status: status.to_owned() }).inc();
     }
 
     pub fn published(&self, n: usize) {

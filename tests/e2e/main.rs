@@ -490,6 +490,32 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     assert!(text.trim_end().ends_with("# EOF"));
 }
 
+#[tokio::test]
+async fn the_example_alert_rules_name_only_metrics_the_host_exports() {
+    let host = TestHost::start().await;
+    host.run_order(&good_order()).await;
+    host.run_order(&order("tok_decline", "SKU-1", "US")).await;
+    let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+    // A settled saga is counted by type and status.
+    let settled = |status: &str| {
+        let start = format!(r#"sagahost_sagas_settled_total{{saga_type="order",status="{status}"}} "#);
+        text.lines().find_map(|l| l.strip_prefix(start.as_str())?.parse::<f64>().ok())
+    };
+    assert_eq!((settled("COMPLETED"), settled("CANCELLED")), (Some(1.0), Some(1.0)), "{text}");
+    let exported: std::collections::BTreeSet<&str> =
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/prometheus-alerts.yml")).unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    for (i, _) in rules.match_indices("sagahost_") {
+        let name: String =
+            rules[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        named.insert(name);
+    }
+    assert!(named.len() >= 8, "the rules name the metrics they alert on: {named:?}");
+    let missing: Vec<_> = named.iter().filter(|n| !exported.contains(n.as_str())).collect();
+    assert!(missing.is_empty(), "docs/prometheus-alerts.yml names metrics /metrics does not export: {missing:?}");
+}
+
 /// Every file path under `dir`.
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
