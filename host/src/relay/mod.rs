@@ -20,6 +20,8 @@
 //! that were delivered before; the first delivery of each event is always in order. The lease
 //! keeps the repeats rare.
 
+#[cfg(test)]
+mod bench;
 pub mod jsonl;
 pub mod kafka;
 #[cfg(test)]
