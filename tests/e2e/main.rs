@@ -2,6 +2,7 @@
 //! plugins/, a fresh SQLite file per test.
 
 mod bench_tool;
+mod console;
 mod crash;
 mod demo;
 mod fuzz;
