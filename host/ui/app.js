@@ -53,7 +53,7 @@ function setAttrs(el, attrs) {
   }
 }
 
-function append(el, children) {
+function append(el, ...children) {
   for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));

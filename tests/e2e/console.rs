@@ -360,7 +360,7 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     // token typed above is still in the page's memory, as navigation does not reload it.
     host.catalog.put_definition(original, DefinitionSource::Admin).await.unwrap();
     browser.click("#nav-stuck").await;
-    browser.text_until(&format!("#stuck tr[data-id='{stuck}']"), "the queue", |t| t.contains("payment")).await;
+    browser.text_until(&format!("#stuck tr[data-id='{stuck}']"), "the queue", |t| t.contains("no carrier for XX")).await;
     browser.type_into(&format!("#stuck tr[data-id='{stuck}'] input.note"), "bound the fixed refund").await;
     browser.click(&format!("#stuck tr[data-id='{stuck}'] button.retry")).await;
     browser.text_until("#notice", "the retry is accepted", |t| t.contains("Retry accepted")).await;

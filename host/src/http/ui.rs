@@ -67,11 +67,12 @@ async fn path(Path(path): Path<String>, headers: HeaderMap) -> Response {
         "app.js" => serve(&SCRIPT, StatusCode::OK, &headers),
         "app.css" => serve(&STYLE, StatusCode::OK, &headers),
         "icon.svg" => serve(&ICON, StatusCode::OK, &headers),
-        p if is_page(p) => serve(&INDEX, StatusCode::OK, &headers),
         // A file the console does not have: a plain 404, not a page a script tag would run.
+        // (No page's path has a dot: saga ids are UUIDs, type names have none.)
         p if p.rsplit('/').next().is_some_and(|last| last.contains('.')) => {
             super::error::ApiError::not_found("the console has no such file").into_response()
         }
+        p if is_page(p) => serve(&INDEX, StatusCode::OK, &headers),
         // Not a page of the console: the page itself, which says so, with a 404.
         _ => serve(&INDEX, StatusCode::NOT_FOUND, &headers),
     }
