@@ -35,7 +35,9 @@ async fn the_console_is_served_with_its_types_policy_and_validators() {
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.header("content-type").as_deref(), Some("text/html; charset=utf-8"));
     let csp = page.header("content-security-policy").expect("a Content-Security-Policy");
-    for directive in ["default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"] {
+    for directive in
+        ["default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"]
+    {
         assert!(csp.contains(directive), "{directive} missing from {csp}");
     }
     assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
@@ -300,10 +302,18 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
 
     // The list: every saga, the stuck one flagged in the navigation.
     b.goto(&host.url("/ui/")).await.unwrap();
-    browser.text_until(&format!("tr[data-id='{compensated}']"), "the compensated order is listed", |t| t.contains("CANCELLED")).await;
-    browser.text_until(&format!("tr[data-id='{completed}']"), "the completed order is listed", |t| t.contains("COMPLETED")).await;
     browser
-        .text_until(&format!("tr[data-id='{stuck}']"), "the stuck order is listed", |t| t.contains("COMPENSATION_FAILED"))
+        .text_until(&format!("tr[data-id='{compensated}']"), "the compensated order is listed", |t| {
+            t.contains("CANCELLED")
+        })
+        .await;
+    browser
+        .text_until(&format!("tr[data-id='{completed}']"), "the completed order is listed", |t| t.contains("COMPLETED"))
+        .await;
+    browser
+        .text_until(&format!("tr[data-id='{stuck}']"), "the stuck order is listed", |t| {
+            t.contains("COMPENSATION_FAILED")
+        })
         .await;
     browser.text_until("#stuck-count", "the navigation counts the stuck saga", |t| t == "1").await;
 
@@ -319,7 +329,8 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     browser.text_until("#saga-status", "the timeline of the compensated order", |t| t == "CANCELLED").await;
     assert_eq!(b.current_url().await.unwrap().path(), format!("/ui/sagas/order/{compensated}"));
     let events = browser.text_until("table.events", "the events", |t| t.contains("OrderCancelled")).await;
-    for needle in ["StepRetryScheduled", "PaymentCharged", "OrderCompensating", "StepCompensated", "no carrier for XX"] {
+    for needle in ["StepRetryScheduled", "PaymentCharged", "OrderCompensating", "StepCompensated", "no carrier for XX"]
+    {
         assert!(events.contains(needle), "{needle} missing from the events:\n{events}");
     }
     assert_eq!(b.find_all(Locator::Css("table.events tbody tr")).await.unwrap().len(), 9);
@@ -351,7 +362,8 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     browser.text_until("#plugins", "plugins without a token", |t| t.contains("admin token")).await;
     browser.type_into("#admin-token", TOKEN).await;
     browser.type_into("#actor", "ada@console").await;
-    let plugins = browser.text_until("#plugins", "plugins with the token", |t| t.contains("Bindings") && t.contains("v2")).await;
+    let plugins =
+        browser.text_until("#plugins", "plugins with the token", |t| t.contains("Bindings") && t.contains("v2")).await;
     for needle in ["inventory", "payment", "shipment", "order/payment compensate"] {
         assert!(plugins.contains(needle), "{needle} missing from the plugins page:\n{plugins}");
     }
@@ -360,7 +372,9 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     // token typed above is still in the page's memory, as navigation does not reload it.
     host.catalog.put_definition(original, DefinitionSource::Admin).await.unwrap();
     browser.click("#nav-stuck").await;
-    browser.text_until(&format!("#stuck tr[data-id='{stuck}']"), "the queue", |t| t.contains("no carrier for XX")).await;
+    browser
+        .text_until(&format!("#stuck tr[data-id='{stuck}']"), "the queue", |t| t.contains("no carrier for XX"))
+        .await;
     browser.type_into(&format!("#stuck tr[data-id='{stuck}'] input.note"), "bound the fixed refund").await;
     browser.click(&format!("#stuck tr[data-id='{stuck}'] button.retry")).await;
     browser.text_until("#notice", "the retry is accepted", |t| t.contains("Retry accepted")).await;

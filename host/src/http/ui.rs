@@ -119,7 +119,9 @@ mod tests {
 
     #[test]
     fn console_pages_are_recognised_and_nothing_else() {
-        for p in ["plugins", "stuck", "stuck/", "sagas/order/0190f0d2-0000-7000-8000-000000000000", "sagas/order-http/x"] {
+        for p in
+            ["plugins", "stuck", "stuck/", "sagas/order/0190f0d2-0000-7000-8000-000000000000", "sagas/order-http/x"]
+        {
             assert!(is_page(p), "{p}");
         }
         for p in ["", "nope", "sagas", "sagas/order", "sagas/Order/x", "sagas/order/x/y", "plugins/x"] {
