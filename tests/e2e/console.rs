@@ -317,6 +317,12 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
         .await;
     browser.text_until("#stuck-count", "the navigation counts the stuck saga", |t| t == "1").await;
 
+    // Searching by a whole id opens that saga.
+    browser.type_into("#search", &completed).await;
+    browser.click("#search-button").await;
+    browser.text_until("#saga-status", "the saga found by its id", |t| t == "COMPLETED").await;
+    assert_eq!(b.current_url().await.unwrap().path(), format!("/ui/sagas/order/{completed}"));
+
     // The status filter keeps only the cancelled ones.
     b.goto(&host.url("/ui/?type=order&status=CANCELLED")).await.unwrap();
     browser.text_until(&format!("tr[data-id='{compensated}']"), "filtered list", |t| t.contains("CANCELLED")).await;
