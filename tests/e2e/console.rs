@@ -196,7 +196,13 @@ impl Browser {
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start chromedriver at {}: {e}; run scripts/setup --browser (apt-get install chromium \
+                     chromium-driver), or point SAGAHOST_CHROMEDRIVER at a chromedriver",
+                    driver.display()
+                )
+            });
         let url = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
         while reqwest::get(format!("{url}/status")).await.map(|r| r.status().is_success()).ok() != Some(true) {
@@ -285,7 +291,10 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
     // A compensated order: payment fails twice (retryably), then shipment has no carrier, so
     // the charge is refunded and the reservation released.
-    let compensated = host.run_order(&order("tok_flaky", "SKU-1", "XX")).await;
+    // Its customer id is markup: the page must show it as text, never run it.
+    let mut body = order("tok_flaky", "SKU-1", "XX");
+    body["customer_id"] = json!("<img id=xss src=/nope onerror=alert(1)>");
+    let compensated = host.run_order(&body).await;
     assert_eq!(compensated["status"], "CANCELLED");
     let compensated = compensated["id"].as_str().unwrap().to_owned();
     let completed = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
@@ -346,6 +355,9 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     let bars = b.find_all(Locator::Css("#timeline-chart rect.bar-compensate")).await.unwrap();
     assert_eq!(bars.len(), 2, "a compensation bar for payment and one for inventory");
     assert!(b.find_all(Locator::Css("#timeline-chart rect.bar-execute.failed")).await.unwrap().len() >= 2);
+    assert!(b.find_all(Locator::Css("img")).await.unwrap().is_empty(), "markup from the input became an element");
+    b.find(Locator::Css("#saga-input summary")).await.unwrap().click().await.unwrap();
+    browser.text_until("#saga-input pre", "the input, as text", |t| t.contains("<img id=xss")).await;
     let reason = browser.text_until("#saga-reason", "the reason", |t| !t.is_empty()).await;
     assert_eq!(reason, "shipment: no carrier for XX");
     let png = b.screenshot().await.unwrap();
