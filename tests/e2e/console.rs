@@ -325,6 +325,11 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
         })
         .await;
     browser.text_until("#stuck-count", "the navigation counts the stuck saga", |t| t == "1").await;
+    // Live: a saga created while the list is open appears in it without a reload.
+    let late = host.run_order(&order("tok_decline", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
+    browser
+        .text_until(&format!("tr[data-id='{late}']"), "a new saga shows up by itself", |t| t.contains("CANCELLED"))
+        .await;
 
     // Searching by a whole id opens that saga.
     browser.type_into("#search", &completed).await;
@@ -336,7 +341,7 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     b.goto(&host.url("/ui/?type=order&status=CANCELLED")).await.unwrap();
     browser.text_until(&format!("tr[data-id='{compensated}']"), "filtered list", |t| t.contains("CANCELLED")).await;
     let rows = b.find_all(Locator::Css("table.sagas tbody tr")).await.unwrap();
-    assert_eq!(rows.len(), 1, "only the cancelled order passes the filter");
+    assert_eq!(rows.len(), 2, "only the two cancelled orders pass the filter");
 
     // Open the compensated order from the list: its timeline.
     b.goto(&host.url("/ui/")).await.unwrap();
