@@ -452,7 +452,7 @@ function sagaPage(main, type, id) {
       shownStatus = saga.status;
       replace(ops, saga.status === "COMPENSATION_FAILED" ? operatorPanel(saga, () => reload()) : null);
     }
-    replace(chart, timelineChart(saga, evs));
+    replace(chart, timelineChart(saga, evs, chart.clientWidth));
     replace(steps, stepsTable(saga, evs));
     replace(events, eventsTable(saga, evs));
     if (!input.firstChild) {
@@ -549,12 +549,14 @@ function niceStep(range) {
   return steps.find((v) => v >= target) || steps[steps.length - 1];
 }
 
-function timelineChart(saga, evs) {
+// `width`: the room the chart has (its container's width), so it fills the page.
+function timelineChart(saga, evs, width) {
   if (evs.length === 0) return h("p", { class: "empty" }, "No events (they may have been deleted after the outbox retention).");
   const { rows, marks } = spans(saga, evs);
   const t0 = ms(evs[0].at);
   const t1 = Math.max(TERMINAL.has(saga.status) ? ms(evs[evs.length - 1].at) : Date.now(), t0 + 1);
-  const labelW = 150, plotW = 860, rowH = 22, top = 26;
+  const labelW = 150, rowH = 22, top = 26;
+  const plotW = Math.max(300, (width || 1030) - labelW - 40);
   const lines = [];
   for (const [name, r] of rows) {
     lines.push({ label: name, spans: r.execute });

@@ -217,7 +217,7 @@ impl Browser {
                 "--no-sandbox",
                 "--disable-gpu",
                 "--disable-dev-shm-usage",
-                "--window-size=1400,1200",
+                "--window-size=1400,1400",
                 "--hide-scrollbars",
                 format!("--user-data-dir={}", profile.path().display()),
             ]
@@ -360,9 +360,6 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     let bars = b.find_all(Locator::Css("#timeline-chart rect.bar-compensate")).await.unwrap();
     assert_eq!(bars.len(), 2, "a compensation bar for payment and one for inventory");
     assert!(b.find_all(Locator::Css("#timeline-chart rect.bar-execute.failed")).await.unwrap().len() >= 2);
-    assert!(b.find_all(Locator::Css("img")).await.unwrap().is_empty(), "markup from the input became an element");
-    b.find(Locator::Css("#saga-input summary")).await.unwrap().click().await.unwrap();
-    browser.text_until("#saga-input pre", "the input, as text", |t| t.contains("<img id=xss")).await;
     let reason = browser.text_until("#saga-reason", "the reason", |t| !t.is_empty()).await;
     assert_eq!(reason, "shipment: no carrier for XX");
     let png = b.screenshot().await.unwrap();
@@ -373,6 +370,9 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
         host.dir.path().join("console-timeline.png")
     };
     std::fs::write(&shot, &png).unwrap();
+    assert!(b.find_all(Locator::Css("img")).await.unwrap().is_empty(), "markup from the input became an element");
+    b.find(Locator::Css("#saga-input summary")).await.unwrap().click().await.unwrap();
+    browser.text_until("#saga-input pre", "the input, as text", |t| t.contains("<img id=xss")).await;
 
     // A deep link opened directly: the stuck saga's timeline, with the operator's actions.
     b.goto(&host.url(&format!("/ui/sagas/order/{stuck}"))).await.unwrap();
