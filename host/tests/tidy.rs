@@ -163,6 +163,19 @@ fn the_operator_cli_is_only_a_client_of_the_host() {
 }
 
 #[test]
+fn the_console_only_serves_files() {
+    // The web console is a client of the public API like any other: its module serves the
+    // embedded files and reads nothing of the host's state, so the console can show nothing
+    // (and change nothing) that the API does not.
+    let state =
+        ["AppState", "State(", "crate::store", "crate::saga", "crate::catalog", "crate::driver", "crate::runtime"];
+    let (_, text) = sources().into_iter().find(|(p, _)| p == "http/ui.rs").expect("http/ui.rs exists");
+    let offences: Vec<String> =
+        hits(&text, &state).into_iter().map(|(l, c)| format!("  host/src/http/ui.rs:{l}: {c}")).collect();
+    assert!(offences.is_empty(), "http/ui.rs serves files only; found:\n{}", offences.join("\n"));
+}
+
+#[test]
 fn the_rules_above_can_fail() {
     // A check that cannot fail checks nothing: feed the matcher a line it must catch, and a
     // comment it must skip.

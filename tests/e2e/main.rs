@@ -3,6 +3,7 @@
 
 mod bench_tool;
 mod cli;
+mod console;
 mod crash;
 mod demo;
 mod fuzz;

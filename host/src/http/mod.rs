@@ -1,5 +1,7 @@
 //! The HTTP API (axum): routes, shared state, limits and the OpenAPI document.
 //!
+//! The web console (`ui.rs`, `/ui/`) is served from here too: files embedded at build time.
+//!
 //! Architecture invariant: handlers never call plugins or Kafka. They validate, read and write
 //! through the store, and wake the driver; the driver does the work.
 
@@ -7,11 +9,13 @@ pub mod admin;
 pub mod dead_letters;
 pub mod error;
 pub mod grants;
+pub mod history;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod plugins;
 pub mod sagas;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sagas::get_saga))
         .routes(routes!(sagas::cancel_saga))
         .routes(routes!(sagas::signal_saga))
+        .routes(routes!(history::saga_events))
         .layer(DefaultBodyLimit::max(SAGA_BODY_LIMIT))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_client))
         .split_for_parts();
@@ -117,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin_routes)
         .merge(upload_routes)
         .merge(health_routes)
+        .merge(ui::routes())
         .route("/openapi.json", axum::routing::get(move || async move { Json(api.as_ref().clone()) }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

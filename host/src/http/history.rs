@@ -1,0 +1,90 @@
+//! `GET /sagas/{type}/{id}/events`: one saga's history, the events of its transitions in `seq`
+//! order, exactly as they were published (SPEC §6). The web console draws its timeline from
+//! them; operators read them to see every attempt, wait, signal and compensation.
+//!
+//! Read-only, and it decides nothing: the events are the outbox rows the saga service wrote
+//! with each transition, so the history needs no table of its own.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::sagas::{check_id, json_response, not_found};
+use super::AppState;
+
+/// One event of a saga (SPEC §6), as published to Kafka or `events.jsonl`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventView {
+    /// Unique per event (a UUIDv7): consumers drop repeats by it.
+    pub event_id: String,
+    pub saga_id: String,
+    pub saga_type: String,
+    /// 1 for the saga's first event, no gaps.
+    pub seq: i64,
+    /// e.g. `OrderCreated`, `PaymentCharged`, `StepRetryScheduled`, `StepWaiting`,
+    /// `SignalReceived`, `OrderCompensating`, `StepCompensated`, `OrderCancelled`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The saga's status after the transition.
+    pub status: String,
+    /// Commit time, RFC 3339.
+    pub at: String,
+    /// What the transition says: the step, attempt, output, error, signal, wait or reason.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// A saga's events, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    /// In `seq` order. Published events are deleted after the outbox retention
+    /// (`--outbox-retention-hours`): when the first `seq` is above 1, the older ones are gone.
+    pub data: Vec<EventView>,
+}
+
+/// A saga's history: the event of every transition, oldest first.
+///
+/// Every attempt that failed retryably (`StepRetryScheduled`), every wait (`StepWaiting`), signal,
+/// compensation and operator action is one event. Events older than the outbox retention may
+/// have been deleted once published.
+#[utoipa::path(get, path = "/sagas/{type}/{id}/events", tag = "sagas", params(
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"),
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses((status = 200, description = "The saga's events, oldest first", body = EventList),
+              (status = 404, description = "No saga of this type with this id", body = ErrorBody)))]
+pub async fn saga_events(
+    State(state): State<AppState>,
+    Path((saga_type, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_id(Some(&saga_type), &id)?;
+    // One indexed read (outbox's unique (saga_id, seq)); the saga row is read only when there
+    // are no events to say which type the saga is (its events all purged, or no saga at all).
+    let rows = state.store.outbox_for_saga(&id).await?;
+    match rows.first() {
+        Some(first) => {
+            let first: serde_json::Value = serde_json::from_str(&first.payload).map_err(ApiError::internal)?;
+            if first["saga_type"] != saga_type.as_str() {
+                return Err(not_found(Some(&saga_type), &id));
+            }
+        }
+        None => {
+            if state.sagas.get(Some(&saga_type), &id).await?.is_none() {
+                return Err(not_found(Some(&saga_type), &id));
+            }
+        }
+    }
+    // The payloads are the event JSON as published: written out as they are, not re-encoded.
+    let mut body = Vec::with_capacity(16 + rows.iter().map(|r| r.payload.len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"data\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(row.payload.as_bytes());
+    }
+    body.extend_from_slice(b"]}");
+    Ok(json_response(StatusCode::OK, body, None))
+}
