@@ -21,7 +21,7 @@
 //! keeps the repeats rare.
 
 #[cfg(test)]
-mod bench;
+mod bench_tests;
 pub mod jsonl;
 pub mod kafka;
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! only when asked (`scripts/bench` does, in release):
 //!
 //! ```sh
-//! cargo test --release -p sagahost --lib relay::bench -- --ignored --nocapture
+//! cargo test --release -p sagahost --lib relay::bench_tests -- --ignored --nocapture
 //! ```
 //!
 //! Knobs: `BENCH_RELAY_SAGAS` (4,000 sagas of 5 events each), `BENCH_RELAY_BATCH` (the relay's
