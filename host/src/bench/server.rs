@@ -189,22 +189,8 @@ pub fn figures(before: &Scrape, after: &Scrape, sagas: u64, elapsed: Duration) -
     let mut out = BTreeMap::new();
     for f in FIGURES {
         let value = match f.kind {
-            Kind::HistogramMean { family, scale } => {
-                let sum = Scrape::delta(before, after, &format!("{family}_sum"));
-                let count = Scrape::delta(before, after, &format!("{family}_count"));
-                match (sum, count) {
-                    (Some(sum), Some(count)) if count > 0.0 => Some(sum / count * scale),
-                    _ => None,
-                }
-            }
-            Kind::LabelledMean { family, label, scale } => {
-                let sum = Scrape::delta(before, after, &format!("{family}_sum|{label}"));
-                let count = Scrape::delta(before, after, &format!("{family}_count|{label}"));
-                match (sum, count) {
-                    (Some(sum), Some(count)) if count > 0.0 => Some(sum / count * scale),
-                    _ => None,
-                }
-            }
+            Kind::HistogramMean { family, scale } => mean(before, after, family, "", scale),
+            Kind::LabelledMean { family, label, scale } => mean(before, after, family, &format!("|{label}"), scale),
             Kind::PerSaga { sample } => {
                 Scrape::delta(before, after, sample).filter(|_| sagas > 0).map(|d| d / sagas as f64)
             }
@@ -219,6 +205,14 @@ pub fn figures(before: &Scrape, after: &Scrape, sagas: u64, elapsed: Duration) -
         }
     }
     out
+}
+
+/// A histogram's mean over the run (`_sum` delta / `_count` delta), times `scale`; `suffix`
+/// picks a label's sums (`|label="value"`, see [`Scrape`]) or, empty, all of them.
+fn mean(before: &Scrape, after: &Scrape, family: &str, suffix: &str, scale: f64) -> Option<f64> {
+    let sum = Scrape::delta(before, after, &format!("{family}_sum{suffix}"))?;
+    let count = Scrape::delta(before, after, &format!("{family}_count{suffix}"))?;
+    (count > 0.0).then(|| sum / count * scale)
 }
 
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat`. It is 100 on every
