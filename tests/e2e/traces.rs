@@ -246,3 +246,65 @@ async fn a_saga_resumed_after_a_crash_stays_in_its_trace() {
     check_tree(&spans, &id, parts[2]);
     host.kill().await;
 }
+
+/// A plugin's outbound requests are spans under its call, and carry their context: the
+/// `order-http` saga against the demo services, declined, so that a compensation calls out too.
+#[tokio::test]
+async fn outbound_requests_of_plugins_are_spans_under_their_call() {
+    use crate::services::{Api, Services, TOKEN};
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = receiver.env().to_vec();
+    env.push(("SAGAHOST_ADMIN_TOKEN", TOKEN));
+    let host = HostProcess::spawn(dir.path(), None, &env).await;
+    let api = Api::new(&host.base);
+    let services = Services::start(&host.base, &[], &[]).await;
+    services.grant(&api).await;
+    api.define("order-http", &services.definition()).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/sagas/order-http", host.base))
+        .header("Idempotency-Key", key())
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&order("tok_decline", "SKU-1", "US"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    loop {
+        let url = format!("{}/sagas/order-http/{id}", host.base);
+        let s: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        if s["status"] == "CANCELLED" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "saga {id} is not CANCELLED after 30 s: {s:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Each plugin call of inventory (reserve, then release) made a request: a client span,
+    // a child of the call, in the client's trace, with the service's answer.
+    let outbound_of = |spans: &[Span], step: &str, call: &str| -> Vec<Span> {
+        let saga = saga_spans(spans, &id);
+        let attempts: HashSet<String> = attempts(&saga, step, call).iter().map(|s| s.span_id.clone()).collect();
+        let calls: HashSet<String> = saga
+            .iter()
+            .filter(|c| c.attr("digest").is_some() && attempts.contains(&c.parent))
+            .map(|c| c.span_id.clone())
+            .collect();
+        spans.iter().filter(|s| calls.contains(&s.parent) && s.attr("url.full").is_some()).cloned().collect()
+    };
+    let spans = receiver
+        .wait_for(|s| !outbound_of(s, "inventory", "execute").is_empty() && !outbound_of(s, "inventory", "compensate").is_empty())
+        .await;
+    for call in ["execute", "compensate"] {
+        let out = outbound_of(&spans, "inventory", call);
+        assert!(!out.is_empty(), "no outbound span under inventory's {call} call among {spans:#?}");
+        for s in out {
+            assert_eq!(s.trace_id, CLIENT_TRACE, "{s:?}");
+            assert!(s.attr("url.full").unwrap().starts_with("http://127.0.0.1:"), "{s:?}");
+            assert!(s.attr("http.response.status_code").is_some(), "{s:?}");
+        }
+    }
+    host.kill().await;
+}
