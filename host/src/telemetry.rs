@@ -139,4 +139,28 @@ mod tests {
         assert_eq!(sc.trace_id().to_string(), trace_id(&tp));
         assert_eq!(tp, derived_traceparent("o-1"));
     }
+
+    /// What the host's spans do with a stored context: a span parented on it is in its trace
+    /// with a span id of its own, and the `traceparent` of a span under it (what an outbound
+    /// request carries) names that span's trace and the child's id.
+    #[test]
+    fn spans_parented_on_a_stored_context_continue_its_trace() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            let stored = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+            let step = tracing::info_span!("step");
+            set_parent(&step, context_of(stored));
+            let step_tp = traceparent_of(&step).expect("an exported span has a context");
+            assert_eq!(trace_id(&step_tp), trace_id(stored));
+            assert_ne!(step_tp, stored, "a span of its own");
+            let out = step.in_scope(|| tracing::info_span!("http.client"));
+            let out_tp = traceparent_of(&out).unwrap();
+            assert_eq!(trace_id(&out_tp), trace_id(stored));
+            assert_ne!(out_tp, step_tp);
+            assert_eq!(traceparent_of(&tracing::Span::none()), None, "no span, no context");
+        });
+    }
 }

@@ -222,7 +222,9 @@ async fn a_compensated_order_is_one_trace_under_the_clients_traceparent() {
     assert_eq!((request.name.as_str(), request.trace_id.as_str()), ("POST /orders", CLIENT_TRACE));
     assert_eq!(request.parent, CLIENT_SPAN, "the request's span is a child of the client's");
     check_tree(&spans, &id, &intake.span_id);
-    host.kill().await;
+    // A graceful stop flushes the exporter and still exits 0.
+    let status = host.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "SIGTERM with traces on must exit 0, got {status}");
 }
 
 #[tokio::test]
@@ -295,7 +297,9 @@ async fn outbound_requests_of_plugins_are_spans_under_their_call() {
         spans.iter().filter(|s| calls.contains(&s.parent) && s.attr("url.full").is_some()).cloned().collect()
     };
     let spans = receiver
-        .wait_for(|s| !outbound_of(s, "inventory", "execute").is_empty() && !outbound_of(s, "inventory", "compensate").is_empty())
+        .wait_for(|s| {
+            !outbound_of(s, "inventory", "execute").is_empty() && !outbound_of(s, "inventory", "compensate").is_empty()
+        })
         .await;
     for call in ["execute", "compensate"] {
         let out = outbound_of(&spans, "inventory", call);
