@@ -51,7 +51,13 @@ impl Exporter {
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name("sagahost").build();
+        // `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` are honoured; the name defaults
+        // to `sagahost`.
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("sagahost");
+        }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
         ENABLED.store(true, Ordering::Relaxed);
         Ok(Exporter { provider })
