@@ -421,12 +421,14 @@ impl Inner {
                 Action::Finish => Ok(Called::host(Event::Finish)),
                 Action::DeadlineExceeded { step } => Ok(Called::host(Event::DeadlineExceeded { step })),
                 Action::Execute { step, attempt } => {
-                    let out = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now)).await;
+                    let call = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now));
+                    let out = traced(attempt_span(&rec, step, attempt, "execute"), call).await;
                     crate::failpoint!("driver-after-call");
                     out
                 }
                 Action::Compensate { step, attempt } => {
-                    let out = self.heartbeat(&id, epoch, self.compensate(&rec, step, attempt)).await;
+                    let call = self.heartbeat(&id, epoch, self.compensate(&rec, step, attempt));
+                    let out = traced(attempt_span(&rec, step, attempt, "compensate"), call).await;
                     crate::failpoint!("driver-after-compensate-call");
                     out
                 }
@@ -645,7 +647,8 @@ impl Inner {
         let timeout = Duration::from_millis(sdef.timeout_ms);
         // A version bound through another replica a moment ago: load it rather than fail.
         self.catalog.ensure_loaded(&sdef.execute.digest).await;
-        let out = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout).await;
+        let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
+        let out = traced(plugin_span(&sdef.execute, "execute"), call).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
         self.record(rec, &sdef.name, "execute", &out);
         let outcome = out.result.map_err(|e| e.0)?;
@@ -673,7 +676,8 @@ impl Inner {
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
         self.catalog.ensure_loaded(&binding.digest).await;
-        let out = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout).await;
+        let call = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout);
+        let out = traced(plugin_span(&binding, "compensate"), call).await;
         self.record(rec, &sdef.name, "compensate", &out);
         let outcome = out.result.map_err(|e| e.0)?;
         if let CompensateOutcome::Failed(e) = &outcome {
@@ -693,6 +697,55 @@ impl Inner {
             reached_out: out.reached_out,
         })
     }
+}
+
+/// Runs `work` in `span` when traces are on; as it is otherwise (no span is built then).
+async fn traced<F: std::future::Future>(span: Option<tracing::Span>, work: F) -> F::Output {
+    use tracing::Instrument as _;
+    match span {
+        Some(span) => work.instrument(span).await,
+        None => work.await,
+    }
+}
+
+/// The span of one step attempt (with traces on): a child of the saga's stored context, so
+/// that every attempt, on whichever replica and after whichever restart, is in the saga's
+/// trace. Log lines inside it carry the saga and trace ids.
+fn attempt_span(rec: &SagaRecord, step: usize, attempt: u32, call: &'static str) -> Option<tracing::Span> {
+    if !crate::telemetry::enabled() {
+        return None;
+    }
+    let parent = crate::telemetry::saga_context(&rec.id, rec.trace_parent.as_deref());
+    let trace_id = {
+        use opentelemetry::trace::TraceContextExt as _;
+        parent.span().span_context().trace_id().to_string()
+    };
+    let step_name = &rec.definition.steps[step].name;
+    let span = tracing::info_span!(
+        "saga.step",
+        otel.name = %format!("{call} {step_name}"),
+        saga_id = %rec.id,
+        saga_type = %rec.saga_type,
+        trace_id = %trace_id,
+        step = %step_name,
+        attempt,
+        call,
+    );
+    crate::telemetry::set_parent(&span, parent);
+    Some(span)
+}
+
+/// The span of one plugin call (with traces on), a child of the attempt's span.
+fn plugin_span(binding: &engine::PluginRef, call: &'static str) -> Option<tracing::Span> {
+    crate::telemetry::enabled().then(|| {
+        tracing::info_span!(
+            "plugin.call",
+            otel.name = %format!("plugin {} {call}", binding.plugin),
+            plugin = %binding.plugin,
+            digest = %binding.digest,
+            call,
+        )
+    })
 }
 
 /// Runs `work` in `tasks`, holding `permit` (one of the driver's concurrency slots) until it ends.

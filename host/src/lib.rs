@@ -20,6 +20,7 @@ pub mod relay;
 pub mod runtime;
 pub mod saga;
 pub mod store;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

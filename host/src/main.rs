@@ -138,6 +138,10 @@ struct Serve {
     /// Log format: text or json.
     #[arg(long, env = "SAGAHOST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// OpenTelemetry collector to send traces to over OTLP/HTTP (protobuf), e.g.
+    /// http://localhost:4318 (`/v1/traces` is appended). Without one, no traces are made.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_setting(s: &str) -> Result<(String, String), String> {
@@ -202,12 +206,25 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Bench(args) => return Ok(sagahost::bench::run(args).await),
         Command::Client(command) => return Ok(sagahost::cli::run(command).await),
     };
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
-    if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    let logs = if args.log_format == "json" {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    // Traces: only with an endpoint; the log filter does not thin them out.
+    let exporter = match args.otlp_endpoint.as_deref().filter(|e| !e.trim().is_empty()) {
+        Some(endpoint) => Some(sagahost::telemetry::Exporter::new(endpoint)?),
+        None => None,
+    };
+    let traces = exporter.as_ref().map(|e| {
+        let targets = tracing_subscriber::filter::Targets::new().with_target("sagahost", tracing::Level::INFO);
+        e.layer().with_filter(targets)
+    });
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(traces).init();
 
     let config = config(args);
     let app = sagahost::App::build(config).await?;
@@ -228,7 +245,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         tracing::info!("shutting down");
         signal.cancel();
     });
-    app.run(shutdown).await?;
+    let ran = app.run(shutdown).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    ran?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

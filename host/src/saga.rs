@@ -98,6 +98,7 @@ impl Sagas {
             epoch: 0,
             created_at: now,
             updated_at: now,
+            trace_parent: None,
         };
         Draft { record, event: engine::created(def, input) }
     }
@@ -116,6 +117,14 @@ impl Sagas {
         // Created claimed by this process's driver, which gets it handed over below: no
         // claim and no read of what was just written.
         let lease = self.driver.claim_for_new();
+        // The intake span: a child of the request's (whose parent is the client's
+        // `traceparent`), stored with the saga as the parent of all its later spans.
+        let intake = if crate::telemetry::enabled() {
+            tracing::info_span!("saga.intake", saga_id = %rec.id, saga_type = %rec.saga_type)
+        } else {
+            tracing::Span::none()
+        };
+        let trace_parent = crate::telemetry::traceparent_of(&intake);
         let new = NewSaga {
             id: rec.id.clone(),
             definition: rec.definition.clone(),
@@ -124,13 +133,17 @@ impl Sagas {
             event: envelope.wrap(&draft.event),
             now: rec.created_at,
             lease: lease.clone(),
+            trace_parent: trace_parent.clone(),
         };
-        let outcome = self.store.create_saga(&new, claim, rec.created_at).await?;
+        let outcome = {
+            use tracing::Instrument as _;
+            self.store.create_saga(&new, claim, rec.created_at).instrument(intake).await?
+        };
         if outcome == CreateOutcome::Created {
             let status = rec.state.status.clone();
             self.driver.announce(StatusChange { saga_id: rec.id.clone(), status, settled: false, record: None });
             match lease {
-                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, ..rec.clone() }),
+                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, trace_parent, ..rec.clone() }),
                 None => self.driver.wake(),
             }
         }
@@ -271,7 +284,22 @@ impl Sagas {
             now,
             audit,
         };
-        let seq = self.store.commit(&commit).await?;
+        let seq = if crate::telemetry::enabled() {
+            use tracing::Instrument as _;
+            let span = tracing::info_span!(
+                "saga.commit",
+                saga_id = %rec.id,
+                transitions = events.len(),
+                status = %rec.state.status,
+                seq = tracing::field::Empty,
+            );
+            crate::telemetry::set_parent(&span, crate::telemetry::saga_context(&rec.id, rec.trace_parent.as_deref()));
+            let seq = self.store.commit(&commit).instrument(span.clone()).await?;
+            span.record("seq", seq);
+            seq
+        } else {
+            self.store.commit(&commit).await?
+        };
         tracing::debug!(saga_id = %rec.id, seq, transitions = events.len(), status = %rec.state.status, "committed");
         let settled = rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed;
         rec.seq = seq;

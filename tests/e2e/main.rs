@@ -20,6 +20,7 @@ mod replicas;
 mod security;
 mod services;
 mod serving;
+mod traces;
 
 use std::time::Duration;
 

@@ -127,8 +127,28 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.gates), limits::guard))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// The span of one request: as tower-http's default (debug) with traces off; with traces on an
+/// exported server span whose parent is the request's `traceparent`, when it has one. A saga
+/// created by the request is a child of it, so a client's trace contains the saga's.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    if !crate::telemetry::enabled() {
+        return tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), version = ?req.version());
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        method = %req.method(),
+        uri = %req.uri(),
+    );
+    if let Some(parent) = crate::telemetry::context_from_headers(req.headers()) {
+        crate::telemetry::set_parent(&span, parent);
+    }
+    span
 }
 
 async fn not_found() -> ApiError {

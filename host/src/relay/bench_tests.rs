@@ -58,6 +58,7 @@ async fn fill(store: &Arc<dyn Store>, prefix: &str, sagas: usize) {
                     event: event(&id, 1),
                     now: 0,
                     lease: None,
+                    trace_parent: None,
                 };
                 store.create_saga(&saga, None, 0).await.unwrap();
                 let events: Vec<OutboxEvent> = (2..=EVENTS_PER_SAGA).map(|seq| event(&id, seq)).collect();

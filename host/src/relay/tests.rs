@@ -93,6 +93,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             event: event(id, 1),
             now: 0,
             lease: None,
+            trace_parent: None,
         };
         store.create_saga(&saga, None, 0).await.unwrap();
     }

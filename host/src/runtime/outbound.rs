@@ -159,12 +159,48 @@ impl WasiHttpHooks for Outbound {
                 headers.insert(HeaderName::from_static("idempotency-key"), key);
             }
         }
+        // With traces on, each request is a span (a child of the plugin call's) and carries
+        // its context; otherwise a `traceparent` derived from the saga and the attempt.
+        let span = crate::telemetry::enabled().then(|| {
+            let uri = request.uri();
+            tracing::info_span!(
+                "http.client",
+                otel.name = %format!("{} {}", request.method(), uri.host().unwrap_or("")),
+                otel.kind = "client",
+                http.request.method = %request.method(),
+                url.full = %uri,
+                plugin = %call.plugin,
+                http.response.status_code = tracing::field::Empty,
+            )
+        });
+        let headers = request.headers_mut();
         if !headers.contains_key("traceparent") {
-            let value =
-                call.traceparent.get_or_init(|| traceparent(&call.saga_id, &call.idempotency_key, call.attempt));
-            headers.insert(HeaderName::from_static("traceparent"), value.clone());
+            let traced = span.as_ref().and_then(crate::telemetry::traceparent_of);
+            match traced.and_then(|tp| HeaderValue::from_str(&tp).ok()) {
+                Some(value) => {
+                    headers.insert(HeaderName::from_static("traceparent"), value);
+                }
+                None => {
+                    let value = call
+                        .traceparent
+                        .get_or_init(|| traceparent(&call.saga_id, &call.idempotency_key, call.attempt));
+                    headers.insert(HeaderName::from_static("traceparent"), value.clone());
+                }
+            }
         }
-        Box::new(async move { call.send(request).await })
+        match span {
+            Some(span) => Box::new(tracing::Instrument::instrument(
+                async move {
+                    let sent = call.send(request).await;
+                    if let Ok((response, _)) = &sent {
+                        tracing::Span::current().record("http.response.status_code", response.status().as_u16());
+                    }
+                    sent
+                },
+                span,
+            )),
+            None => Box::new(async move { call.send(request).await }),
+        }
     }
 }
 

@@ -84,6 +84,9 @@ pub struct SagaRecord {
     pub epoch: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The W3C `traceparent` of the saga's intake span: the parent of its every span. `None`
+    /// when it was created with tracing off.
+    pub trace_parent: Option<String>,
 }
 
 /// A saga to create, with its first outbox event.
@@ -99,6 +102,8 @@ pub struct NewSaga {
     /// Created already claimed: (owner, lease in ms from the database's now), at epoch 1,
     /// as if [`SagaStore::claim_due`] had claimed it. `None`: unclaimed, epoch 0.
     pub lease: Option<(String, i64)>,
+    /// The W3C `traceparent` of the intake span, stored with the saga.
+    pub trace_parent: Option<String>,
 }
 
 /// The idempotency key a creating request presents.

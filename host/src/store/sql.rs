@@ -18,7 +18,7 @@ use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
 const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
-     lease_owner, lease_until, created_at, updated_at, last_event_id";
+     lease_owner, lease_until, created_at, updated_at, last_event_id, trace_parent";
 
 /// The statements that embed a dialect clause, composed once per store.
 struct Statements {
@@ -35,18 +35,18 @@ impl Statements {
         let now = d.now_ms();
         let insert_saga_values = format!(
             "$1, $2, $3, $4, $5, $6, $7, 1, $8, CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
-             CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9, $12"
+             CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9, $12, $13"
         );
         let skip_locked = d.skip_locked();
         Statements {
             // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
-            // $12 is its first event's id (see `IF_COMMITTED`).
+            // $12 is its first event's id (see `IF_COMMITTED`), $13 its trace context.
             insert_saga: format!("INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING id"),
-            // The same, only if the idempotency key ($13..$15) was claimed for this saga by the
+            // The same, only if the idempotency key ($14..$16) was claimed for this saga by the
             // statement before (a key that was not new names another saga, or none).
             insert_saga_if_claimed: format!(
                 "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {insert_saga_values} WHERE EXISTS \
-                 (SELECT 1 FROM idempotency_keys WHERE caller = $13 AND route = $14 AND key = $15 AND saga_id = $1) \
+                 (SELECT 1 FROM idempotency_keys WHERE caller = $14 AND route = $15 AND key = $16 AND saga_id = $1) \
                  RETURNING id"
             ),
             // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
@@ -299,6 +299,7 @@ impl SagaStore for SqlStore {
             Arg::Text(owner),
             Arg::Int(lease_ms),
             Arg::text(&saga.event.event_id),
+            Arg::Text(saga.trace_parent.clone()),
         ];
         match claim {
             Some(c) => {
@@ -336,8 +337,8 @@ impl SagaStore for SqlStore {
         // One read transaction, so the saga row and its steps are one snapshot.
         let mut tx = self.reader.begin_with(self.dialect.begin_snapshot()).await?;
         let Some(r) = sqlx::query(
-            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at \
-             FROM sagas WHERE id = $1",
+            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at, \
+             trace_parent FROM sagas WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -378,6 +379,7 @@ impl SagaStore for SqlStore {
             epoch: r.try_get("epoch")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
+            trace_parent: r.try_get("trace_parent")?,
         }))
     }
 

@@ -75,7 +75,7 @@ fn new_saga(id: &str) -> NewSaga {
     let state = SagaState::new(&d, 0);
     let spec = EventSpec { event_type: "OrderCreated".into(), data: serde_json::json!({}) };
     let event = Envelope { saga_id: id, saga_type: "order", seq: 1, status: &state.status, at: 0 }.wrap(&spec);
-    NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0, lease: None }
+    NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0, lease: None, trace_parent: None }
 }
 
 /// The event of the transition from `read_seq`, as a caller builds it.
@@ -969,6 +969,34 @@ async fn a_saga_created_with_a_lease_is_born_claimed() {
         assert_eq!(b.store.commit(&c).await.unwrap(), 2, "{}", b.name);
         assert_eq!(b.store.release_owner("me").await.unwrap(), 1, "{}", b.name);
         assert_eq!(b.store.claim_due("other", 0, 60_000, 10).await.unwrap(), [("owned".to_owned(), 2)], "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+/// The trace context of the intake span is stored with the saga and read back with it, with
+/// and without an idempotency key; a saga created with tracing off has none.
+#[tokio::test]
+async fn a_sagas_trace_parent_is_stored_with_it() {
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for b in backends().await {
+        let traced = NewSaga { trace_parent: Some(tp.into()), ..new_saga("traced") };
+        b.store.create_saga(&traced, None, 0).await.unwrap();
+        let keyed = NewSaga { trace_parent: Some(tp.into()), ..new_saga("keyed") };
+        let claim = IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders".into(),
+            key: "kt".into(),
+            fingerprint: "f".into(),
+            lock_ms: 100,
+            ttl_ms: 10_000,
+            response: None,
+        };
+        assert_eq!(b.store.create_saga(&keyed, Some(&claim), 0).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        b.store.create_saga(&new_saga("plain"), None, 0).await.unwrap();
+        for (id, want) in [("traced", Some(tp)), ("keyed", Some(tp)), ("plain", None)] {
+            let rec = b.store.saga(id).await.unwrap().unwrap();
+            assert_eq!(rec.trace_parent.as_deref(), want, "{}: {id}", b.name);
+        }
         b.cleanup().await;
     }
 }
