@@ -135,32 +135,35 @@ async fn drain(label: &str, store: &Arc<dyn Store>, sink: Box<dyn Sink>, sagas: 
     rate
 }
 
+/// A store to measure: its name, and the scratch PostgreSQL database to drop afterwards
+/// (admin URL, database URL).
+type Backend = (&'static str, Arc<dyn Store>, Option<(String, String)>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --ignored --nocapture, in release"]
 async fn relay_throughput() {
     let sagas: usize = env_or("BENCH_RELAY_SAGAS", 4_000);
     let dir = tempfile::tempdir().unwrap();
-    let mut stores: Vec<(&str, Arc<dyn Store>, Option<(String, String)>)> =
-        vec![("sqlite", crate::store::open(None, dir.path()).await.unwrap(), None)];
+    let mut stores: Vec<Backend> = vec![("sqlite", crate::store::open(None, dir.path()).await.unwrap(), None)];
     if let Ok(admin) = std::env::var("SAGAHOST_TEST_POSTGRES") {
         let url = crate::store::postgres::scratch_database(&admin, "sagahost_bench_relay").await.unwrap();
         stores.push(("postgres", crate::store::open(Some(&url), dir.path()).await.unwrap(), Some((admin, url))));
     }
     for (backend, store, _) in &stores {
-        let mut sinks: Vec<(&str, Box<dyn FnOnce() -> Box<dyn Sink>>)> = Vec::new();
+        let mut sinks: Vec<(&str, Box<dyn Sink>)> = Vec::new();
         let events = dir.path().join(format!("events-{backend}.jsonl"));
         let jsonl = jsonl::JsonlSink::open(&events, Default::default()).await.unwrap();
-        sinks.push(("events.jsonl", Box::new(move || Box::new(jsonl))));
+        sinks.push(("events.jsonl", Box::new(jsonl)));
         if let Ok(brokers) = std::env::var("BENCH_KAFKA_BROKERS") {
             let topic = std::env::var("BENCH_KAFKA_TOPIC").unwrap_or_else(|_| "sagahost.bench".into());
             let sink = kafka::KafkaSink::new(kafka::KafkaOptions { brokers, topic, settings: Vec::new() }).unwrap();
-            sinks.push(("kafka", Box::new(move || Box::new(sink))));
+            sinks.push(("kafka", Box::new(sink)));
         }
         for (name, sink) in sinks {
             let started = Instant::now();
             fill(store, name, sagas).await;
             println!("relay {backend}: filled {sagas} sagas in {:.2} s", started.elapsed().as_secs_f64());
-            drain(&format!("{backend} -> {name}"), store, sink(), sagas).await;
+            drain(&format!("{backend} -> {name}"), store, sink, sagas).await;
         }
     }
     for (_, _, pg) in stores {
