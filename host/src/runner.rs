@@ -100,7 +100,7 @@ struct RunArgs {
     #[arg(long, default_value = "saga-1")]
     saga_id: String,
     /// Saga type of the call context.
-    #[arg(long, default_value = "order")]
+    #[arg(long, default_value = "local")]
     saga_type: String,
     /// Step name of the call context.
     #[arg(long, default_value = "step")]
