@@ -50,7 +50,7 @@ enum PluginCommand {
     /// Run one execute or compensate call of a component locally, with the host's runtime and
     /// limits, and print what it did.
     #[command(after_help = EXIT_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a component as an upload does (world, version, imports), and say why not.
     #[command(after_help = EXIT_HELP)]
     Check(CheckArgs),
@@ -151,7 +151,7 @@ fn usage(message: impl Into<String>) -> Stop {
 /// Runs `sagahost plugin ...`; returns the exit code.
 pub async fn run(args: Args) -> ExitCode {
     let result = match args.command {
-        PluginCommand::Run(args) => run_call(args).await,
+        PluginCommand::Run(args) => run_call(*args).await,
         PluginCommand::Check(args) => check(args).await,
     };
     match result {

@@ -344,7 +344,7 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     let stderr = MemoryOutputPipe::new(4 << 10);
     let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
     let limits = call.limits;
-    let host = HostState::new(
+    let mut host = HostState::new(
         call.plugin,
         &call.info.saga_id,
         &call.info.step,
@@ -352,8 +352,8 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
         limits.clone(),
         Deadline::new(call.timeout),
         call.timeout,
-        call.record,
     );
+    host.recorded_logs = call.record.then(Vec::new);
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
     let outbound = Outbound::new(
         call.plugin,

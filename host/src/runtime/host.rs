@@ -85,7 +85,6 @@ impl HostState {
         limits: Limits,
         deadline: Arc<Deadline>,
         timeout: Duration,
-        record: bool,
     ) -> HostState {
         HostState {
             plugin: plugin.to_owned(),
@@ -100,7 +99,7 @@ impl HostState {
             write_bytes: 0,
             log_lines: 0,
             logs_dropped: 0,
-            recorded_logs: record.then(Vec::new),
+            recorded_logs: None,
             host_error: None,
         }
     }
