@@ -76,14 +76,15 @@ struct RunArgs {
     /// The component (.wasm), as `cargo build --target wasm32-wasip2` makes it.
     component: PathBuf,
     /// The whole step input JSON as the host builds it:
-    /// {"input": <saga input>, "steps": {<earlier step>: <its output>}, "config": <step config>}.
-    #[arg(long)]
+    /// {"input": <saga input>, "steps": {<earlier step>: <its output>}, "config": <step config>};
+    /// @FILE reads it from a file.
+    #[arg(long, value_name = "JSON")]
     input: String,
     /// Which export to call.
     #[arg(long = "call", value_enum, default_value_t = Export::Execute)]
     call: Export,
     /// Execute's output JSON, which compensate receives (required with --call compensate).
-    #[arg(long = "output", required_if_eq("call", "compensate"))]
+    #[arg(long = "output", value_name = "JSON", required_if_eq("call", "compensate"))]
     execute_output: Option<String>,
     /// A JSON object of the plugin's committed state: key -> value. A string value is stored
     /// as its UTF-8 bytes; any other value as its JSON text.
@@ -277,7 +278,13 @@ async fn check(args: CheckArgs) -> Result<u8, Stop> {
 }
 
 async fn run_call(args: RunArgs) -> Result<u8, Stop> {
-    let input: Value = serde_json::from_str(&args.input).map_err(|e| usage(format!("--input is not JSON: {e}")))?;
+    let input = match args.input.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the input file {path}: {e}")))?
+        }
+        None => args.input.clone(),
+    };
+    let input: Value = serde_json::from_str(&input).map_err(|e| usage(format!("--input is not JSON: {e}")))?;
     let execute_output = match &args.execute_output {
         Some(text) => {
             Some(serde_json::from_str::<Value>(text).map_err(|e| usage(format!("--output is not JSON: {e}")))?)
@@ -306,8 +313,11 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
         concurrent_calls: 1,
         ..Limits::default()
     };
+    let memory_limit = limits.memory_bytes;
     let runtime = new_runtime(limits, Seeded { state, grants: grants.clone() })?;
+    let loading = std::time::Instant::now();
     let (digest, caps) = load(&runtime, wasm).await?;
+    let load_ms = millis(loading.elapsed());
     let info = CallInfo {
         idempotency_key: format!("{}:{}:{}", args.saga_id, args.step, args.call.name()),
         saga_id: args.saga_id.clone(),
@@ -358,6 +368,8 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
         },
         "allowed_hosts": grants,
         "timeout_ms": args.timeout_ms,
+        "memory_limit_bytes": memory_limit,
+        "load_ms": load_ms,
     });
     if let (Value::Object(report), Value::Object(header)) = (&mut report, header) {
         for (k, v) in header {
@@ -477,7 +489,19 @@ fn human(r: &Value) -> String {
         ph["run"].as_f64().unwrap_or(0.0),
         ph["collect"].as_f64().unwrap_or(0.0),
     );
-    let _ = writeln!(s, "peak memory: {} bytes", r["peak_memory_bytes"]);
+    let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / f64::from(1 << 20);
+    let _ = writeln!(
+        s,
+        "peak memory: {} bytes ({:.1} MiB of the {:.0} MiB limit)",
+        r["peak_memory_bytes"],
+        mib(&r["peak_memory_bytes"]),
+        mib(&r["memory_limit_bytes"])
+    );
+    let _ = writeln!(
+        s,
+        "compile: {:.1} ms (before the call, once per version on a host)",
+        r["load_ms"].as_f64().unwrap_or(0.0)
+    );
     s
 }
 

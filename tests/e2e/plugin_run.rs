@@ -103,6 +103,8 @@ async fn a_payment_charges_writes_its_state_and_logs_in_text_and_json() {
     assert!(!r["logs"].as_array().unwrap().is_empty(), "{r:#}");
     assert!(r["wall_ms"].as_f64().unwrap() > 0.0, "{r:#}");
     assert!(r["phases_ms"]["run"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert_eq!(r["memory_limit_bytes"], 64 << 20);
+    assert!(r["load_ms"].as_f64().unwrap() > 0.0, "{r:#}");
     let peak = r["peak_memory_bytes"].as_u64().unwrap();
     assert!(peak > 0 && peak <= 64 << 20, "peak memory {peak}");
     assert_eq!(r["outbound"], json!([]));
@@ -185,6 +187,15 @@ async fn seeded_state_is_what_the_plugin_reads_and_compensate_refunds_it() {
     .exits(0)
     .json();
     assert_eq!(r["output"], json!({"refunded_cents": 0}));
+    // The input may come from a file.
+    let input_file = dir.path().join("input.json");
+    std::fs::write(&input_file, &input).unwrap();
+    let at = format!("@{}", input_file.to_string_lossy());
+    let r = sagahost(&["plugin", "run", &payment, "--input", &at, "--saga-id", "o-7", "--state", &state, "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert_eq!(r["output"]["amount_cents"], 900, "{r:#}");
     // String values are stored raw: the fixture reads back exactly what was seeded.
     std::fs::write(dir.path().join("s.json"), r#"{"misbehave/s-1": "hello"}"#).unwrap();
     let seeded = dir.path().join("s.json").to_string_lossy().into_owned();
