@@ -17,6 +17,7 @@ pub mod grants;
 pub mod http;
 pub mod metrics;
 pub mod relay;
+pub mod runner;
 pub mod runtime;
 pub mod saga;
 pub mod store;

@@ -1,5 +1,6 @@
 //! The `sagahost` binary: parses flags (each also an environment variable) and runs the app,
-//! the load generator (`sagahost bench`, in the library's `bench` module), or one of the
+//! the load generator (`sagahost bench`, in the library's `bench` module), a plugin author's
+//! local tools (`sagahost plugin run|check`, in the library's `runner` module), or one of the
 //! operator commands against a running host (`sagahost orders|plugins|sagas|audit`, in the
 //! library's `cli` module).
 
@@ -23,6 +24,9 @@ enum Command {
     Serve(Serve),
     /// Load-test a running host: closed or open loop, latency percentiles, throughput, errors.
     Bench(sagahost::bench::Args),
+    /// A plugin author's tools, local and without a host: run one call of a component, or
+    /// check it as an upload would.
+    Plugin(sagahost::runner::Args),
     #[command(flatten)]
     Client(sagahost::cli::Command),
 }
@@ -204,6 +208,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Bench(args) => return Ok(sagahost::bench::run(args).await),
+        Command::Plugin(args) => return Ok(sagahost::runner::run(args).await),
         Command::Client(command) => return Ok(sagahost::cli::run(command).await),
     };
     use tracing_subscriber::layer::SubscriberExt as _;

@@ -13,6 +13,7 @@ mod invariants;
 mod kafka;
 mod lifecycle;
 mod operators;
+mod plugin_run;
 mod plugins;
 mod process;
 mod races;

@@ -39,7 +39,7 @@ use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
 use super::wit::{Answer, Export, Prepared};
-use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Unavailable};
+use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Recorded, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
 
 /// Extra wall-clock time beyond a call's deadline before the host abandons the future. Epoch
@@ -122,6 +122,8 @@ pub(super) struct Call<'a> {
     pub(super) plugin: &'a str,
     pub(super) info: &'a CallInfo,
     pub(super) timeout: Duration,
+    /// Keep the call's log lines and requests ([`super::Recorded`]).
+    pub(super) record: bool,
 }
 
 /// How a call ended, before it is shaped into an engine outcome.
@@ -273,7 +275,9 @@ async fn run<T>(
         None => ended,
     };
     let instantiated = store.data().instantiated;
-    let state = store.into_data().host;
+    let peak_memory_bytes = store.data().memory.used;
+    let requests = store.data().outbound.requests();
+    let mut state = store.into_data().host;
     if let Some(e) = host_error {
         return unavailable(e, started);
     }
@@ -283,11 +287,22 @@ async fn run<T>(
     if let Some(e) = state.host_error {
         return unavailable(e, started);
     }
+    let recorded =
+        Recorded { logs: state.recorded_logs.take().unwrap_or_default(), logs_dropped: state.logs_dropped, requests };
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
     let ended = Instant::now();
     let phases = Phases::split(started, built, instantiated, returned, ended);
-    CallOutcome { result: Ok(outcome), writes, elapsed: ended - started, label, reached_out, phases }
+    CallOutcome {
+        result: Ok(outcome),
+        writes,
+        elapsed: ended - started,
+        label,
+        reached_out,
+        phases,
+        peak_memory_bytes,
+        recorded,
+    }
 }
 
 impl Phases {
@@ -319,6 +334,8 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
         label: "unavailable",
         reached_out: false,
         phases: Phases::default(),
+        peak_memory_bytes: 0,
+        recorded: Recorded::default(),
     }
 }
 
@@ -327,7 +344,7 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
     let stderr = MemoryOutputPipe::new(4 << 10);
     let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
     let limits = call.limits;
-    let host = HostState::new(
+    let mut host = HostState::new(
         call.plugin,
         &call.info.saga_id,
         &call.info.step,
@@ -336,9 +353,16 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
         Deadline::new(call.timeout),
         call.timeout,
     );
+    host.recorded_logs = call.record.then(Vec::new);
     let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
-    let outbound =
-        Outbound::new(call.plugin, call.info, Arc::clone(call.reader), limits.http.clone(), Arc::clone(&host.deadline));
+    let outbound = Outbound::new(
+        call.plugin,
+        call.info,
+        Arc::clone(call.reader),
+        limits.http.clone(),
+        Arc::clone(&host.deadline),
+        call.record,
+    );
     let state = CallState {
         wasi,
         http: WasiHttpCtx::new(),

@@ -38,6 +38,18 @@ pub(super) enum Level {
     Error,
 }
 
+impl Level {
+    fn name(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
 /// What the host keeps for the imports during one call.
 pub(super) struct HostState {
     pub(super) plugin: String,
@@ -57,6 +69,8 @@ pub(super) struct HostState {
     write_bytes: usize,
     log_lines: u32,
     pub(super) logs_dropped: u32,
+    /// The log lines kept, when the runtime records calls (`Runtime::recording`).
+    pub(super) recorded_logs: Option<Vec<super::LogLine>>,
     /// Set when an import failed for the host's own reasons (the database): the call then
     /// ends unavailable, whatever the plugin did with the trap.
     pub(super) host_error: Option<String>,
@@ -85,6 +99,7 @@ impl HostState {
             write_bytes: 0,
             log_lines: 0,
             logs_dropped: 0,
+            recorded_logs: None,
             host_error: None,
         }
     }
@@ -288,7 +303,10 @@ fn log(mut store: StoreContextMut<'_, CallState>, level: Level, message: WasmStr
     host.log_lines += 1;
     let max = host.limits.log_line_bytes;
     let message = sanitize(&message.to_str(&store)?, max);
-    let host = &store.data().host;
+    let host = &mut store.data_mut().host;
+    if let Some(lines) = &mut host.recorded_logs {
+        lines.push(super::LogLine { level: level.name(), message: message.clone() });
+    }
     let (saga_id, step, plugin) = (&host.saga_id, &host.step, &host.plugin);
     match level {
         Level::Trace => tracing::trace!(target: "plugin", %saga_id, %step, %plugin, "{message}"),

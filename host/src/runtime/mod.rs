@@ -138,6 +138,45 @@ pub struct CallOutcome<T> {
     pub reached_out: bool,
     /// Where `elapsed` went.
     pub phases: Phases,
+    /// The most memory the call held at once: its linear memories and tables together, the
+    /// figure [`Limits::memory_bytes`] caps. Memory only grows during a call, so this is what
+    /// it held when it ended.
+    pub peak_memory_bytes: usize,
+    /// The call's log lines and outbound requests, kept only by a runtime made with
+    /// [`Runtime::recording`] (`sagahost plugin run`); empty otherwise.
+    pub recorded: Recorded,
+}
+
+/// What a recording runtime keeps of a call besides its outcome, for a plugin's author.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The log lines kept (at most [`Limits::log_lines`], each sanitised and cut as the host
+    /// logs them).
+    pub logs: Vec<LogLine>,
+    /// Log lines dropped over [`Limits::log_lines`].
+    pub logs_dropped: u32,
+    /// Every outbound HTTP request the plugin made, in order, denied ones included.
+    pub requests: Vec<OutboundRequest>,
+}
+
+/// One log line of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// One outbound HTTP request of a plugin and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRequest {
+    pub method: String,
+    /// The URL as the plugin asked for it.
+    pub url: String,
+    /// The response's status, if one came.
+    pub status: Option<u16>,
+    /// Why no response came (the wasi:http error code, e.g. `HttpRequestDenied`).
+    pub error: Option<String>,
 }
 
 /// Where a call's time went: the parts add up to [`CallOutcome::elapsed`]. Kept for the
@@ -189,6 +228,8 @@ pub struct Runtime {
     /// One permit per sandbox slot of the engine's pool: a call holds one while its store
     /// lives, so the pool never runs out.
     slots: tokio::sync::Semaphore,
+    /// Keep each call's log lines and requests in [`CallOutcome::recorded`].
+    record: bool,
 }
 
 impl Runtime {
@@ -205,7 +246,15 @@ impl Runtime {
         }
         let cache = cache::Cache::new();
         let slots = tokio::sync::Semaphore::new(limits.concurrent_calls.max(1) as usize);
-        Ok(Runtime { engine, linker, cache, reader, limits, slots })
+        Ok(Runtime { engine, linker, cache, reader, limits, slots, record: false })
+    }
+
+    /// This runtime keeps every call's log lines and outbound requests in
+    /// [`CallOutcome::recorded`] (for `sagahost plugin run`; the host's own runtime does not,
+    /// and pays nothing for it).
+    pub fn recording(mut self) -> Runtime {
+        self.record = true;
+        self
     }
 
     /// Compiles and checks a component, and keeps it ready under its digest. Compiling takes
@@ -263,6 +312,7 @@ impl Runtime {
             plugin,
             info,
             timeout,
+            record: self.record,
         }
     }
 

@@ -38,7 +38,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::call::Deadline;
-use super::PluginReader;
+use super::{OutboundRequest, PluginReader};
 use crate::grants::{self, Host, Origin, Scheme};
 
 /// Limits on a call's outbound HTTP. Configurable on the command line.
@@ -88,6 +88,8 @@ struct CallFacts {
     /// The plugin's granted origins, parsed; read on its first request.
     grants: tokio::sync::OnceCell<Result<Vec<Origin>, String>>,
     notes: Mutex<Notes>,
+    /// Every request and how it went, when the runtime records calls (`Runtime::recording`).
+    recorded: Option<Mutex<Vec<OutboundRequest>>>,
 }
 
 impl Outbound {
@@ -97,6 +99,7 @@ impl Outbound {
         reader: Arc<dyn PluginReader>,
         limits: HttpLimits,
         deadline: Arc<Deadline>,
+        record: bool,
     ) -> Outbound {
         Outbound {
             call: Arc::new(CallFacts {
@@ -111,7 +114,17 @@ impl Outbound {
                 sent: AtomicU32::new(0),
                 grants: tokio::sync::OnceCell::new(),
                 notes: Mutex::new(Notes::default()),
+                recorded: record.then(|| Mutex::new(Vec::new())),
             }),
+        }
+    }
+
+    /// The requests recorded during the call (none unless it records). Taken once, when the
+    /// call ends.
+    pub(super) fn requests(&self) -> Vec<OutboundRequest> {
+        match &self.call.recorded {
+            Some(list) => std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
         }
     }
 
@@ -135,10 +148,40 @@ type Sent = Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(),
 impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        mut request: http::Request<WasiBody>,
+        request: http::Request<WasiBody>,
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
+        if self.call.recorded.is_none() {
+            return self.send(request);
+        }
+        // Taken before the host rewrites the URI to the checked address.
+        let (method, url) = (request.method().clone(), request.uri().to_string());
+        let call = Arc::clone(&self.call);
+        let sending = self.send(request);
+        let Some(recorded) = &call.recorded else { return sending };
+        let index = {
+            let mut list = recorded.lock().unwrap_or_else(|e| e.into_inner());
+            list.push(OutboundRequest { method: method.to_string(), url, status: None, error: None });
+            list.len() - 1
+        };
+        Box::new(async move {
+            let sent = Box::into_pin(sending).await;
+            if let Some(recorded) = &call.recorded {
+                let mut list = recorded.lock().unwrap_or_else(|e| e.into_inner());
+                match &sent {
+                    Ok((response, _)) => list[index].status = Some(response.status().as_u16()),
+                    Err(e) => list[index].error = Some(format!("{e:?}")),
+                }
+            }
+            sent
+        })
+    }
+}
+
+impl Outbound {
+    /// Sends one request of the plugin's (steps 1 to 6 of the module's doc).
+    fn send(&mut self, mut request: http::Request<WasiBody>) -> Box<dyn Future<Output = Sent> + Send> {
         let call = Arc::clone(&self.call);
         let n = call.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if n > call.limits.max_requests {

@@ -851,3 +851,51 @@ async fn a_call_reports_where_its_time_went() {
     assert_eq!(setup + instantiate + run + collect, out.elapsed);
     assert!(instantiate > Duration::ZERO && run > Duration::ZERO, "{:?}", out.phases);
 }
+
+#[tokio::test]
+async fn every_call_reports_its_peak_memory_within_the_limit() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "fine").await;
+    assert!(out.peak_memory_bytes > 0 && out.peak_memory_bytes <= Limits::default().memory_bytes, "{out:?}");
+    let limits = Limits { memory_bytes: 8 << 20, ..Limits::default() };
+    let (runtime, digest) = misbehave(limits, FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "oom").await;
+    trapped(&out);
+    // The refused growth is not counted: the peak is what the call really held.
+    assert!(out.peak_memory_bytes > 1 << 20 && out.peak_memory_bytes <= 8 << 20, "{}", out.peak_memory_bytes);
+}
+
+#[tokio::test]
+async fn only_a_recording_runtime_keeps_log_lines_and_requests() {
+    let service = Service::start(Some("{}".into())).await;
+    let http = http_input("http-get-1", &service.origin);
+    // The host's runtime keeps nothing.
+    let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http, TIMEOUT).await;
+    assert_eq!(out.label, "done", "{out:?}");
+    assert_eq!(out.recorded, Recorded::default());
+    let recording = |reader| Arc::new(Runtime::new(Limits::default(), Arc::new(reader)).unwrap().recording());
+    let runtime = recording(granting(&service.origin));
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http, TIMEOUT).await;
+    assert_eq!(
+        out.recorded.requests,
+        vec![OutboundRequest {
+            method: "GET".into(),
+            url: format!("{}/", service.origin),
+            status: Some(200),
+            error: None
+        }]
+    );
+    // A denied request is recorded with the reason; logs are kept as the host logs them.
+    let runtime = recording(FakeReader::default());
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http, TIMEOUT).await;
+    assert_eq!(out.recorded.requests.len(), 1);
+    assert_eq!(out.recorded.requests[0].status, None);
+    assert_eq!(out.recorded.requests[0].error.as_deref(), Some("HttpRequestDenied"));
+    let out = execute(&runtime, &digest, "log-flood").await;
+    assert_eq!(out.recorded.logs.len(), Limits::default().log_lines as usize);
+    assert!(out.recorded.logs_dropped > 0);
+    assert!(out.recorded.logs.iter().all(|l| !l.level.is_empty() && !l.message.is_empty()));
+}
