@@ -11,6 +11,8 @@
 "use strict";
 
 const POLL_MS = 2000;
+// The saga type shown when none is asked for: the host writes it into the page.
+const DEFAULT_TYPE = document.documentElement.dataset.defaultSagaType;
 const STATUSES = ["CREATED", "COMPLETED", "COMPENSATING", "CANCELLED", "COMPENSATION_FAILED"];
 const TERMINAL = new Set(["COMPLETED", "CANCELLED"]);
 
@@ -265,7 +267,7 @@ async function loadCatalog() {
 }
 
 function knownTypes(extra) {
-  const types = new Set(state.definitions ? state.definitions.map((d) => d.type) : ["order"]);
+  const types = new Set(state.definitions ? state.definitions.map((d) => d.type) : [DEFAULT_TYPE]);
   if (extra) types.add(extra);
   return [...types].sort();
 }
@@ -286,7 +288,7 @@ async function refreshStuckCount() {
 function listPage(main) {
   document.title = "Sagas · sagahost";
   const params = new URLSearchParams(location.search);
-  const type = params.get("type") || "order";
+  const type = params.get("type") || DEFAULT_TYPE;
   const status = params.get("status") || "";
   const cursor = params.get("cursor") || "";
   const query = params.get("q") || "";
@@ -297,7 +299,7 @@ function listPage(main) {
   const search = h("input", { id: "search", type: "search", value: query, placeholder: "saga id (or part of one on this page)", spellcheck: "false" });
   const apply = () => {
     const p = new URLSearchParams();
-    p.set("type", typeInput.value.trim() || "order");
+    p.set("type", typeInput.value.trim() || DEFAULT_TYPE);
     if (statusSelect.value) p.set("status", statusSelect.value);
     if (search.value.trim()) p.set("q", search.value.trim());
     navigate("/ui/?" + p.toString());
@@ -328,7 +330,7 @@ function listPage(main) {
   const find = async () => {
     const q = search.value.trim();
     if (!isUuid(q)) return apply();
-    for (const t of [typeInput.value.trim() || "order", ...knownTypes().filter((t) => t !== typeInput.value.trim())]) {
+    for (const t of [typeInput.value.trim() || DEFAULT_TYPE, ...knownTypes().filter((t) => t !== typeInput.value.trim())]) {
       try {
         await api("GET", `/sagas/${encodeURIComponent(t)}/${q}`);
         return navigate(sagaPath(t, q.toLowerCase()));

@@ -14,6 +14,7 @@
 
 use std::sync::LazyLock;
 
+use axum::body::Bytes;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -30,26 +31,41 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 /// One embedded file.
 struct Asset {
-    body: &'static [u8],
+    body: LazyLock<Bytes>,
     content_type: &'static str,
     /// A strong validator, the content's hash, so a browser revalidates with one small request.
     etag: LazyLock<String>,
 }
 
+impl Asset {
+    const fn new(body: fn() -> Bytes, etag: fn() -> String, content_type: &'static str) -> Asset {
+        Asset { body: LazyLock::new(body), content_type, etag: LazyLock::new(etag) }
+    }
+}
+
+/// The strong validator of `body`.
+fn etag_of(body: &[u8]) -> String {
+    format!("\"{}\"", &hex::encode(Sha256::digest(body))[..32])
+}
+
 macro_rules! asset {
     ($file:literal, $content_type:literal) => {
-        Asset {
-            body: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/ui/", $file)),
-            content_type: $content_type,
-            etag: LazyLock::new(|| {
-                let body = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/ui/", $file));
-                format!("\"{}\"", &hex::encode(Sha256::digest(body))[..32])
-            }),
-        }
+        Asset::new(
+            || Bytes::from_static(include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/ui/", $file))),
+            || etag_of(include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/ui/", $file))),
+            $content_type,
+        )
     };
 }
 
-static INDEX: Asset = asset!("index.html", "text/html; charset=utf-8");
+/// The page, with the saga type it shows when none is asked for: the first built-in one (the
+/// script names no saga type itself).
+fn index() -> Bytes {
+    let page = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/ui/index.html"));
+    Bytes::from(page.replace("{{default-saga-type}}", crate::builtin::ALL[0].saga_type))
+}
+
+static INDEX: Asset = Asset::new(index, || etag_of(&INDEX.body), "text/html; charset=utf-8");
 static SCRIPT: Asset = asset!("app.js", "text/javascript; charset=utf-8");
 static STYLE: Asset = asset!("app.css", "text/css; charset=utf-8");
 static ICON: Asset = asset!("icon.svg", "image/svg+xml");
@@ -97,7 +113,8 @@ fn serve(asset: &Asset, status: StatusCode, headers: &HeaderMap) -> Response {
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    let mut r = if fresh { StatusCode::NOT_MODIFIED.into_response() } else { (status, asset.body).into_response() };
+    let mut r =
+        if fresh { StatusCode::NOT_MODIFIED.into_response() } else { (status, asset.body.clone()).into_response() };
     let h = r.headers_mut();
     if !fresh {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
@@ -131,7 +148,7 @@ mod tests {
 
     #[test]
     fn the_page_loads_only_embedded_files() {
-        let html = std::str::from_utf8(INDEX.body).unwrap();
+        let html = std::str::from_utf8(&INDEX.body).unwrap();
         for needed in ["/ui/app.js", "/ui/app.css", "/ui/icon.svg"] {
             assert!(html.contains(needed), "index.html does not load {needed}");
         }

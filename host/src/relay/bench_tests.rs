@@ -32,7 +32,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn event(saga: &str, seq: i64) -> OutboxEvent {
     let event_id = uuid::Uuid::now_v7().to_string();
     let payload = serde_json::json!({
-        "event_id": event_id, "saga_id": saga, "saga_type": "order", "seq": seq, "type": "X",
+        "event_id": event_id, "saga_id": saga, "saga_type": "bench", "seq": seq, "type": "X",
         "status": "RUNNING", "at": 0, "data": {"note": "a payload about the size of a real event's"},
     })
     .to_string();
