@@ -63,15 +63,18 @@ pub struct Client {
 
 /// Checks a `--url`: an `http://` URL with a host, returned without a trailing slash.
 pub fn parse_url(s: &str) -> Result<String, String> {
+    parse_base_url(s, "https is not supported by the generator; point it at the replicas or a plain-HTTP load balancer")
+}
+
+/// Checks the base URL of a host (the generator's and the operator CLI's `--url`): `http://`
+/// with a host and no path, returned without a trailing slash; `no_https` says what to do
+/// instead of `https://`.
+pub fn parse_base_url(s: &str, no_https: &str) -> Result<String, String> {
     let s = s.trim().trim_end_matches('/');
     let uri: Uri = s.parse().map_err(|e| format!("'{s}' is not a URL ({e}); e.g. http://127.0.0.1:8080"))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
-            return Err("https is not supported by the generator; point it at the replicas or a plain-HTTP \
-                        load balancer"
-                .to_owned())
-        }
+        Some("https") => return Err(no_https.to_owned()),
         _ => return Err(format!("'{s}' has no http:// scheme; e.g. http://127.0.0.1:8080")),
     }
     if uri.host().is_none_or(str::is_empty) {

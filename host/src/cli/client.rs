@@ -39,22 +39,10 @@ pub enum Payload {
 
 /// Checks `--url`: an `http://` URL with a host and no path, returned without a trailing slash.
 pub fn parse_url(s: &str) -> Result<String, String> {
-    let s = s.trim().trim_end_matches('/');
-    let uri: Uri = s.parse().map_err(|e| format!("'{s}' is not a URL ({e}); e.g. http://127.0.0.1:8080"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("https is not supported: the host serves plain HTTP; give its own http:// address".into())
-        }
-        _ => return Err(format!("'{s}' has no http:// scheme; e.g. http://127.0.0.1:8080")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("'{s}' names no host; e.g. http://127.0.0.1:8080"));
-    }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
-        return Err(format!("'{s}' has a path; give the base URL only, e.g. http://127.0.0.1:8080"));
-    }
-    Ok(s.to_owned())
+    crate::bench::client::parse_base_url(
+        s,
+        "https is not supported: the host serves plain HTTP; give its own http:// address",
+    )
 }
 
 /// Percent-encodes one path segment or query value: everything but RFC 3986's unreserved
