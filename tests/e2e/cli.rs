@@ -2,54 +2,12 @@
 //! binary as a child process against a real host, its JSON output parsed, its tables read,
 //! its exit codes checked against the documented ones (docs/cli.md).
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use crate::harness::{fixture, key, order, TestHost};
-use crate::process::binary;
+use crate::process::{run_command as sagahost, Run};
 
 const TOKEN: &str = "cli-admin-token";
-
-/// What one run of the CLI did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-
-    /// Asserts the exit code; returns the run for more checks.
-    fn exits(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code of {self:#?}");
-        self
-    }
-}
-
-/// Runs `sagahost ARGS` with a clean environment (none of the SAGAHOST_* variables of whoever
-/// runs the tests), `env` added.
-async fn sagahost(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(binary());
-    cmd.args(args).kill_on_drop(true);
-    for var in ["SAGAHOST_URL", "SAGAHOST_ADMIN_TOKEN", "SAGAHOST_API_TOKEN", "SAGAHOST_ACTOR", "NO_COLOR"] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("sagahost {args:?} did not end within 60 s"))
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// Runs `sagahost ARGS --url <host> --admin-token <TOKEN>` (global flags go after the command).
 async fn cli(host: &TestHost, args: &[&str]) -> Run {

@@ -64,14 +64,15 @@ pub fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// Path of a test fixture plugin built from plugins/fixtures.
-pub fn fixture(name: &str) -> Vec<u8> {
+/// Path of a plugin or test fixture built from plugins/ (`payment`, `unknown-import`, ...).
+pub fn plugin_path(name: &str) -> String {
     // cargo names the artifact after the package with dashes turned into underscores.
-    let path = format!(
-        "{}/../plugins/target/wasm32-wasip2/release/{}.wasm",
-        env!("CARGO_MANIFEST_DIR"),
-        name.replace('-', "_")
-    );
+    format!("{}/../plugins/target/wasm32-wasip2/release/{}.wasm", env!("CARGO_MANIFEST_DIR"), name.replace('-', "_"))
+}
+
+/// The bytes of a plugin or test fixture built from plugins/.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = plugin_path(name);
     std::fs::read(&path)
         .unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds the plugins workspace"))
 }

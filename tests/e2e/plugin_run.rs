@@ -2,55 +2,20 @@
 //! binary as a child process on the real demo plugins and fixtures, no host, its `--json`
 //! parsed, its text read, its exit codes checked against docs/cli.md.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
-use crate::process::binary;
-
-/// What one run did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-
-    fn exits(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "exit code of {self:#?}");
-        self
-    }
-}
+use crate::harness::plugin_path;
+use crate::process::{run_command, Run};
 
 /// The path of a built plugin or fixture (`payment`, `unknown-import`, ...).
 fn wasm(name: &str) -> String {
-    let path = PathBuf::from(format!(
-        "{}/../plugins/target/wasm32-wasip2/release/{}.wasm",
-        env!("CARGO_MANIFEST_DIR"),
-        name.replace('-', "_")
-    ));
-    assert!(path.exists(), "{} missing; building the host builds the plugins workspace", path.display());
-    path.to_string_lossy().into_owned()
+    let path = plugin_path(name);
+    assert!(std::path::Path::new(&path).exists(), "{path} missing; building the host builds the plugins workspace");
+    path
 }
 
 async fn sagahost(args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(binary());
-    cmd.args(args).kill_on_drop(true).env_remove("NO_COLOR");
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("sagahost {args:?} did not end within 60 s"))
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_command(args, &[]).await
 }
 
 /// The step input of the order saga's payment step, as the host builds it.

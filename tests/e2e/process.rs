@@ -178,3 +178,43 @@ impl HostProcess {
         std::fs::read_to_string(self.data_dir.join("host.log")).unwrap_or_default()
     }
 }
+
+/// What one run of the `sagahost` binary as a command (the CLI, `plugin run`) did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+
+    /// Asserts the exit code; returns the run for more checks.
+    pub fn exits(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "exit code of {self:#?}");
+        self
+    }
+}
+
+/// Runs `sagahost ARGS` to its end (at most 60 s) with a clean environment (none of the
+/// SAGAHOST_* variables of whoever runs the tests, no NO_COLOR), `env` added.
+pub async fn run_command(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).kill_on_drop(true);
+    for var in ["SAGAHOST_URL", "SAGAHOST_ADMIN_TOKEN", "SAGAHOST_API_TOKEN", "SAGAHOST_ACTOR", "NO_COLOR"] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("sagahost {args:?} did not end within 60 s"))
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
