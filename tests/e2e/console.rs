@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::StatusCode;
-use sagahost::engine::{PluginRef, RetryPolicy, SagaDefinition};
 use sagahost::store::DefinitionSource;
 use serde_json::{json, Value};
 
-use crate::harness::{fixture, order, TestHost};
+use crate::harness::{break_payment_compensation, order, TestHost};
 
 const TOKEN: &str = "console-admin-token";
 
@@ -272,18 +271,6 @@ impl Browser {
             }
         }
     }
-}
-
-/// The `order` definition with a compensate for payment that always panics, and a budget of
-/// two attempts: a saga that needs a refund ends COMPENSATION_FAILED (as in `operators::`).
-async fn break_payment_compensation(host: &TestHost) -> SagaDefinition {
-    let (broken, _) = host.catalog.install_plugin("payment", fixture("misbehave")).await.unwrap();
-    let original = (*host.catalog.definition("order").unwrap()).clone();
-    let mut def = original.clone();
-    def.steps[1].compensate = PluginRef { plugin: "payment".into(), digest: broken };
-    def.steps[1].compensate_retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 20 };
-    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
-    original
 }
 
 #[tokio::test]

@@ -77,6 +77,19 @@ pub fn fixture(name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("fixture {path} missing ({e}); building the host builds the plugins workspace"))
 }
 
+/// The `order` definition with a compensate for payment that always panics, and a budget of
+/// two attempts: a saga that needs a refund ends COMPENSATION_FAILED (operators:: and console:: fix it and retry).
+pub async fn break_payment_compensation(host: &TestHost) -> sagahost::engine::SagaDefinition {
+    let (broken, _) = host.catalog.install_plugin("payment", fixture("misbehave")).await.unwrap();
+    let original = (*host.catalog.definition("order").unwrap()).clone();
+    let mut def = original.clone();
+    def.steps[1].compensate = sagahost::engine::PluginRef { plugin: "payment".into(), digest: broken };
+    def.steps[1].compensate_retry =
+        sagahost::engine::RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 20 };
+    host.catalog.put_definition(def, sagahost::store::DefinitionSource::Admin).await.unwrap();
+    original
+}
+
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
     std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

@@ -6,7 +6,7 @@ use sagahost::engine::{PluginRef, RetryPolicy};
 use sagahost::store::DefinitionSource;
 use serde_json::json;
 
-use crate::harness::{fixture, key, order, TestHost};
+use crate::harness::{break_payment_compensation, fixture, key, order, TestHost};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -121,12 +121,7 @@ async fn a_payment_waiting_past_its_deadline_is_rejected_and_compensated() {
 #[tokio::test]
 async fn a_stuck_compensation_is_fixed_by_rebinding_then_retried_by_an_operator() {
     let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
-    let (broken, _) = host.catalog.install_plugin("payment", fixture("misbehave")).await.unwrap();
-    let original = (*host.catalog.definition("order").unwrap()).clone();
-    let mut def = original.clone();
-    def.steps[1].compensate = PluginRef { plugin: "payment".into(), digest: broken };
-    def.steps[1].compensate_retry = RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 20 };
-    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+    let original = break_payment_compensation(&host).await;
 
     let mut body = order("tok_visa", "SKU-1", "XX");
     body["customer_id"] = json!("compensate-panic");
