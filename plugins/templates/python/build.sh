@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds {{name}}.wasm: `bash build.sh`. The first run installs componentize-py (requirements.txt)
-# into .venv/ with the first Python >= 3.10 found (or $PYTHON).
+# into .venv/ with the first Python >= 3.10 found (or $PYTHON). `bash build.sh --shrink` also runs
+# wasm-opt -Os (through npx jco; needs node), which takes the component under the 16 MiB upload limit.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! [[ -x .venv/bin/componentize-py ]]; then
@@ -14,4 +15,7 @@ if ! [[ -x .venv/bin/componentize-py ]]; then
 fi
 # --stub-wasi: the host refuses the clock, file and socket imports CPython has; stubs trap instead.
 env -u VIRTUAL_ENV .venv/bin/componentize-py -d wit -w step componentize --stub-wasi app -o {{name}}.wasm
+if [[ "${1:-}" == --shrink ]]; then
+  npx -y @bytecodealliance/jco@1.35.0 opt -q {{name}}.wasm -o {{name}}.wasm -- -Os --strip-debug -all
+fi
 echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"
