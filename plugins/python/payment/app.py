@@ -32,6 +32,7 @@ filesystem imports a run-time import would need).
 """
 
 import json
+import re
 
 import wit_world
 from componentize_py_types import Err
@@ -59,6 +60,12 @@ CONFIRMATION_SIGNAL = "payment-confirmed"
 FLAKY_FAILURES = 2
 # The largest total the Rust plugin (a u64) can hold.
 U64_MAX = 2**64 - 1
+# The deepest JSON nesting accepted, serde_json's limit. CPython's parser recurses in C per
+# level, and the wasm stack runs out (a trap) long before Python's RecursionError would fire.
+MAX_DEPTH = 128
+# A JSON string, to skip brackets inside strings when measuring the nesting.
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class StepFailure(Exception):
@@ -88,7 +95,20 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for bracket in BRACKETS.findall(JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
 def parse_json(text):
+    if too_deep(text):
+        raise ValueError(f"recursion limit exceeded (JSON nested deeper than {MAX_DEPTH})")
     return json.loads(text, parse_constant=_no_constants)
 
 
