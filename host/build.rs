@@ -3,6 +3,10 @@
 //!
 //! The plugins build in their own target directory (`plugins/target`), so this nested cargo
 //! never contends with the outer build's lock.
+//!
+//! It also lists the files of the plugin templates (`plugins/templates/<lang>/`) and of the
+//! current WIT package (`wit/0.2.0/`) into OUT_DIR/templates.rs, which `scaffold` embeds for
+//! `sagahost plugin new`: a file added to a template is picked up without a code change.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,6 +27,7 @@ fn main() {
         "plugins/http-payment",
         "plugins/http-shipment",
         "plugins/fixtures",
+        "plugins/templates",
     ] {
         // Relative to this package, so cargo resolves them in whichever checkout builds: a
         // target directory shared by several clones (CI's cache) must not keep watching the
@@ -49,9 +54,68 @@ fn main() {
         );
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    write_template_list(&root, &out);
     for name in ["inventory", "payment", "shipment", "http_inventory", "http_payment", "http_shipment"] {
         let built = target_dir.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
         std::fs::copy(&built, out.join(format!("{name}.wasm")))
             .unwrap_or_else(|e| panic!("demo plugin {} is missing after the build: {e}", built.display()));
     }
+}
+
+/// Directories and files of a template checkout that are build output, never template.
+fn is_build_output(name: &str) -> bool {
+    matches!(name, "target" | "node_modules" | "__pycache__" | ".venv" | "venv" | "dist")
+        || name.ends_with(".wasm")
+        || name.ends_with(".pyc")
+}
+
+/// Every file under `dir`, as (path relative to `dir` with `/`, absolute path), sorted.
+fn files_under(dir: &std::path::Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let mut pending = vec![(String::new(), dir.to_path_buf())];
+    while let Some((prefix, at)) = pending.pop() {
+        let entries = std::fs::read_dir(&at).unwrap_or_else(|e| panic!("cannot list {}: {e}", at.display()));
+        for entry in entries {
+            let entry = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", at.display()));
+            let name = entry.file_name().into_string().expect("template file names are UTF-8");
+            if is_build_output(&name) {
+                continue;
+            }
+            let relative = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push((relative, path));
+            } else {
+                found.push((relative, path));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// OUT_DIR/templates.rs: `TEMPLATES` (language, relative path, contents) and `WIT` (relative
+/// path, contents), each file embedded with `include_str!`.
+fn write_template_list(root: &std::path::Path, out: &std::path::Path) {
+    let mut code = String::from("/// (language, path in the new project, contents) of every template file.\n");
+    code.push_str("pub const TEMPLATES: &[(&str, &str, &str)] = &[\n");
+    let templates = root.join("plugins/templates");
+    let mut languages: Vec<_> = std::fs::read_dir(&templates)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", templates.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().into_string().expect("template names are UTF-8"))
+        .collect();
+    languages.sort();
+    for language in &languages {
+        for (relative, path) in files_under(&templates.join(language)) {
+            code.push_str(&format!("    ({language:?}, {relative:?}, include_str!({:?})),\n", path.display().to_string()));
+        }
+    }
+    code.push_str("];\n/// (path under wit/, contents) of the current WIT package.\npub const WIT: &[(&str, &str)] = &[\n");
+    for (relative, path) in files_under(&root.join("wit/0.2.0")) {
+        code.push_str(&format!("    ({relative:?}, include_str!({:?})),\n", path.display().to_string()));
+    }
+    code.push_str("];\n");
+    std::fs::write(out.join("templates.rs"), code).expect("cannot write OUT_DIR/templates.rs");
 }

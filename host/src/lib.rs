@@ -20,6 +20,7 @@ pub mod relay;
 pub mod runner;
 pub mod runtime;
 pub mod saga;
+pub mod scaffold;
 pub mod store;
 pub mod telemetry;
 

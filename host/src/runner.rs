@@ -1,13 +1,15 @@
-//! `sagahost plugin run|check` (SPEC §9): a plugin author's tools, local and without a host.
+//! `sagahost plugin run|check|new` (SPEC §9): a plugin author's tools, local and without a host.
 //!
 //! `check` validates a component as an upload does (`POST /admin/plugins/{name}`): not empty,
-//! at most [`PLUGIN_BODY_LIMIT`], a component of a `sagahost:plugin` world version the host
+//! at most [`PLUGIN_COMPONENT_LIMIT`] and, compressed if it is over [`PLUGIN_BODY_LIMIT`] (as
+//! `sagahost plugins upload` sends it), a body of at most that, a component of a `sagahost:plugin` world version the host
 //! serves, importing nothing it does not grant. `run` then makes one `execute` or
 //! `compensate` call with the host's own [`Runtime`] and [`Limits`], its state read from a
 //! JSON file instead of a database, and prints everything the call did.
 //!
 //! Unlike `cli/`, which is a client of a running host over HTTP, this module uses the runtime
-//! itself, so what it runs is what the host runs. Exit codes: [`RAN`], [`PLUGIN_FAILED`],
+//! itself, so what it runs is what the host runs. `new` (a project from a template) lives in
+//! `scaffold`. Exit codes: [`RAN`], [`PLUGIN_FAILED`],
 //! [`USAGE`], [`INVALID`] (docs/cli.md).
 
 use std::collections::BTreeMap;
@@ -20,7 +22,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
-use crate::http::plugins::PLUGIN_BODY_LIMIT;
+use crate::http::plugins::{PLUGIN_BODY_LIMIT, PLUGIN_COMPONENT_LIMIT};
 use crate::runtime::{CallInfo, CallOutcome, Capabilities, Limits, PluginReader, Runtime};
 
 /// The call ran and the plugin succeeded (`done` or `wait`); `check`: the component is valid.
@@ -54,6 +56,9 @@ enum PluginCommand {
     /// Validate a component as an upload does (world, version, imports), and say why not.
     #[command(after_help = EXIT_HELP)]
     Check(CheckArgs),
+    /// Create a new step project from a template (Rust, JavaScript or Python) that builds
+    /// with one command.
+    New(crate::scaffold::NewArgs),
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +159,7 @@ pub async fn run(args: Args) -> ExitCode {
     let result = match args.command {
         PluginCommand::Run(args) => run_call(*args).await,
         PluginCommand::Check(args) => check(args).await,
+        PluginCommand::New(args) => Ok(crate::scaffold::new(args)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -233,11 +239,22 @@ async fn load(runtime: &Arc<Runtime>, wasm: Vec<u8>) -> Result<(String, Capabili
     if wasm.is_empty() {
         return Err(invalid("the file is empty; it must hold the component's bytes".to_owned()));
     }
-    if wasm.len() > PLUGIN_BODY_LIMIT {
+    if wasm.len() > PLUGIN_COMPONENT_LIMIT {
         return Err(invalid(format!(
-            "the component has {} bytes; an upload takes at most {PLUGIN_BODY_LIMIT}",
+            "the component has {} bytes; the host takes components of at most {PLUGIN_COMPONENT_LIMIT}",
             wasm.len()
         )));
+    }
+    if wasm.len() > PLUGIN_BODY_LIMIT {
+        // Uploaded compressed (`sagahost plugins upload` does): the body must still fit.
+        let packed = zstd::bulk::compress(&wasm, 0).map_err(|e| invalid(format!("cannot compress the component: {e}")))?;
+        if packed.len() > PLUGIN_BODY_LIMIT {
+            return Err(invalid(format!(
+                "the component has {} bytes, {} compressed with zstd; an upload body takes at most {PLUGIN_BODY_LIMIT}",
+                wasm.len(),
+                packed.len()
+            )));
+        }
     }
     let digest = runtime.load(wasm).await.map_err(|e| invalid(e.to_string()))?;
     let caps = runtime.capabilities(&digest).ok_or_else(|| invalid("the component did not load".to_owned()))?;

@@ -11,6 +11,7 @@ mod grants;
 mod harness;
 mod invariants;
 mod kafka;
+mod languages;
 mod lifecycle;
 mod operators;
 mod plugin_run;
@@ -21,6 +22,7 @@ mod replicas;
 mod security;
 mod services;
 mod serving;
+mod templates;
 mod traces;
 
 use std::time::Duration;

@@ -114,6 +114,48 @@ async fn upload_validates_stores_by_digest_and_is_idempotent() {
 }
 
 #[tokio::test]
+async fn a_compressed_upload_is_the_same_component_and_bad_encodings_change_nothing() {
+    let host = admin_host().await;
+    let send = |bytes: Vec<u8>, encoding: &'static str| {
+        let req = host
+            .client
+            .post(host.url("/admin/plugins/zipped"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/wasm")
+            .header("content-encoding", encoding)
+            .body(bytes);
+        host.send(req)
+    };
+    let plain = fixture("counter");
+    let packed = zstd::bulk::compress(&plain, 3).unwrap();
+    assert!(packed.len() < plain.len());
+    let r = send(packed.clone(), "zstd").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
+    let digest = digest_of(&r);
+    assert_eq!(digest, sagahost::runtime::digest_of(&plain), "the digest is the component's, not the body's");
+    assert_eq!(r.json()["size"], json!(plain.len()));
+    // The same component sent plain is the same version.
+    let again = upload(&host, "zipped", plain.clone()).await;
+    assert_eq!((again.status, digest_of(&again)), (StatusCode::OK, digest.clone()));
+
+    // An unknown encoding, data that is not zstd, and a bomb (a few KiB that would inflate past
+    // 64 MiB) are refused with their reasons, and nothing is stored.
+    let r = send(plain.clone(), "br").await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("Content-Encoding 'br' is not supported"), "{:?}", r.json());
+    let r = send(b"not zstd at all".to_vec(), "zstd").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not valid zstd"), "{:?}", r.json());
+    let bomb = zstd::bulk::compress(&vec![0u8; (64 << 20) + 1], 3).unwrap();
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    let r = send(bomb, "zstd").await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("over 64 MiB once decompressed"), "{:?}", r.json());
+    let versions = admin_json(&host, reqwest::Method::GET, "/admin/plugins/zipped", None).await.json();
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1, "{versions:#}");
+}
+
+#[tokio::test]
 async fn sagas_keep_their_pinned_execute_while_new_sagas_use_the_new_binding_and_bindings_survive_restart() {
     let host = admin_host().await;
     let original = host.catalog.definition("order").unwrap().steps[2].execute.digest.clone();

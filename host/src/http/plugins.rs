@@ -21,8 +21,55 @@ use crate::engine::definition::{is_valid_name, DefinitionError};
 use crate::engine::{RetryPolicy, SagaDefinition, StepDefinition};
 use crate::store::{AuditEntry, DefinitionSource};
 
-/// Largest plugin upload (SPEC §8).
+/// Largest plugin upload body (SPEC §8), as sent: compressed, when it is.
 pub const PLUGIN_BODY_LIMIT: usize = 16 << 20;
+
+/// Largest component, once a compressed upload is decompressed. JavaScript and Python
+/// components carry their language's runtime (12-19 MiB before any library), so they are
+/// uploaded compressed (`Content-Encoding: zstd`, which `sagahost plugins upload` sends).
+pub const PLUGIN_COMPONENT_LIMIT: usize = 64 << 20;
+
+/// The component bytes of an upload body: the body itself, or its zstd decompression when
+/// `Content-Encoding: zstd` says so (at most [`PLUGIN_COMPONENT_LIMIT`] bytes, checked while
+/// decompressing, so a small bomb cannot make the host allocate more).
+async fn component_bytes(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let encoding = match headers.get(axum::http::header::CONTENT_ENCODING) {
+        None => return Ok(body),
+        Some(v) => v.to_str().unwrap_or("").trim().to_ascii_lowercase(),
+    };
+    match encoding.as_str() {
+        "identity" => Ok(body),
+        "zstd" => tokio::task::spawn_blocking(move || decompress(&body))
+            .await
+            .map_err(|e| ApiError::internal(format!("the decompression task failed: {e}")))?,
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!(
+                "Content-Encoding '{encoding}' is not supported; send the component as is, or compressed with \
+                 Content-Encoding: zstd"
+            ),
+        )),
+    }
+}
+
+fn decompress(body: &[u8]) -> Result<Bytes, ApiError> {
+    use std::io::Read;
+    let invalid = |e: std::io::Error| {
+        ApiError::invalid("", format!("the body is not valid zstd data (Content-Encoding: zstd): {e}"))
+    };
+    let decoder = zstd::stream::read::Decoder::with_buffer(body).map_err(invalid)?;
+    let mut component = Vec::new();
+    decoder.take(PLUGIN_COMPONENT_LIMIT as u64 + 1).read_to_end(&mut component).map_err(invalid)?;
+    if component.len() > PLUGIN_COMPONENT_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "component_too_large",
+            format!("the component is over {} MiB once decompressed", PLUGIN_COMPONENT_LIMIT >> 20),
+        ));
+    }
+    Ok(Bytes::from(component))
+}
 
 fn catalog_error(e: catalog::Error) -> ApiError {
     match e {
@@ -71,7 +118,10 @@ impl utoipa::PartialSchema for ComponentBytes {
             .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
             .min_length(Some(1))
             .max_length(Some(PLUGIN_BODY_LIMIT))
-            .description(Some("A WebAssembly component meeting the step world (wit/)"))
+            .description(Some(
+                "A WebAssembly component meeting the step world (wit/), as is or compressed with zstd \
+                 (Content-Encoding: zstd; at most 64 MiB once decompressed)",
+            ))
             .into()
     }
 }
@@ -94,7 +144,9 @@ pub struct UploadedPlugin {
 /// the same bytes again is a no-op (200). An upload never changes what runs until it is bound.
 ///
 /// The request's `Content-Type` is not checked: `application/wasm` and
-/// `application/octet-stream` are the documented ones.
+/// `application/octet-stream` are the documented ones. The body may be compressed with zstd
+/// (`Content-Encoding: zstd`): the 16 MiB limit applies to the body as sent, 64 MiB to the
+/// component; the digest and `size` are the component's.
 #[utoipa::path(post, path = "/admin/plugins/{name}", tag = "admin", params(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader),
     request_body(content((ComponentBytes = "application/wasm"), (ComponentBytes = "application/octet-stream"))),
@@ -102,6 +154,8 @@ pub struct UploadedPlugin {
               (status = 200, description = "Already uploaded", body = UploadedPlugin),
               (status = 400, description = "An invalid plugin name or an empty body", body = ErrorBody),
               (status = 409, description = "These bytes are uploaded under another name", body = ErrorBody),
+              (status = 413, description = "The body is over 16 MiB, or the component over 64 MiB once decompressed", body = ErrorBody),
+              (status = 415, description = "A Content-Encoding other than zstd or identity", body = ErrorBody),
               (status = 422, description = "Not a component meeting the step world, or it imports what the host does not grant", body = ErrorBody)))]
 pub async fn upload_plugin(
     State(state): State<AppState>,
@@ -122,6 +176,7 @@ pub async fn upload_plugin(
             "the body is empty; send the component bytes (Content-Type: application/wasm)",
         ));
     }
+    let body = component_bytes(&headers, body).await?;
     let size = body.len();
     let entry = audit(
         &headers,

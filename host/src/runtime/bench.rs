@@ -220,3 +220,53 @@ fn plugin_calls() {
         }
     });
 }
+
+/// The payment step of SPEC §7 as each language builds it: Rust (`plugins/payment`),
+/// JavaScript (`plugins/js/payment`, componentize-js) and Python (`plugins/python/payment`,
+/// componentize-py). The two others are built by `plugins/js/build` and `plugins/python/build`.
+fn language_components() -> [(&'static str, String); 3] {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/target");
+    [
+        ("rust", format!("{root}/wasm32-wasip2/release/payment.wasm")),
+        ("javascript", format!("{root}/js/payment.wasm")),
+        ("python", format!("{root}/python/payment.wasm")),
+    ]
+}
+
+/// What a step costs in each language: the component's size, the upload's compile (what
+/// `POST /admin/plugins` and every host start pay per plugin: nothing compiled is kept on
+/// disk), the first call after it, and then `BENCH_CALLS / 10` calls one after the other.
+/// A fresh runtime per language, so each compile is cold.
+#[test]
+#[ignore = "a benchmark: run it on a release build with --ignored --nocapture"]
+fn languages() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let n = (calls() / 10).max(10);
+        println!("the payment step per language: execute of the example order, state in memory, {n} calls");
+        for (lang, path) in language_components() {
+            let Ok(bytes) = std::fs::read(&path) else {
+                println!("{lang:<10} not built ({path} is missing)");
+                continue;
+            };
+            let size = bytes.len();
+            let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(MemoryReader::default())).unwrap());
+            let started = Instant::now();
+            let digest = runtime.load(bytes).await.unwrap();
+            let compile = started.elapsed();
+            let first = runtime.execute(&digest, "payment", &info(0, "payment"), &input(), TIMEOUT).await;
+            let upload_to_first_call = started.elapsed();
+            assert!(matches!(first.result, Ok(ExecuteOutcome::Done(_))), "{lang}: {:?}", first.result);
+            println!(
+                "{lang:<10} size {:>6.2} MiB  compile {:>8.1} ms  first call {:>7.2} ms  upload to first call {:>8.1} ms  \
+                 peak memory {:>5.1} MiB",
+                size as f64 / (1 << 20) as f64,
+                compile.as_secs_f64() * 1e3,
+                first.elapsed.as_secs_f64() * 1e3,
+                upload_to_first_call.as_secs_f64() * 1e3,
+                first.peak_memory_bytes as f64 / (1 << 20) as f64,
+            );
+            sequential(&runtime, &digest, "payment", n).await.print(&format!("{lang} payment"));
+        }
+    });
+}

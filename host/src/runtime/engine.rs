@@ -19,7 +19,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 const MAX_WASM_STACK: usize = 1 << 20;
 
 /// What one call's store may create. A Rust component has a handful of core instances, one
-/// linear memory and a few tables; these bound what a hand-made component could ask for.
+/// linear memory and a few tables; a componentize-py (Python) one has 44 core instances (the
+/// interpreter's libraries and a trapping stub per stubbed WASI interface), hence 64. These
+/// bound what a hand-made component could ask for.
 /// Enforced twice: by the call's limiter (`call.rs`) and by the pool's per-component limits,
 /// so one call can never take more than its share of the pool.
 pub(super) struct PerCall {
@@ -30,7 +32,7 @@ pub(super) struct PerCall {
     pub(super) table_elements: usize,
 }
 
-pub(super) const PER_CALL: PerCall = PerCall { instances: 16, memories: 4, tables: 16, table_elements: 100_000 };
+pub(super) const PER_CALL: PerCall = PerCall { instances: 64, memories: 4, tables: 16, table_elements: 100_000 };
 
 /// Bytes of a linear memory that are reset in place when its pool slot is given back, rather
 /// than handed back to the kernel with `madvise`: the next call in the slot then finds those

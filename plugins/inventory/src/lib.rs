@@ -120,17 +120,10 @@ sagahost_plugin_sdk::export!(Inventory);
 mod tests {
     use super::*;
     use sagahost_plugin_sdk::state::MemoryStore;
+    use sagahost_plugin_sdk::testing;
 
     fn ctx() -> CallContext {
-        CallContext {
-            saga_id: "o-1".into(),
-            saga_type: "order".into(),
-            step: "inventory".into(),
-            attempt: 1,
-            idempotency_key: "o-1:inventory:execute".into(),
-            signal: None,
-            signal_name: None,
-        }
+        testing::execute_context("o-1", "inventory")
     }
 
     fn order(skus: &[&str]) -> String {

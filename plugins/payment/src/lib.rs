@@ -163,16 +163,13 @@ sagahost_plugin_sdk::export!(PaymentStep);
 mod tests {
     use super::*;
     use sagahost_plugin_sdk::state::MemoryStore;
+    use sagahost_plugin_sdk::testing;
 
     fn ctx(attempt: u32, signal: Option<&str>) -> CallContext {
-        CallContext {
-            saga_id: "o-1".into(),
-            saga_type: "order".into(),
-            step: "payment".into(),
-            attempt,
-            idempotency_key: "o-1:payment:execute".into(),
-            signal: signal.map(str::to_string),
-            signal_name: signal.map(|_| "payment-confirmed".to_string()),
+        let ctx = testing::execute_context("o-1", "payment").with_attempt(attempt);
+        match signal {
+            Some(payload) => ctx.with_signal(CONFIRMATION_SIGNAL, payload),
+            None => ctx,
         }
     }
 

@@ -322,6 +322,73 @@ pub mod state {
     }
 }
 
+/// Call contexts for unit tests of a step's logic, as the host builds them.
+///
+/// ```
+/// use sagahost_plugin_sdk::testing;
+///
+/// let first = testing::execute_context("o-1", "payment");
+/// assert_eq!(first.idempotency_key, "o-1:payment:execute");
+/// let third = first.with_attempt(3);
+/// let woken = testing::execute_context("o-1", "payment")
+///     .with_signal("payment-confirmed", r#"{"ok":true}"#);
+/// let undo = testing::compensate_context("o-1", "payment");
+/// # assert_eq!((third.attempt, woken.signal_name.as_deref()), (3, Some("payment-confirmed")));
+/// # assert_eq!(undo.idempotency_key, "o-1:payment:compensate");
+/// ```
+pub mod testing {
+    use crate::CallContext;
+
+    /// The saga type these contexts carry unless [`CallContext::with_saga_type`] says otherwise.
+    pub const SAGA_TYPE: &str = "test";
+
+    fn context(saga_id: &str, step: &str, export: &str) -> CallContext {
+        CallContext {
+            saga_id: saga_id.to_string(),
+            saga_type: SAGA_TYPE.to_string(),
+            step: step.to_string(),
+            attempt: 1,
+            idempotency_key: format!("{saga_id}:{step}:{export}"),
+            signal: None,
+            signal_name: None,
+        }
+    }
+
+    /// The context of the first `execute` attempt of `step` in saga `saga_id`:
+    /// attempt 1, idempotency key `{saga_id}:{step}:execute`, no signal.
+    pub fn execute_context(saga_id: &str, step: &str) -> CallContext {
+        context(saga_id, step, "execute")
+    }
+
+    /// The context of the first `compensate` attempt of `step` in saga `saga_id`:
+    /// attempt 1, idempotency key `{saga_id}:{step}:compensate`.
+    pub fn compensate_context(saga_id: &str, step: &str) -> CallContext {
+        context(saga_id, step, "compensate")
+    }
+
+    impl CallContext {
+        /// The same context on attempt `attempt` (the host counts from 1; the
+        /// idempotency key stays the same on every attempt).
+        pub fn with_attempt(mut self, attempt: u32) -> Self {
+            self.attempt = attempt;
+            self
+        }
+
+        /// The same context woken by the signal `name` with JSON `payload`.
+        pub fn with_signal(mut self, name: &str, payload: &str) -> Self {
+            self.signal_name = Some(name.to_string());
+            self.signal = Some(payload.to_string());
+            self
+        }
+
+        /// The same context for a saga of type `saga_type` (default [`SAGA_TYPE`]).
+        pub fn with_saga_type(mut self, saga_type: &str) -> Self {
+            self.saga_type = saga_type.to_string();
+            self
+        }
+    }
+}
+
 /// Logging into the host's log (tagged by the host with saga id and step).
 ///
 /// The host caps lines per call; lines past the cap are dropped.

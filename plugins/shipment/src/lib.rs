@@ -119,18 +119,11 @@ sagahost_plugin_sdk::export!(ShipmentStep);
 mod tests {
     use super::*;
     use sagahost_plugin_sdk::state::MemoryStore;
+    use sagahost_plugin_sdk::testing;
     use serde_json::Value;
 
     fn ctx(order_id: &str) -> CallContext {
-        CallContext {
-            saga_id: order_id.into(),
-            saga_type: "order".into(),
-            step: "shipment".into(),
-            attempt: 1,
-            idempotency_key: format!("{order_id}:shipment:execute"),
-            signal: None,
-            signal_name: None,
-        }
+        testing::execute_context(order_id, "shipment")
     }
 
     fn order(country: &str) -> String {

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Builds {{name}}.wasm: `bash build.sh`. The first run installs componentize-py (requirements.txt)
-# into .venv/ with the first Python >= 3.10 found (or $PYTHON). `bash build.sh --shrink` also runs
-# wasm-opt -Os (through npx jco; needs node), which takes the component under the 16 MiB upload limit.
+# into .venv/ with the first Python >= 3.10 found (or $PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! [[ -x .venv/bin/componentize-py ]]; then
@@ -9,13 +8,10 @@ if ! [[ -x .venv/bin/componentize-py ]]; then
     "$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && break
     python=""
   done
-  [[ -n "$python" ]] || { echo "build.sh: needs Python >= 3.10 with venv (apt install python3-venv)" >&2; exit 2; }
+  [[ -n "$python" ]] || { echo "build.sh: needs Python >= 3.10 with venv (apt install python3-venv)" >&2; exit 3; }
   "$python" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 fi
 # --stub-wasi: the host refuses the clock, file and socket imports CPython has; stubs trap instead.
 env -u VIRTUAL_ENV .venv/bin/componentize-py -d wit -w step componentize --stub-wasi app -o {{name}}.wasm
-if [[ "${1:-}" == --shrink ]]; then
-  npx -y @bytecodealliance/jco@1.35.0 opt -q {{name}}.wasm -o {{name}}.wasm -- -Os --strip-debug -all
-fi
 echo "built {{name}}.wasm ($(wc -c < {{name}}.wasm) bytes)"
