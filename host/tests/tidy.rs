@@ -176,6 +176,19 @@ fn the_console_only_serves_files() {
 }
 
 #[test]
+fn the_javascript_payment_step_builds_as_a_new_project_does() {
+    // plugins/js/payment is built by the template's own build script, so the step the
+    // end-to-end tests hold to the demo checks is built the way authors' steps are: the two
+    // copies (a project made by `plugin new` carries its own) must not drift apart.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert!(
+        read("plugins/js/payment/build.mjs") == read("plugins/templates/js/build.mjs"),
+        "plugins/js/payment/build.mjs differs from plugins/templates/js/build.mjs; copy the template's over it"
+    );
+}
+
+#[test]
 fn the_rules_above_can_fail() {
     // A check that cannot fail checks nothing: feed the matcher a line it must catch, and a
     // comment it must skip.

@@ -76,34 +76,32 @@ fn have(program: &str) -> bool {
     found
 }
 
-#[tokio::test]
-async fn a_new_javascript_step_builds_with_one_command_and_runs() {
-    if !have("npm") {
+/// `plugin new NAME --lang LANG` in a temporary directory, then the template's one build
+/// command (which its README names), then `check_and_run` on the component it writes as
+/// NAME.wasm. Skipped, saying so, when `tool` is not installed.
+async fn a_new_step_builds_with_one_command(lang: &str, tool: &str, build: &[&str]) {
+    if !have(tool) {
         return;
     }
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("gift-js");
-    run_command(&["plugin", "new", "gift-js", "--lang", "js", "--dir", dir.to_str().unwrap()], &[]).await.exits(0);
+    let name = format!("gift-{lang}");
+    let dir = root.path().join(&name);
+    run_command(&["plugin", "new", &name, "--lang", lang, "--dir", dir.to_str().unwrap()], &[]).await.exits(0);
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    assert!(readme.contains("npm run build"), "{readme}");
-    let build = run_in(&dir, "npm", &["run", "build"], &[]).await;
-    assert_eq!(build.code, 0, "{build:#?}");
-    check_and_run(&dir.join("gift-js.wasm")).await;
+    assert!(readme.contains(&build.join(" ")), "{readme}");
+    let built = run_in(&dir, build[0], &build[1..], &[]).await;
+    assert_eq!(built.code, 0, "{built:#?}");
+    check_and_run(&dir.join(format!("{name}.wasm"))).await;
+}
+
+#[tokio::test]
+async fn a_new_javascript_step_builds_with_one_command_and_runs() {
+    a_new_step_builds_with_one_command("js", "npm", &["npm", "run", "build"]).await;
 }
 
 #[tokio::test]
 async fn a_new_python_step_builds_with_one_command_and_runs() {
-    if !have("python3") {
-        return;
-    }
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("gift-py");
-    run_command(&["plugin", "new", "gift-py", "--lang", "python", "--dir", dir.to_str().unwrap()], &[]).await.exits(0);
-    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    assert!(readme.contains("bash build.sh"), "{readme}");
-    let build = run_in(&dir, "bash", &["build.sh"], &[]).await;
-    assert_eq!(build.code, 0, "{build:#?}");
-    check_and_run(&dir.join("gift-py.wasm")).await;
+    a_new_step_builds_with_one_command("python", "python3", &["bash", "build.sh"]).await;
 }
 
 #[tokio::test]
