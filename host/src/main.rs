@@ -126,7 +126,8 @@ struct Serve {
     /// HTTP requests handled at once; more are answered 503 with Retry-After at once.
     #[arg(long, env = "SAGAHOST_MAX_IN_FLIGHT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_in_flight_requests: u64,
-    /// The longest one HTTP request may take, its body included; then 503.
+    /// The longest one HTTP request may take, its body included; then 503. A plugin upload, which
+    /// compiles the component, gets at least 300 s.
     #[arg(long, env = "SAGAHOST_REQUEST_TIMEOUT_SECS", default_value_t = 45, value_parser = clap::value_parser!(u64).range(31..))]
     request_timeout_secs: u64,
     /// Requests waiting with `Prefer: wait` at once; more are answered without waiting.

@@ -42,6 +42,9 @@ pub enum Payload {
 /// (12-19 MiB) then fits the host's 16 MiB body limit, and any big one travels faster.
 pub const COMPRESS_OVER: usize = 1 << 20;
 
+/// The least time an upload waits for its answer, whatever `--timeout` says.
+const UPLOAD_WAIT: Duration = Duration::from_secs(300);
+
 /// Checks `--url`: an `http://` URL with a host and no path, returned without a trailing slash.
 pub fn parse_url(s: &str) -> Result<String, String> {
     crate::bench::client::parse_base_url(
@@ -151,6 +154,9 @@ impl Client {
                 .map_err(|_| Failure::usage("--idempotency-key holds characters an HTTP header cannot carry"))?;
             req = req.header("idempotency-key", key);
         }
+        // An upload waits for the host to compile the component: seconds for a JavaScript or
+        // Python step, so at least the host's own upload deadline (5 minutes).
+        let limit = if matches!(payload, Payload::Wasm(_)) { self.timeout.max(UPLOAD_WAIT) } else { self.timeout };
         let body = match payload {
             Payload::None => Bytes::new(),
             Payload::Json(v) => {
@@ -176,13 +182,13 @@ impl Client {
             let bytes = body.collect().await.map_err(|e| transport(&self.base, &e))?.to_bytes();
             Ok::<_, Failure>((parts.status, bytes))
         };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange).await.map_err(|_| {
+        let (status, bytes) = tokio::time::timeout(limit, exchange).await.map_err(|_| {
             Failure::new(
                 Exit::Unreachable,
                 format!(
                     "{} did not answer within {} s; is the host overloaded? (--timeout)",
                     self.base,
-                    self.timeout.as_secs()
+                    limit.as_secs()
                 ),
             )
         })??;

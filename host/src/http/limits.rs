@@ -77,7 +77,19 @@ impl Gates {
     }
 }
 
-/// Middleware: sheds requests past the in-flight cap and ends those past their deadline.
+/// The deadline of a plugin upload, when `request_timeout` is shorter: an upload compiles the
+/// component before it answers, which takes seconds for a JavaScript or Python step
+/// (BENCHMARKS.md, "Steps per language") and more on a busy machine.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Is this `POST /admin/plugins/{name}`, a plugin upload?
+fn is_upload(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST
+        && req.uri().path().strip_prefix("/admin/plugins/").is_some_and(|name| !name.is_empty() && !name.contains('/'))
+}
+
+/// Middleware: sheds requests past the in-flight cap and ends those past their deadline
+/// (`request_timeout`, or [`UPLOAD_TIMEOUT`] for a plugin upload if that is longer).
 pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) -> Response {
     let Ok(_permit) = Arc::clone(&gates.in_flight).try_acquire_owned() else {
         return ApiError::new(
@@ -88,7 +100,9 @@ pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) ->
         .with_retry_after(1)
         .into_response();
     };
-    match tokio::time::timeout(gates.limits.request_timeout, next.run(req)).await {
+    let deadline =
+        if is_upload(&req) { gates.limits.request_timeout.max(UPLOAD_TIMEOUT) } else { gates.limits.request_timeout };
+    match tokio::time::timeout(deadline, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -224,5 +238,24 @@ pub async fn serve(
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open at shutdown were closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str) -> Request {
+        Request::builder().method(method).uri(path).body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_a_plugin_upload_gets_the_upload_deadline() {
+        assert!(is_upload(&request("POST", "/admin/plugins/payment")));
+        assert!(!is_upload(&request("GET", "/admin/plugins/payment")));
+        assert!(!is_upload(&request("POST", "/admin/plugins/")));
+        assert!(!is_upload(&request("PUT", "/admin/plugins/payment/grants")));
+        assert!(!is_upload(&request("POST", "/admin/plugins/payment/grants")));
+        assert!(!is_upload(&request("POST", "/orders")));
     }
 }
