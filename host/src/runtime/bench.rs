@@ -13,6 +13,10 @@
 //! `BENCH_READERS` (default `memory sqlite`) where state is read from. Every
 //! figure is the wall-clock time of one call as the driver records it (`CallOutcome::elapsed`,
 //! the `sagahost_plugin_call_seconds` metric), split into its [`Phases`].
+//!
+//! `runtime::bench::languages` compares the payment step in Rust, JavaScript and Python: size,
+//! compile, first call and per-call time (BENCHMARKS.md, "steps per language"); build the
+//! other two first with `plugins/js/build` and `plugins/python/build`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
