@@ -3,7 +3,8 @@
 //! (`plugins/python/payment`, componentize-py), each uploaded over HTTP as its own plugin,
 //! bound to the `order` saga's payment step, and held to the same checks: one charge of the
 //! order total, a declined card, a flaky gateway retried to success, a 3-D Secure wait woken
-//! by its signal, and exactly one refund when a later step fails.
+//! by its signal, and exactly one refund when a later step fails; and, under `sagahost plugin
+//! run`, no second charge when the first is already in state.
 //!
 //! The JavaScript and Python components are built by `plugins/js/build` and
 //! `plugins/python/build` (scripts/test runs both). A build that could not install its
@@ -16,6 +17,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::harness::{key, order, plugin_path, Resp, TestHost};
+use crate::process::run_command;
 
 const TOKEN: &str = "languages-admin-token";
 
@@ -80,8 +82,45 @@ async fn upload_and_bind(host: &TestHost, name: &str, bytes: Vec<u8>) -> String 
 /// The total of `harness::order`: 2 x 1250 + 1 x 500 cents.
 const TOTAL: u64 = 3000;
 
+/// Charge once: an execute that finds its order's charge in state (a rerun after a crash, say)
+/// writes nothing and answers as the first did, under `sagahost plugin run` with that state.
+async fn a_charge_already_made_is_not_made_again(lang: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let charged = json!({"amount_cents": TOTAL, "currency": "USD", "status": "charged"});
+    std::fs::write(&state, json!({"charge/o-1": charged}).to_string()).unwrap();
+    let input = json!({"input": order("tok_visa", "SKU-1", "US"), "steps": {}, "config": {}}).to_string();
+    let component = component(lang);
+    let run = run_command(
+        &[
+            "plugin",
+            "run",
+            component.to_str().unwrap(),
+            "--input",
+            &input,
+            "--state",
+            state.to_str().unwrap(),
+            "--saga-id",
+            "o-1",
+            "--step",
+            "payment",
+            // A loaded test machine may keep the call from a core for longer than the 1 s default.
+            "--timeout-ms",
+            "30000",
+            "--json",
+        ],
+        &[],
+    )
+    .await
+    .exits(0);
+    let r = run.json();
+    assert_eq!(r["output"], json!({"charge_id": "ch_o-1", "amount_cents": TOTAL, "currency": "USD"}), "{lang}: {r:#}");
+    assert_eq!(r["state_writes"], json!([]), "{lang}: a second charge: {r:#}");
+}
+
 async fn the_payment_step_passes_the_demo_checks(lang: &str) {
     let Some(bytes) = built(lang) else { return };
+    a_charge_already_made_is_not_made_again(lang).await;
     let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
     // A version belongs to one plugin name: the Rust step is the demo `payment` plugin itself.
     let plugin = if lang == "rust" { "payment".to_owned() } else { format!("payment-{lang}") };

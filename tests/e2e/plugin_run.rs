@@ -14,7 +14,14 @@ fn wasm(name: &str) -> String {
     path
 }
 
+/// Runs `sagahost ARGS`. A `plugin run` without `--timeout-ms` gets 30 s instead of the 1 s
+/// default: on a loaded test machine a call may wait that long for a core, and only the
+/// timeout test (which sets its own) is about time.
 async fn sagahost(args: &[&str]) -> Run {
+    if args.starts_with(&["plugin", "run"]) && !args.contains(&"--timeout-ms") {
+        let patient: Vec<&str> = args.iter().copied().chain(["--timeout-ms", "30000"]).collect();
+        return run_command(&patient, &[]).await;
+    }
     run_command(args, &[]).await
 }
 

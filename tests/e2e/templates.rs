@@ -40,6 +40,7 @@ fn repo() -> PathBuf {
 }
 
 /// `plugin check` accepts the component and one `plugin run` of the template's execute does
+/// (with a 30 s timeout: a loaded test machine may keep a call from a core for seconds)
 /// what every template's step does: `done` with an output naming the saga, and one state
 /// write; its compensate succeeds.
 async fn check_and_run(wasm: &Path) {
@@ -47,7 +48,18 @@ async fn check_and_run(wasm: &Path) {
     let check = run_command(&["plugin", "check", wasm, "--json"], &[]).await.exits(0);
     assert_eq!(check.json()["valid"], true, "{check:#?}");
     let run = run_command(
-        &["plugin", "run", wasm, "--input", r#"{"input": {"customer_id": "c-1", "note": "x"}}"#, "--saga-id", "s-9", "--json"],
+        &[
+            "plugin",
+            "run",
+            wasm,
+            "--input",
+            r#"{"input": {"customer_id": "c-1", "note": "x"}}"#,
+            "--saga-id",
+            "s-9",
+            "--timeout-ms",
+            "30000",
+            "--json",
+        ],
         &[],
     )
     .await
@@ -58,7 +70,20 @@ async fn check_and_run(wasm: &Path) {
     assert_eq!(r["state_writes"].as_array().map(Vec::len), Some(1), "{r:#}");
     let output = r["output"].to_string();
     let undo = run_command(
-        &["plugin", "run", wasm, "--call", "compensate", "--input", r#"{"input": {}}"#, "--output", &output, "--json"],
+        &[
+            "plugin",
+            "run",
+            wasm,
+            "--call",
+            "compensate",
+            "--input",
+            r#"{"input": {}}"#,
+            "--output",
+            &output,
+            "--timeout-ms",
+            "30000",
+            "--json",
+        ],
         &[],
     )
     .await
