@@ -17,7 +17,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::harness::{key, order, plugin_path, Resp, TestHost};
-use crate::process::run_command;
+use crate::process::plugin_run;
 
 const TOKEN: &str = "languages-admin-token";
 
@@ -90,29 +90,9 @@ async fn a_charge_already_made_is_not_made_again(lang: &str) {
     let charged = json!({"amount_cents": TOTAL, "currency": "USD", "status": "charged"});
     std::fs::write(&state, json!({"charge/o-1": charged}).to_string()).unwrap();
     let input = json!({"input": order("tok_visa", "SKU-1", "US"), "steps": {}, "config": {}}).to_string();
-    let component = component(lang);
-    let run = run_command(
-        &[
-            "plugin",
-            "run",
-            component.to_str().unwrap(),
-            "--input",
-            &input,
-            "--state",
-            state.to_str().unwrap(),
-            "--saga-id",
-            "o-1",
-            "--step",
-            "payment",
-            // A loaded test machine may keep the call from a core for longer than the 1 s default.
-            "--timeout-ms",
-            "30000",
-            "--json",
-        ],
-        &[],
-    )
-    .await
-    .exits(0);
+    let (component, state) = (component(lang), state.to_str().unwrap());
+    let args = [component.to_str().unwrap(), "--input", &input, "--state", state, "--saga-id", "o-1", "--json"];
+    let run = plugin_run(&args).await.exits(0);
     let r = run.json();
     assert_eq!(r["output"], json!({"charge_id": "ch_o-1", "amount_cents": TOTAL, "currency": "USD"}), "{lang}: {r:#}");
     assert_eq!(r["state_writes"], json!([]), "{lang}: a second charge: {r:#}");

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::plugin_path;
-use crate::process::{run_command, Run};
+use crate::process::{plugin_run, run_command, Run};
 
 /// The path of a built plugin or fixture (`payment`, `unknown-import`, ...).
 fn wasm(name: &str) -> String {
@@ -14,15 +14,12 @@ fn wasm(name: &str) -> String {
     path
 }
 
-/// Runs `sagahost ARGS`. A `plugin run` without `--timeout-ms` gets 30 s instead of the 1 s
-/// default: on a loaded test machine a call may wait that long for a core, and only the
-/// timeout test (which sets its own) is about time.
+/// Runs `sagahost ARGS` (`plugin run` with a patient timeout, see `process::plugin_run`).
 async fn sagahost(args: &[&str]) -> Run {
-    if args.starts_with(&["plugin", "run"]) && !args.contains(&"--timeout-ms") {
-        let patient: Vec<&str> = args.iter().copied().chain(["--timeout-ms", "30000"]).collect();
-        return run_command(&patient, &[]).await;
+    match args {
+        ["plugin", "run", rest @ ..] => plugin_run(rest).await,
+        _ => run_command(args, &[]).await,
     }
-    run_command(args, &[]).await
 }
 
 /// The step input of the order saga's payment step, as the host builds it.

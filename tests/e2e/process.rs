@@ -218,3 +218,15 @@ pub async fn run_command(args: &[&str], env: &[(&str, &str)]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// `sagahost plugin run ARGS`, with a 30 s call timeout unless ARGS set `--timeout-ms`: the
+/// 1 s default is the host's, and on a loaded test machine a call may wait that long for a
+/// core; only a test about the timeout sets its own.
+pub async fn plugin_run(args: &[&str]) -> Run {
+    let mut all = vec!["plugin", "run"];
+    all.extend_from_slice(args);
+    if !args.contains(&"--timeout-ms") {
+        all.extend(["--timeout-ms", "30000"]);
+    }
+    run_command(&all, &[]).await
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 
-use crate::process::{run_command, Run};
+use crate::process::{plugin_run, run_command, Run};
 
 /// Runs `program ARGS` in `dir` to its end (at most 20 minutes: a first build fetches and
 /// compiles its dependencies), `env` added.
@@ -40,54 +40,22 @@ fn repo() -> PathBuf {
 }
 
 /// `plugin check` accepts the component and one `plugin run` of the template's execute does
-/// (with a 30 s timeout: a loaded test machine may keep a call from a core for seconds)
 /// what every template's step does: `done` with an output naming the saga, and one state
 /// write; its compensate succeeds.
 async fn check_and_run(wasm: &Path) {
     let wasm = wasm.to_str().unwrap();
     let check = run_command(&["plugin", "check", wasm, "--json"], &[]).await.exits(0);
     assert_eq!(check.json()["valid"], true, "{check:#?}");
-    let run = run_command(
-        &[
-            "plugin",
-            "run",
-            wasm,
-            "--input",
-            r#"{"input": {"customer_id": "c-1", "note": "x"}}"#,
-            "--saga-id",
-            "s-9",
-            "--timeout-ms",
-            "30000",
-            "--json",
-        ],
-        &[],
-    )
-    .await
-    .exits(0);
+    let input = r#"{"input": {"customer_id": "c-1", "note": "x"}}"#;
+    let run = plugin_run(&[wasm, "--input", input, "--saga-id", "s-9", "--json"]).await.exits(0);
     let r = run.json();
     assert_eq!(r["outcome"], "done", "{r:#}");
     assert_eq!(r["output"]["saga_id"], "s-9", "{r:#}");
     assert_eq!(r["state_writes"].as_array().map(Vec::len), Some(1), "{r:#}");
     let output = r["output"].to_string();
-    let undo = run_command(
-        &[
-            "plugin",
-            "run",
-            wasm,
-            "--call",
-            "compensate",
-            "--input",
-            r#"{"input": {}}"#,
-            "--output",
-            &output,
-            "--timeout-ms",
-            "30000",
-            "--json",
-        ],
-        &[],
-    )
-    .await
-    .exits(0);
+    let undo = plugin_run(&[wasm, "--call", "compensate", "--input", r#"{"input": {}}"#, "--output", &output, "--json"])
+        .await
+        .exits(0);
     assert_eq!(undo.json()["outcome"], "done", "{undo:#?}");
 }
 
