@@ -109,10 +109,15 @@ fn write_template_list(root: &std::path::Path, out: &std::path::Path) {
     languages.sort();
     for language in &languages {
         for (relative, path) in files_under(&templates.join(language)) {
-            code.push_str(&format!("    ({language:?}, {relative:?}, include_str!({:?})),\n", path.display().to_string()));
+            code.push_str(&format!(
+                "    ({language:?}, {relative:?}, include_str!({:?})),\n",
+                path.display().to_string()
+            ));
         }
     }
-    code.push_str("];\n/// (path under wit/, contents) of the current WIT package.\npub const WIT: &[(&str, &str)] = &[\n");
+    code.push_str(
+        "];\n/// (path under wit/, contents) of the current WIT package.\npub const WIT: &[(&str, &str)] = &[\n",
+    );
     for (relative, path) in files_under(&root.join("wit/0.2.0")) {
         code.push_str(&format!("    ({relative:?}, include_str!({:?})),\n", path.display().to_string()));
     }

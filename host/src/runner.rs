@@ -247,7 +247,8 @@ async fn load(runtime: &Arc<Runtime>, wasm: Vec<u8>) -> Result<(String, Capabili
     }
     if wasm.len() > PLUGIN_BODY_LIMIT {
         // Uploaded compressed (`sagahost plugins upload` does): the body must still fit.
-        let packed = zstd::bulk::compress(&wasm, 0).map_err(|e| invalid(format!("cannot compress the component: {e}")))?;
+        let packed =
+            zstd::bulk::compress(&wasm, 0).map_err(|e| invalid(format!("cannot compress the component: {e}")))?;
         if packed.len() > PLUGIN_BODY_LIMIT {
             return Err(invalid(format!(
                 "the component has {} bytes, {} compressed with zstd; an upload body takes at most {PLUGIN_BODY_LIMIT}",

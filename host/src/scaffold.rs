@@ -128,7 +128,10 @@ fn sdk_dependency(args: &NewArgs) -> Result<String, Refusal> {
     };
     let path = std::fs::canonicalize(&path).map_err(|e| format!("--sdk-path {}: {e}", path.display()))?;
     if !path.join("Cargo.toml").is_file() {
-        return Err(format!("--sdk-path {}: no Cargo.toml there; point it at plugins/sdk of a sagahost checkout", path.display()));
+        return Err(format!(
+            "--sdk-path {}: no Cargo.toml there; point it at plugins/sdk of a sagahost checkout",
+            path.display()
+        ));
     }
     let path = path.to_str().ok_or_else(|| format!("--sdk-path {}: not UTF-8", path.display()))?;
     Ok(format!("{{ path = {} }}", toml_string(path)))
@@ -229,7 +232,9 @@ mod tests {
         }
         let rust = render(Lang::Rust, "gift-wrap", Some("{ path = \"/sdk\" }"));
         let manifest = &rust.iter().find(|(p, _)| p == "Cargo.toml").unwrap().1;
-        assert!(manifest.contains("name = \"gift-wrap\"") && manifest.contains("sagahost-plugin-sdk = { path = \"/sdk\" }"));
+        assert!(
+            manifest.contains("name = \"gift-wrap\"") && manifest.contains("sagahost-plugin-sdk = { path = \"/sdk\" }")
+        );
         let readme = &rust.iter().find(|(p, _)| p == "README.md").unwrap().1;
         assert!(readme.contains("gift_wrap.wasm"), "{readme}");
     }
@@ -250,7 +255,8 @@ mod tests {
         assert!(err.contains("already exists and is not empty"), "{err}");
         assert!(!dir.join("d.txt").exists());
         // Nothing staged is left behind.
-        let leftovers: Vec<_> = std::fs::read_dir(root.path().join("nested")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> =
+            std::fs::read_dir(root.path().join("nested")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("step")]);
         // An empty directory is filled.
         let empty = root.path().join("empty");

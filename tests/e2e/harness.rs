@@ -248,7 +248,11 @@ impl TestHost {
     /// How many `StepCompensated` events a saga has for `step`: a compensation that ran once
     /// has exactly one.
     pub async fn compensations(&self, saga_id: &str, step: &str) -> usize {
-        self.events(saga_id).await.iter().filter(|e| e["type"] == "StepCompensated" && e["data"]["step"] == step).count()
+        self.events(saga_id)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "StepCompensated" && e["data"]["step"] == step)
+            .count()
     }
 
     /// The `type` of each event of a saga, checking seq is 1..=n with no gaps.

@@ -147,7 +147,13 @@ async fn the_payment_step_passes_the_demo_checks(lang: &str) {
     let waiting = host.wait_for(&id, |o| o["steps"][1]["status"] == "waiting").await;
     assert_eq!(waiting["steps"][1]["waiting_for"], "payment-confirmed", "{lang}: {waiting:#}");
     assert_eq!(host.state(&plugin, &charge(&id)).await, None, "{lang}: nothing charged while waiting");
-    let signal = host.send(host.client.post(host.url(&format!("/orders/{id}/signals/payment-confirmed"))).json(&json!({"confirmed": true}))).await;
+    let signal = host
+        .send(
+            host.client
+                .post(host.url(&format!("/orders/{id}/signals/payment-confirmed")))
+                .json(&json!({"confirmed": true})),
+        )
+        .await;
     assert!(signal.status.is_success(), "{lang}: {}", String::from_utf8_lossy(&signal.bytes));
     let o = host.wait_settled(&id).await;
     assert_eq!(o["status"], "COMPLETED", "{lang}: {o:#}");

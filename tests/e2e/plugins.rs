@@ -142,7 +142,11 @@ async fn a_compressed_upload_is_the_same_component_and_bad_encodings_change_noth
     // 64 MiB) are refused with their reasons, and nothing is stored.
     let r = send(plain.clone(), "br").await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("Content-Encoding 'br' is not supported"), "{:?}", r.json());
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains("Content-Encoding 'br' is not supported"),
+        "{:?}",
+        r.json()
+    );
     let r = send(b"not zstd at all".to_vec(), "zstd").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("not valid zstd"), "{:?}", r.json());

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-
 use crate::process::{plugin_run, run_command, Run};
 
 /// Runs `program ARGS` in `dir` to its end (at most 20 minutes: a first build fetches and
@@ -15,7 +14,9 @@ async fn run_in(dir: &Path, program: &str, args: &[&str], env: &[(&str, String)]
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).current_dir(dir).kill_on_drop(true);
     // What the outer cargo sets for the test build must not steer the project's own build.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+    for var in
+        ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"]
+    {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
@@ -53,9 +54,10 @@ async fn check_and_run(wasm: &Path) {
     assert_eq!(r["output"]["saga_id"], "s-9", "{r:#}");
     assert_eq!(r["state_writes"].as_array().map(Vec::len), Some(1), "{r:#}");
     let output = r["output"].to_string();
-    let undo = plugin_run(&[wasm, "--call", "compensate", "--input", r#"{"input": {}}"#, "--output", &output, "--json"])
-        .await
-        .exits(0);
+    let undo =
+        plugin_run(&[wasm, "--call", "compensate", "--input", r#"{"input": {}}"#, "--output", &output, "--json"])
+            .await
+            .exits(0);
     assert_eq!(undo.json()["outcome"], "done", "{undo:#?}");
 }
 
@@ -108,7 +110,17 @@ async fn a_new_rust_step_builds_outside_the_repository_by_sdk_path_and_git() {
     // By path: the one build command of the template's README, then its own unit tests.
     let dir = root.path().join("gift-wrap");
     run_command(
-        &["plugin", "new", "gift-wrap", "--lang", "rust", "--dir", dir.to_str().unwrap(), "--sdk-path", sdk.to_str().unwrap()],
+        &[
+            "plugin",
+            "new",
+            "gift-wrap",
+            "--lang",
+            "rust",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--sdk-path",
+            sdk.to_str().unwrap(),
+        ],
         &[],
     )
     .await
@@ -127,9 +139,12 @@ async fn a_new_rust_step_builds_outside_the_repository_by_sdk_path_and_git() {
     // By git: the repository's committed SDK, as a team outside it would depend on it.
     let dir = root.path().join("gift-tag");
     let url = format!("file://{}", std::fs::canonicalize(repo()).unwrap().display());
-    run_command(&["plugin", "new", "gift-tag", "--lang", "rust", "--dir", dir.to_str().unwrap(), "--sdk-git", &url], &[])
-        .await
-        .exits(0);
+    run_command(
+        &["plugin", "new", "gift-tag", "--lang", "rust", "--dir", dir.to_str().unwrap(), "--sdk-git", &url],
+        &[],
+    )
+    .await
+    .exits(0);
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(manifest.contains(&format!("sagahost-plugin-sdk = {{ git = \"{url}\" }}")), "{manifest}");
     let build = run_in(&dir, &cargo, &["build", "--release", "--target", "wasm32-wasip2"], &env).await;
@@ -149,7 +164,8 @@ async fn plugin_new_refuses_bad_names_and_never_writes_over_a_project() {
     assert!(bad.stderr.contains("invalid plugin name 'Bad Name'"), "{bad:#?}");
     let taken = run_command(&["plugin", "new", "taken", "--lang", "python", "--dir", d], &[]).await.exits(2);
     assert!(taken.stderr.contains("already exists and is not empty"), "{taken:#?}");
-    let wrong = run_command(&["plugin", "new", "x", "--lang", "js", "--dir", d, "--sdk-path", "/tmp"], &[]).await.exits(2);
+    let wrong =
+        run_command(&["plugin", "new", "x", "--lang", "js", "--dir", d, "--sdk-path", "/tmp"], &[]).await.exits(2);
     assert!(wrong.stderr.contains("apply to --lang rust only"), "{wrong:#?}");
     let unknown = run_command(&["plugin", "new", "x", "--lang", "cobol"], &[]).await.exits(2);
     assert!(unknown.stderr.contains("rust, js, python"), "{unknown:#?}");
