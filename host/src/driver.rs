@@ -94,6 +94,22 @@ pub struct StatusChange {
     pub settled: bool,
     /// The saga as committed, when settled: a waiter answers with it without reading it back.
     pub record: Option<Arc<SagaRecord>>,
+    /// The response body (status 200) this commit stored under the idempotency key of the
+    /// watcher that registered a [`Responder`]: that watcher answers with exactly it.
+    pub response: Option<Arc<Vec<u8>>>,
+}
+
+/// What a request that waits for its saga (`Prefer: wait`) would store as its response under
+/// its idempotency key once the saga settles. The commit that settles the saga stores it in
+/// the same transaction (the saga service asks [`DriverHandle::responder`]), so a waiting
+/// request costs no write of its own; a request that stops waiting first stores its own, and
+/// the first one stored stands.
+pub struct Responder {
+    pub caller: String,
+    pub route: String,
+    pub key: String,
+    /// The body of the 200 response for the settled saga.
+    pub render: Box<dyn Fn(&SagaRecord) -> Option<Vec<u8>> + Send + Sync>,
 }
 
 /// A cheap, cloneable handle to wake the driver and follow status changes.
@@ -113,7 +129,7 @@ pub struct DriverHandle {
 #[derive(Default)]
 struct Watchers {
     next: u64,
-    by_saga: HashMap<String, Vec<(u64, mpsc::UnboundedSender<StatusChange>)>>,
+    by_saga: HashMap<String, Vec<(u64, mpsc::UnboundedSender<StatusChange>, Option<Arc<Responder>>)>>,
 }
 
 /// The changes of one saga, from [`DriverHandle::watch`] on; unregisters itself when dropped.
@@ -139,7 +155,7 @@ impl Drop for Watch {
     fn drop(&mut self) {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = w.by_saga.get_mut(&self.id) {
-            list.retain(|(token, _)| *token != self.token);
+            list.retain(|(token, _, _)| *token != self.token);
             if list.is_empty() {
                 w.by_saga.remove(&self.id);
             }
@@ -176,12 +192,28 @@ impl DriverHandle {
     /// Follows the committed changes of saga `id` from now on. Watch before reading the saga,
     /// so a change between the read and the wait is not missed.
     pub fn watch(&self, id: &str) -> Watch {
+        self.watch_with(id, None)
+    }
+
+    /// [`DriverHandle::watch`] for the request that created the saga and waits for it: the
+    /// commit that settles the saga while the watch lives also stores `responder`'s response.
+    pub fn watch_responding(&self, id: &str, responder: Responder) -> Watch {
+        self.watch_with(id, Some(Arc::new(responder)))
+    }
+
+    fn watch_with(&self, id: &str, responder: Option<Arc<Responder>>) -> Watch {
         let (sender, changes) = mpsc::unbounded_channel();
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         w.next += 1;
         let token = w.next;
-        w.by_saga.entry(id.to_owned()).or_default().push((token, sender));
+        w.by_saga.entry(id.to_owned()).or_default().push((token, sender, responder));
         Watch { id: id.to_owned(), token, changes, watchers: Arc::clone(&self.watchers) }
+    }
+
+    /// The responder of a request waiting for saga `id` in this process, if any.
+    pub fn responder(&self, id: &str) -> Option<Arc<Responder>> {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.by_saga.get(id)?.iter().find_map(|(_, _, r)| r.clone())
     }
 
     /// Resolves after the next commit of any saga (or at once if one happened since the last
@@ -195,7 +227,7 @@ impl DriverHandle {
         self.committed.notify_one();
         let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = w.by_saga.get(&change.saga_id) {
-            for (_, sender) in list {
+            for (_, sender, _) in list {
                 let _ = sender.send(change.clone());
             }
         }
@@ -273,6 +305,13 @@ impl Driver {
         if let Err(e) = inner.store.release_owner(&inner.options.owner).await {
             tracing::warn!(error = %e, "could not release stale claims");
         }
+        // Whether to look in the store for due work: at start, when woken (a signal, a cancel,
+        // a saga of ours parked on a timer), when the timer for the earliest due saga fires,
+        // and while a claim may have left due work behind. Not for a saga handed over: it is
+        // claimed already, and a claim and a read per new saga would cost more than the saga's
+        // own commits.
+        let mut poll = true;
+        let mut deadline = tokio::time::Instant::now();
         loop {
             // Sagas this process just created, already claimed: no claim, no read.
             while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
@@ -284,14 +323,16 @@ impl Driver {
                 spawn_with(&tasks, permit, async move { inner.run_claimed(rec).await });
             }
             let free = permits.available_permits();
-            let mut claimed = 0;
-            if free > 0 {
+            if poll && free > 0 {
+                poll = false;
                 let now = inner.clock.now_ms();
                 match inner.store.claim_due(&inner.options.owner, now, inner.options.lease_ms, free as u32).await {
                     Ok(due) => {
-                        claimed = due.len();
+                        // As many as asked for: there may be more, look again once a permit frees.
+                        poll = due.len() == free;
                         for (id, epoch) in due {
                             let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                                poll = true;
                                 break;
                             };
                             let inner = Arc::clone(&inner);
@@ -300,21 +341,22 @@ impl Driver {
                     }
                     Err(e) => tracing::error!(error = %e, "claiming due sagas failed"),
                 }
+                deadline = tokio::time::Instant::now() + inner.sleep_for().await;
             }
-            if free == 0 || claimed == free {
-                // Every permit is taken, or there may be more due work than permits: wait for a
-                // permit, not a timer (sagas in progress are due, so a timer would not sleep).
+            if permits.available_permits() == 0 {
+                // Every permit is taken: wait for one, not a timer (sagas in progress are due,
+                // so a timer would not sleep).
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     p = Arc::clone(&permits).acquire_owned() => drop(p),
                 }
+                poll |= tokio::time::Instant::now() >= deadline;
                 continue;
             }
-            let sleep = inner.sleep_for().await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = inner.handle.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+                _ = inner.handle.wake.notified() => poll = true,
+                _ = tokio::time::sleep_until(deadline) => poll = true,
                 // A permit is free here (the wait above takes over otherwise).
                 Some(rec) = adopted.recv() => {
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
@@ -416,6 +458,7 @@ impl Inner {
             let action_result = match action {
                 Action::Idle => {
                     self.release(&id, epoch).await;
+                    self.parked(&rec);
                     return;
                 }
                 Action::Finish => Ok(Called::host(Event::Finish)),
@@ -529,6 +572,9 @@ impl Inner {
             Ok(()) => {
                 crate::failpoint!("driver-after-commit");
                 self.metrics.commit(began.elapsed(), n);
+                if !keep {
+                    self.parked(rec);
+                }
                 let phase = rec.state.phase;
                 if phase.is_terminal() || phase == engine::Phase::CompensationFailed {
                     self.metrics.settled(&rec.saga_type, rec.state.status.as_str());
@@ -551,6 +597,15 @@ impl Inner {
                 self.release_later(&rec.id, epoch).await;
                 Flushed::Stop
             }
+        }
+    }
+
+    /// A saga this driver gave back with a timer (a retry's backoff, a wait's deadline): the
+    /// driver's loop looks for due work only when woken or at the earliest timer it knew of,
+    /// so it is told to look again.
+    fn parked(&self, rec: &SagaRecord) {
+        if rec.state.next_run_at.is_some() {
+            self.handle.wake();
         }
     }
 

@@ -26,6 +26,7 @@ use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
 use crate::event::{Envelope, OutboxEvent};
 use crate::store::{
     self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore, StateWrite,
+    StoredResponse,
 };
 
 /// How often an outside event is recomputed when the saga keeps changing under it.
@@ -141,7 +142,13 @@ impl Sagas {
         };
         if outcome == CreateOutcome::Created {
             let status = rec.state.status.clone();
-            self.driver.announce(StatusChange { saga_id: rec.id.clone(), status, settled: false, record: None });
+            self.driver.announce(StatusChange {
+                saga_id: rec.id.clone(),
+                status,
+                settled: false,
+                record: None,
+                response: None,
+            });
             match lease {
                 Some(_) => self.driver.adopt(SagaRecord { epoch: 1, trace_parent, ..rec.clone() }),
                 None => self.driver.wake(),
@@ -272,6 +279,13 @@ impl Sagas {
     ) -> Result<(), store::Error> {
         let now = self.clock.now_ms();
         let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
+        let settled = rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed;
+        // A request of this process waits for this saga to settle: its response goes into this
+        // commit, rendered from the saga as it will be committed.
+        let read_updated_at = rec.updated_at;
+        rec.updated_at = now;
+        let responder = settled.then(|| self.driver.responder(&rec.id)).flatten();
+        let response = responder.as_ref().and_then(|r| (r.render)(rec).map(|body| (r, body)));
         let commit = Commit {
             saga_id: &rec.id,
             fence,
@@ -283,6 +297,13 @@ impl Sagas {
             events,
             now,
             audit,
+            response: response.as_ref().map(|(r, body)| StoredResponse {
+                caller: &r.caller,
+                route: &r.route,
+                key: &r.key,
+                status: 200,
+                body,
+            }),
         };
         let seq = if crate::telemetry::enabled() {
             use tracing::Instrument as _;
@@ -294,16 +315,23 @@ impl Sagas {
                 seq = tracing::field::Empty,
             );
             crate::telemetry::set_parent(&span, crate::telemetry::saga_context(&rec.id, rec.trace_parent.as_deref()));
-            let seq = self.store.commit(&commit).instrument(span.clone()).await?;
-            span.record("seq", seq);
+            let seq = self.store.commit(&commit).instrument(span.clone()).await;
+            if let Ok(seq) = seq {
+                span.record("seq", seq);
+            }
             seq
         } else {
-            self.store.commit(&commit).await?
+            self.store.commit(&commit).await
+        };
+        let seq = match seq {
+            Ok(seq) => seq,
+            Err(e) => {
+                rec.updated_at = read_updated_at;
+                return Err(e);
+            }
         };
         tracing::debug!(saga_id = %rec.id, seq, transitions = events.len(), status = %rec.state.status, "committed");
-        let settled = rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed;
         rec.seq = seq;
-        rec.updated_at = now;
         if matches!(fence, Fence::Takeover) {
             rec.epoch += 1;
         }
@@ -312,6 +340,7 @@ impl Sagas {
             status: rec.state.status.clone(),
             settled,
             record: settled.then(|| Arc::new(rec.clone())),
+            response: response.map(|(_, body)| Arc::new(body)),
         });
         Ok(())
     }

@@ -158,6 +158,16 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::PerSaga { sample: "sagahost_driver_commit_seconds_count" },
     },
     Figure {
+        key: "store_writes_per_saga",
+        label: "store writes per saga (hot path)",
+        kind: Kind::PerSaga { sample: "sagahost_store_writes_total" },
+    },
+    Figure {
+        key: "store_write_transactions_per_saga",
+        label: "store write transactions per saga",
+        kind: Kind::PerSaga { sample: "sagahost_store_write_transactions_total" },
+    },
+    Figure {
         key: "plugin_calls_per_saga",
         label: "plugin calls per saga",
         kind: Kind::PerSaga { sample: "sagahost_plugin_calls_total" },

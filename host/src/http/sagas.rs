@@ -19,7 +19,7 @@ use super::{idempotency, AppState};
 use crate::builtin::order::{self, OrderRequest};
 use crate::builtin::{self, InputError};
 use crate::clock::rfc3339;
-use crate::driver::Watch;
+use crate::driver::{Responder, Watch};
 use crate::engine::{self, Event, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
 use crate::saga;
 use crate::store::{CreateOutcome, IdempotencyClaim, SagaRecord, SagaSummary};
@@ -296,15 +296,24 @@ fn settled(rec: &SagaRecord) -> bool {
 ///
 /// `watch` was taken before the saga was created (the driver may finish it at once), so the
 /// saga is not read first: it cannot be settled before its first announced change.
-async fn wait_settled(state: &AppState, mut watch: Watch, secs: u64) -> Result<SagaRecord, ApiError> {
+///
+/// Also returns the response body the settling commit stored under the request's idempotency
+/// key, when the watch registered a responder and this process committed it.
+async fn wait_settled(
+    state: &AppState,
+    mut watch: Watch,
+    secs: u64,
+) -> Result<(SagaRecord, Option<Arc<Vec<u8>>>), ApiError> {
     let (first_poll, max_poll) = if state.config.shared_database {
         (Duration::from_millis(20), Duration::from_millis(250))
     } else {
         (Duration::from_secs(1), Duration::from_secs(1))
     };
     let id = watch.saga_id().to_owned();
-    let read =
-        || async { state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished"))) };
+    let read = || async {
+        let rec = state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))?;
+        Ok::<_, ApiError>((rec, None))
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut poll = first_poll;
     loop {
@@ -312,7 +321,7 @@ async fn wait_settled(state: &AppState, mut watch: Watch, secs: u64) -> Result<S
         match tokio::time::timeout_at(wake, watch.next()).await {
             // Committed here: the announcement carries the settled saga.
             Ok(Some(change)) if change.settled => match change.record {
-                Some(rec) => return Ok(Arc::unwrap_or_clone(rec)),
+                Some(rec) => return Ok((Arc::unwrap_or_clone(rec), change.response)),
                 None => return read().await,
             },
             Ok(Some(_)) => continue,
@@ -320,9 +329,9 @@ async fn wait_settled(state: &AppState, mut watch: Watch, secs: u64) -> Result<S
             Ok(None) => return read().await,
             Err(_) => {
                 // The timer: a replica may be running the saga, or time is up.
-                let rec = read().await?;
+                let (rec, none) = read().await?;
                 if settled(&rec) || tokio::time::Instant::now() >= deadline {
-                    return Ok(rec);
+                    return Ok((rec, none));
                 }
                 poll = (poll * 2).min(max_poll);
             }
@@ -351,8 +360,6 @@ async fn create(
     let wait = waiter.as_ref().map(|(secs, _)| *secs);
     let draft = state.sagas.draft(&def, &value);
     let id = draft.record.id.clone();
-    // Watched before it exists: this process's driver may settle it before `create` returns.
-    let watch = wait.map(|_| state.driver.watch(&id));
     let created_body = to_json(&record_view(&draft.record))?;
     let claim = IdempotencyClaim {
         caller: idempotency::caller(&headers),
@@ -364,16 +371,36 @@ async fn create(
         ttl_ms: state.config.idempotency_ttl.as_millis() as i64,
         response: if wait.is_none() { Some((201, created_body.clone())) } else { None },
     };
+    // Watched before it exists: this process's driver may settle it before `create` returns.
+    // The commit that settles it stores this request's response too (one write less).
+    let watch = wait.map(|_| {
+        let responder = Responder {
+            caller: claim.caller.clone(),
+            route: claim.route.clone(),
+            key: claim.key.clone(),
+            render: Box::new(|rec| to_json(&record_view(rec)).ok()),
+        };
+        state.driver.watch_responding(&id, responder)
+    });
     match state.sagas.create(&draft, Some(&claim)).await? {
         CreateOutcome::Created => {
             let loc = builtin::location(saga_type, &id);
             let (Some(secs), Some(watch)) = (wait, watch) else {
                 return Ok(json_response(StatusCode::CREATED, created_body, Some(&loc)));
             };
-            let rec = wait_settled(&state, watch, secs).await?;
-            let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
-            let body = to_json(&record_view(&rec))?;
-            state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, status.as_u16(), &body).await?;
+            let (status, body) = match wait_settled(&state, watch, secs).await? {
+                (_, Some(stored)) => (StatusCode::OK, Arc::unwrap_or_clone(stored)),
+                (rec, None) => {
+                    let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
+                    let body = to_json(&record_view(&rec))?;
+                    let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
+                    match state.store.complete_idempotency(c, r, k, status.as_u16(), &body).await? {
+                        None => (status, body),
+                        // The settling commit stored its response first: that one stands.
+                        Some((stored, body)) => (StatusCode::from_u16(stored).map_err(ApiError::internal)?, body),
+                    }
+                }
+            };
             let mut r = json_response(status, body, Some(&loc));
             r.headers_mut()
                 .insert("preference-applied", HeaderValue::from_str(&format!("wait={secs}")).expect("ascii"));
@@ -389,8 +416,11 @@ async fn create(
             // the saga: never a second saga for one key.
             let rec = load(&state, Some(saga_type), &saga_id).await?;
             let body = to_json(&record_view(&rec))?;
-            state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, 201, &body).await?;
-            Ok(json_response(StatusCode::CREATED, body, Some(&builtin::location(saga_type, &saga_id))))
+            let loc = builtin::location(saga_type, &saga_id);
+            match state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, 201, &body).await? {
+                None => Ok(json_response(StatusCode::CREATED, body, Some(&loc))),
+                Some((status, body)) => replay(status, body, Some(&loc)),
+            }
         }
     }
 }

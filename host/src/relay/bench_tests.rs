@@ -73,6 +73,7 @@ async fn fill(store: &Arc<dyn Store>, prefix: &str, sagas: usize) {
                     events: &events,
                     now: 0,
                     audit: None,
+                    response: None,
                 };
                 store.commit(&commit).await.unwrap();
             }

@@ -112,6 +112,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             events: std::slice::from_ref(&event),
             now: 1,
             audit: None,
+            response: None,
         };
         store.commit(&commit).await.unwrap();
     }

@@ -86,12 +86,34 @@ impl Writes {
         Writes { mode: Mode::Direct(pool), counters: Arc::default() }
     }
 
-    /// Group commit over `pool`'s connection: starts the writer task (on the current tokio
-    /// runtime; it ends when the store is dropped).
+    /// Group commit over `pool`'s connection: starts the writer task on a thread of its own
+    /// (it ends when the store is dropped).
+    ///
+    /// Its own thread, with a runtime of its own, because a batch is a dozen round trips to
+    /// the connection's thread (`BEGIN`, one per job, `COMMIT`), each of which wakes the task
+    /// that waits for it. On the host's shared runtime every wake-up queued behind the plugin
+    /// calls and requests of the moment, and the one writer, which everyone waits for, spent
+    /// most of a batch waiting for a turn (measured: 7.6 ms per batch of 14 jobs at ~570
+    /// sagas/s, with both cores less than half busy).
     pub(super) fn grouped(pool: AnyPool) -> Writes {
         let (tx, rx) = mpsc::unbounded_channel();
         let counters = Arc::<Counters>::default();
-        tokio::spawn(group_commit(pool, rx, Arc::clone(&counters)));
+        let task = group_commit(pool, rx, Arc::clone(&counters));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build();
+        match runtime {
+            Ok(runtime) => {
+                let spawned =
+                    std::thread::Builder::new().name("sagahost-writer".into()).spawn(move || runtime.block_on(task));
+                if let Err(e) = spawned {
+                    // The channel's receiver went with the closure: every write fails, and says so.
+                    tracing::error!(error = %e, "could not start the store's writer thread");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime for the store's writer thread; it runs on the host's");
+                tokio::spawn(task);
+            }
+        }
         Writes { mode: Mode::Grouped(tx), counters }
     }
 

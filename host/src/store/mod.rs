@@ -191,6 +191,20 @@ pub struct Commit<'a> {
     pub now: i64,
     /// An audit record to write in the same transaction (operator actions).
     pub audit: Option<&'a AuditEntry>,
+    /// The response of the request that created the saga, stored under its idempotency key
+    /// in the same transaction when it is still in flight (a `Prefer: wait` request whose
+    /// saga settles with this commit): one durable write less per saga.
+    pub response: Option<StoredResponse<'a>>,
+}
+
+/// A response stored under an in-flight idempotency key (see [`Commit::response`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StoredResponse<'a> {
+    pub caller: &'a str,
+    pub route: &'a str,
+    pub key: &'a str,
+    pub status: u16,
+    pub body: &'a [u8],
 }
 
 /// One entry of the audit trail.
@@ -349,8 +363,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn claim_key(&self, claim: &IdempotencyClaim, now: i64) -> Result<CreateOutcome>;
     /// Forgets an in-flight key whose request failed without effect, so a retry runs again.
     async fn release_key(&self, caller: &str, route: &str, key: &str) -> Result<()>;
-    /// Stores the response of an in-flight idempotency key.
-    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()>;
+    /// Stores the response of an in-flight idempotency key. `Some` when a response was stored
+    /// under the key before (a commit that settled the saga stored it, see
+    /// [`Commit::response`]): that one stands, and is what the request must answer.
+    async fn complete_idempotency(
+        &self,
+        caller: &str,
+        route: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<Option<(u16, Vec<u8>)>>;
 }
 
 /// The relay's side of the outbox.

@@ -557,6 +557,11 @@ const OUTBOX_IF_COMMITTED: &str = concat!(
     "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) SELECT $7, $1, $3, $4, $5, $6 WHERE ",
     if_committed!()
 );
+const RESPONSE_IF_COMMITTED: &str = concat!(
+    "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
+     WHERE caller = $5 AND route = $6 AND key = $7 AND response_status IS NULL AND ",
+    if_committed!()
+);
 const AUDIT_IF_COMMITTED: &str = concat!(
     "INSERT INTO audit_log (at, actor, action, target, before, after, note) SELECT $3, $4, $5, $6, $7, $8, $9 WHERE ",
     if_committed!()
@@ -608,6 +613,17 @@ fn commit_script(c: &Commit<'_>) -> Result<Script> {
     }
     for (seq, event) in (c.read_seq + 1..).zip(c.events) {
         script.push(OUTBOX_IF_COMMITTED, outbox_args(c.saga_id, &last.event_id, event, seq, c.now));
+    }
+    if let Some(r) = c.response {
+        let mut args = fence();
+        args.extend([
+            Arg::Int(Some(i64::from(r.status))),
+            Arg::Bytes(Some(r.body.to_vec())),
+            Arg::text(r.caller),
+            Arg::text(r.route),
+            Arg::text(r.key),
+        ]);
+        script.push(RESPONSE_IF_COMMITTED, args);
     }
     if let Some(a) = c.audit {
         let mut args = fence();
@@ -916,12 +932,19 @@ impl IdempotencyStore for SqlStore {
             .await
     }
 
-    async fn complete_idempotency(&self, caller: &str, route: &str, key: &str, status: u16, body: &[u8]) -> Result<()> {
+    async fn complete_idempotency(
+        &self,
+        caller: &str,
+        route: &str,
+        key: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<Option<(u16, Vec<u8>)>> {
         let data = (caller.to_owned(), route.to_owned(), key.to_owned(), status, body.to_vec());
         self.writes
             .run_one(data, |(caller, route, key, status, body), conn| {
                 Box::pin(async move {
-                    sqlx::query(
+                    let stored = sqlx::query(
                         "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
                          WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
                     )
@@ -932,7 +955,25 @@ impl IdempotencyStore for SqlStore {
                     .bind(body)
                     .execute(&mut *conn)
                     .await?;
-                    Ok(())
+                    if stored.rows_affected() > 0 {
+                        return Ok(None);
+                    }
+                    // Stored before, by the commit that settled the saga. A stored response
+                    // never changes, so reading it outside a transaction is safe.
+                    let row = sqlx::query(
+                        "SELECT response_status, response_body FROM idempotency_keys \
+                         WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NOT NULL",
+                    )
+                    .bind(caller)
+                    .bind(route)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let Some(row) = row else { return Ok(None) };
+                    let status: i64 = row.try_get("response_status")?;
+                    let status =
+                        u16::try_from(status).map_err(|_| corrupt(format!("stored response status {status}")))?;
+                    Ok(Some((status, row.try_get("response_body")?)))
                 })
             })
             .await

@@ -84,6 +84,10 @@ impl Dialect for Sqlite {
                 Box::pin(async move { sqlx::Executor::execute(conn, SESSION).await.map(drop) })
             })
         };
+        // No ping before each use (sqlx's default): a connection to a local file does not go
+        // stale, and the ping is one more round trip to the connection's thread per read and
+        // per batch of writes.
+        let session = |pool: AnyPoolOptions| session(pool.test_before_acquire(false));
         // The writer first: it creates the file and switches it to WAL before any reader opens it.
         let writer = session(AnyPoolOptions::new())
             .max_connections(1)

@@ -102,6 +102,7 @@ fn commit<'a>(
         events: std::slice::from_ref(event),
         now: 1,
         audit: None,
+        response: None,
     }
 }
 
@@ -204,6 +205,48 @@ async fn a_chain_of_transitions_commits_whole_in_order_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn a_settling_commit_stores_the_waiting_requests_response_once_and_never_when_fenced() {
+    for b in backends().await {
+        let s = &b.store;
+        let claim = IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            lock_ms: 60_000,
+            ttl_ms: 600_000,
+            response: None,
+        };
+        assert_eq!(s.create_saga(&new_saga("s1"), Some(&claim), 0).await.unwrap(), CreateOutcome::Created);
+        let names = vec!["only".to_owned()];
+        let state = s.saga("s1").await.unwrap().unwrap().state;
+        let e = event("s1", &state, 1);
+        let response = |body: &'static [u8]| {
+            Some(StoredResponse { caller: "c", route: "POST /orders", key: "k", status: 200, body })
+        };
+        let second = new_saga("s2");
+        let again = || s.create_saga(&second, Some(&claim), 10);
+        // Fenced (computed from a stale seq): nothing is stored, the key stays in flight.
+        let stale = Commit { response: response(b"stale"), ..commit(&state, &names, &e, Fence::Takeover, 7) };
+        assert!(matches!(s.commit(&stale).await, Err(Error::Fenced)), "{}", b.name);
+        assert_eq!(again().await.unwrap(), CreateOutcome::InFlight, "{}", b.name);
+        // Committed: stored with it, and replayed from then on.
+        let c = Commit { response: response(b"settled"), ..commit(&state, &names, &e, Fence::Takeover, 1) };
+        assert_eq!(s.commit(&c).await.unwrap(), 2, "{}", b.name);
+        let replay = CreateOutcome::Replay { status: 200, body: b"settled".to_vec(), saga_id: Some("s1".into()) };
+        assert_eq!(again().await.unwrap(), replay, "{}", b.name);
+        // A stored response is never replaced, by a later commit or by the waiting request.
+        let e3 = event("s1", &state, 2);
+        let later = Commit { response: response(b"later"), ..commit(&state, &names, &e3, Fence::Takeover, 2) };
+        assert_eq!(s.commit(&later).await.unwrap(), 3, "{}", b.name);
+        let stored = s.complete_idempotency("c", "POST /orders", "k", 201, b"timed out").await.unwrap();
+        assert_eq!(stored, Some((200, b"settled".to_vec())), "{}", b.name);
+        assert_eq!(again().await.unwrap(), replay, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
 async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
     for b in backends().await {
         let store = &b.store;
@@ -225,7 +268,11 @@ async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
         assert_eq!(create("b", "f1", 50).await, CreateOutcome::InFlight, "{}", b.name);
         assert_eq!(create("b", "f2", 50).await, CreateOutcome::Mismatch, "{}", b.name);
         assert_eq!(create("b", "f1", 200).await, CreateOutcome::Abandoned { saga_id: "a".into() }, "{}", b.name);
-        store.complete_idempotency("c", "POST /orders", "k", 201, b"body").await.unwrap();
+        let stored = store.complete_idempotency("c", "POST /orders", "k", 201, b"body").await.unwrap();
+        assert_eq!(stored, None, "{}: stored now", b.name);
+        // A second response for the key does not replace the first; it is handed back.
+        let again = store.complete_idempotency("c", "POST /orders", "k", 200, b"later").await.unwrap();
+        assert_eq!(again, Some((201, b"body".to_vec())), "{}: the first response stands", b.name);
         assert_eq!(
             create("b", "f1", 300).await,
             CreateOutcome::Replay { status: 201, body: b"body".to_vec(), saga_id: Some("a".into()) },
