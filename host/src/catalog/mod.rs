@@ -146,17 +146,12 @@ impl Catalog {
                 }
             }
         }
-        let loaded = self.store.definitions().await?;
-        let mut definitions = self.definitions.write().unwrap_or_else(|e| e.into_inner());
-        for d in loaded {
-            // Never replace a newer version than the one read: a change made through this
-            // process while the read ran is cached already (`cache`), and the read may predate
-            // it. (Definitions are never deleted, so merging loses nothing.)
-            if definitions.get(&d.definition.saga_type).is_none_or(|(_, v)| *v <= d.version) {
-                definitions.insert(d.definition.saga_type.clone(), (Arc::new(d.definition), d.version));
-            }
+        // Merged through `cache`: a change made through this process while the read ran is
+        // cached already and may be newer than what was read. (Definitions are never deleted,
+        // so merging loses nothing.)
+        for d in self.store.definitions().await? {
+            self.cache(d.definition, d.version);
         }
-        drop(definitions);
         self.version.store(version, Ordering::Release);
         Ok(())
     }
