@@ -22,6 +22,8 @@ use super::Result;
 pub struct Pools {
     pub writer: AnyPool,
     pub reader: AnyPool,
+    /// Stops the dialect's background work (SQLite's checkpointer) when dropped with the store.
+    pub background: Option<tokio_util::sync::DropGuard>,
 }
 
 /// One database's differences from the shared SQL.
@@ -53,6 +55,12 @@ pub trait Dialect: Send + Sync + 'static {
     /// failure to reach the server is [`super::Error::Connect`] and says why without the
     /// password.
     async fn connect(&self, url: &str, max_connections: u32) -> Result<Pools>;
+    /// Takes the database for this process where it is meant to have one (a SQLite file):
+    /// the lock, held as long as the returned file is open, or [`super::Error::InUse`] when
+    /// another process holds it. `None` where many processes share the database by design.
+    fn lock(&self, _url: &str) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
     /// Whether a database error of this backend is worth retrying as it is (busy, locked,
     /// serialization failure, deadlock, connection lost). Errors of other backends are false.
     fn is_transient(&self, e: &dyn sqlx::error::DatabaseError) -> bool;

@@ -30,6 +30,9 @@ pub enum Error {
     /// password).
     #[error("{0}")]
     Connect(String),
+    /// The database belongs to another running host process (a SQLite file's lock is held).
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl Error {
@@ -68,6 +71,7 @@ impl Error {
             Error::Corrupt(m) => Error::Corrupt(m.clone()),
             Error::Unsupported(m) => Error::Unsupported(m.clone()),
             Error::Connect(m) => Error::Connect(m.clone()),
+            Error::InUse(m) => Error::InUse(m.clone()),
         }
     }
 }

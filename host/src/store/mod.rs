@@ -28,6 +28,7 @@
 mod batch;
 mod dialect;
 mod error;
+mod keys;
 pub mod postgres;
 mod sql;
 mod sqlite;
@@ -54,6 +55,19 @@ pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> 
 /// [`open`] with the size of the connection pool, for databases that take several writers
 /// (SQLite ignores it: it has one writer connection and a small reader pool).
 pub async fn open_with(url: Option<&str>, data_dir: &Path, max_connections: u32) -> Result<Arc<dyn Store>> {
+    open_url(url, data_dir, max_connections, false).await
+}
+
+/// [`open_with`] for the host that serves the database: where the database belongs to one
+/// process (a SQLite file), takes it for this one, so that a second host on the same file
+/// fails to start with [`Error::InUse`] instead of both writing it; and, owning every write,
+/// answers state reads of keys that were never written without a query. Other processes may
+/// still open the database with [`open`] (to read it, as the tests do), not to run sagas.
+pub async fn open_exclusive(url: Option<&str>, data_dir: &Path, max_connections: u32) -> Result<Arc<dyn Store>> {
+    open_url(url, data_dir, max_connections, true).await
+}
+
+async fn open_url(url: Option<&str>, data_dir: &Path, max_connections: u32, exclusive: bool) -> Result<Arc<dyn Store>> {
     let url = match url {
         Some(url) => url.to_owned(),
         None => sqlite::file_url(&data_dir.join("sagahost.db")),
@@ -65,7 +79,7 @@ pub async fn open_with(url: Option<&str>, data_dir: &Path, max_connections: u32)
             "database URL scheme '{scheme}:' is not supported; use sqlite:PATH or postgres://USER@HOST/DB"
         )));
     };
-    Ok(Arc::new(sql::SqlStore::open(dialect, &url, max_connections).await?))
+    Ok(Arc::new(sql::SqlStore::open(dialect, &url, max_connections, exclusive).await?))
 }
 
 /// A saga as stored.
@@ -304,7 +318,8 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn release(&self, id: &str, epoch: i64) -> Result<()>;
     /// Drops every claim held by `owner` (a process that restarts under the same identity).
     async fn release_owner(&self, owner: &str) -> Result<u64>;
-    /// The earliest `next_run_at` of any saga, to know how long the driver may sleep.
+    /// The earliest `next_run_at` of any saga no one holds a live lease on (a claim's next
+    /// chance), to know how long the driver may sleep. A saga running somewhere is not due.
     async fn next_due(&self) -> Result<Option<i64>>;
     /// Commits one transition, or a chain of them, if the saga's `seq` is still `read_seq`
     /// (and, for the driver's fences, its epoch is still the claim's); returns the new `seq`

@@ -97,7 +97,7 @@ impl Dialect for Postgres {
             .after_connect(|conn, _| Box::pin(async move { sqlx::Executor::execute(conn, SESSION).await.map(drop) }))
             .connect_with(AnyConnectOptions::from_str(url)?)
             .await?;
-        Ok(Pools { writer: pool.clone(), reader: pool })
+        Ok(Pools { writer: pool.clone(), reader: pool, background: None })
     }
 
     fn is_transient(&self, e: &dyn sqlx::error::DatabaseError) -> bool {

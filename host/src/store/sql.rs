@@ -13,6 +13,7 @@ use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::batch::Writes;
+use super::keys::KeyFilter;
 use super::dialect::Dialect;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
@@ -28,6 +29,7 @@ struct Statements {
     renew_lease: String,
     relay_lease: String,
     finished_sagas: String,
+    next_due: String,
 }
 
 impl Statements {
@@ -78,6 +80,15 @@ impl Statements {
                  (SELECT 1 FROM outbox WHERE outbox.saga_id = sagas.id AND outbox.published_at IS NULL) \
                  ORDER BY updated_at LIMIT $2{skip_locked}"
             ),
+            // The first saga a claim could take: due or not, but not under a live lease (a
+            // running saga's timer is in the past, and would wake the driver at once, again and
+            // again). Walks the due index in order, past the few running sagas, to the first
+            // free one. A lease that expires later is seen at the next poll (the driver sleeps
+            // at most its poll interval).
+            next_due: format!(
+                "SELECT next_run_at FROM sagas WHERE next_run_at IS NOT NULL \
+                 AND (lease_until IS NULL OR lease_until <= {now}) ORDER BY next_run_at LIMIT 1"
+            ),
         }
     }
 }
@@ -94,23 +105,103 @@ pub struct SqlStore {
     /// Plain reads. For PostgreSQL, the same pool as `writer`.
     reader: AnyPool,
     sql: Arc<Statements>,
+    /// The plugin state keys that may exist, where this process owns the database
+    /// ([`KeyFilter`]): reads of other keys answer "absent" without a query.
+    keys: Option<Arc<KeyFilter>>,
+    /// The database file's lock, held while the store lives (SQLite opened exclusively).
+    _lock: Option<std::fs::File>,
+    /// The dialect's background work, stopped with the store.
+    _background: Option<tokio_util::sync::DropGuard>,
 }
 
 impl SqlStore {
-    /// Connects as the dialect says and brings the schema up to date.
-    pub async fn open(dialect: &'static dyn Dialect, url: &str, max_connections: u32) -> Result<SqlStore> {
+    /// Connects as the dialect says and brings the schema up to date. `exclusive`: this
+    /// process is to own the database where the dialect can tell (SQLite: the file's lock, or
+    /// [`Error::InUse`]); then state reads of keys never written answer without a query.
+    pub async fn open(
+        dialect: &'static dyn Dialect,
+        url: &str,
+        max_connections: u32,
+        exclusive: bool,
+    ) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
+        let lock = if exclusive { lock(dialect, url).await? } else { None };
         let pools = dialect.connect(url, max_connections).await?;
         dialect.migrator().run(&pools.writer).await?;
-        tracing::debug!(dialect = dialect.name(), "store open");
+        let keys = match lock {
+            Some(_) => Some(Arc::new(load_keys(&pools.reader).await?)),
+            None => None,
+        };
+        tracing::debug!(dialect = dialect.name(), exclusive = keys.is_some(), "store open");
         let writes = if dialect.group_commit() {
             Writes::grouped(pools.writer.clone())
         } else {
             Writes::direct(pools.writer.clone())
         };
         let sql = Arc::new(Statements::new(dialect));
-        Ok(SqlStore { dialect, writes, writer: pools.writer, reader: pools.reader, sql })
+        Ok(SqlStore {
+            dialect,
+            writes,
+            writer: pools.writer,
+            reader: pools.reader,
+            sql,
+            keys,
+            _lock: lock,
+            _background: pools.background,
+        })
     }
+}
+
+/// How long a host waits for the database's lock before giving up: a host started while the
+/// one before it on the same file is still shutting down (a restart) waits for it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// [`Dialect::lock`], waiting up to [`LOCK_WAIT`] while another process holds it.
+async fn lock(dialect: &dyn Dialect, url: &str) -> Result<Option<std::fs::File>> {
+    let started = std::time::Instant::now();
+    loop {
+        match dialect.lock(url) {
+            Err(Error::InUse(_)) if started.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Every plugin state key stored, into a new [`KeyFilter`] (in pages, in key order).
+async fn load_keys(reader: &AnyPool) -> Result<KeyFilter> {
+    const PAGE: i64 = 10_000;
+    let started = std::time::Instant::now();
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM plugin_state").fetch_one(reader).await?;
+    let filter = KeyFilter::with_capacity(total.max(0) as u64);
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let rows = match &after {
+            None => sqlx::query("SELECT plugin, key FROM plugin_state ORDER BY plugin, key LIMIT $1")
+                .bind(PAGE)
+                .fetch_all(reader)
+                .await?,
+            Some((plugin, key)) => sqlx::query(
+                "SELECT plugin, key FROM plugin_state WHERE (plugin, key) > ($1, $2) ORDER BY plugin, key LIMIT $3",
+            )
+            .bind(plugin)
+            .bind(key)
+            .bind(PAGE)
+            .fetch_all(reader)
+            .await?,
+        };
+        for row in &rows {
+            filter.insert(row.try_get("plugin")?, row.try_get("key")?);
+        }
+        match rows.last() {
+            Some(last) if rows.len() as i64 == PAGE => after = Some((last.try_get("plugin")?, last.try_get("key")?)),
+            _ => break,
+        }
+    }
+    let (layers, bytes) = filter.size();
+    tracing::info!(keys = total, layers, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "plugin state keys loaded");
+    Ok(filter)
 }
 
 fn corrupt(what: impl Into<String>) -> Error {
@@ -313,15 +404,15 @@ impl SagaStore for SqlStore {
             script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
         }
         script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
-        let data = (script, claim.cloned(), now, self.dialect.scripts());
+        let data = (script.join(self.dialect.scripts()), claim.cloned(), now);
         self.writes
-            .run(data, |(script, claim, now, together), conn| {
+            .run(data, |(script, claim, now), conn| {
                 Box::pin(async move {
                     // A crash here, before the claim and the saga row commit, must leave
                     // neither: both are in this one transaction.
                     crate::failpoint!("intake-after-claim");
                     // The saga insert is the only statement that returns a row.
-                    if !script.run(conn, *together).await?.is_empty() {
+                    if !script.run(conn).await?.is_empty() {
                         return Ok(CreateOutcome::Created);
                     }
                     match claim {
@@ -471,19 +562,23 @@ impl SagaStore for SqlStore {
     }
 
     async fn next_due(&self) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_run_at) FROM sagas WHERE next_run_at IS NOT NULL")
-            .fetch_one(&self.reader)
-            .await?)
+        Ok(sqlx::query_scalar(&self.sql.next_due).fetch_optional(&self.reader).await?)
     }
 
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
         let script = commit_script(c)?;
+        if let Some(keys) = &self.keys {
+            // Before the commit runs: whoever sees the row must find the key (module keys).
+            for &(plugin, writes) in c.plugin_writes {
+                writes.iter().filter(|(_, value)| value.is_some()).for_each(|(key, _)| keys.insert(plugin, key));
+            }
+        }
         self.writes
-            .run((script, self.dialect.scripts()), |(script, together), conn| {
+            .run(script.join(self.dialect.scripts()), |script, conn| {
                 Box::pin(async move {
                     // The update is the only statement that returns a row: none means fenced,
                     // and then every other statement found its condition false and wrote nothing.
-                    let rows = script.run(conn, *together).await?;
+                    let rows = script.run(conn).await?;
                     let Some(row) = rows.first() else { return Err(Error::Fenced) };
                     Ok(row.try_get("seq")?)
                 })
@@ -702,6 +797,8 @@ impl Arg {
 #[derive(Default)]
 struct Script {
     statements: Vec<(Cow<'static, str>, Vec<Arg>)>,
+    /// The statements as one query, renumbered ([`Script::join`]).
+    joined: Option<String>,
 }
 
 impl Script {
@@ -709,9 +806,10 @@ impl Script {
         self.statements.push((sql.into(), args));
     }
 
-    /// Runs the statements; again on every call (a job may run twice: after a rolled-back
-    /// batch).
-    async fn run(&self, conn: &mut AnyConnection, together: bool) -> Result<Vec<AnyRow>> {
+    /// Joins the statements into one query now, if they are to run `together`: in the
+    /// caller's task, not the writer's, whose every microsecond everyone waits for (the
+    /// renumbering was a sixth of the writer thread's time at the closed-loop peak).
+    fn join(mut self, together: bool) -> Script {
         if together {
             let mut sql = String::new();
             let mut count = 0;
@@ -722,8 +820,17 @@ impl Script {
                 renumber(part, count, &mut sql);
                 count += args.len();
             }
+            self.joined = Some(sql);
+        }
+        self
+    }
+
+    /// Runs the statements, as one query if they were joined; again on every call (a job may
+    /// run twice: after a rolled-back batch).
+    async fn run(&self, conn: &mut AnyConnection) -> Result<Vec<AnyRow>> {
+        if let Some(sql) = &self.joined {
             let all = self.statements.iter().flat_map(|(_, args)| args);
-            return Ok(bind(sqlx::query(&sql), all).fetch_all(&mut *conn).await?);
+            return Ok(bind(sqlx::query(sql), all).fetch_all(&mut *conn).await?);
         }
         let mut rows = Vec::new();
         for (part, args) in &self.statements {
@@ -773,6 +880,9 @@ fn renumber(sql: &str, offset: usize, out: &mut String) {
 #[async_trait]
 impl PluginStateStore for SqlStore {
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        if self.keys.as_ref().is_some_and(|keys| !keys.may_contain(plugin, key)) {
+            return Ok(None);
+        }
         Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
             .bind(plugin)
             .bind(key)

@@ -35,7 +35,8 @@ impl Backend {
 /// Every backend this machine runs, each empty and migrated.
 async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = open(None, dir.path()).await.unwrap();
+    // As a serving host opens it: the file locked, state reads of unwritten keys filtered.
+    let sqlite = open_exclusive(None, dir.path(), postgres::DEFAULT_MAX_CONNECTIONS).await.unwrap();
     let file = Some(dir.path().join("sagahost.db"));
     let mut out = vec![Backend { name: "sqlite", store: sqlite, _dir: dir, pg: None, file }];
     let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
@@ -1016,6 +1017,72 @@ async fn a_saga_created_with_a_lease_is_born_claimed() {
         assert_eq!(b.store.commit(&c).await.unwrap(), 2, "{}", b.name);
         assert_eq!(b.store.release_owner("me").await.unwrap(), 1, "{}", b.name);
         assert_eq!(b.store.claim_due("other", 0, 60_000, 10).await.unwrap(), [("owned".to_owned(), 2)], "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+/// A serving host owns its SQLite file: a second host on it is refused with a clear error (a
+/// plain open, to read it, is not), and the lock goes with the store.
+#[tokio::test]
+async fn a_sqlite_file_serves_one_host_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open_exclusive(None, dir.path(), 1).await.unwrap();
+    let e = open_exclusive(None, dir.path(), 1).await.err().expect("a second host on the file is refused");
+    assert!(matches!(e, Error::InUse(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("sagahost.db") && text.contains("another sagahost process"), "{text}");
+    let reader = open(None, dir.path()).await.unwrap();
+    assert!(reader.saga("none").await.unwrap().is_none());
+    drop(first);
+    open_exclusive(None, dir.path(), 1).await.expect("the lock went with the store");
+}
+
+/// A serving SQLite host answers state reads of keys it never wrote without the database,
+/// and finds every key it wrote, before and after a restart. The proof that it does not ask
+/// the database: a key written behind its back (by a plain open, which a serving host's lock
+/// does not stop) stays invisible to it until it restarts and loads the keys again.
+#[tokio::test]
+async fn a_serving_sqlite_host_knows_which_state_keys_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = open_exclusive(None, dir.path(), 1).await.unwrap();
+    write_state(&host, "inventory", &["reservation/1"]).await;
+    assert_eq!(host.state_get("inventory", "reservation/1").await.unwrap().as_deref(), Some(b"reservation/1".as_slice()));
+    assert_eq!(host.state_get("inventory", "reservation/2").await.unwrap(), None);
+    let behind = open(None, dir.path()).await.unwrap();
+    write_state(&behind, "inventory", &["reservation/2"]).await;
+    assert_eq!(behind.state_get("inventory", "reservation/2").await.unwrap().as_deref(), Some(b"reservation/2".as_slice()));
+    assert_eq!(host.state_get("inventory", "reservation/2").await.unwrap(), None, "answered without a query");
+    drop((host, behind));
+    let host = open_exclusive(None, dir.path(), 1).await.unwrap();
+    for key in ["reservation/1", "reservation/2"] {
+        assert_eq!(host.state_get("inventory", key).await.unwrap().as_deref(), Some(key.as_bytes()), "{key} after a restart");
+    }
+    assert_eq!(host.state_get("payment", "reservation/1").await.unwrap(), None);
+}
+
+/// The driver sleeps until `next_due`: a saga under someone's live lease is not due (it is
+/// running), so it must not make the driver poll again at once; once the lease is released
+/// or expires it counts again.
+#[tokio::test]
+async fn next_due_skips_sagas_under_a_live_lease() {
+    for b in backends().await {
+        let s = &b.store;
+        assert_eq!(s.next_due().await.unwrap(), None, "{}", b.name);
+        let owned = NewSaga { lease: Some(("me".into(), 60_000)), ..new_saga("owned") };
+        s.create_saga(&owned, None, 0).await.unwrap();
+        assert_eq!(s.next_due().await.unwrap(), None, "{}: a running saga is not due", b.name);
+        let mut later = new_saga("later");
+        later.state.next_run_at = Some(5_000);
+        s.create_saga(&later, None, 0).await.unwrap();
+        assert_eq!(s.next_due().await.unwrap(), Some(5_000), "{}: the free saga's timer", b.name);
+        assert_eq!(s.release_owner("me").await.unwrap(), 1, "{}", b.name);
+        assert_eq!(s.next_due().await.unwrap(), Some(0), "{}: released, the saga is due again", b.name);
+        let short = NewSaga { lease: Some(("gone".into(), 100)), ..new_saga("short") };
+        s.create_saga(&short, None, 0).await.unwrap();
+        assert_eq!(s.claim_due("me", 10_000, 60_000, 10).await.unwrap().len(), 2, "{}", b.name);
+        assert_eq!(s.next_due().await.unwrap(), None, "{}: every saga is held", b.name);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(s.next_due().await.unwrap(), Some(0), "{}: an expired lease is due", b.name);
         b.cleanup().await;
     }
 }
