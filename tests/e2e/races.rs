@@ -11,7 +11,7 @@ use crate::harness::{good_order, key, TestHost};
 
 /// A random whole number below `n`, without another dependency.
 fn below(n: u64) -> u64 {
-    (uuid::Uuid::new_v4().as_u128() % u128::from(n)) as u64
+    (uuid::Uuid::new_v4().as_u128() % u128::from(n.max(1))) as u64
 }
 
 /// Posts an order, sleeps `delay`, cancels it; returns the id and the cancel's answer.
@@ -32,15 +32,23 @@ async fn order_then_cancel(client: reqwest::Client, base: String, delay: Duratio
 
 #[tokio::test]
 async fn a_cancel_racing_the_last_step_never_compensates_a_completed_order() {
-    const WAVES: usize = 12;
+    // At least MIN_WAVES waves, and more (up to MAX_WAVES) until each side of the race was
+    // seen a few times: on a fast build few cancels beat the last step even at once.
+    const MIN_WAVES: usize = 12;
+    const MAX_WAVES: usize = 60;
+    const EACH_SIDE: usize = 3;
     const PER_WAVE: usize = 10;
-    let host = TestHost::start().await;
+    // One commit per step, so the last step has a commit of its own to race. With chains the
+    // three demo steps commit together well under a millisecond after the 201 (their first
+    // state reads answer from memory), and every cancel came too late: the race was not run.
+    let host = TestHost::start_with(|c| c.driver.chain_max = 1).await;
     // Each cancel comes at a random moment in [0, window). The window adapts, so that the
     // cancels straddle the orders' completion on any machine and build: it grows while every
     // cancel wins and shrinks while every order completes first.
     let mut window_us: u64 = 20_000;
-    let (mut cancelled, mut completed) = (0, 0);
-    for _ in 0..WAVES {
+    let (mut cancelled, mut completed, mut waves) = (0, 0, 0);
+    while waves < MIN_WAVES || (waves < MAX_WAVES && (cancelled < EACH_SIDE || completed < EACH_SIDE)) {
+        waves += 1;
         let tasks: Vec<_> = (0..PER_WAVE)
             .map(|_| {
                 let delay = Duration::from_micros(below(window_us));
@@ -73,14 +81,14 @@ async fn a_cancel_racing_the_last_step_never_compensates_a_completed_order() {
             }
         }
         if wave_completed == 0 {
-            window_us = window_us.saturating_mul(2);
+            window_us = window_us.saturating_mul(2).max(100);
         } else if wave_cancelled == 0 {
-            window_us = (window_us / 2).max(1_000);
+            window_us /= 2; // down to 0: cancel as soon as the order is created
         }
         cancelled += wave_cancelled;
         completed += wave_completed;
     }
-    eprintln!("races: orders={} cancelled={cancelled} completed={completed} window_us={window_us}", WAVES * PER_WAVE);
+    eprintln!("races: orders={} cancelled={cancelled} completed={completed} window_us={window_us}", waves * PER_WAVE);
     // Both sides of the race were run.
     assert!(cancelled > 0 && completed > 0, "cancelled={cancelled} completed={completed}: the race was not run");
 }
