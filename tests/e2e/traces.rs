@@ -114,16 +114,23 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
 /// Submits `body` with the client's `traceparent`; the new order's id.
 async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> String {
+    post_order(http, base, body, &key()).await.expect("the order is answered")
+}
+
+/// Posts an order under `key` with the client's `traceparent`: the saga's id, or `None` if
+/// the answer never came (the host died).
+async fn post_order(http: &reqwest::Client, base: &str, body: &Value, key: &str) -> Option<String> {
     let r = http
         .post(format!("{base}/orders"))
-        .header("Idempotency-Key", key())
+        .header("Idempotency-Key", key)
         .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
         .json(body)
         .send()
         .await
-        .unwrap();
+        .ok()?;
     assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    let answer = r.json::<Value>().await.ok()?;
+    Some(answer["id"].as_str().expect("the saga's id").to_owned())
 }
 
 async fn wait_status(http: &reqwest::Client, base: &str, id: &str, status: &str) {
@@ -234,11 +241,22 @@ async fn a_saga_resumed_after_a_crash_stays_in_its_trace() {
     // The host dies after the second plugin call (payment), before committing it.
     let mut host = HostProcess::spawn(dir.path(), Some("driver-after-call=abort@2"), &receiver.env()).await;
     let http = reqwest::Client::new();
-    let id = submit(&http, &host.base, &order("tok_decline", "SKU-1", "US")).await;
+    let body = order("tok_decline", "SKU-1", "US");
+    let idempotency_key = key();
+    // The two calls can be over before the 201 is written (they take microseconds): then the
+    // abort cuts the answer off, and the client asks again with the same key, as any would.
+    let first = {
+        let (http, base, body, k) = (http.clone(), host.base.clone(), body.clone(), idempotency_key.clone());
+        tokio::spawn(async move { post_order(&http, &base, &body, &k).await })
+    };
     host.wait_failpoint("driver-after-call", 2, Duration::from_secs(30)).await;
     // Restarted, another process (another tracer) finishes the saga: in the same trace, under
     // the intake span whose context was stored with the saga.
     let host = HostProcess::spawn(dir.path(), None, &receiver.env()).await;
+    let id = match first.await.unwrap() {
+        Some(id) => id,
+        None => post_order(&http, &host.base, &body, &idempotency_key).await.expect("the retry is answered"),
+    };
     wait_status(&http, &host.base, &id, "CANCELLED").await;
     let store = crate::harness::open_store(dir.path()).await;
     let stored = store.saga(&id).await.unwrap().unwrap().trace_parent.expect("a stored trace context");
