@@ -152,7 +152,8 @@ pub struct App {
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::Error> {
     let started = std::time::Instant::now();
     loop {
-        match store::open_exclusive(config.database.as_deref(), &config.data_dir, config.database_max_connections).await {
+        match store::open_exclusive(config.database.as_deref(), &config.data_dir, config.database_max_connections).await
+        {
             Err(store::Error::Connect(e)) if started.elapsed() < config.database_wait => {
                 tracing::warn!(error = %e, "the database is not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;

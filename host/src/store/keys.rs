@@ -151,8 +151,7 @@ mod tests {
             assert!(f.may_contain("inventory", &format!("reservation/{i}")), "key {i} lost");
         }
         let absent = 100_000;
-        let false_positives =
-            (0..absent).filter(|i| f.may_contain("inventory", &format!("reservation/x{i}"))).count();
+        let false_positives = (0..absent).filter(|i| f.may_contain("inventory", &format!("reservation/x{i}"))).count();
         let rate = false_positives as f64 / absent as f64;
         assert!(rate < 0.03, "false positive rate {rate}");
     }

@@ -13,8 +13,8 @@ use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::batch::Writes;
-use super::keys::KeyFilter;
 use super::dialect::Dialect;
+use super::keys::KeyFilter;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
@@ -177,20 +177,23 @@ async fn load_keys(reader: &AnyPool) -> Result<KeyFilter> {
     let filter = KeyFilter::with_capacity(total.max(0) as u64);
     let mut after: Option<(String, String)> = None;
     loop {
-        let rows = match &after {
-            None => sqlx::query("SELECT plugin, key FROM plugin_state ORDER BY plugin, key LIMIT $1")
+        let rows =
+            match &after {
+                None => {
+                    sqlx::query("SELECT plugin, key FROM plugin_state ORDER BY plugin, key LIMIT $1")
+                        .bind(PAGE)
+                        .fetch_all(reader)
+                        .await?
+                }
+                Some((plugin, key)) => sqlx::query(
+                    "SELECT plugin, key FROM plugin_state WHERE (plugin, key) > ($1, $2) ORDER BY plugin, key LIMIT $3",
+                )
+                .bind(plugin)
+                .bind(key)
                 .bind(PAGE)
                 .fetch_all(reader)
                 .await?,
-            Some((plugin, key)) => sqlx::query(
-                "SELECT plugin, key FROM plugin_state WHERE (plugin, key) > ($1, $2) ORDER BY plugin, key LIMIT $3",
-            )
-            .bind(plugin)
-            .bind(key)
-            .bind(PAGE)
-            .fetch_all(reader)
-            .await?,
-        };
+            };
         for row in &rows {
             filter.insert(row.try_get("plugin")?, row.try_get("key")?);
         }
@@ -200,7 +203,13 @@ async fn load_keys(reader: &AnyPool) -> Result<KeyFilter> {
         }
     }
     let (layers, bytes) = filter.size();
-    tracing::info!(keys = total, layers, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "plugin state keys loaded");
+    tracing::info!(
+        keys = total,
+        layers,
+        bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "plugin state keys loaded"
+    );
     Ok(filter)
 }
 

@@ -1046,16 +1046,26 @@ async fn a_serving_sqlite_host_knows_which_state_keys_exist() {
     let dir = tempfile::tempdir().unwrap();
     let host = open_exclusive(None, dir.path(), 1).await.unwrap();
     write_state(&host, "inventory", &["reservation/1"]).await;
-    assert_eq!(host.state_get("inventory", "reservation/1").await.unwrap().as_deref(), Some(b"reservation/1".as_slice()));
+    assert_eq!(
+        host.state_get("inventory", "reservation/1").await.unwrap().as_deref(),
+        Some(b"reservation/1".as_slice())
+    );
     assert_eq!(host.state_get("inventory", "reservation/2").await.unwrap(), None);
     let behind = open(None, dir.path()).await.unwrap();
     write_state(&behind, "inventory", &["reservation/2"]).await;
-    assert_eq!(behind.state_get("inventory", "reservation/2").await.unwrap().as_deref(), Some(b"reservation/2".as_slice()));
+    assert_eq!(
+        behind.state_get("inventory", "reservation/2").await.unwrap().as_deref(),
+        Some(b"reservation/2".as_slice())
+    );
     assert_eq!(host.state_get("inventory", "reservation/2").await.unwrap(), None, "answered without a query");
     drop((host, behind));
     let host = open_exclusive(None, dir.path(), 1).await.unwrap();
     for key in ["reservation/1", "reservation/2"] {
-        assert_eq!(host.state_get("inventory", key).await.unwrap().as_deref(), Some(key.as_bytes()), "{key} after a restart");
+        assert_eq!(
+            host.state_get("inventory", key).await.unwrap().as_deref(),
+            Some(key.as_bytes()),
+            "{key} after a restart"
+        );
     }
     assert_eq!(host.state_get("payment", "reservation/1").await.unwrap(), None);
 }
