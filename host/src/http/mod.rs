@@ -13,6 +13,7 @@ pub mod history;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
+pub mod orders;
 pub mod plugins;
 pub mod sagas;
 pub mod ui;
@@ -68,10 +69,10 @@ pub struct AppState {
 /// Builds the router and the OpenAPI document from the same route list.
 pub fn router(state: AppState) -> Router {
     let (saga_routes, mut api) = OpenApiRouter::new()
-        .routes(routes!(sagas::create_order, sagas::list_orders))
-        .routes(routes!(sagas::get_order))
-        .routes(routes!(sagas::cancel_order))
-        .routes(routes!(sagas::signal_order))
+        .routes(routes!(orders::create_order, orders::list_orders))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(orders::cancel_order))
+        .routes(routes!(orders::signal_order))
         .routes(routes!(sagas::create_saga, sagas::list_sagas))
         .routes(routes!(sagas::get_saga))
         .routes(routes!(sagas::cancel_saga))

@@ -143,10 +143,9 @@ pub fn every_route(api: &mut OpenApi) {
 /// link's `operationId` as `operation_id`.
 pub fn links(doc: &mut serde_json::Value) {
     // (operation, whether it also takes the saga type from the response)
-    let for_orders = [("get_order", false), ("cancel_order", false), ("signal_order", false)];
     let for_sagas = [("get_saga", true), ("cancel_saga", true), ("signal_saga", true)];
     let operator = [("retry_saga", false), ("resolve_saga", false)];
-    for (path, targets) in [("/orders", for_orders), ("/sagas/{type}", for_sagas)] {
+    for (path, targets) in [super::orders::LINKS, ("/sagas/{type}", for_sagas)] {
         for status in ["200", "201"] {
             let Some(response) =
                 doc.pointer_mut(&format!("/paths/{}/post/responses/{status}", path.replace('/', "~1")))
