@@ -21,7 +21,7 @@
 //! - It never fills up: when the newest layer holds its capacity, a layer twice as large with
 //!   a tighter false-positive rate is added, and a lookup asks every layer. The overall false
 //!   positive rate stays under 2%; memory is 10-20 bits per key of capacity (each layer a power
-//! of two of bits), and the first layer holds twice the keys stored at open.
+//!   of two of bits), and the first layer holds twice the keys stored at open.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
