@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,6 +64,10 @@ pub struct DriverOptions {
     pub poll_interval: Duration,
     /// How many sagas this process runs at once.
     pub max_concurrency: usize,
+    /// How many sagas created here may wait for one of those places. Past it, creating a
+    /// saga is refused at once ([`DriverHandle::admit`]): the host sheds new work instead of
+    /// queueing more than it can start soon.
+    pub max_queued: usize,
     /// Most transitions of one saga staged before they are committed together; 1 commits each
     /// transition alone.
     pub chain_max: usize,
@@ -79,6 +83,7 @@ impl Default for DriverOptions {
             lease_ms: 60_000,
             poll_interval: Duration::from_millis(500),
             max_concurrency: 64,
+            max_queued: 512,
             chain_max: 16,
             chain_max_age: Duration::from_millis(50),
         }
@@ -89,7 +94,10 @@ impl Default for DriverOptions {
 #[derive(Debug, Clone)]
 pub struct StatusChange {
     pub saga_id: String,
-    pub status: engine::SagaStatus,
+    /// This process stopped running the saga (it parked, gave its claim back or lost it):
+    /// its next changes may be committed by another process, which only a read of the store
+    /// sees. Nothing else is set then.
+    pub left: bool,
     /// Terminal, or stuck until an operator acts: no point waiting further.
     pub settled: bool,
     /// The saga as committed, when settled: a waiter answers with it without reading it back.
@@ -169,7 +177,25 @@ impl Drop for Watch {
 struct Adoption {
     owner: String,
     lease_ms: i64,
-    sagas: mpsc::UnboundedSender<SagaRecord>,
+    sagas: mpsc::UnboundedSender<(SagaRecord, OwnedSemaphorePermit)>,
+    /// Places in the queue of handed-over sagas the driver has not started yet.
+    queue: Arc<Semaphore>,
+    max_queued: usize,
+}
+
+/// Admission of a new saga ([`DriverHandle::admit`]): how to create it, and its place in the
+/// queue of the driver that will run it.
+pub struct Admitted {
+    /// The claim to create the saga with, (owner, lease in ms), when a driver runs behind the
+    /// handle to adopt it; `None` otherwise (then the driver claims it from the store).
+    pub claim: Option<(String, i64)>,
+    place: Option<OwnedSemaphorePermit>,
+}
+
+/// Refused admission: as many sagas created here wait for the driver as it queues.
+#[derive(Debug, Clone, Copy)]
+pub struct Overloaded {
+    pub queued: usize,
 }
 
 impl Default for DriverHandle {
@@ -233,22 +259,46 @@ impl DriverHandle {
         }
     }
 
-    /// The claim a new saga should be created with, (owner, lease in ms), when a driver runs
-    /// behind this handle to adopt it; `None` otherwise (then [`DriverHandle::wake`] and the
-    /// driver claims it from the store).
-    pub fn claim_for_new(&self) -> Option<(String, i64)> {
-        self.adoption.get().map(|a| (a.owner.clone(), a.lease_ms))
+    /// Whether a driver runs behind this handle: sagas created through it are created claimed
+    /// by that driver and run in this process (until [`StatusChange::left`]).
+    pub fn adopts(&self) -> bool {
+        self.adoption.get().is_some()
     }
 
-    /// Hands a saga created claimed with [`DriverHandle::claim_for_new`] (at `rec.epoch`) to
-    /// the driver. If the driver has stopped, the claim simply expires and the saga is claimed
+    /// Admits a new saga: its claim and its place in the driver's queue, or `Overloaded` when
+    /// [`DriverOptions::max_queued`] sagas created here wait for the driver already. Load
+    /// past what the host can run is shed here, before it costs a write: admitted without a
+    /// bound, new sagas would take the database from the sagas in progress and slow every one
+    /// of them (the host did ever less the more it was offered).
+    pub fn admit(&self) -> Result<Admitted, Overloaded> {
+        let Some(a) = self.adoption.get() else { return Ok(Admitted { claim: None, place: None }) };
+        match Arc::clone(&a.queue).try_acquire_owned() {
+            Ok(place) => Ok(Admitted { claim: Some((a.owner.clone(), a.lease_ms)), place: Some(place) }),
+            Err(_) => Err(Overloaded { queued: a.max_queued }),
+        }
+    }
+
+    /// Hands a saga created with [`DriverHandle::admit`]'s claim (at `rec.epoch`) to the
+    /// driver. If the driver has stopped, the claim simply expires and the saga is claimed
     /// from the store (by this process after a restart, or by another replica).
-    pub fn adopt(&self, rec: SagaRecord) {
-        match self.adoption.get() {
-            Some(a) => {
-                let _ = a.sagas.send(rec);
+    pub fn adopt(&self, rec: SagaRecord, admitted: Admitted) {
+        match (self.adoption.get(), admitted.place) {
+            (Some(a), Some(place)) => {
+                let _ = a.sagas.send((rec, place));
             }
-            None => self.wake(),
+            _ => self.wake(),
+        }
+    }
+
+    /// Announces that this process stopped running saga `id` ([`StatusChange::left`]).
+    fn left(&self, id: &str) {
+        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = w.by_saga.get(id) {
+            let change =
+                StatusChange { saga_id: id.to_owned(), left: true, settled: false, record: None, response: None };
+            for (_, sender, _) in list {
+                let _ = sender.send(change.clone());
+            }
         }
     }
 }
@@ -256,8 +306,9 @@ impl DriverHandle {
 /// The saga driver. Build it, hand out [`Driver::handle`]s, then [`Driver::run`] it.
 pub struct Driver {
     inner: Arc<Inner>,
-    /// Sagas created claimed by this driver, handed over by the saga service.
-    adopted: mpsc::UnboundedReceiver<SagaRecord>,
+    /// Sagas created claimed by this driver, handed over by the saga service, each with its
+    /// place in the queue (given back when the saga starts).
+    adopted: mpsc::UnboundedReceiver<(SagaRecord, OwnedSemaphorePermit)>,
 }
 
 struct Inner {
@@ -284,7 +335,14 @@ impl Driver {
     ) -> Driver {
         let handle = sagas.handle();
         let (sender, adopted) = mpsc::unbounded_channel();
-        let adoption = Adoption { owner: options.owner.clone(), lease_ms: options.lease_ms, sagas: sender };
+        let max_queued = options.max_queued.max(1);
+        let adoption = Adoption {
+            owner: options.owner.clone(),
+            lease_ms: options.lease_ms,
+            sagas: sender,
+            queue: Arc::new(Semaphore::new(max_queued)),
+            max_queued,
+        };
         if handle.adoption.set(adoption).is_err() {
             tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
         }
@@ -315,12 +373,13 @@ impl Driver {
         loop {
             // Sagas this process just created, already claimed: no claim, no read.
             while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-                let Ok(rec) = adopted.try_recv() else {
+                let Ok((rec, place)) = adopted.try_recv() else {
                     drop(permit);
                     break;
                 };
+                drop(place);
                 let inner = Arc::clone(&inner);
-                spawn_with(&tasks, permit, async move { inner.run_claimed(rec).await });
+                spawn_with(&tasks, permit, async move { inner.run_here(rec).await });
             }
             let free = permits.available_permits();
             if poll && free > 0 {
@@ -358,10 +417,11 @@ impl Driver {
                 _ = inner.handle.wake.notified() => poll = true,
                 _ = tokio::time::sleep_until(deadline) => poll = true,
                 // A permit is free here (the wait above takes over otherwise).
-                Some(rec) = adopted.recv() => {
+                Some((rec, place)) = adopted.recv() => {
+                    drop(place);
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
                     let inner = Arc::clone(&inner);
-                    spawn_with(&tasks, permit, async move { inner.run_claimed(rec).await });
+                    spawn_with(&tasks, permit, async move { inner.run_here(rec).await });
                 }
             }
         }
@@ -394,13 +454,21 @@ impl Inner {
     /// Loads a saga claimed from the store and runs it.
     async fn run_saga(&self, id: String, epoch: i64) {
         match self.store.saga(&id).await {
-            Ok(Some(rec)) if rec.epoch == epoch => self.run_claimed(rec).await,
+            Ok(Some(rec)) if rec.epoch == epoch => self.run_here(rec).await,
             Ok(_) => {} // gone or taken over since the claim
             Err(e) => {
                 tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
                 self.release_later(&id, epoch).await;
             }
         }
+    }
+
+    /// [`Inner::run_claimed`], then tells the saga's watchers that this process no longer runs
+    /// it: from then on they must read the store to see its changes.
+    async fn run_here(&self, rec: SagaRecord) {
+        let id = rec.id.clone();
+        self.run_claimed(rec).await;
+        self.handle.left(&id);
     }
 
     /// Runs one saga claimed at `rec.epoch`, as last committed (`rec`), for as long as work is

@@ -119,6 +119,10 @@ struct Serve {
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
+    /// How many sagas created here may wait for one of those places; past it, creating a saga
+    /// answers 503 with Retry-After at once, before any write (load shedding).
+    #[arg(long, env = "SAGAHOST_MAX_QUEUED_SAGAS", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queued_sagas: u64,
     /// Most transitions of one saga committed together (a chain of host-only steps); 1 commits
     /// every transition alone.
     #[arg(long, env = "SAGAHOST_MAX_CHAIN", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -189,6 +193,7 @@ fn config(args: Serve) -> sagahost::Config {
         max_response_bytes: args.plugin_http_max_response_bytes,
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
+    config.driver.max_queued = usize::try_from(args.max_queued_sagas).unwrap_or(usize::MAX);
     config.driver.chain_max = args.max_chain as usize;
     // A pooled sandbox per call the driver may run at once (each saga makes one call at a
     // time), never fewer than the default pool.

@@ -80,6 +80,7 @@ pub struct Metrics {
     commit_seconds: Histogram,
     committed_transitions: Counter,
     stale_commits: Counter,
+    sagas_shed: Counter,
     settled: Family<SettledLabels, Counter>,
     relay_leader: Gauge,
     dead_lettered: Counter,
@@ -160,6 +161,13 @@ impl Metrics {
             "Step results discarded because the saga's lease had passed to another worker (fencing)",
             stale_commits.clone(),
         );
+        let sagas_shed = Counter::default();
+        registry.register(
+            "sagas_shed",
+            "New sagas refused with 503 because --max-queued-sagas waited to start already (load shedding: \
+             the host was offered more than it runs)",
+            sagas_shed.clone(),
+        );
         let settled = Family::<SettledLabels, Counter>::default();
         registry.register(
             "sagas_settled",
@@ -186,6 +194,7 @@ impl Metrics {
             commit_seconds,
             committed_transitions,
             stale_commits,
+            sagas_shed,
             settled,
             relay_leader,
         })
@@ -233,6 +242,11 @@ impl Metrics {
     /// A commit refused by the fence: this worker had lost the saga.
     pub fn stale_commit(&self) {
         self.stale_commits.inc();
+    }
+
+    /// A new saga was refused: the driver's queue was full.
+    pub fn shed(&self) {
+        self.sagas_shed.inc();
     }
 
     pub fn relay_leader(&self, leading: bool) {

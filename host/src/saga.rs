@@ -49,6 +49,10 @@ pub enum Error {
     /// was written, and the result it carried is discarded.
     #[error("the saga was changed by someone else; its result was discarded")]
     Fenced,
+    /// A new saga was refused: this many sagas created here wait for the driver already
+    /// ([`crate::driver::DriverOptions::max_queued`]). Nothing was written.
+    #[error("{0} new sagas wait for this host to start them; retry shortly")]
+    Overloaded(usize),
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -106,7 +110,7 @@ impl Sagas {
 
     /// Creates a drafted saga with its first event, under an idempotency key when one is
     /// given: the claim, the saga and (when known) the stored response commit together.
-    pub async fn create(&self, draft: &Draft, claim: Option<&IdempotencyClaim>) -> Result<CreateOutcome, store::Error> {
+    pub async fn create(&self, draft: &Draft, claim: Option<&IdempotencyClaim>) -> Result<CreateOutcome, Error> {
         let rec = &draft.record;
         let envelope = Envelope {
             saga_id: &rec.id,
@@ -116,8 +120,8 @@ impl Sagas {
             at: rec.created_at,
         };
         // Created claimed by this process's driver, which gets it handed over below: no
-        // claim and no read of what was just written.
-        let lease = self.driver.claim_for_new();
+        // claim and no read of what was just written. Unless the driver's queue is full.
+        let admitted = self.driver.admit().map_err(|o| Error::Overloaded(o.queued))?;
         // The intake span: a child of the request's (whose parent is the client's
         // `traceparent`), stored with the saga as the parent of all its later spans.
         let intake = if crate::telemetry::enabled() {
@@ -133,7 +137,7 @@ impl Sagas {
             state: rec.state.clone(),
             event: envelope.wrap(&draft.event),
             now: rec.created_at,
-            lease: lease.clone(),
+            lease: admitted.claim.clone(),
             trace_parent: trace_parent.clone(),
         };
         let outcome = {
@@ -141,18 +145,14 @@ impl Sagas {
             self.store.create_saga(&new, claim, rec.created_at).instrument(intake).await?
         };
         if outcome == CreateOutcome::Created {
-            let status = rec.state.status.clone();
             self.driver.announce(StatusChange {
                 saga_id: rec.id.clone(),
-                status,
+                left: false,
                 settled: false,
                 record: None,
                 response: None,
             });
-            match lease {
-                Some(_) => self.driver.adopt(SagaRecord { epoch: 1, trace_parent, ..rec.clone() }),
-                None => self.driver.wake(),
-            }
+            self.driver.adopt(SagaRecord { epoch: 1, trace_parent, ..rec.clone() }, admitted);
         }
         Ok(outcome)
     }
@@ -337,7 +337,7 @@ impl Sagas {
         }
         self.driver.announce(StatusChange {
             saga_id: rec.id.clone(),
-            status: rec.state.status.clone(),
+            left: false,
             settled,
             record: settled.then(|| Arc::new(rec.clone())),
             response: response.map(|(_, body)| Arc::new(body)),

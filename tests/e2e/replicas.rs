@@ -264,6 +264,61 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
 }
 
 #[tokio::test]
+async fn a_request_waiting_on_one_replica_follows_its_saga_finished_by_another() {
+    // Replica 0 creates a 3-D Secure order for a request that waits; the saga parks for its
+    // signal, which goes to replica 1, whose driver finishes it. While replica 0 ran the saga
+    // its own commits woke the wait; once it parked the saga, the wait must read the store
+    // often (it backs off to 250 ms), not on the 1-5 s safety net of a saga running here.
+    let c = Cluster::start(2, &[]).await;
+    let bases = c.bases();
+    let http = reqwest::Client::new();
+    let waiting = http
+        .post(format!("{}/orders", bases[0]))
+        .header("Idempotency-Key", key())
+        .header("Prefer", "wait=20")
+        .json(&crate::harness::order("tok_3ds", "SKU-1", "US"))
+        .send();
+    let waiting = tokio::spawn(waiting);
+    let started = Instant::now();
+    let id: String = loop {
+        let parked: Option<String> = sqlx::query_scalar(
+            "SELECT s.id FROM sagas s JOIN saga_steps t ON t.saga_id = s.id \
+             WHERE t.status = 'waiting' AND s.lease_owner IS NULL",
+        )
+        .fetch_optional(&c.pool)
+        .await
+        .unwrap();
+        if let Some(id) = parked {
+            break id;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the order never parked for its signal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Past the first safety-net read (1 s after the request), so only a wait that follows
+    // the store answers soon after the saga settles.
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed())).await;
+    let signalled = Instant::now();
+    let r = http
+        .post(format!("{}/orders/{id}/signals/payment-confirmed", bases[1]))
+        .header("Idempotency-Key", key())
+        .json(&json!({"auth": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let answer = waiting.await.unwrap().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(answer.status(), 200);
+    let o: Value = answer.json().await.unwrap();
+    assert_eq!((o["id"].as_str(), &o["status"]), (Some(id.as_str()), &json!("COMPLETED")), "{o:#}");
+    println!("replicas: the wait on replica 0 answered {} ms after the signal to replica 1", took.as_millis());
+    assert!(
+        took < Duration::from_millis(1000),
+        "the wait answered {took:?} after the signal: it did not follow the store"
+    );
+}
+
+#[tokio::test]
 async fn a_killed_replica_s_sagas_are_taken_over_once_its_lease_expires() {
     let mut c = Cluster::start(3, &[("SAGAHOST_LEASE_MS", "1500")]).await;
     let client = Client::balanced(&c.bases());

@@ -193,7 +193,21 @@ impl Env {
 
     /// Like `start`, with the definition adjusted before it is sent.
     async fn start_with(inventory_args: &[&str], payment_args: &[&str], adjust: impl FnOnce(&mut Value)) -> Env {
-        let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+        Self::start_configured(inventory_args, payment_args, adjust, |_| {}).await
+    }
+
+    /// Like `start_with`, with the host's configuration adjusted too.
+    async fn start_configured(
+        inventory_args: &[&str],
+        payment_args: &[&str],
+        adjust: impl FnOnce(&mut Value),
+        configure: impl FnOnce(&mut sagahost::Config),
+    ) -> Env {
+        let host = TestHost::start_with(|c| {
+            c.admin_token = Some(TOKEN.into());
+            configure(c);
+        })
+        .await;
         let api = Api::new(&host.base);
         let services = Services::start(&host.base, inventory_args, payment_args).await;
         services.grant(&api).await;
@@ -562,6 +576,57 @@ async fn a_service_slower_than_the_attempt_timeout_fails_the_attempt_and_holds_u
     let slow_done = started.elapsed();
     assert!(slow_done >= Duration::from_secs(4), "the slow orders cannot finish before their timeout");
     println!("ordinary orders done after {ordinary_done:?}, slow ones after {slow_done:?}");
+}
+
+#[tokio::test]
+async fn new_sagas_past_the_driver_s_queue_are_shed_with_503_before_any_write() {
+    // One saga runs at a time and two may wait: a SLOW- order holds the one place for 3 s
+    // (its inventory request sleeps), two ordinary orders queue behind it, the fourth is shed.
+    let env = Env::start_configured(
+        &["--slow-ms", "3000"],
+        &[],
+        |_| {},
+        |c| {
+            c.driver.max_concurrency = 1;
+            c.driver.max_queued = 2;
+        },
+    )
+    .await;
+    let slow = env.api.submit(SAGA, order("tok_visa", "SLOW-1", "US")).await;
+    // The driver takes it at once (a few ms); its first call then waits on the service.
+    env.api.wait_for(SAGA, &slow, Duration::from_secs(2), |s| s["status"] == "CREATED").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = [
+        env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")).await,
+        env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")).await,
+    ];
+    let shed_key = key();
+    let post = || {
+        env.host.send(
+            env.host
+                .client
+                .post(env.host.url(&format!("/sagas/{SAGA}")))
+                .header("Idempotency-Key", &shed_key)
+                .json(&order("tok_visa", "SKU-1", "US")),
+        )
+    };
+    let shed = post().await;
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&shed.bytes));
+    assert_eq!(shed.json()["error"]["code"], "overloaded");
+    assert_eq!(shed.header("retry-after").as_deref(), Some("1"));
+    let listed = env.host.get(&format!("/sagas/{SAGA}")).await.json();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(3), "the shed request wrote no saga: {listed:#}");
+    let metrics = String::from_utf8_lossy(&env.host.get("/metrics").await.bytes).into_owned();
+    assert!(metrics.contains("sagahost_sagas_shed_total 1\n"), "the shed saga is counted: {metrics}");
+    // Everything admitted completes; then the shed request, retried with its key, is admitted.
+    for id in std::iter::once(&slow).chain(&queued) {
+        assert_eq!(env.api.settled(SAGA, id).await["status"], "COMPLETED");
+    }
+    let retried = post().await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retried.bytes));
+    assert_eq!(retried.header("idempotent-replayed"), None, "the shed attempt stored no answer");
+    let id = retried.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(env.api.settled(SAGA, &id).await["status"], "COMPLETED");
 }
 
 #[tokio::test]

@@ -278,8 +278,21 @@ pub(super) fn outside_error(
         saga::Error::Busy | saga::Error::Fenced => {
             ApiError::conflict("busy", "the saga is changing rapidly; retry the request").with_retry_after(1)
         }
+        saga::Error::Overloaded(queued) => overloaded(queued),
         saga::Error::Store(e) => e.into(),
     }
+}
+
+/// A new saga shed: the host has as many waiting to start as it queues.
+fn overloaded(queued: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!(
+            "{queued} new sagas wait for this host to start them; retry after the Retry-After delay with the same Idempotency-Key"
+        ),
+    )
+    .with_retry_after(1)
 }
 
 fn settled(rec: &SagaRecord) -> bool {
@@ -289,9 +302,14 @@ fn settled(rec: &SagaRecord) -> bool {
 /// Waits until the saga is settled or the time is up; returns the latest record.
 ///
 /// This process's saga service announces every change it commits, which wakes the wait at
-/// once. With replicas another process may be running the saga: its changes are seen only by
-/// reading the store, so on a shared database the wait also re-reads on a timer that backs off
-/// from 20 ms to 250 ms. On a database of its own the timer is only a safety net (1 s).
+/// once. A saga this process's driver runs (`here`: it was created claimed by it) changes
+/// only through those commits until the driver announces that it left the saga (parked it,
+/// gave it back, lost it). From then on, with replicas, another process may run it, whose
+/// changes are seen only by reading the store: so on a shared database the wait re-reads on a
+/// timer that backs off from 20 ms to 250 ms. Otherwise the timer is only a safety net: from
+/// 1 s, backing off to 5 s. Waiters must not read the store while the saga runs here: under
+/// overload hundreds of them wait for seconds, and their reads took the database from the
+/// sagas they waited for (the host did ever less the more it was offered).
 ///
 /// `watch` was taken before the saga was created (the driver may finish it at once), so the
 /// saga is not read first: it cannot be settled before its first announced change.
@@ -302,19 +320,19 @@ async fn wait_settled(
     state: &AppState,
     mut watch: Watch,
     secs: u64,
+    here: bool,
 ) -> Result<(SagaRecord, Option<Arc<Vec<u8>>>), ApiError> {
-    let (first_poll, max_poll) = if state.config.shared_database {
-        (Duration::from_millis(20), Duration::from_millis(250))
-    } else {
-        (Duration::from_secs(1), Duration::from_secs(1))
-    };
+    const SHARED: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(250));
+    const SAFETY_NET: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(5));
+    let shared = state.config.shared_database;
+    let mut timer = if shared && !here { SHARED } else { SAFETY_NET };
     let id = watch.saga_id().to_owned();
     let read = || async {
         let rec = state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))?;
         Ok::<_, ApiError>((rec, None))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    let mut poll = first_poll;
+    let mut poll = timer.0;
     loop {
         let wake = (tokio::time::Instant::now() + poll).min(deadline);
         match tokio::time::timeout_at(wake, watch.next()).await {
@@ -323,6 +341,11 @@ async fn wait_settled(
                 Some(rec) => return Ok((Arc::unwrap_or_clone(rec), change.response)),
                 None => return read().await,
             },
+            Ok(Some(change)) if change.left && shared && timer != SHARED => {
+                // Another replica may pick it up: follow the store from now on.
+                timer = SHARED;
+                poll = timer.0;
+            }
             Ok(Some(_)) => continue,
             // The host is stopping: answer with what is stored.
             Ok(None) => return read().await,
@@ -332,7 +355,7 @@ async fn wait_settled(
                 if settled(&rec) || tokio::time::Instant::now() >= deadline {
                     return Ok((rec, none));
                 }
-                poll = (poll * 2).min(max_poll);
+                poll = (poll * 2).min(timer.1);
             }
         }
     }
@@ -381,13 +404,22 @@ pub(super) async fn create(
         };
         state.driver.watch_responding(&id, responder)
     });
-    match state.sagas.create(&draft, Some(&claim)).await? {
+    let here = state.driver.adopts();
+    let created = state.sagas.create(&draft, Some(&claim)).await.map_err(|e| match e {
+        saga::Error::Overloaded(queued) => {
+            state.metrics.shed();
+            overloaded(queued)
+        }
+        saga::Error::Store(e) => e.into(),
+        e => ApiError::internal(e),
+    })?;
+    match created {
         CreateOutcome::Created => {
             let loc = builtin::location(saga_type, &id);
             let (Some(secs), Some(watch)) = (wait, watch) else {
                 return Ok(json_response(StatusCode::CREATED, created_body, Some(&loc)));
             };
-            let (status, body) = match wait_settled(&state, watch, secs).await? {
+            let (status, body) = match wait_settled(&state, watch, secs, here).await? {
                 (_, Some(stored)) => (StatusCode::OK, Arc::unwrap_or_clone(stored)),
                 (rec, None) => {
                     let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
