@@ -49,7 +49,10 @@ async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_on
     let dir = tempfile::tempdir().unwrap();
     // Each step commits alone (no commit chains): a chain makes a saga's steps visible only
     // at its end, so "some steps done, some sagas not" would depend on the machine's speed.
-    let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN), ("SAGAHOST_MAX_CHAIN", "1")];
+    // One saga at a time, so that the eighth starts a whole seven sagas' steps after the
+    // first step commits: all eight run at once on two cores finished before the first look
+    // on a fast machine.
+    let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN), ("SAGAHOST_MAX_CHAIN", "1"), ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")];
     let host = HostProcess::spawn(dir.path(), None, &env).await;
     register_counted(&host.base, TOKEN).await;
     let http = reqwest::Client::new();
