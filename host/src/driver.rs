@@ -21,6 +21,11 @@
 //!   read it committed (there is no overlay of uncommitted writes);
 //! - it holds `chain_max` transitions or is `chain_max_age` old ([`DriverOptions`]).
 //!
+//! A saga created by a request that waits for it arrives uncommitted ([`Deferred`]): its
+//! first chain's commit creates it, and a call that may reach another service waits for the
+//! creation to be durable (ARCHITECTURE.md, "A waiting request's saga is created by its first
+//! commit").
+//!
 //! A crash or a lost claim before the commit loses the whole chain, as it would lose one
 //! transition: its steps run again with the same idempotency keys. Nobody sees a chain's
 //! middle: events, step rows and statuses appear at its commit, and a client waiting on the
@@ -47,7 +52,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
 use crate::runtime::{CallInfo, Runtime};
-use crate::saga::{self, Sagas, Staged};
+use crate::saga::{self, Deferred, Sagas, Staged};
 use crate::store::{SagaRecord, SagaStore, StateWrite};
 
 /// How long shutdown waits for plugin calls in progress.
@@ -177,11 +182,15 @@ impl Drop for Watch {
 struct Adoption {
     owner: String,
     lease_ms: i64,
-    sagas: mpsc::UnboundedSender<(SagaRecord, OwnedSemaphorePermit)>,
+    sagas: mpsc::UnboundedSender<Adopted>,
     /// Places in the queue of handed-over sagas the driver has not started yet.
     queue: Arc<Semaphore>,
     max_queued: usize,
 }
+
+/// A saga handed over: the record, its place in the queue, and its creation when that is
+/// still to commit ([`Deferred`]).
+type Adopted = (SagaRecord, OwnedSemaphorePermit, Option<Deferred>);
 
 /// Admission of a new saga ([`DriverHandle::admit`]): how to create it, and its place in the
 /// queue of the driver that will run it.
@@ -280,11 +289,13 @@ impl DriverHandle {
 
     /// Hands a saga created with [`DriverHandle::admit`]'s claim (at `rec.epoch`) to the
     /// driver. If the driver has stopped, the claim simply expires and the saga is claimed
-    /// from the store (by this process after a restart, or by another replica).
-    pub fn adopt(&self, rec: SagaRecord, admitted: Admitted) {
+    /// from the store (by this process after a restart, or by another replica). With
+    /// `deferred` the creation is not committed yet: the driver commits it with the saga's
+    /// first transitions (dropping it unanswered if the driver has stopped).
+    pub fn adopt(&self, rec: SagaRecord, admitted: Admitted, deferred: Option<Deferred>) {
         match (self.adoption.get(), admitted.place) {
             (Some(a), Some(place)) => {
-                let _ = a.sagas.send((rec, place));
+                let _ = a.sagas.send((rec, place, deferred));
             }
             _ => self.wake(),
         }
@@ -308,7 +319,7 @@ pub struct Driver {
     inner: Arc<Inner>,
     /// Sagas created claimed by this driver, handed over by the saga service, each with its
     /// place in the queue (given back when the saga starts).
-    adopted: mpsc::UnboundedReceiver<(SagaRecord, OwnedSemaphorePermit)>,
+    adopted: mpsc::UnboundedReceiver<Adopted>,
 }
 
 struct Inner {
@@ -373,13 +384,13 @@ impl Driver {
         loop {
             // Sagas this process just created, already claimed: no claim, no read.
             while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-                let Ok((rec, place)) = adopted.try_recv() else {
+                let Ok((rec, place, deferred)) = adopted.try_recv() else {
                     drop(permit);
                     break;
                 };
                 drop(place);
                 let inner = Arc::clone(&inner);
-                spawn_with(&tasks, permit, async move { inner.run_here(rec).await });
+                spawn_with(&tasks, permit, async move { inner.run_here(rec, deferred).await });
             }
             let free = permits.available_permits();
             if poll && free > 0 {
@@ -417,11 +428,11 @@ impl Driver {
                 _ = inner.handle.wake.notified() => poll = true,
                 _ = tokio::time::sleep_until(deadline) => poll = true,
                 // A permit is free here (the wait above takes over otherwise).
-                Some((rec, place)) = adopted.recv() => {
+                Some((rec, place, deferred)) = adopted.recv() => {
                     drop(place);
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
                     let inner = Arc::clone(&inner);
-                    spawn_with(&tasks, permit, async move { inner.run_here(rec).await });
+                    spawn_with(&tasks, permit, async move { inner.run_here(rec, deferred).await });
                 }
             }
         }
@@ -454,7 +465,7 @@ impl Inner {
     /// Loads a saga claimed from the store and runs it.
     async fn run_saga(&self, id: String, epoch: i64) {
         match self.store.saga(&id).await {
-            Ok(Some(rec)) if rec.epoch == epoch => self.run_here(rec).await,
+            Ok(Some(rec)) if rec.epoch == epoch => self.run_here(rec, None).await,
             Ok(_) => {} // gone or taken over since the claim
             Err(e) => {
                 tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
@@ -465,15 +476,19 @@ impl Inner {
 
     /// [`Inner::run_claimed`], then tells the saga's watchers that this process no longer runs
     /// it: from then on they must read the store to see its changes.
-    async fn run_here(&self, rec: SagaRecord) {
+    async fn run_here(&self, rec: SagaRecord, deferred: Option<Deferred>) {
         let id = rec.id.clone();
-        self.run_claimed(rec).await;
+        self.run_claimed(rec, deferred).await;
         self.handle.left(&id);
     }
 
     /// Runs one saga claimed at `rec.epoch`, as last committed (`rec`), for as long as work is
     /// due now. Transitions are staged and committed in chains (see the module docs).
-    async fn run_claimed(&self, mut rec: SagaRecord) {
+    ///
+    /// `creating`: the saga's creation is not committed yet ([`Deferred`]): its first chain
+    /// commits it, and a step that may call another service waits for it. Returning with it
+    /// unanswered (dropped) leaves the creation to the request (`Sagas::create`).
+    async fn run_claimed(&self, mut rec: SagaRecord, mut creating: Option<Deferred>) {
         let (id, epoch) = (rec.id.clone(), rec.epoch);
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
@@ -484,7 +499,7 @@ impl Inner {
         let mut chaining = self.options.chain_max > 1;
         let chain_max = self.options.chain_max.max(1);
         loop {
-            if renewed.elapsed() >= renew_every {
+            if creating.is_none() && renewed.elapsed() >= renew_every {
                 match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
                     Ok(true) => renewed = std::time::Instant::now(),
                     Ok(false) => return, // taken over
@@ -505,7 +520,7 @@ impl Inner {
                 };
             if flush_first {
                 let keep = !matches!(action, Action::Idle);
-                match self.flush(&mut rec, epoch, &mut staged, keep).await {
+                match self.flush(&mut rec, epoch, &mut staged, keep, &mut creating).await {
                     Flushed::Done if keep => {
                         chain_began = std::time::Instant::now();
                         continue;
@@ -517,6 +532,32 @@ impl Inner {
                             return;
                         }
                         continue;
+                    }
+                }
+            }
+            // A step that may reach another service runs only once the saga exists durably:
+            // its effect out there must belong to a saga that a retry of the request finds.
+            if creating.is_some() && self.may_reach_out(&rec, &action) {
+                if staged.is_empty() {
+                    let Some(pending) = creating.take() else { continue };
+                    match self.sagas.create_deferred(&pending).await {
+                        Ok(outcome) => {
+                            let created = outcome == crate::store::CreateOutcome::Created;
+                            pending.answer(outcome);
+                            if !created {
+                                return;
+                            }
+                        }
+                        // The request creates it (or learns what the key holds).
+                        Err(_) => return,
+                    }
+                } else {
+                    match self.flush(&mut rec, epoch, &mut staged, true, &mut creating).await {
+                        Flushed::Done => {
+                            chain_began = std::time::Instant::now();
+                            continue;
+                        }
+                        Flushed::Stop | Flushed::Refused => return,
                     }
                 }
             }
@@ -532,13 +573,13 @@ impl Inner {
                 Action::Finish => Ok(Called::host(Event::Finish)),
                 Action::DeadlineExceeded { step } => Ok(Called::host(Event::DeadlineExceeded { step })),
                 Action::Execute { step, attempt } => {
-                    let call = self.heartbeat(&id, epoch, self.execute(&rec, step, attempt, now));
+                    let call = self.heartbeat(&id, epoch, creating.is_none(), self.execute(&rec, step, attempt, now));
                     let out = traced(attempt_span(&rec, step, attempt, "execute"), call).await;
                     crate::failpoint!("driver-after-call");
                     out
                 }
                 Action::Compensate { step, attempt } => {
-                    let call = self.heartbeat(&id, epoch, self.compensate(&rec, step, attempt));
+                    let call = self.heartbeat(&id, epoch, creating.is_none(), self.compensate(&rec, step, attempt));
                     let out = traced(attempt_span(&rec, step, attempt, "compensate"), call).await;
                     crate::failpoint!("driver-after-compensate-call");
                     out
@@ -553,8 +594,12 @@ impl Inner {
                     tracing::warn!(saga_id = %id, error = %unavailable, "the host could not serve a plugin call; retrying the step shortly");
                     // (Refused: nothing was written; those steps run again after the pause.)
                     if !staged.is_empty()
-                        && matches!(self.flush(&mut rec, epoch, &mut staged, true).await, Flushed::Stop)
+                        && matches!(self.flush(&mut rec, epoch, &mut staged, true, &mut creating).await, Flushed::Stop)
                     {
+                        return;
+                    }
+                    if creating.is_some() {
+                        // Never created: the request creates it, and a driver claims it.
                         return;
                     }
                     self.release_later(&id, epoch).await;
@@ -583,7 +628,7 @@ impl Inner {
                 continue;
             }
             let chained = staged.len();
-            match self.flush(&mut rec, epoch, &mut staged, keep).await {
+            match self.flush(&mut rec, epoch, &mut staged, keep, &mut creating).await {
                 Flushed::Done => {
                     chain_began = std::time::Instant::now();
                     if !keep {
@@ -617,7 +662,7 @@ impl Inner {
                             return;
                         }
                     };
-                    match self.flush(&mut rec, epoch, &mut staged, keep).await {
+                    match self.flush(&mut rec, epoch, &mut staged, keep, &mut creating).await {
                         Flushed::Done if keep => {}
                         Flushed::Done | Flushed::Stop => return,
                         Flushed::Refused => {
@@ -634,10 +679,25 @@ impl Inner {
     /// store refuses the chain's data for good; nothing was written and `rec` must be
     /// reloaded. `Stop`: the saga is no longer this driver's to run (fenced, or a store error
     /// after which the claim is given back shortly).
-    async fn flush(&self, rec: &mut SagaRecord, epoch: i64, staged: &mut Staged, keep: bool) -> Flushed {
+    ///
+    /// With `creating` (the saga's creation not committed yet) the creation commits in the
+    /// same transaction, and the request waiting for it is answered; if its idempotency key
+    /// was not new nothing was written and the saga is dropped (`Stop`): the request learns
+    /// what the key holds.
+    async fn flush(
+        &self,
+        rec: &mut SagaRecord,
+        epoch: i64,
+        staged: &mut Staged,
+        keep: bool,
+        creating: &mut Option<Deferred>,
+    ) -> Flushed {
         let (n, began) = (staged.len(), std::time::Instant::now());
-        match self.sagas.commit_staged(rec, epoch, staged, keep).await {
+        match self.sagas.commit_staged(rec, epoch, staged, keep, creating.as_ref()).await {
             Ok(()) => {
+                if let Some(pending) = creating.take() {
+                    pending.answer(crate::store::CreateOutcome::Created);
+                }
                 crate::failpoint!("driver-after-commit");
                 self.metrics.commit(began.elapsed(), n);
                 if !keep {
@@ -648,6 +708,10 @@ impl Inner {
                     self.metrics.settled(&rec.saga_type, rec.state.status.as_str());
                 }
                 Flushed::Done
+            }
+            Err(saga::Error::Fenced) if creating.is_some() => {
+                tracing::debug!(saga_id = %rec.id, "a request with the same idempotency key created its saga first");
+                Flushed::Stop
             }
             Err(saga::Error::Fenced) => {
                 self.metrics.stale_commit();
@@ -694,6 +758,17 @@ impl Inner {
         }
     }
 
+    /// Whether the call `action` makes may reach another service: its plugin version imports
+    /// outbound HTTP (or is not loaded here yet, so nobody knows).
+    fn may_reach_out(&self, rec: &SagaRecord, action: &Action) -> bool {
+        let digest = match action {
+            Action::Execute { step, .. } => rec.definition.steps[*step].execute.digest.clone(),
+            Action::Compensate { step, .. } => self.compensate_binding(rec, *step).digest,
+            Action::Idle | Action::Finish | Action::DeadlineExceeded { .. } => return false,
+        };
+        self.runtime.capabilities(&digest).is_none_or(|c| c.outbound_http)
+    }
+
     /// The compensate binding of `step` in force now: the current definition's, by step name,
     /// else the one pinned when the saga started.
     fn compensate_binding(&self, rec: &SagaRecord, step: usize) -> engine::PluginRef {
@@ -705,7 +780,12 @@ impl Inner {
     /// Runs a plugin call while renewing the saga's lease every third of its length, so a long
     /// call keeps its claim. If the claim is lost anyway (the process stalled), the call still
     /// finishes but its commit will be fenced and discarded.
-    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, call: F) -> F::Output {
+    ///
+    /// `renew` false: the saga's creation is not committed yet, there is no lease to renew.
+    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, renew: bool, call: F) -> F::Output {
+        if !renew {
+            return call.await;
+        }
         let lease_ms = self.options.lease_ms;
         let period = Duration::from_millis((lease_ms / 3).max(50) as u64);
         tokio::pin!(call);

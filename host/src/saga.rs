@@ -25,8 +25,8 @@ use crate::driver::{DriverHandle, StatusChange};
 use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
 use crate::event::{Envelope, OutboxEvent};
 use crate::store::{
-    self, AuditEntry, Commit, CreateOutcome, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore, StateWrite,
-    StoredResponse,
+    self, AuditEntry, Commit, CreateOutcome, Creation, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore,
+    StateWrite, StoredResponse,
 };
 
 /// How often an outside event is recomputed when the saga keeps changing under it.
@@ -110,7 +110,24 @@ impl Sagas {
 
     /// Creates a drafted saga with its first event, under an idempotency key when one is
     /// given: the claim, the saga and (when known) the stored response commit together.
-    pub async fn create(&self, draft: &Draft, claim: Option<&IdempotencyClaim>) -> Result<CreateOutcome, Error> {
+    ///
+    /// `deferred`: the caller waits for the saga to settle anyway (`Prefer: wait`), so the
+    /// creation may commit together with the saga's first transitions, one durable commit
+    /// instead of two: the saga is handed to this process's driver uncommitted
+    /// ([`Deferred`]), which runs its first steps and commits them with the creation, and
+    /// this returns once that commit is durable. Nothing of it exists before: a crash loses
+    /// it all, and the client's retry with its key starts again. A step that may call another
+    /// service never runs before the creation is durable (the driver commits it first), so no
+    /// effect out there can belong to a saga that was never created. When the driver does not
+    /// commit the creation (a duplicate request's key won, the store failed, the host stops),
+    /// the creation is done here alone, as without `deferred`, unclaimed: the key then says
+    /// what it holds, or the saga is created and a driver claims it from the store.
+    pub async fn create(
+        &self,
+        draft: &Draft,
+        claim: Option<&IdempotencyClaim>,
+        deferred: bool,
+    ) -> Result<CreateOutcome, Error> {
         let rec = &draft.record;
         let envelope = Envelope {
             saga_id: &rec.id,
@@ -130,7 +147,7 @@ impl Sagas {
             tracing::Span::none()
         };
         let trace_parent = crate::telemetry::traceparent_of(&intake);
-        let new = NewSaga {
+        let mut new = NewSaga {
             id: rec.id.clone(),
             definition: rec.definition.clone(),
             input: rec.input.clone(),
@@ -140,19 +157,60 @@ impl Sagas {
             lease: admitted.claim.clone(),
             trace_parent: trace_parent.clone(),
         };
-        let outcome = {
-            use tracing::Instrument as _;
-            self.store.create_saga(&new, claim, rec.created_at).instrument(intake).await?
-        };
+        let adopted = SagaRecord { epoch: 1, trace_parent, ..rec.clone() };
+        use tracing::Instrument as _;
+        if deferred && admitted.claim.is_some() {
+            let (reply, created) = tokio::sync::oneshot::channel();
+            let pending = Deferred { saga: new.clone(), claim: claim.cloned(), reply };
+            self.driver.adopt(adopted, admitted, Some(pending));
+            if let Ok(outcome) = created.instrument(intake.clone()).await {
+                return Ok(outcome);
+            }
+            // Not committed by the driver: created here, for a driver to claim from the store.
+            new.lease = None;
+            return self.create_now(&new, claim, None).instrument(intake).await;
+        }
+        self.create_now(&new, claim, Some((adopted, admitted))).instrument(intake).await
+    }
+
+    /// Commits a creation alone; hands the saga to the driver (`adopt`) when created.
+    async fn create_now(
+        &self,
+        new: &NewSaga,
+        claim: Option<&IdempotencyClaim>,
+        adopt: Option<(SagaRecord, crate::driver::Admitted)>,
+    ) -> Result<CreateOutcome, Error> {
+        let outcome = self.store.create_saga(new, claim, new.now).await?;
         if outcome == CreateOutcome::Created {
             self.driver.announce(StatusChange {
-                saga_id: rec.id.clone(),
+                saga_id: new.id.clone(),
                 left: false,
                 settled: false,
                 record: None,
                 response: None,
             });
-            self.driver.adopt(SagaRecord { epoch: 1, trace_parent, ..rec.clone() }, admitted);
+            match adopt {
+                Some((rec, admitted)) => self.driver.adopt(rec, admitted, None),
+                None => self.driver.wake(),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Commits a deferred creation alone, for the driver running it (claimed at epoch 1):
+    /// before a step that may call another service, or when its first commit cannot carry it.
+    /// `Created`, or what the key holds (then the saga does not exist).
+    pub async fn create_deferred(&self, pending: &Deferred) -> Result<CreateOutcome, Error> {
+        let new = &pending.saga;
+        let outcome = self.store.create_saga(new, pending.claim.as_ref(), new.now).await?;
+        if outcome == CreateOutcome::Created {
+            self.driver.announce(StatusChange {
+                saga_id: new.id.clone(),
+                left: false,
+                settled: false,
+                record: None,
+                response: None,
+            });
         }
         Ok(outcome)
     }
@@ -194,7 +252,7 @@ impl Sagas {
                 Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
             let event = envelope.wrap(&t.event);
             rec.state = t.state;
-            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], audit.as_ref()).await {
+            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], audit.as_ref(), None).await {
                 Ok(()) => {
                     self.driver.wake();
                     return Ok(rec);
@@ -243,17 +301,22 @@ impl Sagas {
     /// one transaction, keeping the claim when `keep` (more work is due) and releasing it
     /// otherwise. On success `rec` is the saga as committed and `staged` is empty. On an error
     /// nothing was written; `rec.state` then holds uncommitted changes and must be reloaded.
+    ///
+    /// `creating`: the saga's creation ([`Deferred`]) goes into the same transaction; then
+    /// `Err(Fenced)` means its idempotency key was not new, and nothing was written.
     pub async fn commit_staged(
         &self,
         rec: &mut SagaRecord,
         epoch: i64,
         staged: &mut Staged,
         keep: bool,
+        creating: Option<&Deferred>,
     ) -> Result<(), Error> {
         let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
         let writes: Vec<(&str, &[StateWrite])> =
             staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
-        let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None).await;
+        let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
+        let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None, creation).await;
         match committed {
             Ok(()) => {
                 staged.clear();
@@ -276,6 +339,7 @@ impl Sagas {
         changed_steps: &[usize],
         writes: &[(&str, &[StateWrite])],
         audit: Option<&AuditEntry>,
+        creation: Option<Creation<'_>>,
     ) -> Result<(), store::Error> {
         let now = self.clock.now_ms();
         let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
@@ -304,6 +368,7 @@ impl Sagas {
                 status: 200,
                 body,
             }),
+            creation,
         };
         let seq = if crate::telemetry::enabled() {
             use tracing::Instrument as _;
@@ -343,6 +408,23 @@ impl Sagas {
             response: response.map(|(_, body)| Arc::new(body)),
         });
         Ok(())
+    }
+}
+
+/// A saga handed to the driver before its creation committed ([`Sagas::create`] with
+/// `deferred`): what its first commit must create, and the request waiting for that.
+pub struct Deferred {
+    saga: NewSaga,
+    claim: Option<IdempotencyClaim>,
+    /// Sent the outcome once the creation committed; dropped when the driver did not commit
+    /// it (the request then creates the saga itself).
+    reply: tokio::sync::oneshot::Sender<CreateOutcome>,
+}
+
+impl Deferred {
+    /// Tells the waiting request how the creation went.
+    pub fn answer(self, outcome: CreateOutcome) {
+        let _ = self.reply.send(outcome);
     }
 }
 

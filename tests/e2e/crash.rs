@@ -49,6 +49,8 @@ pub struct Client {
     pub stats: Arc<Stats>,
     /// The resource path of each saga this client created (`/orders/{id}`, `/sagas/{type}/{id}`).
     paths: Arc<Mutex<HashMap<String, String>>>,
+    /// `Prefer: wait` seconds on the POSTs that create sagas (none: answered at once).
+    wait: Option<u64>,
 }
 
 impl Client {
@@ -64,7 +66,15 @@ impl Client {
             next: Arc::default(),
             stats: Arc::default(),
             paths: Arc::default(),
+            wait: None,
         }
+    }
+
+    /// The same client, waiting for each saga it creates (`Prefer: wait=secs`): then the host
+    /// commits a saga's creation together with its first steps.
+    pub fn waiting(mut self, secs: u64) -> Client {
+        self.wait = Some(secs);
+        self
     }
 
     /// Points the client at a restarted host.
@@ -90,12 +100,21 @@ impl Client {
 
     /// POSTs until a 2xx arrives; panics on a 4xx other than 409 (that would be a bug).
     async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+        self.post_waiting(path, key, body, None).await
+    }
+
+    /// [`Client::post`] with `Prefer: wait=secs`.
+    async fn post_waiting(&self, path: &str, key: Option<&str>, body: &Value, wait: Option<u64>) -> (u16, Value) {
         let start = Instant::now();
         loop {
             assert!(start.elapsed() < Duration::from_secs(120), "POST {path} got no answer in 120 s");
-            let mut req = self.http.post(self.url(path)).json(body).timeout(Duration::from_secs(10));
+            let timeout = Duration::from_secs(10 + wait.unwrap_or(0));
+            let mut req = self.http.post(self.url(path)).json(body).timeout(timeout);
             if let Some(k) = key {
                 req = req.header("Idempotency-Key", k);
+            }
+            if let Some(secs) = wait {
+                req = req.header("Prefer", format!("wait={secs}"));
             }
             let Ok(r) = req.send().await else {
                 self.pause().await;
@@ -145,11 +164,13 @@ impl Client {
         let k = key();
         let body = kind.body();
         let create = kind.create_path();
-        let (_, created) = self.post(&create, Some(&k), &body).await;
+        // A 3-D Secure order waits for our signal: waiting for it to settle first would not end.
+        let wait = self.wait.filter(|_| !matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds));
+        let (_, created) = self.post_waiting(&create, Some(&k), &body, wait).await;
         let id = created["id"].as_str().expect("saga id").to_owned();
         self.paths.lock().unwrap().insert(id.clone(), format!("{create}/{id}"));
         if resubmit {
-            let (_, again) = self.post(&create, Some(&k), &body).await;
+            let (_, again) = self.post_waiting(&create, Some(&k), &body, wait).await;
             assert_eq!(again["id"].as_str(), Some(id.as_str()), "one key, one saga");
         }
         if matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds) {
@@ -233,6 +254,11 @@ async fn spawn_host(dir: &std::path::Path, failpoints: Option<&str>) -> HostProc
 /// there (SIGABRT and the failpoint's own marker in its log), restarts it, lets the clients
 /// finish, and checks every invariant, the `counter` fixture's counts among them.
 async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
+    crash_scenario_with(failpoint, kinds, None).await
+}
+
+/// [`crash_scenario`] with clients that wait for their sagas (`Prefer: wait`).
+async fn crash_scenario_with(failpoint: &str, kinds: &[Kind], wait: Option<u64>) -> tempfile::TempDir {
     let (name, hit) = match failpoint.split_once("=abort@") {
         Some((name, n)) => (name, n.parse().expect("a hit number")),
         None => (failpoint.trim_end_matches("=abort"), 1),
@@ -240,7 +266,10 @@ async fn crash_scenario(failpoint: &str, kinds: &[Kind]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut host = spawn_host(dir.path(), Some(failpoint)).await;
     register_counted(&host.base, ADMIN_TOKEN).await;
-    let client = Client::new(&host.base);
+    let client = match wait {
+        Some(secs) => Client::new(&host.base).waiting(secs),
+        None => Client::new(&host.base),
+    };
     let tasks: Vec<_> = kinds
         .iter()
         .map(|&k| {
@@ -286,6 +315,33 @@ async fn crash_after_a_plugin_call_before_its_commit_reruns_the_step_with_one_ef
 #[tokio::test]
 async fn crash_after_a_counter_call_before_its_commit_keeps_no_write_of_the_lost_attempt() {
     crash_scenario("driver-after-call=abort@2", &[Kind::Counted, Kind::CountedRejected, Kind::CountedFlaky]).await;
+}
+
+/// Clients that wait for their sagas: the host commits each creation with the saga's first
+/// steps, so the crash after the second call comes before any of a saga is durable. The
+/// retried request (same key) must find nothing, create the saga once, and every counted
+/// step must have counted once.
+#[tokio::test]
+async fn crash_before_the_first_commit_of_a_waiting_request_leaves_nothing_and_the_retry_runs_once() {
+    crash_scenario_with(
+        "driver-after-call=abort@2",
+        &[Kind::Good, Kind::Counted, Kind::CountedFlaky, Kind::Declined, Kind::Counted],
+        Some(5),
+    )
+    .await;
+}
+
+/// Waiting clients again, the crash after the first commit (creation and first steps
+/// together): the saga resumes from it after the restart, and the retried request answers
+/// with it.
+#[tokio::test]
+async fn crash_after_the_first_commit_of_a_waiting_request_resumes_the_saga_it_created() {
+    crash_scenario_with(
+        "driver-after-commit=abort@1",
+        &[Kind::Good, Kind::Counted, Kind::CountedFlaky, Kind::NoCarrier],
+        Some(5),
+    )
+    .await;
 }
 
 #[tokio::test]

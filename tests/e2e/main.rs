@@ -238,6 +238,40 @@ async fn ten_concurrent_identical_requests_make_exactly_one_saga() {
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
 }
 
+/// Waiting requests have their saga created together with its first steps, so ten of them
+/// run the steps at once and race at that commit: one wins, the rest replay its answer or
+/// find the key in flight.
+#[tokio::test]
+async fn ten_concurrent_identical_waiting_requests_make_exactly_one_saga() {
+    let host = TestHost::start().await;
+    let k = key();
+    let body = good_order().to_string();
+    let responses =
+        futures::future::join_all((0..10).map(|_| host.post_order_raw(Some(&k), body.as_bytes(), Some(20)))).await;
+    let mut ids = std::collections::HashSet::new();
+    let mut settled = 0;
+    for r in &responses {
+        match r.status {
+            StatusCode::OK | StatusCode::CREATED => {
+                settled += usize::from(r.status == StatusCode::OK);
+                ids.insert(r.json()["id"].as_str().unwrap().to_owned());
+            }
+            StatusCode::CONFLICT => assert!(r.header("retry-after").is_some()),
+            other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.bytes)),
+        }
+    }
+    assert_eq!(ids.len(), 1, "every success names the same saga: {ids:?}");
+    assert!(settled >= 1, "the winner waited for its saga");
+    let list = host.get("/orders?limit=100").await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list:#}");
+    let id = ids.into_iter().next().unwrap();
+    let types = host.event_types(&id).await;
+    assert_eq!(types, ["OrderCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderCompleted"]);
+    // The losers ran their steps uncommitted: no second saga, no second series of events.
+    let again = host.post_order_raw(Some(&k), body.as_bytes(), Some(20)).await;
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+}
+
 #[tokio::test]
 async fn prefer_wait_replays_the_settled_response() {
     let host = TestHost::start().await;

@@ -629,6 +629,42 @@ async fn new_sagas_past_the_driver_s_queue_are_shed_with_503_before_any_write() 
     assert_eq!(env.api.settled(SAGA, &id).await["status"], "COMPLETED");
 }
 
+/// A waiting request's saga is created together with its first steps, unless a step may
+/// call another service: then the saga is durable before the call goes out, so the effect
+/// out there belongs to a saga a retry of the request finds (the same step keys).
+#[tokio::test]
+async fn a_waiting_requests_saga_is_durable_before_its_first_step_calls_out() {
+    let env = Env::start(&["--slow-ms", "2000"], &[]).await;
+    let waiting = env.host.send(
+        env.host
+            .client
+            .post(env.host.url(&format!("/sagas/{SAGA}")))
+            .header("Idempotency-Key", key())
+            .header("Prefer", "wait=20")
+            .json(&order("tok_visa", "SLOW-1", "US")),
+    );
+    // The inventory request sleeps 2 s in the service: meanwhile the saga must be listed.
+    let watch = async {
+        let started = Instant::now();
+        loop {
+            let page = env.host.get(&format!("/sagas/{SAGA}")).await.json();
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            if let Some(s) = data.first() {
+                break s.clone();
+            }
+            assert!(started.elapsed() < Duration::from_millis(1500), "no saga stored while its first call was out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (r, listed) = tokio::join!(waiting, watch);
+    assert_eq!(listed["status"], "CREATED", "{listed:#}");
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let done = r.json();
+    assert_eq!((&done["id"], &done["status"]), (&listed["id"], &json!("COMPLETED")));
+    let id = done["id"].as_str().unwrap();
+    assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+}
+
 #[tokio::test]
 async fn a_response_over_the_size_limit_fails_the_step_and_the_host_keeps_serving() {
     let env = Env::start_with(&[], &[], |def| {

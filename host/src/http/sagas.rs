@@ -405,7 +405,7 @@ pub(super) async fn create(
         state.driver.watch_responding(&id, responder)
     });
     let here = state.driver.adopts();
-    let created = state.sagas.create(&draft, Some(&claim)).await.map_err(|e| match e {
+    let created = state.sagas.create(&draft, Some(&claim), wait.is_some()).await.map_err(|e| match e {
         saga::Error::Overloaded(queued) => {
             state.metrics.shed();
             overloaded(queued)

@@ -209,6 +209,20 @@ pub struct Commit<'a> {
     /// in the same transaction when it is still in flight (a `Prefer: wait` request whose
     /// saga settles with this commit): one durable write less per saga.
     pub response: Option<StoredResponse<'a>>,
+    /// The saga's creation, when its first transitions commit with it: the idempotency
+    /// claim, the saga row (claimed, epoch 1, `seq` 1), its steps and first event go first,
+    /// in the same transaction, exactly as [`SagaStore::create_saga`] writes them, and the
+    /// commit (`read_seq` 1, a driver's fence at epoch 1) applies only if the saga went in.
+    /// A key that was not new writes nothing and the commit is [`Error::Fenced`]: the caller
+    /// then learns what the key holds from [`SagaStore::create_saga`].
+    pub creation: Option<Creation<'a>>,
+}
+
+/// A saga's creation carried by its first [`Commit`].
+#[derive(Debug, Clone, Copy)]
+pub struct Creation<'a> {
+    pub saga: &'a NewSaga,
+    pub claim: Option<&'a IdempotencyClaim>,
 }
 
 /// A response stored under an in-flight idempotency key (see [`Commit::response`]).

@@ -115,6 +115,51 @@ pub struct SqlStore {
 }
 
 impl SqlStore {
+    /// The statements that create `saga` under `claim`: the claim, the saga row (only if the
+    /// claim went in; the one statement that returns a row, `id`), its steps and its first
+    /// event (only if the saga went in).
+    fn creation_statements(
+        &self,
+        script: &mut Script,
+        saga: &NewSaga,
+        claim: Option<&IdempotencyClaim>,
+        now: i64,
+    ) -> Result<()> {
+        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
+        let (owner, lease_ms) = match &saga.lease {
+            Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
+            None => (None, None),
+        };
+        let mut args = vec![
+            Arg::text(&saga.id),
+            Arg::text(&saga.definition.saga_type),
+            Arg::text(saga.state.status.as_str()),
+            Arg::text(saga.state.phase.as_str()),
+            Arg::Text(saga.state.reason.clone()),
+            Arg::text(&saga.input),
+            Arg::Text(Some(definition)),
+            Arg::Int(saga.state.next_run_at),
+            Arg::Int(Some(saga.now)),
+            Arg::Text(owner),
+            Arg::Int(lease_ms),
+            Arg::text(&saga.event.event_id),
+            Arg::Text(saga.trace_parent.clone()),
+        ];
+        match claim {
+            Some(c) => {
+                claim_statements(script, c, Some(&saga.id), now);
+                args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
+                script.push(self.sql.insert_saga_if_claimed.clone(), args);
+            }
+            None => script.push(self.sql.insert_saga.clone(), args),
+        }
+        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
+            script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
+        }
+        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
+        Ok(())
+    }
+
     /// Connects as the dialect says and brings the schema up to date. `exclusive`: this
     /// process is to own the database where the dialect can tell (SQLite: the file's lock, or
     /// [`Error::InUse`]); then state reads of keys never written answer without a query.
@@ -380,39 +425,8 @@ impl SagaStore for SqlStore {
         // One script: the claim, the saga (only if the claim went in), its steps and its first
         // event (only if the saga went in). A key that was not new wrote nothing: its expired
         // row, the only thing deleted, would have let it in.
-        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         let mut script = Script::default();
-        let (owner, lease_ms) = match &saga.lease {
-            Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
-            None => (None, None),
-        };
-        let mut args = vec![
-            Arg::text(&saga.id),
-            Arg::text(&saga.definition.saga_type),
-            Arg::text(saga.state.status.as_str()),
-            Arg::text(saga.state.phase.as_str()),
-            Arg::Text(saga.state.reason.clone()),
-            Arg::text(&saga.input),
-            Arg::Text(Some(definition)),
-            Arg::Int(saga.state.next_run_at),
-            Arg::Int(Some(saga.now)),
-            Arg::Text(owner),
-            Arg::Int(lease_ms),
-            Arg::text(&saga.event.event_id),
-            Arg::Text(saga.trace_parent.clone()),
-        ];
-        match claim {
-            Some(c) => {
-                claim_statements(&mut script, c, Some(&saga.id), now);
-                args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
-                script.push(self.sql.insert_saga_if_claimed.clone(), args);
-            }
-            None => script.push(self.sql.insert_saga.clone(), args),
-        }
-        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-            script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
-        }
-        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
+        self.creation_statements(&mut script, saga, claim, now)?;
         let data = (script.join(self.dialect.scripts()), claim.cloned(), now);
         self.writes
             .run(data, |(script, claim, now), conn| {
@@ -575,7 +589,12 @@ impl SagaStore for SqlStore {
     }
 
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
-        let script = commit_script(c)?;
+        let mut script = Script::default();
+        if let Some(creation) = &c.creation {
+            self.creation_statements(&mut script, creation.saga, creation.claim, c.now)?;
+        }
+        commit_script(c, &mut script)?;
+        let creating = c.creation.is_some();
         if let Some(keys) = &self.keys {
             // Before the commit runs: whoever sees the row must find the key (module keys).
             for &(plugin, writes) in c.plugin_writes {
@@ -583,12 +602,17 @@ impl SagaStore for SqlStore {
             }
         }
         self.writes
-            .run(script.join(self.dialect.scripts()), |script, conn| {
+            .run((script.join(self.dialect.scripts()), creating), |(script, creating), conn| {
                 Box::pin(async move {
-                    // The update is the only statement that returns a row: none means fenced,
-                    // and then every other statement found its condition false and wrote nothing.
+                    // The update is the only statement that returns a row (after the saga
+                    // insert's, when creating): none means fenced (or the key was not new), and
+                    // then every other statement found its condition false and wrote nothing.
                     let rows = script.run(conn).await?;
-                    let Some(row) = rows.first() else { return Err(Error::Fenced) };
+                    let row = match (rows.as_slice(), *creating) {
+                        ([], _) => return Err(Error::Fenced),
+                        ([row], false) | ([_, row], true) => row,
+                        _ => return Err(corrupt("a commit returned rows it does not write")),
+                    };
                     Ok(row.try_get("seq")?)
                 })
             })
@@ -674,8 +698,7 @@ const AUDIT_IF_COMMITTED: &str = concat!(
 /// The statements of one commit, with their arguments: the fenced update first, then the
 /// changed steps, the plugins' state writes, one outbox row per transition and the audit
 /// entry, each conditional on the update having applied.
-fn commit_script(c: &Commit<'_>) -> Result<Script> {
-    let mut script = Script::default();
+fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
     let last = c.events.last().ok_or_else(|| corrupt("a commit without an event".to_owned()))?;
     let new_seq = c.read_seq + c.events.len() as i64;
     let (update, epoch) = match c.fence {
@@ -742,7 +765,7 @@ fn commit_script(c: &Commit<'_>) -> Result<Script> {
         ]);
         script.push(AUDIT_IF_COMMITTED, args);
     }
-    Ok(script)
+    Ok(())
 }
 
 /// The arguments of [`STEP_IF_COMMITTED`].

@@ -104,6 +104,7 @@ fn commit<'a>(
         now: 1,
         audit: None,
         response: None,
+        creation: None,
     }
 }
 
@@ -243,6 +244,60 @@ async fn a_settling_commit_stores_the_waiting_requests_response_once_and_never_w
         let stored = s.complete_idempotency("c", "POST /orders", "k", 201, b"timed out").await.unwrap();
         assert_eq!(stored, Some((200, b"settled".to_vec())), "{}", b.name);
         assert_eq!(again().await.unwrap(), replay, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_first_commit_creates_its_saga_in_the_same_transaction_or_writes_nothing() {
+    for b in backends().await {
+        let s = &b.store;
+        let claim = IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            lock_ms: 60_000,
+            ttl_ms: 600_000,
+            response: None,
+        };
+        let names = vec!["only".to_owned()];
+        // Created claimed (as the driver's hand-over does) and its first two transitions.
+        let first = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga("s1") };
+        let mut last = first.state.clone();
+        last.reason = Some("after two".into());
+        let events: Vec<OutboxEvent> = (1..=2).map(|n| event("s1", &last, n)).collect();
+        let writes = [("pay", &[("k".into(), Some(b"1".to_vec()))][..])];
+        let response = StoredResponse { caller: "c", route: "POST /orders", key: "k", status: 200, body: b"done" };
+        let mut c = commit(&last, &names, &events[0], Fence::LeaseRelease(1), 1);
+        c.events = &events;
+        c.plugin_writes = &writes;
+        c.response = Some(response);
+        c.creation = Some(Creation { saga: &first, claim: Some(&claim) });
+        assert_eq!(s.commit(&c).await.unwrap(), 3, "{}: seq 1 (creation) plus two", b.name);
+        let rec = s.saga("s1").await.unwrap().unwrap();
+        assert_eq!((rec.seq, rec.epoch, rec.state.reason.as_deref()), (3, 1, Some("after two")), "{}", b.name);
+        let seqs: Vec<i64> = s.outbox_for_saga("s1").await.unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "{}", b.name);
+        assert_eq!(s.state_get("pay", "k").await.unwrap().as_deref(), Some(b"1".as_slice()), "{}", b.name);
+        let replay = CreateOutcome::Replay { status: 200, body: b"done".to_vec(), saga_id: Some("s1".into()) };
+        assert_eq!(s.create_saga(&new_saga("s9"), Some(&claim), 10).await.unwrap(), replay, "{}", b.name);
+        // Released by the commit (it is still due: anyone may claim it, at the next epoch).
+        let claimed = s.claim_due("b", 0, 60_000, 10).await.unwrap();
+        assert_eq!(claimed, vec![("s1".to_owned(), 2)], "{}: released by the commit", b.name);
+
+        // The same key for another saga (a duplicate request that ran its steps too): the
+        // key is not new, so nothing of it is written, its state writes included.
+        let dup = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga("s2") };
+        let other = [("pay", &[("k2".into(), Some(b"2".to_vec()))][..])];
+        let mut c2 = commit(&last, &names, &events[0], Fence::Lease(1), 1);
+        c2.saga_id = "s2";
+        c2.plugin_writes = &other;
+        c2.creation = Some(Creation { saga: &dup, claim: Some(&claim) });
+        assert!(matches!(s.commit(&c2).await, Err(Error::Fenced)), "{}", b.name);
+        assert!(s.saga("s2").await.unwrap().is_none(), "{}: no saga for a key that was not new", b.name);
+        assert!(s.outbox_for_saga("s2").await.unwrap().is_empty(), "{}: no event", b.name);
+        assert_eq!(s.state_get("pay", "k2").await.unwrap(), None, "{}: no state write", b.name);
         b.cleanup().await;
     }
 }
