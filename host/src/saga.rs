@@ -180,15 +180,8 @@ impl Sagas {
         claim: Option<&IdempotencyClaim>,
         adopt: Option<(SagaRecord, crate::driver::Admitted)>,
     ) -> Result<CreateOutcome, Error> {
-        let outcome = self.store.create_saga(new, claim, new.now).await?;
+        let outcome = self.store_creation(new, claim).await?;
         if outcome == CreateOutcome::Created {
-            self.driver.announce(StatusChange {
-                saga_id: new.id.clone(),
-                left: false,
-                settled: false,
-                record: None,
-                response: None,
-            });
             match adopt {
                 Some((rec, admitted)) => self.driver.adopt(rec, admitted, None),
                 None => self.driver.wake(),
@@ -198,11 +191,15 @@ impl Sagas {
     }
 
     /// Commits a deferred creation alone, for the driver running it (claimed at epoch 1):
-    /// before a step that may call another service, or when its first commit cannot carry it.
-    /// `Created`, or what the key holds (then the saga does not exist).
+    /// before a step that may call another service. `Created`, or what the key holds (then
+    /// the saga does not exist).
     pub async fn create_deferred(&self, pending: &Deferred) -> Result<CreateOutcome, Error> {
-        let new = &pending.saga;
-        let outcome = self.store.create_saga(new, pending.claim.as_ref(), new.now).await?;
+        self.store_creation(&pending.saga, pending.claim.as_ref()).await
+    }
+
+    /// The creation's own commit, announced when it created the saga.
+    async fn store_creation(&self, new: &NewSaga, claim: Option<&IdempotencyClaim>) -> Result<CreateOutcome, Error> {
+        let outcome = self.store.create_saga(new, claim, new.now).await?;
         if outcome == CreateOutcome::Created {
             self.driver.announce(StatusChange {
                 saga_id: new.id.clone(),

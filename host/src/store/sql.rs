@@ -117,13 +117,15 @@ pub struct SqlStore {
 impl SqlStore {
     /// The statements that create `saga` under `claim`: the claim, the saga row (only if the
     /// claim went in; the one statement that returns a row, `id`), its steps and its first
-    /// event (only if the saga went in).
+    /// event (only if the saga went in). Steps in `later` are left out: a commit in the same
+    /// script writes them (its step statements insert or update).
     fn creation_statements(
         &self,
         script: &mut Script,
         saga: &NewSaga,
         claim: Option<&IdempotencyClaim>,
         now: i64,
+        later: &[usize],
     ) -> Result<()> {
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         let (owner, lease_ms) = match &saga.lease {
@@ -147,14 +149,16 @@ impl SqlStore {
         ];
         match claim {
             Some(c) => {
-                claim_statements(script, c, Some(&saga.id), now);
+                claim_statement(script, c, Some(&saga.id), now);
                 args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
                 script.push(self.sql.insert_saga_if_claimed.clone(), args);
             }
             None => script.push(self.sql.insert_saga.clone(), args),
         }
         for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-            script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
+            if !later.contains(&i) {
+                script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
+            }
         }
         script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
         Ok(())
@@ -342,27 +346,27 @@ async fn bump_catalog(tx: &mut AnyConnection) -> Result<()> {
     Ok(())
 }
 
-/// An expired row (past retention) is replaced as if it never existed.
-const CLAIM_DELETE_EXPIRED: &str =
-    "DELETE FROM idempotency_keys WHERE caller = $1 AND route = $2 AND key = $3 AND expires_at <= $4";
-/// INSERT .. ON CONFLICT DO NOTHING is atomic: never SELECT-then-INSERT.
+/// Claims a key: inserts it unless it exists, and replaces a row past its expiry ($9 is now)
+/// as if it never existed. One atomic statement (an upsert): never SELECT-then-INSERT; one
+/// row affected means the key is now ours.
 const CLAIM_INSERT: &str = "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, \
      response_body, locked_until, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     ON CONFLICT DO NOTHING";
+     ON CONFLICT (caller, route, key) DO UPDATE SET fingerprint = excluded.fingerprint, saga_id = excluded.saga_id, \
+     response_status = excluded.response_status, response_body = excluded.response_body, \
+     locked_until = excluded.locked_until, created_at = excluded.created_at, expires_at = excluded.expires_at \
+     WHERE idempotency_keys.expires_at <= excluded.created_at";
 
-/// The two statements that claim an idempotency key for `saga_id` (or for a request that
-/// creates nothing): delete it if expired, insert it unless it exists.
-fn claim_statements(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
-    let key = || [Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)];
-    let mut args = key().to_vec();
-    args.push(Arg::Int(Some(now)));
-    script.push(CLAIM_DELETE_EXPIRED, args);
+/// The statement that claims an idempotency key for `saga_id` (or for a request that creates
+/// nothing): inserted unless it exists (an expired one is replaced).
+fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
     let (status, body) = match &c.response {
         Some((s, b)) => (Some(i64::from(*s)), Some(b.clone())),
         None => (None, None),
     };
-    let mut args = key().to_vec();
-    args.extend([
+    let args = vec![
+        Arg::text(&c.caller),
+        Arg::text(&c.route),
+        Arg::text(&c.key),
         Arg::text(&c.fingerprint),
         Arg::Text(saga_id.map(str::to_owned)),
         Arg::Int(status),
@@ -370,7 +374,7 @@ fn claim_statements(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&
         Arg::Int(Some(now + c.lock_ms)),
         Arg::Int(Some(now)),
         Arg::Int(Some(now + c.ttl_ms)),
-    ]);
+    ];
     script.push(CLAIM_INSERT, args);
 }
 
@@ -378,7 +382,7 @@ fn claim_statements(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&
 /// already holds.
 async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let mut script = Script::default();
-    claim_statements(&mut script, c, None, now);
+    claim_statement(&mut script, c, None, now);
     let mut inserted = false;
     for (sql, args) in &script.statements {
         inserted = bind(sqlx::query(sql), args).execute(&mut *tx).await?.rows_affected() == 1;
@@ -389,7 +393,7 @@ async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> 
     Ok(Some(claim_existing(tx, c, now).await?))
 }
 
-/// What a key that was not new holds (after [`claim_statements`] found it taken): the first
+/// What a key that was not new holds (after [`claim_statement`] found it taken): the first
 /// request's outcome.
 async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
     let row = sqlx::query(
@@ -426,7 +430,7 @@ impl SagaStore for SqlStore {
         // event (only if the saga went in). A key that was not new wrote nothing: its expired
         // row, the only thing deleted, would have let it in.
         let mut script = Script::default();
-        self.creation_statements(&mut script, saga, claim, now)?;
+        self.creation_statements(&mut script, saga, claim, now, &[])?;
         let data = (script.join(self.dialect.scripts()), claim.cloned(), now);
         self.writes
             .run(data, |(script, claim, now), conn| {
@@ -591,7 +595,7 @@ impl SagaStore for SqlStore {
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
         let mut script = Script::default();
         if let Some(creation) = &c.creation {
-            self.creation_statements(&mut script, creation.saga, creation.claim, c.now)?;
+            self.creation_statements(&mut script, creation.saga, creation.claim, c.now, c.changed_steps)?;
         }
         commit_script(c, &mut script)?;
         let creating = c.creation.is_some();

@@ -79,6 +79,19 @@ fn new_saga(id: &str) -> NewSaga {
     NewSaga { id: id.into(), state, definition: d, input: "{}".into(), event, now: 0, lease: None, trace_parent: None }
 }
 
+/// The claim of a `Prefer: wait` request for key `k` (no response yet).
+fn waiting_claim() -> IdempotencyClaim {
+    IdempotencyClaim {
+        caller: "c".into(),
+        route: "POST /orders".into(),
+        key: "k".into(),
+        fingerprint: "f".into(),
+        lock_ms: 60_000,
+        ttl_ms: 600_000,
+        response: None,
+    }
+}
+
 /// The event of the transition from `read_seq`, as a caller builds it.
 fn event(id: &str, state: &SagaState, read_seq: i64) -> OutboxEvent {
     let spec = EventSpec { event_type: "X".into(), data: serde_json::json!({}) };
@@ -210,15 +223,7 @@ async fn a_chain_of_transitions_commits_whole_in_order_or_not_at_all() {
 async fn a_settling_commit_stores_the_waiting_requests_response_once_and_never_when_fenced() {
     for b in backends().await {
         let s = &b.store;
-        let claim = IdempotencyClaim {
-            caller: "c".into(),
-            route: "POST /orders".into(),
-            key: "k".into(),
-            fingerprint: "f".into(),
-            lock_ms: 60_000,
-            ttl_ms: 600_000,
-            response: None,
-        };
+        let claim = waiting_claim();
         assert_eq!(s.create_saga(&new_saga("s1"), Some(&claim), 0).await.unwrap(), CreateOutcome::Created);
         let names = vec!["only".to_owned()];
         let state = s.saga("s1").await.unwrap().unwrap().state;
@@ -252,15 +257,7 @@ async fn a_settling_commit_stores_the_waiting_requests_response_once_and_never_w
 async fn a_first_commit_creates_its_saga_in_the_same_transaction_or_writes_nothing() {
     for b in backends().await {
         let s = &b.store;
-        let claim = IdempotencyClaim {
-            caller: "c".into(),
-            route: "POST /orders".into(),
-            key: "k".into(),
-            fingerprint: "f".into(),
-            lock_ms: 60_000,
-            ttl_ms: 600_000,
-            response: None,
-        };
+        let claim = waiting_claim();
         let names = vec!["only".to_owned()];
         // Created claimed (as the driver's hand-over does) and its first two transitions.
         let first = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga("s1") };
@@ -338,6 +335,8 @@ async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
         assert!(store.saga("b").await.unwrap().is_none(), "{}: never a second saga for one key", b.name);
         // Past retention the key is forgotten and may be used afresh.
         assert_eq!(create("c", "f2", 20_000).await, CreateOutcome::Created, "{}", b.name);
+        assert!(store.saga("c").await.unwrap().is_some(), "{}: the replaced key's saga", b.name);
+        assert_eq!(create("d", "f2", 20_050).await, CreateOutcome::InFlight, "{}: the new claim holds", b.name);
         // Keys that create nothing: claim, take over when abandoned, release.
         let other = IdempotencyClaim { route: "POST /x".into(), ..claim("f9", None) };
         assert_eq!(store.claim_key(&other, 0).await.unwrap(), CreateOutcome::Created, "{}", b.name);
