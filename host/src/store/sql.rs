@@ -155,12 +155,18 @@ impl SqlStore {
             }
             None => script.push(self.sql.insert_saga.clone(), args),
         }
-        for (i, (step, def)) in saga.state.steps.iter().zip(&saga.definition.steps).enumerate() {
-            if !later.contains(&i) {
-                script.push(STEP_IF_COMMITTED, step_args(&saga.id, &saga.event.event_id, i, &def.name, step));
-            }
-        }
-        script.push(OUTBOX_IF_COMMITTED, outbox_args(&saga.id, &saga.event.event_id, &saga.event, 1, saga.now));
+        let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
+        let steps = steps.filter(|(i, _)| !later.contains(i)).map(|(i, (step, def))| step_values(i, &def.name, step));
+        let fence = || [Arg::text(&saga.id), Arg::text(&saga.event.event_id)];
+        push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fence(), steps.collect());
+        push_rows(
+            script,
+            OUTBOX_INTO,
+            OUTBOX_VALUES,
+            OUTBOX_ORDER,
+            fence(),
+            vec![outbox_values(&saga.event, 1, saga.now)],
+        );
         Ok(())
     }
 
@@ -664,12 +670,12 @@ macro_rules! if_committed {
     };
 }
 
-const STEP_IF_COMMITTED: &str = concat!(
-    "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
+/// Step rows: inserted, or updated when they exist ([`rows_if_committed`]; 17 values per row).
+const STEPS_INTO: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
      compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
-     finished_at, updated_at, failures, waited) SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-     $16, $17, $18, $19 WHERE ",
-    if_committed!(),
+     finished_at, updated_at, failures, waited)";
+const STEP_VALUES: usize = 17;
+const STEPS_UPSERT: &str = concat!(
     " ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
      compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
      compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
@@ -685,10 +691,11 @@ const STATE_PUT_IF_COMMITTED: &str = concat!(
 );
 const STATE_DELETE_IF_COMMITTED: &str =
     concat!("DELETE FROM plugin_state WHERE plugin = $3 AND key = $4 AND ", if_committed!());
-const OUTBOX_IF_COMMITTED: &str = concat!(
-    "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) SELECT $7, $1, $3, $4, $5, $6 WHERE ",
-    if_committed!()
-);
+/// Outbox rows ([`rows_if_committed`]; 5 values per row), inserted in `seq` order (the third
+/// column) so that their ids follow it.
+const OUTBOX_INTO: &str = "INSERT INTO outbox (saga_id, event_id, seq, event_type, payload, created_at)";
+const OUTBOX_VALUES: usize = 5;
+const OUTBOX_ORDER: &str = " ORDER BY 3";
 const RESPONSE_IF_COMMITTED: &str = concat!(
     "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
      WHERE caller = $5 AND route = $6 AND key = $7 AND response_status IS NULL AND ",
@@ -698,6 +705,43 @@ const AUDIT_IF_COMMITTED: &str = concat!(
     "INSERT INTO audit_log (at, actor, action, target, before, after, note) SELECT $3, $4, $5, $6, $7, $8, $9 WHERE ",
     if_committed!()
 );
+
+/// `{into} SELECT * FROM (VALUES ($1, $3, ..), ($1, ..), ..) AS v WHERE <if committed>{tail}`:
+/// `rows` rows in one statement, each the saga id (`$1`) and `width` values of its own, all
+/// after the two arguments of the fence. One statement for all the steps (or events) of a
+/// commit instead of one each: a round trip each on PostgreSQL, and on SQLite a result handed
+/// back from its thread each.
+fn rows_if_committed(into: &str, rows: usize, width: usize, tail: &str) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(into.len() + tail.len() + rows * (width * 5 + 8) + 120);
+    sql.push_str(into);
+    sql.push_str(" SELECT * FROM (VALUES ");
+    let mut n = 3;
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "($1" } else { ", ($1" });
+        for _ in 0..width {
+            let _ = write!(sql, ", ${n}");
+            n += 1;
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS v WHERE ");
+    sql.push_str(if_committed!());
+    sql.push_str(tail);
+    sql
+}
+
+/// Pushes one statement writing `rows` (each `width` values) if the commit whose last event is
+/// `fence_id` applied; nothing when there are no rows.
+fn push_rows(script: &mut Script, into: &str, width: usize, tail: &str, fence: [Arg; 2], rows: Vec<Vec<Arg>>) {
+    if rows.is_empty() {
+        return;
+    }
+    let sql = rows_if_committed(into, rows.len(), width, tail);
+    let mut args: Vec<Arg> = fence.into();
+    args.extend(rows.into_iter().flatten());
+    script.push(sql, args);
+}
 
 /// The statements of one commit, with their arguments: the fenced update first, then the
 /// changed steps, the plugins' state writes, one outbox row per transition and the audit
@@ -723,12 +767,15 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
     ];
     args.extend(epoch.map(|e| Arg::Int(Some(e))));
     script.push(update, args);
+    let mut steps = Vec::with_capacity(c.changed_steps.len());
     for &i in c.changed_steps {
         let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
         let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
-        script.push(STEP_IF_COMMITTED, step_args(c.saga_id, &last.event_id, i, name, step));
+        steps.push(step_values(i, name, step));
     }
     let fence = || vec![Arg::text(c.saga_id), Arg::text(&last.event_id)];
+    let fenced = || [Arg::text(c.saga_id), Arg::text(&last.event_id)];
+    push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fenced(), steps);
     for &(plugin, writes) in c.plugin_writes {
         for (key, value) in writes {
             let mut args = fence();
@@ -742,9 +789,8 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
             }
         }
     }
-    for (seq, event) in (c.read_seq + 1..).zip(c.events) {
-        script.push(OUTBOX_IF_COMMITTED, outbox_args(c.saga_id, &last.event_id, event, seq, c.now));
-    }
+    let events = (c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)).collect();
+    push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
     if let Some(r) = c.response {
         let mut args = fence();
         args.extend([
@@ -772,11 +818,9 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
     Ok(())
 }
 
-/// The arguments of [`STEP_IF_COMMITTED`].
-fn step_args(saga_id: &str, event_id: &str, idx: usize, name: &str, s: &StepState) -> Vec<Arg> {
+/// The values of one step row after the saga id ([`STEPS_INTO`]).
+fn step_values(idx: usize, name: &str, s: &StepState) -> Vec<Arg> {
     vec![
-        Arg::text(saga_id),
-        Arg::text(event_id),
         Arg::Int(Some(idx as i64)),
         Arg::text(name),
         Arg::text(s.status.as_str()),
@@ -797,17 +841,14 @@ fn step_args(saga_id: &str, event_id: &str, idx: usize, name: &str, s: &StepStat
     ]
 }
 
-/// The arguments of [`OUTBOX_IF_COMMITTED`]: the event as the saga's outbox row `seq`, written
-/// if the saga row carries `fence_id` (the commit's last event id).
-fn outbox_args(saga_id: &str, fence_id: &str, e: &OutboxEvent, seq: i64, now: i64) -> Vec<Arg> {
+/// The values of the event's outbox row `seq` after the saga id ([`OUTBOX_INTO`]).
+fn outbox_values(e: &OutboxEvent, seq: i64, now: i64) -> Vec<Arg> {
     vec![
-        Arg::text(saga_id),
-        Arg::text(fence_id),
+        Arg::text(&e.event_id),
         Arg::Int(Some(seq)),
         Arg::text(&e.event_type),
         Arg::text(&e.payload),
         Arg::Int(Some(now)),
-        Arg::text(&e.event_id),
     ]
 }
 
