@@ -684,11 +684,10 @@ const STEPS_UPSERT: &str = concat!(
      started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
      failures = excluded.failures, waited = excluded.waited"
 );
-const STATE_PUT_IF_COMMITTED: &str = concat!(
-    "INSERT INTO plugin_state (plugin, key, value, updated_at) SELECT $3, $4, $5, $6 WHERE ",
-    if_committed!(),
-    " ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
-);
+/// Plugin state rows: `(plugin, key, value, updated_at)` each, inserted or replaced.
+const STATE_INTO: &str = "INSERT INTO plugin_state (plugin, key, value, updated_at)";
+const STATE_UPSERT: &str =
+    " ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
 const STATE_DELETE_IF_COMMITTED: &str =
     concat!("DELETE FROM plugin_state WHERE plugin = $3 AND key = $4 AND ", if_committed!());
 /// Outbox rows ([`rows_if_committed`]; 5 values per row), inserted in `seq` order (the third
@@ -707,20 +706,24 @@ const AUDIT_IF_COMMITTED: &str = concat!(
 );
 
 /// `{into} SELECT * FROM (VALUES ($1, $3, ..), ($1, ..), ..) AS v WHERE <if committed>{tail}`:
-/// `rows` rows in one statement, each the saga id (`$1`) and `width` values of its own, all
-/// after the two arguments of the fence. One statement for all the steps (or events) of a
+/// `rows` rows in one statement, each the saga id (`$1`, unless not `saga_id_first`) and
+/// `width` values of its own, all after the two arguments of the fence. One statement for all the steps (or events) of a
 /// commit instead of one each: a round trip each on PostgreSQL, and on SQLite a result handed
 /// back from its thread each.
-fn rows_if_committed(into: &str, rows: usize, width: usize, tail: &str) -> String {
+fn rows_if_committed(into: &str, rows: usize, width: usize, saga_id_first: bool, tail: &str) -> String {
     use std::fmt::Write as _;
     let mut sql = String::with_capacity(into.len() + tail.len() + rows * (width * 5 + 8) + 120);
     sql.push_str(into);
     sql.push_str(" SELECT * FROM (VALUES ");
     let mut n = 3;
     for row in 0..rows {
-        sql.push_str(if row == 0 { "($1" } else { ", ($1" });
-        for _ in 0..width {
-            let _ = write!(sql, ", ${n}");
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for i in 0..width {
+            let comma = if i == 0 && !saga_id_first { "" } else { ", " };
+            if i == 0 && saga_id_first {
+                sql.push_str("$1");
+            }
+            let _ = write!(sql, "{comma}${n}");
             n += 1;
         }
         sql.push(')');
@@ -731,13 +734,26 @@ fn rows_if_committed(into: &str, rows: usize, width: usize, tail: &str) -> Strin
     sql
 }
 
-/// Pushes one statement writing `rows` (each `width` values) if the commit whose last event is
-/// `fence_id` applied; nothing when there are no rows.
+/// Pushes one statement writing `rows` of a saga (each its id and `width` values) if the commit
+/// fenced by `fence` applied; nothing when there are no rows.
 fn push_rows(script: &mut Script, into: &str, width: usize, tail: &str, fence: [Arg; 2], rows: Vec<Vec<Arg>>) {
+    push_rows_with(script, into, width, true, tail, fence, rows);
+}
+
+/// [`push_rows`], with the saga id in each row or not (`saga_id_first`).
+fn push_rows_with(
+    script: &mut Script,
+    into: &str,
+    width: usize,
+    saga_id_first: bool,
+    tail: &str,
+    fence: [Arg; 2],
+    rows: Vec<Vec<Arg>>,
+) {
     if rows.is_empty() {
         return;
     }
-    let sql = rows_if_committed(into, rows.len(), width, tail);
+    let sql = rows_if_committed(into, rows.len(), width, saga_id_first, tail);
     let mut args: Vec<Arg> = fence.into();
     args.extend(rows.into_iter().flatten());
     script.push(sql, args);
@@ -776,19 +792,31 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
     let fence = || vec![Arg::text(c.saga_id), Arg::text(&last.event_id)];
     let fenced = || [Arg::text(c.saga_id), Arg::text(&last.event_id)];
     push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fenced(), steps);
+    // The last write of each key is what stands; one statement for the puts, one per delete.
+    // (One upsert may not touch a row twice, hence the last write per key only.)
+    let mut last_writes: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
     for &(plugin, writes) in c.plugin_writes {
         for (key, value) in writes {
-            let mut args = fence();
-            args.extend([Arg::text(plugin), Arg::text(key)]);
-            match value {
-                Some(v) => {
-                    args.extend([Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))]);
-                    script.push(STATE_PUT_IF_COMMITTED, args);
-                }
-                None => script.push(STATE_DELETE_IF_COMMITTED, args),
+            match last_writes.iter_mut().find(|(p, k, _)| *p == plugin && *k == key.as_str()) {
+                Some(w) => w.2 = value,
+                None => last_writes.push((plugin, key, value)),
             }
         }
     }
+    let mut puts = Vec::new();
+    for (plugin, key, value) in last_writes {
+        match value {
+            Some(v) => {
+                puts.push(vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))])
+            }
+            None => {
+                let mut args = fence();
+                args.extend([Arg::text(plugin), Arg::text(key)]);
+                script.push(STATE_DELETE_IF_COMMITTED, args);
+            }
+        }
+    }
+    push_rows_with(script, STATE_INTO, 4, false, STATE_UPSERT, fenced(), puts);
     let events = (c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)).collect();
     push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
     if let Some(r) = c.response {
@@ -1542,12 +1570,25 @@ impl StatsStore for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    use super::renumber;
+    use super::{renumber, rows_if_committed};
 
     #[test]
     fn renumbering_shifts_every_placeholder_and_nothing_else() {
         let mut out = String::from("x;\n");
         renumber("SELECT $1, $10, $2 WHERE a = $1 AND b = '$'", 9, &mut out);
         assert_eq!(out, "x;\nSELECT $10, $19, $11 WHERE a = $10 AND b = '$'");
+    }
+
+    #[test]
+    fn multi_row_statements_number_each_rows_values_after_the_fence() {
+        let cond = "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND last_event_id = $2)";
+        assert_eq!(
+            rows_if_committed("INSERT INTO t (s, a, b)", 2, 2, true, " ORDER BY 3"),
+            format!("INSERT INTO t (s, a, b) SELECT * FROM (VALUES ($1, $3, $4), ($1, $5, $6)) AS v WHERE {cond} ORDER BY 3")
+        );
+        assert_eq!(
+            rows_if_committed("INSERT INTO t (a, b)", 2, 2, false, ""),
+            format!("INSERT INTO t (a, b) SELECT * FROM (VALUES ($3, $4), ($5, $6)) AS v WHERE {cond}")
+        );
     }
 }
