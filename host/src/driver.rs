@@ -260,6 +260,11 @@ impl DriverHandle {
     /// Announces a committed change (the saga service does, for every commit and creation).
     pub fn announce(&self, change: StatusChange) {
         self.committed.notify_one();
+        self.tell_watchers(change);
+    }
+
+    /// Sends `change` to the watchers of its saga, if any.
+    fn tell_watchers(&self, change: StatusChange) {
         let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = w.by_saga.get(&change.saga_id) {
             for (_, sender, _) in list {
@@ -303,14 +308,13 @@ impl DriverHandle {
 
     /// Announces that this process stopped running saga `id` ([`StatusChange::left`]).
     fn left(&self, id: &str) {
-        let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = w.by_saga.get(id) {
-            let change =
-                StatusChange { saga_id: id.to_owned(), left: true, settled: false, record: None, response: None };
-            for (_, sender, _) in list {
-                let _ = sender.send(change.clone());
-            }
-        }
+        self.tell_watchers(StatusChange {
+            saga_id: id.to_owned(),
+            left: true,
+            settled: false,
+            record: None,
+            response: None,
+        });
     }
 }
 
@@ -538,8 +542,7 @@ impl Inner {
             // A step that may reach another service runs only once the saga exists durably:
             // its effect out there must belong to a saga that a retry of the request finds.
             if creating.is_some() && self.may_reach_out(&rec, &action) {
-                if staged.is_empty() {
-                    let Some(pending) = creating.take() else { continue };
+                if let Some(pending) = creating.take_if(|_| staged.is_empty()) {
                     match self.sagas.create_deferred(&pending).await {
                         Ok(outcome) => {
                             let created = outcome == crate::store::CreateOutcome::Created;

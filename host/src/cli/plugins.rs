@@ -270,10 +270,10 @@ mod tests {
     #[test]
     fn steps_are_written_type_slash_step() {
         assert_eq!(
-            StepRef::parse("order/payment").unwrap(),
-            StepRef { saga_type: "order".into(), step: "payment".into() }
+            StepRef::parse("checkout/payment").unwrap(),
+            StepRef { saga_type: "checkout".into(), step: "payment".into() }
         );
-        for bad in ["order", "order/", "/payment", "a/b/c", ""] {
+        for bad in ["checkout", "checkout/", "/payment", "a/b/c", ""] {
             assert!(StepRef::parse(bad).is_err(), "{bad}");
         }
         let weird = StepRef { saga_type: "a b".into(), step: "c?d".into() };
