@@ -33,9 +33,6 @@ static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
 /// Connections per replica unless the caller says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 
-/// A pooled connection idle at least this long is pinged before it is handed out.
-const PING_IF_IDLE_FOR: Duration = Duration::from_millis(500);
-
 /// Set on every new connection (one round trip).
 const SESSION: &str = "SET application_name = 'sagahost'; SET idle_in_transaction_session_timeout = '10s'; \
      SET lock_timeout = '10s'";
@@ -97,19 +94,6 @@ impl Dialect for Postgres {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
-            // A connection used within the last half second is alive: ping only those that sat
-            // idle longer (after a server restart or a failover the idle ones are the dead
-            // ones), not every acquire. sqlx's default pings on every acquire: a round trip
-            // more for each state read and commit, a tenth of the database's work per saga.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
             .after_connect(|conn, _| Box::pin(async move { sqlx::Executor::execute(conn, SESSION).await.map(drop) }))
             .connect_with(AnyConnectOptions::from_str(url)?)
             .await?;
