@@ -69,8 +69,8 @@ fn is_build_output(name: &str) -> bool {
         || name.ends_with(".pyc")
 }
 
-/// Every file under `dir`, as (path relative to `dir` with `/`, absolute path), sorted.
-fn files_under(dir: &std::path::Path) -> Vec<(String, PathBuf)> {
+/// Every file under `dir`, as its path relative to `dir` with `/`, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();
     let mut pending = vec![(String::new(), dir.to_path_buf())];
     while let Some((prefix, at)) = pending.pop() {
@@ -86,12 +86,20 @@ fn files_under(dir: &std::path::Path) -> Vec<(String, PathBuf)> {
             if path.is_dir() {
                 pending.push((relative, path));
             } else {
-                found.push((relative, path));
+                found.push(relative);
             }
         }
     }
     found.sort();
     found
+}
+
+/// `include_str!` of a file given relative to the workspace root, resolved against the host
+/// package of whichever checkout compiles the generated code, never an absolute path: a target
+/// directory shared by several clones (CI's cache) may skip this script in a later clone, and
+/// the generated file must not point into a clone that has since been deleted.
+fn embed(from_root: &str) -> String {
+    format!("include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {:?}))", format!("/../{from_root}"))
 }
 
 /// OUT_DIR/templates.rs: `TEMPLATES` (language, relative path, contents) and `WIT` (relative
@@ -108,18 +116,16 @@ fn write_template_list(root: &std::path::Path, out: &std::path::Path) {
         .collect();
     languages.sort();
     for language in &languages {
-        for (relative, path) in files_under(&templates.join(language)) {
-            code.push_str(&format!(
-                "    ({language:?}, {relative:?}, include_str!({:?})),\n",
-                path.display().to_string()
-            ));
+        for relative in files_under(&templates.join(language)) {
+            let embedded = embed(&format!("plugins/templates/{language}/{relative}"));
+            code.push_str(&format!("    ({language:?}, {relative:?}, {embedded}),\n"));
         }
     }
     code.push_str(
         "];\n/// (path under wit/, contents) of the current WIT package.\npub const WIT: &[(&str, &str)] = &[\n",
     );
-    for (relative, path) in files_under(&root.join("wit/0.2.0")) {
-        code.push_str(&format!("    ({relative:?}, include_str!({:?})),\n", path.display().to_string()));
+    for relative in files_under(&root.join("wit/0.2.0")) {
+        code.push_str(&format!("    ({relative:?}, {}),\n", embed(&format!("wit/0.2.0/{relative}"))));
     }
     code.push_str("];\n");
     std::fs::write(out.join("templates.rs"), code).expect("cannot write OUT_DIR/templates.rs");
