@@ -576,14 +576,16 @@ impl Inner {
                 Action::Finish => Ok(Called::host(Event::Finish)),
                 Action::DeadlineExceeded { step } => Ok(Called::host(Event::DeadlineExceeded { step })),
                 Action::Execute { step, attempt } => {
-                    let call = self.heartbeat(&id, epoch, creating.is_none(), self.execute(&rec, step, attempt, now));
-                    let out = traced(attempt_span(&rec, step, attempt, "execute"), call).await;
+                    let call =
+                        traced(attempt_span(&rec, step, attempt, "execute"), self.execute(&rec, step, attempt, now));
+                    let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
                     crate::failpoint!("driver-after-call");
                     out
                 }
                 Action::Compensate { step, attempt } => {
-                    let call = self.heartbeat(&id, epoch, creating.is_none(), self.compensate(&rec, step, attempt));
-                    let out = traced(attempt_span(&rec, step, attempt, "compensate"), call).await;
+                    let call =
+                        traced(attempt_span(&rec, step, attempt, "compensate"), self.compensate(&rec, step, attempt));
+                    let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
                     crate::failpoint!("driver-after-compensate-call");
                     out
                 }
@@ -780,15 +782,70 @@ impl Inner {
         sdef.compensate_binding(current.as_ref().and_then(|c| c.steps.iter().find(|s| s.name == sdef.name)))
     }
 
+    /// Runs a plugin call of a saga claimed at `epoch` (see [`Inner::heartbeat`]).
+    ///
+    /// With the saga's creation still to commit (`creating`), the call runs without a lease
+    /// (there is none yet). A call that outlasts `chain_max_age` from `chain_began` does not
+    /// hold the creation back: it commits alone meanwhile, and the waiting request is
+    /// answered, so that it can answer by its `Prefer: wait` deadline (SPEC §5.1: 201 once N
+    /// seconds pass) whatever the step takes. The rest of the call then renews the lease.
+    /// `None`: the saga is not this driver's to run; the request learns what the key holds,
+    /// or creates the saga itself.
+    async fn call<F: std::future::Future>(
+        &self,
+        id: &str,
+        epoch: i64,
+        creating: &mut Option<Deferred>,
+        chain_began: std::time::Instant,
+        call: F,
+    ) -> Option<F::Output> {
+        let Some(pending) = creating.take() else {
+            return Some(self.heartbeat(id, epoch, call).await);
+        };
+        tokio::pin!(call);
+        let due = tokio::time::Instant::from_std(chain_began + self.options.chain_max_age);
+        tokio::select! {
+            biased;
+            out = &mut call => {
+                *creating = Some(pending);
+                return Some(out);
+            }
+            () = tokio::time::sleep_until(due) => {}
+        }
+        // The call goes on while the creation commits; a commit once begun is never dropped.
+        let mut finished = None;
+        let outcome = {
+            let created = self.sagas.create_deferred(&pending);
+            tokio::pin!(created);
+            loop {
+                tokio::select! {
+                    out = &mut call, if finished.is_none() => finished = Some(out),
+                    outcome = &mut created => break outcome,
+                }
+            }
+        };
+        match outcome {
+            Ok(crate::store::CreateOutcome::Created) => pending.answer(crate::store::CreateOutcome::Created),
+            // Another request's saga holds the key: this one is dropped, call and all.
+            Ok(outcome) => {
+                pending.answer(outcome);
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(saga_id = %id, error = %e, "committing a creation during a slow call failed; the request creates the saga");
+                return None;
+            }
+        }
+        Some(match finished {
+            Some(out) => out,
+            None => self.heartbeat(id, epoch, call).await,
+        })
+    }
+
     /// Runs a plugin call while renewing the saga's lease every third of its length, so a long
     /// call keeps its claim. If the claim is lost anyway (the process stalled), the call still
     /// finishes but its commit will be fenced and discarded.
-    ///
-    /// `renew` false: the saga's creation is not committed yet, there is no lease to renew.
-    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, renew: bool, call: F) -> F::Output {
-        if !renew {
-            return call.await;
-        }
+    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, call: F) -> F::Output {
         let lease_ms = self.options.lease_ms;
         let period = Duration::from_millis((lease_ms / 3).max(50) as u64);
         tokio::pin!(call);

@@ -147,7 +147,7 @@ impl Sagas {
             tracing::Span::none()
         };
         let trace_parent = crate::telemetry::traceparent_of(&intake);
-        let mut new = NewSaga {
+        let new = NewSaga {
             id: rec.id.clone(),
             definition: rec.definition.clone(),
             input: rec.input.clone(),
@@ -161,12 +161,15 @@ impl Sagas {
         use tracing::Instrument as _;
         if deferred && admitted.claim.is_some() {
             let (reply, created) = tokio::sync::oneshot::channel();
-            let pending = Deferred { saga: new.clone(), claim: claim.cloned(), reply };
+            let new = Arc::new(new);
+            let pending = Deferred { saga: Arc::clone(&new), claim: claim.cloned(), reply };
             self.driver.adopt(adopted, admitted, Some(pending));
             if let Ok(outcome) = created.instrument(intake.clone()).await {
                 return Ok(outcome);
             }
             // Not committed by the driver: created here, for a driver to claim from the store.
+            // (The driver dropped its share before the reply: no copy is made.)
+            let mut new = Arc::unwrap_or_clone(new);
             new.lease = None;
             return self.create_now(&new, claim, None).instrument(intake).await;
         }
@@ -312,7 +315,7 @@ impl Sagas {
         let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
         let writes: Vec<(&str, &[StateWrite])> =
             staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
-        let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
+        let creation = creating.map(|d| Creation { saga: &*d.saga, claim: d.claim.as_ref() });
         let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None, creation).await;
         match committed {
             Ok(()) => {
@@ -411,7 +414,9 @@ impl Sagas {
 /// A saga handed to the driver before its creation committed ([`Sagas::create`] with
 /// `deferred`): what its first commit must create, and the request waiting for that.
 pub struct Deferred {
-    saga: NewSaga,
+    /// Shared with the request, which creates the saga itself if this is dropped. Declared
+    /// before `reply`, so dropped first.
+    saga: Arc<NewSaga>,
     claim: Option<IdempotencyClaim>,
     /// Sent the outcome once the creation committed; dropped when the driver did not commit
     /// it (the request then creates the saga itself).

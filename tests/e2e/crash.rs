@@ -51,6 +51,9 @@ pub struct Client {
     paths: Arc<Mutex<HashMap<String, String>>>,
     /// `Prefer: wait` seconds on the POSTs that create sagas (none: answered at once).
     wait: Option<u64>,
+    /// Without `wait`: every third saga is created with `Prefer: wait=5` all the same, so a
+    /// soak mixes both ways in (a waiting request's saga is created by its first commit).
+    mixed: bool,
 }
 
 impl Client {
@@ -67,7 +70,14 @@ impl Client {
             stats: Arc::default(),
             paths: Arc::default(),
             wait: None,
+            mixed: false,
         }
+    }
+
+    /// The same client, creating every third saga with `Prefer: wait=5` ([`Client::waiting`]).
+    pub fn mixed(mut self) -> Client {
+        self.mixed = true;
+        self
     }
 
     /// The same client, waiting for each saga it creates (`Prefer: wait=secs`): then the host
@@ -164,8 +174,11 @@ impl Client {
         let k = key();
         let body = kind.body();
         let create = kind.create_path();
+        // Every third saga of a mixed client waits (`next` counts its requests: any spread will do).
+        let mixed = self.mixed && self.next.load(Ordering::Relaxed) % 3 == 0;
+        let wait = self.wait.or(mixed.then_some(5));
         // A 3-D Secure order waits for our signal: waiting for it to settle first would not end.
-        let wait = self.wait.filter(|_| !matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds));
+        let wait = wait.filter(|_| !matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds));
         let (_, created) = self.post_waiting(&create, Some(&k), &body, wait).await;
         let id = created["id"].as_str().expect("saga id").to_owned();
         self.paths.lock().unwrap().insert(id.clone(), format!("{create}/{id}"));
@@ -370,7 +383,7 @@ async fn crash_in_the_relay_after_publishing_redelivers_and_the_deduped_stream_i
 }
 
 /// 1,000 sagas mixing every order trigger and the `counted` kinds, concurrent clients that
-/// retry with the same keys, and a SIGKILL of the host every few seconds. Prints its figures
+/// retry with the same keys (a third of them waiting for their saga), and a SIGKILL of the host every few seconds. Prints its figures
 /// and asserts the faults really happened. `./scripts/soak` runs it.
 #[tokio::test]
 #[ignore = "slow (minutes): run with ./scripts/soak"]
@@ -382,7 +395,7 @@ async fn soak() {
     let dir = tempfile::tempdir().unwrap();
     let host = spawn_host(dir.path(), None).await;
     register_counted(&host.base, ADMIN_TOKEN).await;
-    let client = Client::new(&host.base);
+    let client = Client::new(&host.base).mixed();
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicUsize::new(0));
 

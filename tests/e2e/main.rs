@@ -272,6 +272,69 @@ async fn ten_concurrent_identical_waiting_requests_make_exactly_one_saga() {
     assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
 }
 
+/// A waiting request's saga is created by its first commit, but a first step that runs long
+/// does not hold the answer back: the creation commits alone meanwhile, and the request
+/// answers 201 once its `Prefer: wait` time is up (SPEC §5.1), not when the step ends.
+///
+/// On a multi-threaded runtime, as the binary runs: on one thread the spinning call (which
+/// yields every epoch tick and is woken at once) leaves the timers and the database's
+/// wake-ups to the scheduler's maintenance, every 61 polls, about 0.6 s each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_answers_by_its_deadline_while_its_first_step_still_runs() {
+    let host = TestHost::start().await;
+    // One host-only step (the counter fixture imports no outbound HTTP, so its saga's creation
+    // may wait for the first commit) that spins until its 4-second timeout, one attempt.
+    let (digest, _) = host.catalog.install_plugin("counter", fixture("counter")).await.expect("fixture loads");
+    let mut def = (*host.catalog.definition("order").unwrap()).clone();
+    def.saga_type = "spinning".into();
+    def.sensitive.clear();
+    def.steps.truncate(1);
+    def.steps[0].execute = PluginRef { plugin: "counter".into(), digest };
+    def.steps[0].compensate = def.steps[0].execute.clone();
+    def.steps[0].timeout_ms = 4000;
+    def.steps[0].retry.max_attempts = 1;
+    host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+
+    let k = key();
+    let post = || {
+        host.send(
+            host.client
+                .post(host.url("/sagas/spinning"))
+                .header("Idempotency-Key", &k)
+                .header("Prefer", "wait=1")
+                .json(&json!({"spin": 1_000_000_000})),
+        )
+    };
+    let started = std::time::Instant::now();
+    let r = post().await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
+    assert!(took < Duration::from_millis(3000), "answered after {took:?}: the step's end, not the wait's");
+    assert!(took >= Duration::from_millis(900), "answered after {took:?}, before the wait was up");
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // Acknowledged, so stored: the step is still spinning.
+    let stored = host.get(&format!("/sagas/spinning/{id}")).await;
+    assert_eq!(stored.status, StatusCode::OK);
+    assert!(!matches!(stored.json()["status"].as_str(), Some("COMPLETED" | "CANCELLED")), "{:#}", stored.json());
+    // The retry replays the same answer while the saga runs on, then it ends: the step timed
+    // out once, and the saga with its one event series exists exactly once.
+    let again = post().await;
+    assert_eq!((again.status, &again.bytes), (StatusCode::CREATED, &r.bytes));
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    let settled = loop {
+        let o = host.get(&format!("/sagas/spinning/{id}")).await.json();
+        if o["status"] == "CANCELLED" {
+            break o;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the saga did not end: {o:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(step(&settled, "inventory")["attempts"], 1, "{settled:#}");
+    let types = host.event_types(&id).await;
+    assert!(types[0].ends_with("Created"), "{types:?}");
+    assert_eq!(types.iter().filter(|t| t.ends_with("Created")).count(), 1, "{types:?}");
+}
+
 #[tokio::test]
 async fn prefer_wait_replays_the_settled_response() {
     let host = TestHost::start().await;

@@ -496,7 +496,7 @@ async fn soak() {
     // Every replica must know the new saga type (and have compiled its plugin) before the
     // clients spread requests for it over them.
     catalog_converges(&cluster).await;
-    let client = Client::balanced(&cluster.bases());
+    let client = Client::balanced(&cluster.bases()).mixed();
     let done = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicUsize::new(0));
     let killer = {
