@@ -51,6 +51,13 @@ impl Error {
     /// The database refuses the data itself (a value it cannot hold, a key too large to
     /// index): the same statement with the same data fails every time, whatever the
     /// connection. Only such errors may turn a plugin's result into a failed attempt.
+    /// The statement failed because its connection had died (the server ended the session,
+    /// a failover, a reset socket): nothing it sent ran, and a read may simply run again on
+    /// another connection.
+    pub fn is_lost_connection(&self) -> bool {
+        matches!(self, Error::Database(e) if e.lost_connection)
+    }
+
     pub fn is_refused_data(&self) -> bool {
         matches!(self, Error::Database(e) if e.refused_data)
     }
@@ -62,6 +69,7 @@ impl Error {
             source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
             transient: e.transient,
             refused_data: e.refused_data,
+            lost_connection: e.lost_connection,
         };
         match self {
             Error::Fenced => Error::Fenced,
@@ -83,6 +91,7 @@ pub struct DatabaseError {
     source: Box<dyn std::error::Error + Send + Sync + 'static>,
     transient: bool,
     refused_data: bool,
+    lost_connection: bool,
 }
 
 impl DatabaseError {
@@ -100,7 +109,15 @@ impl DatabaseError {
             }
             _ => false,
         };
-        DatabaseError { source: Box::new(e), transient, refused_data }
+        // An I/O error, or the server's notice that it ended the session (57P01 an
+        // administrator's pg_terminate_backend, 57P02 a crash shutdown, class 08 a connection
+        // exception).
+        let lost_connection = match &e {
+            sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
+            _ => false,
+        };
+        DatabaseError { source: Box::new(e), transient, refused_data, lost_connection }
     }
 }
 
@@ -132,7 +149,12 @@ impl From<sqlx::migrate::MigrateError> for Error {
     fn from(e: sqlx::migrate::MigrateError) -> Error {
         match e {
             sqlx::migrate::MigrateError::Execute(e) => Error::Migrate(DatabaseError::new(e)),
-            other => Error::Migrate(DatabaseError { source: Box::new(other), transient: false, refused_data: false }),
+            other => Error::Migrate(DatabaseError {
+                source: Box::new(other),
+                transient: false,
+                refused_data: false,
+                lost_connection: false,
+            }),
         }
     }
 }

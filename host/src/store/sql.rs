@@ -170,6 +170,77 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Runs a read again while it fails on a connection that died in the pool (the server
+    /// ended the session, a failover): the PostgreSQL pool hands out a connection used in the
+    /// last half second without a ping, so after a wave of ended sessions each dead connection
+    /// fails the one statement that draws it, at once, and is dropped. Reads are safe to
+    /// repeat. At most once per pooled connection, plus one.
+    async fn read<T, F, Fut>(&self, attempt: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let tries = self.reader.options().get_max_connections() + 1;
+        let mut tried = 1;
+        loop {
+            match attempt().await {
+                Err(e) if tried < tries && e.is_lost_connection() => tried += 1,
+                out => return out,
+            }
+        }
+    }
+
+    /// [`SagaStore::saga`], one attempt.
+    async fn saga_once(&self, id: &str) -> Result<Option<SagaRecord>> {
+        // One read transaction, so the saga row and its steps are one snapshot.
+        let mut tx = self.reader.begin_with(self.dialect.begin_snapshot()).await?;
+        let Some(r) = sqlx::query(
+            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at, \
+             trace_parent FROM sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let steps = sqlx::query("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let definition: String = r.try_get("definition")?;
+        let definition: SagaDefinition =
+            serde_json::from_str(&definition).map_err(|e| corrupt(format!("definition: {e}")))?;
+        let phase: String = r.try_get("phase")?;
+        let steps = steps.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
+        if steps.len() != definition.steps.len() {
+            return Err(corrupt(format!(
+                "saga {id} has {} step rows for {} steps",
+                steps.len(),
+                definition.steps.len()
+            )));
+        }
+        Ok(Some(SagaRecord {
+            id: r.try_get("id")?,
+            saga_type: r.try_get("saga_type")?,
+            definition,
+            input: r.try_get("input")?,
+            state: SagaState {
+                status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
+                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
+                reason: r.try_get("reason")?,
+                steps,
+                next_run_at: r.try_get("next_run_at")?,
+            },
+            seq: r.try_get("seq")?,
+            epoch: r.try_get("epoch")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+            trace_parent: r.try_get("trace_parent")?,
+        }))
+    }
+
     /// Connects as the dialect says and brings the schema up to date. `exclusive`: this
     /// process is to own the database where the dialect can tell (SQLite: the file's lock, or
     /// [`Error::InUse`]); then state reads of keys never written answer without a query.
@@ -458,53 +529,7 @@ impl SagaStore for SqlStore {
     }
 
     async fn saga(&self, id: &str) -> Result<Option<SagaRecord>> {
-        // One read transaction, so the saga row and its steps are one snapshot.
-        let mut tx = self.reader.begin_with(self.dialect.begin_snapshot()).await?;
-        let Some(r) = sqlx::query(
-            "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at, \
-             trace_parent FROM sagas WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let steps = sqlx::query("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx")
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let definition: String = r.try_get("definition")?;
-        let definition: SagaDefinition =
-            serde_json::from_str(&definition).map_err(|e| corrupt(format!("definition: {e}")))?;
-        let phase: String = r.try_get("phase")?;
-        let steps = steps.iter().map(step_from_row).collect::<Result<Vec<_>>>()?;
-        if steps.len() != definition.steps.len() {
-            return Err(corrupt(format!(
-                "saga {id} has {} step rows for {} steps",
-                steps.len(),
-                definition.steps.len()
-            )));
-        }
-        Ok(Some(SagaRecord {
-            id: r.try_get("id")?,
-            saga_type: r.try_get("saga_type")?,
-            definition,
-            input: r.try_get("input")?,
-            state: SagaState {
-                status: SagaStatus::parse(&r.try_get::<String, _>("status")?),
-                phase: Phase::parse(&phase).ok_or_else(|| corrupt(format!("phase {phase}")))?,
-                reason: r.try_get("reason")?,
-                steps,
-                next_run_at: r.try_get("next_run_at")?,
-            },
-            seq: r.try_get("seq")?,
-            epoch: r.try_get("epoch")?,
-            created_at: r.try_get("created_at")?,
-            updated_at: r.try_get("updated_at")?,
-            trace_parent: r.try_get("trace_parent")?,
-        }))
+        self.read(|| self.saga_once(id)).await
     }
 
     async fn list_sagas(
@@ -988,11 +1013,14 @@ impl PluginStateStore for SqlStore {
         if self.keys.as_ref().is_some_and(|keys| !keys.may_contain(plugin, key)) {
             return Ok(None);
         }
-        Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
-            .bind(plugin)
-            .bind(key)
-            .fetch_optional(&self.reader)
-            .await?)
+        self.read(|| async {
+            Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
+                .bind(plugin)
+                .bind(key)
+                .fetch_optional(&self.reader)
+                .await?)
+        })
+        .await
     }
 
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
@@ -1022,11 +1050,15 @@ impl PluginStateStore for SqlStore {
             ),
             None => format!("SELECT key, value FROM plugin_state WHERE plugin = $1 AND key {op} $2 ORDER BY key LIMIT $3"),
         };
-        let mut query = sqlx::query(&sql).bind(plugin).bind(from);
-        if let Some(end) = end {
-            query = query.bind(end);
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.reader).await?;
+        let rows = self
+            .read(|| async {
+                let mut query = sqlx::query(&sql).bind(plugin).bind(from);
+                if let Some(end) = &end {
+                    query = query.bind(end.as_str());
+                }
+                Ok(query.bind(i64::from(limit)).fetch_all(&self.reader).await?)
+            })
+            .await?;
         rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
     }
 }
@@ -1543,8 +1575,11 @@ impl JanitorStore for SqlStore {
 #[async_trait]
 impl StatsStore for SqlStore {
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
+        self.read(|| async {
+            sqlx::query("SELECT 1").execute(&self.reader).await?;
+            Ok(())
+        })
+        .await
     }
 
     fn write_stats(&self) -> WriteStats {

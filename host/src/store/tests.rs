@@ -931,6 +931,41 @@ async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
     }
 }
 
+/// The PostgreSQL pool pings only connections idle for half a second, so right after the
+/// server ended every session each pooled connection is dead without the pool knowing: a
+/// read that draws one runs again on another (each dead one fails at once) and succeeds.
+#[tokio::test]
+async fn reads_right_after_the_server_ended_every_session_succeed() {
+    use sqlx::Connection as _;
+    for b in backends().await {
+        if let Some((admin, url)) = &b.pg {
+            let s = &b.store;
+            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+            // Several connections in the pool, all used a moment ago.
+            let (a, c, d, e) =
+                tokio::join!(s.state_get("p", "k"), s.state_get("p", "k"), s.saga("s1"), s.state_get("p", "k"));
+            assert!(a.is_ok() && c.is_ok() && d.unwrap().is_some() && e.is_ok());
+            let db = url.rsplit('/').next().unwrap();
+            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+            let ended: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'sagahost'",
+            )
+            .bind(db)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            assert!(ended.len() >= 2, "the pool held {} connections", ended.len());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            s.ping().await.expect("ping after the sessions ended");
+            assert!(s.saga("s1").await.expect("a saga read after the sessions ended").is_some());
+            assert_eq!(s.state_get("p", "k").await.expect("a state read after the sessions ended"), None);
+            s.state_list("p", "", 10).await.expect("a state scan after the sessions ended");
+        }
+        b.cleanup().await;
+    }
+}
+
 /// Architecture invariant: only `store/` speaks to the database. Checked in code, so that a
 /// `sqlx::` path outside it (a leaked error type, a stray query) fails the build's tests.
 #[test]
