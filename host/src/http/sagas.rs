@@ -714,6 +714,7 @@ pub async fn signal_saga(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn prefer_wait_parsing() {
@@ -725,5 +726,22 @@ mod tests {
         assert_eq!(prefer_wait(&h), Some(MAX_WAIT_SECS));
         h.insert("prefer", HeaderValue::from_static("wait=soon"));
         assert_eq!(prefer_wait(&h), None);
+    }
+
+    /// An integer written as a float (`1341.0`) is that integer, up to 2^53, however many
+    /// digits it has: parsed exactly (serde_json's `float_roundtrip`; its default parser made
+    /// `2180746175968289.0` into `2180746175968288.75`, and the fuzz test's request failed).
+    #[test]
+    fn integral_floats_are_integers_exactly() {
+        for (text, want) in [
+            ("1341.0", json!(1341)),
+            ("2180746175968289.0", json!(2180746175968289_i64)),
+            ("9007199254740992.0", json!(9_007_199_254_740_992_i64)),
+            ("-16.0", json!(-16)),
+            ("2.5", json!(2.5)),
+        ] {
+            let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(integral_numbers(parsed), want, "{text}");
+        }
     }
 }

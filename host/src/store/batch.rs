@@ -145,7 +145,8 @@ impl Writes {
         self.submit(data, run, true).await
     }
 
-    async fn submit<D, T>(&self, data: D, run: JobFn<D, T>, single_statement: bool) -> Result<T>
+    /// [`Writes::run`], or [`Writes::run_one`] when `single_statement`.
+    pub(super) async fn submit<D, T>(&self, data: D, run: JobFn<D, T>, single_statement: bool) -> Result<T>
     where
         D: Send + Sync + 'static,
         T: Send + 'static,

@@ -46,9 +46,8 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether hot-path writes share transactions ([`super::batch::Writes::Grouped`]): true
     /// where the database has one writer and a commit is an fsync the next writer waits for.
     fn group_commit(&self) -> bool;
-    /// Whether a query may hold several statements with arguments (numbered `$n` across them
-    /// all): SQLite's driver runs such a script in one round trip to its connection thread.
-    fn scripts(&self) -> bool;
+    /// How the statements of one write are folded into fewer queries, each a round trip.
+    fn folding(&self) -> Folding;
     /// The schema, `migrations/<dialect>/`.
     fn migrator(&self) -> &'static Migrator;
     /// Opens the pools for `url`, with the session settings this database needs. The first
@@ -64,6 +63,18 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether a database error of this backend is worth retrying as it is (busy, locked,
     /// serialization failure, deadlock, connection lost). Errors of other backends are false.
     fn is_transient(&self, e: &dyn sqlx::error::DatabaseError) -> bool;
+}
+
+/// How a write's statements become queries ([`super::sql`]'s `Script`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folding {
+    /// All of them, one query: a script of several statements with arguments numbered `$n`
+    /// across them all. SQLite's driver runs it in one round trip to its connection thread.
+    Script,
+    /// One statement per fenced group, its writes as data-modifying CTEs that depend on the
+    /// group's head through its `RETURNING` (PostgreSQL, whose extended protocol runs one
+    /// statement per round trip and SQLite cannot write inside `WITH`).
+    Ctes,
 }
 
 /// Every dialect, in the order URLs are matched.

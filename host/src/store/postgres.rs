@@ -25,7 +25,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions as _;
 
-use super::dialect::{Dialect, Pools};
+use super::dialect::{Dialect, Folding, Pools};
 use super::{Error, Result};
 
 static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
@@ -71,8 +71,8 @@ impl Dialect for Postgres {
         false
     }
 
-    fn scripts(&self) -> bool {
-        false
+    fn folding(&self) -> Folding {
+        Folding::Ctes
     }
 
     fn migrator(&self) -> &'static Migrator {

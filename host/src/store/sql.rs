@@ -13,7 +13,7 @@ use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::batch::Writes;
-use super::dialect::Dialect;
+use super::dialect::{Dialect, Folding};
 use super::keys::KeyFilter;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
@@ -43,13 +43,15 @@ impl Statements {
         Statements {
             // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
             // $12 is its first event's id (see `IF_COMMITTED`), $13 its trace context.
-            insert_saga: format!("INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING id"),
+            insert_saga: format!(
+                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING id, last_event_id"
+            ),
             // The same, only if the idempotency key ($14..$16) was claimed for this saga by the
             // statement before (a key that was not new names another saga, or none).
             insert_saga_if_claimed: format!(
                 "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {insert_saga_values} WHERE EXISTS \
                  (SELECT 1 FROM idempotency_keys WHERE caller = $14 AND route = $15 AND key = $16 AND saga_id = $1) \
-                 RETURNING id"
+                 RETURNING id, last_event_id"
             ),
             // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
             // is evaluated once (MATERIALIZED); the UPDATE then changes exactly those. An
@@ -151,9 +153,9 @@ impl SqlStore {
             Some(c) => {
                 claim_statement(script, c, Some(&saga.id), now);
                 args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
-                script.push(self.sql.insert_saga_if_claimed.clone(), args);
+                script.push_as(Role::Head("id"), self.sql.insert_saga_if_claimed.clone(), args);
             }
-            None => script.push(self.sql.insert_saga.clone(), args),
+            None => script.push_as(Role::Head("id"), self.sql.insert_saga.clone(), args),
         }
         let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
         let steps = steps.filter(|(i, _)| !later.contains(i)).map(|(i, (step, def))| step_values(i, &def.name, step));
@@ -452,7 +454,7 @@ fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&s
         Arg::Int(Some(now)),
         Arg::Int(Some(now + c.ttl_ms)),
     ];
-    script.push(CLAIM_INSERT, args);
+    script.push_as(Role::Claim, CLAIM_INSERT, args);
 }
 
 /// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
@@ -461,8 +463,8 @@ async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> 
     let mut script = Script::default();
     claim_statement(&mut script, c, None, now);
     let mut inserted = false;
-    for (sql, args) in &script.statements {
-        inserted = bind(sqlx::query(sql), args).execute(&mut *tx).await?.rows_affected() == 1;
+    for s in &script.statements {
+        inserted = bind(sqlx::query(&s.sql), &s.args).execute(&mut *tx).await?.rows_affected() == 1;
     }
     if inserted {
         return Ok(None);
@@ -508,23 +510,29 @@ impl SagaStore for SqlStore {
         // row, the only thing deleted, would have let it in.
         let mut script = Script::default();
         self.creation_statements(&mut script, saga, claim, now, &[])?;
-        let data = (script.join(self.dialect.scripts()), claim.cloned(), now);
+        let script = script.join(self.dialect.folding())?;
+        // One query (PostgreSQL's CTEs) needs no transaction of its own.
+        let single = script.single();
         self.writes
-            .run(data, |(script, claim, now), conn| {
-                Box::pin(async move {
-                    // A crash here, before the claim and the saga row commit, must leave
-                    // neither: both are in this one transaction.
-                    crate::failpoint!("intake-after-claim");
-                    // The saga insert is the only statement that returns a row.
-                    if !script.run(conn).await?.is_empty() {
-                        return Ok(CreateOutcome::Created);
-                    }
-                    match claim {
-                        Some(c) => claim_existing(conn, c, *now).await,
-                        None => Err(corrupt("a saga without an idempotency key was not inserted")),
-                    }
-                })
-            })
+            .submit(
+                (script, claim.cloned(), now),
+                |(script, claim, now), conn| {
+                    Box::pin(async move {
+                        // A crash here, before the claim and the saga row commit, must leave
+                        // neither: both are in this one transaction.
+                        crate::failpoint!("intake-after-claim");
+                        // The saga insert is the only statement that returns a row.
+                        if !script.run(conn).await?.is_empty() {
+                            return Ok(CreateOutcome::Created);
+                        }
+                        match claim {
+                            Some(c) => claim_existing(conn, c, *now).await,
+                            None => Err(corrupt("a saga without an idempotency key was not inserted")),
+                        }
+                    })
+                },
+                single,
+            )
             .await
     }
 
@@ -636,21 +644,27 @@ impl SagaStore for SqlStore {
                 writes.iter().filter(|(_, value)| value.is_some()).for_each(|(key, _)| keys.insert(plugin, key));
             }
         }
+        let script = script.join(self.dialect.folding())?;
+        let single = script.single();
         self.writes
-            .run((script.join(self.dialect.scripts()), creating), |(script, creating), conn| {
-                Box::pin(async move {
-                    // The update is the only statement that returns a row (after the saga
-                    // insert's, when creating): none means fenced (or the key was not new), and
-                    // then every other statement found its condition false and wrote nothing.
-                    let rows = script.run(conn).await?;
-                    let row = match (rows.as_slice(), *creating) {
-                        ([], _) => return Err(Error::Fenced),
-                        ([row], false) | ([_, row], true) => row,
-                        _ => return Err(corrupt("a commit returned rows it does not write")),
-                    };
-                    Ok(row.try_get("seq")?)
-                })
-            })
+            .submit(
+                (script, creating),
+                |(script, creating), conn| {
+                    Box::pin(async move {
+                        // The update is the only statement that returns a row (after the saga
+                        // insert's, when creating): none means fenced (or the key was not new), and
+                        // then every other statement found its condition false and wrote nothing.
+                        let rows = script.run(conn).await?;
+                        let row = match (rows.as_slice(), *creating) {
+                            ([], _) => return Err(Error::Fenced),
+                            ([row], false) | ([_, row], true) => row,
+                            _ => return Err(corrupt("a commit returned rows it does not write")),
+                        };
+                        Ok(row.try_get("seq")?)
+                    })
+                },
+                single,
+            )
             .await
     }
 }
@@ -675,16 +689,17 @@ macro_rules! commit_update {
         concat!(
             "UPDATE sagas SET status = $3, phase = $4, reason = $5, next_run_at = $6, updated_at = $7, seq = $9, \
              last_event_id = $8",
-            $($tail),*
+            $($tail),*,
+            // Its result, and what its dependents check as a CTE ([`Script`]).
+            " RETURNING seq, id, last_event_id"
         )
     };
 }
-const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $10 RETURNING seq");
+const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $10");
 const COMMIT_LEASE_RELEASE: &str =
-    commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $10 RETURNING seq");
-const COMMIT_TAKEOVER: &str = commit_update!(
-    ", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2 RETURNING seq"
-);
+    commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $10");
+const COMMIT_TAKEOVER: &str =
+    commit_update!(", lease_owner = NULL, lease_until = NULL, epoch = epoch + 1 WHERE id = $1 AND seq = $2");
 
 /// The condition of every statement of a commit after the fenced update: that update applied
 /// (the saga row carries this commit's last event id; `$1` the saga id, `$2` that event id).
@@ -694,6 +709,8 @@ macro_rules! if_committed {
         "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND last_event_id = $2)"
     };
 }
+/// [`if_committed!`] as it reads in a fenced group's CTE ([`Script`]): the head's `RETURNING`.
+const IF_COMMITTED: (&str, &str) = ("SELECT 1 FROM sagas WHERE id = $1", "SELECT 1 FROM head WHERE id = $1");
 
 /// Step rows: inserted, or updated when they exist ([`rows_if_committed`]; 17 values per row).
 const STEPS_INTO: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
@@ -781,7 +798,7 @@ fn push_rows_with(
     let sql = rows_if_committed(into, rows.len(), width, saga_id_first, tail);
     let mut args: Vec<Arg> = fence.into();
     args.extend(rows.into_iter().flatten());
-    script.push(sql, args);
+    script.push_as(Role::Dependent, sql, args);
 }
 
 /// The statements of one commit, with their arguments: the fenced update first, then the
@@ -807,7 +824,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
         Arg::Int(Some(new_seq)),
     ];
     args.extend(epoch.map(|e| Arg::Int(Some(e))));
-    script.push(update, args);
+    script.push_as(Role::Head("seq"), update, args);
     let mut steps = Vec::with_capacity(c.changed_steps.len());
     for &i in c.changed_steps {
         let step = c.state.steps.get(i).ok_or_else(|| corrupt(format!("changed step {i} out of range")))?;
@@ -837,7 +854,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
             None => {
                 let mut args = fence();
                 args.extend([Arg::text(plugin), Arg::text(key)]);
-                script.push(STATE_DELETE_IF_COMMITTED, args);
+                script.push_as(Role::Dependent, STATE_DELETE_IF_COMMITTED, args);
             }
         }
     }
@@ -853,7 +870,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
             Arg::text(r.route),
             Arg::text(r.key),
         ]);
-        script.push(RESPONSE_IF_COMMITTED, args);
+        script.push_as(Role::Dependent, RESPONSE_IF_COMMITTED, args);
     }
     if let Some(a) = c.audit {
         let mut args = fence();
@@ -866,7 +883,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
             Arg::Text(a.after.as_ref().map(|v| v.to_string())),
             Arg::Text(a.note.clone()),
         ]);
-        script.push(AUDIT_IF_COMMITTED, args);
+        script.push_as(Role::Dependent, AUDIT_IF_COMMITTED, args);
     }
     Ok(())
 }
@@ -919,55 +936,174 @@ impl Arg {
     }
 }
 
-/// Statements that run in order, each with its own `$1..$n`. Where the dialect allows
-/// ([`Dialect::scripts`]: SQLite) they are sent as ONE multi-statement query, renumbered to
-/// one argument list, so a commit is one round trip to the connection's thread instead of one
-/// per statement; elsewhere one by one. Either way the rows of all statements come back in
-/// order, and statements that depend on an earlier one say so in their own conditions.
+/// Statements that run in order, each with its own `$1..$n`, folded into fewer queries as
+/// the dialect allows ([`Folding`]): on SQLite ONE multi-statement query, renumbered to one
+/// argument list, so a commit is one round trip to the connection's thread instead of one per
+/// statement; on PostgreSQL one statement per fenced group (below); else one by one. Either
+/// way the rows come back as if each statement ran in turn, and statements that depend on an
+/// earlier one say so in their own conditions.
+///
+/// A fenced group is a head (the statement that writes the saga row the others depend on:
+/// the fenced update of a commit, or a creation's saga insert), the claim its insert may depend
+/// on, and its dependents (each conditional on [`if_committed!`]). As a PostgreSQL statement:
+/// `WITH claimed AS (<claim> RETURNING ..), head AS (<head>), d2 AS (<dependent>), ..
+/// SELECT <result> FROM head`, where each condition reads the CTE instead of the table (the
+/// sub-statements of one statement all see the snapshot from before it, so a table read would
+/// not see the head's write). One round trip for the group, and a commit of one group needs no
+/// `BEGIN` and `COMMIT` either: one statement is atomic on its own.
 #[derive(Default)]
 struct Script {
-    statements: Vec<(Cow<'static, str>, Vec<Arg>)>,
-    /// The statements as one query, renumbered ([`Script::join`]).
-    joined: Option<String>,
+    statements: Vec<Statement>,
+    /// The queries to send, each SQL text and the statements whose arguments it binds
+    /// ([`Script::join`]); empty: each statement alone.
+    queries: Vec<(String, std::ops::Range<usize>)>,
 }
 
+struct Statement {
+    sql: Cow<'static, str>,
+    args: Vec<Arg>,
+    role: Role,
+}
+
+/// What a statement is to its fenced group ([`Script`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The idempotency claim the next head's insert depends on ([`CLAIMED`]).
+    Claim,
+    /// Writes the saga row its dependents check; its `RETURNING` names `id` and
+    /// `last_event_id`, and its result column is the one given.
+    Head(&'static str),
+    /// Conditional on its head ([`if_committed!`]).
+    Dependent,
+}
+
+/// The condition of a saga insert on the claim before it, and what it reads as a CTE.
+const CLAIMED: (&str, &str) = ("SELECT 1 FROM idempotency_keys WHERE", "SELECT 1 FROM claimed WHERE");
+/// The columns of a claim's `RETURNING` in a CTE: those [`CLAIMED`] compares.
+const CLAIM_RETURNING: &str = " RETURNING caller, route, key, saga_id";
+
 impl Script {
-    fn push(&mut self, sql: impl Into<Cow<'static, str>>, args: Vec<Arg>) {
-        self.statements.push((sql.into(), args));
+    fn push_as(&mut self, role: Role, sql: impl Into<Cow<'static, str>>, args: Vec<Arg>) {
+        self.statements.push(Statement { sql: sql.into(), args, role });
     }
 
-    /// Joins the statements into one query now, if they are to run `together`: in the
-    /// caller's task, not the writer's, whose every microsecond everyone waits for (the
-    /// renumbering was a sixth of the writer thread's time at the closed-loop peak).
-    fn join(mut self, together: bool) -> Script {
-        if together {
-            let mut sql = String::new();
-            let mut count = 0;
-            for (part, args) in &self.statements {
-                if !sql.is_empty() {
-                    sql.push_str(";\n");
+    /// Folds the statements into queries now, as `folding` says: in the caller's task, not
+    /// the writer's, whose every microsecond everyone waits for (the renumbering was a sixth
+    /// of the writer thread's time at the closed-loop peak).
+    fn join(mut self, folding: Folding) -> Result<Script> {
+        self.queries = match folding {
+            Folding::Script => {
+                let mut sql = String::new();
+                let mut count = 0;
+                for s in &self.statements {
+                    if !sql.is_empty() {
+                        sql.push_str(";\n");
+                    }
+                    renumber(&s.sql, count, &mut sql);
+                    count += s.args.len();
                 }
-                renumber(part, count, &mut sql);
-                count += args.len();
+                vec![(sql, 0..self.statements.len())]
             }
-            self.joined = Some(sql);
-        }
-        self
+            Folding::Ctes => {
+                self.groups().into_iter().map(|g| Ok((self.fold(g.clone())?, g))).collect::<Result<_>>()?
+            }
+        };
+        Ok(self)
     }
 
-    /// Runs the statements, as one query if they were joined; again on every call (a job may
-    /// run twice: after a rolled-back batch).
+    /// The fenced groups, in order: a claim opens one, a head opens one unless it follows its
+    /// claim, dependents join the current one (one with no head before it runs alone, as
+    /// written).
+    fn groups(&self) -> Vec<std::ops::Range<usize>> {
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut headed = false;
+        for (i, s) in self.statements.iter().enumerate() {
+            let joins = match s.role {
+                Role::Claim => false,
+                Role::Head(_) => !headed && groups.last().is_some_and(|g| self.statements[g.start].role == Role::Claim),
+                Role::Dependent => headed,
+            };
+            match groups.last_mut() {
+                Some(g) if joins => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+            headed = match s.role {
+                Role::Head(_) => true,
+                Role::Dependent => headed,
+                Role::Claim => false,
+            };
+        }
+        groups
+    }
+
+    /// One group as one statement: itself when alone (its conditions read the tables, as run
+    /// in turn), else its CTEs.
+    fn fold(&self, group: std::ops::Range<usize>) -> Result<String> {
+        let statements = &self.statements[group];
+        if let [only] = statements {
+            return Ok(only.sql.clone().into_owned());
+        }
+        let mut sql = String::from("WITH ");
+        let mut count = 0;
+        let mut result = None;
+        for (i, s) in statements.iter().enumerate() {
+            let (name, text) = match s.role {
+                Role::Claim => ("claimed".to_owned(), format!("{}{CLAIM_RETURNING}", s.sql)),
+                Role::Head(column) => {
+                    result = Some(column);
+                    let claimed = statements[..i].iter().any(|s| s.role == Role::Claim);
+                    ("head".to_owned(), if claimed { reread(&s.sql, CLAIMED)? } else { s.sql.clone().into_owned() })
+                }
+                Role::Dependent => (format!("d{i}"), reread(&s.sql, IF_COMMITTED)?),
+            };
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&name);
+            sql.push_str(" AS (");
+            renumber(&text, count, &mut sql);
+            sql.push(')');
+            count += s.args.len();
+        }
+        let result = result.ok_or_else(|| corrupt("a fenced group without its head"))?;
+        sql.push_str(" SELECT ");
+        sql.push_str(result);
+        sql.push_str(" FROM head");
+        Ok(sql)
+    }
+
+    /// Runs the statements as folded; again on every call (a job may run twice: after a
+    /// rolled-back batch).
     async fn run(&self, conn: &mut AnyConnection) -> Result<Vec<AnyRow>> {
-        if let Some(sql) = &self.joined {
-            let all = self.statements.iter().flat_map(|(_, args)| args);
-            return Ok(bind(sqlx::query(sql), all).fetch_all(&mut *conn).await?);
+        if self.queries.is_empty() {
+            let mut rows = Vec::new();
+            for s in &self.statements {
+                rows.extend(bind(sqlx::query(&s.sql), &s.args).fetch_all(&mut *conn).await?);
+            }
+            return Ok(rows);
         }
         let mut rows = Vec::new();
-        for (part, args) in &self.statements {
-            rows.extend(bind(sqlx::query(part), args).fetch_all(&mut *conn).await?);
+        for (sql, range) in &self.queries {
+            let args = self.statements[range.clone()].iter().flat_map(|s| &s.args);
+            rows.extend(bind(sqlx::query(sql), args).fetch_all(&mut *conn).await?);
         }
         Ok(rows)
     }
+
+    /// Whether it runs as one query: then it needs no transaction of its own.
+    fn single(&self) -> bool {
+        self.queries.len() == 1 || (self.queries.is_empty() && self.statements.len() == 1)
+    }
+}
+
+/// `sql` with its condition on an earlier statement's table made a read of that statement's
+/// CTE (`(table form, CTE form)`). Refuses a statement without the condition: as a CTE it would
+/// write unconditionally, fenced or not.
+fn reread(sql: &str, condition: (&str, &str)) -> Result<String> {
+    if !sql.contains(condition.0) {
+        return Err(corrupt(format!("a dependent statement without its condition: {sql}")));
+    }
+    Ok(sql.replacen(condition.0, condition.1, 1))
 }
 
 fn bind<'q>(
@@ -1605,7 +1741,83 @@ impl StatsStore for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{renumber, rows_if_committed};
+    use super::{renumber, rows_if_committed, Arg, Folding, Role, Script};
+
+    fn ints(n: i64) -> Vec<Arg> {
+        (0..n).map(|i| Arg::Int(Some(i))).collect()
+    }
+
+    /// A creation carried by a commit, as the store builds it: claim, saga insert and its
+    /// dependents, then the fenced update and its dependents.
+    fn creation_and_commit() -> Script {
+        let cond = "EXISTS (SELECT 1 FROM sagas WHERE id = $1 AND last_event_id = $2)";
+        let mut s = Script::default();
+        s.push_as(Role::Claim, "INSERT INTO idempotency_keys (a) VALUES ($1)", ints(1));
+        s.push_as(
+            Role::Head("id"),
+            "INSERT INTO sagas (id) SELECT $1 WHERE EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $2) \
+             RETURNING id, last_event_id",
+            ints(2),
+        );
+        s.push_as(Role::Dependent, format!("INSERT INTO saga_steps (x) SELECT $3 WHERE {cond}"), ints(3));
+        s.push_as(
+            Role::Head("seq"),
+            "UPDATE sagas SET seq = $3 WHERE id = $1 RETURNING seq, id, last_event_id",
+            ints(3),
+        );
+        s.push_as(Role::Dependent, format!("INSERT INTO outbox (x) SELECT $3 WHERE {cond}"), ints(3));
+        s.push_as(Role::Dependent, format!("DELETE FROM plugin_state WHERE key = $3 AND {cond}"), ints(3));
+        s
+    }
+
+    #[test]
+    fn postgres_folds_each_fenced_group_into_one_statement_whose_writes_read_the_heads_cte() {
+        let s = creation_and_commit().join(Folding::Ctes).unwrap();
+        let queries: Vec<_> = s.queries.iter().map(|(sql, range)| (sql.as_str(), range.clone())).collect();
+        assert_eq!(
+            queries,
+            [
+                (
+                    "WITH claimed AS (INSERT INTO idempotency_keys (a) VALUES ($1) RETURNING caller, route, key, saga_id), \
+                     head AS (INSERT INTO sagas (id) SELECT $2 WHERE EXISTS (SELECT 1 FROM claimed WHERE key = $3) \
+                     RETURNING id, last_event_id), \
+                     d2 AS (INSERT INTO saga_steps (x) SELECT $6 WHERE EXISTS (SELECT 1 FROM head WHERE id = $4 AND last_event_id = $5)) \
+                     SELECT id FROM head",
+                    0..3
+                ),
+                (
+                    "WITH head AS (UPDATE sagas SET seq = $3 WHERE id = $1 RETURNING seq, id, last_event_id), \
+                     d1 AS (INSERT INTO outbox (x) SELECT $6 WHERE EXISTS (SELECT 1 FROM head WHERE id = $4 AND last_event_id = $5)), \
+                     d2 AS (DELETE FROM plugin_state WHERE key = $9 AND EXISTS (SELECT 1 FROM head WHERE id = $7 AND last_event_id = $8)) \
+                     SELECT seq FROM head",
+                    3..6
+                ),
+            ]
+        );
+        assert!(!s.single(), "two groups: a transaction around them");
+        // A commit alone is one statement, atomic without BEGIN and COMMIT.
+        let mut alone = Script::default();
+        for st in creation_and_commit().statements.into_iter().skip(3) {
+            alone.push_as(st.role, st.sql, st.args);
+        }
+        assert!(alone.join(Folding::Ctes).unwrap().single());
+        // SQLite: one script of all six, numbered through.
+        let joined = creation_and_commit().join(Folding::Script).unwrap();
+        assert_eq!(joined.queries.len(), 1);
+        assert!(joined.queries[0].0.contains("SELECT 1 FROM sagas WHERE id = $13 AND last_event_id = $14"));
+    }
+
+    #[test]
+    fn a_dependent_without_its_condition_is_refused_rather_than_written_unconditionally() {
+        let mut s = Script::default();
+        s.push_as(
+            Role::Head("seq"),
+            "UPDATE sagas SET seq = $2 WHERE id = $1 RETURNING seq, id, last_event_id",
+            ints(2),
+        );
+        s.push_as(Role::Dependent, "INSERT INTO outbox (x) VALUES ($1)", ints(1));
+        assert!(s.join(Folding::Ctes).is_err());
+    }
 
     #[test]
     fn renumbering_shifts_every_placeholder_and_nothing_else() {

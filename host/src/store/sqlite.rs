@@ -24,7 +24,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::ConnectOptions as _;
 
-use super::dialect::{Dialect, Pools};
+use super::dialect::{Dialect, Folding, Pools};
 use super::{Error, Result};
 
 static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -116,8 +116,8 @@ impl Dialect for Sqlite {
         true
     }
 
-    fn scripts(&self) -> bool {
-        true
+    fn folding(&self) -> Folding {
+        Folding::Script
     }
 
     fn migrator(&self) -> &'static Migrator {
