@@ -209,10 +209,11 @@ pub struct Commit<'a> {
     /// in the same transaction when it is still in flight (a `Prefer: wait` request whose
     /// saga settles with this commit): one durable write less per saga.
     pub response: Option<StoredResponse<'a>>,
-    /// The saga's creation, when its first transitions commit with it: the idempotency
-    /// claim, the saga row (claimed, epoch 1, `seq` 1), its steps and first event go first,
-    /// in the same transaction, exactly as [`SagaStore::create_saga`] writes them, and the
-    /// commit (`read_seq` 1, a driver's fence at epoch 1) applies only if the saga went in.
+    /// The saga's creation, when its first transitions commit with it (`read_seq` 1, the
+    /// fence of the driver that holds it at epoch 1): the idempotency claim (with `response`,
+    /// when it is that key's), then the saga row, its steps and its events written as the
+    /// commit leaves them (its first event, `seq` 1, then the commit's), only if the claim
+    /// went in: the same rows as [`SagaStore::create_saga`] followed by the commit.
     /// A key that was not new writes nothing and the commit is [`Error::Fenced`]: the caller
     /// then learns what the key holds from [`SagaStore::create_saga`].
     pub creation: Option<Creation<'a>>,

@@ -25,6 +25,8 @@ const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, 
 struct Statements {
     insert_saga: String,
     insert_saga_if_claimed: String,
+    insert_committed_saga: String,
+    insert_committed_saga_if_claimed: String,
     claim_due: String,
     renew_lease: String,
     relay_lease: String,
@@ -39,8 +41,23 @@ impl Statements {
             "$1, $2, $3, $4, $5, $6, $7, 1, $8, CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
              CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9, $12, $13"
         );
+        // A saga created by its first commit, as that commit leaves it: its state ($3-$5, $8),
+        // `seq` ($14), epoch ($15, the claim's), the lease kept or not ($10, $11), updated at $16.
+        let committed_values = format!(
+            "$1, $2, $3, $4, $5, $6, $7, $14, $8, $15, $10, CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, \
+             $9, $16, $12, $13"
+        );
         let skip_locked = d.skip_locked();
         Statements {
+            insert_committed_saga: format!(
+                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({committed_values}) RETURNING seq, id, last_event_id"
+            ),
+            // Only if the claim before it went in ($17..$19), as `insert_saga_if_claimed`.
+            insert_committed_saga_if_claimed: format!(
+                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {committed_values} WHERE EXISTS \
+                 (SELECT 1 FROM idempotency_keys WHERE caller = $17 AND route = $18 AND key = $19 AND saga_id = $1) \
+                 RETURNING seq, id, last_event_id"
+            ),
             // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
             // $12 is its first event's id (see `IF_COMMITTED`), $13 its trace context.
             insert_saga: format!(
@@ -119,15 +136,13 @@ pub struct SqlStore {
 impl SqlStore {
     /// The statements that create `saga` under `claim`: the claim, the saga row (only if the
     /// claim went in; the one statement that returns a row, `id`), its steps and its first
-    /// event (only if the saga went in). Steps in `later` are left out: a commit in the same
-    /// script writes them (its step statements insert or update).
+    /// event (only if the saga went in).
     fn creation_statements(
         &self,
         script: &mut Script,
         saga: &NewSaga,
         claim: Option<&IdempotencyClaim>,
         now: i64,
-        later: &[usize],
     ) -> Result<()> {
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         let (owner, lease_ms) = match &saga.lease {
@@ -158,7 +173,7 @@ impl SqlStore {
             None => script.push_as(Role::Head("id"), self.sql.insert_saga.clone(), args),
         }
         let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
-        let steps = steps.filter(|(i, _)| !later.contains(i)).map(|(i, (step, def))| step_values(i, &def.name, step));
+        let steps = steps.map(|(i, (step, def))| step_values(i, &def.name, step));
         let fence = || [Arg::text(&saga.id), Arg::text(&saga.event.event_id)];
         push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fence(), steps.collect());
         push_rows(
@@ -169,6 +184,84 @@ impl SqlStore {
             fence(),
             vec![outbox_values(&saga.event, 1, saga.now)],
         );
+        Ok(())
+    }
+
+    /// The statements of a commit that also creates its saga ([`Commit::creation`]): the
+    /// claim (carrying the commit's response when it settles the saga: one row, written
+    /// once), the saga row as the commit leaves it (only if the claim went in; the one
+    /// statement that returns a row, `seq`), every step row, the creation's event and the
+    /// chain's, and the chain's state writes (only if the saga went in). One fenced group, so
+    /// on PostgreSQL one statement; the same rows as a creation followed by its commit.
+    fn creation_committed_statements(
+        &self,
+        script: &mut Script,
+        creation: &Creation<'_>,
+        c: &Commit<'_>,
+    ) -> Result<()> {
+        let saga = creation.saga;
+        let last = c.events.last().ok_or_else(|| corrupt("a commit without an event"))?;
+        if c.read_seq != 1 || c.saga_id != saga.id {
+            return Err(corrupt("a creation's commit starts from its saga's first event"));
+        }
+        let (epoch, keep) = match c.fence {
+            Fence::Lease(epoch) => (epoch, true),
+            Fence::LeaseRelease(epoch) => (epoch, false),
+            Fence::Takeover => return Err(corrupt("a creation is committed by the driver that holds it")),
+        };
+        let (owner, lease_ms) = match &saga.lease {
+            Some((owner, ms)) if keep => (Some(owner.clone()), Some(*ms)),
+            _ => (None, None),
+        };
+        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
+        let mut args = vec![
+            Arg::text(&saga.id),
+            Arg::text(&saga.definition.saga_type),
+            Arg::text(c.state.status.as_str()),
+            Arg::text(c.state.phase.as_str()),
+            Arg::Text(c.state.reason.clone()),
+            Arg::text(&saga.input),
+            Arg::Text(Some(definition)),
+            Arg::Int(c.state.next_run_at),
+            Arg::Int(Some(saga.now)),
+            Arg::Text(owner),
+            Arg::Int(lease_ms),
+            Arg::text(&last.event_id),
+            Arg::Text(saga.trace_parent.clone()),
+            Arg::Int(Some(c.read_seq + c.events.len() as i64)),
+            Arg::Int(Some(epoch)),
+            Arg::Int(Some(c.now)),
+        ];
+        // The response goes into the claim's row when it is that key's: a statement of the
+        // same group could not update a row the group inserts.
+        let mut response = c.response;
+        match creation.claim {
+            Some(claim) => {
+                let own =
+                    response.filter(|r| (r.caller, r.route, r.key) == (&*claim.caller, &*claim.route, &*claim.key));
+                let with_response =
+                    own.map(|r| IdempotencyClaim { response: Some((r.status, r.body.to_vec())), ..claim.clone() });
+                if own.is_some() {
+                    response = None;
+                }
+                claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now);
+                args.extend([Arg::text(&claim.caller), Arg::text(&claim.route), Arg::text(&claim.key)]);
+                script.push_as(Role::Head("seq"), self.sql.insert_committed_saga_if_claimed.clone(), args);
+            }
+            None => script.push_as(Role::Head("seq"), self.sql.insert_committed_saga.clone(), args),
+        }
+        let fenced = || [Arg::text(&saga.id), Arg::text(&last.event_id)];
+        let mut steps = Vec::with_capacity(c.state.steps.len());
+        for (i, step) in c.state.steps.iter().enumerate() {
+            let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
+            steps.push(step_values(i, name, step));
+        }
+        push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fenced(), steps);
+        state_statements(c, script, fenced);
+        let mut events = vec![outbox_values(&saga.event, 1, saga.now)];
+        events.extend((c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)));
+        push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
+        tail_statements(c, response, script, fenced);
         Ok(())
     }
 
@@ -509,7 +602,7 @@ impl SagaStore for SqlStore {
         // event (only if the saga went in). A key that was not new wrote nothing: its expired
         // row, the only thing deleted, would have let it in.
         let mut script = Script::default();
-        self.creation_statements(&mut script, saga, claim, now, &[])?;
+        self.creation_statements(&mut script, saga, claim, now)?;
         let script = script.join(self.dialect.folding())?;
         // One query (PostgreSQL's CTEs) needs no transaction of its own.
         let single = script.single();
@@ -633,11 +726,10 @@ impl SagaStore for SqlStore {
 
     async fn commit(&self, c: &Commit<'_>) -> Result<i64> {
         let mut script = Script::default();
-        if let Some(creation) = &c.creation {
-            self.creation_statements(&mut script, creation.saga, creation.claim, c.now, c.changed_steps)?;
+        match &c.creation {
+            Some(creation) => self.creation_committed_statements(&mut script, creation, c)?,
+            None => commit_script(c, &mut script)?,
         }
-        commit_script(c, &mut script)?;
-        let creating = c.creation.is_some();
         if let Some(keys) = &self.keys {
             // Before the commit runs: whoever sees the row must find the key (module keys).
             for &(plugin, writes) in c.plugin_writes {
@@ -648,17 +740,18 @@ impl SagaStore for SqlStore {
         let single = script.single();
         self.writes
             .submit(
-                (script, creating),
-                |(script, creating), conn| {
+                script,
+                |script, conn| {
                     Box::pin(async move {
-                        // The update is the only statement that returns a row (after the saga
-                        // insert's, when creating): none means fenced (or the key was not new), and
+                        // The update (or the saga insert, when creating) is the only statement
+                        // that returns a row: none means fenced (or the key was not new), and
                         // then every other statement found its condition false and wrote nothing.
                         let rows = script.run(conn).await?;
-                        let row = match (rows.as_slice(), *creating) {
-                            ([], _) => return Err(Error::Fenced),
-                            ([row], false) | ([_, row], true) => row,
-                            _ => return Err(corrupt("a commit returned rows it does not write")),
+                        let [row] = rows.as_slice() else {
+                            return match rows.as_slice() {
+                                [] => Err(Error::Fenced),
+                                _ => Err(corrupt("a commit returned rows it does not write")),
+                            };
                         };
                         Ok(row.try_get("seq")?)
                     })
@@ -831,9 +924,17 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
         let name = c.step_names.get(i).ok_or_else(|| corrupt(format!("step name {i} out of range")))?;
         steps.push(step_values(i, name, step));
     }
-    let fence = || vec![Arg::text(c.saga_id), Arg::text(&last.event_id)];
     let fenced = || [Arg::text(c.saga_id), Arg::text(&last.event_id)];
     push_rows(script, STEPS_INTO, STEP_VALUES, STEPS_UPSERT, fenced(), steps);
+    state_statements(c, script, fenced);
+    let events = (c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)).collect();
+    push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
+    tail_statements(c, c.response, script, fenced);
+    Ok(())
+}
+
+/// A commit's plugin state writes, each conditional on the fence `fenced` names.
+fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [Arg; 2]) {
     // The last write of each key is what stands; one statement for the puts, one per delete.
     // (One upsert may not touch a row twice, hence the last write per key only.)
     let mut last_writes: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
@@ -852,17 +953,25 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
                 puts.push(vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))])
             }
             None => {
-                let mut args = fence();
+                let mut args: Vec<Arg> = fenced().into();
                 args.extend([Arg::text(plugin), Arg::text(key)]);
                 script.push_as(Role::Dependent, STATE_DELETE_IF_COMMITTED, args);
             }
         }
     }
     push_rows_with(script, STATE_INTO, 4, false, STATE_UPSERT, fenced(), puts);
-    let events = (c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)).collect();
-    push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
-    if let Some(r) = c.response {
-        let mut args = fence();
+}
+
+/// A commit's stored response (unless it went elsewhere) and audit entry, conditional on
+/// the fence `fenced` names.
+fn tail_statements(
+    c: &Commit<'_>,
+    response: Option<StoredResponse<'_>>,
+    script: &mut Script,
+    fenced: impl Fn() -> [Arg; 2],
+) {
+    if let Some(r) = response {
+        let mut args: Vec<Arg> = fenced().into();
         args.extend([
             Arg::Int(Some(i64::from(r.status))),
             Arg::Bytes(Some(r.body.to_vec())),
@@ -873,7 +982,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
         script.push_as(Role::Dependent, RESPONSE_IF_COMMITTED, args);
     }
     if let Some(a) = c.audit {
-        let mut args = fence();
+        let mut args: Vec<Arg> = fenced().into();
         args.extend([
             Arg::Int(Some(c.now)),
             Arg::text(&a.actor),
@@ -885,7 +994,6 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
         ]);
         script.push_as(Role::Dependent, AUDIT_IF_COMMITTED, args);
     }
-    Ok(())
 }
 
 /// The values of one step row after the saga id ([`STEPS_INTO`]).

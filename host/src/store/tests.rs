@@ -295,6 +295,28 @@ async fn a_first_commit_creates_its_saga_in_the_same_transaction_or_writes_nothi
         assert!(s.saga("s2").await.unwrap().is_none(), "{}: no saga for a key that was not new", b.name);
         assert!(s.outbox_for_saga("s2").await.unwrap().is_empty(), "{}: no event", b.name);
         assert_eq!(s.state_get("pay", "k2").await.unwrap(), None, "{}: no state write", b.name);
+
+        // A new key, the claim kept (more work is due): created as the commit leaves it, still
+        // held by its driver at epoch 1, its one step row as the state says, and no response
+        // stored (none was given: the request is still waiting).
+        let other_key = IdempotencyClaim { key: "k3".into(), ..waiting_claim() };
+        let kept = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga("s3") };
+        let mut running = kept.state.clone();
+        running.steps[0].attempts = 1;
+        running.next_run_at = Some(0);
+        let events3 = [event("s3", &running, 1)];
+        let mut c3 = commit(&running, &names, &events3[0], Fence::Lease(1), 1);
+        c3.saga_id = "s3";
+        c3.creation = Some(Creation { saga: &kept, claim: Some(&other_key) });
+        assert_eq!(s.commit(&c3).await.unwrap(), 2, "{}", b.name);
+        let rec = s.saga("s3").await.unwrap().unwrap();
+        assert_eq!((rec.seq, rec.epoch, rec.state.steps[0].attempts), (2, 1, 1), "{}", b.name);
+        assert!(s.claim_due("b", 0, 60_000, 10).await.unwrap().is_empty(), "{}: still held by its driver", b.name);
+        assert!(s.renew_lease("s3", 1, 60_000).await.unwrap(), "{}: held at epoch 1", b.name);
+        let seqs: Vec<i64> = s.outbox_for_saga("s3").await.unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2], "{}", b.name);
+        let again = s.create_saga(&new_saga("s9"), Some(&other_key), 10).await.unwrap();
+        assert_eq!(again, CreateOutcome::InFlight, "{}: the waiting request's key is in flight", b.name);
         b.cleanup().await;
     }
 }
