@@ -543,16 +543,9 @@ impl Inner {
             // its effect out there must belong to a saga that a retry of the request finds.
             if creating.is_some() && self.may_reach_out(&rec, &action) {
                 if let Some(pending) = creating.take_if(|_| staged.is_empty()) {
-                    match self.sagas.create_deferred(&pending).await {
-                        Ok(outcome) => {
-                            let created = outcome == crate::store::CreateOutcome::Created;
-                            pending.answer(outcome);
-                            if !created {
-                                return;
-                            }
-                        }
-                        // The request creates it (or learns what the key holds).
-                        Err(_) => return,
+                    let outcome = self.sagas.create_deferred(&pending).await;
+                    if !created_alone(&id, pending, outcome) {
+                        return;
                     }
                 } else {
                     match self.flush(&mut rec, epoch, &mut staged, true, &mut creating).await {
@@ -824,17 +817,8 @@ impl Inner {
                 }
             }
         };
-        match outcome {
-            Ok(crate::store::CreateOutcome::Created) => pending.answer(crate::store::CreateOutcome::Created),
-            // Another request's saga holds the key: this one is dropped, call and all.
-            Ok(outcome) => {
-                pending.answer(outcome);
-                return None;
-            }
-            Err(e) => {
-                tracing::debug!(saga_id = %id, error = %e, "committing a creation during a slow call failed; the request creates the saga");
-                return None;
-            }
+        if !created_alone(id, pending, outcome) {
+            return None; // the call (host-only) is dropped with the saga
         }
         Some(match finished {
             Some(out) => out,
@@ -959,6 +943,24 @@ impl Inner {
             call_time: out.elapsed,
             reached_out: out.reached_out,
         })
+    }
+}
+
+/// Answers the request waiting for `pending` with how its creation, committed alone, went;
+/// true when the saga now exists. Otherwise the driver drops the saga: another request's saga
+/// holds the key (the request learns what the key holds), or the commit failed (the request
+/// creates the saga itself).
+fn created_alone(id: &str, pending: Deferred, outcome: Result<crate::store::CreateOutcome, saga::Error>) -> bool {
+    match outcome {
+        Ok(outcome) => {
+            let created = outcome == crate::store::CreateOutcome::Created;
+            pending.answer(outcome);
+            created
+        }
+        Err(e) => {
+            tracing::debug!(saga_id = %id, error = %e, "committing a creation alone failed; the request creates the saga");
+            false
+        }
     }
 }
 

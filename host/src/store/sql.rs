@@ -25,8 +25,6 @@ const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, 
 struct Statements {
     insert_saga: String,
     insert_saga_if_claimed: String,
-    insert_committed_saga: String,
-    insert_committed_saga_if_claimed: String,
     claim_due: String,
     renew_lease: String,
     relay_lease: String,
@@ -37,38 +35,23 @@ struct Statements {
 impl Statements {
     fn new(d: &dyn Dialect) -> Statements {
         let now = d.now_ms();
+        // The saga row ([`SqlStore::push_saga_insert`]): as created, or as its first commit
+        // leaves it. The lease ($10 owner, $11 ms) is measured on the database's clock.
         let insert_saga_values = format!(
-            "$1, $2, $3, $4, $5, $6, $7, 1, $8, CASE WHEN CAST($10 AS TEXT) IS NULL THEN 0 ELSE 1 END, $10, \
-             CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, $9, $9, $12, $13"
-        );
-        // A saga created by its first commit, as that commit leaves it: its state ($3-$5, $8),
-        // `seq` ($14), epoch ($15, the claim's), the lease kept or not ($10, $11), updated at $16.
-        let committed_values = format!(
             "$1, $2, $3, $4, $5, $6, $7, $14, $8, $15, $10, CASE WHEN CAST($10 AS TEXT) IS NULL THEN NULL ELSE {now} + $11 END, \
              $9, $16, $12, $13"
         );
         let skip_locked = d.skip_locked();
         Statements {
-            insert_committed_saga: format!(
-                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({committed_values}) RETURNING seq, id, last_event_id"
-            ),
-            // Only if the claim before it went in ($17..$19), as `insert_saga_if_claimed`.
-            insert_committed_saga_if_claimed: format!(
-                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {committed_values} WHERE EXISTS \
-                 (SELECT 1 FROM idempotency_keys WHERE caller = $17 AND route = $18 AND key = $19 AND saga_id = $1) \
-                 RETURNING seq, id, last_event_id"
-            ),
-            // With an owner ($10), the saga is born claimed (epoch 1, as a claim would make it).
-            // $12 is its first event's id (see `IF_COMMITTED`), $13 its trace context.
             insert_saga: format!(
-                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING id, last_event_id"
+                "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING seq, id, last_event_id"
             ),
-            // The same, only if the idempotency key ($14..$16) was claimed for this saga by the
+            // The same, only if the idempotency key ($17..$19) was claimed for this saga by the
             // statement before (a key that was not new names another saga, or none).
             insert_saga_if_claimed: format!(
                 "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {insert_saga_values} WHERE EXISTS \
-                 (SELECT 1 FROM idempotency_keys WHERE caller = $14 AND route = $15 AND key = $16 AND saga_id = $1) \
-                 RETURNING id, last_event_id"
+                 (SELECT 1 FROM idempotency_keys WHERE caller = $17 AND route = $18 AND key = $19 AND saga_id = $1) \
+                 RETURNING seq, id, last_event_id"
             ),
             // The CTE picks at most $4 rows, locked (skipping rows another claimer holds), and
             // is evaluated once (MATERIALIZED); the UPDATE then changes exactly those. An
@@ -112,6 +95,19 @@ impl Statements {
     }
 }
 
+/// A saga row as inserted ([`SqlStore::push_saga_insert`]): as created (`seq` 1), or as the
+/// first commit that carries its creation leaves it.
+struct SagaRow<'a> {
+    state: &'a SagaState,
+    seq: i64,
+    epoch: i64,
+    /// (owner, lease in ms from the database's now), when held.
+    lease: Option<&'a (String, i64)>,
+    updated_at: i64,
+    /// The last event's id, which the statements after the insert check ([`if_committed!`]).
+    last_event_id: &'a str,
+}
+
 /// The one implementation of every store role.
 pub struct SqlStore {
     dialect: &'static dyn Dialect,
@@ -135,8 +131,8 @@ pub struct SqlStore {
 
 impl SqlStore {
     /// The statements that create `saga` under `claim`: the claim, the saga row (only if the
-    /// claim went in; the one statement that returns a row, `id`), its steps and its first
-    /// event (only if the saga went in).
+    /// claim went in; the one statement that returns a row), its steps and its first event
+    /// (only if the saga went in).
     fn creation_statements(
         &self,
         script: &mut Script,
@@ -144,34 +140,19 @@ impl SqlStore {
         claim: Option<&IdempotencyClaim>,
         now: i64,
     ) -> Result<()> {
-        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
-        let (owner, lease_ms) = match &saga.lease {
-            Some((owner, ms)) => (Some(owner.clone()), Some(*ms)),
-            None => (None, None),
-        };
-        let mut args = vec![
-            Arg::text(&saga.id),
-            Arg::text(&saga.definition.saga_type),
-            Arg::text(saga.state.status.as_str()),
-            Arg::text(saga.state.phase.as_str()),
-            Arg::Text(saga.state.reason.clone()),
-            Arg::text(&saga.input),
-            Arg::Text(Some(definition)),
-            Arg::Int(saga.state.next_run_at),
-            Arg::Int(Some(saga.now)),
-            Arg::Text(owner),
-            Arg::Int(lease_ms),
-            Arg::text(&saga.event.event_id),
-            Arg::Text(saga.trace_parent.clone()),
-        ];
-        match claim {
-            Some(c) => {
-                claim_statement(script, c, Some(&saga.id), now);
-                args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
-                script.push_as(Role::Head("id"), self.sql.insert_saga_if_claimed.clone(), args);
-            }
-            None => script.push_as(Role::Head("id"), self.sql.insert_saga.clone(), args),
+        if let Some(c) = claim {
+            claim_statement(script, c, Some(&saga.id), now);
         }
+        // Born claimed (epoch 1, as a claim would make it) when it has an owner.
+        let row = SagaRow {
+            state: &saga.state,
+            seq: 1,
+            epoch: i64::from(saga.lease.is_some()),
+            lease: saga.lease.as_ref(),
+            updated_at: saga.now,
+            last_event_id: &saga.event.event_id,
+        };
+        self.push_saga_insert(script, saga, claim, row)?;
         let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
         let steps = steps.map(|(i, (step, def))| step_values(i, &def.name, step));
         let fence = || [Arg::text(&saga.id), Arg::text(&saga.event.event_id)];
@@ -209,47 +190,27 @@ impl SqlStore {
             Fence::LeaseRelease(epoch) => (epoch, false),
             Fence::Takeover => return Err(corrupt("a creation is committed by the driver that holds it")),
         };
-        let (owner, lease_ms) = match &saga.lease {
-            Some((owner, ms)) if keep => (Some(owner.clone()), Some(*ms)),
-            _ => (None, None),
-        };
-        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
-        let mut args = vec![
-            Arg::text(&saga.id),
-            Arg::text(&saga.definition.saga_type),
-            Arg::text(c.state.status.as_str()),
-            Arg::text(c.state.phase.as_str()),
-            Arg::Text(c.state.reason.clone()),
-            Arg::text(&saga.input),
-            Arg::Text(Some(definition)),
-            Arg::Int(c.state.next_run_at),
-            Arg::Int(Some(saga.now)),
-            Arg::Text(owner),
-            Arg::Int(lease_ms),
-            Arg::text(&last.event_id),
-            Arg::Text(saga.trace_parent.clone()),
-            Arg::Int(Some(c.read_seq + c.events.len() as i64)),
-            Arg::Int(Some(epoch)),
-            Arg::Int(Some(c.now)),
-        ];
         // The response goes into the claim's row when it is that key's: a statement of the
         // same group could not update a row the group inserts.
         let mut response = c.response;
-        match creation.claim {
-            Some(claim) => {
-                let own =
-                    response.filter(|r| (r.caller, r.route, r.key) == (&*claim.caller, &*claim.route, &*claim.key));
-                let with_response =
-                    own.map(|r| IdempotencyClaim { response: Some((r.status, r.body.to_vec())), ..claim.clone() });
-                if own.is_some() {
-                    response = None;
-                }
-                claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now);
-                args.extend([Arg::text(&claim.caller), Arg::text(&claim.route), Arg::text(&claim.key)]);
-                script.push_as(Role::Head("seq"), self.sql.insert_committed_saga_if_claimed.clone(), args);
+        if let Some(claim) = creation.claim {
+            let own = response.filter(|r| (r.caller, r.route, r.key) == (&*claim.caller, &*claim.route, &*claim.key));
+            let with_response =
+                own.map(|r| IdempotencyClaim { response: Some((r.status, r.body.to_vec())), ..claim.clone() });
+            if own.is_some() {
+                response = None;
             }
-            None => script.push_as(Role::Head("seq"), self.sql.insert_committed_saga.clone(), args),
+            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now);
         }
+        let row = SagaRow {
+            state: c.state,
+            seq: c.read_seq + c.events.len() as i64,
+            epoch,
+            lease: saga.lease.as_ref().filter(|_| keep),
+            updated_at: c.now,
+            last_event_id: &last.event_id,
+        };
+        self.push_saga_insert(script, saga, creation.claim, row)?;
         let fenced = || [Arg::text(&saga.id), Arg::text(&last.event_id)];
         let mut steps = Vec::with_capacity(c.state.steps.len());
         for (i, step) in c.state.steps.iter().enumerate() {
@@ -262,6 +223,44 @@ impl SqlStore {
         events.extend((c.read_seq + 1..).zip(c.events).map(|(seq, event)| outbox_values(event, seq, c.now)));
         push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
         tail_statements(c, response, script, fenced);
+        Ok(())
+    }
+
+    /// The saga row's insert (the head of a creation's group), only if `claim` went in (its
+    /// statement pushed just before).
+    fn push_saga_insert(
+        &self,
+        script: &mut Script,
+        saga: &NewSaga,
+        claim: Option<&IdempotencyClaim>,
+        row: SagaRow<'_>,
+    ) -> Result<()> {
+        let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
+        let mut args = vec![
+            Arg::text(&saga.id),
+            Arg::text(&saga.definition.saga_type),
+            Arg::text(row.state.status.as_str()),
+            Arg::text(row.state.phase.as_str()),
+            Arg::Text(row.state.reason.clone()),
+            Arg::text(&saga.input),
+            Arg::Text(Some(definition)),
+            Arg::Int(row.state.next_run_at),
+            Arg::Int(Some(saga.now)),
+            Arg::Text(row.lease.map(|(owner, _)| owner.clone())),
+            Arg::Int(row.lease.map(|(_, ms)| *ms)),
+            Arg::text(row.last_event_id),
+            Arg::Text(saga.trace_parent.clone()),
+            Arg::Int(Some(row.seq)),
+            Arg::Int(Some(row.epoch)),
+            Arg::Int(Some(row.updated_at)),
+        ];
+        match claim {
+            Some(c) => {
+                args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
+                script.push_as(Role::Head("seq"), self.sql.insert_saga_if_claimed.clone(), args);
+            }
+            None => script.push_as(Role::Head("seq"), self.sql.insert_saga.clone(), args),
+        }
         Ok(())
     }
 
