@@ -15,6 +15,7 @@ pub mod event;
 pub mod failpoint;
 pub mod grants;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod relay;
 pub mod runner;

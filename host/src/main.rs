@@ -221,10 +221,13 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    // Lines go to stdout in batches from a thread of their own (`logs.rs`); the guard writes
+    // out what is still buffered when main returns.
+    let (stdout, _log_guard) = sagahost::logs::stdout()?;
     let logs = if args.log_format == "json" {
-        tracing_subscriber::fmt::layer().json().boxed()
+        tracing_subscriber::fmt::layer().json().with_writer(stdout).boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer().with_writer(stdout).boxed()
     };
     // Traces: only with an endpoint; the log filter does not thin them out.
     let exporter = match args.otlp_endpoint.as_deref().filter(|e| !e.trim().is_empty()) {

@@ -74,6 +74,8 @@ pub struct Metrics {
     /// The histograms of `sagahost_plugin_call_phase_seconds`, one per phase in [`PHASES`]
     /// order, created once: a call records its phases without a label lookup.
     call_phases: [Histogram; 4],
+    /// `sagahost_plugin_call_cpu_seconds`.
+    call_cpu: Histogram,
     events_published: Counter,
     relay_failures: Counter,
     transition_overhead: Histogram,
@@ -115,6 +117,14 @@ impl Metrics {
             call_phase_seconds.clone(),
         );
         let call_phases = PHASES.map(|phase| call_phase_seconds.get_or_create(&PhaseLabels { phase }).clone());
+        let call_cpu = phase_histogram();
+        registry.register(
+            "plugin_call_cpu_seconds",
+            "Processor time of plugin calls (one call in 64 is measured): the calls' own work (wasm, host imports, \
+             instantiation, teardown), without the waits for a core, a sandbox slot or a state read that \
+             plugin_call_seconds includes",
+            call_cpu.clone(),
+        );
         let events_published = Counter::default();
         let relay_failures = Counter::default();
         registry.register("plugin_calls", "Plugin calls (step attempts) by outcome", calls.clone());
@@ -188,6 +198,7 @@ impl Metrics {
             calls,
             call_seconds,
             call_phases,
+            call_cpu,
             events_published,
             relay_failures,
             transition_overhead,
@@ -207,6 +218,9 @@ impl Metrics {
         let times = [phases.setup, phases.instantiate, phases.run, phases.collect];
         for (histogram, time) in self.call_phases.iter().zip(times) {
             histogram.observe(time.as_secs_f64());
+        }
+        if let Some(cpu) = phases.cpu {
+            self.call_cpu.observe(cpu.as_secs_f64());
         }
     }
 
@@ -302,6 +316,15 @@ impl Metrics {
         let jobs = Counter::<u64>::default();
         jobs.inc_by(writes.jobs);
         scrape.register("store_writes", "Hot-path writes (transitions, creations, claims, leases, outbox marks)", jobs);
+
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(crate::logs::lines_dropped());
+        scrape.register(
+            "log_lines_dropped",
+            "Log lines dropped because standard output's reader fell behind by more than the host queues \
+             (the host never waits for its log reader)",
+            dropped,
+        );
 
         let mut out = String::new();
         encode_registry(&mut out, &self.registry)?;

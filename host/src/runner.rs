@@ -438,6 +438,7 @@ fn report<T>(outcome: &CallOutcome<T>, output: Option<&str>, wait: Option<Value>
             "setup": millis(p.setup), "instantiate": millis(p.instantiate),
             "run": millis(p.run), "collect": millis(p.collect),
         },
+        "cpu_ms": p.cpu.map(millis),
         "peak_memory_bytes": outcome.peak_memory_bytes,
         "outbound": requests,
         "reached_out": outcome.reached_out,
@@ -500,12 +501,13 @@ fn human(r: &Value) -> String {
     let ph = &r["phases_ms"];
     let _ = writeln!(
         s,
-        "wall time: {:.3} ms (setup {:.3}, instantiate {:.3}, run {:.3}, collect {:.3})",
+        "wall time: {:.3} ms (setup {:.3}, instantiate {:.3}, run {:.3}, collect {:.3}); CPU time {:.3} ms",
         r["wall_ms"].as_f64().unwrap_or(0.0),
         ph["setup"].as_f64().unwrap_or(0.0),
         ph["instantiate"].as_f64().unwrap_or(0.0),
         ph["run"].as_f64().unwrap_or(0.0),
         ph["collect"].as_f64().unwrap_or(0.0),
+        r["cpu_ms"].as_f64().unwrap_or(0.0),
     );
     let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / f64::from(1 << 20);
     let _ = writeln!(

@@ -588,6 +588,10 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     for phase in ["setup", "instantiate", "run", "collect"] {
         assert_eq!(value(&format!("sagahost_plugin_call_phase_seconds_count{{phase=\"{phase}\"}}")), calls, "{phase}");
     }
+    // One call in 64 has its processor time measured, the first among them.
+    assert_eq!(value("sagahost_plugin_call_cpu_seconds_count"), (calls / 64.0).ceil(), "{text}");
+    assert!(value("sagahost_plugin_call_cpu_seconds_sum") > 0.0, "{text}");
+    assert_eq!(value("sagahost_log_lines_dropped_total"), 0.0, "{text}");
     assert!(text.contains("sagahost_outbox_lag_seconds"));
     assert!(text.trim_end().ends_with("# EOF"));
 }

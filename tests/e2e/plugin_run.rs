@@ -72,6 +72,8 @@ async fn a_payment_charges_writes_its_state_and_logs_in_text_and_json() {
     assert!(!r["logs"].as_array().unwrap().is_empty(), "{r:#}");
     assert!(r["wall_ms"].as_f64().unwrap() > 0.0, "{r:#}");
     assert!(r["phases_ms"]["run"].as_f64().unwrap() > 0.0, "{r:#}");
+    let cpu = r["cpu_ms"].as_f64().unwrap();
+    assert!(cpu > 0.0 && cpu <= r["wall_ms"].as_f64().unwrap() + 1.0, "{r:#}");
     assert_eq!(r["memory_limit_bytes"], 64 << 20);
     assert!(r["load_ms"].as_f64().unwrap() > 0.0, "{r:#}");
     let peak = r["peak_memory_bytes"].as_u64().unwrap();

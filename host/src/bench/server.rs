@@ -138,6 +138,11 @@ pub const FIGURES: &[Figure] = &[
         },
     },
     Figure {
+        key: "plugin_call_cpu_mean_us",
+        label: "plugin call CPU mean µs",
+        kind: Kind::HistogramMean { family: "sagahost_plugin_call_cpu_seconds", scale: 1e6 },
+    },
+    Figure {
         key: "host_per_transition_mean_us",
         label: "host time per transition mean µs",
         kind: Kind::HistogramMean { family: "sagahost_transition_overhead_seconds", scale: 1e6 },

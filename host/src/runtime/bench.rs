@@ -102,7 +102,7 @@ impl Figures {
         let mean = |f: &dyn Fn(&Phases) -> Duration| self.phases.iter().map(|p| us(f(p))).sum::<f64>() / n as f64;
         let pct = |q: f64| us(sorted[((n as f64 * q) as usize).min(n - 1)]);
         println!(
-            "{what:<26} {:>6.0} calls/s  mean {:>6.1}  p50 {:>6.1}  p99 {:>7.1}  max {:>8.1}  | setup {:>4.1}  instantiate {:>5.1}  run {:>6.1}  collect {:>5.1}",
+            "{what:<26} {:>6.0} calls/s  mean {:>6.1}  p50 {:>6.1}  p99 {:>7.1}  max {:>8.1}  | setup {:>4.1}  instantiate {:>5.1}  run {:>6.1}  collect {:>5.1}  | cpu {:>5.1}",
             n as f64 / self.wall.as_secs_f64(),
             sorted.iter().map(|d| us(*d)).sum::<f64>() / n as f64,
             pct(0.50),
@@ -112,6 +112,10 @@ impl Figures {
             mean(&|p| p.instantiate),
             mean(&|p| p.run),
             mean(&|p| p.collect),
+            {
+                let measured: Vec<f64> = self.phases.iter().filter_map(|p| p.cpu).map(us).collect();
+                measured.iter().sum::<f64>() / measured.len().max(1) as f64
+            },
         );
     }
 }

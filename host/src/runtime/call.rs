@@ -35,6 +35,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::cpu::Timed;
 use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
@@ -124,6 +125,8 @@ pub(super) struct Call<'a> {
     pub(super) timeout: Duration,
     /// Keep the call's log lines and requests ([`super::Recorded`]).
     pub(super) record: bool,
+    /// Measure the call's processor time ([`Phases::cpu`]).
+    pub(super) measure_cpu: bool,
 }
 
 /// How a call ended, before it is shaped into an engine outcome.
@@ -153,58 +156,81 @@ impl Ended {
 
 /// Runs `execute` and classifies its result.
 pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteOutcome> {
-    let limits = call.limits.clone();
-    run(call, Export::Execute { input }, |ended| match ended {
-        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
-            Ok(out) => ("done", ExecuteOutcome::Done(out)),
-            Err(e) => ("trap", ExecuteOutcome::Trapped(e)),
-        },
-        // A wait for nothing would park the step until its deadline, or forever: a broken
-        // contract, failed like a trap so the retry policy bounds it.
-        Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => {
-            ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
-        }
-        // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
-        // characters and no control characters: a wait for any other name could never end.
-        Ended::Answered(Answer::Wait { signal: Some(name), .. })
-            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
-        {
-            (
+    let (limits, measure) = (call.limits.clone(), call.measure_cpu);
+    on_cpu(
+        measure,
+        run(call, Export::Execute { input }, |ended| match ended {
+            Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+                Ok(out) => ("done", ExecuteOutcome::Done(out)),
+                Err(e) => ("trap", ExecuteOutcome::Trapped(e)),
+            },
+            // A wait for nothing would park the step until its deadline, or forever: a broken
+            // contract, failed like a trap so the retry policy bounds it.
+            Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => (
                 "trap",
-                ExecuteOutcome::Trapped(
-                    "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
-                ),
-            )
-        }
-        Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
-        Ended::Answered(Answer::Retryable(e)) => {
-            ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
-        }
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES))),
-        Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
-    })
+                ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()),
+            ),
+            // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
+            // characters and no control characters: a wait for any other name could never end.
+            Ended::Answered(Answer::Wait { signal: Some(name), .. })
+                if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
+            {
+                (
+                    "trap",
+                    ExecuteOutcome::Trapped(
+                        "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
+                    ),
+                )
+            }
+            Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
+            Ended::Answered(Answer::Retryable(e)) => {
+                ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
+            }
+            Ended::Answered(Answer::Rejected(e)) => {
+                ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES)))
+            }
+            Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
+        }),
+    )
     .await
 }
 
 /// Runs `compensate` and classifies its result. Every failure is `Failed`; the label keeps
 /// which kind it was.
 pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> CallOutcome<CompensateOutcome> {
-    let limits = call.limits.clone();
-    run(call, Export::Compensate { input, output }, |ended| match ended {
-        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
-            Ok(out) => ("done", CompensateOutcome::Done(out)),
-            Err(e) => ("trap", CompensateOutcome::Failed(e)),
-        },
-        Ended::Answered(Answer::Wait { .. }) => {
-            ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
-        }
-        Ended::Answered(Answer::Retryable(e)) => {
-            ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
-        }
-        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES))),
-        Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
-    })
+    let (limits, measure) = (call.limits.clone(), call.measure_cpu);
+    on_cpu(
+        measure,
+        run(call, Export::Compensate { input, output }, |ended| match ended {
+            Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+                Ok(out) => ("done", CompensateOutcome::Done(out)),
+                Err(e) => ("trap", CompensateOutcome::Failed(e)),
+            },
+            Ended::Answered(Answer::Wait { .. }) => {
+                ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
+            }
+            Ended::Answered(Answer::Retryable(e)) => {
+                ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
+            }
+            Ended::Answered(Answer::Rejected(e)) => {
+                ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
+            }
+            Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
+        }),
+    )
     .await
+}
+
+/// Runs a call, measuring the processor time it takes into [`Phases::cpu`] if `measure`.
+async fn on_cpu<T>(measure: bool, running: impl std::future::Future<Output = CallOutcome<T>>) -> CallOutcome<T> {
+    if !measure || super::cpu::thread_time().is_none() {
+        return running.await;
+    }
+    let mut cpu = Duration::ZERO;
+    tokio::pin!(running);
+    let mut outcome = Timed::new(running, &mut cpu).await;
+    outcome.phases.cpu = Some(cpu);
+    outcome
 }
 
 /// One call in a fresh store: instantiate, call the export, classify the result with
@@ -321,6 +347,7 @@ impl Phases {
             instantiate: instantiated - built,
             run: returned - instantiated,
             collect: ended - returned,
+            cpu: None,
         }
     }
 }

@@ -846,10 +846,23 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
 #[tokio::test]
 async fn a_call_reports_where_its_time_went() {
     let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
-    let out = execute(&runtime, &digest, "fine").await;
-    let Phases { setup, instantiate, run, collect } = out.phases;
-    assert_eq!(setup + instantiate + run + collect, out.elapsed);
-    assert!(instantiate > Duration::ZERO && run > Duration::ZERO, "{:?}", out.phases);
+    let mut calls = Vec::new();
+    for _ in 0..2 * CPU_SAMPLE_EVERY {
+        calls.push(execute(&runtime, &digest, "fine").await);
+    }
+    for out in &calls {
+        let Phases { setup, instantiate, run, collect, .. } = out.phases;
+        assert_eq!(setup + instantiate + run + collect, out.elapsed);
+        assert!(instantiate > Duration::ZERO && run > Duration::ZERO, "{:?}", out.phases);
+    }
+    // The host measures the processor time of one call in CPU_SAMPLE_EVERY: some, and never
+    // more than the call's wall-clock time (one thread polls it at a time); the clock's own
+    // reads may add a little.
+    let measured: Vec<_> = calls.iter().filter_map(|out| out.phases.cpu.map(|cpu| (cpu, out.elapsed))).collect();
+    assert_eq!(measured.len(), 2, "{calls:?}");
+    for (cpu, elapsed) in measured {
+        assert!(cpu > Duration::ZERO && cpu <= elapsed + Duration::from_millis(1), "{cpu:?} of {elapsed:?}");
+    }
 }
 
 #[tokio::test]
