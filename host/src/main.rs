@@ -264,6 +264,8 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         exporter.shutdown().await;
     }
     ran?;
+    // The last line; the log guard writes it out as main returns.
+    tracing::info!("sagahost stopped");
     Ok(std::process::ExitCode::SUCCESS)
 }
 

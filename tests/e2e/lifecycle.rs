@@ -52,7 +52,13 @@ async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_on
     // One saga at a time, so that the eighth starts a whole seven sagas' steps after the
     // first step commits: all eight run at once on two cores finished before the first look
     // on a fast machine.
-    let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN), ("SAGAHOST_MAX_CHAIN", "1"), ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")];
+    // (Info lines too: the check of the last log line below.)
+    let env = [
+        ("SAGAHOST_ADMIN_TOKEN", TOKEN),
+        ("SAGAHOST_MAX_CHAIN", "1"),
+        ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1"),
+        ("RUST_LOG", "info,sqlx=warn"),
+    ];
     let host = HostProcess::spawn(dir.path(), None, &env).await;
     register_counted(&host.base, TOKEN).await;
     let http = reqwest::Client::new();
@@ -81,6 +87,11 @@ async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_on
     }
     let status = host.terminate(Duration::from_secs(20)).await;
     assert!(status.success(), "SIGTERM must end the host with exit status 0, got {status}");
+    // Log lines are written in batches (logs.rs); an orderly stop writes out the last of them,
+    // logged as main returns.
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.contains("sagahost stopped"), "the last log line is missing:\n{log}");
     // Restarted, it resumes what the stop interrupted; every acknowledged saga completes, and
     // every step ran (committed) exactly once.
     let host = HostProcess::spawn(dir.path(), None, &env).await;
