@@ -120,9 +120,12 @@ impl Metrics {
         let call_cpu = phase_histogram();
         registry.register(
             "plugin_call_cpu_seconds",
-            "Processor time of plugin calls (one call in 64 is measured): the calls' own work (wasm, host imports, \
-             instantiation, teardown), without the waits for a core, a sandbox slot or a state read that \
-             plugin_call_seconds includes",
+            format!(
+                "Processor time of plugin calls (one call in {} is measured): the calls' own work (wasm, host \
+                 imports, instantiation, teardown), without the waits for a core, a sandbox slot or a state read \
+                 that plugin_call_seconds includes",
+                crate::runtime::CPU_SAMPLE_EVERY
+            ),
             call_cpu.clone(),
         );
         let events_published = Counter::default();
@@ -321,7 +324,7 @@ impl Metrics {
         dropped.inc_by(crate::logs::lines_dropped());
         scrape.register(
             "log_lines_dropped",
-            "Log lines dropped because standard output's reader fell behind by more than the host queues \
+            "Log lines dropped because standard output's reader fell more than the host buffers behind \
              (the host never waits for its log reader)",
             dropped,
         );

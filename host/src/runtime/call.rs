@@ -55,7 +55,7 @@ const MAX_STDERR_BYTES: usize = 512;
 
 /// When a call's time is up: its start plus its timeout, plus the time its state reads were
 /// credited back (see `host::get`). Shared by the store's epoch callback, the state reads and
-/// the guard in [`run`].
+/// the guard in [`attempt`].
 pub(super) struct Deadline {
     start: Instant,
     /// Nanoseconds after `start`. A timeout is at most an hour, far below `u64::MAX` ns.
@@ -156,77 +156,72 @@ impl Ended {
 
 /// Runs `execute` and classifies its result.
 pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteOutcome> {
-    let (limits, measure) = (call.limits.clone(), call.measure_cpu);
-    on_cpu(
-        measure,
-        run(call, Export::Execute { input }, |ended| match ended {
-            Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
-                Ok(out) => ("done", ExecuteOutcome::Done(out)),
-                Err(e) => ("trap", ExecuteOutcome::Trapped(e)),
-            },
-            // A wait for nothing would park the step until its deadline, or forever: a broken
-            // contract, failed like a trap so the retry policy bounds it.
-            Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => (
+    let limits = call.limits.clone();
+    run(call, Export::Execute { input }, |ended| match ended {
+        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+            Ok(out) => ("done", ExecuteOutcome::Done(out)),
+            Err(e) => ("trap", ExecuteOutcome::Trapped(e)),
+        },
+        // A wait for nothing would park the step until its deadline, or forever: a broken
+        // contract, failed like a trap so the retry policy bounds it.
+        Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => {
+            ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
+        }
+        // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
+        // characters and no control characters: a wait for any other name could never end.
+        Ended::Answered(Answer::Wait { signal: Some(name), .. })
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
+        {
+            (
                 "trap",
-                ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()),
-            ),
-            // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
-            // characters and no control characters: a wait for any other name could never end.
-            Ended::Answered(Answer::Wait { signal: Some(name), .. })
-                if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
-            {
-                (
-                    "trap",
-                    ExecuteOutcome::Trapped(
-                        "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
-                    ),
-                )
-            }
-            Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
-            Ended::Answered(Answer::Retryable(e)) => {
-                ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
-            }
-            Ended::Answered(Answer::Rejected(e)) => {
-                ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES)))
-            }
-            Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
-        }),
-    )
+                ExecuteOutcome::Trapped(
+                    "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
+                ),
+            )
+        }
+        Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", ExecuteOutcome::Rejected(sanitize(&e, MAX_ERROR_BYTES))),
+        Ended::Trapped(e) => ("trap", ExecuteOutcome::Trapped(e)),
+    })
     .await
 }
 
 /// Runs `compensate` and classifies its result. Every failure is `Failed`; the label keeps
 /// which kind it was.
 pub(super) async fn compensate(call: Call<'_>, input: &str, output: &str) -> CallOutcome<CompensateOutcome> {
-    let (limits, measure) = (call.limits.clone(), call.measure_cpu);
-    on_cpu(
-        measure,
-        run(call, Export::Compensate { input, output }, |ended| match ended {
-            Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
-                Ok(out) => ("done", CompensateOutcome::Done(out)),
-                Err(e) => ("trap", CompensateOutcome::Failed(e)),
-            },
-            Ended::Answered(Answer::Wait { .. }) => {
-                ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
-            }
-            Ended::Answered(Answer::Retryable(e)) => {
-                ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
-            }
-            Ended::Answered(Answer::Rejected(e)) => {
-                ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
-            }
-            Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
-        }),
-    )
+    let limits = call.limits.clone();
+    run(call, Export::Compensate { input, output }, |ended| match ended {
+        Ended::Answered(Answer::Done(out)) => match check_output(&limits, out) {
+            Ok(out) => ("done", CompensateOutcome::Done(out)),
+            Err(e) => ("trap", CompensateOutcome::Failed(e)),
+        },
+        Ended::Answered(Answer::Wait { .. }) => {
+            ("trap", CompensateOutcome::Failed("internal: execute result from a compensate call".to_owned()))
+        }
+        Ended::Answered(Answer::Retryable(e)) => {
+            ("retryable", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES)))
+        }
+        Ended::Answered(Answer::Rejected(e)) => ("rejected", CompensateOutcome::Failed(sanitize(&e, MAX_ERROR_BYTES))),
+        Ended::Trapped(e) => ("trap", CompensateOutcome::Failed(e)),
+    })
     .await
 }
 
-/// Runs a call, measuring the processor time it takes into [`Phases::cpu`] if `measure`.
-async fn on_cpu<T>(measure: bool, running: impl std::future::Future<Output = CallOutcome<T>>) -> CallOutcome<T> {
-    if !measure || super::cpu::thread_time().is_none() {
-        return running.await;
+/// One call ([`attempt`]), its processor time measured into [`Phases::cpu`] if the runtime
+/// asked for it.
+async fn run<T>(
+    call: Call<'_>,
+    export: Export<'_>,
+    classify: impl FnOnce(Ended) -> (&'static str, T),
+) -> CallOutcome<T> {
+    if !call.measure_cpu || !super::cpu::AVAILABLE {
+        return attempt(call, export, classify).await;
     }
     let mut cpu = Duration::ZERO;
+    let running = attempt(call, export, classify);
     tokio::pin!(running);
     let mut outcome = Timed::new(running, &mut cpu).await;
     outcome.phases.cpu = Some(cpu);
@@ -235,7 +230,7 @@ async fn on_cpu<T>(measure: bool, running: impl std::future::Future<Output = Cal
 
 /// One call in a fresh store: instantiate, call the export, classify the result with
 /// `classify`, and keep the state writes only if the call succeeded (label `done` or `wait`).
-async fn run<T>(
+async fn attempt<T>(
     call: Call<'_>,
     export: Export<'_>,
     classify: impl FnOnce(Ended) -> (&'static str, T),
