@@ -186,3 +186,53 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
         sink.batches.lock().unwrap().iter().flatten().filter(|r| seen.insert(r.id)).map(|r| r.id).collect();
     assert_eq!(first, all.iter().map(|r| r.id).collect::<Vec<_>>());
 }
+
+/// The relay's cue with a commit already announced (`committed` ready), `linger` and a long
+/// poll interval; resolves to what `cue` answered and when.
+async fn cue_after_a_commit(linger: Duration, shutdown: &CancellationToken) -> (bool, std::time::Duration) {
+    let options = RelayOptions { linger, poll_interval: Duration::from_secs(3600), ..RelayOptions::default() };
+    let started = std::time::Instant::now();
+    let answer = cue(std::future::ready(()), &options, shutdown).await;
+    (answer, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_commit_cues_the_relay_after_the_linger_so_commits_meanwhile_share_its_batch() {
+    let shutdown = CancellationToken::new();
+    let (answer, waited) = cue_after_a_commit(Duration::from_millis(150), &shutdown).await;
+    assert!(answer);
+    assert!(waited >= Duration::from_millis(150), "read before the linger ended: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // Without a linger the relay reads at once.
+    let (answer, waited) = cue_after_a_commit(Duration::ZERO, &shutdown).await;
+    assert!(answer);
+    assert!(waited < Duration::from_millis(100), "{waited:?}");
+}
+
+#[tokio::test]
+async fn shutdown_ends_the_linger_at_once() {
+    let shutdown = CancellationToken::new();
+    let stopper = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stopper.cancel();
+    });
+    let (answer, waited) = cue_after_a_commit(Duration::from_secs(3600), &shutdown).await;
+    assert!(!answer, "a stopped relay must not publish another batch");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+}
+
+#[tokio::test]
+async fn without_a_commit_the_relay_looks_every_poll_interval() {
+    let shutdown = CancellationToken::new();
+    let options = RelayOptions {
+        linger: Duration::from_secs(3600),
+        poll_interval: Duration::from_millis(50),
+        ..RelayOptions::default()
+    };
+    let started = std::time::Instant::now();
+    // A commit that never comes: the poll interval cues the relay, and no linger follows it.
+    assert!(cue(std::future::pending(), &options, &shutdown).await);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(5), "{waited:?}");
+}
