@@ -169,8 +169,11 @@ const MAX_ITEMS: usize = 100;
 const MAX_QUANTITY: u32 = 10_000;
 const MAX_UNIT_PRICE: u64 = 10_000_000_000;
 
+/// A text field is blank when every character is white space by Unicode or U+FEFF: exactly
+/// those the schemas' patterns (ECMAScript regexes, whose `\s` takes U+FEFF; U+0085 is a
+/// control character they refuse anyway) do not count as text.
 fn text(field: &str, value: &str, max: usize) -> Result<(), InputError> {
-    if value.trim().is_empty() {
+    if value.chars().all(|c| c.is_whitespace() || c == '\u{feff}') {
         return Err(InputError::new(field, "must not be empty"));
     }
     if value.chars().count() > max {
@@ -283,5 +286,18 @@ mod tests {
         let mut v = valid();
         v["extra"] = json!(1);
         assert!(parse(&v).unwrap_err().message.contains("extra"));
+    }
+
+    #[test]
+    fn text_of_white_space_only_is_empty_by_the_schemas_measure_too() {
+        // U+FEFF is white space to the schemas' ECMAScript `\s`, not to Rust's `trim`.
+        for blank in ["", "  ", "\u{feff}", " \u{feff}\u{3000}"] {
+            let mut v = valid();
+            v["customer_id"] = json!(blank);
+            assert_eq!(field_of(v).as_deref(), Some("customer_id"), "{blank:?}");
+        }
+        let mut v = valid();
+        v["customer_id"] = json!(" c\u{feff}42 ");
+        assert!(parse(&v).is_ok());
     }
 }
