@@ -49,6 +49,15 @@ impl InputError {
     }
 }
 
+/// Is this text blank: every character white space by Unicode (Rust's `char::is_whitespace`)
+/// or U+FEFF? Exactly the characters the API's schema patterns do not count as text: they are
+/// ECMAScript regexes, whose `\s` takes U+FEFF but not U+0085 (the patterns exclude U+0085
+/// by name or as a control character). So a client validating against the OpenAPI document
+/// and the server agree on what is blank.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
+}
+
 /// The built-in of a saga type, if it is one.
 pub fn find(saga_type: &str) -> Option<&'static Builtin> {
     ALL.iter().find(|b| b.saga_type == saga_type)
@@ -87,6 +96,17 @@ pub fn noun(saga_type: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blank_is_what_the_schema_patterns_do_not_count_as_text() {
+        // The characters where Unicode's white space and ECMAScript's `\s` differ.
+        assert!(is_blank("\u{85}"), "NEL: white space by Unicode; the pattern excludes it by name");
+        assert!(is_blank("\u{feff}"), "BOM: ECMAScript's \\s takes it");
+        assert!(is_blank(" \t\n\u{a0}\u{2028}\u{3000}"));
+        assert!(is_blank(""));
+        assert!(!is_blank(" refunded "));
+        assert!(!is_blank("\u{200b}"), "zero-width space is not white space to either");
+    }
 
     #[test]
     fn routes_and_nouns_come_from_the_builtin_list() {

@@ -169,11 +169,9 @@ const MAX_ITEMS: usize = 100;
 const MAX_QUANTITY: u32 = 10_000;
 const MAX_UNIT_PRICE: u64 = 10_000_000_000;
 
-/// A text field is blank when every character is white space by Unicode or U+FEFF: exactly
-/// those the schemas' patterns (ECMAScript regexes, whose `\s` takes U+FEFF; U+0085 is a
-/// control character they refuse anyway) do not count as text.
 fn text(field: &str, value: &str, max: usize) -> Result<(), InputError> {
-    if value.chars().all(|c| c.is_whitespace() || c == '\u{feff}') {
+    // Blank by the schemas' measure too (`is_blank`), not Rust's `trim`.
+    if super::is_blank(value) {
         return Err(InputError::new(field, "must not be empty"));
     }
     if value.chars().count() > max {

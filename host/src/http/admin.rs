@@ -97,17 +97,9 @@ pub struct OperatorNote {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveNote {
-    /// What was done by hand (not blank: see [`is_blank`]); kept in the audit trail.
+    /// What was done by hand (not white space only); kept in the audit trail.
     #[schema(min_length = 1, max_length = 2000, pattern = "[^\\s\\u0085]", example = "refunded in the PSP console")]
     pub note: String,
-}
-
-/// A note of white space only says nothing. Blank means every character is white space by
-/// Unicode (Rust's `char::is_whitespace`) or U+FEFF: exactly the characters the schema's
-/// `pattern` (`[^\s\u0085]`, an ECMAScript regex, whose `\s` takes U+FEFF but not U+0085)
-/// does not count, so a client validating against the OpenAPI document and the server agree.
-fn is_blank(note: &str) -> bool {
-    note.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
 }
 
 /// The note of an operator action. No body, an empty one, and JSON `null` all mean no note.
@@ -195,7 +187,7 @@ pub async fn resolve_saga(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let note = parse_note(body)?.note.filter(|n| !is_blank(n));
+    let note = parse_note(body)?.note.filter(|n| !crate::builtin::is_blank(n));
     let Some(note) = note else {
         return Err(ApiError::invalid(
             "note",
@@ -288,18 +280,7 @@ pub async fn audit_log(
 
 #[cfg(test)]
 mod tests {
-    use super::{is_blank, secret_eq};
-
-    #[test]
-    fn blank_notes_are_the_ones_the_schema_pattern_refuses() {
-        // The characters where Unicode's white space and ECMAScript's `\s` differ.
-        assert!(is_blank("\u{85}"), "NEL: white space by Unicode; the pattern excludes it by name");
-        assert!(is_blank("\u{feff}"), "BOM: ECMAScript's \\s takes it");
-        assert!(is_blank(" \t\n\u{a0}\u{2028}\u{3000}"));
-        assert!(is_blank(""));
-        assert!(!is_blank(" refunded "));
-        assert!(!is_blank("\u{200b}"), "zero-width space is not white space to either");
-    }
+    use super::secret_eq;
 
     #[test]
     fn secrets_compare_by_value() {
