@@ -122,8 +122,11 @@ pub struct Responder {
     pub route: String,
     pub key: String,
     /// The body of the 200 response for the settled saga.
-    pub render: Box<dyn Fn(&SagaRecord) -> Option<Vec<u8>> + Send + Sync>,
+    pub render: Render,
 }
+
+/// Renders the 200 response's body for a settled saga ([`Responder::render`]).
+pub type Render = Box<dyn Fn(&SagaRecord) -> Option<Vec<u8>> + Send + Sync>;
 
 /// A cheap, cloneable handle to wake the driver and follow status changes.
 #[derive(Clone)]
@@ -142,8 +145,12 @@ pub struct DriverHandle {
 #[derive(Default)]
 struct Watchers {
     next: u64,
-    by_saga: HashMap<String, Vec<(u64, mpsc::UnboundedSender<StatusChange>, Option<Arc<Responder>>)>>,
+    by_saga: HashMap<String, Vec<Watcher>>,
 }
+
+/// One watcher of a saga: its token (to unregister), where its changes go, and the response
+/// it wants stored by the settling commit, if any.
+type Watcher = (u64, mpsc::UnboundedSender<StatusChange>, Option<Arc<Responder>>);
 
 /// The changes of one saga, from [`DriverHandle::watch`] on; unregisters itself when dropped.
 pub struct Watch {

@@ -181,7 +181,10 @@ mod tests {
         }
     }
 
-    fn stalled() -> (Stalled, Arc<Mutex<()>>, Arc<Mutex<Vec<u8>>>, Arc<AtomicU64>) {
+    /// A stalled writer and its handles: the gate it waits at, what it got, how many writes.
+    type StalledParts = (Stalled, Arc<Mutex<()>>, Arc<Mutex<Vec<u8>>>, Arc<AtomicU64>);
+
+    fn stalled() -> StalledParts {
         let (go, got, writes) = (Arc::default(), Arc::default(), Arc::default());
         let out = Stalled { go: Arc::clone(&go), got: Arc::clone(&got), writes: Arc::clone(&writes) };
         (out, go, got, writes)

@@ -315,7 +315,7 @@ impl Sagas {
         let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
         let writes: Vec<(&str, &[StateWrite])> =
             staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
-        let creation = creating.map(|d| Creation { saga: &*d.saga, claim: d.claim.as_ref() });
+        let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
         let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None, creation).await;
         match committed {
             Ok(()) => {
@@ -331,6 +331,7 @@ impl Sagas {
     /// saga as read at `rec.seq`), with the plugins' state writes that produced them, and
     /// announces the status change. On success `rec` is the saga as committed. `Err(Fenced)`
     /// means the saga moved on since it was read (or the claim was lost): nothing was written.
+    #[allow(clippy::too_many_arguments, reason = "the parts of one commit, each a different kind; two callers")]
     async fn commit(
         &self,
         rec: &mut SagaRecord,

@@ -175,7 +175,7 @@ impl Client {
         let body = kind.body();
         let create = kind.create_path();
         // Every third saga of a mixed client waits (`next` counts its requests: any spread will do).
-        let mixed = self.mixed && self.next.load(Ordering::Relaxed) % 3 == 0;
+        let mixed = self.mixed && self.next.load(Ordering::Relaxed).is_multiple_of(3);
         let wait = self.wait.or(mixed.then_some(5));
         // A 3-D Secure order waits for our signal: waiting for it to settle first would not end.
         let wait = wait.filter(|_| !matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds));

@@ -256,8 +256,11 @@ impl Run {
             );
         }
         if let Some(lag) = &self.send_lag_ms {
-            let _ =
-                writeln!(s, "  send lag ms p99 {:.2}  max {:.2} (the generator behind its schedule)", lag.p99, lag.max);
+            let _ = writeln!(
+                s,
+                "  send lag ms p50 {:.2}  p99 {:.2}  max {:.2} (the generator behind its schedule)",
+                lag.p50, lag.p99, lag.max
+            );
         }
         if !self.server.is_empty() || self.server_cpu_ms_per_saga.is_some() {
             let mut parts: Vec<String> = super::server::FIGURES

@@ -333,7 +333,7 @@ impl Runtime {
             timeout,
             record: self.record,
             measure_cpu: self.record
-                || self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % CPU_SAMPLE_EVERY == 0,
+                || self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(CPU_SAMPLE_EVERY),
         }
     }
 

@@ -809,15 +809,13 @@ const STEPS_INTO: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, at
      compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
      finished_at, updated_at, failures, waited)";
 const STEP_VALUES: usize = 17;
-const STEPS_UPSERT: &str = concat!(
-    " ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-     compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
+const STEPS_UPSERT: &str = " ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, \
+     attempts = excluded.attempts, compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
      compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
      wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
      execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
      started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
-     failures = excluded.failures, waited = excluded.waited"
-);
+     failures = excluded.failures, waited = excluded.waited";
 /// Plugin state rows: `(plugin, key, value, updated_at)` each, inserted or replaced.
 const STATE_INTO: &str = "INSERT INTO plugin_state (plugin, key, value, updated_at)";
 const STATE_UPSERT: &str =
