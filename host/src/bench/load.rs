@@ -278,9 +278,9 @@ pub async fn closed(generator: &Arc<Generator>, clients: usize, limit: Limit) ->
 const STOP_CHECK: Duration = Duration::from_millis(50);
 
 /// Sends the numbers `0..total` at their due times (`start + schedule.due(i)`), from a thread
-/// that sleeps with the operating system's timer, precise to tens of microseconds. Tokio's
+/// that sleeps with the operating system's timer (send lag p50 ~0.1 ms at 100/s). Tokio's
 /// timer keeps millisecond ticks and rounds every deadline up to the next one, so a send
-/// paced by it went out up to a millisecond late (measured: send lag p50 1.6 ms at 100/s on a busy machine), and
+/// paced by it went out late (send lag p50 1.6 ms at 100/s, BENCHMARKS.md session 15), and
 /// as an open loop's latency counts from the due time, that lateness of the generator was
 /// charged to the server. A number is never sent before its due time. The channel ends after
 /// `total`, when the stop token fires, or when the receiver is dropped.
