@@ -36,6 +36,12 @@ struct StatusLabels {
     status: String,
 }
 
+/// What answered a plugin state read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnsweredBy {
+    answered_by: &'static str,
+}
+
 /// Labels of a plugin call's phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
@@ -319,6 +325,18 @@ impl Metrics {
         let jobs = Counter::<u64>::default();
         jobs.inc_by(writes.jobs);
         scrape.register("store_writes", "Hot-path writes (transitions, creations, claims, leases, outbox marks)", jobs);
+
+        let reads = store.state_read_stats();
+        let state_reads = Family::<AnsweredBy, Counter>::default();
+        for (answered_by, count) in [("cache", reads.cache), ("filter", reads.filter), ("database", reads.database)] {
+            state_reads.get_or_create(&AnsweredBy { answered_by }).inc_by(count);
+        }
+        scrape.register(
+            "state_reads",
+            "Plugin state reads (state.get) by what answered them: recently committed values kept in memory, the \
+             filter of keys never written (both only where this host owns the database), or the database",
+            state_reads,
+        );
 
         let dropped = Counter::<u64>::default();
         dropped.inc_by(crate::logs::lines_dropped());

@@ -26,6 +26,7 @@
 //! write is answered only once it is durable.
 
 mod batch;
+mod cache;
 mod dialect;
 mod error;
 mod keys;
@@ -513,6 +514,20 @@ pub trait StatsStore: Send + Sync + 'static {
     fn write_stats(&self) -> WriteStats {
         WriteStats::default()
     }
+    /// How plugin state reads were answered since the store opened (no database read).
+    fn state_read_stats(&self) -> StateReadStats {
+        StateReadStats::default()
+    }
+}
+
+/// Plugin state reads (`state.get`) so far, by what answered them: the cache of recently
+/// committed values, the filter of keys never written (both only where this process owns
+/// the database), or the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateReadStats {
+    pub cache: u64,
+    pub filter: u64,
+    pub database: u64,
 }
 
 /// The hot-path writes so far: with group commit (SQLite) `jobs / transactions` is how many

@@ -6,6 +6,7 @@
 //! `MIN()` come back as 64-bit integers on every database; times are integer milliseconds.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
@@ -13,6 +14,7 @@ use sqlx::Row;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::batch::Writes;
+use super::cache::{self, StateCache};
 use super::dialect::{Dialect, Folding};
 use super::keys::KeyFilter;
 use super::*;
@@ -123,6 +125,12 @@ pub struct SqlStore {
     /// The plugin state keys that may exist, where this process owns the database
     /// ([`KeyFilter`]): reads of other keys answer "absent" without a query.
     keys: Option<Arc<KeyFilter>>,
+    /// Recently committed plugin state, where this process owns the database
+    /// ([`StateCache`]): reads of those keys answer without a query.
+    cache: Option<Arc<StateCache>>,
+    /// State reads the filter answered, and those that reached the database.
+    filtered: AtomicU64,
+    read_from_database: AtomicU64,
     /// The database file's lock, held while the store lives (SQLite opened exclusively).
     _lock: Option<std::fs::File>,
     /// The dialect's background work, stopped with the store.
@@ -365,7 +373,10 @@ impl SqlStore {
             writer: pools.writer,
             reader: pools.reader,
             sql,
+            cache: keys.is_some().then(|| Arc::new(StateCache::new(cache::BUDGET, cache::LARGEST))),
             keys,
+            filtered: AtomicU64::new(0),
+            read_from_database: AtomicU64::new(0),
             _lock: lock,
             _background: pools.background,
         })
@@ -737,7 +748,10 @@ impl SagaStore for SqlStore {
         }
         let script = script.join(self.dialect.folding())?;
         let single = script.single();
-        self.writes
+        // Announced before it is queued; dropped unresolved (uncached) on every error below.
+        let cached = self.cache.as_ref().map(|cache| cache.begin(c.plugin_writes));
+        let seq = self
+            .writes
             .submit(
                 script,
                 |script, conn| {
@@ -757,7 +771,12 @@ impl SagaStore for SqlStore {
                 },
                 single,
             )
-            .await
+            .await?;
+        // Durable: its values may be served.
+        if let Some(cached) = cached {
+            cached.committed();
+        }
+        Ok(seq)
     }
 }
 
@@ -1251,9 +1270,14 @@ fn renumber(sql: &str, offset: usize, out: &mut String) {
 #[async_trait]
 impl PluginStateStore for SqlStore {
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(value) = self.cache.as_ref().and_then(|cache| cache.get(plugin, key)) {
+            return Ok(value);
+        }
         if self.keys.as_ref().is_some_and(|keys| !keys.may_contain(plugin, key)) {
+            self.filtered.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
+        self.read_from_database.fetch_add(1, Ordering::Relaxed);
         self.read(|| async {
             Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
                 .bind(plugin)
@@ -1821,6 +1845,14 @@ impl StatsStore for SqlStore {
             Ok(())
         })
         .await
+    }
+
+    fn state_read_stats(&self) -> StateReadStats {
+        StateReadStats {
+            cache: self.cache.as_ref().map_or(0, |cache| cache.hits()),
+            filter: self.filtered.load(Ordering::Relaxed),
+            database: self.read_from_database.load(Ordering::Relaxed),
+        }
     }
 
     fn write_stats(&self) -> WriteStats {

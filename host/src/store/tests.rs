@@ -1181,6 +1181,68 @@ async fn a_serving_sqlite_host_knows_which_state_keys_exist() {
     assert_eq!(host.state_get("payment", "reservation/1").await.unwrap(), None);
 }
 
+/// Commits `writes` of `plugin` on saga s1 (created if missing), fenced when `stale`.
+async fn commit_state(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], stale: bool) -> Result<i64> {
+    let rec = match s.saga("s1").await.unwrap() {
+        Some(rec) => rec,
+        None => {
+            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+            s.saga("s1").await.unwrap().unwrap()
+        }
+    };
+    let names = vec!["only".to_owned()];
+    let read_seq = if stale { rec.seq - 1 } else { rec.seq };
+    let e = event("s1", &rec.state, read_seq);
+    let mut c = commit(&rec.state, &names, &e, Fence::Takeover, read_seq);
+    let plugin_writes = [(plugin, writes)];
+    c.plugin_writes = &plugin_writes;
+    s.commit(&c).await
+}
+
+/// A serving SQLite host answers state reads of values it committed from memory: a
+/// compensation reads what its step's execute wrote, without a round trip to the database.
+/// The proof that it does not ask the database is the same as the key filter's: a value
+/// written behind its back stays invisible to it. A fenced commit leaves the key to the
+/// database (whatever the host held before may be stale), a committed delete answers
+/// absent, and a restart starts empty.
+#[tokio::test]
+async fn a_serving_sqlite_host_answers_reads_of_state_it_committed_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = open_exclusive(None, dir.path(), 1).await.unwrap();
+    let put = |v: &str| vec![("charge/1".to_owned(), Some(v.as_bytes().to_vec()))];
+    let get = || async { host.state_get("payment", "charge/1").await.unwrap().map(|v| String::from_utf8(v).unwrap()) };
+    commit_state(&host, "payment", &put("charged"), false).await.unwrap();
+    let before = host.state_read_stats();
+    assert_eq!(get().await.as_deref(), Some("charged"));
+    let after = host.state_read_stats();
+    assert_eq!((after.cache - before.cache, after.database - before.database), (1, 0), "answered from memory");
+
+    let behind = open(None, dir.path()).await.unwrap();
+    commit_state(&behind, "payment", &put("behind its back"), false).await.unwrap();
+    assert_eq!(get().await.as_deref(), Some("charged"), "the host's own commit, not the database's row");
+
+    // A fenced commit wrote nothing, and the host no longer trusts what it held.
+    assert!(matches!(commit_state(&host, "payment", &put("fenced"), true).await, Err(Error::Fenced)));
+    let before = host.state_read_stats();
+    assert_eq!(get().await.as_deref(), Some("behind its back"), "read from the database");
+    assert_eq!(host.state_read_stats().database - before.database, 1);
+
+    commit_state(&host, "payment", &put("refunded"), false).await.unwrap();
+    assert_eq!(get().await.as_deref(), Some("refunded"));
+    commit_state(&host, "payment", &[("charge/1".to_owned(), None)], false).await.unwrap();
+    let before = host.state_read_stats();
+    assert_eq!(get().await, None, "a committed delete");
+    assert_eq!(host.state_read_stats().cache - before.cache, 1);
+
+    drop((host, behind));
+    let host = open_exclusive(None, dir.path(), 1).await.unwrap();
+    commit_state(&host, "payment", &put("after a restart"), false).await.unwrap();
+    drop(host);
+    let host = open_exclusive(None, dir.path(), 1).await.unwrap();
+    assert_eq!(host.state_get("payment", "charge/1").await.unwrap().as_deref(), Some(b"after a restart".as_slice()));
+    assert_eq!(host.state_read_stats(), StateReadStats { cache: 0, filter: 0, database: 1 }, "a restart starts empty");
+}
+
 /// The driver sleeps until `next_due`: a saga under someone's live lease is not due (it is
 /// running), so it must not make the driver poll again at once; once the lease is released
 /// or expires it counts again.
