@@ -11,6 +11,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: the host allocates small, short-lived buffers on
+/// many threads (requests, scripts, a store per plugin call), and glibc's arenas spent 11% of
+/// the process's samples in malloc and free at 1,000 sagas/s (BENCHMARKS.md, session 16). C
+/// libraries (SQLite, librdkafka) keep the system allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

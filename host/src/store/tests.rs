@@ -500,20 +500,8 @@ async fn plugin_state_prefix_scans_treat_like_wildcards_literally() {
 
 /// Commits `keys` (each key its own value) to `plugin`'s state, as saga `s1`'s next transition.
 async fn write_state(s: &Arc<dyn Store>, plugin: &str, keys: &[&str]) {
-    let rec = match s.saga("s1").await.unwrap() {
-        Some(rec) => rec,
-        None => {
-            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
-            s.saga("s1").await.unwrap().unwrap()
-        }
-    };
-    let names = vec!["only".to_owned()];
-    let e = event("s1", &rec.state, rec.seq);
     let writes: Vec<StateWrite> = keys.iter().map(|k| (k.to_string(), Some(k.as_bytes().to_vec()))).collect();
-    let mut c = commit(&rec.state, &names, &e, Fence::Takeover, rec.seq);
-    let plugin_writes = [(plugin, writes.as_slice())];
-    c.plugin_writes = &plugin_writes;
-    s.commit(&c).await.unwrap();
+    commit_state(s, plugin, &writes, false).await.unwrap();
 }
 
 #[tokio::test]
