@@ -143,6 +143,16 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::HistogramMean { family: "sagahost_plugin_call_cpu_seconds", scale: 1e6 },
     },
     Figure {
+        key: "plugin_execute_mean_us",
+        label: "execute call mean µs",
+        kind: Kind::LabelledMean { family: "sagahost_plugin_call_seconds", label: "call=\"execute\"", scale: 1e6 },
+    },
+    Figure {
+        key: "plugin_compensate_mean_us",
+        label: "compensate call mean µs",
+        kind: Kind::LabelledMean { family: "sagahost_plugin_call_seconds", label: "call=\"compensate\"", scale: 1e6 },
+    },
+    Figure {
         key: "host_per_transition_mean_us",
         label: "host time per transition mean µs",
         kind: Kind::HistogramMean { family: "sagahost_transition_overhead_seconds", scale: 1e6 },
@@ -176,6 +186,21 @@ pub const FIGURES: &[Figure] = &[
         key: "plugin_calls_per_saga",
         label: "plugin calls per saga",
         kind: Kind::PerSaga { sample: "sagahost_plugin_calls_total" },
+    },
+    Figure {
+        key: "state_reads_from_cache_per_saga",
+        label: "state reads per saga from the cache",
+        kind: Kind::PerSaga { sample: "sagahost_state_reads_total|answered_by=\"cache\"" },
+    },
+    Figure {
+        key: "state_reads_from_filter_per_saga",
+        label: "from the key filter",
+        kind: Kind::PerSaga { sample: "sagahost_state_reads_total|answered_by=\"filter\"" },
+    },
+    Figure {
+        key: "state_reads_from_database_per_saga",
+        label: "from the database",
+        kind: Kind::PerSaga { sample: "sagahost_state_reads_total|answered_by=\"database\"" },
     },
     Figure {
         key: "events_published_per_s",
@@ -264,6 +289,8 @@ mod tests {
         sagahost_plugin_call_seconds_count{saga_type=\"order\",step=\"b\",call=\"execute\",outcome=\"done\"} 1000\n\
         sagahost_events_published_total 10\n\
         sagahost_outbox_pending_events 7\n\
+        sagahost_state_reads_total{answered_by=\"cache\"} 5\n\
+        sagahost_state_reads_total{answered_by=\"database\"} 20\n\
         # EOF\n";
 
     const AFTER: &str = "sagahost_plugin_call_seconds_sum{step=\"a b\"} 1.0\n\
@@ -272,6 +299,10 @@ mod tests {
         sagahost_plugin_call_seconds_count{step=\"b\"} 1500\n\
         sagahost_events_published_total 510\n\
         sagahost_outbox_pending_events 3\n\
+        sagahost_plugin_call_seconds_sum{step=\"c\",call=\"compensate\"} 0.2\n\
+        sagahost_plugin_call_seconds_count{step=\"c\",call=\"compensate\"} 100\n\
+        sagahost_state_reads_total{answered_by=\"cache\"} 255\n\
+        sagahost_state_reads_total{answered_by=\"database\"} 30\n\
         garbage line\n\
         # EOF\n";
 
@@ -303,10 +334,15 @@ mod tests {
     fn figures_are_deltas_over_the_run_and_absent_families_are_left_out() {
         let (before, after) = (Scrape::parse(BEFORE), Scrape::parse(AFTER));
         let f = figures(&before, &after, 100, Duration::from_secs(2));
-        // 1.0 s over 1000 more calls: 1 ms each.
-        assert!((f["plugin_call_mean_us"] - 1000.0).abs() < 1e-6, "{f:?}");
+        // 1.2 s over 1,100 more calls (1,000 executes of 1 ms, 100 compensates of 2 ms).
+        assert!((f["plugin_call_mean_us"] - 1200.0 / 1.1).abs() < 1e-6, "{f:?}");
         assert_eq!(f["events_published_per_s"], 250.0);
         assert_eq!(f["outbox_pending_at_end"], 3.0);
+        // Labelled: the compensate calls alone, and reads per saga by what answered them.
+        assert!((f["plugin_compensate_mean_us"] - 2000.0).abs() < 1e-6, "{f:?}");
+        assert!(!f.contains_key("plugin_execute_mean_us"), "no call=\"execute\" label after the run");
+        assert_eq!((f["state_reads_from_cache_per_saga"], f["state_reads_from_database_per_saga"]), (2.5, 0.1));
+        assert!(!f.contains_key("state_reads_from_filter_per_saga"));
         assert!(!f.contains_key("host_per_transition_mean_us"), "no transition histogram in the scrape");
         assert!(!f.contains_key("stale_commits"));
         assert!(!figures(&before, &before, 0, Duration::ZERO).contains_key("plugin_call_mean_us"), "no calls, no mean");
