@@ -76,6 +76,10 @@ struct Entry {
     generation: u64,
 }
 
+/// A write a commit announced: (plugin, key, the value to store once it is durable); `None`
+/// for a value over the size limit, which is never stored (nor copied).
+type Announced = (String, String, Option<Option<Vec<u8>>>);
+
 fn size(plugin: &str, key: &str, value: &Option<Vec<u8>>) -> usize {
     plugin.len() + key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD
 }
@@ -116,15 +120,23 @@ impl StateCache {
     /// wins): call it before the commit is queued, and resolve the returned [`Pending`] once
     /// the commit's outcome is known.
     pub(super) fn begin(self: &Arc<Self>, writes: &[(&str, &[StateWrite])]) -> Pending {
-        let mut last: Vec<(String, String, Option<Vec<u8>>)> = Vec::new();
+        let mut last: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
         for &(plugin, writes) in writes {
             for (key, value) in writes {
-                match last.iter_mut().find(|(p, k, _)| p == plugin && k == key) {
-                    Some(w) => w.2.clone_from(value),
-                    None => last.push((plugin.to_owned(), key.clone(), value.clone())),
+                match last.iter_mut().find(|(p, k, _)| *p == plugin && *k == key.as_str()) {
+                    Some(w) => w.2 = value,
+                    None => last.push((plugin, key, value)),
                 }
             }
         }
+        // Only values that may be stored are copied.
+        let last: Vec<Announced> = last
+            .into_iter()
+            .map(|(plugin, key, value)| {
+                let keep = size(plugin, key, value) <= self.largest;
+                (plugin.to_owned(), key.to_owned(), keep.then(|| value.clone()))
+            })
+            .collect();
         if !last.is_empty() {
             let mut inner = self.lock();
             for (plugin, key, _) in &last {
@@ -143,7 +155,7 @@ impl StateCache {
     }
 
     /// Ends one pending commit of each of `writes`, storing their values if `store`.
-    fn resolve(&self, writes: &mut Vec<(String, String, Option<Vec<u8>>)>, store: bool) {
+    fn resolve(&self, writes: &mut Vec<Announced>, store: bool) {
         if writes.is_empty() {
             return;
         }
@@ -153,8 +165,8 @@ impl StateCache {
             let Some(keys) = inner.plugins.get_mut(&plugin) else { continue };
             let Some(entry) = keys.get_mut(&key) else { continue };
             entry.pending -= 1;
-            let bytes = size(&plugin, &key, &value);
-            if store && !entry.tainted && bytes <= self.largest {
+            if let (true, false, Some(value)) = (store, entry.tainted, value) {
+                let bytes = size(&plugin, &key, &value);
                 // None stored while this commit was pending (another would have tainted it).
                 if let Some(old) = entry.value.replace(value) {
                     inner.bytes -= size(&plugin, &key, &old);
@@ -223,7 +235,7 @@ impl Inner {
 /// commit is durable; dropped otherwise, which leaves its keys uncached.
 pub(super) struct Pending {
     cache: Arc<StateCache>,
-    writes: Vec<(String, String, Option<Vec<u8>>)>,
+    writes: Vec<Announced>,
     resolved: bool,
 }
 
