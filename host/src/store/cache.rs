@@ -4,7 +4,7 @@
 //! The common case is a compensation: `payment.compensate` reads the `charge/{saga id}` that
 //! `payment.execute` wrote moments before. On SQLite that read is a round trip to a reader
 //! connection's thread, and it made a compensating call 5-20x as long as an executing one
-//! (measured: 340-450 µs against 40-90 µs at 100 sagas/s, 1.2-13 ms under load; BENCHMARKS.md,
+//! (measured: 280-450 µs against 35-90 µs at 100 sagas/s, 1.2-13 ms under load; BENCHMARKS.md,
 //! session 16). [`KeyFilter`](super::keys::KeyFilter) answers reads of keys never written;
 //! this answers reads of keys written lately.
 //!
