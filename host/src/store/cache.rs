@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::StateWrite;
+use super::{last_writes, StateWrite};
 
 /// How much a serving host keeps: 64 MiB of values (a demo order's records are ~100 bytes,
 /// so hundreds of thousands of them), none larger than 64 KiB.
@@ -120,17 +120,8 @@ impl StateCache {
     /// wins): call it before the commit is queued, and resolve the returned [`Pending`] once
     /// the commit's outcome is known.
     pub(super) fn begin(self: &Arc<Self>, writes: &[(&str, &[StateWrite])]) -> Pending {
-        let mut last: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
-        for &(plugin, writes) in writes {
-            for (key, value) in writes {
-                match last.iter_mut().find(|(p, k, _)| *p == plugin && *k == key.as_str()) {
-                    Some(w) => w.2 = value,
-                    None => last.push((plugin, key, value)),
-                }
-            }
-        }
         // Only values that may be stored are copied.
-        let last: Vec<Announced> = last
+        let last: Vec<Announced> = last_writes(writes)
             .into_iter()
             .map(|(plugin, key, value)| {
                 let keep = size(plugin, key, value) <= self.largest;

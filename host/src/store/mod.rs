@@ -168,6 +168,21 @@ pub struct OutboxRow {
 /// A state write buffered during a plugin call: `None` deletes the key.
 pub type StateWrite = (String, Option<Vec<u8>>);
 
+/// The write that stands for each (plugin, key) of a commit's `plugin_writes`, in the order
+/// the keys were first written: a later write of a key replaces an earlier one.
+fn last_writes<'a>(plugin_writes: &[(&'a str, &'a [StateWrite])]) -> Vec<(&'a str, &'a str, &'a Option<Vec<u8>>)> {
+    let mut last: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
+    for &(plugin, writes) in plugin_writes {
+        for (key, value) in writes {
+            match last.iter_mut().find(|(p, k, _)| *p == plugin && *k == key.as_str()) {
+                Some(w) => w.2 = value,
+                None => last.push((plugin, key, value)),
+            }
+        }
+    }
+    last
+}
+
 /// Who is allowed to commit a transition, besides the condition every commit carries (the
 /// saga's `seq` is still the one the transition was computed from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

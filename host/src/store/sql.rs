@@ -953,17 +953,8 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
 fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [Arg; 2]) {
     // The last write of each key is what stands; one statement for the puts, one per delete.
     // (One upsert may not touch a row twice, hence the last write per key only.)
-    let mut last_writes: Vec<(&str, &str, &Option<Vec<u8>>)> = Vec::new();
-    for &(plugin, writes) in c.plugin_writes {
-        for (key, value) in writes {
-            match last_writes.iter_mut().find(|(p, k, _)| *p == plugin && *k == key.as_str()) {
-                Some(w) => w.2 = value,
-                None => last_writes.push((plugin, key, value)),
-            }
-        }
-    }
     let mut puts = Vec::new();
-    for (plugin, key, value) in last_writes {
+    for (plugin, key, value) in last_writes(c.plugin_writes) {
         match value {
             Some(v) => {
                 puts.push(vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))])
