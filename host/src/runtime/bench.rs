@@ -10,7 +10,9 @@
 //!
 //! `BENCH_CALLS` (default 5000) sets the calls per plugin, `BENCH_CONCURRENCY` (default 64,
 //! the default `--max-concurrent-sagas`) the calls in flight in the concurrent run,
-//! `BENCH_READERS` (default `memory sqlite`) where state is read from. Every
+//! `BENCH_READERS` (default `memory sqlite`) where state is read from, `BENCH_GAP_US` (default
+//! 10000) the pause before each call of the paced runs (a host at 100 sagas/s idles that long
+//! before each saga's first call: the processor's caches go cold in between). Every
 //! figure is the wall-clock time of one call as the driver records it (`CallOutcome::elapsed`,
 //! the `sagahost_plugin_call_seconds` metric), split into its [`Phases`].
 //!
@@ -120,12 +122,24 @@ impl Figures {
     }
 }
 
+fn gap() -> Duration {
+    Duration::from_micros(std::env::var("BENCH_GAP_US").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000))
+}
+
 /// `n` calls of `plugin`'s execute, one after the other; every one must be `done`.
 async fn sequential(runtime: &Runtime, digest: &str, plugin: &str, n: usize) -> Figures {
+    paced(runtime, digest, plugin, n, Duration::ZERO).await
+}
+
+/// `n` calls of `plugin`'s execute, with a pause of `gap` before each (none if zero).
+async fn paced(runtime: &Runtime, digest: &str, plugin: &str, n: usize, gap: Duration) -> Figures {
     let input = input();
     let (mut elapsed, mut phases) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let started = Instant::now();
     for i in 0..n {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         let out = runtime.execute(digest, plugin, &info(i, plugin), &input, TIMEOUT).await;
         assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{plugin}: {:?}", out.result);
         elapsed.push(out.elapsed);
@@ -170,6 +184,37 @@ async fn concurrent(runtime: &Arc<Runtime>, digests: &[String], n: usize, width:
     Figures { elapsed: all.iter().map(|(e, _)| *e).collect(), phases: all.iter().map(|(_, p)| *p).collect(), wall }
 }
 
+/// What memory gone cold costs on this machine, for reading the paced runs: touching one
+/// cache line in each 64 bytes of a 256 KiB buffer that stays resident, back to back and then
+/// with `gap` before each touch. On a machine whose caches (and TLBs) keep a process's lines
+/// through a short idle gap the two are alike; on the 2-vCPU VM of BENCHMARKS.md the second is
+/// 5-10x the first after 10 ms and about 50x after 100 ms, whether or not the vCPUs idle.
+async fn cold_memory(gap: Duration, n: usize) {
+    const BYTES: usize = 256 << 10;
+    let mut buffer = vec![1u8; BYTES];
+    let mut touch = || {
+        let started = Instant::now();
+        for line in buffer.chunks_mut(64) {
+            line[0] = std::hint::black_box(line[0].wrapping_add(1));
+        }
+        started.elapsed()
+    };
+    let mean = |times: &[Duration]| times.iter().map(|d| d.as_secs_f64() * 1e6).sum::<f64>() / times.len() as f64;
+    let hot: Vec<Duration> = (0..n).map(|_| touch()).collect();
+    let mut cold = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokio::time::sleep(gap).await;
+        cold.push(touch());
+    }
+    println!(
+        "reference: touching {} KiB of resident memory: {:.1} µs back to back, {:.1} µs {} µs apart",
+        BYTES >> 10,
+        mean(&hot),
+        mean(&cold),
+        gap.as_micros()
+    );
+}
+
 async fn loaded(reader: Arc<dyn PluginReader>) -> (Arc<Runtime>, Vec<String>) {
     let runtime = Arc::new(Runtime::new(Limits::default(), reader).unwrap());
     let mut digests = Vec::new();
@@ -186,6 +231,14 @@ async fn suite(label: &str, reader: Arc<dyn PluginReader>) {
         sequential(&runtime, digest, plugin, n / 10).await; // warm-up
         sequential(&runtime, digest, plugin, n).await.print(&format!("{label} {plugin}"));
     }
+    // The same calls with the machine idle between them: what a host at a low rate sees.
+    let (gap, paced_calls) = (gap(), (n / 20).max(10));
+    for (plugin, digest) in PLUGINS.iter().zip(&digests) {
+        paced(&runtime, digest, plugin, paced_calls, gap)
+            .await
+            .print(&format!("{label} {plugin}, {} µs apart", gap.as_micros()));
+    }
+    cold_memory(gap, paced_calls).await;
     let width = concurrency();
     concurrent(&runtime, &digests, n / 10, width).await;
     concurrent(&runtime, &digests, n, width).await.print(&format!("{label} all, {width} at once"));
