@@ -389,6 +389,7 @@ where
             run.server_cpu_ms_per_saga = Some((a - b).as_secs_f64() * 1000.0 / t.ok() as f64);
         }
     }
+    run.server_file_huge_pages_mib = huge_pages(pids);
     if let (Some(b), Some(a)) = (own_before, own_after) {
         let cpu = (a - b).as_secs_f64();
         run.generator_cpu_s = Some(cpu);
@@ -435,6 +436,15 @@ fn cpu(pids: &[String]) -> Option<Duration> {
         }
     }
     Some(total)
+}
+
+/// The summed MiB of `pids`' files mapped with huge pages; `None` if one cannot be read (no
+/// warning: kernels without huge pages for files have no such lines, nothing to warn about).
+fn huge_pages(pids: &[String]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|pid| server::file_huge_pages_kib(pid)).sum::<Option<u64>>().map(|kib| kib as f64 / 1024.0)
 }
 
 fn dedup(urls: &[String]) -> Vec<String> {

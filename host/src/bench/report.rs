@@ -146,6 +146,9 @@ pub struct Run {
     pub server: BTreeMap<&'static str, f64>,
     /// CPU time (user + system) of the `--pid` processes per saga that ended as expected.
     pub server_cpu_ms_per_saga: Option<f64>,
+    /// MiB of the `--pid` processes' files (their code, mostly) mapped with huge pages at the
+    /// end of the run (README, "Running it"): 0 for a binary run from an ordinary disk.
+    pub server_file_huge_pages_mib: Option<f64>,
     /// The generator's own CPU time over the run, and per saga sent.
     pub generator_cpu_s: Option<f64>,
     pub generator_cpu_us_per_saga: Option<f64>,
@@ -197,6 +200,7 @@ impl Run {
                 .collect(),
             server: BTreeMap::new(),
             server_cpu_ms_per_saga: None,
+            server_file_huge_pages_mib: None,
             generator_cpu_s: None,
             generator_cpu_us_per_saga: None,
             error_samples: t.samples.clone(),
@@ -269,6 +273,9 @@ impl Run {
                 .collect();
             if let Some(cpu) = self.server_cpu_ms_per_saga {
                 parts.push(format!("CPU {cpu:.2} ms per saga"));
+            }
+            if let Some(mib) = self.server_file_huge_pages_mib {
+                parts.push(format!("code on huge pages {mib:.0} MiB"));
             }
             let _ = writeln!(s, "  server      {}", parts.join("; "));
         }

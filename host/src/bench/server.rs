@@ -266,6 +266,27 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     parse_stat(&stat)
 }
 
+/// KiB of a process's file mappings backed by huge pages (its code, when the binary sits on a
+/// tmpfs mounted with huge pages or the kernel maps read-only files so), from
+/// `/proc/{pid}/smaps_rollup`; `None` where there is no such file or neither line.
+pub fn file_huge_pages_kib(pid: &str) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_huge_file_pages(&rollup)
+}
+
+/// `ShmemPmdMapped` plus `FilePmdMapped` of an `smaps_rollup`, in KiB.
+fn parse_huge_file_pages(rollup: &str) -> Option<u64> {
+    let mut found = None;
+    for line in rollup.lines() {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        if matches!(name, "ShmemPmdMapped" | "FilePmdMapped") {
+            let kib: u64 = value.trim().strip_suffix("kB")?.trim().parse().ok()?;
+            found = Some(found.unwrap_or(0) + kib);
+        }
+    }
+    found
+}
+
 /// utime and stime of a `/proc/PID/stat` line. The command name (field 2) is in parentheses
 /// and may hold spaces and parentheses itself, so fields are counted after its last `)`.
 fn parse_stat(stat: &str) -> Option<Duration> {
@@ -346,6 +367,16 @@ mod tests {
         assert!(!f.contains_key("host_per_transition_mean_us"), "no transition histogram in the scrape");
         assert!(!f.contains_key("stale_commits"));
         assert!(!figures(&before, &before, 0, Duration::ZERO).contains_key("plugin_call_mean_us"), "no calls, no mean");
+    }
+
+    #[test]
+    fn huge_file_pages_add_shmem_and_file_mappings() {
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0  [rollup]\nRss:  81234 kB\nAnonHugePages:  45056 kB\n\
+            ShmemPmdMapped:    34816 kB\nFilePmdMapped:      2048 kB\nShared_Hugetlb:  0 kB\n";
+        assert_eq!(parse_huge_file_pages(rollup), Some(36_864));
+        assert_eq!(parse_huge_file_pages("ShmemPmdMapped: 0 kB\nFilePmdMapped: 0 kB\n"), Some(0));
+        assert_eq!(parse_huge_file_pages("Rss: 5 kB\nAnonHugePages: 2048 kB\n"), None);
+        assert_eq!(parse_huge_file_pages("ShmemPmdMapped: many kB\n"), None);
     }
 
     #[test]
