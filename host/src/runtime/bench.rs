@@ -12,7 +12,7 @@
 //! the default `--max-concurrent-sagas`) the calls in flight in the concurrent run,
 //! `BENCH_READERS` (default `memory sqlite`) where state is read from, `BENCH_GAP_US` (default
 //! 10000) the pause before each call of the paced runs (a host at 100 sagas/s idles that long
-//! before each saga's first call: the processor's caches go cold in between). Every
+//! before each saga's first call: its caches and address translations go cold in between). Every
 //! figure is the wall-clock time of one call as the driver records it (`CallOutcome::elapsed`,
 //! the `sagahost_plugin_call_seconds` metric), split into its [`Phases`].
 //!
@@ -184,11 +184,12 @@ async fn concurrent(runtime: &Arc<Runtime>, digests: &[String], n: usize, width:
     Figures { elapsed: all.iter().map(|(e, _)| *e).collect(), phases: all.iter().map(|(_, p)| *p).collect(), wall }
 }
 
-/// What memory gone cold costs on this machine, for reading the paced runs: touching one
-/// cache line in each 64 bytes of a 256 KiB buffer that stays resident, back to back and then
-/// with `gap` before each touch. On a machine whose caches (and TLBs) keep a process's lines
-/// through a short idle gap the two are alike; on the 2-vCPU VM of BENCHMARKS.md the second is
-/// 5-10x the first after 10 ms and about 50x after 100 ms, whether or not the vCPUs idle.
+/// What memory gone cold costs on this machine, for reading the paced runs: writing one byte
+/// in each 64-byte cache line of a 256 KiB buffer that stays resident, back to back and then
+/// with `gap` before each pass. On a machine whose caches and TLBs keep a process's entries
+/// through a short idle gap the two are alike; on the 2-vCPU VM of BENCHMARKS.md the second
+/// was 5-13x the first after 10 ms (and, in a C program, about 50x after 100 ms, whether or
+/// not the vCPUs idled): mostly page walks, about 2 µs per 4 KiB page (session 17).
 async fn cold_memory(gap: Duration, n: usize) {
     const BYTES: usize = 256 << 10;
     let mut buffer = vec![1u8; BYTES];
