@@ -86,7 +86,12 @@ fn nanos(d: Duration) -> u64 {
 
 /// The data of one call's `Store`.
 pub(super) struct CallState {
-    wasi: WasiCtx,
+    /// Built on the first WASI call the plugin makes ([`WasiView::ctx`]): most calls make none,
+    /// and building one (two random-number generators seeded from the thread's, clocks, the
+    /// standard streams) was a measurable part of a call, most of all after an idle pause.
+    wasi: Option<WasiCtx>,
+    /// The plugin's stderr, kept to explain a trap; the WASI context writes to a clone of it.
+    stderr: MemoryOutputPipe,
     http: WasiHttpCtx,
     outbound: Outbound,
     table: ResourceTable,
@@ -97,9 +102,23 @@ pub(super) struct CallState {
     pub(super) instantiated: Option<Instant>,
 }
 
+#[cfg(test)]
+impl CallState {
+    /// Whether the call has built its WASI context (made a WASI call).
+    pub(super) fn made_a_wasi_call(&self) -> bool {
+        self.wasi.is_some()
+    }
+
+    pub(super) fn wrote_to_stderr(&self) -> bool {
+        !self.stderr.contents().is_empty()
+    }
+}
+
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let stderr = &self.stderr;
+        let ctx = self.wasi.get_or_insert_with(|| WasiCtxBuilder::new().stderr(stderr.clone()).build());
+        WasiCtxView { ctx, table: &mut self.table }
     }
 }
 
@@ -260,7 +279,7 @@ async fn attempt<T>(
             }
         },
     };
-    let (mut store, stderr) = new_store(&call);
+    let mut store = new_store(&call);
     let built = Instant::now();
     let deadline = Arc::clone(&store.data().host.deadline);
     let answer = {
@@ -287,7 +306,7 @@ async fn attempt<T>(
         Some(Err(e)) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
             return unavailable(format!("no sandbox slot was free: {e:#}"), started);
         }
-        Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, &stderr, timeout)),
+        Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
     let Notes { limit, host_error, reached_out } = store.data().outbound.notes();
@@ -361,10 +380,9 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
     }
 }
 
-pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe) {
+pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
     // Rust panics print to stderr; we keep the first few KiB to explain the trap.
     let stderr = MemoryOutputPipe::new(4 << 10);
-    let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
     let limits = call.limits;
     let mut host = HostState::new(
         call.plugin,
@@ -386,7 +404,8 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
         call.record,
     );
     let state = CallState {
-        wasi,
+        wasi: None,
+        stderr,
         http: WasiHttpCtx::new(),
         outbound,
         table: ResourceTable::new(),
@@ -404,7 +423,7 @@ pub(super) fn new_store(call: &Call<'_>) -> (Store<CallState>, MemoryOutputPipe)
             Ok(UpdateDeadline::Yield(1))
         }
     });
-    (store, stderr)
+    store
 }
 
 /// What wasmtime keeps per table element: a pointer.
@@ -532,12 +551,7 @@ fn hides_or_reorders(c: char) -> bool {
 /// Turns a wasmtime error into a message an operator can act on. It becomes the step's public
 /// `last_error`, and parts of it (stderr, symbol names in a backtrace) are the plugin's text,
 /// so it is sanitised and bounded.
-fn classify_trap(
-    err: &wasmtime::Error,
-    store: &Store<CallState>,
-    stderr: &MemoryOutputPipe,
-    timeout: Duration,
-) -> String {
+fn classify_trap(err: &wasmtime::Error, store: &Store<CallState>, timeout: Duration) -> String {
     let state = store.data();
     if matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
         return format!("timed out after {} ms", timeout.as_millis());
@@ -558,7 +572,7 @@ fn classify_trap(
             state.memory.limit
         );
     }
-    let panic = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
+    let panic = String::from_utf8_lossy(&state.stderr.contents()).trim().to_owned();
     if !panic.is_empty() {
         msg = format!("{msg}: {}", sanitize(&panic, MAX_STDERR_BYTES));
     }

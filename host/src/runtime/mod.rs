@@ -186,7 +186,8 @@ pub struct OutboundRequest {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Phases {
     /// Waiting for a sandbox slot (none while fewer than `Limits::concurrent_calls` calls
-    /// run) and building the call's store: its WASI context, limits, deadline and host state.
+    /// run) and building the call's store: limits, deadline and host state (its WASI context
+    /// is built later, by the plugin's first WASI call, if it makes one).
     pub setup: Duration,
     /// Instantiating the component in that store.
     pub instantiate: Duration,

@@ -185,6 +185,39 @@ async fn business_errors_and_traps_become_the_engines_outcomes() {
     assert!(out.writes.is_empty());
 }
 
+/// A call builds its WASI context on its first WASI call only: the demo steps make none, and a
+/// plugin that panics writes its message to stderr through one (which the trap then quotes).
+#[tokio::test]
+async fn a_call_builds_its_wasi_context_only_when_the_plugin_makes_a_wasi_call() {
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap());
+    let order = json!({
+        "customer_id": "c-42",
+        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+        "currency": "USD",
+        "payment": {"token": "tok_visa"},
+        "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}
+    });
+    let order = json!({"input": order, "steps": {}, "config": {}}).to_string();
+    let cases = [
+        ("inventory", order.clone(), false),
+        ("payment", order.clone(), false),
+        ("shipment", order, false),
+        ("misbehave", input("fine"), false),
+        ("misbehave", input("panic"), true),
+    ];
+    for (plugin, input, wasi) in cases {
+        let digest = runtime.load(fixture(plugin)).await.unwrap();
+        let info = info(1);
+        let call = runtime.call(&digest, plugin, &info, TIMEOUT);
+        let ready = call.ready.clone().expect("the plugin is loaded");
+        let mut store = call::new_store(&call);
+        let answer = ready.call(&mut store, &info, wit::Export::Execute { input: &input }).await;
+        assert_eq!(answer.is_ok(), !wasi, "{plugin} {input}: {answer:?}");
+        assert_eq!(store.data().made_a_wasi_call(), wasi, "{plugin} {input}");
+        assert_eq!(store.data().wrote_to_stderr(), wasi, "{plugin} {input}");
+    }
+}
+
 #[tokio::test]
 async fn compensation_failures_are_failed_with_a_label_saying_which_kind() {
     let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
@@ -284,7 +317,7 @@ async fn instantiate(limits: Limits, wasm: &[u8]) -> Result<(), String> {
     let runtime = Runtime::new(limits, Arc::new(FakeReader::default())).unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, wasm).unwrap();
     let info = info(1);
-    let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
     let linker = wasmtime::component::Linker::new(&runtime.engine);
     linker.instantiate_async(&mut store, &component).await.map(drop).map_err(|e| format!("{e:#}"))
 }
@@ -715,7 +748,7 @@ async fn nothing_a_call_wrote_to_its_memory_is_visible_to_the_next_call_in_the_s
     // within the range a released slot keeps resident, and past it (80 pages = 5 MiB).
     let checks = [(16, 7), (1024, 0), (20 * PAGE, 0), (80 * PAGE - 4, 0)];
     for round in 0..3 {
-        let (mut store, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+        let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
         let instance = linker.instantiate_async(&mut store, &module).await.unwrap();
         let poke = instance.get_typed_func::<i32, i32>(&mut store, "poke").unwrap();
         let trap = instance.get_typed_func::<i32, ()>(&mut store, "trap").unwrap();
@@ -834,7 +867,7 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
     let info = info(1);
-    let (mut taken, _stderr) = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let mut taken = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
     let _instance =
         wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut taken, &component).await.unwrap();
     let out = execute(&runtime, &digest, "fine").await;
