@@ -139,8 +139,8 @@ fn write_template_list(root: &std::path::Path, out: &std::path::Path) {
 /// Segments aligned to 2 MiB in the file and in memory alike (`max-page-size`): the kernel maps
 /// file pages with a huge page only where the address and the file offset agree modulo 2 MiB.
 /// Costs nothing else: the file keeps its size, only the gaps between segments in the address
-/// space grow. Measured on this project's VM (BENCHMARKS.md, session 17): with the code on huge
-/// pages a plugin call at 100 sagas/s took 25-35% less, because after an idle gap every 4 KiB
+/// space grow. Measured on this project's VM (BENCHMARKS.md, sessions 17-18): with the code on
+/// huge pages a plugin call at 100 sagas/s took 6-35% less, because after an idle gap every 4 KiB
 /// page of code a call touches costs a page walk. Binaries only: tests and libraries are
 /// linked as before.
 fn huge_page_aligned_binaries() {

@@ -54,7 +54,7 @@ impl PluginReader for MemoryReader {
 const PLUGINS: [&str; 3] = ["inventory", "payment", "shipment"];
 
 /// The SPEC §5.2 example order as the driver hands it to the first step.
-fn input() -> String {
+pub(super) fn input() -> String {
     let order = json!({
         "customer_id": "c-42",
         "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}, {"sku": "SKU-2", "quantity": 1, "unit_price_cents": 500}],

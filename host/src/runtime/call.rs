@@ -109,6 +109,7 @@ impl CallState {
         self.wasi.is_some()
     }
 
+    /// Whether the plugin wrote to its stderr (a panic message, say).
     pub(super) fn wrote_to_stderr(&self) -> bool {
         !self.stderr.contents().is_empty()
     }

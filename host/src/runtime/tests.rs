@@ -190,14 +190,7 @@ async fn business_errors_and_traps_become_the_engines_outcomes() {
 #[tokio::test]
 async fn a_call_builds_its_wasi_context_only_when_the_plugin_makes_a_wasi_call() {
     let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap());
-    let order = json!({
-        "customer_id": "c-42",
-        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
-        "currency": "USD",
-        "payment": {"token": "tok_visa"},
-        "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}
-    });
-    let order = json!({"input": order, "steps": {}, "config": {}}).to_string();
+    let order = super::bench::input();
     let cases = [
         ("inventory", order.clone(), false),
         ("payment", order.clone(), false),
