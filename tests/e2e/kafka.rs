@@ -306,17 +306,32 @@ async fn replicas_racing_for_the_relay_keep_each_saga_s_events_in_order() {
     let lease_epoch = || async {
         sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(epoch), 0) FROM relay_lease").fetch_one(&pool).await.unwrap()
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let first = relay_leader(&cluster).await;
-    let epoch_before = lease_epoch().await;
-    let published_by_first = cluster.host(first).metric("sagahost_events_published_total").await;
+    // Wait until the lease holder has published (a loaded machine may take a while to start).
+    let published = |i: usize| cluster.host(i).metric("sagahost_events_published_total");
+    let start = Instant::now();
+    let (first, epoch_before, published_by_first) = loop {
+        let first = relay_leader(&cluster).await;
+        let epoch = lease_epoch().await;
+        let by_first = published(first).await;
+        if by_first > 0.0 && relay_leader(&cluster).await == first {
+            break (first, epoch, by_first);
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no lease holder published anything");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     cluster.host(first).freeze();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = relay_leader(&cluster).await;
     assert_ne!(first, second, "a frozen publisher's lease passes to another replica");
     cluster.host(first).thaw();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let published_by_second = cluster.host(second).metric("sagahost_events_published_total").await;
+    let start = Instant::now();
+    let published_by_second = loop {
+        let by_second = published(second).await;
+        if by_second > 0.0 || start.elapsed() > Duration::from_secs(10) {
+            break by_second;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     cluster.kill(second).await;
     // Both publishers really published (the hand-over happened under traffic, not between
     // two idle leaders), and the lease changed hands in the database, not only in the

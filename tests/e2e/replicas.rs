@@ -213,7 +213,8 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     assert_eq!(sagas, 1);
 
     // A plugin uploaded through replica 0 is bound through replica 1; replica 2 serves the
-    // binding within a second, and the next saga it starts pins the new version.
+    // binding soon (each replica re-reads the catalog every 250 ms), and the next saga it
+    // starts pins the new version.
     let (_, def) = admin(&http, reqwest::Method::GET, format!("{}/admin/sagas/order", bases[2]), None).await;
     let original = def["steps"][2]["execute"].as_str().unwrap().to_owned();
     let v2 = upload_misbehave(&http, &bases[0], "shipment").await;
@@ -227,7 +228,9 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     assert_eq!(status, 200, "{bound}");
     let took = catalog_converges(&c).await;
     println!("replicas: binding reached every replica in {} ms", took.as_millis());
-    assert!(took < Duration::from_secs(1), "a binding must reach every replica within a second, took {took:?}");
+    // Generous for a loaded machine (three /metrics reads of debug-build hosts), yet well
+    // short of what a catalog re-read every few seconds would take.
+    assert!(took < Duration::from_secs(3), "a binding must reach every replica soon, took {took:?}");
     let r = http
         .post(format!("{}/orders", bases[2]))
         .header("Idempotency-Key", key())
@@ -294,9 +297,10 @@ async fn a_request_waiting_on_one_replica_follows_its_saga_finished_by_another()
         assert!(started.elapsed() < Duration::from_secs(20), "the order never parked for its signal");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // Past the first safety-net read (1 s after the request), so only a wait that follows
-    // the store answers soon after the saga settles.
-    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed())).await;
+    // Past the second safety-net read (1 and 3 s after the request; the next is at 7 s), so
+    // only a wait that follows the store answers within 3 s of the signal, and a loaded
+    // machine still has seconds to run the saga to its end.
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed())).await;
     let signalled = Instant::now();
     let r = http
         .post(format!("{}/orders/{id}/signals/payment-confirmed", bases[1]))
@@ -312,10 +316,7 @@ async fn a_request_waiting_on_one_replica_follows_its_saga_finished_by_another()
     let o: Value = answer.json().await.unwrap();
     assert_eq!((o["id"].as_str(), &o["status"]), (Some(id.as_str()), &json!("COMPLETED")), "{o:#}");
     println!("replicas: the wait on replica 0 answered {} ms after the signal to replica 1", took.as_millis());
-    assert!(
-        took < Duration::from_millis(1000),
-        "the wait answered {took:?} after the signal: it did not follow the store"
-    );
+    assert!(took < Duration::from_secs(3), "the wait answered {took:?} after the signal: it did not follow the store");
 }
 
 #[tokio::test]

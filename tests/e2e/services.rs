@@ -490,10 +490,12 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
     let env_token = [("SAGAHOST_ADMIN_TOKEN", TOKEN)];
     let host = HostProcess::spawn(dir.path(), None, &env_token).await;
     let api = Api::new(&host.base);
-    let services = Services::start(&host.base, &[], &["--hold-ms", "3000"]).await;
+    // Held 10 s: time for a loaded machine to see the charge and kill the host meanwhile (the
+    // resend after the restart is answered from the service's record at once).
+    let services = Services::start(&host.base, &[], &["--hold-ms", "10000"]).await;
     services.grant(&api).await;
     let mut def = services.definition();
-    def["steps"][1]["timeout_ms"] = json!(10_000); // longer than the hold
+    def["steps"][1]["timeout_ms"] = json!(30_000); // longer than the hold
     api.define(SAGA, &def).await;
 
     let id = api.submit(SAGA, order("tok_hold", "SKU-1", "US")).await;
@@ -533,10 +535,12 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
 
 #[tokio::test]
 async fn a_service_slower_than_the_attempt_timeout_fails_the_attempt_and_holds_up_no_other_saga() {
-    // Four SLOW- orders whose first inventory request sleeps 10 s against a 4 s attempt
-    // timeout, started together with six ordinary orders.
-    let env = Env::start_with(&["--slow-ms", "10000"], &[], |def| {
-        def["steps"][0]["timeout_ms"] = json!(4_000);
+    // Four SLOW- orders whose first inventory request sleeps 20 s against a 10 s attempt
+    // timeout, started together with six ordinary orders. The timeout is long so that a loaded
+    // machine finishes the ordinary orders well before it, and short enough that a host whose
+    // slow calls held up the others would make them wait for it.
+    let env = Env::start_with(&["--slow-ms", "20000"], &[], |def| {
+        def["steps"][0]["timeout_ms"] = json!(10_000);
     })
     .await;
     let started = Instant::now();
@@ -562,7 +566,7 @@ async fn a_service_slower_than_the_attempt_timeout_fails_the_attempt_and_holds_u
     }
     for (id, s, took) in &ordinary {
         assert_eq!(s["status"], "COMPLETED", "{s:#}");
-        assert!(*took < Duration::from_secs(4), "an ordinary order took {took:?} next to slow calls");
+        assert!(*took < Duration::from_secs(8), "an ordinary order took {took:?} next to slow calls");
         assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
     }
     for id in &slow {
@@ -570,22 +574,23 @@ async fn a_service_slower_than_the_attempt_timeout_fails_the_attempt_and_holds_u
         assert_eq!(s["status"], "COMPLETED", "{s:#}");
         assert_eq!(step(&s, "inventory")["attempts"], 2);
         let (_, retries) = env.events(id).await;
-        assert_eq!(retries, ["inventory: timed out after 4000 ms"]);
+        assert_eq!(retries, ["inventory: timed out after 10000 ms"]);
         assert_eq!(env.services.effects(id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
     }
     let slow_done = started.elapsed();
-    assert!(slow_done >= Duration::from_secs(4), "the slow orders cannot finish before their timeout");
+    assert!(slow_done >= Duration::from_secs(10), "the slow orders cannot finish before their timeout");
     println!("ordinary orders done after {ordinary_done:?}, slow ones after {slow_done:?}");
 }
 
 #[tokio::test]
 async fn new_sagas_past_the_driver_s_queue_are_shed_with_503_before_any_write() {
-    // One saga runs at a time and two may wait: a SLOW- order holds the one place for 3 s
-    // (its inventory request sleeps), two ordinary orders queue behind it, the fourth is shed.
+    // One saga runs at a time and two may wait: a SLOW- order holds the one place for 8 s
+    // (its inventory request sleeps; long, so a loaded machine is done queueing and shedding
+    // well before), two ordinary orders queue behind it, the fourth is shed.
     let env = Env::start_configured(
-        &["--slow-ms", "3000"],
+        &["--slow-ms", "8000"],
         &[],
-        |_| {},
+        |def| def["steps"][0]["timeout_ms"] = json!(15_000),
         |c| {
             c.driver.max_concurrency = 1;
             c.driver.max_queued = 2;
@@ -634,7 +639,12 @@ async fn new_sagas_past_the_driver_s_queue_are_shed_with_503_before_any_write() 
 /// out there belongs to a saga a retry of the request finds (the same step keys).
 #[tokio::test]
 async fn a_waiting_requests_saga_is_durable_before_its_first_step_calls_out() {
-    let env = Env::start(&["--slow-ms", "2000"], &[]).await;
+    // The service sleeps 8 s (the step may take 15): a saga stored only once its first call
+    // came back would be listed after 8 s, a loaded machine lists a durable one well within 6.
+    let env = Env::start_with(&["--slow-ms", "8000"], &[], |def| {
+        def["steps"][0]["timeout_ms"] = json!(15_000);
+    })
+    .await;
     let waiting = env.host.send(
         env.host
             .client
@@ -643,7 +653,7 @@ async fn a_waiting_requests_saga_is_durable_before_its_first_step_calls_out() {
             .header("Prefer", "wait=20")
             .json(&order("tok_visa", "SLOW-1", "US")),
     );
-    // The inventory request sleeps 2 s in the service: meanwhile the saga must be listed.
+    // The inventory request sleeps in the service: meanwhile the saga must be listed.
     let watch = async {
         let started = Instant::now();
         loop {
@@ -652,7 +662,7 @@ async fn a_waiting_requests_saga_is_durable_before_its_first_step_calls_out() {
             if let Some(s) = data.first() {
                 break s.clone();
             }
-            assert!(started.elapsed() < Duration::from_millis(1500), "no saga stored while its first call was out");
+            assert!(started.elapsed() < Duration::from_secs(6), "no saga stored while its first call was out");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

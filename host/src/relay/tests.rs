@@ -206,7 +206,8 @@ async fn a_commit_cues_the_relay_after_the_linger_so_commits_meanwhile_share_its
     // Without a linger the relay reads at once.
     let (answer, waited) = cue_after_a_commit(Duration::ZERO, &shutdown).await;
     assert!(answer);
-    assert!(waited < Duration::from_millis(100), "{waited:?}");
+    // Generous for a loaded machine; without the cue the relay would wait for its poll.
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
 }
 
 #[tokio::test]

@@ -244,19 +244,22 @@ async fn a_failing_state_read_is_the_hosts_failure() {
 
 #[tokio::test]
 async fn a_state_read_slower_than_the_timeout_is_the_hosts_failure_not_a_plugin_timeout() {
-    let reader = FakeReader { delay: Duration::from_millis(600), ..FakeReader::default() };
+    // The timeout leaves a loaded machine ample time to reach the read; the read never ends.
+    let reader = FakeReader { delay: Duration::from_secs(60), ..FakeReader::default() };
     let (runtime, digest) = misbehave(Limits::default(), reader).await;
-    let timeout = Duration::from_millis(200);
+    let timeout = Duration::from_secs(2);
     let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
     assert!(unavailable(&out).contains("state read"), "{:?}", out.result);
 }
 
 #[tokio::test]
 async fn time_blocked_in_state_reads_is_not_charged_to_the_plugin() {
-    // `read-state` reads twice: together longer than the timeout, each well within it.
-    let reader = FakeReader { delay: Duration::from_millis(250), ..FakeReader::default() };
+    // `read-state` reads twice: together longer than the timeout, each well within it. The
+    // rest of the call (instantiation, the plugin's code) has about 1.8 s, plenty even for a
+    // debug build on a loaded machine.
+    let reader = FakeReader { delay: Duration::from_millis(1100), ..FakeReader::default() };
     let (runtime, digest) = misbehave(Limits::default(), reader).await;
-    let timeout = Duration::from_millis(400);
+    let timeout = Duration::from_secs(2);
     let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-state"), timeout).await;
     assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())));
 }
@@ -270,7 +273,9 @@ async fn a_plugin_reading_in_a_loop_still_times_out_as_its_own_failure() {
     let started = std::time::Instant::now();
     let out = runtime.execute(&digest, "misbehave", &info(1), &input("read-loop"), timeout).await;
     assert_eq!(trapped(&out), "timed out after 200 ms");
-    assert!(started.elapsed() < timeout * 2 + Duration::from_millis(500), "{:?}", started.elapsed());
+    // Ends about a timeout of credit plus the timeout itself after it began (0.4 s); the bound
+    // leaves a loaded machine a second, and a credit five times the timeout would fail it.
+    assert!(started.elapsed() < timeout * 2 + Duration::from_secs(1), "{:?}", started.elapsed());
 }
 
 #[tokio::test]

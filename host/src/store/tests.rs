@@ -137,12 +137,19 @@ async fn a_live_lease_blocks_others_an_expired_one_is_taken_over_and_the_old_hol
     for b in backends().await {
         let store = &b.store;
         assert_eq!(store.create_saga(&new_saga("s1"), None, 0).await.unwrap(), CreateOutcome::Created);
-        let claimed = store.claim_due("a", 0, 200, 10).await.unwrap();
+        // A lease that must outlive the next statement is a minute long (a slow machine must not
+        // let it lapse in between); the one meant to expire is renewed short first.
+        let claimed = store.claim_due("a", 0, 60_000, 10).await.unwrap();
         assert_eq!(claimed, vec![("s1".to_owned(), 1)], "{}", b.name);
-        assert!(store.claim_due("b", 0, 200, 10).await.unwrap().is_empty(), "{}: a live lease blocks others", b.name);
+        assert!(
+            store.claim_due("b", 0, 60_000, 10).await.unwrap().is_empty(),
+            "{}: a live lease blocks others",
+            b.name
+        );
+        assert!(store.renew_lease("s1", 1, 50).await.unwrap(), "{}", b.name);
         // Leases run on the database's clock: wait it out for real.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let taken = store.claim_due("b", 0, 200, 10).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let taken = store.claim_due("b", 0, 60_000, 10).await.unwrap();
         assert_eq!(taken, vec![("s1".to_owned(), 2)], "{}: an expired lease is taken over with a new epoch", b.name);
 
         let rec = store.saga("s1").await.unwrap().unwrap();
@@ -441,17 +448,21 @@ async fn workers_claiming_at_once_take_disjoint_sagas() {
 
 #[tokio::test]
 async fn one_relay_lease_holder_at_a_time_and_takeover_after_expiry() {
+    const LIVE: i64 = 60_000;
     for b in backends().await {
         let s = &b.store;
-        let first = s.relay_lease("a", 200).await.unwrap();
+        // A lease that must still be alive at the next call is a minute long, so a slow machine
+        // cannot let it lapse between two statements (a 200 ms one once did, under CI load);
+        // only the lease meant to expire is short, and the sleep outlasts it.
+        let first = s.relay_lease("a", LIVE).await.unwrap();
         assert_eq!(first, Some(1), "{}", b.name);
-        assert_eq!(s.relay_lease("b", 200).await.unwrap(), None, "{}: b waits while a's lease lives", b.name);
-        assert_eq!(s.relay_lease("a", 200).await.unwrap(), Some(1), "{}: renewal keeps the epoch", b.name);
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert_eq!(s.relay_lease("b", 200).await.unwrap(), Some(2), "{}: b takes over an expired lease", b.name);
-        assert_eq!(s.relay_lease("a", 200).await.unwrap(), None, "{}: a lost it", b.name);
+        assert_eq!(s.relay_lease("b", LIVE).await.unwrap(), None, "{}: b waits while a's lease lives", b.name);
+        assert_eq!(s.relay_lease("a", 50).await.unwrap(), Some(1), "{}: renewal keeps the epoch", b.name);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert_eq!(s.relay_lease("b", LIVE).await.unwrap(), Some(2), "{}: b takes over an expired lease", b.name);
+        assert_eq!(s.relay_lease("a", LIVE).await.unwrap(), None, "{}: a lost it", b.name);
         s.relay_release("b").await.unwrap();
-        assert_eq!(s.relay_lease("a", 200).await.unwrap(), Some(3), "{}: a released lease is free at once", b.name);
+        assert_eq!(s.relay_lease("a", LIVE).await.unwrap(), Some(3), "{}: a released lease is free at once", b.name);
         b.cleanup().await;
     }
 }
@@ -1248,11 +1259,14 @@ async fn next_due_skips_sagas_under_a_live_lease() {
         assert_eq!(s.next_due().await.unwrap(), Some(5_000), "{}: the free saga's timer", b.name);
         assert_eq!(s.release_owner("me").await.unwrap(), 1, "{}", b.name);
         assert_eq!(s.next_due().await.unwrap(), Some(0), "{}: released, the saga is due again", b.name);
-        let short = NewSaga { lease: Some(("gone".into(), 100)), ..new_saga("short") };
+        // Held for a minute (so a slow machine cannot let it lapse before the checks), then
+        // renewed short to let it expire.
+        let short = NewSaga { lease: Some(("gone".into(), 60_000)), ..new_saga("short") };
         s.create_saga(&short, None, 0).await.unwrap();
         assert_eq!(s.claim_due("me", 10_000, 60_000, 10).await.unwrap().len(), 2, "{}", b.name);
         assert_eq!(s.next_due().await.unwrap(), None, "{}: every saga is held", b.name);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(s.renew_lease("short", 1, 50).await.unwrap(), "{}", b.name);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
         assert_eq!(s.next_due().await.unwrap(), Some(0), "{}: an expired lease is due", b.name);
         b.cleanup().await;
     }
