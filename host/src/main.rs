@@ -43,6 +43,12 @@ struct Serve {
     /// Address to listen on.
     #[arg(long, env = "SAGAHOST_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Once the host is ready to serve, write the address it listens on (`IP:PORT` and a
+    /// newline) to this file: with `--listen 127.0.0.1:0` the system picks a free port, and a
+    /// supervisor or a test reads it here. Removed at start-up (a file left by a crash never
+    /// names a port this process does not hold) and on an orderly stop.
+    #[arg(long, env = "SAGAHOST_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
     /// Directory for the SQLite database, events.jsonl and the host identity.
     #[arg(long, env = "SAGAHOST_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -160,6 +166,27 @@ struct Serve {
     otlp_endpoint: Option<String>,
 }
 
+/// Writes `--addr-file`: whole or not at all (a temporary file renamed over it), so that a
+/// reader never sees half an address.
+fn write_addr_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{addr}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+fn remove_addr_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the address file {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn parse_setting(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
@@ -247,8 +274,15 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     });
     tracing_subscriber::registry().with(logs.with_filter(filter)).with(traces).init();
 
+    let addr_file = args.addr_file.clone();
+    if let Some(path) = &addr_file {
+        remove_addr_file(path)?;
+    }
     let config = config(args);
     let app = sagahost::App::build(config).await?;
+    if let Some(path) = &addr_file {
+        write_addr_file(path, app.local_addr())?;
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -269,6 +303,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let ran = app.run(shutdown).await;
     if let Some(exporter) = exporter {
         exporter.shutdown().await;
+    }
+    if let Some(path) = &addr_file {
+        remove_addr_file(path)?;
     }
     ran?;
     // The last line; the log guard writes it out as main returns.

@@ -1,6 +1,6 @@
 //! The host's life cycle around the sagas: a graceful stop (SIGTERM) in the middle of work,
 //! the janitor forgetting idempotency keys past their time to live, and the cap on sagas run
-//! at once (`--max-concurrent-sagas`).
+//! at once (`--max-concurrent-sagas`), and the address file (`--addr-file`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -85,8 +85,11 @@ async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_on
         assert!(start.elapsed() < Duration::from_secs(60), "no step ever completed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let addr_file = host.addr_file.clone();
     let status = host.terminate(Duration::from_secs(20)).await;
     assert!(status.success(), "SIGTERM must end the host with exit status 0, got {status}");
+    // The address file goes with an orderly stop: it names no port the host no longer holds.
+    assert!(!addr_file.exists(), "{} outlived the host", addr_file.display());
     // Log lines are written in batches (logs.rs); an orderly stop writes out the last of them,
     // logged as main returns.
     let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
@@ -102,6 +105,38 @@ async fn sigterm_mid_work_exits_cleanly_and_every_acknowledged_saga_completes_on
     let orders: HashMap<String, Kind> = ids.iter().map(|id| (id.clone(), Kind::Counted)).collect();
     let bad = invariants::check(dir.path(), &orders, ids.len()).await;
     assert!(bad.is_empty(), "after a graceful stop and a restart:\n{}", bad.join("\n"));
+}
+
+/// A file left by a crashed host never passes for this one's address: start-up removes it
+/// before anything else, so a host that then fails to start leaves none behind. (Every other
+/// e2e test reads the address from the file: `HostProcess` listens on port 0.)
+#[tokio::test]
+async fn a_stale_address_file_is_removed_at_start_up_even_when_start_up_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("host.addr");
+    std::fs::write(&addr_file, "127.0.0.1:9\n").unwrap();
+    let path = addr_file.to_str().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // Nothing listens on port 1: the database stays unreachable, and start-up gives up.
+    let run = crate::process::run_command(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--addr-file",
+            path,
+            "--data-dir",
+            data,
+            "--database",
+            "postgres://sagahost@127.0.0.1:1/none",
+            "--database-wait-secs",
+            "1",
+        ],
+        &[("RUST_LOG", "warn")],
+    )
+    .await;
+    assert_ne!(run.code, 0, "a host without its database must not start: {run:#?}");
+    assert!(!addr_file.exists(), "the stale address file survived a start-up: {run:#?}");
 }
 
 #[tokio::test]

@@ -23,15 +23,13 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// A free local port (bound, then released for the child to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 pub struct HostProcess {
     child: Child,
     pub base: String,
     pub data_dir: PathBuf,
+    /// Where the host writes the address it listens on (`--addr-file`): the harness asks for
+    /// port 0, so no other process can take the port between its choice and the bind.
+    pub addr_file: PathBuf,
 }
 
 impl HostProcess {
@@ -50,12 +48,18 @@ impl HostProcess {
         failpoints: Option<&str>,
         extra_env: &[(&str, &str)],
     ) -> HostProcess {
-        let port = free_port();
+        // One name per spawn: a test may start a second process on a data dir whose first one
+        // still runs (or left its file behind when killed).
+        static SPAWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let addr_file = data_dir.join(format!("host-{n}.addr"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("host.log")).unwrap();
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
+            .arg("--addr-file")
+            .arg(&addr_file)
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn")
@@ -75,9 +79,31 @@ impl HostProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("sagahost starts");
-        let mut host = HostProcess { child, base: format!("http://127.0.0.1:{port}"), data_dir: data_dir.to_owned() };
+        let mut host = HostProcess { child, base: String::new(), data_dir: data_dir.to_owned(), addr_file };
+        host.base = format!("http://{}", host.wait_addr().await);
         host.wait_healthy().await;
         host
+    }
+
+    /// Waits for the host to write `--addr-file`, and returns the address in it.
+    async fn wait_addr(&mut self) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&self.addr_file) {
+                let addr = text.trim_end();
+                assert!(
+                    text.ends_with('\n') && addr.parse::<std::net::SocketAddr>().is_ok(),
+                    "{} holds {text:?}, not an address and a newline",
+                    self.addr_file.display()
+                );
+                return addr.to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sagahost exited during start-up ({status}); see {}/host.log", self.data_dir.display());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "sagahost wrote no address file in 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_healthy(&mut self) {
