@@ -5,9 +5,10 @@
 //! library's `cli` module).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -168,8 +169,7 @@ struct Serve {
 
 /// Writes `--addr-file`: whole or not at all (a temporary file renamed over it), so that a
 /// reader never sees half an address.
-fn write_addr_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+fn write_addr_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -177,8 +177,7 @@ fn write_addr_file(path: &std::path::Path, addr: SocketAddr) -> anyhow::Result<(
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
-fn remove_addr_file(path: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+fn remove_addr_file(path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing the address file {}", path.display()))
@@ -304,10 +303,10 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     if let Some(exporter) = exporter {
         exporter.shutdown().await;
     }
-    if let Some(path) = &addr_file {
-        remove_addr_file(path)?;
-    }
+    let removed = addr_file.as_deref().map_or(Ok(()), remove_addr_file);
+    // The run's own error, if any, is the one to report.
     ran?;
+    removed?;
     // The last line; the log guard writes it out as main returns.
     tracing::info!("sagahost stopped");
     Ok(std::process::ExitCode::SUCCESS)
