@@ -170,7 +170,35 @@ fn executable(var: &str, names: &[&str]) -> Option<PathBuf> {
     names.iter().flat_map(|n| std::env::split_paths(&path).map(move |dir| dir.join(n))).find(|p| p.is_file())
 }
 
-/// Headless Chromium under its own chromedriver, on a free port; both end with the value.
+/// The port a chromedriver started with `--port=0` listens on, from the line it prints once it
+/// does ("ChromeDriver was started successfully on port N."). The rest of its output is
+/// drained, so that it never blocks on a full pipe.
+async fn driver_port(child: &mut tokio::process::Child) -> u16 {
+    use tokio::io::AsyncBufReadExt as _;
+    const READY: &str = "started successfully on port ";
+    let stdout = child.stdout.take().expect("chromedriver's stdout is piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    let port = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("reading chromedriver's output") {
+            if let Some(rest) = line.split_once(READY).map(|(_, rest)| rest) {
+                return rest.trim_end_matches('.').parse::<u16>().ok();
+            }
+            seen.push(line);
+        }
+        None
+    })
+    .await;
+    match port {
+        Ok(Some(port)) => {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            port
+        }
+        _ => panic!("chromedriver did not say which port it listens on within 20 s; it printed: {seen:?}"),
+    }
+}
+
+/// Headless Chromium under its own chromedriver, on a port the system picked; both end with the value.
 struct Browser {
     client: Client,
     _driver: tokio::process::Child,
@@ -187,11 +215,12 @@ impl Browser {
             )
         });
         let chromium = executable("SAGAHOST_CHROMIUM", &["chromium", "chromium-browser", "google-chrome"]);
-        // chromedriver takes a port, not a listener: find a free one and hand it over.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = tokio::process::Command::new(&driver)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
+        // `--port=0`: chromedriver binds a port the system picks and prints it. (A port found by
+        // binding one, releasing it and handing it over could be taken in between, and the test
+        // would then talk to whatever took it.)
+        let mut child = tokio::process::Command::new(&driver)
+            .arg("--port=0")
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -202,6 +231,7 @@ impl Browser {
                     driver.display()
                 )
             });
+        let port = driver_port(&mut child).await;
         let url = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
         while reqwest::get(format!("{url}/status")).await.map(|r| r.status().is_success()).ok() != Some(true) {

@@ -28,7 +28,7 @@ pub struct DemoService {
 }
 
 impl DemoService {
-    /// Starts `service` on a free port and a fresh data directory, with extra flags
+    /// Starts `service` on a port the system picks and a fresh data directory, with extra flags
     /// (`--slow-ms`, `--hold-ms`, `--sagahost-url`, ...).
     pub async fn start(service: &'static str, args: &[String]) -> DemoService {
         let dir = tempfile::tempdir().expect("temp dir");
