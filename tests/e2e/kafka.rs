@@ -24,31 +24,60 @@ use crate::process::HostProcess;
 
 const PARTITIONS: i32 = 3;
 
-/// A tansu broker with in-memory storage on a free port.
+/// A tansu broker with in-memory storage on a port no one else holds.
 pub struct Broker {
     child: Child,
     pub addr: String,
 }
 
 impl Broker {
+    /// Starts tansu and waits until it listens.
+    ///
+    /// tansu takes a port, not a listener, and advertises that port to clients, so it cannot
+    /// be given port 0. The port is found by binding one and releasing it, and something else
+    /// (a host another test starts on port 0) may take it before tansu binds it. So the broker
+    /// counts as started only once tansu itself holds the listening socket; if tansu exits
+    /// instead (its port was taken) or does not listen within 20 s, another port is tried.
     pub async fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the tansu broker is not installed: `cargo install tansu --locked --features dynostore` (.ci/run does it)");
-        let addr = format!("127.0.0.1:{port}");
-        let start = Instant::now();
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "tansu did not listen on {addr}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut child = Command::new("tansu")
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("the tansu broker is not installed: `cargo install tansu --locked --features dynostore` (.ci/run does it)");
+            let pid = child.id().expect("tansu just started");
+            let start = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    eprintln!("tansu exited ({status}) on port {port}, attempt {attempt} of {ATTEMPTS}");
+                    break;
+                }
+                if listens_on(pid, port) {
+                    return Broker { child, addr: format!("127.0.0.1:{port}") };
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    eprintln!("tansu did not listen on port {port} within 20 s, attempt {attempt} of {ATTEMPTS}");
+                    child.kill().await.ok();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        Broker { child, addr }
+        panic!("tansu did not start in {ATTEMPTS} attempts (run it by hand to see why: tansu broker --help)");
     }
 
     /// Creates a topic with [`PARTITIONS`] partitions.
@@ -77,6 +106,28 @@ impl Broker {
     pub fn resume(&self) {
         self.signal("-CONT");
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (IPv4), from Linux's
+/// `/proc`: the listening sockets in `/proc/net/tcp` (state `0A`), by inode, against the
+/// sockets among the process's open files.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let listening: HashSet<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, local_port) = fields.get(1)?.split_once(':')?;
+            let ours = u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A";
+            ours.then(|| fields.get(9).copied()).flatten()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|target| {
+        let target = target.to_string_lossy();
+        target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')).is_some_and(|inode| listening.contains(inode))
+    })
 }
 
 /// One consumed message.
