@@ -643,7 +643,9 @@ async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout()
     let out =
         runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &service.origin), timeout).await;
     assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
-    assert!(started.elapsed() < Duration::from_millis(1_400), "took {:?}", started.elapsed());
+    // Without the timeout the call would wait forever; the bound leaves a loaded CI machine
+    // room (the call's own work, a scheduler that is late), far below "forever".
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(service.connections(), 1);
 }
 
