@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use sagahost::bench::mix::{Mix, Trigger};
 use serde_json::Value;
 
-use crate::process::{binary, HostProcess};
+use crate::process::{binary, refusing_addr, HostProcess};
 
 /// Runs `sagahost bench ARGS` to its end (at most two minutes).
 async fn bench(args: &[&str]) -> Output {
@@ -255,9 +255,8 @@ async fn an_open_loop_keeps_its_schedule_and_a_sweep_draws_its_chart() {
 
 #[tokio::test]
 async fn an_unreachable_server_or_a_bad_flag_fails_with_one_clear_line() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{port}");
+    let (_held, addr) = refusing_addr();
+    let url = format!("http://{addr}");
     let out = bench(&["--url", &url, "--sagas", "1"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);

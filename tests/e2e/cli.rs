@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::{fixture, key, order, TestHost};
-use crate::process::{run_command as sagahost, Run};
+use crate::process::{refusing_addr, run_command as sagahost, Run};
 
 const TOKEN: &str = "cli-admin-token";
 
@@ -222,9 +222,8 @@ async fn tokens_come_from_flags_or_the_environment_and_auth_failures_exit_5() {
 
 #[tokio::test]
 async fn an_unreachable_url_exits_3_and_a_url_that_is_not_sagahost_exits_8() {
-    // Nothing listens on a port that was just released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{port}");
+    let (_held, addr) = refusing_addr();
+    let url = format!("http://{addr}");
     let run = sagahost(&["orders", "list", "--url", &url], &[]).await.exits(3);
     assert!(run.stderr.contains("cannot reach") && run.stderr.contains(&url), "{run:#?}");
 

@@ -181,7 +181,7 @@ async fn driver_port(child: &mut tokio::process::Child) -> u16 {
     let mut seen = Vec::new();
     let port = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.expect("reading chromedriver's output") {
-            if let Some(rest) = line.split_once(READY).map(|(_, rest)| rest) {
+            if let Some((_, rest)) = line.split_once(READY) {
                 return rest.trim_end_matches('.').parse::<u16>().ok();
             }
             seen.push(line);

@@ -8,6 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+/// An address where nothing answers while the returned socket lives: the socket is bound to
+/// a port the system picks and never listens, so a connection is refused, and no one else can
+/// bind the port meanwhile. (A port bound and released at once could be taken by a host
+/// another test starts on port 0, and the test would reach it.)
+pub fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("binding a port the system picks");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 /// The `sagahost` binary cargo built next to this test binary (`target/<profile>/sagahost`).
 pub fn binary() -> PathBuf {
     workspace_binary("sagahost")
