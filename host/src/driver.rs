@@ -17,6 +17,10 @@
 //!   releases the claim;
 //! - a call reached another service (outbound HTTP): its effect out there is recorded before
 //!   anything else happens;
+//! - the next call is an execute that may reach another service: its start
+//!   ([`Event::Started`]) is committed before it calls, so that a step whose result never
+//!   commits (a cancel took the saga over mid-call, the host died) is still compensated, and
+//!   not before the call can no longer be sending anything;
 //! - the next call is to a plugin with staged writes: a plugin reads its own state, and must
 //!   read it committed (there is no overlay of uncommitted writes);
 //! - it holds `chain_max` transitions or is `chain_max_age` old ([`DriverOptions`]).
@@ -548,7 +552,8 @@ impl Inner {
             }
             // A step that may reach another service runs only once the saga exists durably:
             // its effect out there must belong to a saga that a retry of the request finds.
-            if creating.is_some() && self.may_reach_out(&rec, &action) {
+            // (An execute commits the creation with its start, below.)
+            if creating.is_some() && !matches!(action, Action::Execute { .. }) && self.may_reach_out(&rec, &action) {
                 if let Some(pending) = creating.take_if(|_| staged.is_empty()) {
                     let outcome = self.sagas.create_deferred(&pending).await;
                     if !created_alone(&id, pending, outcome) {
@@ -567,6 +572,36 @@ impl Inner {
             if staged.is_empty() {
                 chain_began = began;
             }
+            // An execute that may reach another service is recorded as started, durably, before
+            // it calls (with the saga's creation, if that is still pending): if its result never
+            // commits (a cancel takes the saga over mid-call, the host dies), the step still
+            // counts as possibly applied, and it is compensated once the call can no longer be
+            // sending anything (`StepState::in_flight_until`, which also bounds the call).
+            let mut in_flight_until = None;
+            if let Action::Execute { step, attempt } = action {
+                // Loaded first (a version bound through another replica a moment ago), so that
+                // what it imports is known.
+                self.catalog.ensure_loaded(&rec.definition.steps[step].execute.digest).await;
+                if self.may_reach_out(&rec, &action) {
+                    if let Err(e) = self.sagas.stage(&mut rec, &mut staged, Event::Started { step, attempt }, None) {
+                        tracing::error!(saga_id = %id, error = %e, "the engine refused the driver's own event; the steps will run again");
+                        self.release_later(&id, epoch).await;
+                        return;
+                    }
+                    match self.flush(&mut rec, epoch, &mut staged, true, &mut creating).await {
+                        Flushed::Done => chain_began = std::time::Instant::now(),
+                        Flushed::Refused if creating.is_none() => {
+                            chaining = false;
+                            if !self.reload(&mut rec, epoch).await {
+                                return;
+                            }
+                            continue;
+                        }
+                        Flushed::Refused | Flushed::Stop => return,
+                    }
+                    in_flight_until = rec.state.steps[step].in_flight_until;
+                }
+            }
             let action_result = match action {
                 Action::Idle => {
                     self.release(&id, epoch).await;
@@ -576,8 +611,10 @@ impl Inner {
                 Action::Finish => Ok(Called::host(Event::Finish)),
                 Action::DeadlineExceeded { step } => Ok(Called::host(Event::DeadlineExceeded { step })),
                 Action::Execute { step, attempt } => {
-                    let call =
-                        traced(attempt_span(&rec, step, attempt, "execute"), self.execute(&rec, step, attempt, now));
+                    let call = traced(
+                        attempt_span(&rec, step, attempt, "execute"),
+                        self.execute(&rec, step, attempt, now, in_flight_until),
+                    );
                     let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
                     crate::failpoint!("driver-after-call");
                     out
@@ -890,7 +927,17 @@ impl Inner {
         self.metrics.call(labels, out.elapsed, &out.phases);
     }
 
-    async fn execute(&self, rec: &SagaRecord, step: usize, attempt: u32, started_at: i64) -> Result<Called, String> {
+    /// Runs execute attempt `attempt` of `step`. `in_flight_until`: the attempt was recorded as
+    /// started ([`Event::Started`]) and must be over by then, less half of
+    /// [`engine::CALL_GRACE_MS`].
+    async fn execute(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        attempt: u32,
+        started_at: i64,
+        in_flight_until: Option<i64>,
+    ) -> Result<Called, String> {
         let sdef = &rec.definition.steps[step];
         let woken = &rec.state.steps[step];
         // A payload is set only once the signal the step waits for arrived: its name is the
@@ -898,9 +945,14 @@ impl Inner {
         let signal = woken.signal_payload.clone().map(|payload| (woken.wait_signal.clone(), payload));
         let info = call_info(rec, &sdef.name, attempt, "execute", signal);
         let input = step_input(rec, step);
-        let timeout = Duration::from_millis(sdef.timeout_ms);
-        // A version bound through another replica a moment ago: load it rather than fail.
-        self.catalog.ensure_loaded(&sdef.execute.digest).await;
+        let mut timeout = Duration::from_millis(sdef.timeout_ms);
+        if let Some(until) = in_flight_until {
+            // The call ends at least half the grace before `until`: the commit that recorded
+            // its start may use the other half; one that took longer shortens the call.
+            let latest_end = until.saturating_sub(engine::CALL_GRACE_MS / 2);
+            let left = latest_end.saturating_sub(self.clock.now_ms());
+            timeout = timeout.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
+        }
         let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
         let out = traced(plugin_span(&sdef.execute, "execute"), call).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");

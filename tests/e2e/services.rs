@@ -268,9 +268,19 @@ async fn happy_path_applies_each_effect_once_with_the_steps_keys() {
         assert_eq!(svc.keys(&id).await, [format!("{id}:{step}:execute")], "{}", svc.service);
     }
     let (types, retries) = env.events(&id).await;
+    // Each call out is recorded as started before it is made.
     assert_eq!(
         types,
-        ["OrderHttpCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderHttpCompleted"]
+        [
+            "OrderHttpCreated",
+            "StepStarted",
+            "InventoryReserved",
+            "StepStarted",
+            "PaymentCharged",
+            "StepStarted",
+            "ShipmentCreated",
+            "OrderHttpCompleted"
+        ]
     );
     assert!(retries.is_empty(), "{retries:?}");
 }
@@ -295,7 +305,10 @@ async fn out_of_stock_declined_card_and_flaky_gateway_each_take_effect_as_the_se
     assert_eq!(env.services.effects(&id).await, effects(&[]));
     assert_eq!(env.services.inventory.keys(&id).await, [format!("{id}:inventory:execute")], "the refusal is stored");
     assert!(env.services.payment.keys(&id).await.is_empty());
-    assert_eq!(env.events(&id).await.0, ["OrderHttpCreated", "OrderHttpCompensating", "OrderHttpCancelled"]);
+    assert_eq!(
+        env.events(&id).await.0,
+        ["OrderHttpCreated", "StepStarted", "OrderHttpCompensating", "OrderHttpCancelled"]
+    );
 
     // tok_decline: refused at payment; the reservation is released, once.
     let (id, s) = declined;
@@ -313,7 +326,15 @@ async fn out_of_stock_declined_card_and_flaky_gateway_each_take_effect_as_the_se
     );
     assert_eq!(
         env.events(&id).await.0,
-        ["OrderHttpCreated", "InventoryReserved", "OrderHttpCompensating", "StepCompensated", "OrderHttpCancelled"]
+        [
+            "OrderHttpCreated",
+            "StepStarted",
+            "InventoryReserved",
+            "StepStarted",
+            "OrderHttpCompensating",
+            "StepCompensated",
+            "OrderHttpCancelled"
+        ]
     );
 
     // tok_flaky: two 503s, then the charge on attempt 3, applied once.
@@ -359,10 +380,14 @@ async fn three_d_secure_waits_until_the_payment_services_webhook_signals_the_sag
         types,
         [
             "OrderHttpCreated",
+            "StepStarted",
             "InventoryReserved",
+            "StepStarted",
             "StepWaiting",
             "SignalReceived",
+            "StepStarted",
             "PaymentCharged",
+            "StepStarted",
             "ShipmentCreated",
             "OrderHttpCompleted"
         ]
@@ -411,8 +436,11 @@ async fn a_shipping_refusal_refunds_then_releases_each_effect_once() {
         env.events(&id).await.0,
         [
             "OrderHttpCreated",
+            "StepStarted",
             "InventoryReserved",
+            "StepStarted",
             "PaymentCharged",
+            "StepStarted",
             "OrderHttpCompensating",
             "StepCompensated",
             "StepCompensated",
@@ -527,9 +555,79 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
         .iter()
         .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
         .collect();
+    // The payment's start twice: before the kill, and again before the resend.
     assert_eq!(
         types,
-        ["OrderHttpCreated", "InventoryReserved", "PaymentCharged", "ShipmentCreated", "OrderHttpCompleted"]
+        [
+            "OrderHttpCreated",
+            "StepStarted",
+            "InventoryReserved",
+            "StepStarted",
+            "StepStarted",
+            "PaymentCharged",
+            "StepStarted",
+            "ShipmentCreated",
+            "OrderHttpCompleted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_while_the_charge_is_in_flight_refunds_it_once_the_call_has_ended() {
+    // The payment service charges, commits and then holds its answer 4 s, past the step's 2 s
+    // timeout: the host is mid-call, with the charge already made, when the client cancels.
+    // The attempt's result will never commit (the cancel took the saga over), so only the
+    // durable record that the attempt started says the card may have been charged; and the
+    // refund must wait until the call can send nothing more, or it could overtake the charge.
+    let env = Env::start_with(&[], &["--hold-ms", "4000"], |def| {
+        def["steps"][1]["timeout_ms"] = json!(2_000);
+    })
+    .await;
+    let id = env.api.submit(SAGA, order("tok_hold", "SKU-1", "US")).await;
+    let start = Instant::now();
+    while env.services.payment.effects(&id).await["charge"] != 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the payment service never charged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, answer) = env.api.call(Method::POST, &format!("/sagas/{SAGA}/{id}/cancel"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let s = env.api.settled(SAGA, &id).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    let payment = step(&s, "payment");
+    assert_eq!((&payment["status"], &payment["output"]), (&json!("compensated"), &Value::Null), "{s:#}");
+    assert_eq!(
+        payment["compensate_output"],
+        json!({"order_id": id, "status": "refunded", "refunded_cents": 3000}),
+        "the refund found the charge: it ran after the call had ended"
+    );
+    assert_eq!(
+        env.services.effects(&id).await,
+        effects(&[("reserve", 1), ("charge", 1), ("refund", 1), ("release", 1)])
+    );
+    let events = env.host.events(&id).await;
+    let started = events
+        .iter()
+        .find(|e| e["type"] == "StepStarted" && e["data"]["step"] == "payment")
+        .unwrap_or_else(|| panic!("no StepStarted for the payment: {events:#?}"));
+    let until = started["data"]["until"].as_i64().expect("until");
+    let refunded = events
+        .iter()
+        .find(|e| e["type"] == "StepCompensated" && e["data"]["step"] == "payment")
+        .expect("the payment's StepCompensated");
+    let refunded_at = chrono::DateTime::parse_from_rfc3339(refunded["at"].as_str().unwrap()).unwrap();
+    assert!(refunded_at.timestamp_millis() >= until, "refunded at {refunded_at}, before the call's end {until}");
+    assert_eq!(
+        env.events(&id).await.0,
+        [
+            "OrderHttpCreated",
+            "StepStarted",
+            "InventoryReserved",
+            "StepStarted",
+            "OrderHttpCompensating",
+            "StepCompensated",
+            "StepCompensated",
+            "OrderHttpCancelled"
+        ]
     );
 }
 

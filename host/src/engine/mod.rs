@@ -183,11 +183,14 @@ impl StepStatus {
 
 impl StepState {
     /// May this step's execute have had effects? A `done` did; so did a `wait`, even if a later
-    /// attempt of the same step failed or was rejected (its writes stay), and so may a failed
-    /// attempt that had sent requests out: either way it is compensated.
+    /// attempt of the same step failed or was rejected (its writes stay); so may a failed
+    /// attempt that had sent requests out, and an attempt that may reach out and started but
+    /// whose result never committed (a cancel took the saga over mid-call, or the host died):
+    /// either way it is compensated.
     fn needs_compensation(&self) -> bool {
         self.status.needs_compensation()
-            || (self.waited && matches!(self.status, StepStatus::Retrying | StepStatus::Failed))
+            || ((self.waited || self.in_flight_until.is_some())
+                && matches!(self.status, StepStatus::Pending | StepStatus::Retrying | StepStatus::Failed))
     }
 }
 
@@ -206,6 +209,13 @@ pub struct StepState {
     /// them). Such a step is compensated when the saga compensates, with `null` for output.
     /// (Stored as `waited`, its first meaning.)
     pub waited: bool,
+    /// An execute attempt that may send requests out of the host started
+    /// ([`Event::Started`]) and its result has not committed: until this time (ms since the
+    /// Unix epoch: the attempt's start, its timeout and [`CALL_GRACE_MS`]) it may still be
+    /// sending them. Such a step is compensated if the saga compensates, and not before this
+    /// time, so that the undo cannot overtake the request it undoes. Cleared by the attempt's
+    /// result.
+    pub in_flight_until: Option<i64>,
     /// Compensate attempts made in the current compensation round.
     pub compensate_attempts: u32,
     /// Execute's output JSON once `done`.
@@ -234,6 +244,7 @@ impl StepState {
             attempts: 0,
             failures: 0,
             waited: false,
+            in_flight_until: None,
             compensate_attempts: 0,
             output: None,
             compensate_output: None,
@@ -301,6 +312,13 @@ pub enum CompensateOutcome {
 /// Something that happened to a saga.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// An execute attempt that may send requests out of the host (outbound HTTP) is about to
+    /// start: recorded durably before the call, so that whatever happens to the call's result
+    /// (a cancel takes the saga over, the host dies), the step counts as possibly applied.
+    Started {
+        step: usize,
+        attempt: u32,
+    },
     Executed {
         step: usize,
         attempt: u32,
@@ -458,6 +476,18 @@ pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action 
     }
 }
 
+/// How long after an attempt's timeout a compensation of a step whose attempt was in flight
+/// still waits: for the commit that recorded the start (the driver gives it at most half of
+/// this), for a request the attempt sent to reach the service and be applied there, and for
+/// the clock difference between replicas.
+pub const CALL_GRACE_MS: i64 = 1_000;
+
+/// When compensation may go on: now, unless the step it is at has an attempt in flight that
+/// may still be sending requests ([`StepState::in_flight_until`]); then once that has ended.
+fn compensation_due(state: &SagaState, now: i64) -> i64 {
+    current_compensation_step(state).and_then(|i| state.steps[i].in_flight_until).map_or(now, |until| until.max(now))
+}
+
 /// The shortest delay a `wait` gets: a step that asks for less (polling with `delay-ms: 0`)
 /// runs again after this long, not at once.
 pub const MIN_WAIT_DELAY_MS: u64 = 100;
@@ -472,7 +502,7 @@ fn start_compensating(def: &SagaDefinition, state: &mut SagaState, reason: Strin
     state.phase = Phase::Compensating;
     state.status = SagaStatus::Compensating;
     state.reason = Some(reason.clone());
-    state.next_run_at = Some(now);
+    state.next_run_at = Some(compensation_due(state, now));
     EventSpec { event_type: format!("{}Compensating", def.event_prefix()), data: json!({ "reason": reason }) }
 }
 
@@ -485,6 +515,26 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
     let mut next = state.clone();
     let mut changed = Vec::new();
     let event = match event {
+        Event::Started { step: i, attempt } => {
+            if state.phase != Phase::Forward
+                || current_forward_step(state) != Some(i)
+                || state.steps[i].attempts + 1 != attempt
+            {
+                return Err(Error::Stale);
+            }
+            let sdef = &def.steps[i];
+            let step = &mut next.steps[i];
+            changed.push(i);
+            let until = now.saturating_add(ms(sdef.timeout_ms)).saturating_add(CALL_GRACE_MS);
+            step.in_flight_until = Some(until);
+            // The step's deadline counts from its first attempt's start.
+            step.started_at.get_or_insert(now);
+            step.updated_at = Some(now);
+            EventSpec {
+                event_type: "StepStarted".to_owned(),
+                data: json!({ "step": sdef.name, "attempt": attempt, "until": until }),
+            }
+        }
         Event::Executed { step: i, attempt, started_at, digest, outcome, jitter, reached_out } => {
             if state.phase != Phase::Forward
                 || current_forward_step(state) != Some(i)
@@ -496,6 +546,8 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             let step = &mut next.steps[i];
             changed.push(i);
             step.attempts = attempt;
+            // The attempt's result is here: what it may have done out there is `reached_out`.
+            step.in_flight_until = None;
             step.started_at.get_or_insert(started_at);
             step.execute_digest = Some(digest);
             step.signal_payload = None;
@@ -586,7 +638,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     step.last_error = None;
                     step.wait_signal = None;
                     step.finished_at = Some(now);
-                    next.next_run_at = Some(now);
+                    next.next_run_at = Some(compensation_due(&next, now));
                     let output: serde_json::Value = serde_json::from_str(&output).unwrap_or(serde_json::Value::Null);
                     EventSpec {
                         event_type: "StepCompensated".to_owned(),
@@ -691,7 +743,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             }
             next.phase = Phase::Compensating;
             next.status = SagaStatus::Compensating;
-            next.next_run_at = Some(now);
+            next.next_run_at = Some(compensation_due(&next, now));
             EventSpec { event_type: "CompensationRetried".to_owned(), data: json!({}) }
         }
         Event::Resolve { note } => {

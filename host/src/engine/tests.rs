@@ -337,6 +337,44 @@ fn cancel_compensates_from_forward_and_is_refused_when_terminal() {
     );
 }
 
+#[test]
+fn a_cancel_while_an_outbound_attempt_is_in_flight_undoes_it_once_the_call_has_ended() {
+    let def = order_def(); // timeout 1,000 ms
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    // Payment may reach out: its start is recorded before it calls, at 100.
+    let t = step(&def, &s, Event::Started { step: 1, attempt: 1 }, 100);
+    let until = 100 + 1_000 + CALL_GRACE_MS;
+    assert_eq!(t.event.event_type, "StepStarted");
+    assert_eq!(t.event.data["until"], until);
+    assert_eq!((t.state.steps[1].in_flight_until, t.state.steps[1].started_at), (Some(until), Some(100)));
+    assert_eq!(t.state.steps[1].status, StepStatus::Pending);
+    assert_eq!(next_action(&def, &t.state, 100), Action::Execute { step: 1, attempt: 1 }, "the same attempt");
+    // A cancel takes the saga over mid-call (the call's result will be fenced off): payment
+    // is undone, but only once its call can no longer be sending anything; then inventory.
+    let c = step(&def, &t.state, Event::Cancel { reason: "cancelled by client".into() }, 150).state;
+    assert_eq!(c.next_run_at, Some(until));
+    assert_eq!(next_action(&def, &c, until - 1), Action::Idle);
+    assert_eq!(next_action(&def, &c, until), Action::Compensate { step: 1, attempt: 1 });
+    let c = step(&def, &c, compensated(1, 1, CompensateOutcome::Done("{}".into())), until).state;
+    assert_eq!(
+        (c.next_run_at, next_action(&def, &c, until)),
+        (Some(until), Action::Compensate { step: 0, attempt: 1 })
+    );
+    // The host died instead, and the deadline passed before the step ran again: also undone.
+    let mut d = def.clone();
+    d.steps[1].deadline_ms = Some(10);
+    let x = step(&d, &t.state, Event::DeadlineExceeded { step: 1 }, 5_000).state;
+    assert_eq!(next_action(&d, &x, 5_000), Action::Compensate { step: 1, attempt: 1 });
+    // The attempt's result clears the mark: a definite refusal leaves nothing to undo.
+    let r = step(&def, &t.state, executed(1, 1, ExecuteOutcome::Rejected("card declined".into())), 200).state;
+    assert_eq!(r.steps[1].in_flight_until, None);
+    assert_eq!(next_action(&def, &r, 200), Action::Compensate { step: 0, attempt: 1 });
+    // A start for another attempt or step is stale.
+    assert_eq!(apply(&def, &s, Event::Started { step: 1, attempt: 2 }, 0).err(), Some(Error::Stale));
+    assert_eq!(apply(&def, &s, Event::Started { step: 2, attempt: 1 }, 0).err(), Some(Error::Stale));
+}
+
 // ---------------------------------------------------------------------------------------
 // Property: driving the engine with arbitrary plugin outcomes agrees with a simple model.
 
@@ -489,6 +527,9 @@ enum Op {
     /// The driver performs what is due (advancing time to the next timer if nothing is due
     /// now); the plugin answers `exec` if it executes, `comp_ok` if it compensates.
     Drive { exec: ExecOp, comp_ok: bool },
+    /// The driver records that an execute attempt that may reach out starts, and its result
+    /// is lost (the host dies, or an outside event takes the saga over mid-call).
+    Start,
     /// A client cancels.
     Cancel,
     /// The signal the waiting step asked for (`go`), or another one.
@@ -521,6 +562,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (exec, prop::bool::weighted(0.7)).prop_map(|(exec, comp_ok)| Op::Drive { exec, comp_ok }),
         1 => Just(Op::Cancel),
+        2 => Just(Op::Start),
         2 => prop::bool::weighted(0.8).prop_map(|right_name| Op::Signal { right_name }),
         1 => Just(Op::Deadline),
         1 => Just(Op::Retry),
@@ -539,6 +581,9 @@ struct Model {
     waited: Vec<bool>,
     /// The step has been attempted (its deadline clock runs).
     started: Vec<bool>,
+    /// An attempt that may reach out started and its result never came: it may have had
+    /// effects, so it is compensated.
+    in_flight: Vec<bool>,
     failures: Vec<u32>,
     comp_attempts: Vec<u32>,
     /// A signal arrived for the waiting step and was not consumed yet.
@@ -563,6 +608,7 @@ impl Model {
             status: vec![StepStatus::Pending; n],
             waited: vec![false; n],
             started: vec![false; n],
+            in_flight: vec![false; n],
             failures: vec![0; n],
             comp_attempts: vec![0; n],
             signalled: false,
@@ -581,7 +627,8 @@ impl Model {
             matches!(
                 self.status[i],
                 StepStatus::Succeeded | StepStatus::Waiting | StepStatus::Compensating | StepStatus::CompensationFailed
-            ) || (self.waited[i] && matches!(self.status[i], StepStatus::Retrying | StepStatus::Failed))
+            ) || ((self.waited[i] || self.in_flight[i])
+                && matches!(self.status[i], StepStatus::Pending | StepStatus::Retrying | StepStatus::Failed))
         })
     }
 
@@ -607,6 +654,8 @@ impl Model {
 
     fn execute(&mut self, i: usize, outcome: ExecOp) {
         self.started[i] = true;
+        // The attempt's result is known now.
+        self.in_flight[i] = false;
         self.signalled = false;
         let failed = matches!(outcome, ExecOp::Retry | ExecOp::RetryOut | ExecOp::Trap);
         if failed {
@@ -758,6 +807,9 @@ proptest! {
                             Some(Event::Executed { step: *step, attempt: *attempt, started_at: now, digest: "d".into(), outcome, jitter, reached_out })
                         }
                         (Action::Compensate { step, attempt }, Due::Compensate(i)) if step == i => {
+                            // An undo never overtakes the attempt it undoes.
+                            let until = state.steps[*i].in_flight_until;
+                            prop_assert!(until.is_none_or(|u| now >= u), "compensating at {} before {:?}", now, until);
                             model.compensate(*i, comp_ok);
                             let outcome = if comp_ok {
                                 CompensateOutcome::Done("{}".into())
@@ -777,6 +829,15 @@ proptest! {
                     };
                     event.map(|e| apply(&def, &state, e, now).map_err(|e| format!("{e}")))
                 }
+                Op::Start => match (next_action(&def, &state, now), model.due()) {
+                    (Action::Execute { step, attempt }, Due::Execute(i)) if step == i => {
+                        model.started[i] = true;
+                        model.in_flight[i] = true;
+                        Some(apply(&def, &state, Event::Started { step, attempt }, now).map_err(|e| format!("{e}")))
+                    }
+                    // Nothing is due now, or not an execute: the driver starts no call.
+                    _ => None,
+                },
                 Op::Deadline => {
                     let cur = current_forward_step(&state).unwrap_or(0);
                     match model.deadline_runs() {

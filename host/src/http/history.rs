@@ -24,8 +24,9 @@ pub struct EventView {
     pub saga_type: String,
     /// 1 for the saga's first event, no gaps.
     pub seq: i64,
-    /// e.g. `OrderCreated`, `PaymentCharged`, `StepRetryScheduled`, `StepWaiting`,
-    /// `SignalReceived`, `OrderCompensating`, `StepCompensated`, `OrderCancelled`.
+    /// e.g. `OrderCreated`, `StepStarted` (an attempt that may call another service is about
+    /// to), `PaymentCharged`, `StepRetryScheduled`, `StepWaiting`, `SignalReceived`,
+    /// `OrderCompensating`, `StepCompensated`, `OrderCancelled`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The saga's status after the transition.

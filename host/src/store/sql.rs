@@ -460,6 +460,7 @@ fn step_from_row(row: &AnyRow) -> Result<StepState> {
         compensate_attempts: count(row.try_get("compensate_attempts")?, "compensate_attempts")?,
         failures: count(row.try_get("failures")?, "failures")?,
         waited: row.try_get::<i64, _>("waited")? != 0,
+        in_flight_until: row.try_get("in_flight_until")?,
         output: row.try_get("output")?,
         compensate_output: row.try_get("compensate_output")?,
         last_error: row.try_get("last_error")?,
@@ -823,18 +824,18 @@ macro_rules! if_committed {
 /// [`if_committed!`] as it reads in a fenced group's CTE ([`Script`]): the head's `RETURNING`.
 const IF_COMMITTED: (&str, &str) = ("SELECT 1 FROM sagas WHERE id = $1", "SELECT 1 FROM head WHERE id = $1");
 
-/// Step rows: inserted, or updated when they exist ([`rows_if_committed`]; 17 values per row).
+/// Step rows: inserted, or updated when they exist ([`rows_if_committed`]; 18 values per row).
 const STEPS_INTO: &str = "INSERT INTO saga_steps (saga_id, idx, name, status, attempts, compensate_attempts, output, \
      compensate_output, last_error, wait_signal, signal_payload, execute_digest, compensate_digest, started_at, \
-     finished_at, updated_at, failures, waited)";
-const STEP_VALUES: usize = 17;
+     finished_at, updated_at, failures, waited, in_flight_until)";
+const STEP_VALUES: usize = 18;
 const STEPS_UPSERT: &str = " ON CONFLICT (saga_id, idx) DO UPDATE SET status = excluded.status, \
      attempts = excluded.attempts, compensate_attempts = excluded.compensate_attempts, output = excluded.output, \
      compensate_output = excluded.compensate_output, last_error = excluded.last_error, \
      wait_signal = excluded.wait_signal, signal_payload = excluded.signal_payload, \
      execute_digest = excluded.execute_digest, compensate_digest = excluded.compensate_digest, \
      started_at = excluded.started_at, finished_at = excluded.finished_at, updated_at = excluded.updated_at, \
-     failures = excluded.failures, waited = excluded.waited";
+     failures = excluded.failures, waited = excluded.waited, in_flight_until = excluded.in_flight_until";
 /// Plugin state rows: `(plugin, key, value, updated_at)` each, inserted or replaced.
 const STATE_INTO: &str = "INSERT INTO plugin_state (plugin, key, value, updated_at)";
 const STATE_UPSERT: &str =
@@ -1023,6 +1024,7 @@ fn step_values(idx: usize, name: &str, s: &StepState) -> Vec<Arg> {
         Arg::Int(s.updated_at),
         Arg::Int(Some(i64::from(s.failures))),
         Arg::Int(Some(i64::from(s.waited))),
+        Arg::Int(s.in_flight_until),
     ]
 }
 
