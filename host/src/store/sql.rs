@@ -1786,8 +1786,12 @@ impl AuditStore for SqlStore {
 #[async_trait]
 impl JanitorStore for SqlStore {
     async fn expire_idempotency(&self, now: i64, limit: u32) -> Result<u64> {
+        // The outer `expires_at` check is the one that counts: on PostgreSQL a row the
+        // subquery picked and a request claimed again meanwhile (the claim renews it in place)
+        // is re-checked against its new version by the outer condition only; without it the
+        // fresh claim would be deleted and a retry of that request could create a second saga.
         let r = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE (caller, route, key) IN \
+            "DELETE FROM idempotency_keys WHERE expires_at <= $1 AND (caller, route, key) IN \
              (SELECT caller, route, key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
         )
         .bind(now)

@@ -909,6 +909,61 @@ async fn housekeeping_deletes_in_batches_of_at_most_the_limit() {
 }
 
 #[tokio::test]
+async fn expiring_keys_spares_a_key_claimed_again_while_the_delete_waited_for_it() {
+    use sqlx::{Connection as _, Executor as _};
+    for b in backends().await {
+        let Some((_, url)) = &b.pg else {
+            // SQLite: one writer, so the delete's read and its write are one step.
+            b.cleanup().await;
+            continue;
+        };
+        let c = IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /x".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            lock_ms: 0,
+            ttl_ms: 10,
+            response: Some((200, vec![])),
+        };
+        b.store.claim_key(&c, 0).await.unwrap();
+        // A request claims the expired key again (the claim replaces the row in place) and
+        // has not committed yet when the janitor's delete, which picked the key as expired,
+        // reaches the row.
+        let mut claimer = sqlx::PgConnection::connect(url).await.unwrap();
+        claimer.execute("BEGIN").await.unwrap();
+        claimer.execute("UPDATE idempotency_keys SET expires_at = 1000000 WHERE key = 'k'").await.unwrap();
+        let store = Arc::clone(&b.store);
+        let janitor = tokio::spawn(async move { store.expire_idempotency(100, 10).await.unwrap() });
+        let mut watcher = sqlx::PgConnection::connect(url).await.unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM idempotency_keys%'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "the delete never waited for the row");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        claimer.execute("COMMIT").await.unwrap();
+        assert_eq!(janitor.await.unwrap(), 0, "the key claimed again was deleted");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'k'")
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+        assert_eq!(left, 1);
+        drop((claimer, watcher));
+        b.cleanup().await;
+    }
+}
+
+#[tokio::test]
 async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
     use sqlx::{Connection as _, Executor as _};
     assert!(Error::from(sqlx::Error::PoolTimedOut).is_transient());
