@@ -130,6 +130,17 @@ impl Writer {
     /// Appends one batch and fsyncs it: on `Ok` all of it is on disk; on `Err` none of it is
     /// left in the file (or, if even cutting it off failed, the next append cuts it first).
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        if let Some(file) = self.file.as_mut() {
+            let len = file.len()?;
+            if len > self.good_len {
+                // An earlier failed batch that could not be cut off then: cut before anything
+                // else, the rotation below included (a rotated file holds whole lines only).
+                file.set_len(self.good_len)?;
+            } else if len < self.good_len {
+                tracing::warn!(path = %self.path.display(), expected = self.good_len, found = len, "the events file was truncated by someone else; appending after what is left");
+                self.good_len = len;
+            }
+        }
         if self.file.is_some() && self.options.max_bytes > 0 && self.good_len >= self.options.max_bytes {
             if let Err(e) = self.rotate() {
                 // Until its own rename, the full file stays where it is: keep appending to it
@@ -140,15 +151,8 @@ impl Writer {
         if self.file.is_none() {
             self.open_current()?;
         }
+        // (A file opened here was cut back to its last whole line by `open_current`.)
         let file = self.file.as_mut().expect("opened above");
-        let len = file.len()?;
-        if len > self.good_len {
-            // An earlier failed batch that could not be cut off then.
-            file.set_len(self.good_len)?;
-        } else if len < self.good_len {
-            tracing::warn!(path = %self.path.display(), expected = self.good_len, found = len, "the events file was truncated by someone else; appending after what is left");
-            self.good_len = len;
-        }
         match file.write_all(buf).and_then(|()| file.sync_data()) {
             Ok(()) => {
                 self.good_len += buf.len() as u64;

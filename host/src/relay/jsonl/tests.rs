@@ -293,6 +293,27 @@ async fn a_batch_larger_than_the_limit_is_never_split() {
 }
 
 #[tokio::test]
+async fn a_failed_batch_left_in_a_full_file_is_cut_off_before_the_file_is_rotated() {
+    let s = setup(SMALL).await;
+    publish(&s.sink, &batch(1..=10)).await; // over the limit: the next batch rotates first
+    let good = len(&s.path);
+    // That rotation fails, so the next batch goes into the full file; it fails half-way, and
+    // so does cutting it off.
+    let onto = rotated(&s.path, 1);
+    s.fs.arm(|f| {
+        f.rename_onto_fails = Some(onto);
+        f.write_stops_after = Some(10);
+        f.set_len_fails = true;
+    });
+    refused(&s.sink, &batch(11..=12)).await;
+    assert!(len(&s.path) > good, "the cut failed too (the fault works)");
+    publish(&s.sink, &batch(11..=12)).await;
+    // Whole lines in both files, the refused batch's first copy in neither.
+    assert_eq!(seqs(&rotated(&s.path, 1)), (1..=10).collect::<Vec<_>>());
+    assert_eq!(seqs(&s.path), [11, 12]);
+}
+
+#[tokio::test]
 async fn a_limit_of_zero_never_rotates() {
     let s = setup(NEVER).await;
     for b in 0..20 {
