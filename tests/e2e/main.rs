@@ -201,6 +201,12 @@ async fn idempotent_replay_is_byte_identical_and_marked() {
     assert_eq!(again.bytes, first.bytes, "replay is byte for byte");
     assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
     assert_eq!(again.header("location"), first.header("location"));
+    // `/sagas/order` is the same route as `/orders` (SPEC §5.2): the same key there replays too.
+    let alias = host
+        .send(host.client.post(host.url("/sagas/order")).header("Idempotency-Key", k.clone()).json(&good_order()))
+        .await;
+    assert_eq!((alias.status, alias.header("idempotent-replayed").as_deref()), (StatusCode::CREATED, Some("true")));
+    assert_eq!(alias.json()["id"], first.json()["id"]);
 
     let mut other = good_order();
     other["customer_id"] = json!("c-43");

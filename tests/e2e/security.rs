@@ -58,9 +58,18 @@ async fn api_tokens_close_the_client_routes_and_scope_idempotency_keys() {
     assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
     assert_ne!(a.json()["id"], b.json()["id"]);
     assert_eq!(b.header("idempotent-replayed"), None);
-    // The same caller with the same key replays.
-    let again = post(Some("team-a"), k).await;
+    // The same caller with the same key replays, however it spells the scheme and spaces that
+    // the token check accepts: the scope is the token, not the header's text.
+    let again = post(Some("team-a"), k.clone()).await;
     assert_eq!(again.json()["id"], a.json()["id"]);
+    for header in ["bearer team-a", "Bearer  team-a ", "bearer   team-a"] {
+        let req =
+            host.client.post(host.url("/orders")).header("Idempotency-Key", k.clone()).header("Authorization", header);
+        let spelled = host.send(req.json(&good_order())).await;
+        assert_eq!(spelled.status, StatusCode::CREATED, "{header:?}: {:?}", spelled.json());
+        assert_eq!(spelled.json()["id"], a.json()["id"], "{header:?} is team-a's scope");
+        assert_eq!(spelled.header("idempotent-replayed").as_deref(), Some("true"), "{header:?}");
+    }
     // Health and metrics stay open for probes.
     assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
 }

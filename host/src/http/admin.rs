@@ -58,7 +58,7 @@ pub async fn require_client(State(state): State<AppState>, req: Request, next: N
 }
 
 /// The bearer token of a request, if it presents one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -56,11 +56,15 @@ pub fn key(headers: &HeaderMap, required: bool) -> Result<Option<String>, ApiErr
 
 /// Keys are scoped per caller: the same key from two callers is two keys. A caller is
 /// identified by its credentials (hashed, never stored in clear); unauthenticated callers
-/// share one scope.
+/// share one scope. A bearer token is taken as the token check reads it (`bearer` or
+/// `Bearer`, spaces around the token trimmed) and hashed in its canonical form
+/// `Bearer <token>`, the form clients send and keys stored before this rule were scoped by.
 pub fn caller(headers: &HeaderMap) -> String {
-    match headers.get(axum::http::header::AUTHORIZATION) {
-        Some(v) => format!("auth:{}", &hex::encode(Sha256::digest(v.as_bytes()))[..32]),
-        None => "anonymous".to_owned(),
+    let digest = |bytes: &[u8]| format!("auth:{}", &hex::encode(Sha256::digest(bytes))[..32]);
+    match (super::admin::bearer(headers), headers.get(axum::http::header::AUTHORIZATION)) {
+        (Some(token), _) => digest(format!("Bearer {token}").as_bytes()),
+        (None, Some(v)) => digest(v.as_bytes()),
+        (None, None) => "anonymous".to_owned(),
     }
 }
 

@@ -641,7 +641,9 @@ pub async fn create_saga(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let route = format!("POST /sagas/{saga_type}");
+    // A built-in type's own route and `/sagas/{type}` are the same route (SPEC §5.2): keys are
+    // scoped by the canonical one, as cancel and signal are (`builtin::location`).
+    let route = format!("POST {}", builtin::collection(&saga_type));
     create(state, &saga_type, &route, headers, body).await
 }
 
