@@ -80,10 +80,11 @@ const ALL: &[&str] = &["inventory", "payment", "shipping"];
 async fn sigkill_and_restart_keep_answers_counts_and_pending_webhooks() {
     let (_tmp, dir) = data_dir();
     // Nobody listens at the first sagahost address: the webhook keeps failing until the kill.
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // The socket is bound and never listens, for the whole test: connections are refused and no
+    // other process can take the port (a port bound and released at once could be).
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let nowhere = format!("http://{}", refusing.local_addr().unwrap());
     let mut p = Process::start(&dir, &["--sagahost-url", &nowhere, "--hold-ms", "5000"], ALL).await;
     let (inv, pay) = (p.url("inventory").to_owned(), p.url("payment").to_owned());
     let reserved = post(&format!("{inv}/reservations"), Some("k-r"), &reservation("o-1", "SKU-1")).await;
