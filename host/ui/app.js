@@ -519,6 +519,9 @@ function spans(saga, evs) {
       if (row) row.execute.push({ from: start, to: at, kind: "failed", label: `${e.type}: ${e.data.reason || ""}`, event: e });
       compensating = true;
       marks.push({ at, label: e.type, event: e });
+    } else if (row && e.type === "StepStarted") {
+      // A call out of the host starts here (recorded before it is made): its span, ended by
+      // the attempt's result, begins at this event rather than at the one before.
     } else if (row && e.type === "StepWaiting") {
       row.execute.push({ from: start, to: at, kind: "execute", label: `attempt ${e.data.attempt}: wait`, event: e });
       dueAfter = { step, at: e.data.wake_at || Infinity };

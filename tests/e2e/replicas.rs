@@ -261,8 +261,12 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     orders.insert(odd.clone(), Kind::Good);
     wait_published_in(&c.dirs(), orders.values().map(|k| k.events().len()).sum()).await;
     let mut bad = c.check(&orders, orders.len()).await;
-    // The saga shipped by the misbehave fixture left no shipment record, by design.
-    bad.retain(|l| !(l.starts_with(&odd) && l.contains("shipment shipment/")));
+    // The saga shipped by the misbehave fixture left no shipment record, by design; and that
+    // fixture imports outbound HTTP, so its call was recorded as started before it was made.
+    let mut shipped_by_fixture = Kind::Good.events();
+    shipped_by_fixture.insert(3, "StepStarted");
+    let started = format!("{odd} (Good): events {shipped_by_fixture:?}, expected");
+    bad.retain(|l| !(l.starts_with(&odd) && (l.contains("shipment shipment/") || l.starts_with(&started))));
     assert!(bad.is_empty(), "{bad:#?}");
 }
 
