@@ -112,6 +112,13 @@ async fn a_payment_waiting_past_its_deadline_is_rejected_and_compensated() {
     host.wait_for(&id, |o| o["steps"][1]["status"] == "waiting").await;
     // Fifteen minutes pass in an instant.
     clock.advance(15 * 60 * 1000 + 1);
+    // The confirmation comes too late: refused, never accepted and then overruled by the
+    // deadline (`deadline_passed`, or `not_waiting` if the host applied the deadline first).
+    let path = format!("/orders/{id}/signals/payment-confirmed");
+    let late = host.send(host.client.post(host.url(&path)).json(&json!({}))).await;
+    assert_eq!(late.status, StatusCode::CONFLICT, "{:?}", late.json());
+    let code = late.json()["error"]["code"].as_str().unwrap().to_owned();
+    assert!(code == "deadline_passed" || code == "not_waiting", "{code}");
     let o = host.wait_settled(&id).await;
     assert_eq!(o["status"], "CANCELLED");
     assert_eq!(o["reason"], "payment: deadline of 900000 ms passed");

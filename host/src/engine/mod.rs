@@ -425,6 +425,8 @@ pub enum Error {
     NotCancellable(String),
     #[error("no step of this saga is waiting for signal '{0}'")]
     NotWaitingForSignal(String),
+    #[error("step '{0}' is past its deadline: it is rejected and the saga compensates")]
+    DeadlinePassed(String),
     #[error("only a saga in COMPENSATION_FAILED can be retried or resolved; this one is {0}")]
     NotStuck(String),
     #[error("the event does not match the saga's current action (stale or duplicate)")]
@@ -456,7 +458,8 @@ pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action 
                 return Action::Finish;
             };
             let step = &state.steps[i];
-            if deadline_at(&def.steps[i], step).is_some_and(|d| now >= d) {
+            // A signal delivered before the deadline is acted on, even if its run comes later.
+            if step.signal_payload.is_none() && deadline_at(&def.steps[i], step).is_some_and(|d| now >= d) {
                 return Action::DeadlineExceeded { step: i };
             }
             if state.next_run_at.is_none_or(|t| t > now) {
@@ -689,6 +692,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         Event::DeadlineExceeded { step: i } => {
             let due = state.phase == Phase::Forward
                 && current_forward_step(state) == Some(i)
+                && state.steps[i].signal_payload.is_none()
                 && deadline_at(&def.steps[i], &state.steps[i]).is_some_and(|d| now >= d);
             if !due {
                 return Err(Error::Stale);
@@ -719,6 +723,11 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             let Some(i) = waiting else {
                 return Err(Error::NotWaitingForSignal(name));
             };
+            // Too late: the deadline wins, and the sender is told so rather than accepted and
+            // then overruled.
+            if deadline_at(&def.steps[i], &state.steps[i]).is_some_and(|d| now >= d) {
+                return Err(Error::DeadlinePassed(def.steps[i].name.clone()));
+            }
             let step = &mut next.steps[i];
             changed.push(i);
             step.signal_payload = Some(payload);

@@ -259,6 +259,29 @@ fn deadline_rejects_a_waiting_step_and_compensates_it() {
 }
 
 #[test]
+fn a_signal_before_the_deadline_wins_even_if_its_run_comes_after_and_a_late_one_is_refused() {
+    let mut def = order_def();
+    def.steps[1].deadline_ms = Some(1_000);
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
+    let waiting = step(&def, &s, executed(1, 1, wait), 0).state; // started at 0: deadline 1,000
+    let confirm = || Event::Signal { name: "payment-confirmed".into(), payload: "{}".into() };
+    // Accepted at 999; the step's run comes after the deadline (a busy host): the signal wins.
+    let signalled = step(&def, &waiting, confirm(), 999).state;
+    assert_eq!(next_action(&def, &signalled, 1_500), Action::Execute { step: 1, attempt: 2 });
+    assert_eq!(apply(&def, &signalled, Event::DeadlineExceeded { step: 1 }, 1_500).err(), Some(Error::Stale));
+    let done_late = step(&def, &signalled, executed(1, 2, done()), 1_500).state;
+    assert_eq!(done_late.status, "PAYMENT_CHARGED");
+    // Had that run asked to wait again, the deadline would apply at once.
+    let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
+    let again = step(&def, &signalled, executed(1, 2, wait), 1_500).state;
+    assert_eq!(next_action(&def, &again, 1_500), Action::DeadlineExceeded { step: 1 });
+    // A signal at the deadline is refused, and says why: nothing was accepted.
+    assert_eq!(apply(&def, &waiting, confirm(), 1_000).err(), Some(Error::DeadlinePassed("payment".into())));
+}
+
+#[test]
 fn waiting_does_not_use_up_retries_and_a_step_that_waited_is_compensated_even_after_failing() {
     let def = order_def(); // 3 attempts
     let mut s = SagaState::new(&def, 0);
@@ -707,9 +730,13 @@ impl Model {
         self.compensate_from_here();
     }
 
-    /// Whether a deadline can pass now: a forward step that has started.
+    /// Whether a deadline can pass now: a forward step that has started, unless a signal
+    /// delivered before the deadline waits to be acted on.
     fn deadline_runs(&self) -> Option<usize> {
-        (self.phase == Phase::Forward).then(|| self.forward_step()).flatten().filter(|&i| self.started[i])
+        (self.phase == Phase::Forward)
+            .then(|| self.forward_step())
+            .flatten()
+            .filter(|&i| self.started[i] && !self.signalled)
     }
 
     fn cancel(&mut self) -> bool {

@@ -88,7 +88,7 @@ pub async fn cancel_order(
     responses((status = 202, description = "Delivered", body = SagaView),
               (status = 400, description = "The body is not JSON, or a malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No order with this id", body = ErrorBody),
-              (status = 409, description = "No step waits for this signal (yet), the saga is busy, or the key is in flight", body = ErrorBody,
+              (status = 409, description = "No step waits for this signal (yet), the step is past its deadline (`deadline_passed`, final), the saga is busy, or the key is in flight", body = ErrorBody,
                headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_order(

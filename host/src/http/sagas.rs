@@ -606,9 +606,12 @@ pub(super) async fn signal(
     idempotent(&state, &headers, route, &payload, || async {
         match state.sagas.apply(Some(saga_type), id, event, None).await {
             Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
-            Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| {
+            Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| match e {
+                // Final: the step is rejected and the saga compensates.
+                engine::Error::DeadlinePassed(_) => ApiError::conflict("deadline_passed", e.to_string()),
                 // The step may come to wait for it later: a retry must run again, not replay this.
-                ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for")).provisional()
+                e => ApiError::conflict("not_waiting", format!("{e}; check the saga's steps[].waiting_for"))
+                    .provisional(),
             })),
         }
     })
@@ -701,7 +704,7 @@ pub async fn cancel_saga(
     responses((status = 202, description = "Delivered", body = SagaView),
               (status = 400, description = "The body is not JSON, or a malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No saga of this type with this id", body = ErrorBody),
-              (status = 409, description = "No step waits for this signal (yet), the saga is busy, or the key is in flight", body = ErrorBody,
+              (status = 409, description = "No step waits for this signal (yet), the step is past its deadline (`deadline_passed`, final), the saga is busy, or the key is in flight", body = ErrorBody,
                headers(("Retry-After" = u64, description = "Present when a retry may succeed"))),
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_saga(
