@@ -379,16 +379,22 @@ impl Driver {
         self.inner.handle.clone()
     }
 
+    /// Gives back the claims a previous process with this identity died holding, so that the
+    /// driver claims those sagas from the store. Call it before serving requests: a saga a
+    /// request creates here is born claimed by this identity too, and releasing that claim
+    /// would let the store hand the saga out again while this process runs it.
+    pub async fn release_stale_claims(&self) {
+        if let Err(e) = self.inner.store.release_owner(&self.inner.options.owner).await {
+            tracing::warn!(error = %e, "could not release stale claims");
+        }
+    }
+
     /// Runs until `shutdown`; then lets the sagas in progress finish their current call and
     /// commit, for up to ten seconds (or not: a crash at any point is safe too).
     pub async fn run(self, shutdown: CancellationToken) {
         let Driver { inner, mut adopted } = self;
         let permits = Arc::new(Semaphore::new(inner.options.max_concurrency));
         let tasks = TaskTracker::new();
-        // A previous process with our identity may have died holding claims.
-        if let Err(e) = inner.store.release_owner(&inner.options.owner).await {
-            tracing::warn!(error = %e, "could not release stale claims");
-        }
         // Whether to look in the store for due work: at start, when woken (a signal, a cancel,
         // a saga of ours parked on a timer), when the timer for the earliest due saga fires,
         // and while a claim may have left due work behind. Not for a saga handed over: it is

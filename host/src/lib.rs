@@ -272,6 +272,8 @@ impl App {
 
     /// Serves HTTP, drives sagas and relays events until `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Before the first request is served (`Driver::release_stale_claims`).
+        self.driver.release_stale_claims().await;
         tracing::info!(addr = %self.local_addr(), "sagahost listening");
         let driver = tokio::spawn(self.driver.run(shutdown.clone()));
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
