@@ -73,7 +73,8 @@ pub struct Draft {
     event: EventSpec,
 }
 
-/// The saga service. Cheap to share behind an `Arc`.
+/// The saga service. Cheap to share behind an `Arc` (and to clone).
+#[derive(Clone)]
 pub struct Sagas {
     store: Arc<dyn SagaStore>,
     clock: Arc<dyn Clock>,
@@ -171,26 +172,50 @@ impl Sagas {
             // (The driver dropped its share before the reply: no copy is made.)
             let mut new = Arc::unwrap_or_clone(new);
             new.lease = None;
-            return self.create_now(&new, claim, None).instrument(intake).await;
+            return self.create_now(new, claim, None).instrument(intake).await;
         }
-        self.create_now(&new, claim, Some((adopted, admitted))).instrument(intake).await
+        self.create_now(new, claim, Some((adopted, admitted))).instrument(intake).await
     }
 
     /// Commits a creation alone; hands the saga to the driver (`adopt`) when created.
+    ///
+    /// With `adopt` the saga is created claimed by this process's driver, so the commit and the
+    /// hand-over run as a task of their own, which the request only awaits: a request dropped
+    /// in between (its client hung up, its deadline passed) while the commit still lands (the
+    /// SQLite writer finishes a queued commit regardless) would otherwise leave the saga
+    /// claimed by a driver that never got it, run by nobody until its lease ran out.
     async fn create_now(
         &self,
-        new: &NewSaga,
+        new: NewSaga,
         claim: Option<&IdempotencyClaim>,
         adopt: Option<(SagaRecord, crate::driver::Admitted)>,
     ) -> Result<CreateOutcome, Error> {
-        let outcome = self.store_creation(new, claim).await?;
-        if outcome == CreateOutcome::Created {
-            match adopt {
-                Some((rec, admitted)) => self.driver.adopt(rec, admitted, None),
-                None => self.driver.wake(),
+        let Some((rec, admitted)) = adopt else {
+            let outcome = self.store_creation(&new, claim).await?;
+            if outcome == CreateOutcome::Created {
+                self.driver.wake();
             }
+            return Ok(outcome);
+        };
+        let this = self.clone();
+        let claim = claim.cloned();
+        use tracing::Instrument as _;
+        let task = tokio::spawn(
+            async move {
+                let outcome = this.store_creation(&new, claim.as_ref()).await?;
+                if outcome == CreateOutcome::Created {
+                    this.driver.adopt(rec, admitted, None);
+                }
+                Ok(outcome)
+            }
+            .in_current_span(),
+        );
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime shuts down under the request.
+            Err(e) => Err(Error::Store(store::Error::Unsupported(format!("the host is shutting down: {e}")))),
         }
-        Ok(outcome)
     }
 
     /// Commits a deferred creation alone, for the driver running it (claimed at epoch 1):

@@ -40,6 +40,45 @@ async fn a_request_past_its_deadline_gets_503_and_the_saga_it_created_is_kept() 
 }
 
 #[tokio::test]
+async fn a_saga_whose_request_was_cut_off_after_its_commit_still_runs_at_once() {
+    // A request deadline so short that requests are cut off while their creation waits in the
+    // SQLite writer's queue: the commit lands all the same, and the saga, born claimed by this
+    // process, must still reach its driver (before, nobody ran it until its lease ran out:
+    // 60 s). Bursts until one such saga exists (a 503 whose saga was created). On PostgreSQL
+    // the commit runs in the request's task, and one cut off after its COMMIT is the case.
+    let host = TestHost::start_with(|c| c.serve.request_timeout = Duration::from_millis(3)).await;
+    let body = order("tok_visa", "SKU-1", "US").to_string();
+    let (mut created, mut bursts) = (0, 0);
+    loop {
+        bursts += 1;
+        let keys: Vec<String> = (0..40).map(|_| key()).collect();
+        let answers =
+            futures::future::join_all(keys.iter().map(|k| host.post_order_raw(Some(k), body.as_bytes(), None))).await;
+        created += answers.iter().filter(|r| r.status == StatusCode::CREATED).count();
+        let stored = host.store.list_sagas("order", None, None, 10_000).await.unwrap().len();
+        if stored > created || bursts == 20 {
+            assert!(stored > created, "no request was cut off after its commit in {bursts} bursts: nothing was tested");
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let sagas = host.store.list_sagas("order", None, None, 10_000).await.unwrap();
+        let running: Vec<_> = sagas.iter().filter(|s| s.status.as_str() != "COMPLETED").collect();
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {} sagas did not run: {running:?}",
+            running.len(),
+            sagas.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn past_the_waiter_cap_prefer_wait_is_answered_at_once() {
     let host = TestHost::start_with(|c| c.serve.max_waiters = 0).await;
     let started = std::time::Instant::now();
