@@ -114,6 +114,66 @@ async fn upload_validates_stores_by_digest_and_is_idempotent() {
 }
 
 #[tokio::test]
+async fn admin_changes_honour_an_idempotency_key() {
+    let host = admin_host().await;
+    let keyed = |method: reqwest::Method, path: &str, k: &str| {
+        host.client.request(method, host.url(path)).bearer_auth(TOKEN).header("Idempotency-Key", k.to_owned())
+    };
+    // An upload: the retry gets the first answer back; other bytes under the key are refused.
+    let k = key();
+    let first =
+        host.send(keyed(reqwest::Method::POST, "/admin/plugins/misbehave", &k).body(fixture("misbehave"))).await;
+    assert_eq!((first.status, first.header("idempotent-replayed")), (StatusCode::CREATED, None));
+    let again =
+        host.send(keyed(reqwest::Method::POST, "/admin/plugins/misbehave", &k).body(fixture("misbehave"))).await;
+    assert_eq!((again.status, again.header("idempotent-replayed").as_deref()), (StatusCode::CREATED, Some("true")));
+    assert_eq!(again.bytes, first.bytes);
+    let other = host.send(keyed(reqwest::Method::POST, "/admin/plugins/misbehave", &k).body(fixture("counter"))).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(other.json()["error"]["code"], "idempotency_key_reused");
+    let digest = digest_of(&first);
+    let audit = admin_json(&host, reqwest::Method::GET, &format!("/admin/audit?target={digest}"), None).await.json();
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1, "the retry changed nothing: {audit:#}");
+    // A refused upload is not stored under its key: fixed and sent again, it runs.
+    let k = key();
+    let junk = host.send(keyed(reqwest::Method::POST, "/admin/plugins/counter", &k).body(b"junk".to_vec())).await;
+    assert_eq!(junk.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let junk_again = host.send(keyed(reqwest::Method::POST, "/admin/plugins/counter", &k).body(b"junk".to_vec())).await;
+    assert_eq!((junk_again.status, junk_again.header("idempotent-replayed")), (StatusCode::UNPROCESSABLE_ENTITY, None));
+
+    // Grants, a binding and a definition: a retry replays, another body under the key is 422.
+    let order_def = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    let shipment = order_def["steps"][2]["execute"].clone();
+    let changes = [
+        (
+            "/admin/plugins/misbehave/grants",
+            json!({"allowed_hosts": ["http://127.0.0.1:9"]}),
+            json!({"allowed_hosts": []}),
+        ),
+        ("/admin/sagas/order/steps/shipment", json!({"execute": shipment}), json!({"compensate": shipment})),
+        (
+            "/admin/sagas/keyed",
+            json!({"steps": [{"name": "hold", "execute": digest}]}),
+            json!({"steps": [{"name": "hold", "execute": digest, "timeout_ms": 100}]}),
+        ),
+    ];
+    for (path, body, different) in changes {
+        let k = key();
+        let first = host.send(keyed(reqwest::Method::PUT, path, &k).json(&body)).await;
+        assert_eq!(first.status, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&first.bytes));
+        let again = host.send(keyed(reqwest::Method::PUT, path, &k).json(&body)).await;
+        assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"), "{path}");
+        assert_eq!((again.status, &again.bytes), (first.status, &first.bytes), "{path}");
+        let other = host.send(keyed(reqwest::Method::PUT, path, &k).json(&different)).await;
+        assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}");
+        assert_eq!(other.json()["error"]["code"], "idempotency_key_reused", "{path}");
+    }
+    let audit = admin_json(&host, reqwest::Method::GET, "/admin/audit?target=misbehave", None).await.json();
+    let grants = audit["data"].as_array().unwrap().iter().filter(|e| e["action"] == "plugin.grants").count();
+    assert_eq!(grants, 1, "one grants change audited once: {audit:#}");
+}
+
+#[tokio::test]
 async fn a_compressed_upload_is_the_same_component_and_bad_encodings_change_nothing() {
     let host = admin_host().await;
     let send = |bytes: Vec<u8>, encoding: &'static str| {

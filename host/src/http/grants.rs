@@ -17,8 +17,9 @@ use utoipa::ToSchema;
 
 use super::admin::{actor, ActorHeader};
 use super::error::{ApiError, ErrorBody};
+use super::openapi::OptionalKey;
 use super::plugins::check_plugin_name;
-use super::sagas::{json_response, parse_body, to_json};
+use super::sagas::{idempotent, json_response, parse_body, to_json};
 use super::AppState;
 use crate::grants;
 use crate::store::AuditEntry;
@@ -84,7 +85,7 @@ async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
 /// revokes every grant. Link-local and metadata addresses (169.254.0.0/16, fd00:ec2::254) are
 /// reachable only when granted by that exact address.
 #[utoipa::path(put, path = "/admin/plugins/{name}/grants", tag = "admin", params(
-           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader),
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey),
     request_body = GrantsRequest,
     responses((status = 200, description = "Granted; the list in force now", body = GrantsView),
               (status = 400, description = "The body is not `{\"allowed_hosts\": [...]}`", body = ErrorBody),
@@ -98,6 +99,7 @@ pub async fn put_grants(
 ) -> Result<Response, ApiError> {
     check_plugin_name(&name)?;
     let value = parse_body(body)?;
+    let fingerprint = value.clone();
     let req: GrantsRequest = serde_json::from_value(value).map_err(|e| ApiError::invalid("", e))?;
     let allowed_hosts = grants::normalize(&req.allowed_hosts).map_err(|reason| {
         let mut e =
@@ -106,19 +108,23 @@ pub async fn put_grants(
         e
     })?;
     check_uploaded(&state, &name).await?;
-    let who = actor(&headers);
-    let entry = AuditEntry {
-        actor: who.clone(),
-        action: "plugin.grants".to_owned(),
-        target: name.clone(),
-        // The store sets `before` to the list this change replaces, read in its transaction.
-        before: None,
-        after: Some(serde_json::json!(allowed_hosts)),
-        note: None,
-    };
-    let previous = state.store.put_grants(&name, &allowed_hosts, &entry, state.clock.now_ms()).await?;
-    tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
-    Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name, allowed_hosts })?, None))
+    let route = format!("PUT /admin/plugins/{name}/grants");
+    idempotent(&state, &headers, route, &fingerprint, || async {
+        let who = actor(&headers);
+        let entry = AuditEntry {
+            actor: who.clone(),
+            action: "plugin.grants".to_owned(),
+            target: name.clone(),
+            // The store sets `before` to the list this change replaces, read in its transaction.
+            before: None,
+            after: Some(serde_json::json!(allowed_hosts)),
+            note: None,
+        };
+        let previous = state.store.put_grants(&name, &allowed_hosts, &entry, state.clock.now_ms()).await?;
+        tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
+        Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name.clone(), allowed_hosts })?, None))
+    })
+    .await
 }
 
 /// The origins a plugin may reach over outbound HTTP (empty: none).

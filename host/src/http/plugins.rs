@@ -13,7 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::admin::{actor, ActorHeader};
 use super::error::{body_rejection, ApiError, ErrorBody};
-use super::sagas::{json_response, parse_body, to_json};
+use super::openapi::OptionalKey;
+use super::sagas::{idempotent, json_response, parse_body, to_json};
 use super::AppState;
 use crate::catalog;
 use crate::clock::rfc3339;
@@ -148,7 +149,7 @@ pub struct UploadedPlugin {
 /// (`Content-Encoding: zstd`): the 16 MiB limit applies to the body as sent, 64 MiB to the
 /// component; the digest and `size` are the component's.
 #[utoipa::path(post, path = "/admin/plugins/{name}", tag = "admin", params(
-           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader),
+           ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey),
     request_body(content((ComponentBytes = "application/wasm"), (ComponentBytes = "application/octet-stream"))),
     responses((status = 201, description = "Uploaded", body = UploadedPlugin),
               (status = 200, description = "Already uploaded", body = UploadedPlugin),
@@ -178,17 +179,23 @@ pub async fn upload_plugin(
     }
     let body = component_bytes(&headers, body).await?;
     let size = body.len();
-    let entry = audit(
-        &headers,
-        "plugin.upload",
-        &crate::runtime::digest_of(&body),
-        None,
-        Some(serde_json::json!({ "name": name, "size": size })),
-    );
-    let (digest, new) =
-        state.catalog.install_plugin_audited(&name, body.to_vec(), Some(entry)).await.map_err(catalog_error)?;
-    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json_response(status, to_json(&UploadedPlugin { name, digest, size })?, None))
+    let digest = crate::runtime::digest_of(&body);
+    let route = format!("POST /admin/plugins/{name}");
+    // The request is its bytes: keyed by their digest (SPEC §5.1).
+    let fingerprint = serde_json::json!({ "digest": digest });
+    idempotent(&state, &headers, route, &fingerprint, || async {
+        let entry =
+            audit(&headers, "plugin.upload", &digest, None, Some(serde_json::json!({ "name": name, "size": size })));
+        // A component the host refuses is a validation error: not stored under the key.
+        let (digest, new) = state
+            .catalog
+            .install_plugin_audited(&name, body.to_vec(), Some(entry))
+            .await
+            .map_err(|e| catalog_error(e).provisional())?;
+        let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+        Ok(json_response(status, to_json(&UploadedPlugin { name: name.clone(), digest, size })?, None))
+    })
+    .await
 }
 
 /// One version of a plugin.
@@ -388,7 +395,7 @@ pub struct BindingView {
 #[utoipa::path(put, path = "/admin/sagas/{type}/steps/{step}", tag = "admin",
     params(
            ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
-           ("step" = String, Path, description = "A step name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader), request_body = BindingRequest,
+           ("step" = String, Path, description = "A step name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey), request_body = BindingRequest,
     responses((status = 200, description = "Bound", body = BindingView),
               (status = 400, description = "The body is not a binding", body = ErrorBody),
               (status = 404, description = "No such saga type or step", body = ErrorBody),
@@ -408,16 +415,28 @@ pub async fn bind_step(
     let view =
         |s: &StepDefinition| serde_json::json!({ "execute": s.execute.digest, "compensate": s.compensate.digest });
     let target = format!("{saga_type}/{step}");
-    let (_, after) = state
-        .catalog
-        .bind(&saga_type, &step, req.execute.as_deref(), req.compensate.as_deref(), |before, after| {
-            audit(&headers, "binding.change", &target, Some(view(before)), Some(view(after)))
-        })
-        .await
-        .map_err(catalog_error)?;
-    tracing::info!(saga_type, step, execute = %after.execute.digest, compensate = %after.compensate.digest, "binding changed");
-    let out = BindingView { saga_type, step, execute: after.execute.digest, compensate: after.compensate.digest };
-    Ok(json_response(StatusCode::OK, to_json(&out)?, None))
+    let route = format!("PUT /admin/sagas/{saga_type}/steps/{step}");
+    let fingerprint = serde_json::json!({ "execute": req.execute, "compensate": req.compensate });
+    idempotent(&state, &headers, route, &fingerprint, || async {
+        // Refusals (an unknown digest, another plugin's version, a concurrent change) are not
+        // stored under the key.
+        let (_, after) = state
+            .catalog
+            .bind(&saga_type, &step, req.execute.as_deref(), req.compensate.as_deref(), |before, after| {
+                audit(&headers, "binding.change", &target, Some(view(before)), Some(view(after)))
+            })
+            .await
+            .map_err(|e| catalog_error(e).provisional())?;
+        tracing::info!(saga_type, step, execute = %after.execute.digest, compensate = %after.compensate.digest, "binding changed");
+        let out = BindingView {
+            saga_type: saga_type.clone(),
+            step: step.clone(),
+            execute: after.execute.digest,
+            compensate: after.compensate.digest,
+        };
+        Ok(json_response(StatusCode::OK, to_json(&out)?, None))
+    })
+    .await
 }
 
 /// A step of a saga definition as the admin API shows and accepts it.
@@ -610,7 +629,7 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
 ///
 /// Every plugin a step names (by digest, or by the step's name) must be uploaded first.
 #[utoipa::path(put, path = "/admin/sagas/{type}", tag = "admin", params(
-           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader), request_body = DefinitionSpec,
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey), request_body = DefinitionSpec,
     responses((status = 200, description = "Registered", body = DefinitionSpec),
               (status = 400, description = "The body is not a valid definition (the error names the field)", body = ErrorBody),
               (status = 409, description = "The definition changed meanwhile; read it again and retry", body = ErrorBody),
@@ -622,24 +641,29 @@ pub async fn put_definition(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = super::sagas::integral_numbers(parse_body(body)?);
+    let fingerprint = value.clone();
     let spec: DefinitionSpec = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
     })?;
     let def = definition_of(&state, &saga_type, spec).await?;
-    // The change replaces what this replica read just now (definition_of refreshed it); if
-    // someone else replaced it meanwhile, 409.
-    let current = state.catalog.versioned_definition(&saga_type);
-    let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
-    let expected = current.map_or(0, |(_, version)| version);
-    let after = serde_json::to_value(spec_of(&def)).unwrap_or_default();
-    let entry = audit(&headers, "saga.define", &saga_type, before, Some(after));
-    state
-        .catalog
-        .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
-        .await
-        .map_err(catalog_error)?;
-    Ok(json_response(StatusCode::OK, to_json(&spec_of(&def))?, None))
+    let route = format!("PUT /admin/sagas/{saga_type}");
+    idempotent(&state, &headers, route, &fingerprint, || async {
+        // The change replaces what this replica read just now (definition_of refreshed it); if
+        // someone else replaced it meanwhile, 409 (not stored under the key: read and retry).
+        let current = state.catalog.versioned_definition(&saga_type);
+        let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
+        let expected = current.map_or(0, |(_, version)| version);
+        let after = serde_json::to_value(spec_of(&def)).unwrap_or_default();
+        let entry = audit(&headers, "saga.define", &saga_type, before, Some(after));
+        state
+            .catalog
+            .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
+            .await
+            .map_err(|e| catalog_error(e).provisional())?;
+        Ok(json_response(StatusCode::OK, to_json(&spec_of(&def))?, None))
+    })
+    .await
 }
 
 /// List saga definitions.
