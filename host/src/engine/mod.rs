@@ -513,16 +513,19 @@ fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Whether `attempt` of step `i` is the execute attempt due: forward, at that step, the next
+/// attempt number.
+fn is_next_attempt(state: &SagaState, i: usize, attempt: u32) -> bool {
+    state.phase == Phase::Forward && current_forward_step(state) == Some(i) && state.steps[i].attempts + 1 == attempt
+}
+
 /// Applies one event. Pure: the same inputs always give the same transition.
 pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) -> Result<Transition, Error> {
     let mut next = state.clone();
     let mut changed = Vec::new();
     let event = match event {
         Event::Started { step: i, attempt } => {
-            if state.phase != Phase::Forward
-                || current_forward_step(state) != Some(i)
-                || state.steps[i].attempts + 1 != attempt
-            {
+            if !is_next_attempt(state, i, attempt) {
                 return Err(Error::Stale);
             }
             let sdef = &def.steps[i];
@@ -539,10 +542,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             }
         }
         Event::Executed { step: i, attempt, started_at, digest, outcome, jitter, reached_out } => {
-            if state.phase != Phase::Forward
-                || current_forward_step(state) != Some(i)
-                || state.steps[i].attempts + 1 != attempt
-            {
+            if !is_next_attempt(state, i, attempt) {
                 return Err(Error::Stale);
             }
             let sdef = &def.steps[i];
