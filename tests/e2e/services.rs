@@ -589,11 +589,17 @@ async fn a_cancel_while_the_charge_is_in_flight_refunds_it_once_the_call_has_end
         assert!(start.elapsed() < Duration::from_secs(20), "the payment service never charged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The step shows its call in flight, and until when.
+    let s = env.api.saga(SAGA, &id).await;
+    assert_eq!(step(&s, "payment")["status"], "pending", "{s:#}");
+    let in_flight = step(&s, "payment")["call_in_flight_until"].as_str().map(str::to_owned);
+    assert!(in_flight.is_some(), "{s:#}");
     let (status, answer) = env.api.call(Method::POST, &format!("/sagas/{SAGA}/{id}/cancel"), None).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     let s = env.api.settled(SAGA, &id).await;
     assert_eq!(s["status"], "CANCELLED", "{s:#}");
     let payment = step(&s, "payment");
+    assert_eq!(payment["call_in_flight_until"], Value::Null, "undone: no call in flight any more");
     assert_eq!((&payment["status"], &payment["output"]), (&json!("compensated"), &Value::Null), "{s:#}");
     assert_eq!(
         payment["compensate_output"],

@@ -63,6 +63,10 @@ pub struct StepView {
     pub last_error: Option<String>,
     /// The signal a waiting step waits for.
     pub waiting_for: Option<String>,
+    /// While an execute attempt that may call another service has started and its result is
+    /// not recorded yet: when it is over for certain (its timeout and a second). Should the
+    /// saga compensate meanwhile, this step is undone too, after that time.
+    pub call_in_flight_until: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub updated_at: Option<String>,
@@ -147,6 +151,10 @@ pub fn view(
                     .wait_signal
                     .clone()
                     .filter(|_| s.status == engine::StepStatus::Waiting && s.signal_payload.is_none()),
+                call_in_flight_until: opt_time(s.in_flight_until).filter(|_| {
+                    use engine::StepStatus::{Pending, Retrying, Waiting};
+                    matches!(s.status, Pending | Retrying | Waiting)
+                }),
                 started_at: opt_time(s.started_at),
                 finished_at: opt_time(s.finished_at),
                 updated_at: opt_time(s.updated_at),
