@@ -433,6 +433,16 @@ pub enum Error {
     Stale,
 }
 
+/// Whether the step's deadline rejects it at `now`: the deadline has passed, and no signal
+/// delivered before it waits to be acted on (what committed first wins).
+fn deadline_rejects(def: &StepDefinition, step: &StepState, now: i64) -> bool {
+    step.signal_payload.is_none() && past_deadline(def, step, now)
+}
+
+fn past_deadline(def: &StepDefinition, step: &StepState, now: i64) -> bool {
+    deadline_at(def, step).is_some_and(|d| now >= d)
+}
+
 fn deadline_at(def: &StepDefinition, step: &StepState) -> Option<i64> {
     let started = step.started_at?;
     let deadline = def.deadline_ms?;
@@ -458,8 +468,7 @@ pub fn next_action(def: &SagaDefinition, state: &SagaState, now: i64) -> Action 
                 return Action::Finish;
             };
             let step = &state.steps[i];
-            // A signal delivered before the deadline is acted on, even if its run comes later.
-            if step.signal_payload.is_none() && deadline_at(&def.steps[i], step).is_some_and(|d| now >= d) {
+            if deadline_rejects(&def.steps[i], step, now) {
                 return Action::DeadlineExceeded { step: i };
             }
             if state.next_run_at.is_none_or(|t| t > now) {
@@ -692,8 +701,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
         Event::DeadlineExceeded { step: i } => {
             let due = state.phase == Phase::Forward
                 && current_forward_step(state) == Some(i)
-                && state.steps[i].signal_payload.is_none()
-                && deadline_at(&def.steps[i], &state.steps[i]).is_some_and(|d| now >= d);
+                && deadline_rejects(&def.steps[i], &state.steps[i], now);
             if !due {
                 return Err(Error::Stale);
             }
@@ -725,7 +733,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             };
             // Too late: the deadline wins, and the sender is told so rather than accepted and
             // then overruled.
-            if deadline_at(&def.steps[i], &state.steps[i]).is_some_and(|d| now >= d) {
+            if past_deadline(&def.steps[i], &state.steps[i], now) {
                 return Err(Error::DeadlinePassed(def.steps[i].name.clone()));
             }
             let step = &mut next.steps[i];
