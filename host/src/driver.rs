@@ -197,6 +197,8 @@ struct Adoption {
     /// Places in the queue of handed-over sagas the driver has not started yet.
     queue: Arc<Semaphore>,
     max_queued: usize,
+    /// The driver's places for sagas it runs at once ([`DriverOptions::max_concurrency`]).
+    running: Arc<Semaphore>,
 }
 
 /// A saga handed over: the record, its place in the queue, and its creation when that is
@@ -209,6 +211,9 @@ pub struct Admitted {
     /// The claim to create the saga with, (owner, lease in ms), when a driver runs behind the
     /// handle to adopt it; `None` otherwise (then the driver claims it from the store).
     pub claim: Option<(String, i64)>,
+    /// Whether the driver has a place to start the saga at once (none is free while as many
+    /// sagas as it runs at once are running, or as many handed over before wait for one).
+    pub starts_at_once: bool,
     place: Option<OwnedSemaphorePermit>,
 }
 
@@ -296,9 +301,16 @@ impl DriverHandle {
     /// bound, new sagas would take the database from the sagas in progress and slow every one
     /// of them (the host did ever less the more it was offered).
     pub fn admit(&self) -> Result<Admitted, Overloaded> {
-        let Some(a) = self.adoption.get() else { return Ok(Admitted { claim: None, place: None }) };
+        let Some(a) = self.adoption.get() else {
+            return Ok(Admitted { claim: None, starts_at_once: false, place: None });
+        };
         match Arc::clone(&a.queue).try_acquire_owned() {
-            Ok(place) => Ok(Admitted { claim: Some((a.owner.clone(), a.lease_ms)), place: Some(place) }),
+            Ok(place) => {
+                // This saga's place included.
+                let queued = a.max_queued - a.queue.available_permits();
+                let starts_at_once = a.running.available_permits() >= queued;
+                Ok(Admitted { claim: Some((a.owner.clone(), a.lease_ms)), starts_at_once, place: Some(place) })
+            }
             Err(_) => Err(Overloaded { queued: a.max_queued }),
         }
     }
@@ -335,6 +347,8 @@ pub struct Driver {
     /// Sagas created claimed by this driver, handed over by the saga service, each with its
     /// place in the queue (given back when the saga starts).
     adopted: mpsc::UnboundedReceiver<Adopted>,
+    /// Places for the sagas it runs at once (shared with the handle's admission).
+    permits: Arc<Semaphore>,
 }
 
 struct Inner {
@@ -362,17 +376,20 @@ impl Driver {
         let handle = sagas.handle();
         let (sender, adopted) = mpsc::unbounded_channel();
         let max_queued = options.max_queued.max(1);
+        let permits = Arc::new(Semaphore::new(options.max_concurrency));
         let adoption = Adoption {
             owner: options.owner.clone(),
             lease_ms: options.lease_ms,
             sagas: sender,
             queue: Arc::new(Semaphore::new(max_queued)),
             max_queued,
+            running: Arc::clone(&permits),
         };
         if handle.adoption.set(adoption).is_err() {
             tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
         }
-        Driver { inner: Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle }), adopted }
+        let inner = Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle });
+        Driver { inner, adopted, permits }
     }
 
     pub fn handle(&self) -> DriverHandle {
@@ -392,8 +409,7 @@ impl Driver {
     /// Runs until `shutdown`; then lets the sagas in progress finish their current call and
     /// commit, for up to ten seconds (or not: a crash at any point is safe too).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Driver { inner, mut adopted } = self;
-        let permits = Arc::new(Semaphore::new(inner.options.max_concurrency));
+        let Driver { inner, mut adopted, permits } = self;
         let tasks = TaskTracker::new();
         // Whether to look in the store for due work: at start, when woken (a signal, a cancel,
         // a saga of ours parked on a timer), when the timer for the earliest due saga fires,
@@ -411,7 +427,7 @@ impl Driver {
                 };
                 drop(place);
                 let inner = Arc::clone(&inner);
-                spawn_with(&tasks, permit, async move { inner.run_here(rec, deferred).await });
+                spawn_with(&tasks, permit, async move { inner.run_adopted(rec, deferred).await });
             }
             let free = permits.available_permits();
             if poll && free > 0 {
@@ -453,7 +469,7 @@ impl Driver {
                     drop(place);
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
                     let inner = Arc::clone(&inner);
-                    spawn_with(&tasks, permit, async move { inner.run_here(rec, deferred).await });
+                    spawn_with(&tasks, permit, async move { inner.run_adopted(rec, deferred).await });
                 }
             }
         }
@@ -485,8 +501,9 @@ impl Inner {
 
     /// Loads a saga claimed from the store and runs it.
     async fn run_saga(&self, id: String, epoch: i64) {
+        let claimed_at = self.clock.now_ms();
         match self.store.saga(&id).await {
-            Ok(Some(rec)) if rec.epoch == epoch => self.run_here(rec, None).await,
+            Ok(Some(rec)) if rec.epoch == epoch => self.run_here(rec, None, claimed_at).await,
             Ok(_) => {} // gone or taken over since the claim
             Err(e) => {
                 tracing::error!(saga_id = %id, error = %e, "loading a claimed saga failed");
@@ -495,11 +512,17 @@ impl Inner {
         }
     }
 
+    /// Runs a saga handed over at its creation, claimed by this driver since then.
+    async fn run_adopted(&self, rec: SagaRecord, deferred: Option<Deferred>) {
+        let claimed_at = rec.created_at;
+        self.run_here(rec, deferred, claimed_at).await
+    }
+
     /// [`Inner::run_claimed`], then tells the saga's watchers that this process no longer runs
     /// it: from then on they must read the store to see its changes.
-    async fn run_here(&self, rec: SagaRecord, deferred: Option<Deferred>) {
+    async fn run_here(&self, rec: SagaRecord, deferred: Option<Deferred>, claimed_at: i64) {
         let id = rec.id.clone();
-        self.run_claimed(rec, deferred).await;
+        self.run_claimed(rec, deferred, claimed_at).await;
         self.handle.left(&id);
     }
 
@@ -509,10 +532,17 @@ impl Inner {
     /// `creating`: the saga's creation is not committed yet ([`Deferred`]): its first chain
     /// commits it, and a step that may call another service waits for it. Returning with it
     /// unanswered (dropped) leaves the creation to the request (`Sagas::create`).
-    async fn run_claimed(&self, mut rec: SagaRecord, mut creating: Option<Deferred>) {
+    ///
+    /// `claimed_at` (clock ms): when the claim (its lease) began. A saga handed over at its
+    /// creation may have waited in the driver's queue since, past its lease even, and been
+    /// claimed from the store by another driver meanwhile: its lease is renewed before
+    /// anything runs, and a lost claim ends the run before a step does.
+    async fn run_claimed(&self, mut rec: SagaRecord, mut creating: Option<Deferred>, claimed_at: i64) {
         let (id, epoch) = (rec.id.clone(), rec.epoch);
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
+        let held = Duration::from_millis(self.clock.now_ms().saturating_sub(claimed_at).max(0) as u64);
+        let mut renew_first = held >= renew_every;
         let mut staged = Staged::default();
         let mut chain_began = std::time::Instant::now();
         // Cleared when the store refused a chain's data: then every transition commits alone,
@@ -520,7 +550,8 @@ impl Inner {
         let mut chaining = self.options.chain_max > 1;
         let chain_max = self.options.chain_max.max(1);
         loop {
-            if creating.is_none() && renewed.elapsed() >= renew_every {
+            if creating.is_none() && (renew_first || renewed.elapsed() >= renew_every) {
+                renew_first = false;
                 match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
                     Ok(true) => renewed = std::time::Instant::now(),
                     Ok(false) => return, // taken over

@@ -149,14 +149,21 @@ pub struct App {
 }
 
 /// Opens the configured store, retrying for `database_wait` while the server cannot be reached
-/// (a database that starts with the hosts, a failover); any other error ends start-up at once.
+/// (a database that starts with the hosts, a failover) or the schema's migration waits past
+/// the session's lock timeout (another replica migrates, or holds a lock a migration needs);
+/// any other error ends start-up at once. A failed attempt's connections close with it, and
+/// the locks they held with them.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::Error> {
     let started = std::time::Instant::now();
     loop {
         match store::open_exclusive(config.database.as_deref(), &config.data_dir, config.database_max_connections).await
         {
-            Err(store::Error::Connect(e)) if started.elapsed() < config.database_wait => {
+            Err(e @ store::Error::Connect(_)) if started.elapsed() < config.database_wait => {
                 tracing::warn!(error = %e, "the database is not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e @ store::Error::Migrate(_)) if e.is_transient() && started.elapsed() < config.database_wait => {
+                tracing::warn!(error = %e, "the schema's migration waited too long for a lock (another replica migrating?); retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             other => return other,

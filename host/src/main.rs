@@ -61,7 +61,8 @@ struct Serve {
     /// Connections this process may open to PostgreSQL.
     #[arg(long, env = "SAGAHOST_DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
     database_max_connections: u32,
-    /// How long start-up waits for an unreachable database before giving up, in seconds.
+    /// How long start-up waits for an unreachable database, or for a lock its schema migration
+    /// needs (another replica migrating), before giving up, in seconds.
     #[arg(long, env = "SAGAHOST_DATABASE_WAIT_SECS", default_value_t = 30)]
     database_wait_secs: u64,
     /// This process's identity in saga and relay leases. Default: one kept in

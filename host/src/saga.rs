@@ -119,7 +119,10 @@ impl Sagas {
     /// this returns once that commit is durable. Nothing of it exists before: a crash loses
     /// it all, and the client's retry with its key starts again. A step that may call another
     /// service never runs before the creation is durable (the driver commits it first), so no
-    /// effect out there can belong to a saga that was never created. When the driver does not
+    /// effect out there can belong to a saga that was never created. Deferred only while the
+    /// driver has a place to start it at once; otherwise committed alone first, as without
+    /// `deferred`, so that neither the saga nor its request waits uncommitted behind sagas
+    /// that hold every place. When the driver does not
     /// commit the creation (a duplicate request's key won, the store failed, the host stops),
     /// the creation is done here alone, as without `deferred`, unclaimed: the key then says
     /// what it holds, or the saga is created and a driver claims it from the store.
@@ -160,7 +163,10 @@ impl Sagas {
         };
         let adopted = SagaRecord { epoch: 1, trace_parent, ..rec.clone() };
         use tracing::Instrument as _;
-        if deferred && admitted.claim.is_some() {
+        // Deferred only when the driver starts it at once: behind sagas that hold every one of
+        // its places, the creation would wait uncommitted (and the request with it) for as
+        // long as they run.
+        if deferred && admitted.claim.is_some() && admitted.starts_at_once {
             let (reply, created) = tokio::sync::oneshot::channel();
             let new = Arc::new(new);
             let pending = Deferred { saga: Arc::clone(&new), claim: claim.cloned(), reply };

@@ -83,6 +83,20 @@ class ApiError extends Error {
 // A printable-ASCII header value (fetch refuses others).
 const headerSafe = (v) => v.replace(/[^\x20-\x7e]/g, "?").trim();
 
+// A saga's events, page after page (1,000 each), up to the first 10,000.
+async function sagaEvents(type, id) {
+  const path = `/sagas/${encodeURIComponent(type)}/${encodeURIComponent(id)}/events`;
+  let data = [];
+  let cursor = null;
+  for (let page = 0; page < 10; page++) {
+    const r = await api("GET", cursor ? `${path}?cursor=${encodeURIComponent(cursor)}` : path);
+    data = data.concat(r.data);
+    cursor = r.next_cursor;
+    if (!cursor) break;
+  }
+  return { data };
+}
+
 async function api(method, path, { body, admin = false, key } = {}) {
   const headers = { Accept: "application/json" };
   const token = admin ? state.adminToken : state.apiToken;
@@ -429,7 +443,7 @@ function sagaPage(main, type, id) {
   reload = async () => {
     const [saga, history] = await Promise.all([
       api("GET", `/sagas/${encodeURIComponent(type)}/${encodeURIComponent(id)}`),
-      api("GET", `/sagas/${encodeURIComponent(type)}/${encodeURIComponent(id)}/events`),
+      sagaEvents(type, id),
     ]);
     const evs = history.data;
     const t0 = ms(saga.created_at);

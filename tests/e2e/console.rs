@@ -136,6 +136,30 @@ async fn a_sagas_events_are_its_history_as_published() {
     assert_eq!(events[2]["data"]["attempt"], 1);
     assert!(events[2]["data"]["error"].is_string());
     assert_eq!(events[0]["data"]["input"]["payment"]["token"], "[redacted]", "events are redacted");
+    assert_eq!(r.json()["next_cursor"], Value::Null, "one page holds them all");
+
+    // Paged: two at a time, each page after the previous one's cursor, until it is null.
+    let (mut paged, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let q = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let page = host.get(&format!("/sagas/order/{id}/events?limit=2{q}")).await;
+        assert_eq!(page.status, StatusCode::OK);
+        let page = page.json();
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= 2, "a page holds at most `limit` events: {}", data.len());
+        paged.extend(data.iter().cloned());
+        assert!(paged.len() <= events.len(), "paging does not end");
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(paged, events, "the pages are the whole history, in order");
+    for q in ["limit=0", "limit=1001", "limit=two", "cursor=-1", "cursor=abc", "cursor=1.5"] {
+        let r = host.get(&format!("/sagas/order/{id}/events?{q}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(r.json()["error"]["field"], q.split('=').next().unwrap(), "{q}: {}", r.json());
+    }
 
     // Another type's saga, an unknown id, something that is no id: 404.
     for path in [

@@ -128,6 +128,8 @@ async fn openapi_documents_the_bounds_the_server_enforces() {
         assert_eq!(host.get(&format!("{}?limit=100", path.replace("{type}", "order"))).await.status, 200);
         assert_eq!(host.get(&format!("{}?limit=101", path.replace("{type}", "order"))).await.status, 400);
     }
+    let events = param("/sagas/{type}/{id}/events", "get", "limit");
+    assert_eq!((events["schema"]["minimum"].as_u64(), events["schema"]["maximum"].as_u64()), (Some(1), Some(1000)));
     let audit = param("/admin/audit", "get", "limit");
     assert_eq!((audit["schema"]["minimum"].as_u64(), audit["schema"]["maximum"].as_u64()), (Some(1), Some(500)));
     let key = param("/orders", "post", "Idempotency-Key");

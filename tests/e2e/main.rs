@@ -278,19 +278,11 @@ async fn ten_concurrent_identical_waiting_requests_make_exactly_one_saga() {
     assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
 }
 
-/// A waiting request's saga is created by its first commit, but a first step that runs long
-/// does not hold the answer back: the creation commits alone meanwhile, and the request
-/// answers 201 once its `Prefer: wait` time is up (SPEC §5.1), not when the step ends.
-///
-/// On a multi-threaded runtime, as the binary runs: on one thread the spinning call (which
-/// yields every epoch tick and is woken at once) leaves the timers and the database's
-/// wake-ups to the scheduler's maintenance, every 61 polls, about 0.6 s each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_request_answers_by_its_deadline_while_its_first_step_still_runs() {
-    let host = TestHost::start().await;
-    // One host-only step (the counter fixture imports no outbound HTTP, so its saga's creation
-    // may wait for the first commit) that spins until its 10-second timeout, one attempt (long,
-    // so that even a loaded machine answers the 1-second wait and reads the saga well before).
+/// Registers saga type `spinning`: one host-only step (the counter fixture imports no outbound
+/// HTTP, so its saga's creation may wait for the first commit) that, given `{"spin":
+/// 1_000_000_000}`, spins until its 10-second timeout, one attempt (long, so that even a
+/// loaded machine answers a 1-second wait and reads the saga well before).
+async fn spinning_saga(host: &TestHost) {
     let (digest, _) = host.catalog.install_plugin("counter", fixture("counter")).await.expect("fixture loads");
     let mut def = (*host.catalog.definition("order").unwrap()).clone();
     def.saga_type = "spinning".into();
@@ -301,7 +293,47 @@ async fn a_waiting_request_answers_by_its_deadline_while_its_first_step_still_ru
     def.steps[0].timeout_ms = 10_000;
     def.steps[0].retry.max_attempts = 1;
     host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
+}
 
+/// A waiting request whose saga cannot start yet (every place of the driver is taken) still
+/// answers by its deadline: its creation is not deferred into the driver's queue behind the
+/// running sagas, where it waited uncommitted for as long as they ran (here 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_answers_by_its_deadline_while_the_driver_is_full() {
+    let host = TestHost::start_with(|c| c.driver.max_concurrency = 1).await;
+    spinning_saga(&host).await;
+    let spinning = host
+        .send(
+            host.client
+                .post(host.url("/sagas/spinning"))
+                .header("Idempotency-Key", key())
+                .json(&json!({"spin": 1_000_000_000})),
+        )
+        .await;
+    assert_eq!(spinning.status, StatusCode::CREATED);
+    // Handed to the driver at once: running, or ahead of the next saga in the driver's queue.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let r = host.post_order_raw(Some(&key()), order("tok_visa", "SKU-1", "US").to_string().as_bytes(), Some(1)).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
+    assert!(took < Duration::from_secs(5), "answered after {took:?}: when the running saga ended, not by the wait");
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(host.get(&format!("/orders/{id}")).await.status, StatusCode::OK, "acknowledged, so stored");
+    assert_eq!(host.wait_settled(&id).await["status"], "COMPLETED", "it runs once a place frees");
+}
+
+/// A waiting request's saga is created by its first commit, but a first step that runs long
+/// does not hold the answer back: the creation commits alone meanwhile, and the request
+/// answers 201 once its `Prefer: wait` time is up (SPEC §5.1), not when the step ends.
+///
+/// On a multi-threaded runtime, as the binary runs: on one thread the spinning call (which
+/// yields every epoch tick and is woken at once) leaves the timers and the database's
+/// wake-ups to the scheduler's maintenance, every 61 polls, about 0.6 s each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_answers_by_its_deadline_while_its_first_step_still_runs() {
+    let host = TestHost::start().await;
+    spinning_saga(&host).await;
     let k = key();
     let post = || {
         host.send(

@@ -402,6 +402,76 @@ async fn a_replica_frozen_mid_call_past_its_lease_has_its_late_result_rejected()
 }
 
 #[tokio::test]
+async fn a_saga_that_waited_in_a_busy_replica_s_queue_past_its_lease_is_not_run_there_again() {
+    // Replica 0 runs one saga at a time; a slow step holds its one place for 6 s, so an order
+    // created there (claimed by it at creation, handed to its queue) waits past its 1-second
+    // lease. Replica 1 takes the order over and completes it. When replica 0's place frees,
+    // it must not run the order's steps again from the stale copy in its queue (before, it
+    // ran all three, and only its commit was refused).
+    let mut c = Cluster::start(1, &[("SAGAHOST_LEASE_MS", "1000"), ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
+    let http = reqwest::Client::new();
+    let base = c.host(0).base.clone();
+    upload_misbehave(&http, &base, "misbehave").await;
+    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 6000,
+        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
+    let (status, body) = admin(&http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
+    assert_eq!(status, 200, "{body}");
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
+    };
+    let slow = post("/sagas/slow", json!({"customer_id": "loop"})).await.unwrap();
+    assert_eq!(slow.status(), 201);
+    let slow = slow.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    while !c.claims_of(0).await.contains(&slow) {
+        assert!(start.elapsed() < Duration::from_secs(10), "replica 0 never claimed the slow saga");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // the call is spinning now
+    let order = post("/orders", good_order()).await.unwrap();
+    assert_eq!(order.status(), 201);
+    let order = order.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let calls_before = c.host(0).metric("sagahost_plugin_calls_total").await;
+    c.env.retain(|(k, _)| k != "SAGAHOST_MAX_CONCURRENT_SAGAS");
+    let other = c.add().await;
+    let other_base = c.host(other).base.clone();
+    let start = Instant::now();
+    loop {
+        let o: Value = http.get(format!("{other_base}/orders/{order}")).send().await.unwrap().json().await.unwrap();
+        if o["status"] == "COMPLETED" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "replica 1 did not complete the order: {o:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replica 0's slow call times out (and the slow saga ends, one attempt); its place frees
+    // and the order in its queue comes up.
+    let start = Instant::now();
+    loop {
+        let r = http.get(format!("{other_base}/sagas/slow/{slow}")).send().await.unwrap();
+        let o: Value = r.json().await.unwrap();
+        if o["status"] == "CANCELLED" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the slow saga never ended: {o:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let calls = c.host(0).metric("sagahost_plugin_calls_total").await;
+    assert_eq!(
+        calls - calls_before,
+        1.0,
+        "replica 0 ran the order's steps again after losing it (calls besides the slow one)"
+    );
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox WHERE saga_id = $1 ORDER BY seq")
+        .bind(&order)
+        .fetch_all(&c.pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "seq stays gapless");
+}
+
+#[tokio::test]
 async fn a_replica_frozen_under_load_past_its_lease_breaks_no_invariant() {
     let c = Cluster::start(3, &[("SAGAHOST_LEASE_MS", "1000")]).await;
     let client = Client::balanced(&c.bases());
@@ -595,4 +665,32 @@ async fn a_replica_started_before_its_database_exists_waits_for_it() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "COMPLETED");
+}
+
+#[tokio::test]
+async fn a_replica_whose_migration_waits_past_the_lock_timeout_still_starts() {
+    // A replica starts while a lock its schema migration needs is held for longer than the
+    // sessions' 10-second lock_timeout (another replica's long migration holds it so): it
+    // must keep waiting, within its database wait, not exit with "migration failed".
+    let c = Cluster::start(1, &[]).await;
+    let mut holder = c.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").execute(&mut *holder).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = {
+        let (dir, url) = (dir.path().to_owned(), c.url.clone());
+        tokio::spawn(async move { HostProcess::spawn_on(&dir, Some(&url), None, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(!host.is_finished(), "the replica must still be waiting for the lock");
+    holder.rollback().await.unwrap();
+    let host = host.await.expect("the replica started once the lock was released");
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", host.base))
+        .header("Idempotency-Key", key())
+        .header("Prefer", "wait=10")
+        .body(good_order().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

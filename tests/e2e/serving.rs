@@ -39,6 +39,56 @@ async fn a_request_past_its_deadline_gets_503_and_the_saga_it_created_is_kept() 
     assert_eq!(page["data"].as_array().unwrap().len(), 1, "the accepted saga is kept: {page:#}");
 }
 
+/// Retries `body` under `k` (no `Prefer`) while the key answers 409 (in flight), for up to 5 s.
+async fn retry_while_in_flight(host: &TestHost, k: &str, body: &str) -> crate::harness::Resp {
+    let started = std::time::Instant::now();
+    loop {
+        let r = host.post_order_raw(Some(k), body.as_bytes(), None).await;
+        if r.status != StatusCode::CONFLICT || started.elapsed() > Duration::from_secs(5) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_request_cut_off_by_its_deadline_leaves_its_key_answered_for_the_retry() {
+    // The 503 says "retry with the same Idempotency-Key": the retry must get the saga the cut-off
+    // request created, not 409 "in flight" for as long as that request could have waited (+30 s).
+    let host = TestHost::start_with(|c| c.serve.request_timeout = Duration::from_millis(700)).await;
+    let (k, body) = (key(), order("tok_3ds", "SKU-1", "US").to_string());
+    let r = host.post_order_raw(Some(&k), body.as_bytes(), Some(10)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retry = retry_while_in_flight(&host, &k, &body).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retry.bytes));
+    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
+    let sagas = host.store.list_sagas("order", None, None, 10).await.unwrap();
+    assert_eq!(sagas.len(), 1, "one saga for one key");
+    assert_eq!(retry.json()["id"], sagas[0].id.as_str());
+}
+
+#[tokio::test]
+async fn a_waiting_request_whose_client_hung_up_leaves_its_key_answered_for_the_retry() {
+    let host = TestHost::start().await;
+    let (k, body) = (key(), order("tok_3ds", "SKU-1", "US").to_string());
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let gone = impatient
+        .post(host.url("/orders"))
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", &k)
+        .header("Prefer", "wait=10")
+        .body(body.clone())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client was meant to give up first: {gone:?}");
+    let retry = retry_while_in_flight(&host, &k, &body).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retry.bytes));
+    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
+    let sagas = host.store.list_sagas("order", None, None, 10).await.unwrap();
+    assert_eq!(sagas.len(), 1, "one saga for one key");
+    assert_eq!(retry.json()["id"], sagas[0].id.as_str());
+}
+
 #[tokio::test]
 async fn a_saga_whose_request_was_cut_off_after_its_commit_still_runs_at_once() {
     // A request deadline so short that requests are cut off while their creation waits in the

@@ -5,11 +5,12 @@
 //! Read-only, and it decides nothing: the events are the outbox rows the saga service wrote
 //! with each transition, so the history needs no table of its own.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::sagas::{check_id, json_response, not_found};
@@ -38,32 +39,74 @@ pub struct EventView {
     pub data: serde_json::Value,
 }
 
-/// A saga's events, oldest first.
+/// A page of a saga's events, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventList {
     /// In `seq` order. Published events are deleted after the outbox retention
     /// (`--outbox-retention-hours`): when the first `seq` is above 1, the older ones are gone.
     pub data: Vec<EventView>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The most events one page holds, and the default.
+pub const MAX_EVENTS_PAGE: u32 = 1000;
+
+/// Query of the events route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Page size, 1 to 1000 (default 1000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page: the events after it.
+    #[param(pattern = "^[0-9]{1,18}$")]
+    pub cursor: Option<String>,
 }
 
 /// A saga's history: the event of every transition, oldest first.
 ///
 /// Every attempt that failed retryably (`StepRetryScheduled`), every wait (`StepWaiting`), signal,
 /// compensation and operator action is one event. Events older than the outbox retention may
-/// have been deleted once published.
+/// have been deleted once published. Paged: at most `limit` events (1000) per answer, then
+/// `next_cursor`.
 #[utoipa::path(get, path = "/sagas/{type}/{id}/events", tag = "sagas", params(
            ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"),
-           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+           ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
+           EventsQuery),
     responses((status = 200, description = "The saga's events, oldest first", body = EventList),
+              (status = 400, description = "A bad `limit` or `cursor`", body = ErrorBody),
               (status = 404, description = "No saga of this type with this id", body = ErrorBody)))]
 pub async fn saga_events(
     State(state): State<AppState>,
     Path((saga_type, id)): Path<(String, String)>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     check_id(Some(&saga_type), &id)?;
+    let q = super::error::query(q)?;
+    let limit = match q.limit.as_deref() {
+        None => MAX_EVENTS_PAGE,
+        Some(s) => s
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_EVENTS_PAGE).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "must be a whole number from 1 to 1000"))?,
+    };
+    let after = match q.cursor.as_deref() {
+        None => 0,
+        Some(s) => {
+            s.parse::<i64>().ok().filter(|n| *n >= 0 && s.bytes().all(|b| b.is_ascii_digit())).ok_or_else(|| {
+                ApiError::invalid(
+                    "cursor",
+                    "is not a cursor this API returned; pass next_cursor from the previous page",
+                )
+            })?
+        }
+    };
     // One indexed read (outbox's unique (saga_id, seq)); the saga row is read only when there
-    // are no events to say which type the saga is (its events all purged, or no saga at all).
-    let rows = state.store.outbox_for_saga(&id).await?;
+    // are no events to say which type the saga is (its events all purged, past the cursor, or
+    // no saga at all).
+    let rows = state.store.outbox_page(&id, after, limit).await?;
     match rows.first() {
         Some(first) => {
             let first: serde_json::Value = serde_json::from_str(&first.payload).map_err(ApiError::internal)?;
@@ -86,6 +129,12 @@ pub async fn saga_events(
         }
         body.extend_from_slice(row.payload.as_bytes());
     }
-    body.extend_from_slice(b"]}");
+    body.extend_from_slice(b"],\"next_cursor\":");
+    match rows.last().filter(|_| rows.len() as u32 == limit) {
+        // A full page: there may be more (an empty last page, if not).
+        Some(last) => body.extend_from_slice(format!("\"{}\"", last.seq).as_bytes()),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
     Ok(json_response(StatusCode::OK, body, None))
 }

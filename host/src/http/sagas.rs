@@ -327,7 +327,7 @@ fn settled(rec: &SagaRecord) -> bool {
 async fn wait_settled(
     state: &AppState,
     mut watch: Watch,
-    secs: u64,
+    deadline: tokio::time::Instant,
     here: bool,
 ) -> Result<(SagaRecord, Option<Arc<Vec<u8>>>), ApiError> {
     const SHARED: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(250));
@@ -339,7 +339,6 @@ async fn wait_settled(
         let rec = state.store.saga(&id).await?.ok_or_else(|| ApiError::internal(format!("saga {id} vanished")))?;
         Ok::<_, ApiError>((rec, None))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut poll = timer.0;
     loop {
         let wake = (tokio::time::Instant::now() + poll).min(deadline);
@@ -412,8 +411,29 @@ pub(super) async fn create(
         };
         state.driver.watch_responding(&id, responder)
     });
+    // Dropped before it answers (its client hung up, its deadline passed), a waiting request
+    // leaves its key unanswered: the guard answers it, so the retry gets the saga, not 409.
+    let unanswered = Unanswered::arm(&state, &claim, &id, wait);
+    let response = create_and_answer(&state, saga_type, &claim, &draft, wait, watch, created_body).await;
+    unanswered.disarm();
+    response
+}
+
+/// [`create`] from the commit on: the commit, then the answer (waiting first with `wait`).
+async fn create_and_answer(
+    state: &AppState,
+    saga_type: &str,
+    claim: &IdempotencyClaim,
+    draft: &saga::Draft,
+    wait: Option<u64>,
+    watch: Option<Watch>,
+    created_body: Vec<u8>,
+) -> Result<Response, ApiError> {
+    let id = &draft.record.id;
     let here = state.driver.adopts();
-    let created = state.sagas.create(&draft, Some(&claim), wait.is_some()).await.map_err(|e| match e {
+    // The wait counts from here: time spent creating the saga is part of it.
+    let until = wait.map(|secs| tokio::time::Instant::now() + Duration::from_secs(secs));
+    let created = state.sagas.create(draft, Some(claim), wait.is_some()).await.map_err(|e| match e {
         saga::Error::Overloaded(queued) => {
             state.metrics.shed();
             overloaded(queued)
@@ -423,11 +443,11 @@ pub(super) async fn create(
     })?;
     match created {
         CreateOutcome::Created => {
-            let loc = builtin::location(saga_type, &id);
-            let (Some(secs), Some(watch)) = (wait, watch) else {
+            let loc = builtin::location(saga_type, id);
+            let (Some(secs), Some(until), Some(watch)) = (wait, until, watch) else {
                 return Ok(json_response(StatusCode::CREATED, created_body, Some(&loc)));
             };
-            let (status, body) = match wait_settled(&state, watch, secs, here).await? {
+            let (status, body) = match wait_settled(state, watch, until, here).await? {
                 (_, Some(stored)) => (StatusCode::OK, Arc::unwrap_or_clone(stored)),
                 (rec, None) => {
                     let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
@@ -453,7 +473,7 @@ pub(super) async fn create(
         CreateOutcome::Abandoned { saga_id } => {
             // The first request created the saga, then died before answering. Answer now, from
             // the saga: never a second saga for one key.
-            let rec = load(&state, Some(saga_type), &saga_id).await?;
+            let rec = load(state, Some(saga_type), &saga_id).await?;
             let body = to_json(&record_view(&rec))?;
             let loc = builtin::location(saga_type, &saga_id);
             match state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, 201, &body).await? {
@@ -461,6 +481,61 @@ pub(super) async fn create(
                 Some((status, body)) => replay(status, body, Some(&loc)),
             }
         }
+    }
+}
+
+/// Answers the key of a waiting create request that was dropped before it answered (its
+/// client hung up, its deadline passed): nobody else would until the key's lock ran out
+/// (the wait plus 30 s), and a retry meanwhile got 409 "in flight" from a request that no
+/// longer was. The answer is the saga as it stands (200 once settled, else 201), as a wait
+/// that ran out would give. A creation still on its way to its commit (deferred into the
+/// driver's queue) is awaited through its announcement; one that never commits (the key
+/// held another saga) leaves nothing to answer.
+struct Unanswered(Option<(AppState, IdempotencyClaim, String)>);
+
+impl Unanswered {
+    /// A guard for a request with `wait`; none without (its claim carries its response).
+    fn arm(state: &AppState, claim: &IdempotencyClaim, id: &str, wait: Option<u64>) -> Self {
+        Self(wait.map(|_| (state.clone(), claim.clone(), id.to_owned())))
+    }
+
+    /// The request answered (or failed) itself.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some((state, claim, id)) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let mut watch = state.driver.watch(&id);
+            let until = tokio::time::Instant::now() + Duration::from_millis(claim.lock_ms.max(0) as u64);
+            loop {
+                match state.store.saga(&id).await {
+                    Ok(Some(rec)) => {
+                        let status = if settled(&rec) { 200 } else { 201 };
+                        let Ok(body) = to_json(&record_view(&rec)) else { return };
+                        let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
+                        if let Err(e) = state.store.complete_idempotency(c, r, k, status, &body).await {
+                            tracing::warn!(saga_id = %id, error = %e, "could not answer the key of a dropped request; it answers once its lock runs out");
+                        }
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(saga_id = %id, error = %e, "could not read the saga of a dropped request; its key answers once its lock runs out");
+                        return;
+                    }
+                }
+                // Not created yet: its creation's commit is announced here (or never comes).
+                match tokio::time::timeout_at(until, watch.next()).await {
+                    Ok(Some(_)) => {}
+                    _ => return,
+                }
+            }
+        });
     }
 }
 

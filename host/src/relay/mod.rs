@@ -256,8 +256,28 @@ async fn publish_once(
     // the dead letters (an operator sees it there and in the metric) and the relay moves on.
     // Its saga's later events are still published, so consumers see a gap in that saga's
     // `seq` where the dead letter is; every other event keeps its order.
-    if let Some(reason) = refused {
+    if let Some(mut reason) = refused {
         let row = &rows[acked];
+        // The refusal may be of the request the row travelled in, not of the row (a broker's
+        // "batch too large" names the first row it could not take): sent alone, the row gets
+        // the last word, and is dead-lettered only if the sink refuses it by itself too.
+        if rows.len() - acked > 1 {
+            let alone = sink.publish(std::slice::from_ref(row)).await;
+            if alone.acked >= 1 {
+                store.outbox_mark_published(&[row.id], clock.now_ms()).await?;
+                metrics.published(1);
+                return Ok(acked + 1);
+            }
+            match alone.refused {
+                Some(again) => reason = again,
+                None => {
+                    metrics.relay_failed();
+                    return Err(alone
+                        .error
+                        .unwrap_or_else(|| anyhow::anyhow!("the sink took no event of a batch of one")));
+                }
+            }
+        }
         store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await?;
         metrics.dead_lettered();
         tracing::error!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good; it is in the dead letters");

@@ -47,6 +47,11 @@ enum Reply {
     Prefix(usize),
     /// Acknowledges the first `n` rows, then fails.
     ErrorAfter(usize),
+    /// Acknowledges the first `n` rows and refuses the next for good, as a broker does when the
+    /// request they travelled in is too large; a batch of one row is not too large.
+    TooLargeAfter(usize),
+    /// Refuses the first row for good, whatever the batch.
+    RefusedFirst,
 }
 
 /// A sink that answers from a script, then acknowledges everything; it records every batch.
@@ -64,9 +69,22 @@ impl Sink for ScriptedSink {
 
     async fn publish(&self, rows: &[OutboxRow]) -> Published {
         self.batches.lock().unwrap().push(rows.to_vec());
-        match self.script.lock().unwrap().pop_front() {
+        let refusal =
+            |acked| Published { acked, error: Some(anyhow::anyhow!("refused")), refused: Some("too large".into()) };
+        let next = self.script.lock().unwrap().pop_front();
+        match next {
             Some(Reply::Prefix(n)) => reply(n, false),
             Some(Reply::ErrorAfter(n)) => reply(n, true),
+            Some(Reply::TooLargeAfter(n)) if rows.len() > 1 => {
+                // Asked again right after: the same answer, until a batch of one comes.
+                self.script.lock().unwrap().push_front(Reply::TooLargeAfter(n));
+                refusal(n)
+            }
+            Some(Reply::TooLargeAfter(_)) => reply(rows.len(), false),
+            Some(Reply::RefusedFirst) => {
+                self.script.lock().unwrap().push_front(Reply::RefusedFirst);
+                refusal(0)
+            }
             None => reply(rows.len(), false),
         }
     }
@@ -157,6 +175,7 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
         let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await;
         let n = match *reply {
             Reply::Prefix(n) | Reply::ErrorAfter(n) => n,
+            Reply::TooLargeAfter(_) | Reply::RefusedFirst => unreachable!("not in this script"),
         };
         assert!(result.is_err(), "call {call}: a batch not acknowledged whole is an error ({reply:?})");
         let sent = sink.batches.lock().unwrap()[call].clone();
@@ -185,6 +204,31 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
     let first: Vec<i64> =
         sink.batches.lock().unwrap().iter().flatten().filter(|r| seen.insert(r.id)).map(|r| r.id).collect();
     assert_eq!(first, all.iter().map(|r| r.id).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let all = store.outbox_pending(1000).await.unwrap();
+    let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
+    let metrics = Metrics::new();
+    // The broker takes two rows, then calls the third's request too large; alone it fits.
+    let sink = ScriptedSink { script: Mutex::new([Reply::TooLargeAfter(2)].into()), ..ScriptedSink::default() };
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
+    assert!(store.dead_letters(10).await.unwrap().is_empty(), "a row that fits alone is not dead-lettered");
+    assert_eq!(pending(&*store).await, all[3..].iter().map(|r| r.id).collect::<Vec<_>>());
+    assert_eq!(sink.batches.lock().unwrap()[1], all[2..3], "the refused row went alone");
+    // A row refused alone too is dead-lettered (once), and the rest flows on.
+    sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, all[3].event_id);
+    sink.script.lock().unwrap().clear();
+    while !pending(&*store).await.is_empty() {
+        publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    }
 }
 
 /// The relay's cue with a commit already announced (`committed` ready), `linger` and a long

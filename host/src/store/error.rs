@@ -42,7 +42,8 @@ impl Error {
     /// shutdown). Callers answer 503 with `Retry-After`, or retry on their own.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Database(e) => e.transient,
+            // A migration that waited too long for a lock (another replica migrating) too.
+            Error::Database(e) | Error::Migrate(e) => e.transient,
             Error::Connect(_) => true,
             _ => false,
         }

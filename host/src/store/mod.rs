@@ -436,7 +436,11 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
     /// Every outbox row of one saga in `seq` order (published or not).
-    async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>>;
+    async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
+        self.outbox_page(saga_id, 0, u32::MAX).await
+    }
+    /// The outbox rows of one saga with `seq` above `after`, in `seq` order, at most `limit`.
+    async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> Result<Vec<OutboxRow>>;
     /// Moves an outbox row the sink refused for good into the dead letters, with the reason,
     /// and marks it published, in one transaction. False if the row was already gone.
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool>;

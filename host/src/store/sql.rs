@@ -1591,11 +1591,14 @@ impl OutboxStore for SqlStore {
             .collect()
     }
 
-    async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {
+    async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
-            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE saga_id = $1 ORDER BY seq",
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox \
+             WHERE saga_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(saga_id)
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(outbox_from_row).collect()
