@@ -538,6 +538,11 @@ impl Inner {
     /// claimed from the store by another driver meanwhile: its lease is renewed before
     /// anything runs, and a lost claim ends the run before a step does.
     async fn run_claimed(&self, mut rec: SagaRecord, mut creating: Option<Deferred>, claimed_at: i64) {
+        if creating.as_ref().is_some_and(|pending| !pending.start()) {
+            // Its request withdrew the creation (no place came free in time) and commits it
+            // alone, unclaimed: a driver claims the saga from the store then.
+            return;
+        }
         let (id, epoch) = (rec.id.clone(), rec.epoch);
         let mut renewed = std::time::Instant::now();
         let renew_every = Duration::from_millis((self.options.lease_ms / 3).max(50) as u64);
@@ -551,12 +556,18 @@ impl Inner {
         let chain_max = self.options.chain_max.max(1);
         loop {
             if creating.is_none() && (renew_first || renewed.elapsed() >= renew_every) {
-                renew_first = false;
                 match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
                     Ok(true) => renewed = std::time::Instant::now(),
                     Ok(false) => return, // taken over
+                    Err(e) if renew_first => {
+                        // The claim may have lapsed and been taken: run nothing on it.
+                        tracing::warn!(saga_id = %id, error = %e, "renewing a stale claim failed; giving the saga back");
+                        self.release_later(&id, epoch).await;
+                        return;
+                    }
                     Err(e) => tracing::warn!(saga_id = %id, error = %e, "renewing a lease failed"),
                 }
+                renew_first = false;
             }
             let now = self.clock.now_ms();
             let began = std::time::Instant::now();
@@ -1185,4 +1196,50 @@ pub fn step_input(rec: &SagaRecord, step: usize) -> String {
     let input: serde_json::Value = serde_json::from_str(&rec.input).unwrap_or(serde_json::Value::Null);
     let config = rec.definition.steps.get(step).map(|d| d.config.clone()).unwrap_or_default();
     serde_json::json!({ "input": input, "steps": steps, "config": config }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plugin state for a runtime that never calls a plugin here.
+    struct NoState;
+
+    #[async_trait::async_trait]
+    impl crate::runtime::PluginReader for NoState {
+        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+            Ok(vec![])
+        }
+        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
+            Ok(vec![])
+        }
+    }
+
+    /// A driver that admits sagas (with free places) but never gets to them, as when sagas it
+    /// claims from the store take every place first: a waiting request's deferred creation must
+    /// not wait for it. Its request withdraws the creation and commits it alone, unclaimed.
+    #[tokio::test]
+    async fn a_deferred_creation_the_driver_does_not_start_is_withdrawn_and_created_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(NoState)).unwrap());
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let metrics = crate::metrics::Metrics::new();
+        let mut driver =
+            Driver::new(store.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, DriverOptions::default());
+        let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
+        let created = tokio::time::timeout(Duration::from_secs(5), sagas.create(&draft, None, true)).await;
+        let created = created.expect("the creation waited for a driver that never started it").unwrap();
+        assert_eq!(created, crate::store::CreateOutcome::Created);
+        let rec = store.saga(&draft.record.id).await.unwrap().expect("created");
+        assert_eq!(rec.epoch, 0, "created unclaimed, for a driver to claim from the store");
+        // The withdrawn hand-over, if the driver gets to it after all, is not run.
+        let (_, _, pending) = driver.adopted.try_recv().expect("handed over");
+        assert!(!pending.expect("deferred").start(), "withdrawn: the driver must not run it");
+    }
 }

@@ -92,13 +92,22 @@ pub struct Metrics {
     settled: Family<SettledLabels, Counter>,
     relay_leader: Gauge,
     dead_lettered: Counter,
-    /// The gauges read from the store, and when: scrapes within [`STORE_GAUGES_TTL`] share one
-    /// read, so a scrape storm costs the database one query pair.
-    store_gauges: tokio::sync::Mutex<Option<(std::time::Instant, StoreGauges)>>,
+    /// The gauges read from the store, when, and how long the read took: scrapes within
+    /// [`reuse_for`] of it share one read, so a scrape storm costs the database one query pair.
+    store_gauges: tokio::sync::Mutex<Option<(std::time::Instant, std::time::Duration, StoreGauges)>>,
 }
 
-/// How long the gauges read from the store are reused.
+/// How long the gauges read from the store are reused, at least.
 pub const STORE_GAUGES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long gauges whose read took `took` are reused: [`STORE_GAUGES_TTL`], or twenty times
+/// the read's own time if longer. Counting sagas by status reads every saga row (an index
+/// scan): with many millions kept (no `--saga-retention-hours`) one read takes seconds, and
+/// scrapes must not keep the database busy with it. At most a twentieth of its time goes to
+/// them, whatever the scrape interval; the figures are that much older.
+fn reuse_for(took: std::time::Duration) -> std::time::Duration {
+    STORE_GAUGES_TTL.max(took.saturating_mul(20))
+}
 
 /// What a scrape reads from the store: sagas by (type, status, count), and the outbox backlog
 /// (pending events, oldest commit time).
@@ -277,7 +286,7 @@ impl Metrics {
     }
 
     /// The whole exposition: live counters plus gauges read from the store (at most
-    /// [`STORE_GAUGES_TTL`] old).
+    /// [`reuse_for`] old).
     /// `catalog_version` is the store's catalog version this process's plugins and definitions
     /// reflect: replicas agree on it within a catalog refresh interval.
     pub async fn render(&self, store: &dyn StatsStore, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
@@ -292,11 +301,12 @@ impl Metrics {
         let read = {
             let mut cached = self.store_gauges.lock().await;
             match cached.as_ref() {
-                Some((at, gauges)) if at.elapsed() < STORE_GAUGES_TTL => gauges.clone(),
+                Some((at, took, gauges)) if at.elapsed() < reuse_for(*took) => gauges.clone(),
                 _ => {
+                    let began = std::time::Instant::now();
                     let gauges =
                         StoreGauges { sagas: store.saga_counts().await?, backlog: store.outbox_backlog().await? };
-                    *cached = Some((std::time::Instant::now(), gauges.clone()));
+                    *cached = Some((began, began.elapsed(), gauges.clone()));
                     gauges
                 }
             }
@@ -391,6 +401,25 @@ mod tests {
         assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a scrape storm read the store more than once");
         // Past the TTL the next scrape reads again.
         *metrics.store_gauges.lock().await = None;
+        let text = metrics.render(&stats, 1_000, 1).await.unwrap();
+        assert!(text.contains("status=\"COMPLETED\"} 2"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_store_read_is_reused_longer() {
+        use std::time::{Duration, Instant};
+        assert_eq!(reuse_for(Duration::from_millis(5)), STORE_GAUGES_TTL);
+        assert_eq!(reuse_for(Duration::from_millis(500)), Duration::from_secs(10));
+        let metrics = Metrics::new();
+        let stats = CountingStats::default();
+        metrics.render(&stats, 1_000, 1).await.unwrap();
+        let age = |secs| Instant::now().checked_sub(Duration::from_secs(secs)).unwrap();
+        // Read 5 s ago: past the TTL, but it took 500 ms, so it stands for 10 s.
+        metrics.store_gauges.lock().await.as_mut().unwrap().0 = age(5);
+        metrics.store_gauges.lock().await.as_mut().unwrap().1 = Duration::from_millis(500);
+        metrics.render(&stats, 1_000, 1).await.unwrap();
+        assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a slow read was made again within twenty times its length");
+        metrics.store_gauges.lock().await.as_mut().unwrap().0 = age(11);
         let text = metrics.render(&stats, 1_000, 1).await.unwrap();
         assert!(text.contains("status=\"COMPLETED\"} 2"), "{text}");
     }

@@ -18,6 +18,7 @@
 //!
 //! It must not call plugins: the driver does, and hands the outcome in as an engine event.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
@@ -165,17 +166,34 @@ impl Sagas {
         use tracing::Instrument as _;
         // Deferred only when the driver starts it at once: behind sagas that hold every one of
         // its places, the creation would wait uncommitted (and the request with it) for as
-        // long as they run.
+        // long as they run. A place seen free may still be taken before the driver gets to
+        // this saga (sagas it claims from the store): then the request withdraws the creation.
         if deferred && admitted.claim.is_some() && admitted.starts_at_once {
-            let (reply, created) = tokio::sync::oneshot::channel();
+            let (reply, mut created) = tokio::sync::oneshot::channel();
             let new = Arc::new(new);
-            let pending = Deferred { saga: Arc::clone(&new), claim: claim.cloned(), reply };
+            let state = Arc::new(AtomicU8::new(QUEUED));
+            let pending = Deferred { saga: Arc::clone(&new), claim: claim.cloned(), reply, state: Arc::clone(&state) };
             self.driver.adopt(adopted, admitted, Some(pending));
-            if let Ok(outcome) = created.instrument(intake.clone()).await {
+            let outcome = async {
+                tokio::select! {
+                    outcome = &mut created => outcome.ok(),
+                    _ = tokio::time::sleep(DEFERRAL_START_MAX) => {
+                        match state.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => None,
+                            // Started: its commit is on its way.
+                            Err(_) => (&mut created).await.ok(),
+                        }
+                    }
+                }
+            }
+            .instrument(intake.clone())
+            .await;
+            if let Some(outcome) = outcome {
                 return Ok(outcome);
             }
-            // Not committed by the driver: created here, for a driver to claim from the store.
-            // (The driver dropped its share before the reply: no copy is made.)
+            // Not committed by the driver, or withdrawn before it started: created here, for a
+            // driver to claim from the store. (A driver that ran it dropped its share before
+            // the reply: no copy is made.)
             let mut new = Arc::unwrap_or_clone(new);
             new.lease = None;
             return self.create_now(new, claim, None).instrument(intake).await;
@@ -443,6 +461,15 @@ impl Sagas {
     }
 }
 
+/// How long a deferred creation waits for the driver to start it before its request
+/// withdraws it and commits the creation alone (every place of the driver was taken after all).
+const DEFERRAL_START_MAX: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// [`Deferred::state`]: in the driver's queue, run by the driver, or withdrawn by its request.
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
 /// A saga handed to the driver before its creation committed ([`Sagas::create`] with
 /// `deferred`): what its first commit must create, and the request waiting for that.
 pub struct Deferred {
@@ -453,9 +480,17 @@ pub struct Deferred {
     /// Sent the outcome once the creation committed; dropped when the driver did not commit
     /// it (the request then creates the saga itself).
     reply: tokio::sync::oneshot::Sender<CreateOutcome>,
+    /// Who has it: the driver's queue, the driver, or (withdrawn) the request again.
+    state: Arc<AtomicU8>,
 }
 
 impl Deferred {
+    /// The driver starts running it: false if its request withdrew it first (then the
+    /// request creates the saga, unclaimed, and the driver must not run it).
+    pub fn start(&self) -> bool {
+        self.state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
     /// Tells the waiting request how the creation went.
     pub fn answer(self, outcome: CreateOutcome) {
         let _ = self.reply.send(outcome);

@@ -413,21 +413,22 @@ pub(super) async fn create(
     });
     // Dropped before it answers (its client hung up, its deadline passed), a waiting request
     // leaves its key unanswered: the guard answers it, so the retry gets the saga, not 409.
-    let unanswered = Unanswered::arm(&state, &claim, &id, wait);
-    let response = create_and_answer(&state, saga_type, &claim, &draft, wait, watch, created_body).await;
-    unanswered.disarm();
-    response
+    // So does one whose answer failed after its saga was created (a store error while waiting).
+    let mut unanswered = Unanswered::arm(&state, &claim, &id, wait);
+    create_and_answer(&state, saga_type, &claim, &draft, (wait, watch), created_body, &mut unanswered).await
 }
 
 /// [`create`] from the commit on: the commit, then the answer (waiting first with `wait`).
+/// Disarms `unanswered` once the key's answer is settled: stored (or to be), or not this
+/// request's to give.
 async fn create_and_answer(
     state: &AppState,
     saga_type: &str,
     claim: &IdempotencyClaim,
     draft: &saga::Draft,
-    wait: Option<u64>,
-    watch: Option<Watch>,
+    (wait, watch): (Option<u64>, Option<Watch>),
     created_body: Vec<u8>,
+    unanswered: &mut Unanswered,
 ) -> Result<Response, ApiError> {
     let id = &draft.record.id;
     let here = state.driver.adopts();
@@ -440,8 +441,12 @@ async fn create_and_answer(
         }
         saga::Error::Store(e) => e.into(),
         e => ApiError::internal(e),
-    })?;
-    match created {
+    });
+    if !matches!(created, Ok(CreateOutcome::Created)) {
+        // No saga of this request's, or the key's answer is not this request's to give.
+        unanswered.disarm();
+    }
+    match created? {
         CreateOutcome::Created => {
             let loc = builtin::location(saga_type, id);
             let (Some(secs), Some(until), Some(watch)) = (wait, until, watch) else {
@@ -460,6 +465,7 @@ async fn create_and_answer(
                     }
                 }
             };
+            unanswered.disarm();
             let mut r = json_response(status, body, Some(&loc));
             r.headers_mut()
                 .insert("preference-applied", HeaderValue::from_str(&format!("wait={secs}")).expect("ascii"));
@@ -485,12 +491,13 @@ async fn create_and_answer(
 }
 
 /// Answers the key of a waiting create request that was dropped before it answered (its
-/// client hung up, its deadline passed): nobody else would until the key's lock ran out
-/// (the wait plus 30 s), and a retry meanwhile got 409 "in flight" from a request that no
-/// longer was. The answer is the saga as it stands (200 once settled, else 201), as a wait
-/// that ran out would give. A creation still on its way to its commit (deferred into the
-/// driver's queue) is awaited through its announcement; one that never commits (the key
-/// held another saga) leaves nothing to answer.
+/// client hung up, its deadline passed) or failed to after its saga was created: nobody else
+/// would until the key's lock ran out (the wait plus 30 s), and a retry meanwhile got 409 "in
+/// flight" from a request that no longer was. The answer is the saga as it stands (200 once
+/// settled, else 201), as a wait that ran out would give. A creation still on its way to its
+/// commit is awaited through its announcement, and read again on a timer (a commit that
+/// landed after its request was dropped is not announced); one that never commits (the key
+/// held another saga) leaves nothing to answer once the key's lock would have run out.
 struct Unanswered(Option<(AppState, IdempotencyClaim, String)>);
 
 impl Unanswered {
@@ -499,8 +506,8 @@ impl Unanswered {
         Self(wait.map(|_| (state.clone(), claim.clone(), id.to_owned())))
     }
 
-    /// The request answered (or failed) itself.
-    fn disarm(mut self) {
+    /// The key's answer is settled without the guard.
+    fn disarm(&mut self) {
         self.0 = None;
     }
 }
@@ -511,6 +518,7 @@ impl Drop for Unanswered {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
             let mut watch = state.driver.watch(&id);
+            let mut poll = Duration::from_millis(50);
             let until = tokio::time::Instant::now() + Duration::from_millis(claim.lock_ms.max(0) as u64);
             loop {
                 match state.store.saga(&id).await {
@@ -529,11 +537,15 @@ impl Drop for Unanswered {
                         return;
                     }
                 }
-                // Not created yet: its creation's commit is announced here (or never comes).
-                match tokio::time::timeout_at(until, watch.next()).await {
-                    Ok(Some(_)) => {}
-                    _ => return,
+                // Not created yet: its creation's commit is announced here, or found on a read.
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    return;
                 }
+                if let Ok(None) = tokio::time::timeout_at((now + poll).min(until), watch.next()).await {
+                    return; // the host is stopping
+                }
+                poll = (poll * 2).min(Duration::from_secs(1));
             }
         });
     }

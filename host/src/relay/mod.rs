@@ -260,8 +260,11 @@ async fn publish_once(
         let row = &rows[acked];
         // The refusal may be of the request the row travelled in, not of the row (a broker's
         // "batch too large" names the first row it could not take): sent alone, the row gets
-        // the last word, and is dead-lettered only if the sink refuses it by itself too.
-        if rows.len() - acked > 1 {
+        // the last word, and is dead-lettered only if the sink refuses it by itself too. Not
+        // when a later event of its saga travelled with it: that one may have been delivered
+        // meanwhile, and the row sent now would land behind it (a gap keeps the order).
+        let later_of_its_saga = rows[acked + 1..].iter().any(|r| r.saga_id == row.saga_id);
+        if rows.len() - acked > 1 && !later_of_its_saga {
             let alone = sink.publish(std::slice::from_ref(row)).await;
             if alone.acked >= 1 {
                 store.outbox_mark_published(&[row.id], clock.now_ms()).await?;

@@ -210,25 +210,41 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
 async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_interleaved_events(dir.path()).await;
+    // a1 b1 c1 a2 | b2 a3 c2 b3 | a4 c3 b4 a5
     let all = store.outbox_pending(1000).await.unwrap();
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
-    // The broker takes two rows, then calls the third's request too large; alone it fits.
-    let sink = ScriptedSink { script: Mutex::new([Reply::TooLargeAfter(2)].into()), ..ScriptedSink::default() };
+    let sink = ScriptedSink::default();
+    let dead = || async { store.dead_letters(10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
+    let sent = |i: usize| sink.batches.lock().unwrap()[i].clone();
+    // The broker takes a1 b1, then calls c1's request too large; alone it fits.
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2));
     assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
-    assert!(store.dead_letters(10).await.unwrap().is_empty(), "a row that fits alone is not dead-lettered");
+    assert_eq!(sent(1), all[2..3], "the refused row went alone");
+    assert!(dead().await.is_empty(), "a row that fits alone is not dead-lettered");
     assert_eq!(pending(&*store).await, all[3..].iter().map(|r| r.id).collect::<Vec<_>>());
-    assert_eq!(sink.batches.lock().unwrap()[1], all[2..3], "the refused row went alone");
-    // A row refused alone too is dead-lettered (once), and the rest flows on.
+    // a2 refused with a3 of its saga behind it in the batch: a3 may have been delivered, and
+    // a2 sent now would land after it. Not sent again: a gap keeps the order.
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0));
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    assert_eq!(sink.batches.lock().unwrap().len(), 3, "a2 was not sent alone");
+    assert_eq!(dead().await, [all[3].event_id.clone()]);
+    sink.script.lock().unwrap().clear();
+    // The rest up to b4, then b4 refused even alone: dead-lettered (once), a5 flows on.
+    sink.script.lock().unwrap().push_back(Reply::Prefix(4));
+    sink.script.lock().unwrap().push_back(Reply::Prefix(2));
+    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await; // short: an error
+    assert_eq!(pending(&*store).await, all[10..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
     assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
-    let dead = store.dead_letters(10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].event_id, all[3].event_id);
+    let last = sink.batches.lock().unwrap().len() - 1;
+    assert_eq!(sent(last), all[10..11], "b4 was tried alone");
+    assert_eq!(dead().await.len(), 2);
+    assert!(dead().await.contains(&all[10].event_id));
     sink.script.lock().unwrap().clear();
-    while !pending(&*store).await.is_empty() {
-        publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
-    }
+    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    assert!(pending(&*store).await.is_empty());
 }
 
 /// The relay's cue with a commit already announced (`committed` ready), `linger` and a long
