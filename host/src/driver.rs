@@ -1202,22 +1202,6 @@ pub fn step_input(rec: &SagaRecord, step: usize) -> String {
 mod tests {
     use super::*;
 
-    /// Plugin state for a runtime that never calls a plugin here.
-    struct NoState;
-
-    #[async_trait::async_trait]
-    impl crate::runtime::PluginReader for NoState {
-        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
-            Ok(None)
-        }
-        async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-            Ok(vec![])
-        }
-        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
-            Ok(vec![])
-        }
-    }
-
     /// A driver that admits sagas (with free places) but never gets to them, as when sagas it
     /// claims from the store take every place first: a waiting request's deferred creation must
     /// not wait for it. Its request withdraws the creation and commits it alone, unclaimed.
@@ -1226,7 +1210,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open(None, dir.path()).await.unwrap();
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(NoState)).unwrap());
+        let runtime = Arc::new(
+            Runtime::new(crate::runtime::Limits::default(), Arc::new(crate::catalog::tests::NoState)).unwrap(),
+        );
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
         let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
         let metrics = crate::metrics::Metrics::new();

@@ -39,16 +39,22 @@ async fn a_request_past_its_deadline_gets_503_and_the_saga_it_created_is_kept() 
     assert_eq!(page["data"].as_array().unwrap().len(), 1, "the accepted saga is kept: {page:#}");
 }
 
-/// Retries `body` under `k` (no `Prefer`) while the key answers 409 (in flight), for up to 5 s.
-async fn retry_while_in_flight(host: &TestHost, k: &str, body: &str) -> crate::harness::Resp {
+/// Retries `body` under `k` (no `Prefer`) while the key answers 409 (in flight), for up to 5 s,
+/// and checks that the answer is the one saga the first request created, replayed.
+async fn the_retry_gets_the_saga(host: &TestHost, k: &str, body: &str) {
     let started = std::time::Instant::now();
-    loop {
+    let retry = loop {
         let r = host.post_order_raw(Some(k), body.as_bytes(), None).await;
         if r.status != StatusCode::CONFLICT || started.elapsed() > Duration::from_secs(5) {
-            return r;
+            break r;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retry.bytes));
+    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
+    let sagas = host.store.list_sagas("order", None, None, 10).await.unwrap();
+    assert_eq!(sagas.len(), 1, "one saga for one key");
+    assert_eq!(retry.json()["id"], sagas[0].id.as_str());
 }
 
 #[tokio::test]
@@ -59,12 +65,7 @@ async fn a_waiting_request_cut_off_by_its_deadline_leaves_its_key_answered_for_t
     let (k, body) = (key(), order("tok_3ds", "SKU-1", "US").to_string());
     let r = host.post_order_raw(Some(&k), body.as_bytes(), Some(10)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    let retry = retry_while_in_flight(&host, &k, &body).await;
-    assert_eq!(retry.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retry.bytes));
-    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
-    let sagas = host.store.list_sagas("order", None, None, 10).await.unwrap();
-    assert_eq!(sagas.len(), 1, "one saga for one key");
-    assert_eq!(retry.json()["id"], sagas[0].id.as_str());
+    the_retry_gets_the_saga(&host, &k, &body).await;
 }
 
 #[tokio::test]
@@ -81,12 +82,7 @@ async fn a_waiting_request_whose_client_hung_up_leaves_its_key_answered_for_the_
         .send()
         .await;
     assert!(gone.is_err(), "the client was meant to give up first: {gone:?}");
-    let retry = retry_while_in_flight(&host, &k, &body).await;
-    assert_eq!(retry.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&retry.bytes));
-    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
-    let sagas = host.store.list_sagas("order", None, None, 10).await.unwrap();
-    assert_eq!(sagas.len(), 1, "one saga for one key");
-    assert_eq!(retry.json()["id"], sagas[0].id.as_str());
+    the_retry_gets_the_saga(&host, &k, &body).await;
 }
 
 #[tokio::test]

@@ -356,11 +356,12 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::StepDefinition;
 
-    struct NoState;
+    /// Plugin state for a runtime whose plugins read none.
+    pub(crate) struct NoState;
 
     #[async_trait::async_trait]
     impl crate::runtime::PluginReader for NoState {
