@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::sagas::{check_id, json_response, not_found};
+use super::sagas::{check_id, json_response, not_found, page_limit};
 use super::AppState;
 
 /// One event of a saga (SPEC §6), as published to Kafka or `events.jsonl`.
@@ -84,14 +84,7 @@ pub async fn saga_events(
 ) -> Result<Response, ApiError> {
     check_id(Some(&saga_type), &id)?;
     let q = super::error::query(q)?;
-    let limit = match q.limit.as_deref() {
-        None => MAX_EVENTS_PAGE,
-        Some(s) => s
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_EVENTS_PAGE).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", "must be a whole number from 1 to 1000"))?,
-    };
+    let limit = page_limit(q.limit.as_deref(), MAX_EVENTS_PAGE, MAX_EVENTS_PAGE)?;
     let after = match q.cursor.as_deref() {
         None => 0,
         Some(s) => {

@@ -454,16 +454,7 @@ async fn create_and_answer(
             };
             let (status, body) = match wait_settled(state, watch, until, here).await? {
                 (_, Some(stored)) => (StatusCode::OK, Arc::unwrap_or_clone(stored)),
-                (rec, None) => {
-                    let status = if settled(&rec) { StatusCode::OK } else { StatusCode::CREATED };
-                    let body = to_json(&record_view(&rec))?;
-                    let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
-                    match state.store.complete_idempotency(c, r, k, status.as_u16(), &body).await? {
-                        None => (status, body),
-                        // The settling commit stored its response first: that one stands.
-                        Some((stored, body)) => (StatusCode::from_u16(stored).map_err(ApiError::internal)?, body),
-                    }
-                }
+                (rec, None) => answer_from(state, claim, &rec).await?,
             };
             unanswered.disarm();
             let mut r = json_response(status, body, Some(&loc));
@@ -487,6 +478,23 @@ async fn create_and_answer(
                 Some((status, body)) => replay(status, body, Some(&loc)),
             }
         }
+    }
+}
+
+/// Stores the answer to a waiting create under its key: the saga as it stands, 200 once
+/// settled, else 201 (the wait ran out). Returns the answer the key holds: this one, or the
+/// one the settling commit stored first.
+async fn answer_from(
+    state: &AppState,
+    claim: &IdempotencyClaim,
+    rec: &SagaRecord,
+) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    let status = if settled(rec) { StatusCode::OK } else { StatusCode::CREATED };
+    let body = to_json(&record_view(rec))?;
+    let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
+    match state.store.complete_idempotency(c, r, k, status.as_u16(), &body).await? {
+        None => Ok((status, body)),
+        Some((stored, body)) => Ok((StatusCode::from_u16(stored).map_err(ApiError::internal)?, body)),
     }
 }
 
@@ -523,11 +531,8 @@ impl Drop for Unanswered {
             loop {
                 match state.store.saga(&id).await {
                     Ok(Some(rec)) => {
-                        let status = if settled(&rec) { 200 } else { 201 };
-                        let Ok(body) = to_json(&record_view(&rec)) else { return };
-                        let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
-                        if let Err(e) = state.store.complete_idempotency(c, r, k, status, &body).await {
-                            tracing::warn!(saga_id = %id, error = %e, "could not answer the key of a dropped request; it answers once its lock runs out");
+                        if let Err(e) = answer_from(&state, &claim, &rec).await {
+                            tracing::warn!(saga_id = %id, error = %e.message, "could not answer the key of a dropped request; it answers once its lock runs out");
                         }
                         return;
                     }
@@ -551,6 +556,19 @@ impl Drop for Unanswered {
     }
 }
 
+/// A page size given as `limit` in a query string: `default` when absent, else a whole number
+/// from 1 to `max` (parsed here rather than by serde, so that a bad value names the field).
+pub(super) fn page_limit(raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => s
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", format!("must be a whole number from 1 to {max}"))),
+    }
+}
+
 pub(super) async fn get_one(state: AppState, saga_type: &str, id: &str) -> Result<Response, ApiError> {
     let rec = load(&state, Some(saga_type), id).await?;
     Ok(json_response(StatusCode::OK, to_json(&record_view(&rec))?, None))
@@ -562,14 +580,7 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
             "no such saga type; type names are 1-64 lowercase letters, digits, '-' or '_'",
         ));
     }
-    let limit = match q.limit.as_deref() {
-        None => 20,
-        Some(s) => s
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", "must be a whole number from 1 to 100"))?,
-    };
+    let limit = page_limit(q.limit.as_deref(), 20, 100)?;
     if let Some(status) = &q.status {
         if status.is_empty()
             || status.len() > 64
