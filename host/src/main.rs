@@ -112,8 +112,9 @@ struct Serve {
     /// published; then they are deleted with their steps and events. Unset keeps them for ever.
     #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS")]
     saga_retention_hours: Option<u64>,
-    /// How long idempotency keys are remembered, in hours (at least 24 is recommended).
-    #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
+    /// How long idempotency keys are remembered, in hours (at least 24 is recommended; at
+    /// least 1, so that a key outlives the lock of a request still working under it).
+    #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..))]
     idempotency_ttl_hours: u64,
     /// Memory limit of one plugin call (all its linear memories and tables together), in MiB.
     #[arg(long, env = "SAGAHOST_PLUGIN_MEMORY_MIB", default_value_t = 64)]
@@ -375,6 +376,8 @@ mod tests {
         assert_eq!(usage(&["sagahost", "plugins", "upload", "f.wasm", "--name", "p", "--compensate-only"]), 2);
         assert_eq!(usage(&["sagahost", "plugins", "bind", "order/payment"]), 2);
         assert_eq!(usage(&["sagahost", "sagas", "resolve", "x"]), 2);
+        // A key forgotten at once would let its retry create a second saga.
+        assert_eq!(usage(&["sagahost", "serve", "--idempotency-ttl-hours", "0"]), 2);
     }
 
     fn config_of(flags: &[&str]) -> sagahost::Config {

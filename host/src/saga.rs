@@ -33,6 +33,19 @@ use crate::store::{
 /// How often an outside event is recomputed when the saga keeps changing under it.
 const OUTSIDE_EVENT_TRIES: usize = 10;
 
+/// The answer a keyed request gives once its outside event is applied (a cancel, a signal,
+/// an operator action with an `Idempotency-Key`): [`Sagas::apply`] stores it under the key
+/// in the event's own commit ([`Commit::answer`]), so a request that dies after the commit
+/// leaves its key answered. The request answers with the same status and body.
+pub struct KeyedAnswer<'a> {
+    pub caller: &'a str,
+    pub route: &'a str,
+    pub key: &'a str,
+    pub status: u16,
+    /// The body for the saga as the commit leaves it.
+    pub render: fn(&SagaRecord) -> Option<Vec<u8>>,
+}
+
 /// Why an outside event was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -273,13 +286,15 @@ impl Sagas {
     /// Applies an outside event (cancel, signal, operator retry or resolve): read, decide with
     /// the engine, commit conditional on exactly the state read; on a conflict, read again
     /// and decide again. The commit takes the saga over from a driver that may be mid-call:
-    /// that call's result is discarded and its step runs again from the new state.
+    /// that call's result is discarded and its step runs again from the new state. `answer`,
+    /// the keyed request's answer, is stored under its key by the same commit.
     pub async fn apply(
         &self,
         saga_type: Option<&str>,
         id: &str,
         event: Event,
         actor: Option<&Actor>,
+        answer: Option<&KeyedAnswer<'_>>,
     ) -> Result<SagaRecord, Error> {
         for _ in 0..OUTSIDE_EVENT_TRIES {
             let mut rec = self.get(saga_type, id).await?.ok_or(Error::NotFound)?;
@@ -301,8 +316,10 @@ impl Sagas {
                 Envelope { saga_id: &rec.id, saga_type: &rec.saga_type, seq, status: &t.state.status, at: now };
             let event = envelope.wrap(&t.event);
             rec.state = t.state;
-            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], audit.as_ref(), None).await {
+            let outside = Outside { audit: audit.as_ref(), answer };
+            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], outside, None).await {
                 Ok(()) => {
+                    crate::failpoint!("apply-after-commit");
                     self.driver.wake();
                     return Ok(rec);
                 }
@@ -365,7 +382,8 @@ impl Sagas {
         let writes: Vec<(&str, &[StateWrite])> =
             staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
         let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
-        let committed = self.commit(rec, fence, &staged.events, &staged.changed, &writes, None, creation).await;
+        let committed =
+            self.commit(rec, fence, &staged.events, &staged.changed, &writes, Outside::default(), creation).await;
         match committed {
             Ok(()) => {
                 staged.clear();
@@ -388,7 +406,7 @@ impl Sagas {
         events: &[OutboxEvent],
         changed_steps: &[usize],
         writes: &[(&str, &[StateWrite])],
-        audit: Option<&AuditEntry>,
+        outside: Outside<'_>,
         creation: Option<Creation<'_>>,
     ) -> Result<(), store::Error> {
         let now = self.clock.now_ms();
@@ -400,6 +418,7 @@ impl Sagas {
         rec.updated_at = now;
         let responder = settled.then(|| self.driver.responder(&rec.id)).flatten();
         let response = responder.as_ref().and_then(|r| (r.render)(rec).map(|body| (r, body)));
+        let answer = outside.answer.and_then(|a| (a.render)(rec).map(|body| (a, body)));
         let commit = Commit {
             saga_id: &rec.id,
             fence,
@@ -410,12 +429,19 @@ impl Sagas {
             plugin_writes: writes,
             events,
             now,
-            audit,
+            audit: outside.audit,
             response: response.as_ref().map(|(r, body)| StoredResponse {
                 caller: &r.caller,
                 route: &r.route,
                 key: &r.key,
                 status: 200,
+                body,
+            }),
+            answer: answer.as_ref().map(|(a, body)| StoredResponse {
+                caller: a.caller,
+                route: a.route,
+                key: a.key,
+                status: a.status,
                 body,
             }),
             creation,
@@ -459,6 +485,14 @@ impl Sagas {
         });
         Ok(())
     }
+}
+
+/// What an outside event's commit carries besides the saga's change: the operator action's
+/// audit entry and the keyed request's answer.
+#[derive(Default, Clone, Copy)]
+struct Outside<'a> {
+    audit: Option<&'a AuditEntry>,
+    answer: Option<&'a KeyedAnswer<'a>>,
 }
 
 /// How long a deferred creation waits for the driver to start it before its request

@@ -179,11 +179,13 @@ impl Client {
         let wait = self.wait.or(mixed.then_some(5));
         // A 3-D Secure order waits for our signal: waiting for it to settle first would not end.
         let wait = wait.filter(|_| !matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds));
-        let (_, created) = self.post_waiting(&create, Some(&k), &body, wait).await;
+        let (status, created) = self.post_waiting(&create, Some(&k), &body, wait).await;
+        assert_status_tells_settled(status, &created);
         let id = created["id"].as_str().expect("saga id").to_owned();
         self.paths.lock().unwrap().insert(id.clone(), format!("{create}/{id}"));
         if resubmit {
-            let (_, again) = self.post_waiting(&create, Some(&k), &body, wait).await;
+            let (status, again) = self.post_waiting(&create, Some(&k), &body, wait).await;
+            assert_status_tells_settled(status, &again);
             assert_eq!(again["id"].as_str(), Some(id.as_str()), "one key, one saga");
         }
         if matches!(kind, Kind::Confirmed3ds | Kind::Cancelled3ds) {
@@ -232,6 +234,16 @@ impl Client {
             }
         }
     }
+}
+
+/// A create's answer, first or replayed, says by its status whether the saga it shows is
+/// settled: 200 for a settled one (a wait that saw it settle), 201 for one still on its way,
+/// however the answer came about (the request itself, a wait that ran out, a retry answering
+/// for a request that died).
+fn assert_status_tells_settled(status: u16, saga: &Value) {
+    let settled = matches!(saga["status"].as_str(), Some("COMPLETED" | "CANCELLED" | "COMPENSATION_FAILED"));
+    let expected = if settled { 200 } else { 201 };
+    assert_eq!(status, expected, "a create answered {status} for the saga {saga}");
 }
 
 /// Waits until events.jsonl holds `expected` distinct events (the relay caught up).
@@ -355,6 +367,57 @@ async fn crash_after_the_first_commit_of_a_waiting_request_resumes_the_saga_it_c
         Some(5),
     )
     .await;
+}
+
+/// A keyed signal whose commit landed before the host died is answered by that commit: the
+/// retry after the restart replays its 202, instead of 409 "in flight" until the key's lock
+/// ran out and then a second run of the signal (which the saga, no longer waiting for it,
+/// would refuse with 409 "not waiting": a delivered webhook reported as undeliverable).
+#[tokio::test]
+async fn crash_after_a_keyed_signal_commits_leaves_its_key_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = spawn_host(dir.path(), Some("apply-after-commit=abort")).await;
+    let http = reqwest::Client::new();
+    let kind = Kind::Confirmed3ds;
+    let created = http
+        .post(format!("{}{}", host.base, kind.create_path()))
+        .header("Idempotency-Key", key())
+        .json(&kind.body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let client = Client::new(&host.base);
+    let start = Instant::now();
+    while client.get_order(&id).await["steps"][1]["status"] != "waiting" {
+        assert!(start.elapsed() < Duration::from_secs(30), "the 3-D Secure payment never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (signal, k, body) =
+        (format!("/orders/{id}/signals/payment-confirmed"), key(), serde_json::json!({"confirmed": true}));
+    let send = |base: &str| {
+        http.post(format!("{base}{signal}"))
+            .header("Idempotency-Key", &k)
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+    };
+    assert!(send(&host.base).await.is_err(), "the host answered the signal instead of dying after its commit");
+    host.wait_failpoint("apply-after-commit", 1, Duration::from_secs(30)).await;
+
+    let host = spawn_host(dir.path(), None).await;
+    let retry = send(&host.base).await.unwrap();
+    let replayed = retry.headers().get("idempotent-replayed").cloned();
+    let (status, answer) = (retry.status().as_u16(), retry.json::<Value>().await.unwrap());
+    assert_eq!(status, 202, "the retried signal: {answer}");
+    assert_eq!(replayed.as_ref().map(|v| v.to_str().unwrap()), Some("true"), "not a replay: {answer}");
+    assert_eq!(answer["id"], id.as_str());
+    client.set_base(&host.base);
+    client.wait_settled(std::slice::from_ref(&id)).await;
+    assert_eq!(client.get_order(&id).await["status"], "COMPLETED", "the signal was applied once");
+    host.kill().await;
 }
 
 #[tokio::test]

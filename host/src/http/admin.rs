@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::openapi::OptionalKey;
-use super::sagas::{idempotent, json_response, outside_error, record_view, to_json, SagaView};
+use super::sagas::{idempotent, json_response, outside_error, record_view, to_json, RequestKey, SagaView};
 use super::AppState;
 use crate::engine::Event;
 use crate::saga::Actor;
@@ -128,7 +128,7 @@ async fn operate(
     super::sagas::check_id(None, id)?;
     let route = format!("POST /admin/sagas/{id}/{}", action.trim_start_matches("saga."));
     let body = serde_json::json!({ "note": note });
-    idempotent(&state, &headers, route, &body, || operate_now(&state, id, &headers, event, action, note)).await
+    idempotent(&state, &headers, route, &body, |key| operate_now(&state, id, &headers, event, action, note, key)).await
 }
 
 async fn operate_now(
@@ -138,9 +138,11 @@ async fn operate_now(
     event: Event,
     action: &str,
     note: Option<String>,
+    key: Option<RequestKey>,
 ) -> Result<Response, ApiError> {
     let who = Actor { name: actor(headers), action: action.to_owned(), note };
-    match state.sagas.apply(None, id, event, Some(&who)).await {
+    let answer = key.as_ref().map(RequestKey::accepted);
+    match state.sagas.apply(None, id, event, Some(&who), answer.as_ref()).await {
         Ok(rec) => {
             tracing::info!(saga_id = %id, actor = %who.name, action, status = %rec.state.status, "operator action");
             Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))

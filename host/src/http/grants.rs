@@ -109,7 +109,7 @@ pub async fn put_grants(
     })?;
     check_uploaded(&state, &name).await?;
     let route = format!("PUT /admin/plugins/{name}/grants");
-    idempotent(&state, &headers, route, &fingerprint, || async {
+    idempotent(&state, &headers, route, &fingerprint, |_| async {
         let who = actor(&headers);
         let entry = AuditEntry {
             actor: who.clone(),

@@ -71,6 +71,16 @@ impl Gates {
         }
     }
 
+    /// The longest a request may take: `request_timeout`, or for a plugin upload
+    /// [`UPLOAD_TIMEOUT`] if that is longer.
+    pub fn deadline(&self, upload: bool) -> Duration {
+        if upload {
+            self.limits.request_timeout.max(UPLOAD_TIMEOUT)
+        } else {
+            self.limits.request_timeout
+        }
+    }
+
     /// A place among the `Prefer: wait` waiters, if one is free.
     pub fn waiter(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.waiters).try_acquire_owned().ok()
@@ -100,8 +110,7 @@ pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) ->
         .with_retry_after(1)
         .into_response();
     };
-    let deadline =
-        if is_upload(&req) { gates.limits.request_timeout.max(UPLOAD_TIMEOUT) } else { gates.limits.request_timeout };
+    let deadline = gates.deadline(is_upload(&req));
     match tokio::time::timeout(deadline, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(

@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::admin::{actor, ActorHeader};
 use super::error::{body_rejection, ApiError, ErrorBody};
 use super::openapi::OptionalKey;
-use super::sagas::{idempotent, json_response, parse_body, to_json};
+use super::sagas::{idempotent, idempotent_within, json_response, parse_body, to_json};
 use super::AppState;
 use crate::catalog;
 use crate::clock::rfc3339;
@@ -183,7 +183,9 @@ pub async fn upload_plugin(
     let route = format!("POST /admin/plugins/{name}");
     // The request is its bytes: keyed by their digest (SPEC §5.1).
     let fingerprint = serde_json::json!({ "digest": digest });
-    idempotent(&state, &headers, route, &fingerprint, || async {
+    // An upload compiles before it answers: its key is held for an upload's deadline.
+    let deadline = state.gates.deadline(true);
+    idempotent_within(&state, &headers, route, &fingerprint, deadline, |_| async {
         let entry =
             audit(&headers, "plugin.upload", &digest, None, Some(serde_json::json!({ "name": name, "size": size })));
         // A component the host refuses is a validation error: not stored under the key.
@@ -417,7 +419,7 @@ pub async fn bind_step(
     let target = format!("{saga_type}/{step}");
     let route = format!("PUT /admin/sagas/{saga_type}/steps/{step}");
     let fingerprint = serde_json::json!({ "execute": req.execute, "compensate": req.compensate });
-    idempotent(&state, &headers, route, &fingerprint, || async {
+    idempotent(&state, &headers, route, &fingerprint, |_| async {
         // Refusals (an unknown digest, another plugin's version, a concurrent change) are not
         // stored under the key.
         let (_, after) = state
@@ -648,7 +650,7 @@ pub async fn put_definition(
     })?;
     let def = definition_of(&state, &saga_type, spec).await?;
     let route = format!("PUT /admin/sagas/{saga_type}");
-    idempotent(&state, &headers, route, &fingerprint, || async {
+    idempotent(&state, &headers, route, &fingerprint, |_| async {
         // The change replaces what this replica read just now (definition_of refreshed it); if
         // someone else replaced it meanwhile, 409 (not stored under the key: read and retry).
         let current = state.catalog.versioned_definition(&saga_type);

@@ -20,7 +20,7 @@ use crate::builtin::{self, InputError};
 use crate::clock::rfc3339;
 use crate::driver::{Responder, Watch};
 use crate::engine::{self, Event, Phase, SagaDefinition, SagaState, SagaStatus, StepStatus};
-use crate::saga;
+use crate::saga::{self, KeyedAnswer};
 use crate::store::{CreateOutcome, IdempotencyClaim, SagaRecord, SagaSummary};
 
 /// The longest `Prefer: wait=N` honoured, in seconds.
@@ -454,7 +454,11 @@ async fn create_and_answer(
             };
             let (status, body) = match wait_settled(state, watch, until, here).await? {
                 (_, Some(stored)) => (StatusCode::OK, Arc::unwrap_or_clone(stored)),
-                (rec, None) => answer_from(state, claim, &rec).await?,
+                // Stored first by this request's settling commit: its own answer, no replay.
+                (rec, None) => {
+                    let (status, body, _) = answer_from(state, claim, &rec).await?;
+                    (status, body)
+                }
             };
             unanswered.disarm();
             let mut r = json_response(status, body, Some(&loc));
@@ -468,14 +472,15 @@ async fn create_and_answer(
         CreateOutcome::InFlight => Err(idempotency::in_flight()),
         CreateOutcome::Mismatch => Err(idempotency::reused()),
         CreateOutcome::Abandoned { saga_id } => {
-            // The first request created the saga, then died before answering. Answer now, from
-            // the saga: never a second saga for one key.
+            // The first request created the saga, then died before answering (only a waiting
+            // request leaves its key so). Answer now, from the saga as it stands, as that
+            // request's wait running out would have: never a second saga for one key.
             let rec = load(state, Some(saga_type), &saga_id).await?;
-            let body = to_json(&record_view(&rec))?;
             let loc = builtin::location(saga_type, &saga_id);
-            match state.store.complete_idempotency(&claim.caller, &claim.route, &claim.key, 201, &body).await? {
-                None => Ok(json_response(StatusCode::CREATED, body, Some(&loc))),
-                Some((status, body)) => replay(status, body, Some(&loc)),
+            match answer_from(state, claim, &rec).await? {
+                (status, body, false) => Ok(json_response(status, body, Some(&loc))),
+                // Another retry answered the key first: this is its answer, replayed.
+                (status, body, true) => replay(status.as_u16(), body, Some(&loc)),
             }
         }
     }
@@ -483,18 +488,18 @@ async fn create_and_answer(
 
 /// Stores the answer to a waiting create under its key: the saga as it stands, 200 once
 /// settled, else 201 (the wait ran out). Returns the answer the key holds: this one, or the
-/// one the settling commit stored first.
+/// one stored first (by the settling commit, or by another request), flagged `true`.
 async fn answer_from(
     state: &AppState,
     claim: &IdempotencyClaim,
     rec: &SagaRecord,
-) -> Result<(StatusCode, Vec<u8>), ApiError> {
+) -> Result<(StatusCode, Vec<u8>, bool), ApiError> {
     let status = if settled(rec) { StatusCode::OK } else { StatusCode::CREATED };
     let body = to_json(&record_view(rec))?;
     let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
     match state.store.complete_idempotency(c, r, k, status.as_u16(), &body).await? {
-        None => Ok((status, body)),
-        Some((stored, body)) => Ok((StatusCode::from_u16(stored).map_err(ApiError::internal)?, body)),
+        None => Ok((status, body, false)),
+        Some((stored, body)) => Ok((StatusCode::from_u16(stored).map_err(ApiError::internal)?, body, true)),
     }
 }
 
@@ -624,7 +629,11 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
 /// while the first runs 409. Validation must happen before: rejected requests are not stored.
 /// Only final answers are stored: a 5xx, or an answer marked [`Provisional`] (a 409 "busy,
 /// retry", a signal the saga does not wait for yet), releases the key, so a retry runs the
-/// request again.
+/// request again. `run` gets the key ([`RequestKey`]): an outside event's commit stores the
+/// answer under it itself, so a request that dies after its commit leaves its key answered
+/// (its retry replays it instead of running the event again). One that dies before leaves
+/// the key in flight until its lock runs out: its deadline plus 30 s (75 s by default, 330 s
+/// for a plugin upload); then a retry runs it.
 pub(super) async fn idempotent<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -633,39 +642,89 @@ pub(super) async fn idempotent<F, Fut>(
     run: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(Option<RequestKey>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    idempotent_within(state, headers, route, body, state.gates.deadline(false), run).await
+}
+
+/// [`idempotent`] for a route whose requests may take `deadline` (a plugin upload's).
+pub(super) async fn idempotent_within<F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    route: String,
+    body: &serde_json::Value,
+    deadline: Duration,
+    run: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Option<RequestKey>) -> Fut,
     Fut: std::future::Future<Output = Result<Response, ApiError>>,
 {
     let Some(key) = idempotency::key(headers, false)? else {
-        return run().await;
+        return run(None).await;
     };
     let claim = IdempotencyClaim {
         caller: idempotency::caller(headers),
         fingerprint: idempotency::fingerprint(&route, body),
         route,
         key,
-        lock_ms: 30_000,
+        // Held past the longest the request can run (its deadline ends it), so a retry never
+        // takes the key over from a request still running: one key, one run.
+        lock_ms: (deadline + KEY_LOCK_MARGIN).as_millis() as i64,
         ttl_ms: state.config.idempotency_ttl.as_millis() as i64,
         response: None,
     };
     match state.store.claim_key(&claim, state.clock.now_ms()).await? {
         CreateOutcome::Created | CreateOutcome::Abandoned { .. } => {
-            let response = run().await.unwrap_or_else(IntoResponse::into_response);
+            let key = RequestKey { caller: claim.caller.clone(), route: claim.route.clone(), key: claim.key.clone() };
+            let response = run(Some(key)).await.unwrap_or_else(IntoResponse::into_response);
             if response.status().is_server_error() || response.extensions().get::<Provisional>().is_some() {
                 state.store.release_key(&claim.caller, &claim.route, &claim.key).await?;
                 return Ok(response);
             }
             let (parts, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(ApiError::internal)?;
-            state
-                .store
-                .complete_idempotency(&claim.caller, &claim.route, &claim.key, parts.status.as_u16(), &bytes)
-                .await?;
-            Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
+            let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
+            // `Some`: stored already, by the commit that applied this request's event (the
+            // same answer) or by nobody else while the lock holds; the stored one stands.
+            match state.store.complete_idempotency(c, r, k, parts.status.as_u16(), &bytes).await? {
+                None => Ok(Response::from_parts(parts, axum::body::Body::from(bytes))),
+                Some((status, body)) => {
+                    let mut r = Response::from_parts(parts, axum::body::Body::from(body));
+                    *r.status_mut() = StatusCode::from_u16(status).map_err(ApiError::internal)?;
+                    Ok(r)
+                }
+            }
         }
         CreateOutcome::Replay { status, body, .. } => replay(status, body, None),
         CreateOutcome::InFlight => Err(idempotency::in_flight()),
         CreateOutcome::Mismatch => Err(idempotency::reused()),
+    }
+}
+
+/// How long a keyed request's claim outlives its deadline: the claim is taken before the
+/// deadline's clock starts, and replicas' clocks differ a little.
+const KEY_LOCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// The key a request runs under in [`idempotent`], for the commit of its outside event to
+/// store its answer under ([`KeyedAnswer`]).
+pub(super) struct RequestKey {
+    caller: String,
+    route: String,
+    key: String,
+}
+
+impl RequestKey {
+    /// The answer of an applied outside event: 202 with the saga as the commit leaves it.
+    pub(super) fn accepted(&self) -> KeyedAnswer<'_> {
+        KeyedAnswer {
+            caller: &self.caller,
+            route: &self.route,
+            key: &self.key,
+            status: StatusCode::ACCEPTED.as_u16(),
+            render: |rec| to_json(&record_view(rec)).ok(),
+        }
     }
 }
 
@@ -677,12 +736,18 @@ pub(super) async fn cancel(
 ) -> Result<Response, ApiError> {
     check_id(Some(saga_type), id)?;
     let route = format!("POST {}/cancel", builtin::location(saga_type, id));
-    idempotent(&state, &headers, route, &serde_json::Value::Null, || cancel_now(&state, saga_type, id)).await
+    idempotent(&state, &headers, route, &serde_json::Value::Null, |key| cancel_now(&state, saga_type, id, key)).await
 }
 
-async fn cancel_now(state: &AppState, saga_type: &str, id: &str) -> Result<Response, ApiError> {
+async fn cancel_now(
+    state: &AppState,
+    saga_type: &str,
+    id: &str,
+    key: Option<RequestKey>,
+) -> Result<Response, ApiError> {
     let event = Event::Cancel { reason: "cancelled by client".to_owned() };
-    match state.sagas.apply(Some(saga_type), id, event, None).await {
+    let answer = key.as_ref().map(RequestKey::accepted);
+    match state.sagas.apply(Some(saga_type), id, event, None, answer.as_ref()).await {
         Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
         // Cancelling is idempotent: a saga already compensating or cancelled stays so.
         Err(saga::Error::Refused(_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
@@ -709,8 +774,10 @@ pub(super) async fn signal(
     }
     let route = format!("POST {}/signals/{name}", builtin::location(saga_type, id));
     let event = Event::Signal { name: name.to_owned(), payload: payload.to_string() };
-    idempotent(&state, &headers, route, &payload, || async {
-        match state.sagas.apply(Some(saga_type), id, event, None).await {
+    let sagas = &state.sagas;
+    idempotent(&state, &headers, route, &payload, |key| async move {
+        let answer = key.as_ref().map(RequestKey::accepted);
+        match sagas.apply(Some(saga_type), id, event, None, answer.as_ref()).await {
             Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
             Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| match e {
                 // Final: the step is rejected and the saga compensates.

@@ -74,6 +74,7 @@ async fn fill(store: &Arc<dyn Store>, prefix: &str, sagas: usize) {
                     now: 0,
                     audit: None,
                     response: None,
+                    answer: None,
                     creation: None,
                 };
                 store.commit(&commit).await.unwrap();

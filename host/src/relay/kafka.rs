@@ -8,7 +8,12 @@
 //! its internal retries, and a message that fails for good fails the ones queued behind it on
 //! that partition too, so `seq` n+1 is never acknowledged ahead of an unacknowledged n. The
 //! relay marks only the acknowledged prefix; everything after the first failure is sent again
-//! (at least once: consumers drop repeats by `event_id`). We do not use Kafka transactions:
+//! (at least once: consumers drop repeats by `event_id`). A publish returns only once every
+//! message of its batch is settled (acknowledged or failed): nothing of a batch is still in
+//! librdkafka's queue when the relay acts on the outcome, so a retry does not send again what
+//! is still on its way (one copy per retry, not one per retry and queued copy), a row sent
+//! alone before it is dead-lettered travels alone, and a producer renewed after a fatal error
+//! leaves no messages of the old session in flight beside the new one's. We do not use Kafka transactions:
 //! the outbox plus consumer-side dedupe gives the same effect with fewer failure modes.
 
 use std::sync::{Arc, Mutex};
@@ -89,6 +94,9 @@ impl Sink for KafkaSink {
     }
 
     async fn publish(&self, rows: &[OutboxRow]) -> Published {
+        // A producer that turned fatal between publishes (its producer id refused at start,
+        // say) fails every send at enqueue and would never fail a delivery: replace it first.
+        self.renew_if_fatal(&self.current());
         let p = self.current();
         let mut pending = Vec::with_capacity(rows.len());
         let mut enqueue_error = None;
@@ -123,26 +131,40 @@ impl Sink for KafkaSink {
                 }
             }
         }
+        // Await every delivery of the batch, also after the first failure: messages behind it
+        // (other sagas', on other partitions) may still be on their way (module docs). The
+        // rows after the failure are sent again however they end, so their outcome is only
+        // waited for, not counted.
         let mut acked = 0;
+        let mut failed = None;
         for delivery in pending {
-            match delivery.await {
+            let outcome = delivery.await;
+            if failed.is_some() {
+                continue;
+            }
+            match outcome {
                 Ok(Ok(_)) => acked += 1,
                 Ok(Err((e, _))) => {
-                    self.renew_if_fatal(&p);
-                    return Published {
+                    failed = Some(Published {
                         acked,
                         refused: refused(&e),
                         error: Some(anyhow::Error::new(e).context("the broker did not acknowledge an event")),
-                    };
+                    });
                 }
                 Err(_) => {
-                    return Published {
+                    failed = Some(Published {
                         acked,
                         error: Some(anyhow::anyhow!("the Kafka producer went away")),
                         refused: None,
-                    }
+                    })
                 }
             }
+        }
+        // Once nothing of the batch is in flight, a session that turned fatal on the way (at
+        // any delivery, or at enqueue) is replaced for the next publish.
+        self.renew_if_fatal(&p);
+        if let Some(failed) = failed {
+            return failed;
         }
         // Only a refusal of the row right after the acknowledged prefix counts as one.
         let refused = enqueue_refused.filter(|&(i, _)| i == acked).map(|(_, why)| why);
@@ -164,4 +186,101 @@ fn refused(e: &KafkaError) -> Option<String> {
             | RDKafkaErrorCode::InvalidMessage
     )
     .then(|| format!("Kafka refuses this event for good: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::ClientConfig;
+
+    use super::{KafkaOptions, KafkaSink, Sink};
+    use crate::store::OutboxRow;
+
+    const TOPIC: &str = "saga-events";
+
+    fn row(id: i64, saga: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            event_id: format!("event-{id}"),
+            saga_id: saga.to_string(),
+            seq: 1,
+            event_type: "SagaStarted".into(),
+            payload: format!("{{\"id\":{id}}}"),
+            created_at: 0,
+        }
+    }
+
+    /// A saga id whose events land on `partition` (librdkafka's default partitioner hashes
+    /// the key), found by producing with the same defaults.
+    async fn key_on(bootstrap: &str, partition: i32) -> String {
+        let probe: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+        for i in 0..64 {
+            let key = format!("saga-{i}");
+            let record = FutureRecord::to(TOPIC).key(key.as_str()).payload("probe");
+            let delivered = probe.send(record, Duration::from_secs(10)).await.unwrap();
+            if delivered.partition == partition {
+                return key;
+            }
+        }
+        panic!("no key of 64 landed on partition {partition}");
+    }
+
+    /// The first row of a batch is refused while the second (another saga's, on a partition
+    /// whose broker is down) is still queued: the publish reports the refusal only once the
+    /// second row's delivery is settled too, so the relay's next send of the batch is the only
+    /// copy in flight.
+    #[tokio::test]
+    async fn a_failed_publish_returns_only_once_every_message_of_its_batch_is_settled() {
+        let cluster = MockCluster::new(2).unwrap();
+        cluster.create_topic(TOPIC, 2, 1).unwrap();
+        cluster.partition_leader(TOPIC, 0, Some(1)).unwrap();
+        cluster.partition_leader(TOPIC, 1, Some(2)).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let (first, second) = (key_on(&bootstrap, 0).await, key_on(&bootstrap, 1).await);
+
+        cluster.broker_down(2).unwrap();
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+        let sink = KafkaSink::new(KafkaOptions { brokers: bootstrap, topic: TOPIC.into(), settings: vec![] }).unwrap();
+        let rows = [row(1, &first), row(2, &second)];
+        let publish = async {
+            let published = sink.publish(&rows).await;
+            (published, sink.current().in_flight_count())
+        };
+        let outage = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cluster.broker_up(2).unwrap();
+        };
+        let ((published, in_flight), ()) = tokio::join!(publish, outage);
+
+        assert_eq!(published.acked, 0, "{published:?}");
+        assert!(published.refused.is_some(), "the first row is refused for its size: {published:?}");
+        assert_eq!(in_flight, 0, "the second row was still on its way when the publish returned");
+    }
+
+    /// A producer session that turned fatal before any publish (the broker refused its
+    /// producer id) fails every send at enqueue, so no failed delivery would ever replace it:
+    /// the next publish starts a new session, and goes through once the broker accepts it.
+    #[tokio::test]
+    async fn a_producer_that_turned_fatal_between_publishes_is_replaced() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED;
+        cluster.request_errors(RDKafkaApiKey::InitProducerId, &[refused]);
+        let options = KafkaOptions { brokers: cluster.bootstrap_servers(), topic: TOPIC.into(), settings: vec![] };
+        let sink = KafkaSink::new(options).unwrap();
+        let start = std::time::Instant::now();
+        while sink.current().client().fatal_error().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the refused producer id never made the session fatal");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.clear_request_errors(RDKafkaApiKey::InitProducerId);
+
+        let published = sink.publish(&[row(1, "saga-a")]).await;
+        assert_eq!(published.acked, 1, "{published:?}");
+        assert!(published.error.is_none(), "{published:?}");
+    }
 }

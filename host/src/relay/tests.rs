@@ -131,6 +131,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             now: 1,
             audit: None,
             response: None,
+            answer: None,
             creation: None,
         };
         store.commit(&commit).await.unwrap();

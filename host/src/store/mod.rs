@@ -225,6 +225,11 @@ pub struct Commit<'a> {
     /// in the same transaction when it is still in flight (a `Prefer: wait` request whose
     /// saga settles with this commit): one durable write less per saga.
     pub response: Option<StoredResponse<'a>>,
+    /// The answer of the keyed request whose outside event this commit applies (a cancel, a
+    /// signal, an operator action with an `Idempotency-Key`), stored under its key in the same
+    /// transaction when it is still in flight: a request that dies after the commit leaves
+    /// its key answered, not in flight for its retry to run the event a second time.
+    pub answer: Option<StoredResponse<'a>>,
     /// The saga's creation, when its first transitions commit with it (`read_seq` 1, the
     /// fence of the driver that holds it at epoch 1): the idempotency claim (with `response`,
     /// when it is that key's), then the saga row, its steps and its events written as the
@@ -242,7 +247,8 @@ pub struct Creation<'a> {
     pub claim: Option<&'a IdempotencyClaim>,
 }
 
-/// A response stored under an in-flight idempotency key (see [`Commit::response`]).
+/// A response stored under an in-flight idempotency key (see [`Commit::response`] and
+/// [`Commit::answer`]).
 #[derive(Debug, Clone, Copy)]
 pub struct StoredResponse<'a> {
     pub caller: &'a str,

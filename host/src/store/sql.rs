@@ -970,15 +970,15 @@ fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [A
     push_rows_with(script, STATE_INTO, 4, false, STATE_UPSERT, fenced(), puts);
 }
 
-/// A commit's stored response (unless it went elsewhere) and audit entry, conditional on
-/// the fence `fenced` names.
+/// A commit's stored response (unless it went elsewhere), its request's answer and its audit
+/// entry, conditional on the fence `fenced` names.
 fn tail_statements(
     c: &Commit<'_>,
     response: Option<StoredResponse<'_>>,
     script: &mut Script,
     fenced: impl Fn() -> [Arg; 2],
 ) {
-    if let Some(r) = response {
+    for r in response.into_iter().chain(c.answer) {
         let mut args: Vec<Arg> = fenced().into();
         args.extend([
             Arg::Int(Some(i64::from(r.status))),

@@ -117,6 +117,7 @@ fn commit<'a>(
         now: 1,
         audit: None,
         response: None,
+        answer: None,
         creation: None,
     }
 }
@@ -256,6 +257,40 @@ async fn a_settling_commit_stores_the_waiting_requests_response_once_and_never_w
         let stored = s.complete_idempotency("c", "POST /orders", "k", 201, b"timed out").await.unwrap();
         assert_eq!(stored, Some((200, b"settled".to_vec())), "{}", b.name);
         assert_eq!(again().await.unwrap(), replay, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
+/// An outside event's commit stores its keyed request's answer beside a waiting create's
+/// response (a cancel that settles the saga answers both), and neither when it is fenced.
+#[tokio::test]
+async fn an_outside_events_commit_stores_its_requests_answer_with_it_and_never_when_fenced() {
+    for b in backends().await {
+        let s = &b.store;
+        assert_eq!(s.create_saga(&new_saga("s1"), Some(&waiting_claim()), 0).await.unwrap(), CreateOutcome::Created);
+        let cancel = IdempotencyClaim { route: "POST /orders/s1/cancel".into(), ..waiting_claim() };
+        assert_eq!(s.claim_key(&cancel, 0).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        let names = vec!["only".to_owned()];
+        let state = s.saga("s1").await.unwrap().unwrap().state;
+        let e = event("s1", &state, 1);
+        let answer = |body: &'static [u8]| {
+            Some(StoredResponse { caller: "c", route: "POST /orders/s1/cancel", key: "k", status: 202, body })
+        };
+        let waiter = Some(StoredResponse { caller: "c", route: "POST /orders", key: "k", status: 200, body: b"w" });
+        let stale = Commit { answer: answer(b"stale"), ..commit(&state, &names, &e, Fence::Takeover, 7) };
+        assert!(matches!(s.commit(&stale).await, Err(Error::Fenced)), "{}", b.name);
+        assert_eq!(s.claim_key(&cancel, 10).await.unwrap(), CreateOutcome::InFlight, "{}: still in flight", b.name);
+
+        let c =
+            Commit { answer: answer(b"cancelled"), response: waiter, ..commit(&state, &names, &e, Fence::Takeover, 1) };
+        assert_eq!(s.commit(&c).await.unwrap(), 2, "{}", b.name);
+        let replay = CreateOutcome::Replay { status: 202, body: b"cancelled".to_vec(), saga_id: None };
+        assert_eq!(s.claim_key(&cancel, 10).await.unwrap(), replay, "{}", b.name);
+        let created = CreateOutcome::Replay { status: 200, body: b"w".to_vec(), saga_id: Some("s1".into()) };
+        assert_eq!(s.create_saga(&new_saga("s2"), Some(&waiting_claim()), 10).await.unwrap(), created, "{}", b.name);
+        // The request's own completion afterwards finds its answer stored, and keeps it.
+        let stored = s.complete_idempotency("c", "POST /orders/s1/cancel", "k", 202, b"other").await.unwrap();
+        assert_eq!(stored, Some((202, b"cancelled".to_vec())), "{}", b.name);
         b.cleanup().await;
     }
 }
