@@ -5,16 +5,26 @@
 //!
 //! Ordering: a batch is enqueued in outbox order and its delivery reports are awaited in that
 //! order. With `enable.idempotence=true` librdkafka keeps produce order per partition across
-//! its internal retries, and a message that fails for good fails the ones queued behind it on
-//! that partition too, so `seq` n+1 is never acknowledged ahead of an unacknowledged n. The
-//! relay marks only the acknowledged prefix; everything after the first failure is sent again
-//! (at least once: consumers drop repeats by `event_id`). A publish returns only once every
-//! message of its batch is settled (acknowledged or failed): nothing of a batch is still in
-//! librdkafka's queue when the relay acts on the outcome, so a retry does not send again what
-//! is still on its way (one copy per retry, not one per retry and queued copy), a row sent
-//! alone before it is dead-lettered travels alone, and a producer renewed after a fatal error
-//! leaves no messages of the old session in flight beside the new one's. We do not use Kafka transactions:
-//! the outbox plus consumer-side dedupe gives the same effect with fewer failure modes.
+//! its internal retries. The relay marks only the acknowledged prefix; everything after the
+//! first failure is sent again (at least once: consumers drop repeats by `event_id`). A publish
+//! returns only once every message of its batch is settled (acknowledged or failed): nothing
+//! of a batch is still in librdkafka's queue when the relay acts on the outcome, so a retry
+//! does not send again what is still on its way (one copy per retry, not one per retry and
+//! queued copy), a row sent alone before it is dead-lettered travels alone, and a producer
+//! renewed after a fatal error leaves no messages of the old session in flight beside the new
+//! one's. The outcomes after the first failure are reported ([`Published::delivered_after`]).
+//!
+//! What idempotence does not promise: when a message fails for good (a refusal, a message
+//! timeout) while a later message of the same partition travels in a later request, librdkafka
+//! (without the experimental `enable.gapless.guarantee`, which would stop the producer on
+//! every refusal) bumps its producer epoch and delivers the later one all the same. If that
+//! later message is the same saga's, its `seq` n+1 reached the topic before n, which the relay
+//! sends again after it: the one case where a saga's first deliveries are out of order. It
+//! takes a permanent failure of one request while the next request of the partition
+//! succeeds; the relay logs it (`a later event of its saga was delivered before it`).
+//!
+//! We do not use Kafka transactions: the outbox plus consumer-side dedupe gives the same
+//! effect with fewer failure modes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +34,7 @@ use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 use super::{Published, Sink};
 use crate::store::OutboxRow;
@@ -133,13 +143,17 @@ impl Sink for KafkaSink {
         }
         // Await every delivery of the batch, also after the first failure: messages behind it
         // (other sagas', on other partitions) may still be on their way (module docs). The
-        // rows after the failure are sent again however they end, so their outcome is only
-        // waited for, not counted.
+        // rows after the failure are sent again however they end; those delivered (or gone
+        // with the producer, unknown) are reported for the relay's refusal rule.
         let mut acked = 0;
         let mut failed = None;
-        for delivery in pending {
+        let mut delivered_after = Vec::new();
+        for (i, delivery) in pending.into_iter().enumerate() {
             let outcome = delivery.await;
             if failed.is_some() {
+                if !matches!(outcome, Ok(Err(_))) {
+                    delivered_after.push(i);
+                }
                 continue;
             }
             match outcome {
@@ -149,6 +163,7 @@ impl Sink for KafkaSink {
                         acked,
                         refused: refused(&e),
                         error: Some(anyhow::Error::new(e).context("the broker did not acknowledge an event")),
+                        delivered_after: Vec::new(),
                     });
                 }
                 Err(_) => {
@@ -156,6 +171,7 @@ impl Sink for KafkaSink {
                         acked,
                         error: Some(anyhow::anyhow!("the Kafka producer went away")),
                         refused: None,
+                        delivered_after: Vec::new(),
                     })
                 }
             }
@@ -164,11 +180,12 @@ impl Sink for KafkaSink {
         // any delivery, or at enqueue) is replaced for the next publish.
         self.renew_if_fatal(&p);
         if let Some(failed) = failed {
-            return failed;
+            return Published { delivered_after, ..failed };
         }
-        // Only a refusal of the row right after the acknowledged prefix counts as one.
+        // Only a refusal of the row right after the acknowledged prefix counts as one; nothing
+        // after it was enqueued.
         let refused = enqueue_refused.filter(|&(i, _)| i == acked).map(|(_, why)| why);
-        Published { acked, error: enqueue_error, refused }
+        Published { acked, error: enqueue_error, refused, delivered_after }
     }
 }
 
@@ -193,7 +210,7 @@ mod tests {
     use std::time::Duration;
 
     use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     use rdkafka::ClientConfig;
 
@@ -231,8 +248,8 @@ mod tests {
 
     /// The first row of a batch is refused while the second (another saga's, on a partition
     /// whose broker is down) is still queued: the publish reports the refusal only once the
-    /// second row's delivery is settled too, so the relay's next send of the batch is the only
-    /// copy in flight.
+    /// second row's delivery is settled too (so the relay's next send of the batch is the only
+    /// copy in flight), and reports that it was delivered.
     #[tokio::test]
     async fn a_failed_publish_returns_only_once_every_message_of_its_batch_is_settled() {
         let cluster = MockCluster::new(2).unwrap();
@@ -246,19 +263,22 @@ mod tests {
         cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
         let sink = KafkaSink::new(KafkaOptions { brokers: bootstrap, topic: TOPIC.into(), settings: vec![] }).unwrap();
         let rows = [row(1, &first), row(2, &second)];
+        let outage = Duration::from_millis(500);
+        let started = std::time::Instant::now();
         let publish = async {
             let published = sink.publish(&rows).await;
-            (published, sink.current().in_flight_count())
+            (published, started.elapsed())
         };
-        let outage = async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let recovery = async {
+            tokio::time::sleep(outage).await;
             cluster.broker_up(2).unwrap();
         };
-        let ((published, in_flight), ()) = tokio::join!(publish, outage);
+        let ((published, took), ()) = tokio::join!(publish, recovery);
 
         assert_eq!(published.acked, 0, "{published:?}");
         assert!(published.refused.is_some(), "the first row is refused for its size: {published:?}");
-        assert_eq!(in_flight, 0, "the second row was still on its way when the publish returned");
+        assert!(took >= outage, "returned after {took:?}, before the second row could be delivered");
+        assert_eq!(published.delivered_after, [1], "the second row's delivery is reported: {published:?}");
     }
 
     /// A producer session that turned fatal before any publish (the broker refused its

@@ -51,6 +51,12 @@ pub struct Published {
     /// it on every retry: larger than the broker accepts, say), for this reason. The relay
     /// dead-letters that row and goes on with the rest; see [`publish_once`].
     pub refused: Option<String>,
+    /// Rows after the acknowledged prefix (indexes into the batch) that were delivered all the
+    /// same, or may have been: a sink that sends rows side by side (Kafka, to other
+    /// partitions) learns some outcomes after the first failure. A sink that cannot tell lists
+    /// every row it may have sent. A refused row is sent alone only if no later row of its
+    /// saga is listed, so that it never lands behind one; see [`publish_once`].
+    pub delivered_after: Vec<usize>,
 }
 
 /// Where events go.
@@ -171,7 +177,17 @@ impl Relay {
                 }
                 continue;
             }
-            match self.publish_batch().await {
+            let Some(published) = self.publish_leased(&shutdown, renew_every, &mut renewed).await else {
+                // The lease was lost (or the host is stopping) while the batch was on its way:
+                // what it delivered is unmarked and goes out again (at least once).
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                leading = None;
+                self.metrics.relay_leader(false);
+                continue;
+            };
+            match published {
                 Ok(n) if n == self.options.batch_size as usize => {
                     backoff = self.options.initial_backoff;
                     continue; // more may be waiting
@@ -199,11 +215,51 @@ impl Relay {
         }
     }
 
+    /// [`Relay::publish_batch`] while renewing the relay lease every `renew_every`: a publish
+    /// may take as long as the sink's own timeout (Kafka's `message.timeout.ms`, a minute),
+    /// many leases. `None` when the publish was dropped: the lease was lost (another replica
+    /// publishes now) or could not be renewed, or the host is stopping and the publish took
+    /// [`STOP_GRACE`] more. Dropping a publish is as safe as a crash: nothing is marked.
+    async fn publish_leased(
+        &self,
+        shutdown: &CancellationToken,
+        renew_every: Duration,
+        renewed: &mut tokio::time::Instant,
+    ) -> Option<anyhow::Result<usize>> {
+        let publishing = self.publish_batch();
+        tokio::pin!(publishing);
+        let lease_ms = self.options.lease.as_millis() as i64;
+        loop {
+            tokio::select! {
+                published = &mut publishing => return Some(published),
+                () = tokio::time::sleep_until(*renewed + renew_every) => {
+                    match self.store.relay_lease(&self.options.owner, lease_ms).await {
+                        Ok(Some(_)) => *renewed = tokio::time::Instant::now(),
+                        Ok(None) => {
+                            tracing::warn!("lost the relay lease while publishing; dropping the batch");
+                            return None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "renewing the relay lease while publishing failed; dropping the batch");
+                            return None;
+                        }
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    return tokio::time::timeout(STOP_GRACE, &mut publishing).await.ok();
+                }
+            }
+        }
+    }
+
     /// Publishes one batch; returns how many rows it published.
     pub async fn publish_batch(&self) -> anyhow::Result<usize> {
         publish_once(&*self.store, &*self.sink, &*self.clock, &self.metrics, &self.options).await
     }
 }
+
+/// How long a publish under way may go on once the host stops, before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits for the next cue to look for rows: a commit (`committed` resolves), then
 /// [`RelayOptions::linger`] more so that the commits landing meanwhile share the batch; or
@@ -242,8 +298,10 @@ async fn publish_once(
     if lag_ms as u128 > options.lag_warning.as_millis() {
         tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
     }
-    let published = sink.publish(&rows).await;
+    let mut published = sink.publish(&rows).await;
     let refused = published.refused.clone().filter(|_| published.acked < rows.len());
+    let delivered_after = std::mem::take(&mut published.delivered_after);
+    warn_of_inversions(&rows, published.acked, &delivered_after);
     let (acked, error) = settle(rows.len(), published);
     crate::failpoint!("relay-after-publish");
     metrics.published(acked);
@@ -261,9 +319,12 @@ async fn publish_once(
         // The refusal may be of the request the row travelled in, not of the row (a broker's
         // "batch too large" names the first row it could not take): sent alone, the row gets
         // the last word, and is dead-lettered only if the sink refuses it by itself too. Not
-        // when a later event of its saga travelled with it: that one may have been delivered
-        // meanwhile, and the row sent now would land behind it (a gap keeps the order).
-        let later_of_its_saga = rows[acked + 1..].iter().any(|r| r.saga_id == row.saga_id);
+        // when a later event of its saga was (or may have been) delivered with the batch:
+        // the row sent now would land behind it (a gap keeps the order). Later events of its
+        // saga that failed with it (a chain commit's events share a partition's request) are
+        // no such obstacle: they are sent again after it.
+        let later_of_its_saga =
+            delivered_after.iter().any(|&i| i > acked && rows.get(i).is_some_and(|r| r.saga_id == row.saga_id));
         if rows.len() - acked > 1 && !later_of_its_saga {
             let alone = sink.publish(std::slice::from_ref(row)).await;
             if alone.acked >= 1 {
@@ -293,6 +354,35 @@ async fn publish_once(
         Some(e) => Err(e),
         None => Ok(acked),
     }
+}
+
+/// Logs each event delivered after the failure of an earlier event of its saga in the same
+/// batch ([`inversions`]): that earlier one is sent again behind it, so consumers see the
+/// saga's `seq` out of order once. Kafka's idempotent producer can do this (module docs of
+/// `kafka`); the relay cannot undo it, only say so.
+fn warn_of_inversions(rows: &[OutboxRow], acked: usize, delivered_after: &[usize]) {
+    for (earlier, later) in inversions(rows, acked, delivered_after) {
+        tracing::warn!(saga_id = %later.saga_id, delivered_seq = later.seq, failed_seq = earlier.seq, "a later event of its saga was delivered before it; it is sent again after that one, out of order");
+    }
+}
+
+/// The (failed, delivered) pairs of one saga's events where the delivered one comes later in
+/// the batch: past the acknowledged prefix `acked`, a row is delivered if `delivered_after`
+/// lists it, and failed otherwise.
+fn inversions<'a>(
+    rows: &'a [OutboxRow],
+    acked: usize,
+    delivered_after: &[usize],
+) -> Vec<(&'a OutboxRow, &'a OutboxRow)> {
+    let mut found = Vec::new();
+    for &i in delivered_after {
+        let Some(later) = rows.get(i).filter(|_| i > acked) else { continue };
+        let mut failed_before = (acked..i).filter(|j| !delivered_after.contains(j)).map(|j| &rows[j]);
+        if let Some(earlier) = failed_before.find(|r| r.saga_id == later.saga_id) {
+            found.push((earlier, later));
+        }
+    }
+    found
 }
 
 /// The acknowledged-prefix rule: of a batch of `len` rows, how many, counted from its start,

@@ -14,7 +14,12 @@ use crate::metrics::Metrics;
 use crate::store::{Commit, Fence, NewSaga, Store};
 
 fn reply(acked: usize, error: bool) -> Published {
-    Published { acked, error: error.then(|| anyhow::anyhow!("the sink failed")), refused: None }
+    Published {
+        acked,
+        error: error.then(|| anyhow::anyhow!("the sink failed")),
+        refused: None,
+        delivered_after: vec![],
+    }
 }
 
 #[test]
@@ -40,6 +45,26 @@ fn settle_marks_the_acknowledged_prefix_and_never_more_than_the_batch() {
     }
 }
 
+#[test]
+fn an_event_delivered_after_its_sagas_failed_one_is_an_inversion() {
+    let row = |saga: &str, seq: i64| OutboxRow {
+        id: seq,
+        event_id: format!("{saga}-{seq}"),
+        saga_id: saga.into(),
+        seq,
+        event_type: "X".into(),
+        payload: "{}".into(),
+        created_at: 0,
+    };
+    // a1 acked | a2 failed, b1 delivered, a3 delivered, b2 failed, c1 delivered
+    let rows = [row("a", 1), row("a", 2), row("b", 1), row("a", 3), row("b", 2), row("c", 1)];
+    let found: Vec<_> =
+        inversions(&rows, 1, &[2, 3, 5]).into_iter().map(|(e, l)| (e.event_id.clone(), l.event_id.clone())).collect();
+    assert_eq!(found, [("a-2".to_owned(), "a-3".to_owned())], "only a3 overtook its saga's failed a2");
+    assert!(inversions(&rows, 1, &[]).is_empty(), "nothing delivered past the failure");
+    assert!(inversions(&rows, 1, &[1, 2, 3]).is_empty(), "a listed row is not a failed one");
+}
+
 /// What [`ScriptedSink`] answers to one batch.
 #[derive(Debug, Clone, Copy)]
 enum Reply {
@@ -48,8 +73,10 @@ enum Reply {
     /// Acknowledges the first `n` rows, then fails.
     ErrorAfter(usize),
     /// Acknowledges the first `n` rows and refuses the next for good, as a broker does when the
-    /// request they travelled in is too large; a batch of one row is not too large.
-    TooLargeAfter(usize),
+    /// request they travelled in is too large; a batch of one row is not too large. With
+    /// `true`, every row after the refused one was delivered all the same (it travelled in
+    /// another request); with `false`, none was (it failed with the refused one).
+    TooLargeAfter(usize, bool),
     /// Refuses the first row for good, whatever the batch.
     RefusedFirst,
 }
@@ -69,21 +96,25 @@ impl Sink for ScriptedSink {
 
     async fn publish(&self, rows: &[OutboxRow]) -> Published {
         self.batches.lock().unwrap().push(rows.to_vec());
-        let refusal =
-            |acked| Published { acked, error: Some(anyhow::anyhow!("refused")), refused: Some("too large".into()) };
+        let refusal = |acked: usize, later_delivered: bool| Published {
+            acked,
+            error: Some(anyhow::anyhow!("refused")),
+            refused: Some("too large".into()),
+            delivered_after: if later_delivered { (acked + 1..rows.len()).collect() } else { vec![] },
+        };
         let next = self.script.lock().unwrap().pop_front();
         match next {
             Some(Reply::Prefix(n)) => reply(n, false),
             Some(Reply::ErrorAfter(n)) => reply(n, true),
-            Some(Reply::TooLargeAfter(n)) if rows.len() > 1 => {
+            Some(Reply::TooLargeAfter(n, later)) if rows.len() > 1 => {
                 // Asked again right after: the same answer, until a batch of one comes.
-                self.script.lock().unwrap().push_front(Reply::TooLargeAfter(n));
-                refusal(n)
+                self.script.lock().unwrap().push_front(Reply::TooLargeAfter(n, later));
+                refusal(n, later)
             }
-            Some(Reply::TooLargeAfter(_)) => reply(rows.len(), false),
+            Some(Reply::TooLargeAfter(..)) => reply(rows.len(), false),
             Some(Reply::RefusedFirst) => {
                 self.script.lock().unwrap().push_front(Reply::RefusedFirst);
-                refusal(0)
+                refusal(0, false)
             }
             None => reply(rows.len(), false),
         }
@@ -176,7 +207,7 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
         let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await;
         let n = match *reply {
             Reply::Prefix(n) | Reply::ErrorAfter(n) => n,
-            Reply::TooLargeAfter(_) | Reply::RefusedFirst => unreachable!("not in this script"),
+            Reply::TooLargeAfter(..) | Reply::RefusedFirst => unreachable!("not in this script"),
         };
         assert!(result.is_err(), "call {call}: a batch not acknowledged whole is an error ({reply:?})");
         let sent = sink.batches.lock().unwrap()[call].clone();
@@ -219,21 +250,28 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     let dead = || async { store.dead_letters(10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
     let sent = |i: usize| sink.batches.lock().unwrap()[i].clone();
     // The broker takes a1 b1, then calls c1's request too large; alone it fits.
-    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2));
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2, false));
     assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
     assert_eq!(sent(1), all[2..3], "the refused row went alone");
     assert!(dead().await.is_empty(), "a row that fits alone is not dead-lettered");
     assert_eq!(pending(&*store).await, all[3..].iter().map(|r| r.id).collect::<Vec<_>>());
-    // a2 refused with a3 of its saga behind it in the batch: a3 may have been delivered, and
-    // a2 sent now would land after it. Not sent again: a gap keeps the order.
-    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0));
+    // a2 refused with a3 of its saga behind it in the batch, and a3 failed with it (a chain
+    // commit's events share a request): a2 goes alone, and fits.
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
     assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
-    assert_eq!(sink.batches.lock().unwrap().len(), 3, "a2 was not sent alone");
-    assert_eq!(dead().await, [all[3].event_id.clone()]);
+    assert_eq!(sent(3), all[3..4], "a2 went alone");
+    assert!(dead().await.is_empty(), "a2 fits alone");
+    sink.script.lock().unwrap().clear();
+    // b2 refused with b3 of its saga behind it, and b3 delivered all the same: b2 sent now
+    // would land after it. Not sent again: a gap keeps the order.
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, true));
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    assert_eq!(sink.batches.lock().unwrap().len(), 5, "b2 was not sent alone");
+    assert_eq!(dead().await, [all[4].event_id.clone()]);
     sink.script.lock().unwrap().clear();
     // The rest up to b4, then b4 refused even alone: dead-lettered (once), a5 flows on.
     sink.script.lock().unwrap().push_back(Reply::Prefix(4));
-    sink.script.lock().unwrap().push_back(Reply::Prefix(2));
+    sink.script.lock().unwrap().push_back(Reply::Prefix(1));
     publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
     let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await; // short: an error
     assert_eq!(pending(&*store).await, all[10..].iter().map(|r| r.id).collect::<Vec<_>>());
@@ -297,4 +335,77 @@ async fn without_a_commit_the_relay_looks_every_poll_interval() {
     assert!(cue(std::future::pending(), &options, &shutdown).await);
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(5), "{waited:?}");
+}
+
+/// A sink whose every publish takes `delay` before it acknowledges the batch; it counts the
+/// publishes it started.
+struct SlowSink {
+    delay: Duration,
+    started: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for SlowSink {
+    fn name(&self) -> String {
+        "slow".into()
+    }
+
+    async fn publish(&self, rows: &[OutboxRow]) -> Published {
+        self.started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        reply(rows.len(), false)
+    }
+}
+
+/// A relay on `store` publishing to `sink` as `owner`, with a 300 ms lease, running until
+/// `shutdown`.
+fn slow_relay(
+    store: &Arc<dyn Store>,
+    sink: &Arc<SlowSink>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let options = RelayOptions { lease: Duration::from_millis(300), owner: "a".into(), ..RelayOptions::default() };
+    let store: Arc<dyn OutboxStore> = store.clone();
+    let sink: Arc<dyn Sink> = sink.clone();
+    let relay = Relay::new(store, sink, Arc::new(SystemClock), DriverHandle::default(), Metrics::new(), options);
+    tokio::spawn(relay.run(shutdown.clone()))
+}
+
+/// A publish that takes three leases holds the lease throughout: no other replica starts
+/// publishing the same rows meanwhile.
+#[tokio::test]
+async fn a_publish_longer_than_the_lease_keeps_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let sink = Arc::new(SlowSink { delay: Duration::from_millis(900), started: Default::default() });
+    let shutdown = CancellationToken::new();
+    let relay = slow_relay(&store, &sink, &shutdown);
+    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.relay_lease("b", 300).await.unwrap(), None, "another replica took the lease mid-publish");
+    }
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+/// A publish that would take a minute does not hold the host's shutdown past the grace.
+#[tokio::test]
+async fn a_stopping_relay_drops_a_publish_past_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
+    let shutdown = CancellationToken::new();
+    let relay = slow_relay(&store, &sink, &shutdown);
+    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopping = std::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), relay).await.expect("the relay did not stop").unwrap();
+    assert!(stopping.elapsed() >= STOP_GRACE, "the publish was dropped before its grace");
+    assert_eq!(pending(&*store).await.len(), 12, "a dropped publish marks nothing");
+    assert!(store.relay_lease("b", 300).await.unwrap().is_some(), "the stopping relay handed its lease over");
 }

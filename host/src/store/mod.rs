@@ -433,8 +433,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 pub trait OutboxStore: Send + Sync + 'static {
     /// Takes or renews the relay lease for `owner`, for `lease_ms` of database time. Returns
     /// the lease's epoch when `owner` holds it (the epoch moves on every change of holder),
-    /// `None` while another owner's lease is live. Only the holder publishes, so the events of
-    /// one saga leave in `seq` order however many replicas run.
+    /// `None` while another owner's lease is live. Only the holder publishes, so that replicas
+    /// do not all send the same rows (per-saga order does not rest on it: `relay` module docs).
     async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>>;
     /// Gives the relay lease up at once (a clean shutdown), if `owner` holds it.
     async fn relay_release(&self, owner: &str) -> Result<()>;
