@@ -235,6 +235,33 @@ async fn a_provisional_409_is_not_stored_under_the_idempotency_key() {
     assert_eq!(replay.header("idempotent-replayed").as_deref(), Some("true"));
 }
 
+/// An operator action refused because the saga is not stuck (yet) is decided again on its
+/// keyed retry while the saga is still under way; refused for a finished saga, it is final.
+#[tokio::test]
+async fn an_operator_action_on_a_saga_still_under_way_is_decided_again_on_its_retry() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let id = host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    host.wait_for(&id, |o| o["steps"][1]["status"] == "waiting").await;
+    let retry = |id: &str, k: &str| {
+        let path = format!("/admin/sagas/{id}/retry");
+        host.send(host.client.post(host.url(&path)).bearer_auth(TOKEN).header("Idempotency-Key", k).json(&json!({})))
+    };
+    let k = key();
+    let first = retry(&id, &k).await;
+    assert_eq!((first.status, first.json()["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_stuck")));
+    let again = retry(&id, &k).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.header("idempotent-replayed"), None, "a refusal of a running saga was replayed");
+
+    let done = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    let done_id = done["id"].as_str().unwrap();
+    let k = key();
+    assert_eq!(retry(done_id, &k).await.status, StatusCode::CONFLICT);
+    let replay = retry(done_id, &k).await;
+    assert_eq!(replay.status, StatusCode::CONFLICT);
+    assert_eq!(replay.header("idempotent-replayed").as_deref(), Some("true"), "final for a finished saga");
+}
+
 #[tokio::test]
 async fn a_step_rebound_to_another_plugin_keeps_compensating_in_flight_sagas_with_the_plugin_that_executed() {
     let host = TestHost::start().await;

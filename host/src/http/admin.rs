@@ -147,7 +147,15 @@ async fn operate_now(
             tracing::info!(saga_id = %id, actor = %who.name, action, status = %rec.state.status, "operator action");
             Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))
         }
-        Err(e) => Err(outside_error(None, id, e, |e, _| ApiError::conflict("not_stuck", e.to_string()))),
+        Err(e) => Err(outside_error(None, id, e, |e, rec| {
+            let refused = ApiError::conflict("not_stuck", e.to_string());
+            // A saga still under way may yet get stuck: a retry with the key decides again.
+            if rec.state.phase.is_terminal() {
+                refused
+            } else {
+                refused.provisional()
+            }
+        })),
     }
 }
 
