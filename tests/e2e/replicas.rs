@@ -689,3 +689,46 @@ async fn a_replica_whose_migration_waits_past_the_lock_timeout_still_starts() {
     holder.rollback().await.unwrap();
     completes_an_order(&host.await.expect("the replica started once the lock was released")).await;
 }
+
+/// A keyed cancel whose client hung up before it was answered (its commit waits behind a lock
+/// another session holds on the saga's row) leaves its key to the retry: the retry runs and
+/// is answered once the lock goes, instead of 409 "in flight" until the key's lock (the
+/// request's deadline plus 30 s) ran out.
+#[tokio::test]
+async fn a_keyed_request_whose_client_hung_up_leaves_its_key_to_the_retry() {
+    let c = Cluster::start(1, &[]).await;
+    let base = c.hosts[0].as_ref().unwrap().base.clone();
+    let http = reqwest::Client::new();
+    let kind = Kind::Cancelled3ds;
+    let created =
+        http.post(format!("{base}{}", kind.create_path())).header("Idempotency-Key", key()).json(&kind.body()).send();
+    let id = created.await.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    loop {
+        let o: Value = http.get(format!("{base}/orders/{id}")).send().await.unwrap().json().await.unwrap();
+        if o["steps"][1]["status"] == "waiting" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the 3-D Secure payment never waited: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut holder = c.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM sagas WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *holder).await.unwrap();
+    let k = key();
+    let cancel = |timeout: Duration| {
+        http.post(format!("{base}/orders/{id}/cancel")).header("Idempotency-Key", &k).timeout(timeout).send()
+    };
+    assert!(cancel(Duration::from_secs(1)).await.is_err(), "the cancel was answered while its commit was held");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        holder.rollback().await.unwrap();
+    };
+    let (retry, ()) = tokio::join!(cancel(Duration::from_secs(20)), release);
+    let retry = retry.unwrap();
+    let status = retry.status().as_u16();
+    let body: Value = retry.json().await.unwrap();
+    assert!(status == 202 || status == 200, "the retried cancel: {status} {body}");
+    assert_eq!(body["id"], id.as_str());
+}

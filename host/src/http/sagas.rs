@@ -631,9 +631,9 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
 /// retry", a signal the saga does not wait for yet), releases the key, so a retry runs the
 /// request again. `run` gets the key ([`RequestKey`]): an outside event's commit stores the
 /// answer under it itself, so a request that dies after its commit leaves its key answered
-/// (its retry replays it instead of running the event again). One that dies before leaves
-/// the key in flight until its lock runs out: its deadline plus 30 s (75 s by default, 330 s
-/// for a plugin upload); then a retry runs it.
+/// (its retry replays it instead of running the event again). A request dropped before its
+/// key is settled releases it ([`Unsettled`]); one whose host died holds it until its lock
+/// runs out: its deadline plus 30 s (75 s by default, 330 s for a plugin upload).
 pub(super) async fn idempotent<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
@@ -678,9 +678,11 @@ where
     match state.store.claim_key(&claim, state.clock.now_ms()).await? {
         CreateOutcome::Created | CreateOutcome::Abandoned { .. } => {
             let key = RequestKey { caller: claim.caller.clone(), route: claim.route.clone(), key: claim.key.clone() };
+            let mut unsettled = Unsettled::arm(state, &key);
             let response = run(Some(key)).await.unwrap_or_else(IntoResponse::into_response);
             if response.status().is_server_error() || response.extensions().get::<Provisional>().is_some() {
                 state.store.release_key(&claim.caller, &claim.route, &claim.key).await?;
+                unsettled.disarm();
                 return Ok(response);
             }
             let (parts, body) = response.into_parts();
@@ -688,7 +690,9 @@ where
             let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
             // `Some`: stored already, by the commit that applied this request's event (the
             // same answer) or by nobody else while the lock holds; the stored one stands.
-            match state.store.complete_idempotency(c, r, k, parts.status.as_u16(), &bytes).await? {
+            let stored = state.store.complete_idempotency(c, r, k, parts.status.as_u16(), &bytes).await?;
+            unsettled.disarm();
+            match stored {
                 None => Ok(Response::from_parts(parts, axum::body::Body::from(bytes))),
                 Some((status, body)) => {
                     let mut r = Response::from_parts(parts, axum::body::Body::from(body));
@@ -703,12 +707,43 @@ where
     }
 }
 
-/// How long a keyed request's claim outlives its deadline: the claim is taken before the
-/// deadline's clock starts, and replicas' clocks differ a little.
+/// How long a keyed request's claim outlives its deadline: replicas' clocks differ a little,
+/// and a process that stalls (a pause, swapping) may run a little past its deadline.
 const KEY_LOCK_MARGIN: Duration = Duration::from_secs(30);
+
+/// Releases the key of a keyed request ([`idempotent`]) that is dropped before its key is
+/// settled (its client hung up, its deadline passed): nobody would answer it, and its retry
+/// got 409 "in flight" until the lock ran out (the deadline plus 30 s). Released, the retry
+/// runs the request. An outside event whose commit landed stored its answer with it, and a
+/// release removes only a key without one, so the retry then replays that answer.
+struct Unsettled(Option<(Arc<dyn crate::store::Store>, RequestKey)>);
+
+impl Unsettled {
+    fn arm(state: &AppState, key: &RequestKey) -> Self {
+        Self(Some((Arc::clone(&state.store), key.clone())))
+    }
+
+    /// The key is answered or released.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let Some((store, k)) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if let Err(e) = store.release_key(&k.caller, &k.route, &k.key).await {
+                tracing::warn!(route = %k.route, error = %e, "could not release the key of a dropped request; it is free once its lock runs out");
+            }
+        });
+    }
+}
 
 /// The key a request runs under in [`idempotent`], for the commit of its outside event to
 /// store its answer under ([`KeyedAnswer`]).
+#[derive(Clone)]
 pub(super) struct RequestKey {
     caller: String,
     route: String,

@@ -7,7 +7,9 @@
 //! Order: rows are read oldest first (by outbox id) and a batch is published in that order.
 //! One saga's transitions commit one after another, so its rows' ids rise with `seq`. Only the
 //! prefix of a batch the sink acknowledged is marked ([`settle`]); the rest is read again, first,
-//! by the next batch: `seq` n+1 never goes out ahead of n.
+//! by the next batch: `seq` n+1 is never marked ahead of n, and never sent in a batch that does
+//! not carry n or come after n was acknowledged. (Within one batch a sink may still deliver n+1
+//! when n failed: Kafka can, see the `kafka` module docs; the relay logs it.)
 //!
 //! The sink is a trait so that Kafka is a second sink beside the file, not a rewrite.
 //!
@@ -17,8 +19,9 @@
 //! only rows that were unpublished when it read them, in `seq` order, and a row is marked only
 //! after the sink acknowledged it, so every `seq` below the first one of any batch was already
 //! acknowledged. A stale holder that wakes up (SIGSTOP, a long stall) can only repeat events
-//! that were delivered before; the first delivery of each event is always in order. The lease
-//! keeps the repeats rare.
+//! that were delivered before (or, like any publisher, dead-letter a refused one). The lease
+//! keeps the repeats rare; it is renewed while a publish is on its way
+//! ([`Relay::publish_leased`]).
 
 #[cfg(test)]
 mod bench_tests;
@@ -170,14 +173,14 @@ impl Relay {
                     self.metrics.relay_leader(false);
                 }
             }
-            if leading.is_none() {
+            let Some(epoch) = leading else {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(self.options.poll_interval) => {}
                 }
                 continue;
-            }
-            let Some(published) = self.publish_leased(&shutdown, renew_every, &mut renewed).await else {
+            };
+            let Some(published) = self.publish_leased(&shutdown, epoch, renew_every, &mut renewed).await else {
                 // The lease was lost (or the host is stopping) while the batch was on its way:
                 // what it delivered is unmarked and goes out again (at least once).
                 if shutdown.is_cancelled() {
@@ -217,25 +220,35 @@ impl Relay {
 
     /// [`Relay::publish_batch`] while renewing the relay lease every `renew_every`: a publish
     /// may take as long as the sink's own timeout (Kafka's `message.timeout.ms`, a minute),
-    /// many leases. `None` when the publish was dropped: the lease was lost (another replica
-    /// publishes now) or could not be renewed, or the host is stopping and the publish took
-    /// [`STOP_GRACE`] more. Dropping a publish is as safe as a crash: nothing is marked.
+    /// many leases. `None` when the publish was dropped: the lease was lost or changed hands
+    /// since `epoch` (another replica may publish the same rows) or could not be renewed, or
+    /// the host is stopping and the publish took [`STOP_GRACE`] more (renewing meanwhile).
+    /// Dropping a publish is as safe as a crash: nothing is marked. (A Kafka publish's
+    /// messages still queued in the producer may go out all the same: repeats only.)
     async fn publish_leased(
         &self,
         shutdown: &CancellationToken,
+        epoch: i64,
         renew_every: Duration,
         renewed: &mut tokio::time::Instant,
     ) -> Option<anyhow::Result<usize>> {
         let publishing = self.publish_batch();
         tokio::pin!(publishing);
         let lease_ms = self.options.lease.as_millis() as i64;
+        let mut grace: Option<tokio::time::Instant> = None;
         loop {
+            let stop = async {
+                match grace {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => shutdown.cancelled().await,
+                }
+            };
             tokio::select! {
                 published = &mut publishing => return Some(published),
                 () = tokio::time::sleep_until(*renewed + renew_every) => {
                     match self.store.relay_lease(&self.options.owner, lease_ms).await {
-                        Ok(Some(_)) => *renewed = tokio::time::Instant::now(),
-                        Ok(None) => {
+                        Ok(Some(now)) if now == epoch => *renewed = tokio::time::Instant::now(),
+                        Ok(_) => {
                             tracing::warn!("lost the relay lease while publishing; dropping the batch");
                             return None;
                         }
@@ -245,9 +258,10 @@ impl Relay {
                         }
                     }
                 }
-                () = shutdown.cancelled() => {
-                    return tokio::time::timeout(STOP_GRACE, &mut publishing).await.ok();
-                }
+                () = stop => match grace {
+                    None => grace = Some(tokio::time::Instant::now() + STOP_GRACE),
+                    Some(_) => return None,
+                },
             }
         }
     }
@@ -389,7 +403,7 @@ fn inversions<'a>(
 /// may be marked published after the sink answered `published`, and the error to report. Never
 /// more than the batch. The rest stays pending and is read again, first, by the next batch: so
 /// a row is never marked while one before it in the outbox is not, and `seq` n+1 of a saga is
-/// never marked (nor first published) ahead of n.
+/// never marked ahead of n.
 ///
 /// A sink that stops short without an error breaks the [`Published`] contract; it counts as a
 /// failure all the same, so the relay logs it and backs off instead of taking the batch as done

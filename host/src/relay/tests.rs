@@ -357,19 +357,23 @@ impl Sink for SlowSink {
     }
 }
 
-/// A relay on `store` publishing to `sink` as `owner`, with a 300 ms lease, running until
+/// A relay on `store` publishing to `sink` as `a`, with a [`TEST_LEASE`], running until
 /// `shutdown`.
 fn slow_relay(
     store: &Arc<dyn Store>,
     sink: &Arc<SlowSink>,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let options = RelayOptions { lease: Duration::from_millis(300), owner: "a".into(), ..RelayOptions::default() };
+    let options = RelayOptions { lease: TEST_LEASE, owner: "a".into(), ..RelayOptions::default() };
     let store: Arc<dyn OutboxStore> = store.clone();
     let sink: Arc<dyn Sink> = sink.clone();
     let relay = Relay::new(store, sink, Arc::new(SystemClock), DriverHandle::default(), Metrics::new(), options);
     tokio::spawn(relay.run(shutdown.clone()))
 }
+
+/// The lease of [`slow_relay`]: long enough that a renewal (an fsync on SQLite's one writer,
+/// on a loaded machine) is never late by a whole lease.
+const TEST_LEASE: Duration = Duration::from_millis(1500);
 
 /// A publish that takes three leases holds the lease throughout: no other replica starts
 /// publishing the same rows meanwhile.
@@ -377,21 +381,22 @@ fn slow_relay(
 async fn a_publish_longer_than_the_lease_keeps_the_lease() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_interleaved_events(dir.path()).await;
-    let sink = Arc::new(SlowSink { delay: Duration::from_millis(900), started: Default::default() });
+    let sink = Arc::new(SlowSink { delay: TEST_LEASE * 3, started: Default::default() });
     let shutdown = CancellationToken::new();
     let relay = slow_relay(&store, &sink, &shutdown);
     while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for _ in 0..7 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..8 {
+        tokio::time::sleep(TEST_LEASE / 3).await;
         assert_eq!(store.relay_lease("b", 300).await.unwrap(), None, "another replica took the lease mid-publish");
     }
     shutdown.cancel();
     relay.await.unwrap();
 }
 
-/// A publish that would take a minute does not hold the host's shutdown past the grace.
+/// A publish that would take a minute does not hold the host's shutdown past the grace; the
+/// lease is kept through the grace and then handed over at once.
 #[tokio::test]
 async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     let dir = tempfile::tempdir().unwrap();
@@ -404,8 +409,14 @@ async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     }
     let stopping = std::time::Instant::now();
     shutdown.cancel();
-    tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), relay).await.expect("the relay did not stop").unwrap();
+    let during = async {
+        tokio::time::sleep(STOP_GRACE - Duration::from_secs(1)).await;
+        store.relay_lease("b", 300).await.unwrap()
+    };
+    let (stopped, during) = tokio::join!(tokio::time::timeout(STOP_GRACE + Duration::from_secs(5), relay), during);
+    stopped.expect("the relay did not stop").unwrap();
     assert!(stopping.elapsed() >= STOP_GRACE, "the publish was dropped before its grace");
+    assert_eq!(during, None, "the lease lapsed during the grace (more than a lease long)");
     assert_eq!(pending(&*store).await.len(), 12, "a dropped publish marks nothing");
     assert!(store.relay_lease("b", 300).await.unwrap().is_some(), "the stopping relay handed its lease over");
 }
