@@ -147,8 +147,9 @@ struct Serve {
     #[arg(long, env = "SAGAHOST_MAX_IN_FLIGHT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_in_flight_requests: u64,
     /// The longest one HTTP request may take, its body included; then 503. A plugin upload, which
-    /// compiles the component, gets at least 300 s.
-    #[arg(long, env = "SAGAHOST_REQUEST_TIMEOUT_SECS", default_value_t = 45, value_parser = clap::value_parser!(u64).range(31..))]
+    /// compiles the component, gets at least 300 s. At most 1800: a keyed request's key is held
+    /// for its deadline plus 30 s, well within the shortest time to live of a key (1 h).
+    #[arg(long, env = "SAGAHOST_REQUEST_TIMEOUT_SECS", default_value_t = 45, value_parser = clap::value_parser!(u64).range(31..=1800))]
     request_timeout_secs: u64,
     /// Requests waiting with `Prefer: wait` at once; more are answered without waiting.
     #[arg(long, env = "SAGAHOST_MAX_WAITERS", default_value_t = 512)]
@@ -378,6 +379,8 @@ mod tests {
         assert_eq!(usage(&["sagahost", "sagas", "resolve", "x"]), 2);
         // A key forgotten at once would let its retry create a second saga.
         assert_eq!(usage(&["sagahost", "serve", "--idempotency-ttl-hours", "0"]), 2);
+        // A key held past its time to live would be forgotten while its request runs.
+        assert_eq!(usage(&["sagahost", "serve", "--request-timeout-secs", "1801"]), 2);
     }
 
     fn config_of(flags: &[&str]) -> sagahost::Config {

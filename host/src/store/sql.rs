@@ -1398,15 +1398,19 @@ impl IdempotencyStore for SqlStore {
                 Box::pin(async move {
                     Ok(match claim_in_tx(conn, claim, *now).await? {
                         None => CreateOutcome::Created,
-                        // An abandoned claim of a request that creates nothing: take it over.
+                        // An abandoned claim of a request that creates nothing: take it over,
+                        // remembered as long as a new claim (the janitor must not forget it
+                        // while this request runs, nor right after it answers).
                         Some(CreateOutcome::Abandoned { saga_id }) if saga_id.is_empty() => {
                             sqlx::query(
-                                "UPDATE idempotency_keys SET locked_until = $4 WHERE caller = $1 AND route = $2 AND key = $3",
+                                "UPDATE idempotency_keys SET locked_until = $4, expires_at = $5 \
+                                 WHERE caller = $1 AND route = $2 AND key = $3",
                             )
                             .bind(&claim.caller)
                             .bind(&claim.route)
                             .bind(&claim.key)
                             .bind(now + claim.lock_ms)
+                            .bind(now + claim.ttl_ms)
                             .execute(&mut *conn)
                             .await?;
                             CreateOutcome::Created

@@ -408,6 +408,10 @@ async fn idempotency_claims_replay_mismatch_in_flight_and_abandoned() {
         assert_eq!(store.claim_key(&other, 150).await.unwrap(), CreateOutcome::Created, "{}", b.name);
         store.release_key("c", "POST /x", "k").await.unwrap();
         assert_eq!(store.claim_key(&other, 160).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        // Taken over just before its time to live ran out, the key lives a whole one again.
+        assert_eq!(store.claim_key(&other, 10_100).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        store.expire_idempotency(10_180, 100).await.unwrap();
+        assert_eq!(store.claim_key(&other, 10_180).await.unwrap(), CreateOutcome::InFlight, "{}: forgotten", b.name);
         b.cleanup().await;
     }
 }
