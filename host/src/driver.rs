@@ -1228,4 +1228,51 @@ mod tests {
         let (_, _, pending) = driver.adopted.try_recv().expect("handed over");
         assert!(!pending.expect("deferred").start(), "withdrawn: the driver must not run it");
     }
+
+    /// A deferred creation whose commit landed although the store reported a failure (on
+    /// PostgreSQL the connection can drop after COMMIT): the request's own creation then finds
+    /// its key in flight with its own saga, and must answer with that saga (`Created`), not 409
+    /// "in flight" for its own request. Simulated by the saga and its claim being there already.
+    #[tokio::test]
+    async fn a_creation_that_finds_its_own_saga_under_its_key_was_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let runtime = Arc::new(
+            Runtime::new(crate::runtime::Limits::default(), Arc::new(crate::catalog::tests::NoState)).unwrap(),
+        );
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let metrics = crate::metrics::Metrics::new();
+        let _driver =
+            Driver::new(store.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, DriverOptions::default());
+        let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
+        let claim = crate::store::IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /sagas/t".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            lock_ms: 60_000,
+            ttl_ms: 600_000,
+            response: None,
+        };
+        let landed = crate::store::NewSaga {
+            id: draft.record.id.clone(),
+            definition: draft.record.definition.clone(),
+            input: draft.record.input.clone(),
+            state: draft.record.state.clone(),
+            event: crate::event::OutboxEvent { event_id: "e1".into(), event_type: "X".into(), payload: "{}".into() },
+            now: draft.record.created_at,
+            lease: None,
+            trace_parent: None,
+        };
+        let now = draft.record.created_at;
+        assert_eq!(store.create_saga(&landed, Some(&claim), now).await.unwrap(), crate::store::CreateOutcome::Created);
+        let created = tokio::time::timeout(Duration::from_secs(5), sagas.create(&draft, Some(&claim), true)).await;
+        assert_eq!(created.expect("no answer").unwrap(), crate::store::CreateOutcome::Created);
+        // Another request's draft under the same key is still told the key is in flight.
+        let other = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
+        let again = tokio::time::timeout(Duration::from_secs(5), sagas.create(&other, Some(&claim), true)).await;
+        assert_eq!(again.expect("no answer").unwrap(), crate::store::CreateOutcome::InFlight);
+    }
 }

@@ -209,7 +209,15 @@ impl Sagas {
             // the reply: no copy is made.)
             let mut new = Arc::unwrap_or_clone(new);
             new.lease = None;
-            return self.create_now(new, claim, None).instrument(intake).await;
+            let outcome = self.create_now(new, claim, None).instrument(intake).await;
+            // The driver's commit may have landed although the store reported a failure (on
+            // PostgreSQL the connection can drop after COMMIT): this creation then finds the key
+            // in flight with this very saga (and fails to insert it again). It was created.
+            let maybe_ours = matches!(outcome, Ok(CreateOutcome::InFlight) | Err(Error::Store(_)));
+            if maybe_ours && matches!(self.store.saga(&rec.id).await, Ok(Some(_))) {
+                return Ok(CreateOutcome::Created);
+            }
+            return outcome;
         }
         self.create_now(new, claim, Some((adopted, admitted))).instrument(intake).await
     }

@@ -413,7 +413,8 @@ pub(super) async fn create(
     });
     // Dropped before it answers (its client hung up, its deadline passed), a waiting request
     // leaves its key unanswered: the guard answers it, so the retry gets the saga, not 409.
-    // So does one whose answer failed after its saga was created (a store error while waiting).
+    // So does one whose answer failed after its saga was created (a store error while waiting),
+    // or whose creation failed with a store error (its commit may have landed all the same).
     let mut unanswered = Unanswered::arm(&state, &claim, &id, wait);
     create_and_answer(&state, saga_type, &claim, &draft, (wait, watch), created_body, &mut unanswered).await
 }
@@ -434,7 +435,13 @@ async fn create_and_answer(
     let here = state.driver.adopts();
     // The wait counts from here: time spent creating the saga is part of it.
     let until = wait.map(|secs| tokio::time::Instant::now() + Duration::from_secs(secs));
-    let created = state.sagas.create(draft, Some(claim), wait.is_some()).await.map_err(|e| match e {
+    let created = state.sagas.create(draft, Some(claim), wait.is_some()).await;
+    // Unless its saga may exist (created, or a store error after which the commit may have
+    // landed all the same), the key's answer is not this request's to give.
+    if !matches!(created, Ok(CreateOutcome::Created) | Err(saga::Error::Store(_))) {
+        unanswered.disarm();
+    }
+    let created = created.map_err(|e| match e {
         saga::Error::Overloaded(queued) => {
             state.metrics.shed();
             overloaded(queued)
@@ -442,10 +449,6 @@ async fn create_and_answer(
         saga::Error::Store(e) => e.into(),
         e => ApiError::internal(e),
     });
-    if !matches!(created, Ok(CreateOutcome::Created)) {
-        // No saga of this request's, or the key's answer is not this request's to give.
-        unanswered.disarm();
-    }
     match created? {
         CreateOutcome::Created => {
             let loc = builtin::location(saga_type, id);
