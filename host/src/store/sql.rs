@@ -82,6 +82,8 @@ impl Statements {
                 "SELECT id FROM sagas WHERE phase IN ('completed', 'cancelled') AND next_run_at IS NULL \
                  AND updated_at < $1 AND NOT EXISTS \
                  (SELECT 1 FROM outbox WHERE outbox.saga_id = sagas.id AND outbox.published_at IS NULL) \
+                 AND NOT EXISTS (SELECT 1 FROM idempotency_keys k \
+                 WHERE k.saga_id = sagas.id AND k.response_status IS NULL) \
                  ORDER BY updated_at LIMIT $2{skip_locked}"
             ),
             // The first saga a claim could take: due or not, but not under a live lease (a
