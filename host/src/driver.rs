@@ -1202,13 +1202,10 @@ pub fn step_input(rec: &SagaRecord, step: usize) -> String {
 mod tests {
     use super::*;
 
-    /// A driver that admits sagas (with free places) but never gets to them, as when sagas it
-    /// claims from the store take every place first: a waiting request's deferred creation must
-    /// not wait for it. Its request withdraws the creation and commits it alone, unclaimed.
-    #[tokio::test]
-    async fn a_deferred_creation_the_driver_does_not_start_is_withdrawn_and_created_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
+    /// A SQLite store in `dir`, the saga service, and a driver that is never run: it admits
+    /// sagas (with free places) but never gets to them.
+    async fn idle_driver(dir: &std::path::Path) -> (Arc<dyn crate::store::Store>, Arc<Sagas>, Driver) {
+        let store = crate::store::open(None, dir).await.unwrap();
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         let runtime = Arc::new(
             Runtime::new(crate::runtime::Limits::default(), Arc::new(crate::catalog::tests::NoState)).unwrap(),
@@ -1216,8 +1213,18 @@ mod tests {
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
         let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
         let metrics = crate::metrics::Metrics::new();
-        let mut driver =
+        let driver =
             Driver::new(store.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, DriverOptions::default());
+        (store, sagas, driver)
+    }
+
+    /// A driver that admits sagas (with free places) but never gets to them, as when sagas it
+    /// claims from the store take every place first: a waiting request's deferred creation must
+    /// not wait for it. Its request withdraws the creation and commits it alone, unclaimed.
+    #[tokio::test]
+    async fn a_deferred_creation_the_driver_does_not_start_is_withdrawn_and_created_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, mut driver) = idle_driver(dir.path()).await;
         let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
         let created = tokio::time::timeout(Duration::from_secs(5), sagas.create(&draft, None, true)).await;
         let created = created.expect("the creation waited for a driver that never started it").unwrap();
@@ -1236,16 +1243,7 @@ mod tests {
     #[tokio::test]
     async fn a_creation_that_finds_its_own_saga_under_its_key_was_created() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let runtime = Arc::new(
-            Runtime::new(crate::runtime::Limits::default(), Arc::new(crate::catalog::tests::NoState)).unwrap(),
-        );
-        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
-        let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
-        let metrics = crate::metrics::Metrics::new();
-        let _driver =
-            Driver::new(store.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, DriverOptions::default());
+        let (store, sagas, _driver) = idle_driver(dir.path()).await;
         let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
         let claim = crate::store::IdempotencyClaim {
             caller: "c".into(),
