@@ -88,6 +88,15 @@ impl Cluster {
         .unwrap()
     }
 
+    /// Waits until replica `i` holds a live claim of saga `id`.
+    pub async fn wait_claimed(&self, i: usize, id: &str) {
+        let start = Instant::now();
+        while !self.claims_of(i).await.iter().any(|held| held == id) {
+            assert!(start.elapsed() < Duration::from_secs(10), "replica {i} never claimed saga {id}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits (under load) until replica `i` holds at least `n` live claims; returns them.
     pub async fn wait_claims(&self, i: usize, n: usize) -> Vec<String> {
         let start = Instant::now();
@@ -368,11 +377,7 @@ async fn a_replica_frozen_mid_call_past_its_lease_has_its_late_result_rejected()
         .unwrap();
     assert_eq!(r.status(), 201);
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let start = Instant::now();
-    while !c.claims_of(0).await.contains(&id) {
-        assert!(start.elapsed() < Duration::from_secs(10), "replica 0 never claimed the saga");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    c.wait_claimed(0, &id).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the call is spinning now
     c.host(0).freeze();
     let others = [c.add().await, c.add().await];
@@ -422,11 +427,7 @@ async fn a_saga_that_waited_in_a_busy_replica_s_queue_past_its_lease_is_not_run_
     let slow = post("/sagas/slow", json!({"customer_id": "loop"})).await.unwrap();
     assert_eq!(slow.status(), 201);
     let slow = slow.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let start = Instant::now();
-    while !c.claims_of(0).await.contains(&slow) {
-        assert!(start.elapsed() < Duration::from_secs(10), "replica 0 never claimed the slow saga");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    c.wait_claimed(0, &slow).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the call is spinning now
     let order = post("/orders", good_order()).await.unwrap();
     assert_eq!(order.status(), 201);

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::openapi::OptionalKey;
-use super::sagas::{idempotent, json_response, outside_error, record_view, to_json, RequestKey, SagaView};
+use super::sagas::{accepted, idempotent, json_response, outside_error, to_json, RequestKey, SagaView};
 use super::AppState;
 use crate::engine::Event;
 use crate::saga::Actor;
@@ -145,7 +145,7 @@ async fn operate_now(
     match state.sagas.apply(None, id, event, Some(&who), answer.as_ref()).await {
         Ok(rec) => {
             tracing::info!(saga_id = %id, actor = %who.name, action, status = %rec.state.status, "operator action");
-            Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None))
+            accepted(&rec, key.as_ref())
         }
         Err(e) => Err(outside_error(None, id, e, |e, rec| {
             let refused = ApiError::conflict("not_stuck", e.to_string());

@@ -688,11 +688,14 @@ where
                 unsettled.disarm();
                 return Ok(response);
             }
+            if response.extensions().get::<AnsweredInCommit>().is_some() {
+                unsettled.disarm();
+                return Ok(response);
+            }
             let (parts, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(ApiError::internal)?;
             let (c, r, k) = (&claim.caller, &claim.route, &claim.key);
-            // `Some`: stored already, by the commit that applied this request's event (the
-            // same answer) or by nobody else while the lock holds; the stored one stands.
+            // `Some`: stored already by nobody else while the lock holds; the stored one stands.
             let stored = state.store.complete_idempotency(c, r, k, parts.status.as_u16(), &bytes).await?;
             unsettled.disarm();
             match stored {
@@ -754,7 +757,7 @@ pub(super) struct RequestKey {
 }
 
 impl RequestKey {
-    /// The answer of an applied outside event: 202 with the saga as the commit leaves it.
+    /// The answer of an applied outside event ([`accepted`]), for its commit to store.
     pub(super) fn accepted(&self) -> KeyedAnswer<'_> {
         KeyedAnswer {
             caller: &self.caller,
@@ -764,6 +767,21 @@ impl RequestKey {
             render: |rec| to_json(&record_view(rec)).ok(),
         }
     }
+}
+
+/// Marks the answer of an outside event whose commit stored it under the request's key
+/// ([`RequestKey::accepted`]): [`idempotent`] has nothing left to store.
+#[derive(Debug, Clone, Copy)]
+struct AnsweredInCommit;
+
+/// The answer of an applied outside event: 202 with the saga as its commit left it, the same
+/// bytes the commit stored under `key`, if the request had one.
+pub(super) fn accepted(rec: &SagaRecord, key: Option<&RequestKey>) -> Result<Response, ApiError> {
+    let mut r = json_response(StatusCode::ACCEPTED, to_json(&record_view(rec))?, None);
+    if key.is_some() {
+        r.extensions_mut().insert(AnsweredInCommit);
+    }
+    Ok(r)
 }
 
 pub(super) async fn cancel(
@@ -786,7 +804,7 @@ async fn cancel_now(
     let event = Event::Cancel { reason: "cancelled by client".to_owned() };
     let answer = key.as_ref().map(RequestKey::accepted);
     match state.sagas.apply(Some(saga_type), id, event, None, answer.as_ref()).await {
-        Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
+        Ok(rec) => accepted(&rec, key.as_ref()),
         // Cancelling is idempotent: a saga already compensating or cancelled stays so.
         Err(saga::Error::Refused(_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
             Ok(json_response(StatusCode::OK, to_json(&record_view(&rec))?, None))
@@ -816,7 +834,7 @@ pub(super) async fn signal(
     idempotent(&state, &headers, route, &payload, |key| async move {
         let answer = key.as_ref().map(RequestKey::accepted);
         match sagas.apply(Some(saga_type), id, event, None, answer.as_ref()).await {
-            Ok(rec) => Ok(json_response(StatusCode::ACCEPTED, to_json(&record_view(&rec))?, None)),
+            Ok(rec) => accepted(&rec, key.as_ref()),
             Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| match e {
                 // Final: the step is rejected and the saga compensates.
                 engine::Error::DeadlinePassed(_) => ApiError::conflict("deadline_passed", e.to_string()),

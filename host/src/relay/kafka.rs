@@ -86,8 +86,8 @@ impl KafkaSink {
     }
 
     /// An idempotent producer that hit a fatal error cannot continue: start a new session.
-    fn renew_if_fatal(&self, p: &FutureProducer) {
-        if let Some((code, reason)) = p.client().fatal_error() {
+    fn renew_if_fatal(&self) {
+        if let Some((code, reason)) = self.current().client().fatal_error() {
             tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; starting a new producer session");
             match producer(&self.options) {
                 Ok(fresh) => *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh),
@@ -104,9 +104,10 @@ impl Sink for KafkaSink {
     }
 
     async fn publish(&self, rows: &[OutboxRow]) -> Published {
-        // A producer that turned fatal between publishes (its producer id refused at start,
-        // say) fails every send at enqueue and would never fail a delivery: replace it first.
-        self.renew_if_fatal(&self.current());
+        // A producer session that turned fatal (at a delivery, at enqueue, or between
+        // publishes: its producer id refused at start) fails every send from then on: it is
+        // replaced here, before the next batch, with nothing of the last one in flight.
+        self.renew_if_fatal();
         let p = self.current();
         let mut pending = Vec::with_capacity(rows.len());
         let mut enqueue_error = None;
@@ -176,9 +177,6 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        // Once nothing of the batch is in flight, a session that turned fatal on the way (at
-        // any delivery, or at enqueue) is replaced for the next publish.
-        self.renew_if_fatal(&p);
         if let Some(failed) = failed {
             return Published { delivered_after, ..failed };
         }
