@@ -62,6 +62,12 @@ use crate::store::{SagaRecord, SagaStore, StateWrite};
 /// How long shutdown waits for plugin calls in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// A chain is committed once its calls wrote this many state keys: with the last call's at
+/// most [`crate::runtime::MAX_STATE_KEYS`] more, a commit carries at most about 3,000 rows of
+/// state, 12,000 statement arguments, well within PostgreSQL's 65,535 (SQLite's bundled
+/// build takes 250,000).
+const CHAIN_MAX_STATE_KEYS: usize = 2 * crate::runtime::MAX_STATE_KEYS;
+
 /// Tuning of the driver.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
@@ -713,7 +719,11 @@ impl Inner {
             self.metrics.transition(began.elapsed().saturating_sub(call_time));
             // A call that reached another service ends the chain: what it did out there is
             // recorded durably before anything else happens.
-            let full = staged.len() >= chain_max || chain_began.elapsed() >= self.options.chain_max_age;
+            // Bounded in state keys too: each is a row of the commit, and a commit's statement
+            // takes a bounded number of arguments (see `runtime::MAX_STATE_KEYS`).
+            let full = staged.len() >= chain_max
+                || chain_began.elapsed() >= self.options.chain_max_age
+                || staged.write_count() >= CHAIN_MAX_STATE_KEYS;
             if keep && chaining && !reached_out && !full {
                 continue;
             }
@@ -999,6 +1009,14 @@ impl Inner {
             // its start may use the other half; one that took longer shortens the call.
             let latest_end = until.saturating_sub(engine::CALL_GRACE_MS / 2);
             let left = latest_end.saturating_sub(self.clock.now_ms());
+            if left <= 0 {
+                // The commit took the call's whole time: the host's slowness, not a failed
+                // attempt of the plugin's. Nothing is called; the step runs again later.
+                return Err(format!(
+                    "recording the attempt's start took longer than the step's timeout of {} ms",
+                    sdef.timeout_ms
+                ));
+            }
             timeout = timeout.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
         }
         let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
@@ -1234,6 +1252,27 @@ mod tests {
         // The withdrawn hand-over, if the driver gets to it after all, is not run.
         let (_, _, pending) = driver.adopted.try_recv().expect("handed over");
         assert!(!pending.expect("deferred").start(), "withdrawn: the driver must not run it");
+    }
+
+    /// A chain whose commit failed is gone: nothing of it was written, and the driver, which
+    /// reloads the saga and runs its steps again, must not commit it later on top of their
+    /// new results (a refused chain of one was committed with its failure after it, the
+    /// writes of the "failed" call included).
+    #[tokio::test]
+    async fn a_chain_whose_commit_failed_is_not_committed_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, _driver) = idle_driver(dir.path()).await;
+        let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
+        sagas.create(&draft, None, false).await.unwrap();
+        let mut rec = store.saga(&draft.record.id).await.unwrap().expect("created");
+        let mut staged = saga::Staged::default();
+        let writes = Some(("p".to_owned(), vec![("k".to_owned(), Some(b"v".to_vec()))]));
+        sagas.stage(&mut rec, &mut staged, Event::Started { step: 0, attempt: 1 }, writes).unwrap();
+        // Not claimed at epoch 7: the commit is refused, as any failed commit.
+        let failed = sagas.commit_staged(&mut rec, 7, &mut staged, false, None).await;
+        assert!(matches!(failed, Err(saga::Error::Fenced)), "{failed:?}");
+        assert!(staged.is_empty(), "the failed chain is still staged: {} transitions", staged.len());
+        assert_eq!(staged.write_count(), 0);
     }
 
     /// A deferred creation whose commit landed although the store reported a failure (on

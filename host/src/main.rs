@@ -81,11 +81,11 @@ struct Serve {
     #[arg(long, env = "SAGAHOST_CATALOG_REFRESH_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
     catalog_refresh_ms: u64,
     /// Bearer token for the admin routes (/admin/...). Without one, admin routes answer 403.
-    #[arg(long, env = "SAGAHOST_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "SAGAHOST_ADMIN_TOKEN", hide_env_values = true, value_parser = bearer_token)]
     admin_token: Option<String>,
     /// Bearer token that opens the client routes (/orders, /sagas); repeat the flag (or
     /// comma-separate in the environment variable) for several. Without one they are open.
-    #[arg(long = "api-token", env = "SAGAHOST_API_TOKENS", hide_env_values = true, value_delimiter = ',')]
+    #[arg(long = "api-token", env = "SAGAHOST_API_TOKENS", hide_env_values = true, value_delimiter = ',', value_parser = bearer_token)]
     api_token: Vec<String>,
     /// Kafka bootstrap servers (host:port[,host:port]). Without them, events go to
     /// <data-dir>/events.jsonl.
@@ -194,6 +194,17 @@ fn parse_setting(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
         _ => Err(format!("expected KEY=VALUE, got '{s}'")),
     }
+}
+
+/// A bearer token as a client can present it: without the spaces and line ends around it (a
+/// token read from a secret file often ends with a newline, and a header's value never
+/// carries them), and refused if it holds what no header can carry.
+fn bearer_token(s: &str) -> Result<String, String> {
+    let token = s.trim();
+    if token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err("a token is printable ASCII without spaces (what an Authorization header carries)".to_owned());
+    }
+    Ok(token.to_owned())
 }
 
 /// The app's configuration from the flags.
@@ -334,6 +345,26 @@ mod tests {
             }
         }
         assert!(secret >= 2, "the secret-bearing flags were not found");
+    }
+
+    #[test]
+    fn a_token_read_from_a_secret_file_loses_its_newline_and_one_no_header_carries_is_refused() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["sagahost", "serve"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Serve(serve)) => Ok((serve.admin_token, serve.api_token)),
+                Ok(_) => panic!("not a serve command"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let (admin, api) = parse(&["--admin-token", "s3cret\n", "--api-token", " t1\r\n"]).unwrap();
+        assert_eq!(admin.as_deref(), Some("s3cret"));
+        assert_eq!(api, ["t1"]);
+        for bad in ["two words", "tab\tinside", "zoë"] {
+            let e = parse(&["--admin-token", bad]).expect_err(bad);
+            assert!(e.contains("printable ASCII"), "{bad}: {e}");
+        }
     }
 
     #[test]

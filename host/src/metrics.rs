@@ -92,9 +92,42 @@ pub struct Metrics {
     settled: Family<SettledLabels, Counter>,
     relay_leader: Gauge,
     dead_lettered: Counter,
-    /// The gauges read from the store, when, and how long the read took: scrapes within
-    /// [`reuse_for`] of it share one read, so a scrape storm costs the database one query pair.
-    store_gauges: tokio::sync::Mutex<Option<(std::time::Instant, std::time::Duration, StoreGauges)>>,
+    /// Sagas by (type, status, count) as last read from the store; see [`Reused`].
+    saga_counts: tokio::sync::Mutex<Option<Reused<SagaCounts>>>,
+    /// The outbox backlog as last read: pending events, and the oldest one's age in seconds
+    /// when read. Apart from the saga counts, so that a slow count (many sagas kept) does not
+    /// keep it old: this read is an index lookup, reused only [`STORE_GAUGES_TTL`] normally.
+    backlog: tokio::sync::Mutex<Option<Reused<(i64, f64)>>>,
+}
+
+/// Sagas by (type, status, count).
+type SagaCounts = Vec<(String, String, i64)>;
+
+/// A gauge read from the store, when, and how long the read took: scrapes within
+/// [`reuse_for`] of it share it, so a scrape storm costs the database one read.
+struct Reused<T> {
+    at: std::time::Instant,
+    took: std::time::Duration,
+    value: T,
+}
+
+impl<T: Clone> Reused<T> {
+    /// The value in `cache` if it is recent enough, else `read`'s (kept for the next scrapes).
+    async fn get<F: std::future::Future<Output = crate::store::Result<T>>>(
+        cache: &tokio::sync::Mutex<Option<Reused<T>>>,
+        read: F,
+    ) -> crate::store::Result<T> {
+        let mut cached = cache.lock().await;
+        match cached.as_ref() {
+            Some(r) if r.at.elapsed() < reuse_for(r.took) => Ok(r.value.clone()),
+            _ => {
+                let at = std::time::Instant::now();
+                let value = read.await?;
+                *cached = Some(Reused { at, took: at.elapsed(), value: value.clone() });
+                Ok(value)
+            }
+        }
+    }
 }
 
 /// How long the gauges read from the store are reused, at least.
@@ -107,14 +140,6 @@ pub const STORE_GAUGES_TTL: std::time::Duration = std::time::Duration::from_secs
 /// them, whatever the scrape interval; the figures are that much older.
 fn reuse_for(took: std::time::Duration) -> std::time::Duration {
     STORE_GAUGES_TTL.max(took.saturating_mul(20))
-}
-
-/// What a scrape reads from the store: sagas by (type, status, count), and the outbox backlog
-/// (pending events, oldest commit time).
-#[derive(Clone)]
-struct StoreGauges {
-    sagas: Vec<(String, String, i64)>,
-    backlog: (i64, Option<i64>),
 }
 
 impl Metrics {
@@ -210,7 +235,8 @@ impl Metrics {
             relay_leader.clone(),
         );
         Arc::new(Metrics {
-            store_gauges: tokio::sync::Mutex::new(None),
+            saga_counts: tokio::sync::Mutex::new(None),
+            backlog: tokio::sync::Mutex::new(None),
             dead_lettered,
             registry,
             calls,
@@ -251,6 +277,18 @@ impl Metrics {
     pub fn commit(&self, elapsed: Duration, transitions: usize) {
         self.commit_seconds.observe(elapsed.as_secs_f64());
         self.committed_transitions.inc_by(transitions as u64);
+    }
+
+    /// Starts the settled counters of these saga types at 0, so that the first saga to settle
+    /// in a status is an increase from 0 a rate or `increase()` alert sees (a series that
+    /// appears at 1 shows no increase), whichever process it settles in.
+    pub fn saga_types<'a>(&self, types: impl IntoIterator<Item = &'a str>) {
+        for saga_type in types {
+            for status in ["COMPLETED", "CANCELLED", "COMPENSATION_FAILED"] {
+                let labels = SettledLabels { saga_type: saga_type.to_owned(), status: status.to_owned() };
+                drop(self.settled.get_or_create(&labels));
+            }
+        }
     }
 
     /// The driver committed a saga into a terminal status or COMPENSATION_FAILED.
@@ -298,30 +336,24 @@ impl Metrics {
             "The plugin and definition version this process serves (compare across replicas)",
             catalog,
         );
-        let read = {
-            let mut cached = self.store_gauges.lock().await;
-            match cached.as_ref() {
-                Some((at, took, gauges)) if at.elapsed() < reuse_for(*took) => gauges.clone(),
-                _ => {
-                    let began = std::time::Instant::now();
-                    let gauges =
-                        StoreGauges { sagas: store.saga_counts().await?, backlog: store.outbox_backlog().await? };
-                    *cached = Some((began, began.elapsed(), gauges.clone()));
-                    gauges
-                }
-            }
-        };
+        let counts = Reused::get(&self.saga_counts, store.saga_counts()).await?;
         let sagas = Family::<StatusLabels, Gauge>::default();
-        for (saga_type, status, count) in read.sagas {
+        for (saga_type, status, count) in counts {
             sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
         }
         scrape.register("sagas", "Sagas by type and status", sagas);
-        let (pending, oldest) = read.backlog;
+        // The age as of the read, not of `now_ms`: a reused read must not show a lag that grows
+        // by a second every second while the relay keeps up.
+        let (pending, age) = Reused::get(&self.backlog, async {
+            let (pending, oldest) = store.outbox_backlog().await?;
+            Ok((pending, oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)))
+        })
+        .await?;
         let backlog = Gauge::<i64>::default();
         backlog.set(pending);
         scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
         let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        lag.set(oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0));
+        lag.set(age);
         scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
 
         let writes = store.write_stats();
@@ -400,9 +432,40 @@ mod tests {
         }
         assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a scrape storm read the store more than once");
         // Past the TTL the next scrape reads again.
-        *metrics.store_gauges.lock().await = None;
+        *metrics.saga_counts.lock().await = None;
         let text = metrics.render(&stats, 1_000, 1).await.unwrap();
         assert!(text.contains("status=\"COMPLETED\"} 2"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_reused_backlog_read_shows_the_lag_it_read_not_a_growing_one() {
+        let metrics = Metrics::new();
+        let stats = CountingStats::default();
+        let text = metrics.render(&stats, 1_000, 1).await.unwrap();
+        assert!(text.contains("sagahost_outbox_lag_seconds 1.0"), "{text}");
+        // 30 s later by the clock, within the reuse: the read said 1 s, not 31.
+        let text = metrics.render(&stats, 31_000, 1).await.unwrap();
+        assert!(text.contains("sagahost_outbox_lag_seconds 1.0"), "{text}");
+        // A slow saga count is reused longer; the backlog is read again after its own TTL.
+        metrics.saga_counts.lock().await.as_mut().unwrap().took = Duration::from_secs(10);
+        metrics.backlog.lock().await.as_mut().unwrap().at = std::time::Instant::now() - STORE_GAUGES_TTL;
+        let text = metrics.render(&stats, 31_000, 1).await.unwrap();
+        assert!(text.contains("sagahost_outbox_lag_seconds 31.0"), "{text}");
+        assert_eq!(stats.0.load(Ordering::SeqCst), 1, "the saga count was read again");
+    }
+
+    #[tokio::test]
+    async fn a_registered_types_settled_counters_start_at_zero() {
+        let metrics = Metrics::new();
+        metrics.saga_types(["refund"]);
+        let text = metrics.render(&CountingStats::default(), 1_000, 1).await.unwrap();
+        for status in ["COMPLETED", "CANCELLED", "COMPENSATION_FAILED"] {
+            let series = format!("sagahost_sagas_settled_total{{saga_type=\"refund\",status=\"{status}\"}} 0");
+            assert!(text.contains(&series), "no {series} in\n{text}");
+        }
+        metrics.settled("refund", "COMPENSATION_FAILED");
+        let text = metrics.render(&CountingStats::default(), 1_000, 1).await.unwrap();
+        assert!(text.contains("status=\"COMPENSATION_FAILED\"} 1"), "{text}");
     }
 
     #[tokio::test]
@@ -415,11 +478,11 @@ mod tests {
         metrics.render(&stats, 1_000, 1).await.unwrap();
         let age = |secs| Instant::now().checked_sub(Duration::from_secs(secs)).unwrap();
         // Read 5 s ago: past the TTL, but it took 500 ms, so it stands for 10 s.
-        metrics.store_gauges.lock().await.as_mut().unwrap().0 = age(5);
-        metrics.store_gauges.lock().await.as_mut().unwrap().1 = Duration::from_millis(500);
+        metrics.saga_counts.lock().await.as_mut().unwrap().at = age(5);
+        metrics.saga_counts.lock().await.as_mut().unwrap().took = Duration::from_millis(500);
         metrics.render(&stats, 1_000, 1).await.unwrap();
         assert_eq!(stats.0.load(Ordering::SeqCst), 1, "a slow read was made again within twenty times its length");
-        metrics.store_gauges.lock().await.as_mut().unwrap().0 = age(11);
+        metrics.saga_counts.lock().await.as_mut().unwrap().at = age(11);
         let text = metrics.render(&stats, 1_000, 1).await.unwrap();
         assert!(text.contains("status=\"COMPLETED\"} 2"), "{text}");
     }

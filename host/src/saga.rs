@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::driver::{DriverHandle, StatusChange};
-use crate::engine::{self, Event, EventSpec, Phase, SagaDefinition, SagaState};
+use crate::engine::{self, Event, EventSpec, SagaDefinition, SagaState};
 use crate::event::{Envelope, OutboxEvent};
 use crate::store::{
     self, AuditEntry, Commit, CreateOutcome, Creation, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore,
@@ -318,6 +318,7 @@ impl Sagas {
                 before: Some(serde_json::json!({ "status": rec.state.status })),
                 after: Some(serde_json::json!({ "status": t.state.status })),
                 note: a.note.clone(),
+                answer: None,
             });
             let seq = rec.seq + 1;
             let envelope =
@@ -373,8 +374,9 @@ impl Sagas {
 
     /// Commits the transitions staged on `rec` by the driver holding its claim at `epoch`, in
     /// one transaction, keeping the claim when `keep` (more work is due) and releasing it
-    /// otherwise. On success `rec` is the saga as committed and `staged` is empty. On an error
-    /// nothing was written; `rec.state` then holds uncommitted changes and must be reloaded.
+    /// otherwise. `staged` is empty afterwards, whatever the outcome: on success `rec` is the
+    /// saga as committed; on an error nothing was written, the chain is gone, and `rec.state`
+    /// holds uncommitted changes and must be reloaded (the steps run again).
     ///
     /// `creating`: the saga's creation ([`Deferred`]) goes into the same transaction; then
     /// `Err(Fenced)` means its idempotency key was not new, and nothing was written.
@@ -392,11 +394,9 @@ impl Sagas {
         let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
         let committed =
             self.commit(rec, fence, &staged.events, &staged.changed, &writes, Outside::default(), creation).await;
+        staged.clear();
         match committed {
-            Ok(()) => {
-                staged.clear();
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(store::Error::Fenced) => Err(Error::Fenced),
             Err(e) => Err(e.into()),
         }
@@ -419,7 +419,9 @@ impl Sagas {
     ) -> Result<(), store::Error> {
         let now = self.clock.now_ms();
         let step_names: Vec<String> = rec.definition.steps.iter().map(|s| s.name.clone()).collect();
-        let settled = rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed;
+        // A waiting create is answered 200 once its saga is COMPLETED or CANCELLED (SPEC
+        // §5.2), not when it is stuck in COMPENSATION_FAILED: that wait runs out (201).
+        let settled = rec.state.phase.is_terminal();
         // A request of this process waits for this saga to settle: its response goes into this
         // commit, rendered from the saga as it will be committed.
         let read_updated_at = rec.updated_at;
@@ -561,6 +563,12 @@ impl Staged {
     /// run before they commit, or it would read its state without them.
     pub fn wrote(&self, plugin: &str) -> bool {
         self.writes.iter().any(|(p, _)| p == plugin)
+    }
+
+    /// State keys the staged calls write, counted per call (a key two calls write counts
+    /// twice).
+    pub fn write_count(&self) -> usize {
+        self.writes.iter().map(|(_, w)| w.len()).sum()
     }
 
     fn clear(&mut self) {

@@ -103,7 +103,9 @@ async function api(method, path, { body, admin = false, key } = {}) {
   if (token) headers.Authorization = "Bearer " + headerSafe(token);
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (key) headers["Idempotency-Key"] = key;
-  if (admin && state.actor) headers["X-Actor"] = headerSafe(state.actor);
+  // The name's UTF-8 bytes, one per character (a header carries bytes, not text): the host
+  // reads them back as UTF-8, so "Zoë" is audited as "Zoë", not "Zo?".
+  if (admin && state.actor) headers["X-Actor"] = String.fromCharCode(...new TextEncoder().encode(state.actor.trim())).replace(/[\x00-\x1f\x7f]/g, "");
   const r = await fetch(path, {
     method,
     headers,
@@ -286,14 +288,30 @@ function knownTypes(extra) {
   return [...types].sort();
 }
 
+// The most stuck sagas of one type the console lists (pages of 100); past it, it says so.
+const STUCK_PAGES = 10;
+
+// Every COMPENSATION_FAILED saga of `type`, page after page, up to STUCK_PAGES pages; `more`
+// when there were more still.
+async function stuckOf(type) {
+  const path = `/sagas/${encodeURIComponent(type)}?status=COMPENSATION_FAILED&limit=100`;
+  let data = [];
+  let cursor = null;
+  for (let page = 0; page < STUCK_PAGES; page++) {
+    const r = await api("GET", cursor ? `${path}&cursor=${encodeURIComponent(cursor)}` : path);
+    data = data.concat(r.data);
+    cursor = r.next_cursor;
+    if (!cursor) break;
+  }
+  return { type, data, more: Boolean(cursor) };
+}
+
 async function refreshStuckCount() {
-  const counts = await Promise.all(
-    knownTypes().map((t) => api("GET", `/sagas/${encodeURIComponent(t)}?status=COMPENSATION_FAILED&limit=100`).then((p) => p.data.length, () => 0)),
-  );
-  const n = counts.reduce((a, b) => a + b, 0);
+  const pages = await Promise.all(knownTypes().map((t) => stuckOf(t).catch(() => ({ data: [], more: false }))));
+  const n = pages.reduce((a, p) => a + p.data.length, 0);
   const badge = $("#stuck-count");
   badge.hidden = n === 0;
-  badge.textContent = n >= 100 ? "100+" : String(n);
+  badge.textContent = pages.some((p) => p.more) ? `${n}+` : String(n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -778,7 +796,7 @@ function stuckPage(main) {
   const shown = new Map();
   reload = async () => {
     const types = knownTypes();
-    const pages = await Promise.all(types.map((t) => api("GET", `/sagas/${encodeURIComponent(t)}?status=COMPENSATION_FAILED&limit=100`)));
+    const pages = await Promise.all(types.map(stuckOf));
     const sagas = pages.flatMap((p) => p.data).sort((a, b) => (a.updated_at < b.updated_at ? 1 : -1));
     if (sagas.length === 0) {
       shown.clear();
@@ -790,6 +808,7 @@ function stuckPage(main) {
       tbody = h("tbody");
       replace(
         body,
+        h("p", { class: "notice", id: "stuck-more", hidden: true }),
         h(
           "table",
           { class: "stuck" },
@@ -798,6 +817,13 @@ function stuckPage(main) {
         ),
       );
     }
+    // Past the first pages of a type, say so rather than show a queue that looks complete.
+    const cut = pages.filter((p) => p.more).map((p) => p.type);
+    const more = body.querySelector("#stuck-more");
+    more.hidden = cut.length === 0;
+    more.textContent = cut.length
+      ? `Showing the first ${STUCK_PAGES * 100} stuck sagas of ${cut.join(", ")}; list them all with \`sagahost sagas list --type TYPE --status COMPENSATION_FAILED --all\`.`
+      : "";
     const rows = sagas.map((sg) => {
       const version = `${sg.id}@${sg.updated_at}`;
       if (!shown.has(version)) shown.set(version, stuckRow(sg));

@@ -496,6 +496,19 @@ async fn orders_list_newest_first_with_cursor_and_404_for_unknown() {
     assert_eq!(host.get("/orders?status=CANCELLED").await.json()["data"].as_array().unwrap().len(), 0);
     assert_eq!(host.get("/orders?limit=0").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(host.get("/orders?cursor=nope").await.status, StatusCode::BAD_REQUEST);
+    // An id in upper case names the same saga, as a cursor too (compared as stored, it skipped
+    // rows); a typo is an error, not an empty page ("nothing is stuck").
+    let upper = host.get(&format!("/orders/{}", ids[1].to_uppercase())).await;
+    assert_eq!((upper.status, upper.json()["id"].clone()), (StatusCode::OK, json!(ids[1])));
+    let page2 = host.get(&format!("/orders?limit=2&cursor={}", cursor.to_uppercase())).await.json();
+    assert_eq!(page2["data"][0]["id"], json!(ids[0]));
+    let typo = host.get("/orders?status=COMPENSATION_FAILD").await;
+    assert_eq!((typo.status, typo.json()["error"]["field"].clone()), (StatusCode::BAD_REQUEST, json!("status")));
+    assert!(typo.json()["error"]["message"].as_str().unwrap().contains("COMPENSATION_FAILED"), "{:?}", typo.json());
+    assert_eq!(host.get("/orders?status=COMPENSATION_FAILED").await.json()["data"], json!([]));
+    assert_eq!(host.get("/orders?stauts=CANCELLED").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(host.get("/sagas/ordr?status=COMPENSATION_FAILED").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(host.get("/sagas/order-http").await.status, StatusCode::OK);
 
     let r = host.get("/orders/00000000-0000-0000-0000-000000000000").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -635,6 +648,21 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     assert_eq!(value("sagahost_log_lines_dropped_total"), 0.0, "{text}");
     assert!(text.contains("sagahost_outbox_lag_seconds"));
     assert!(text.trim_end().ends_with("# EOF"));
+}
+
+/// Before any saga settles, every status of every registered type counts from 0: the first
+/// stuck saga after a start is an increase an `increase()` alert sees (a series that appears
+/// at 1 shows none).
+#[tokio::test]
+async fn a_fresh_host_counts_every_settled_status_from_zero() {
+    let host = TestHost::start().await;
+    let fresh = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+    for saga_type in ["order", "order-http"] {
+        for status in ["COMPLETED", "CANCELLED", "COMPENSATION_FAILED"] {
+            let zero = format!(r#"sagahost_sagas_settled_total{{saga_type="{saga_type}",status="{status}"}} 0"#);
+            assert!(fresh.lines().any(|l| l == zero), "no {zero} before any saga:\n{fresh}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -183,7 +183,16 @@ async fn an_operator_can_resolve_a_stuck_saga_by_hand_with_a_note() {
     host.catalog.put_definition(def, DefinitionSource::Admin).await.unwrap();
     let mut body = order("tok_visa", "SKU-1", "XX");
     body["customer_id"] = json!("compensate-panic");
-    let id = host.run_order(&body).await["id"].as_str().unwrap().to_owned();
+    // A waiting create is answered 200 only for COMPLETED or CANCELLED (SPEC §5.2): a saga
+    // stuck for an operator lets the wait run out, 201 with the saga as it stands.
+    let started = std::time::Instant::now();
+    let r = host.post_order_raw(Some(&key()), body.to_string().as_bytes(), Some(2)).await;
+    assert_eq!((r.status, r.json()["status"].clone()), (StatusCode::CREATED, json!("COMPENSATION_FAILED")));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2), "answered before the wait ran out");
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // A client cancel of it is answered as for one compensating (it is not COMPLETED).
+    let r = host.send(host.client.post(host.url(&format!("/orders/{id}/cancel")))).await;
+    assert_eq!((r.status, r.json()["status"].clone()), (StatusCode::OK, json!("COMPENSATION_FAILED")));
 
     let r = admin_post(&host, &format!("/admin/sagas/{id}/resolve"), Some(TOKEN), json!({})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "a note is required");
@@ -193,19 +202,28 @@ async fn an_operator_can_resolve_a_stuck_saga_by_hand_with_a_note() {
         let r = admin_post(&host, &format!("/admin/sagas/{id}/resolve"), Some(TOKEN), json!({ "note": blank })).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{blank:?} is blank");
     }
-    let r = admin_post(
-        &host,
-        &format!("/admin/sagas/{id}/resolve"),
-        Some(TOKEN),
-        json!({"note": "refunded in the PSP console"}),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED);
+    // The id as a log or a tool may show it (upper case), by an operator whose name is not
+    // ASCII (the CLI sends the name's UTF-8 bytes).
+    let upper = id.to_uppercase();
+    let r = host
+        .send(
+            host.client
+                .post(host.url(&format!("/admin/sagas/{upper}/resolve")))
+                .json(&json!({"note": "refunded in the PSP console"}))
+                .header("X-Actor", reqwest::header::HeaderValue::from_bytes("Zoë".as_bytes()).unwrap())
+                .bearer_auth(TOKEN),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.json());
     assert_eq!(host.get(&format!("/orders/{id}")).await.json()["status"], "CANCELLED");
+    assert_eq!(host.get(&format!("/orders/{upper}")).await.json()["id"], id.as_str());
     assert_eq!(host.event_types(&id).await.last().unwrap(), "OrderResolved");
-    let audit = host.send(host.client.get(host.url("/admin/audit")).bearer_auth(TOKEN)).await.json();
+    let audit =
+        host.send(host.client.get(host.url(&format!("/admin/audit?target={upper}"))).bearer_auth(TOKEN)).await.json();
     assert_eq!(audit["data"][0]["action"], "saga.resolve");
+    assert_eq!(audit["data"][0]["target"], id.as_str());
     assert_eq!(audit["data"][0]["note"], "refunded in the PSP console");
+    assert_eq!(audit["data"][0]["actor"], "Zoë");
 }
 
 #[tokio::test]

@@ -283,6 +283,52 @@ async fn sagas_keep_their_pinned_execute_while_new_sagas_use_the_new_binding_and
     assert_eq!(unchanged["steps"][2]["compensate"], def["steps"][2]["compensate"]);
 }
 
+/// A definition PUT that only changes a deadline (SPEC §5.3's example names no digests and no
+/// `sensitive`) changes nothing else: an unbound upload stays unbound, a hot-swapped
+/// compensation stays bound (running sagas compensate with it), and the order's payment token
+/// stays redacted.
+#[tokio::test]
+async fn a_definition_put_without_digests_keeps_the_bindings_and_the_redaction() {
+    let host = admin_host().await;
+    let before = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    // The payment team binds a new compensation, then uploads a version it does not bind.
+    let fixed = digest_of(&upload(&host, "payment", fixture("misbehave")).await);
+    assert_eq!(bind(&host, "order", "payment", json!({"compensate": fixed})).await.status, StatusCode::OK);
+    let unbound = upload(&host, "payment", fixture("counter")).await;
+    assert_eq!(unbound.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&unbound.bytes));
+    let steps: Vec<Value> = before["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| json!({"name": s["name"], "state": s["state"], "timeout_ms": s["timeout_ms"], "deadline_ms": 60_000}))
+        .collect();
+    let r = admin_json(&host, reqwest::Method::PUT, "/admin/sagas/order", Some(json!({ "steps": steps }))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let after = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    for (i, step) in before["steps"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(after["steps"][i]["execute"], step["execute"], "step {i}'s execute moved to an unbound upload");
+        let compensate = if i == 1 { json!(fixed) } else { step["compensate"].clone() };
+        assert_eq!(after["steps"][i]["compensate"], compensate, "step {i}'s compensate binding was lost");
+        assert_eq!(after["steps"][i]["deadline_ms"], 60_000);
+    }
+    assert_eq!(after["sensitive"], json!(["/payment/token"]));
+    // Given explicitly without it, the order's token stays redacted all the same (SPEC §8).
+    let r = admin_json(
+        &host,
+        reqwest::Method::PUT,
+        "/admin/sagas/order",
+        Some(json!({ "steps": steps, "sensitive": ["/customer_id"] })),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let o = host.run_order(&order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(o["status"], "COMPLETED", "{o:#}");
+    assert_eq!(
+        (o["input"]["payment"]["token"].clone(), o["input"]["customer_id"].clone()),
+        (json!("[redacted]"), json!("[redacted]"))
+    );
+}
+
 #[tokio::test]
 async fn a_fixed_compensation_is_uploaded_bound_and_retried_over_http_with_exactly_one_refund_each() {
     let host = admin_host().await;

@@ -223,7 +223,10 @@ async fn a_compensated_order_is_one_trace_under_the_clients_traceparent() {
     let http = reqwest::Client::new();
     let id = submit(&http, &host.base, &order("tok_decline", "SKU-1", "US")).await;
     wait_status(&http, &host.base, &id, "CANCELLED").await;
-    let spans = receiver.wait_for(|s| complete(s, &id)).await;
+    // `wait_status` polls GET /orders/{id}: its spans are named by the route, not the path.
+    let spans = receiver.wait_for(|s| complete(s, &id) && s.iter().any(|s| s.name == "GET /orders/{id}")).await;
+    let named_by_path: Vec<&str> = spans.iter().map(|s| s.name.as_str()).filter(|n| n.contains(&id)).collect();
+    assert!(named_by_path.is_empty(), "span names carry the saga id: {named_by_path:?}");
     // The intake span: a child of the request's span, whose parent is the client's span.
     let intake = spans
         .iter()

@@ -29,6 +29,14 @@ pub struct Builtin {
     pub definition: fn(&PluginsByName) -> SagaDefinition,
     /// Checks a saga input before anything is stored.
     pub validate: fn(&serde_json::Value) -> Result<(), InputError>,
+    /// Input fields (JSON pointers) redacted whatever an operator's definition says (SPEC §8:
+    /// an order's payment token never shows).
+    pub sensitive: &'static [&'static str],
+}
+
+/// The input fields a definition of `saga_type` always redacts: a built-in type's, else none.
+pub fn required_sensitive(saga_type: &str) -> &'static [&'static str] {
+    ALL.iter().find(|b| b.saga_type == saga_type).map_or(&[], |b| b.sensitive)
 }
 
 /// Every built-in saga type.

@@ -24,6 +24,7 @@ pub const BUILTIN: Builtin = Builtin {
     plugins: &PLUGINS,
     definition,
     validate: |input| parse(input).map(drop),
+    sensitive: &["/payment/token"],
 };
 
 /// `(plugin name, component bytes)` of each demo plugin.
@@ -59,7 +60,7 @@ pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
             step("shipment", "SHIPMENT_CREATED", None),
         ],
         // The payment token reaches the payment plugin only (SPEC §8).
-        sensitive: vec!["/payment/token".to_owned()],
+        sensitive: BUILTIN.sensitive.iter().map(|&p| p.to_owned()).collect(),
     }
 }
 

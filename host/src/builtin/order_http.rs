@@ -24,6 +24,7 @@ pub const BUILTIN: Builtin = Builtin {
     plugins: &PLUGINS,
     definition,
     validate: |input| order::parse(input).map(drop),
+    sensitive: &["/payment/token"],
 };
 
 /// `(plugin name, component bytes)` of each http plugin.
@@ -59,6 +60,6 @@ pub fn definition(plugin: &dyn Fn(&str) -> PluginRef) -> SagaDefinition {
             step("payment", "http-payment", "PAYMENT_CHARGED", DEFAULT_PAYMENT_URL, Some(order::PAYMENT_DEADLINE_MS)),
             step("shipment", "http-shipment", "SHIPMENT_CREATED", DEFAULT_SHIPPING_URL, None),
         ],
-        sensitive: vec!["/payment/token".to_owned()],
+        sensitive: BUILTIN.sensitive.iter().map(|&p| p.to_owned()).collect(),
     }
 }

@@ -256,6 +256,13 @@ impl Catalog {
         for digest in execute.iter().chain(compensate.iter()) {
             self.ensure_loaded(digest).await;
         }
+        // Read your writes through any replica: a type or step registered through another one
+        // a moment ago exists here too (as for a definition's PUT). Refreshed only then: a
+        // bind from a stale version of a known step is a conflict, retried on the fresh one.
+        let known = |(d, _): &(Arc<SagaDefinition>, i64)| d.step_index(step).is_some();
+        if !self.versioned_definition(saga_type).is_some_and(|v| known(&v)) {
+            self.refresh().await?;
+        }
         let (current, version) =
             self.versioned_definition(saga_type).ok_or_else(|| Error::UnknownSagaType(saga_type.to_owned()))?;
         let mut def = (*current).clone();
@@ -386,6 +393,7 @@ pub(crate) mod tests {
             before: None,
             after: None,
             note: None,
+            answer: None,
         }
     }
 
@@ -418,5 +426,11 @@ pub(crate) mod tests {
         // Exactly the committed binds are audited.
         let binds = store.audit_log(None, 10).await.unwrap();
         assert_eq!(binds.iter().filter(|r| r.entry.action == "binding.change").count(), 2);
+
+        // A type registered through `a` a moment ago can be bound through `b` at once.
+        let mut refund = (*order).clone();
+        refund.saga_type = "refund".into();
+        a.put_definition(refund, DefinitionSource::Admin).await.unwrap();
+        b.bind("refund", &step, Some(&digest), None, audit).await.expect("bound through the other replica");
     }
 }

@@ -97,7 +97,7 @@ pub struct Client {
 fn bearer(token: Option<&str>, flag: &str) -> Result<Option<HeaderValue>, Failure> {
     token
         .map(|t| {
-            HeaderValue::from_str(&format!("Bearer {t}"))
+            HeaderValue::from_str(&format!("Bearer {}", t.trim()))
                 .map_err(|_| Failure::usage(format!("{flag} holds characters an HTTP header cannot carry")))
         })
         .transpose()

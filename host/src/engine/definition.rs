@@ -152,6 +152,12 @@ fn validate_policy(field: &str, p: &RetryPolicy) -> Result<(), DefinitionError> 
 }
 
 impl SagaDefinition {
+    /// Every status a saga of this definition can have: the engine's own, then each step's
+    /// label in step order.
+    pub fn status_labels(&self) -> Vec<&str> {
+        RESERVED_STATES.iter().copied().chain(self.steps.iter().map(|s| s.state.as_str())).collect()
+    }
+
     /// Checks everything the engine relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), DefinitionError> {
         if !is_valid_name(&self.saga_type) {

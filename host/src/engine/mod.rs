@@ -540,6 +540,10 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             let sdef = &def.steps[i];
             let step = &mut next.steps[i];
             changed.push(i);
+            // An earlier start of this attempt never got its result committed (the host died,
+            // or could not serve the call): it may have sent requests. The result of this
+            // start will not say so, so remember it: the step stays compensable.
+            step.waited |= step.in_flight_until.is_some();
             let until = now.saturating_add(ms(sdef.timeout_ms)).saturating_add(CALL_GRACE_MS);
             step.in_flight_until = Some(until);
             // The step's deadline counts from its first attempt's start.
@@ -562,7 +566,9 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             step.in_flight_until = None;
             step.started_at.get_or_insert(started_at);
             step.execute_digest = Some(digest);
-            step.signal_payload = None;
+            // Consumed by this attempt, unless it fails and is retried (below): the retry is
+            // the same attempt run again, and the sender will not send the signal twice.
+            let signal = step.signal_payload.take();
             step.updated_at = Some(now);
             let deadline = deadline_at(sdef, step);
             let cap = |t: i64| deadline.map_or(t, |d| t.min(d));
@@ -613,6 +619,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                 }
                 ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) => {
                     step.status = StepStatus::Retrying;
+                    step.signal_payload = signal;
                     step.last_error = Some(e.clone());
                     let at = cap(now.saturating_add(ms(sdef.retry.backoff_ms(failures, jitter))));
                     next.next_run_at = Some(at);
@@ -740,7 +747,11 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             changed.push(i);
             step.signal_payload = Some(payload);
             step.updated_at = Some(now);
-            next.next_run_at = Some(now);
+            // An attempt of the step may be running (its wait's delay ran out and it polls the
+            // service): it is fenced off by this event, but its requests may still be out. The
+            // woken attempt runs once that one can no longer be sending, never beside it with
+            // the same idempotency key.
+            next.next_run_at = Some(step.in_flight_until.map_or(now, |until| until.max(now)));
             EventSpec {
                 event_type: "SignalReceived".to_owned(),
                 data: json!({ "step": def.steps[i].name, "signal": name }),

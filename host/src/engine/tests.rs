@@ -227,6 +227,63 @@ fn wait_for_signal_then_resume_with_payload() {
 }
 
 #[test]
+fn the_attempt_a_signal_woke_keeps_the_signal_when_it_is_retried() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
+    s = step(&def, &s, executed(1, 1, wait), 0).state;
+    s = step(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: r#"{"ok":1}"#.into() }, 7).state;
+    // The woken attempt fails (the service answered 503): its retry is woken by the same
+    // signal, which its sender will not send again.
+    s = step(&def, &s, executed(1, 2, ExecuteOutcome::Retryable("503".into())), 8).state;
+    assert_eq!((s.steps[1].status, s.steps[1].signal_payload.as_deref()), (StepStatus::Retrying, Some(r#"{"ok":1}"#)));
+    assert_eq!(
+        apply(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: "{}".into() }, 9),
+        Err(Error::NotWaitingForSignal("payment-confirmed".into())),
+        "delivered once"
+    );
+    let retry_at = s.next_run_at.unwrap();
+    assert_eq!(next_action(&def, &s, retry_at), Action::Execute { step: 1, attempt: 3 });
+    s = step(&def, &s, executed(1, 3, done()), retry_at).state;
+    assert_eq!((s.steps[1].signal_payload.as_deref(), s.status.as_str()), (None, "PAYMENT_CHARGED"));
+}
+
+#[test]
+fn a_signal_for_a_step_whose_attempt_is_in_flight_wakes_it_once_that_attempt_is_over() {
+    let def = order_def(); // timeout 1,000 ms
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    // Payment polls: wait 1 s or for the signal; at 1,000 its poll starts (and may reach out).
+    let wait = ExecuteOutcome::Wait { delay_ms: Some(1_000), signal: Some("payment-confirmed".into()) };
+    s = step(&def, &s, executed(1, 1, wait), 0).state;
+    s = step(&def, &s, Event::Started { step: 1, attempt: 2 }, 1_000).state;
+    let until = s.steps[1].in_flight_until.unwrap();
+    // The webhook's signal arrives mid-poll: the woken attempt runs once the poll is over,
+    // never beside it with the same idempotency key.
+    s = step(&def, &s, Event::Signal { name: "payment-confirmed".into(), payload: "{}".into() }, 1_100).state;
+    assert_eq!(s.next_run_at, Some(until));
+    assert_eq!(next_action(&def, &s, 1_100), Action::Idle);
+    assert_eq!(next_action(&def, &s, until), Action::Execute { step: 1, attempt: 2 });
+}
+
+#[test]
+fn a_start_whose_result_never_came_leaves_the_step_compensable() {
+    let def = order_def();
+    let mut s = SagaState::new(&def, 0);
+    s = step(&def, &s, executed(0, 1, done()), 0).state;
+    // Attempt 1 of payment starts and may charge; its result never commits (the host could not
+    // serve the call after it had sent its request). It starts again and, this time, fails
+    // without reaching out, for good.
+    s = step(&def, &s, Event::Started { step: 1, attempt: 1 }, 100).state;
+    s = step(&def, &s, Event::Started { step: 1, attempt: 1 }, 3_000).state;
+    let rejected = ExecuteOutcome::Rejected("the service is gone".into());
+    s = step(&def, &s, executed(1, 1, rejected), 3_100).state; // reached_out: false
+                                                               // The first start's charge may stand: payment is refunded before inventory is released.
+    assert_eq!(next_action(&def, &s, 3_100), Action::Compensate { step: 1, attempt: 1 });
+}
+
+#[test]
 fn deadline_rejects_a_waiting_step_and_compensates_it() {
     let mut def = order_def();
     def.steps[1].deadline_ms = Some(900_000);
@@ -679,7 +736,8 @@ impl Model {
         self.started[i] = true;
         // The attempt's result is known now.
         self.in_flight[i] = false;
-        self.signalled = false;
+        // A delivered signal is consumed, unless the attempt it woke is retried.
+        let signalled = std::mem::take(&mut self.signalled);
         let failed = matches!(outcome, ExecOp::Retry | ExecOp::RetryOut | ExecOp::Trap);
         if failed {
             self.failures[i] += 1;
@@ -696,7 +754,8 @@ impl Model {
             }
             // Out of attempts, a failure counts as a rejection.
             ExecOp::Retry | ExecOp::RetryOut | ExecOp::Trap if self.failures[i] < self.max => {
-                self.status[i] = StepStatus::Retrying
+                self.status[i] = StepStatus::Retrying;
+                self.signalled = signalled;
             }
             _ => {
                 self.status[i] = StepStatus::Failed;
@@ -859,6 +918,8 @@ proptest! {
                 Op::Start => match (next_action(&def, &state, now), model.due()) {
                     (Action::Execute { step, attempt }, Due::Execute(i)) if step == i => {
                         model.started[i] = true;
+                        // A start whose result never came may have had effects.
+                        model.waited[i] |= model.in_flight[i];
                         model.in_flight[i] = true;
                         Some(apply(&def, &state, Event::Started { step, attempt }, now).map_err(|e| format!("{e}")))
                     }

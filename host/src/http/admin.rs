@@ -75,12 +75,13 @@ fn unauthorized(message: &'static str) -> Response {
 
 /// Who performed an admin action: the `X-Actor` header if given (an operator's name), else
 /// `admin`. The token proves the right to act; the header says who, for the audit trail.
+/// The header's bytes are read as UTF-8 (as the CLI and the console send it), so `Zoë` is
+/// recorded as `Zoë`; bytes that are not UTF-8 show as U+FFFD rather than hiding who acted.
 pub(super) fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().chars().take(128).collect::<String>())
-        .filter(|s| !s.is_empty())
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().chars().filter(|c| !c.is_control()).take(128).collect())
+        .filter(|s: &String| !s.is_empty())
         .unwrap_or_else(|| "admin".to_owned())
 }
 
@@ -125,7 +126,7 @@ async fn operate(
     action: &str,
     note: Option<String>,
 ) -> Result<Response, ApiError> {
-    super::sagas::check_id(None, id)?;
+    let id = &super::sagas::saga_id(None, id)?;
     let route = format!("POST /admin/sagas/{id}/{}", action.trim_start_matches("saga."));
     let body = serde_json::json!({ "note": note });
     idempotent(&state, &headers, route, &body, |key| operate_now(&state, id, &headers, event, action, note, key)).await
@@ -219,6 +220,7 @@ pub struct ActorHeader {
 /// Query of the audit trail.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only entries about this saga id, plugin digest or binding.
     #[param(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
@@ -271,7 +273,10 @@ pub async fn audit_log(
             return Err(ApiError::invalid("target", "must be at most 256 characters without control characters"));
         }
     }
-    let entries = state.store.audit_log(q.target.as_deref(), limit).await?;
+    // A saga id is kept in lowercase (see `saga_id`); other targets are matched as given.
+    let target =
+        q.target.map(|t| if uuid::Uuid::try_parse(&t).is_ok() && t.len() == 36 { t.to_ascii_lowercase() } else { t });
+    let entries = state.store.audit_log(target.as_deref(), limit).await?;
     let data = entries
         .into_iter()
         .map(|r| AuditEntryView {

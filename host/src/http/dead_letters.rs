@@ -16,6 +16,7 @@ use super::AppState;
 /// Query of the dead-letter listing.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
     /// At most this many entries (1-500, default 100).
     #[param(minimum = 1, maximum = 500)]

@@ -19,7 +19,7 @@ use super::admin::{actor, ActorHeader};
 use super::error::{ApiError, ErrorBody};
 use super::openapi::OptionalKey;
 use super::plugins::check_plugin_name;
-use super::sagas::{idempotent, json_response, parse_body, to_json};
+use super::sagas::{answered_in_commit, idempotent, json_response, parse_body, to_json};
 use super::AppState;
 use crate::grants;
 use crate::store::AuditEntry;
@@ -109,8 +109,10 @@ pub async fn put_grants(
     })?;
     check_uploaded(&state, &name).await?;
     let route = format!("PUT /admin/plugins/{name}/grants");
-    idempotent(&state, &headers, route, &fingerprint, |_| async {
-        let who = actor(&headers);
+    let (state, headers, name, allowed_hosts) = (&state, &headers, &name, &allowed_hosts);
+    idempotent(state, headers, route, &fingerprint, |key| async move {
+        let who = actor(headers);
+        let body = to_json(&GrantsView { plugin: name.clone(), allowed_hosts: allowed_hosts.clone() })?;
         let entry = AuditEntry {
             actor: who.clone(),
             action: "plugin.grants".to_owned(),
@@ -119,10 +121,14 @@ pub async fn put_grants(
             before: None,
             after: Some(serde_json::json!(allowed_hosts)),
             note: None,
+            // Stored with the change: a retry of a request that died after it replays this
+            // answer rather than setting the grants again over a later change.
+            answer: key.as_ref().map(|k| k.answer(StatusCode::OK, &body)),
         };
-        let previous = state.store.put_grants(&name, &allowed_hosts, &entry, state.clock.now_ms()).await?;
+        let previous = state.store.put_grants(name, allowed_hosts, &entry, state.clock.now_ms()).await?;
         tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
-        Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name.clone(), allowed_hosts })?, None))
+        let response = json_response(StatusCode::OK, body, None);
+        Ok(if key.is_some() { answered_in_commit(response) } else { response })
     })
     .await
 }

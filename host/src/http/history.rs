@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::sagas::{check_id, json_response, not_found, page_limit};
+use super::sagas::{json_response, not_found, page_limit, saga_id};
 use super::AppState;
 
 /// One event of a saga (SPEC §6), as published to Kafka or `events.jsonl`.
@@ -55,6 +55,7 @@ pub const MAX_EVENTS_PAGE: u32 = 1000;
 /// Query of the events route.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Page size, 1 to 1000 (default 1000).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
@@ -82,7 +83,7 @@ pub async fn saga_events(
     Path((saga_type, id)): Path<(String, String)>,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_id(Some(&saga_type), &id)?;
+    let id = saga_id(Some(&saga_type), &id)?;
     let q = super::error::query(q)?;
     let limit = page_limit(q.limit.as_deref(), MAX_EVENTS_PAGE, MAX_EVENTS_PAGE)?;
     let after = match q.cursor.as_deref() {

@@ -139,9 +139,16 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     if !crate::telemetry::enabled() {
         return tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), version = ?req.version());
     }
+    // Named by the route template (`GET /orders/{id}`), never the path itself, as
+    // OpenTelemetry's HTTP conventions ask: span names are grouped on, and a path carries ids
+    // (and whatever a scanner sends). A request no route matched is named by its method only.
+    let name = match req.extensions().get::<axum::extract::MatchedPath>() {
+        Some(route) => format!("{} {}", req.method(), route.as_str()),
+        None => req.method().to_string(),
+    };
     let span = tracing::info_span!(
         "request",
-        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.name = %name,
         otel.kind = "server",
         method = %req.method(),
         uri = %req.uri(),
@@ -184,6 +191,8 @@ async fn healthz() -> Json<Status> {
     responses((status = 200, description = "OpenMetrics text", body = String,
                content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Types registered since the start (here or through another replica) count from 0 too.
+    state.metrics.saga_types(state.catalog.definitions().iter().map(|d| d.saga_type.as_str()));
     match state.metrics.render(state.store.as_ref(), state.clock.now_ms(), state.catalog.version()).await {
         Ok(text) => {
             ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)

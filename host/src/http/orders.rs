@@ -29,7 +29,7 @@ pub const LINKS: (&str, [(&str, bool); 3]) =
            ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (at most 30) for a final status; other preferences are ignored")),
     responses(
         (status = 201, description = "Order accepted", body = SagaView, headers(("Location" = String, description = "/orders/{id}"))),
-        (status = 200, description = "Order settled within the Prefer wait", body = SagaView, headers(("Location" = String))),
+        (status = 200, description = "Order COMPLETED or CANCELLED within the Prefer wait", body = SagaView, headers(("Location" = String))),
         (status = 400, description = "Invalid body (the error names the field) or a missing or malformed Idempotency-Key", body = ErrorBody),
         (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -52,7 +52,8 @@ pub async fn get_order(State(state): State<AppState>, Path(id): Path<String>) ->
 
 /// List orders, newest first.
 #[utoipa::path(get, path = "/orders", tag = "orders", params(ListQuery),
-    responses((status = 200, body = SagaPage), (status = 400, description = "A query parameter is out of bounds", body = ErrorBody)))]
+    responses((status = 200, body = SagaPage),
+              (status = 400, description = "A query parameter is out of bounds or unknown, or a status no order has or can reach", body = ErrorBody)))]
 pub async fn list_orders(
     State(state): State<AppState>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -64,7 +65,7 @@ pub async fn list_orders(
 #[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", params(
            ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey),
     responses((status = 202, description = "Cancelling", body = SagaView),
-              (status = 200, description = "Already cancelling or cancelled", body = SagaView),
+              (status = 200, description = "Already compensating (or stuck in COMPENSATION_FAILED) or cancelled", body = SagaView),
               (status = 400, description = "A malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No order with this id", body = ErrorBody),
               (status = 409, description = "Completed (final), busy, or the key is in flight", body = ErrorBody,

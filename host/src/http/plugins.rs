@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::admin::{actor, ActorHeader};
 use super::error::{body_rejection, ApiError, ErrorBody};
 use super::openapi::OptionalKey;
-use super::sagas::{idempotent, idempotent_within, json_response, parse_body, to_json};
+use super::sagas::{answered_in_commit, idempotent, idempotent_within, json_response, parse_body, to_json};
 use super::AppState;
 use crate::catalog;
 use crate::clock::rfc3339;
@@ -105,6 +105,7 @@ fn audit(
         before,
         after,
         note: None,
+        answer: None,
     }
 }
 
@@ -185,17 +186,25 @@ pub async fn upload_plugin(
     let fingerprint = serde_json::json!({ "digest": digest });
     // An upload compiles before it answers: its key is held for an upload's deadline.
     let deadline = state.gates.deadline(true);
-    idempotent_within(&state, &headers, route, &fingerprint, deadline, |_| async {
-        let entry =
-            audit(&headers, "plugin.upload", &digest, None, Some(serde_json::json!({ "name": name, "size": size })));
+    let (state, headers, name, digest, body) = (&state, &headers, &name, &digest, &body);
+    idempotent_within(state, headers, route, &fingerprint, deadline, |key| async move {
+        let answer = to_json(&UploadedPlugin { name: name.clone(), digest: digest.clone(), size })?;
+        let mut entry =
+            audit(headers, "plugin.upload", digest, None, Some(serde_json::json!({ "name": name, "size": size })));
+        // The 201 of a new version is stored with it (the entry is written only then); a
+        // version stored before answers 200, stored afterwards.
+        entry.answer = key.as_ref().map(|k| k.answer(StatusCode::CREATED, &answer));
         // A component the host refuses is a validation error: not stored under the key.
-        let (digest, new) = state
+        let (_, new) = state
             .catalog
-            .install_plugin_audited(&name, body.to_vec(), Some(entry))
+            .install_plugin_audited(name, body.to_vec(), Some(entry))
             .await
             .map_err(|e| catalog_error(e).provisional())?;
-        let status = if new { StatusCode::CREATED } else { StatusCode::OK };
-        Ok(json_response(status, to_json(&UploadedPlugin { name: name.clone(), digest, size })?, None))
+        if new {
+            let response = json_response(StatusCode::CREATED, answer, None);
+            return Ok(if key.is_some() { answered_in_commit(response) } else { response });
+        }
+        Ok(json_response(StatusCode::OK, answer, None))
     })
     .await
 }
@@ -280,6 +289,7 @@ pub async fn get_plugin(State(state): State<AppState>, Path(name): Path<String>)
 /// Query of the state view.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct StateQuery {
     /// Only keys starting with this prefix.
     #[param(max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
@@ -419,24 +429,31 @@ pub async fn bind_step(
     let target = format!("{saga_type}/{step}");
     let route = format!("PUT /admin/sagas/{saga_type}/steps/{step}");
     let fingerprint = serde_json::json!({ "execute": req.execute, "compensate": req.compensate });
-    idempotent(&state, &headers, route, &fingerprint, |_| async {
+    let (state, headers, saga_type, step, target, req) = (&state, &headers, &saga_type, &step, &target, &req);
+    let answer = |after: &StepDefinition| {
+        let out = BindingView {
+            saga_type: saga_type.clone(),
+            step: step.clone(),
+            execute: after.execute.digest.clone(),
+            compensate: after.compensate.digest.clone(),
+        };
+        serde_json::to_vec(&out).unwrap_or_default()
+    };
+    idempotent(state, headers, route, &fingerprint, |key| async move {
         // Refusals (an unknown digest, another plugin's version, a concurrent change) are not
-        // stored under the key.
+        // stored under the key; the answer is, with the change.
         let (_, after) = state
             .catalog
-            .bind(&saga_type, &step, req.execute.as_deref(), req.compensate.as_deref(), |before, after| {
-                audit(&headers, "binding.change", &target, Some(view(before)), Some(view(after)))
+            .bind(saga_type, step, req.execute.as_deref(), req.compensate.as_deref(), |before, after| {
+                let mut entry = audit(headers, "binding.change", target, Some(view(before)), Some(view(after)));
+                entry.answer = key.as_ref().map(|k| k.answer(StatusCode::OK, &answer(after)));
+                entry
             })
             .await
             .map_err(|e| catalog_error(e).provisional())?;
         tracing::info!(saga_type, step, execute = %after.execute.digest, compensate = %after.compensate.digest, "binding changed");
-        let out = BindingView {
-            saga_type: saga_type.clone(),
-            step: step.clone(),
-            execute: after.execute.digest,
-            compensate: after.compensate.digest,
-        };
-        Ok(json_response(StatusCode::OK, to_json(&out)?, None))
+        let response = json_response(StatusCode::OK, answer(&after), None);
+        Ok(if key.is_some() { answered_in_commit(response) } else { response })
     })
     .await
 }
@@ -528,10 +545,12 @@ pub struct DefinitionSpec {
     #[schema(min_items = 1, max_items = 64)]
     pub steps: Vec<StepSpec>,
     /// Sensitive input fields as JSON pointers (e.g. `/payment/token`): plugins receive them;
-    /// responses, events and logs show `"[redacted]"` instead. At most 64.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schema(max_items = 64, inline, value_type = Vec<SensitivePointer>)]
-    pub sensitive: Vec<String>,
+    /// responses, events and logs show `"[redacted]"` instead. At most 64. Omitted on PUT: the
+    /// current definition's stay. A built-in type's own (the order's `/payment/token`) are
+    /// always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 64, inline, value_type = Option<Vec<SensitivePointer>>)]
+    pub sensitive: Option<Vec<String>>,
 }
 
 /// A JSON pointer into the input, at most 256 characters, no control characters.
@@ -575,7 +594,7 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
                 config: (!s.config.is_empty()).then(|| s.config.clone()),
             })
             .collect(),
-        sensitive: def.sensitive.clone(),
+        sensitive: (!def.sensitive.is_empty()).then(|| def.sensitive.clone()),
     }
 }
 
@@ -583,12 +602,21 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
     // Plugins uploaded through another replica a moment ago count as uploaded.
     state.catalog.refresh().await.map_err(catalog_error)?;
     let versions = state.store.plugin_versions().await?;
+    // What a step leaves out keeps what the type's current definition has for that step (an
+    // upload changes nothing until it is bound, SPEC §5.3; a bound compensation stays bound):
+    // only a new type or a new step takes the newest uploaded version.
+    let current = state.catalog.definition(saga_type);
     let mut steps = Vec::with_capacity(spec.steps.len());
     for (i, s) in spec.steps.into_iter().enumerate() {
         let field = |f: &str| format!("steps[{i}].{f}");
-        let execute = match s.execute {
-            Some(d) => d,
-            None => {
+        let was = current
+            .as_ref()
+            .and_then(|d| d.steps.iter().find(|c| c.name == s.name))
+            .filter(|c| s.plugin.as_deref().is_none_or(|p| c.execute.plugin == p));
+        let execute = match (s.execute, was) {
+            (Some(d), _) => d,
+            (None, Some(was)) => was.execute.digest.clone(),
+            (None, None) => {
                 let (name, f) = match &s.plugin {
                     Some(plugin) => (plugin, "plugin"),
                     None => (&s.name, "execute"),
@@ -602,7 +630,11 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
                 })?
             }
         };
-        let compensate = s.compensate.unwrap_or_else(|| execute.clone());
+        // A hot-swapped compensation stays bound while the step executes the same version.
+        let compensate = s.compensate.unwrap_or_else(|| match was {
+            Some(was) if was.execute.digest == execute => was.compensate.digest.clone(),
+            _ => execute.clone(),
+        });
         let resolve = |f: &str, d: &str| {
             state.catalog.plugin_ref(d).ok_or_else(|| {
                 ApiError::new(
@@ -624,7 +656,16 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
             config: s.config.unwrap_or_default(),
         });
     }
-    Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive: spec.sensitive })
+    let mut sensitive = match spec.sensitive {
+        Some(given) => given,
+        None => current.map(|d| d.sensitive.clone()).unwrap_or_default(),
+    };
+    for required in crate::builtin::required_sensitive(saga_type) {
+        if !sensitive.iter().any(|p| p == required) {
+            sensitive.push((*required).to_owned());
+        }
+    }
+    Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive })
 }
 
 /// Register or replace a saga definition. New sagas use it; running ones keep theirs.
@@ -650,20 +691,24 @@ pub async fn put_definition(
     })?;
     let def = definition_of(&state, &saga_type, spec).await?;
     let route = format!("PUT /admin/sagas/{saga_type}");
-    idempotent(&state, &headers, route, &fingerprint, |_| async {
+    let (state, headers, saga_type, def) = (&state, &headers, &saga_type, &def);
+    idempotent(state, headers, route, &fingerprint, |key| async move {
         // The change replaces what this replica read just now (definition_of refreshed it); if
         // someone else replaced it meanwhile, 409 (not stored under the key: read and retry).
-        let current = state.catalog.versioned_definition(&saga_type);
+        let current = state.catalog.versioned_definition(saga_type);
         let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
         let expected = current.map_or(0, |(_, version)| version);
-        let after = serde_json::to_value(spec_of(&def)).unwrap_or_default();
-        let entry = audit(&headers, "saga.define", &saga_type, before, Some(after));
+        let after = serde_json::to_value(spec_of(def)).unwrap_or_default();
+        let answer = to_json(&spec_of(def))?;
+        let mut entry = audit(headers, "saga.define", saga_type, before, Some(after));
+        entry.answer = key.as_ref().map(|k| k.answer(StatusCode::OK, &answer));
         state
             .catalog
             .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
             .await
             .map_err(|e| catalog_error(e).provisional())?;
-        Ok(json_response(StatusCode::OK, to_json(&spec_of(&def))?, None))
+        let response = json_response(StatusCode::OK, answer, None);
+        Ok(if key.is_some() { answered_in_commit(response) } else { response })
     })
     .await
 }

@@ -95,6 +95,7 @@ pub struct SagaSummaryView {
 /// Query of the list routes.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only sagas with this status, e.g. `CANCELLED`.
     #[param(pattern = "^[A-Z0-9_]{1,64}$")]
@@ -257,19 +258,21 @@ pub(super) fn not_found(saga_type: Option<&str>, id: &str) -> ApiError {
 }
 
 async fn load(state: &AppState, saga_type: Option<&str>, id: &str) -> Result<SagaRecord, ApiError> {
-    check_id(saga_type, id)?;
+    let id = &saga_id(saga_type, id)?;
     state.sagas.get(saga_type, id).await?.ok_or_else(|| not_found(saga_type, id))
 }
 
 /// Saga ids are UUIDs this API issued: anything else (too long, a NUL, not a UUID) names no
-/// saga, and is answered without asking the database.
-pub(super) fn check_id(saga_type: Option<&str>, id: &str) -> Result<(), ApiError> {
+/// saga, and is answered without asking the database. Returns the id as the store keeps it:
+/// a UUID in lowercase (RFC 9562 reads hex digits in either case, and clients copy ids out
+/// of logs and tools that upper-case them).
+pub(super) fn saga_id(saga_type: Option<&str>, id: &str) -> Result<String, ApiError> {
     if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
         // Never echo a hostile id back in full.
         let shown: String = id.chars().filter(|c| !c.is_control()).take(64).collect();
         return Err(not_found(saga_type, &shown));
     }
-    Ok(())
+    Ok(id.to_ascii_lowercase())
 }
 
 /// Maps what the saga service says about an outside event to the API's terms; `refused`
@@ -303,8 +306,11 @@ fn overloaded(queued: usize) -> ApiError {
     .with_retry_after(1)
 }
 
+/// Whether a waiting create answers 200 with the saga (SPEC §5.2: COMPLETED, or CANCELLED).
+/// A saga stuck in COMPENSATION_FAILED is not: an operator still acts on it, and the wait
+/// runs out (201, the saga as it stands).
 fn settled(rec: &SagaRecord) -> bool {
-    rec.state.phase.is_terminal() || rec.state.phase == Phase::CompensationFailed
+    rec.state.phase.is_terminal()
 }
 
 /// Waits until the saga is settled or the time is up; returns the latest record.
@@ -588,6 +594,13 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
             "no such saga type; type names are 1-64 lowercase letters, digits, '-' or '_'",
         ));
     }
+    // An unregistered type has no sagas: say so rather than list none (a typo in the type
+    // would otherwise read as "nothing is stuck").
+    let def = state.catalog.definition(saga_type).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no saga type '{saga_type}' is registered; GET /admin/sagas lists the registered types"
+        ))
+    })?;
     let limit = page_limit(q.limit.as_deref(), 20, 100)?;
     if let Some(status) = &q.status {
         if status.is_empty()
@@ -597,15 +610,30 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
             return Err(ApiError::invalid("status", "must be a status label such as COMPLETED or CANCELLED"));
         }
     }
-    if let Some(cursor) = &q.cursor {
-        if cursor.len() != 36 || uuid::Uuid::try_parse(cursor).is_err() {
+    // A cursor is a saga id; compared as the store keeps ids (lowercase), or an upper-cased
+    // one would skip rows.
+    let cursor = match &q.cursor {
+        Some(cursor) if cursor.len() != 36 || uuid::Uuid::try_parse(cursor).is_err() => {
             return Err(ApiError::invalid(
                 "cursor",
                 "is not a cursor this API returned; pass next_cursor from the previous page",
             ));
         }
+        cursor => cursor.as_deref().map(str::to_ascii_lowercase),
+    };
+    let rows = state.store.list_sagas(saga_type, q.status.as_deref(), cursor.as_deref(), limit + 1).await?;
+    if let Some(status) = q.status.as_deref().filter(|_| rows.is_empty() && cursor.is_none()) {
+        // None found: a label the type's definition never reaches is a typo, not an answer.
+        // (A label only an older version of the definition reached is still listed while
+        // sagas have it.)
+        let known = def.status_labels();
+        if !known.contains(&status) {
+            return Err(ApiError::invalid(
+                "status",
+                format!("{saga_type} sagas have no status {status}; they have {}", known.join(", ")),
+            ));
+        }
     }
-    let rows = state.store.list_sagas(saga_type, q.status.as_deref(), q.cursor.as_deref(), limit + 1).await?;
     let more = rows.len() > limit as usize;
     let rows: Vec<SagaSummary> = rows.into_iter().take(limit as usize).collect();
     let next_cursor = if more { rows.last().map(|r| r.id.clone()) } else { None };
@@ -757,6 +785,19 @@ pub(super) struct RequestKey {
 }
 
 impl RequestKey {
+    /// The answer `status` and `body` of an admin change, for the change's transaction to store
+    /// under this key ([`crate::store::AuditEntry::answer`]); the request then answers with
+    /// [`answered_in_commit`].
+    pub(super) fn answer(&self, status: StatusCode, body: &[u8]) -> crate::store::KeyAnswer {
+        crate::store::KeyAnswer {
+            caller: self.caller.clone(),
+            route: self.route.clone(),
+            key: self.key.clone(),
+            status: status.as_u16(),
+            body: body.to_vec(),
+        }
+    }
+
     /// The answer of an applied outside event ([`accepted`]), for its commit to store.
     pub(super) fn accepted(&self) -> KeyedAnswer<'_> {
         KeyedAnswer {
@@ -774,6 +815,14 @@ impl RequestKey {
 #[derive(Debug, Clone, Copy)]
 struct AnsweredInCommit;
 
+/// `response`, whose status and body the change's own commit stored under the request's key
+/// ([`RequestKey::answer`]): [`idempotent`] has nothing left to store.
+pub(super) fn answered_in_commit(mut response: Response) -> Response {
+    crate::failpoint!("admin-after-commit");
+    response.extensions_mut().insert(AnsweredInCommit);
+    response
+}
+
 /// The answer of an applied outside event: 202 with the saga as its commit left it, the same
 /// bytes the commit stored under `key`, if the request had one.
 pub(super) fn accepted(rec: &SagaRecord, key: Option<&RequestKey>) -> Result<Response, ApiError> {
@@ -790,7 +839,7 @@ pub(super) async fn cancel(
     id: &str,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_id(Some(saga_type), id)?;
+    let id = &saga_id(Some(saga_type), id)?;
     let route = format!("POST {}/cancel", builtin::location(saga_type, id));
     idempotent(&state, &headers, route, &serde_json::Value::Null, |key| cancel_now(&state, saga_type, id, key)).await
 }
@@ -805,8 +854,11 @@ async fn cancel_now(
     let answer = key.as_ref().map(RequestKey::accepted);
     match state.sagas.apply(Some(saga_type), id, event, None, answer.as_ref()).await {
         Ok(rec) => accepted(&rec, key.as_ref()),
-        // Cancelling is idempotent: a saga already compensating or cancelled stays so.
-        Err(saga::Error::Refused(_, rec)) if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled) => {
+        // Cancelling is idempotent: a saga already compensating or cancelled stays so (one
+        // whose compensation is stuck too: it is not COMPLETED, and an operator finishes it).
+        Err(saga::Error::Refused(_, rec))
+            if matches!(rec.state.phase, Phase::Compensating | Phase::Cancelled | Phase::CompensationFailed) =>
+        {
             Ok(json_response(StatusCode::OK, to_json(&record_view(&rec))?, None))
         }
         Err(e) => Err(outside_error(Some(saga_type), id, e, |e, _| {
@@ -823,7 +875,7 @@ pub(super) async fn signal(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_id(Some(saga_type), id)?;
+    let id = &saga_id(Some(saga_type), id)?;
     let payload = parse_body(body)?;
     if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters and no control characters"));
@@ -861,7 +913,7 @@ pub(super) async fn signal(
            ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (at most 30) for a final status")),
     request_body(content = Object, description = "The saga's input"),
     responses((status = 201, description = "Saga accepted", body = SagaView, headers(("Location" = String))),
-              (status = 200, description = "Saga settled within the Prefer wait", body = SagaView, headers(("Location" = String))),
+              (status = 200, description = "Saga COMPLETED or CANCELLED within the Prefer wait", body = SagaView, headers(("Location" = String))),
               (status = 400, description = "Invalid input (the error names the field) or a missing or malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No saga type of this name is registered", body = ErrorBody),
               (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
@@ -894,8 +946,9 @@ pub async fn get_saga(
 /// List sagas of a type, newest first.
 #[utoipa::path(get, path = "/sagas/{type}", tag = "sagas", params(
            ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ListQuery),
-    responses((status = 200, body = SagaPage), (status = 400, description = "A query parameter is out of bounds", body = ErrorBody),
-              (status = 404, description = "The type is not a valid saga type name", body = ErrorBody)))]
+    responses((status = 200, body = SagaPage),
+              (status = 400, description = "A query parameter is out of bounds or unknown, or a status no saga of the type has or can reach", body = ErrorBody),
+              (status = 404, description = "No saga type of this name is registered", body = ErrorBody)))]
 pub async fn list_sagas(
     State(state): State<AppState>,
     Path(saga_type): Path<String>,
@@ -909,7 +962,7 @@ pub async fn list_sagas(
            ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), 
            ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), OptionalKey),
     responses((status = 202, description = "Cancelling", body = SagaView),
-              (status = 200, description = "Already cancelling or cancelled", body = SagaView),
+              (status = 200, description = "Already compensating (or stuck in COMPENSATION_FAILED) or cancelled", body = SagaView),
               (status = 400, description = "A malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No saga of this type with this id", body = ErrorBody),
               (status = 409, description = "Completed (final), busy, or the key is in flight", body = ErrorBody,

@@ -395,6 +395,37 @@ async fn a_publish_longer_than_the_lease_keeps_the_lease() {
     relay.await.unwrap();
 }
 
+/// A lease that changed hands while a publish was on its way drops the publish, even though
+/// the relay's renewal then takes the lease back: another replica may have published (and may
+/// still be publishing) the same rows under the epoch between. Nothing of the dropped batch is
+/// marked; the relay starts over under its new epoch.
+#[tokio::test]
+async fn a_lease_that_changed_hands_mid_publish_drops_the_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
+    let shutdown = CancellationToken::new();
+    let relay = slow_relay(&store, &sink, &shutdown);
+    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Between two of `a`'s renewals, `b` takes the lease and gives it up again: `a`'s next
+    // renewal takes it back under a later epoch.
+    store.relay_release("a").await.unwrap();
+    assert!(store.relay_lease("b", 60_000).await.unwrap().is_some(), "b could not take the released lease");
+    store.relay_release("b").await.unwrap();
+    let restarted = async {
+        while sink.started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(TEST_LEASE * 3, restarted)
+        .await
+        .expect("the publish went on under a lease that had changed hands");
+    assert_eq!(pending(&*store).await.len(), 12, "a dropped publish marks nothing");
+    relay.abort(); // the second publish would hold a stop for its whole grace
+}
+
 /// A publish that would take a minute does not hold the host's shutdown past the grace; the
 /// lease is kept through the grace and then handed over at once.
 #[tokio::test]

@@ -29,9 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{ResourceTable, ResourceTableError};
 use wasmtime::{Engine, PoolConcurrencyLimitError, ResourceLimiter, Store, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -39,6 +38,7 @@ use super::cpu::Timed;
 use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
+use super::stderr::StderrHead;
 use super::wit::{Answer, Export, Prepared};
 use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Recorded, Unavailable};
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
@@ -60,15 +60,29 @@ pub(super) struct Deadline {
     start: Instant,
     /// Nanoseconds after `start`. A timeout is at most an hour, far below `u64::MAX` ns.
     after: AtomicU64,
+    /// The timeout the call was given, which no credit extends.
+    timeout: Duration,
 }
 
 impl Deadline {
     fn new(timeout: Duration) -> Arc<Deadline> {
-        Arc::new(Deadline { start: Instant::now(), after: AtomicU64::new(nanos(timeout)) })
+        Arc::new(Deadline { start: Instant::now(), after: AtomicU64::new(nanos(timeout)), timeout })
     }
 
     pub(super) fn at(&self) -> Instant {
         self.start + Duration::from_nanos(self.after.load(Ordering::Relaxed))
+    }
+
+    /// The last instant the call may have a request out: its start plus its timeout, never
+    /// credited. The driver recorded the attempt as possibly in flight until its timeout plus
+    /// a grace, and compensates from then on: a request sent later (time credited for slow
+    /// state reads) could land after the undo it must precede.
+    pub(super) fn outbound_until(&self) -> Instant {
+        self.at().min(self.start + self.timeout)
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub(super) fn extend(&self, by: Duration) {
@@ -90,8 +104,9 @@ pub(super) struct CallState {
     /// and building one (two random-number generators seeded from the thread's, clocks, the
     /// standard streams) was a measurable part of a call, most of all after an idle pause.
     wasi: Option<WasiCtx>,
-    /// The plugin's stderr, kept to explain a trap; the WASI context writes to a clone of it.
-    stderr: MemoryOutputPipe,
+    /// The plugin's stderr, its head kept to explain a trap; the WASI context writes to a
+    /// clone of it.
+    stderr: StderrHead,
     http: WasiHttpCtx,
     outbound: Outbound,
     table: ResourceTable,
@@ -383,7 +398,7 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
 
 pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
     // Rust panics print to stderr; we keep the first few KiB to explain the trap.
-    let stderr = MemoryOutputPipe::new(4 << 10);
+    let stderr = StderrHead::new(4 << 10);
     let limits = call.limits;
     let mut host = HostState::new(
         call.plugin,
@@ -404,16 +419,11 @@ pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
         Arc::clone(&host.deadline),
         call.record,
     );
-    let state = CallState {
-        wasi: None,
-        stderr,
-        http: WasiHttpCtx::new(),
-        outbound,
-        table: ResourceTable::new(),
-        memory,
-        host,
-        instantiated: None,
-    };
+    let mut http = WasiHttpCtx::new();
+    http.set_field_size_limit(super::outbound::FIELDS_BYTES);
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(limits.http.max_resources());
+    let state = CallState { wasi: None, stderr, http, outbound, table, memory, host, instantiated: None };
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
@@ -563,6 +573,13 @@ fn classify_trap(err: &wasmtime::Error, store: &Store<CallState>, timeout: Durat
         // Rust keeps its stack in linear memory: unbounded recursion usually ends here, as an
         // out-of-bounds access below the bottom of memory, before the native stack overflows.
         Some(trap) => trap.to_string(),
+        None if matches!(err.root_cause().downcast_ref::<ResourceTableError>(), Some(ResourceTableError::Full)) => {
+            format!(
+                "plugin held more than {} host resources at once (HTTP requests, header sets, bodies, streams; \
+                 the limit grows with --plugin-http-max-requests)",
+                state.table.max_capacity()
+            )
+        }
         // A host import refused the call (a limit): its own message says why; the context
         // wasmtime wraps around it is a backtrace of function indices.
         None => err.root_cause().to_string(),

@@ -199,15 +199,18 @@ async fn scan(
 }
 
 /// The page a scan returns: `committed` (a page of at most `want` rows) overlaid with the
-/// buffered writes, cut to `limit`. When the committed page is full, keys past its last row
-/// are unknown, so buffered keys beyond it wait for the next page.
+/// buffered writes, cut to `limit`. When the committed page is full (or as big in bytes as a
+/// store's page gets), keys past its last row are unknown, so buffered keys beyond it wait for
+/// the next page.
 fn merge(
     committed: Vec<(String, Vec<u8>)>,
     buffered: Vec<(String, Option<Vec<u8>>)>,
     want: u32,
     limit: u32,
 ) -> Vec<(String, Vec<u8>)> {
-    let full = committed.len() >= want as usize;
+    // A page is also cut at about `STATE_PAGE_BYTES` of values; one that big may have been.
+    let bytes: usize = committed.iter().map(|(_, v)| v.len()).sum();
+    let full = committed.len() >= want as usize || bytes >= crate::store::STATE_PAGE_BYTES;
     let horizon = if full { committed.last().map(|(k, _)| k.clone()) } else { None };
     let mut page: BTreeMap<String, Vec<u8>> = committed.into_iter().collect();
     for (key, value) in buffered {
@@ -283,6 +286,13 @@ fn set(mut store: StoreContextMut<'_, CallState>, key: WasmStr, value: Option<Wa
     check_key(&key_str)?;
     let bytes = key_str.len().saturating_add(value.as_ref().map_or(0, WasmList::len));
     store.data().host.charge_check(bytes)?;
+    let host = &store.data().host;
+    if host.writes.len() >= super::MAX_STATE_KEYS && !host.writes.contains_key(key_str.as_ref()) {
+        return Err(wasmtime::format_err!(
+            "plugin wrote more than {} state keys in one call (sets and deletes)",
+            super::MAX_STATE_KEYS
+        ));
+    }
     let key = key_str.into_owned();
     let value = value.map(|v| v.as_le_slice(&store).to_vec());
     let host = &mut store.data_mut().host;

@@ -45,6 +45,7 @@ mod engine;
 mod host;
 mod outbound;
 mod policy;
+mod stderr;
 mod wit;
 
 pub use engine::EPOCH_TICK;
@@ -91,7 +92,8 @@ impl Default for Limits {
 #[async_trait]
 pub trait PluginReader: Send + Sync + 'static {
     async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
-    /// Keys starting with `prefix`, in byte order, strictly after `after`, at most `limit`.
+    /// Keys starting with `prefix`, in byte order, strictly after `after`, at most `limit`,
+    /// and a shorter page when its values reach `crate::store::STATE_PAGE_BYTES`.
     async fn scan(
         &self,
         plugin: &str,
@@ -122,6 +124,13 @@ pub struct CallInfo {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Unavailable(pub String);
+
+/// The most distinct state keys one call may set or delete. Besides the bytes it writes
+/// ([`Limits::state_write_bytes`]), the number of keys is bounded: each is a row of the commit
+/// that carries the call's result, and a commit's statement takes a bounded number of
+/// arguments (PostgreSQL 65,535), so thousands of tiny keys could make a result that no
+/// commit can ever store. Past it, the call traps.
+pub const MAX_STATE_KEYS: usize = 1_000;
 
 /// How a call ended, plus the state writes to commit with it.
 #[derive(Debug)]

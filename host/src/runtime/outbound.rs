@@ -12,13 +12,22 @@
 //! 4. the address: a host name is resolved here, and a link-local or metadata address is
 //!    refused unless a grant names that very IP; plain-HTTP requests then connect to the
 //!    address that was checked (no second lookup to rebind);
-//! 5. time: every request ends when the call's deadline does, and so does reading its body;
+//! 5. time: every request ends when the call's timeout does, and so does reading its body,
+//!    never later: time credited back for slow state reads lets the plugin's code run on,
+//!    but not its requests ([`Deadline::outbound_until`]), which the driver promised to have
+//!    over before it may compensate the step; a request made after that fails at once;
 //! 6. size: a response body past [`HttpLimits::max_response_bytes`] fails with
 //!    `HTTP-response-body-size` as it streams, so it is never held whole.
 //!
 //! What the plugin did wrong against a limit is kept in [`Notes::limit`] and prefixed to the
 //! attempt's error by `call.rs`, so `last_error` says which limit; a grant read that failed
-//! for the database's sake is kept in [`Notes::host_error`] and makes the call unavailable.
+//! for the database's sake is kept in [`Notes::host_error`] and makes the call unavailable
+//! (one cut short because the call's own time was running out fails the request instead).
+//!
+//! Memory: a request the plugin builds but has not sent is held by the host (a body's
+//! buffered write up to [`BODY_CHUNK_BYTES`], a header set up to [`FIELDS_BYTES`]), outside
+//! the call's memory limit; the call's resource table holds at most
+//! [`HttpLimits::max_resources`] of them, and a plugin past it traps.
 //!
 //! This module must not name a world version's generated types.
 
@@ -56,6 +65,27 @@ impl Default for HttpLimits {
     }
 }
 
+/// The most bytes one write to an outgoing request's body may hand the host, which holds it
+/// until the request is sent (wasi-http's default is 1 MiB). A body is streamed, so a larger
+/// body takes more writes; the host holds at most this much of each body it was not sent yet.
+pub(super) const BODY_CHUNK_BYTES: usize = 64 << 10;
+
+/// The largest header set (`fields`) a plugin may build, in bytes (wasi-http's default is
+/// 128 KiB): enough for any header a service expects, a bearer token included.
+pub(super) const FIELDS_BYTES: usize = 32 << 10;
+
+impl HttpLimits {
+    /// How many host resources (requests, header sets, bodies, streams, pollables, and WASI's
+    /// own) one call may hold at once. Every one costs the host memory outside the call's
+    /// memory limit (a body up to [`BODY_CHUNK_BYTES`], a header set up to [`FIELDS_BYTES`]),
+    /// and a plugin can make them without sending anything: without a bound, one call could
+    /// hold gigabytes. A request and what it takes to read its answer is about ten, most
+    /// dropped as soon as it is read; the standard streams and clocks a few more.
+    pub fn max_resources(&self) -> usize {
+        256 + 8 * self.max_requests as usize
+    }
+}
+
 /// What the host noticed during a call's requests, read by `call.rs` when the call ends.
 #[derive(Debug, Default)]
 pub(super) struct Notes {
@@ -86,7 +116,7 @@ struct CallFacts {
     deadline: Arc<Deadline>,
     sent: AtomicU32,
     /// The plugin's granted origins, parsed; read on its first request.
-    grants: tokio::sync::OnceCell<Result<Vec<Origin>, String>>,
+    grants: tokio::sync::OnceCell<Result<Vec<Origin>, Option<String>>>,
     notes: Mutex<Notes>,
     /// Every request and how it went, when the runtime records calls (`Runtime::recording`).
     recorded: Option<Mutex<Vec<OutboundRequest>>>,
@@ -146,6 +176,10 @@ fn traceparent(saga_id: &str, idempotency_key: &str, attempt: u32) -> HeaderValu
 type Sent = Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error>;
 
 impl WasiHttpHooks for Outbound {
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        BODY_CHUNK_BYTES
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -253,8 +287,9 @@ impl CallFacts {
         notes.limit.get_or_insert(why);
     }
 
+    /// Time left to have requests out ([`Deadline::outbound_until`]).
     fn remaining(&self) -> Duration {
-        self.deadline.at().saturating_duration_since(Instant::now())
+        self.deadline.outbound_until().saturating_duration_since(Instant::now())
     }
 
     /// The plugin's granted origins, read and parsed once per call.
@@ -262,16 +297,22 @@ impl CallFacts {
         let read = self
             .grants
             .get_or_init(|| async {
-                match tokio::time::timeout(self.remaining(), self.reader.grants(&self.plugin)).await {
+                // Bounded by the call's time left. Past a bound of half the call's timeout or
+                // more, the database is slow or gone (the host's failure: the attempt does not
+                // count); within a shorter one, the call itself ran out of time.
+                let bound = self.remaining();
+                match tokio::time::timeout(bound, self.reader.grants(&self.plugin)).await {
                     Ok(Ok(granted)) => Ok(grants::parse_all(&granted)),
-                    Ok(Err(e)) => Err(format!("reading the plugin's grants failed: {e:#}")),
-                    Err(_) => Err("reading the plugin's grants took longer than the call's timeout".to_owned()),
+                    Ok(Err(e)) => Err(Some(format!("reading the plugin's grants failed: {e:#}"))),
+                    Err(_) if bound < self.deadline.timeout() / 2 => Err(None),
+                    Err(_) => Err(Some("reading the plugin's grants took longer than the call's timeout".to_owned())),
                 }
             })
             .await;
         match read {
             Ok(granted) => Ok(granted),
-            Err(why) => {
+            Err(None) => Err(Error::ConnectionTimeout),
+            Err(Some(why)) => {
                 let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
                 notes.host_error.get_or_insert_with(|| why.clone());
                 Err(Error::InternalError(Some("the host could not check this plugin's grants".to_owned())))
@@ -280,6 +321,9 @@ impl CallFacts {
     }
 
     async fn send(self: Arc<Self>, mut request: http::Request<WasiBody>) -> Sent {
+        if self.remaining().is_zero() {
+            return Err(Error::ConnectionTimeout);
+        }
         let uri = request.uri();
         let scheme = uri.scheme_str().and_then(Scheme::parse).ok_or(Error::HttpProtocolError)?;
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
@@ -307,7 +351,7 @@ impl CallFacts {
             first_byte_timeout: Some(remaining),
             between_bytes_timeout: Some(remaining),
         };
-        let at = self.deadline.at();
+        let at = self.deadline.outbound_until();
         let sent = tokio::time::timeout_at(at.into(), wasmtime_wasi_http::default_send_request(request, Some(options)))
             .await
             .map_err(|_| Error::ConnectionTimeout)??;

@@ -21,6 +21,8 @@ struct FakeReader {
     fail: bool,
     /// Granted origins by plugin.
     grants: Mutex<HashMap<String, Vec<String>>>,
+    /// Whether reading the grants blocks for `delay` too.
+    slow_grants: bool,
 }
 
 #[async_trait]
@@ -58,6 +60,9 @@ impl PluginReader for FakeReader {
     }
 
     async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+        if self.slow_grants {
+            tokio::time::sleep(self.delay).await;
+        }
         if self.fail {
             anyhow::bail!("connection refused");
         }
@@ -428,6 +433,51 @@ async fn a_log_line_is_cut_at_its_limit_and_kept_whole_at_exactly_the_limit() {
     }
 }
 
+/// Requests built and never sent cost the host memory the call's memory limit does not see
+/// (a body's buffered write, a header set): their number is bounded, and a plugin past the
+/// bound fails its attempt, naming it. Unbounded, this one call would hold about 2 GiB.
+#[tokio::test]
+async fn a_plugin_hoarding_unsent_requests_fails_at_the_resource_limit() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "hoard-bodies").await;
+    let max = Limits::default().http.max_resources();
+    assert_eq!(
+        trapped(&out).split(':').next().unwrap(),
+        format!(
+            "plugin held more than {max} host resources at once (HTTP requests, header sets, bodies, streams; \
+             the limit grows with --plugin-http-max-requests)"
+        )
+    );
+    // A well-behaved call is far below the bound: the next call runs as usual.
+    let out = execute(&runtime, &digest, "fine").await;
+    assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{}", out.label);
+}
+
+/// stderr is kept only to explain a trap: a plugin that prints more than is kept (debug
+/// prints) goes on; `eprintln!` panics on a stream that refuses a write.
+#[tokio::test]
+async fn a_plugin_printing_more_to_stderr_than_is_kept_is_not_failed_for_it() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "stderr-flood").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"ok":true}"#.into())), "{}", out.label);
+}
+
+/// Thousands of tiny keys stay within the byte limit, but each is a row of the commit that
+/// stores the result: their number is bounded too, so no result is one no commit can store.
+#[tokio::test]
+async fn state_keys_are_checked_at_exactly_their_limit() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, &format!("many-keys-{MAX_STATE_KEYS}")).await;
+    assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{:?}", out.result);
+    assert_eq!(out.writes.len(), MAX_STATE_KEYS);
+    let out = execute(&runtime, &digest, &format!("many-keys-{}", MAX_STATE_KEYS + 1)).await;
+    assert_eq!(
+        trapped(&out).split(':').next().unwrap(),
+        format!("plugin wrote more than {MAX_STATE_KEYS} state keys in one call (sets and deletes)")
+    );
+    assert!(out.writes.is_empty());
+}
+
 #[tokio::test]
 async fn output_is_checked_at_exactly_its_limit() {
     // `huge-output` returns `{"padding":"xxx…"}` with 8 MiB of x.
@@ -647,6 +697,39 @@ async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout()
     // room (the call's own work, a scheduler that is late), far below "forever".
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(service.connections(), 1);
+}
+
+/// Time blocked in state reads is credited back to the plugin's code, not to its requests:
+/// the driver compensates from the attempt's timeout (plus a grace) on, so a request sent
+/// later could land after the undo it must precede.
+#[tokio::test]
+async fn a_request_after_the_calls_timeout_fails_though_slow_reads_were_credited() {
+    let service = Service::start(Some("{}".into())).await;
+    // Two reads of 300 ms each, each within the 500 ms timeout, together past it.
+    let reader = FakeReader { delay: Duration::from_millis(300), ..granting(&service.origin) };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(500);
+    let input = http_input("read-then-http-get", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
+    assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(service.connections(), 0, "a request went out after the call's timeout");
+    assert!(!out.reached_out);
+}
+
+/// A grants read cut short because the call's own time ran out is the plugin's timeout (the
+/// attempt counts), not the database's failure (which would run the step again, forever).
+#[tokio::test]
+async fn a_grants_read_cut_short_by_the_calls_end_is_not_the_hosts_failure() {
+    let service = Service::start(Some("{}".into())).await;
+    // The reads take 400 ms of a 500 ms call; the grants read then has under 100 ms, and
+    // takes 200 (`slow_grants`).
+    let reader = FakeReader { delay: Duration::from_millis(200), slow_grants: true, ..granting(&service.origin) };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let timeout = Duration::from_millis(500);
+    let input = http_input("read-then-http-get", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
+    assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
 }
 
 #[tokio::test]

@@ -269,6 +269,23 @@ pub struct AuditEntry {
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,
     pub note: Option<String>,
+    /// The answer of the keyed admin request making this change (a bind, a definition, grants,
+    /// an upload), stored under its idempotency key in the change's own transaction, as an
+    /// outside event's is ([`Commit::answer`]): a request that dies after the commit leaves its
+    /// key answered, and its retry replays the answer instead of making the change again on top
+    /// of later ones. Not part of the trail.
+    #[serde(skip)]
+    pub answer: Option<KeyAnswer>,
+}
+
+/// An answer to store under an in-flight idempotency key ([`AuditEntry::answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAnswer {
+    pub caller: String,
+    pub route: String,
+    pub key: String,
+    pub status: u16,
+    pub body: Vec<u8>,
 }
 
 /// A stored audit entry.
@@ -365,6 +382,10 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn commit(&self, c: &Commit<'_>) -> Result<i64>;
 }
 
+/// The values one page of plugin state holds at most, about: a page ends with the entry that
+/// reaches this many bytes of values ([`PluginStateStore::state_scan`]).
+pub const STATE_PAGE_BYTES: usize = 4 << 20;
+
 /// The plugins' durable key-value spaces (written only by [`SagaStore::commit`]).
 #[async_trait]
 pub trait PluginStateStore: Send + Sync + 'static {
@@ -374,7 +395,8 @@ pub trait PluginStateStore: Send + Sync + 'static {
     /// At most `limit` entries whose keys start with `prefix` and, when `after` is given, are
     /// strictly greater than it, in byte order: one page of a scan that continues after the
     /// last key of the previous page. A range scan on the primary key, so `%` and `_` in keys
-    /// and prefixes are literal.
+    /// and prefixes are literal. The page also ends once its values reach
+    /// [`STATE_PAGE_BYTES`] (it has at least one entry): a page that big may have been cut.
     async fn state_scan(
         &self,
         plugin: &str,

@@ -520,8 +520,22 @@ async fn insert_audit(tx: &mut AnyConnection, a: &AuditEntry, now: i64) -> Resul
     .bind(a.before.as_ref().map(|v| v.to_string()))
     .bind(a.after.as_ref().map(|v| v.to_string()))
     .bind(&a.note)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
+    if let Some(k) = &a.answer {
+        // Only a key still in flight: its lock held, nobody else answered it.
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
+             WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+        )
+        .bind(&k.caller)
+        .bind(&k.route)
+        .bind(&k.key)
+        .bind(i64::from(k.status))
+        .bind(&k.body)
+        .execute(tx)
+        .await?;
+    }
     Ok(())
 }
 
@@ -1303,20 +1317,33 @@ impl PluginStateStore for SqlStore {
         };
         let end = prefix_end(prefix);
         // Two statements rather than `($3 IS NULL OR key < $3)`: a generic plan could not use
-        // that as an index bound, and would read the plugin's keys past the prefix.
-        let sql = match end {
-            Some(_) => format!(
-                "SELECT key, value FROM plugin_state WHERE plugin = $1 AND key {op} $2 AND key < $3 ORDER BY key LIMIT $4"
-            ),
-            None => format!("SELECT key, value FROM plugin_state WHERE plugin = $1 AND key {op} $2 ORDER BY key LIMIT $3"),
+        // that as an index bound, and would read the plugin's keys past the prefix. The page
+        // ends at STATE_PAGE_BYTES of values (`before`: the values of the rows before this
+        // one; the first row always comes), counted in the database: a thousand values of a
+        // megabyte each are never read into memory at once. `length` of a BLOB or bytea is
+        // its size in bytes, read from its header (SQLite's record header, PostgreSQL's TOAST
+        // pointer), not from the value.
+        let range = match end {
+            Some(_) => format!("plugin = $1 AND key {op} $2 AND key < $3 ORDER BY key LIMIT $4"),
+            None => format!("plugin = $1 AND key {op} $2 ORDER BY key LIMIT $3"),
         };
+        let budget = if end.is_some() { "$5" } else { "$4" };
+        // The window runs over the keys and sizes of the page's rows only; the values are read
+        // for the rows that make the cut.
+        let sql = format!(
+            "SELECT s.key, s.value FROM (SELECT key, SUM(size) OVER (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING \
+             AND 1 PRECEDING) AS before FROM (SELECT key, length(value) AS size FROM plugin_state WHERE {range}) AS r) \
+             AS page JOIN plugin_state s ON s.plugin = $1 AND s.key = page.key \
+             WHERE page.before IS NULL OR page.before < {budget} ORDER BY s.key"
+        );
         let rows = self
             .read(|| async {
                 let mut query = sqlx::query(&sql).bind(plugin).bind(from);
                 if let Some(end) = &end {
                     query = query.bind(end.as_str());
                 }
-                Ok(query.bind(i64::from(limit)).fetch_all(&self.reader).await?)
+                let query = query.bind(i64::from(limit)).bind(super::STATE_PAGE_BYTES as i64);
+                Ok(query.fetch_all(&self.reader).await?)
             })
             .await?;
         rows.iter().map(|r| Ok((r.try_get("key")?, r.try_get("value")?))).collect()
@@ -1785,6 +1812,7 @@ impl AuditStore for SqlStore {
                         before: json(r.try_get("before")?),
                         after: json(r.try_get("after")?),
                         note: r.try_get("note")?,
+                        answer: None,
                     },
                 })
             })

@@ -130,6 +130,7 @@ fn entry(action: &str, target: &str) -> AuditEntry {
         before: None,
         after: Some(serde_json::json!({ "x": 1 })),
         note: None,
+        answer: None,
     }
 }
 
@@ -635,6 +636,34 @@ async fn state_scans_page_through_a_prefix_in_byte_order_within_one_plugin() {
     }
 }
 
+/// A page of state ends once its values reach `STATE_PAGE_BYTES`, so that large values are
+/// never read a thousand at a time; paging on from its last key reads the rest.
+#[tokio::test]
+async fn a_state_page_ends_at_its_byte_budget_and_paging_reads_the_rest() {
+    let mib = 1 << 20;
+    let per_page = super::STATE_PAGE_BYTES / mib; // values of a MiB before the cut
+    for b in backends().await {
+        let s = &b.store;
+        let writes: Vec<StateWrite> =
+            (0..per_page + 3).map(|i| (format!("big/{i:02}"), Some(vec![b'v'; mib]))).collect();
+        // A commit's writes are capped by what a call may write, not here: several commits.
+        for chunk in writes.chunks(2) {
+            commit_state(s, "p", chunk, false).await.unwrap();
+        }
+        let first = s.state_scan("p", "big/", None, 1000).await.unwrap();
+        assert_eq!(first.len(), per_page, "{}: the page holds {} values of a MiB", b.name, first.len());
+        let rest = s.state_scan("p", "big/", Some(&first.last().unwrap().0), 1000).await.unwrap();
+        let keys: Vec<String> = first.iter().chain(&rest).map(|(k, _)| k.clone()).collect();
+        let expected: Vec<String> = (0..per_page + 3).map(|i| format!("big/{i:02}")).collect();
+        assert_eq!(keys, expected, "{}", b.name);
+        assert!(first.iter().chain(&rest).all(|(_, v)| v.len() == mib), "{}", b.name);
+        // One value past the budget still comes, alone: a page is never empty before the end.
+        commit_state(s, "p", &[("huge/1".into(), Some(vec![b'h'; super::STATE_PAGE_BYTES + 1]))], false).await.unwrap();
+        assert_eq!(s.state_scan("p", "huge/", None, 10).await.unwrap().len(), 1, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[test]
 fn the_end_of_a_prefix_range_is_the_least_string_above_it() {
     let end = |p: &str| super::sql::prefix_end(p);
@@ -654,6 +683,7 @@ fn grant_entry(target: &str, after: &[String]) -> AuditEntry {
         before: None,
         after: Some(serde_json::json!(after)),
         note: None,
+        answer: None,
     }
 }
 
