@@ -619,9 +619,16 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                 }
                 ExecuteOutcome::Retryable(e) | ExecuteOutcome::Trapped(e) => {
                     step.status = StepStatus::Retrying;
-                    step.signal_payload = signal;
                     step.last_error = Some(e.clone());
-                    let at = cap(now.saturating_add(ms(sdef.retry.backoff_ms(failures, jitter))));
+                    let retry_at = now.saturating_add(ms(sdef.retry.backoff_ms(failures, jitter)));
+                    // A retry is capped by the deadline, where the deadline rejects the step;
+                    // but one that keeps its signal is not rejected by it (the signal came in
+                    // time), so past the deadline it backs off like any retry, never at once.
+                    let at = match (&signal, deadline) {
+                        (Some(_), Some(d)) if d <= now => retry_at,
+                        _ => cap(retry_at),
+                    };
+                    step.signal_payload = signal;
                     next.next_run_at = Some(at);
                     EventSpec {
                         event_type: "StepRetryScheduled".to_owned(),

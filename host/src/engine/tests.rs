@@ -228,7 +228,8 @@ fn wait_for_signal_then_resume_with_payload() {
 
 #[test]
 fn the_attempt_a_signal_woke_keeps_the_signal_when_it_is_retried() {
-    let def = order_def();
+    let mut def = order_def();
+    def.steps[1].deadline_ms = Some(10_000);
     let mut s = SagaState::new(&def, 0);
     s = step(&def, &s, executed(0, 1, done()), 0).state;
     let wait = ExecuteOutcome::Wait { delay_ms: None, signal: Some("payment-confirmed".into()) };
@@ -245,8 +246,15 @@ fn the_attempt_a_signal_woke_keeps_the_signal_when_it_is_retried() {
     );
     let retry_at = s.next_run_at.unwrap();
     assert_eq!(next_action(&def, &s, retry_at), Action::Execute { step: 1, attempt: 3 });
-    s = step(&def, &s, executed(1, 3, done()), retry_at).state;
-    assert_eq!((s.steps[1].signal_payload.as_deref(), s.status.as_str()), (None, "PAYMENT_CHARGED"));
+    let charged = step(&def, &s, executed(1, 3, done()), retry_at).state;
+    assert_eq!((charged.steps[1].signal_payload.as_deref(), charged.status.as_str()), (None, "PAYMENT_CHARGED"));
+    // Past the step's deadline (the signal came in time, so the deadline does not reject the
+    // step), a retry still backs off: never a burst of calls to a failing service.
+    let deadline = s.steps[1].started_at.unwrap() + def.steps[1].deadline_ms.unwrap() as i64;
+    let late = step(&def, &s, executed(1, 3, ExecuteOutcome::Retryable("503".into())), deadline + 5).state;
+    assert_eq!(late.steps[1].status, StepStatus::Retrying);
+    assert!(late.next_run_at.unwrap() > deadline + 5, "a retry due at once: {:?}", late.next_run_at);
+    assert_eq!(next_action(&def, &late, deadline + 5), Action::Idle);
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! own transaction. Binds and definition changes are compare-and-set on the definition's
 //! version: of two concurrent changes, the second gets 409 instead of undoing the first.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -294,7 +296,7 @@ pub struct StateQuery {
     /// Only keys starting with this prefix.
     #[param(max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub prefix: Option<String>,
-    /// At most this many entries (1-1000, default 100).
+    /// At most this many entries (1-1000, default 100), fewer once their values reach 4 MiB.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
@@ -475,10 +477,12 @@ pub struct StepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "http-payment")]
     pub plugin: Option<String>,
-    /// Digest of the execute plugin. Default: the newest version of `plugin`.
+    /// Digest of the execute plugin. Default: the version the type's current definition binds
+    /// for this step (of the same plugin); for a new step, the newest version of `plugin`.
     #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub execute: Option<String>,
-    /// Digest of the compensate plugin, a version of the same plugin. Default: the execute digest.
+    /// Digest of the compensate plugin, a version of the same plugin. Default: the compensation
+    /// bound now when `execute` is the version bound now; else the execute digest.
     #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub compensate: Option<String>,
     /// Default: 5 attempts, backoff 100 ms to 5 s.
@@ -598,19 +602,26 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
     }
 }
 
-async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) -> Result<SagaDefinition, ApiError> {
+/// The definition `spec` describes, completed from the type's current one (as this replica
+/// read it, refreshed just now), and that current one with its version: the change must
+/// replace exactly it.
+async fn definition_of(
+    state: &AppState,
+    saga_type: &str,
+    spec: DefinitionSpec,
+) -> Result<(SagaDefinition, Option<(Arc<SagaDefinition>, i64)>), ApiError> {
     // Plugins uploaded through another replica a moment ago count as uploaded.
     state.catalog.refresh().await.map_err(catalog_error)?;
     let versions = state.store.plugin_versions().await?;
     // What a step leaves out keeps what the type's current definition has for that step (an
     // upload changes nothing until it is bound, SPEC §5.3; a bound compensation stays bound):
     // only a new type or a new step takes the newest uploaded version.
-    let current = state.catalog.definition(saga_type);
+    let read = state.catalog.versioned_definition(saga_type);
+    let current = read.as_ref().map(|(d, _)| d);
     let mut steps = Vec::with_capacity(spec.steps.len());
     for (i, s) in spec.steps.into_iter().enumerate() {
         let field = |f: &str| format!("steps[{i}].{f}");
         let was = current
-            .as_ref()
             .and_then(|d| d.steps.iter().find(|c| c.name == s.name))
             .filter(|c| s.plugin.as_deref().is_none_or(|p| c.execute.plugin == p));
         let execute = match (s.execute, was) {
@@ -665,7 +676,7 @@ async fn definition_of(state: &AppState, saga_type: &str, spec: DefinitionSpec) 
             sensitive.push((*required).to_owned());
         }
     }
-    Ok(SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive })
+    Ok((SagaDefinition { saga_type: saga_type.to_owned(), steps, sensitive }, read))
 }
 
 /// Register or replace a saga definition. New sagas use it; running ones keep theirs.
@@ -689,13 +700,13 @@ pub async fn put_definition(
         let path = e.path().to_string();
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
     })?;
-    let def = definition_of(&state, &saga_type, spec).await?;
+    let (def, current) = definition_of(&state, &saga_type, spec).await?;
     let route = format!("PUT /admin/sagas/{saga_type}");
     let (state, headers, saga_type, def) = (&state, &headers, &saga_type, &def);
     idempotent(state, headers, route, &fingerprint, |key| async move {
-        // The change replaces what this replica read just now (definition_of refreshed it); if
-        // someone else replaced it meanwhile, 409 (not stored under the key: read and retry).
-        let current = state.catalog.versioned_definition(saga_type);
+        // The change replaces the version it was completed from (definition_of refreshed it):
+        // if anything replaced that meanwhile (another admin, a bind here), 409, not stored
+        // under the key: read and retry. A newer version would lose what changed in between.
         let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
         let expected = current.map_or(0, |(_, version)| version);
         let after = serde_json::to_value(spec_of(def)).unwrap_or_default();

@@ -85,6 +85,12 @@ impl Deadline {
         self.timeout
     }
 
+    /// Whether state reads were slow enough that time was credited back to the plugin: the
+    /// database is slow (or the host busy) in this call.
+    pub(super) fn credited(&self) -> bool {
+        self.at() > self.start + self.timeout
+    }
+
     pub(super) fn extend(&self, by: Duration) {
         self.after.fetch_add(nanos(by), Ordering::Relaxed);
     }

@@ -186,28 +186,37 @@ async fn scan(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let host = &mut store.data_mut().host;
-    let in_range = |k: &String| k.starts_with(prefix.as_str()) && after.as_ref().is_none_or(|a| k > a);
-    let buffered: Vec<(String, Option<Vec<u8>>)> =
-        host.writes.iter().filter(|(k, _)| in_range(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    // Each buffered delete may hide one committed row: read that many more.
-    let deletes = u32::try_from(buffered.iter().filter(|(_, v)| v.is_none()).count()).unwrap_or(u32::MAX);
-    let want = limit.saturating_add(deletes);
-    let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
-    let committed = read(&mut store, reader.scan(&plugin, &prefix, after.as_deref(), want)).await?;
-    Ok(merge(committed, buffered, want, limit))
+    let mut after = after;
+    loop {
+        let host = &mut store.data_mut().host;
+        let in_range = |k: &String| k.starts_with(prefix.as_str()) && after.as_ref().is_none_or(|a| k > a);
+        let buffered: Vec<(String, Option<Vec<u8>>)> =
+            host.writes.iter().filter(|(k, _)| in_range(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Each buffered delete may hide one committed row: read that many more.
+        let deletes = u32::try_from(buffered.iter().filter(|(_, v)| v.is_none()).count()).unwrap_or(u32::MAX);
+        let want = limit.saturating_add(deletes);
+        let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
+        let committed = read(&mut store, reader.scan(&plugin, &prefix, after.as_deref(), want)).await?;
+        let (page, horizon) = merge(committed, buffered, want, limit);
+        // An empty page means the end to the plugin: one whose committed rows (a page cut at
+        // its byte budget) were all deleted by this call is not, so read on past them.
+        match horizon {
+            Some(horizon) if page.is_empty() => after = Some(horizon),
+            _ => return Ok(page),
+        }
+    }
 }
 
 /// The page a scan returns: `committed` (a page of at most `want` rows) overlaid with the
-/// buffered writes, cut to `limit`. When the committed page is full (or as big in bytes as a
-/// store's page gets), keys past its last row are unknown, so buffered keys beyond it wait for
-/// the next page.
+/// buffered writes, cut to `limit`; and the page's horizon, when the committed page is full
+/// (or as big in bytes as a store's page gets): keys past its last row are unknown, so
+/// buffered keys beyond it wait for the next page.
 fn merge(
     committed: Vec<(String, Vec<u8>)>,
     buffered: Vec<(String, Option<Vec<u8>>)>,
     want: u32,
     limit: u32,
-) -> Vec<(String, Vec<u8>)> {
+) -> (Vec<(String, Vec<u8>)>, Option<String>) {
     // A page is also cut at about `STATE_PAGE_BYTES` of values; one that big may have been.
     let bytes: usize = committed.iter().map(|(_, v)| v.len()).sum();
     let full = committed.len() >= want as usize || bytes >= crate::store::STATE_PAGE_BYTES;
@@ -222,7 +231,7 @@ fn merge(
             None => page.remove(&key),
         };
     }
-    page.into_iter().take(limit as usize).collect()
+    (page.into_iter().take(limit as usize).collect(), horizon)
 }
 
 /// Awaits a read of committed data for a plugin import.
@@ -343,7 +352,7 @@ mod tests {
     #[test]
     fn buffered_writes_overlay_the_committed_page() {
         let buffered = vec![("a/2".to_owned(), None), ("a/25".to_owned(), Some(b"b".to_vec()))];
-        let page = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 2);
+        let (page, _) = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 2);
         assert_eq!(keys(&page), ["a/1", "a/25"]);
         assert_eq!(page[1].1, b"b");
     }
@@ -352,11 +361,11 @@ mod tests {
     fn buffered_keys_past_a_full_committed_page_wait_for_the_next_page() {
         // The committed page is full at a/3: a/4 (committed, unseen) may come before a/9.
         let buffered = vec![("a/9".to_owned(), Some(b"b".to_vec()))];
-        let page = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 5);
-        assert_eq!(keys(&page), ["a/1", "a/2", "a/3"]);
+        let (page, horizon) = merge(rows(&["a/1", "a/2", "a/3"]), buffered, 3, 5);
+        assert_eq!((keys(&page), horizon.as_deref()), (vec!["a/1", "a/2", "a/3"], Some("a/3")));
         // Not full: everything committed is known, so a/9 belongs to this page.
         let buffered = vec![("a/9".to_owned(), Some(b"b".to_vec()))];
-        let page = merge(rows(&["a/1"]), buffered, 3, 5);
-        assert_eq!(keys(&page), ["a/1", "a/9"]);
+        let (page, horizon) = merge(rows(&["a/1"]), buffered, 3, 5);
+        assert_eq!((keys(&page), horizon), (vec!["a/1", "a/9"], None));
     }
 }

@@ -298,13 +298,14 @@ impl CallFacts {
             .grants
             .get_or_init(|| async {
                 // Bounded by the call's time left. Past a bound of half the call's timeout or
-                // more, the database is slow or gone (the host's failure: the attempt does not
-                // count); within a shorter one, the call itself ran out of time.
+                // more, or in a call whose state reads were already slow, the database is slow
+                // or gone (the host's failure: the attempt does not count); within a shorter
+                // bound the plugin's own work used up, the call itself ran out of time.
                 let bound = self.remaining();
                 match tokio::time::timeout(bound, self.reader.grants(&self.plugin)).await {
                     Ok(Ok(granted)) => Ok(grants::parse_all(&granted)),
                     Ok(Err(e)) => Err(Some(format!("reading the plugin's grants failed: {e:#}"))),
-                    Err(_) if bound < self.deadline.timeout() / 2 => Err(None),
+                    Err(_) if bound < self.deadline.timeout() / 2 && !self.deadline.credited() => Err(None),
                     Err(_) => Err(Some("reading the plugin's grants took longer than the call's timeout".to_owned())),
                 }
             })

@@ -56,6 +56,13 @@ impl PluginReader for FakeReader {
             .collect();
         rows.sort();
         rows.truncate(limit as usize);
+        // Cut as the store cuts a page: after the row whose value reaches the byte budget.
+        let mut before = 0;
+        rows.retain(|(_, v)| {
+            let keep = before < crate::store::STATE_PAGE_BYTES;
+            before += v.len();
+            keep
+        });
         Ok(rows)
     }
 
@@ -717,19 +724,33 @@ async fn a_request_after_the_calls_timeout_fails_though_slow_reads_were_credited
     assert!(!out.reached_out);
 }
 
-/// A grants read cut short because the call's own time ran out is the plugin's timeout (the
-/// attempt counts), not the database's failure (which would run the step again, forever).
+/// A grants read cut short because the plugin's own work used up the call's time is the
+/// plugin's timeout (the attempt counts), not the database's failure (which would run the step
+/// again, forever); after state reads that were slow too, it is the database's.
 #[tokio::test]
-async fn a_grants_read_cut_short_by_the_calls_end_is_not_the_hosts_failure() {
+async fn a_grants_read_cut_short_by_the_calls_end_is_the_hosts_failure_only_when_reads_were_slow() {
     let service = Service::start(Some("{}".into())).await;
-    // The reads take 400 ms of a 500 ms call; the grants read then has under 100 ms, and
-    // takes 200 (`slow_grants`).
-    let reader = FakeReader { delay: Duration::from_millis(200), slow_grants: true, ..granting(&service.origin) };
+    // How long `busy` computes here (plugins have no clock): the call's timeout is half as long
+    // again, so the first request comes with about a third of it left, under half.
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let busy = execute(&runtime, &digest, "busy").await;
+    assert!(matches!(busy.result, Ok(ExecuteOutcome::Done(_))), "{:?}", busy.result);
+    let timeout = (busy.elapsed * 3 / 2).max(Duration::from_millis(60));
+    // The grants read takes far longer than what is left.
+    let reader = FakeReader { delay: timeout * 4, slow_grants: true, ..granting(&service.origin) };
     let (runtime, digest) = misbehave(Limits::default(), reader).await;
-    let timeout = Duration::from_millis(500);
-    let input = http_input("read-then-http-get", &service.origin);
+    let input = http_input("busy-then-http-get", &service.origin);
     let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
     assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
+    // Two state reads of 200 ms each (credited back) in a 500 ms call, then a grants read of
+    // 200 ms with under 100 ms left.
+    let timeout = Duration::from_millis(500);
+    let reader = FakeReader { delay: Duration::from_millis(200), slow_grants: true, ..granting(&service.origin) };
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    let input = http_input("read-then-http-get", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
+    assert!(matches!(&out.result, Err(Unavailable(e)) if e.contains("grants")), "{:?}", out.result);
+    assert_eq!(service.connections(), 0);
 }
 
 #[tokio::test]
@@ -754,6 +775,20 @@ async fn scan_pages_in_key_order_through_committed_state_and_the_calls_own_write
     let out = execute(&runtime, &digest, "scan").await;
     // s/b is the call's own write, s/c its own delete; t/a and the other plugin's key are out of range.
     assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"keys":["s/a","s/b","s/d"]}"#.into())));
+}
+
+/// A page cut at its byte budget whose rows the call itself deleted is not the end: the
+/// plugin sees an empty page only when nothing is left.
+#[tokio::test]
+async fn a_scan_reads_on_past_a_page_the_call_deleted_whole() {
+    let reader = FakeReader::default();
+    for i in 0..6 {
+        reader.values.lock().unwrap().insert(("misbehave".into(), format!("s/{i}")), vec![b'v'; 1 << 20]);
+    }
+    let (runtime, digest) = misbehave(Limits::default(), reader).await;
+    // Deletes s/0 to s/4 (the first page, cut at 4 MiB, and one more), then scans s/.
+    let out = execute(&runtime, &digest, "drain-scan").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"keys":["s/5"]}"#.into())));
 }
 
 #[tokio::test]
