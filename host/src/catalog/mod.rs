@@ -94,7 +94,25 @@ impl Catalog {
     async fn install_builtin(&self, builtin: &crate::builtin::Builtin) -> Result<(), Error> {
         let mut refs = HashMap::new();
         for (name, wasm) in builtin.plugins {
-            let (digest, _) = self.install_plugin(name, wasm.to_vec()).await?;
+            let digest = match self.install_plugin(name, wasm.to_vec()).await {
+                Ok((digest, _)) => digest,
+                // These very bytes were uploaded as another plugin (a canary of the demo, say):
+                // they stay that plugin's, and the built-in's plugin cannot take them under its
+                // own name. The built-in keeps what it has (an older release's definition, or
+                // none: then the host is not ready), rather than every replica of this release
+                // failing to start.
+                Err(Error::NameMismatch { existing }) => {
+                    tracing::error!(
+                        saga_type = builtin.saga_type,
+                        plugin = name,
+                        existing = %existing,
+                        "a built-in plugin's component was uploaded under another name; the built-in saga type is not \
+                         installed or upgraded (upload it again under its own name, or remove the other)"
+                    );
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             refs.insert(*name, crate::engine::PluginRef { plugin: (*name).to_owned(), digest });
         }
         let def = (builtin.definition)(&|name| {
@@ -395,6 +413,23 @@ pub(crate) mod tests {
             note: None,
             answer: None,
         }
+    }
+
+    /// A built-in plugin's bytes uploaded under another name leave that built-in type
+    /// uninstalled; the host still starts, with every other type.
+    #[tokio::test]
+    async fn a_built_in_plugins_bytes_under_another_name_do_not_stop_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let payment = crate::builtin::order::PLUGINS[1].1;
+        let digest = crate::runtime::digest_of(payment);
+        store.put_plugin(&digest, "payment-canary", payment, 0, None).await.unwrap();
+        let catalog = Catalog::open(store.clone(), runtime, clock).await.expect("the host starts");
+        assert!(catalog.definition(crate::builtin::order::SAGA_TYPE).is_none());
+        assert!(catalog.definition(crate::builtin::order_http::SAGA_TYPE).is_some());
+        assert_eq!(catalog.plugin_name(&digest).as_deref(), Some("payment-canary"));
     }
 
     /// Two catalogs on one store, as two replicas have; they share one runtime so the demo
