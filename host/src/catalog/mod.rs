@@ -415,14 +415,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// A store in `dir`, a runtime without state, and the system clock: what a catalog opens on.
+    async fn parts(dir: &std::path::Path) -> (Arc<dyn crate::store::Store>, Arc<Runtime>, Arc<dyn Clock>) {
+        let store = crate::store::open(None, dir).await.unwrap();
+        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
+        (store, runtime, Arc::new(crate::clock::SystemClock))
+    }
+
     /// A built-in plugin's bytes uploaded under another name leave that built-in type
     /// uninstalled; the host still starts, with every other type.
     #[tokio::test]
     async fn a_built_in_plugins_bytes_under_another_name_do_not_stop_the_host() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let (store, runtime, clock) = parts(dir.path()).await;
         let payment = crate::builtin::order::PLUGINS[1].1;
         let digest = crate::runtime::digest_of(payment);
         store.put_plugin(&digest, "payment-canary", payment, 0, None).await.unwrap();
@@ -437,9 +442,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn of_two_binds_from_the_same_version_one_conflicts_and_its_retry_works() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let (store, runtime, clock) = parts(dir.path()).await;
         let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
         let b = Catalog::open(store.clone(), runtime, clock).await.unwrap();
         let order = a.definition(crate::builtin::order::SAGA_TYPE).unwrap();

@@ -286,8 +286,9 @@ fn a_start_whose_result_never_came_leaves_the_step_compensable() {
     s = step(&def, &s, Event::Started { step: 1, attempt: 1 }, 100).state;
     s = step(&def, &s, Event::Started { step: 1, attempt: 1 }, 3_000).state;
     let rejected = ExecuteOutcome::Rejected("the service is gone".into());
-    s = step(&def, &s, executed(1, 1, rejected), 3_100).state; // reached_out: false
-                                                               // The first start's charge may stand: payment is refunded before inventory is released.
+    // `executed` reports `reached_out: false`.
+    s = step(&def, &s, executed(1, 1, rejected), 3_100).state;
+    // The first start's charge may stand: payment is refunded before inventory is released.
     assert_eq!(next_action(&def, &s, 3_100), Action::Compensate { step: 1, attempt: 1 });
 }
 

@@ -371,6 +371,22 @@ fn slow_relay(
     tokio::spawn(relay.run(shutdown.clone()))
 }
 
+/// [`slow_relay`] on [`store_with_interleaved_events`] in `dir`, its sink taking `delay` per
+/// publish, once its first publish has begun.
+async fn relay_publishing(
+    dir: &Path,
+    delay: Duration,
+) -> (Arc<dyn Store>, Arc<SlowSink>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let store = store_with_interleaved_events(dir).await;
+    let sink = Arc::new(SlowSink { delay, started: Default::default() });
+    let shutdown = CancellationToken::new();
+    let relay = slow_relay(&store, &sink, &shutdown);
+    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (store, sink, shutdown, relay)
+}
+
 /// The lease of [`slow_relay`]: long enough that a renewal (an fsync on SQLite's one writer,
 /// on a loaded machine) is never late by a whole lease.
 const TEST_LEASE: Duration = Duration::from_millis(1500);
@@ -380,13 +396,7 @@ const TEST_LEASE: Duration = Duration::from_millis(1500);
 #[tokio::test]
 async fn a_publish_longer_than_the_lease_keeps_the_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let store = store_with_interleaved_events(dir.path()).await;
-    let sink = Arc::new(SlowSink { delay: TEST_LEASE * 3, started: Default::default() });
-    let shutdown = CancellationToken::new();
-    let relay = slow_relay(&store, &sink, &shutdown);
-    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (store, _sink, shutdown, relay) = relay_publishing(dir.path(), TEST_LEASE * 3).await;
     for _ in 0..8 {
         tokio::time::sleep(TEST_LEASE / 3).await;
         assert_eq!(store.relay_lease("b", 300).await.unwrap(), None, "another replica took the lease mid-publish");
@@ -402,13 +412,7 @@ async fn a_publish_longer_than_the_lease_keeps_the_lease() {
 #[tokio::test]
 async fn a_lease_that_changed_hands_mid_publish_drops_the_publish() {
     let dir = tempfile::tempdir().unwrap();
-    let store = store_with_interleaved_events(dir.path()).await;
-    let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
-    let shutdown = CancellationToken::new();
-    let relay = slow_relay(&store, &sink, &shutdown);
-    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (store, sink, _shutdown, relay) = relay_publishing(dir.path(), Duration::from_secs(60)).await;
     // Between two of `a`'s renewals, `b` takes the lease and gives it up again: `a`'s next
     // renewal takes it back under a later epoch.
     store.relay_release("a").await.unwrap();
@@ -431,13 +435,7 @@ async fn a_lease_that_changed_hands_mid_publish_drops_the_publish() {
 #[tokio::test]
 async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let store = store_with_interleaved_events(dir.path()).await;
-    let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
-    let shutdown = CancellationToken::new();
-    let relay = slow_relay(&store, &sink, &shutdown);
-    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (store, _sink, shutdown, relay) = relay_publishing(dir.path(), Duration::from_secs(60)).await;
     let stopping = std::time::Instant::now();
     shutdown.cancel();
     let during = async {
