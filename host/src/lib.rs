@@ -201,7 +201,6 @@ impl App {
         let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(store.clone())))?);
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
         let metrics = metrics::Metrics::new();
-        metrics.saga_types(catalog.definitions().iter().map(|d| d.saga_type.as_str()));
         let sagas = Arc::new(saga::Sagas::new(store.clone(), Arc::clone(&config.clock), DriverHandle::default()));
         let driver = Driver::new(
             store.clone(),

@@ -85,16 +85,22 @@ const headerSafe = (v) => v.replace(/[^\x20-\x7e]/g, "?").trim();
 
 // A saga's events, page after page (1,000 each), up to the first 10,000.
 async function sagaEvents(type, id) {
-  const path = `/sagas/${encodeURIComponent(type)}/${encodeURIComponent(id)}/events`;
+  return allPages(`/sagas/${encodeURIComponent(type)}/${encodeURIComponent(id)}/events`, 10);
+}
+
+// The pages of a listing at `path`, following `next_cursor`, at most `max` of them; `more`
+// when there were more still.
+async function allPages(path, max) {
+  const join = path.includes("?") ? "&" : "?";
   let data = [];
   let cursor = null;
-  for (let page = 0; page < 10; page++) {
-    const r = await api("GET", cursor ? `${path}?cursor=${encodeURIComponent(cursor)}` : path);
+  for (let page = 0; page < max; page++) {
+    const r = await api("GET", cursor ? `${path}${join}cursor=${encodeURIComponent(cursor)}` : path);
     data = data.concat(r.data);
     cursor = r.next_cursor;
     if (!cursor) break;
   }
-  return { data };
+  return { data, more: Boolean(cursor) };
 }
 
 async function api(method, path, { body, admin = false, key } = {}) {
@@ -294,16 +300,8 @@ const STUCK_PAGES = 10;
 // Every COMPENSATION_FAILED saga of `type`, page after page, up to STUCK_PAGES pages; `more`
 // when there were more still.
 async function stuckOf(type) {
-  const path = `/sagas/${encodeURIComponent(type)}?status=COMPENSATION_FAILED&limit=100`;
-  let data = [];
-  let cursor = null;
-  for (let page = 0; page < STUCK_PAGES; page++) {
-    const r = await api("GET", cursor ? `${path}&cursor=${encodeURIComponent(cursor)}` : path);
-    data = data.concat(r.data);
-    cursor = r.next_cursor;
-    if (!cursor) break;
-  }
-  return { type, data, more: Boolean(cursor) };
+  const stuck = await allPages(`/sagas/${encodeURIComponent(type)}?status=COMPENSATION_FAILED&limit=100`, STUCK_PAGES);
+  return { type, ...stuck };
 }
 
 async function refreshStuckCount() {

@@ -274,8 +274,7 @@ pub async fn audit_log(
         }
     }
     // A saga id is kept in lowercase (see `saga_id`); other targets are matched as given.
-    let target =
-        q.target.map(|t| if uuid::Uuid::try_parse(&t).is_ok() && t.len() == 36 { t.to_ascii_lowercase() } else { t });
+    let target = q.target.map(|t| super::sagas::canonical_id(&t).unwrap_or(t));
     let entries = state.store.audit_log(target.as_deref(), limit).await?;
     let data = entries
         .into_iter()

@@ -127,8 +127,7 @@ pub async fn put_grants(
         };
         let previous = state.store.put_grants(name, allowed_hosts, &entry, state.clock.now_ms()).await?;
         tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
-        let response = json_response(StatusCode::OK, body, None);
-        Ok(if key.is_some() { answered_in_commit(response) } else { response })
+        Ok(answered_in_commit(json_response(StatusCode::OK, body, None), key.as_ref()))
     })
     .await
 }

@@ -203,8 +203,7 @@ pub async fn upload_plugin(
             .await
             .map_err(|e| catalog_error(e).provisional())?;
         if new {
-            let response = json_response(StatusCode::CREATED, answer, None);
-            return Ok(if key.is_some() { answered_in_commit(response) } else { response });
+            return Ok(answered_in_commit(json_response(StatusCode::CREATED, answer, None), key.as_ref()));
         }
         Ok(json_response(StatusCode::OK, answer, None))
     })
@@ -454,8 +453,7 @@ pub async fn bind_step(
             .await
             .map_err(|e| catalog_error(e).provisional())?;
         tracing::info!(saga_type, step, execute = %after.execute.digest, compensate = %after.compensate.digest, "binding changed");
-        let response = json_response(StatusCode::OK, answer(&after), None);
-        Ok(if key.is_some() { answered_in_commit(response) } else { response })
+        Ok(answered_in_commit(json_response(StatusCode::OK, answer(&after), None), key.as_ref()))
     })
     .await
 }
@@ -718,8 +716,7 @@ pub async fn put_definition(
             .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
             .await
             .map_err(|e| catalog_error(e).provisional())?;
-        let response = json_response(StatusCode::OK, answer, None);
-        Ok(if key.is_some() { answered_in_commit(response) } else { response })
+        Ok(answered_in_commit(json_response(StatusCode::OK, answer, None), key.as_ref()))
     })
     .await
 }

@@ -267,12 +267,16 @@ async fn load(state: &AppState, saga_type: Option<&str>, id: &str) -> Result<Sag
 /// a UUID in lowercase (RFC 9562 reads hex digits in either case, and clients copy ids out
 /// of logs and tools that upper-case them).
 pub(super) fn saga_id(saga_type: Option<&str>, id: &str) -> Result<String, ApiError> {
-    if id.len() != 36 || uuid::Uuid::try_parse(id).is_err() {
+    canonical_id(id).ok_or_else(|| {
         // Never echo a hostile id back in full.
         let shown: String = id.chars().filter(|c| !c.is_control()).take(64).collect();
-        return Err(not_found(saga_type, &shown));
-    }
-    Ok(id.to_ascii_lowercase())
+        not_found(saga_type, &shown)
+    })
+}
+
+/// `s` as the store keeps a saga id (a UUID in its hyphenated form, in lowercase), if it is one.
+pub(super) fn canonical_id(s: &str) -> Option<String> {
+    (s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()).then(|| s.to_ascii_lowercase())
 }
 
 /// Maps what the saga service says about an outside event to the API's terms; `refused`
@@ -612,14 +616,11 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
     }
     // A cursor is a saga id; compared as the store keeps ids (lowercase), or an upper-cased
     // one would skip rows.
-    let cursor = match &q.cursor {
-        Some(cursor) if cursor.len() != 36 || uuid::Uuid::try_parse(cursor).is_err() => {
-            return Err(ApiError::invalid(
-                "cursor",
-                "is not a cursor this API returned; pass next_cursor from the previous page",
-            ));
-        }
-        cursor => cursor.as_deref().map(str::to_ascii_lowercase),
+    let cursor = match q.cursor.as_deref() {
+        None => None,
+        Some(cursor) => Some(canonical_id(cursor).ok_or_else(|| {
+            ApiError::invalid("cursor", "is not a cursor this API returned; pass next_cursor from the previous page")
+        })?),
     };
     let rows = state.store.list_sagas(saga_type, q.status.as_deref(), cursor.as_deref(), limit + 1).await?;
     if let Some(status) = q.status.as_deref().filter(|_| rows.is_empty() && cursor.is_none()) {
@@ -816,10 +817,12 @@ impl RequestKey {
 struct AnsweredInCommit;
 
 /// `response`, whose status and body the change's own commit stored under the request's key
-/// ([`RequestKey::answer`]): [`idempotent`] has nothing left to store.
-pub(super) fn answered_in_commit(mut response: Response) -> Response {
-    crate::failpoint!("admin-after-commit");
-    response.extensions_mut().insert(AnsweredInCommit);
+/// ([`RequestKey::answer`]), if it had one: [`idempotent`] has nothing left to store.
+pub(super) fn answered_in_commit(mut response: Response, key: Option<&RequestKey>) -> Response {
+    if key.is_some() {
+        crate::failpoint!("admin-after-commit");
+        response.extensions_mut().insert(AnsweredInCommit);
+    }
     response
 }
 

@@ -78,7 +78,7 @@ impl Deadline {
     /// a grace, and compensates from then on: a request sent later (time credited for slow
     /// state reads) could land after the undo it must precede.
     pub(super) fn outbound_until(&self) -> Instant {
-        self.at().min(self.start + self.timeout)
+        self.start + self.timeout
     }
 
     pub(super) fn timeout(&self) -> Duration {
@@ -88,7 +88,7 @@ impl Deadline {
     /// Whether state reads were slow enough that time was credited back to the plugin: the
     /// database is slow (or the host busy) in this call.
     pub(super) fn credited(&self) -> bool {
-        self.at() > self.start + self.timeout
+        self.at() > self.outbound_until()
     }
 
     pub(super) fn extend(&self, by: Duration) {

@@ -523,20 +523,33 @@ async fn insert_audit(tx: &mut AnyConnection, a: &AuditEntry, now: i64) -> Resul
     .execute(&mut *tx)
     .await?;
     if let Some(k) = &a.answer {
-        // Only a key still in flight: its lock held, nobody else answered it.
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
-             WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
-        )
-        .bind(&k.caller)
-        .bind(&k.route)
-        .bind(&k.key)
-        .bind(i64::from(k.status))
-        .bind(&k.body)
-        .execute(tx)
-        .await?;
+        answer_key(tx, &k.caller, &k.route, &k.key, k.status, &k.body).await?;
     }
     Ok(())
+}
+
+/// Stores `status` and `body` as the answer of an idempotency key, only if the key is still
+/// in flight (its lock held, nobody else answered it); true if it was.
+async fn answer_key(
+    conn: &mut AnyConnection,
+    caller: &str,
+    route: &str,
+    key: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<bool> {
+    let stored = sqlx::query(
+        "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
+         WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
+    )
+    .bind(caller)
+    .bind(route)
+    .bind(key)
+    .bind(i64::from(status))
+    .bind(body)
+    .execute(conn)
+    .await?;
+    Ok(stored.rows_affected() > 0)
 }
 
 /// Marks the catalog changed, inside the transaction that changes it.
@@ -1482,18 +1495,7 @@ impl IdempotencyStore for SqlStore {
         self.writes
             .run_one(data, |(caller, route, key, status, body), conn| {
                 Box::pin(async move {
-                    let stored = sqlx::query(
-                        "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
-                         WHERE caller = $1 AND route = $2 AND key = $3 AND response_status IS NULL",
-                    )
-                    .bind(caller)
-                    .bind(route)
-                    .bind(key)
-                    .bind(i64::from(*status))
-                    .bind(body)
-                    .execute(&mut *conn)
-                    .await?;
-                    if stored.rows_affected() > 0 {
+                    if answer_key(&mut *conn, caller, route, key, *status, body).await? {
                         return Ok(None);
                     }
                     // Stored before, by the commit that settled the saga. A stored response
