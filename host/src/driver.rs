@@ -205,6 +205,9 @@ struct Adoption {
     max_queued: usize,
     /// The driver's places for sagas it runs at once ([`DriverOptions::max_concurrency`]).
     running: Arc<Semaphore>,
+    /// Set when the driver stops: sagas created from then on are created unclaimed, for any
+    /// replica (or this one restarted) to claim from the store.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// A saga handed over: the record, its place in the queue, and its creation when that is
@@ -307,7 +310,7 @@ impl DriverHandle {
     /// bound, new sagas would take the database from the sagas in progress and slow every one
     /// of them (the host did ever less the more it was offered).
     pub fn admit(&self) -> Result<Admitted, Overloaded> {
-        let Some(a) = self.adoption.get() else {
+        let Some(a) = self.adoption.get().filter(|a| !a.stopped.load(std::sync::atomic::Ordering::Acquire)) else {
             return Ok(Admitted { claim: None, starts_at_once: false, place: None });
         };
         match Arc::clone(&a.queue).try_acquire_owned() {
@@ -366,6 +369,9 @@ struct Inner {
     metrics: Arc<crate::metrics::Metrics>,
     options: DriverOptions,
     handle: DriverHandle,
+    /// Cancelled when the driver stops: sagas in progress give their claims back between
+    /// steps.
+    stopping: CancellationToken,
 }
 
 impl Driver {
@@ -390,11 +396,13 @@ impl Driver {
             queue: Arc::new(Semaphore::new(max_queued)),
             max_queued,
             running: Arc::clone(&permits),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         };
         if handle.adoption.set(adoption).is_err() {
             tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
         }
-        let inner = Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle });
+        let stopping = CancellationToken::new();
+        let inner = Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle, stopping });
         Driver { inner, adopted, permits }
     }
 
@@ -479,6 +487,12 @@ impl Driver {
                 }
             }
         }
+        // New sagas are created unclaimed from now on, and those in progress give their claims
+        // back between steps.
+        if let Some(a) = inner.handle.adoption.get() {
+            a.stopped.store(true, std::sync::atomic::Ordering::Release);
+        }
+        inner.stopping.cancel();
         tasks.close();
         // Calls in progress get a moment to finish and commit; a step with a long timeout must
         // not hold the process hostage. Whatever is still running is simply dropped: that is a
@@ -488,6 +502,19 @@ impl Driver {
                 running = tasks.len(),
                 "shutting down with plugin calls still running; they will run again after restart"
             );
+        }
+        // Every claim this process still holds is given back: the sagas handed over and never
+        // started, and those whose calls outlasted the grace (a late result of theirs commits
+        // only if nobody claimed the saga meanwhile: a claim bumps the epoch). Without it they
+        // waited a whole lease (--lease-ms) for another replica, a replica removed for good or
+        // replaced under another name (a rolling deploy's new pod) included.
+        drop(adopted);
+        match inner.store.release_owner(&inner.options.owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sagas = n, "gave back the claims of sagas not finished here"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give back this process's claims; they expire with their lease")
+            }
         }
     }
 }
@@ -561,6 +588,18 @@ impl Inner {
         let mut chaining = self.options.chain_max > 1;
         let chain_max = self.options.chain_max.max(1);
         loop {
+            if self.stopping.is_cancelled() {
+                // The host is stopping: what the chain did is committed, and the saga is
+                // given back now (in that commit), not held until its lease runs out: another
+                // replica goes on with it at once. A creation still to commit is left to its
+                // request, which commits it alone.
+                if !staged.is_empty() {
+                    self.flush(&mut rec, epoch, &mut staged, false, &mut creating).await;
+                } else if creating.is_none() {
+                    self.release(&id, epoch).await;
+                }
+                return;
+            }
             if creating.is_none() && (renew_first || renewed.elapsed() >= renew_every) {
                 match self.store.renew_lease(&id, epoch, self.options.lease_ms).await {
                     Ok(true) => renewed = std::time::Instant::now(),
@@ -634,9 +673,10 @@ impl Inner {
             let mut in_flight_until = None;
             if let Action::Execute { step, attempt } = action {
                 // Loaded first (a version bound through another replica a moment ago), so that
-                // what it imports is known.
-                self.catalog.ensure_loaded(&rec.definition.steps[step].execute.digest).await;
-                if self.may_reach_out(&rec, &action) {
+                // what it imports is known. One this host cannot load is not called (its
+                // attempt fails, below), so it has no start to record.
+                let loaded = self.catalog.ensure_loaded(&rec.definition.steps[step].execute.digest).await.is_ok();
+                if loaded && self.may_reach_out(&rec, &action) {
                     if let Err(e) = self.sagas.stage(&mut rec, &mut staged, Event::Started { step, attempt }, None) {
                         tracing::error!(saga_id = %id, error = %e, "the engine refused the driver's own event; the steps will run again");
                         self.release_later(&id, epoch).await;
@@ -1019,6 +1059,17 @@ impl Inner {
             }
             timeout = timeout.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
         }
+        if let Err(why) = self.catalog.ensure_loaded(&sdef.execute.digest).await {
+            return self.not_loaded(rec, step, why, |reason| Event::Executed {
+                step,
+                attempt,
+                started_at,
+                digest: sdef.execute.digest.clone(),
+                outcome: ExecuteOutcome::Trapped(reason),
+                jitter: rand::random::<f64>(),
+                reached_out: false,
+            });
+        }
         let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
         let out = traced(plugin_span(&sdef.execute, "execute"), call).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
@@ -1040,6 +1091,25 @@ impl Inner {
         Ok(Called { event, writes, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
+    /// A call of a plugin version this host cannot load: a failed attempt, nothing called, when
+    /// the version will not load here (refused by this build, or stored by no replica), so the
+    /// retry policy and then compensation (or an operator) decide; without it the step ran
+    /// again every second, for ever, never counted, and such sagas, always the most overdue,
+    /// were claimed before any other. If the catalog could not be read, the host's failure.
+    fn not_loaded(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        why: crate::catalog::NotLoaded,
+        failed: impl FnOnce(String) -> Event,
+    ) -> Result<Called, String> {
+        if let crate::catalog::NotLoaded::Unavailable(e) = why {
+            return Err(e);
+        }
+        tracing::warn!(saga_id = %rec.id, step = %rec.definition.steps[step].name, error = %why, "a step's plugin cannot run on this host; its attempt fails");
+        Ok(Called { event: failed(why.to_string()), writes: None, call_time: Duration::ZERO, reached_out: false })
+    }
+
     async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, String> {
         let sdef = &rec.definition.steps[step];
         let binding = self.compensate_binding(rec, step);
@@ -1047,7 +1117,15 @@ impl Inner {
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
-        self.catalog.ensure_loaded(&binding.digest).await;
+        if let Err(why) = self.catalog.ensure_loaded(&binding.digest).await {
+            return self.not_loaded(rec, step, why, |reason| Event::Compensated {
+                step,
+                attempt,
+                digest: binding.digest.clone(),
+                outcome: CompensateOutcome::Failed(reason),
+                jitter: rand::random::<f64>(),
+            });
+        }
         let call = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout);
         let out = traced(plugin_span(&binding, "compensate"), call).await;
         self.record(rec, &sdef.name, "compensate", &out);
@@ -1234,6 +1312,44 @@ mod tests {
         let driver =
             Driver::new(store.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, DriverOptions::default());
         (store, sagas, driver)
+    }
+
+    /// A stored plugin version this host cannot compile (a release rolled back past the world
+    /// it targets, say): its step's attempts fail, each saying why, with no start recorded, and
+    /// the saga compensates. It ran again every second, for ever, uncounted, a `StepStarted`
+    /// committed each time, and such sagas, always the most overdue, were claimed first.
+    #[tokio::test]
+    async fn a_step_whose_plugin_this_host_cannot_load_fails_its_attempts_and_the_saga_compensates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, driver) = idle_driver(dir.path()).await;
+        // `def()`'s step runs plugin "p" at "sha256:p": stored, but not a component.
+        assert!(store.put_plugin("sha256:p", "p", b"not a component", 0, None).await.unwrap());
+        let mut def = crate::store::tests::def();
+        def.steps[0].retry = engine::RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 10 };
+        let draft = sagas.draft(&def, &serde_json::json!({}));
+        sagas.create(&draft, None, false).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(driver.run(shutdown.clone()));
+        let id = &draft.record.id;
+        let settled = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let rec = store.saga(id).await.unwrap().expect("created");
+                if rec.state.phase == engine::Phase::Cancelled {
+                    return rec;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the saga never settled: its unloadable step ran again and again");
+        shutdown.cancel();
+        running.await.unwrap();
+        let step = &settled.state.steps[0];
+        assert_eq!(step.attempts, 2, "both attempts counted");
+        let error = step.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("this host cannot load plugin p version sha256:p"), "{error}");
+        let events: Vec<String> = store.outbox_pending(1000).await.unwrap().into_iter().map(|r| r.event_type).collect();
+        assert!(!events.iter().any(|e| e == "StepStarted"), "a start was recorded for a call never made: {events:?}");
     }
 
     /// A driver that admits sagas (with free places) but never gets to them, as when sagas it

@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SyncedClock, SystemClock};
 use crate::driver::{Driver, DriverHandle, DriverOptions};
 use crate::relay::{Relay, RelayOptions, Sink};
 use crate::runtime::{PluginReader, Runtime};
@@ -142,6 +142,9 @@ pub struct App {
     catalog: Arc<Catalog>,
     handle: DriverHandle,
     clock: Arc<dyn Clock>,
+    /// The clock kept to the database's, when replicas may share it, and where its offset is
+    /// reported.
+    clock_sync: Option<(Arc<SyncedClock>, Arc<metrics::Metrics>)>,
     outbox_retention: Duration,
     saga_retention: Option<Duration>,
     serve: http::limits::ServeLimits,
@@ -198,9 +201,20 @@ impl App {
         config.relay.owner = config.driver.owner.clone();
         // Compiled artifacts were kept here by earlier versions; nothing loads them any more.
         let _ = std::fs::remove_dir_all(config.data_dir.join("cache"));
+        let metrics = metrics::Metrics::new();
+        // Replicas on one database decide by its clock, not each by its own.
+        let clock_sync = match store.database_now_ms().await {
+            Ok(Some(_)) => {
+                let synced = Arc::new(SyncedClock::new(Arc::clone(&config.clock)));
+                sync_clock(&synced, store.as_ref(), &metrics).await;
+                config.clock = Arc::clone(&synced) as Arc<dyn Clock>;
+                Some(synced)
+            }
+            Ok(None) => None,
+            Err(e) => anyhow::bail!("reading the database's clock: {e}"),
+        };
         let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(store.clone())))?);
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
-        let metrics = metrics::Metrics::new();
         let sagas = Arc::new(saga::Sagas::new(store.clone(), Arc::clone(&config.clock), DriverHandle::default()));
         let driver = Driver::new(
             store.clone(),
@@ -226,6 +240,7 @@ impl App {
             Arc::clone(&metrics),
             config.relay.clone(),
         );
+        let metrics_for_clock = Arc::clone(&metrics);
         let state = http::AppState {
             store: Arc::clone(&store),
             sagas,
@@ -253,6 +268,7 @@ impl App {
             catalog,
             handle,
             clock: config.clock,
+            clock_sync: clock_sync.map(|synced| (synced, metrics_for_clock)),
             outbox_retention: config.outbox_retention,
             saga_retention: config.saga_retention,
             catalog_refresh: config.catalog_refresh,
@@ -287,11 +303,50 @@ impl App {
         let catalog = tokio::spawn(Arc::clone(&self.catalog).watch(self.catalog_refresh, shutdown.clone()));
         let retention = Retention { outbox: self.outbox_retention, sagas: self.saga_retention };
         let janitor = tokio::spawn(janitor(self.store.clone(), Arc::clone(&self.clock), retention, shutdown.clone()));
+        let clock = tokio::spawn(keep_clock(self.clock_sync, self.store.clone(), shutdown.clone()));
         let drain = self.serve.request_timeout;
         http::limits::serve(self.listener, self.router, &self.serve, shutdown.clone(), drain).await;
         shutdown.cancel();
-        let _ = tokio::join!(driver, relay, janitor, catalog);
+        let _ = tokio::join!(driver, relay, janitor, catalog, clock);
         Ok(())
+    }
+}
+
+/// How often a replica measures its clock against the database's again.
+const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// One measurement of this host's clock against the database's ([`SyncedClock::sync`]), its
+/// offset reported in `sagahost_clock_offset_seconds` and, past a second, in the log (the
+/// host's time service is off; sagahost keeps to the database's clock regardless).
+async fn sync_clock(clock: &SyncedClock, store: &dyn Store, metrics: &metrics::Metrics) {
+    let before = clock.offset_ms();
+    let measured = clock.sync(5, || async { store.database_now_ms().await.ok().flatten() }).await;
+    let Some(offset) = measured else {
+        tracing::debug!("could not measure the clock against the database's; keeping the last offset");
+        return;
+    };
+    metrics.clock_offset(offset);
+    if clock.offset_ms() != before {
+        if offset.abs() > 1_000 {
+            tracing::warn!(offset_ms = offset, "this host's clock is off the database's by more than a second (check its time service); keeping to the database's");
+        } else {
+            tracing::info!(offset_ms = offset, "keeping to the database's clock");
+        }
+    }
+}
+
+/// Measures the clock against the database's every [`CLOCK_SYNC_EVERY`] until `shutdown`.
+async fn keep_clock(
+    sync: Option<(Arc<SyncedClock>, Arc<metrics::Metrics>)>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) {
+    let Some((clock, metrics)) = sync else { return };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CLOCK_SYNC_EVERY) => sync_clock(&clock, store.as_ref(), &metrics).await,
+        }
     }
 }
 

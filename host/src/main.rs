@@ -94,10 +94,14 @@ struct Serve {
     /// Kafka topic for the events.
     #[arg(long, env = "SAGAHOST_KAFKA_TOPIC", default_value = "sagahost.events")]
     kafka_topic: String,
-    /// Extra librdkafka producer setting, KEY=VALUE (repeat the flag, or comma-separate in the
-    /// environment variable), e.g. security.protocol=SASL_SSL or compression.type=lz4.
-    #[arg(long = "kafka-config", env = "SAGAHOST_KAFKA_CONFIG", hide_env_values = true, value_delimiter = ',', value_parser = parse_setting)]
+    /// Extra librdkafka producer setting, KEY=VALUE (repeat the flag; its value may hold commas),
+    /// e.g. security.protocol=SASL_SSL or compression.type=lz4. Without the flag, the
+    /// environment variable SAGAHOST_KAFKA_CONFIG holds them comma-separated.
+    #[arg(long = "kafka-config", value_parser = Secret(parse_setting))]
     kafka_config: Vec<(String, String)>,
+    /// SAGAHOST_KAFKA_CONFIG, read when no --kafka-config is given.
+    #[arg(long = "kafka-config-list", env = "SAGAHOST_KAFKA_CONFIG", hide = true, hide_env_values = true, value_parser = Secret(parse_settings))]
+    kafka_config_list: Option<Settings>,
     /// Rotate <data-dir>/events.jsonl once it has reached this size, in MiB: between two
     /// batches it is renamed events.jsonl.1 and a new file begins. 0 never rotates.
     #[arg(long, env = "SAGAHOST_EVENTS_FILE_MAX_MIB", default_value_t = 256)]
@@ -105,23 +109,24 @@ struct Serve {
     /// How many rotated events files to keep: events.jsonl.1 (the newest) to events.jsonl.N.
     #[arg(long, env = "SAGAHOST_EVENTS_FILE_KEEP", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     events_file_keep: u32,
-    /// How long published outbox rows are kept, in hours.
-    #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24)]
+    /// How long published outbox rows are kept, in hours (at most 876000, a hundred years).
+    #[arg(long, env = "SAGAHOST_OUTBOX_RETENTION_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(0..=MAX_HOURS))]
     outbox_retention_hours: u64,
     /// How long finished sagas (COMPLETED, CANCELLED) are kept, in hours, once their events are
     /// published; then they are deleted with their steps and events. Unset keeps them for ever.
-    #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS")]
+    #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS", value_parser = clap::value_parser!(u64).range(0..=MAX_HOURS))]
     saga_retention_hours: Option<u64>,
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended; at
     /// least 1, so that a key outlives the lock of a request still working under it).
-    #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "SAGAHOST_IDEMPOTENCY_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=MAX_HOURS))]
     idempotency_ttl_hours: u64,
-    /// Memory limit of one plugin call (all its linear memories and tables together), in MiB.
-    #[arg(long, env = "SAGAHOST_PLUGIN_MEMORY_MIB", default_value_t = 64)]
-    plugin_memory_mib: usize,
-    /// Largest output a plugin call may return, in KiB.
-    #[arg(long, env = "SAGAHOST_PLUGIN_OUTPUT_KIB", default_value_t = 256)]
-    plugin_output_kib: usize,
+    /// Memory limit of one plugin call (all its linear memories and tables together), in MiB
+    /// (1 to 16384).
+    #[arg(long, env = "SAGAHOST_PLUGIN_MEMORY_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    plugin_memory_mib: u64,
+    /// Largest output a plugin call may return, in KiB (1 to 65536).
+    #[arg(long, env = "SAGAHOST_PLUGIN_OUTPUT_KIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    plugin_output_kib: u64,
     /// Log lines kept per plugin call.
     #[arg(long, env = "SAGAHOST_PLUGIN_LOG_LINES", default_value_t = 100)]
     plugin_log_lines: u32,
@@ -189,12 +194,54 @@ fn remove_addr_file(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The longest retention or time to live a flag takes, in hours (a hundred years): in
+/// milliseconds past any clock's now, it is still far from overflowing an `i64`.
+const MAX_HOURS: u64 = 876_000;
+
+/// One `--kafka-config KEY=VALUE`. The value may be a secret (`sasl.password`): an error never
+/// repeats it.
 fn parse_setting(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+        Some(_) => Err("expected KEY=VALUE, got a setting without a key".to_owned()),
+        None => Err("expected KEY=VALUE, got a setting without '='".to_owned()),
     }
 }
+
+/// `SAGAHOST_KAFKA_CONFIG`: comma-separated `KEY=VALUE` settings, each parsed by
+/// [`parse_setting`]. (On the command line `--kafka-config` takes one setting per flag, and
+/// its value may hold commas.)
+fn parse_settings(s: &str) -> Result<Settings, String> {
+    s.split(',').filter(|part| !part.trim().is_empty()).map(parse_setting).collect::<Result<_, _>>().map(Settings)
+}
+
+/// A value parser whose errors never quote the value (clap's own do: "invalid value
+/// 'hunter2'"), for settings that may hold a secret (`sasl.password`).
+#[derive(Clone)]
+struct Secret<T>(fn(&str) -> Result<T, String>);
+
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Secret<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let flag = arg.and_then(|a| a.get_long()).unwrap_or("a setting");
+        let refuse = |why: String| {
+            let message = format!("invalid --{flag}: {why} (the value is not shown: it may be a secret)\n");
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("it is not UTF-8".to_owned()))?;
+        (self.0)(text).map_err(refuse)
+    }
+}
+
+/// Settings parsed from one comma-separated list.
+#[derive(Clone, Debug)]
+struct Settings(Vec<(String, String)>);
 
 /// A bearer token as a client can present it: without the spaces and line ends around it (a
 /// token read from a secret file often ends with a newline, and a header's value never
@@ -223,17 +270,21 @@ fn config(args: Serve) -> sagahost::Config {
     config.kafka = args.kafka_brokers.map(|brokers| sagahost::relay::kafka::KafkaOptions {
         brokers,
         topic: args.kafka_topic,
-        settings: args.kafka_config,
+        settings: match args.kafka_config.is_empty() {
+            true => args.kafka_config_list.map(|list| list.0).unwrap_or_default(),
+            false => args.kafka_config,
+        },
     });
     config.events_file = sagahost::relay::jsonl::JsonlOptions {
         max_bytes: args.events_file_max_mib.saturating_mul(1 << 20),
         keep: args.events_file_keep,
     };
+    // In range (the flags' bounds), so none of these products overflows.
     config.outbox_retention = Duration::from_secs(args.outbox_retention_hours * 3600);
     config.saga_retention = args.saga_retention_hours.map(|h| Duration::from_secs(h * 3600));
     config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_hours * 3600);
-    config.limits.memory_bytes = args.plugin_memory_mib << 20;
-    config.limits.output_bytes = args.plugin_output_kib << 10;
+    config.limits.memory_bytes = usize::try_from(args.plugin_memory_mib << 20).unwrap_or(usize::MAX);
+    config.limits.output_bytes = usize::try_from(args.plugin_output_kib << 10).unwrap_or(usize::MAX);
     config.limits.log_lines = args.plugin_log_lines;
     config.limits.http = sagahost::runtime::HttpLimits {
         max_requests: args.plugin_http_max_requests,
@@ -339,7 +390,7 @@ mod tests {
         let mut secret = 0;
         for arg in serve.get_arguments() {
             let id = arg.get_id().as_str();
-            if ["admin_token", "kafka_config", "database", "api_token"].contains(&id) {
+            if ["admin_token", "kafka_config_list", "database", "api_token"].contains(&id) {
                 secret += 1;
                 assert!(arg.is_hide_env_values_set(), "--{id} would print its secret in `serve --help`");
             }
@@ -410,8 +461,43 @@ mod tests {
         assert_eq!(usage(&["sagahost", "sagas", "resolve", "x"]), 2);
         // A key forgotten at once would let its retry create a second saga.
         assert_eq!(usage(&["sagahost", "serve", "--idempotency-ttl-hours", "0"]), 2);
+        // Hours past the bound would overflow into a retention in the future (every row
+        // deleted at once) or a key that expires before it is stored.
+        for flag in ["--outbox-retention-hours", "--saga-retention-hours", "--idempotency-ttl-hours"] {
+            assert_eq!(usage(&["sagahost", "serve", flag, "99999999999999"]), 2, "{flag}");
+            assert_eq!(usage(&["sagahost", "serve", flag, "18446744073709551615"]), 2, "{flag}");
+        }
+        // A limit shifted past a usize's bits would wrap to nothing.
+        assert_eq!(usage(&["sagahost", "serve", "--plugin-memory-mib", "17592186044416"]), 2);
+        assert_eq!(usage(&["sagahost", "serve", "--plugin-output-kib", "0"]), 2);
         // A key held past its time to live would be forgotten while its request runs.
         assert_eq!(usage(&["sagahost", "serve", "--request-timeout-secs", "1801"]), 2);
+    }
+
+    #[test]
+    fn a_kafka_setting_on_the_command_line_keeps_its_commas_and_the_environment_list_is_split() {
+        let settings = |flags: &[&str]| config_of(flags).kafka.expect("brokers given").settings;
+        assert_eq!(
+            settings(&[
+                "--kafka-brokers",
+                "b:9092",
+                "--kafka-config",
+                "ssl.cipher.suites=A,B",
+                "--kafka-config",
+                "acks=all"
+            ]),
+            [("ssl.cipher.suites".to_owned(), "A,B".to_owned()), ("acks".to_owned(), "all".to_owned())]
+        );
+        // SAGAHOST_KAFKA_CONFIG is read through this hidden flag.
+        assert_eq!(
+            settings(&["--kafka-brokers", "b:9092", "--kafka-config-list", "linger.ms=10, acks=all,"]),
+            [("linger.ms".to_owned(), "10".to_owned()), ("acks".to_owned(), "all".to_owned())]
+        );
+        // A mistyped secret is not repeated in the error.
+        let Err(e) = Cli::try_parse_from(["sagahost", "serve", "--kafka-config", "hunter2"]) else {
+            panic!("a setting without '=' was accepted")
+        };
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     fn config_of(flags: &[&str]) -> sagahost::Config {

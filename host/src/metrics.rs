@@ -91,6 +91,7 @@ pub struct Metrics {
     sagas_shed: Counter,
     settled: Family<SettledLabels, Counter>,
     relay_leader: Gauge,
+    clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
     dead_lettered: Counter,
     /// Sagas by (type, status, count) as last read from the store; see [`Reused`].
     saga_counts: tokio::sync::Mutex<Option<Reused<SagaCounts>>>,
@@ -234,7 +235,15 @@ impl Metrics {
             "1 while this process holds the relay lease and publishes",
             relay_leader.clone(),
         );
+        let clock_offset = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "clock_offset_seconds",
+            "The database server's clock minus this host's, as last measured (replicas on PostgreSQL keep to the \
+             database's clock; alert when it is large, the host's time service is off)",
+            clock_offset.clone(),
+        );
         Arc::new(Metrics {
+            clock_offset,
             saga_counts: tokio::sync::Mutex::new(None),
             backlog: tokio::sync::Mutex::new(None),
             dead_lettered,
@@ -321,6 +330,11 @@ impl Metrics {
 
     pub fn relay_leader(&self, leading: bool) {
         self.relay_leader.set(i64::from(leading));
+    }
+
+    /// The database's clock minus this host's, in ms ([`crate::clock::SyncedClock`]).
+    pub fn clock_offset(&self, offset_ms: i64) {
+        self.clock_offset.set(offset_ms as f64 / 1000.0);
     }
 
     /// The whole exposition: live counters plus gauges read from the store (at most

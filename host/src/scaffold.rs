@@ -7,8 +7,10 @@
 //! dependency on the plugin SDK (`--sdk-path` or `--sdk-git`). JavaScript and Python projects
 //! also get the WIT package the host serves (`wit/`), which their toolchains read.
 //!
-//! The project is written into a temporary sibling directory and renamed into place, so an
-//! interrupted command leaves either nothing or a whole project; an existing non-empty
+//! A new directory is written as a temporary sibling and renamed into place, so an interrupted
+//! command leaves either nothing or a whole project. An existing empty directory (`--dir .`)
+//! is kept, never replaced, so a shell inside it stays there: the project is staged in a hidden
+//! directory inside it and moved out into it, or back if that fails. An existing non-empty
 //! directory is never touched.
 
 use std::path::{Path, PathBuf};
@@ -66,11 +68,19 @@ pub struct NewArgs {
     #[arg(long, conflicts_with = "sdk_git")]
     sdk_path: Option<PathBuf>,
     /// Rust: depend on the plugin SDK in this git repository (a sagahost repository URL).
+    /// Default: its default branch.
     #[arg(long)]
     sdk_git: Option<String>,
-    /// Rust, with --sdk-git: the branch, tag or commit to use.
-    #[arg(long, requires = "sdk_git")]
+    /// Rust, with --sdk-git: a commit (or tag) to use (`rev = "..."`; cargo cannot resolve a
+    /// branch given this way: use --sdk-branch).
+    #[arg(long, requires = "sdk_git", conflicts_with_all = ["sdk_branch", "sdk_tag"])]
     sdk_rev: Option<String>,
+    /// Rust, with --sdk-git: the branch to follow (`branch = "..."`).
+    #[arg(long, requires = "sdk_git", conflicts_with_all = ["sdk_rev", "sdk_tag"])]
+    sdk_branch: Option<String>,
+    /// Rust, with --sdk-git: the tag to use (`tag = "..."`).
+    #[arg(long, requires = "sdk_git", conflicts_with_all = ["sdk_rev", "sdk_branch"])]
+    sdk_tag: Option<String>,
 }
 
 /// Why `new` refused: a message for stderr (always a usage error, exit 2).
@@ -114,8 +124,13 @@ fn create(args: &NewArgs) -> Result<PathBuf, Refusal> {
 /// The `sagahost-plugin-sdk = ...` value of the Rust template's Cargo.toml.
 fn sdk_dependency(args: &NewArgs) -> Result<String, Refusal> {
     if let Some(url) = &args.sdk_git {
-        let rev = args.sdk_rev.as_ref().map(|r| format!(", rev = {}", toml_string(r))).unwrap_or_default();
-        return Ok(format!("{{ git = {}{rev} }}", toml_string(url)));
+        // At most one is given (clap refuses more): cargo's `rev` takes a commit (or a tag),
+        // a branch needs `branch`.
+        let pin = [("rev", &args.sdk_rev), ("branch", &args.sdk_branch), ("tag", &args.sdk_tag)]
+            .into_iter()
+            .find_map(|(key, value)| value.as_ref().map(|v| format!(", {key} = {}", toml_string(v))))
+            .unwrap_or_default();
+        return Ok(format!("{{ git = {}{pin} }}", toml_string(url)));
     }
     let path = match &args.sdk_path {
         Some(path) => path.clone(),
@@ -172,35 +187,86 @@ fn render(lang: Lang, name: &str, sdk: Option<&str>) -> Vec<(String, String)> {
     files
 }
 
-/// Writes `files` under `dir`: into a temporary sibling first, renamed into place at the end.
+/// Writes `files` under `dir`, relative to the current directory unless absolute.
 fn write_project(dir: &Path, files: &[(String, String)]) -> Result<(), Refusal> {
+    let base = if dir.is_absolute() {
+        PathBuf::new()
+    } else {
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?
+    };
+    write_project_in(&base, dir, files)
+}
+
+/// Writes `files` under `base.join(dir)` (`dir` as given is what messages show). A new
+/// directory is staged as a hidden sibling and renamed into place. An existing empty one (`.`,
+/// the shell's current directory, say) is kept, never replaced: the project is staged in a
+/// hidden directory inside it and its entries are moved out into it, or back if a move fails.
+/// A non-empty one is refused.
+fn write_project_in(base: &Path, dir: &Path, files: &[(String, String)]) -> Result<(), Refusal> {
     let shown = dir.display();
-    match std::fs::read_dir(dir) {
+    // Absolute, without `.` components or a trailing `/`: `.` is the directory itself, whose
+    // parent is a real directory (`Path::new(".").parent()` is `""`).
+    let target: PathBuf = base.join(dir).components().collect();
+    match std::fs::read_dir(&target) {
         Ok(mut entries) => {
             if entries.next().is_some() {
                 return Err(format!("{shown} already exists and is not empty; choose another --dir"));
             }
+            let staging = target.join(staging_name());
+            let written = stage(&staging, files).and_then(|()| move_entries(&staging, &target));
+            // Empty once every entry moved; on a failure, whatever was staged.
+            let _ = std::fs::remove_dir_all(&staging);
+            written
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{shown}: {e}")),
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    let staging = parent.join(format!(".sagahost-new-{}", uuid::Uuid::new_v4().simple()));
-    let written = stage(&staging, files).and_then(|()| {
-        // An empty directory in the way (allowed above) is replaced.
-        if dir.exists() {
-            std::fs::remove_dir(dir).map_err(|e| format!("{shown}: {e}"))?;
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A path ending in `..` (or `/`) names no new directory.
+            let Some(parent) = target.parent().filter(|_| target.file_name().is_some()) else {
+                return Err(format!("{shown}: not a name for a new directory; choose another --dir"));
+            };
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            let staging = parent.join(staging_name());
+            let written = stage(&staging, files).and_then(|()| {
+                std::fs::rename(&staging, &target).map_err(|e| format!("cannot move the new project to {shown}: {e}"))
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+            written
         }
-        std::fs::rename(&staging, dir).map_err(|e| format!("cannot move the new project to {shown}: {e}"))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        Err(e) => Err(format!("{shown}: {e}")),
     }
-    written
+}
+
+/// The name of a staging directory: hidden, and unique to this run.
+fn staging_name() -> String {
+    format!(".sagahost-new-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Moves every entry of `staging` into `target` (on the same file system: `staging` is inside
+/// it). If a move fails, or a name is taken meanwhile, the entries already moved go back to
+/// `staging`, so `target` is left as it was.
+fn move_entries(staging: &Path, target: &Path) -> Result<(), Refusal> {
+    let names = std::fs::read_dir(staging)
+        .and_then(|entries| entries.map(|entry| entry.map(|e| e.file_name())).collect::<std::io::Result<Vec<_>>>())
+        .map_err(|e| format!("cannot read {}: {e}", staging.display()))?;
+    let mut moved: Vec<&std::ffi::OsString> = Vec::new();
+    for name in &names {
+        let to = target.join(name);
+        let result = if to.symlink_metadata().is_ok() {
+            Err(format!("{} appeared while the project was written; nothing was written", to.display()))
+        } else {
+            std::fs::rename(staging.join(name), &to)
+                .map_err(|e| format!("cannot move the new project's {}: {e}", to.display()))
+        };
+        if let Err(reason) = result {
+            for name in moved.iter().rev() {
+                let _ = std::fs::rename(target.join(name), staging.join(name));
+            }
+            return Err(reason);
+        }
+        moved.push(name);
+    }
+    Ok(())
 }
 
 /// Writes `files` under the new directory `staging`.
@@ -263,5 +329,110 @@ mod tests {
         std::fs::create_dir(&empty).unwrap();
         write_project(&empty, &[("e.txt".into(), "w".into())]).unwrap();
         assert!(empty.join("e.txt").is_file());
+    }
+
+    /// The entries of `dir`, sorted.
+    #[cfg(unix)]
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_empty_directory_is_filled_in_place_never_replaced() {
+        use std::os::unix::fs::MetadataExt;
+
+        let files: Vec<(String, String)> = vec![("a/b.txt".into(), "x".into()), ("c.txt".into(), "y".into())];
+        let root = tempfile::tempdir().unwrap();
+        // `--dir .`, `--dir ./` and `--dir sub/.` from where the shell is, and `--dir "$PWD"`.
+        let cases: [(&str, &str, &str); 4] =
+            [("dot", "dot", "."), ("slash", "slash", "./"), ("base", "base/sub", "sub/."), ("abs", "abs", "")];
+        for (base, target, dir) in cases {
+            let base = root.path().join(base);
+            let target = root.path().join(target);
+            std::fs::create_dir_all(&target).unwrap();
+            let inode = std::fs::metadata(&target).unwrap().ino();
+            let dir = if dir.is_empty() { target.clone() } else { PathBuf::from(dir) };
+            write_project_in(&base, &dir, &files).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            assert_eq!(std::fs::metadata(&target).unwrap().ino(), inode, "{} was replaced", dir.display());
+            assert_eq!(entries(&target), ["a", "c.txt"], "{}: no staging left inside", dir.display());
+            assert_eq!(std::fs::read_to_string(target.join("a/b.txt")).unwrap(), "x");
+            assert_eq!(std::fs::read_to_string(target.join("c.txt")).unwrap(), "y");
+        }
+        // Nothing staged is left next to them either.
+        assert_eq!(entries(root.path()), ["abs", "base", "dot", "slash"]);
+        assert_eq!(entries(&root.path().join("base")), ["sub"]);
+
+        // Now not empty: refused, and left as it is.
+        let again = write_project_in(&root.path().join("dot"), Path::new("."), &files).unwrap_err();
+        assert!(again.contains(". already exists and is not empty"), "{again}");
+
+        // A project that cannot be staged (`a` both a file and a directory) leaves the empty
+        // directory empty, and the same directory.
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let inode = std::fs::metadata(&empty).unwrap().ino();
+        let clash: Vec<(String, String)> = vec![("a".into(), "x".into()), ("a/b.txt".into(), "y".into())];
+        let err = write_project_in(&empty, Path::new("."), &clash).unwrap_err();
+        assert!(err.contains("cannot create"), "{err}");
+        assert_eq!(std::fs::metadata(&empty).unwrap().ino(), inode);
+        assert!(entries(&empty).is_empty(), "{:?}", entries(&empty));
+
+        // A relative new directory is created under the base; `..` names none.
+        write_project_in(root.path(), Path::new("new/step"), &files).unwrap();
+        assert_eq!(entries(&root.path().join("new/step")), ["a", "c.txt"]);
+        assert_eq!(entries(&root.path().join("new")), ["step"]);
+        let up = write_project_in(root.path(), Path::new("missing/.."), &files).unwrap_err();
+        assert!(up.contains("not a name for a new directory"), "{up}");
+        assert!(!root.path().join("missing").exists());
+    }
+
+    /// `plugin new` as its command line parses.
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        new: NewArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<NewArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("new").chain(args.iter().copied())).map(|cli| cli.new)
+    }
+
+    /// The SDK dependency line of the Cargo.toml that `plugin new gift-wrap --lang rust
+    /// --sdk-git URL FLAGS` writes.
+    fn sdk_line(flags: &[&str]) -> String {
+        let mut argv = vec!["gift-wrap", "--lang", "rust", "--sdk-git", "https://example.com/sagahost.git"];
+        argv.extend_from_slice(flags);
+        let args = parse(&argv).unwrap_or_else(|e| panic!("{flags:?}: {e}"));
+        let sdk = sdk_dependency(&args).unwrap();
+        let files = render(Lang::Rust, &args.name, Some(sdk.as_str()));
+        let manifest = &files.iter().find(|(p, _)| p == "Cargo.toml").unwrap().1;
+        manifest.lines().find(|l| l.starts_with("sagahost-plugin-sdk")).unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_git_sdk_is_pinned_by_rev_branch_or_tag_as_cargo_reads_them() {
+        let git = r#"sagahost-plugin-sdk = { git = "https://example.com/sagahost.git""#;
+        assert_eq!(sdk_line(&[]), format!("{git} }}"));
+        assert_eq!(sdk_line(&["--sdk-rev", "0a1b2c3d"]), format!(r#"{git}, rev = "0a1b2c3d" }}"#));
+        assert_eq!(sdk_line(&["--sdk-branch", "main"]), format!(r#"{git}, branch = "main" }}"#));
+        assert_eq!(sdk_line(&["--sdk-tag", "v0.2.0"]), format!(r#"{git}, tag = "v0.2.0" }}"#));
+
+        // One of them at most, and only with --sdk-git.
+        let base = ["gift-wrap", "--lang", "rust", "--sdk-git", "https://example.com/sagahost.git"];
+        for (a, b) in [("--sdk-rev", "--sdk-branch"), ("--sdk-rev", "--sdk-tag"), ("--sdk-branch", "--sdk-tag")] {
+            let mut argv = base.to_vec();
+            argv.extend([a, "x", b, "y"]);
+            let err = parse(&argv).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{a} {b}: {err}");
+        }
+        for flag in ["--sdk-rev", "--sdk-branch", "--sdk-tag"] {
+            let err = parse(&["gift-wrap", "--lang", "rust", flag, "x"]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{flag}: {err}");
+        }
     }
 }

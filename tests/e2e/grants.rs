@@ -181,7 +181,7 @@ async fn the_openapi_document_describes_the_grants_routes() {
     let api = host.get("/openapi.json").await.json();
     let path = &api["paths"]["/admin/plugins/{name}/grants"];
     for (method, codes) in [
-        ("put", &["200", "400", "401", "403", "404", "413", "422", "503"][..]),
+        ("put", &["200", "400", "401", "403", "404", "409", "413", "422", "503"][..]),
         ("get", &["200", "401", "403", "404"][..]),
     ] {
         let responses = path[method]["responses"].as_object().unwrap_or_else(|| panic!("{method} grants is missing"));

@@ -475,6 +475,75 @@ async fn invalid_orders_get_400_naming_the_field_and_change_nothing() {
     assert_eq!(host.get("/orders").await.json()["data"].as_array().unwrap().len(), 1);
 }
 
+/// A route naming a saga type, or a step, no definition can have is a 404 in the API's error
+/// shape before anything is stored under the request's key: not a key kept for a day (a retry
+/// with another body would get 422), nor on PostgreSQL a 500 for a NUL byte or a name past the
+/// key index's size. Nor is a path segment that is not UTF-8 answered in plain text.
+#[tokio::test]
+async fn a_keyed_request_for_a_type_no_saga_can_have_is_a_404_that_stores_nothing() {
+    let host = TestHost::start_with(|c| c.admin_token = Some("admin-secret".to_owned())).await;
+    let id = "00000000-0000-4000-8000-000000000001";
+    let long = "t".repeat(3000);
+    for saga_type in ["%00", long.as_str(), "Order"] {
+        let k = key();
+        for (path, body) in [
+            (format!("/sagas/{saga_type}/{id}/signals/go"), json!({"n": 1})),
+            (format!("/sagas/{saga_type}/{id}/signals/go"), json!({"n": 2})),
+            (format!("/sagas/{saga_type}/{id}/cancel"), json!(null)),
+        ] {
+            let r =
+                host.send(reqwest::Client::new().post(host.url(&path)).header("Idempotency-Key", &k).json(&body)).await;
+            assert_eq!(
+                r.status,
+                StatusCode::NOT_FOUND,
+                "{}: {}",
+                &path[..path.len().min(80)],
+                String::from_utf8_lossy(&r.bytes)
+            );
+            assert_eq!(r.json()["error"]["code"], "not_found");
+        }
+        for (path, body) in [
+            (format!("/admin/sagas/{saga_type}/steps/payment"), json!({"execute": "sha256:00"})),
+            (format!("/admin/sagas/order/steps/{saga_type}"), json!({"execute": "sha256:00"})),
+        ] {
+            let put = reqwest::Client::new()
+                .put(host.url(&path))
+                .bearer_auth("admin-secret")
+                .header("Idempotency-Key", &k)
+                .json(&body);
+            let r = host.send(put).await;
+            assert_eq!(
+                r.status,
+                StatusCode::NOT_FOUND,
+                "{}: {}",
+                &path[..path.len().min(80)],
+                String::from_utf8_lossy(&r.bytes)
+            );
+        }
+        let put = reqwest::Client::new()
+            .put(host.url(&format!("/admin/sagas/{saga_type}")))
+            .bearer_auth("admin-secret")
+            .header("Idempotency-Key", &k)
+            .json(&json!({"steps": [{"name": "payment"}]}));
+        let r = host.send(put).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&r.bytes));
+    }
+    for (method, path) in [
+        (reqwest::Method::GET, "/orders/%FF"),
+        (reqwest::Method::POST, "/orders/%FF/cancel"),
+        (reqwest::Method::GET, "/sagas/order/%FF"),
+        (reqwest::Method::POST, "/sagas/%FF/x/cancel"),
+    ] {
+        let r = host.send(reqwest::Client::new().request(method, host.url(path))).await;
+        assert!(r.status.is_client_error(), "{path}: {}", r.status);
+        assert!(
+            r.json()["error"]["code"].is_string(),
+            "{path}: the API's error shape: {}",
+            String::from_utf8_lossy(&r.bytes)
+        );
+    }
+}
+
 #[tokio::test]
 async fn orders_list_newest_first_with_cursor_and_404_for_unknown() {
     let host = TestHost::start().await;

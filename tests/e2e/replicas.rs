@@ -472,6 +472,61 @@ async fn a_saga_that_waited_in_a_busy_replica_s_queue_past_its_lease_is_not_run_
     assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "seq stays gapless");
 }
 
+/// A replica stopped with SIGTERM (a rolling deploy's old pod, never back under its name) gives
+/// its sagas back as it goes: those queued behind a busy place and the one whose call it lets
+/// finish. They waited for its whole lease (60 s by default) before another replica could
+/// claim them.
+#[tokio::test]
+async fn a_replica_stopped_with_sigterm_gives_its_sagas_back_at_once() {
+    let mut c = Cluster::start(1, &[("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
+    let http = reqwest::Client::new();
+    let base = c.host(0).base.clone();
+    upload_misbehave(&http, &base, "misbehave").await;
+    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 3000,
+        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
+    let (status, body) = admin(&http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
+    assert_eq!(status, 200, "{body}");
+    let post = |path: &str, body: Value| {
+        http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
+    };
+    let slow = post("/sagas/slow", json!({"customer_id": "loop"})).await.unwrap();
+    assert_eq!(slow.status(), 201);
+    let slow = slow.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    c.wait_claimed(0, &slow).await;
+    // Three orders wait in replica 0's queue, claimed by it, behind the spinning call.
+    let mut orders = Vec::new();
+    for _ in 0..3 {
+        let r = post("/orders", good_order()).await.unwrap();
+        assert_eq!(r.status(), 201);
+        orders.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    for id in &orders {
+        c.wait_claimed(0, id).await;
+    }
+    c.env.retain(|(k, _)| k != "SAGAHOST_MAX_CONCURRENT_SAGAS");
+    let other = c.add().await;
+    let other_base = c.host(other).base.clone();
+    let stopped = Instant::now();
+    let status = c.hosts[0].take().expect("replica 0").terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "replica 0 exited with {status}");
+    for id in &orders {
+        loop {
+            let o: Value = http.get(format!("{other_base}/orders/{id}")).send().await.unwrap().json().await.unwrap();
+            if o["status"] == "COMPLETED" {
+                break;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(20),
+                "replica 1 did not complete an order replica 0 held when it stopped (its lease is 60 s): {o:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM sagas WHERE lease_owner = 'replica-0'").fetch_all(&c.pool).await.unwrap();
+    assert!(left.is_empty(), "replica 0 stopped holding claims: {left:?}");
+}
+
 #[tokio::test]
 async fn a_replica_frozen_under_load_past_its_lease_breaks_no_invariant() {
     let c = Cluster::start(3, &[("SAGAHOST_LEASE_MS", "1000")]).await;

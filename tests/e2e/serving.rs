@@ -17,14 +17,21 @@ async fn requests_past_the_in_flight_cap_are_shed_with_503_and_retry_after() {
     let waiting = post_waiting(&host, 3);
     let probe = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        host.get("/healthz").await
+        let probes = (host.get("/healthz").await, host.get("/readyz").await, host.get("/metrics").await);
+        (host.get("/orders").await, probes)
     };
-    let (held, shed) = tokio::join!(waiting, probe);
+    let (held, (shed, (healthz, readyz, metrics))) = tokio::join!(waiting, probe);
     assert_eq!(held.status, StatusCode::CREATED, "the waiting order itself is served");
     assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(shed.json()["error"]["code"], "overloaded");
     assert_eq!(shed.header("retry-after").as_deref(), Some("1"));
-    assert_eq!(host.get("/healthz").await.status, StatusCode::OK, "the slot is free again");
+    // A busy host is not a dead one: probes and the scraper are still answered.
+    assert_eq!(
+        (healthz.status, readyz.status, metrics.status),
+        (StatusCode::OK, StatusCode::OK, StatusCode::OK),
+        "probes are never shed"
+    );
+    assert_eq!(host.get("/orders").await.status, StatusCode::OK, "the slot is free again");
 }
 
 #[tokio::test]

@@ -180,3 +180,72 @@ async fn plugin_new_refuses_bad_names_and_never_writes_over_a_project() {
     assert!(wit.contains("package sagahost:plugin@0.2.0;"));
     assert!(js.join("wit/deps/http.wit").is_file());
 }
+
+/// `plugin new NAME --dir .` (or `./`) in the empty directory the shell is in fills that
+/// directory in place: it stays the same directory (same inode), so the shell's current
+/// directory stays valid, and nothing is staged next to it.
+#[tokio::test]
+async fn plugin_new_fills_the_empty_current_directory_in_place() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let root = tempfile::tempdir().unwrap();
+    let sagahost = crate::process::binary();
+    let sagahost = sagahost.to_str().unwrap();
+    for (name, dir) in [("here-dot", "."), ("here-slash", "./")] {
+        let here = root.path().join(name);
+        std::fs::create_dir(&here).unwrap();
+        let inode = std::fs::metadata(&here).unwrap().ino();
+        let args = ["plugin", "new", name, "--lang", "js", "--dir", dir];
+        let new = run_in(&here, sagahost, &args, &[]).await;
+        assert_eq!(new.code, 0, "--dir {dir}: {new:#?}");
+        assert_eq!(std::fs::metadata(&here).unwrap().ino(), inode, "--dir {dir} replaced the directory");
+        assert!(here.join("step.js").is_file() && here.join("wit/step.wit").is_file(), "--dir {dir}");
+        let staged: Vec<_> = std::fs::read_dir(&here)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".sagahost-new-"))
+            .collect();
+        assert!(staged.is_empty(), "--dir {dir} left {staged:?}");
+        // Not empty any more: a second run is refused.
+        let again = run_in(&here, sagahost, &args, &[]).await;
+        assert_eq!(again.code, 2, "{again:#?}");
+        assert!(again.stderr.contains("already exists and is not empty"), "{again:#?}");
+    }
+    let mut entries: Vec<_> =
+        std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    entries.sort();
+    assert_eq!(entries, ["here-dot", "here-slash"], "nothing was staged next to them");
+}
+
+/// `--sdk-rev`, `--sdk-branch` and `--sdk-tag` become cargo's `rev`, `branch` and `tag` (cargo
+/// resolves no branch given as `rev`); only one of them, and only with `--sdk-git`.
+#[tokio::test]
+async fn plugin_new_pins_a_git_sdk_by_rev_branch_or_tag() {
+    let root = tempfile::tempdir().unwrap();
+    let url = "https://example.com/sagahost.git";
+    for (flag, value, key) in
+        [("--sdk-rev", "0a1b2c3d", "rev"), ("--sdk-branch", "main", "branch"), ("--sdk-tag", "v0.2.0", "tag")]
+    {
+        let dir = root.path().join(key);
+        let d = dir.to_str().unwrap();
+        run_command(&["plugin", "new", "pinned", "--lang", "rust", "--dir", d, "--sdk-git", url, flag, value], &[])
+            .await
+            .exits(0);
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        let line = format!("sagahost-plugin-sdk = {{ git = \"{url}\", {key} = \"{value}\" }}");
+        assert!(manifest.lines().any(|l| l == line), "{line} not in {manifest}");
+    }
+    let d = root.path().join("both");
+    let d = d.to_str().unwrap();
+    let both = run_command(
+        &["plugin", "new", "x", "--lang", "rust", "--dir", d, "--sdk-git", url, "--sdk-rev", "a", "--sdk-branch", "b"],
+        &[],
+    )
+    .await
+    .exits(2);
+    assert!(both.stderr.contains("cannot be used with"), "{both:#?}");
+    let alone =
+        run_command(&["plugin", "new", "x", "--lang", "rust", "--dir", d, "--sdk-tag", "v1"], &[]).await.exits(2);
+    assert!(alone.stderr.contains("--sdk-git"), "{alone:#?}");
+    assert!(!root.path().join("both").exists());
+}

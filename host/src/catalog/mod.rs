@@ -49,6 +49,22 @@ pub enum Error {
     Store(#[from] store::Error),
 }
 
+/// Why a stored plugin version cannot run on this host ([`Catalog::ensure_loaded`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotLoaded {
+    /// Stored, but this build refused to compile it (a world it does not serve, a component
+    /// an older release cannot read): it never will, until the host is upgraded. A call of it
+    /// fails as an attempt, so that the retry policy and compensation decide.
+    #[error("this host cannot load plugin {plugin} version {digest}: {reason}")]
+    Refused { plugin: String, digest: String, reason: String },
+    /// No replica stored this version.
+    #[error("plugin version {0} is not stored (bind an uploaded version)")]
+    Unknown(String),
+    /// The catalog could not be read (its database failed): no attempt, try again.
+    #[error("reading the plugin catalog failed: {0}")]
+    Unavailable(String),
+}
+
 /// Plugins and definitions, shared by the HTTP layer and the driver.
 pub struct Catalog {
     store: Arc<dyn CatalogStore>,
@@ -58,6 +74,9 @@ pub struct Catalog {
     definitions: RwLock<HashMap<String, (Arc<SagaDefinition>, i64)>>,
     /// digest -> plugin name, for every loaded component.
     plugin_names: RwLock<HashMap<String, String>>,
+    /// digest -> (plugin name, why it did not compile here), for stored versions this build
+    /// refused: tried again on the next catalog change.
+    refused: RwLock<HashMap<String, (String, String)>>,
     /// The store's catalog version this cache reflects (at least).
     version: AtomicI64,
     /// One refresh at a time: compiling a component twice in parallel would waste a core.
@@ -78,6 +97,7 @@ impl Catalog {
             clock,
             definitions: RwLock::new(HashMap::new()),
             plugin_names: RwLock::new(HashMap::new()),
+            refused: RwLock::new(HashMap::new()),
             version: AtomicI64::new(i64::MIN),
             refreshing: tokio::sync::Mutex::new(()),
         };
@@ -154,13 +174,18 @@ impl Catalog {
             let Some(row) = self.store.plugin(&info.digest).await? else { continue };
             match self.runtime.load(row.wasm).await {
                 Ok(_) => {
+                    self.refused.write().unwrap_or_else(|e| e.into_inner()).remove(&row.digest);
                     self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, row.name);
                 }
                 // A component that this build cannot load must not stop the host: sagas bound
-                // to it fail their attempts visibly instead. It is tried again on the next
-                // catalog change.
+                // to it fail their attempts visibly instead ([`NotLoaded::Refused`]). It is
+                // tried again on the next catalog change.
                 Err(e) => {
-                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load")
+                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load");
+                    self.refused
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(row.digest, (row.name, e.to_string()));
                 }
             }
         }
@@ -203,15 +228,25 @@ impl Catalog {
         self.version.load(Ordering::Acquire)
     }
 
-    /// Makes sure a digest is loaded if any replica stored it; false if it is unknown.
-    pub async fn ensure_loaded(&self, digest: &str) -> bool {
+    /// Makes sure a digest is loaded if any replica stored it (a version uploaded through
+    /// another replica a moment ago is fetched and compiled now); otherwise says why not.
+    pub async fn ensure_loaded(&self, digest: &str) -> Result<(), NotLoaded> {
         if self.runtime.is_loaded(digest) {
-            return true;
+            return Ok(());
         }
         if let Err(e) = self.refresh().await {
             tracing::warn!(%digest, error = %e, "refreshing the catalog for an unknown plugin failed");
+            return Err(NotLoaded::Unavailable(e.to_string()));
         }
-        self.runtime.is_loaded(digest)
+        if self.runtime.is_loaded(digest) {
+            return Ok(());
+        }
+        match self.refused.read().unwrap_or_else(|e| e.into_inner()).get(digest) {
+            Some((plugin, reason)) => {
+                Err(NotLoaded::Refused { plugin: plugin.clone(), digest: digest.to_owned(), reason: reason.clone() })
+            }
+            None => Err(NotLoaded::Unknown(digest.to_owned())),
+        }
     }
 
     /// Stores and compiles a component. Returns its digest and whether it was new.
@@ -272,7 +307,8 @@ impl Catalog {
         audit: impl FnOnce(&crate::engine::StepDefinition, &crate::engine::StepDefinition) -> AuditEntry,
     ) -> Result<(crate::engine::StepDefinition, crate::engine::StepDefinition), Error> {
         for digest in execute.iter().chain(compensate.iter()) {
-            self.ensure_loaded(digest).await;
+            // What is not loaded is refused below, by name.
+            let _ = self.ensure_loaded(digest).await;
         }
         // Read your writes through any replica: a type or step registered through another one
         // a moment ago exists here too (as for a definition's PUT). Refreshed only then: a
@@ -337,7 +373,7 @@ impl Catalog {
         def.validate()?;
         for (i, step) in def.steps.iter().enumerate() {
             for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
-                if !self.ensure_loaded(&plugin.digest).await {
+                if self.ensure_loaded(&plugin.digest).await.is_err() {
                     return Err(Error::UnknownPlugin {
                         field: format!("steps[{i}].{which}"),
                         digest: plugin.digest.clone(),

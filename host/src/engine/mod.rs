@@ -504,6 +504,13 @@ fn compensation_due(state: &SagaState, now: i64) -> i64 {
 /// runs again after this long, not at once.
 pub const MIN_WAIT_DELAY_MS: u64 = 100;
 
+/// Whether a step may wait for a signal of this name: `POST .../signals/{name}` takes 1 to 128
+/// characters (not bytes) and no control characters, so a wait for any other name could never
+/// end. One rule for the route and for a plugin's `wait`.
+pub fn is_signal_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().count() <= 128 && !name.chars().any(char::is_control)
+}
+
 /// The first event of every saga, published with its creation: `{Type}Created` with the
 /// input, its sensitive fields redacted.
 pub fn created(def: &SagaDefinition, input: &serde_json::Value) -> EventSpec {
@@ -546,6 +553,10 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
             step.waited |= step.in_flight_until.is_some();
             let until = now.saturating_add(ms(sdef.timeout_ms)).saturating_add(CALL_GRACE_MS);
             step.in_flight_until = Some(until);
+            // The driver that recorded the start calls at once, whatever this says. Anyone
+            // else (a replica taking the saga over from one that froze or died mid-call) runs
+            // the attempt again only once this call is over: never two at once with one key.
+            next.next_run_at = Some(until);
             // The step's deadline counts from its first attempt's start.
             step.started_at.get_or_insert(now);
             step.updated_at = Some(now);

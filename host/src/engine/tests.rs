@@ -438,7 +438,11 @@ fn a_cancel_while_an_outbound_attempt_is_in_flight_undoes_it_once_the_call_has_e
     assert_eq!(t.event.data["until"], until);
     assert_eq!((t.state.steps[1].in_flight_until, t.state.steps[1].started_at), (Some(until), Some(100)));
     assert_eq!(t.state.steps[1].status, StepStatus::Pending);
-    assert_eq!(next_action(&def, &t.state, 100), Action::Execute { step: 1, attempt: 1 }, "the same attempt");
+    // Run again (by a replica that took the saga over from one that froze or died mid-call)
+    // only once the call is over: never a second run beside it with the same idempotency key.
+    assert_eq!(t.state.next_run_at, Some(until));
+    assert_eq!(next_action(&def, &t.state, until - 1), Action::Idle);
+    assert_eq!(next_action(&def, &t.state, until), Action::Execute { step: 1, attempt: 1 }, "the same attempt");
     // A cancel takes the saga over mid-call (the call's result will be fenced off): payment
     // is undone, but only once its call can no longer be sending anything; then inventory.
     let c = step(&def, &t.state, Event::Cancel { reason: "cancelled by client".into() }, 150).state;

@@ -6,7 +6,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::openapi::OptionalKey;
 use super::sagas::{accepted, idempotent, json_response, outside_error, to_json, RequestKey, SagaView};
 use super::AppState;
@@ -62,8 +62,9 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+        .map(|(_, token)| token.trim())
 }
 
 /// 401 with `WWW-Authenticate: Bearer`.
@@ -174,7 +175,7 @@ async fn operate_now(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn retry_saga(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -194,7 +195,7 @@ pub async fn retry_saga(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn resolve_saga(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -294,7 +295,22 @@ pub async fn audit_log(
 
 #[cfg(test)]
 mod tests {
-    use super::secret_eq;
+    use super::{bearer, secret_eq};
+    use axum::http::{header, HeaderMap, HeaderValue};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let token = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            bearer(&h).map(str::to_owned)
+        };
+        assert_eq!(token("Bearer t0k").as_deref(), Some("t0k"));
+        assert_eq!(token("BEARER t0k").as_deref(), Some("t0k"));
+        assert_eq!(token("bEaReR  t0k ").as_deref(), Some("t0k"));
+        assert_eq!(token("Basic dTpw"), None);
+        assert_eq!(token("Bearert0k"), None);
+    }
 
     #[test]
     fn secrets_compare_by_value() {

@@ -163,3 +163,23 @@ pub fn query<T>(
         error
     })
 }
+
+/// axum's `Path` with its failures in the API's error shape: a segment that is not UTF-8
+/// names no resource, so it is a 404 like any id or name nothing has (axum's own answer is a
+/// plain-text 400).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::not_found(format!("no such resource ({}); see /openapi.json", e.body_text()))),
+        }
+    }
+}

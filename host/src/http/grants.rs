@@ -9,14 +9,14 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::admin::{actor, ActorHeader};
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::openapi::OptionalKey;
 use super::plugins::check_plugin_name;
 use super::sagas::{answered_in_commit, idempotent, json_response, parse_body, to_json};
@@ -90,10 +90,12 @@ async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
     responses((status = 200, description = "Granted; the list in force now", body = GrantsView),
               (status = 400, description = "The body is not `{\"allowed_hosts\": [...]}`", body = ErrorBody),
               (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody),
+              (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
               (status = 422, description = "An entry is not an http(s) origin, or there are more than 64; nothing changed", body = ErrorBody)))]
 pub async fn put_grants(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -137,7 +139,7 @@ pub async fn put_grants(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
     responses((status = 200, description = "The grants in force", body = GrantsView),
               (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody)))]
-pub async fn get_grants(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_grants(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     check_uploaded(&state, &name).await?;
     let allowed_hosts = state.store.grants(&name).await?;
     Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name, allowed_hosts })?, None))

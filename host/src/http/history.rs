@@ -6,13 +6,13 @@
 //! with each transition, so the history needs no table of its own.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::sagas::{json_response, not_found, page_limit, saga_id};
 use super::AppState;
 
@@ -80,7 +80,7 @@ pub struct EventsQuery {
               (status = 404, description = "No saga of this type with this id", body = ErrorBody)))]
 pub async fn saga_events(
     State(state): State<AppState>,
-    Path((saga_type, id)): Path<(String, String)>,
+    ApiPath((saga_type, id)): ApiPath<(String, String)>,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = saga_id(Some(&saga_type), &id)?;

@@ -98,17 +98,29 @@ fn is_upload(req: &Request) -> bool {
         && req.uri().path().strip_prefix("/admin/plugins/").is_some_and(|name| !name.is_empty() && !name.contains('/'))
 }
 
-/// Middleware: sheds requests past the in-flight cap and ends those past their deadline
-/// (`request_timeout`, or [`UPLOAD_TIMEOUT`] for a plugin upload if that is longer).
+/// The routes an orchestrator's probes and the metrics scraper use: never shed, so that a busy
+/// but healthy host is neither restarted by a liveness probe nor dark on its dashboards while
+/// it sheds load (each is cheap, and few are sent).
+fn is_probe(req: &Request) -> bool {
+    req.method() == axum::http::Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics")
+}
+
+/// Middleware: sheds requests past the in-flight cap (but the probes, [`is_probe`]) and ends
+/// those past their deadline (`request_timeout`, or [`UPLOAD_TIMEOUT`] for a plugin upload if
+/// that is longer).
 pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) -> Response {
-    let Ok(_permit) = Arc::clone(&gates.in_flight).try_acquire_owned() else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the server is handling as many requests as it accepts at once; retry after the Retry-After delay",
-        )
-        .with_retry_after(1)
-        .into_response();
+    let _permit = match Arc::clone(&gates.in_flight).try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) if is_probe(&req) => None,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the server is handling as many requests as it accepts at once; retry after the Retry-After delay",
+            )
+            .with_retry_after(1)
+            .into_response()
+        }
     };
     let deadline = gates.deadline(is_upload(&req));
     match tokio::time::timeout(deadline, next.run(req)).await {

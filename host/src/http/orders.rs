@@ -5,11 +5,11 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::openapi::{OptionalKey, RequiredKey};
 use super::sagas::{cancel, create, get_one, list, signal, ListQuery, SagaPage, SagaView};
 use super::AppState;
@@ -46,7 +46,7 @@ pub async fn create_order(
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", params(
            ("id" = String, Path, description = "The saga id, a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses((status = 200, body = SagaView), (status = 404, description = "No order with this id", body = ErrorBody)))]
-pub async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_order(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     get_one(state, order::SAGA_TYPE, &id).await
 }
 
@@ -73,7 +73,7 @@ pub async fn list_orders(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn cancel_order(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     cancel(state, order::SAGA_TYPE, &id, headers).await
@@ -94,7 +94,7 @@ pub async fn cancel_order(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_order(
     State(state): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

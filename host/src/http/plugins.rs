@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::admin::{actor, ActorHeader};
-use super::error::{body_rejection, ApiError, ErrorBody};
+use super::error::{body_rejection, ApiError, ApiPath, ErrorBody};
 use super::openapi::OptionalKey;
 use super::sagas::{answered_in_commit, idempotent, idempotent_within, json_response, parse_body, to_json};
 use super::AppState;
@@ -157,13 +157,14 @@ pub struct UploadedPlugin {
     responses((status = 201, description = "Uploaded", body = UploadedPlugin),
               (status = 200, description = "Already uploaded", body = UploadedPlugin),
               (status = 400, description = "An invalid plugin name or an empty body", body = ErrorBody),
-              (status = 409, description = "These bytes are uploaded under another name", body = ErrorBody),
+              (status = 409, description = "These bytes are uploaded under another name, or a request with this key is still in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before retrying (a key in flight)"))),
               (status = 413, description = "The body is over 16 MiB, or the component over 64 MiB once decompressed", body = ErrorBody),
               (status = 415, description = "A Content-Encoding other than zstd or identity", body = ErrorBody),
               (status = 422, description = "Not a component meeting the step world, or it imports what the host does not grant", body = ErrorBody)))]
 pub async fn upload_plugin(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -278,7 +279,7 @@ pub(super) fn check_plugin_name(name: &str) -> Result<(), ApiError> {
 #[utoipa::path(get, path = "/admin/plugins/{name}", tag = "admin", params(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
     responses((status = 200, body = PluginView), (status = 404, description = "No plugin of this name", body = ErrorBody)))]
-pub async fn get_plugin(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_plugin(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     check_plugin_name(&name)?;
     let view = plugin_views(&state).await?.into_iter().find(|p| p.name == name);
     let view = view.ok_or_else(|| {
@@ -323,7 +324,7 @@ pub struct StatePage {
               (status = 404, description = "Not a valid plugin name", body = ErrorBody)))]
 pub async fn plugin_state(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<StateQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     check_plugin_name(&name)?;
@@ -416,7 +417,7 @@ pub struct BindingView {
               (status = 422, description = "A digest names no uploaded plugin version", body = ErrorBody)))]
 pub async fn bind_step(
     State(state): State<AppState>,
-    Path((saga_type, step)): Path<(String, String)>,
+    ApiPath((saga_type, step)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -424,6 +425,15 @@ pub async fn bind_step(
     let req: BindingRequest = serde_json::from_value(value).map_err(|e| ApiError::invalid("", e))?;
     if req.execute.is_none() && req.compensate.is_none() {
         return Err(ApiError::invalid("", "send at least one of \"execute\" and \"compensate\" (a sha256: digest)"));
+    }
+    // Before anything is written under the key (a name the database would refuse is a 404
+    // here, not a 500 there).
+    if !is_valid_name(&saga_type) || !is_valid_name(&step) {
+        return Err(ApiError::not_found(format!(
+            "no step '{}' in a saga type '{}'; names are 1-64 lowercase letters, digits, '-' or '_'",
+            step.chars().filter(|c| !c.is_control()).take(64).collect::<String>(),
+            saga_type.chars().filter(|c| !c.is_control()).take(64).collect::<String>()
+        )));
     }
     let view =
         |s: &StepDefinition| serde_json::json!({ "execute": s.execute.digest, "compensate": s.compensate.digest });
@@ -688,7 +698,7 @@ async fn definition_of(
               (status = 422, description = "A step names a plugin that is not uploaded", body = ErrorBody)))]
 pub async fn put_definition(
     State(state): State<AppState>,
-    Path(saga_type): Path<String>,
+    ApiPath(saga_type): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -699,6 +709,9 @@ pub async fn put_definition(
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
     })?;
     let (def, current) = definition_of(&state, &saga_type, spec).await?;
+    // Checked before anything is written under the key: a refused definition is not stored
+    // (SPEC §5.1), nor a type name the database would refuse (a NUL byte) as a 500.
+    def.validate().map_err(|e| catalog_error(catalog::Error::Definition(e)))?;
     let route = format!("PUT /admin/sagas/{saga_type}");
     let (state, headers, saga_type, def) = (&state, &headers, &saga_type, &def);
     idempotent(state, headers, route, &fingerprint, |key| async move {
@@ -736,7 +749,7 @@ pub async fn list_definitions(State(state): State<AppState>) -> Result<Response,
     responses((status = 200, body = DefinitionSpec), (status = 404, description = "No saga type of this name", body = ErrorBody)))]
 pub async fn get_definition(
     State(state): State<AppState>,
-    Path(saga_type): Path<String>,
+    ApiPath(saga_type): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     state.catalog.refresh().await.map_err(catalog_error)?;
     let def = state.catalog.definition(&saga_type).ok_or_else(|| {

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_rejection, ApiError, ErrorBody, Provisional};
+use super::error::{body_rejection, ApiError, ApiPath, ErrorBody, Provisional};
 use super::openapi::{OptionalKey, RequiredKey};
 use super::{idempotency, AppState};
 use crate::builtin::{self, InputError};
@@ -207,7 +207,15 @@ fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
             let (name, value) = pref.trim().split_once('=')?;
             name.trim()
                 .eq_ignore_ascii_case("wait")
-                .then(|| value.trim().trim_matches('"').parse::<u64>().ok())
+                .then(|| {
+                    // All digits but past a u64 is a wait longer than the cap: the cap.
+                    let digits = value.trim().trim_matches('"');
+                    match digits.parse::<u64>() {
+                        Ok(n) => Some(n),
+                        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => Some(u64::MAX),
+                        Err(_) => None,
+                    }
+                })
                 .flatten()
         })
         .next()
@@ -266,7 +274,18 @@ async fn load(state: &AppState, saga_type: Option<&str>, id: &str) -> Result<Sag
 /// saga, and is answered without asking the database. Returns the id as the store keeps it:
 /// a UUID in lowercase (RFC 9562 reads hex digits in either case, and clients copy ids out
 /// of logs and tools that upper-case them).
+/// 404 for a saga type no definition can have.
+fn no_such_type() -> ApiError {
+    ApiError::not_found("no such saga type; type names are 1-64 lowercase letters, digits, '-' or '_'")
+}
+
+/// The saga id of a route, checked with its type (if the route names one) before anything is
+/// written under the request's key: a type no saga can have is a 404, never a key stored, nor
+/// a value the database refuses (a NUL byte, an over-long key) as a 500.
 pub(super) fn saga_id(saga_type: Option<&str>, id: &str) -> Result<String, ApiError> {
+    if saga_type.is_some_and(|t| !crate::engine::definition::is_valid_name(t)) {
+        return Err(no_such_type());
+    }
     canonical_id(id).ok_or_else(|| {
         // Never echo a hostile id back in full.
         let shown: String = id.chars().filter(|c| !c.is_control()).take(64).collect();
@@ -594,9 +613,7 @@ pub(super) async fn get_one(state: AppState, saga_type: &str, id: &str) -> Resul
 
 pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Result<Response, ApiError> {
     if !crate::engine::definition::is_valid_name(saga_type) {
-        return Err(ApiError::not_found(
-            "no such saga type; type names are 1-64 lowercase letters, digits, '-' or '_'",
-        ));
+        return Err(no_such_type());
     }
     // An unregistered type has no sagas: say so rather than list none (a typo in the type
     // would otherwise read as "nothing is stuck").
@@ -880,7 +897,7 @@ pub(super) async fn signal(
 ) -> Result<Response, ApiError> {
     let id = &saga_id(Some(saga_type), id)?;
     let payload = parse_body(body)?;
-    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+    if !engine::is_signal_name(name) {
         return Err(ApiError::invalid("name", "a signal name has 1 to 128 characters and no control characters"));
     }
     let route = format!("POST {}/signals/{name}", builtin::location(saga_type, id));
@@ -924,7 +941,7 @@ pub(super) async fn signal(
               (status = 422, description = "The key was used with a different body", body = ErrorBody)))]
 pub async fn create_saga(
     State(state): State<AppState>,
-    Path(saga_type): Path<String>,
+    ApiPath(saga_type): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -941,7 +958,7 @@ pub async fn create_saga(
     responses((status = 200, body = SagaView), (status = 404, description = "No saga of this type with this id", body = ErrorBody)))]
 pub async fn get_saga(
     State(state): State<AppState>,
-    Path((saga_type, id)): Path<(String, String)>,
+    ApiPath((saga_type, id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     get_one(state, &saga_type, &id).await
 }
@@ -954,7 +971,7 @@ pub async fn get_saga(
               (status = 404, description = "No saga type of this name is registered", body = ErrorBody)))]
 pub async fn list_sagas(
     State(state): State<AppState>,
-    Path(saga_type): Path<String>,
+    ApiPath(saga_type): ApiPath<String>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     list(state, &saga_type, super::error::query(q)?).await
@@ -973,7 +990,7 @@ pub async fn list_sagas(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn cancel_saga(
     State(state): State<AppState>,
-    Path((saga_type, id)): Path<(String, String)>,
+    ApiPath((saga_type, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     cancel(state, &saga_type, &id, headers).await
@@ -994,7 +1011,7 @@ pub async fn cancel_saga(
               (status = 422, description = "The key was used with another request", body = ErrorBody)))]
 pub async fn signal_saga(
     State(state): State<AppState>,
-    Path((saga_type, id, name)): Path<(String, String, String)>,
+    ApiPath((saga_type, id, name)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -1015,6 +1032,11 @@ mod tests {
         h.insert("prefer", HeaderValue::from_static("respond-async, wait=100"));
         assert_eq!(prefer_wait(&h), Some(MAX_WAIT_SECS));
         h.insert("prefer", HeaderValue::from_static("wait=soon"));
+        assert_eq!(prefer_wait(&h), None);
+        // Past a u64 is past the cap, not no wait at all.
+        h.insert("prefer", HeaderValue::from_static("wait=99999999999999999999"));
+        assert_eq!(prefer_wait(&h), Some(MAX_WAIT_SECS));
+        h.insert("prefer", HeaderValue::from_static("wait=-1"));
         assert_eq!(prefer_wait(&h), None);
     }
 

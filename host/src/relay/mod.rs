@@ -153,6 +153,8 @@ impl Relay {
             let lease = if due { Some(self.store.relay_lease(&self.options.owner, lease_ms).await) } else { None };
             if let Some(Ok(Some(_))) = lease {
                 renewed = tokio::time::Instant::now();
+                // Held (again): a long backoff may have reported it lapsed.
+                self.metrics.relay_leader(true);
             }
             match lease.unwrap_or(Ok(leading)) {
                 Ok(epoch) if epoch != leading => {
@@ -198,6 +200,11 @@ impl Relay {
                 Ok(_) => backoff = self.options.initial_backoff,
                 Err(e) => {
                     tracing::warn!(sink = %self.sink.name(), error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "publishing events failed; will retry");
+                    // The lease is not renewed while this process waits: once it may lapse,
+                    // another replica may lead, and two must not both report leading.
+                    if renewed.elapsed() + backoff >= self.options.lease {
+                        self.metrics.relay_leader(false);
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -303,7 +310,13 @@ async fn publish_once(
     metrics: &Metrics,
     options: &RelayOptions,
 ) -> anyhow::Result<usize> {
-    let rows = store.outbox_pending(options.batch_size).await?;
+    let rows = match store.outbox_pending(options.batch_size).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            metrics.relay_failed();
+            return Err(e.into());
+        }
+    };
     let Some(oldest) = rows.first() else {
         return Ok(0);
     };
@@ -318,11 +331,18 @@ async fn publish_once(
     warn_of_inversions(&rows, published.acked, &delivered_after);
     let (acked, error) = settle(rows.len(), published);
     crate::failpoint!("relay-after-publish");
-    metrics.published(acked);
-    if acked > 0 {
-        let ids: Vec<i64> = rows[..acked].iter().map(|r| r.id).collect();
-        store.outbox_mark_published(&ids, clock.now_ms()).await?;
-        tracing::debug!(count = acked, lag_ms, "published events");
+    // The acknowledged prefix, and past it what was delivered of sagas with nothing undelivered
+    // before it in the batch.
+    let beyond = delivered_beyond(&rows, acked, &delivered_after);
+    let marked = acked + beyond.len();
+    metrics.published(marked);
+    if marked > 0 {
+        let ids: Vec<i64> = rows[..acked].iter().chain(beyond.iter().map(|&i| &rows[i])).map(|r| r.id).collect();
+        if let Err(e) = store.outbox_mark_published(&ids, clock.now_ms()).await {
+            metrics.relay_failed();
+            return Err(e.into());
+        }
+        tracing::debug!(count = marked, lag_ms, "published events");
     }
     // A row the sink will never take must not stop every saga's events behind it: it goes to
     // the dead letters (an operator sees it there and in the metric) and the relay moves on.
@@ -344,7 +364,7 @@ async fn publish_once(
             if alone.acked >= 1 {
                 store.outbox_mark_published(&[row.id], clock.now_ms()).await?;
                 metrics.published(1);
-                return Ok(acked + 1);
+                return Ok(marked + 1);
             }
             match alone.refused {
                 Some(again) => reason = again,
@@ -359,7 +379,7 @@ async fn publish_once(
         store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await?;
         metrics.dead_lettered();
         tracing::error!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good; it is in the dead letters");
-        return Ok(acked + 1);
+        return Ok(marked + 1);
     }
     if error.is_some() {
         metrics.relay_failed();
@@ -368,6 +388,32 @@ async fn publish_once(
         Some(e) => Err(e),
         None => Ok(acked),
     }
+}
+
+/// The rows past the acknowledged prefix (`acked`) that are published all the same: delivered
+/// (`delivered_after`, the sink's word) with every earlier row of their saga in the batch
+/// acknowledged or delivered too. Each saga's order holds: the batch is the oldest pending
+/// rows and a saga's ids rise with its `seq`, so its rows before the batch are all published.
+/// Without it, one partition that did not answer (no leader, too few in-sync replicas) held
+/// back every saga's events behind its first row, each round a Kafka message timeout long,
+/// and sent the rest again every time.
+fn delivered_beyond(rows: &[OutboxRow], acked: usize, delivered_after: &[usize]) -> Vec<usize> {
+    let mut delivered = vec![false; rows.len()];
+    for &i in delivered_after {
+        if let Some(d) = delivered.get_mut(i) {
+            *d = true;
+        }
+    }
+    let mut blocked = std::collections::HashSet::new();
+    let mut beyond = Vec::new();
+    for (i, row) in rows.iter().enumerate().skip(acked) {
+        if delivered[i] && !blocked.contains(row.saga_id.as_str()) {
+            beyond.push(i);
+        } else {
+            blocked.insert(row.saga_id.as_str());
+        }
+    }
+    beyond
 }
 
 /// Logs each event delivered after the failure of an earlier event of its saga in the same

@@ -79,6 +79,9 @@ enum Reply {
     TooLargeAfter(usize, bool),
     /// Refuses the first row for good, whatever the batch.
     RefusedFirst,
+    /// Acknowledges the first `n` rows; row `n` is not delivered (its partition does not
+    /// answer), every row after it is (other partitions).
+    StuckAt(usize),
 }
 
 /// A sink that answers from a script, then acknowledges everything; it records every batch.
@@ -116,6 +119,12 @@ impl Sink for ScriptedSink {
                 self.script.lock().unwrap().push_front(Reply::RefusedFirst);
                 refusal(0, false)
             }
+            Some(Reply::StuckAt(n)) => Published {
+                acked: n,
+                error: Some(anyhow::anyhow!("message timed out")),
+                refused: None,
+                delivered_after: (n + 1..rows.len()).collect(),
+            },
             None => reply(rows.len(), false),
         }
     }
@@ -207,7 +216,7 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
         let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await;
         let n = match *reply {
             Reply::Prefix(n) | Reply::ErrorAfter(n) => n,
-            Reply::TooLargeAfter(..) | Reply::RefusedFirst => unreachable!("not in this script"),
+            Reply::TooLargeAfter(..) | Reply::RefusedFirst | Reply::StuckAt(_) => unreachable!("not in this script"),
         };
         assert!(result.is_err(), "call {call}: a batch not acknowledged whole is an error ({reply:?})");
         let sent = sink.batches.lock().unwrap()[call].clone();
@@ -238,6 +247,36 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
     assert_eq!(first, all.iter().map(|r| r.id).collect::<Vec<_>>());
 }
 
+/// One partition that does not answer holds back only its own sagas' events: what the sink
+/// delivered of the other sagas is marked published (not sent again), and each saga's events
+/// stay published in `seq` order, without gaps.
+#[tokio::test]
+async fn events_delivered_past_a_stuck_one_are_marked_for_every_saga_with_nothing_stuck_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    // a1 b1 c1 a2 b2 a3 c2 b3 a4 c3 b4 a5; b1 (index 1) is stuck, a1 went out before it.
+    let all = store.outbox_pending(1000).await.unwrap();
+    let sink = ScriptedSink { script: Mutex::new([Reply::StuckAt(1)].into()), ..ScriptedSink::default() };
+    let options = RelayOptions { batch_size: 12, ..RelayOptions::default() };
+    let metrics = Metrics::new();
+    assert!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.is_err(), "a stuck event is an error");
+    let left: Vec<String> = store.outbox_pending(1000).await.unwrap().iter().map(|r| r.event_id.clone()).collect();
+    let b: Vec<String> = all.iter().filter(|r| r.saga_id == "b").map(|r| r.event_id.clone()).collect();
+    assert_eq!(left, b, "only saga b's events wait behind its stuck one");
+    for (saga, seqs) in marked(&*store, &all).await {
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as i64).collect::<Vec<_>>(),
+            "saga {saga} has a published seq past an unpublished one"
+        );
+    }
+    // Next round the sink takes everything: only saga b's events are sent again.
+    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    let again: Vec<String> = sink.batches.lock().unwrap()[1].iter().map(|r| r.event_id.clone()).collect();
+    assert_eq!(again, b);
+    assert!(pending(&*store).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
@@ -263,16 +302,16 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     assert!(dead().await.is_empty(), "a2 fits alone");
     sink.script.lock().unwrap().clear();
     // b2 refused with b3 of its saga behind it, and b3 delivered all the same: b2 sent now
-    // would land after it. Not sent again: a gap keeps the order.
+    // would land after it. Not sent again: a gap keeps the order. What was delivered of the
+    // other sagas (a3, c2) is published; b3 waits behind the dead letter.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, true));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
     assert_eq!(sink.batches.lock().unwrap().len(), 5, "b2 was not sent alone");
     assert_eq!(dead().await, [all[4].event_id.clone()]);
+    assert_eq!(pending(&*store).await, all[7..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().clear();
     // The rest up to b4, then b4 refused even alone: dead-lettered (once), a5 flows on.
-    sink.script.lock().unwrap().push_back(Reply::Prefix(4));
-    sink.script.lock().unwrap().push_back(Reply::Prefix(1));
-    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    sink.script.lock().unwrap().push_back(Reply::Prefix(3));
     let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await; // short: an error
     assert_eq!(pending(&*store).await, all[10..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);

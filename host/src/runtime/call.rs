@@ -208,18 +208,13 @@ pub(super) async fn execute(call: Call<'_>, input: &str) -> CallOutcome<ExecuteO
         Ended::Answered(Answer::Wait { delay_ms: None, signal: None }) => {
             ("trap", ExecuteOutcome::Trapped("wait needs a delay-ms or a signal; the plugin gave neither".to_owned()))
         }
-        // A signal name is matched against `POST .../signals/{name}`, which takes 1 to 128
-        // characters and no control characters: a wait for any other name could never end.
-        Ended::Answered(Answer::Wait { signal: Some(name), .. })
-            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) =>
-        {
-            (
-                "trap",
-                ExecuteOutcome::Trapped(
-                    "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
-                ),
-            )
-        }
+        // A wait for a name no signal can have could never end.
+        Ended::Answered(Answer::Wait { signal: Some(name), .. }) if !crate::engine::is_signal_name(&name) => (
+            "trap",
+            ExecuteOutcome::Trapped(
+                "a wait's signal name must have 1 to 128 characters and no control characters".to_owned(),
+            ),
+        ),
         Ended::Answered(Answer::Wait { delay_ms, signal }) => ("wait", ExecuteOutcome::Wait { delay_ms, signal }),
         Ended::Answered(Answer::Retryable(e)) => {
             ("retryable", ExecuteOutcome::Retryable(sanitize(&e, MAX_ERROR_BYTES)))

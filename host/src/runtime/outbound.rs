@@ -10,8 +10,9 @@
 //!    the call, must contain the request's origin exactly; otherwise `HTTP-request-denied`
 //!    and no connection is opened;
 //! 4. the address: a host name is resolved here, and a link-local or metadata address is
-//!    refused unless a grant names that very IP; plain-HTTP requests then connect to the
-//!    address that was checked (no second lookup to rebind);
+//!    refused unless a grant names that very IP; plain-HTTP requests then connect to one of
+//!    the addresses that were checked (no second lookup to rebind), trying them in turn
+//!    ([`connect_first`]); `https` leaves connecting to wasi-http's TLS connector;
 //! 5. time: every request ends when the call's timeout does, and so does reading its body,
 //!    never later: time credited back for slow state reads lets the plugin's code run on,
 //!    but not its requests ([`Deadline::outbound_until`]), which the driver promised to have
@@ -321,7 +322,7 @@ impl CallFacts {
         }
     }
 
-    async fn send(self: Arc<Self>, mut request: http::Request<WasiBody>) -> Sent {
+    async fn send(self: Arc<Self>, request: http::Request<WasiBody>) -> Sent {
         if self.remaining().is_zero() {
             return Err(Error::ConnectionTimeout);
         }
@@ -333,34 +334,33 @@ impl CallFacts {
             tracing::info!(plugin = %self.plugin, %origin, "outbound request denied: origin not granted");
             return Err(Error::HttpRequestDenied);
         }
-        let address = self.resolve(&origin).await?;
+        let addresses = self.resolve(&origin).await?;
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
-        if scheme == Scheme::Http {
-            // Connect to the address just checked: a second lookup could answer otherwise.
-            // The Host header keeps the name the plugin asked for.
-            let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            *request.uri_mut() = http::Uri::builder()
-                .scheme("http")
-                .authority(address.to_string())
-                .path_and_query(path)
-                .build()
-                .map_err(|_| Error::HttpRequestUriInvalid)?;
-        }
-        let remaining = self.remaining();
-        let options = RequestOptions {
-            connect_timeout: Some(remaining),
-            first_byte_timeout: Some(remaining),
-            between_bytes_timeout: Some(remaining),
-        };
         let at = self.deadline.outbound_until();
-        let sent = tokio::time::timeout_at(at.into(), wasmtime_wasi_http::default_send_request(request, Some(options)))
-            .await
-            .map_err(|_| Error::ConnectionTimeout)??;
-        let (response, io) = sent;
+        let (response, io) = if scheme == Scheme::Http {
+            // Over a connection to an address just checked: a second lookup could answer
+            // otherwise. The Host header keeps the name the plugin asked for.
+            tokio::time::timeout_at(at.into(), send_plain(request, addresses))
+                .await
+                .map_err(|_| Error::ConnectionTimeout)??
+        } else {
+            let remaining = self.remaining();
+            let options = RequestOptions {
+                connect_timeout: Some(remaining),
+                first_byte_timeout: Some(remaining),
+                between_bytes_timeout: Some(remaining),
+            };
+            let (response, io) =
+                tokio::time::timeout_at(at.into(), wasmtime_wasi_http::default_send_request(request, Some(options)))
+                    .await
+                    .map_err(|_| Error::ConnectionTimeout)??;
+            let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(io);
+            (response.map(|body| body.boxed_unsync()), io)
+        };
         let limit = self.limits.max_response_bytes;
         let response = response.map(|body| {
             Limited {
-                inner: body.boxed_unsync(),
+                inner: body,
                 left: limit,
                 limit,
                 deadline: Box::pin(tokio::time::sleep_until(at.into())),
@@ -368,15 +368,15 @@ impl CallFacts {
             }
             .boxed_unsync()
         });
-        Ok((response, Box::new(io)))
+        Ok((response, io))
     }
 
-    /// The address to connect to of a granted origin: its IP itself (granted by exact
-    /// address, so even a link-local one may be reached), or the first address its name
-    /// resolves to, provided none of them is link-local or metadata.
-    async fn resolve(&self, origin: &Origin) -> Result<SocketAddr, Error> {
+    /// The addresses to connect to of a granted origin: its IP itself (granted by exact
+    /// address, so even a link-local one may be reached), or every address its name resolves
+    /// to, in the resolver's order, provided none of them is link-local or metadata.
+    async fn resolve(&self, origin: &Origin) -> Result<Vec<SocketAddr>, Error> {
         let name = match &origin.host {
-            Host::Ip(ip) => return Ok(SocketAddr::new(*ip, origin.port)),
+            Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, origin.port)]),
             Host::Name(name) => name.clone(),
         };
         let found = tokio::time::timeout(self.remaining(), tokio::net::lookup_host((name.as_str(), origin.port)))
@@ -388,8 +388,85 @@ impl CallFacts {
             tracing::warn!(plugin = %self.plugin, %origin, address = %bad.ip(), "outbound request denied: the name resolves to a link-local or metadata address");
             return Err(Error::HttpRequestDenied);
         }
-        found.into_iter().next().ok_or(Error::DestinationNotFound)
+        if found.is_empty() {
+            return Err(Error::DestinationNotFound);
+        }
+        Ok(found)
     }
+}
+
+/// How long a connection attempt to one address has before the next address is tried beside
+/// it (RFC 8305's "Connection Attempt Delay"): an address that drops packets (an IPv6 route
+/// that goes nowhere) costs a quarter second, not the call's whole timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// A connection to the first of `addresses` that takes one: they are tried in order, each
+/// [`ATTEMPT_DELAY`] after the one before it or as soon as it failed, and the first to connect
+/// wins (the others are dropped). A name with an IPv6 and an IPv4 address whose service
+/// listens on one of them only is reached either way. Unbounded in time: the caller bounds it.
+async fn connect_first(addresses: Vec<SocketAddr>) -> Result<tokio::net::TcpStream, Error> {
+    let mut left = addresses.into_iter();
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut last_error = None;
+    loop {
+        if attempts.is_empty() {
+            match left.next() {
+                Some(address) => {
+                    attempts.spawn(tokio::net::TcpStream::connect(address));
+                }
+                None => {
+                    let error = last_error.unwrap_or_else(|| std::io::Error::other("no address to connect to"));
+                    return Err(Error::Connect(error));
+                }
+            }
+        }
+        tokio::select! {
+            done = attempts.join_next() => match done {
+                Some(Ok(Ok(stream))) => return Ok(stream),
+                Some(Ok(Err(e))) => last_error = Some(e),
+                Some(Err(e)) => last_error = Some(std::io::Error::other(e)),
+                None => {}
+            },
+            () = tokio::time::sleep(ATTEMPT_DELAY), if left.len() > 0 => {
+                if let Some(address) = left.next() {
+                    attempts.spawn(tokio::net::TcpStream::connect(address));
+                }
+            }
+        }
+    }
+}
+
+/// Sends a plain-HTTP request over HTTP/1.1 on a connection to one of `addresses`
+/// ([`connect_first`]). Returns the response and the connection's worker, which must run for
+/// the body to arrive. Unbounded in time: the caller bounds it (and the body, [`Limited`]).
+async fn send_plain(
+    mut request: http::Request<WasiBody>,
+    addresses: Vec<SocketAddr>,
+) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error> {
+    let stream = connect_first(addresses).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    // The request line names the path only (the origin is in the Host header).
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| Error::HttpRequestUriInvalid)?;
+    // The connection is driven while the response head is awaited; if it ends first (the
+    // service closed it), the response (or the reason there is none) is ready.
+    let mut conn = Box::pin(conn);
+    let sending = sender.send_request(request);
+    tokio::pin!(sending);
+    let (response, conn) = tokio::select! {
+        response = &mut sending => (response?, Some(conn)),
+        ended = &mut conn => {
+            ended?;
+            (sending.await?, None)
+        }
+    };
+    let worker: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move {
+        match conn {
+            Some(conn) => conn.await.map_err(Error::from),
+            None => Ok(()),
+        }
+    });
+    Ok((response.map(|body| body.map_err(Error::from).boxed_unsync()), worker))
 }
 
 /// A response body cut off at the size limit and at the call's deadline.
@@ -441,6 +518,68 @@ impl Body for Limited {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An address nothing listens on (a port just freed).
+    async fn closed_address() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_name_whose_first_address_refuses_is_reached_on_the_next() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = closed_address().await;
+        let stream = tokio::time::timeout(Duration::from_secs(5), connect_first(vec![closed, open]))
+            .await
+            .expect("a refused address is passed at once, not after the attempt delay")
+            .expect("the second address listens");
+        assert_eq!(stream.peer_addr().unwrap(), open);
+    }
+
+    #[tokio::test]
+    async fn a_name_whose_every_address_refuses_fails_with_the_reason() {
+        let (a, b) = (closed_address().await, closed_address().await);
+        match connect_first(vec![a, b]).await {
+            Err(Error::Connect(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
+            other => panic!("expected a refused connection, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_http_reaches_the_service_on_a_later_address_and_reads_its_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let body = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get("http://inventory.internal/stock?sku=1")
+            .header("host", "inventory.internal")
+            .body(body)
+            .unwrap();
+        let (response, worker) = send_plain(request, vec![closed_address().await, open]).await.unwrap();
+        tokio::spawn(Box::into_pin(worker));
+        assert_eq!(response.status(), 200);
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello");
+        let head = server.await.unwrap();
+        assert!(head.starts_with("GET /stock?sku=1 HTTP/1.1\r\n"), "the request line names the path only: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("host: inventory.internal\r\n"),
+            "the name the plugin asked for: {head}"
+        );
+    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_stable_per_attempt() {

@@ -36,6 +36,12 @@ pub trait Dialect: Send + Sync + 'static {
     /// An SQL expression for the database's clock in milliseconds since the Unix epoch, as a
     /// 64-bit integer. Leases are measured on it so that hosts with skewed clocks agree.
     fn now_ms(&self) -> &'static str;
+    /// Whether processes on several machines share one database (their clocks may differ, so
+    /// they keep to the database's: [`super::SagaStore::database_now_ms`]). Not SQLite: one
+    /// process on one machine, whose clock is the database's.
+    fn shared_by_hosts(&self) -> bool {
+        true
+    }
     /// Appended to a `SELECT .. LIMIT n` that picks rows to change in the same statement or
     /// transaction: locks them and skips rows another transaction has locked, so concurrent
     /// claimers take disjoint rows without queueing. Empty where writers are serialised anyway.

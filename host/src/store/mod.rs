@@ -372,6 +372,10 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn release(&self, id: &str, epoch: i64) -> Result<()>;
     /// Drops every claim held by `owner` (a process that restarts under the same identity).
     async fn release_owner(&self, owner: &str) -> Result<u64>;
+    /// The database server's clock in ms since the epoch, where hosts on several machines
+    /// share the database (`None` otherwise: SQLite's clock is its one host's). One read, for
+    /// [`crate::clock::SyncedClock`].
+    async fn database_now_ms(&self) -> Result<Option<i64>>;
     /// The earliest `next_run_at` of any saga no one holds a live lease on (a claim's next
     /// chance), to know how long the driver may sleep. A saga running somewhere is not due.
     async fn next_due(&self) -> Result<Option<i64>>;

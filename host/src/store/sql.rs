@@ -20,6 +20,37 @@ use super::keys::KeyFilter;
 use super::*;
 use crate::engine::{Phase, StepState, StepStatus};
 
+/// A page of a saga type's list: one statement per combination of filters, each a plain bound
+/// on an index (`sagas_by_status` with a status, `sagas_by_type` without). SQLite cannot bound
+/// an index with `($2 IS NULL OR status = $2)`: one statement for all filters walked every saga
+/// of the type, newest first, to find a page of one status, or the page after a cursor.
+pub(super) fn list_sagas_sql(status: bool, before: bool) -> &'static str {
+    match (status, before) {
+        (false, false) => {
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = $1 ORDER BY id DESC LIMIT $2"
+        }
+        (true, false) => {
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = $1 AND status = $2 ORDER BY id DESC LIMIT $3"
+        }
+        (false, true) => {
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        }
+        (true, true) => {
+            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
+             WHERE saga_type = $1 AND status = $2 AND id < $3 ORDER BY id DESC LIMIT $4"
+        }
+    }
+}
+
+/// The janitor's outbox purge: published rows past the retention, oldest first by the
+/// `outbox_published` index (migration 0012), so that the last, short batch of a pass does not
+/// read every row still kept.
+pub(super) const OUTBOX_PURGE: &str = "DELETE FROM outbox WHERE id IN \
+     (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)";
+
 const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
      lease_owner, lease_until, created_at, updated_at, last_event_id, trace_parent";
 
@@ -681,17 +712,14 @@ impl SagaStore for SqlStore {
         limit: u32,
     ) -> Result<Vec<SagaSummary>> {
         // UUIDv7 ids sort by creation time, so `id < before` is a stable keyset cursor.
-        let rows = sqlx::query(
-            "SELECT id, saga_type, status, reason, created_at, updated_at FROM sagas \
-             WHERE saga_type = $1 AND (CAST($2 AS TEXT) IS NULL OR status = $2) \
-             AND (CAST($3 AS TEXT) IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
-        )
-        .bind(saga_type)
-        .bind(status)
-        .bind(before)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let mut query = sqlx::query(list_sagas_sql(status.is_some(), before.is_some())).bind(saga_type);
+        if let Some(status) = status {
+            query = query.bind(status);
+        }
+        if let Some(before) = before {
+            query = query.bind(before);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.reader).await?;
         rows.iter()
             .map(|r| {
                 Ok(SagaSummary {
@@ -758,6 +786,14 @@ impl SagaStore for SqlStore {
             .execute(&self.writer)
             .await?;
         Ok(r.rows_affected())
+    }
+
+    async fn database_now_ms(&self) -> Result<Option<i64>> {
+        if !self.dialect.shared_by_hosts() {
+            return Ok(None);
+        }
+        let now = sqlx::query_scalar(&format!("SELECT {}", self.dialect.now_ms())).fetch_one(&self.reader).await?;
+        Ok(Some(now))
     }
 
     async fn next_due(&self) -> Result<Option<i64>> {
@@ -1793,11 +1829,17 @@ impl AuditStore for SqlStore {
     }
 
     async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
-             WHERE (CAST($1 AS TEXT) IS NULL OR target = $1) ORDER BY id DESC LIMIT $2",
-        )
-        .bind(target)
+        // One statement per filter, for the reason `list_sagas_sql` gives.
+        let rows = match target {
+            Some(target) => sqlx::query(
+                "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
+                 WHERE target = $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(target),
+            None => sqlx::query(
+                "SELECT id, at, actor, action, target, before, after, note FROM audit_log ORDER BY id DESC LIMIT $1",
+            ),
+        }
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
@@ -1841,14 +1883,7 @@ impl JanitorStore for SqlStore {
     }
 
     async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64> {
-        let r = sqlx::query(
-            "DELETE FROM outbox WHERE id IN \
-             (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .execute(&self.writer)
-        .await?;
+        let r = sqlx::query(OUTBOX_PURGE).bind(before).bind(i64::from(limit)).execute(&self.writer).await?;
         Ok(r.rows_affected())
     }
 

@@ -98,6 +98,10 @@ impl Dialect for Sqlite {
         url.starts_with("sqlite:")
     }
 
+    fn shared_by_hosts(&self) -> bool {
+        false
+    }
+
     fn now_ms(&self) -> &'static str {
         "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
     }

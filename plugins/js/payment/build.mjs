@@ -2,8 +2,10 @@
 //
 //     node build.mjs <source.js> <out.wasm> [--wit <dir>] [--out <out.wasm>]
 //
-// (`npm run build` runs it with the project's arguments.) The first build
-// installs the toolchain pinned in package-lock.json (`npm ci`).
+// (`npm run build` runs it with the project's arguments.) It needs Node.js 20
+// or later. The first build installs the toolchain pinned in
+// package-lock.json (`npm ci`), and so does any build after package-lock.json
+// changed or an install was cut short.
 //
 // <dir> holds the sagahost:plugin WIT (`step.wit` + `deps/*.wit`, a copy of
 // the repo's `wit/0.2.0/`); `--out` overrides <out.wasm>.
@@ -25,13 +27,33 @@
 // it only as a dev dependency, and 0.26 no longer lets it read the temporary
 // WIT directory, so 0.25.0 (the version it was found working with) is pinned.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  mkdirSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+const nodeMajor = Number(process.versions.node.split('.')[0]);
+if (nodeMajor < 20) {
+  console.error(`node ${process.version} is too old: the pinned toolchain (componentize-js) needs Node.js 20 or later`);
+  process.exit(3);
+}
+
+// npm writes node_modules/.package-lock.json when an install completes (and
+// `npm ci` first removes node_modules): missing means never installed or cut
+// short, older than package-lock.json means the lock changed since. Either
+// way, install again (plugins/js/build of sagahost follows the same rule).
 const project = dirname(fileURLToPath(import.meta.url));
-if (!existsSync(join(project, 'node_modules', '@bytecodealliance', 'componentize-js', 'package.json'))) {
+const installed = join(project, 'node_modules', '.package-lock.json');
+if (!existsSync(installed) || statSync(join(project, 'package-lock.json')).mtimeMs > statSync(installed).mtimeMs) {
   console.error('installing the toolchain: npm ci');
   execFileSync('npm', ['ci', '--prefer-offline', '--no-audit', '--no-fund'], { cwd: project, stdio: 'inherit' });
 }

@@ -224,9 +224,12 @@ pub mod state {
         /// page means there is nothing more.
         fn scan(&self, prefix: &str, after: Option<&str>, limit: u32) -> Vec<(String, Vec<u8>)>;
 
-        /// Reads a key as JSON: `Ok(None)` if absent, `Err` (retryable, since
-        /// a later plugin version may fix it) if the stored bytes are not a
-        /// valid `T`.
+        /// Reads a key as JSON: `Ok(None)` if absent, `Err` (retryable) if the
+        /// stored bytes are not a valid `T`. Retrying helps `compensate`, which
+        /// runs the version bound when each call starts: a fixed version bound
+        /// meanwhile takes over. `execute` is pinned per saga, so a saga in
+        /// flight retries the same version until its retry budget is spent,
+        /// and then the step counts as rejected and the saga compensates.
         fn try_get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StepError> {
             match self.get(key) {
                 None => Ok(None),

@@ -54,12 +54,19 @@ pub struct JsonlSink {
     path: PathBuf,
     /// A std mutex: it is only ever held on the blocking pool, around one batch.
     writer: Arc<Mutex<Writer>>,
+    /// `<file>.lock`, flocked while the sink lives ([`lock`]).
+    _lock: Option<std::fs::File>,
 }
 
 impl JsonlSink {
     /// Opens (or creates) the events file, cutting off a line a crash left unfinished.
+    /// One process at a time: a second one on the same file (replicas on one PostgreSQL
+    /// database sharing a data directory) fails here, since each cuts the file back to what it
+    /// wrote itself and would delete the other's acknowledged events.
     pub async fn open(path: &Path, options: JsonlOptions) -> io::Result<JsonlSink> {
-        JsonlSink::open_with(path, options, Arc::new(RealFs)).await
+        let lock = lock(path)?;
+        let sink = JsonlSink::open_with(path, options, Arc::new(RealFs)).await?;
+        Ok(JsonlSink { _lock: Some(lock), ..sink })
     }
 
     async fn open_with(path: &Path, options: JsonlOptions, fs: Arc<dyn Fs>) -> io::Result<JsonlSink> {
@@ -73,7 +80,29 @@ impl JsonlSink {
         let writer = tokio::task::spawn_blocking(move || writer.open_current().map(|()| writer))
             .await
             .map_err(io::Error::other)??;
-        Ok(JsonlSink { path: path.to_owned(), writer: Arc::new(Mutex::new(writer)) })
+        Ok(JsonlSink { path: path.to_owned(), writer: Arc::new(Mutex::new(writer)), _lock: None })
+    }
+}
+
+/// Takes `<path>.lock` with flock(2), without waiting: the kernel drops it with the process,
+/// however it ends. Taken before the file is opened (and its torn tail cut).
+fn lock(path: &Path) -> io::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "the events file {} is in use by another sagahost process (it holds {}); each process \
+                 needs its own --data-dir, or replicas publish to Kafka (--kafka-brokers)",
+                path.display(),
+                lock_path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

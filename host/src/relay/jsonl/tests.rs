@@ -248,6 +248,7 @@ async fn an_unfinished_last_line_left_by_a_crash_is_cut_off_when_the_file_is_ope
     assert_eq!(seqs(&path), [1, 2, 3, 4]);
 
     // A file that is nothing but an unfinished line is emptied.
+    drop(sink);
     std::fs::write(&path, &row(1).payload[..7]).unwrap();
     drop(JsonlSink::open(&path, NEVER).await.unwrap());
     assert_eq!(len(&path), 0);
@@ -373,4 +374,22 @@ async fn an_interrupted_rotation_overwrites_no_file_it_should_keep() {
     assert_eq!(seqs(&rotated(&s.path, 2)), (13..=18).collect::<Vec<_>>());
     assert_eq!(seqs(&rotated(&s.path, 1)), (19..=27).collect::<Vec<_>>());
     assert_eq!(seqs(&s.path), [28, 29, 30]);
+}
+
+/// Two processes appending to one events file would each cut it back to what they wrote
+/// themselves, deleting the other's acknowledged events: the second sink on a file refuses to
+/// open while the first lives, saying what to do.
+#[tokio::test]
+async fn a_second_sink_on_the_same_file_refuses_to_open_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let first = JsonlSink::open(&path, NEVER).await.unwrap();
+    publish(&first, &batch(1..=2)).await;
+    let second = JsonlSink::open(&path, NEVER).await.err().expect("a second sink on the same file opened");
+    assert_eq!(second.kind(), io::ErrorKind::ResourceBusy);
+    assert!(second.to_string().contains("--data-dir"), "{second}");
+    drop(first);
+    let again = JsonlSink::open(&path, NEVER).await.unwrap();
+    publish(&again, &batch(3..=3)).await;
+    assert_eq!(seqs(&path), [1, 2, 3], "nothing the first sink acknowledged was cut");
 }
