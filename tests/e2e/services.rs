@@ -523,10 +523,11 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
     let services = Services::start(&host.base, &[], &["--hold-ms", "10000"]).await;
     services.grant(&api).await;
     let mut def = services.definition();
-    def["steps"][1]["timeout_ms"] = json!(30_000); // longer than the hold
+    def["steps"][1]["timeout_ms"] = json!(15_000); // longer than the hold
     api.define(SAGA, &def).await;
 
     let id = api.submit(SAGA, order("tok_hold", "SKU-1", "US")).await;
+    let started = Instant::now();
     // The service charged and committed its answer, and holds it: the host is still waiting.
     let start = Instant::now();
     while services.payment.effects(&id).await["charge"] != 1 {
@@ -546,6 +547,10 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
     let s = api.settled(SAGA, &id).await;
     assert_eq!(s["status"], "COMPLETED", "{s:#}\n{}", host.log());
     assert_eq!(step(&s, "payment")["output"]["charge_id"], format!("ch_{id}"));
+    // As Temporal does for an activity whose worker died, the restarted host resends only once
+    // the killed call's time is over (its step's timeout from its start, and the grace): a
+    // caller that froze rather than died could still be sending it.
+    assert!(started.elapsed() >= Duration::from_secs(15), "resent before the killed call's timeout was over");
     // The payment service's own count: one charge, though it was asked twice, with one key.
     assert_eq!(services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
     assert_eq!(services.payment.requests().await, 2, "the charge was sent again after the restart");

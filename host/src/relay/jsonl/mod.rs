@@ -64,7 +64,17 @@ impl JsonlSink {
     /// database sharing a data directory) fails here, since each cuts the file back to what it
     /// wrote itself and would delete the other's acknowledged events.
     pub async fn open(path: &Path, options: JsonlOptions) -> io::Result<JsonlSink> {
-        let lock = lock(path)?;
+        // A restart whose predecessor is still shutting down gets a moment, as for the
+        // SQLite file's lock.
+        let started = std::time::Instant::now();
+        let lock = loop {
+            match lock(path) {
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy && started.elapsed() < LOCK_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
         let sink = JsonlSink::open_with(path, options, Arc::new(RealFs)).await?;
         Ok(JsonlSink { _lock: Some(lock), ..sink })
     }
@@ -83,6 +93,9 @@ impl JsonlSink {
         Ok(JsonlSink { path: path.to_owned(), writer: Arc::new(Mutex::new(writer)), _lock: None })
     }
 }
+
+/// How long a sink waits for another process's lock on its file before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Takes `<path>.lock` with flock(2), without waiting: the kernel drops it with the process,
 /// however it ends. Taken before the file is opened (and its torn tail cut).
