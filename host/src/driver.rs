@@ -301,7 +301,7 @@ impl DriverHandle {
     /// Whether a driver runs behind this handle: sagas created through it are created claimed
     /// by that driver and run in this process (until [`StatusChange::left`]).
     pub fn adopts(&self) -> bool {
-        self.adoption.get().is_some()
+        self.adoption.get().is_some_and(|a| !a.stopped.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Admits a new saga: its claim and its place in the driver's queue, or `Overloaded` when
@@ -425,6 +425,9 @@ impl Driver {
     pub async fn run(self, shutdown: CancellationToken) {
         let Driver { inner, mut adopted, permits } = self;
         let tasks = TaskTracker::new();
+        // Fired past the shutdown grace: what still runs is dropped before its claims are
+        // given back.
+        let abort = CancellationToken::new();
         // Whether to look in the store for due work: at start, when woken (a signal, a cancel,
         // a saga of ours parked on a timer), when the timer for the earliest due saga fires,
         // and while a claim may have left due work behind. Not for a saga handed over: it is
@@ -441,7 +444,7 @@ impl Driver {
                 };
                 drop(place);
                 let inner = Arc::clone(&inner);
-                spawn_with(&tasks, permit, async move { inner.run_adopted(rec, deferred).await });
+                spawn_with(&tasks, &abort, permit, async move { inner.run_adopted(rec, deferred).await });
             }
             let free = permits.available_permits();
             if poll && free > 0 {
@@ -457,7 +460,7 @@ impl Driver {
                                 break;
                             };
                             let inner = Arc::clone(&inner);
-                            spawn_with(&tasks, permit, async move { inner.run_saga(id, epoch).await });
+                            spawn_with(&tasks, &abort, permit, async move { inner.run_saga(id, epoch).await });
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "claiming due sagas failed"),
@@ -483,7 +486,7 @@ impl Driver {
                     drop(place);
                     let permit = Arc::clone(&permits).try_acquire_owned().expect("a free permit");
                     let inner = Arc::clone(&inner);
-                    spawn_with(&tasks, permit, async move { inner.run_adopted(rec, deferred).await });
+                    spawn_with(&tasks, &abort, permit, async move { inner.run_adopted(rec, deferred).await });
                 }
             }
         }
@@ -500,8 +503,13 @@ impl Driver {
         if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
             tracing::warn!(
                 running = tasks.len(),
-                "shutting down with plugin calls still running; they will run again after restart"
+                "shutting down with plugin calls still running; they are dropped and run again elsewhere or after restart"
             );
+            // Dropped before the claims go back below: a call still sending (a compensation
+            // records no start to hold others off) must not run beside another replica's
+            // run of it with the same key.
+            abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         }
         // Every claim this process still holds is given back: the sagas handed over and never
         // started, and those whose calls outlasted the grace (a late result of theirs commits
@@ -727,7 +735,7 @@ impl Inner {
                     // The host, not the plugin, failed (a state read lost its database
                     // connection): nothing to commit for this call, and the attempt does not
                     // count. What the chain did before it is committed (or rerun) first.
-                    tracing::warn!(saga_id = %id, error = %unavailable, "the host could not serve a plugin call; retrying the step shortly");
+                    tracing::warn!(saga_id = %id, error = %unavailable.why, "the host could not serve a plugin call; retrying the step shortly");
                     // (Refused: nothing was written; those steps run again after the pause.)
                     if !staged.is_empty()
                         && matches!(self.flush(&mut rec, epoch, &mut staged, true, &mut creating).await, Flushed::Stop)
@@ -738,7 +746,14 @@ impl Inner {
                         // Never created: the request creates it, and a driver claims it.
                         return;
                     }
-                    self.release_later(&id, epoch).await;
+                    match unavailable.not_before {
+                        Some(at) => {
+                            if let Err(e) = self.store.release_until(&id, epoch, at).await {
+                                tracing::warn!(saga_id = %id, error = %e, "giving a saga back for later failed; its claim will expire");
+                            }
+                        }
+                        None => self.release_later(&id, epoch).await,
+                    }
                     return;
                 }
             };
@@ -1035,7 +1050,7 @@ impl Inner {
         attempt: u32,
         started_at: i64,
         in_flight_until: Option<i64>,
-    ) -> Result<Called, String> {
+    ) -> Result<Called, Unserved> {
         let sdef = &rec.definition.steps[step];
         let woken = &rec.state.steps[step];
         // A payload is set only once the signal the step waits for arrived: its name is the
@@ -1052,14 +1067,23 @@ impl Inner {
             if left <= 0 {
                 // The commit took the call's whole time: the host's slowness, not a failed
                 // attempt of the plugin's. Nothing is called; the step runs again later.
-                return Err(format!(
+                return Err(Unserved::from(format!(
                     "recording the attempt's start took longer than the step's timeout of {} ms",
                     sdef.timeout_ms
-                ));
+                )));
             }
             timeout = timeout.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
         }
-        if let Err(why) = self.catalog.ensure_loaded(&sdef.execute.digest).await {
+        let loaded = self.catalog.ensure_loaded(&sdef.execute.digest).await;
+        if loaded.is_ok()
+            && in_flight_until.is_none()
+            && self.runtime.capabilities(&sdef.execute.digest).is_none_or(|c| c.outbound_http)
+        {
+            // Loaded only now (the first look failed on a database blip): no start was
+            // recorded for a call that may reach out, so it must not be made; next time.
+            return Err(Unserved::from("the step's plugin was loaded after its start could be recorded".to_owned()));
+        }
+        if let Err(why) = loaded {
             return self.not_loaded(rec, step, why, |reason| Event::Executed {
                 step,
                 attempt,
@@ -1091,26 +1115,39 @@ impl Inner {
         Ok(Called { event, writes, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
-    /// A call of a plugin version this host cannot load: a failed attempt, nothing called, when
-    /// the version will not load here (refused by this build, or stored by no replica), so the
-    /// retry policy and then compensation (or an operator) decide; without it the step ran
-    /// again every second, for ever, never counted, and such sagas, always the most overdue,
-    /// were claimed before any other. If the catalog could not be read, the host's failure.
+    /// A call of a plugin version this host cannot load; nothing is called.
+    /// - Stored by no replica: a failed attempt, so that the retry policy and then
+    ///   compensation (or an operator, rebinding) decide.
+    /// - Stored, but this build refuses it (a newer release's plugin during a rolling upgrade,
+    ///   or a rollback's): not an attempt (a replica of the newer release runs it), and the
+    ///   saga is given back for [`NOT_LOADABLE_PAUSE`], so that it is neither failed by an old
+    ///   replica nor claimed by it again at once (such sagas, always the most overdue, were
+    ///   claimed before any other, every second).
+    /// - The catalog could not be read: the host's failure, retried shortly.
     fn not_loaded(
         &self,
         rec: &SagaRecord,
         step: usize,
         why: crate::catalog::NotLoaded,
         failed: impl FnOnce(String) -> Event,
-    ) -> Result<Called, String> {
-        if let crate::catalog::NotLoaded::Unavailable(e) = why {
-            return Err(e);
+    ) -> Result<Called, Unserved> {
+        let step = &rec.definition.steps[step].name;
+        match why {
+            crate::catalog::NotLoaded::Unavailable(e) => Err(Unserved::from(e)),
+            refused @ crate::catalog::NotLoaded::Refused { .. } => {
+                tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
+                let pause = i64::try_from(NOT_LOADABLE_PAUSE.as_millis()).unwrap_or(i64::MAX);
+                Err(Unserved { why: refused.to_string(), not_before: Some(self.clock.now_ms().saturating_add(pause)) })
+            }
+            unknown @ crate::catalog::NotLoaded::Unknown(_) => {
+                tracing::warn!(saga_id = %rec.id, %step, error = %unknown, "a step's plugin version is stored nowhere; its attempt fails");
+                let event = failed(unknown.to_string());
+                Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false })
+            }
         }
-        tracing::warn!(saga_id = %rec.id, step = %rec.definition.steps[step].name, error = %why, "a step's plugin cannot run on this host; its attempt fails");
-        Ok(Called { event: failed(why.to_string()), writes: None, call_time: Duration::ZERO, reached_out: false })
     }
 
-    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, String> {
+    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, Unserved> {
         let sdef = &rec.definition.steps[step];
         let binding = self.compensate_binding(rec, step);
         let info = call_info(rec, &sdef.name, attempt, "compensate", None);
@@ -1219,13 +1256,37 @@ fn plugin_span(binding: &engine::PluginRef, call: &'static str) -> Option<tracin
 /// Runs `work` in `tasks`, holding `permit` (one of the driver's concurrency slots) until it ends.
 fn spawn_with(
     tasks: &TaskTracker,
+    abort: &CancellationToken,
     permit: tokio::sync::OwnedSemaphorePermit,
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    let abort = abort.clone();
     tasks.spawn(async move {
-        work.await;
+        // Dropped when `abort` fires: as if the process had died there.
+        tokio::select! {
+            () = abort.cancelled() => {}
+            () = work => {}
+        }
         drop(permit);
     });
+}
+
+/// How long a saga whose plugin this host cannot load is left for other replicas before any
+/// replica claims it again.
+const NOT_LOADABLE_PAUSE: Duration = Duration::from_secs(30);
+
+/// A call the host could not serve (not the plugin's failure: no attempt is counted), and
+/// when the saga may be claimed again (`None`: after a short pause).
+#[derive(Debug)]
+struct Unserved {
+    why: String,
+    not_before: Option<i64>,
+}
+
+impl From<String> for Unserved {
+    fn from(why: String) -> Unserved {
+        Unserved { why, not_before: None }
+    }
 }
 
 /// What an action produced for the engine.
@@ -1314,40 +1375,84 @@ mod tests {
         (store, sagas, driver)
     }
 
-    /// A stored plugin version this host cannot compile (a release rolled back past the world
-    /// it targets, say): its step's attempts fail, each saying why, with no start recorded, and
-    /// the saga compensates. It ran again every second, for ever, uncounted, a `StepStarted`
-    /// committed each time, and such sagas, always the most overdue, were claimed first.
-    #[tokio::test]
-    async fn a_step_whose_plugin_this_host_cannot_load_fails_its_attempts_and_the_saga_compensates() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, sagas, driver) = idle_driver(dir.path()).await;
-        // `def()`'s step runs plugin "p" at "sha256:p": stored, but not a component.
-        assert!(store.put_plugin("sha256:p", "p", b"not a component", 0, None).await.unwrap());
-        let mut def = crate::store::tests::def();
-        def.steps[0].retry = engine::RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 10 };
-        let draft = sagas.draft(&def, &serde_json::json!({}));
-        sagas.create(&draft, None, false).await.unwrap();
+    /// Runs `driver` until `done` says the saga is where the test wants it (at most 20 s).
+    async fn drive_until(
+        store: &Arc<dyn crate::store::Store>,
+        driver: Driver,
+        id: &str,
+        done: impl Fn(&SagaRecord) -> bool,
+    ) -> SagaRecord {
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(driver.run(shutdown.clone()));
-        let id = &draft.record.id;
-        let settled = tokio::time::timeout(Duration::from_secs(20), async {
+        let reached = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 let rec = store.saga(id).await.unwrap().expect("created");
-                if rec.state.phase == engine::Phase::Cancelled {
+                if done(&rec) {
                     return rec;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
-        .await
-        .expect("the saga never settled: its unloadable step ran again and again");
+        .await;
         shutdown.cancel();
         running.await.unwrap();
+        reached.expect("the saga never got there")
+    }
+
+    /// A step bound to a version no replica stored: its attempts fail, each saying why, with no
+    /// start recorded, and the saga compensates. It ran again every second, for ever, uncounted,
+    /// a `StepStarted` committed each time, and such sagas, always the most overdue, were
+    /// claimed before any other.
+    #[tokio::test]
+    async fn a_step_bound_to_a_version_stored_nowhere_fails_its_attempts_and_the_saga_compensates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, driver) = idle_driver(dir.path()).await;
+        // `def()`'s step runs plugin "p" at "sha256:p", which nobody stored.
+        let mut def = crate::store::tests::def();
+        def.steps[0].retry = engine::RetryPolicy { max_attempts: 2, initial_backoff_ms: 10, max_backoff_ms: 10 };
+        let draft = sagas.draft(&def, &serde_json::json!({}));
+        sagas.create(&draft, None, false).await.unwrap();
+        let settled =
+            drive_until(&store, driver, &draft.record.id, |r| r.state.phase == engine::Phase::Cancelled).await;
         let step = &settled.state.steps[0];
         assert_eq!(step.attempts, 2, "both attempts counted");
         let error = step.last_error.as_deref().unwrap_or_default();
-        assert!(error.contains("this host cannot load plugin p version sha256:p"), "{error}");
+        assert!(error.contains("plugin version sha256:p is not stored"), "{error}");
+        let events: Vec<String> = store.outbox_pending(1000).await.unwrap().into_iter().map(|r| r.event_type).collect();
+        assert!(!events.iter().any(|e| e == "StepStarted"), "a start was recorded for a call never made: {events:?}");
+    }
+
+    /// A stored version this build refuses to compile (a newer release's plugin, during a
+    /// rolling upgrade): not an attempt here (a replica of that release runs it), no start
+    /// recorded, and the saga is given back for a while rather than claimed again at once.
+    #[tokio::test]
+    async fn a_step_whose_plugin_this_build_refuses_is_left_to_other_replicas_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, driver) = idle_driver(dir.path()).await;
+        assert!(store.put_plugin("sha256:p", "p", b"not a component", 0, None).await.unwrap());
+        let draft = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
+        sagas.create(&draft, None, false).await.unwrap();
+        let before = crate::clock::SystemClock.now_ms();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(driver.run(shutdown.clone()));
+        // Given back (nobody holds it), and nobody may claim it for about half a minute.
+        let given_back = tokio::time::timeout(Duration::from_secs(20), async {
+            while store.next_due().await.unwrap().is_none_or(|due| due < before + 29_000) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.cancel();
+        running.await.unwrap();
+        given_back.expect("the saga was not given back for a while");
+        let rec = store.saga(&draft.record.id).await.unwrap().expect("created");
+        assert_eq!(rec.epoch, 1, "claimed once, not again right after");
+        assert_eq!(
+            (rec.state.steps[0].attempts, rec.state.steps[0].last_error.as_deref()),
+            (0, None),
+            "not an attempt"
+        );
         let events: Vec<String> = store.outbox_pending(1000).await.unwrap().into_iter().map(|r| r.event_type).collect();
         assert!(!events.iter().any(|e| e == "StepStarted"), "a start was recorded for a call never made: {events:?}");
     }

@@ -145,6 +145,8 @@ pub struct App {
     /// The clock kept to the database's, when replicas may share it, and where its offset is
     /// reported.
     clock_sync: Option<(Arc<SyncedClock>, Arc<metrics::Metrics>)>,
+    /// This process's identity in leases.
+    owner: String,
     outbox_retention: Duration,
     saga_retention: Option<Duration>,
     serve: http::limits::ServeLimits,
@@ -211,7 +213,13 @@ impl App {
                 Some(synced)
             }
             Ok(None) => None,
-            Err(e) => anyhow::bail!("reading the database's clock: {e}"),
+            // Only a shared database is asked: keep to its clock, measured again shortly.
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the database's clock failed; measuring it again in 30 s");
+                let synced = Arc::new(SyncedClock::new(Arc::clone(&config.clock)));
+                config.clock = Arc::clone(&synced) as Arc<dyn Clock>;
+                Some(synced)
+            }
         };
         let runtime = Arc::new(Runtime::new(config.limits.clone(), Arc::new(StoreReader(store.clone())))?);
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
@@ -269,6 +277,7 @@ impl App {
             handle,
             clock: config.clock,
             clock_sync: clock_sync.map(|synced| (synced, metrics_for_clock)),
+            owner: config.driver.owner.clone(),
             outbox_retention: config.outbox_retention,
             saga_retention: config.saga_retention,
             catalog_refresh: config.catalog_refresh,
@@ -308,6 +317,16 @@ impl App {
         http::limits::serve(self.listener, self.router, &self.serve, shutdown.clone(), drain).await;
         shutdown.cancel();
         let _ = tokio::join!(driver, relay, janitor, catalog, clock);
+        // Once more, now that no request is left: a saga created claimed by a request admitted
+        // just before the driver stopped may have committed after the driver gave its claims
+        // back.
+        match self.store.release_owner(&self.owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sagas = n, "gave back the claims of sagas created while stopping"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give back this process's last claims; they expire with their lease")
+            }
+        }
         Ok(())
     }
 }
@@ -322,7 +341,10 @@ async fn sync_clock(clock: &SyncedClock, store: &dyn Store, metrics: &metrics::M
     let before = clock.offset_ms();
     let measured = clock.sync(5, || async { store.database_now_ms().await.ok().flatten() }).await;
     let Some(offset) = measured else {
-        tracing::debug!("could not measure the clock against the database's; keeping the last offset");
+        tracing::warn!(
+            "could not measure this host's clock against the database's (every read failed or took over 200 ms); \
+             keeping the last offset"
+        );
         return;
     };
     metrics.clock_offset(offset);

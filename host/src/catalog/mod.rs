@@ -47,7 +47,16 @@ pub enum Error {
     Conflict(String),
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// A stored version this replica cannot load, or the catalog could not be read.
+    #[error(transparent)]
+    NotLoaded(NotLoaded),
 }
+
+/// A version no definition binds is unloaded once no call used it for this long.
+pub const UNLOAD_IDLE: Duration = Duration::from_secs(600);
+
+/// How often [`Catalog::watch`] looks for such versions.
+const UNLOAD_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a stored plugin version cannot run on this host ([`Catalog::ensure_loaded`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,7 +81,7 @@ pub struct Catalog {
     clock: Arc<dyn Clock>,
     /// Definitions by saga type, with the stored version each was read at.
     definitions: RwLock<HashMap<String, (Arc<SagaDefinition>, i64)>>,
-    /// digest -> plugin name, for every loaded component.
+    /// digest -> plugin name, for every stored version (loaded or not).
     plugin_names: RwLock<HashMap<String, String>>,
     /// digest -> (plugin name, why it did not compile here), for stored versions this build
     /// refused: tried again on the next catalog change.
@@ -156,9 +165,12 @@ impl Catalog {
         }
     }
 
-    /// Brings the cache up to the store's catalog version: compiles plugin versions uploaded
-    /// through other replicas and re-reads the definitions. Cheap when nothing changed (one
-    /// single-row read).
+    /// Brings the cache up to the store's catalog version: learns the plugin versions stored
+    /// through other replicas, re-reads the definitions, and compiles the versions they bind.
+    /// Cheap when nothing changed (one single-row read). Versions no definition binds now
+    /// (older uploads, a canary not bound yet, what sagas in flight still pin) are compiled
+    /// when a call needs them ([`Catalog::ensure_loaded`]): a host's memory and start-up time
+    /// follow what is bound, not every version ever uploaded.
     pub async fn refresh(&self) -> Result<(), Error> {
         let _one = self.refreshing.lock().await;
         // Read the version first: a change committed while we load bumps it again, and the
@@ -167,26 +179,11 @@ impl Catalog {
         if version == self.version.load(Ordering::Acquire) {
             return Ok(());
         }
-        for info in self.store.plugin_versions().await? {
-            if self.plugin_name(&info.digest).is_some() {
-                continue;
-            }
-            let Some(row) = self.store.plugin(&info.digest).await? else { continue };
-            match self.runtime.load(row.wasm).await {
-                Ok(_) => {
-                    self.refused.write().unwrap_or_else(|e| e.into_inner()).remove(&row.digest);
-                    self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, row.name);
-                }
-                // A component that this build cannot load must not stop the host: sagas bound
-                // to it fail their attempts visibly instead ([`NotLoaded::Refused`]). It is
-                // tried again on the next catalog change.
-                Err(e) => {
-                    tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load");
-                    self.refused
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(row.digest, (row.name, e.to_string()));
-                }
+        {
+            let versions = self.store.plugin_versions().await?;
+            let mut names = self.plugin_names.write().unwrap_or_else(|e| e.into_inner());
+            for info in versions {
+                names.insert(info.digest, info.name);
             }
         }
         // Merged through `cache`: a change made through this process while the read ran is
@@ -195,18 +192,70 @@ impl Catalog {
         for d in self.store.definitions().await? {
             self.cache(d.definition, d.version);
         }
+        // A version refused before is tried again on a catalog change (an upgrade of another
+        // replica does not make this build take it, but the attempt is cheap and rare).
+        self.refused.write().unwrap_or_else(|e| e.into_inner()).clear();
+        for digest in self.bound() {
+            if !self.runtime.is_loaded(&digest) {
+                self.load(&digest).await?;
+            }
+        }
         self.version.store(version, Ordering::Release);
         Ok(())
+    }
+
+    /// Every digest a current definition binds (execute or compensate).
+    fn bound(&self) -> std::collections::HashSet<String> {
+        let defs = self.definitions.read().unwrap_or_else(|e| e.into_inner());
+        defs.values()
+            .flat_map(|(d, _)| d.steps.iter().flat_map(|s| [s.execute.digest.clone(), s.compensate.digest.clone()]))
+            .collect()
+    }
+
+    /// Compiles a stored version, or notes why this build refuses it ([`NotLoaded::Refused`]);
+    /// `Ok(false)` if no replica stored it. Only a failed read is an error.
+    async fn load(&self, digest: &str) -> Result<bool, Error> {
+        let Some(row) = self.store.plugin(digest).await? else { return Ok(false) };
+        self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest.clone(), row.name.clone());
+        match self.runtime.load(row.wasm).await {
+            Ok(_) => {
+                self.refused.write().unwrap_or_else(|e| e.into_inner()).remove(&row.digest);
+            }
+            // A component that this build cannot load must not stop the host: sagas bound
+            // to it fail their attempts visibly instead ([`NotLoaded::Refused`]).
+            Err(e) => {
+                tracing::error!(digest = %row.digest, plugin = %row.name, error = %e, "stored plugin failed to load");
+                self.refused.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest, (row.name, e.to_string()));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Unloads the versions no current definition binds and no call used for `idle`
+    /// ([`Runtime::unload_idle`]); a call that needs one again loads it first. Returns how
+    /// many were unloaded.
+    pub fn unload_idle(&self, idle: Duration) -> usize {
+        let bound = self.bound();
+        let unloaded = self.runtime.unload_idle(idle, |digest| bound.contains(digest));
+        if !unloaded.is_empty() {
+            tracing::info!(count = unloaded.len(), "unloaded plugin versions no step binds and no call used lately");
+        }
+        unloaded.len()
     }
 
     /// Refreshes every `interval` until `shutdown`, so a change made through any replica
     /// reaches this one within about `interval`.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let mut failing = false;
+        let mut swept = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
+            }
+            if swept.elapsed() >= UNLOAD_SWEEP_EVERY {
+                swept = std::time::Instant::now();
+                self.unload_idle(UNLOAD_IDLE);
             }
             match self.refresh().await {
                 Ok(()) if failing => {
@@ -229,23 +278,37 @@ impl Catalog {
     }
 
     /// Makes sure a digest is loaded if any replica stored it (a version uploaded through
-    /// another replica a moment ago is fetched and compiled now); otherwise says why not.
+    /// another replica a moment ago, one not bound, one unloaded while idle: fetched and
+    /// compiled now); otherwise says why not.
     pub async fn ensure_loaded(&self, digest: &str) -> Result<(), NotLoaded> {
         if self.runtime.is_loaded(digest) {
             return Ok(());
         }
-        if let Err(e) = self.refresh().await {
-            tracing::warn!(%digest, error = %e, "refreshing the catalog for an unknown plugin failed");
-            return Err(NotLoaded::Unavailable(e.to_string()));
+        let refused = |this: &Self| {
+            this.refused.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(plugin, reason)| {
+                NotLoaded::Refused { plugin: plugin.clone(), digest: digest.to_owned(), reason: reason.clone() }
+            })
+        };
+        // Tried already (it is tried again on a catalog change).
+        if let Some(refused) = refused(self) {
+            return Err(refused);
         }
-        if self.runtime.is_loaded(digest) {
-            return Ok(());
-        }
-        match self.refused.read().unwrap_or_else(|e| e.into_inner()).get(digest) {
-            Some((plugin, reason)) => {
-                Err(NotLoaded::Refused { plugin: plugin.clone(), digest: digest.to_owned(), reason: reason.clone() })
+        // One compile at a time, and none twice (another call may be loading it right now).
+        let stored = {
+            let _one = self.refreshing.lock().await;
+            if self.runtime.is_loaded(digest) {
+                return Ok(());
             }
-            None => Err(NotLoaded::Unknown(digest.to_owned())),
+            self.load(digest).await
+        };
+        match stored {
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "reading a plugin version to load it failed");
+                Err(NotLoaded::Unavailable(e.to_string()))
+            }
+            Ok(false) => Err(NotLoaded::Unknown(digest.to_owned())),
+            Ok(true) if self.runtime.is_loaded(digest) => Ok(()),
+            Ok(true) => Err(refused(self).unwrap_or_else(|| NotLoaded::Unknown(digest.to_owned()))),
         }
     }
 
@@ -373,11 +436,15 @@ impl Catalog {
         def.validate()?;
         for (i, step) in def.steps.iter().enumerate() {
             for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
-                if self.ensure_loaded(&plugin.digest).await.is_err() {
-                    return Err(Error::UnknownPlugin {
-                        field: format!("steps[{i}].{which}"),
-                        digest: plugin.digest.clone(),
-                    });
+                match self.ensure_loaded(&plugin.digest).await {
+                    Ok(()) => {}
+                    Err(NotLoaded::Unknown(_)) => {
+                        return Err(Error::UnknownPlugin {
+                            field: format!("steps[{i}].{which}"),
+                            digest: plugin.digest.clone(),
+                        })
+                    }
+                    Err(other) => return Err(Error::NotLoaded(other)),
                 }
             }
         }
@@ -456,6 +523,42 @@ pub(crate) mod tests {
         let store = crate::store::open(None, dir).await.unwrap();
         let runtime = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         (store, runtime, Arc::new(crate::clock::SystemClock))
+    }
+
+    /// `wasm` with a custom section appended: the same component, another digest (another
+    /// upload of the same code).
+    fn another_version(wasm: &[u8], tag: &str) -> Vec<u8> {
+        let payload = [&[1u8, b'v'][..], tag.as_bytes()].concat();
+        assert!(payload.len() < 128, "one LEB128 byte");
+        [wasm, &[0u8, payload.len() as u8][..], &payload].concat()
+    }
+
+    /// A host compiles the versions its definitions bind, not every version ever uploaded
+    /// (memory and start-up time grew with the upload history); one it needs later is compiled
+    /// then, and one that nothing binds and no call used for a while is unloaded again.
+    #[tokio::test]
+    async fn only_bound_versions_are_compiled_at_start_the_rest_on_demand_and_idle_ones_unloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let old = another_version(crate::builtin::order::PLUGINS[1].1, "old");
+        let digest = crate::runtime::digest_of(&old);
+        store.put_plugin(&digest, "payment", &old, 0, None).await.unwrap();
+        let catalog = Catalog::open(store.clone(), Arc::clone(&runtime), clock).await.unwrap();
+        let bound = catalog.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].execute.digest.clone();
+        assert!(runtime.is_loaded(&bound));
+        assert!(!runtime.is_loaded(&digest), "a version nothing binds was compiled at start");
+        assert_eq!(catalog.plugin_name(&digest).as_deref(), Some("payment"), "known as stored all the same");
+        // A saga pinned to it (or a bind) needs it: compiled now.
+        catalog.ensure_loaded(&digest).await.unwrap();
+        assert!(runtime.is_loaded(&digest));
+        // Idle and unbound: unloaded; what is bound stays.
+        assert!(catalog.unload_idle(Duration::ZERO) >= 1);
+        assert!(!runtime.is_loaded(&digest));
+        assert!(runtime.is_loaded(&bound), "a bound version was unloaded");
+        catalog.ensure_loaded(&digest).await.unwrap();
+        // Used a moment ago: kept.
+        assert_eq!(catalog.unload_idle(Duration::from_secs(600)), 0);
+        assert!(runtime.is_loaded(&digest));
     }
 
     /// A built-in plugin's bytes uploaded under another name leave that built-in type

@@ -90,6 +90,10 @@ fn catalog_error(e: catalog::Error) -> ApiError {
         catalog::Error::UnknownSagaType(_) | catalog::Error::UnknownStep { .. } => ApiError::not_found(e.to_string()),
         catalog::Error::Conflict(_) => ApiError::conflict("definition_changed", e.to_string()),
         catalog::Error::Store(e) => e.into(),
+        catalog::Error::NotLoaded(catalog::NotLoaded::Unavailable(why)) => ApiError::unavailable(why),
+        catalog::Error::NotLoaded(not) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_not_loadable", not.to_string())
+        }
     }
 }
 

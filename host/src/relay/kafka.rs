@@ -5,14 +5,16 @@
 //!
 //! Ordering: a batch is enqueued in outbox order and its delivery reports are awaited in that
 //! order. With `enable.idempotence=true` librdkafka keeps produce order per partition across
-//! its internal retries. The relay marks only the acknowledged prefix; everything after the
-//! first failure is sent again (at least once: consumers drop repeats by `event_id`). A publish
+//! its internal retries. The relay marks the acknowledged prefix and, past the first failure,
+//! only what was confirmed delivered of sagas with nothing failed before it in the batch;
+//! everything else is sent again (at least once: consumers drop repeats by `event_id`). A publish
 //! returns only once every message of its batch is settled (acknowledged or failed): nothing
 //! of a batch is still in librdkafka's queue when the relay acts on the outcome, so a retry
 //! does not send again what is still on its way (one copy per retry, not one per retry and
 //! queued copy), a row sent alone before it is dead-lettered travels alone, and a producer
 //! renewed after a fatal error leaves no messages of the old session in flight beside the new
-//! one's. The outcomes after the first failure are reported ([`Published::delivered_after`]).
+//! one's. The outcomes after the first failure are reported ([`Published::delivered_after`],
+//! [`Published::confirmed_after`]).
 //!
 //! What idempotence does not promise: when a message fails for good (a refusal, a message
 //! timeout) while a later message of the same partition travels in a later request, librdkafka
@@ -143,17 +145,22 @@ impl Sink for KafkaSink {
             }
         }
         // Await every delivery of the batch, also after the first failure: messages behind it
-        // (other sagas', on other partitions) may still be on their way (module docs). The
-        // rows after the failure are sent again however they end; those delivered (or gone
-        // with the producer, unknown) are reported for the relay's refusal rule.
+        // (other sagas', on other partitions) may still be on their way (module docs). Those
+        // delivered (or gone with the producer, unknown) are reported for the relay's refusal
+        // rule; those confirmed delivered are published unless an earlier event of their saga
+        // failed (the rest are sent again).
         let mut acked = 0;
         let mut failed = None;
         let mut delivered_after = Vec::new();
+        let mut confirmed_after = Vec::new();
         for (i, delivery) in pending.into_iter().enumerate() {
             let outcome = delivery.await;
             if failed.is_some() {
                 if !matches!(outcome, Ok(Err(_))) {
                     delivered_after.push(i);
+                }
+                if matches!(outcome, Ok(Ok(_))) {
+                    confirmed_after.push(i);
                 }
                 continue;
             }
@@ -165,6 +172,7 @@ impl Sink for KafkaSink {
                         refused: refused(&e),
                         error: Some(anyhow::Error::new(e).context("the broker did not acknowledge an event")),
                         delivered_after: Vec::new(),
+                        confirmed_after: Vec::new(),
                     });
                 }
                 Err(_) => {
@@ -173,17 +181,18 @@ impl Sink for KafkaSink {
                         error: Some(anyhow::anyhow!("the Kafka producer went away")),
                         refused: None,
                         delivered_after: Vec::new(),
+                        confirmed_after: Vec::new(),
                     })
                 }
             }
         }
         if let Some(failed) = failed {
-            return Published { delivered_after, ..failed };
+            return Published { delivered_after, confirmed_after, ..failed };
         }
         // Only a refusal of the row right after the acknowledged prefix counts as one; nothing
         // after it was enqueued.
         let refused = enqueue_refused.filter(|&(i, _)| i == acked).map(|(_, why)| why);
-        Published { acked, error: enqueue_error, refused, delivered_after }
+        Published { acked, error: enqueue_error, refused, delivered_after, confirmed_after }
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Published {
     /// every row it may have sent. A refused row is sent alone only if no later row of its
     /// saga is listed, so that it never lands behind one; see [`publish_once`].
     pub delivered_after: Vec<usize>,
+    /// Of those, the rows the sink confirms delivered (not "may have been"): these are marked
+    /// published when nothing of their saga before them failed ([`delivered_beyond`]).
+    pub confirmed_after: Vec<usize>,
 }
 
 /// Where events go.
@@ -328,12 +331,13 @@ async fn publish_once(
     let mut published = sink.publish(&rows).await;
     let refused = published.refused.clone().filter(|_| published.acked < rows.len());
     let delivered_after = std::mem::take(&mut published.delivered_after);
+    let confirmed_after = std::mem::take(&mut published.confirmed_after);
     warn_of_inversions(&rows, published.acked, &delivered_after);
     let (acked, error) = settle(rows.len(), published);
     crate::failpoint!("relay-after-publish");
     // The acknowledged prefix, and past it what was delivered of sagas with nothing undelivered
     // before it in the batch.
-    let beyond = delivered_beyond(&rows, acked, &delivered_after);
+    let beyond = delivered_beyond(&rows, acked, &confirmed_after);
     let marked = acked + beyond.len();
     metrics.published(marked);
     if marked > 0 {
@@ -391,15 +395,15 @@ async fn publish_once(
 }
 
 /// The rows past the acknowledged prefix (`acked`) that are published all the same: delivered
-/// (`delivered_after`, the sink's word) with every earlier row of their saga in the batch
+/// (`confirmed`, the sink's word) with every earlier row of their saga in the batch
 /// acknowledged or delivered too. Each saga's order holds: the batch is the oldest pending
 /// rows and a saga's ids rise with its `seq`, so its rows before the batch are all published.
 /// Without it, one partition that did not answer (no leader, too few in-sync replicas) held
 /// back every saga's events behind its first row, each round a Kafka message timeout long,
 /// and sent the rest again every time.
-fn delivered_beyond(rows: &[OutboxRow], acked: usize, delivered_after: &[usize]) -> Vec<usize> {
+fn delivered_beyond(rows: &[OutboxRow], acked: usize, confirmed: &[usize]) -> Vec<usize> {
     let mut delivered = vec![false; rows.len()];
-    for &i in delivered_after {
+    for &i in confirmed {
         if let Some(d) = delivered.get_mut(i) {
             *d = true;
         }

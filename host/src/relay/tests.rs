@@ -19,6 +19,7 @@ fn reply(acked: usize, error: bool) -> Published {
         error: error.then(|| anyhow::anyhow!("the sink failed")),
         refused: None,
         delivered_after: vec![],
+        confirmed_after: vec![],
     }
 }
 
@@ -104,6 +105,7 @@ impl Sink for ScriptedSink {
             error: Some(anyhow::anyhow!("refused")),
             refused: Some("too large".into()),
             delivered_after: if later_delivered { (acked + 1..rows.len()).collect() } else { vec![] },
+            confirmed_after: if later_delivered { (acked + 1..rows.len()).collect() } else { vec![] },
         };
         let next = self.script.lock().unwrap().pop_front();
         match next {
@@ -124,6 +126,7 @@ impl Sink for ScriptedSink {
                 error: Some(anyhow::anyhow!("message timed out")),
                 refused: None,
                 delivered_after: (n + 1..rows.len()).collect(),
+                confirmed_after: (n + 1..rows.len()).collect(),
             },
             None => reply(rows.len(), false),
         }

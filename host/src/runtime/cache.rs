@@ -11,7 +11,9 @@
 //! must not run anything.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -19,33 +21,64 @@ use wasmtime::Engine;
 use super::wit::Prepared;
 use super::{Capabilities, LoadError};
 
-/// A compiled plugin and what it may do.
-type Entry = (Arc<dyn Prepared>, Capabilities);
+/// A compiled plugin, what it may do, and when it was last handed to a call (ms since the
+/// cache was made).
+struct Entry {
+    ready: Arc<dyn Prepared>,
+    caps: Capabilities,
+    used: AtomicU64,
+}
 
 /// Compiled plugins by digest, with what each may do.
 pub(super) struct Cache {
     ready: RwLock<HashMap<String, Entry>>,
+    since: Instant,
 }
 
 impl Cache {
     pub(super) fn new() -> Cache {
-        Cache { ready: RwLock::new(HashMap::new()) }
+        Cache { ready: RwLock::new(HashMap::new()), since: Instant::now() }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     pub(super) fn contains(&self, digest: &str) -> bool {
         self.ready.read().unwrap_or_else(|e| e.into_inner()).contains_key(digest)
     }
 
+    /// The compiled plugin, for a call: marks it used now.
     pub(super) fn get(&self, digest: &str) -> Option<Arc<dyn Prepared>> {
-        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(ready, _)| Arc::clone(ready))
+        let ready = self.ready.read().unwrap_or_else(|e| e.into_inner());
+        let entry = ready.get(digest)?;
+        entry.used.store(self.now(), Ordering::Relaxed);
+        Some(Arc::clone(&entry.ready))
     }
 
     pub(super) fn capabilities(&self, digest: &str) -> Option<Capabilities> {
-        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(_, caps)| *caps)
+        self.ready.read().unwrap_or_else(|e| e.into_inner()).get(digest).map(|e| e.caps)
     }
 
     pub(super) fn insert(&self, digest: String, ready: Arc<dyn Prepared>, caps: Capabilities) {
-        self.ready.write().unwrap_or_else(|e| e.into_inner()).insert(digest, (ready, caps));
+        let entry = Entry { ready, caps, used: AtomicU64::new(self.now()) };
+        self.ready.write().unwrap_or_else(|e| e.into_inner()).insert(digest, entry);
+    }
+
+    /// Drops the plugins not handed to a call (nor loaded) for `idle`, but those `keep` names;
+    /// returns their digests. A call running one keeps its share until it ends.
+    pub(super) fn drop_idle(&self, idle: Duration, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let cutoff = self.now().saturating_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
+        let mut ready = self.ready.write().unwrap_or_else(|e| e.into_inner());
+        let idle: Vec<String> = ready
+            .iter()
+            .filter(|(digest, e)| e.used.load(Ordering::Relaxed) <= cutoff && !keep(digest))
+            .map(|(digest, _)| digest.clone())
+            .collect();
+        for digest in &idle {
+            ready.remove(digest);
+        }
+        idle
     }
 
     /// The compiled component of `wasm`: compiled now (tens of milliseconds of CPU).

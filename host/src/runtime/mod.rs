@@ -330,6 +330,12 @@ impl Runtime {
         self.cache.contains(digest)
     }
 
+    /// Unloads the components no call was handed for `idle`, but those `keep` names (the
+    /// versions bound now); returns their digests. Each is loaded again when a call needs it.
+    pub fn unload_idle(&self, idle: Duration, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.cache.drop_idle(idle, keep)
+    }
+
     fn call<'a>(&'a self, digest: &'a str, plugin: &'a str, info: &'a CallInfo, timeout: Duration) -> call::Call<'a> {
         call::Call {
             engine: &self.engine,

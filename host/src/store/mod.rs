@@ -370,6 +370,12 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> Result<bool>;
     /// Gives up a claim without a transition.
     async fn release(&self, id: &str, epoch: i64) -> Result<()>;
+    /// Gives up a claim, and no claim takes the saga before `at` (ms, the driver's clock): a
+    /// saga this host could not run (its plugin does not load here) waits a while for another
+    /// replica, or for this one to be upgraded, rather than being claimed again at once. Only
+    /// the claim's schedule: the saga's own state still says when it is due, and its next
+    /// commit writes that back.
+    async fn release_until(&self, id: &str, epoch: i64, at: i64) -> Result<()>;
     /// Drops every claim held by `owner` (a process that restarts under the same identity).
     async fn release_owner(&self, owner: &str) -> Result<u64>;
     /// The database server's clock in ms since the epoch, where hosts on several machines

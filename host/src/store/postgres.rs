@@ -17,6 +17,7 @@
 //! relay and clients (503 with `Retry-After`) retry.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +41,30 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_millis(500);
 /// Set on every new connection (one round trip).
 const SESSION: &str = "SET application_name = 'sagahost'; SET idle_in_transaction_session_timeout = '10s'; \
      SET lock_timeout = '10s'";
+
+/// "current transaction is aborted, commands ignored until end of transaction block".
+const IN_FAILED_TRANSACTION: &str = "25P02";
+
+/// Acquisitions left that first end whatever transaction block their connection is in. A
+/// future dropped while its `BEGIN` was on the wire (a timeout, a lease lost mid-publish after
+/// the process was frozen) can return a connection to the pool inside a transaction block sqlx
+/// does not know of; the first statement that fails there leaves it aborted, and every
+/// statement after it failed with 25P02, for as long as the connection lived (a replica's relay
+/// and catalog stalled for good in a test). Seeing 25P02 arms this for more acquisitions than
+/// any pool has connections.
+static STRAY_CHECKS: AtomicU32 = AtomicU32::new(0);
+const STRAY_CHECK_ROUNDS: u32 = 256;
+
+/// Whether stray-transaction checks are armed (for tests).
+#[cfg(test)]
+pub(super) fn stray_checks_armed() -> bool {
+    STRAY_CHECKS.load(Ordering::Relaxed) > 0
+}
+
+/// Takes one stray-transaction check if any is armed.
+fn take_stray_check() -> bool {
+    STRAY_CHECKS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+}
 
 /// PostgreSQL.
 pub struct Postgres;
@@ -107,7 +132,11 @@ impl Dialect for Postgres {
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                    if take_stray_check() {
+                        // A connection may be stuck in a transaction block sqlx does not know
+                        // of (see `STRAY_CHECKS`): end it, whatever it holds.
+                        sqlx::Executor::execute(&mut *conn, "ROLLBACK").await?;
+                    } else if meta.idle_for >= PING_IF_IDLE_FOR {
                         sqlx::Connection::ping(conn).await?;
                     }
                     Ok(true)
@@ -126,6 +155,12 @@ impl Dialect for Postgres {
         // 55P03 lock_not_available (our lock_timeout), 57P01-57P03 admin or crash shutdown and
         // "the database system is starting up", 53300 too_many_connections, 25P03 the session
         // was ended for idling in a transaction (a frozen process), 57014 a cancelled statement.
+        if code == IN_FAILED_TRANSACTION {
+            // A pooled connection is stuck in a failed transaction block: check every pooled
+            // connection before its next use; the retry gets a clean one.
+            STRAY_CHECKS.store(STRAY_CHECK_ROUNDS, Ordering::Relaxed);
+            return true;
+        }
         code.starts_with("08")
             || matches!(code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300" | "25P03" | "57014")
     }

@@ -780,6 +780,26 @@ impl SagaStore for SqlStore {
             .await
     }
 
+    async fn release_until(&self, id: &str, epoch: i64, at: i64) -> Result<()> {
+        self.writes
+            .run_one((id.to_owned(), epoch, at), |(id, epoch, at), conn| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE sagas SET lease_owner = NULL, lease_until = NULL, \
+                         next_run_at = CASE WHEN next_run_at < $3 THEN $3 ELSE next_run_at END \
+                         WHERE id = $1 AND epoch = $2 AND next_run_at IS NOT NULL",
+                    )
+                    .bind(id)
+                    .bind(epoch)
+                    .bind(at)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
     async fn release_owner(&self, owner: &str) -> Result<u64> {
         let r = sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
             .bind(owner)

@@ -1157,6 +1157,14 @@ async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
             // Data no retry can store: a NUL in text, an index row too large.
             let nul = other.execute("SELECT convert_from('\\x00'::bytea, 'UTF8')").await.unwrap_err();
             assert!(Error::from(nul).is_refused_data(), "postgres: a NUL is refused data");
+            // A statement on a connection left in a failed transaction block is transient, and
+            // arms the pool's check of its connections before their next use.
+            let mut stuck = sqlx::PgConnection::connect(url).await.unwrap();
+            stuck.execute("BEGIN").await.unwrap();
+            stuck.execute("SELECT 1 / 0").await.unwrap_err();
+            let aborted = Error::from(stuck.execute("SELECT 1").await.unwrap_err());
+            assert!(aborted.is_transient(), "postgres: {aborted}");
+            assert!(postgres::stray_checks_armed(), "postgres: a stuck transaction block did not arm the checks");
             // A session ended for idling in a transaction (a frozen process) is transient.
             other.execute("SET idle_in_transaction_session_timeout = '50ms'").await.unwrap();
             other.execute("BEGIN").await.unwrap();

@@ -140,13 +140,20 @@ impl Sink for JsonlSink {
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
         match appended {
-            Ok(()) => Published { acked: rows.len(), error: None, refused: None, delivered_after: Vec::new() },
+            Ok(()) => Published {
+                acked: rows.len(),
+                error: None,
+                refused: None,
+                delivered_after: Vec::new(),
+                confirmed_after: Vec::new(),
+            },
             // The file is cut back to its last good length before the next append: nothing of
             // a failed one stands.
             Err(e) => Published {
                 acked: 0,
                 refused: None,
                 delivered_after: Vec::new(),
+                confirmed_after: Vec::new(),
                 error: Some(anyhow::Error::new(e).context(format!("appending to {}", self.path.display()))),
             },
         }
