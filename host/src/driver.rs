@@ -1136,6 +1136,7 @@ impl Inner {
             crate::catalog::NotLoaded::Unavailable(e) => Err(Unserved::from(e)),
             refused @ crate::catalog::NotLoaded::Refused { .. } => {
                 tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
+                self.metrics.not_loadable();
                 let pause = i64::try_from(NOT_LOADABLE_PAUSE.as_millis()).unwrap_or(i64::MAX);
                 Err(Unserved { why: refused.to_string(), not_before: Some(self.clock.now_ms().saturating_add(pause)) })
             }

@@ -93,6 +93,7 @@ pub struct Metrics {
     relay_leader: Gauge,
     clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
     dead_lettered: Counter,
+    not_loadable: Counter,
     /// Sagas by (type, status, count) as last read from the store; see [`Reused`].
     saga_counts: tokio::sync::Mutex<Option<Reused<SagaCounts>>>,
     /// The outbox backlog as last read: pending events, and the oldest one's age in seconds
@@ -183,6 +184,13 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register("relay_failures", "Relay batches that failed and will be retried", relay_failures.clone());
+        let not_loadable = Counter::default();
+        registry.register(
+            "plugin_calls_not_loadable",
+            "Plugin calls this replica did not make because its build refuses the plugin version (the saga is left \
+             to other replicas for 30 s): a rolling upgrade in progress, or a version no replica can run (rebind it)",
+            not_loadable.clone(),
+        );
         let dead_lettered = Counter::default();
         registry.register(
             "dead_lettered_events",
@@ -247,6 +255,7 @@ impl Metrics {
             saga_counts: tokio::sync::Mutex::new(None),
             backlog: tokio::sync::Mutex::new(None),
             dead_lettered,
+            not_loadable,
             registry,
             calls,
             call_seconds,
@@ -312,6 +321,11 @@ impl Metrics {
     /// An event the sink refused for good went to the dead letters.
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
+    }
+
+    /// A call not made: this build refuses the plugin version.
+    pub fn not_loadable(&self) {
+        self.not_loadable.inc();
     }
 
     pub fn relay_failed(&self) {

@@ -157,6 +157,13 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     assert_eq!(audit["data"][0]["action"], "saga.retry");
     assert_eq!(audit["data"][0]["actor"], "ops@example.com");
     assert_eq!(audit["data"][0]["note"], "refund fixed");
+    // Page by page, one entry each, to the oldest: the same entries as one page of all.
+    let whole = cli(&host, &["audit", "-o", "json"]).await.exits(0).json();
+    let paged = cli(&host, &["audit", "--limit", "1", "--all", "-o", "json"]).await.exits(0).json();
+    assert!(whole["data"].as_array().unwrap().len() >= 5);
+    assert_eq!(paged["data"], whole["data"]);
+    let first_page = cli(&host, &["audit", "--limit", "1"]).await.exits(0);
+    assert!(first_page.stderr.contains("(more: --cursor "), "{first_page:#?}");
     let run = cli(&host, &["audit"]).await.exits(0);
     for action in ["saga.define", "plugin.upload", "binding.change", "saga.retry", "saga.resolve"] {
         assert!(run.stdout.contains(action), "{action} missing: {run:#?}");

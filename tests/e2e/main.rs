@@ -484,6 +484,11 @@ async fn a_keyed_request_for_a_type_no_saga_can_have_is_a_404_that_stores_nothin
     let host = TestHost::start_with(|c| c.admin_token = Some("admin-secret".to_owned())).await;
     let id = "00000000-0000-4000-8000-000000000001";
     let long = "t".repeat(3000);
+    let not_found = |path: &str, r: &crate::harness::Resp| {
+        let shown = &path[..path.len().min(80)];
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{shown}: {}", String::from_utf8_lossy(&r.bytes));
+        assert_eq!(r.json()["error"]["code"], "not_found", "{shown}");
+    };
     for saga_type in ["%00", long.as_str(), "Order"] {
         let k = key();
         for (path, body) in [
@@ -493,14 +498,7 @@ async fn a_keyed_request_for_a_type_no_saga_can_have_is_a_404_that_stores_nothin
         ] {
             let r =
                 host.send(reqwest::Client::new().post(host.url(&path)).header("Idempotency-Key", &k).json(&body)).await;
-            assert_eq!(
-                r.status,
-                StatusCode::NOT_FOUND,
-                "{}: {}",
-                &path[..path.len().min(80)],
-                String::from_utf8_lossy(&r.bytes)
-            );
-            assert_eq!(r.json()["error"]["code"], "not_found");
+            not_found(&path, &r);
         }
         for (path, body) in [
             (format!("/admin/sagas/{saga_type}/steps/payment"), json!({"execute": "sha256:00"})),
@@ -511,14 +509,7 @@ async fn a_keyed_request_for_a_type_no_saga_can_have_is_a_404_that_stores_nothin
                 .bearer_auth("admin-secret")
                 .header("Idempotency-Key", &k)
                 .json(&body);
-            let r = host.send(put).await;
-            assert_eq!(
-                r.status,
-                StatusCode::NOT_FOUND,
-                "{}: {}",
-                &path[..path.len().min(80)],
-                String::from_utf8_lossy(&r.bytes)
-            );
+            not_found(&path, &host.send(put).await);
         }
         let put = reqwest::Client::new()
             .put(host.url(&format!("/admin/sagas/{saga_type}")))

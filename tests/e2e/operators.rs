@@ -304,3 +304,43 @@ async fn a_step_rebound_to_another_plugin_keeps_compensating_in_flight_sagas_wit
     assert_eq!(o["steps"][1]["compensate_digest"], payment.as_str(), "compensated by another plugin: {o:#}");
     assert_ne!(payment, other.digest);
 }
+
+/// The audit trail and the dead letters page by cursor: `next_cursor` leads through every
+/// entry once, and a cursor that is not a number is a 400 in the API's error shape.
+#[tokio::test]
+async fn the_audit_trail_pages_by_cursor_over_http() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let get = |path: String| host.send(host.client.get(host.url(&path)).bearer_auth(TOKEN));
+    for origin in ["http://a.example:8080", "http://b.example:8080", "http://c.example:8080"] {
+        let put = host
+            .client
+            .put(host.url("/admin/plugins/payment/grants"))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "allowed_hosts": [origin] }));
+        assert_eq!(host.send(put).await.status, StatusCode::OK);
+    }
+    let all = get("/admin/audit?limit=500".to_owned()).await.json();
+    let all: Vec<i64> = all["data"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(all.len() >= 3, "{all:?}");
+    let (mut paged, mut cursor) = (Vec::new(), None::<i64>);
+    loop {
+        let path = match cursor {
+            Some(c) => format!("/admin/audit?limit=2&cursor={c}"),
+            None => "/admin/audit?limit=2".to_owned(),
+        };
+        let page = get(path).await.json();
+        paged.extend(page["data"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()));
+        match page["next_cursor"].as_i64() {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    let empty = get("/admin/dead-letters".to_owned()).await.json();
+    assert_eq!((empty["data"].as_array().unwrap().len(), &empty["next_cursor"]), (0, &serde_json::Value::Null));
+    for path in ["/admin/audit?cursor=abc", "/admin/dead-letters?cursor=abc"] {
+        let r = get(path.to_owned()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(r.json()["error"]["code"], "invalid_request", "{path}");
+    }
+}

@@ -169,6 +169,28 @@ async fn upload_misbehave(http: &reqwest::Client, base: &str, name: &str) -> Str
     r.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned()
 }
 
+/// On replica 0: the misbehave plugin, a saga type `slow` whose one step spins until its
+/// `timeout_ms` (one attempt), and one such saga, claimed by replica 0; returns its id.
+async fn start_slow_saga(c: &Cluster, http: &reqwest::Client, timeout_ms: u64) -> String {
+    let base = c.host(0).base.clone();
+    upload_misbehave(http, &base, "misbehave").await;
+    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": timeout_ms,
+        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
+    let (status, body) = admin(http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
+    assert_eq!(status, 200, "{body}");
+    let r = http
+        .post(format!("{base}/sagas/slow"))
+        .header("Idempotency-Key", key())
+        .json(&json!({"customer_id": "loop"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let slow = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    c.wait_claimed(0, &slow).await;
+    slow
+}
+
 /// Polls every running replica's `sagahost_catalog_version` until it reaches the database's;
 /// returns how long that took (at most 30 s: a new plugin version is compiled by each replica).
 async fn catalog_converges(c: &Cluster) -> Duration {
@@ -416,18 +438,10 @@ async fn a_saga_that_waited_in_a_busy_replica_s_queue_past_its_lease_is_not_run_
     let mut c = Cluster::start(1, &[("SAGAHOST_LEASE_MS", "1000"), ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
     let http = reqwest::Client::new();
     let base = c.host(0).base.clone();
-    upload_misbehave(&http, &base, "misbehave").await;
-    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 6000,
-        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
-    let (status, body) = admin(&http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
-    assert_eq!(status, 200, "{body}");
+    let slow = start_slow_saga(&c, &http, 6000).await;
     let post = |path: &str, body: Value| {
         http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
     };
-    let slow = post("/sagas/slow", json!({"customer_id": "loop"})).await.unwrap();
-    assert_eq!(slow.status(), 201);
-    let slow = slow.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    c.wait_claimed(0, &slow).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the call is spinning now
     let order = post("/orders", good_order()).await.unwrap();
     assert_eq!(order.status(), 201);
@@ -481,18 +495,10 @@ async fn a_replica_stopped_with_sigterm_gives_its_sagas_back_at_once() {
     let mut c = Cluster::start(1, &[("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
     let http = reqwest::Client::new();
     let base = c.host(0).base.clone();
-    upload_misbehave(&http, &base, "misbehave").await;
-    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 3000,
-        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
-    let (status, body) = admin(&http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
-    assert_eq!(status, 200, "{body}");
+    start_slow_saga(&c, &http, 3000).await;
     let post = |path: &str, body: Value| {
         http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
     };
-    let slow = post("/sagas/slow", json!({"customer_id": "loop"})).await.unwrap();
-    assert_eq!(slow.status(), 201);
-    let slow = slow.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    c.wait_claimed(0, &slow).await;
     // Three orders wait in replica 0's queue, claimed by it, behind the spinning call.
     let mut orders = Vec::new();
     for _ in 0..3 {

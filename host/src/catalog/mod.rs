@@ -601,7 +601,7 @@ pub(crate) mod tests {
         assert!(matches!(lost, Err(Error::Conflict(_))), "{lost:?}");
         b.bind(crate::builtin::order::SAGA_TYPE, &step, Some(&digest), None, audit).await.unwrap();
         // Exactly the committed binds are audited.
-        let binds = store.audit_log(None, 10).await.unwrap();
+        let binds = store.audit_log(None, None, 10).await.unwrap();
         assert_eq!(binds.iter().filter(|r| r.entry.action == "binding.change").count(), 2);
 
         // A type registered through `a` a moment ago can be bound through `b` at once.

@@ -14,16 +14,38 @@ pub struct Args {
     /// Only entries about this saga id, plugin digest, plugin, binding (TYPE/STEP) or saga type.
     #[arg(long)]
     pub target: Option<String>,
-    /// At most this many entries, 1 to 500 (the host's default: 100).
+    /// At most this many entries per page, 1 to 500 (the host's default: 100).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub limit: Option<u32>,
+    /// Start after this cursor (the next_cursor of the page before): older entries.
+    #[arg(long)]
+    pub cursor: Option<i64>,
+    /// Follow next_cursor to the oldest entry.
+    #[arg(long, conflicts_with = "cursor")]
+    pub all: bool,
 }
 
 pub async fn run(args: Args) -> Result<(), Failure> {
     let ctx = Ctx::new(&args.global)?;
-    let path =
-        format!("/admin/audit{}", query(&[("target", args.target), ("limit", args.limit.map(|l| l.to_string()))]));
-    let body = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
+    let mut cursor = args.cursor;
+    let mut data = Vec::new();
+    let next = loop {
+        let path = format!(
+            "/admin/audit{}",
+            query(&[
+                ("target", args.target.clone()),
+                ("limit", args.limit.map(|l| l.to_string())),
+                ("cursor", cursor.map(|c| c.to_string())),
+            ])
+        );
+        let page = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
+        data.extend(page["data"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_i64() {
+            Some(c) if args.all => cursor = Some(c),
+            next => break next,
+        }
+    };
+    let body = serde_json::json!({ "data": data, "next_cursor": next });
     ctx.out.print(&body, |b, colour| {
         let mut t = Table::new(&["AT", "ACTOR", "ACTION", "TARGET", "NOTE"]);
         for e in b["data"].as_array().map_or(&[][..], Vec::as_slice) {
@@ -37,5 +59,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
         t.render(colour)
     });
+    if let (super::Output::Table, Some(c)) = (ctx.out.output, next) {
+        eprintln!("(more: --cursor {c}, or --all)");
+    }
     Ok(())
 }

@@ -229,6 +229,9 @@ pub struct AuditQuery {
     /// At most this many entries (1-500, default 100).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page: the entries older than it.
+    #[param(minimum = 1)]
+    pub cursor: Option<i64>,
 }
 
 /// An entry of the audit trail.
@@ -254,6 +257,8 @@ pub struct AuditEntryView {
 #[derive(Debug, serde::Serialize, ToSchema)]
 pub struct AuditPage {
     pub data: Vec<AuditEntryView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<i64>,
 }
 
 /// The audit trail of admin and operator actions, newest first.
@@ -276,7 +281,17 @@ pub async fn audit_log(
     }
     // A saga id is kept in lowercase (see `saga_id`); other targets are matched as given.
     let target = q.target.map(|t| super::sagas::canonical_id(&t).unwrap_or(t));
-    let entries = state.store.audit_log(target.as_deref(), limit).await?;
+    if q.cursor.is_some_and(|c| c < 1) {
+        return Err(ApiError::invalid(
+            "cursor",
+            "is not a cursor this API returned; pass next_cursor from the previous page",
+        ));
+    }
+    // One more than the page: whether there is a next one.
+    let mut entries = state.store.audit_log(target.as_deref(), q.cursor, limit + 1).await?;
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
+    let next_cursor = if more { entries.last().map(|r| r.id) } else { None };
     let data = entries
         .into_iter()
         .map(|r| AuditEntryView {
@@ -290,7 +305,7 @@ pub async fn audit_log(
             note: r.entry.note,
         })
         .collect();
-    Ok(json_response(StatusCode::OK, to_json(&AuditPage { data })?, None))
+    Ok(json_response(StatusCode::OK, to_json(&AuditPage { data, next_cursor })?, None))
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub struct DeadLetterQuery {
     /// At most this many entries (1-500, default 100).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page: the dead letters older than it.
+    #[param(minimum = 0)]
+    pub cursor: Option<i64>,
 }
 
 /// An event the sink refused for good. Its saga's later events were published: consumers see
@@ -46,6 +49,8 @@ pub struct DeadLetterView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeadLetterPage {
     pub data: Vec<DeadLetterView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<i64>,
 }
 
 /// Events the sink refused for good (too large for the broker, say), newest first.
@@ -62,10 +67,18 @@ pub async fn list_dead_letters(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be from 1 to 500"));
     }
-    let data = state
-        .store
-        .dead_letters(limit)
-        .await?
+    if q.cursor.is_some_and(|c| c < 0) {
+        return Err(ApiError::invalid(
+            "cursor",
+            "is not a cursor this API returned; pass next_cursor from the previous page",
+        ));
+    }
+    // One more than the page: whether there is a next one.
+    let mut letters = state.store.dead_letters(q.cursor, limit + 1).await?;
+    let more = letters.len() > limit as usize;
+    letters.truncate(limit as usize);
+    let next_cursor = if more { letters.last().map(|d| d.outbox_id) } else { None };
+    let data = letters
         .into_iter()
         .map(|d| DeadLetterView {
             size: d.payload.len(),
@@ -78,5 +91,5 @@ pub async fn list_dead_letters(
             at: crate::clock::rfc3339(d.at),
         })
         .collect();
-    Ok(json_response(StatusCode::OK, to_json(&DeadLetterPage { data })?, None))
+    Ok(json_response(StatusCode::OK, to_json(&DeadLetterPage { data, next_cursor })?, None))
 }

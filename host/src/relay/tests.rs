@@ -289,7 +289,8 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
-    let dead = || async { store.dead_letters(10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
+    let dead =
+        || async { store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
     let sent = |i: usize| sink.batches.lock().unwrap()[i].clone();
     // The broker takes a1 b1, then calls c1's request too large; alone it fits.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2, false));
@@ -490,4 +491,27 @@ async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     assert_eq!(during, None, "the lease lapsed during the grace (more than a lease long)");
     assert_eq!(pending(&*store).await.len(), 12, "a dropped publish marks nothing");
     assert!(store.relay_lease("b", 300).await.unwrap().is_some(), "the stopping relay handed its lease over");
+}
+
+/// Dead letters page newest first by their outbox id: following the cursor reads each once.
+#[tokio::test]
+async fn dead_letters_page_by_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    for row in store.outbox_pending(5).await.unwrap() {
+        assert!(store.outbox_dead_letter(row.id, "too large", 1).await.unwrap());
+    }
+    let all: Vec<i64> = store.dead_letters(None, 100).await.unwrap().iter().map(|d| d.outbox_id).collect();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0] > w[1]), "newest first: {all:?}");
+    let (mut paged, mut cursor) = (Vec::new(), None);
+    loop {
+        let page = store.dead_letters(cursor, 2).await.unwrap();
+        paged.extend(page.iter().map(|d| d.outbox_id));
+        match page.last() {
+            Some(last) if page.len() == 2 => cursor = Some(last.outbox_id),
+            _ => break,
+        }
+    }
+    assert_eq!(paged, all);
 }

@@ -159,7 +159,7 @@ impl Writes {
                     let mut conn = pool.acquire().await?;
                     return run(&data, &mut conn).await;
                 }
-                let mut tx = pool.begin().await?;
+                let mut tx = super::dialect::begin(pool, None).await?;
                 match run(&data, &mut tx).await {
                     Ok(out) => {
                         tx.commit().await?;
@@ -279,7 +279,7 @@ async fn run_batch(pool: &AnyPool, batch: &mut Vec<Box<dyn Queued>>) {
 }
 
 async fn together(pool: &AnyPool, batch: &mut [Box<dyn Queued>]) -> Result<(), Failed> {
-    let mut tx = pool.begin().await.map_err(|e| Failed::Batch(e.into()))?;
+    let mut tx = super::dialect::begin(pool, None).await.map_err(Failed::Batch)?;
     for job in batch.iter_mut() {
         if job.run(&mut tx).await.is_err() {
             let _ = tx.rollback().await;
@@ -292,7 +292,7 @@ async fn together(pool: &AnyPool, batch: &mut [Box<dyn Queued>]) -> Result<(), F
 /// Runs one job in its own transaction: `Ok` when its kept result may be sent (committed, or
 /// refused without writing).
 async fn alone(pool: &AnyPool, job: &mut dyn Queued) -> Result<()> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::dialect::begin(pool, None).await?;
     match job.run(&mut tx).await {
         Ok(()) => Ok(tx.commit().await?),
         Err(e) => {

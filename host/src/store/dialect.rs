@@ -90,3 +90,29 @@ pub static ALL: &[&dyn Dialect] = &[&super::sqlite::Sqlite, &super::postgres::Po
 pub fn for_url(url: &str) -> Option<&'static dyn Dialect> {
     ALL.iter().copied().find(|d| d.accepts(url))
 }
+
+/// Begins a transaction on a connection of `pool` (`statement` instead of `BEGIN`, if given)
+/// where no caller can cancel it half-way. sqlx (0.8) forgets a `BEGIN` whose future was
+/// dropped between sending it and its answer (it counts the transaction only once answered,
+/// and its drop guard rolls back only what it counted): the connection went back to the pool
+/// inside a transaction block nobody knew of, single statements on it were never committed,
+/// and once one failed every later one did (25P02). A request whose client hung up, a timeout
+/// or a relay publish dropped with its lease could do that. In a task of its own, `BEGIN`
+/// always completes; a caller gone by then drops the transaction, which sqlx then does roll
+/// back.
+pub(super) async fn begin(
+    pool: &sqlx::AnyPool,
+    statement: Option<&'static str>,
+) -> super::Result<sqlx::Transaction<'static, sqlx::Any>> {
+    let pool = pool.clone();
+    let begun = tokio::spawn(async move {
+        match statement {
+            Some(statement) => pool.begin_with(statement).await,
+            None => pool.begin().await,
+        }
+    });
+    match begun.await {
+        Ok(tx) => Ok(tx?),
+        Err(e) => Err(super::Error::Unsupported(format!("the task beginning a transaction failed: {e}"))),
+    }
+}

@@ -482,8 +482,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Moves an outbox row the sink refused for good into the dead letters, with the reason,
     /// and marks it published, in one transaction. False if the row was already gone.
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool>;
-    /// Dead-lettered events, newest first.
-    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>>;
+    /// Dead-lettered events, newest first; with `before`, those older than that outbox id
+    /// (the next page).
+    async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>>;
 }
 
 /// An event a sink refused for good.
@@ -541,8 +542,9 @@ pub trait CatalogStore: Send + Sync + 'static {
 pub trait AuditStore: Send + Sync + 'static {
     /// Writes an audit entry on its own (actions that change nothing in the store).
     async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()>;
-    /// The audit trail, newest first, optionally for one target.
-    async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>>;
+    /// The audit trail, newest first, optionally for one target; with `before`, the entries
+    /// older than that id (the next page).
+    async fn audit_log(&self, target: Option<&str>, before: Option<i64>, limit: u32) -> Result<Vec<AuditRecord>>;
 }
 
 /// Housekeeping: every call deletes at most `limit` rows, so that no transaction runs long;

@@ -328,7 +328,7 @@ impl SqlStore {
     /// [`SagaStore::saga`], one attempt.
     async fn saga_once(&self, id: &str) -> Result<Option<SagaRecord>> {
         // One read transaction, so the saga row and its steps are one snapshot.
-        let mut tx = self.reader.begin_with(self.dialect.begin_snapshot()).await?;
+        let mut tx = super::dialect::begin(&self.reader, Some(self.dialect.begin_snapshot())).await?;
         let Some(r) = sqlx::query(
             "SELECT id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, created_at, updated_at, \
              trace_parent FROM sagas WHERE id = $1",
@@ -1458,7 +1458,7 @@ impl GrantStore for SqlStore {
         now: i64,
     ) -> Result<Vec<String>> {
         let json = serde_json::to_string(allowed_hosts).map_err(|e| corrupt(e.to_string()))?;
-        let mut tx = self.writer.begin().await?;
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
         // Lock the plugin's row first, creating it with no grants if there is none: a
         // concurrent change waits here until this one commits, so the list read next is the
         // one this change replaces, and the audit trail chains without a gap.
@@ -1658,11 +1658,18 @@ impl OutboxStore for SqlStore {
             .await
     }
 
-    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
-        let rows = sqlx::query(
-            "SELECT outbox_id, event_id, saga_id, seq, event_type, payload, reason, at FROM dead_letters \
-             ORDER BY outbox_id DESC LIMIT $1",
-        )
+    async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = match before {
+            Some(before) => sqlx::query(
+                "SELECT outbox_id, event_id, saga_id, seq, event_type, payload, reason, at FROM dead_letters \
+                 WHERE outbox_id < $1 ORDER BY outbox_id DESC LIMIT $2",
+            )
+            .bind(before),
+            None => sqlx::query(
+                "SELECT outbox_id, event_id, saga_id, seq, event_type, payload, reason, at FROM dead_letters \
+                 ORDER BY outbox_id DESC LIMIT $1",
+            ),
+        }
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
@@ -1706,7 +1713,7 @@ impl CatalogStore for SqlStore {
         now: i64,
         audit: Option<&AuditEntry>,
     ) -> Result<bool> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
         let r = sqlx::query(
             "INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
@@ -1790,7 +1797,7 @@ impl CatalogStore for SqlStore {
             DefinitionSource::Builtin => "builtin",
             DefinitionSource::Admin => "admin",
         };
-        let mut tx = self.writer.begin().await?;
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
         let version: Option<i64> = match expected_version {
             // Replace a definition that must exist at exactly this version.
             Some(expected) if expected > 0 => {
@@ -1848,15 +1855,26 @@ impl AuditStore for SqlStore {
         insert_audit(&mut conn, entry, now).await
     }
 
-    async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditRecord>> {
+    async fn audit_log(&self, target: Option<&str>, before: Option<i64>, limit: u32) -> Result<Vec<AuditRecord>> {
         // One statement per filter, for the reason `list_sagas_sql` gives.
-        let rows = match target {
-            Some(target) => sqlx::query(
+        let rows = match (target, before) {
+            (Some(target), Some(before)) => sqlx::query(
+                "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
+                 WHERE target = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            )
+            .bind(target)
+            .bind(before),
+            (Some(target), None) => sqlx::query(
                 "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
                  WHERE target = $1 ORDER BY id DESC LIMIT $2",
             )
             .bind(target),
-            None => sqlx::query(
+            (None, Some(before)) => sqlx::query(
+                "SELECT id, at, actor, action, target, before, after, note FROM audit_log \
+                 WHERE id < $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(before),
+            (None, None) => sqlx::query(
                 "SELECT id, at, actor, action, target, before, after, note FROM audit_log ORDER BY id DESC LIMIT $1",
             ),
         }
@@ -1908,7 +1926,7 @@ impl JanitorStore for SqlStore {
     }
 
     async fn purge_finished_sagas(&self, before: i64, limit: u32) -> Result<u64> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
         let ids: Vec<String> = sqlx::query_scalar(&self.sql.finished_sagas)
             .bind(before)
             .bind(i64::from(limit))
