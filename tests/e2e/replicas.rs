@@ -170,12 +170,12 @@ async fn upload_misbehave(http: &reqwest::Client, base: &str, name: &str) -> Str
 }
 
 /// On replica 0: the misbehave plugin, a saga type `slow` whose one step spins until its
-/// `timeout_ms` (one attempt), and one such saga, claimed by replica 0; returns its id.
-async fn start_slow_saga(c: &Cluster, http: &reqwest::Client, timeout_ms: u64) -> String {
+/// `timeout_ms` (`attempts` times), and one such saga, claimed by replica 0; returns its id.
+async fn start_slow_saga(c: &Cluster, http: &reqwest::Client, timeout_ms: u64, attempts: u32) -> String {
     let base = c.host(0).base.clone();
     upload_misbehave(http, &base, "misbehave").await;
     let def = json!({"steps": [{"name": "misbehave", "timeout_ms": timeout_ms,
-        "retry": {"max_attempts": 1, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
+        "retry": {"max_attempts": attempts, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
     let (status, body) = admin(http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
     assert_eq!(status, 200, "{body}");
     let r = http
@@ -383,23 +383,8 @@ async fn a_replica_frozen_mid_call_past_its_lease_has_its_late_result_rejected()
     // One replica first, so that it is the one running the slow step.
     let mut c = Cluster::start(1, &[("SAGAHOST_LEASE_MS", "1000")]).await;
     let http = reqwest::Client::new();
-    let base = c.host(0).base.clone();
-    upload_misbehave(&http, &base, "misbehave").await;
     // A step that spins until its 3-second timeout: long enough to freeze the caller mid-call.
-    let def = json!({"steps": [{"name": "misbehave", "timeout_ms": 3000,
-        "retry": {"max_attempts": 2, "initial_backoff_ms": 100, "max_backoff_ms": 100}}]});
-    let (status, body) = admin(&http, reqwest::Method::PUT, format!("{base}/admin/sagas/slow"), Some(def)).await;
-    assert_eq!(status, 200, "{body}");
-    let r = http
-        .post(format!("{base}/sagas/slow"))
-        .header("Idempotency-Key", key())
-        .json(&json!({"customer_id": "loop"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    c.wait_claimed(0, &id).await;
+    let id = start_slow_saga(&c, &http, 3000, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the call is spinning now
     c.host(0).freeze();
     let others = [c.add().await, c.add().await];
@@ -438,7 +423,7 @@ async fn a_saga_that_waited_in_a_busy_replica_s_queue_past_its_lease_is_not_run_
     let mut c = Cluster::start(1, &[("SAGAHOST_LEASE_MS", "1000"), ("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
     let http = reqwest::Client::new();
     let base = c.host(0).base.clone();
-    let slow = start_slow_saga(&c, &http, 6000).await;
+    let slow = start_slow_saga(&c, &http, 6000, 1).await;
     let post = |path: &str, body: Value| {
         http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
     };
@@ -495,7 +480,7 @@ async fn a_replica_stopped_with_sigterm_gives_its_sagas_back_at_once() {
     let mut c = Cluster::start(1, &[("SAGAHOST_MAX_CONCURRENT_SAGAS", "1")]).await;
     let http = reqwest::Client::new();
     let base = c.host(0).base.clone();
-    start_slow_saga(&c, &http, 3000).await;
+    start_slow_saga(&c, &http, 3000, 1).await;
     let post = |path: &str, body: Value| {
         http.post(format!("{base}{path}")).header("Idempotency-Key", key()).json(&body).send()
     };
