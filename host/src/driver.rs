@@ -517,13 +517,7 @@ impl Driver {
         // waited a whole lease (--lease-ms) for another replica, a replica removed for good or
         // replaced under another name (a rolling deploy's new pod) included.
         drop(adopted);
-        match inner.store.release_owner(&inner.options.owner).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(sagas = n, "gave back the claims of sagas not finished here"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not give back this process's claims; they expire with their lease")
-            }
-        }
+        give_back_claims(inner.store.as_ref(), &inner.options.owner, "sagas not finished here").await;
     }
 }
 
@@ -1252,6 +1246,16 @@ fn plugin_span(binding: &engine::PluginRef, call: &'static str) -> Option<tracin
             call,
         )
     })
+}
+
+/// Releases every claim `owner` holds ([`SagaStore::release_owner`]) as a process stops,
+/// logging how many (`what` they were) or why it could not: then they expire with their lease.
+pub(crate) async fn give_back_claims(store: &dyn SagaStore, owner: &str, what: &str) {
+    match store.release_owner(owner).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sagas = n, "gave back the claims of {what}"),
+        Err(e) => tracing::warn!(error = %e, "could not give back this process's claims; they expire with their lease"),
+    }
 }
 
 /// Runs `work` in `tasks`, holding `permit` (one of the driver's concurrency slots) until it ends.

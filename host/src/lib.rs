@@ -206,17 +206,17 @@ impl App {
         let metrics = metrics::Metrics::new();
         // Replicas on one database decide by its clock, not each by its own.
         let clock_sync = match store.database_now_ms().await {
-            Ok(Some(_)) => {
-                let synced = Arc::new(SyncedClock::new(Arc::clone(&config.clock)));
-                sync_clock(&synced, store.as_ref(), &metrics).await;
-                config.clock = Arc::clone(&synced) as Arc<dyn Clock>;
-                Some(synced)
-            }
             Ok(None) => None,
-            // Only a shared database is asked: keep to its clock, measured again shortly.
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the database's clock failed; measuring it again in 30 s");
+            // Only a shared database answers (or fails to): keep to its clock. A failed first
+            // read is measured again in 30 s.
+            shared => {
                 let synced = Arc::new(SyncedClock::new(Arc::clone(&config.clock)));
+                match shared {
+                    Ok(_) => sync_clock(&synced, store.as_ref(), &metrics).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the database's clock failed; measuring it again in 30 s")
+                    }
+                }
                 config.clock = Arc::clone(&synced) as Arc<dyn Clock>;
                 Some(synced)
             }
@@ -320,13 +320,7 @@ impl App {
         // Once more, now that no request is left: a saga created claimed by a request admitted
         // just before the driver stopped may have committed after the driver gave its claims
         // back.
-        match self.store.release_owner(&self.owner).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(sagas = n, "gave back the claims of sagas created while stopping"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not give back this process's last claims; they expire with their lease")
-            }
-        }
+        driver::give_back_claims(self.store.as_ref(), &self.owner, "sagas created while stopping").await;
         Ok(())
     }
 }
