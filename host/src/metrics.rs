@@ -332,6 +332,12 @@ impl Metrics {
         self.relay_failures.inc();
     }
 
+    /// `sagahost_relay_failures_total` as it stands.
+    #[cfg(test)]
+    pub fn relay_failures(&self) -> u64 {
+        self.relay_failures.get()
+    }
+
     /// A commit refused by the fence: this worker had lost the saga.
     pub fn stale_commit(&self) {
         self.stale_commits.inc();

@@ -366,7 +366,10 @@ async fn publish_once(
         if rows.len() - acked > 1 && !later_of_its_saga {
             let alone = sink.publish(std::slice::from_ref(row)).await;
             if alone.acked >= 1 {
-                store.outbox_mark_published(&[row.id], clock.now_ms()).await?;
+                if let Err(e) = store.outbox_mark_published(&[row.id], clock.now_ms()).await {
+                    metrics.relay_failed();
+                    return Err(e.into());
+                }
                 metrics.published(1);
                 return Ok(marked + 1);
             }
@@ -380,7 +383,10 @@ async fn publish_once(
                 }
             }
         }
-        store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await?;
+        if let Err(e) = store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await {
+            metrics.relay_failed();
+            return Err(e.into());
+        }
         metrics.dead_lettered();
         tracing::error!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good; it is in the dead letters");
         return Ok(marked + 1);

@@ -11,7 +11,7 @@ use crate::clock::SystemClock;
 use crate::engine::SagaState;
 use crate::event::OutboxEvent;
 use crate::metrics::Metrics;
-use crate::store::{Commit, Fence, NewSaga, Store};
+use crate::store::{Commit, DeadLetter, Fence, NewSaga, Store};
 
 fn reply(acked: usize, error: bool) -> Published {
     Published {
@@ -327,6 +327,75 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     sink.script.lock().unwrap().clear();
     publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
     assert!(pending(&*store).await.is_empty());
+}
+
+/// A store whose writes of one kind fail (its database went away just then); the rest works.
+struct FailingWrites {
+    inner: Arc<dyn Store>,
+    mark: bool,
+    dead_letter: bool,
+}
+
+fn gone() -> crate::store::Error {
+    crate::store::Error::Unsupported("the database went away".into())
+}
+
+#[async_trait]
+impl OutboxStore for FailingWrites {
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> crate::store::Result<Option<i64>> {
+        self.inner.relay_lease(owner, lease_ms).await
+    }
+    async fn relay_release(&self, owner: &str) -> crate::store::Result<()> {
+        self.inner.relay_release(owner).await
+    }
+    async fn outbox_pending(&self, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
+        self.inner.outbox_pending(limit).await
+    }
+    async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> crate::store::Result<()> {
+        if self.mark {
+            return Err(gone());
+        }
+        self.inner.outbox_mark_published(ids, now).await
+    }
+    async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
+        self.inner.outbox_page(saga_id, after, limit).await
+    }
+    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> crate::store::Result<bool> {
+        if self.dead_letter {
+            return Err(gone());
+        }
+        self.inner.outbox_dead_letter(id, reason, now).await
+    }
+    async fn dead_letters(&self, before: Option<i64>, limit: u32) -> crate::store::Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(before, limit).await
+    }
+}
+
+/// Every failed batch counts in `sagahost_relay_failures_total` (the alert on a relay that
+/// does not move watches it), also when what fails is the store's write on the refused-row
+/// path: the row's mark after it went alone, or its move to the dead letters. Nothing is
+/// marked or dead-lettered then; the batch goes again.
+#[tokio::test]
+async fn a_store_failure_on_the_refused_row_path_counts_as_a_relay_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = store_with_interleaved_events(dir.path()).await;
+    let all = inner.outbox_pending(1000).await.unwrap();
+    let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
+    let metrics = Metrics::new();
+    let sink = ScriptedSink::default();
+    // a1 refused with its batch, fits alone, and its mark fails.
+    let store = FailingWrites { inner: Arc::clone(&inner), mark: true, dead_letter: false };
+    sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
+    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert_eq!(metrics.relay_failures(), 1, "a failed mark of the row sent alone");
+    sink.script.lock().unwrap().clear();
+    // a1 refused even alone, and its move to the dead letters fails.
+    let store = FailingWrites { inner: Arc::clone(&inner), mark: false, dead_letter: true };
+    sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
+    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert_eq!(metrics.relay_failures(), 2, "a failed move to the dead letters");
+    assert!(inner.dead_letters(None, 10).await.unwrap().is_empty());
+    assert_eq!(pending(&*inner).await, all.iter().map(|r| r.id).collect::<Vec<_>>(), "nothing was marked");
 }
 
 /// The relay's cue with a commit already announced (`committed` ready), `linger` and a long
