@@ -137,6 +137,11 @@ struct Serve {
     /// Largest response body one plugin HTTP request may return, in bytes.
     #[arg(long, env = "SAGAHOST_PLUGIN_HTTP_MAX_RESPONSE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(64 << 20)))]
     plugin_http_max_response_bytes: u64,
+    /// A PEM file of certificate authorities that plugins' https requests may also chain to,
+    /// besides the public ones (Mozilla's set): the private CA of the services your steps call.
+    /// Read at start; a file that cannot be read or holds no certificate stops the host.
+    #[arg(long, env = "SAGAHOST_OUTBOUND_CA_FILE", value_name = "PEM", value_parser = sagahost::runtime::TlsTrust::from_flag)]
+    outbound_ca_file: Option<sagahost::runtime::TlsTrust>,
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
@@ -289,6 +294,7 @@ fn config(args: Serve) -> sagahost::Config {
     config.limits.http = sagahost::runtime::HttpLimits {
         max_requests: args.plugin_http_max_requests,
         max_response_bytes: args.plugin_http_max_response_bytes,
+        trust: args.outbound_ca_file.unwrap_or_else(sagahost::runtime::TlsTrust::public),
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
     config.driver.max_queued = usize::try_from(args.max_queued_sagas).unwrap_or(usize::MAX);
@@ -533,5 +539,19 @@ mod tests {
             (flags.http.max_requests, flags.http.max_response_bytes),
             (library.http.max_requests, library.http.max_response_bytes)
         );
+        assert_eq!(format!("{:?}", flags.http.trust), "TlsTrust { public CAs and 0 added }");
+    }
+
+    #[test]
+    fn outbound_ca_file_adds_its_certificates_and_a_bad_one_stops_the_host() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls/ca.pem");
+        let trust = config_of(&["--outbound-ca-file", ca]).limits.http.trust;
+        assert_eq!(format!("{trust:?}"), "TlsTrust { public CAs and 1 added }");
+        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls/localhost.key");
+        for (file, why) in [("/nonexistent/ca.pem", "cannot read"), (key, "no certificate")] {
+            let err = Cli::try_parse_from(["sagahost", "serve", "--outbound-ca-file", file]).err().expect("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+            assert!(err.to_string().contains(why) && err.to_string().contains(file), "{err}");
+        }
     }
 }

@@ -99,6 +99,10 @@ struct RunArgs {
     /// repeat the flag for several. Default: none.
     #[arg(long = "allow-host")]
     allow_host: Vec<String>,
+    /// A PEM file of certificate authorities the plugin's https requests may also chain to,
+    /// besides the public ones (serve's --outbound-ca-file).
+    #[arg(long, value_name = "PEM", value_parser = crate::runtime::TlsTrust::from_flag)]
+    outbound_ca_file: Option<crate::runtime::TlsTrust>,
     /// Whose state space the call uses (the plugin's name). Default: the file's name.
     #[arg(long)]
     plugin: Option<String>,
@@ -329,6 +333,10 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
         memory_bytes: args.plugin_memory_mib << 20,
         output_bytes: args.plugin_output_kib << 10,
         concurrent_calls: 1,
+        http: crate::runtime::HttpLimits {
+            trust: args.outbound_ca_file.clone().unwrap_or_else(crate::runtime::TlsTrust::public),
+            ..crate::runtime::HttpLimits::default()
+        },
         ..Limits::default()
     };
     let memory_limit = limits.memory_bytes;

@@ -307,4 +307,11 @@ async fn usage_errors_exit_2() {
     assert!(run.stderr.contains("cannot read the state file"), "{run:#?}");
     let run = sagahost(&["plugin", "run", &payment, "--input", "{}", "--allow-host", "not an origin"]).await.exits(2);
     assert!(run.stderr.contains("--allow-host"), "{run:#?}");
+    // A CA file that is missing, or holds no certificate (a key), stops the command saying so.
+    let args = ["plugin", "run", &payment, "--input", "{}", "--outbound-ca-file"];
+    let run = sagahost(&[&args[..], &["/nonexistent/ca.pem"]].concat()).await.exits(2);
+    assert!(run.stderr.contains("cannot read /nonexistent/ca.pem"), "{run:#?}");
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/localhost.key");
+    let run = sagahost(&[&args[..], &[key]].concat()).await.exits(2);
+    assert!(run.stderr.contains("no certificate"), "{run:#?}");
 }

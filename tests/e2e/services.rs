@@ -892,3 +892,134 @@ async fn a_0_1_0_plugin_uploaded_before_keeps_running_next_to_0_2_0_http_steps()
         (&json!("0.1.0"), &json!(false))
     );
 }
+
+/// A TLS front for a plain-HTTP demo service, as a load balancer terminating TLS would be:
+/// it accepts TLS on 127.0.0.1 with the fixture certificate for `localhost`
+/// (`tests/fixtures/tls`, issued by the fixture CA) and relays each connection's bytes to the
+/// service. Counts the handshakes that succeeded and those that failed. Stops when dropped.
+struct TlsFront {
+    /// `https://localhost:<port>`: the origin to grant and the step's `base_url`.
+    url: String,
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls").join(name)
+}
+
+impl TlsFront {
+    async fn start(backend: &str) -> TlsFront {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let certs: Vec<_> =
+            CertificateDer::pem_file_iter(tls_fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_fixture("localhost.key")).unwrap();
+        let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
+        let backend = backend.strip_prefix("http://").expect("a plain-HTTP service").to_owned();
+        let (handshakes, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (ok, failed) = (Arc::clone(&handshakes), Arc::clone(&refused));
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (acceptor, backend, ok, failed) = (acceptor.clone(), backend.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    ok.fetch_add(1, Ordering::SeqCst);
+                    let mut service = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut service).await;
+                });
+            }
+        });
+        TlsFront { url, handshakes, refused, task }
+    }
+
+    fn handshakes(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (self.handshakes.load(Ordering::SeqCst), self.refused.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn steps_reach_their_services_over_https_trusting_the_operator_s_ca() {
+    let trust = sagahost::runtime::TlsTrust::with_pem_file(&tls_fixture("ca.pem")).unwrap();
+    let env = Env::start_configured(&[], &[], |_| {}, |c| c.limits.http.trust = trust).await;
+    let (inventory, payment, shipping) = tokio::join!(
+        TlsFront::start(&env.services.inventory.url),
+        TlsFront::start(&env.services.payment.url),
+        TlsFront::start(&env.services.shipping.url),
+    );
+    // Each plugin granted its service's https origin only, and the steps pointed at it.
+    env.api.grant("http-inventory", &[&inventory.url]).await;
+    env.api.grant("http-payment", &[&payment.url]).await;
+    env.api.grant("http-shipment", &[&shipping.url]).await;
+    let mut def = env.services.definition();
+    for (i, front) in [&inventory, &payment, &shipping].iter().enumerate() {
+        def["steps"][i]["config"]["base_url"] = json!(front.url);
+    }
+    env.api.define(SAGA, &def).await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "payment")["output"]["charge_id"], format!("ch_{id}"));
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    for (front, svc) in
+        [(&inventory, &env.services.inventory), (&payment, &env.services.payment), (&shipping, &env.services.shipping)]
+    {
+        let (ok, refused) = front.handshakes();
+        assert!(ok >= 1 && refused == 0, "{}: {ok} handshakes, {refused} refused", svc.service);
+        assert_eq!(svc.keys(&id).await.len(), 1, "{}: one request, through TLS", svc.service);
+    }
+}
+
+#[tokio::test]
+async fn a_service_whose_certificate_the_host_does_not_trust_is_never_sent_a_request() {
+    // The host trusts the public CAs only (the default); the payment service's certificate
+    // was issued by the fixture CA.
+    let env = Env::start(&[], &[]).await;
+    let payment = TlsFront::start(&env.services.payment.url).await;
+    env.api.grant("http-payment", &[&payment.url]).await;
+    let mut def = env.services.definition();
+    def["steps"][1]["config"]["base_url"] = json!(payment.url);
+    def["steps"][1]["retry"] = retry(2, 20, 50);
+    def["steps"][1]["compensate_retry"] = retry(2, 20, 50);
+    env.api.define(SAGA, &def).await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    // The charge failed at the certificate, twice; its refund (a failed attempt may have
+    // charged) cannot reach the service either, so the saga stops for an operator.
+    assert_eq!(s["status"], "COMPENSATION_FAILED", "{s:#}");
+    let st = step(&s, "payment");
+    assert_eq!((&st["status"], &st["attempts"]), (&json!("compensation_failed"), &json!(2)), "{s:#}");
+    let error = st["last_error"].as_str().unwrap();
+    assert!(error.contains("/refunds") && error.contains("TLS certificate error"), "{error}");
+    let (_, retries) = env.events(&id).await;
+    assert!(
+        retries.first().is_some_and(|e| e.starts_with("payment:")
+            && e.contains("/charges")
+            && e.contains("TLS certificate error")),
+        "{retries:?}"
+    );
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1)]));
+    assert_eq!(env.services.payment.requests().await, 0, "nothing reached the service");
+    // The front counts a refused handshake once the host's alert reached it: two charges and
+    // two refunds.
+    let start = Instant::now();
+    while payment.handshakes().1 < 4 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ok, refused) = payment.handshakes();
+    assert_eq!((ok, refused), (0, 4), "each attempt tried, and gave up at the certificate");
+}

@@ -50,7 +50,7 @@ mod wit;
 
 pub use engine::EPOCH_TICK;
 pub use host::MAX_SCAN;
-pub use outbound::HttpLimits;
+pub use outbound::{HttpLimits, TlsTrust};
 
 /// Per-call limits. Configurable on the command line.
 #[derive(Debug, Clone)]

@@ -10,9 +10,11 @@
 //!    the call, must contain the request's origin exactly; otherwise `HTTP-request-denied`
 //!    and no connection is opened;
 //! 4. the address: a host name is resolved here, and a link-local or metadata address is
-//!    refused unless a grant names that very IP; plain-HTTP requests then connect to one of
-//!    the addresses that were checked (no second lookup to rebind), trying them in turn
-//!    ([`connect_first`]); `https` leaves connecting to wasi-http's TLS connector;
+//!    refused unless a grant names that very IP; the request then connects to one of the
+//!    addresses that were checked (no second lookup that could rebind the name), trying them
+//!    in turn ([`connect_first`]); `https` then verifies the server's certificate against the
+//!    name the plugin asked for, chained to the public CAs or an operator's own
+//!    ([`TlsTrust`], `--outbound-ca-file`);
 //! 5. time: every request ends when the call's timeout does, and so does reading its body,
 //!    never later: time credited back for slow state reads lets the plugin's code run on,
 //!    but not its requests ([`Deadline::outbound_until`]), which the driver promised to have
@@ -51,18 +53,78 @@ use super::call::Deadline;
 use super::{OutboundRequest, PluginReader};
 use crate::grants::{self, Host, Origin, Scheme};
 
-/// Limits on a call's outbound HTTP. Configurable on the command line.
+/// Limits on a call's outbound HTTP, and whom its `https` requests trust. Configurable on the
+/// command line.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
     /// Requests one call may make.
     pub max_requests: u32,
     /// Largest response body one request may return, in bytes.
     pub max_response_bytes: u64,
+    /// The certificate authorities an `https` server's certificate must chain to.
+    pub trust: TlsTrust,
+}
+
+/// The certificate authorities an `https` request's server must chain to: the public ones
+/// browsers trust (Mozilla's set, from webpki-roots) and any an operator adds for services
+/// whose certificates a private CA issued (`--outbound-ca-file`). One TLS client configuration,
+/// built at start-up and shared by every call (its session cache with it).
+#[derive(Clone)]
+pub struct TlsTrust {
+    config: Arc<rustls::ClientConfig>,
+    /// How many certificates the operator added (for `Debug`).
+    added: usize,
+}
+
+impl TlsTrust {
+    /// The public CAs only.
+    pub fn public() -> TlsTrust {
+        static PUBLIC: std::sync::OnceLock<TlsTrust> = std::sync::OnceLock::new();
+        PUBLIC.get_or_init(|| TlsTrust::with(Vec::new()).expect("no certificate added")).clone()
+    }
+
+    /// The public CAs and every certificate of a PEM file. An error names the file and says
+    /// what is wrong: unreadable, not PEM, no certificate in it, or one rustls cannot use as
+    /// a trust anchor.
+    pub fn with_pem_file(path: &std::path::Path) -> anyhow::Result<TlsTrust> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::CertificateDer;
+        let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("{}: no certificate in it (a PEM `BEGIN CERTIFICATE` block)", path.display());
+        }
+        TlsTrust::with(certs).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// `--outbound-ca-file`'s parser (serve and `plugin run`): the file read at once, so a bad
+    /// one stops the command before it starts, saying why.
+    pub fn from_flag(path: &str) -> Result<TlsTrust, String> {
+        TlsTrust::with_pem_file(std::path::Path::new(path)).map_err(|e| format!("{e:#}"))
+    }
+
+    fn with(added: Vec<rustls::pki_types::CertificateDer<'static>>) -> Result<TlsTrust, rustls::Error> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let count = added.len();
+        for cert in added {
+            roots.add(cert)?;
+        }
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        Ok(TlsTrust { config: Arc::new(config), added: count })
+    }
+}
+
+impl std::fmt::Debug for TlsTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsTrust {{ public CAs and {} added }}", self.added)
+    }
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20 }
+        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20, trust: TlsTrust::public() }
     }
 }
 
@@ -337,26 +399,21 @@ impl CallFacts {
         let addresses = self.resolve(&origin).await?;
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
         let at = self.deadline.outbound_until();
-        let (response, io) = if scheme == Scheme::Http {
-            // Over a connection to an address just checked: a second lookup could answer
-            // otherwise. The Host header keeps the name the plugin asked for.
-            tokio::time::timeout_at(at.into(), send_plain(request, addresses))
-                .await
-                .map_err(|_| Error::ConnectionTimeout)??
-        } else {
-            let remaining = self.remaining();
-            let options = RequestOptions {
-                connect_timeout: Some(remaining),
-                first_byte_timeout: Some(remaining),
-                between_bytes_timeout: Some(remaining),
-            };
-            let (response, io) =
-                tokio::time::timeout_at(at.into(), wasmtime_wasi_http::default_send_request(request, Some(options)))
-                    .await
-                    .map_err(|_| Error::ConnectionTimeout)??;
-            let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(io);
-            (response.map(|body| body.boxed_unsync()), io)
+        // Over a connection to an address just checked: a second lookup could answer otherwise.
+        // The Host header keeps the name the plugin asked for, and so does TLS (its SNI and the
+        // name the certificate must be for).
+        let sending = async {
+            let stream = connect_first(addresses).await?;
+            match scheme {
+                Scheme::Http => send_over(request, stream).await,
+                Scheme::Https => {
+                    let stream = tls_handshake(stream, &origin.host, &self.limits.trust).await?;
+                    send_over(request, stream).await
+                }
+            }
         };
+        let (response, io) =
+            tokio::time::timeout_at(at.into(), sending).await.map_err(|_| Error::ConnectionTimeout)??;
         let limit = self.limits.max_response_bytes;
         let response = response.map(|body| {
             Limited {
@@ -436,28 +493,64 @@ async fn connect_first(addresses: Vec<SocketAddr>) -> Result<tokio::net::TcpStre
     }
 }
 
-/// Sends a plain-HTTP request over HTTP/1.1 on a connection to one of `addresses`
-/// ([`connect_first`]). Returns the response and the connection's worker, which must run for
-/// the body to arrive. Unbounded in time: the caller bounds it (and the body, [`Limited`]).
-async fn send_plain(
+/// The TLS client handshake on a connection to a checked address: the server must present a
+/// certificate for `host` (the name the plugin asked for, or the granted IP) that chains to
+/// `trust`. Errors say which way it failed: the certificate (expired, another name, an
+/// unknown issuer), an alert from the server, or the protocol.
+async fn tls_handshake(
+    stream: tokio::net::TcpStream,
+    host: &Host,
+    trust: &TlsTrust,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Error> {
+    use rustls::pki_types::ServerName;
+    let name = match host {
+        Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+        Host::Name(name) => ServerName::try_from(name.clone()).map_err(|_| Error::HttpRequestUriInvalid)?,
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&trust.config));
+    connector.connect(name, stream).await.map_err(tls_error)
+}
+
+/// A failed handshake as the wasi-http error the plugin sees.
+fn tls_error(e: std::io::Error) -> Error {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_)) => Error::TlsCertificateError,
+        Some(rustls::Error::AlertReceived(alert)) => {
+            Error::TlsAlertReceived { alert_id: Some(u8::from(*alert)), alert_message: Some(format!("{alert:?}")) }
+        }
+        Some(_) => Error::TlsProtocolError,
+        // The connection failed under the handshake (reset, closed).
+        None => Error::Tls(e),
+    }
+}
+
+/// Sends a request over HTTP/1.1 on an open connection (plain, or TLS). Returns the response
+/// and the connection's worker, which must run for the body to arrive. Unbounded in time: the
+/// caller bounds it (and the body, [`Limited`]).
+async fn send_over<S>(
     mut request: http::Request<WasiBody>,
-    addresses: Vec<SocketAddr>,
-) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error> {
-    let stream = connect_first(addresses).await?;
+    stream: S,
+) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     // The request line names the path only (the origin is in the Host header).
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| Error::HttpRequestUriInvalid)?;
     // The connection is driven while the response head is awaited; if it ends first (the
-    // service closed it), the response (or the reason there is none) is ready.
+    // service answered and closed it), the response (or the reason there is none) is ready.
+    // It may end in an error after the whole response arrived: a TLS peer that closes without
+    // `close_notify` (many do) after a response framed by its length. The response counts;
+    // the connection's error only when there is none.
     let mut conn = Box::pin(conn);
     let sending = sender.send_request(request);
     tokio::pin!(sending);
     let (response, conn) = tokio::select! {
         response = &mut sending => (response?, Some(conn)),
-        ended = &mut conn => {
-            ended?;
-            (sending.await?, None)
+        ended = &mut conn => match (sending.await, ended) {
+            (Ok(response), _) => (response, None),
+            (Err(_), Err(e)) | (Err(e), Ok(())) => return Err(e.into()),
         }
     };
     let worker: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move {
@@ -546,39 +639,133 @@ mod tests {
         }
     }
 
+    /// Reads one request's head from `socket`, answers `hello`, and returns the head; `None`
+    /// when the client closed before its request ended.
+    async fn answer_hello(mut socket: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
+        socket.flush().await.unwrap();
+        Some(String::from_utf8(head).unwrap())
+    }
+
+    /// A `GET` of `url` with the Host header wasi-http sets (the URL's authority).
+    fn get(url: &str) -> http::Request<WasiBody> {
+        let body = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        let uri: http::Uri = url.parse().unwrap();
+        let host = uri.authority().unwrap().to_string();
+        http::Request::get(uri).header("host", host).body(body).unwrap()
+    }
+
+    /// The response's status and body, its connection driven meanwhile.
+    async fn read(
+        sent: (http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>),
+    ) -> (u16, Bytes) {
+        let (response, worker) = sent;
+        tokio::spawn(Box::into_pin(worker));
+        let status = response.status().as_u16();
+        (status, response.into_body().collect().await.unwrap().to_bytes())
+    }
+
     #[tokio::test]
     async fn plain_http_reaches_the_service_on_a_later_address_and_reads_its_answer() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = socket.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the client closed before its request ended");
-                head.extend_from_slice(&buf[..n]);
-            }
-            socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
-            String::from_utf8(head).unwrap()
-        });
-        let body = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
-        let request = http::Request::get("http://inventory.internal/stock?sku=1")
-            .header("host", "inventory.internal")
-            .body(body)
-            .unwrap();
-        let (response, worker) = send_plain(request, vec![closed_address().await, open]).await.unwrap();
-        tokio::spawn(Box::into_pin(worker));
-        assert_eq!(response.status(), 200);
-        let got = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&got[..], b"hello");
-        let head = server.await.unwrap();
+        let server = tokio::spawn(async move { answer_hello(listener.accept().await.unwrap().0).await });
+        let stream = connect_first(vec![closed_address().await, open]).await.unwrap();
+        let (status, got) = read(send_over(get("http://inventory.internal/stock?sku=1"), stream).await.unwrap()).await;
+        assert_eq!((status, &got[..]), (200, &b"hello"[..]));
+        let head = server.await.unwrap().expect("the request came whole");
         assert!(head.starts_with("GET /stock?sku=1 HTTP/1.1\r\n"), "the request line names the path only: {head}");
         assert!(
             head.to_ascii_lowercase().contains("host: inventory.internal\r\n"),
             "the name the plugin asked for: {head}"
         );
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls").join(name)
+    }
+
+    /// A TLS server on 127.0.0.1 presenting the fixture certificate for `localhost` (issued by
+    /// the fixture CA, `tests/fixtures/tls`): it answers one request with `hello` and returns
+    /// the request's head, or `None` when the client gave up during the handshake.
+    async fn tls_server() -> (SocketAddr, tokio::task::JoinHandle<Option<String>>) {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<_> =
+            CertificateDer::pem_file_iter(fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(fixture("localhost.key")).unwrap();
+        let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(socket).await.ok()?;
+            answer_hello(tls).await
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn https_verifies_the_server_against_an_added_ca_and_reads_its_answer() {
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        let (open, server) = tls_server().await;
+        let stream = connect_first(vec![closed_address().await, open]).await.unwrap();
+        let host = Host::Name("localhost".into());
+        let tls = tls_handshake(stream, &host, &trust).await.expect("the server's certificate is for localhost");
+        let url = format!("https://localhost:{}/charges/o-1", open.port());
+        let (status, got) = read(send_over(get(&url), tls).await.unwrap()).await;
+        assert_eq!((status, &got[..]), (200, &b"hello"[..]));
+        let head = server.await.unwrap().expect("the handshake succeeded and the request came whole");
+        assert!(head.starts_with("GET /charges/o-1 HTTP/1.1\r\n"), "{head}");
+        // A granted IP is checked as the certificate's IP address.
+        let (open, server) = tls_server().await;
+        let stream = connect_first(vec![open]).await.unwrap();
+        tls_handshake(stream, &Host::Ip(open.ip()), &trust).await.expect("the certificate names 127.0.0.1");
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn https_refuses_a_certificate_from_an_unknown_ca_or_for_another_name() {
+        let (open, _server) = tls_server().await;
+        let stream = connect_first(vec![open]).await.unwrap();
+        match tls_handshake(stream, &Host::Name("localhost".into()), &TlsTrust::public()).await {
+            Err(Error::TlsCertificateError) => {}
+            other => panic!("the fixture CA is not a public one: {:?}", other.map(|_| ())),
+        }
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        let (open, _server) = tls_server().await;
+        let stream = connect_first(vec![open]).await.unwrap();
+        match tls_handshake(stream, &Host::Name("payments.internal".into()), &trust).await {
+            Err(Error::TlsCertificateError) => {}
+            other => panic!("the certificate is for localhost only: {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_refused_naming_it() {
+        let missing = TlsTrust::with_pem_file(&fixture("absent.pem")).unwrap_err().to_string();
+        assert!(missing.contains("cannot read") && missing.contains("absent.pem"), "{missing}");
+        // A key is PEM, but no certificate.
+        let key = TlsTrust::with_pem_file(&fixture("localhost.key")).unwrap_err().to_string();
+        assert!(key.contains("no certificate") && key.contains("localhost.key"), "{key}");
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+        let err = TlsTrust::with_pem_file(&garbage).unwrap_err().to_string();
+        assert!(err.contains("garbage.pem"), "{err}");
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        assert_eq!(format!("{trust:?}"), "TlsTrust { public CAs and 1 added }");
     }
 
     #[test]
