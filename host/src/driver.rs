@@ -21,6 +21,10 @@
 //!   ([`Event::Started`]) is committed before it calls, so that a step whose result never
 //!   commits (a cancel took the saga over mid-call, the host died) is still compensated, and
 //!   not before the call can no longer be sending anything;
+//! - the next call is a compensation that may reach another service: the chain that decided
+//!   to compensate is committed before it calls, so that no refund goes out for a decision a
+//!   crash could undo (the rejected step, rerun, might succeed) or a signal accepted
+//!   meanwhile could overtake (the saga would then complete with its charge refunded);
 //! - the next call is to a plugin with staged writes: a plugin reads its own state, and must
 //!   read it committed (there is no overlay of uncommitted writes);
 //! - it holds `chain_max` transitions or is `chain_max_age` old ([`DriverOptions`]).
@@ -372,6 +376,10 @@ struct Inner {
     /// Cancelled when the driver stops: sagas in progress give their claims back between
     /// steps.
     stopping: CancellationToken,
+    /// When this replica first found a call's plugin version refused, by the call (saga id,
+    /// step, and the step's attempts and compensation attempts then, so that a step that moved
+    /// on starts afresh): see [`Inner::not_loaded`].
+    refused_since: std::sync::Mutex<HashMap<(String, usize, u32, u32), i64>>,
 }
 
 impl Driver {
@@ -402,7 +410,19 @@ impl Driver {
             tracing::warn!("a second driver on one handle: it claims its sagas from the store only");
         }
         let stopping = CancellationToken::new();
-        let inner = Arc::new(Inner { store, sagas, runtime, catalog, clock, metrics, options, handle, stopping });
+        let refused_since = std::sync::Mutex::new(HashMap::new());
+        let inner = Arc::new(Inner {
+            store,
+            sagas,
+            runtime,
+            catalog,
+            clock,
+            metrics,
+            options,
+            handle,
+            stopping,
+            refused_since,
+        });
         Driver { inner, adopted, permits }
     }
 
@@ -620,12 +640,18 @@ impl Inner {
             let began = std::time::Instant::now();
             let action = engine::next_action(&rec.definition, &rec.state, now);
             // A plugin reads its own state: a call must not run while staged writes of its
-            // plugin are uncommitted, and with nothing due the chain ends here too.
+            // plugin are uncommitted, and with nothing due the chain ends here too. A
+            // compensation that may reach another service runs only once what led to it is
+            // durable: its effect out there (a refund) must not precede a decision to
+            // compensate that a crash, or a signal taking the saga over meanwhile, could undo.
+            // (An execute that may reach out commits its start first, below.)
             let flush_first = !staged.is_empty()
                 && match &action {
                     Action::Idle => true,
                     Action::Execute { step, .. } => staged.wrote(&rec.definition.steps[*step].execute.plugin),
-                    Action::Compensate { step, .. } => staged.wrote(&self.compensate_binding(&rec, *step).plugin),
+                    Action::Compensate { step, .. } => {
+                        staged.wrote(&self.compensate_binding(&rec, *step).plugin) || self.may_reach_out(&rec, &action)
+                    }
                     Action::Finish | Action::DeadlineExceeded { .. } => false,
                 };
             if flush_first {
@@ -1116,7 +1142,11 @@ impl Inner {
     ///   or a rollback's): not an attempt (a replica of the newer release runs it), and the
     ///   saga is given back for [`NOT_LOADABLE_PAUSE`], so that it is neither failed by an old
     ///   replica nor claimed by it again at once (such sagas, always the most overdue, were
-    ///   claimed before any other, every second).
+    ///   claimed before any other, every second). Unless no replica has run it for
+    ///   [`NOT_LOADABLE_GIVE_UP`] (this replica refused the same call that long: the step has
+    ///   not moved): then no replica can, and its attempt fails, saying why, so that the retry
+    ///   policy, compensation and at last COMPENSATION_FAILED decide and show it, and a step's
+    ///   deadline is not waited out forever.
     /// - The catalog could not be read: the host's failure, retried shortly.
     fn not_loaded(
         &self,
@@ -1125,12 +1155,40 @@ impl Inner {
         why: crate::catalog::NotLoaded,
         failed: impl FnOnce(String) -> Event,
     ) -> Result<Called, Unserved> {
+        let call = (rec.id.clone(), step, rec.state.steps[step].attempts, rec.state.steps[step].compensate_attempts);
         let step = &rec.definition.steps[step].name;
         match why {
             crate::catalog::NotLoaded::Unavailable(e) => Err(Unserved::from(e)),
             refused @ crate::catalog::NotLoaded::Refused { .. } => {
-                tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
                 self.metrics.not_loadable();
+                let now = self.clock.now_ms();
+                let since = {
+                    let mut map = self.refused_since.lock().unwrap_or_else(|e| e.into_inner());
+                    let give_up = i64::try_from(NOT_LOADABLE_GIVE_UP.as_millis()).unwrap_or(i64::MAX);
+                    if map.len() >= REFUSED_SAGAS_KEPT {
+                        // Sagas refused long ago were run elsewhere, or failed here already.
+                        map.retain(|_, first| now.saturating_sub(*first) < give_up.saturating_mul(2));
+                    }
+                    let key = call;
+                    let since = match map.get(&key) {
+                        Some(first) => *first,
+                        None if map.len() < REFUSED_SAGAS_KEPT => *map.entry(key.clone()).or_insert(now),
+                        None => now,
+                    };
+                    if now.saturating_sub(since) >= give_up {
+                        map.remove(&key);
+                        Some(since)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(since) = since {
+                    let minutes = now.saturating_sub(since) / 60_000;
+                    tracing::error!(saga_id = %rec.id, %step, error = %refused, minutes, "a step's plugin has run on no replica for minutes; its attempt fails");
+                    let event = failed(format!("{refused}; no replica has run it for {minutes} minutes"));
+                    return Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false });
+                }
+                tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
                 let pause = i64::try_from(NOT_LOADABLE_PAUSE.as_millis()).unwrap_or(i64::MAX);
                 Err(Unserved { why: refused.to_string(), not_before: Some(self.clock.now_ms().saturating_add(pause)) })
             }
@@ -1279,6 +1337,14 @@ fn spawn_with(
 /// How long a saga whose plugin this host cannot load is left for other replicas before any
 /// replica claims it again.
 const NOT_LOADABLE_PAUSE: Duration = Duration::from_secs(30);
+
+/// How long a saga may wait, unmoved, for a replica that can load its plugin version before
+/// its attempt fails ([`Inner::not_loaded`]): longer than a rolling upgrade takes.
+const NOT_LOADABLE_GIVE_UP: Duration = Duration::from_secs(10 * 60);
+
+/// Sagas whose refusal a replica times at once ([`Inner::not_loaded`]); past it, a refusal
+/// is not timed here (another replica's may be) until old entries are dropped.
+const REFUSED_SAGAS_KEPT: usize = 100_000;
 
 /// A call the host could not serve (not the plugin's failure: no attempt is counted), and
 /// when the saga may be claimed again (`None`: after a short pause).

@@ -344,3 +344,42 @@ async fn the_audit_trail_pages_by_cursor_over_http() {
         assert_eq!(r.json()["error"]["code"], "invalid_request", "{path}");
     }
 }
+
+/// A step whose plugin version no replica can load (every replica's build refuses it: a
+/// rollback below the version's world, a memory limit lowered under what it needs) is not
+/// called, and waits for a replica that can; once none has run it for ten minutes, its
+/// attempt fails, saying why, and the saga is compensated. It waited for ever before, its
+/// step showing no attempt and no error.
+#[tokio::test]
+async fn a_step_no_replica_can_load_fails_its_attempt_once_none_has_run_it_for_ten_minutes() {
+    let clock = OffsetClock::new();
+    let c = clock.clone();
+    let host = TestHost::start_with(move |cfg| cfg.clock = std::sync::Arc::new(c)).await;
+    // Stored as another replica would store an upload, and bound behind the catalog's checks:
+    // bytes this build refuses (a core module header, no component).
+    let refused = b"\0asm\x01\0\0\0 not a component".to_vec();
+    let digest = sagahost::runtime::digest_of(&refused);
+    host.store.put_plugin(&digest, "shipment", &refused, 0, None).await.unwrap();
+    let mut def = host.store.definition("order").await.unwrap().expect("the built-in order").definition;
+    def.steps[2].execute = PluginRef { plugin: "shipment".into(), digest: digest.clone() };
+    def.steps[2].retry = RetryPolicy { max_attempts: 1, initial_backoff_ms: 10, max_backoff_ms: 10 };
+    host.store.put_definition(&def, DefinitionSource::Admin, None, 0, None).await.unwrap();
+    let start = std::time::Instant::now();
+    while host.catalog.definition("order").is_none_or(|d| d.steps[2].execute.digest != digest) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the catalog never saw the binding");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let id = host.post_order(&key(), &order("tok_visa", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    let o = host.wait_for(&id, |o| o["steps"][1]["status"] == "succeeded").await;
+    // Not called: no attempt, no error; the saga waits for a replica that can load it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let o2 = host.get(&format!("/orders/{id}")).await.json();
+    assert_eq!((&o2["status"], &o2["steps"][2]["attempts"]), (&json!("PAYMENT_CHARGED"), &json!(0)), "{o:#}\n{o2:#}");
+    // Ten minutes on, unmoved: no replica can. (The saga was given back for 30 s: it is due.)
+    clock.advance(11 * 60 * 1000);
+    let o = host.wait_settled(&id).await;
+    assert_eq!(o["status"], "CANCELLED", "{o:#}");
+    let error = o["steps"][2]["last_error"].as_str().unwrap();
+    assert!(error.contains("cannot load plugin shipment") && error.contains("no replica has run it for"), "{error}");
+    assert_eq!(host.state("payment", &format!("charge/{id}")).await.unwrap()["status"], "refunded");
+}

@@ -577,6 +577,49 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
     );
 }
 
+/// A refund goes out only once the decision to compensate is durable. The payment (it calls
+/// out) commits alone; the shipment (host state only) is rejected and the saga turns to
+/// compensating in the same chain that then calls the refund: that chain is committed before
+/// the refund call, so a host killed right after the refund went out restarts from
+/// COMPENSATING, not from a saga still going forward whose rejected step, run again, could
+/// succeed (or a signal accepted meanwhile could complete it) with the charge refunded.
+#[tokio::test]
+async fn a_refund_goes_out_only_after_the_decision_to_compensate_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("SAGAHOST_ADMIN_TOKEN", TOKEN);
+    let mut host = HostProcess::spawn(dir.path(), Some("driver-after-compensate-call=abort"), &[token]).await;
+    let api = Api::new(&host.base);
+    let services = Services::start(&host.base, &[], &[]).await;
+    services.grant(&api).await;
+    let def = services.definition();
+    let mut payment = def["steps"][1].clone();
+    payment["compensate_retry"] = retry(5, 20, 200);
+    // The demo `shipment` step keeps to host state and rejects country XX.
+    let shipment = json!({"name": "shipment", "plugin": "shipment", "state": "SHIPMENT_CREATED"});
+    api.define(SAGA, &json!({"steps": [payment, shipment], "sensitive": ["/payment/token"]})).await;
+    let id = api.submit(SAGA, order("tok_visa", "SKU-1", "XX")).await;
+    // The refund call is the process's first compensation: it aborts right after it.
+    host.wait_failpoint("driver-after-compensate-call", 1, Duration::from_secs(30)).await;
+    assert_eq!(services.payment.effects(&id).await["refund"], 1, "the refund went out before the abort");
+    let events = crate::harness::open_store(dir.path()).await.outbox_for_saga(&id).await.unwrap();
+    let types: Vec<String> = events
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        ["OrderHttpCreated", "StepStarted", "PaymentCharged", "OrderHttpCompensating"],
+        "the shipment's rejection (the turn to compensating) was committed before the refund"
+    );
+    // Restarted: the refund again, with the same key (the service answers from its record).
+    let host = HostProcess::spawn(dir.path(), None, &[token]).await;
+    let s = Api::new(&host.base).settled(SAGA, &id).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}\n{}", host.log());
+    assert_eq!(services.effects(&id).await, effects(&[("charge", 1), ("refund", 1)]));
+    // (The service lists its keys in order.)
+    assert_eq!(services.payment.keys(&id).await, [format!("{id}:payment:compensate"), format!("{id}:payment:execute")]);
+}
+
 #[tokio::test]
 async fn a_cancel_while_the_charge_is_in_flight_refunds_it_once_the_call_has_ended() {
     // The payment service charges, commits and then holds its answer 4 s, past the step's 2 s

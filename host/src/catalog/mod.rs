@@ -63,7 +63,9 @@ const UNLOAD_SWEEP_EVERY: Duration = Duration::from_secs(60);
 pub enum NotLoaded {
     /// Stored, but this build refused to compile it (a world it does not serve, a component
     /// an older release cannot read): it never will, until the host is upgraded. A call of it
-    /// fails as an attempt, so that the retry policy and compensation decide.
+    /// is left to a replica that can load it, and fails as an attempt once none has for
+    /// minutes (`driver`, `Inner::not_loaded`), so that the retry policy and compensation
+    /// decide.
     #[error("this host cannot load plugin {plugin} version {digest}: {reason}")]
     Refused { plugin: String, digest: String, reason: String },
     /// No replica stored this version.

@@ -136,10 +136,17 @@ impl CallState {
     }
 }
 
+/// The most random bytes one `wasi:random` call may ask for (wasi's default is 64 MiB): the
+/// host makes them in its own memory, outside the call's memory limit, before they are copied
+/// in. A key or a seed is tens of bytes; a plugin asking for more traps, naming the limit.
+pub(super) const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let stderr = &self.stderr;
-        let ctx = self.wasi.get_or_insert_with(|| WasiCtxBuilder::new().stderr(stderr.clone()).build());
+        let ctx = self.wasi.get_or_insert_with(|| {
+            WasiCtxBuilder::new().stderr(stderr.clone()).max_random_size(MAX_RANDOM_BYTES).build()
+        });
         WasiCtxView { ctx, table: &mut self.table }
     }
 }

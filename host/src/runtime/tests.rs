@@ -468,6 +468,19 @@ async fn a_plugin_hoarding_unsent_requests_fails_at_the_resource_limit() {
     assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{}", out.label);
 }
 
+/// Random bytes are made in the host's memory before they are copied into the plugin's: a
+/// plugin asking for more than a small bound traps (wasi's own bound, 64 MiB per call of the
+/// import, let eight calls of 16 MiB each through, host memory the call's limit never saw).
+#[tokio::test]
+async fn a_plugin_asking_for_megabytes_of_random_bytes_traps_at_the_hosts_bound() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "random-flood").await;
+    let why = trapped(&out);
+    assert!(why.contains(&format!("exceeds limit {}", super::call::MAX_RANDOM_BYTES)), "{why}");
+    let out = execute(&runtime, &digest, "fine").await;
+    assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{}", out.label);
+}
+
 /// stderr is kept only to explain a trap: a plugin that prints more than is kept (debug
 /// prints) goes on; `eprintln!` panics on a stream that refuses a write.
 #[tokio::test]
