@@ -90,8 +90,14 @@ pub struct Catalog {
     refused: RwLock<HashMap<String, (String, String)>>,
     /// The store's catalog version this cache reflects (at least).
     version: AtomicI64,
-    /// One refresh at a time: compiling a component twice in parallel would waste a core.
+    /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
+    /// One compile at a time ([`Catalog::compile`]): two at once would hold two compilations'
+    /// memory (hundreds of MiB for a JavaScript or Python component) on a small host, and a
+    /// version wanted twice is compiled once. Apart from `refreshing`, so that a refresh that
+    /// needs no compile (a bind of a version loaded here) never waits behind one a call
+    /// started (a version unloaded while idle, seconds for a large component).
+    compiling: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
@@ -111,6 +117,7 @@ impl Catalog {
             refused: RwLock::new(HashMap::new()),
             version: AtomicI64::new(i64::MIN),
             refreshing: tokio::sync::Mutex::new(()),
+            compiling: tokio::sync::Mutex::new(()),
         };
         catalog.refresh().await?;
         for builtin in crate::builtin::ALL {
@@ -188,19 +195,29 @@ impl Catalog {
                 names.insert(info.digest, info.name);
             }
         }
-        // Merged through `cache`: a change made through this process while the read ran is
-        // cached already and may be newer than what was read. (Definitions are never deleted,
-        // so merging loses nothing.)
-        for d in self.store.definitions().await? {
-            self.cache(d.definition, d.version);
-        }
+        let definitions = self.store.definitions().await?;
         // A version refused before is tried again on a catalog change (an upgrade of another
         // replica does not make this build take it, but the attempt is cheap and rare).
         self.refused.write().unwrap_or_else(|e| e.into_inner()).clear();
-        for digest in self.bound() {
-            if !self.runtime.is_loaded(&digest) {
-                self.load(&digest).await?;
+        // What the definitions bind is compiled before they are served: a saga created on a
+        // definition served first would wait for the compile (seconds for a large component),
+        // and a waiting request past its time with it.
+        let bound: std::collections::HashSet<&str> = definitions
+            .iter()
+            .flat_map(|d| {
+                d.definition.steps.iter().flat_map(|s| [s.execute.digest.as_str(), s.compensate.digest.as_str()])
+            })
+            .collect();
+        for digest in bound {
+            if !self.runtime.is_loaded(digest) {
+                self.compile(digest).await?;
             }
+        }
+        // Merged through `cache`: a change made through this process while the read ran is
+        // cached already and may be newer than what was read. (Definitions are never deleted,
+        // so merging loses nothing.)
+        for d in definitions {
+            self.cache(d.definition, d.version);
         }
         self.version.store(version, Ordering::Release);
         Ok(())
@@ -212,6 +229,15 @@ impl Catalog {
         defs.values()
             .flat_map(|(d, _)| d.steps.iter().flat_map(|s| [s.execute.digest.clone(), s.compensate.digest.clone()]))
             .collect()
+    }
+
+    /// [`Catalog::load`], one compile at a time (`compiling`), unless it is loaded by then.
+    async fn compile(&self, digest: &str) -> Result<bool, Error> {
+        let _one = self.compiling.lock().await;
+        if self.runtime.is_loaded(digest) {
+            return Ok(true);
+        }
+        self.load(digest).await
     }
 
     /// Compiles a stored version, or notes why this build refuses it ([`NotLoaded::Refused`]);
@@ -296,13 +322,7 @@ impl Catalog {
             return Err(refused);
         }
         // One compile at a time, and none twice (another call may be loading it right now).
-        let stored = {
-            let _one = self.refreshing.lock().await;
-            if self.runtime.is_loaded(digest) {
-                return Ok(());
-            }
-            self.load(digest).await
-        };
+        let stored = self.compile(digest).await;
         match stored {
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "reading a plugin version to load it failed");
@@ -576,6 +596,121 @@ pub(crate) mod tests {
         assert!(catalog.definition(crate::builtin::order::SAGA_TYPE).is_none());
         assert!(catalog.definition(crate::builtin::order_http::SAGA_TYPE).is_some());
         assert_eq!(catalog.plugin_name(&digest).as_deref(), Some("payment-canary"));
+    }
+
+    /// A replica serves a definition only once it has compiled what the definition binds: a
+    /// saga created on it would otherwise wait for that compile before its first call (seconds
+    /// for a large component; a waiting request's time ran out meanwhile).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_definition_is_served_only_once_what_it_binds_is_compiled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let a = Catalog::open(store.clone(), runtime, Arc::clone(&clock)).await.unwrap();
+        // Another replica: a runtime of its own, which must compile the new version itself.
+        let theirs = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
+        let b = Arc::new(Catalog::open(store.clone(), Arc::clone(&theirs), clock).await.unwrap());
+        let new = another_version(crate::builtin::order::PLUGINS[1].1, "new");
+        let (digest, _) = a.install_plugin("payment", new).await.unwrap();
+        a.bind(crate::builtin::order::SAGA_TYPE, "payment", Some(&digest), None, audit).await.unwrap();
+        let refresh = tokio::spawn({
+            let b = Arc::clone(&b);
+            async move { b.refresh().await }
+        });
+        loop {
+            let served = b.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].execute.digest.clone();
+            if served == digest {
+                assert!(theirs.is_loaded(&digest), "served before it was compiled");
+                break;
+            }
+            assert!(!refresh.is_finished(), "the refresh ended without serving the new binding");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        refresh.await.unwrap().unwrap();
+    }
+
+    /// A catalog store whose read of one plugin version's bytes takes two seconds (a large
+    /// component on a slow database).
+    struct SlowRead {
+        inner: Arc<dyn crate::store::Store>,
+        slow: String,
+    }
+
+    #[async_trait::async_trait]
+    impl CatalogStore for SlowRead {
+        async fn put_plugin(
+            &self,
+            d: &str,
+            n: &str,
+            w: &[u8],
+            now: i64,
+            a: Option<&AuditEntry>,
+        ) -> store::Result<bool> {
+            self.inner.put_plugin(d, n, w, now, a).await
+        }
+        async fn plugins(&self) -> store::Result<Vec<store::PluginRow>> {
+            self.inner.plugins().await
+        }
+        async fn plugin(&self, digest: &str) -> store::Result<Option<store::PluginRow>> {
+            if digest == self.slow {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            self.inner.plugin(digest).await
+        }
+        async fn plugin_versions(&self) -> store::Result<Vec<store::PluginInfo>> {
+            self.inner.plugin_versions().await
+        }
+        async fn definition(&self, t: &str) -> store::Result<Option<store::StoredDefinition>> {
+            self.inner.definition(t).await
+        }
+        async fn definitions(&self) -> store::Result<Vec<store::StoredDefinition>> {
+            self.inner.definitions().await
+        }
+        async fn put_definition(
+            &self,
+            def: &SagaDefinition,
+            source: DefinitionSource,
+            expected: Option<i64>,
+            now: i64,
+            audit: Option<&AuditEntry>,
+        ) -> store::Result<i64> {
+            self.inner.put_definition(def, source, expected, now, audit).await
+        }
+        async fn catalog_version(&self) -> store::Result<i64> {
+            self.inner.catalog_version().await
+        }
+    }
+
+    /// A refresh that needs no compile (the newly bound version is loaded here already) is not
+    /// held up by a compile a call started meanwhile (an idle version loaded again): the bind
+    /// reaches this replica within a refresh, not after the compile.
+    #[tokio::test]
+    async fn a_refresh_needing_no_compile_does_not_wait_behind_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let old = another_version(crate::builtin::order::PLUGINS[1].1, "old");
+        let old_digest = crate::runtime::digest_of(&old);
+        store.put_plugin(&old_digest, "payment", &old, 0, None).await.unwrap();
+        let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
+        let slow: Arc<dyn CatalogStore> = Arc::new(SlowRead { inner: store.clone(), slow: old_digest.clone() });
+        let theirs = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
+        let b = Arc::new(Catalog::open(slow, Arc::clone(&theirs), clock).await.unwrap());
+        let new = another_version(crate::builtin::order::PLUGINS[1].1, "new");
+        let (digest, _) = a.install_plugin("payment", new).await.unwrap();
+        b.ensure_loaded(&digest).await.unwrap();
+        // A call needs the old, unbound version: its read takes two seconds.
+        let loading = tokio::spawn({
+            let (b, old_digest) = (Arc::clone(&b), old_digest.clone());
+            async move { b.ensure_loaded(&old_digest).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.bind(crate::builtin::order::SAGA_TYPE, "payment", Some(&digest), None, audit).await.unwrap();
+        tokio::time::timeout(Duration::from_millis(1000), b.refresh())
+            .await
+            .expect("the refresh waited for a compile it did not need")
+            .unwrap();
+        assert_eq!(b.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].execute.digest, digest);
+        loading.await.unwrap().unwrap();
+        assert!(theirs.is_loaded(&old_digest));
     }
 
     /// Two catalogs on one store, as two replicas have; they share one runtime so the demo
