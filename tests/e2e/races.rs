@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{good_order, key, TestHost};
+use crate::harness::{fixture, good_order, key, TestHost};
 
 /// A random whole number below `n`, without another dependency.
 fn below(n: u64) -> u64 {
@@ -16,10 +16,12 @@ fn below(n: u64) -> u64 {
 
 /// Posts an order, sleeps `delay`, cancels it; returns the id and the cancel's answer.
 async fn order_then_cancel(client: reqwest::Client, base: String, delay: Duration) -> (String, StatusCode) {
+    let mut order = good_order();
+    order["customer_id"] = serde_json::json!("busy-short"); // the `slow` step's mode
     let r = client
         .post(format!("{base}/orders"))
         .header("Idempotency-Key", key())
-        .json(&good_order())
+        .json(&order)
         .send()
         .await
         .expect("order sent");
@@ -30,7 +32,9 @@ async fn order_then_cancel(client: reqwest::Client, base: String, delay: Duratio
     (id, cancel.status())
 }
 
-#[tokio::test]
+// On several threads, as the host runs: the `slow` step's computing holds the thread it runs
+// on, and on a test's one thread no cancel could be served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_racing_the_last_step_never_compensates_a_completed_order() {
     // At least MIN_WAVES waves, and more (up to MAX_WAVES) until each side of the race was
     // seen a few times: on a fast build few cancels beat the last step even at once.
@@ -42,6 +46,21 @@ async fn a_cancel_racing_the_last_step_never_compensates_a_completed_order() {
     // three demo steps commit together well under a millisecond after the 201 (their first
     // state reads answer from memory), and every cancel came too late: the race was not run.
     let host = TestHost::start_with(|c| c.driver.chain_max = 1).await;
+    // And a last step that takes a while (the `misbehave` fixture computing for some 10-25
+    // ms): on an idle machine the demo steps completed before a cancel sent the moment the 201
+    // arrived, every time (600 orders, not one cancelled).
+    let (slow, _) = host.catalog.install_plugin("slow", fixture("misbehave")).await.unwrap();
+    let mut def = (*host.catalog.definition("order").unwrap()).clone();
+    let mut last = def.steps[2].clone();
+    last.name = "slow".into();
+    last.state = "SLOW_DONE".into();
+    last.execute = sagahost::engine::PluginRef { plugin: "slow".into(), digest: slow };
+    last.compensate = last.execute.clone();
+    // The fixture may call out (it imports wasi:http): a cancel during its call compensates
+    // once the call's time is over (its timeout and a second's grace), so keep that short.
+    last.timeout_ms = 1_000;
+    def.steps.push(last);
+    host.catalog.put_definition(def, sagahost::store::DefinitionSource::Admin).await.unwrap();
     // Each cancel comes at a random moment in [0, window). The window adapts, so that the
     // cancels straddle the orders' completion on any machine and build: it grows while every
     // cancel wins and shrinks while every order completes first.

@@ -512,6 +512,16 @@ async fn a_service_killed_and_restarted_while_sagas_run_applies_each_effect_once
     println!("{retried} of {} sagas retried their payment across the outage", ids.len());
 }
 
+/// The `type` of every event of saga `id`, read from the outbox of the data dir `dir` (its host
+/// may be down).
+async fn stored_event_types(dir: &std::path::Path, id: &str) -> Vec<String> {
+    let events = crate::harness::open_store(dir).await.outbox_for_saga(id).await.unwrap();
+    events
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the_same_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -555,11 +565,7 @@ async fn the_host_killed_after_the_charge_but_before_its_commit_resends_with_the
     assert_eq!(services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
     assert_eq!(services.payment.requests().await, 2, "the charge was sent again after the restart");
     assert_eq!(services.payment.keys(&id).await, [format!("{id}:payment:execute")]);
-    let events = crate::harness::open_store(dir.path()).await.outbox_for_saga(&id).await.unwrap();
-    let types: Vec<String> = events
-        .iter()
-        .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
-        .collect();
+    let types = stored_event_types(dir.path(), &id).await;
     // The payment's start twice: before the kill, and again before the resend.
     assert_eq!(
         types,
@@ -601,11 +607,7 @@ async fn a_refund_goes_out_only_after_the_decision_to_compensate_is_committed() 
     // The refund call is the process's first compensation: it aborts right after it.
     host.wait_failpoint("driver-after-compensate-call", 1, Duration::from_secs(30)).await;
     assert_eq!(services.payment.effects(&id).await["refund"], 1, "the refund went out before the abort");
-    let events = crate::harness::open_store(dir.path()).await.outbox_for_saga(&id).await.unwrap();
-    let types: Vec<String> = events
-        .iter()
-        .map(|r| serde_json::from_str::<Value>(&r.payload).unwrap()["type"].as_str().unwrap().to_owned())
-        .collect();
+    let types = stored_event_types(dir.path(), &id).await;
     assert_eq!(
         types,
         ["OrderHttpCreated", "StepStarted", "PaymentCharged", "OrderHttpCompensating"],
