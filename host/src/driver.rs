@@ -1155,42 +1155,24 @@ impl Inner {
         why: crate::catalog::NotLoaded,
         failed: impl FnOnce(String) -> Event,
     ) -> Result<Called, Unserved> {
-        let call = (rec.id.clone(), step, rec.state.steps[step].attempts, rec.state.steps[step].compensate_attempts);
+        let index = step;
         let step = &rec.definition.steps[step].name;
         match why {
             crate::catalog::NotLoaded::Unavailable(e) => Err(Unserved::from(e)),
             refused @ crate::catalog::NotLoaded::Refused { .. } => {
                 self.metrics.not_loadable();
                 let now = self.clock.now_ms();
-                let since = {
-                    let mut map = self.refused_since.lock().unwrap_or_else(|e| e.into_inner());
-                    let give_up = i64::try_from(NOT_LOADABLE_GIVE_UP.as_millis()).unwrap_or(i64::MAX);
-                    if map.len() >= REFUSED_SAGAS_KEPT {
-                        // Sagas refused long ago were run elsewhere, or failed here already.
-                        map.retain(|_, first| now.saturating_sub(*first) < give_up.saturating_mul(2));
-                    }
-                    let key = call;
-                    let since = match map.get(&key) {
-                        Some(first) => *first,
-                        None if map.len() < REFUSED_SAGAS_KEPT => *map.entry(key.clone()).or_insert(now),
-                        None => now,
-                    };
-                    if now.saturating_sub(since) >= give_up {
-                        map.remove(&key);
-                        Some(since)
-                    } else {
-                        None
-                    }
-                };
-                if let Some(since) = since {
-                    let minutes = now.saturating_sub(since) / 60_000;
+                let state = &rec.state.steps[index];
+                let call = (rec.id.clone(), index, state.attempts, state.compensate_attempts);
+                if let Some(refused_for) = self.refused_too_long(call, now) {
+                    let minutes = refused_for / 60_000;
                     tracing::error!(saga_id = %rec.id, %step, error = %refused, minutes, "a step's plugin has run on no replica for minutes; its attempt fails");
                     let event = failed(format!("{refused}; no replica has run it for {minutes} minutes"));
                     return Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false });
                 }
                 tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
                 let pause = i64::try_from(NOT_LOADABLE_PAUSE.as_millis()).unwrap_or(i64::MAX);
-                Err(Unserved { why: refused.to_string(), not_before: Some(self.clock.now_ms().saturating_add(pause)) })
+                Err(Unserved { why: refused.to_string(), not_before: Some(now.saturating_add(pause)) })
             }
             unknown @ crate::catalog::NotLoaded::Unknown(_) => {
                 tracing::warn!(saga_id = %rec.id, %step, error = %unknown, "a step's plugin version is stored nowhere; its attempt fails");
@@ -1198,6 +1180,33 @@ impl Inner {
                 Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false })
             }
         }
+    }
+
+    /// How long this replica has found `call`'s plugin version refused, once that is
+    /// [`NOT_LOADABLE_GIVE_UP`] or more; the call's timing then starts afresh. The first
+    /// refusal of a call is timed from `now` (unless [`REFUSED_SAGAS_KEPT`] calls are timed
+    /// already, after dropping those refused long ago: they were run elsewhere, or failed).
+    fn refused_too_long(&self, call: (String, usize, u32, u32), now: i64) -> Option<i64> {
+        let give_up = i64::try_from(NOT_LOADABLE_GIVE_UP.as_millis()).unwrap_or(i64::MAX);
+        let mut map = self.refused_since.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= REFUSED_SAGAS_KEPT {
+            map.retain(|_, first| now.saturating_sub(*first) < give_up.saturating_mul(2));
+        }
+        let first = match map.get(&call) {
+            Some(first) => *first,
+            None => {
+                if map.len() < REFUSED_SAGAS_KEPT {
+                    map.insert(call.clone(), now);
+                }
+                now
+            }
+        };
+        let refused_for = now.saturating_sub(first);
+        if refused_for < give_up {
+            return None;
+        }
+        map.remove(&call);
+        Some(refused_for)
     }
 
     async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, Unserved> {

@@ -202,12 +202,8 @@ impl Catalog {
         // What the definitions bind is compiled before they are served: a saga created on a
         // definition served first would wait for the compile (seconds for a large component),
         // and a waiting request past its time with it.
-        let bound: std::collections::HashSet<&str> = definitions
-            .iter()
-            .flat_map(|d| {
-                d.definition.steps.iter().flat_map(|s| [s.execute.digest.as_str(), s.compensate.digest.as_str()])
-            })
-            .collect();
+        let bound: std::collections::HashSet<&str> =
+            definitions.iter().flat_map(|d| digests_bound_by(&d.definition)).collect();
         for digest in bound {
             if !self.runtime.is_loaded(digest) {
                 self.compile(digest).await?;
@@ -226,9 +222,7 @@ impl Catalog {
     /// Every digest a current definition binds (execute or compensate).
     fn bound(&self) -> std::collections::HashSet<String> {
         let defs = self.definitions.read().unwrap_or_else(|e| e.into_inner());
-        defs.values()
-            .flat_map(|(d, _)| d.steps.iter().flat_map(|s| [s.execute.digest.clone(), s.compensate.digest.clone()]))
-            .collect()
+        defs.values().flat_map(|(d, _)| digests_bound_by(d)).map(str::to_owned).collect()
     }
 
     /// [`Catalog::load`], one compile at a time (`compiling`), unless it is loaded by then.
@@ -503,6 +497,11 @@ impl Catalog {
     pub fn versioned_definition(&self, saga_type: &str) -> Option<(Arc<SagaDefinition>, i64)> {
         self.definitions.read().unwrap_or_else(|e| e.into_inner()).get(saga_type).cloned()
     }
+}
+
+/// The plugin versions a definition binds (execute and compensate of every step).
+fn digests_bound_by(def: &SagaDefinition) -> impl Iterator<Item = &str> {
+    def.steps.iter().flat_map(|s| [s.execute.digest.as_str(), s.compensate.digest.as_str()])
 }
 
 #[cfg(test)]
