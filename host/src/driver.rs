@@ -677,7 +677,7 @@ impl Inner {
             if creating.is_some() && !matches!(action, Action::Execute { .. }) && self.may_reach_out(&rec, &action) {
                 if let Some(pending) = creating.take_if(|_| staged.is_empty()) {
                     let outcome = self.sagas.create_deferred(&pending).await;
-                    if !created_alone(&id, pending, outcome) {
+                    if !self.created_alone(&id, epoch, pending, outcome).await {
                         return;
                     }
                 } else {
@@ -994,7 +994,7 @@ impl Inner {
                 }
             }
         };
-        if !created_alone(id, pending, outcome) {
+        if !self.created_alone(id, epoch, pending, outcome).await {
             return None; // the call (host-only) is dropped with the saga
         }
         Some(match finished {
@@ -1019,6 +1019,39 @@ impl Inner {
                     Ok(false) => tracing::warn!(saga_id = %id, "lost the claim during a plugin call; its result will be discarded"),
                     Err(e) => tracing::warn!(saga_id = %id, error = %e, "renewing a lease failed"),
                 },
+            }
+        }
+    }
+
+    /// Answers the request waiting for `pending` with how its creation, committed alone (for
+    /// this driver, claimed at `epoch`), went; true when the saga now exists. Otherwise the
+    /// driver drops the saga: another request's saga holds the key (the request learns what
+    /// the key holds), or the commit failed (the request creates the saga itself).
+    ///
+    /// A commit that failed may have landed all the same (on PostgreSQL the connection can drop
+    /// after COMMIT): the saga then exists, claimed by this driver, which has dropped it, and
+    /// nobody would run it until its lease ran out. So the claim is given back, before the
+    /// request hears: had nothing landed, the release finds no saga, and the creation the
+    /// request then commits itself (unclaimed) cannot be claimed by somebody at `epoch` yet and
+    /// released under them.
+    async fn created_alone(
+        &self,
+        id: &str,
+        epoch: i64,
+        pending: Deferred,
+        outcome: Result<crate::store::CreateOutcome, saga::Error>,
+    ) -> bool {
+        match outcome {
+            Ok(outcome) => {
+                let created = outcome == crate::store::CreateOutcome::Created;
+                pending.answer(outcome);
+                created
+            }
+            Err(e) => {
+                tracing::debug!(saga_id = %id, error = %e, "committing a creation alone failed; the request creates the saga");
+                self.release(id, epoch).await;
+                drop(pending);
+                false
             }
         }
     }
@@ -1245,24 +1278,6 @@ impl Inner {
             call_time: out.elapsed,
             reached_out: out.reached_out,
         })
-    }
-}
-
-/// Answers the request waiting for `pending` with how its creation, committed alone, went;
-/// true when the saga now exists. Otherwise the driver drops the saga: another request's saga
-/// holds the key (the request learns what the key holds), or the commit failed (the request
-/// creates the saga itself).
-fn created_alone(id: &str, pending: Deferred, outcome: Result<crate::store::CreateOutcome, saga::Error>) -> bool {
-    match outcome {
-        Ok(outcome) => {
-            let created = outcome == crate::store::CreateOutcome::Created;
-            pending.answer(outcome);
-            created
-        }
-        Err(e) => {
-            tracing::debug!(saga_id = %id, error = %e, "committing a creation alone failed; the request creates the saga");
-            false
-        }
     }
 }
 
@@ -1612,5 +1627,142 @@ mod tests {
         let other = sagas.draft(&crate::store::tests::def(), &serde_json::json!({}));
         let again = tokio::time::timeout(Duration::from_secs(5), sagas.create(&other, Some(&claim), true)).await;
         assert_eq!(again.expect("no answer").unwrap(), crate::store::CreateOutcome::InFlight);
+    }
+
+    /// A saga store whose next creation commits and then reports a failure, as on PostgreSQL
+    /// when the connection drops after COMMIT.
+    struct LandsThenFails {
+        inner: Arc<dyn crate::store::Store>,
+        fail_next_create: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl SagaStore for LandsThenFails {
+        async fn create_saga(
+            &self,
+            saga: &crate::store::NewSaga,
+            claim: Option<&crate::store::IdempotencyClaim>,
+            now: i64,
+        ) -> crate::store::Result<crate::store::CreateOutcome> {
+            let outcome = self.inner.create_saga(saga, claim, now).await?;
+            if self.fail_next_create.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::store::Error::Unsupported("the connection dropped after COMMIT".into()));
+            }
+            Ok(outcome)
+        }
+        async fn saga(&self, id: &str) -> crate::store::Result<Option<SagaRecord>> {
+            self.inner.saga(id).await
+        }
+        async fn list_sagas(
+            &self,
+            saga_type: &str,
+            status: Option<&str>,
+            before: Option<&str>,
+            limit: u32,
+        ) -> crate::store::Result<Vec<crate::store::SagaSummary>> {
+            self.inner.list_sagas(saga_type, status, before, limit).await
+        }
+        async fn claim_due(
+            &self,
+            owner: &str,
+            now: i64,
+            lease_ms: i64,
+            limit: u32,
+        ) -> crate::store::Result<Vec<(String, i64)>> {
+            self.inner.claim_due(owner, now, lease_ms, limit).await
+        }
+        async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> crate::store::Result<bool> {
+            self.inner.renew_lease(id, epoch, lease_ms).await
+        }
+        async fn release(&self, id: &str, epoch: i64) -> crate::store::Result<()> {
+            self.inner.release(id, epoch).await
+        }
+        async fn release_until(&self, id: &str, epoch: i64, at: i64) -> crate::store::Result<()> {
+            self.inner.release_until(id, epoch, at).await
+        }
+        async fn release_owner(&self, owner: &str) -> crate::store::Result<u64> {
+            self.inner.release_owner(owner).await
+        }
+        async fn database_now_ms(&self) -> crate::store::Result<Option<i64>> {
+            self.inner.database_now_ms().await
+        }
+        async fn next_due(&self) -> crate::store::Result<Option<i64>> {
+            self.inner.next_due().await
+        }
+        async fn commit(&self, c: &crate::store::Commit<'_>) -> crate::store::Result<i64> {
+            self.inner.commit(c).await
+        }
+    }
+
+    /// Plugin state that takes `0` to read (and holds nothing).
+    struct SlowState(Duration);
+
+    #[async_trait::async_trait]
+    impl crate::runtime::PluginReader for SlowState {
+        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            tokio::time::sleep(self.0).await;
+            Ok(None)
+        }
+        async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+            tokio::time::sleep(self.0).await;
+            Ok(Vec::new())
+        }
+        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A waiting request's creation, committed alone while its first step computes (the step
+    /// outlasts the chain's age), which landed although the store reported a failure: the
+    /// request answers with its saga, and the saga must run now. It stayed claimed by the
+    /// driver that had dropped it, run by nobody until its lease (a minute) ran out.
+    #[tokio::test]
+    async fn a_creation_committed_alone_that_landed_though_reported_failed_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        // The inventory step reads its reservation first: 300 ms, six times the chain's age.
+        let reader = Arc::new(SlowState(Duration::from_millis(300)));
+        let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), reader).unwrap());
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
+        let failing = Arc::new(LandsThenFails { inner: store.clone(), fail_next_create: true.into() });
+        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let options = DriverOptions::default();
+        assert!(options.chain_max_age < Duration::from_millis(300) && options.lease_ms >= 30_000);
+        let driver = Driver::new(
+            store.clone(),
+            Arc::clone(&sagas),
+            runtime,
+            catalog,
+            clock,
+            crate::metrics::Metrics::new(),
+            options,
+        );
+        let input = serde_json::json!({"customer_id": "c-42",
+            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+            "currency": "USD", "payment": {"token": "tok_visa"},
+            "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}});
+        let draft = sagas.draft(&def, &input);
+        let id = draft.record.id.clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(driver.run(shutdown.clone()));
+        let created = tokio::time::timeout(Duration::from_secs(10), sagas.create(&draft, None, true)).await;
+        assert_eq!(created.expect("no answer").unwrap(), crate::store::CreateOutcome::Created);
+        assert!(!failing.fail_next_create.load(std::sync::atomic::Ordering::SeqCst), "the creation went another way");
+        let completed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let rec = store.saga(&id).await.unwrap().expect("created");
+                if rec.state.phase == engine::Phase::Completed {
+                    return rec;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        shutdown.cancel();
+        running.await.unwrap();
+        let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
+        assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
     }
 }

@@ -6,7 +6,7 @@
 //! runtime checks each outgoing request with it before any connection is opened.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Most origins one plugin may be granted.
 pub const MAX_GRANTS: usize = 64;
@@ -99,25 +99,33 @@ impl Origin {
         Ok(Origin { scheme, host: parse_host(host)?, port })
     }
 
-    /// Whether reaching this origin needs a grant naming its exact address: link-local
-    /// addresses (169.254.0.0/16, fe80::/10) and cloud metadata endpoints (fd00:ec2::254)
-    /// hand out credentials, so a grant of a DNS name that happens to resolve there does not
-    /// cover them.
+    /// Whether reaching this address needs a grant naming it exactly: link-local addresses
+    /// (169.254.0.0/16, fe80::/10) and the clouds' other metadata and agent endpoints
+    /// (100.100.100.200, 168.63.129.16, fd00:ec2::/32) hand out credentials, and the
+    /// unspecified "this host" addresses (0.0.0.0/8, ::) reach the host's own services; a grant
+    /// of a DNS name that happens to resolve there does not cover them.
     pub fn needs_exact_grant(ip: IpAddr) -> bool {
         match ip {
-            IpAddr::V4(v4) => is_link_local_v4(v4),
+            IpAddr::V4(v4) => needs_exact_grant_v4(v4),
             IpAddr::V6(v6) => {
                 if let Some(v4) = v6.to_ipv4_mapped() {
-                    return is_link_local_v4(v4);
+                    return needs_exact_grant_v4(v4);
                 }
-                (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                let s = v6.segments();
+                v6.is_unspecified() || (s[0] & 0xffc0) == 0xfe80 || (s[0], s[1]) == (0xfd00, 0x0ec2)
             }
         }
     }
 }
 
-fn is_link_local_v4(v4: Ipv4Addr) -> bool {
-    v4.octets()[0] == 169 && v4.octets()[1] == 254
+/// 169.254.0.0/16 (link-local: AWS, GCP, Azure and Oracle metadata), 0.0.0.0/8, Alibaba
+/// Cloud's metadata (100.100.100.200) and Azure's WireServer (168.63.129.16).
+fn needs_exact_grant_v4(v4: Ipv4Addr) -> bool {
+    let o = v4.octets();
+    (o[0] == 169 && o[1] == 254)
+        || o[0] == 0
+        || v4 == Ipv4Addr::new(100, 100, 100, 200)
+        || v4 == Ipv4Addr::new(168, 63, 129, 16)
 }
 
 /// The canonical form: lower case, the port always written, IPv6 in brackets.
@@ -142,6 +150,8 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
         };
     }
     Ok(match authority.rsplit_once(':') {
+        // "fd00::1:10" is an IPv6 address without its brackets: which part is the port?
+        Some((host, _)) if host.contains(':') => return Err("an IPv6 address goes in brackets: [v6]:port".to_owned()),
         Some((host, port)) => (host, Some(port)),
         None => (authority, None),
     })
@@ -233,6 +243,8 @@ mod tests {
             "http://127.1",
             "http://[::1",
             "http://*.example.com",
+            "http://fd00::1:10",
+            "http://::1",
         ] {
             assert!(Origin::parse(bad).is_err(), "{bad} must be refused");
         }
@@ -255,10 +267,23 @@ mod tests {
 
     #[test]
     fn link_local_and_metadata_addresses_need_an_exact_grant() {
-        for ip in ["169.254.169.254", "169.254.0.1", "fe80::1", "fd00:ec2::254", "::ffff:169.254.169.254"] {
+        for ip in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "fd00:ec2::23",
+            "::ffff:169.254.169.254",
+            "100.100.100.200",
+            "168.63.129.16",
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+        ] {
             assert!(Origin::needs_exact_grant(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["127.0.0.1", "10.0.0.1", "::1", "fd00:ec2::253", "8.8.8.8"] {
+        // Loopback and private addresses are where a company's own services live.
+        for ip in ["127.0.0.1", "10.0.0.1", "192.168.1.1", "::1", "fd00:ec3::1", "8.8.8.8", "100.100.100.201"] {
             assert!(!Origin::needs_exact_grant(ip.parse().unwrap()), "{ip}");
         }
     }

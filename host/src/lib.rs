@@ -24,6 +24,7 @@ pub mod saga;
 pub mod scaffold;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -253,6 +253,11 @@ struct Settings(Vec<(String, String)>);
 /// carries them), and refused if it holds what no header can carry.
 fn bearer_token(s: &str) -> Result<String, String> {
     let token = s.trim();
+    // An empty token (an unset variable in `--admin-token "$TOKEN"`) would turn the admin API
+    // on with a token no client can send: every call 401, for a reason nobody can see.
+    if token.is_empty() {
+        return Err("a token cannot be empty (leave the flag out to run without one)".to_owned());
+    }
     if token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
         return Err("a token is printable ASCII without spaces (what an Authorization header carries)".to_owned());
     }
@@ -421,6 +426,10 @@ mod tests {
         for bad in ["two words", "tab\tinside", "zoë"] {
             let e = parse(&["--admin-token", bad]).expect_err(bad);
             assert!(e.contains("printable ASCII"), "{bad}: {e}");
+        }
+        for (flag, empty) in [("--admin-token", ""), ("--admin-token", " \n"), ("--api-token", "t1,,t2")] {
+            let e = parse(&[flag, empty]).expect_err(empty);
+            assert!(e.contains("a token cannot be empty"), "{flag} {empty:?}: {e}");
         }
     }
 

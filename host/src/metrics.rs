@@ -358,7 +358,7 @@ impl Metrics {
     }
 
     /// The whole exposition: live counters plus gauges read from the store (at most
-    /// [`reuse_for`] old).
+    /// [`reuse_for`] old; left out, with `sagahost_store_up 0`, when the store does not answer).
     /// `catalog_version` is the store's catalog version this process's plugins and definitions
     /// reflect: replicas agree on it within a catalog refresh interval.
     pub async fn render(&self, store: &dyn StatsStore, now_ms: i64, catalog_version: i64) -> anyhow::Result<String> {
@@ -370,25 +370,52 @@ impl Metrics {
             "The plugin and definition version this process serves (compare across replicas)",
             catalog,
         );
-        let counts = Reused::get(&self.saga_counts, store.saga_counts()).await?;
-        let sagas = Family::<StatusLabels, Gauge>::default();
-        for (saga_type, status, count) in counts {
-            sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
+        // A database that does not answer leaves its gauges out of the scrape, not the scrape
+        // out: the counters of this process (relay failures, its leadership...) are what the
+        // alerts need most then, and `store_up` says why the gauges are missing.
+        let mut store_up = true;
+        match Reused::get(&self.saga_counts, store.saga_counts()).await {
+            Ok(counts) => {
+                let sagas = Family::<StatusLabels, Gauge>::default();
+                for (saga_type, status, count) in counts {
+                    sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
+                }
+                scrape.register("sagas", "Sagas by type and status", sagas);
+            }
+            Err(e) => {
+                store_up = false;
+                tracing::warn!(error = %e, "counting sagas for /metrics failed; sagahost_sagas is left out");
+            }
         }
-        scrape.register("sagas", "Sagas by type and status", sagas);
         // The age as of the read, not of `now_ms`: a reused read must not show a lag that grows
         // by a second every second while the relay keeps up.
-        let (pending, age) = Reused::get(&self.backlog, async {
+        let backlog = Reused::get(&self.backlog, async {
             let (pending, oldest) = store.outbox_backlog().await?;
             Ok((pending, oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)))
         })
-        .await?;
-        let backlog = Gauge::<i64>::default();
-        backlog.set(pending);
-        scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
-        let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        lag.set(age);
-        scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
+        .await;
+        match backlog {
+            Ok((pending, age)) => {
+                let backlog = Gauge::<i64>::default();
+                backlog.set(pending);
+                scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
+                let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+                lag.set(age);
+                scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
+            }
+            Err(e) => {
+                store_up = false;
+                tracing::warn!(error = %e, "reading the outbox backlog for /metrics failed; its gauges are left out");
+            }
+        }
+        let up = Gauge::<i64>::default();
+        up.set(i64::from(store_up));
+        scrape.register(
+            "store_up",
+            "1 when this scrape could read the gauges kept in the database (sagas by status, outbox backlog \
+             and lag); 0 when the database did not answer, and those gauges are left out",
+            up,
+        );
 
         let writes = store.write_stats();
         let transactions = Counter::<u64>::default();
@@ -453,6 +480,42 @@ mod tests {
             let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
             Ok(vec![("refund".into(), "COMPLETED".into(), i64::from(n))])
         }
+    }
+
+    /// A database that does not answer.
+    struct DownStats;
+
+    #[async_trait::async_trait]
+    impl StatsStore for DownStats {
+        async fn ping(&self) -> crate::store::Result<()> {
+            Err(crate::store::Error::Unsupported("down".into()))
+        }
+        async fn outbox_backlog(&self) -> crate::store::Result<(i64, Option<i64>)> {
+            Err(crate::store::Error::Unsupported("down".into()))
+        }
+        async fn saga_counts(&self) -> crate::store::Result<Vec<(String, String, i64)>> {
+            Err(crate::store::Error::Unsupported("down".into()))
+        }
+    }
+
+    /// With the database down the scrape still answers, with this process's own series (the
+    /// relay's failures and leadership: what the alerts need then); the gauges read from the
+    /// database are left out and `store_up` says so. The scrape failed whole, and every alert
+    /// on these series went silent through a database outage.
+    #[tokio::test]
+    async fn a_scrape_with_the_database_down_keeps_the_processs_own_series() {
+        let metrics = Metrics::new();
+        metrics.relay_failed();
+        metrics.relay_leader(true);
+        let text = metrics.render(&DownStats, 1_000, 1).await.expect("a scrape");
+        for line in ["sagahost_relay_failures_total 1", "sagahost_relay_leader 1", "sagahost_store_up 0"] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
+        }
+        for absent in ["sagahost_sagas{", "sagahost_outbox_pending_events ", "sagahost_outbox_lag_seconds "] {
+            assert!(!text.contains(absent), "{absent} without a database: {text}");
+        }
+        let up = metrics.render(&CountingStats::default(), 1_000, 1).await.unwrap();
+        assert!(up.lines().any(|l| l == "sagahost_store_up 1"), "{up}");
     }
 
     #[tokio::test]

@@ -168,7 +168,7 @@ pub async fn run(args: Args) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(stop) => {
-            let message: String = stop.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+            let message = crate::text::shown(&stop.message);
             eprintln!("error: {message}");
             ExitCode::from(stop.exit)
         }

@@ -251,9 +251,17 @@ function render() {
   const main = $("#main");
   main.replaceChildren();
   const path = location.pathname.replace(/^\/ui\/?/, "");
-  const seg = path.split("/").filter(Boolean).map(decodeURIComponent);
+  // A malformed escape ("%zz") in a pasted link is no page, not a script error.
+  let seg = null;
+  try {
+    seg = path.split("/").filter(Boolean).map(decodeURIComponent);
+  } catch (e) {
+    if (!(e instanceof URIError)) throw e;
+  }
   for (const id of ["nav-sagas", "nav-stuck", "nav-plugins"]) $("#" + id).classList.remove("active");
-  if (seg.length === 0) {
+  if (seg === null) {
+    notFound(main);
+  } else if (seg.length === 0) {
     $("#nav-sagas").classList.add("active");
     listPage(main);
   } else if (seg[0] === "sagas" && seg.length === 3) {
@@ -266,9 +274,13 @@ function render() {
     $("#nav-stuck").classList.add("active");
     stuckPage(main);
   } else {
-    document.title = "Not found · sagahost";
-    append(main, h("h1", {}, "No such page"), h("p", {}, "The console has no page at this address. ", h("a", { href: "/ui/" }, "Go to the saga list")));
+    notFound(main);
   }
+}
+
+function notFound(main) {
+  document.title = "Not found · sagahost";
+  append(main, h("h1", {}, "No such page"), h("p", {}, "The console has no page at this address. ", h("a", { href: "/ui/" }, "Go to the saga list")));
 }
 
 // ---------------------------------------------------------------------------------------------

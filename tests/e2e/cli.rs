@@ -122,6 +122,13 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     let run = cli(&host, &["plugins", "list", "payment"]).await.exits(0);
     assert!(run.stdout.contains(&broken) && run.stdout.contains(&original), "{run:#?}");
     cli(&host, &["plugins", "list", "nope"]).await.exits(4);
+    // The file defined before the swap, defined again (an operator's edit made before it): it
+    // carries the version it was read at, so it is refused, exit 6, and the swapped
+    // compensation stays bound. (It silently undid the swap.)
+    let run = cli(&host, &["sagas", "define", "order", file.to_str().unwrap()]).await.exits(6);
+    assert!(run.stderr.contains("changed by someone else") && run.stderr.contains("definition_changed"), "{run:#?}");
+    let now = cli(&host, &["sagas", "definition", "order", "-o", "json"]).await.exits(0).json();
+    assert_eq!(now["steps"][1]["compensate"], json!(broken));
 
     // Two orders whose refunds panic: both stop in COMPENSATION_FAILED.
     let mut body = order("tok_visa", "SKU-1", "XX");

@@ -456,5 +456,10 @@ async fn in_a_browser_the_console_lists_shows_a_timeline_and_retries_a_stuck_sag
     assert_eq!(audit["data"][0]["action"], "saga.retry");
     assert_eq!(audit["data"][0]["actor"], "ada@console");
     assert_eq!(audit["data"][0]["note"], "bound the fixed refund");
+
+    // A pasted link with a broken escape is no page, said so (it was a script error and an
+    // empty page).
+    b.goto(&host.url("/ui/sagas/order/%zz")).await.unwrap();
+    browser.text_until("#main h1", "the not-found page", |t| t == "No such page").await;
     b.clone().close().await.unwrap();
 }

@@ -283,6 +283,95 @@ async fn sagas_keep_their_pinned_execute_while_new_sagas_use_the_new_binding_and
     assert_eq!(unchanged["steps"][2]["compensate"], def["steps"][2]["compensate"]);
 }
 
+/// A plugin's state is shown a page at a time: each page says where the next one starts, and
+/// following them yields every key once, in order. (The view stopped at its limit and said
+/// nothing: an operator looking for a refund among the first 100 charges concluded it was not
+/// there.)
+#[tokio::test]
+async fn a_plugins_state_is_listed_a_page_at_a_time_every_key_once() {
+    let host = admin_host().await;
+    for _ in 0..5 {
+        assert_eq!(host.run_order(&order("tok_visa", "SKU-1", "US")).await["status"], "COMPLETED");
+    }
+    let whole = admin_json(&host, reqwest::Method::GET, "/admin/plugins/payment/state?prefix=charge/", None).await;
+    let whole = whole.json();
+    assert_eq!(whole["next_cursor"], Value::Null, "{whole:#}");
+    let every: Vec<Value> = whole["data"].as_array().unwrap().iter().map(|e| e["key"].clone()).collect();
+    assert_eq!(every.len(), 5, "{whole:#}");
+    let (mut paged, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let mut path = "/admin/plugins/payment/state?prefix=charge/&limit=2".to_owned();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page = admin_json(&host, reqwest::Method::GET, &path, None).await.json();
+        pages += 1;
+        paged.extend(page["data"].as_array().unwrap().iter().map(|e| e["key"].clone()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "the pages never end: {paged:?}");
+    }
+    assert_eq!((pages, &paged), (3, &every));
+    let bad = admin_json(&host, reqwest::Method::GET, "/admin/plugins/payment/state?cursor=%01", None).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"]["field"], "cursor");
+}
+
+/// A definition carries its version: read, edited and sent back, it replaces only the version
+/// it was read at. A binding made meanwhile (a hot-swapped compensation) is not undone by an
+/// edit made before it: 409, nothing stored. `If-Match` says the same as the body's version.
+#[tokio::test]
+async fn a_definition_edited_from_an_old_version_is_refused_not_undoing_a_bind_made_since() {
+    let host = admin_host().await;
+    let read = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await;
+    let version = read.json()["version"].as_i64().expect("a version");
+    assert_eq!(read.header("etag"), Some(format!("\"{version}\"")));
+    let mut edited = read.json();
+    edited["steps"][2]["timeout_ms"] = json!(3_000);
+    // Meanwhile the payment team hot-swaps its compensation.
+    let fixed = digest_of(&upload(&host, "payment", fixture("misbehave")).await);
+    assert_eq!(bind(&host, "order", "payment", json!({"compensate": fixed})).await.status, StatusCode::OK);
+    let r = admin_json(&host, reqwest::Method::PUT, "/admin/sagas/order", Some(edited.clone())).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json()["error"]["code"], "definition_changed");
+    let now = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    assert_eq!(now["steps"][1]["compensate"], json!(fixed), "the swap was undone");
+    assert_eq!(now["steps"][2]["timeout_ms"], read.json()["steps"][2]["timeout_ms"]);
+    assert_eq!(now["version"], json!(version + 1));
+    // The same, said with If-Match and no version in the body.
+    let mut unversioned = edited.clone();
+    unversioned.as_object_mut().unwrap().remove("version");
+    let put = |etag: &str, body: &Value| {
+        host.client
+            .put(host.url("/admin/sagas/order"))
+            .bearer_auth(TOKEN)
+            .header("If-Match", etag.to_owned())
+            .json(body)
+    };
+    let r = host.send(put(&format!("\"{version}\""), &unversioned)).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&r.bytes));
+    // Made from the current version, the edit goes through and keeps the swap (its digests
+    // are the current ones); the answer says the new version.
+    let mut redone = now.clone();
+    redone["steps"][2]["timeout_ms"] = json!(3_000);
+    let r = host.send(put(&format!("\"{}\"", version + 1), &redone)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json()["version"], json!(version + 2));
+    let after = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    assert_eq!((&after["steps"][2]["timeout_ms"], &after["steps"][1]["compensate"]), (&json!(3_000), &json!(fixed)));
+    assert_eq!(after["version"], json!(version + 2));
+    // A malformed If-Match, or one the body contradicts, is a 400 that changes nothing.
+    let contradicted = format!("\"{}\"", version + 2); // the body says version + 1
+    for etag in ["3", "\"-1\"", "W/\"3\"", contradicted.as_str()] {
+        let r = host.send(put(etag, &redone)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{etag}: {}", String::from_utf8_lossy(&r.bytes));
+    }
+    let last = admin_json(&host, reqwest::Method::GET, "/admin/sagas/order", None).await.json();
+    assert_eq!(last, after);
+}
+
 /// A definition PUT that only changes a deadline (SPEC §5.3's example names no digests and no
 /// `sensitive`) changes nothing else: an unbound upload stays unbound, a hot-swapped
 /// compensation stays bound (running sagas compensate with it), and the order's payment token

@@ -421,9 +421,13 @@ impl Catalog {
 
     /// Every current definition, by saga type.
     pub fn definitions(&self) -> Vec<Arc<SagaDefinition>> {
-        let mut defs: Vec<_> =
-            self.definitions.read().unwrap_or_else(|e| e.into_inner()).values().map(|(d, _)| Arc::clone(d)).collect();
-        defs.sort_by(|a, b| a.saga_type.cmp(&b.saga_type));
+        self.versioned_definitions().into_iter().map(|(d, _)| d).collect()
+    }
+
+    /// Every current definition with its stored version, by type name.
+    pub fn versioned_definitions(&self) -> Vec<(Arc<SagaDefinition>, i64)> {
+        let mut defs: Vec<_> = self.definitions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        defs.sort_by(|(a, _), (b, _)| a.saga_type.cmp(&b.saga_type));
         defs
     }
 

@@ -135,7 +135,7 @@ impl Failure {
 
     /// One line for stderr: the message, then the status and code it came with.
     pub fn line(&self) -> String {
-        let message: String = self.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let message = crate::text::shown(&self.message);
         match &self.http {
             Some((status, code)) => format!("error: {message} (HTTP {status} {code})"),
             None => format!("error: {message}"),

@@ -102,9 +102,15 @@ pub enum Cmd {
         /// Only keys starting with this prefix, e.g. charge/.
         #[arg(long)]
         prefix: Option<String>,
-        /// At most this many entries, 1 to 1000 (the host's default: 100).
+        /// At most this many entries per page, 1 to 1000 (the host's default: 100).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: Option<u32>,
+        /// Start after this cursor (the next_cursor of the page before).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Follow next_cursor to the last entry.
+        #[arg(long, conflicts_with = "cursor")]
+        all: bool,
     },
 }
 
@@ -121,7 +127,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Grants { name, allow, revoke_all } => grants(&ctx, &name, allow, revoke_all).await,
-        Cmd::State { name, prefix, limit } => state(&ctx, &name, prefix, limit).await,
+        Cmd::State { name, prefix, limit, cursor, all } => state(&ctx, &name, prefix, limit, cursor, all).await,
     }
 }
 
@@ -246,13 +252,29 @@ async fn grants(ctx: &Ctx, name: &str, allow: Vec<String>, revoke_all: bool) -> 
     Ok(())
 }
 
-async fn state(ctx: &Ctx, name: &str, prefix: Option<String>, limit: Option<u32>) -> Result<(), Failure> {
-    let path = format!(
-        "/admin/plugins/{}/state{}",
-        encode(name),
-        query(&[("prefix", prefix), ("limit", limit.map(|l| l.to_string()))])
-    );
-    let body = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
+async fn state(
+    ctx: &Ctx,
+    name: &str,
+    prefix: Option<String>,
+    limit: Option<u32>,
+    mut cursor: Option<String>,
+    all: bool,
+) -> Result<(), Failure> {
+    let mut data = Vec::new();
+    let next = loop {
+        let path = format!(
+            "/admin/plugins/{}/state{}",
+            encode(name),
+            query(&[("prefix", prefix.clone()), ("limit", limit.map(|l| l.to_string())), ("cursor", cursor.clone())])
+        );
+        let page = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
+        data.extend(page["data"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) if all => cursor = Some(c.to_owned()),
+            next => break next.map(str::to_owned),
+        }
+    };
+    let body = serde_json::json!({ "data": data, "next_cursor": next });
     ctx.out.print(&body, |b, colour| {
         let mut t = Table::new(&["KEY", "VALUE"]);
         for e in b["data"].as_array().map_or(&[][..], Vec::as_slice) {
@@ -260,12 +282,34 @@ async fn state(ctx: &Ctx, name: &str, prefix: Option<String>, limit: Option<u32>
         }
         t.render(colour)
     });
+    if let (super::Output::Table, Some(c)) = (ctx.out.output, next) {
+        eprintln!("(more: --cursor {}, or --all)", shell_word(&crate::text::shown(&c)));
+    }
     Ok(())
+}
+
+/// `word` as one word for a POSIX shell: as it is when nothing in it is special, else in single
+/// quotes (a key of plugin state is any text).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/_.:@%+=,-".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_is_printed_as_one_shell_word() {
+        assert_eq!(shell_word("charge/o-1"), "charge/o-1");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("$(x)"), "'$(x)'");
+        assert_eq!(shell_word(""), "''");
+    }
 
     #[test]
     fn steps_are_written_type_slash_step() {

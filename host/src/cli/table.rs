@@ -93,9 +93,10 @@ impl From<String> for Cell {
     }
 }
 
-/// Control characters (escapes, newlines, tabs) become spaces.
+/// Control characters (escapes, newlines, tabs) and those that hide or reorder text become
+/// spaces.
 fn sanitise(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    crate::text::shown(text)
 }
 
 /// Rows under a header, each column as wide as its widest cell, two spaces apart. The last
@@ -234,6 +235,8 @@ mod tests {
         let out = t.render(true);
         assert_eq!(out, "\x1b[1mERROR\x1b[0m\nboom [2J second line end\n");
         assert_eq!(pairs(&[("note", "a\rb".into())], false), "note: a b\n");
+        // Nor can text reorder or hide what follows it on the line.
+        assert_eq!(pairs(&[("reason", "paid \u{202e}dednufer\u{200b}x".into())], false), "reason: paid  dednufer x\n");
     }
 
     #[test]

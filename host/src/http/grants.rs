@@ -81,9 +81,12 @@ async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
 /// Grant a plugin the origins it may reach over outbound HTTP, replacing its grants (audited).
 ///
 /// The list is stored in its canonical form (lower case, explicit port) and shared by every
-/// replica at once: a plugin's calls check it before any connection is opened. An empty list
-/// revokes every grant. Link-local and metadata addresses (169.254.0.0/16, fd00:ec2::254) are
-/// reachable only when granted by that exact address.
+/// replica at once: a call reads it at its first request and checks every request against it
+/// before any connection is opened, so a change applies to the calls that make their first
+/// request after it (one in progress keeps what it read, at most for its timeout). An empty
+/// list revokes every grant. Link-local, cloud metadata and unspecified addresses
+/// (169.254.0.0/16, fe80::/10, fd00:ec2::/32, 100.100.100.200, 168.63.129.16, 0.0.0.0/8, ::)
+/// are reachable only when granted by that exact address.
 #[utoipa::path(put, path = "/admin/plugins/{name}/grants", tag = "admin", params(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey),
     request_body = GrantsRequest,

@@ -303,6 +303,9 @@ pub struct StateQuery {
     /// At most this many entries (1-1000, default 100), fewer once their values reach 4 MiB.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page: the entries after it.
+    #[param(max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    pub cursor: Option<String>,
 }
 
 /// One entry of a plugin's state.
@@ -317,6 +320,8 @@ pub struct StateEntry {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatePage {
     pub data: Vec<StateEntry>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
 }
 
 /// Read-only view of a plugin's state. Values that are JSON are shown as JSON, others as a
@@ -339,10 +344,18 @@ pub async fn plugin_state(
     }
     let prefix = q.prefix.as_deref().unwrap_or("");
     // A NUL cannot be stored in PostgreSQL text: refuse control characters up front.
-    if prefix.chars().count() > 1024 || prefix.chars().any(char::is_control) {
-        return Err(ApiError::invalid("prefix", "must be at most 1024 characters without control characters"));
+    for (field, text) in [("prefix", prefix), ("cursor", q.cursor.as_deref().unwrap_or(""))] {
+        if text.chars().count() > 1024 || text.chars().any(char::is_control) {
+            return Err(ApiError::invalid(field, "must be at most 1024 characters without control characters"));
+        }
     }
-    let rows = state.store.state_list(&name, prefix, limit).await?;
+    // One more than asked, to know whether there are more; a page whose values reached the
+    // store's page bound may have been cut there, so it says where to go on too.
+    let mut rows = state.store.state_scan(&name, prefix, q.cursor.as_deref(), limit + 1).await?;
+    let cut = rows.iter().map(|(_, v)| v.len()).sum::<usize>() >= crate::store::STATE_PAGE_BYTES;
+    let more = rows.len() > limit as usize || cut;
+    rows.truncate(limit as usize);
+    let next_cursor = if more { rows.last().map(|(key, _)| key.clone()) } else { None };
     let data = rows
         .into_iter()
         .map(|(key, value)| {
@@ -351,7 +364,7 @@ pub async fn plugin_state(
             StateEntry { key, value }
         })
         .collect();
-    Ok(json_response(StatusCode::OK, to_json(&StatePage { data })?, None))
+    Ok(json_response(StatusCode::OK, to_json(&StatePage { data, next_cursor })?, None))
 }
 
 /// `PUT /admin/sagas/{type}/steps/{step}` body: either binding may be omitted, not both.
@@ -567,6 +580,15 @@ pub struct DefinitionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 64, inline, value_type = Option<Vec<SensitivePointer>>)]
     pub sensitive: Option<Vec<String>>,
+    /// The stored definition's version: set on GET (also as the `ETag`) and in PUT's answer.
+    /// On PUT, optional: the version the change was made from (a definition read, edited and
+    /// sent back carries it); if the stored one is another by now, 409 `definition_changed`
+    /// and nothing is stored, so an edit never undoes a change made since (a compensation
+    /// hot-swapped meanwhile). `If-Match: "N"` says the same. 0: the type must not exist yet.
+    /// Left out, the change replaces whatever is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub version: Option<i64>,
 }
 
 /// A JSON pointer into the input, at most 256 characters, no control characters.
@@ -591,8 +613,10 @@ pub struct DefinitionList {
     pub data: Vec<DefinitionSpec>,
 }
 
-fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
+/// `def` as the API shows it, with its stored `version` when there is one to show.
+fn spec_of(def: &SagaDefinition, version: Option<i64>) -> DefinitionSpec {
     DefinitionSpec {
+        version,
         saga_type: Some(def.saga_type.clone()),
         steps: def
             .steps
@@ -611,6 +635,30 @@ fn spec_of(def: &SagaDefinition) -> DefinitionSpec {
             })
             .collect(),
         sensitive: (!def.sensitive.is_empty()).then(|| def.sensitive.clone()),
+    }
+}
+
+/// The version a PUT was made from: its `If-Match: "N"` or its body's `version` (the same if
+/// both are given), if any.
+fn expected_version(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64>, ApiError> {
+    let bad = |why: &str| ApiError::invalid("If-Match", why);
+    let header = match headers.get(axum::http::header::IF_MATCH) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|_| bad("not text"))?.trim();
+            let n = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).and_then(|n| n.parse::<i64>().ok());
+            Some(n.filter(|n| *n >= 0).ok_or_else(|| {
+                bad("must be the definition's ETag, a version in quotes (\"3\"), as GET /admin/sagas/{type} gives it")
+            })?)
+        }
+    };
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::invalid(
+            "version",
+            format!("the body says version {b} and If-Match says {h}: which one was the change made from?"),
+        )),
+        (_, Some(v)) if v < 0 => Err(ApiError::invalid("version", "a version is 0 or more")),
+        (h, b) => Ok(h.or(b)),
     }
 }
 
@@ -695,10 +743,11 @@ async fn definition_of(
 ///
 /// Every plugin a step names (by digest, or by the step's name) must be uploaded first.
 #[utoipa::path(put, path = "/admin/sagas/{type}", tag = "admin", params(
-           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey), request_body = DefinitionSpec,
+           ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey,
+           ("If-Match" = Option<String>, Header, description = "The definition's ETag (`\"N\"`): replace only that version, as the body's `version` says")), request_body = DefinitionSpec,
     responses((status = 200, description = "Registered", body = DefinitionSpec),
-              (status = 400, description = "The body is not a valid definition (the error names the field)", body = ErrorBody),
-              (status = 409, description = "The definition changed meanwhile; read it again and retry", body = ErrorBody),
+              (status = 400, description = "The body is not a valid definition (the error names the field), or If-Match is not a version or contradicts the body's", body = ErrorBody),
+              (status = 409, description = "The definition changed meanwhile (or since the version given); read it again and retry", body = ErrorBody),
               (status = 422, description = "A step names a plugin that is not uploaded", body = ErrorBody)))]
 pub async fn put_definition(
     State(state): State<AppState>,
@@ -707,11 +756,16 @@ pub async fn put_definition(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = super::sagas::integral_numbers(parse_body(body)?);
-    let fingerprint = value.clone();
+    let mut fingerprint = value.clone();
     let spec: DefinitionSpec = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::invalid(if path == "." { String::new() } else { path }, e.into_inner())
     })?;
+    let given = expected_version(&headers, spec.version)?;
+    // The same body made from another version is another request.
+    if let (Some(version), Some(fields)) = (given, fingerprint.as_object_mut()) {
+        fields.insert("version".to_owned(), version.into());
+    }
     let (def, current) = definition_of(&state, &saga_type, spec).await?;
     // Checked before anything is written under the key: a refused definition is not stored
     // (SPEC §5.1), nor a type name the database would refuse (a NUL byte) as a 500.
@@ -719,20 +773,28 @@ pub async fn put_definition(
     let route = format!("PUT /admin/sagas/{saga_type}");
     let (state, headers, saga_type, def) = (&state, &headers, &saga_type, &def);
     idempotent(state, headers, route, &fingerprint, |key| async move {
-        // The change replaces the version it was completed from (definition_of refreshed it):
-        // if anything replaced that meanwhile (another admin, a bind here), 409, not stored
-        // under the key: read and retry. A newer version would lose what changed in between.
-        let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d)).unwrap_or_default());
-        let expected = current.map_or(0, |(_, version)| version);
-        let after = serde_json::to_value(spec_of(def)).unwrap_or_default();
-        let answer = to_json(&spec_of(def))?;
+        // The change replaces the version it was made from (the request's, else the one
+        // definition_of completed it from, refreshed just now): if anything replaced that
+        // meanwhile (another admin, a bind), 409, not stored under the key: read and retry. A
+        // newer version would lose what changed in between.
+        let stored = current.as_ref().map_or(0, |(_, version)| *version);
+        let expected = given.unwrap_or(stored);
+        if expected != stored {
+            return Err(catalog_error(catalog::Error::Conflict(saga_type.clone())).provisional());
+        }
+        let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d, None)).unwrap_or_default());
+        let after = serde_json::to_value(spec_of(def, None)).unwrap_or_default();
+        // The answer is committed with the change, so it says the version the change makes:
+        // the store's next, which the commit checks.
+        let answer = to_json(&spec_of(def, Some(expected + 1)))?;
         let mut entry = audit(headers, "saga.define", saga_type, before, Some(after));
         entry.answer = key.as_ref().map(|k| k.answer(StatusCode::OK, &answer));
-        state
+        let version = state
             .catalog
             .put_definition_checked(def.clone(), DefinitionSource::Admin, Some(expected), Some(&entry))
             .await
             .map_err(|e| catalog_error(e).provisional())?;
+        debug_assert_eq!(version, expected + 1);
         Ok(answered_in_commit(json_response(StatusCode::OK, answer, None), key.as_ref()))
     })
     .await
@@ -743,21 +805,26 @@ pub async fn put_definition(
 pub async fn list_definitions(State(state): State<AppState>) -> Result<Response, ApiError> {
     // Read your writes through any replica: a change made elsewhere shows at once.
     state.catalog.refresh().await.map_err(catalog_error)?;
-    let data: Vec<DefinitionSpec> = state.catalog.definitions().iter().map(|d| spec_of(d)).collect();
+    let data: Vec<DefinitionSpec> =
+        state.catalog.versioned_definitions().iter().map(|(d, version)| spec_of(d, Some(*version))).collect();
     Ok(json_response(StatusCode::OK, to_json(&DefinitionList { data })?, None))
 }
 
 /// One saga definition.
 #[utoipa::path(get, path = "/admin/sagas/{type}", tag = "admin", params(
            ("type" = String, Path, description = "A saga type name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
-    responses((status = 200, body = DefinitionSpec), (status = 404, description = "No saga type of this name", body = ErrorBody)))]
+    responses((status = 200, body = DefinitionSpec, headers(("ETag" = String, description = "The definition's version in quotes, for If-Match"))),
+              (status = 404, description = "No saga type of this name", body = ErrorBody)))]
 pub async fn get_definition(
     State(state): State<AppState>,
     ApiPath(saga_type): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     state.catalog.refresh().await.map_err(catalog_error)?;
-    let def = state.catalog.definition(&saga_type).ok_or_else(|| {
+    let (def, version) = state.catalog.versioned_definition(&saga_type).ok_or_else(|| {
         ApiError::not_found(format!("no saga type '{saga_type}'; register it with PUT /admin/sagas/{saga_type}"))
     })?;
-    Ok(json_response(StatusCode::OK, to_json(&spec_of(&def))?, None))
+    let mut response = json_response(StatusCode::OK, to_json(&spec_of(&def, Some(version)))?, None);
+    let etag = axum::http::HeaderValue::from_str(&format!("\"{version}\"")).expect("digits in quotes");
+    response.headers_mut().insert(axum::http::header::ETAG, etag);
+    Ok(response)
 }

@@ -439,7 +439,11 @@ pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
         if Instant::now() >= ctx.data().host.deadline.at() {
             Ok(UpdateDeadline::Interrupt)
         } else {
-            Ok(UpdateDeadline::Yield(1))
+            // tokio's `yield_now`, not wasmtime's own yield: that one wakes the task at once,
+            // so the scheduler would resume the call ahead of its I/O and timer driver for a
+            // whole event interval (61 ticks, some 0.6 s of a busy plugin); `yield_now` wakes
+            // it only after the driver has been polled.
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
         }
     });
     store
@@ -538,7 +542,7 @@ pub(super) fn sanitize(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max.saturating_add(4)));
     let mut space = false;
     for c in s.chars() {
-        if hides_or_reorders(c) || c.is_whitespace() {
+        if crate::text::hides_or_reorders(c) || c.is_whitespace() {
             space = true;
             continue;
         }
@@ -558,13 +562,6 @@ pub(super) fn sanitize(s: &str, max: usize) -> String {
         }
     }
     out
-}
-
-/// Control characters and characters that hide or reorder text: they must not reach a log
-/// line or a terminal as they are.
-fn hides_or_reorders(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 /// Turns a wasmtime error into a message an operator can act on. It becomes the step's public

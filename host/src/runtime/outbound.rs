@@ -397,17 +397,24 @@ impl CallFacts {
             return Err(Error::HttpRequestDenied);
         }
         let addresses = self.resolve(&origin).await?;
-        self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
         let at = self.deadline.outbound_until();
         // Over a connection to an address just checked: a second lookup could answer otherwise.
         // The Host header keeps the name the plugin asked for, and so does TLS (its SNI and the
         // name the certificate must be for).
+        // The call has reached out once the request may leave: on a connection, past TLS's
+        // handshake (no early data). A refused connection or an untrusted certificate sent
+        // the service nothing, so a step failing at it has nothing out there to undo.
+        let reached_out = || self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
         let sending = async {
             let stream = connect_first(addresses).await?;
             match scheme {
-                Scheme::Http => send_over(request, stream).await,
+                Scheme::Http => {
+                    reached_out();
+                    send_over(request, stream).await
+                }
                 Scheme::Https => {
                     let stream = tls_handshake(stream, &origin.host, &self.limits.trust).await?;
+                    reached_out();
                     send_over(request, stream).await
                 }
             }
@@ -436,13 +443,27 @@ impl CallFacts {
             Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, origin.port)]),
             Host::Name(name) => name.clone(),
         };
-        let found = tokio::time::timeout(self.remaining(), tokio::net::lookup_host((name.as_str(), origin.port)))
+        let Ok(permit) = tokio::time::timeout(self.remaining(), LOOKUPS.acquire()).await else {
+            self.note_limit(format!(
+                "{MAX_LOOKUPS} DNS lookups were in flight on this host (the system resolver is slow or down), and \
+                 {origin} could not be looked up in the call's time"
+            ));
+            return Err(Error::DnsTimeout);
+        };
+        let permit = permit.expect("the lookups' semaphore is never closed");
+        let found = tokio::time::timeout(self.remaining(), lookup(name, origin.port, permit))
             .await
             .map_err(|_| Error::DnsTimeout)?
-            .map_err(|_| Error::DestinationNotFound)?
-            .collect::<Vec<_>>();
+            .map_err(|_| Error::DestinationNotFound)?;
         if let Some(bad) = found.iter().find(|a| Origin::needs_exact_grant(a.ip())) {
             tracing::warn!(plugin = %self.plugin, %origin, address = %bad.ip(), "outbound request denied: the name resolves to a link-local or metadata address");
+            // Said first in the attempt's error: the plugin only learns "denied", and the
+            // SDK's reading of that ("not granted") would send the operator to the grants.
+            self.note_limit(format!(
+                "{origin} resolved to {}, a link-local, metadata or unspecified address, which only a grant of that \
+                 exact address reaches",
+                bad.ip()
+            ));
             return Err(Error::HttpRequestDenied);
         }
         if found.is_empty() {
@@ -450,6 +471,30 @@ impl CallFacts {
         }
         Ok(found)
     }
+}
+
+/// DNS lookups in flight at once, across every call. A lookup is the system resolver's
+/// (`getaddrinfo`) on a thread of tokio's blocking pool, and nothing can stop one: with its
+/// DNS server down it holds the thread for tens of seconds, whatever the call's timeout. Calls
+/// retrying against such a name would otherwise fill the pool (512 threads), which also writes
+/// the JSONL relay's files and compiles plugins. Past the bound a lookup waits, within its
+/// call's time.
+pub(super) const MAX_LOOKUPS: usize = 32;
+pub(super) static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+
+/// The addresses `name` resolves to, looked up on the blocking pool holding `permit` (given
+/// back when the lookup ends, not when its caller stops waiting).
+async fn lookup(
+    name: String,
+    port: u16,
+    permit: tokio::sync::SemaphorePermit<'static>,
+) -> std::io::Result<Vec<SocketAddr>> {
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// How long a connection attempt to one address has before the next address is tried beside

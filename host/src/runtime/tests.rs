@@ -725,6 +725,84 @@ async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout()
     // room (the call's own work, a scheduler that is late), far below "forever".
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(service.connections(), 1);
+    assert!(out.reached_out, "the request went out on the connection: it may have been applied");
+}
+
+/// A granted name that resolves to a metadata address is not reached, and the attempt's error
+/// says why: the plugin learns only "denied", which the SDK reads as "not granted", and that
+/// sent operators to the grants, which were fine. (The resolver reads "0xa9fea9fe" as
+/// 169.254.169.254, as it would answer for a name pointed there.)
+#[tokio::test]
+async fn a_granted_name_resolving_to_a_metadata_address_is_denied_saying_why() {
+    let origin = "http://0xa9fea9fe:80";
+    let (runtime, digest) = misbehave(Limits::default(), granting(origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", origin), TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.starts_with("http://0xa9fea9fe:80 resolved to 169.254.169.254, a link-local"), "{msg}");
+    assert!(!out.reached_out);
+}
+
+/// DNS lookups hold threads of tokio's blocking pool until the system resolver answers,
+/// however long a dead DNS server makes that: at most `MAX_LOOKUPS` run at once, and a call
+/// that cannot start one in its time fails saying why. (Unbounded, calls retrying against a
+/// name whose DNS was down filled the pool, which the JSONL relay and compiles share.)
+#[tokio::test]
+async fn dns_lookups_in_flight_are_bounded_and_a_call_waiting_past_its_time_says_why() {
+    let service = Service::start(Some("{}".into())).await;
+    let port = service.origin.rsplit_once(':').unwrap().1;
+    let origin = format!("http://localhost:{port}");
+    let (runtime, digest) = misbehave(Limits::default(), granting(&origin)).await;
+    let input = http_input("http-get-1", &origin);
+    // Every lookup slot taken, as by lookups stuck on a dead DNS server.
+    let stuck = super::outbound::LOOKUPS.acquire_many(super::outbound::MAX_LOOKUPS as u32).await.unwrap();
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, Duration::from_millis(300)).await;
+    // The wait used the call's whole time: it ends as a timeout, saying why.
+    let msg = trapped(&out);
+    assert!(msg.starts_with("32 DNS lookups were in flight on this host"), "{msg}");
+    assert!(msg.ends_with("timed out after 300 ms"), "{msg}");
+    assert_eq!(service.connections(), 0);
+    drop(stuck);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, TIMEOUT).await;
+    assert_eq!(out.label, "done", "{:?}", out.result);
+    assert_eq!(service.connections(), 1);
+}
+
+/// A plugin cannot make a request seem meant for another host: a `Host` header of its own is
+/// refused (wasi-http forbids it; the host keeps that default), and a path that looks like an
+/// authority (`//evil.example/x`) is sent as a path to the granted origin, under its name.
+/// Both guarantees come from defaults of wasmtime-wasi-http and of `send_over`: this keeps a
+/// change of either from going unnoticed.
+#[tokio::test]
+async fn a_plugin_cannot_name_another_host_in_its_requests() {
+    let service = Service::start(Some("{}".into())).await;
+    let (runtime, digest) = misbehave(Limits::default(), granting(&service.origin)).await;
+    let out =
+        runtime.execute(&digest, "misbehave", &info(1), &http_input("http-spoof", &service.origin), TIMEOUT).await;
+    let Ok(ExecuteOutcome::Done(output)) = &out.result else { panic!("{:?}", out.result) };
+    let output: serde_json::Value = serde_json::from_str(output).unwrap();
+    let refused = output["host"]["Err"].as_str().unwrap_or_default();
+    assert!(refused.contains("was not sent") && refused.contains("the host sets itself"), "{output}");
+    assert_eq!(output["path"]["Ok"], 200, "{output}");
+    let authority = service.origin.trim_start_matches("http://");
+    assert_eq!(service.header("host"), [Some(authority.to_owned())], "one request, under the granted name");
+    let head = service.requests.lock().unwrap()[0].clone();
+    assert!(head.starts_with("GET //evil.example/x HTTP/1.1\r\n"), "{head}");
+}
+
+/// A service that refuses the connection was sent nothing: a step failing there has nothing
+/// out there to undo. (The call counted as having reached out once the address was resolved,
+/// so its saga compensated a charge that never left the host, and with the service still
+/// down the refund failed too: COMPENSATION_FAILED for nothing.)
+#[tokio::test]
+async fn a_refused_connection_is_not_reaching_out() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (runtime, digest) = misbehave(Limits::default(), granting(&origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &origin), TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.contains("refused"), "{msg}");
+    assert!(!out.reached_out, "nothing left the host");
 }
 
 /// Time blocked in state reads is credited back to the plugin's code, not to its requests:
@@ -994,6 +1072,29 @@ async fn a_call_waits_for_a_free_slot_at_most_its_timeout_and_is_then_the_hosts_
     assert!(msg.contains("sandbox slots stayed busy for 100 ms"), "{msg}");
     assert_eq!(patient.label, "done", "{:?}", patient.result);
     assert!(patient.elapsed >= Duration::from_millis(200), "it waited for the slot: {:?}", patient.elapsed);
+}
+
+/// A plugin computing without end must not hold the runtime's timers and sockets off: on
+/// every epoch tick the call yields, and the scheduler polls its I/O and timer driver before
+/// resuming it. (Waking itself at once, a call in a task of its own, as the driver runs them,
+/// was resumed ahead of the driver for tokio's whole event interval, 61 polls of 10 ms: a busy
+/// plugin held the HTTP requests and database replies of its thread off for some 0.6 s at a
+/// time.) `#[tokio::test]` runs on one thread: the call's task and the timer below share it.
+#[tokio::test]
+async fn a_busy_plugin_leaves_the_threads_timers_and_sockets_served_on_every_tick() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let call = tokio::spawn(async move {
+        runtime.execute(&digest, "misbehave", &info(1), &input("loop"), Duration::from_secs(1)).await
+    });
+    let mut woken = 0;
+    while !call.is_finished() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        woken += 1;
+    }
+    let looping = call.await.unwrap();
+    assert_eq!(trapped(&looping), "timed out after 1000 ms");
+    // A tick every 10 ms is some 100 in the second; one driver poll every 61 ticks, 2.
+    assert!(woken >= 25, "the timer fired only {woken} times while the plugin computed for 1 s");
 }
 
 #[tokio::test]
