@@ -114,7 +114,8 @@ struct Serve {
     outbox_retention_hours: u64,
     /// How long finished sagas (COMPLETED, CANCELLED) are kept, in hours, once their events are
     /// published; then they are deleted with their steps and events. Unset keeps them for ever.
-    #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS", value_parser = clap::value_parser!(u64).range(0..=MAX_HOURS))]
+    /// At least 1: a client told 201 polls its saga for the outcome, which must still be there.
+    #[arg(long, env = "SAGAHOST_SAGA_RETENTION_HOURS", value_parser = clap::value_parser!(u64).range(1..=MAX_HOURS))]
     saga_retention_hours: Option<u64>,
     /// How long idempotency keys are remembered, in hours (at least 24 is recommended; at
     /// least 1, so that a key outlives the lock of a request still working under it).
@@ -476,6 +477,8 @@ mod tests {
         assert_eq!(usage(&["sagahost", "sagas", "resolve", "x"]), 2);
         // A key forgotten at once would let its retry create a second saga.
         assert_eq!(usage(&["sagahost", "serve", "--idempotency-ttl-hours", "0"]), 2);
+        // A saga deleted a minute after it finished: its client, told 201, polls a 404.
+        assert_eq!(usage(&["sagahost", "serve", "--saga-retention-hours", "0"]), 2);
         // Hours past the bound would overflow into a retention in the future (every row
         // deleted at once) or a key that expires before it is stored.
         for flag in ["--outbox-retention-hours", "--saga-retention-hours", "--idempotency-ttl-hours"] {

@@ -107,10 +107,18 @@ impl KeyFilter {
     }
 
     /// Records that `key` of `plugin` may exist from now on.
+    ///
+    /// A key the filter already answers "maybe" for is not added again: a layer counts the
+    /// keys it holds, and a plugin rewriting one key on every call (a counter, a status) would
+    /// otherwise fill layer after layer with that one key, memory that grew with the writes
+    /// and was never given back.
     pub(super) fn insert(&self, plugin: &str, key: &str) {
         let hash = self.hash(plugin, key);
         let full = {
             let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+            if layers.iter().any(|layer| layer.may_contain(hash)) {
+                return;
+            }
             layers.last().expect("a filter has a layer").insert(hash)
         };
         if full {
@@ -138,6 +146,16 @@ impl KeyFilter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rewriting_one_key_does_not_grow_the_filter() {
+        let f = super::KeyFilter::with_capacity(0);
+        for _ in 0..super::MIN_CAPACITY * 5 {
+            f.insert("counter", "total");
+        }
+        assert_eq!(f.size().0, 1, "one key took more than one layer");
+        assert!(f.may_contain("counter", "total"));
+    }
+
     use super::*;
 
     #[test]
