@@ -1033,7 +1033,8 @@ impl Inner {
     /// nobody would run it until its lease ran out. So the claim is given back, before the
     /// request hears: had nothing landed, the release finds no saga, and the creation the
     /// request then commits itself (unclaimed) cannot be claimed by somebody at `epoch` yet and
-    /// released under them.
+    /// released under them. One try, bounded: with the database gone the request must not wait
+    /// on it (the claim then expires with its lease, as before).
     async fn created_alone(
         &self,
         id: &str,
@@ -1049,7 +1050,15 @@ impl Inner {
             }
             Err(e) => {
                 tracing::debug!(saga_id = %id, error = %e, "committing a creation alone failed; the request creates the saga");
-                self.release(id, epoch).await;
+                match tokio::time::timeout(Duration::from_secs(1), self.store.release(id, epoch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(saga_id = %id, error = %e, "releasing a creation that may have landed failed; its claim will expire")
+                    }
+                    Err(_) => {
+                        tracing::warn!(saga_id = %id, "releasing a creation that may have landed took over 1 s; its claim will expire")
+                    }
+                }
                 drop(pending);
                 false
             }

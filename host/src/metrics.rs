@@ -132,6 +132,9 @@ impl<T: Clone> Reused<T> {
     }
 }
 
+/// How long a scrape waits for the database to answer a ping before leaving its gauges out.
+pub const STORE_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long the gauges read from the store are reused, at least.
 pub const STORE_GAUGES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -372,40 +375,57 @@ impl Metrics {
         );
         // A database that does not answer leaves its gauges out of the scrape, not the scrape
         // out: the counters of this process (relay failures, its leadership...) are what the
-        // alerts need most then, and `store_up` says why the gauges are missing.
-        let mut store_up = true;
-        match Reused::get(&self.saga_counts, store.saga_counts()).await {
-            Ok(counts) => {
-                let sagas = Family::<StatusLabels, Gauge>::default();
-                for (saga_type, status, count) in counts {
-                    sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
+        // alerts need most then, and `store_up` says why the gauges are missing. A ping with a
+        // short bound first: a read of a database that is gone waits out the pool's acquire
+        // timeout (10 s on PostgreSQL), and two of them took a scrape past Prometheus's own
+        // timeout, so the scrape failed whole all the same.
+        let mut store_up = match tokio::time::timeout(STORE_PING_WAIT, store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the database did not answer /metrics' ping; its gauges are left out");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the database did not answer /metrics' ping in {STORE_PING_WAIT:?}; its gauges are left out"
+                );
+                false
+            }
+        };
+        if store_up {
+            match Reused::get(&self.saga_counts, store.saga_counts()).await {
+                Ok(counts) => {
+                    let sagas = Family::<StatusLabels, Gauge>::default();
+                    for (saga_type, status, count) in counts {
+                        sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
+                    }
+                    scrape.register("sagas", "Sagas by type and status", sagas);
                 }
-                scrape.register("sagas", "Sagas by type and status", sagas);
+                Err(e) => {
+                    store_up = false;
+                    tracing::warn!(error = %e, "counting sagas for /metrics failed; sagahost_sagas is left out");
+                }
             }
-            Err(e) => {
-                store_up = false;
-                tracing::warn!(error = %e, "counting sagas for /metrics failed; sagahost_sagas is left out");
-            }
-        }
-        // The age as of the read, not of `now_ms`: a reused read must not show a lag that grows
-        // by a second every second while the relay keeps up.
-        let backlog = Reused::get(&self.backlog, async {
-            let (pending, oldest) = store.outbox_backlog().await?;
-            Ok((pending, oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)))
-        })
-        .await;
-        match backlog {
-            Ok((pending, age)) => {
-                let backlog = Gauge::<i64>::default();
-                backlog.set(pending);
-                scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
-                let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-                lag.set(age);
-                scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
-            }
-            Err(e) => {
-                store_up = false;
-                tracing::warn!(error = %e, "reading the outbox backlog for /metrics failed; its gauges are left out");
+            // The age as of the read, not of `now_ms`: a reused read must not show a lag that grows
+            // by a second every second while the relay keeps up.
+            let backlog = Reused::get(&self.backlog, async {
+                let (pending, oldest) = store.outbox_backlog().await?;
+                Ok((pending, oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0)))
+            })
+            .await;
+            match backlog {
+                Ok((pending, age)) => {
+                    let backlog = Gauge::<i64>::default();
+                    backlog.set(pending);
+                    scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
+                    let lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+                    lag.set(age);
+                    scrape.register("outbox_lag_seconds", "Age of the oldest unpublished event (relay lag)", lag);
+                }
+                Err(e) => {
+                    store_up = false;
+                    tracing::warn!(error = %e, "reading the outbox backlog for /metrics failed; its gauges are left out");
+                }
             }
         }
         let up = Gauge::<i64>::default();
@@ -516,6 +536,35 @@ mod tests {
         }
         let up = metrics.render(&CountingStats::default(), 1_000, 1).await.unwrap();
         assert!(up.lines().any(|l| l == "sagahost_store_up 1"), "{up}");
+    }
+
+    /// A database that takes connections nowhere (gone, partitioned): every read would wait out
+    /// the pool's acquire timeout.
+    struct HangingStats;
+
+    #[async_trait::async_trait]
+    impl StatsStore for HangingStats {
+        async fn ping(&self) -> crate::store::Result<()> {
+            std::future::pending().await
+        }
+        async fn outbox_backlog(&self) -> crate::store::Result<(i64, Option<i64>)> {
+            std::future::pending().await
+        }
+        async fn saga_counts(&self) -> crate::store::Result<Vec<(String, String, i64)>> {
+            std::future::pending().await
+        }
+    }
+
+    /// A scrape of a host whose database hangs answers within the ping's bound, saying the
+    /// database is down (it waited on every read, past Prometheus's scrape timeout).
+    #[tokio::test]
+    async fn a_scrape_with_the_database_hanging_answers_within_the_pings_bound() {
+        let metrics = Metrics::new();
+        let text = tokio::time::timeout(STORE_PING_WAIT * 5, metrics.render(&HangingStats, 1_000, 1))
+            .await
+            .expect("the scrape waited for the database")
+            .unwrap();
+        assert!(text.lines().any(|l| l == "sagahost_store_up 0"), "{text}");
     }
 
     #[tokio::test]

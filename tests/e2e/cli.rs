@@ -100,6 +100,10 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     let run = run.exits(0);
     assert!(run.stdout.lines().next().unwrap().starts_with("TYPE"), "{run:#?}");
     assert!(run.stdout.contains("payment") && run.stdout.contains(" 5/2\n"), "{run:#?}");
+    // An operator saves the definition as it now is, to edit it later.
+    let saved = cli(&host, &["sagas", "definition", "order", "-o", "json"]).await.exits(0).stdout;
+    let saved_file = host.dir.path().join("order-saved.json");
+    std::fs::write(&saved_file, saved).unwrap();
 
     // The hot-swap shortcut: upload a version and bind it as the payment step's compensation
     // only. (Here a broken one: the misbehave fixture panics in compensate.)
@@ -122,11 +126,11 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     let run = cli(&host, &["plugins", "list", "payment"]).await.exits(0);
     assert!(run.stdout.contains(&broken) && run.stdout.contains(&original), "{run:#?}");
     cli(&host, &["plugins", "list", "nope"]).await.exits(4);
-    // The file defined before the swap, defined again (an operator's edit made before it): it
+    // The definition saved before the swap, defined (an operator's edit begun before it): it
     // carries the version it was read at, so it is refused, exit 6, and the swapped
     // compensation stays bound. (It silently undid the swap.)
-    let run = cli(&host, &["sagas", "define", "order", file.to_str().unwrap()]).await.exits(6);
-    assert!(run.stderr.contains("changed by someone else") && run.stderr.contains("definition_changed"), "{run:#?}");
+    let run = cli(&host, &["sagas", "define", "order", saved_file.to_str().unwrap()]).await.exits(6);
+    assert!(run.stderr.contains("was made from version") && run.stderr.contains("definition_changed"), "{run:#?}");
     let now = cli(&host, &["sagas", "definition", "order", "-o", "json"]).await.exits(0).json();
     assert_eq!(now["steps"][1]["compensate"], json!(broken));
 

@@ -283,33 +283,14 @@ async fn state(
         t.render(colour)
     });
     if let (super::Output::Table, Some(c)) = (ctx.out.output, next) {
-        eprintln!("(more: --cursor {}, or --all)", shell_word(&crate::text::shown(&c)));
+        eprintln!("(more: --cursor {}, or --all)", crate::text::shown(&c));
     }
     Ok(())
-}
-
-/// `word` as one word for a POSIX shell: as it is when nothing in it is special, else in single
-/// quotes (a key of plugin state is any text).
-fn shell_word(word: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "/_.:@%+=,-".contains(c);
-    if !word.is_empty() && word.chars().all(plain) {
-        return word.to_owned();
-    }
-    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_cursor_is_printed_as_one_shell_word() {
-        assert_eq!(shell_word("charge/o-1"), "charge/o-1");
-        assert_eq!(shell_word("a b"), "'a b'");
-        assert_eq!(shell_word("it's"), r"'it'\''s'");
-        assert_eq!(shell_word("$(x)"), "'$(x)'");
-        assert_eq!(shell_word(""), "''");
-    }
 
     #[test]
     fn steps_are_written_type_slash_step() {

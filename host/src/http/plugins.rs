@@ -304,7 +304,7 @@ pub struct StateQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page: the entries after it.
-    #[param(max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    #[param(max_length = 8192, pattern = "^([0-9a-f]{2})*$")]
     pub cursor: Option<String>,
 }
 
@@ -320,7 +320,8 @@ pub struct StateEntry {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatePage {
     pub data: Vec<StateEntry>,
-    /// Pass as `cursor` for the next page; `null` on the last one.
+    /// Pass as `cursor` for the next page; `null` on the last one. Opaque (hex: a key may
+    /// hold any character but NUL, which a URL or a terminal would not carry as it is).
     pub next_cursor: Option<String>,
 }
 
@@ -344,18 +345,31 @@ pub async fn plugin_state(
     }
     let prefix = q.prefix.as_deref().unwrap_or("");
     // A NUL cannot be stored in PostgreSQL text: refuse control characters up front.
-    for (field, text) in [("prefix", prefix), ("cursor", q.cursor.as_deref().unwrap_or(""))] {
-        if text.chars().count() > 1024 || text.chars().any(char::is_control) {
-            return Err(ApiError::invalid(field, "must be at most 1024 characters without control characters"));
-        }
+    if prefix.chars().count() > 1024 || prefix.chars().any(char::is_control) {
+        return Err(ApiError::invalid("prefix", "must be at most 1024 characters without control characters"));
     }
+    let after = match &q.cursor {
+        None => None,
+        Some(cursor) => Some(
+            hex::decode(cursor)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .filter(|key| key.len() <= 4096 && !key.contains('\0'))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "cursor",
+                        "is not a cursor this API returned; pass next_cursor from the previous page",
+                    )
+                })?,
+        ),
+    };
     // One more than asked, to know whether there are more; a page whose values reached the
     // store's page bound may have been cut there, so it says where to go on too.
-    let mut rows = state.store.state_scan(&name, prefix, q.cursor.as_deref(), limit + 1).await?;
+    let mut rows = state.store.state_scan(&name, prefix, after.as_deref(), limit + 1).await?;
     let cut = rows.iter().map(|(_, v)| v.len()).sum::<usize>() >= crate::store::STATE_PAGE_BYTES;
     let more = rows.len() > limit as usize || cut;
     rows.truncate(limit as usize);
-    let next_cursor = if more { rows.last().map(|(key, _)| key.clone()) } else { None };
+    let next_cursor = if more { rows.last().map(|(key, _)| hex::encode(key)) } else { None };
     let data = rows
         .into_iter()
         .map(|(key, value)| {
@@ -780,7 +794,22 @@ pub async fn put_definition(
         let stored = current.as_ref().map_or(0, |(_, version)| *version);
         let expected = given.unwrap_or(stored);
         if expected != stored {
-            return Err(catalog_error(catalog::Error::Conflict(saga_type.clone())).provisional());
+            let now = match stored {
+                0 => "none is stored".to_owned(),
+                v => format!("the stored one is version {v}"),
+            };
+            let made_from = match expected {
+                0 => "as a new type".to_owned(),
+                v => format!("from version {v}"),
+            };
+            return Err(ApiError::conflict(
+                "definition_changed",
+                format!(
+                    "this definition of '{saga_type}' was made {made_from}, and {now}: read it again \
+                     (GET /admin/sagas/{saga_type}) and edit that, or leave `version` out to replace whatever is stored"
+                ),
+            )
+            .provisional());
         }
         let before = current.as_ref().map(|(d, _)| serde_json::to_value(spec_of(d, None)).unwrap_or_default());
         let after = serde_json::to_value(spec_of(def, None)).unwrap_or_default();

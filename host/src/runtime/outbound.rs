@@ -444,10 +444,16 @@ impl CallFacts {
             Host::Name(name) => name.clone(),
         };
         let Ok(permit) = tokio::time::timeout(self.remaining(), LOOKUPS.acquire()).await else {
-            self.note_limit(format!(
-                "{MAX_LOOKUPS} DNS lookups were in flight on this host (the system resolver is slow or down), and \
-                 {origin} could not be looked up in the call's time"
-            ));
+            // The host's failure, not the plugin's: the slots may be held by another plugin's
+            // lookups of a name whose DNS server is down, and this step must not spend its
+            // attempts on that (not an attempt: it runs again, like a call with no sandbox slot).
+            let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            notes.host_error.get_or_insert_with(|| {
+                format!(
+                    "{MAX_LOOKUPS} DNS lookups were in flight on this host (the system resolver is slow or down), \
+                     and {origin} could not be looked up in the call's time"
+                )
+            });
             return Err(Error::DnsTimeout);
         };
         let permit = permit.expect("the lookups' semaphore is never closed");
@@ -478,7 +484,7 @@ impl CallFacts {
 /// DNS server down it holds the thread for tens of seconds, whatever the call's timeout. Calls
 /// retrying against such a name would otherwise fill the pool (512 threads), which also writes
 /// the JSONL relay's files and compiles plugins. Past the bound a lookup waits, within its
-/// call's time.
+/// call's time; a call that could not start one is the host's failure (not an attempt).
 pub(super) const MAX_LOOKUPS: usize = 32;
 pub(super) static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 

@@ -744,8 +744,9 @@ async fn a_granted_name_resolving_to_a_metadata_address_is_denied_saying_why() {
 
 /// DNS lookups hold threads of tokio's blocking pool until the system resolver answers,
 /// however long a dead DNS server makes that: at most `MAX_LOOKUPS` run at once, and a call
-/// that cannot start one in its time fails saying why. (Unbounded, calls retrying against a
-/// name whose DNS was down filled the pool, which the JSONL relay and compiles share.)
+/// that cannot start one in its time is the host's failure (the slots may be another plugin's),
+/// saying why. (Unbounded, calls retrying against a name whose DNS was down filled the pool,
+/// which the JSONL relay and compiles share.)
 #[tokio::test]
 async fn dns_lookups_in_flight_are_bounded_and_a_call_waiting_past_its_time_says_why() {
     let service = Service::start(Some("{}".into())).await;
@@ -756,10 +757,9 @@ async fn dns_lookups_in_flight_are_bounded_and_a_call_waiting_past_its_time_says
     // Every lookup slot taken, as by lookups stuck on a dead DNS server.
     let stuck = super::outbound::LOOKUPS.acquire_many(super::outbound::MAX_LOOKUPS as u32).await.unwrap();
     let out = runtime.execute(&digest, "misbehave", &info(1), &input, Duration::from_millis(300)).await;
-    // The wait used the call's whole time: it ends as a timeout, saying why.
-    let msg = trapped(&out);
+    // Not the plugin's failure (the slots may be another plugin's): not an attempt.
+    let msg = unavailable(&out);
     assert!(msg.starts_with("32 DNS lookups were in flight on this host"), "{msg}");
-    assert!(msg.ends_with("timed out after 300 ms"), "{msg}");
     assert_eq!(service.connections(), 0);
     drop(stuck);
     let out = runtime.execute(&digest, "misbehave", &info(1), &input, TIMEOUT).await;
@@ -795,9 +795,10 @@ async fn a_plugin_cannot_name_another_host_in_its_requests() {
 /// down the refund failed too: COMPENSATION_FAILED for nothing.)
 #[tokio::test]
 async fn a_refused_connection_is_not_reaching_out() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Bound but not listening: the port is this test's, and a connection to it is refused.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let origin = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
     let (runtime, digest) = misbehave(Limits::default(), granting(&origin)).await;
     let out = runtime.execute(&digest, "misbehave", &info(1), &http_input("http-get-1", &origin), TIMEOUT).await;
     let msg = retryable(&out);
@@ -829,14 +830,19 @@ async fn a_request_after_the_calls_timeout_fails_though_slow_reads_were_credited
 #[tokio::test]
 async fn a_grants_read_cut_short_by_the_calls_end_is_the_hosts_failure_only_when_reads_were_slow() {
     let service = Service::start(Some("{}".into())).await;
-    // How long `busy` computes here (plugins have no clock): the call's timeout is a quarter
-    // as long again, so the first request comes with about a fifth of it left, well under half
-    // even if this run computes faster than the measured one (a busy machine; a slower run
-    // just times out, which is the plugin's timeout too).
+    // How long `busy` computes here at the fastest of three runs (plugins have no clock): the
+    // call's timeout is a quarter as long again, so the first request comes with about a fifth
+    // of it left, well under half even if this run computes faster than the measured ones
+    // (a machine whose load falls meanwhile; a slower run just times out, which is the
+    // plugin's timeout too).
     let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
-    let busy = execute(&runtime, &digest, "busy").await;
-    assert!(matches!(busy.result, Ok(ExecuteOutcome::Done(_))), "{:?}", busy.result);
-    let timeout = (busy.elapsed * 5 / 4).max(Duration::from_millis(60));
+    let mut fastest = Duration::MAX;
+    for _ in 0..3 {
+        let busy = execute(&runtime, &digest, "busy").await;
+        assert!(matches!(busy.result, Ok(ExecuteOutcome::Done(_))), "{:?}", busy.result);
+        fastest = fastest.min(busy.elapsed);
+    }
+    let timeout = (fastest * 5 / 4).max(Duration::from_millis(60));
     // The grants read takes far longer than what is left.
     let reader = FakeReader { delay: timeout * 4, slow_grants: true, ..granting(&service.origin) };
     let (runtime, digest) = misbehave(Limits::default(), reader).await;
