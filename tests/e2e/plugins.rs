@@ -317,6 +317,16 @@ async fn a_plugins_state_is_listed_a_page_at_a_time_every_key_once() {
     let bad = admin_json(&host, reqwest::Method::GET, "/admin/plugins/payment/state?cursor=%01", None).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad.json()["error"]["field"], "cursor");
+    // Any hex the schema allows reads as a place in key order (a NUL, invalid UTF-8): what
+    // comes after "charge/" + NUL is what comes after "charge/", every charge.
+    let odd = format!(
+        "/admin/plugins/payment/state?prefix=charge/&cursor={}00ff",
+        "charge/".bytes().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let odd = admin_json(&host, reqwest::Method::GET, &odd, None).await;
+    assert_eq!(odd.status, StatusCode::OK, "{}", String::from_utf8_lossy(&odd.bytes));
+    let keys: Vec<Value> = odd.json()["data"].as_array().unwrap().iter().map(|e| e["key"].clone()).collect();
+    assert_eq!(keys, every);
 }
 
 /// A definition carries its version: read, edited and sent back, it replaces only the version

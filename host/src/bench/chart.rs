@@ -57,6 +57,17 @@ fn number(v: f64) -> String {
 
 /// Draws `series` into an SVG file at `path`.
 pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String> {
+    // Lines join points in the order of the offered rate, whatever order the rates ran in
+    // (`--rates 1000,100,500` drew a zigzag).
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s.points.sort_by(|a, b| a.offered.total_cmp(&b.offered));
+            s
+        })
+        .collect();
+    let series = series.as_slice();
     let points = || series.iter().flat_map(|s| s.points.iter());
     if points().next().is_none() {
         return Err("nothing to draw: the sweep has no points".to_owned());
@@ -199,5 +210,27 @@ mod tests {
             assert!(svg.contains(text), "no {text:?} in the chart");
         }
         assert!(render(&path, "empty", &[]).is_err());
+    }
+
+    /// Rates swept in any order draw each line left to right.
+    #[test]
+    fn lines_join_points_in_the_order_of_the_offered_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.svg");
+        let point = |offered: f64| Point { offered, achieved: offered, p50_ms: Some(1.0), p99_ms: Some(2.0) };
+        let points = vec![point(1000.0), point(100.0), point(500.0)];
+        render(&path, "order", &[Series { label: "sqlite".into(), points }]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Vec<f64>> = svg
+            .split("<polyline")
+            .skip(1)
+            .filter_map(|p| p.split("points=\"").nth(1)?.split('"').next().map(str::to_owned))
+            .map(|pts| pts.split_whitespace().filter_map(|xy| xy.split(',').next()?.parse().ok()).collect())
+            .filter(|xs: &Vec<f64>| xs.len() == 3)
+            .collect();
+        assert!(!lines.is_empty(), "no line of three points in {svg}");
+        for xs in lines {
+            assert!(xs.windows(2).all(|w| w[0] < w[1]), "a line goes back: {xs:?}");
+        }
     }
 }

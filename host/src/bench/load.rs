@@ -115,6 +115,8 @@ pub struct Tally {
     pub samples: Vec<String>,
     /// When the last saga of the run ended (any outcome).
     pub last_end: Option<Instant>,
+    /// When the last saga that ended as expected did.
+    pub last_ok_end: Option<Instant>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -140,6 +142,7 @@ impl Tally {
             triggers: BTreeMap::new(),
             samples: Vec::new(),
             last_end: None,
+            last_ok_end: None,
         }
     }
 
@@ -164,6 +167,7 @@ impl Tally {
         self.polls += u64::from(polls);
         match outcome {
             Outcome::AsExpected => {
+                self.last_ok_end = Some(now);
                 let us = latency.as_micros().max(1) as u64;
                 self.latency.saturating_record(us);
                 let t = self.trigger(trigger);
@@ -223,6 +227,10 @@ pub struct Measured {
     pub tally: Tally,
     /// From the first send to the end of the last saga.
     pub elapsed: Duration,
+    /// From the first send to the end of the last saga that ended as expected: what the
+    /// throughput is over (one saga hung until its timeout, a failure, stretched a 4 s run of
+    /// 10,000 to a minute and its throughput to a fifteenth).
+    pub ok_elapsed: Duration,
     /// Open loop: how late the dispatcher sent, in microseconds after the due time.
     pub send_lag: Option<Histogram<u64>>,
 }
@@ -238,8 +246,10 @@ fn finish(tally: Arc<Mutex<Tally>>, start: Instant, send_lag: Option<Histogram<u
             // Every task has ended; a leftover reference would be a bug, but the counts are still right.
             std::mem::take(&mut *lock(&arc))
         });
-    let elapsed = tally.last_end.map_or_else(|| start.elapsed(), |end| end.saturating_duration_since(start));
-    Measured { tally, elapsed, send_lag }
+    let since_start =
+        |end: Option<Instant>| end.map_or_else(|| start.elapsed(), |e| e.saturating_duration_since(start));
+    let (elapsed, ok_elapsed) = (since_start(tally.last_end), since_start(tally.last_ok_end));
+    Measured { tally, elapsed, ok_elapsed, send_lag }
 }
 
 /// Closed loop: `clients` concurrent clients, each sending its next saga once the last one
@@ -360,6 +370,7 @@ pub async fn open(generator: &Arc<Generator>, schedule: Schedule, max_in_flight:
     // n-1 intervals plus one latency, and a run would seem to achieve more than it was offered.
     if !generator.stop.is_cancelled() {
         measured.elapsed = measured.elapsed.max(schedule.due(total));
+        measured.ok_elapsed = measured.ok_elapsed.max(schedule.due(total));
     }
     measured
 }
@@ -367,6 +378,32 @@ pub async fn open(generator: &Arc<Generator>, schedule: Schedule, max_in_flight:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 99 sagas in the first second and one left hanging until its timeout a minute later:
+    /// the throughput is the 99's (the failure is counted as one), not 100 over a minute.
+    #[test]
+    fn a_saga_hung_until_its_timeout_does_not_stretch_the_throughput() {
+        let start = Instant::now();
+        let mut tally = Tally::new();
+        for i in 0..99u64 {
+            tally.sent(Trigger::Complete);
+            let end = start + Duration::from_millis(10 * (i + 1));
+            tally.record(Trigger::Complete, Outcome::AsExpected, Duration::from_millis(10), 0, end);
+        }
+        tally.sent(Trigger::Complete);
+        tally.record(
+            Trigger::Complete,
+            Outcome::Unsettled,
+            Duration::from_secs(60),
+            0,
+            start + Duration::from_secs(60),
+        );
+        let measured = finish(Arc::new(Mutex::new(tally)), start, None);
+        assert_eq!(measured.elapsed, Duration::from_secs(60));
+        let run = super::super::report::Run::new("closed", Some(1), None, &measured);
+        assert_eq!((run.ok, run.failed), (99, 1));
+        assert!((run.throughput_per_s - 100.0).abs() < 0.01, "{}", run.throughput_per_s);
+    }
 
     #[tokio::test]
     async fn the_pacer_sends_every_number_in_order_and_none_before_it_is_due() {

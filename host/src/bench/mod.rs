@@ -104,8 +104,8 @@ pub struct Args {
     /// `Prefer: wait` seconds on each POST (at most 30); 0 sends none and polls instead.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=30))]
     pub wait: u64,
-    /// How long one saga may take before it counts as unsettled, in seconds.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long one saga may take before it counts as unsettled, in seconds (at most a day).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub timeout: u64,
     /// A local server process to measure the CPU time of (repeatable; Linux /proc).
     #[arg(long = "pid")]
@@ -131,17 +131,28 @@ pub struct Args {
     pub plot: Vec<PathBuf>,
 }
 
+/// The longest `--duration` and `--timeout`: a day. Longer ones overflowed the clock's
+/// arithmetic (a panic in every saga's task, and a run that "measured" nothing exited 0).
+const MAX_SECS: u64 = 86_400;
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|_| format!("expected seconds, e.g. 10 or 2.5; got '{s}'"))?;
-    if secs.is_finite() && secs > 0.0 {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_SECS as f64 {
         Ok(Duration::from_secs_f64(secs))
     } else {
-        Err(format!("the duration must be above 0 seconds, got {s}"))
+        Err(format!("the duration must be above 0 seconds and at most {MAX_SECS} (a day), got {s}"))
     }
 }
 
+/// The highest offered rate: past it the pacer would queue sends faster than any dispatcher
+/// hands them out, and the queue (and the run) would grow without bound.
+const MAX_RATE: f64 = 1_000_000.0;
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.trim().parse().map_err(|_| format!("expected sagas per second, e.g. 250; got '{s}'"))?;
+    if rate > MAX_RATE {
+        return Err(format!("the rate must be at most {MAX_RATE} sagas per second, got {s}"));
+    }
     Schedule::new(rate).map(|s| s.rate())
 }
 

@@ -135,7 +135,9 @@ pub struct Run {
     pub polled: u64,
     /// The GET requests of that polling (load the generator added).
     pub poll_requests: u64,
-    /// ok / elapsed_s.
+    /// ok / the time from the first send to the last saga that ended as expected (at least
+    /// the open loop's send window): a saga hung until its timeout is a failure, not a
+    /// stretch of the run.
     pub throughput_per_s: f64,
     /// Of the sagas that ended as expected; open loop: from their scheduled send time.
     pub latency_ms: Option<Percentiles>,
@@ -180,7 +182,14 @@ impl Run {
             abandoned: t.abandoned,
             polled: t.polled,
             poll_requests: t.polls,
-            throughput_per_s: if elapsed > 0.0 { t.ok() as f64 / elapsed } else { 0.0 },
+            throughput_per_s: {
+                let ok_elapsed = m.ok_elapsed.as_secs_f64();
+                if ok_elapsed > 0.0 {
+                    t.ok() as f64 / ok_elapsed
+                } else {
+                    0.0
+                }
+            },
             latency_ms: Percentiles::of(&t.latency),
             send_lag_ms: m.send_lag.as_ref().and_then(Percentiles::of),
             by_trigger: t

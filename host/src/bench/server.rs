@@ -40,10 +40,15 @@ impl Scrape {
         Scrape(samples)
     }
 
-    /// Adds another replica's scrape to this one.
+    /// Adds another replica's scrape to this one: its counters and its own gauges add up;
+    /// a gauge every replica reads from the one shared database ([`SHARED_GAUGES`]) is the
+    /// same figure seen again, so the larger reading counts, not the sum (three replicas
+    /// reported three times the outbox backlog).
     pub fn add(&mut self, other: &Scrape) {
         for (name, value) in &other.0 {
-            *self.0.entry(name.clone()).or_insert(0.0) += value;
+            let shared = SHARED_GAUGES.iter().any(|g| name.split('|').next() == Some(*g));
+            let sum = self.0.entry(name.clone()).or_insert(0.0);
+            *sum = if shared { sum.max(*value) } else { *sum + value };
         }
     }
 
@@ -55,6 +60,10 @@ impl Scrape {
         Some(after.get(name)? - before.get(name).unwrap_or(0.0))
     }
 }
+
+/// Gauges a host reads from the database, which every replica shares: each replica's scrape
+/// shows the same figure.
+const SHARED_GAUGES: [&str; 3] = ["sagahost_outbox_pending_events", "sagahost_outbox_lag_seconds", "sagahost_sagas"];
 
 /// The `key="value"` pairs of a label set as written, split at the commas between pairs (a
 /// quoted value may hold commas and escaped quotes).
@@ -222,6 +231,11 @@ pub const FIGURES: &[Figure] = &[
         label: "outbox events pending at the end",
         kind: Kind::AtEnd { sample: "sagahost_outbox_pending_events" },
     },
+    Figure {
+        key: "outbox_lag_s_at_end",
+        label: "relay lag at the end (oldest pending event), s",
+        kind: Kind::AtEnd { sample: "sagahost_outbox_lag_seconds" },
+    },
 ];
 
 /// The figures of [`FIGURES`] whose samples both scrapes hold, by key.
@@ -337,6 +351,22 @@ mod tests {
         assert_eq!(s.get("m_sum|step=\"a,\\\"b\""), Some(2.0));
         assert_eq!(s.get("m_sum|phase=\"setup\""), Some(1.0));
         assert_eq!(label_pairs(""), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn replicas_add_their_own_figures_but_not_the_shared_databases_twice() {
+        let one = Scrape::parse(
+            "sagahost_outbox_pending_events 10\nsagahost_outbox_lag_seconds 2\n\
+             sagahost_sagas{saga_type=\"order\",status=\"COMPLETED\"} 5\nsagahost_events_published_total 7\n",
+        );
+        let other = Scrape::parse("sagahost_outbox_pending_events 12\nsagahost_events_published_total 3\n");
+        let mut all = one.clone();
+        all.add(&other);
+        all.add(&one);
+        assert_eq!(all.get("sagahost_outbox_pending_events"), Some(12.0));
+        assert_eq!(all.get("sagahost_outbox_lag_seconds"), Some(2.0));
+        assert_eq!(all.get("sagahost_sagas|status=\"COMPLETED\""), Some(5.0));
+        assert_eq!(all.get("sagahost_events_published_total"), Some(17.0), "a replica's own counter adds up");
     }
 
     #[test]

@@ -350,18 +350,19 @@ pub async fn plugin_state(
     }
     let after = match &q.cursor {
         None => None,
-        Some(cursor) => Some(
-            hex::decode(cursor)
-                .ok()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-                .filter(|key| key.len() <= 4096 && !key.contains('\0'))
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "cursor",
-                        "is not a cursor this API returned; pass next_cursor from the previous page",
-                    )
-                })?,
-        ),
+        Some(cursor) => {
+            let bytes = hex::decode(cursor).map_err(|_| {
+                ApiError::invalid(
+                    "cursor",
+                    "is not a cursor this API returned; pass next_cursor from the previous page",
+                )
+            })?;
+            // The API's cursors are keys. Any other hex still reads as a place in key order:
+            // up to a NUL (no key holds one, so the keys after "a\0..." are those after "a";
+            // and PostgreSQL text cannot carry it), invalid UTF-8 read leniently.
+            let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+            Some(String::from_utf8_lossy(&bytes[..end]).into_owned())
+        }
     };
     // One more than asked, to know whether there are more; a page whose values reached the
     // store's page bound may have been cut there, so it says where to go on too.
