@@ -435,14 +435,22 @@ pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
     let mut store = Store::new(call.engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|ctx| {
+    let mut ticks = 0u32;
+    store.epoch_deadline_callback(move |ctx| {
         if Instant::now() >= ctx.data().host.deadline.at() {
-            Ok(UpdateDeadline::Interrupt)
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        ticks = ticks.saturating_add(1);
+        if ticks == 1 {
+            // A call of tens of microseconds that happens to meet a tick: wasmtime's own yield,
+            // which wakes the task at once and resumes it next. Deferring it behind every
+            // ready task (below) would keep its sandbox slot for milliseconds under load.
+            Ok(UpdateDeadline::Yield(1))
         } else {
-            // tokio's `yield_now`, not wasmtime's own yield: that one wakes the task at once,
-            // so the scheduler would resume the call ahead of its I/O and timer driver for a
-            // whole event interval (61 ticks, some 0.6 s of a busy plugin); `yield_now` wakes
-            // it only after the driver has been polled.
+            // A call that computes for ticks on end: tokio's `yield_now`, which resumes it
+            // only after the scheduler has polled its I/O and timer driver. Woken at once on
+            // every tick, it ran ahead of the driver for a whole event interval (61 ticks,
+            // some 0.6 s of a busy plugin) and held its thread's requests and replies off.
             Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
         }
     });
