@@ -219,7 +219,7 @@ mod tests {
         let path = dir.path().join("sweep.svg");
         let point = |offered: f64| Point { offered, achieved: offered, p50_ms: Some(1.0), p99_ms: Some(2.0) };
         let points = vec![point(1000.0), point(100.0), point(500.0)];
-        render(&path, "order", &[Series { label: "sqlite".into(), points }]).unwrap();
+        render(&path, "rates in any order", &[Series { label: "sqlite".into(), points }]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Vec<f64>> = svg
             .split("<polyline")
