@@ -15,7 +15,7 @@ plugins:
 # Lint: formatting and clippy with warnings as errors
 lint:
     cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # What CI runs
 ci:

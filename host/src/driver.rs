@@ -639,6 +639,20 @@ impl Inner {
             let now = self.clock.now_ms();
             let began = std::time::Instant::now();
             let action = engine::next_action(&rec.definition, &rec.state, now);
+            // A compensation's binding, resolved once for the decision below and the call: a
+            // refresh between two lookups could swap a version that stays within the host for
+            // one that reaches out, and the refund would go out before the decision to
+            // compensate is durable. Resolved on a current catalog: a replica's cache may be a
+            // refresh behind a bind another replica acknowledged, even behind the version the
+            // saga pinned (created there after the bind), and would run the compensation the
+            // bind replaced.
+            let compensating = match &action {
+                Action::Compensate { step, .. } => {
+                    self.catalog.catch_up().await;
+                    Some(self.compensate_binding(&rec, *step))
+                }
+                _ => None,
+            };
             // A plugin reads its own state: a call must not run while staged writes of its
             // plugin are uncommitted, and with nothing due the chain ends here too. A
             // compensation that may reach another service runs only once what led to it is
@@ -649,8 +663,9 @@ impl Inner {
                 && match &action {
                     Action::Idle => true,
                     Action::Execute { step, .. } => staged.wrote(&rec.definition.steps[*step].execute.plugin),
-                    Action::Compensate { step, .. } => {
-                        staged.wrote(&self.compensate_binding(&rec, *step).plugin) || self.may_reach_out(&rec, &action)
+                    Action::Compensate { .. } => {
+                        let binding = compensating.as_ref().expect("resolved for a compensation");
+                        staged.wrote(&binding.plugin) || self.reaches_out(&binding.digest)
                     }
                     Action::Finish | Action::DeadlineExceeded { .. } => false,
                 };
@@ -674,7 +689,10 @@ impl Inner {
             // A step that may reach another service runs only once the saga exists durably:
             // its effect out there must belong to a saga that a retry of the request finds.
             // (An execute commits the creation with its start, below.)
-            if creating.is_some() && !matches!(action, Action::Execute { .. }) && self.may_reach_out(&rec, &action) {
+            if creating.is_some()
+                && !matches!(action, Action::Execute { .. })
+                && self.may_reach_out(&rec, &action, compensating.as_ref())
+            {
                 if let Some(pending) = creating.take_if(|_| staged.is_empty()) {
                     let outcome = self.sagas.create_deferred(&pending).await;
                     if !self.created_alone(&id, epoch, pending, outcome).await {
@@ -704,7 +722,7 @@ impl Inner {
                 // what it imports is known. One this host cannot load is not called (its
                 // attempt fails, below), so it has no start to record.
                 let loaded = self.catalog.ensure_loaded(&rec.definition.steps[step].execute.digest).await.is_ok();
-                if loaded && self.may_reach_out(&rec, &action) {
+                if loaded && self.may_reach_out(&rec, &action, None) {
                     if let Err(e) = self.sagas.stage(&mut rec, &mut staged, Event::Started { step, attempt }, None) {
                         tracing::error!(saga_id = %id, error = %e, "the engine refused the driver's own event; the steps will run again");
                         self.release_later(&id, epoch).await;
@@ -742,8 +760,11 @@ impl Inner {
                     out
                 }
                 Action::Compensate { step, attempt } => {
-                    let call =
-                        traced(attempt_span(&rec, step, attempt, "compensate"), self.compensate(&rec, step, attempt));
+                    let binding = compensating.clone().expect("resolved for a compensation");
+                    let call = traced(
+                        attempt_span(&rec, step, attempt, "compensate"),
+                        self.compensate(&rec, step, attempt, binding),
+                    );
                     let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
                     crate::failpoint!("driver-after-compensate-call");
                     out
@@ -935,13 +956,22 @@ impl Inner {
 
     /// Whether the call `action` makes may reach another service: its plugin version imports
     /// outbound HTTP (or is not loaded here yet, so nobody knows).
-    fn may_reach_out(&self, rec: &SagaRecord, action: &Action) -> bool {
-        let digest = match action {
-            Action::Execute { step, .. } => rec.definition.steps[*step].execute.digest.clone(),
-            Action::Compensate { step, .. } => self.compensate_binding(rec, *step).digest,
-            Action::Idle | Action::Finish | Action::DeadlineExceeded { .. } => return false,
-        };
-        self.runtime.capabilities(&digest).is_none_or(|c| c.outbound_http)
+    /// `compensating`: a compensation's binding as resolved for it.
+    fn may_reach_out(&self, rec: &SagaRecord, action: &Action, compensating: Option<&engine::PluginRef>) -> bool {
+        match action {
+            Action::Execute { step, .. } => self.reaches_out(&rec.definition.steps[*step].execute.digest),
+            Action::Compensate { step, .. } => match compensating {
+                Some(binding) => self.reaches_out(&binding.digest),
+                None => self.reaches_out(&self.compensate_binding(rec, *step).digest),
+            },
+            Action::Idle | Action::Finish | Action::DeadlineExceeded { .. } => false,
+        }
+    }
+
+    /// Whether a call of plugin version `digest` may reach another service: it imports
+    /// outbound HTTP, or is not loaded here yet (so nobody knows).
+    fn reaches_out(&self, digest: &str) -> bool {
+        self.runtime.capabilities(digest).is_none_or(|c| c.outbound_http)
     }
 
     /// The compensate binding of `step` in force now: the current definition's, by step name,
@@ -1120,6 +1150,11 @@ impl Inner {
         let signal = woken.signal_payload.clone().map(|payload| (woken.wait_signal.clone(), payload));
         let info = call_info(rec, &sdef.name, attempt, "execute", signal);
         let input = step_input(rec, step);
+        // Loaded before the call's time is reckoned: a version unloaded since the start was
+        // recorded is compiled again here (seconds for a large component), and a timeout fixed
+        // before that would let the call run past `in_flight_until`, when another replica may
+        // already be compensating the step.
+        let loaded = self.catalog.ensure_loaded(&sdef.execute.digest).await;
         let mut timeout = Duration::from_millis(sdef.timeout_ms);
         if let Some(until) = in_flight_until {
             // The call ends at least half the grace before `until`: the commit that recorded
@@ -1136,7 +1171,6 @@ impl Inner {
             }
             timeout = timeout.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
         }
-        let loaded = self.catalog.ensure_loaded(&sdef.execute.digest).await;
         if loaded.is_ok()
             && in_flight_until.is_none()
             && self.runtime.capabilities(&sdef.execute.digest).is_none_or(|c| c.outbound_http)
@@ -1146,6 +1180,11 @@ impl Inner {
             return Err(Unserved::from("the step's plugin was loaded after its start could be recorded".to_owned()));
         }
         if let Err(why) = loaded {
+            // A start recorded before (by a replica that could load the version, then died or
+            // froze mid-call) may have had effects, and this failure, made up by the host, is
+            // the event that clears its mark: it must say so, or the step would not be
+            // compensated (a charge never refunded). Only a start's own call knows better.
+            let pending_start = woken.in_flight_until.is_some();
             return self.not_loaded(rec, step, why, |reason| Event::Executed {
                 step,
                 attempt,
@@ -1153,7 +1192,7 @@ impl Inner {
                 digest: sdef.execute.digest.clone(),
                 outcome: ExecuteOutcome::Trapped(reason),
                 jitter: rand::random::<f64>(),
-                reached_out: false,
+                reached_out: pending_start,
             });
         }
         let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
@@ -1251,9 +1290,16 @@ impl Inner {
         Some(refused_for)
     }
 
-    async fn compensate(&self, rec: &SagaRecord, step: usize, attempt: u32) -> Result<Called, Unserved> {
+    /// Runs compensate attempt `attempt` of `step` with `binding`, the compensate binding in
+    /// force ([`Inner::compensate_binding`], resolved once by the caller).
+    async fn compensate(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        attempt: u32,
+        binding: engine::PluginRef,
+    ) -> Result<Called, Unserved> {
         let sdef = &rec.definition.steps[step];
-        let binding = self.compensate_binding(rec, step);
         let info = call_info(rec, &sdef.name, attempt, "compensate", None);
         let input = step_input(rec, step);
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
@@ -1524,6 +1570,27 @@ mod tests {
         assert!(error.contains("plugin version sha256:p is not stored"), "{error}");
         let events: Vec<String> = store.outbox_pending(1000).await.unwrap().into_iter().map(|r| r.event_type).collect();
         assert!(!events.iter().any(|e| e == "StepStarted"), "a start was recorded for a call never made: {events:?}");
+    }
+
+    /// A replica that could load the step's version recorded its start and died mid-call; the
+    /// version is stored nowhere this replica can find, so its attempt fails without a call.
+    /// That failure clears the start's mark: it must keep the step compensable (the dead
+    /// replica's request may have been applied), not settle the saga as if nothing happened.
+    #[tokio::test]
+    async fn a_failure_without_a_call_keeps_a_recorded_starts_step_compensable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sagas, driver) = idle_driver(dir.path()).await;
+        let mut def = crate::store::tests::def();
+        def.steps[0].retry = engine::RetryPolicy { max_attempts: 1, initial_backoff_ms: 10, max_backoff_ms: 10 };
+        let mut draft = sagas.draft(&def, &serde_json::json!({}));
+        // The dead replica's start: its call's time is long over.
+        draft.record.state.steps[0].in_flight_until = Some(1);
+        sagas.create(&draft, None, false).await.unwrap();
+        let settled = drive_until(&store, driver, &draft.record.id, |r| r.state.phase != engine::Phase::Forward).await;
+        let step = &settled.state.steps[0];
+        assert_eq!(step.attempts, 1);
+        assert!(step.waited, "the recorded start's possible effects were forgotten: {step:?}");
+        assert_ne!(settled.state.phase, engine::Phase::Cancelled, "settled without compensating the step");
     }
 
     /// A stored version this build refuses to compile (a newer release's plugin, during a

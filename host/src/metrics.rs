@@ -114,19 +114,20 @@ struct Reused<T> {
 }
 
 impl<T: Clone> Reused<T> {
-    /// The value in `cache` if it is recent enough, else `read`'s (kept for the next scrapes).
+    /// The value in `cache` if it is recent enough, else `read`'s (kept for the next scrapes);
+    /// with how old it is (from when its read began).
     async fn get<F: std::future::Future<Output = crate::store::Result<T>>>(
         cache: &tokio::sync::Mutex<Option<Reused<T>>>,
         read: F,
-    ) -> crate::store::Result<T> {
+    ) -> crate::store::Result<(T, std::time::Duration)> {
         let mut cached = cache.lock().await;
         match cached.as_ref() {
-            Some(r) if r.at.elapsed() < reuse_for(r.took) => Ok(r.value.clone()),
+            Some(r) if r.at.elapsed() < reuse_for(r.took) => Ok((r.value.clone(), r.at.elapsed())),
             _ => {
                 let at = std::time::Instant::now();
                 let value = read.await?;
                 *cached = Some(Reused { at, took: at.elapsed(), value: value.clone() });
-                Ok(value)
+                Ok((value, at.elapsed()))
             }
         }
     }
@@ -252,6 +253,15 @@ impl Metrics {
             "The database server's clock minus this host's, as last measured (replicas on PostgreSQL keep to the \
              database's clock; alert when it is large, the host's time service is off)",
             clock_offset.clone(),
+        );
+        let start_time = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        start_time
+            .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+        registry.register(
+            "start_time_seconds",
+            "When this process started, in Unix seconds: it changes when a replica restarts, and its counters start \
+             over from zero",
+            start_time,
         );
         Arc::new(Metrics {
             clock_offset,
@@ -392,9 +402,11 @@ impl Metrics {
                 false
             }
         };
+        let mut gauges_age = Duration::ZERO;
         if store_up {
             match Reused::get(&self.saga_counts, store.saga_counts()).await {
-                Ok(counts) => {
+                Ok((counts, age)) => {
+                    gauges_age = gauges_age.max(age);
                     let sagas = Family::<StatusLabels, Gauge>::default();
                     for (saga_type, status, count) in counts {
                         sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
@@ -414,7 +426,8 @@ impl Metrics {
             })
             .await;
             match backlog {
-                Ok((pending, age)) => {
+                Ok(((pending, age), read_age)) => {
+                    gauges_age = gauges_age.max(read_age);
                     let backlog = Gauge::<i64>::default();
                     backlog.set(pending);
                     scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
@@ -427,6 +440,16 @@ impl Metrics {
                     tracing::warn!(error = %e, "reading the outbox backlog for /metrics failed; its gauges are left out");
                 }
             }
+        }
+        if store_up {
+            let age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            age.set(gauges_age.as_secs_f64());
+            scrape.register(
+                "store_gauges_age_seconds",
+                "How old this scrape's gauges read from the database are (sagas, outbox_pending_events, \
+                 outbox_lag_seconds): scrapes share one read for 2 s, or longer when the read is slow",
+                age,
+            );
         }
         let up = Gauge::<i64>::default();
         up.set(i64::from(store_up));

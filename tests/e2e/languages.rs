@@ -4,7 +4,8 @@
 //! bound to the `order` saga's payment step, and held to the same checks: one charge of the
 //! order total, a declined card, a flaky gateway retried to success, a 3-D Secure wait woken
 //! by its signal, and exactly one refund when a later step fails; and, under `sagahost plugin
-//! run`, no second charge when the first is already in state.
+//! run`, no second charge when the first is already in state, and the SDK's refusals of bad
+//! input and corrupt state.
 //!
 //! The JavaScript and Python components are built by `plugins/js/build` and
 //! `plugins/python/build` (scripts/test runs both). A build that could not install its
@@ -14,7 +15,7 @@
 use std::path::PathBuf;
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::harness::{key, order, plugin_path, Resp, TestHost};
 use crate::process::plugin_run;
@@ -98,9 +99,44 @@ async fn a_charge_already_made_is_not_made_again(lang: &str) {
     assert_eq!(r["state_writes"], json!([]), "{lang}: a second charge: {r:#}");
 }
 
+/// The Rust SDK's error handling, which the JavaScript and Python steps rebuild by hand: input
+/// that is not an order is rejected (`invalid input: ...`, retrying cannot fix it), a total past
+/// `u64` is rejected, and a charge record in state that is not one fails retryably; each writes
+/// nothing. Run for the Rust step too, so the expectations are the reference's own.
+async fn bad_input_and_corrupt_state_fail_as_the_rust_step_fails(lang: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("state.json");
+    std::fs::write(&corrupt, json!({"charge/o-1": "garbage"}).to_string()).unwrap();
+    let mut huge = order("tok_visa", "SKU-1", "US");
+    huge["items"] = json!([{"sku": "SKU-1", "quantity": 2, "unit_price_cents": u64::MAX}]);
+    let call = |input: Value| json!({"input": input, "steps": {}, "config": {}}).to_string();
+    let cases = [
+        (call(json!({"items": "x"})), None, "rejected", "invalid input: "),
+        (call(huge), None, "rejected", "order total overflows"),
+        (
+            call(order("tok_visa", "SKU-1", "US")),
+            Some(corrupt.to_str().unwrap()),
+            "retryable",
+            "state charge/o-1 holds unexpected data",
+        ),
+    ];
+    let component = component(lang);
+    for (input, state, outcome, error) in cases {
+        let mut args = vec![component.to_str().unwrap(), "--input", &input, "--saga-id", "o-1", "--json"];
+        if let Some(state) = state {
+            args.extend(["--state", state]);
+        }
+        let r = plugin_run(&args).await.json();
+        assert_eq!(r["outcome"], outcome, "{lang}: {r:#}");
+        assert!(r["error"].as_str().is_some_and(|e| e.starts_with(error)), "{lang}: expected {error:?}: {r:#}");
+        assert!(r["state_writes"].as_array().is_none_or(Vec::is_empty), "{lang}: wrote state: {r:#}");
+    }
+}
+
 async fn the_payment_step_passes_the_demo_checks(lang: &str) {
     let Some(bytes) = built(lang) else { return };
     a_charge_already_made_is_not_made_again(lang).await;
+    bad_input_and_corrupt_state_fail_as_the_rust_step_fails(lang).await;
     let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
     // A version belongs to one plugin name: the Rust step is the demo `payment` plugin itself.
     let plugin = if lang == "rust" { "payment".to_owned() } else { format!("payment-{lang}") };

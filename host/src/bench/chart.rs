@@ -9,6 +9,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use super::report::FAILED_SHARE_SHOWN;
+
 /// One offered rate of a sweep and what it achieved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
@@ -17,6 +19,32 @@ pub struct Point {
     /// None when no saga of the step ended as expected.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The share of the step's sends that failed, 0 to 1: from [`FAILED_SHARE_SHOWN`] on, the
+    /// point is marked (its latency is of the successes alone and would read as healthy).
+    pub failed_share: f64,
+}
+
+/// The colour of the marks on points where sends failed.
+const FAILED: RGBColor = RGBColor(200, 0, 0);
+
+/// Draws a failure mark on each `(x, y, share)` whose share is marked: a cross over the point
+/// and the share beside it. The legend entry is drawn once per chart, by the caller.
+macro_rules! failure_marks {
+    ($chart:expr, $points:expr) => {
+        $chart
+            .draw_series($points.filter(|&(_, _, share): &(f64, f64, f64)| share >= FAILED_SHARE_SHOWN).map(
+                |(x, y, share)| {
+                    EmptyElement::at((x, y))
+                        + Cross::new((0, 0), 7, FAILED.stroke_width(2))
+                        + Text::new(
+                            format!("{:.0}% failed", share * 100.0),
+                            (9, -18),
+                            ("sans-serif", 12).into_font().color(&FAILED),
+                        )
+                },
+            ))
+            .map_err(err)?
+    };
 }
 
 /// A sweep, named for the legend.
@@ -55,6 +83,13 @@ fn number(v: f64) -> String {
     }
 }
 
+/// The legend entry of the failure marks, on an empty series of a chart.
+fn failed_legend<DB: DrawingBackend>(annotation: &mut plotters::chart::SeriesAnno<'_, DB>) {
+    annotation
+        .label(format!("{:.0}% or more of the sends failed", FAILED_SHARE_SHOWN * 100.0))
+        .legend(|(x, y)| Cross::new((x + 9, y), 5, FAILED.stroke_width(2)));
+}
+
 /// Draws `series` into an SVG file at `path`.
 pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String> {
     // Lines join points in the order of the offered rate, whatever order the rates ran in
@@ -78,6 +113,8 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
     let lat_min = latencies.iter().copied().fold(f64::INFINITY, f64::min);
     let lat_max = latencies.iter().copied().fold(0.0, f64::max);
     let (lat_min, lat_max) = if latencies.is_empty() { (1.0, 10.0) } else { (lat_min / 1.5, lat_max * 1.5) };
+
+    let any_failed = points().any(|p| p.failed_share >= FAILED_SHARE_SHOWN);
 
     let root = SVGBackend::new(path, (900, 820)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -122,6 +159,10 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
                     + Circle::new((9, 0), 3, color.filled())
             });
         chart.draw_series(line.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(err)?;
+        failure_marks!(chart, s.points.iter().map(|p| (p.offered, p.achieved, p.failed_share)));
+    }
+    if any_failed {
+        failed_legend(chart.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>()).map_err(err)?);
     }
     chart
         .configure_series_labels()
@@ -133,7 +174,7 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
         .map_err(err)?;
 
     let mut chart = ChartBuilder::on(&bottom)
-        .caption("Latency from the scheduled send (log scale)", ("sans-serif", 16))
+        .caption("Latency of the successes, from the scheduled send (log scale)", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
@@ -178,6 +219,13 @@ pub fn render(path: &Path, title: &str, series: &[Series]) -> Result<(), String>
                     + TriangleMarker::new((9, 0), 4, color.filled())
             });
         chart.draw_series(p99.into_iter().map(|p| TriangleMarker::new(p, 4, color.filled()))).map_err(err)?;
+        failure_marks!(
+            chart,
+            s.points.iter().filter_map(|p| Some((p.offered, p.p99_ms.filter(|l| *l > 0.0)?, p.failed_share)))
+        );
+    }
+    if any_failed {
+        failed_legend(chart.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>()).map_err(err)?);
     }
     chart
         .configure_series_labels()
@@ -199,9 +247,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sweep.svg");
         let points = vec![
-            Point { offered: 100.0, achieved: 99.0, p50_ms: Some(12.0), p99_ms: Some(30.0) },
-            Point { offered: 200.0, achieved: 180.0, p50_ms: Some(40.0), p99_ms: Some(900.0) },
-            Point { offered: 400.0, achieved: 190.0, p50_ms: None, p99_ms: None },
+            Point { offered: 100.0, achieved: 99.0, p50_ms: Some(12.0), p99_ms: Some(30.0), failed_share: 0.0 },
+            Point { offered: 200.0, achieved: 180.0, p50_ms: Some(40.0), p99_ms: Some(900.0), failed_share: 0.0 },
+            Point { offered: 400.0, achieved: 190.0, p50_ms: None, p99_ms: None, failed_share: 1.0 },
         ];
         render(&path, "sagahost bench: test", &[Series { label: "sqlite".into(), points }]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
@@ -212,12 +260,51 @@ mod tests {
         assert!(render(&path, "empty", &[]).is_err());
     }
 
+    /// A point where many sends failed draws healthy latencies (of the successes): it is
+    /// marked, and the legend says what the mark means; a clean sweep has neither.
+    #[test]
+    fn points_where_sends_failed_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.svg");
+        let point = |offered: f64, failed_share: f64| Point {
+            offered,
+            achieved: offered * (1.0 - failed_share),
+            p50_ms: Some(1.0),
+            p99_ms: Some(2.0),
+            failed_share,
+        };
+        let legend = "1% or more of the sends failed";
+        render(
+            &path,
+            "clean",
+            &[Series { label: "sqlite".into(), points: vec![point(100.0, 0.0), point(200.0, 0.005)] }],
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(!svg.contains(legend) && !svg.contains("% failed"), "a clean sweep is marked: {svg}");
+        render(
+            &path,
+            "failing",
+            &[Series { label: "sqlite".into(), points: vec![point(100.0, 0.0), point(200.0, 0.62)] }],
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(svg.matches("62% failed").count(), 2, "the point is marked on both charts: {svg}");
+        assert_eq!(svg.matches(legend).count(), 2, "each chart's legend explains the mark");
+    }
+
     /// Rates swept in any order draw each line left to right.
     #[test]
     fn lines_join_points_in_the_order_of_the_offered_rate() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sweep.svg");
-        let point = |offered: f64| Point { offered, achieved: offered, p50_ms: Some(1.0), p99_ms: Some(2.0) };
+        let point = |offered: f64| Point {
+            offered,
+            achieved: offered,
+            p50_ms: Some(1.0),
+            p99_ms: Some(2.0),
+            failed_share: 0.0,
+        };
         let points = vec![point(1000.0), point(100.0), point(500.0)];
         render(&path, "rates in any order", &[Series { label: "sqlite".into(), points }]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();

@@ -111,6 +111,10 @@ pub struct Tally {
     pub polls: u64,
     /// Microseconds, of the sagas that ended as expected.
     pub latency: Histogram<u64>,
+    /// Microseconds, of every saga sent that came to an end, failures included (each at the
+    /// time it took to fail; an unsettled one at the timeout): the latency of successes alone
+    /// looks healthy when most sends fail fast.
+    pub latency_all: Histogram<u64>,
     pub triggers: BTreeMap<Trigger, TriggerTally>,
     pub samples: Vec<String>,
     /// When the last saga of the run ended (any outcome).
@@ -139,6 +143,7 @@ impl Tally {
             polled: 0,
             polls: 0,
             latency: histogram(),
+            latency_all: histogram(),
             triggers: BTreeMap::new(),
             samples: Vec::new(),
             last_end: None,
@@ -165,10 +170,13 @@ impl Tally {
         self.last_end = Some(now);
         self.polled += u64::from(polls > 0);
         self.polls += u64::from(polls);
+        let us = latency.as_micros().max(1) as u64;
+        if !matches!(outcome, Outcome::Abandoned) {
+            self.latency_all.saturating_record(us);
+        }
         match outcome {
             Outcome::AsExpected => {
                 self.last_ok_end = Some(now);
-                let us = latency.as_micros().max(1) as u64;
                 self.latency.saturating_record(us);
                 let t = self.trigger(trigger);
                 t.as_expected += 1;
@@ -206,6 +214,16 @@ impl Tally {
     /// Sagas that did not: every outcome but success and abandonment.
     pub fn failed(&self) -> u64 {
         self.mismatched + self.unsettled + self.http_errors.values().sum::<u64>() + self.transport_errors + self.dropped
+    }
+
+    /// The share of the sends that came to an end (abandoned ones aside) that failed, 0 to 1.
+    pub fn failed_share(&self) -> f64 {
+        let ended = self.ok() + self.failed();
+        if ended == 0 {
+            0.0
+        } else {
+            self.failed() as f64 / ended as f64
+        }
     }
 }
 
@@ -402,7 +420,44 @@ mod tests {
         assert_eq!(measured.elapsed, Duration::from_secs(60));
         let run = super::super::report::Run::new("closed", Some(1), None, &measured);
         assert_eq!((run.ok, run.failed), (99, 1));
+        assert!(run.summary().contains("1.0% of the sends failed"), "{}", run.summary());
         assert!((run.throughput_per_s - 100.0).abs() < 0.01, "{}", run.throughput_per_s);
+    }
+
+    /// Nine sends in ten shed at once (503 in a millisecond), one in ten completing in 50 ms:
+    /// the successes' latency alone reads healthy. The run carries the latency of every
+    /// answered send and the failed share, and its summary and sweep line say so.
+    #[test]
+    fn failures_are_in_the_latency_of_all_sends_and_the_summary_warns() {
+        let start = Instant::now();
+        let mut tally = Tally::new();
+        for i in 0..100u64 {
+            tally.sent(Trigger::Complete);
+            let (outcome, latency) = if i % 10 == 0 {
+                (Outcome::AsExpected, Duration::from_millis(50))
+            } else {
+                (Outcome::Http(503, "overloaded".into()), Duration::from_millis(1))
+            };
+            tally.record(Trigger::Complete, outcome, latency, 0, start + latency);
+        }
+        tally.sent(Trigger::Complete);
+        tally.record(Trigger::Complete, Outcome::Abandoned, Duration::from_secs(9), 0, start);
+        let measured = finish(Arc::new(Mutex::new(tally)), start, None);
+        let run = super::super::report::Run::new("open", None, Some(100.0), &measured);
+        assert_eq!((run.ok, run.failed, run.abandoned), (10, 90, 1));
+        assert!((run.failed_share - 0.9).abs() < 1e-9, "{}", run.failed_share);
+        let ok = run.latency_ms.unwrap();
+        let all = run.latency_all_ms.unwrap();
+        assert_eq!(ok.count, 10);
+        assert_eq!(all.count, 100, "every answered send, the abandoned one aside");
+        assert!((49.0..51.0).contains(&ok.p50), "{ok:?}");
+        assert!(all.p50 < 1.1 && all.p99 > 49.0, "{all:?}");
+        let summary = run.summary();
+        assert!(summary.contains("(successes, from the scheduled send)"), "{summary}");
+        assert!(summary.contains("(every answered send, failures included, from the scheduled send)"), "{summary}");
+        assert!(summary.contains("90.0% of the sends failed"), "{summary}");
+        let table = super::super::report::sweep_table(std::slice::from_ref(&run));
+        assert!(table.contains("90.0% failed; p99 of all 50.0"), "{table}");
     }
 
     #[tokio::test]

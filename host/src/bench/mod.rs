@@ -27,6 +27,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::client::Client;
@@ -386,6 +387,7 @@ where
     let server_before = cpu(pids);
     let own_before = server::cpu_time("self");
     let measured = load().await;
+    let ended = Instant::now();
     let own_after = server::cpu_time("self");
     let server_after = cpu(pids);
     let after = scrape(&generator.client, metrics_urls).await;
@@ -393,7 +395,16 @@ where
     let mut run = Run::new(mode, clients, rate, &measured);
     let t = &measured.tally;
     if let (Some(before), Some(after)) = (&before, &after) {
-        run.server = server::figures(before, after, t.ok() + t.mismatched, measured.elapsed);
+        let gauges = gauges_read_after(&generator.client, metrics_urls, after, ended).await;
+        let figures = server::figures(before, after, &gauges, t.ok() + t.mismatched, measured.elapsed);
+        run.server = figures.values;
+        run.servers_restarted = figures.restarted.iter().map(|&i| metrics_urls[i].clone()).collect();
+        for url in &run.servers_restarted {
+            eprintln!(
+                "sagahost bench: warning: {url} restarted during the run (or another process answered its \
+                 /metrics: give each replica's own --metrics-url); its figures count from the restart"
+            );
+        }
     }
     if let (Some(b), Some(a)) = (server_before, server_after) {
         if t.ok() > 0 {
@@ -412,12 +423,42 @@ where
     run
 }
 
-/// Every metrics URL scraped and summed; `None` (with a warning) if one cannot be read.
-async fn scrape(client: &Client, urls: &[String]) -> Option<Scrape> {
-    let mut total = Scrape::default();
+/// How long a run's end waits for scrapes whose database gauges were read after it.
+const GAUGES_WAIT: Duration = Duration::from_secs(10);
+
+/// Scrapes whose gauges read from the database (outbox backlog, lag) were read after the run
+/// `ended`: `after` if they were, else scrapes taken again until they are. A host shares one
+/// read of them between scrapes for 2 s or more, so right after a short run they could be
+/// from before it. A host that does not say how old they are is taken as it is.
+async fn gauges_read_after(client: &Client, urls: &[String], after: &[Scrape], ended: Instant) -> Vec<Scrape> {
+    let fresh = |scrapes: &[Scrape]| {
+        scrapes.iter().all(|s| s.get(server::GAUGES_AGE).is_none_or(|age| age <= ended.elapsed().as_secs_f64()))
+    };
+    let mut gauges = after.to_vec();
+    while !fresh(&gauges) {
+        if ended.elapsed() > GAUGES_WAIT {
+            eprintln!(
+                "sagahost bench: warning: the database gauges (outbox backlog, lag) stayed older than the run's end \
+                 for {GAUGES_WAIT:?}; reporting them as they are"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match scrape(client, urls).await {
+            Some(again) => gauges = again,
+            None => break,
+        }
+    }
+    gauges
+}
+
+/// Every metrics URL scraped, one [`Scrape`] each in their order; `None` (with a warning) if
+/// one cannot be read.
+async fn scrape(client: &Client, urls: &[String]) -> Option<Vec<Scrape>> {
+    let mut all = Vec::with_capacity(urls.len());
     for url in urls {
         match client.get_text(url, "/metrics", Duration::from_secs(10)).await {
-            Ok((status, text)) if status.is_success() => total.add(&Scrape::parse(&text)),
+            Ok((status, text)) if status.is_success() => all.push(Scrape::parse(&text)),
             Ok((status, _)) => {
                 eprintln!("sagahost bench: warning: {url}/metrics answered {status}; no server figures");
                 return None;
@@ -428,7 +469,7 @@ async fn scrape(client: &Client, urls: &[String]) -> Option<Scrape> {
             }
         }
     }
-    Some(total)
+    Some(all)
 }
 
 /// The summed CPU time of `pids`; `None` (with a warning) if one cannot be read.
@@ -495,6 +536,7 @@ fn points(runs: &[Run]) -> Vec<chart::Point> {
                 achieved: r.throughput_per_s,
                 p50_ms: r.latency_ms.map(|l| l.p50),
                 p99_ms: r.latency_ms.map(|l| l.p99),
+                failed_share: r.failed_share,
             })
         })
         .collect()
@@ -530,6 +572,15 @@ fn plot(files: &[PathBuf], chart: &Path, title: Option<&str>) -> Result<(), Stri
                     achieved: r["throughput_per_s"].as_f64()?,
                     p50_ms: r["latency_ms"]["p50"].as_f64(),
                     p99_ms: r["latency_ms"]["p99"].as_f64(),
+                    // Reports from before `failed_share` have the counts it is made of.
+                    failed_share: r["failed_share"].as_f64().unwrap_or_else(|| {
+                        let (ok, failed) = (r["ok"].as_f64().unwrap_or(0.0), r["failed"].as_f64().unwrap_or(0.0));
+                        if ok + failed > 0.0 {
+                            failed / (ok + failed)
+                        } else {
+                            0.0
+                        }
+                    }),
                 })
             })
             .collect();

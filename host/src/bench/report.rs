@@ -129,6 +129,8 @@ pub struct Run {
     pub http_errors: BTreeMap<String, u64>,
     pub transport_errors: u64,
     pub dropped: u64,
+    /// failed / (ok + failed): the share of the sends that came to an end that failed.
+    pub failed_share: f64,
     /// In flight when Ctrl-C stopped the run: neither ok nor failed.
     pub abandoned: u64,
     /// Sagas whose POST answered before they were final, followed by polling their Location.
@@ -141,11 +143,19 @@ pub struct Run {
     pub throughput_per_s: f64,
     /// Of the sagas that ended as expected; open loop: from their scheduled send time.
     pub latency_ms: Option<Percentiles>,
+    /// Of every saga sent that came to an end, failures included (each at the time it took to
+    /// fail, an unsettled one at the timeout; dropped sends were never sent and are not in
+    /// it). Where sends failed fast, `latency_ms` alone reads healthier than the service was.
+    pub latency_all_ms: Option<Percentiles>,
     /// Open loop: how late the generator sent after the scheduled time.
     pub send_lag_ms: Option<Percentiles>,
     pub by_trigger: BTreeMap<&'static str, TriggerRun>,
     /// Figures from the servers' /metrics, summed over `metrics_urls` (see `server::FIGURES`).
     pub server: BTreeMap<&'static str, f64>,
+    /// Metrics URLs whose process started over during the run (or another process answered:
+    /// scrapes through a load balancer): their counters count from the restart, so the figures
+    /// miss what those replicas did before it.
+    pub servers_restarted: Vec<String>,
     /// CPU time (user + system) of the `--pid` processes per saga that ended as expected.
     pub server_cpu_ms_per_saga: Option<f64>,
     /// MiB of the `--pid` processes' files (their code, mostly) mapped with huge pages at the
@@ -179,6 +189,7 @@ impl Run {
             http_errors: t.http_errors.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
             transport_errors: t.transport_errors,
             dropped: t.dropped,
+            failed_share: t.failed_share(),
             abandoned: t.abandoned,
             polled: t.polled,
             poll_requests: t.polls,
@@ -191,6 +202,7 @@ impl Run {
                 }
             },
             latency_ms: Percentiles::of(&t.latency),
+            latency_all_ms: Percentiles::of(&t.latency_all),
             send_lag_ms: m.send_lag.as_ref().and_then(Percentiles::of),
             by_trigger: t
                 .triggers
@@ -208,6 +220,7 @@ impl Run {
                 })
                 .collect(),
             server: BTreeMap::new(),
+            servers_restarted: Vec::new(),
             server_cpu_ms_per_saga: None,
             server_file_huge_pages_mib: None,
             generator_cpu_s: None,
@@ -255,17 +268,27 @@ impl Run {
             },
         );
         let _ = writeln!(s, "  throughput  {:.1} sagas/s", self.throughput_per_s);
-        if let Some(l) = &self.latency_ms {
+        let from = if self.mode == "open" { ", from the scheduled send" } else { "" };
+        let line = |s: &mut String, l: &Percentiles, of: &str| {
             let _ = writeln!(
                 s,
-                "  latency ms  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}{}",
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p99_9,
-                l.max,
-                l.mean,
-                if self.mode == "open" { "  (from the scheduled send)" } else { "" }
+                "  latency ms  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}  ({of}{from})",
+                l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean
+            );
+        };
+        if let Some(l) = &self.latency_ms {
+            line(&mut s, l, "successes");
+        }
+        if self.failed > 0 {
+            if let Some(l) = &self.latency_all_ms {
+                line(&mut s, l, "every answered send, failures included");
+            }
+        }
+        if self.failed_share >= FAILED_SHARE_SHOWN {
+            let _ = writeln!(
+                s,
+                "  warning     {:.1}% of the sends failed: the latency of the successes alone does not describe this run",
+                self.failed_share * 100.0
             );
         }
         if let Some(lag) = &self.send_lag_ms {
@@ -296,6 +319,11 @@ impl Run {
     }
 }
 
+/// The failed share from which a run's summary warns and its point on a sweep chart is marked:
+/// 1% of sends failing is an outage for the clients behind them, whatever the successes'
+/// latency.
+pub const FAILED_SHARE_SHOWN: f64 = 0.01;
+
 fn interrupted(yes: bool) -> &'static str {
     if yes {
         " (interrupted)"
@@ -317,11 +345,13 @@ fn number(v: f64) -> String {
 
 /// The sweep as a table, one line per offered rate.
 pub fn sweep_table(runs: &[Run]) -> String {
-    let mut s = String::from("  offered/s  achieved/s       ok   failed   p50 ms   p99 ms   max ms\n");
+    let mut s = String::from(
+        "  offered/s  achieved/s       ok   failed   p50 ms   p99 ms   max ms  (latency of successes; p99 of all sends)\n",
+    );
     for r in runs {
         let l = r.latency_ms;
         let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
-        let _ = writeln!(
+        let _ = write!(
             s,
             "  {:>9} {:>11.1} {:>8} {:>8} {:>8} {:>8} {:>8}",
             r.offered_rate.map_or_else(|| "-".to_owned(), |r| format!("{r}")),
@@ -332,6 +362,11 @@ pub fn sweep_table(runs: &[Run]) -> String {
             f(l.map(|l| l.p99)),
             f(l.map(|l| l.max)),
         );
+        if r.failed > 0 {
+            let _ =
+                write!(s, "  {:.1}% failed; p99 of all {}", r.failed_share * 100.0, f(r.latency_all_ms.map(|l| l.p99)));
+        }
+        s.push('\n');
     }
     s
 }

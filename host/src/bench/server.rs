@@ -56,9 +56,37 @@ impl Scrape {
         self.0.get(name).copied()
     }
 
-    fn delta(before: &Scrape, after: &Scrape, name: &str) -> Option<f64> {
-        Some(after.get(name)? - before.get(name).unwrap_or(0.0))
+    /// Whether the process behind `after` started over since `before` (or is another process:
+    /// a load balancer sent the scrapes to different replicas). Its start time says so; a host
+    /// too old to export it, a counter that went down.
+    fn restarted(before: &Scrape, after: &Scrape) -> bool {
+        match (before.get(START_TIME), after.get(START_TIME)) {
+            (Some(b), Some(a)) => a != b,
+            _ => after.0.iter().any(|(name, a)| {
+                let base = name.split('|').next().unwrap_or(name);
+                (base.ends_with("_total") || base.ends_with("_count")) && before.get(name).is_some_and(|b| *a < b)
+            }),
+        }
     }
+}
+
+/// The sample saying when a host process started (Unix seconds).
+const START_TIME: &str = "sagahost_start_time_seconds";
+
+/// The sample saying how old a scrape's gauges read from the database are, in seconds.
+pub const GAUGES_AGE: &str = "sagahost_store_gauges_age_seconds";
+
+/// The increase of every sample of one replica's scrapes over a run; all of `after` when
+/// the replica restarted in between (its counters started over from zero, as Prometheus's
+/// `increase()` reads a counter reset: what it did before the restart is lost, not negative).
+fn increase(before: &Scrape, after: &Scrape, restarted: bool) -> Scrape {
+    Scrape(
+        after
+            .0
+            .iter()
+            .map(|(name, a)| (name.clone(), if restarted { *a } else { a - before.get(name).unwrap_or(0.0) }))
+            .collect(),
+    )
 }
 
 /// Gauges a host reads from the database, which every replica shares: each replica's scrape
@@ -238,34 +266,61 @@ pub const FIGURES: &[Figure] = &[
     },
 ];
 
-/// The figures of [`FIGURES`] whose samples both scrapes hold, by key.
-pub fn figures(before: &Scrape, after: &Scrape, sagas: u64, elapsed: Duration) -> BTreeMap<&'static str, f64> {
-    let mut out = BTreeMap::new();
-    for f in FIGURES {
-        let value = match f.kind {
-            Kind::HistogramMean { family, scale } => mean(before, after, family, "", scale),
-            Kind::LabelledMean { family, label, scale } => mean(before, after, family, &format!("|{label}"), scale),
-            Kind::PerSaga { sample } => {
-                Scrape::delta(before, after, sample).filter(|_| sagas > 0).map(|d| d / sagas as f64)
-            }
-            Kind::PerSecond { sample } => {
-                Scrape::delta(before, after, sample).filter(|_| !elapsed.is_zero()).map(|d| d / elapsed.as_secs_f64())
-            }
-            Kind::Increase { sample } => Scrape::delta(before, after, sample),
-            Kind::AtEnd { sample } => after.get(sample),
-        };
-        if let Some(v) = value {
-            out.insert(f.key, v);
-        }
-    }
-    out
+/// The server's figures for one run.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// The figures of [`FIGURES`] whose samples the scrapes hold, by key.
+    pub values: BTreeMap<&'static str, f64>,
+    /// The replicas (indexes into the scrapes) that restarted during the run.
+    pub restarted: Vec<usize>,
 }
 
-/// A histogram's mean over the run (`_sum` delta / `_count` delta), times `scale`; `suffix`
+/// The figures of [`FIGURES`] from one scrape per replica before and after a run, in the same
+/// order (each replica's own increase, summed: a replica that restarted counts from its
+/// restart rather than making a sum go down), and the gauges at the end from `gauges` (a
+/// scrape whose database gauges were read after the run ended, see [`GAUGES_AGE`]).
+pub fn figures(before: &[Scrape], after: &[Scrape], gauges: &[Scrape], sagas: u64, elapsed: Duration) -> Figures {
+    let mut restarted = Vec::new();
+    let mut increases = Scrape::default();
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        let again = Scrape::restarted(b, a);
+        if again {
+            restarted.push(i);
+        }
+        // Increases add up over replicas, even of the samples that are the same shared
+        // figure: only counters and histograms are read from here.
+        for (name, value) in increase(b, a, again).0 {
+            *increases.0.entry(name).or_insert(0.0) += value;
+        }
+    }
+    let mut at_end = Scrape::default();
+    for g in gauges {
+        at_end.add(g);
+    }
+    let mut values = BTreeMap::new();
+    for f in FIGURES {
+        let value = match f.kind {
+            Kind::HistogramMean { family, scale } => mean(&increases, family, "", scale),
+            Kind::LabelledMean { family, label, scale } => mean(&increases, family, &format!("|{label}"), scale),
+            Kind::PerSaga { sample } => increases.get(sample).filter(|_| sagas > 0).map(|d| d / sagas as f64),
+            Kind::PerSecond { sample } => {
+                increases.get(sample).filter(|_| !elapsed.is_zero()).map(|d| d / elapsed.as_secs_f64())
+            }
+            Kind::Increase { sample } => increases.get(sample),
+            Kind::AtEnd { sample } => at_end.get(sample),
+        };
+        if let Some(v) = value {
+            values.insert(f.key, v);
+        }
+    }
+    Figures { values, restarted }
+}
+
+/// A histogram's mean over the run (`_sum` increase / `_count` increase), times `scale`; `suffix`
 /// picks a label's sums (`|label="value"`, see [`Scrape`]) or, empty, all of them.
-fn mean(before: &Scrape, after: &Scrape, family: &str, suffix: &str, scale: f64) -> Option<f64> {
-    let sum = Scrape::delta(before, after, &format!("{family}_sum{suffix}"))?;
-    let count = Scrape::delta(before, after, &format!("{family}_count{suffix}"))?;
+fn mean(increases: &Scrape, family: &str, suffix: &str, scale: f64) -> Option<f64> {
+    let sum = increases.get(&format!("{family}_sum{suffix}"))?;
+    let count = increases.get(&format!("{family}_count{suffix}"))?;
     (count > 0.0).then(|| sum / count * scale)
 }
 
@@ -384,7 +439,10 @@ mod tests {
     #[test]
     fn figures_are_deltas_over_the_run_and_absent_families_are_left_out() {
         let (before, after) = (Scrape::parse(BEFORE), Scrape::parse(AFTER));
-        let f = figures(&before, &after, 100, Duration::from_secs(2));
+        let (before, after) = ([before], [after]);
+        let figures = figures(&before, &after, &after, 100, Duration::from_secs(2));
+        assert_eq!(figures.restarted, Vec::<usize>::new());
+        let f = figures.values;
         // 1.2 s over 1,100 more calls (1,000 executes of 1 ms, 100 compensates of 2 ms).
         assert!((f["plugin_call_mean_us"] - 1200.0 / 1.1).abs() < 1e-6, "{f:?}");
         assert_eq!(f["events_published_per_s"], 250.0);
@@ -396,7 +454,46 @@ mod tests {
         assert!(!f.contains_key("state_reads_from_filter_per_saga"));
         assert!(!f.contains_key("host_per_transition_mean_us"), "no transition histogram in the scrape");
         assert!(!f.contains_key("stale_commits"));
-        assert!(!figures(&before, &before, 0, Duration::ZERO).contains_key("plugin_call_mean_us"), "no calls, no mean");
+        let none = super::figures(&before, &before, &before, 0, Duration::ZERO).values;
+        assert!(!none.contains_key("plugin_call_mean_us"), "no calls, no mean");
+    }
+
+    /// Two replicas; the second restarts during the run. Its counters start over: its
+    /// increase is what it did since (a plain difference of the sums went negative).
+    #[test]
+    fn a_replica_that_restarted_counts_from_its_restart_and_is_named() {
+        let scrape = |start: f64, calls: f64, secs: f64| {
+            Scrape::parse(&format!(
+                "sagahost_start_time_seconds {start}\nsagahost_plugin_calls_total {calls}\n\
+                 sagahost_plugin_call_seconds_sum {secs}\nsagahost_plugin_call_seconds_count {calls}\n"
+            ))
+        };
+        let before = [scrape(1.0, 1000.0, 1.0), scrape(2.0, 5000.0, 5.0)];
+        let after = [scrape(1.0, 1600.0, 1.6), scrape(9.0, 400.0, 0.8)];
+        let f = figures(&before, &after, &after, 100, Duration::from_secs(1));
+        assert_eq!(f.restarted, [1]);
+        assert_eq!(f.values["plugin_calls_per_saga"], 10.0, "600 + 400 calls: {f:?}");
+        // 0.6 s over 600 calls and 0.8 s over 400: 1.4 ms a call.
+        assert!((f.values["plugin_call_mean_us"] - 1400.0).abs() < 1e-6, "{f:?}");
+
+        // A host without a start time: a counter that went down says it.
+        let old = |calls: f64| Scrape::parse(&format!("sagahost_plugin_calls_total {calls}\nsagahost_sagas 3\n"));
+        let f = figures(&[old(100.0), old(100.0)], &[old(150.0), old(40.0)], &[], 10, Duration::from_secs(1));
+        assert_eq!(f.restarted, [1]);
+        assert_eq!(f.values["plugin_calls_per_saga"], 9.0, "50 + 40 calls");
+        let g = |v: f64| Scrape::parse(&format!("sagahost_sagas {v}\n"));
+        assert!(!Scrape::restarted(&g(5.0), &g(1.0)), "a gauge going down is no restart");
+    }
+
+    /// The gauges at the end come from their own scrape (taken once the database gauges were
+    /// read after the run), the increases from the scrape right after the run.
+    #[test]
+    fn gauges_at_the_end_come_from_their_own_scrape() {
+        let before = [Scrape::parse("sagahost_events_published_total 0\nsagahost_outbox_pending_events 0\n")];
+        let after = [Scrape::parse("sagahost_events_published_total 100\nsagahost_outbox_pending_events 0\n")];
+        let gauges = [Scrape::parse("sagahost_events_published_total 120\nsagahost_outbox_pending_events 42\n")];
+        let f = figures(&before, &after, &gauges, 20, Duration::from_secs(1)).values;
+        assert_eq!((f["events_published_per_s"], f["outbox_pending_at_end"]), (100.0, 42.0));
     }
 
     #[test]

@@ -100,6 +100,33 @@ pub struct Catalog {
     compiling: tokio::sync::Mutex<()>,
 }
 
+/// Whether host release `a` is newer than `b` (`MAJOR.MINOR.PATCH`, a pre-release after `-`
+/// older than the release itself; build metadata after `+` ignored). Not newer when either
+/// cannot be read: the host then upgrades as it always did.
+fn newer_release(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Option<([u64; 3], Option<String>)> {
+        let v = v.split('+').next()?;
+        let (core, pre) = match v.split_once('-') {
+            Some((core, pre)) => (core, Some(pre.to_owned())),
+            None => (v, None),
+        };
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        let numbers = [parts.next()??, parts.next()??, parts.next()??];
+        parts.next().is_none().then_some((numbers, pre))
+    };
+    let (Some((a, a_pre)), Some((b, b_pre))) = (parse(a), parse(b)) else { return false };
+    match a.cmp(&b) {
+        std::cmp::Ordering::Equal => match (a_pre, b_pre) {
+            (None, Some(_)) => true,
+            // Pre-releases of one version by their labels' text (rc.10 before rc.9: rare
+            // enough among releases of a built-in; it only decides who upgrades).
+            (Some(a), Some(b)) => a > b,
+            _ => false,
+        },
+        order => order.is_gt(),
+    }
+}
+
 impl Catalog {
     /// Loads every stored plugin into the runtime and every definition into memory, and
     /// installs the built-in saga types ([`crate::builtin::ALL`]) with their plugins.
@@ -160,10 +187,34 @@ impl Catalog {
         });
         // Compare and set: replicas starting together install or upgrade it once; the others
         // find it done.
+        let ours = env!("CARGO_PKG_VERSION");
         let installed = match self.store.definition(&def.saga_type).await? {
             Some(current) if current.source == DefinitionSource::Builtin && current.definition != def => {
+                // Never back to an older release's: during a rolling upgrade a replica of the
+                // old release that restarts (a crash, a node drained) put its plugins back for
+                // every replica, and the next new one flipped them again, unaudited.
+                if let Some(theirs) = current.builtin_release.as_deref().filter(|r| newer_release(r, ours)) {
+                    tracing::info!(
+                        saga_type = %def.saga_type,
+                        installed_by = theirs,
+                        "the built-in definition is a newer release's; this release leaves it as it is"
+                    );
+                    return Ok(());
+                }
                 tracing::info!(saga_type = %def.saga_type, "upgrading the built-in definition to this release's plugins");
-                self.put_definition_checked(def, DefinitionSource::Builtin, Some(current.version), None).await
+                let audit = AuditEntry {
+                    actor: format!("sagahost {ours}"),
+                    action: "saga.define".to_owned(),
+                    target: def.saga_type.clone(),
+                    before: serde_json::to_value(&current.definition).ok(),
+                    after: serde_json::to_value(&def).ok(),
+                    note: Some(format!(
+                        "built-in upgraded to release {ours}'s plugins (it was release {}'s)",
+                        current.builtin_release.as_deref().unwrap_or("an unrecorded")
+                    )),
+                    answer: None,
+                };
+                self.put_definition_checked(def, DefinitionSource::Builtin, Some(current.version), Some(&audit)).await
             }
             None => self.put_definition_checked(def, DefinitionSource::Builtin, Some(0), None).await,
             Some(_) => Ok(0),
@@ -292,6 +343,36 @@ impl Catalog {
                 Err(_) => {}
             }
         }
+    }
+
+    /// Brings the cache up to the store before a choice that must not rest on an older catalog
+    /// than a change any replica has acknowledged (the compensate binding a compensation runs:
+    /// SPEC §5.3, "every compensation from now on"). Nothing to do where this process is its
+    /// database's only host (every change goes through it and is cached as it commits); else
+    /// one refresh, a single-row read when nothing changed. A failure is logged and the cache
+    /// serves, as it would until the next refresh anyway.
+    pub async fn catch_up(&self) {
+        if !self.store.shared_by_hosts() {
+            return;
+        }
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "catching up with the stored catalog failed; using the cached one");
+        }
+    }
+
+    /// [`Catalog::definition`]; for a type this cache does not know, the store's once caught
+    /// up ([`Catalog::catch_up`]): a type registered through another replica a moment ago is
+    /// found here too (a deploy script registering a type, then sending a saga through a load
+    /// balancer, got 404 until the next refresh).
+    pub async fn find_definition(&self, saga_type: &str) -> Option<Arc<SagaDefinition>> {
+        if let Some(def) = self.definition(saga_type) {
+            return Some(def);
+        }
+        if !crate::engine::definition::is_valid_name(saga_type) {
+            return None;
+        }
+        self.catch_up().await;
+        self.definition(saga_type)
     }
 
     /// The store's catalog version this cache reflects.
@@ -620,22 +701,114 @@ pub(crate) mod tests {
             async move { b.refresh().await }
         });
         loop {
+            // Whether the refresh had ended, read before what is served: it may end between
+            // the two reads, and then the next round sees the new binding.
+            let finished = refresh.is_finished();
             let served = b.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].execute.digest.clone();
             if served == digest {
                 assert!(theirs.is_loaded(&digest), "served before it was compiled");
                 break;
             }
-            assert!(!refresh.is_finished(), "the refresh ended without serving the new binding");
+            assert!(!finished, "the refresh ended without serving the new binding");
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         refresh.await.unwrap().unwrap();
     }
 
+    /// A replica's cache can be a refresh behind a compensation bound through another replica
+    /// (and behind what a saga created there since pins): it catches up before a compensation
+    /// picks its binding, so the compensation the bind replaced is not run again. A host that
+    /// owns its database has nothing to catch up on: it read nothing.
+    #[tokio::test]
+    async fn a_replica_catches_up_on_a_compensation_bound_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let a = Catalog::open(store.clone(), runtime, Arc::clone(&clock)).await.unwrap();
+        // A replica on a database other hosts share (the wrapper says so; no read is slow).
+        let shared: Arc<dyn CatalogStore> =
+            Arc::new(SlowRead { inner: store.clone(), slow: String::new(), builtins_by: None });
+        assert!(shared.shared_by_hosts() && !store.shared_by_hosts());
+        let new_runtime = || Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
+        let b = Catalog::open(shared, new_runtime(), Arc::clone(&clock)).await.unwrap();
+        let own = Catalog::open(store.clone(), new_runtime(), clock).await.unwrap();
+        let fix = another_version(crate::builtin::order::PLUGINS[1].1, "fixed refund");
+        let (digest, _) = a.install_plugin("payment", fix).await.unwrap();
+        a.bind(crate::builtin::order::SAGA_TYPE, "payment", None, Some(&digest), audit).await.unwrap();
+        let compensate =
+            |c: &Catalog| c.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].compensate.digest.clone();
+        assert_ne!(compensate(&b), digest, "the replica has not refreshed yet");
+        b.catch_up().await;
+        assert_eq!(compensate(&b), digest, "the compensation runs the binding replaced a moment ago");
+        // A type registered through the other replica is found at once, not after a refresh.
+        let mut refund = (*a.definition(crate::builtin::order::SAGA_TYPE).unwrap()).clone();
+        refund.saga_type = "refund".into();
+        a.put_definition(refund, DefinitionSource::Admin).await.unwrap();
+        assert!(b.definition("refund").is_none(), "the replica has not refreshed yet");
+        assert!(b.find_definition("refund").await.is_some(), "registered a moment ago through another replica");
+        assert!(b.find_definition("no-such-type").await.is_none());
+        let before = own.version();
+        own.catch_up().await;
+        assert_eq!(own.version(), before, "a host owning its database read the catalog");
+    }
+
+    #[test]
+    fn releases_compare_as_versions() {
+        assert!(newer_release("0.2.0", "0.1.9"));
+        assert!(newer_release("0.10.0", "0.9.0"), "by number, not by text");
+        assert!(newer_release("1.0.0", "1.0.0-rc.1"), "a release after its pre-releases");
+        assert!(newer_release("1.0.0-rc.2", "1.0.0-rc.1"));
+        assert!(!newer_release("0.1.0", "0.1.0") && !newer_release("0.1.0+build.2", "0.1.0"));
+        assert!(!newer_release("0.1.0", "0.2.0") && !newer_release("1.0.0-rc.1", "1.0.0"));
+        assert!(
+            !newer_release("garbage", "0.1.0") && !newer_release("9.9", "0.1.0") && !newer_release("1.2.3.4", "0.1.0")
+        );
+    }
+
+    /// During a rolling upgrade a replica of the old release that restarts must not put its
+    /// built-in plugins back for every replica (the next new one flipped them again, and
+    /// nothing was audited). A release upgrades a built-in stored by an older or the same one,
+    /// in the audit trail.
+    #[tokio::test]
+    async fn a_built_in_stored_by_a_newer_release_is_not_downgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let ty = crate::builtin::order::SAGA_TYPE;
+        Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
+        let ours = store.definition(ty).await.unwrap().unwrap();
+        assert_eq!(ours.builtin_release.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+        // The next release's built-in binds another payment version.
+        let next = another_version(crate::builtin::order::PLUGINS[1].1, "next release");
+        let digest = crate::runtime::digest_of(&next);
+        store.put_plugin(&digest, "payment", &next, 0, None).await.unwrap();
+        let mut theirs = ours.definition.clone();
+        theirs.steps[1].execute.digest = digest.clone();
+        theirs.steps[1].compensate.digest = digest.clone();
+        store.put_definition(&theirs, DefinitionSource::Builtin, Some(ours.version), 1, None).await.unwrap();
+        let payment = |d: &store::StoredDefinition| d.definition.steps[1].execute.digest.clone();
+
+        // This (older) release restarts on a store where that release stored it: left alone.
+        let newer: Arc<dyn CatalogStore> =
+            Arc::new(SlowRead { inner: store.clone(), slow: String::new(), builtins_by: Some("99.0.0") });
+        Catalog::open(newer, Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
+        assert_eq!(payment(&store.definition(ty).await.unwrap().unwrap()), digest, "downgraded by an older release");
+
+        // Stored by this very release (a different build of it): upgraded, and audited.
+        Catalog::open(store.clone(), runtime, clock).await.unwrap();
+        let now = store.definition(ty).await.unwrap().unwrap();
+        assert_eq!(payment(&now), payment(&ours), "not upgraded to this release's plugins");
+        let trail = store.audit_log(Some(ty), None, 10).await.unwrap();
+        let entry = &trail.first().expect("the upgrade is audited").entry;
+        assert_eq!(entry.action, "saga.define");
+        assert_eq!(entry.actor, format!("sagahost {}", env!("CARGO_PKG_VERSION")));
+    }
+
     /// A catalog store whose read of one plugin version's bytes takes two seconds (a large
-    /// component on a slow database).
+    /// component on a slow database); other hosts may change the catalog it reads.
     struct SlowRead {
         inner: Arc<dyn crate::store::Store>,
         slow: String,
+        /// The release the stored built-ins say installed them, if not what was stored.
+        builtins_by: Option<&'static str>,
     }
 
     #[async_trait::async_trait]
@@ -663,7 +836,12 @@ pub(crate) mod tests {
             self.inner.plugin_versions().await
         }
         async fn definition(&self, t: &str) -> store::Result<Option<store::StoredDefinition>> {
-            self.inner.definition(t).await
+            Ok(self.inner.definition(t).await?.map(|mut d| {
+                if let (Some(release), DefinitionSource::Builtin) = (self.builtins_by, d.source) {
+                    d.builtin_release = Some(release.to_owned());
+                }
+                d
+            }))
         }
         async fn definitions(&self) -> store::Result<Vec<store::StoredDefinition>> {
             self.inner.definitions().await
@@ -694,7 +872,8 @@ pub(crate) mod tests {
         let old_digest = crate::runtime::digest_of(&old);
         store.put_plugin(&old_digest, "payment", &old, 0, None).await.unwrap();
         let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
-        let slow: Arc<dyn CatalogStore> = Arc::new(SlowRead { inner: store.clone(), slow: old_digest.clone() });
+        let slow: Arc<dyn CatalogStore> =
+            Arc::new(SlowRead { inner: store.clone(), slow: old_digest.clone(), builtins_by: None });
         let theirs = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         let b = Arc::new(Catalog::open(slow, Arc::clone(&theirs), clock).await.unwrap());
         let new = another_version(crate::builtin::order::PLUGINS[1].1, "new");

@@ -183,6 +183,28 @@ impl SagaDefinition {
                     "use an UPPER_SNAKE_CASE label that is not one of CREATED, COMPLETED, COMPENSATING, CANCELLED, COMPENSATION_FAILED",
                 ));
             }
+            // The label is the saga's status once the step succeeds and, in PascalCase, the
+            // type of the event saying so: two steps with one label (or labels with one
+            // PascalCase form, `A_B` and `A__B`) make both ambiguous, and a label whose event
+            // type is one of the engine's own (`REFUND_COMPLETED` in a `refund` saga, or
+            // `STEP_STARTED`) makes a step's success read as the saga's end or another step's
+            // start to every consumer.
+            let event = pascal(&step.state);
+            if let Some(j) = self.steps[..i].iter().position(|s| pascal(&s.state) == event) {
+                return Err(invalid(
+                    f("state"),
+                    format!(
+                        "label '{}' is step {j}'s already (as its event type, {event}); give each step its own",
+                        step.state
+                    ),
+                ));
+            }
+            if self.engine_event_types().contains(&event) {
+                return Err(invalid(
+                    f("state"),
+                    format!("label '{}' gives the event type {event}, which the engine uses for its own events; choose another", step.state),
+                ));
+            }
             // Execute and compensate share the plugin's state space: compensation must see the
             // records its execute wrote, so both bindings are versions of one plugin.
             if step.execute.plugin != step.compensate.plugin {
@@ -240,6 +262,23 @@ impl SagaDefinition {
     /// `order` -> `Order`, `account-onboarding` -> `AccountOnboarding`: the prefix of saga-level event types.
     pub fn event_prefix(&self) -> String {
         pascal(&self.saga_type)
+    }
+
+    /// The event types the engine gives its own events in a saga of this type (a step's
+    /// success is the PascalCase of its label). Keep in step with `engine::apply`.
+    pub fn engine_event_types(&self) -> Vec<String> {
+        let prefix = self.event_prefix();
+        let saga = ["Created", "Compensating", "Completed", "Cancelled", "CompensationFailed", "Resolved"];
+        let fixed = [
+            "StepStarted",
+            "StepWaiting",
+            "StepRetryScheduled",
+            "StepCompensated",
+            "StepCompensationRetryScheduled",
+            "SignalReceived",
+            "CompensationRetried",
+        ];
+        saga.iter().map(|s| format!("{prefix}{s}")).chain(fixed.iter().map(|s| (*s).to_owned())).collect()
     }
 }
 
@@ -388,6 +427,39 @@ mod redaction_tests {
         assert_eq!(field, "sensitive[0]");
         def.sensitive = vec!["/payment/token".into()];
         def.validate().unwrap();
+    }
+
+    /// A label names the saga's status and, in PascalCase, the event of its step's success:
+    /// it must be the step's own and not read as one of the engine's events.
+    #[test]
+    fn labels_are_unique_and_never_an_engine_event_type() {
+        let def = |labels: &[&str]| SagaDefinition {
+            saga_type: "refund".into(),
+            steps: labels
+                .iter()
+                .enumerate()
+                .map(|(i, label)| StepDefinition {
+                    name: format!("s{i}"),
+                    state: (*label).into(),
+                    ..binding_tests::step("p", "sha256:x")
+                })
+                .collect(),
+            sensitive: vec![],
+        };
+        def(&["REQUESTED", "REFUNDED"]).validate().unwrap();
+        for (labels, field, says) in [
+            (&["PAID", "PAID"][..], "steps[1].state", "step 0's already"),
+            (&["A_B", "A__B"][..], "steps[1].state", "step 0's already (as its event type, AB)"),
+            (&["REFUND_COMPLETED"][..], "steps[0].state", "RefundCompleted, which the engine uses"),
+            (&["OK", "STEP_STARTED"][..], "steps[1].state", "StepStarted, which the engine uses"),
+            (&["SIGNAL_RECEIVED"][..], "steps[0].state", "SignalReceived"),
+        ] {
+            let Err(DefinitionError::Invalid { field: got, message }) = def(labels).validate() else {
+                panic!("{labels:?} accepted")
+            };
+            assert_eq!(got, field, "{labels:?}");
+            assert!(message.contains(says), "{labels:?}: {message}");
+        }
     }
 
     #[test]

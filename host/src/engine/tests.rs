@@ -623,6 +623,9 @@ enum Op {
     /// The driver records that an execute attempt that may reach out starts, and its result
     /// is lost (the host dies, or an outside event takes the saga over mid-call).
     Start,
+    /// The host that recorded the current step's start died in the call: time runs to the
+    /// start's end, where another driver takes the attempt up and records its start again.
+    Restart,
     /// A client cancels.
     Cancel,
     /// The signal the waiting step asked for (`go`), or another one.
@@ -656,6 +659,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         8 => (exec, prop::bool::weighted(0.7)).prop_map(|(exec, comp_ok)| Op::Drive { exec, comp_ok }),
         1 => Just(Op::Cancel),
         2 => Just(Op::Start),
+        1 => Just(Op::Restart),
         2 => prop::bool::weighted(0.8).prop_map(|right_name| Op::Signal { right_name }),
         1 => Just(Op::Deadline),
         1 => Just(Op::Retry),
@@ -928,7 +932,13 @@ proptest! {
                     };
                     event.map(|e| apply(&def, &state, e, now).map_err(|e| format!("{e}")))
                 }
-                Op::Start => match (next_action(&def, &state, now), model.due()) {
+                Op::Start | Op::Restart => {
+                    if matches!(op, Op::Restart) && state.phase == Phase::Forward {
+                        if let Some(until) = current_forward_step(&state).and_then(|i| state.steps[i].in_flight_until) {
+                            now = now.max(until);
+                        }
+                    }
+                    match (next_action(&def, &state, now), model.due()) {
                     (Action::Execute { step, attempt }, Due::Execute(i)) if step == i => {
                         model.started[i] = true;
                         // A start whose result never came may have had effects.
@@ -938,7 +948,8 @@ proptest! {
                     }
                     // Nothing is due now, or not an execute: the driver starts no call.
                     _ => None,
-                },
+                    }
+                }
                 Op::Deadline => {
                     let cur = current_forward_step(&state).unwrap_or(0);
                     match model.deadline_runs() {

@@ -407,7 +407,7 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let key = idempotency::key(&headers, true)?.unwrap_or_default();
     let value = integral_numbers(parse_body(body)?);
-    let def = state.catalog.definition(saga_type).ok_or_else(|| {
+    let def = state.catalog.find_definition(saga_type).await.ok_or_else(|| {
         ApiError::not_found(format!(
             "no saga type '{saga_type}' is registered; register it with PUT /admin/sagas/{saga_type}"
         ))
@@ -617,7 +617,7 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
     }
     // An unregistered type has no sagas: say so rather than list none (a typo in the type
     // would otherwise read as "nothing is stuck").
-    let def = state.catalog.definition(saga_type).ok_or_else(|| {
+    let def = state.catalog.find_definition(saga_type).await.ok_or_else(|| {
         ApiError::not_found(format!(
             "no saga type '{saga_type}' is registered; GET /admin/sagas lists the registered types"
         ))

@@ -343,6 +343,10 @@ pub struct StoredDefinition {
     pub source: DefinitionSource,
     /// 1 when first stored, +1 on every change. [`CatalogStore::put_definition`] can require it.
     pub version: i64,
+    /// The host release (`CARGO_PKG_VERSION`) that stored a built-in: written by
+    /// [`CatalogStore::put_definition`] with [`DefinitionSource::Builtin`]; `None` for an
+    /// admin's, or a built-in stored before releases were recorded (migration 0013).
+    pub builtin_release: Option<String>,
 }
 
 /// Sagas: creation (with its idempotency claim), reads, the driver's claims and leases, and
@@ -535,6 +539,12 @@ pub trait CatalogStore: Send + Sync + 'static {
     /// A counter bumped in the transaction of every new plugin version and every definition
     /// change: a replica whose catalog was built at an older version reloads.
     async fn catalog_version(&self) -> Result<i64>;
+    /// Whether other hosts may change the catalog (replicas on one PostgreSQL): a host that
+    /// owns its database sees every change as it makes it, and need not read the version to
+    /// know its cache is current.
+    fn shared_by_hosts(&self) -> bool {
+        true
+    }
 }
 
 /// The audit trail of operator and admin actions.

@@ -537,6 +537,7 @@ fn definition_from_row(r: &AnyRow) -> Result<StoredDefinition> {
         definition: serde_json::from_str(&def).map_err(|e| corrupt(format!("definition of {saga_type}: {e}")))?,
         source: if source == "builtin" { DefinitionSource::Builtin } else { DefinitionSource::Admin },
         version: r.try_get("version")?,
+        builtin_release: r.try_get("builtin_release")?,
     })
 }
 
@@ -1768,19 +1769,21 @@ impl CatalogStore for SqlStore {
     }
 
     async fn definition(&self, saga_type: &str) -> Result<Option<StoredDefinition>> {
-        let row =
-            sqlx::query("SELECT saga_type, definition, source, version FROM saga_definitions WHERE saga_type = $1")
-                .bind(saga_type)
-                .fetch_optional(&self.reader)
-                .await?;
+        let row = sqlx::query(
+            "SELECT saga_type, definition, source, version, builtin_release FROM saga_definitions WHERE saga_type = $1",
+        )
+        .bind(saga_type)
+        .fetch_optional(&self.reader)
+        .await?;
         row.as_ref().map(definition_from_row).transpose()
     }
 
     async fn definitions(&self) -> Result<Vec<StoredDefinition>> {
-        let rows =
-            sqlx::query("SELECT saga_type, definition, source, version FROM saga_definitions ORDER BY saga_type")
-                .fetch_all(&self.reader)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT saga_type, definition, source, version, builtin_release FROM saga_definitions ORDER BY saga_type",
+        )
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(definition_from_row).collect()
     }
 
@@ -1797,19 +1800,22 @@ impl CatalogStore for SqlStore {
             DefinitionSource::Builtin => "builtin",
             DefinitionSource::Admin => "admin",
         };
+        // A built-in is this release's (an admin's change is no release's).
+        let release = (source == "builtin").then_some(env!("CARGO_PKG_VERSION"));
         let mut tx = super::dialect::begin(&self.writer, None).await?;
         let version: Option<i64> = match expected_version {
             // Replace a definition that must exist at exactly this version.
             Some(expected) if expected > 0 => {
                 sqlx::query_scalar(
-                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1 \
-                     WHERE saga_type = $1 AND version = $5 RETURNING version",
+                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1, \
+                     builtin_release = $6 WHERE saga_type = $1 AND version = $5 RETURNING version",
                 )
                 .bind(&def.saga_type)
                 .bind(json)
                 .bind(source)
                 .bind(now)
                 .bind(expected)
+                .bind(release)
                 .fetch_optional(&mut *tx)
                 .await?
             }
@@ -1817,16 +1823,17 @@ impl CatalogStore for SqlStore {
             // the update never matches, so an existing definition is a conflict.
             _ => {
                 sqlx::query_scalar(
-                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version) \
-                     VALUES ($1, $2, $3, $4, 1) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
-                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1 \
-                     WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
+                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version, builtin_release) \
+                     VALUES ($1, $2, $3, $4, 1, $6) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
+                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1, \
+                     builtin_release = excluded.builtin_release WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
                 )
                 .bind(&def.saga_type)
                 .bind(json)
                 .bind(source)
                 .bind(now)
                 .bind(expected_version)
+                .bind(release)
                 .fetch_optional(&mut *tx)
                 .await?
             }
@@ -1845,6 +1852,10 @@ impl CatalogStore for SqlStore {
 
     async fn catalog_version(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT version FROM catalog_version WHERE id = 1").fetch_one(&self.reader).await?)
+    }
+
+    fn shared_by_hosts(&self) -> bool {
+        self.dialect.shared_by_hosts()
     }
 }
 

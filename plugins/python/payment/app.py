@@ -129,7 +129,10 @@ def parse_order(raw_input: str):
         raise invalid("missing field `input`")
     if not isinstance(document.get("steps", {}), dict):
         raise invalid("`steps` must be an object")
-    if not isinstance(document.get("config") or {}, dict):
+    # Absent or null is no config; anything else must be an object, as the Rust SDK and the
+    # JavaScript step decide ([], 0, "" and false are malformed, not empty).
+    config = document.get("config")
+    if config is not None and not isinstance(config, dict):
         raise invalid("`config` must be an object or null")
     order = document["input"]
     if not isinstance(order, dict):

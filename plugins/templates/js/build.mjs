@@ -33,6 +33,7 @@ import {
   mkdirSync,
   readFileSync,
   readdirSync,
+  renameSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -119,7 +120,10 @@ world step {
     disableFeatures: ['stdio', 'random', 'clocks', 'http', 'fetch-event'],
   });
   mkdirSync(dirname(out), { recursive: true });
-  writeFileSync(out, component);
+  // Written beside its final name, then renamed to it (atomic on one file system): a build cut
+  // short leaves the last good component or none, never a truncated one that looks built.
+  writeFileSync(`${out}.tmp`, component);
+  renameSync(`${out}.tmp`, out);
   console.error(`built ${out} (${component.length} bytes, sagahost:plugin@${version})`);
 } finally {
   rmSync(work, { recursive: true, force: true });
