@@ -345,6 +345,66 @@ async fn the_audit_trail_pages_by_cursor_over_http() {
     }
 }
 
+/// An operator sends a dead letter again (once the sink takes it) or discards it, over HTTP,
+/// audited; the redelivered event reaches the sink again as it was. What the relay does with
+/// refusals is tested with the broker (`kafka::`); here the letters are made as the relay
+/// makes them, from a real saga's outbox rows.
+#[tokio::test]
+async fn dead_letters_are_redelivered_or_discarded_over_http() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
+    let rows = host.store.outbox_for_saga(&id).await.unwrap();
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN).header("X-Actor", "ops");
+    // Published first (the events file has them once), then moved to the dead letters.
+    let events = || std::fs::read_to_string(host.dir.path().join("events.jsonl")).unwrap_or_default();
+    let start = std::time::Instant::now();
+    while !events().contains(&rows.last().unwrap().event_id) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the relay did not publish");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for row in &rows[..2] {
+        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0).await.unwrap());
+    }
+    let (created, second) = (rows[0].event_id.clone(), rows[1].event_id.clone());
+    let listed = host.send(admin(host.client.get(host.url("/admin/dead-letters")))).await.json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed:#}");
+
+    // Redelivered: 202, out of the dead letters, and in the events file a second time.
+    let redeliver = |event: &str| host.client.post(host.url(&format!("/admin/dead-letters/{event}/redeliver")));
+    let r = host.send(admin(redeliver(&created))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json(), json!({"event_id": created, "queued": true}));
+    let start = std::time::Instant::now();
+    while events().matches(&created).count() < 2 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "not published again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let again = host.send(admin(redeliver(&created))).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "a second redelivery");
+    assert!(again.json()["error"]["message"].as_str().unwrap().contains("redelivered or discarded already"));
+
+    // Discarded: 204, gone; once.
+    let discard = |event: &str| host.client.delete(host.url(&format!("/admin/dead-letters/{event}")));
+    assert_eq!(host.send(admin(discard(&second))).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(host.send(admin(discard(&second))).await.status, StatusCode::NOT_FOUND);
+    let listed = host.send(admin(host.client.get(host.url("/admin/dead-letters")))).await.json();
+    assert_eq!(listed["data"], json!([]));
+    assert_eq!(events().matches(&second).count(), 1, "a discarded event is not sent again");
+
+    // Audited, with who and what the letter was.
+    for (event, action) in [(&created, "dead_letter.redeliver"), (&second, "dead_letter.discard")] {
+        let trail = host.send(admin(host.client.get(host.url(&format!("/admin/audit?target={event}"))))).await.json();
+        let entry = &trail["data"][0];
+        assert_eq!((&entry["action"], &entry["actor"]), (&json!(action), &json!("ops")), "{trail:#}");
+        assert_eq!(entry["before"]["saga_id"], id.as_str(), "{entry:#}");
+        assert_eq!(entry["before"]["reason"], "too large for the broker", "{entry:#}");
+    }
+    // Bad ids, and no admin token.
+    assert_eq!(host.send(admin(discard("not-an-id"))).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(host.send(redeliver(&second)).await.status, StatusCode::UNAUTHORIZED);
+    host.stop().await;
+}
+
 /// A step whose plugin version no replica can load (every replica's build refuses it: a
 /// rollback below the version's world, a memory limit lowered under what it needs) is not
 /// called, and waits for a replica that can; once none has run it for ten minutes, its

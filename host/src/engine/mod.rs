@@ -619,10 +619,13 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     // A plugin that polls with a zero or tiny delay would otherwise re-run in a
                     // tight loop, a commit and an event per pass, holding the writer.
                     let wake = delay_ms.map(|d| now.saturating_add(ms(d.max(MIN_WAIT_DELAY_MS))));
+                    // Never before now: a wait that comes after the deadline (its call outlasted
+                    // it) is due at once, for the deadline, not at a time already past.
                     next.next_run_at = match wake {
                         Some(t) => Some(cap(t)),
                         None => deadline,
-                    };
+                    }
+                    .map(|t| t.max(now));
                     EventSpec {
                         event_type: "StepWaiting".to_owned(),
                         data: json!({ "step": sdef.name, "attempt": attempt, "signal": signal, "wake_at": wake }),
@@ -635,9 +638,11 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, event: Event, now: i64) ->
                     // A retry is capped by the deadline, where the deadline rejects the step;
                     // but one that keeps its signal is not rejected by it (the signal came in
                     // time), so past the deadline it backs off like any retry, never at once.
+                    // (A failure that comes after the deadline is due at once, for the deadline:
+                    // its retry is not scheduled at a time already past.)
                     let at = match (&signal, deadline) {
                         (Some(_), Some(d)) if d <= now => retry_at,
-                        _ => cap(retry_at),
+                        _ => cap(retry_at).max(now),
                     };
                     step.signal_payload = signal;
                     next.next_run_at = Some(at);

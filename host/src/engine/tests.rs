@@ -407,6 +407,29 @@ fn retry_backoff_is_capped_by_the_deadline() {
     assert_eq!(t.state.next_run_at, Some(30));
 }
 
+/// A result that comes after the step's deadline (its call outlasted it) schedules nothing in
+/// the past: the retry or the wake-up is due at once, and what is due then is the deadline.
+#[test]
+fn a_result_after_the_deadline_schedules_nothing_in_the_past() {
+    let mut def = order_def();
+    def.steps[0].deadline_ms = Some(30);
+    let s = SagaState::new(&def, 0);
+    let started = step(&def, &s, executed(0, 1, ExecuteOutcome::Retryable("x".into())), 10).state;
+    for late in [
+        ExecuteOutcome::Retryable("slow".into()),
+        ExecuteOutcome::Trapped("timed out".into()),
+        ExecuteOutcome::Wait { delay_ms: Some(5_000), signal: None },
+        ExecuteOutcome::Wait { delay_ms: None, signal: Some("go".into()) },
+    ] {
+        let t = step(&def, &started, executed(0, 2, late.clone()), 1_000);
+        assert_eq!(t.state.next_run_at, Some(1_000), "{late:?}");
+        if let Some(at) = t.event.data.get("retry_at") {
+            assert_eq!(at, 1_000, "{late:?}: a retry announced in the past");
+        }
+        assert_eq!(next_action(&def, &t.state, 1_000), Action::DeadlineExceeded { step: 0 }, "{late:?}");
+    }
+}
+
 #[test]
 fn cancel_compensates_from_forward_and_is_refused_when_terminal() {
     let def = order_def();

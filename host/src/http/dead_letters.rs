@@ -1,15 +1,17 @@
-//! `GET /admin/dead-letters`: events the sink refused for good (SPEC §6 delivery, issue
-//! "one oversized event must not stop every saga's events"). Read-only: the store keeps them,
-//! the relay puts them there.
+//! `/admin/dead-letters`: events the sink refused for good (SPEC §6 delivery, issue "one
+//! oversized event must not stop every saga's events"). The relay puts them there; an
+//! operator lists them, sends one again once the sink takes it (the broker's size limit
+//! raised, say), or discards one that consumers will never need; both audited.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ErrorBody};
+use super::admin::{actor, ActorHeader};
+use super::error::{ApiError, ApiPath, ErrorBody};
 use super::sagas::{json_response, to_json};
 use super::AppState;
 
@@ -27,7 +29,7 @@ pub struct DeadLetterQuery {
 }
 
 /// An event the sink refused for good. Its saga's later events were published: consumers see
-/// a gap in that saga's `seq` where this event is.
+/// a gap in that saga's `seq` where this event is (filled out of order if it is redelivered).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeadLetterView {
     pub saga_id: String,
@@ -92,4 +94,100 @@ pub async fn list_dead_letters(
         })
         .collect();
     Ok(json_response(StatusCode::OK, to_json(&DeadLetterPage { data, next_cursor })?, None))
+}
+
+/// The event id of a dead-letter route, checked: a UUID, as every event id is.
+fn event_id(id: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.to_string())
+        .map_err(|_| ApiError::invalid("event_id", "is not an event id; take `event_id` from GET /admin/dead-letters"))
+}
+
+/// The dead letter of `event_id` and the audit entry of `action` on it, or 404.
+async fn letter_and_audit(
+    state: &AppState,
+    headers: &HeaderMap,
+    event_id: &str,
+    action: &str,
+) -> Result<crate::store::AuditEntry, ApiError> {
+    let letter = state.store.dead_letter(event_id).await?.ok_or_else(|| gone(event_id))?;
+    Ok(crate::store::AuditEntry {
+        actor: actor(headers),
+        action: action.to_owned(),
+        target: event_id.to_owned(),
+        before: Some(serde_json::json!({
+            "saga_id": letter.saga_id,
+            "seq": letter.seq,
+            "event_type": letter.event_type,
+            "reason": letter.reason,
+            "at": crate::clock::rfc3339(letter.at),
+        })),
+        after: None,
+        note: None,
+        answer: None,
+    })
+}
+
+fn gone(event_id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no dead letter for event {event_id}; it may have been redelivered or discarded already \
+         (GET /admin/audit?target={event_id} says)"
+    ))
+}
+
+/// What a redelivery did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Redelivered {
+    pub event_id: String,
+    /// Always true: the event is back in the outbox, and the relay sends it next.
+    pub queued: bool,
+}
+
+/// Send a dead-lettered event again (once the sink takes it: the broker's size limit raised,
+/// say); audited.
+///
+/// The event goes back into the outbox as it was (same `event_id`, `saga_id` and `seq`) and
+/// leaves the dead letters; the relay publishes it next, after its saga's later events, so
+/// consumers see the gap in `seq` filled out of order. A sink that refuses it again puts it
+/// back in the dead letters.
+#[utoipa::path(post, path = "/admin/dead-letters/{event_id}/redeliver", tag = "admin",
+    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader),
+    security(("admin_token" = [])),
+    responses((status = 202, description = "Back in the outbox; the relay sends it next", body = Redelivered),
+              (status = 400, description = "Not an event id", body = ErrorBody),
+              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody)))]
+pub async fn redeliver_dead_letter(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = event_id(&id)?;
+    let audit = letter_and_audit(&state, &headers, &id, "dead_letter.redeliver").await?;
+    if !state.store.dead_letter_redeliver(&id, state.clock.now_ms(), &audit).await? {
+        return Err(gone(&id));
+    }
+    tracing::info!(event_id = %id, actor = %audit.actor, "dead letter redelivered");
+    Ok(json_response(StatusCode::ACCEPTED, to_json(&Redelivered { event_id: id, queued: true })?, None))
+}
+
+/// Delete a dead letter for good (consumers will never need the event); audited, with the
+/// event's saga, `seq`, type and the sink's reason.
+#[utoipa::path(delete, path = "/admin/dead-letters/{event_id}", tag = "admin",
+    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader),
+    security(("admin_token" = [])),
+    responses((status = 204, description = "Deleted"),
+              (status = 400, description = "Not an event id", body = ErrorBody),
+              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody)))]
+pub async fn discard_dead_letter(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let id = event_id(&id)?;
+    let audit = letter_and_audit(&state, &headers, &id, "dead_letter.discard").await?;
+    if !state.store.dead_letter_discard(&id, state.clock.now_ms(), &audit).await? {
+        return Err(gone(&id));
+    }
+    tracing::info!(event_id = %id, actor = %audit.actor, "dead letter discarded");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -94,6 +94,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(admin::resolve_saga))
         .routes(routes!(admin::audit_log))
         .routes(routes!(dead_letters::list_dead_letters))
+        .routes(routes!(dead_letters::redeliver_dead_letter))
+        .routes(routes!(dead_letters::discard_dead_letter))
         .routes(routes!(plugins::list_plugins))
         .routes(routes!(plugins::get_plugin))
         .routes(routes!(plugins::plugin_state))

@@ -329,6 +329,91 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     assert!(pending(&*store).await.is_empty());
 }
 
+/// An operator sends a dead letter again once the sink takes it: its row is back in line (the
+/// same row, or written again where the janitor purged it), the relay publishes it, and a sink
+/// that refuses it again dead-letters it again. Discarding one deletes it. Both are audited,
+/// and an event with no dead letter changes nothing.
+#[tokio::test]
+async fn a_dead_letter_is_redelivered_or_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let all = store.outbox_pending(1000).await.unwrap();
+    // a1 b1 c1 ...: the first two rows are refused for good, each when it comes first.
+    let (a1, b1, now) = (all[0].clone(), all[1].clone(), SystemClock.now_ms());
+    let (options, metrics, sink) = (RelayOptions::default(), Metrics::new(), ScriptedSink::default());
+    let dead =
+        || async { store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
+    let audit = |action: &str, target: &str| crate::store::AuditEntry {
+        actor: "ops".into(),
+        action: action.into(),
+        target: target.into(),
+        before: None,
+        after: None,
+        note: None,
+        answer: None,
+    };
+    let redeliver = |id: String| {
+        let entry = audit("dead_letter.redeliver", &id);
+        let store = Arc::clone(&store);
+        async move { store.dead_letter_redeliver(&id, now, &entry).await.unwrap() }
+    };
+    let publish = || publish_once(&*store, &sink, &SystemClock, &metrics, &options);
+    let sent_since = |n: usize| sink.batches.lock().unwrap()[n..].concat();
+    // (The scripted refusal holds until the script is cleared: each pass dead-letters the row
+    // it finds first.)
+    sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
+    let _ = publish().await;
+    assert_eq!(dead().await, std::slice::from_ref(&a1.event_id));
+    let _ = publish().await;
+    sink.script.lock().unwrap().clear();
+    while !pending(&*store).await.is_empty() {
+        publish().await.unwrap();
+    }
+    assert_eq!(dead().await, [b1.event_id.clone(), a1.event_id.clone()], "newest first");
+    assert_eq!(store.dead_letter(&a1.event_id).await.unwrap().map(|d| d.seq), Some(a1.seq));
+    assert_eq!(store.dead_letter(&all[2].event_id).await.unwrap(), None, "c1 was never refused");
+
+    // Redelivered: the same row is back in line; the sink refuses it again: a dead letter again.
+    assert!(redeliver(a1.event_id.clone()).await);
+    assert_eq!((dead().await, pending(&*store).await), (vec![b1.event_id.clone()], vec![a1.id]));
+    sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
+    let n = sink.batches.lock().unwrap().len();
+    let _ = publish().await;
+    sink.script.lock().unwrap().clear();
+    assert!(sent_since(n).iter().all(|r| *r == a1), "sent again as it was: {:?}", sent_since(n));
+    assert!(dead().await.contains(&a1.event_id) && pending(&*store).await.is_empty());
+
+    // The janitor purges the published rows (the dead letters' with them): a redelivery writes
+    // the row again, under a new id, the same event; this time the sink takes it.
+    let later = SystemClock.now_ms() + 1_000;
+    assert_eq!(store.outbox_purge(later, 1000).await.unwrap(), all.len() as u64, "every row was published");
+    assert!(redeliver(a1.event_id.clone()).await);
+    let back = store.outbox_pending(10).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_ne!(back[0].id, a1.id, "written again");
+    assert_eq!((&back[0].event_id, back[0].seq, &back[0].payload), (&a1.event_id, a1.seq, &a1.payload));
+    let n = sink.batches.lock().unwrap().len();
+    publish().await.unwrap();
+    assert_eq!(sent_since(n).iter().map(|r| &r.event_id).collect::<Vec<_>>(), [&a1.event_id]);
+    assert!(pending(&*store).await.is_empty());
+    assert!(!redeliver(a1.event_id.clone()).await, "no dead letter left to redeliver");
+
+    // Discarded: gone for good; once.
+    let discard = audit("dead_letter.discard", &b1.event_id);
+    assert!(store.dead_letter_discard(&b1.event_id, now, &discard).await.unwrap());
+    assert!(dead().await.is_empty() && pending(&*store).await.is_empty());
+    assert!(!store.dead_letter_discard(&b1.event_id, now, &discard).await.unwrap());
+    let trail = |id: &str| {
+        let store = Arc::clone(&store);
+        let id = id.to_owned();
+        async move {
+            store.audit_log(Some(&id), None, 10).await.unwrap().into_iter().map(|r| r.entry.action).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(trail(&a1.event_id).await, ["dead_letter.redeliver", "dead_letter.redeliver"]);
+    assert_eq!(trail(&b1.event_id).await, ["dead_letter.discard"]);
+}
+
 /// A store whose writes of one kind fail (its database went away just then); the rest works.
 struct FailingWrites {
     inner: Arc<dyn Store>,
@@ -368,6 +453,25 @@ impl OutboxStore for FailingWrites {
     }
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> crate::store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(before, limit).await
+    }
+    async fn dead_letter(&self, event_id: &str) -> crate::store::Result<Option<DeadLetter>> {
+        self.inner.dead_letter(event_id).await
+    }
+    async fn dead_letter_redeliver(
+        &self,
+        event_id: &str,
+        now: i64,
+        audit: &crate::store::AuditEntry,
+    ) -> crate::store::Result<bool> {
+        self.inner.dead_letter_redeliver(event_id, now, audit).await
+    }
+    async fn dead_letter_discard(
+        &self,
+        event_id: &str,
+        now: i64,
+        audit: &crate::store::AuditEntry,
+    ) -> crate::store::Result<bool> {
+        self.inner.dead_letter_discard(event_id, now, audit).await
     }
 }
 

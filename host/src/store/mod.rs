@@ -489,6 +489,16 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Dead-lettered events, newest first; with `before`, those older than that outbox id
     /// (the next page).
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>>;
+    /// The dead letter of one event, if there is one.
+    async fn dead_letter(&self, event_id: &str) -> Result<Option<DeadLetter>>;
+    /// Puts a dead-lettered event back in line for the relay (its outbox row unpublished
+    /// again, or written again where the janitor purged it) and takes it out of the dead
+    /// letters, with `audit`, in one transaction. False (nothing changed) if the event has no
+    /// dead letter.
+    async fn dead_letter_redeliver(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool>;
+    /// Deletes a dead letter for good, with `audit`, in one transaction. False (nothing
+    /// changed) if the event has none.
+    async fn dead_letter_discard(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool>;
 }
 
 /// An event a sink refused for good.

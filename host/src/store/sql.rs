@@ -529,6 +529,19 @@ fn outbox_from_row(r: &AnyRow) -> Result<OutboxRow> {
     })
 }
 
+fn dead_letter_from_row(r: &AnyRow) -> Result<DeadLetter> {
+    Ok(DeadLetter {
+        outbox_id: r.try_get("outbox_id")?,
+        event_id: r.try_get("event_id")?,
+        saga_id: r.try_get("saga_id")?,
+        seq: r.try_get("seq")?,
+        event_type: r.try_get("event_type")?,
+        payload: r.try_get("payload")?,
+        reason: r.try_get("reason")?,
+        at: r.try_get("at")?,
+    })
+}
+
 fn definition_from_row(r: &AnyRow) -> Result<StoredDefinition> {
     let saga_type: String = r.try_get("saga_type")?;
     let def: String = r.try_get("definition")?;
@@ -1659,6 +1672,62 @@ impl OutboxStore for SqlStore {
             .await
     }
 
+    async fn dead_letter(&self, event_id: &str) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query(
+            "SELECT outbox_id, event_id, saga_id, seq, event_type, payload, reason, at FROM dead_letters \
+             WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(dead_letter_from_row).transpose()
+    }
+
+    async fn dead_letter_redeliver(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
+        // Written again first, from the dead letter, where the janitor purged the published
+        // row (the same event id, saga and seq: consumers see the same event); else the row
+        // that is still there is unpublished again. Either way the relay sends it next.
+        sqlx::query(
+            "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) \
+             SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(event_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
+        )
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
+        let removed =
+            sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
+        if removed.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn dead_letter_discard(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
+        let mut tx = super::dialect::begin(&self.writer, None).await?;
+        let removed =
+            sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
+        if removed.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>> {
         let rows = match before {
             Some(before) => sqlx::query(
@@ -1674,20 +1743,7 @@ impl OutboxStore for SqlStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    outbox_id: r.try_get("outbox_id")?,
-                    event_id: r.try_get("event_id")?,
-                    saga_id: r.try_get("saga_id")?,
-                    seq: r.try_get("seq")?,
-                    event_type: r.try_get("event_type")?,
-                    payload: r.try_get("payload")?,
-                    reason: r.try_get("reason")?,
-                    at: r.try_get("at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(dead_letter_from_row).collect()
     }
 
     async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> Result<Vec<OutboxRow>> {
