@@ -1,4 +1,4 @@
-//! The operator CLI (`sagahost orders|plugins|sagas|audit`), run as operators run it: the real
+//! The operator CLI (`sagahost orders|plugins|sagas|audit|dead-letters`), run as operators run it: the real
 //! binary as a child process against a real host, its JSON output parsed, its tables read,
 //! its exit codes checked against the documented ones (docs/cli.md).
 
@@ -181,6 +181,43 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     }
     let define = cli(&host, &["audit", "--target", "order", "-o", "json"]).await.exits(0).json();
     assert_eq!(define["data"][0]["actor"], "ops@example.com");
+}
+
+/// Dead letters (made as the relay makes them, from a real saga's outbox rows): listed in a
+/// table and as JSON, one redelivered, one discarded, and either again exits 4 (done already).
+#[tokio::test]
+async fn dead_letters_are_listed_redelivered_and_discarded() {
+    let host = admin_host().await;
+    let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
+    let rows = host.store.outbox_for_saga(&id).await.unwrap();
+    for row in &rows[..2] {
+        assert!(host.store.outbox_dead_letter(row.id, "Message size too large", 0).await.unwrap());
+    }
+    let (first, second) = (rows[0].event_id.as_str(), rows[1].event_id.as_str());
+    let table = cli(&host, &["dead-letters", "list"]).await.exits(0);
+    for text in ["EVENT_ID", first, second, "OrderCreated", "Message size too large"] {
+        assert!(table.stdout.contains(text), "no {text:?} in {table:#?}");
+    }
+    let listed = cli(&host, &["dead-letters", "list", "-o", "json"]).await.exits(0).json();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed:#}");
+    assert_eq!(listed["data"][1]["event"]["event_id"], first, "the event as it would have been published");
+
+    let run = cli(&host, &["dead-letters", "redeliver", first, "--actor", "ops"]).await.exits(0);
+    assert!(run.stdout.contains("back in the outbox"), "{run:#?}");
+    let run = cli(&host, &["dead-letters", "discard", second, "-o", "json"]).await.exits(0);
+    assert_eq!(run.json(), json!({"event_id": second, "discarded": true}));
+    for args in [["dead-letters", "redeliver", first], ["dead-letters", "discard", second]] {
+        let run = cli(&host, &args).await.exits(4);
+        assert!(run.stderr.contains("redelivered or discarded already"), "{run:#?}");
+    }
+    cli(&host, &["dead-letters", "discard", "not-an-event"]).await.exits(1);
+    let listed = cli(&host, &["dead-letters", "list", "-o", "json"]).await.exits(0).json();
+    assert_eq!(listed["data"], json!([]));
+    let trail = cli(&host, &["audit", "--target", first, "-o", "json"]).await.exits(0).json();
+    assert_eq!(
+        (&trail["data"][0]["action"], &trail["data"][0]["actor"]),
+        (&json!("dead_letter.redeliver"), &json!("ops"))
+    );
 }
 
 #[tokio::test]

@@ -208,6 +208,10 @@ impl Client {
 /// The answer of an HTTP exchange: a success with JSON, or the failure it means.
 pub fn interpret(base: &str, status: StatusCode, bytes: &[u8]) -> Result<Answer, Failure> {
     let json: Option<Value> = serde_json::from_slice(bytes).ok();
+    // A deletion answers with no body at all.
+    if status == StatusCode::NO_CONTENT && bytes.is_empty() {
+        return Ok(Answer { status, body: Value::Null });
+    }
     if status.is_success() {
         return match json {
             Some(body) => Ok(Answer { status, body }),

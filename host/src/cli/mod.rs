@@ -1,5 +1,5 @@
-//! The operator CLI (SPEC §9): `sagahost orders|plugins|sagas|audit ...` against a running
-//! host, in the same binary as the server.
+//! The operator CLI (SPEC §9): `sagahost orders|plugins|sagas|audit|dead-letters ...` against a
+//! running host, in the same binary as the server.
 //!
 //! It is a client of the public HTTP API and nothing more, like `sagahost bench`: it reaches a
 //! host only over HTTP (SPEC §5) and uses no part of the host's internals but
@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod dead_letters;
 pub mod orders;
 pub mod plugins;
 pub mod sagas;
@@ -47,6 +48,9 @@ pub enum Command {
     /// The audit trail of admin and operator actions, newest first (admin).
     #[command(after_help = EXIT_HELP)]
     Audit(audit::Args),
+    /// Events the sink refused for good: list, redeliver, discard (admin).
+    #[command(after_help = EXIT_HELP)]
+    DeadLetters(dead_letters::Args),
 }
 
 /// Flags every client command takes, before or after its subcommand.
@@ -183,6 +187,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Plugins(args) => plugins::run(args).await,
         Command::Sagas(args) => sagas::run(args).await,
         Command::Audit(args) => audit::run(args).await,
+        Command::DeadLetters(args) => dead_letters::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

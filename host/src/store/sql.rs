@@ -45,6 +45,10 @@ pub(super) fn list_sagas_sql(status: bool, before: bool) -> &'static str {
     }
 }
 
+/// Gives back every claim of one owner; by the `sagas_leased` index (migration 0014), not a
+/// scan of every saga kept.
+pub(super) const RELEASE_OWNER: &str = "UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
+
 /// The janitor's outbox purge: published rows past the retention, oldest first by the
 /// `outbox_published` index (migration 0012), so that the last, short batch of a pass does not
 /// read every row still kept.
@@ -815,10 +819,7 @@ impl SagaStore for SqlStore {
     }
 
     async fn release_owner(&self, owner: &str) -> Result<u64> {
-        let r = sqlx::query("UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
-            .bind(owner)
-            .execute(&self.writer)
-            .await?;
+        let r = sqlx::query(RELEASE_OWNER).bind(owner).execute(&self.writer).await?;
         Ok(r.rows_affected())
     }
 

@@ -1091,6 +1091,39 @@ async fn the_outbox_purge_finds_its_rows_by_an_index_not_a_scan() {
     }
 }
 
+/// A process giving back its claims (at every start and stop) finds them by an index, not by
+/// reading every saga kept (seconds at millions, delaying a start or outlasting a stop's grace).
+#[tokio::test]
+async fn claims_are_given_back_by_an_index_not_a_scan() {
+    use sqlx::{Connection as _, Executor as _, Row as _};
+    for b in backends().await {
+        let plan: Vec<String> = if let Some(file) = &b.file {
+            let mut conn = sqlx::SqliteConnection::connect(&sqlite::file_url(file)).await.unwrap();
+            let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", sql::RELEASE_OWNER))
+                .bind("me")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.get::<String, _>("detail")).collect()
+        } else {
+            let (_, url) = b.pg.as_ref().unwrap();
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            conn.execute("SET enable_seqscan = off").await.unwrap();
+            let rows =
+                sqlx::query(&format!("EXPLAIN {}", sql::RELEASE_OWNER)).bind("me").fetch_all(&mut conn).await.unwrap();
+            rows.iter().map(|r| r.get::<String, _>(0)).collect()
+        };
+        let text = plan.join("\n");
+        assert!(text.contains("sagas_leased"), "{}: giving back claims does not use the index:\n{text}", b.name);
+        assert!(
+            !plan.iter().any(|line| line.trim_start().starts_with("SCAN sagas") || line.contains("Seq Scan on sagas")),
+            "{}: giving back claims scans the sagas:\n{text}",
+            b.name
+        );
+        b.cleanup().await;
+    }
+}
+
 /// A page of one status, or the page after a cursor, is read by an index bound, on SQLite too
 /// (a statement with `($2 IS NULL OR status = $2)` walked every saga of the type).
 #[tokio::test]
