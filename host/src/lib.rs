@@ -421,35 +421,47 @@ async fn janitor_pass(
     retention: &Retention,
     shutdown: &CancellationToken,
 ) -> Janitored {
-    let expired_keys =
-        drain("expired idempotency keys", shutdown, JANITOR_BATCH, |n| store.expire_idempotency(now, n)).await;
+    let expired_keys = drain("expired idempotency keys", shutdown, JANITOR_BATCH, |n| {
+        let batch = store.expire_idempotency(now, n);
+        async move { batch.await.map(|d| (d, d == u64::from(n))) }
+    })
+    .await;
     let before = now - retention.outbox.as_millis() as i64;
-    let purged_events =
-        drain("published outbox rows", shutdown, JANITOR_BATCH, |n| store.outbox_purge(before, n)).await;
+    let purged_events = drain("published outbox rows", shutdown, JANITOR_BATCH, |n| {
+        let batch = store.outbox_purge(before, n);
+        async move { batch.await.map(|d| (d, d == u64::from(n))) }
+    })
+    .await;
     let purged_sagas = match retention.sagas {
         Some(keep) => {
             let before = now - keep.as_millis() as i64;
-            // Fewer per batch: each saga is three deletes (events, steps, row).
-            drain("finished sagas", shutdown, JANITOR_BATCH / 10, |n| store.purge_finished_sagas(before, n)).await
+            // Fewer sagas per batch: each is three deletes (events, steps, row); and a bound on
+            // the events, which a saga that polled for hours has by the ten thousand.
+            drain("finished sagas", shutdown, JANITOR_BATCH / 10, |n| {
+                let batch = store.purge_finished_sagas(before, n, JANITOR_BATCH * 2);
+                async move { batch.await.map(|p| (p.sagas, p.more)) }
+            })
+            .await
         }
         None => 0,
     };
     Janitored { expired_keys, purged_events, purged_sagas }
 }
 
-/// Runs `batch(limit)` until a batch deletes less than `limit` (or fails, or shutdown fires);
-/// returns how many rows it deleted.
+/// Runs `batch(limit)` until a batch says no more is due (it deleted less than it may, and
+/// hit no other bound), fails, or shutdown fires; returns how many it deleted. A batch answers
+/// (deleted, more).
 async fn drain<F, Fut>(what: &str, shutdown: &CancellationToken, limit: u32, mut batch: F) -> u64
 where
     F: FnMut(u32) -> Fut,
-    Fut: std::future::Future<Output = Result<u64, store::Error>>,
+    Fut: std::future::Future<Output = Result<(u64, bool), store::Error>>,
 {
     let mut total = 0;
     loop {
         match batch(limit).await {
-            Ok(n) => {
+            Ok((n, more)) => {
                 total += n;
-                if n < u64::from(limit) || shutdown.is_cancelled() {
+                if !more || shutdown.is_cancelled() {
                     break;
                 }
                 tokio::task::yield_now().await;
@@ -480,9 +492,22 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             let n = left.load(Ordering::SeqCst).min(u64::from(limit));
             left.fetch_sub(n, Ordering::SeqCst);
-            async move { Ok(n) }
+            async move { Ok((n, n == u64::from(limit))) }
         };
         drain("rows", &CancellationToken::new(), 1000, batch).await;
         assert_eq!((left.load(Ordering::SeqCst), calls.load(Ordering::SeqCst)), (0, 3));
+    }
+
+    /// A batch cut short by another bound (the saga purge's budget of events) says more is due:
+    /// the pass goes on, rather than leaving the rest for the next pass a minute later.
+    #[tokio::test]
+    async fn the_janitor_goes_on_while_a_batch_says_more_is_due() {
+        let calls = AtomicU64::new(0);
+        let batch = |_: u32| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move { Ok((u64::from(call == 3), call < 3)) }
+        };
+        assert_eq!(drain("sagas", &CancellationToken::new(), 100, batch).await, 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }

@@ -576,8 +576,20 @@ pub trait JanitorStore: Send + Sync + 'static {
     /// Deletes outbox rows published before `before`. Returns how many.
     async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64>;
     /// Deletes sagas that finished (COMPLETED or CANCELLED) before `before`, with their steps
-    /// and outbox rows, once every one of those rows is published. Returns how many sagas.
-    async fn purge_finished_sagas(&self, before: i64, limit: u32) -> Result<u64>;
+    /// and outbox rows, once every one of those rows is published: at most `limit` sagas and
+    /// about `rows` outbox rows per call (one transaction), so that a saga with very many
+    /// events (a step that polled for hours) never makes one long transaction; its rows go
+    /// over several calls, the saga row with the last of them.
+    async fn purge_finished_sagas(&self, before: i64, limit: u32, rows: u32) -> Result<Purged>;
+}
+
+/// What one call of [`JanitorStore::purge_finished_sagas`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Sagas deleted whole.
+    pub sagas: u64,
+    /// The call stopped at one of its bounds: more may be due now.
+    pub more: bool,
 }
 
 /// Health and the gauges read at scrape time.

@@ -45,6 +45,9 @@ pub(super) fn list_sagas_sql(status: bool, before: bool) -> &'static str {
     }
 }
 
+/// The outbox rows of one saga the janitor deletes per statement.
+const PURGE_CHUNK: i64 = 1000;
+
 /// Gives back every claim of one owner; by the `sagas_leased` index (migration 0014), not a
 /// scan of every saga kept.
 pub(super) const RELEASE_OWNER: &str = "UPDATE sagas SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
@@ -1993,24 +1996,44 @@ impl JanitorStore for SqlStore {
         Ok(r.rows_affected())
     }
 
-    async fn purge_finished_sagas(&self, before: i64, limit: u32) -> Result<u64> {
+    async fn purge_finished_sagas(&self, before: i64, limit: u32, rows: u32) -> Result<Purged> {
         let mut tx = super::dialect::begin(&self.writer, None).await?;
         let ids: Vec<String> = sqlx::query_scalar(&self.sql.finished_sagas)
             .bind(before)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
-        for id in &ids {
-            for sql in [
-                "DELETE FROM outbox WHERE saga_id = $1",
-                "DELETE FROM saga_steps WHERE saga_id = $1",
-                "DELETE FROM sagas WHERE id = $1",
-            ] {
+        // A saga's outbox rows in chunks, within the call's budget of rows; the saga's steps
+        // (at most 64) and its row once none is left. Where the budget runs out mid-saga, the
+        // chunks deleted so far commit (published events past the retention: nothing needs
+        // them) and the saga, still finished, is picked again by the next call.
+        let (mut budget, mut sagas, mut more) = (i64::from(rows.max(1)), 0, ids.len() == limit as usize);
+        'sagas: for id in &ids {
+            loop {
+                let chunk = budget.min(PURGE_CHUNK);
+                if chunk == 0 {
+                    more = true;
+                    break 'sagas;
+                }
+                let deleted =
+                    sqlx::query("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE saga_id = $1 LIMIT $2)")
+                        .bind(id)
+                        .bind(chunk)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected() as i64;
+                budget -= deleted;
+                if deleted < chunk {
+                    break;
+                }
+            }
+            for sql in ["DELETE FROM saga_steps WHERE saga_id = $1", "DELETE FROM sagas WHERE id = $1"] {
                 sqlx::query(sql).bind(id).execute(&mut *tx).await?;
             }
+            sagas += 1;
         }
         tx.commit().await?;
-        Ok(ids.len() as u64)
+        Ok(Purged { sagas, more })
     }
 }
 

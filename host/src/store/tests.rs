@@ -935,7 +935,7 @@ async fn finished_sagas_past_retention_go_with_their_steps_and_published_events(
             .map(|r| r.id)
             .collect();
         s.outbox_mark_published(&ids, 20).await.unwrap();
-        assert_eq!(s.purge_finished_sagas(500, 100).await.unwrap(), 1, "{}", b.name);
+        assert_eq!(s.purge_finished_sagas(500, 100, 1000).await.unwrap().sagas, 1, "{}", b.name);
         assert!(s.saga("s1").await.unwrap().is_none(), "{}", b.name);
         assert!(s.outbox_for_saga("s1").await.unwrap().is_empty(), "{}: its events went too", b.name);
         for kept in ["s2", "s3", "s4"] {
@@ -945,9 +945,9 @@ async fn finished_sagas_past_retention_go_with_their_steps_and_published_events(
         s.outbox_mark_published(&s.outbox_pending(100).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), 30)
             .await
             .unwrap();
-        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 1, "{}", b.name);
-        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 1, "{}", b.name);
-        assert_eq!(s.purge_finished_sagas(5_000, 1).await.unwrap(), 0, "{}: running sagas stay", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 1, 1000).await.unwrap().sagas, 1, "{}", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 1, 1000).await.unwrap().sagas, 1, "{}", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 1, 1000).await.unwrap().sagas, 0, "{}: running sagas stay", b.name);
         assert!(s.saga("s4").await.unwrap().is_some(), "{}", b.name);
 
         // s5, finished long ago, created by a request whose host died before it answered: its
@@ -963,9 +963,30 @@ async fn finished_sagas_past_retention_go_with_their_steps_and_published_events(
         s.outbox_mark_published(&s.outbox_pending(100).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), 30)
             .await
             .unwrap();
-        assert_eq!(s.purge_finished_sagas(5_000, 10).await.unwrap(), 0, "{}: its key waits for it", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 10, 1000).await.unwrap().sagas, 0, "{}: its key waits for it", b.name);
         s.complete_idempotency("c", "POST /orders", "k", 200, b"done").await.unwrap();
-        assert_eq!(s.purge_finished_sagas(5_000, 10).await.unwrap(), 1, "{}: answered, it goes", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 10, 1000).await.unwrap().sagas, 1, "{}: answered, it goes", b.name);
+
+        // s6's events exceed a call's budget of rows: they go over several calls (each says
+        // more is due), the saga row with the last of them.
+        s.create_saga(&new_saga("s6"), None, 0).await.unwrap();
+        let mut done = s.saga("s6").await.unwrap().unwrap().state;
+        done.phase = crate::engine::Phase::Completed;
+        done.status = SagaStatus::Completed;
+        done.next_run_at = None;
+        let e = event("s6", &done, 1);
+        s.commit(&Commit { saga_id: "s6", now: 10, ..commit(&done, &names, &e, Fence::Takeover, 1) }).await.unwrap();
+        s.outbox_mark_published(&s.outbox_pending(100).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), 30)
+            .await
+            .unwrap();
+        assert_eq!(s.outbox_for_saga("s6").await.unwrap().len(), 2, "{}", b.name);
+        let partial = Purged { sagas: 0, more: true };
+        assert_eq!(s.purge_finished_sagas(5_000, 10, 1).await.unwrap(), partial, "{}", b.name);
+        assert_eq!(s.outbox_for_saga("s6").await.unwrap().len(), 1, "{}: one row per call", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 10, 1).await.unwrap(), partial, "{}", b.name);
+        assert!(s.saga("s6").await.unwrap().is_some(), "{}: the saga row goes last", b.name);
+        assert_eq!(s.purge_finished_sagas(5_000, 10, 1).await.unwrap(), Purged { sagas: 1, more: false }, "{}", b.name);
+        assert!(s.saga("s6").await.unwrap().is_none(), "{}", b.name);
         b.cleanup().await;
     }
 }
