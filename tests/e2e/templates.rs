@@ -85,6 +85,12 @@ async fn a_new_step_builds_with_one_command(lang: &str, tool: &str, build: &[&st
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
     assert!(readme.contains(&build.join(" ")), "{readme}");
     let built = run_in(&dir, build[0], &build[1..], &[]).await;
+    // Exit 3: the toolchain is here but too old (Node.js before 20, Python before 3.10 or
+    // without venv), which the build says; skipped as for one that is absent.
+    if built.code == 3 {
+        eprintln!("SKIPPED: the {lang} template's toolchain is too old here: {}", built.stderr.trim());
+        return;
+    }
     assert_eq!(built.code, 0, "{built:#?}");
     check_and_run(&dir.join(format!("{name}.wasm"))).await;
 }

@@ -427,8 +427,14 @@ impl Catalog {
                 return Err(Error::NameMismatch { existing });
             }
         }
-        // Compile first: nothing invalid is ever stored.
-        let digest = self.runtime.load(wasm.clone()).await?;
+        // Compile first: nothing invalid is ever stored (a version loaded here already is not
+        // compiled again). One compile at a time, as every compile of this host
+        // ([`Catalog::compile`]): uploads at once each held a compilation's memory (hundreds of
+        // MiB for a JavaScript or Python component).
+        let digest = {
+            let _one = self.compiling.lock().await;
+            self.runtime.load(wasm.clone()).await?
+        };
         let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms(), audit.as_ref()).await?;
         if !new {
             // Stored before, perhaps through another replica this one has not caught up with:
