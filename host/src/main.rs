@@ -1,7 +1,7 @@
 //! The `sagahost` binary: parses flags (each also an environment variable) and runs the app,
 //! the load generator (`sagahost bench`, in the library's `bench` module), a plugin author's
 //! local tools (`sagahost plugin run|check`, in the library's `runner` module), or one of the
-//! operator commands against a running host (`sagahost orders|plugins|sagas|audit`, in the
+//! operator commands against a running host (`sagahost orders|plugins|sagas|audit|dead-letters`, in the
 //! library's `cli` module).
 
 use std::net::SocketAddr;

@@ -42,6 +42,12 @@ struct AnsweredBy {
     answered_by: &'static str,
 }
 
+/// Which gauges read from the database an age is of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GaugeLabels {
+    gauge: &'static str,
+}
+
 /// Labels of a plugin call's phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
@@ -402,11 +408,14 @@ impl Metrics {
                 false
             }
         };
-        let mut gauges_age = Duration::ZERO;
+        // How old each read is: the saga counts are reused far longer than the backlog when
+        // counting is slow (many sagas kept), and a reader waiting for a fresh backlog (the
+        // load generator after a run) must not wait for the counts.
+        let ages = Family::<GaugeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         if store_up {
             match Reused::get(&self.saga_counts, store.saga_counts()).await {
                 Ok((counts, age)) => {
-                    gauges_age = gauges_age.max(age);
+                    ages.get_or_create(&GaugeLabels { gauge: "sagas" }).set(age.as_secs_f64());
                     let sagas = Family::<StatusLabels, Gauge>::default();
                     for (saga_type, status, count) in counts {
                         sagas.get_or_create(&StatusLabels { saga_type, status }).set(count);
@@ -427,7 +436,7 @@ impl Metrics {
             .await;
             match backlog {
                 Ok(((pending, age), read_age)) => {
-                    gauges_age = gauges_age.max(read_age);
+                    ages.get_or_create(&GaugeLabels { gauge: "outbox" }).set(read_age.as_secs_f64());
                     let backlog = Gauge::<i64>::default();
                     backlog.set(pending);
                     scrape.register("outbox_pending_events", "Committed events not yet published", backlog);
@@ -441,16 +450,13 @@ impl Metrics {
                 }
             }
         }
-        if store_up {
-            let age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-            age.set(gauges_age.as_secs_f64());
-            scrape.register(
-                "store_gauges_age_seconds",
-                "How old this scrape's gauges read from the database are (sagas, outbox_pending_events, \
-                 outbox_lag_seconds): scrapes share one read for 2 s, or longer when the read is slow",
-                age,
-            );
-        }
+        scrape.register(
+            "store_gauges_age_seconds",
+            "How old this scrape's gauges read from the database are, by gauge: sagas (sagahost_sagas), outbox \
+             (outbox_pending_events, outbox_lag_seconds); scrapes share one read for 2 s, or longer when the read \
+             is slow",
+            ages,
+        );
         let up = Gauge::<i64>::default();
         up.set(i64::from(store_up));
         scrape.register(

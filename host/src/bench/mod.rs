@@ -390,12 +390,13 @@ where
     let ended = Instant::now();
     let own_after = server::cpu_time("self");
     let server_after = cpu(pids);
+    let asked = ended.elapsed();
     let after = scrape(&generator.client, metrics_urls).await;
 
     let mut run = Run::new(mode, clients, rate, &measured);
     let t = &measured.tally;
     if let (Some(before), Some(after)) = (&before, &after) {
-        let gauges = gauges_read_after(&generator.client, metrics_urls, after, ended).await;
+        let gauges = gauges_read_after(&generator.client, metrics_urls, after, ended, asked).await;
         let figures = server::figures(before, after, &gauges, t.ok() + t.mismatched, measured.elapsed);
         run.server = figures.values;
         run.servers_restarted = figures.restarted.iter().map(|&i| metrics_urls[i].clone()).collect();
@@ -430,12 +431,20 @@ const GAUGES_WAIT: Duration = Duration::from_secs(10);
 /// `ended`: `after` if they were, else scrapes taken again until they are. A host shares one
 /// read of them between scrapes for 2 s or more, so right after a short run they could be
 /// from before it. A host that does not say how old they are is taken as it is.
-async fn gauges_read_after(client: &Client, urls: &[String], after: &[Scrape], ended: Instant) -> Vec<Scrape> {
-    let fresh = |scrapes: &[Scrape]| {
-        scrapes.iter().all(|s| s.get(server::GAUGES_AGE).is_none_or(|age| age <= ended.elapsed().as_secs_f64()))
+async fn gauges_read_after(
+    client: &Client,
+    urls: &[String],
+    after: &[Scrape],
+    ended: Instant,
+    asked: Duration,
+) -> Vec<Scrape> {
+    // `asked`: the time from the run's end to the scrape being sent. A reading younger than
+    // that was made after the end (the host reads at the earliest when the scrape arrives).
+    let fresh = |scrapes: &[Scrape], asked: Duration| {
+        scrapes.iter().all(|s| s.get(server::GAUGES_AGE).is_none_or(|age| age <= asked.as_secs_f64()))
     };
-    let mut gauges = after.to_vec();
-    while !fresh(&gauges) {
+    let (mut gauges, mut asked) = (after.to_vec(), asked);
+    while !fresh(&gauges, asked) {
         if ended.elapsed() > GAUGES_WAIT {
             eprintln!(
                 "sagahost bench: warning: the database gauges (outbox backlog, lag) stayed older than the run's end \
@@ -444,6 +453,7 @@ async fn gauges_read_after(client: &Client, urls: &[String], after: &[Scrape], e
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+        asked = ended.elapsed();
         match scrape(client, urls).await {
             Some(again) => gauges = again,
             None => break,

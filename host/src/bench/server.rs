@@ -73,8 +73,9 @@ impl Scrape {
 /// The sample saying when a host process started (Unix seconds).
 const START_TIME: &str = "sagahost_start_time_seconds";
 
-/// The sample saying how old a scrape's gauges read from the database are, in seconds.
-pub const GAUGES_AGE: &str = "sagahost_store_gauges_age_seconds";
+/// The sample saying how old a scrape's outbox gauges (backlog, lag) read from the database
+/// are, in seconds.
+pub const GAUGES_AGE: &str = "sagahost_store_gauges_age_seconds|gauge=\"outbox\"";
 
 /// The increase of every sample of one replica's scrapes over a run; all of `after` when
 /// the replica restarted in between (its counters started over from zero, as Prometheus's

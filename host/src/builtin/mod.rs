@@ -137,6 +137,7 @@ mod tests {
             let def = (b.definition)(&|name| PluginRef { plugin: name.to_owned(), digest: format!("sha256:{name}") });
             assert_eq!(def.saga_type, b.saga_type);
             def.validate().unwrap();
+            def.validate_labels().unwrap();
             for step in &def.steps {
                 assert!(b.plugins.iter().any(|(name, _)| *name == step.execute.plugin), "{}", step.name);
             }

@@ -541,6 +541,12 @@ impl Catalog {
         audit: Option<&AuditEntry>,
     ) -> Result<i64, Error> {
         def.validate()?;
+        // The label rules hold for labels new or changed here (not for a bind, which changes
+        // no label, of a definition stored before they were: see `validate_labels`).
+        let labels = |d: &SagaDefinition| d.steps.iter().map(|s| s.state.clone()).collect::<Vec<_>>();
+        if self.definition(&def.saga_type).is_none_or(|current| labels(&current) != labels(&def)) {
+            def.validate_labels()?;
+        }
         for (i, step) in def.steps.iter().enumerate() {
             for (which, plugin) in [("execute", &step.execute), ("compensate", &step.compensate)] {
                 match self.ensure_loaded(&plugin.digest).await {
@@ -755,6 +761,34 @@ pub(crate) mod tests {
         let before = own.version();
         own.catch_up().await;
         assert_eq!(own.version(), before, "a host owning its database read the catalog");
+    }
+
+    /// The label rules (each step's own, never an engine event type) came after definitions
+    /// were stored: one stored before them keeps taking binds (a hot swap must not wait for a
+    /// rename its consumers would see), while a PUT that changes its labels must follow them.
+    #[tokio::test]
+    async fn a_definition_stored_before_the_label_rules_still_takes_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, runtime, clock) = parts(dir.path()).await;
+        let catalog = Catalog::open(store.clone(), runtime, clock).await.unwrap();
+        let mut old = (*catalog.definition(crate::builtin::order::SAGA_TYPE).unwrap()).clone();
+        old.saga_type = "legacy".into();
+        for step in &mut old.steps {
+            step.state = "DONE".into();
+        }
+        // Stored as an earlier release stored it (no label rules then).
+        store.put_definition(&old, DefinitionSource::Admin, None, 0, None).await.unwrap();
+        catalog.refresh().await.unwrap();
+        let payment = old.steps[1].execute.digest.clone();
+        catalog.bind("legacy", "payment", None, Some(&payment), audit).await.expect("a bind changes no label");
+        let mut renamed = (*catalog.definition("legacy").unwrap()).clone();
+        renamed.steps[0].state = "RESERVED".into();
+        let refused = catalog.put_definition(renamed.clone(), DefinitionSource::Admin).await.unwrap_err();
+        assert!(refused.to_string().contains("is step 1's already"), "{refused}");
+        for (i, label) in ["RESERVED", "PAID", "SHIPPED"].iter().enumerate() {
+            renamed.steps[i].state = (*label).into();
+        }
+        catalog.put_definition(renamed, DefinitionSource::Admin).await.expect("labels of its own");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use super::{text, Ctx, Failure, Global};
 pub struct Args {
     #[command(flatten)]
     pub global: Global,
-    /// Only entries about this saga id, plugin digest, plugin, binding (TYPE/STEP) or saga type.
+    /// Only entries about this saga id, plugin digest, plugin, binding (TYPE/STEP), saga type or
+    /// event id (a dead letter's).
     #[arg(long)]
     pub target: Option<String>,
     /// At most this many entries per page, 1 to 500 (the host's default: 100).

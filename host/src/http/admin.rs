@@ -223,7 +223,7 @@ pub struct ActorHeader {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
-    /// Only entries about this saga id, plugin digest or binding.
+    /// Only entries about this saga id, plugin digest, plugin, binding, saga type or event id.
     #[param(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub target: Option<String>,
     /// At most this many entries (1-500, default 100).

@@ -376,6 +376,11 @@ async fn a_dead_letter_is_redelivered_or_discarded() {
     // Redelivered: the same row is back in line; the sink refuses it again: a dead letter again.
     assert!(redeliver(a1.event_id.clone()).await);
     assert_eq!((dead().await, pending(&*store).await), (vec![b1.event_id.clone()], vec![a1.id]));
+    // The janitor's purge of published rows past their retention leaves it (its condition is
+    // on the row: on PostgreSQL a purge that picked the row before the redelivery checks it
+    // again as it is now).
+    store.outbox_purge(SystemClock.now_ms() + 1_000, 1000).await.unwrap();
+    assert_eq!(pending(&*store).await, [a1.id], "a redelivered event was purged");
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
     let n = sink.batches.lock().unwrap().len();
     let _ = publish().await;
@@ -383,10 +388,10 @@ async fn a_dead_letter_is_redelivered_or_discarded() {
     assert!(sent_since(n).iter().all(|r| *r == a1), "sent again as it was: {:?}", sent_since(n));
     assert!(dead().await.contains(&a1.event_id) && pending(&*store).await.is_empty());
 
-    // The janitor purges the published rows (the dead letters' with them): a redelivery writes
-    // the row again, under a new id, the same event; this time the sink takes it.
+    // The janitor purges its row (published as it was dead-lettered again): a redelivery
+    // writes the row again, under a new id, the same event; this time the sink takes it.
     let later = SystemClock.now_ms() + 1_000;
-    assert_eq!(store.outbox_purge(later, 1000).await.unwrap(), all.len() as u64, "every row was published");
+    assert_eq!(store.outbox_purge(later, 1000).await.unwrap(), 1, "a1's row, published as it was refused again");
     assert!(redeliver(a1.event_id.clone()).await);
     let back = store.outbox_pending(10).await.unwrap();
     assert_eq!(back.len(), 1);

@@ -54,7 +54,7 @@ pub trait Dialect: Send + Sync + 'static {
     fn group_commit(&self) -> bool;
     /// How the statements of one write are folded into fewer queries, each a round trip.
     fn folding(&self) -> Folding;
-    /// The schema, `migrations/<dialect>/`.
+    /// The schema, `migrations/<dialect>/`, made with [`tolerant`].
     fn migrator(&self) -> &'static Migrator;
     /// Opens the pools for `url`, with the session settings this database needs. The first
     /// failure to reach the server is [`super::Error::Connect`] and says why without the
@@ -115,4 +115,16 @@ pub(super) async fn begin(
         Ok(tx) => Ok(tx?),
         Err(e) => Err(super::Error::Unsupported(format!("the task beginning a transaction failed: {e}"))),
     }
+}
+
+/// `migrator` made to start on a database a later release has migrated further: during a
+/// rolling upgrade a replica of the previous release that restarts (a crash, a node drained)
+/// finds migrations it does not know applied, and sqlx refused to start it (`VersionMissing`),
+/// so it crash-looped until upgraded. Architecture invariant: every migration leaves the schema
+/// usable by the release before it (columns added nullable or with a default, indexes,
+/// tables), so that release runs on it. Migrations it knows must still be applied unchanged
+/// (their checksums are checked as before).
+pub const fn tolerant(mut migrator: Migrator) -> Migrator {
+    migrator.ignore_missing = true;
+    migrator
 }

@@ -29,7 +29,7 @@ use sqlx::ConnectOptions as _;
 use super::dialect::{Dialect, Folding, Pools};
 use super::{Error, Result};
 
-static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+static MIGRATOR: Migrator = super::dialect::tolerant(sqlx::migrate!("../migrations/postgres"));
 
 /// Connections per replica unless the caller says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;

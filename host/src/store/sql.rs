@@ -55,8 +55,11 @@ pub(super) const RELEASE_OWNER: &str = "UPDATE sagas SET lease_owner = NULL, lea
 /// The janitor's outbox purge: published rows past the retention, oldest first by the
 /// `outbox_published` index (migration 0012), so that the last, short batch of a pass does not
 /// read every row still kept.
-pub(super) const OUTBOX_PURGE: &str = "DELETE FROM outbox WHERE id IN \
-     (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)";
+/// The published test is on the deleted row too, not only in the subquery: on PostgreSQL a
+/// row a dead-letter redelivery unpublished after the subquery picked it is checked again, as
+/// it is now, by the outer condition alone, and kept.
+pub(super) const OUTBOX_PURGE: &str = "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 \
+     AND id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)";
 
 const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, definition, seq, next_run_at, epoch, \
      lease_owner, lease_until, created_at, updated_at, last_event_id, trace_parent";
@@ -1689,9 +1692,18 @@ impl OutboxStore for SqlStore {
 
     async fn dead_letter_redeliver(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
         let mut tx = super::dialect::begin(&self.writer, None).await?;
-        // Written again first, from the dead letter, where the janitor purged the published
-        // row (the same event id, saga and seq: consumers see the same event); else the row
-        // that is still there is unpublished again. Either way the relay sends it next.
+        // The row still there is unpublished again first: the update locks it, so a janitor's
+        // purge that picked it meanwhile finds it unpublished when it gets the row and keeps
+        // it (its condition is on the row itself, `OUTBOX_PURGE`). Where the janitor purged
+        // it already, it is written again from the dead letter (the same event id, saga and
+        // seq: consumers see the same event). Either way the relay sends it next.
+        sqlx::query(
+            "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
+        )
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) \
              SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
@@ -1699,13 +1711,6 @@ impl OutboxStore for SqlStore {
         )
         .bind(event_id)
         .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
-             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
-        )
-        .bind(event_id)
         .execute(&mut *tx)
         .await?;
         let removed =
@@ -2015,13 +2020,18 @@ impl JanitorStore for SqlStore {
                     more = true;
                     break 'sagas;
                 }
-                let deleted =
-                    sqlx::query("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE saga_id = $1 LIMIT $2)")
-                        .bind(id)
-                        .bind(chunk)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected() as i64;
+                // Published rows only, checked on the deleted row itself: a dead letter
+                // redelivered meanwhile (its row unpublished again, or written again) is sent
+                // first, whatever becomes of its saga (the relay needs only the row).
+                let deleted = sqlx::query(
+                    "DELETE FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL AND id IN \
+                     (SELECT id FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL LIMIT $2)",
+                )
+                .bind(id)
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected() as i64;
                 budget -= deleted;
                 if deleted < chunk {
                     break;

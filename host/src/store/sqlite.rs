@@ -27,7 +27,7 @@ use sqlx::ConnectOptions as _;
 use super::dialect::{Dialect, Folding, Pools};
 use super::{Error, Result};
 
-static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+static MIGRATOR: Migrator = super::dialect::tolerant(sqlx::migrate!("../migrations/sqlite"));
 
 /// The pragmas of every connection, plus `$extra`.
 macro_rules! session {

@@ -1468,6 +1468,36 @@ async fn a_saga_created_with_a_lease_is_born_claimed() {
     }
 }
 
+/// During a rolling upgrade a replica of the previous release that restarts finds migrations
+/// it does not know applied (a later release's): it starts all the same (sqlx refused with
+/// `VersionMissing`, and the replica crash-looped until upgraded). A migration it knows that
+/// was changed would still be refused (checked as before).
+#[tokio::test]
+async fn a_database_a_later_release_migrated_further_still_opens() {
+    use sqlx::{Connection as _, Executor as _};
+    let later = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES (99999, 'a later release', TRUE, X'00', 0)";
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(None, dir.path()).await.unwrap());
+    let mut conn = sqlx::SqliteConnection::connect(&sqlite::file_url(&dir.path().join("sagahost.db"))).await.unwrap();
+    conn.execute(later).await.unwrap();
+    drop(conn);
+    let store = open_exclusive(None, dir.path(), 1).await.expect("SQLite: the previous release starts");
+    assert!(store.saga("none").await.unwrap().is_none());
+    let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
+    if admin != "off" {
+        let url = postgres::scratch_database(&admin, "sagahost_test").await.unwrap();
+        drop(open(Some(&url), dir.path()).await.unwrap());
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        conn.execute(later.replace("X'00'", "'\\x00'::bytea").as_str()).await.unwrap();
+        drop(conn);
+        let store = open(Some(&url), dir.path()).await.expect("PostgreSQL: the previous release starts");
+        assert!(store.saga("none").await.unwrap().is_none());
+        drop(store);
+        postgres::drop_database(&admin, &url).await.unwrap();
+    }
+}
+
 /// A serving host owns its SQLite file: a second host on it is refused with a clear error (a
 /// plain open, to read it, is not), and the lock goes with the store.
 #[tokio::test]
