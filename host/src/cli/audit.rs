@@ -1,9 +1,7 @@
 //! `sagahost audit`: the audit trail of admin and operator actions (`GET /admin/audit`),
 //! newest first. The table leaves out the states before and after; `-o json` has them.
 
-use http::Method;
-
-use super::client::{query, Auth, Payload};
+use super::client::query;
 use super::table::{Cell, Table};
 use super::{text, Ctx, Failure, Global};
 
@@ -28,24 +26,17 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<(), Failure> {
     let ctx = Ctx::new(&args.global)?;
-    let mut cursor = args.cursor;
-    let mut data = Vec::new();
-    let next = loop {
-        let path = format!(
+    let path = |cursor: Option<i64>| {
+        format!(
             "/admin/audit{}",
             query(&[
                 ("target", args.target.clone()),
                 ("limit", args.limit.map(|l| l.to_string())),
                 ("cursor", cursor.map(|c| c.to_string())),
             ])
-        );
-        let page = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
-        data.extend(page["data"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_i64() {
-            Some(c) if args.all => cursor = Some(c),
-            next => break next,
-        }
+        )
     };
+    let (data, next) = super::pages(&ctx, path, args.cursor, args.all).await?;
     let body = serde_json::json!({ "data": data, "next_cursor": next });
     ctx.out.print(&body, |b, colour| {
         let mut t = Table::new(&["AT", "ACTOR", "ACTION", "TARGET", "NOTE"]);

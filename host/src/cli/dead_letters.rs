@@ -62,20 +62,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     }
 }
 
-async fn list(ctx: &Ctx, limit: Option<u32>, mut cursor: Option<i64>, all: bool) -> Result<(), Failure> {
-    let mut data = Vec::new();
-    let next = loop {
-        let path = format!(
+async fn list(ctx: &Ctx, limit: Option<u32>, cursor: Option<i64>, all: bool) -> Result<(), Failure> {
+    let path = |cursor: Option<i64>| {
+        format!(
             "/admin/dead-letters{}",
             query(&[("limit", limit.map(|l| l.to_string())), ("cursor", cursor.map(|c| c.to_string()))])
-        );
-        let page = ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body;
-        data.extend(page["data"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_i64() {
-            Some(c) if all => cursor = Some(c),
-            next => break next,
-        }
+        )
     };
+    let (data, next) = super::pages(ctx, path, cursor, all).await?;
     // The events themselves are left out of the table (`-o json` has them).
     let body = serde_json::json!({ "data": data, "next_cursor": next });
     ctx.out.print(&body, |b, colour| {

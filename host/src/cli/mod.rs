@@ -21,10 +21,10 @@ pub mod table;
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::Value;
 
-use self::client::Client;
+use self::client::{Auth, Client, Payload};
 
 /// The exit codes, as `--help` lists them (the contract is [`Exit`] and docs/cli.md).
 const EXIT_HELP: &str = "\
@@ -164,6 +164,26 @@ impl Printer {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(json).expect("a JSON value serialises")),
             Output::Table => print!("{}", human(json, self.colour)),
+        }
+    }
+}
+
+/// The entries of a newest-first listing with numeric cursors (`data`, `next_cursor`): the
+/// page after `cursor` (`path(cursor)` names it), or with `all` every page from there on; with
+/// the cursor of the page after the last one read, if any.
+pub async fn pages(
+    ctx: &Ctx,
+    path: impl Fn(Option<i64>) -> String,
+    mut cursor: Option<i64>,
+    all: bool,
+) -> Result<(Vec<Value>, Option<i64>), Failure> {
+    let mut data = Vec::new();
+    loop {
+        let page = ctx.client.send(Method::GET, &path(cursor), Auth::Admin, Payload::None, None).await?.body;
+        data.extend(page["data"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_i64() {
+            Some(c) if all => cursor = Some(c),
+            next => return Ok((data, next)),
         }
     }
 }

@@ -539,6 +539,24 @@ fn outbox_from_row(r: &AnyRow) -> Result<OutboxRow> {
     })
 }
 
+/// Ends a dead letter's redelivery or discard: deletes the letter and commits with `audit`; or,
+/// with no letter to delete (done already, by another request), rolls everything back.
+async fn letter_removed(
+    mut tx: sqlx::Transaction<'static, sqlx::Any>,
+    event_id: &str,
+    now: i64,
+    audit: &AuditEntry,
+) -> Result<bool> {
+    let removed = sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
+    if removed.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    insert_audit(&mut tx, audit, now).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 fn dead_letter_from_row(r: &AnyRow) -> Result<DeadLetter> {
     Ok(DeadLetter {
         outbox_id: r.try_get("outbox_id")?,
@@ -1713,28 +1731,12 @@ impl OutboxStore for SqlStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let removed =
-            sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
-        if removed.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        letter_removed(tx, event_id, now, audit).await
     }
 
     async fn dead_letter_discard(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        let removed =
-            sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
-        if removed.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        let tx = super::dialect::begin(&self.writer, None).await?;
+        letter_removed(tx, event_id, now, audit).await
     }
 
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>> {
