@@ -960,10 +960,8 @@ impl Inner {
     fn may_reach_out(&self, rec: &SagaRecord, action: &Action, compensating: Option<&engine::PluginRef>) -> bool {
         match action {
             Action::Execute { step, .. } => self.reaches_out(&rec.definition.steps[*step].execute.digest),
-            Action::Compensate { step, .. } => match compensating {
-                Some(binding) => self.reaches_out(&binding.digest),
-                None => self.reaches_out(&self.compensate_binding(rec, *step).digest),
-            },
+            // Resolved by the caller for every compensation; none given, nobody knows.
+            Action::Compensate { .. } => compensating.is_none_or(|binding| self.reaches_out(&binding.digest)),
             Action::Idle | Action::Finish | Action::DeadlineExceeded { .. } => false,
         }
     }

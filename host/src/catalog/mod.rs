@@ -100,30 +100,13 @@ pub struct Catalog {
     compiling: tokio::sync::Mutex<()>,
 }
 
-/// Whether host release `a` is newer than `b` (`MAJOR.MINOR.PATCH`, a pre-release after `-`
-/// older than the release itself; build metadata after `+` ignored). Not newer when either
-/// cannot be read: the host then upgrades as it always did.
+/// Whether host release `a` is newer than `b` by semver precedence (a pre-release before the
+/// release itself, build metadata ignored). Not newer when either cannot be read: the host then
+/// upgrades as it always did.
 fn newer_release(a: &str, b: &str) -> bool {
-    let parse = |v: &str| -> Option<([u64; 3], Option<String>)> {
-        let v = v.split('+').next()?;
-        let (core, pre) = match v.split_once('-') {
-            Some((core, pre)) => (core, Some(pre.to_owned())),
-            None => (v, None),
-        };
-        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-        let numbers = [parts.next()??, parts.next()??, parts.next()??];
-        parts.next().is_none().then_some((numbers, pre))
-    };
-    let (Some((a, a_pre)), Some((b, b_pre))) = (parse(a), parse(b)) else { return false };
-    match a.cmp(&b) {
-        std::cmp::Ordering::Equal => match (a_pre, b_pre) {
-            (None, Some(_)) => true,
-            // Pre-releases of one version by their labels' text (rc.10 before rc.9: rare
-            // enough among releases of a built-in; it only decides who upgrades).
-            (Some(a), Some(b)) => a > b,
-            _ => false,
-        },
-        order => order.is_gt(),
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp_precedence(&b).is_gt(),
+        _ => false,
     }
 }
 

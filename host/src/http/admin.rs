@@ -20,6 +20,7 @@ use super::sagas::{accepted, idempotent, json_response, outside_error, to_json, 
 use super::AppState;
 use crate::engine::Event;
 use crate::saga::Actor;
+use crate::store::AuditEntry;
 
 /// Constant-time equality of two secrets.
 fn secret_eq(a: &str, b: &str) -> bool {
@@ -84,6 +85,25 @@ pub(super) fn actor(headers: &HeaderMap) -> String {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().chars().filter(|c| !c.is_control()).take(128).collect())
         .filter(|s: &String| !s.is_empty())
         .unwrap_or_else(|| "admin".to_owned())
+}
+
+/// The audit entry of an admin change made by the request with `headers` (its actor).
+pub(super) fn audit(
+    headers: &HeaderMap,
+    action: &str,
+    target: &str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> AuditEntry {
+    AuditEntry {
+        actor: actor(headers),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        before,
+        after,
+        note: None,
+        answer: None,
+    }
 }
 
 /// Body of a retry (optional, as is its note).

@@ -10,7 +10,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::admin::{actor, ActorHeader};
+use super::admin::{audit, ActorHeader};
 use super::error::{ApiError, ApiPath, ErrorBody};
 use super::sagas::{json_response, to_json};
 use super::AppState;
@@ -111,21 +111,14 @@ async fn letter_and_audit(
     action: &str,
 ) -> Result<crate::store::AuditEntry, ApiError> {
     let letter = state.store.dead_letter(event_id).await?.ok_or_else(|| gone(event_id))?;
-    Ok(crate::store::AuditEntry {
-        actor: actor(headers),
-        action: action.to_owned(),
-        target: event_id.to_owned(),
-        before: Some(serde_json::json!({
-            "saga_id": letter.saga_id,
-            "seq": letter.seq,
-            "event_type": letter.event_type,
-            "reason": letter.reason,
-            "at": crate::clock::rfc3339(letter.at),
-        })),
-        after: None,
-        note: None,
-        answer: None,
-    })
+    let before = serde_json::json!({
+        "saga_id": letter.saga_id,
+        "seq": letter.seq,
+        "event_type": letter.event_type,
+        "reason": letter.reason,
+        "at": crate::clock::rfc3339(letter.at),
+    });
+    Ok(audit(headers, action, event_id, Some(before), None))
 }
 
 fn gone(event_id: &str) -> ApiError {

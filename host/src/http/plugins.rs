@@ -13,7 +13,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::admin::{actor, ActorHeader};
+use super::admin::{audit, ActorHeader};
 use super::error::{body_rejection, ApiError, ApiPath, ErrorBody};
 use super::openapi::OptionalKey;
 use super::sagas::{answered_in_commit, idempotent, idempotent_within, json_response, parse_body, to_json};
@@ -22,7 +22,7 @@ use crate::catalog;
 use crate::clock::rfc3339;
 use crate::engine::definition::{is_valid_name, DefinitionError};
 use crate::engine::{RetryPolicy, SagaDefinition, StepDefinition};
-use crate::store::{AuditEntry, DefinitionSource};
+use crate::store::DefinitionSource;
 
 /// Largest plugin upload body (SPEC §8), as sent: compressed, when it is.
 pub const PLUGIN_BODY_LIMIT: usize = 16 << 20;
@@ -94,24 +94,6 @@ fn catalog_error(e: catalog::Error) -> ApiError {
         catalog::Error::NotLoaded(not) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "plugin_not_loadable", not.to_string())
         }
-    }
-}
-
-fn audit(
-    headers: &HeaderMap,
-    action: &str,
-    target: &str,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> AuditEntry {
-    AuditEntry {
-        actor: actor(headers),
-        action: action.to_owned(),
-        target: target.to_owned(),
-        before,
-        after,
-        note: None,
-        answer: None,
     }
 }
 
