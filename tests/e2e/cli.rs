@@ -184,7 +184,8 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
 }
 
 /// Dead letters (made as the relay makes them, from a real saga's outbox rows): listed in a
-/// table and as JSON, one redelivered, one discarded, and either again exits 4 (done already).
+/// table and as JSON, one redelivered, one discarded (each retried with its idempotency key:
+/// the same answer), and either again without the key exits 4 (done already).
 #[tokio::test]
 async fn dead_letters_are_listed_redelivered_and_discarded() {
     let host = admin_host().await;
@@ -202,10 +203,14 @@ async fn dead_letters_are_listed_redelivered_and_discarded() {
     assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed:#}");
     assert_eq!(listed["data"][1]["event"]["event_id"], first, "the event as it would have been published");
 
-    let run = cli(&host, &["dead-letters", "redeliver", first, "--actor", "ops"]).await.exits(0);
-    assert!(run.stdout.contains("back in the outbox"), "{run:#?}");
-    let run = cli(&host, &["dead-letters", "discard", second, "-o", "json"]).await.exits(0);
-    assert_eq!(run.json(), json!({"event_id": second, "discarded": true}));
+    // Each run twice with one key: the second replays the first's answer (exit 0 again).
+    for _ in 0..2 {
+        let args = ["dead-letters", "redeliver", first, "--actor", "ops", "--idempotency-key", "rd-1"];
+        let run = cli(&host, &args).await.exits(0);
+        assert!(run.stdout.contains("back in the outbox"), "{run:#?}");
+        let args = ["dead-letters", "discard", second, "-o", "json", "--idempotency-key", "dc-1"];
+        assert_eq!(cli(&host, &args).await.exits(0).json(), json!({"event_id": second, "discarded": true}));
+    }
     for args in [["dead-letters", "redeliver", first], ["dead-letters", "discard", second]] {
         let run = cli(&host, &args).await.exits(4);
         assert!(run.stderr.contains("redelivered or discarded already"), "{run:#?}");

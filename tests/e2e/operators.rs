@@ -405,6 +405,53 @@ async fn dead_letters_are_redelivered_or_discarded_over_http() {
     host.stop().await;
 }
 
+/// A dead letter's redelivery or discard retried with its `Idempotency-Key` (its answer was
+/// lost) replays the first answer, byte for byte and marked replayed, and changes nothing
+/// again: the event is in the outbox once, one audit entry each (SPEC §5.1: keys are honoured
+/// on every mutating endpoint). Without the key a retry finds the letter gone (404).
+#[tokio::test]
+async fn a_dead_letter_request_retried_with_its_key_replays_its_answer() {
+    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
+    let rows = host.store.outbox_for_saga(&id).await.unwrap();
+    for row in &rows[..2] {
+        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0).await.unwrap());
+    }
+    let (first, second) = (rows[0].event_id.clone(), rows[1].event_id.clone());
+    let admin = |req: reqwest::RequestBuilder, key: &str| req.bearer_auth(TOKEN).header("Idempotency-Key", key);
+    let redeliver = || host.client.post(host.url(&format!("/admin/dead-letters/{first}/redeliver")));
+    let discard = || host.client.delete(host.url(&format!("/admin/dead-letters/{second}")));
+
+    let r = host.send(admin(redeliver(), "redeliver-1")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.header("idempotent-replayed"), None);
+    let again = host.send(admin(redeliver(), "redeliver-1")).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&again.bytes));
+    assert_eq!(again.bytes, r.bytes, "the first answer, byte for byte");
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    let outbox = host.store.outbox_for_saga(&id).await.unwrap();
+    assert_eq!(outbox.iter().filter(|row| row.event_id == first).count(), 1, "back in the outbox once");
+
+    let d = host.send(admin(discard(), "discard-1")).await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT, "{}", String::from_utf8_lossy(&d.bytes));
+    let again = host.send(admin(discard(), "discard-1")).await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT, "{}", String::from_utf8_lossy(&again.bytes));
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    assert!(again.bytes.is_empty() && again.header("content-type").is_none(), "a 204 has no content");
+
+    for (event, action) in [(&first, "dead_letter.redeliver"), (&second, "dead_letter.discard")] {
+        let trail =
+            host.send(host.client.get(host.url(&format!("/admin/audit?target={event}"))).bearer_auth(TOKEN)).await;
+        let data = trail.json()["data"].as_array().unwrap().clone();
+        assert_eq!(data.len(), 1, "one change, one entry: {data:#?}");
+        assert_eq!(data[0]["action"], action);
+    }
+    // Another key, or none, is another request: the letter is gone.
+    assert_eq!(host.send(admin(redeliver(), "redeliver-2")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(host.send(discard().bearer_auth(TOKEN)).await.status, StatusCode::NOT_FOUND);
+    host.stop().await;
+}
+
 /// A step whose plugin version no replica can load (every replica's build refuses it: a
 /// rollback below the version's world, a memory limit lowered under what it needs) is not
 /// called, and waits for a replica that can; once none has run it for ten minutes, its

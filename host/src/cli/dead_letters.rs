@@ -4,6 +4,7 @@
 use http::Method;
 
 use super::client::{encode, query, Auth, Payload};
+use super::orders::KeyArg;
 use super::table::{Cell, Table};
 use super::{text, Ctx, Failure, Global};
 
@@ -34,11 +35,15 @@ pub enum Cmd {
     Redeliver {
         /// The event's id (EVENT_ID of the list).
         event_id: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Delete a dead letter for good, when consumers will never need the event (audited).
     Discard {
         /// The event's id (EVENT_ID of the list).
         event_id: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
 }
 
@@ -46,15 +51,16 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let ctx = Ctx::new(&args.global)?;
     match args.command {
         Cmd::List { limit, cursor, all } => list(&ctx, limit, cursor, all).await,
-        Cmd::Redeliver { event_id } => {
+        Cmd::Redeliver { event_id, key } => {
             let path = format!("/admin/dead-letters/{}/redeliver", encode(&event_id));
-            let body = ctx.client.send(Method::POST, &path, Auth::Admin, Payload::None, None).await?.body;
+            let key = key.idempotency_key.as_deref();
+            let body = ctx.client.send(Method::POST, &path, Auth::Admin, Payload::None, key).await?.body;
             ctx.out.print(&body, |_, _| format!("event {event_id} is back in the outbox; the relay sends it next\n"));
             Ok(())
         }
-        Cmd::Discard { event_id } => {
+        Cmd::Discard { event_id, key } => {
             let path = format!("/admin/dead-letters/{}", encode(&event_id));
-            ctx.client.send(Method::DELETE, &path, Auth::Admin, Payload::None, None).await?;
+            ctx.client.send(Method::DELETE, &path, Auth::Admin, Payload::None, key.idempotency_key.as_deref()).await?;
             let body = serde_json::json!({ "event_id": event_id, "discarded": true });
             ctx.out.print(&body, |_, _| format!("dead letter of event {event_id} discarded\n"));
             Ok(())

@@ -6,13 +6,14 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::admin::{audit, ActorHeader};
 use super::error::{ApiError, ApiPath, ErrorBody};
-use super::sagas::{json_response, to_json};
+use super::openapi::OptionalKey;
+use super::sagas::{answered_in_commit, idempotent, json_response, to_json, RequestKey};
 use super::AppState;
 
 /// Query of the dead-letter listing.
@@ -103,12 +104,18 @@ fn event_id(id: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::invalid("event_id", "is not an event id; take `event_id` from GET /admin/dead-letters"))
 }
 
-/// The dead letter of `event_id` and the audit entry of `action` on it, or 404.
+/// The dead letter of `event_id` and the audit entry of `action` on it, or 404. The entry
+/// carries the request's answer (`status`, `body`) under its key, if it has one: the change's
+/// transaction stores it, so a retry after a lost answer replays it instead of finding the
+/// letter gone (SPEC §5.1).
 async fn letter_and_audit(
     state: &AppState,
     headers: &HeaderMap,
     event_id: &str,
     action: &str,
+    key: Option<&RequestKey>,
+    status: StatusCode,
+    body: &[u8],
 ) -> Result<crate::store::AuditEntry, ApiError> {
     let letter = state.store.dead_letter(event_id).await?.ok_or_else(|| gone(event_id))?;
     let before = serde_json::json!({
@@ -118,7 +125,9 @@ async fn letter_and_audit(
         "reason": letter.reason,
         "at": crate::clock::rfc3339(letter.at),
     });
-    Ok(audit(headers, action, event_id, Some(before), None))
+    let mut entry = audit(headers, action, event_id, Some(before), None);
+    entry.answer = key.map(|k| k.answer(status, body));
+    Ok(entry)
 }
 
 fn gone(event_id: &str) -> ApiError {
@@ -144,43 +153,62 @@ pub struct Redelivered {
 /// consumers see the gap in `seq` filled out of order. A sink that refuses it again puts it
 /// back in the dead letters.
 #[utoipa::path(post, path = "/admin/dead-letters/{event_id}/redeliver", tag = "admin",
-    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader),
+    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader, OptionalKey),
     security(("admin_token" = [])),
     responses((status = 202, description = "Back in the outbox; the relay sends it next", body = Redelivered),
-              (status = 400, description = "Not an event id", body = ErrorBody),
-              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody)))]
+              (status = 400, description = "Not an event id, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody),
+              (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))))]
 pub async fn redeliver_dead_letter(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = event_id(&id)?;
-    let audit = letter_and_audit(&state, &headers, &id, "dead_letter.redeliver").await?;
-    if !state.store.dead_letter_redeliver(&id, state.clock.now_ms(), &audit).await? {
-        return Err(gone(&id));
-    }
-    tracing::info!(event_id = %id, actor = %audit.actor, "dead letter redelivered");
-    Ok(json_response(StatusCode::ACCEPTED, to_json(&Redelivered { event_id: id, queued: true })?, None))
+    let route = format!("POST /admin/dead-letters/{id}/redeliver");
+    let (state, headers, id) = (&state, &headers, &id);
+    idempotent(state, headers, route, &serde_json::Value::Null, |key| async move {
+        let answer = to_json(&Redelivered { event_id: id.clone(), queued: true })?;
+        let audit =
+            letter_and_audit(state, headers, id, "dead_letter.redeliver", key.as_ref(), StatusCode::ACCEPTED, &answer)
+                .await?;
+        if !state.store.dead_letter_redeliver(id, state.clock.now_ms(), &audit).await? {
+            return Err(gone(id));
+        }
+        tracing::info!(event_id = %id, actor = %audit.actor, "dead letter redelivered");
+        Ok(answered_in_commit(json_response(StatusCode::ACCEPTED, answer, None), key.as_ref()))
+    })
+    .await
 }
 
 /// Delete a dead letter for good (consumers will never need the event); audited, with the
 /// event's saga, `seq`, type and the sink's reason.
 #[utoipa::path(delete, path = "/admin/dead-letters/{event_id}", tag = "admin",
-    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader),
+    params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader, OptionalKey),
     security(("admin_token" = [])),
     responses((status = 204, description = "Deleted"),
-              (status = 400, description = "Not an event id", body = ErrorBody),
-              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody)))]
+              (status = 400, description = "Not an event id, or a malformed Idempotency-Key", body = ErrorBody),
+              (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody),
+              (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
+               headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))))]
 pub async fn discard_dead_letter(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let id = event_id(&id)?;
-    let audit = letter_and_audit(&state, &headers, &id, "dead_letter.discard").await?;
-    if !state.store.dead_letter_discard(&id, state.clock.now_ms(), &audit).await? {
-        return Err(gone(&id));
-    }
-    tracing::info!(event_id = %id, actor = %audit.actor, "dead letter discarded");
-    Ok(StatusCode::NO_CONTENT)
+    let route = format!("DELETE /admin/dead-letters/{id}");
+    let (state, headers, id) = (&state, &headers, &id);
+    idempotent(state, headers, route, &serde_json::Value::Null, |key| async move {
+        let audit =
+            letter_and_audit(state, headers, id, "dead_letter.discard", key.as_ref(), StatusCode::NO_CONTENT, &[])
+                .await?;
+        if !state.store.dead_letter_discard(id, state.clock.now_ms(), &audit).await? {
+            return Err(gone(id));
+        }
+        tracing::info!(event_id = %id, actor = %audit.actor, "dead letter discarded");
+        Ok(answered_in_commit(StatusCode::NO_CONTENT.into_response(), key.as_ref()))
+    })
+    .await
 }

@@ -185,6 +185,10 @@ pub(super) fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
 fn replay(status: u16, body: Vec<u8>, location: Option<&str>) -> Result<Response, ApiError> {
     let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
     let mut r = json_response(status, body, location);
+    if status == StatusCode::NO_CONTENT {
+        // A 204 has no content to have a type (a discarded dead letter's answer).
+        r.headers_mut().remove(header::CONTENT_TYPE);
+    }
     r.headers_mut().insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
     Ok(r)
 }
