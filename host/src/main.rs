@@ -77,6 +77,10 @@ struct Serve {
     /// replica takes over publishing events when the publishing one dies.
     #[arg(long, env = "SAGAHOST_RELAY_LEASE_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(300..))]
     relay_lease_ms: u64,
+    /// Most events the relay reads, publishes and marks as one batch (one read, one fsync of
+    /// events.jsonl or one round of Kafka acknowledgements, one mark).
+    #[arg(long, env = "SAGAHOST_RELAY_BATCH_SIZE", default_value_t = sagahost::relay::RelayOptions::default().batch_size, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    relay_batch_size: u32,
     /// How often to look for plugins and bindings changed through other replicas, in ms.
     #[arg(long, env = "SAGAHOST_CATALOG_REFRESH_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
     catalog_refresh_ms: u64,
@@ -275,6 +279,7 @@ fn config(args: Serve) -> sagahost::Config {
     config.database_wait = Duration::from_secs(args.database_wait_secs);
     config.driver.lease_ms = args.lease_ms;
     config.relay.lease = Duration::from_millis(args.relay_lease_ms);
+    config.relay.batch_size = args.relay_batch_size;
     config.catalog_refresh = Duration::from_millis(args.catalog_refresh_ms);
     config.admin_token = args.admin_token;
     config.api_tokens = args.api_token;

@@ -280,6 +280,43 @@ async fn events_delivered_past_a_stuck_one_are_marked_for_every_saga_with_nothin
     assert!(pending(&*store).await.is_empty());
 }
 
+/// A batch ends at its byte budget as at its row count, and says it was full either way: the
+/// relay then reads the next one at once instead of waiting for a commit or its poll interval
+/// (a backlog of large events drained one batch per 200 ms otherwise).
+#[tokio::test]
+async fn a_batch_cut_by_its_byte_budget_is_full_and_the_rest_follows_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let all = store.outbox_pending(1000).await.unwrap();
+    let three: usize = all[..3].iter().map(|r| r.payload.len()).sum();
+    let options = RelayOptions { batch_size: 100, max_batch_bytes: three, ..RelayOptions::default() };
+    let (metrics, sink) = (Metrics::new(), ScriptedSink::default());
+    let mut batches = Vec::new();
+    loop {
+        let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+        batches.push(batch);
+        if !batch.full {
+            break;
+        }
+    }
+    // No batch said "not full" while rows were left, and none went past its budget: each
+    // row but its last started under it.
+    assert!(pending(&*store).await.is_empty(), "{batches:?}");
+    let sent = sink.batches.lock().unwrap().clone();
+    assert_eq!(sent.concat(), all, "every row once, in order");
+    assert!(sent.len() >= 4, "cut by bytes, not by the 100 rows: {batches:?}");
+    for rows in &sent {
+        let before_last: usize = rows[..rows.len() - 1].iter().map(|r| r.payload.len()).sum();
+        assert!(before_last < three, "{} rows", rows.len());
+    }
+    // By count: a batch of exactly `batch_size` rows is full.
+    let options = RelayOptions { batch_size: 12, ..RelayOptions::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    assert_eq!(batch, Batch { marked: 12, full: true });
+}
+
 #[tokio::test]
 async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
@@ -294,14 +331,14 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     let sent = |i: usize| sink.batches.lock().unwrap()[i].clone();
     // The broker takes a1 b1, then calls c1's request too large; alone it fits.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2, false));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 3);
     assert_eq!(sent(1), all[2..3], "the refused row went alone");
     assert!(dead().await.is_empty(), "a row that fits alone is not dead-lettered");
     assert_eq!(pending(&*store).await, all[3..].iter().map(|r| r.id).collect::<Vec<_>>());
     // a2 refused with a3 of its saga behind it in the batch, and a3 failed with it (a chain
     // commit's events share a request): a2 goes alone, and fits.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 1);
     assert_eq!(sent(3), all[3..4], "a2 went alone");
     assert!(dead().await.is_empty(), "a2 fits alone");
     sink.script.lock().unwrap().clear();
@@ -309,7 +346,7 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     // would land after it. Not sent again: a gap keeps the order. What was delivered of the
     // other sagas (a3, c2) is published; b3 waits behind the dead letter.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, true));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 3);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 3);
     assert_eq!(sink.batches.lock().unwrap().len(), 5, "b2 was not sent alone");
     assert_eq!(dead().await, [all[4].event_id.clone()]);
     assert_eq!(pending(&*store).await, all[7..].iter().map(|r| r.id).collect::<Vec<_>>());
@@ -319,7 +356,7 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await; // short: an error
     assert_eq!(pending(&*store).await, all[10..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap(), 1);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 1);
     let last = sink.batches.lock().unwrap().len() - 1;
     assert_eq!(sent(last), all[10..11], "b4 was tried alone");
     assert_eq!(dead().await.len(), 2);
@@ -438,8 +475,8 @@ impl OutboxStore for FailingWrites {
     async fn relay_release(&self, owner: &str) -> crate::store::Result<()> {
         self.inner.relay_release(owner).await
     }
-    async fn outbox_pending(&self, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
-        self.inner.outbox_pending(limit).await
+    async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> crate::store::Result<Vec<OutboxRow>> {
+        self.inner.outbox_batch(limit, max_bytes).await
     }
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> crate::store::Result<()> {
         if self.mark {

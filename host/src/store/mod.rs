@@ -474,8 +474,16 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>>;
     /// Gives the relay lease up at once (a clean shutdown), if `owner` holds it.
     async fn relay_release(&self, owner: &str) -> Result<()>;
-    /// Unpublished outbox rows, oldest first.
-    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>>;
+    /// Unpublished outbox rows, oldest first: at most `limit`, and none past the first whose
+    /// payload brings the batch to `max_bytes` (so at least one row, however large). The relay
+    /// reads its batches so: a count alone let a batch of large events (outputs up to the
+    /// plugin output limit) hold hundreds of MiB. (Payloads are counted in characters, which a
+    /// byte count bounds within 4x.)
+    async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>>;
+    /// Unpublished outbox rows, oldest first, at most `limit`.
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
+        self.outbox_batch(limit, usize::MAX).await
+    }
     async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> Result<()>;
     /// Every outbox row of one saga in `seq` order (published or not).
     async fn outbox_for_saga(&self, saga_id: &str) -> Result<Vec<OutboxRow>> {

@@ -1640,12 +1640,19 @@ impl OutboxStore for SqlStore {
         Ok(())
     }
 
-    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxRow>> {
+    async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        // The oldest `limit` first (the index on unpublished rows, no more rows read), then
+        // their running size: a row goes in while the rows before it stay under the budget.
         let rows = sqlx::query(
-            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox WHERE published_at IS NULL \
-             ORDER BY id LIMIT $1",
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM ( \
+               SELECT p.*, SUM(LENGTH(p.payload)) OVER (ORDER BY p.id) - LENGTH(p.payload) AS before_it FROM ( \
+                 SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox \
+                 WHERE published_at IS NULL ORDER BY id LIMIT $1 \
+               ) AS p \
+             ) AS b WHERE before_it < $2 ORDER BY id",
         )
         .bind(i64::from(limit))
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(outbox_from_row).collect()

@@ -991,6 +991,42 @@ async fn finished_sagas_past_retention_go_with_their_steps_and_published_events(
     }
 }
 
+/// The relay's read stops at its row limit, and at the row whose payload brings the batch to
+/// its byte budget: a row goes in while the rows before it are under the budget, so the first
+/// one always does, however large. (Events carry step outputs of up to the plugin output limit:
+/// a count alone let a batch hold hundreds of MiB.)
+#[tokio::test]
+async fn the_relays_batch_is_bounded_by_rows_and_by_bytes() {
+    for b in backends().await {
+        let s = &b.store;
+        for id in ["b1", "b2", "b3"] {
+            let mut saga = new_saga(id);
+            // Payloads of different sizes: the cut must follow their sum, not their count.
+            if id == "b2" {
+                saga.event.payload = format!("{{\"pad\": \"{}\"}}", "x".repeat(500));
+            }
+            s.create_saga(&saga, None, 0).await.unwrap();
+        }
+        let all = s.outbox_pending(100).await.unwrap();
+        assert_eq!(all.len(), 3, "{}", b.name);
+        let len: Vec<usize> = all.iter().map(|r| r.payload.len()).collect();
+        let ids = |rows: Vec<OutboxRow>| rows.iter().map(|r| r.id).collect::<Vec<_>>();
+        let batch = |limit, bytes| s.outbox_batch(limit, bytes);
+        let first_two = vec![all[0].id, all[1].id];
+        assert_eq!(ids(batch(100, usize::MAX).await.unwrap()), ids(all.clone()), "{}", b.name);
+        assert_eq!(ids(batch(2, usize::MAX).await.unwrap()), first_two, "{}: the row limit", b.name);
+        assert_eq!(ids(batch(100, 1).await.unwrap()), [all[0].id], "{}: the first row however large", b.name);
+        assert_eq!(ids(batch(100, len[0]).await.unwrap()), [all[0].id], "{}: full at the first", b.name);
+        assert_eq!(ids(batch(100, len[0] + 1).await.unwrap()), first_two, "{}: the large second row goes in", b.name);
+        assert_eq!(ids(batch(100, len[0] + len[1]).await.unwrap()), first_two, "{}", b.name);
+        assert_eq!(ids(batch(100, len[0] + len[1] + 1).await.unwrap()), ids(all.clone()), "{}", b.name);
+        // Published rows are not read again.
+        s.outbox_mark_published(&[all[0].id], 1).await.unwrap();
+        assert_eq!(ids(batch(100, 1).await.unwrap()), [all[1].id], "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn housekeeping_deletes_in_batches_of_at_most_the_limit() {
     for b in backends().await {
