@@ -60,7 +60,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
         Cmd::Discard { event_id, key } => {
             let path = format!("/admin/dead-letters/{}", encode(&event_id));
-            ctx.client.send(Method::DELETE, &path, Auth::Admin, Payload::None, key.idempotency_key.as_deref()).await?;
+            let key = key.idempotency_key.as_deref();
+            ctx.client.send(Method::DELETE, &path, Auth::Admin, Payload::None, key).await?;
             let body = serde_json::json!({ "event_id": event_id, "discarded": true });
             ctx.out.print(&body, |_, _| format!("dead letter of event {event_id} discarded\n"));
             Ok(())

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::admin::{audit, ActorHeader};
 use super::error::{ApiError, ApiPath, ErrorBody};
 use super::openapi::OptionalKey;
-use super::sagas::{answered_in_commit, idempotent, json_response, to_json, RequestKey};
+use super::sagas::{answered_in_commit, idempotent, json_response, to_json};
 use super::AppState;
 
 /// Query of the dead-letter listing.
@@ -104,18 +104,12 @@ fn event_id(id: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::invalid("event_id", "is not an event id; take `event_id` from GET /admin/dead-letters"))
 }
 
-/// The dead letter of `event_id` and the audit entry of `action` on it, or 404. The entry
-/// carries the request's answer (`status`, `body`) under its key, if it has one: the change's
-/// transaction stores it, so a retry after a lost answer replays it instead of finding the
-/// letter gone (SPEC §5.1).
+/// The dead letter of `event_id` and the audit entry of `action` on it, or 404.
 async fn letter_and_audit(
     state: &AppState,
     headers: &HeaderMap,
     event_id: &str,
     action: &str,
-    key: Option<&RequestKey>,
-    status: StatusCode,
-    body: &[u8],
 ) -> Result<crate::store::AuditEntry, ApiError> {
     let letter = state.store.dead_letter(event_id).await?.ok_or_else(|| gone(event_id))?;
     let before = serde_json::json!({
@@ -125,9 +119,7 @@ async fn letter_and_audit(
         "reason": letter.reason,
         "at": crate::clock::rfc3339(letter.at),
     });
-    let mut entry = audit(headers, action, event_id, Some(before), None);
-    entry.answer = key.map(|k| k.answer(status, body));
-    Ok(entry)
+    Ok(audit(headers, action, event_id, Some(before), None))
 }
 
 fn gone(event_id: &str) -> ApiError {
@@ -170,9 +162,10 @@ pub async fn redeliver_dead_letter(
     let (state, headers, id) = (&state, &headers, &id);
     idempotent(state, headers, route, &serde_json::Value::Null, |key| async move {
         let answer = to_json(&Redelivered { event_id: id.clone(), queued: true })?;
-        let audit =
-            letter_and_audit(state, headers, id, "dead_letter.redeliver", key.as_ref(), StatusCode::ACCEPTED, &answer)
-                .await?;
+        let mut audit = letter_and_audit(state, headers, id, "dead_letter.redeliver").await?;
+        // Stored with the change: a retry after a lost answer replays it (SPEC §5.1) instead
+        // of finding the letter gone.
+        audit.answer = key.as_ref().map(|k| k.answer(StatusCode::ACCEPTED, &answer));
         if !state.store.dead_letter_redeliver(id, state.clock.now_ms(), &audit).await? {
             return Err(gone(id));
         }
@@ -201,9 +194,8 @@ pub async fn discard_dead_letter(
     let route = format!("DELETE /admin/dead-letters/{id}");
     let (state, headers, id) = (&state, &headers, &id);
     idempotent(state, headers, route, &serde_json::Value::Null, |key| async move {
-        let audit =
-            letter_and_audit(state, headers, id, "dead_letter.discard", key.as_ref(), StatusCode::NO_CONTENT, &[])
-                .await?;
+        let mut audit = letter_and_audit(state, headers, id, "dead_letter.discard").await?;
+        audit.answer = key.as_ref().map(|k| k.answer(StatusCode::NO_CONTENT, &[]));
         if !state.store.dead_letter_discard(id, state.clock.now_ms(), &audit).await? {
             return Err(gone(id));
         }
