@@ -345,7 +345,8 @@ async fn publish_once(
     let full = rows.len() == options.batch_size as usize
         || rows.iter().map(|r| r.payload.len()).sum::<usize>() >= options.max_batch_bytes;
     let batch = |marked| Batch { marked, full };
-    // Lag: how long the oldest unpublished event has waited. Logged now; a metric later.
+    // Lag: how long the oldest unpublished event has waited, for the warning (the metric
+    // `sagahost_outbox_lag_seconds` is read from the store at scrape time).
     let lag_ms = (clock.now_ms() - oldest.created_at).max(0);
     if lag_ms as u128 > options.lag_warning.as_millis() {
         tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
