@@ -312,7 +312,13 @@ impl App {
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
         let catalog = tokio::spawn(Arc::clone(&self.catalog).watch(self.catalog_refresh, shutdown.clone()));
         let retention = Retention { outbox: self.outbox_retention, sagas: self.saga_retention };
-        let janitor = tokio::spawn(janitor(self.store.clone(), Arc::clone(&self.clock), retention, shutdown.clone()));
+        let janitor = tokio::spawn(janitor(
+            self.store.clone(),
+            Arc::clone(&self.clock),
+            retention,
+            self.owner.clone(),
+            shutdown.clone(),
+        ));
         let clock = tokio::spawn(keep_clock(self.clock_sync, self.store.clone(), shutdown.clone()));
         let drain = self.serve.request_timeout;
         http::limits::serve(self.listener, self.router, &self.serve, shutdown.clone(), drain).await;
@@ -378,21 +384,68 @@ struct Retention {
 /// SQLite writer (or PostgreSQL row locks) for long.
 const JANITOR_BATCH: u32 = 1000;
 
+/// How long the janitor's lease lasts past its last renewal (database time): longer than
+/// [`JANITOR_EVERY`], so a live janitor keeps it from one pass to the next (it renews it at
+/// each pass and between batches), and a replica that died leaves the work to another one
+/// within about three minutes (or at once after a clean shutdown, which gives it up).
+const JANITOR_LEASE: Duration = Duration::from_secs(120);
+
+/// How often the janitor makes a pass.
+const JANITOR_EVERY: Duration = Duration::from_secs(60);
+
 /// Periodic housekeeping, once a minute: forgets idempotency keys, published outbox rows and
 /// (if configured) finished sagas past their retention. Each kind is deleted in batches until
 /// none is left, yielding between batches so that other work gets the writer in between.
+///
+/// One replica at a time: a pass runs only under the janitor's lease
+/// ([`JanitorStore::janitor_lease`]), renewed between batches, and stops where the lease is
+/// lost. Replicas started together would otherwise purge together every minute, doing the
+/// same work twice, and on PostgreSQL an outbox purge (published rows, in the order it finds
+/// them) and a saga purge (one saga's rows after another's, in one transaction) can lock the
+/// same rows in opposite orders and deadlock.
 async fn janitor(
     store: Arc<dyn JanitorStore>,
     clock: Arc<dyn Clock>,
     retention: Retention,
+    owner: String,
     shutdown: CancellationToken,
 ) {
+    let lease = Lease::Held { owner: &owner };
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(JANITOR_EVERY) => {}
         }
-        janitor_pass(store.as_ref(), clock.now_ms(), &retention, &shutdown).await;
+        janitor_pass(store.as_ref(), clock.now_ms(), &retention, &shutdown, &lease).await;
+    }
+    if let Err(e) = store.janitor_release(&owner).await {
+        tracing::debug!(error = %e, "giving the janitor's lease up failed; it expires by itself");
+    }
+}
+
+/// Whether a janitor pass runs under the replicas' shared lease.
+enum Lease<'a> {
+    /// The running host's janitor: only while `owner` holds the lease.
+    Held { owner: &'a str },
+    /// A pass made on request ([`run_janitor_once`]), under no lease.
+    None,
+}
+
+impl Lease<'_> {
+    /// Takes or renews the lease: whether the pass may go on.
+    async fn renew(&self, store: &dyn JanitorStore) -> bool {
+        let Lease::Held { owner } = self else { return true };
+        match store.janitor_lease(owner, JANITOR_LEASE.as_millis() as i64).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::debug!("another replica's janitor holds the lease; skipping this pass");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "taking the janitor's lease failed; trying again in a minute");
+                false
+            }
+        }
     }
 }
 
@@ -412,7 +465,7 @@ pub struct Janitored {
 /// one now). Failures are logged and count as nothing removed: the next pass tries again.
 pub async fn run_janitor_once(store: &dyn JanitorStore, now_ms: i64, outbox_retention: Duration) -> Janitored {
     let retention = Retention { outbox: outbox_retention, sagas: None };
-    janitor_pass(store, now_ms, &retention, &CancellationToken::new()).await
+    janitor_pass(store, now_ms, &retention, &CancellationToken::new(), &Lease::None).await
 }
 
 async fn janitor_pass(
@@ -420,14 +473,19 @@ async fn janitor_pass(
     now: i64,
     retention: &Retention,
     shutdown: &CancellationToken,
+    lease: &Lease<'_>,
 ) -> Janitored {
-    let expired_keys = drain("expired idempotency keys", shutdown, JANITOR_BATCH, |n| {
+    if !lease.renew(store).await {
+        return Janitored::default();
+    }
+    let go_on = move || async move { !shutdown.is_cancelled() && lease.renew(store).await };
+    let expired_keys = drain("expired idempotency keys", go_on, JANITOR_BATCH, |n| {
         let batch = store.expire_idempotency(now, n);
         async move { batch.await.map(|d| (d, d == u64::from(n))) }
     })
     .await;
     let before = now - retention.outbox.as_millis() as i64;
-    let purged_events = drain("published outbox rows", shutdown, JANITOR_BATCH, |n| {
+    let purged_events = drain("published outbox rows", go_on, JANITOR_BATCH, |n| {
         let batch = store.outbox_purge(before, n);
         async move { batch.await.map(|d| (d, d == u64::from(n))) }
     })
@@ -437,7 +495,7 @@ async fn janitor_pass(
             let before = now - keep.as_millis() as i64;
             // Fewer sagas per batch: each is three deletes (events, steps, row); and a bound on
             // the events, which a saga that polled for hours has by the ten thousand.
-            drain("finished sagas", shutdown, JANITOR_BATCH / 10, |n| {
+            drain("finished sagas", go_on, JANITOR_BATCH / 10, |n| {
                 let batch = store.purge_finished_sagas(before, n, JANITOR_BATCH * 2);
                 async move { batch.await.map(|p| (p.sagas, p.more)) }
             })
@@ -449,19 +507,21 @@ async fn janitor_pass(
 }
 
 /// Runs `batch(limit)` until a batch says no more is due (it deleted less than it may, and
-/// hit no other bound), fails, or shutdown fires; returns how many it deleted. A batch answers
-/// (deleted, more).
-async fn drain<F, Fut>(what: &str, shutdown: &CancellationToken, limit: u32, mut batch: F) -> u64
+/// hit no other bound), fails, or `go_on` says stop (shutdown, the lease lost), asked before
+/// each batch after the first; returns how many it deleted. A batch answers (deleted, more).
+async fn drain<F, Fut, G, GoOn>(what: &str, go_on: G, limit: u32, mut batch: F) -> u64
 where
     F: FnMut(u32) -> Fut,
     Fut: std::future::Future<Output = Result<(u64, bool), store::Error>>,
+    G: Fn() -> GoOn,
+    GoOn: std::future::Future<Output = bool>,
 {
     let mut total = 0;
     loop {
         match batch(limit).await {
             Ok((n, more)) => {
                 total += n;
-                if !more || shutdown.is_cancelled() {
+                if !more || !go_on().await {
                     break;
                 }
                 tokio::task::yield_now().await;
@@ -494,8 +554,86 @@ mod tests {
             left.fetch_sub(n, Ordering::SeqCst);
             async move { Ok((n, n == u64::from(limit))) }
         };
-        drain("rows", &CancellationToken::new(), 1000, batch).await;
+        drain("rows", || async { true }, 1000, batch).await;
         assert_eq!((left.load(Ordering::SeqCst), calls.load(Ordering::SeqCst)), (0, 3));
+    }
+
+    /// A `JanitorStore` whose every kind has `due` rows left, and whose lease answers come from
+    /// a list (then "held elsewhere").
+    struct Due {
+        due: AtomicU64,
+        lease: std::sync::Mutex<Vec<bool>>,
+        deletes: AtomicU64,
+    }
+
+    impl Due {
+        fn new(due: u64, lease: &[bool]) -> Due {
+            let lease = lease.iter().rev().copied().collect();
+            Due { due: AtomicU64::new(due), lease: std::sync::Mutex::new(lease), deletes: AtomicU64::new(0) }
+        }
+
+        fn delete(&self, limit: u32) -> u64 {
+            self.deletes.fetch_add(1, Ordering::SeqCst);
+            let n = self.due.load(Ordering::SeqCst).min(u64::from(limit));
+            self.due.fetch_sub(n, Ordering::SeqCst);
+            n
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl JanitorStore for Due {
+        async fn janitor_lease(&self, owner: &str, _: i64) -> store::Result<bool> {
+            assert_eq!(owner, "a");
+            Ok(self.lease.lock().unwrap().pop().unwrap_or(false))
+        }
+        async fn janitor_release(&self, _: &str) -> store::Result<()> {
+            Ok(())
+        }
+        async fn expire_idempotency(&self, _: i64, limit: u32) -> store::Result<u64> {
+            Ok(self.delete(limit))
+        }
+        async fn outbox_purge(&self, _: i64, limit: u32) -> store::Result<u64> {
+            Ok(self.delete(limit))
+        }
+        async fn purge_finished_sagas(&self, _: i64, limit: u32, _: u32) -> store::Result<store::Purged> {
+            let n = self.delete(limit);
+            Ok(store::Purged { sagas: n, more: n == u64::from(limit) })
+        }
+    }
+
+    const KEEP: Retention = Retention { outbox: Duration::from_secs(3600), sagas: Some(Duration::from_secs(3600)) };
+
+    /// Replicas purge one at a time: a janitor whose lease another replica holds deletes
+    /// nothing, however much is due.
+    #[tokio::test]
+    async fn a_janitor_without_the_lease_purges_nothing() {
+        let store = Due::new(5_000, &[false]);
+        let held = Lease::Held { owner: "a" };
+        let pass = janitor_pass(&store, 0, &KEEP, &CancellationToken::new(), &held).await;
+        assert_eq!(pass, Janitored::default());
+        assert_eq!(store.deletes.load(Ordering::SeqCst), 0);
+        // The same store with the lease: the whole backlog goes, renewing between batches.
+        let store = Due::new(2_500, &[true; 8]);
+        let pass = janitor_pass(&store, 0, &KEEP, &CancellationToken::new(), &held).await;
+        assert_eq!(pass.expired_keys, 2_500);
+        assert_eq!(store.due.load(Ordering::SeqCst), 0);
+    }
+
+    /// A pass stops where its lease is lost (its renewal between two batches finds another
+    /// replica holding it): the new holder goes on from there.
+    #[tokio::test]
+    async fn a_janitor_pass_stops_where_its_lease_is_lost() {
+        // Taken at the start, renewed after the first batch, lost at the second renewal.
+        let store = Due::new(10_000, &[true, true, false]);
+        let held = Lease::Held { owner: "a" };
+        let pass = janitor_pass(&store, 0, &KEEP, &CancellationToken::new(), &held).await;
+        assert_eq!(pass.expired_keys, 2 * u64::from(JANITOR_BATCH));
+        // Each later kind makes its one batch and asks again (lost: it stops).
+        assert_eq!(store.deletes.load(Ordering::SeqCst), 4);
+        // A pass made on request takes no lease.
+        let store = Due::new(1_500, &[]);
+        let pass = janitor_pass(&store, 0, &KEEP, &CancellationToken::new(), &Lease::None).await;
+        assert_eq!(pass.expired_keys, 1_500);
     }
 
     /// A batch cut short by another bound (the saga purge's budget of events) says more is due:
@@ -507,7 +645,7 @@ mod tests {
             let call = calls.fetch_add(1, Ordering::SeqCst);
             async move { Ok((u64::from(call == 3), call < 3)) }
         };
-        assert_eq!(drain("sagas", &CancellationToken::new(), 100, batch).await, 1);
+        assert_eq!(drain("sagas", || async { true }, 100, batch).await, 1);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }

@@ -579,6 +579,13 @@ pub trait AuditStore: Send + Sync + 'static {
 /// callers repeat while a call returns `limit`.
 #[async_trait]
 pub trait JanitorStore: Send + Sync + 'static {
+    /// Takes or renews the janitor's lease for `owner` for `lease_ms` (database time): true
+    /// when `owner` holds it now, false while another owner's lease is live. Replicas purge one
+    /// at a time: two purging together do the same work twice, and on PostgreSQL an outbox
+    /// purge and a saga purge deleting the same rows in different orders can deadlock.
+    async fn janitor_lease(&self, owner: &str, lease_ms: i64) -> Result<bool>;
+    /// Gives the janitor's lease up at once (a clean shutdown), if `owner` holds it.
+    async fn janitor_release(&self, owner: &str) -> Result<()>;
     /// Forgets idempotency keys past their retention. Returns how many.
     async fn expire_idempotency(&self, now: i64, limit: u32) -> Result<u64>;
     /// Deletes outbox rows published before `before`. Returns how many.

@@ -70,7 +70,9 @@ struct Statements {
     insert_saga_if_claimed: String,
     claim_due: String,
     renew_lease: String,
-    relay_lease: String,
+    /// Takes or renews the lease named `$3` for `$1`, for `$2` ms: the relay's (`outbox`) and
+    /// the janitor's (`janitor`) rows of `relay_lease`.
+    take_lease: String,
     finished_sagas: String,
     next_due: String,
 }
@@ -110,8 +112,8 @@ impl Statements {
                 "UPDATE sagas SET lease_until = {now} + $3 WHERE id = $1 AND epoch = $2 AND lease_owner IS NOT NULL"
             ),
             // One statement: take the lease if it is free or expired, renew it if it is ours.
-            relay_lease: format!(
-                "INSERT INTO relay_lease (name, owner, lease_until, epoch) VALUES ('outbox', $1, {now} + $2, 1) \
+            take_lease: format!(
+                "INSERT INTO relay_lease (name, owner, lease_until, epoch) VALUES ($3, $1, {now} + $2, 1) \
                  ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until, \
                  epoch = CASE WHEN relay_lease.owner = excluded.owner THEN relay_lease.epoch ELSE relay_lease.epoch + 1 END \
                  WHERE relay_lease.owner = excluded.owner OR relay_lease.lease_until <= {now} \
@@ -1615,16 +1617,23 @@ impl IdempotencyStore for SqlStore {
     }
 }
 
-#[async_trait]
-impl OutboxStore for SqlStore {
-    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
-        let data = (Arc::clone(&self.sql), owner.to_owned(), lease_ms);
+/// The relay's row of `relay_lease` (one publisher at a time).
+const RELAY_LEASE: &str = "outbox";
+/// The janitor's row of `relay_lease` (one replica purges at a time).
+const JANITOR_LEASE: &str = "janitor";
+
+impl SqlStore {
+    /// Takes or renews the lease `name` for `owner`: its epoch when `owner` holds it now,
+    /// `None` while another owner's lease is live.
+    async fn lease(&self, name: &'static str, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
+        let data = (Arc::clone(&self.sql), name, owner.to_owned(), lease_ms);
         self.writes
-            .run_one(data, |(sql, owner, lease_ms), conn| {
+            .run_one(data, |(sql, name, owner, lease_ms), conn| {
                 Box::pin(async move {
-                    Ok(sqlx::query_scalar(&sql.relay_lease)
+                    Ok(sqlx::query_scalar(&sql.take_lease)
                         .bind(owner)
                         .bind(lease_ms)
+                        .bind(*name)
                         .fetch_optional(&mut *conn)
                         .await?)
                 })
@@ -1632,12 +1641,25 @@ impl OutboxStore for SqlStore {
             .await
     }
 
-    async fn relay_release(&self, owner: &str) -> Result<()> {
-        sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = 'outbox' AND owner = $1")
+    /// Ends the lease `name` at once, if `owner` holds it.
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<()> {
+        sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = $1 AND owner = $2")
+            .bind(name)
             .bind(owner)
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl OutboxStore for SqlStore {
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> Result<Option<i64>> {
+        self.lease(RELAY_LEASE, owner, lease_ms).await
+    }
+
+    async fn relay_release(&self, owner: &str) -> Result<()> {
+        self.release_lease(RELAY_LEASE, owner).await
     }
 
     async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
@@ -1989,6 +2011,14 @@ impl AuditStore for SqlStore {
 
 #[async_trait]
 impl JanitorStore for SqlStore {
+    async fn janitor_lease(&self, owner: &str, lease_ms: i64) -> Result<bool> {
+        Ok(self.lease(JANITOR_LEASE, owner, lease_ms).await?.is_some())
+    }
+
+    async fn janitor_release(&self, owner: &str) -> Result<()> {
+        self.release_lease(JANITOR_LEASE, owner).await
+    }
+
     async fn expire_idempotency(&self, now: i64, limit: u32) -> Result<u64> {
         // The outer `expires_at` check is the one that counts: on PostgreSQL a row the
         // subquery picked and a request claimed again meanwhile (the claim renews it in place)

@@ -507,6 +507,29 @@ async fn one_relay_lease_holder_at_a_time_and_takeover_after_expiry() {
     }
 }
 
+/// The janitor's lease is a row of its own: one replica's janitor at a time, whoever holds
+/// the relay's.
+#[tokio::test]
+async fn one_janitor_lease_holder_at_a_time_apart_from_the_relays_lease() {
+    const LIVE: i64 = 60_000;
+    for b in backends().await {
+        let s = &b.store;
+        assert!(s.janitor_lease("a", LIVE).await.unwrap(), "{}", b.name);
+        assert!(!s.janitor_lease("b", LIVE).await.unwrap(), "{}: b waits while a's lease lives", b.name);
+        assert_eq!(s.relay_lease("b", LIVE).await.unwrap(), Some(1), "{}: the relay's lease is another row", b.name);
+        assert!(s.janitor_lease("a", 50).await.unwrap(), "{}: a renews its own", b.name);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert!(s.janitor_lease("b", LIVE).await.unwrap(), "{}: b takes over an expired lease", b.name);
+        assert!(!s.janitor_lease("a", LIVE).await.unwrap(), "{}: a lost it", b.name);
+        s.janitor_release("a").await.unwrap();
+        assert!(!s.janitor_lease("a", LIVE).await.unwrap(), "{}: only the holder gives it up", b.name);
+        s.janitor_release("b").await.unwrap();
+        assert!(s.janitor_lease("a", LIVE).await.unwrap(), "{}: a released lease is free at once", b.name);
+        assert_eq!(s.relay_lease("a", LIVE).await.unwrap(), None, "{}: b still holds the relay's", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn uploads_and_definition_changes_bump_the_catalog_version() {
     for b in backends().await {
