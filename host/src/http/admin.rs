@@ -110,8 +110,9 @@ pub(super) fn audit(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorNote {
-    /// Why the operator acts; kept in the audit trail.
-    #[schema(max_length = 2000)]
+    /// Why the operator acts; kept in the audit trail. Tabs and line breaks are the only
+    /// control characters it may hold.
+    #[schema(max_length = 2000, pattern = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$")]
     pub note: Option<String>,
 }
 
@@ -119,8 +120,14 @@ pub struct OperatorNote {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveNote {
-    /// What was done by hand (not white space only); kept in the audit trail.
-    #[schema(min_length = 1, max_length = 2000, pattern = "[^\\s\\u0085]", example = "refunded in the PSP console")]
+    /// What was done by hand (not white space only); kept in the audit trail. Tabs and line
+    /// breaks are the only control characters it may hold.
+    #[schema(
+        min_length = 1,
+        max_length = 2000,
+        pattern = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$",
+        example = "refunded in the PSP console"
+    )]
     pub note: String,
 }
 
@@ -133,8 +140,18 @@ fn parse_note(body: Result<Bytes, BytesRejection>) -> Result<OperatorNote, ApiEr
     let note: Option<OperatorNote> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid("", format!("expected {{\"note\": \"...\"}}: {e}")))?;
     let note = note.unwrap_or_default();
-    if note.note.as_ref().is_some_and(|n| n.chars().count() > 2000) {
-        return Err(ApiError::invalid("note", "must be at most 2000 characters"));
+    if let Some(n) = &note.note {
+        if n.chars().count() > 2000 {
+            return Err(ApiError::invalid("note", "must be at most 2000 characters"));
+        }
+        // PostgreSQL's text holds no NUL (the audit row would fail, a 500 on every retry), and
+        // no other control character belongs in a note an operator reads back in a console.
+        if n.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+            return Err(ApiError::invalid(
+                "note",
+                "must not contain control characters other than tabs and line breaks",
+            ));
+        }
     }
     Ok(note)
 }
@@ -330,8 +347,23 @@ pub async fn audit_log(
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer, secret_eq};
-    use axum::http::{header, HeaderMap, HeaderValue};
+    use super::{bearer, parse_note, secret_eq};
+    use axum::body::Bytes;
+    use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+
+    /// A note reaches the audit row as text: what PostgreSQL cannot store (a NUL) or a console
+    /// should not show (other control characters) is a 400, before anything changes.
+    #[test]
+    fn a_note_with_a_control_character_is_refused_tabs_and_line_breaks_are_kept() {
+        let parse = |json: &'static str| parse_note(Ok(Bytes::from_static(json.as_bytes())));
+        for bad in [r#"{"note": "refunded\u0000"}"#, r#"{"note": "a\u001bb"}"#, r#"{"note": "x\u007f"}"#] {
+            let e = parse(bad).expect_err(bad);
+            assert_eq!((e.status, e.field.as_deref()), (StatusCode::BAD_REQUEST, Some("note")), "{bad}");
+        }
+        let kept = parse(r#"{"note": "refunded by hand\n\tticket 12\r\n"}"#).unwrap();
+        assert_eq!(kept.note.as_deref(), Some("refunded by hand\n\tticket 12\r\n"));
+        assert_eq!(parse(r#"{"note": "Zoë: erstattet"}"#).unwrap().note.as_deref(), Some("Zoë: erstattet"));
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

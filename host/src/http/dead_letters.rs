@@ -133,7 +133,8 @@ fn gone(event_id: &str) -> ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Redelivered {
     pub event_id: String,
-    /// Always true: the event is back in the outbox, and the relay sends it next.
+    /// Always true: the event is back in the outbox, and the relay sends it (with its next
+    /// batch, or after the events pending then where its row had been purged).
     pub queued: bool,
 }
 
@@ -147,7 +148,7 @@ pub struct Redelivered {
 #[utoipa::path(post, path = "/admin/dead-letters/{event_id}/redeliver", tag = "admin",
     params(("event_id" = String, Path, description = "The event's id (`event_id` of the listing), a UUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), ActorHeader, OptionalKey),
     security(("admin_token" = [])),
-    responses((status = 202, description = "Back in the outbox; the relay sends it next", body = Redelivered),
+    responses((status = 202, description = "Back in the outbox; the relay sends it", body = Redelivered),
               (status = 400, description = "Not an event id, or a malformed Idempotency-Key", body = ErrorBody),
               (status = 404, description = "No dead letter for this event (redelivered or discarded already?)", body = ErrorBody),
               (status = 409, description = "A request with this key is still in flight", body = ErrorBody,

@@ -111,6 +111,16 @@ impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> ApiError {
         if e.is_transient() {
             ApiError::unavailable(e)
+        } else if e.is_refused_data() {
+            // The database refuses a value of this request itself (a NUL in text, a value past
+            // a column's range): the same request fails the same way every time, so it is the
+            // client's to change, not a 500 that invites the same retry.
+            tracing::warn!(error = %e, "the database refused a request's data");
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused_data",
+                format!("the database cannot store a value of this request ({e}); nothing was changed"),
+            )
         } else {
             ApiError::internal(e)
         }

@@ -14,7 +14,10 @@
 //! queued copy), a row sent alone before it is dead-lettered travels alone, and a producer
 //! renewed after a fatal error leaves no messages of the old session in flight beside the new
 //! one's. The outcomes after the first failure are reported ([`Published::delivered_after`],
-//! [`Published::confirmed_after`]).
+//! [`Published::confirmed_after`]). A row librdkafka refuses at enqueue for good (larger than
+//! `message.max.bytes`) holds back only its own saga's later rows; the other sagas' rows
+//! behind it are still sent, so that while an earlier row waits for a partition that does not
+//! answer (and the refused row cannot yet be dead-lettered) the rest still flows.
 //!
 //! What idempotence does not promise: when a message fails for good (a refusal, a message
 //! timeout) while a later message of the same partition travels in a later request, librdkafka
@@ -111,10 +114,19 @@ impl Sink for KafkaSink {
         // replaced here, before the next batch, with nothing of the last one in flight.
         self.renew_if_fatal();
         let p = self.current();
+        // (index in the batch, delivery) of each row enqueued.
         let mut pending = Vec::with_capacity(rows.len());
         let mut enqueue_error = None;
         let mut enqueue_refused = None;
-        for row in rows {
+        // Sagas with a row refused at enqueue: their later rows wait (they must not overtake
+        // it), other sagas' rows are still sent, so that a refused row behind a partition that
+        // does not answer holds back only its own saga (the relay dead-letters it once every
+        // row before it is settled; until then it is sent again with the rest).
+        let mut held_back = std::collections::HashSet::new();
+        for (i, row) in rows.iter().enumerate() {
+            if held_back.contains(row.saga_id.as_str()) {
+                continue;
+            }
             let seq = row.seq.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "event_id", value: Some(row.event_id.as_str()) })
@@ -136,11 +148,20 @@ impl Sink for KafkaSink {
                 }
             };
             match delivery {
-                Ok(d) => pending.push(d),
+                Ok(d) => pending.push((i, d)),
                 Err(e) => {
-                    enqueue_refused = refused(&e).map(|why| (pending.len(), why));
-                    enqueue_error = Some(anyhow::Error::new(e).context("enqueueing an event"));
-                    break;
+                    let why = refused(&e);
+                    let for_good = why.is_some();
+                    if enqueue_error.is_none() {
+                        enqueue_refused = why.map(|why| (i, why));
+                        enqueue_error = Some(anyhow::Error::new(e).context("enqueueing an event"));
+                    }
+                    if !for_good {
+                        // The producer cannot take anything now (a fatal session, an unknown
+                        // topic): the rest of the batch waits for the next try.
+                        break;
+                    }
+                    held_back.insert(row.saga_id.as_str());
                 }
             }
         }
@@ -148,13 +169,25 @@ impl Sink for KafkaSink {
         // (other sagas', on other partitions) may still be on their way (module docs). Those
         // delivered (or gone with the producer, unknown) are reported for the relay's refusal
         // rule; those confirmed delivered are published unless an earlier event of their saga
-        // failed (the rest are sent again).
+        // failed (the rest are sent again). The acknowledged prefix ends at the first row that
+        // failed or was never enqueued.
         let mut acked = 0;
         let mut failed = None;
         let mut delivered_after = Vec::new();
         let mut confirmed_after = Vec::new();
-        for (i, delivery) in pending.into_iter().enumerate() {
+        for (i, delivery) in pending {
             let outcome = delivery.await;
+            if failed.is_none() && i != acked {
+                // Row `acked` was refused at enqueue (the first such row: a row held back
+                // follows its saga's refused one).
+                failed = Some(Published {
+                    acked,
+                    refused: enqueue_refused.take().filter(|&(r, _)| r == acked).map(|(_, why)| why),
+                    error: enqueue_error.take(),
+                    delivered_after: Vec::new(),
+                    confirmed_after: Vec::new(),
+                });
+            }
             if failed.is_some() {
                 if !matches!(outcome, Ok(Err(_))) {
                     delivered_after.push(i);
@@ -189,8 +222,8 @@ impl Sink for KafkaSink {
         if let Some(failed) = failed {
             return Published { delivered_after, confirmed_after, ..failed };
         }
-        // Only a refusal of the row right after the acknowledged prefix counts as one; nothing
-        // after it was enqueued.
+        // Every row enqueued was acknowledged: the prefix ends at a row refused at enqueue (a
+        // refusal of that row), or where enqueueing stopped.
         let refused = enqueue_refused.filter(|&(i, _)| i == acked).map(|(_, why)| why);
         Published { acked, error: enqueue_error, refused, delivered_after, confirmed_after }
     }
@@ -238,19 +271,23 @@ mod tests {
         }
     }
 
-    /// A saga id whose events land on `partition` (librdkafka's default partitioner hashes
-    /// the key), found by producing with the same defaults.
-    async fn key_on(bootstrap: &str, partition: i32) -> String {
+    /// The `nth` (from 0) saga id whose events land on `partition` (librdkafka's default
+    /// partitioner hashes the key), found by producing with the same defaults.
+    async fn key_on(bootstrap: &str, partition: i32, nth: usize) -> String {
         let probe: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+        let mut found = 0;
         for i in 0..64 {
             let key = format!("saga-{i}");
             let record = FutureRecord::to(TOPIC).key(key.as_str()).payload("probe");
             let delivered = probe.send(record, Duration::from_secs(10)).await.unwrap();
             if delivered.partition == partition {
-                return key;
+                if found == nth {
+                    return key;
+                }
+                found += 1;
             }
         }
-        panic!("no key of 64 landed on partition {partition}");
+        panic!("fewer than {} keys of 64 landed on partition {partition}", nth + 1);
     }
 
     /// The first row of a batch is refused while the second (another saga's, on a partition
@@ -264,7 +301,7 @@ mod tests {
         cluster.partition_leader(TOPIC, 0, Some(1)).unwrap();
         cluster.partition_leader(TOPIC, 1, Some(2)).unwrap();
         let bootstrap = cluster.bootstrap_servers();
-        let (first, second) = (key_on(&bootstrap, 0).await, key_on(&bootstrap, 1).await);
+        let (first, second) = (key_on(&bootstrap, 0, 0).await, key_on(&bootstrap, 1, 0).await);
 
         cluster.broker_down(2).unwrap();
         cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
@@ -286,6 +323,36 @@ mod tests {
         assert!(published.refused.is_some(), "the first row is refused for its size: {published:?}");
         assert!(took >= outage, "returned after {took:?}, before the second row could be delivered");
         assert_eq!(published.delivered_after, [1], "the second row's delivery is reported: {published:?}");
+    }
+
+    /// A row Kafka refuses at enqueue (larger than `message.max.bytes`) behind a row waiting
+    /// for a partition that does not answer: another saga's row after the refused one is still
+    /// sent, and confirmed (so the relay marks it), while the refused row's own saga waits. (It
+    /// had stopped the whole batch there: every saga's events behind a refused one waited for
+    /// as long as the partition was down.)
+    #[tokio::test]
+    async fn a_row_refused_at_enqueue_holds_back_only_its_own_saga() {
+        let cluster = MockCluster::new(2).unwrap();
+        cluster.create_topic(TOPIC, 2, 1).unwrap();
+        cluster.partition_leader(TOPIC, 0, Some(1)).unwrap();
+        cluster.partition_leader(TOPIC, 1, Some(2)).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let stuck = key_on(&bootstrap, 1, 0).await;
+        let (big, other) = (key_on(&bootstrap, 0, 0).await, key_on(&bootstrap, 0, 1).await);
+        cluster.broker_down(2).unwrap();
+        let settings = vec![("message.max.bytes".into(), "10000".into()), ("message.timeout.ms".into(), "1000".into())];
+        let sink = KafkaSink::new(KafkaOptions { brokers: bootstrap, topic: TOPIC.into(), settings }).unwrap();
+        let mut large = row(2, &big);
+        large.payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+        let mut after_large = row(4, &big);
+        after_large.seq = 2;
+        let rows = [row(1, &stuck), large, row(3, &other), after_large];
+
+        let published = sink.publish(&rows).await;
+        assert_eq!(published.acked, 0, "the first row's partition does not answer: {published:?}");
+        assert!(published.refused.is_none(), "the first row timed out, it is not refused: {published:?}");
+        assert_eq!(published.confirmed_after, [2], "the other saga's row went out: {published:?}");
+        assert_eq!(published.delivered_after, [2], "nothing of the refused row's saga was sent: {published:?}");
     }
 
     /// A producer session that turned fatal before any publish (the broker refused its

@@ -406,11 +406,16 @@ async fn publish_once(
                 }
             }
         }
-        if let Err(e) = store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await {
-            metrics.relay_failed();
-            return Err(e.into());
+        match store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await {
+            Ok(true) => metrics.dead_lettered(),
+            // Gone meanwhile (purged, or dead-lettered by a relay whose lease had lapsed): not
+            // counted again.
+            Ok(false) => return Ok(batch(marked + 1)),
+            Err(e) => {
+                metrics.relay_failed();
+                return Err(e.into());
+            }
         }
-        metrics.dead_lettered();
         tracing::error!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good; it is in the dead letters");
         return Ok(batch(marked + 1));
     }

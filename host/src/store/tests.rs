@@ -1328,7 +1328,20 @@ async fn busy_locked_and_lock_timeouts_are_transient_other_errors_are_not() {
             assert!(!unique.is_refused_data(), "postgres: a unique violation is not about the data's form");
             // Data no retry can store: a NUL in text, an index row too large.
             let nul = other.execute("SELECT convert_from('\\x00'::bytea, 'UTF8')").await.unwrap_err();
-            assert!(Error::from(nul).is_refused_data(), "postgres: a NUL is refused data");
+            let nul = Error::from(nul);
+            assert!(nul.is_refused_data(), "postgres: a NUL is refused data");
+            // A request whose data the database refuses is the client's to change: 422, not a
+            // 500 that invites the same retry.
+            let answer = crate::http::error::ApiError::from(nul);
+            assert_eq!((answer.status.as_u16(), answer.code), (422, "refused_data"), "postgres");
+            let unique = Error::from(
+                other.execute("INSERT INTO catalog_version (id, version) VALUES (1, 0)").await.unwrap_err(),
+            );
+            assert_eq!(
+                crate::http::error::ApiError::from(unique).status.as_u16(),
+                500,
+                "postgres: other errors stay 500"
+            );
             // A statement on a connection left in a failed transaction block is transient, and
             // arms the pool's check of its connections before their next use.
             let mut stuck = sqlx::PgConnection::connect(url).await.unwrap();

@@ -161,10 +161,14 @@ impl Sink for JsonlSink {
 }
 
 /// An unfinished last line longer than this was not left by a crash of sagahost: what a torn
-/// write leaves after the last newline is part of one event, and an event is far smaller
-/// (a plugin's output is limited to `--plugin-output-kib`). The sink refuses to guess and asks
-/// for the file to be moved aside rather than cutting it off.
-const MAX_TORN_TAIL: u64 = 64 << 20;
+/// write leaves after the last newline is part of one event, and an event is smaller. Its
+/// largest part is one plugin output (at most 64 MiB, `--plugin-output-kib`'s bound), which
+/// the event holds re-serialized, and that can grow it: a number written `1e15` becomes
+/// `1000000000000000.0`, at most 4.5 times its text. (It was 64 MiB, which a legal event of a
+/// host run with the largest output limit passes: a crash in its write left a file the host
+/// refused to start on.) The sink refuses to guess and asks for the file to be moved aside
+/// rather than cutting it off.
+const MAX_TORN_TAIL: u64 = 384 << 20;
 
 /// The open events file and what is known to be on disk in it.
 struct Writer {

@@ -254,6 +254,20 @@ async fn an_unfinished_last_line_left_by_a_crash_is_cut_off_when_the_file_is_ope
     assert_eq!(len(&path), 0);
 }
 
+/// A torn write of the largest event a host can write (an output of 64 MiB, the flag's bound,
+/// whose numbers grew when re-serialized) is cut, not refused: the host starts again after it.
+#[tokio::test]
+async fn a_torn_write_of_the_largest_legal_event_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, b"{}\n").unwrap();
+    let file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    // 64 MiB of `1e15,` re-serialized: 3.8 times as long, and torn before its newline.
+    file.set_len(3 + (64 << 20) / 5 * 19).unwrap();
+    drop(JsonlSink::open(&path, NEVER).await.expect("a torn event of a legal size is cut"));
+    assert_eq!(len(&path), 3, "cut back to the last whole line");
+}
+
 #[tokio::test]
 async fn a_file_ending_in_a_huge_unfinished_line_is_refused_not_cut() {
     let dir = tempfile::tempdir().unwrap();
