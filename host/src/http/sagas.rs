@@ -685,7 +685,8 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
 /// request again. `run` gets the key ([`RequestKey`]): an outside event's commit stores the
 /// answer under it itself, so a request that dies after its commit leaves its key answered
 /// (its retry replays it instead of running the event again). A request dropped before its
-/// key is settled releases it ([`Unsettled`]); one whose host died holds it until its lock
+/// key is settled releases it ([`claim_detached`] while claiming, then [`Unsettled`]); one
+/// whose host died holds it until its lock
 /// runs out: its deadline plus 30 s (75 s by default, 330 s for a plugin upload).
 pub(super) async fn idempotent<F, Fut>(
     state: &AppState,
@@ -728,9 +729,10 @@ where
         ttl_ms: state.config.idempotency_ttl.as_millis() as i64,
         response: None,
     };
-    match state.store.claim_key(&claim, state.clock.now_ms()).await? {
+    match claim_detached(&state.store, &claim, state.clock.now_ms()).await? {
         CreateOutcome::Created | CreateOutcome::Abandoned { .. } => {
             let key = RequestKey { caller: claim.caller.clone(), route: claim.route.clone(), key: claim.key.clone() };
+            // Armed before anything else is awaited: from here on a drop releases the key.
             let mut unsettled = Unsettled::arm(state, &key);
             let response = run(Some(key)).await.unwrap_or_else(IntoResponse::into_response);
             if response.status().is_server_error() || response.extensions().get::<Provisional>().is_some() {
@@ -763,6 +765,62 @@ where
     }
 }
 
+/// Claims `claim`'s key in a task of its own, so that a request dropped while its claim is on
+/// its way (its client hung up, its deadline passed) cannot leave the key claimed with nobody
+/// to run or release it: on SQLite a claim is a job queued to the group-commit writer, which
+/// runs it even when its caller is gone, and a retry got 409 "in flight" until the lock ran
+/// out (the deadline plus 30 s). A claim the dropped request can no longer take is released by
+/// the task (the request never ran); one that reached the request just before the drop is
+/// released by [`ClaimWait`]. From the answer on, [`Unsettled`] covers the request.
+async fn claim_detached(
+    store: &Arc<dyn crate::store::Store>,
+    claim: &IdempotencyClaim,
+    now: i64,
+) -> Result<CreateOutcome, crate::store::Error> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (store, claim) = (Arc::clone(store), claim.clone());
+    let mut wait = ClaimWait { rx, release: Some((Arc::clone(&store), claim.clone())) };
+    tokio::spawn(async move {
+        let outcome = store.claim_key(&claim, now).await;
+        if let Err(Ok(CreateOutcome::Created | CreateOutcome::Abandoned { .. })) = tx.send(outcome) {
+            release_dropped(store.as_ref(), &claim.caller, &claim.route, &claim.key).await;
+        }
+    });
+    let outcome = (&mut wait.rx).await;
+    wait.release = None;
+    outcome.unwrap_or_else(|_| Err(crate::store::Error::Unsupported("the key's claim was cut short".to_owned())))
+}
+
+/// The request's end of [`claim_detached`]: dropped before it took the answer, it closes the
+/// channel (no answer can come after) and releases a claim that came before.
+struct ClaimWait {
+    rx: tokio::sync::oneshot::Receiver<Result<CreateOutcome, crate::store::Error>>,
+    /// The store and the claim to release; `None` once the request took the answer.
+    release: Option<(Arc<dyn crate::store::Store>, IdempotencyClaim)>,
+}
+
+impl Drop for ClaimWait {
+    fn drop(&mut self) {
+        let Some((store, claim)) = self.release.take() else { return };
+        self.rx.close();
+        if let Ok(Ok(CreateOutcome::Created | CreateOutcome::Abandoned { .. })) = self.rx.try_recv() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(
+                    async move { release_dropped(store.as_ref(), &claim.caller, &claim.route, &claim.key).await },
+                );
+            }
+        }
+    }
+}
+
+/// Releases the key of a request that was dropped (a release removes only a key without an
+/// answer).
+async fn release_dropped(store: &dyn crate::store::Store, caller: &str, route: &str, key: &str) {
+    if let Err(e) = store.release_key(caller, route, key).await {
+        tracing::warn!(route, error = %e, "could not release the key of a dropped request; it is free once its lock runs out");
+    }
+}
+
 /// How long a keyed request's claim outlives its deadline: replicas' clocks differ a little,
 /// and a process that stalls (a pause, swapping) may run a little past its deadline.
 const KEY_LOCK_MARGIN: Duration = Duration::from_secs(30);
@@ -789,11 +847,7 @@ impl Drop for Unsettled {
     fn drop(&mut self) {
         let Some((store, k)) = self.0.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        runtime.spawn(async move {
-            if let Err(e) = store.release_key(&k.caller, &k.route, &k.key).await {
-                tracing::warn!(route = %k.route, error = %e, "could not release the key of a dropped request; it is free once its lock runs out");
-            }
-        });
+        runtime.spawn(async move { release_dropped(store.as_ref(), &k.caller, &k.route, &k.key).await });
     }
 }
 
@@ -1026,6 +1080,43 @@ pub async fn signal_saga(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A keyed request dropped while its claim waits for SQLite's writer (a queued job runs
+    /// even when its caller is gone) leaves its key to the retry, rather than "in flight" until
+    /// the lock runs out (75 s).
+    #[tokio::test]
+    async fn a_request_dropped_while_its_claim_waits_for_the_writer_leaves_its_key_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let claim = IdempotencyClaim {
+            caller: "c".into(),
+            route: "POST /orders/x/cancel".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            lock_ms: 75_000,
+            ttl_ms: 86_400_000,
+            response: None,
+        };
+        // Another connection holds the database's write lock: the writer's next job waits.
+        let holder = crate::store::tests::WriteLock::take(&dir.path().join("sagahost.db")).await;
+        let claiming = claim_detached(&store, &claim, 0);
+        // The client hangs up while its claim is queued.
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), claiming).await;
+        assert!(gave_up.is_err(), "the claim waited for the lock: {gave_up:?}");
+        holder.release().await;
+
+        let retry = std::time::Instant::now();
+        loop {
+            match claim_detached(&store, &claim, 0).await.unwrap() {
+                CreateOutcome::Created => break,
+                // The dropped claim commits, then its release follows.
+                CreateOutcome::InFlight if retry.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!("the retry found the key {other:?} after {:?}", retry.elapsed()),
+            }
+        }
+    }
 
     #[test]
     fn prefer_wait_parsing() {

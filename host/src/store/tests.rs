@@ -1738,3 +1738,22 @@ async fn a_sagas_trace_parent_is_stored_with_it() {
         b.cleanup().await;
     }
 }
+
+/// Holds a SQLite database's write lock from a connection of its own, for tests of what waits
+/// for the writer (modules outside the store do not name sqlx).
+pub(crate) struct WriteLock(sqlx::SqliteConnection);
+
+impl WriteLock {
+    pub(crate) async fn take(file: &std::path::Path) -> WriteLock {
+        use sqlx::{Connection as _, Executor as _};
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(file);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+        conn.execute("BEGIN IMMEDIATE").await.unwrap();
+        WriteLock(conn)
+    }
+
+    pub(crate) async fn release(mut self) {
+        use sqlx::Executor as _;
+        self.0.execute("ROLLBACK").await.unwrap();
+    }
+}
