@@ -779,3 +779,64 @@ async fn a_keyed_request_whose_client_hung_up_leaves_its_key_to_the_retry() {
     assert!(status == 202 || status == 200, "the retried cancel: {status} {body}");
     assert_eq!(body["id"], id.as_str());
 }
+
+/// A keyed signal whose client hung up while its commit waited behind a lock on the saga's
+/// row: the commit holds the key's row, so the dropped request's release of the key waits for
+/// it and finds the key answered, and the retry replays that answer. (The release had deleted
+/// the key meanwhile on another connection; the commit then delivered the signal without
+/// storing its answer, and the retry ran the signal again: 409 `not_waiting` for a signal that
+/// was delivered.)
+#[tokio::test]
+async fn a_keyed_signal_whose_client_hung_up_mid_commit_is_answered_once() {
+    let c = Cluster::start(1, &[]).await;
+    let base = c.hosts[0].as_ref().unwrap().base.clone();
+    let http = reqwest::Client::new();
+    let kind = Kind::Confirmed3ds;
+    let created =
+        http.post(format!("{base}{}", kind.create_path())).header("Idempotency-Key", key()).json(&kind.body()).send();
+    let id = created.await.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    loop {
+        let o: Value = http.get(format!("{base}/orders/{id}")).send().await.unwrap().json().await.unwrap();
+        if o["steps"][1]["status"] == "waiting" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the 3-D Secure payment never waited: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut holder = c.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM sagas WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *holder).await.unwrap();
+    let k = key();
+    let signal = |timeout: Duration| {
+        http.post(format!("{base}/orders/{id}/signals/payment-confirmed"))
+            .header("Idempotency-Key", &k)
+            .json(&serde_json::json!({"confirmed": true}))
+            .timeout(timeout)
+            .send()
+    };
+    assert!(signal(Duration::from_secs(1)).await.is_err(), "the signal was answered while its commit was held");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    holder.rollback().await.unwrap();
+
+    // The held commit lands; then the retry is answered with what it stored.
+    let start = Instant::now();
+    let (status, replayed, body) = loop {
+        let r = signal(Duration::from_secs(20)).await.unwrap();
+        let replayed = r.headers().get("idempotent-replayed").is_some();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        if status != 409 || body["code"] != "idempotency_key_in_flight" || start.elapsed() > Duration::from_secs(10) {
+            break (status, replayed, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((status, replayed), (202, true), "the retried signal: {body}");
+    let stored: Option<i64> = sqlx::query_scalar("SELECT response_status FROM idempotency_keys WHERE key = $1")
+        .bind(&k)
+        .fetch_optional(&c.pool)
+        .await
+        .unwrap()
+        .flatten();
+    assert_eq!(stored, Some(202), "the delivered signal's answer is stored under its key");
+}

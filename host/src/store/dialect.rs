@@ -46,6 +46,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// transaction: locks them and skips rows another transaction has locked, so concurrent
     /// claimers take disjoint rows without queueing. Empty where writers are serialised anyway.
     fn skip_locked(&self) -> &'static str;
+    /// Appended to a `SELECT` whose rows a statement must hold until it commits (no other
+    /// transaction may change or delete them meanwhile). Empty where writers are serialised
+    /// anyway.
+    fn for_update(&self) -> &'static str;
     /// The statement that begins a read-only transaction in which several SELECTs see one
     /// snapshot (a saga row and its steps).
     fn begin_snapshot(&self) -> &'static str;

@@ -88,6 +88,10 @@ impl Dialect for Postgres {
         " FOR UPDATE SKIP LOCKED"
     }
 
+    fn for_update(&self) -> &'static str {
+        " FOR UPDATE"
+    }
+
     fn begin_snapshot(&self) -> &'static str {
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
     }

@@ -865,7 +865,7 @@ impl SagaStore for SqlStore {
         let mut script = Script::default();
         match &c.creation {
             Some(creation) => self.creation_committed_statements(&mut script, creation, c)?,
-            None => commit_script(c, &mut script)?,
+            None => commit_script(c, &mut script, self.dialect.for_update())?,
         }
         if let Some(keys) = &self.keys {
             // Before the commit runs: whoever sees the row must find the key (module keys).
@@ -933,6 +933,8 @@ macro_rules! commit_update {
         )
     };
 }
+/// The end of every [`commit_update!`].
+const COMMIT_RETURNING: &str = " RETURNING seq, id, last_event_id";
 const COMMIT_LEASE: &str = commit_update!(" WHERE id = $1 AND seq = $2 AND epoch = $10");
 const COMMIT_LEASE_RELEASE: &str =
     commit_update!(", lease_owner = NULL, lease_until = NULL WHERE id = $1 AND seq = $2 AND epoch = $10");
@@ -1040,7 +1042,16 @@ fn push_rows_with(
 /// The statements of one commit, with their arguments: the fenced update first, then the
 /// changed steps, the plugins' state writes, one outbox row per transition and the audit
 /// entry, each conditional on the update having applied.
-fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
+/// A commit's statements: the fenced update of the saga row first, then what depends on it.
+/// A commit that stores its keyed request's answer ([`Commit::answer`]) also needs the key
+/// still claimed and unanswered, and holds its row (`for_update`) until it commits: the
+/// request may be dropped while this statement waits for the saga's row (its client hung up),
+/// and the release of its key must then either wait for the commit (which leaves the key
+/// answered, so the release removes nothing and the retry replays the answer) or come first
+/// (and the commit applies nothing, so the retry runs the event). On PostgreSQL a release on
+/// another connection had deleted the key while the commit waited, and the commit applied the
+/// event without its answer: the retry ran it again (a signal then answered 409).
+fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Result<()> {
     let last = c.events.last().ok_or_else(|| corrupt("a commit without an event".to_owned()))?;
     let new_seq = c.read_seq + c.events.len() as i64;
     let (update, epoch) = match c.fence {
@@ -1060,6 +1071,24 @@ fn commit_script(c: &Commit<'_>, script: &mut Script) -> Result<()> {
         Arg::Int(Some(new_seq)),
     ];
     args.extend(epoch.map(|e| Arg::Int(Some(e))));
+    let update: std::borrow::Cow<'static, str> = match &c.answer {
+        None => update.into(),
+        Some(answer) => {
+            let fenced = update
+                .strip_suffix(COMMIT_RETURNING)
+                .ok_or_else(|| corrupt("a commit's update without its RETURNING"))?;
+            let n = args.len();
+            args.extend([Arg::text(answer.caller), Arg::text(answer.route), Arg::text(answer.key)]);
+            format!(
+                "{fenced} AND EXISTS (SELECT 1 FROM idempotency_keys WHERE caller = ${} AND route = ${} AND key = ${} \
+                 AND response_status IS NULL{for_update}){COMMIT_RETURNING}",
+                n + 1,
+                n + 2,
+                n + 3
+            )
+            .into()
+        }
+    };
     script.push_as(Role::Head("seq"), update, args);
     let mut steps = Vec::with_capacity(c.changed_steps.len());
     for &i in c.changed_steps {

@@ -111,6 +111,10 @@ impl Dialect for Sqlite {
         ""
     }
 
+    fn for_update(&self) -> &'static str {
+        ""
+    }
+
     fn begin_snapshot(&self) -> &'static str {
         // A deferred read transaction: in WAL mode its first SELECT fixes the snapshot.
         "BEGIN"
