@@ -737,16 +737,14 @@ async fn a_replica_whose_migration_waits_past_the_lock_timeout_still_starts() {
     completes_an_order(&host.await.expect("the replica started once the lock was released")).await;
 }
 
-/// A keyed cancel whose client hung up before it was answered (its commit waits behind a lock
-/// another session holds on the saga's row) leaves its key to the retry: the retry runs and
-/// is answered once the lock goes, instead of 409 "in flight" until the key's lock (the
-/// request's deadline plus 30 s) ran out.
-#[tokio::test]
-async fn a_keyed_request_whose_client_hung_up_leaves_its_key_to_the_retry() {
-    let c = Cluster::start(1, &[]).await;
+/// A 3-D Secure order of `kind` created on the cluster's first host and waiting for its
+/// signal, and a transaction holding its saga's row (a commit to it waits until it ends).
+async fn waiting_and_locked(
+    c: &Cluster,
+    http: &reqwest::Client,
+    kind: Kind,
+) -> (String, sqlx::Transaction<'static, sqlx::Postgres>) {
     let base = c.hosts[0].as_ref().unwrap().base.clone();
-    let http = reqwest::Client::new();
-    let kind = Kind::Cancelled3ds;
     let created =
         http.post(format!("{base}{}", kind.create_path())).header("Idempotency-Key", key()).json(&kind.body()).send();
     let id = created.await.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
@@ -759,9 +757,21 @@ async fn a_keyed_request_whose_client_hung_up_leaves_its_key_to_the_retry() {
         assert!(start.elapsed() < Duration::from_secs(30), "the 3-D Secure payment never waited: {o}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-
     let mut holder = c.pool.begin().await.unwrap();
     sqlx::query("SELECT id FROM sagas WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *holder).await.unwrap();
+    (id, holder)
+}
+
+/// A keyed cancel whose client hung up before it was answered (its commit waits behind a lock
+/// another session holds on the saga's row) leaves its key to the retry: the retry runs and
+/// is answered once the lock goes, instead of 409 "in flight" until the key's lock (the
+/// request's deadline plus 30 s) ran out.
+#[tokio::test]
+async fn a_keyed_request_whose_client_hung_up_leaves_its_key_to_the_retry() {
+    let c = Cluster::start(1, &[]).await;
+    let base = c.hosts[0].as_ref().unwrap().base.clone();
+    let http = reqwest::Client::new();
+    let (id, holder) = waiting_and_locked(&c, &http, Kind::Cancelled3ds).await;
     let k = key();
     let cancel = |timeout: Duration| {
         http.post(format!("{base}/orders/{id}/cancel")).header("Idempotency-Key", &k).timeout(timeout).send()
@@ -791,22 +801,7 @@ async fn a_keyed_signal_whose_client_hung_up_mid_commit_is_answered_once() {
     let c = Cluster::start(1, &[]).await;
     let base = c.hosts[0].as_ref().unwrap().base.clone();
     let http = reqwest::Client::new();
-    let kind = Kind::Confirmed3ds;
-    let created =
-        http.post(format!("{base}{}", kind.create_path())).header("Idempotency-Key", key()).json(&kind.body()).send();
-    let id = created.await.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let start = Instant::now();
-    loop {
-        let o: Value = http.get(format!("{base}/orders/{id}")).send().await.unwrap().json().await.unwrap();
-        if o["steps"][1]["status"] == "waiting" {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "the 3-D Secure payment never waited: {o}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let mut holder = c.pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM sagas WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *holder).await.unwrap();
+    let (id, holder) = waiting_and_locked(&c, &http, Kind::Confirmed3ds).await;
     let k = key();
     let signal = |timeout: Duration| {
         http.post(format!("{base}/orders/{id}/signals/payment-confirmed"))
