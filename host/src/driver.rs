@@ -483,7 +483,14 @@ impl Driver {
                             spawn_with(&tasks, &abort, permit, async move { inner.run_saga(id, epoch).await });
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "claiming due sagas failed"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "claiming due sagas failed");
+                        // Not again at once: a database that refuses writes but answers reads
+                        // (disk full, a read-only standby) reports sagas due now, and the loop
+                        // made a failing claim after another, thousands a second.
+                        deadline = tokio::time::Instant::now() + inner.options.poll_interval;
+                        continue;
+                    }
                 }
                 deadline = tokio::time::Instant::now() + inner.sleep_for().await;
             }
@@ -1704,10 +1711,20 @@ mod tests {
     }
 
     /// A saga store whose next creation commits and then reports a failure, as on PostgreSQL
-    /// when the connection drops after COMMIT.
+    /// when the connection drops after COMMIT; with `refuse_writes`, one that answers reads
+    /// (a saga is due now) and refuses every claim, as a full disk or a read-only standby
+    /// does, counting the claims.
     struct LandsThenFails {
         inner: Arc<dyn crate::store::Store>,
         fail_next_create: std::sync::atomic::AtomicBool,
+        refuse_writes: bool,
+        claims: std::sync::atomic::AtomicU64,
+    }
+
+    impl LandsThenFails {
+        fn new(inner: Arc<dyn crate::store::Store>, fail_next_create: bool, refuse_writes: bool) -> LandsThenFails {
+            LandsThenFails { inner, fail_next_create: fail_next_create.into(), refuse_writes, claims: 0.into() }
+        }
     }
 
     #[async_trait::async_trait]
@@ -1743,6 +1760,10 @@ mod tests {
             lease_ms: i64,
             limit: u32,
         ) -> crate::store::Result<Vec<(String, i64)>> {
+            self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.refuse_writes {
+                return Err(crate::store::Error::Unsupported("database or disk is full".into()));
+            }
             self.inner.claim_due(owner, now, lease_ms, limit).await
         }
         async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> crate::store::Result<bool> {
@@ -1761,6 +1782,9 @@ mod tests {
             self.inner.database_now_ms().await
         }
         async fn next_due(&self) -> crate::store::Result<Option<i64>> {
+            if self.refuse_writes {
+                return Ok(Some(0));
+            }
             self.inner.next_due().await
         }
         async fn commit(&self, c: &crate::store::Commit<'_>) -> crate::store::Result<i64> {
@@ -1800,7 +1824,7 @@ mod tests {
         let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), reader).unwrap());
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
         let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
-        let failing = Arc::new(LandsThenFails { inner: store.clone(), fail_next_create: true.into() });
+        let failing = Arc::new(LandsThenFails::new(store.clone(), true, false));
         let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
         let options = DriverOptions::default();
         assert!(options.chain_max_age < Duration::from_millis(300) && options.lease_ms >= 30_000);
@@ -1838,5 +1862,29 @@ mod tests {
         running.await.unwrap();
         let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
+    }
+
+    /// A database that answers reads (a saga is due now) but refuses every write: the driver
+    /// tries to claim once per poll interval, not in a tight loop.
+    #[tokio::test]
+    async fn a_failing_claim_is_tried_again_after_the_poll_interval_not_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let runtime =
+            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let failing = Arc::new(LandsThenFails::new(store.clone(), false, true));
+        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let options = DriverOptions { poll_interval: Duration::from_millis(200), ..DriverOptions::default() };
+        let driver =
+            Driver::new(failing.clone(), sagas, runtime, catalog, clock, crate::metrics::Metrics::new(), options);
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(driver.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shutdown.cancel();
+        running.await.unwrap();
+        let claims = failing.claims.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..=7).contains(&claims), "{claims} claims in a second at a 200 ms poll interval");
     }
 }
