@@ -1887,4 +1887,56 @@ mod tests {
         let claims = failing.claims.load(std::sync::atomic::Ordering::SeqCst);
         assert!((1..=7).contains(&claims), "{claims} claims in a second at a 200 ms poll interval");
     }
+
+    /// A creation handed to the driver at once (no wait), whose commit landed although the
+    /// store reported a failure: the request fails, and the saga must still run now. It stayed
+    /// claimed by this driver, which never got it, until its lease (a minute) ran out.
+    #[tokio::test]
+    async fn a_handed_over_creation_that_landed_though_reported_failed_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let runtime =
+            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
+        let failing = Arc::new(LandsThenFails::new(store.clone(), true, false));
+        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let options = DriverOptions::default();
+        assert!(options.lease_ms >= 30_000);
+        let driver = Driver::new(
+            failing.clone(),
+            Arc::clone(&sagas),
+            runtime,
+            catalog,
+            clock,
+            crate::metrics::Metrics::new(),
+            options,
+        );
+        let input = serde_json::json!({"customer_id": "c-42",
+            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+            "currency": "USD", "payment": {"token": "tok_visa"},
+            "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}});
+        let draft = sagas.draft(&def, &input);
+        let id = draft.record.id.clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(driver.run(shutdown.clone()));
+        let created = tokio::time::timeout(Duration::from_secs(10), sagas.create(&draft, None, false)).await;
+        assert!(created.expect("no answer").is_err(), "the store reported the creation failed");
+        let completed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(rec) = store.saga(&id).await.unwrap() {
+                    if rec.state.phase == engine::Phase::Completed {
+                        return rec;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        shutdown.cancel();
+        running.await.unwrap();
+        let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
+        assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
+    }
 }

@@ -247,11 +247,24 @@ impl Sagas {
         use tracing::Instrument as _;
         let task = tokio::spawn(
             async move {
-                let outcome = this.store_creation(&new, claim.as_ref()).await?;
-                if outcome == CreateOutcome::Created {
-                    this.driver.adopt(rec, admitted, None);
+                let outcome = this.store_creation(&new, claim.as_ref()).await;
+                match &outcome {
+                    Ok(CreateOutcome::Created) => this.driver.adopt(rec, admitted, None),
+                    Ok(_) => {}
+                    // The commit may have landed although the store reported a failure (on
+                    // PostgreSQL the connection can drop after COMMIT): the saga would sit
+                    // claimed by this process's driver, which never got it, run by nobody
+                    // until its lease ran out. The claim is given back (fenced by its epoch:
+                    // nothing happens where nothing landed) and the driver looks for due work.
+                    Err(_) => {
+                        let release = this.store.release(&rec.id, rec.epoch);
+                        match tokio::time::timeout(std::time::Duration::from_secs(1), release).await {
+                            Ok(Ok(())) => this.driver.wake(),
+                            _ => tracing::warn!(saga_id = %rec.id, "giving back a creation that may have landed failed; its claim will expire"),
+                        }
+                    }
                 }
-                Ok(outcome)
+                outcome
             }
             .in_current_span(),
         );
