@@ -1041,20 +1041,31 @@ impl Inner {
     /// Runs a plugin call while renewing the saga's lease every third of its length, so a long
     /// call keeps its claim. If the claim is lost anyway (the process stalled), the call still
     /// finishes but its commit will be fenced and discarded.
+    ///
+    /// The renewals run beside the call, not in its turn: a renewal that waits for the
+    /// database (a busy pool, a locked row) must not stop the call meanwhile, whose timeout is
+    /// wall-clock time (the wait was charged to the plugin, and counted as its failed attempt).
     async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, call: F) -> F::Output {
         let lease_ms = self.options.lease_ms;
         let period = Duration::from_millis((lease_ms / 3).max(50) as u64);
-        tokio::pin!(call);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                out = &mut call => return out,
-                _ = tick.tick() => match self.store.renew_lease(id, epoch, lease_ms).await {
+        let renewing = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match self.store.renew_lease(id, epoch, lease_ms).await {
                     Ok(true) => {}
-                    Ok(false) => tracing::warn!(saga_id = %id, "lost the claim during a plugin call; its result will be discarded"),
+                    Ok(false) => {
+                        tracing::warn!(saga_id = %id, "lost the claim during a plugin call; its result will be discarded")
+                    }
                     Err(e) => tracing::warn!(saga_id = %id, error = %e, "renewing a lease failed"),
-                },
+                }
             }
+        };
+        tokio::pin!(call, renewing);
+        tokio::select! {
+            out = &mut call => out,
+            () = &mut renewing => unreachable!("the renewals never end"),
         }
     }
 
@@ -1719,11 +1730,19 @@ mod tests {
         fail_next_create: std::sync::atomic::AtomicBool,
         refuse_writes: bool,
         claims: std::sync::atomic::AtomicU64,
+        /// How long each lease renewal takes (a busy database).
+        renew_delay: Duration,
     }
 
     impl LandsThenFails {
         fn new(inner: Arc<dyn crate::store::Store>, fail_next_create: bool, refuse_writes: bool) -> LandsThenFails {
-            LandsThenFails { inner, fail_next_create: fail_next_create.into(), refuse_writes, claims: 0.into() }
+            LandsThenFails {
+                inner,
+                fail_next_create: fail_next_create.into(),
+                refuse_writes,
+                claims: 0.into(),
+                renew_delay: Duration::ZERO,
+            }
         }
     }
 
@@ -1767,6 +1786,7 @@ mod tests {
             self.inner.claim_due(owner, now, lease_ms, limit).await
         }
         async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> crate::store::Result<bool> {
+            tokio::time::sleep(self.renew_delay).await;
             self.inner.renew_lease(id, epoch, lease_ms).await
         }
         async fn release(&self, id: &str, epoch: i64) -> crate::store::Result<()> {
@@ -1938,5 +1958,31 @@ mod tests {
         running.await.unwrap();
         let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
+    }
+
+    /// A lease renewal that waits for the database does not stop the plugin call beside it
+    /// (its timeout is wall-clock time: the wait was charged to the plugin).
+    #[tokio::test]
+    async fn a_slow_lease_renewal_does_not_hold_the_call_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let runtime =
+            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
+        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let slow =
+            LandsThenFails { renew_delay: Duration::from_secs(2), ..LandsThenFails::new(store.clone(), false, false) };
+        let slow = Arc::new(slow);
+        let sagas = Arc::new(Sagas::new(slow.clone(), Arc::clone(&clock), DriverHandle::default()));
+        // Renewals every 100 ms.
+        let options = DriverOptions { lease_ms: 300, ..DriverOptions::default() };
+        let driver = Driver::new(slow, sagas, runtime, catalog, clock, crate::metrics::Metrics::new(), options);
+        let started = std::time::Instant::now();
+        let call = async { tokio::time::sleep(Duration::from_millis(150)).await };
+        tokio::time::timeout(Duration::from_secs(5), driver.inner.heartbeat("s", 1, call))
+            .await
+            .expect("the call ended");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1000), "a 150 ms call took {took:?} beside a 2 s renewal");
     }
 }
