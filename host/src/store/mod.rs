@@ -492,9 +492,7 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// The outbox rows of one saga with `seq` above `after`, in `seq` order, at most `limit`.
     async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> Result<Vec<OutboxRow>>;
     /// Moves an outbox row the sink refused for good into the dead letters, with the reason,
-    /// and marks it published, in one transaction. False if the row was already gone or
-    /// published (by a relay that took the lease over while this one was refused: its event
-    /// went out, so it is no dead letter).
+    /// and marks it published, in one transaction. False if the row was already gone.
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool>;
     /// Dead-lettered events, newest first; with `before`, those older than that outbox id
     /// (the next page).

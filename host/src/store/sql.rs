@@ -1734,8 +1734,8 @@ impl OutboxStore for SqlStore {
                 Box::pin(async move {
                     let moved = sqlx::query(
                         "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
-                         SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox \
-                         WHERE id = $1 AND published_at IS NULL ON CONFLICT (outbox_id) DO NOTHING",
+                         SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox WHERE id = $1 \
+                         ON CONFLICT (outbox_id) DO NOTHING",
                     )
                     .bind(id)
                     .bind(reason)
