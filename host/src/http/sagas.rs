@@ -686,8 +686,8 @@ pub(super) async fn list(state: AppState, saga_type: &str, q: ListQuery) -> Resu
 /// answer under it itself, so a request that dies after its commit leaves its key answered
 /// (its retry replays it instead of running the event again). A request dropped before its
 /// key is settled releases it ([`claim_detached`] while claiming, then [`Unsettled`]); one
-/// whose host died holds it until its lock
-/// runs out: its deadline plus 30 s (75 s by default, 330 s for a plugin upload).
+/// whose host died holds it until its lock runs out: its deadline plus 30 s (75 s by
+/// default, 330 s for a plugin upload).
 pub(super) async fn idempotent<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
