@@ -1830,57 +1830,83 @@ mod tests {
         }
     }
 
+    /// A driver and its sagas over a fresh SQLite store seen through a [`LandsThenFails`],
+    /// the demo order's definition, and plugin state that takes `read` per read.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn crate::store::Store>,
+        faulty: Arc<LandsThenFails>,
+        sagas: Arc<Sagas>,
+        def: Arc<crate::engine::SagaDefinition>,
+        driver: Driver,
+    }
+
+    impl Rig {
+        async fn new(
+            faulty: impl FnOnce(Arc<dyn crate::store::Store>) -> LandsThenFails,
+            read: Duration,
+            options: DriverOptions,
+        ) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::open(None, dir.path()).await.unwrap();
+            let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+            let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(read))).unwrap());
+            let catalog =
+                Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+            let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
+            let faulty = Arc::new(faulty(store.clone()));
+            let sagas = Arc::new(Sagas::new(faulty.clone(), Arc::clone(&clock), DriverHandle::default()));
+            let metrics = crate::metrics::Metrics::new();
+            let driver = Driver::new(faulty.clone(), Arc::clone(&sagas), runtime, catalog, clock, metrics, options);
+            Rig { _dir: dir, store, faulty, sagas, def, driver }
+        }
+
+        /// A draft of a completing order.
+        fn order(&self) -> crate::saga::Draft {
+            let input = serde_json::json!({"customer_id": "c-42",
+                "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+                "currency": "USD", "payment": {"token": "tok_visa"},
+                "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}});
+            self.sagas.draft(&self.def, &input)
+        }
+    }
+
+    /// Saga `id` once COMPLETED, within 20 s.
+    async fn completed(store: &dyn crate::store::Store, id: &str) -> Option<SagaRecord> {
+        let completed = async {
+            loop {
+                if let Some(rec) = store.saga(id).await.unwrap() {
+                    if rec.state.phase == engine::Phase::Completed {
+                        return rec;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), completed).await.ok()
+    }
+
     /// A waiting request's creation, committed alone while its first step computes (the step
     /// outlasts the chain's age), which landed although the store reported a failure: the
     /// request answers with its saga, and the saga must run now. It stayed claimed by the
     /// driver that had dropped it, run by nobody until its lease (a minute) ran out.
     #[tokio::test]
     async fn a_creation_committed_alone_that_landed_though_reported_failed_runs_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         // The inventory step reads its reservation first: 300 ms, six times the chain's age.
-        let reader = Arc::new(SlowState(Duration::from_millis(300)));
-        let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), reader).unwrap());
-        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
-        let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
-        let failing = Arc::new(LandsThenFails::new(store.clone(), true, false));
-        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
         let options = DriverOptions::default();
         assert!(options.chain_max_age < Duration::from_millis(300) && options.lease_ms >= 30_000);
-        let driver = Driver::new(
-            store.clone(),
-            Arc::clone(&sagas),
-            runtime,
-            catalog,
-            clock,
-            crate::metrics::Metrics::new(),
-            options,
-        );
-        let input = serde_json::json!({"customer_id": "c-42",
-            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
-            "currency": "USD", "payment": {"token": "tok_visa"},
-            "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}});
-        let draft = sagas.draft(&def, &input);
-        let id = draft.record.id.clone();
+        let rig = Rig::new(|s| LandsThenFails::new(s, true, false), Duration::from_millis(300), options).await;
+        let draft = rig.order();
         let shutdown = CancellationToken::new();
-        let running = tokio::spawn(driver.run(shutdown.clone()));
-        let created = tokio::time::timeout(Duration::from_secs(10), sagas.create(&draft, None, true)).await;
+        let running = tokio::spawn(rig.driver.run(shutdown.clone()));
+        let created = tokio::time::timeout(Duration::from_secs(10), rig.sagas.create(&draft, None, true)).await;
         assert_eq!(created.expect("no answer").unwrap(), crate::store::CreateOutcome::Created);
-        assert!(!failing.fail_next_create.load(std::sync::atomic::Ordering::SeqCst), "the creation went another way");
-        let completed = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let rec = store.saga(&id).await.unwrap().expect("created");
-                if rec.state.phase == engine::Phase::Completed {
-                    return rec;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        let failed = !rig.faulty.fail_next_create.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(failed, "the creation went another way");
+        let done = completed(rig.store.as_ref(), &draft.record.id).await;
         shutdown.cancel();
         running.await.unwrap();
-        let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
+        let rec = done.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
     }
 
@@ -1888,23 +1914,14 @@ mod tests {
     /// tries to claim once per poll interval, not in a tight loop.
     #[tokio::test]
     async fn a_failing_claim_is_tried_again_after_the_poll_interval_not_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let runtime =
-            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
-        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
-        let failing = Arc::new(LandsThenFails::new(store.clone(), false, true));
-        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
         let options = DriverOptions { poll_interval: Duration::from_millis(200), ..DriverOptions::default() };
-        let driver =
-            Driver::new(failing.clone(), sagas, runtime, catalog, clock, crate::metrics::Metrics::new(), options);
+        let rig = Rig::new(|s| LandsThenFails::new(s, false, true), Duration::ZERO, options).await;
         let shutdown = CancellationToken::new();
-        let running = tokio::spawn(driver.run(shutdown.clone()));
+        let running = tokio::spawn(rig.driver.run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         shutdown.cancel();
         running.await.unwrap();
-        let claims = failing.claims.load(std::sync::atomic::Ordering::SeqCst);
+        let claims = rig.faulty.claims.load(std::sync::atomic::Ordering::SeqCst);
         assert!((1..=7).contains(&claims), "{claims} claims in a second at a 200 ms poll interval");
     }
 
@@ -1913,50 +1930,18 @@ mod tests {
     /// claimed by this driver, which never got it, until its lease (a minute) ran out.
     #[tokio::test]
     async fn a_handed_over_creation_that_landed_though_reported_failed_runs_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let runtime =
-            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
-        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
-        let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
-        let failing = Arc::new(LandsThenFails::new(store.clone(), true, false));
-        let sagas = Arc::new(Sagas::new(failing.clone(), Arc::clone(&clock), DriverHandle::default()));
         let options = DriverOptions::default();
         assert!(options.lease_ms >= 30_000);
-        let driver = Driver::new(
-            failing.clone(),
-            Arc::clone(&sagas),
-            runtime,
-            catalog,
-            clock,
-            crate::metrics::Metrics::new(),
-            options,
-        );
-        let input = serde_json::json!({"customer_id": "c-42",
-            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
-            "currency": "USD", "payment": {"token": "tok_visa"},
-            "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"}});
-        let draft = sagas.draft(&def, &input);
-        let id = draft.record.id.clone();
+        let rig = Rig::new(|s| LandsThenFails::new(s, true, false), Duration::ZERO, options).await;
+        let draft = rig.order();
         let shutdown = CancellationToken::new();
-        let running = tokio::spawn(driver.run(shutdown.clone()));
-        let created = tokio::time::timeout(Duration::from_secs(10), sagas.create(&draft, None, false)).await;
+        let running = tokio::spawn(rig.driver.run(shutdown.clone()));
+        let created = tokio::time::timeout(Duration::from_secs(10), rig.sagas.create(&draft, None, false)).await;
         assert!(created.expect("no answer").is_err(), "the store reported the creation failed");
-        let completed = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                if let Some(rec) = store.saga(&id).await.unwrap() {
-                    if rec.state.phase == engine::Phase::Completed {
-                        return rec;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        let done = completed(rig.store.as_ref(), &draft.record.id).await;
         shutdown.cancel();
         running.await.unwrap();
-        let rec = completed.expect("the saga was not run within 20 s (its lease is a minute)");
+        let rec = done.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
     }
 
@@ -1964,24 +1949,13 @@ mod tests {
     /// (its timeout is wall-clock time: the wait was charged to the plugin).
     #[tokio::test]
     async fn a_slow_lease_renewal_does_not_hold_the_call_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(None, dir.path()).await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        let runtime =
-            Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(Duration::ZERO))).unwrap());
-        let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
-        let slow =
-            LandsThenFails { renew_delay: Duration::from_secs(2), ..LandsThenFails::new(store.clone(), false, false) };
-        let slow = Arc::new(slow);
-        let sagas = Arc::new(Sagas::new(slow.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let slow = |s| LandsThenFails { renew_delay: Duration::from_secs(2), ..LandsThenFails::new(s, false, false) };
         // Renewals every 100 ms.
-        let options = DriverOptions { lease_ms: 300, ..DriverOptions::default() };
-        let driver = Driver::new(slow, sagas, runtime, catalog, clock, crate::metrics::Metrics::new(), options);
+        let rig = Rig::new(slow, Duration::ZERO, DriverOptions { lease_ms: 300, ..DriverOptions::default() }).await;
         let started = std::time::Instant::now();
         let call = async { tokio::time::sleep(Duration::from_millis(150)).await };
-        tokio::time::timeout(Duration::from_secs(5), driver.inner.heartbeat("s", 1, call))
-            .await
-            .expect("the call ended");
+        let heartbeat = rig.driver.inner.heartbeat("s", 1, call);
+        tokio::time::timeout(Duration::from_secs(5), heartbeat).await.expect("the call ended");
         let took = started.elapsed();
         assert!(took < Duration::from_millis(1000), "a 150 ms call took {took:?} beside a 2 s renewal");
     }
