@@ -1096,15 +1096,7 @@ impl Inner {
             }
             Err(e) => {
                 tracing::debug!(saga_id = %id, error = %e, "committing a creation alone failed; the request creates the saga");
-                match tokio::time::timeout(Duration::from_secs(1), self.store.release(id, epoch)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(saga_id = %id, error = %e, "releasing a creation that may have landed failed; its claim will expire")
-                    }
-                    Err(_) => {
-                        tracing::warn!(saga_id = %id, "releasing a creation that may have landed took over 1 s; its claim will expire")
-                    }
-                }
+                saga::give_back_landed(self.store.as_ref(), id, epoch).await;
                 drop(pending);
                 false
             }

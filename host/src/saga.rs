@@ -257,10 +257,8 @@ impl Sagas {
                     // until its lease ran out. The claim is given back (fenced by its epoch:
                     // nothing happens where nothing landed) and the driver looks for due work.
                     Err(_) => {
-                        let release = this.store.release(&rec.id, rec.epoch);
-                        match tokio::time::timeout(std::time::Duration::from_secs(1), release).await {
-                            Ok(Ok(())) => this.driver.wake(),
-                            _ => tracing::warn!(saga_id = %rec.id, "giving back a creation that may have landed failed; its claim will expire"),
+                        if give_back_landed(this.store.as_ref(), &rec.id, rec.epoch).await {
+                            this.driver.wake();
                         }
                     }
                 }
@@ -588,5 +586,24 @@ impl Staged {
         self.events.clear();
         self.changed.clear();
         self.writes.clear();
+    }
+}
+
+/// Gives back the claim (`epoch`) of a creation whose commit reported a failure but may have
+/// landed (on PostgreSQL the connection can drop after COMMIT): the saga would otherwise sit
+/// claimed by a driver that never got it, run by nobody until its lease ran out. Fenced by the
+/// epoch, so nothing happens where nothing landed. One try, bounded: with the database gone
+/// the caller must not wait on it (the claim then expires with its lease). True when done.
+pub(crate) async fn give_back_landed(store: &dyn SagaStore, id: &str, epoch: i64) -> bool {
+    match tokio::time::timeout(std::time::Duration::from_secs(1), store.release(id, epoch)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(saga_id = %id, error = %e, "releasing a creation that may have landed failed; its claim will expire");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(saga_id = %id, "releasing a creation that may have landed took over 1 s; its claim will expire");
+            false
+        }
     }
 }
