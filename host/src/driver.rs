@@ -762,7 +762,9 @@ impl Inner {
                         attempt_span(&rec, step, attempt, "execute"),
                         self.execute(&rec, step, attempt, now, in_flight_until),
                     );
-                    let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
+                    let Some(out) = self.call(&id, epoch, renewed, &mut creating, chain_began, call).await else {
+                        return;
+                    };
                     crate::failpoint!("driver-after-call");
                     out
                 }
@@ -772,7 +774,9 @@ impl Inner {
                         attempt_span(&rec, step, attempt, "compensate"),
                         self.compensate(&rec, step, attempt, binding),
                     );
-                    let Some(out) = self.call(&id, epoch, &mut creating, chain_began, call).await else { return };
+                    let Some(out) = self.call(&id, epoch, renewed, &mut creating, chain_began, call).await else {
+                        return;
+                    };
                     crate::failpoint!("driver-after-compensate-call");
                     out
                 }
@@ -1000,12 +1004,13 @@ impl Inner {
         &self,
         id: &str,
         epoch: i64,
+        renewed: std::time::Instant,
         creating: &mut Option<Deferred>,
         chain_began: std::time::Instant,
         call: F,
     ) -> Option<F::Output> {
         let Some(pending) = creating.take() else {
-            return Some(self.heartbeat(id, epoch, call).await);
+            return Some(self.heartbeat(id, epoch, renewed, call).await);
         };
         tokio::pin!(call);
         let due = tokio::time::Instant::from_std(chain_began + self.options.chain_max_age);
@@ -1034,7 +1039,8 @@ impl Inner {
         }
         Some(match finished {
             Some(out) => out,
-            None => self.heartbeat(id, epoch, call).await,
+            // Claimed by the creation's commit just now.
+            None => self.heartbeat(id, epoch, std::time::Instant::now(), call).await,
         })
     }
 
@@ -1045,11 +1051,22 @@ impl Inner {
     /// The renewals run beside the call, not in its turn: a renewal that waits for the
     /// database (a busy pool, a locked row) must not stop the call meanwhile, whose timeout is
     /// wall-clock time (the wait was charged to the plugin, and counted as its failed attempt).
-    async fn heartbeat<F: std::future::Future>(&self, id: &str, epoch: i64, call: F) -> F::Output {
+    ///
+    /// `renewed`: when the lease was last taken or renewed. The first renewal is a third of a
+    /// lease after it, not after the call began: what ran in between (a binding resolved, a
+    /// catalog caught up) is already part of the lease's age.
+    async fn heartbeat<F: std::future::Future>(
+        &self,
+        id: &str,
+        epoch: i64,
+        renewed: std::time::Instant,
+        call: F,
+    ) -> F::Output {
         let lease_ms = self.options.lease_ms;
         let period = Duration::from_millis((lease_ms / 3).max(50) as u64);
         let renewing = async {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let first = tokio::time::Instant::from_std(renewed + period).max(tokio::time::Instant::now());
+            let mut tick = tokio::time::interval_at(first, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -1724,6 +1741,7 @@ mod tests {
         claims: std::sync::atomic::AtomicU64,
         /// How long each lease renewal takes (a busy database).
         renew_delay: Duration,
+        renewals: std::sync::atomic::AtomicU64,
     }
 
     impl LandsThenFails {
@@ -1734,6 +1752,7 @@ mod tests {
                 refuse_writes,
                 claims: 0.into(),
                 renew_delay: Duration::ZERO,
+                renewals: 0.into(),
             }
         }
     }
@@ -1778,6 +1797,7 @@ mod tests {
             self.inner.claim_due(owner, now, lease_ms, limit).await
         }
         async fn renew_lease(&self, id: &str, epoch: i64, lease_ms: i64) -> crate::store::Result<bool> {
+            self.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::time::sleep(self.renew_delay).await;
             self.inner.renew_lease(id, epoch, lease_ms).await
         }
@@ -1946,9 +1966,24 @@ mod tests {
         let rig = Rig::new(slow, Duration::ZERO, DriverOptions { lease_ms: 300, ..DriverOptions::default() }).await;
         let started = std::time::Instant::now();
         let call = async { tokio::time::sleep(Duration::from_millis(150)).await };
-        let heartbeat = rig.driver.inner.heartbeat("s", 1, call);
+        let heartbeat = rig.driver.inner.heartbeat("s", 1, std::time::Instant::now(), call);
         tokio::time::timeout(Duration::from_secs(5), heartbeat).await.expect("the call ended");
         let took = started.elapsed();
         assert!(took < Duration::from_millis(1000), "a 150 ms call took {took:?} beside a 2 s renewal");
+    }
+
+    /// A call's first renewal comes a third of a lease after the lease was last renewed, not
+    /// after the call began: a lease renewed most of a period before the call is renewed early
+    /// in it.
+    #[tokio::test]
+    async fn a_call_renews_a_third_of_a_lease_after_the_last_renewal_not_after_it_began() {
+        // Renewals every second.
+        let options = DriverOptions { lease_ms: 3_000, ..DriverOptions::default() };
+        let rig = Rig::new(|s| LandsThenFails::new(s, false, false), Duration::ZERO, options).await;
+        let renewed = std::time::Instant::now() - Duration::from_millis(900);
+        let call = async { tokio::time::sleep(Duration::from_millis(400)).await };
+        rig.driver.inner.heartbeat("s", 1, renewed, call).await;
+        let renewals = rig.faulty.renewals.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(renewals, 1, "the lease, 900 ms old when the call began, was renewed during its 400 ms");
     }
 }

@@ -157,7 +157,8 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
     })
 }
 
-fn parse_host(host: &str) -> Result<Host, String> {
+/// A host name (lower-cased, a trailing dot dropped) or an IP address; anything else is refused.
+pub(crate) fn parse_host(host: &str) -> Result<Host, String> {
     if host.is_empty() {
         return Err("the host is empty".to_owned());
     }

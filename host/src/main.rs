@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,6 +28,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "made once, from the command line")]
 enum Command {
     /// Run the host: HTTP API, saga driver and outbox relay.
     Serve(Serve),
@@ -147,6 +149,26 @@ struct Serve {
     /// Read at start; a file that cannot be read or holds no certificate stops the host.
     #[arg(long, env = "SAGAHOST_OUTBOUND_CA_FILE", value_name = "PEM", value_parser = sagahost::runtime::TlsTrust::from_flag)]
     outbound_ca_file: Option<sagahost::runtime::TlsTrust>,
+    /// A PEM file of the certificate (its chain, the host's own first) that the host presents
+    /// to https services asking for a client certificate (mutual TLS); with
+    /// --outbound-client-key. Read at start (a new certificate takes a restart).
+    #[arg(long, env = "SAGAHOST_OUTBOUND_CLIENT_CERT", value_name = "PEM", requires = "outbound_client_key", value_parser = sagahost::runtime::ClientCertChain::from_flag)]
+    outbound_client_cert: Option<sagahost::runtime::ClientCertChain>,
+    /// A PEM file of that certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SAGAHOST_OUTBOUND_CLIENT_KEY", value_name = "PEM", requires = "outbound_client_cert", value_parser = sagahost::runtime::ClientKey::from_flag)]
+    outbound_client_key: Option<sagahost::runtime::ClientKey>,
+    /// An HTTP forward proxy that plugins' outbound requests go through, as
+    /// http://[user:password@]host:port: https services through a CONNECT tunnel (TLS end to
+    /// end, the service's certificate checked as without it), http requests in absolute form.
+    /// The user info, percent-encoded, is sent to the proxy as Basic credentials. Default:
+    /// none, requests go straight to their services.
+    #[arg(long, env = "SAGAHOST_OUTBOUND_PROXY", value_name = "URL", value_parser = sagahost::runtime::Proxy::from_flag)]
+    outbound_proxy: Option<sagahost::runtime::Proxy>,
+    /// Destinations reached without the proxy: a comma-separated list of host names (each with
+    /// every name under it: corp.internal matches pay.corp.internal), IP addresses, CIDR blocks
+    /// (matched against IP addresses in URLs; names are not resolved for it), or * for all.
+    #[arg(long, env = "SAGAHOST_OUTBOUND_NO_PROXY", value_name = "LIST", requires = "outbound_proxy", value_parser = sagahost::runtime::NoProxy::from_flag)]
+    outbound_no_proxy: Option<sagahost::runtime::NoProxy>,
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
@@ -269,8 +291,8 @@ fn bearer_token(s: &str) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-/// The app's configuration from the flags.
-fn config(args: Serve) -> sagahost::Config {
+/// The app's configuration from the flags; an error says which flags do not go together.
+fn config(args: Serve) -> Result<sagahost::Config, String> {
     let mut config = sagahost::Config::embedded(&args.data_dir);
     config.listen = args.listen;
     config.database = args.database;
@@ -302,10 +324,15 @@ fn config(args: Serve) -> sagahost::Config {
     config.limits.memory_bytes = usize::try_from(args.plugin_memory_mib << 20).unwrap_or(usize::MAX);
     config.limits.output_bytes = usize::try_from(args.plugin_output_kib << 10).unwrap_or(usize::MAX);
     config.limits.log_lines = args.plugin_log_lines;
+    let trust = args.outbound_ca_file.clone().unwrap_or_else(sagahost::runtime::TlsTrust::public);
     config.limits.http = sagahost::runtime::HttpLimits {
         max_requests: args.plugin_http_max_requests,
         max_response_bytes: args.plugin_http_max_response_bytes,
-        trust: args.outbound_ca_file.unwrap_or_else(sagahost::runtime::TlsTrust::public),
+        trust: match (&args.outbound_client_cert, &args.outbound_client_key) {
+            (Some(chain), Some(key)) => trust.presenting(chain, key)?,
+            _ => trust,
+        },
+        proxy: args.outbound_proxy.map(|p| Arc::new(p.bypassing(args.outbound_no_proxy.unwrap_or_default()))),
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
     config.driver.max_queued = usize::try_from(args.max_queued_sagas).unwrap_or(usize::MAX);
@@ -321,7 +348,7 @@ fn config(args: Serve) -> sagahost::Config {
         max_connections: args.max_connections as usize,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
     };
-    config
+    Ok(config)
 }
 
 #[tokio::main]
@@ -359,7 +386,10 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     if let Some(path) = &addr_file {
         remove_addr_file(path)?;
     }
-    let config = config(args);
+    let config = config(args).unwrap_or_else(|e| {
+        use clap::CommandFactory as _;
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit()
+    });
     let app = sagahost::App::build(config).await?;
     if let Some(path) = &addr_file {
         write_addr_file(path, app.local_addr())?;
@@ -526,7 +556,7 @@ mod tests {
     fn config_of(flags: &[&str]) -> sagahost::Config {
         let cli = Cli::try_parse_from(["sagahost", "serve"].iter().chain(flags)).unwrap();
         let Command::Serve(args) = cli.command else { unreachable!("parsed as serve") };
-        config(args)
+        config(args).unwrap()
     }
 
     #[test]
@@ -557,6 +587,54 @@ mod tests {
             (library.http.max_requests, library.http.max_response_bytes)
         );
         assert_eq!(format!("{:?}", flags.http.trust), "TlsTrust { public CAs and 0 added }");
+    }
+
+    #[test]
+    fn a_client_certificate_is_presented_only_with_its_own_key() {
+        let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls/");
+        let (cert, key, other_key) =
+            (format!("{tls}client.pem"), format!("{tls}client.key"), format!("{tls}localhost.key"));
+        let trust = config_of(&["--outbound-client-cert", &cert, "--outbound-client-key", &key]).limits.http.trust;
+        assert_eq!(format!("{trust:?}"), "TlsTrust { public CAs and 0 added, presenting a client certificate }");
+        // One without the other is a usage error, and so is a file that holds no such thing.
+        for flags in [vec!["--outbound-client-cert", &cert], vec!["--outbound-client-key", &key]] {
+            let err = Cli::try_parse_from(["sagahost", "serve"].iter().chain(&flags)).err().expect("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
+        }
+        let err =
+            Cli::try_parse_from(["sagahost", "serve", "--outbound-client-cert", &key, "--outbound-client-key", &key]);
+        assert!(err.err().expect("refused").to_string().contains("no certificate"));
+        let err =
+            Cli::try_parse_from(["sagahost", "serve", "--outbound-client-cert", &cert, "--outbound-client-key", &cert]);
+        assert!(err.err().expect("refused").to_string().contains("no private key"));
+        // Another certificate's key: refused when the flags are put together.
+        let cli = ["sagahost", "serve", "--outbound-client-cert", &cert, "--outbound-client-key", &other_key];
+        let Command::Serve(args) = Cli::try_parse_from(cli).unwrap().command else { unreachable!() };
+        let err = config(args).err().expect("a key that is not the certificate's");
+        assert!(err.contains("cannot be used together"), "{err}");
+    }
+
+    #[test]
+    fn the_proxy_flags_parse_and_the_bypass_list_needs_a_proxy() {
+        let proxy = config_of(&[
+            "--outbound-proxy",
+            "http://u:secret@proxy.internal:3128",
+            "--outbound-no-proxy",
+            "corp.internal,10.0.0.0/8",
+        ])
+        .limits
+        .http
+        .proxy
+        .expect("a proxy");
+        assert_eq!(format!("{proxy:?}"), "Proxy { http://proxy.internal:3128 with credentials, 2 bypassing }");
+        let err =
+            Cli::try_parse_from(["sagahost", "serve", "--outbound-no-proxy", "corp.internal"]).err().expect("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
+        let err = Cli::try_parse_from(["sagahost", "serve", "--outbound-proxy", "https://proxy:3128"])
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+        assert!(config_of(&[]).limits.http.proxy.is_none());
     }
 
     #[test]

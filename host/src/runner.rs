@@ -103,6 +103,20 @@ struct RunArgs {
     /// besides the public ones (serve's --outbound-ca-file).
     #[arg(long, value_name = "PEM", value_parser = crate::runtime::TlsTrust::from_flag)]
     outbound_ca_file: Option<crate::runtime::TlsTrust>,
+    /// A PEM certificate (chain) to present to https services that ask for one (mutual TLS;
+    /// serve's --outbound-client-cert); with --outbound-client-key.
+    #[arg(long, value_name = "PEM", requires = "outbound_client_key", value_parser = crate::runtime::ClientCertChain::from_flag)]
+    outbound_client_cert: Option<crate::runtime::ClientCertChain>,
+    /// That certificate's private key (serve's --outbound-client-key).
+    #[arg(long, value_name = "PEM", requires = "outbound_client_cert", value_parser = crate::runtime::ClientKey::from_flag)]
+    outbound_client_key: Option<crate::runtime::ClientKey>,
+    /// An HTTP forward proxy the plugin's requests go through, http://[user:password@]host:port
+    /// (serve's --outbound-proxy).
+    #[arg(long, value_name = "URL", value_parser = crate::runtime::Proxy::from_flag)]
+    outbound_proxy: Option<crate::runtime::Proxy>,
+    /// Destinations reached without the proxy (serve's --outbound-no-proxy).
+    #[arg(long, value_name = "LIST", requires = "outbound_proxy", value_parser = crate::runtime::NoProxy::from_flag)]
+    outbound_no_proxy: Option<crate::runtime::NoProxy>,
     /// Whose state space the call uses (the plugin's name). Default: the file's name.
     #[arg(long)]
     plugin: Option<String>,
@@ -329,12 +343,20 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
     let plugin = args.plugin.clone().unwrap_or_else(|| {
         args.component.file_stem().map_or_else(|| "plugin".to_owned(), |s| s.to_string_lossy().into_owned())
     });
+    let mut trust = args.outbound_ca_file.clone().unwrap_or_else(crate::runtime::TlsTrust::public);
+    if let (Some(chain), Some(key)) = (&args.outbound_client_cert, &args.outbound_client_key) {
+        trust = trust.presenting(chain, key).map_err(usage)?;
+    }
     let limits = Limits {
         memory_bytes: args.plugin_memory_mib << 20,
         output_bytes: args.plugin_output_kib << 10,
         concurrent_calls: 1,
         http: crate::runtime::HttpLimits {
-            trust: args.outbound_ca_file.clone().unwrap_or_else(crate::runtime::TlsTrust::public),
+            trust,
+            proxy: args
+                .outbound_proxy
+                .clone()
+                .map(|p| std::sync::Arc::new(p.bypassing(args.outbound_no_proxy.clone().unwrap_or_default()))),
             ..crate::runtime::HttpLimits::default()
         },
         ..Limits::default()

@@ -314,4 +314,14 @@ async fn usage_errors_exit_2() {
     let key = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/localhost.key");
     let run = sagahost(&[&args[..], &[key]].concat()).await.exits(2);
     assert!(run.stderr.contains("no certificate"), "{run:#?}");
+    // A client certificate without its key, or with another's; a proxy that is no http URL.
+    let cert = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/client.pem");
+    let base = ["plugin", "run", &payment, "--input", "{}"];
+    let run = sagahost(&[&base[..], &["--outbound-client-cert", cert]].concat()).await.exits(2);
+    assert!(run.stderr.contains("--outbound-client-key"), "{run:#?}");
+    let mismatched = ["--outbound-client-cert", cert, "--outbound-client-key", key];
+    let run = sagahost(&[&base[..], &mismatched].concat()).await.exits(2);
+    assert!(run.stderr.contains("cannot be used together"), "{run:#?}");
+    let run = sagahost(&[&base[..], &["--outbound-proxy", "socks5://proxy:1080"]].concat()).await.exits(2);
+    assert!(run.stderr.contains("plain http"), "{run:#?}");
 }

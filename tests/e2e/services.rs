@@ -956,6 +956,12 @@ fn tls_fixture(name: &str) -> std::path::PathBuf {
 
 impl TlsFront {
     async fn start(backend: &str) -> TlsFront {
+        TlsFront::start_asking(backend, None).await
+    }
+
+    /// The same, asking for a client certificate issued by the fixture CA `client_ca` (mutual
+    /// TLS) when given: a handshake without one counts as refused.
+    async fn start_asking(backend: &str, client_ca: Option<&str>) -> TlsFront {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -963,7 +969,18 @@ impl TlsFront {
         let certs: Vec<_> =
             CertificateDer::pem_file_iter(tls_fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_file(tls_fixture("localhost.key")).unwrap();
-        let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let builder = rustls::ServerConfig::builder();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(CertificateDer::from_pem_file(tls_fixture(ca)).unwrap()).unwrap();
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap(),
+                )
+            }
+        };
+        let config = builder.with_single_cert(certs, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
@@ -1030,6 +1047,28 @@ async fn steps_reach_their_services_over_https_trusting_the_operator_s_ca() {
     }
 }
 
+/// Mutual TLS: the payment service asks for a client certificate from its own CA; the host
+/// presents the one it was given (`--outbound-client-cert`, `--outbound-client-key`), and the
+/// charge goes through. The other services do not ask, and are reached as before.
+#[tokio::test]
+async fn steps_present_the_host_s_client_certificate_to_services_that_ask_for_one() {
+    use sagahost::runtime::{ClientCertChain, ClientKey, TlsTrust};
+    let path = |name: &str| tls_fixture(name).to_str().unwrap().to_owned();
+    let chain = ClientCertChain::from_flag(&path("client.pem")).unwrap();
+    let key = ClientKey::from_flag(&path("client.key")).unwrap();
+    let trust = TlsTrust::with_pem_file(&tls_fixture("ca.pem")).unwrap().presenting(&chain, &key).unwrap();
+    let env = Env::start_configured(&[], &[], |_| {}, |c| c.limits.http.trust = trust).await;
+    let payment = TlsFront::start_asking(&env.services.payment.url, Some("client-ca.pem")).await;
+    env.api.grant("http-payment", &[&payment.url]).await;
+    let mut def = env.services.definition();
+    def["steps"][1]["config"]["base_url"] = json!(payment.url);
+    env.api.define(SAGA, &def).await;
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    assert_eq!(payment.handshakes(), (1, 0), "the service took the host's certificate");
+}
+
 #[tokio::test]
 async fn a_service_whose_certificate_the_host_does_not_trust_is_never_sent_a_request() {
     // The host trusts the public CAs only (the default); the payment service's certificate
@@ -1070,4 +1109,184 @@ async fn a_service_whose_certificate_the_host_does_not_trust_is_never_sent_a_req
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (ok, refused) = payment.handshakes();
     assert_eq!((ok, refused), (0, 2), "each attempt tried, and gave up at the certificate");
+}
+
+/// An egress proxy, as a company network has one: an HTTP/1.1 forward proxy on 127.0.0.1 that
+/// wants Basic credentials (`svc:s3cret`; 407 otherwise), opens `CONNECT` tunnels (403 while
+/// `refuse_tunnels` is set) and forwards absolute-form requests (each on a connection of its
+/// own to the service, closed after the answer). Keeps every request line it was sent. Stops
+/// when dropped.
+struct EgressProxy {
+    /// `http://svc:s3cret@127.0.0.1:<port>`.
+    url: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    refuse_tunnels: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The credentials it takes, base64 of `user:password`.
+    accepts: std::sync::Arc<std::sync::Mutex<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EgressProxy {
+    async fn start() -> EgressProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://svc:s3cret@{}", listener.local_addr().unwrap());
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let refuse_tunnels = Arc::new(AtomicBool::new(false));
+        let accepts = Arc::new(Mutex::new("c3ZjOnMzY3JldA==".to_owned()));
+        let (seen, refuse, creds) = (lines.clone(), refuse_tunnels.clone(), accepts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (seen, refuse, creds) = (seen.clone(), refuse.clone(), creds.clone());
+                tokio::spawn(async move {
+                    // The head, a byte at a time: whatever follows it is the body, relayed as is.
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let Ok(b) = client.read_u8().await else { return };
+                        head.push(b);
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let mut lines = head.split("\r\n");
+                    let request_line = lines.next().unwrap().to_owned();
+                    seen.lock().unwrap().push(request_line.clone());
+                    let credentials = format!("proxy-authorization: basic {}", creds.lock().unwrap().to_lowercase());
+                    let answer =
+                        |status: &str| format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    if !head.to_lowercase().contains(&credentials) {
+                        let _ = client.write_all(answer("407 Proxy Authentication Required").as_bytes()).await;
+                        return;
+                    }
+                    let mut parts = request_line.split(' ');
+                    let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                    if method == "CONNECT" {
+                        if refuse.load(Ordering::SeqCst) {
+                            let _ = client.write_all(answer("403 Forbidden").as_bytes()).await;
+                            return;
+                        }
+                        let Ok(mut service) = tokio::net::TcpStream::connect(target).await else {
+                            let _ = client.write_all(answer("502 Bad Gateway").as_bytes()).await;
+                            return;
+                        };
+                        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut service).await;
+                        return;
+                    }
+                    // Absolute form: to the service in origin form, without the proxy's headers.
+                    let rest = target.strip_prefix("http://").expect("an absolute-form target");
+                    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                    let path = if path.is_empty() { "/" } else { path };
+                    let mut forwarded = format!("{method} {path} HTTP/1.1\r\n");
+                    for line in lines.filter(|l| !l.is_empty()) {
+                        let name = line.split(':').next().unwrap().to_lowercase();
+                        if name != "proxy-authorization" && name != "connection" {
+                            forwarded.push_str(&format!("{line}\r\n"));
+                        }
+                    }
+                    forwarded.push_str("connection: close\r\n\r\n");
+                    let Ok(mut service) = tokio::net::TcpStream::connect(authority).await else {
+                        let _ = client.write_all(answer("502 Bad Gateway").as_bytes()).await;
+                        return;
+                    };
+                    service.write_all(forwarded.as_bytes()).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut service).await;
+                });
+            }
+        });
+        EgressProxy { url, lines, refuse_tunnels, accepts, task }
+    }
+
+    /// The request lines sent to it so far.
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A host whose plugins may reach nothing but through an egress proxy, save 127.0.0.0/8
+/// (`--outbound-no-proxy`): the inventory as `http://localhost:<port>` (absolute form through
+/// the proxy), the payment as `https://localhost:<port>` (a CONNECT tunnel, TLS to the service
+/// inside it), the shipping service as `http://127.0.0.1:<port>` (bypassing it). Then the
+/// proxy refuses tunnels: the charge fails saying what the proxy answered, and the saga is
+/// compensated. Then it refuses the host's credentials: the host's own failure, so the step
+/// waits without spending its attempts, and goes on once they are right again.
+#[tokio::test]
+async fn steps_reach_their_services_through_the_egress_proxy_unless_bypassed() {
+    use std::sync::atomic::Ordering;
+    let proxy = EgressProxy::start().await;
+    let trust = sagahost::runtime::TlsTrust::with_pem_file(&tls_fixture("ca.pem")).unwrap();
+    let via = sagahost::runtime::Proxy::parse(&proxy.url)
+        .unwrap()
+        .bypassing(sagahost::runtime::NoProxy::parse("127.0.0.0/8").unwrap());
+    let env = Env::start_configured(
+        &[],
+        &[],
+        |_| {},
+        |c| {
+            c.limits.http.trust = trust;
+            c.limits.http.proxy = Some(std::sync::Arc::new(via));
+        },
+    )
+    .await;
+    let payment = TlsFront::start(&env.services.payment.url).await;
+    let inventory = env.services.inventory.url.replace("127.0.0.1", "localhost");
+    let shipping = env.services.shipping.url.clone();
+    env.api.grant("http-inventory", &[&inventory]).await;
+    env.api.grant("http-payment", &[&payment.url]).await;
+    let mut def = env.services.definition();
+    def["steps"][0]["config"]["base_url"] = json!(inventory);
+    def["steps"][1]["config"]["base_url"] = json!(payment.url);
+    def["steps"][1]["retry"] = retry(2, 20, 50);
+    env.api.define(SAGA, &def).await;
+
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    let lines = proxy.lines();
+    let port = |url: &str| url.rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    let tunnel = format!("CONNECT localhost:{} HTTP/1.1", port(&payment.url));
+    assert!(lines.contains(&tunnel), "the charge went through a tunnel: {lines:#?}");
+    let forwarded = format!(" http://localhost:{}/", port(&inventory));
+    assert!(lines.iter().any(|l| l.contains(&forwarded)), "the reservation, in absolute form: {lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains(&port(&shipping))), "127.0.0.0/8 bypasses the proxy: {lines:#?}");
+    assert_eq!(payment.handshakes(), (1, 0), "TLS end to end, with the service's own certificate");
+
+    // The proxy refuses tunnels now: each charge attempt fails saying so, and the saga is
+    // compensated (the release goes through the proxy too).
+    proxy.refuse_tunnels.store(true, Ordering::SeqCst);
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "CANCELLED", "{s:#}");
+    let st = step(&s, "payment");
+    assert_eq!((&st["status"], &st["attempts"]), (&json!("failed"), &json!(2)), "{s:#}");
+    let error = st["last_error"].as_str().unwrap();
+    let answered = format!("answered CONNECT localhost:{} with 403 Forbidden", port(&payment.url));
+    assert!(error.contains(&answered) && error.contains(&proxy.url.replace("svc:s3cret@", "")), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("release", 1)]));
+    proxy.refuse_tunnels.store(false, Ordering::SeqCst);
+
+    // The host's credentials refused: not the step's failure. It is tried again every second
+    // or so without spending an attempt, and goes through once they are right again.
+    *proxy.accepts.lock().unwrap() = "b3RoZXI6Y3JlZHM=".to_owned();
+    let reservations = || proxy.lines().iter().filter(|l| l.contains(&forwarded)).count();
+    let before = reservations();
+    let id = env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")).await;
+    let start = Instant::now();
+    while reservations() < before + 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "not tried again: {:#?}", proxy.lines());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = env.api.saga(SAGA, &id).await;
+    assert!(s["status"] == "CREATED" || s["status"] == "RUNNING", "{s:#}");
+    assert_eq!(step(&s, "inventory")["attempts"], 0, "a proxy refusing the host is no attempt: {s:#}");
+    *proxy.accepts.lock().unwrap() = "c3ZjOnMzY3JldA==".to_owned();
+    let s = env.api.settled(SAGA, &id).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
 }

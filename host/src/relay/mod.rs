@@ -162,7 +162,14 @@ impl Relay {
             }
             let lease_ms = self.options.lease.as_millis() as i64;
             let due = leading.is_none() || renewed.elapsed() >= renew_every;
-            let lease = if due { Some(self.store.relay_lease(&self.options.owner, lease_ms).await) } else { None };
+            let lease = if due {
+                let leasing = self.store.relay_lease(&self.options.owner, lease_ms);
+                // None: stopping, and the database did not answer within the grace.
+                let Some(lease) = within_grace(&shutdown, None, leasing).await else { break };
+                Some(lease)
+            } else {
+                None
+            };
             if let Some(Ok(Some(_))) = lease {
                 renewed = tokio::time::Instant::now();
                 // Held (again): a long backoff may have reported it lapsed.
@@ -230,9 +237,13 @@ impl Relay {
             }
         }
         if leading.is_some() {
-            // Hand over at once instead of letting the lease run out.
-            if let Err(e) = self.store.relay_release(&self.options.owner).await {
-                tracing::warn!(error = %e, "releasing the relay lease failed; it expires on its own");
+            // Hand over at once instead of letting the lease run out; a database that does not
+            // answer soon (unreachable: a pool's acquire waits far longer) does not hold the
+            // host's stop, and the lease expires on its own.
+            match tokio::time::timeout(RELEASE_BOUND, self.store.relay_release(&self.options.owner)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "releasing the relay lease failed; it expires on its own"),
+                Err(_) => tracing::warn!("releasing the relay lease did not finish in time; it expires on its own"),
             }
         }
     }
@@ -265,7 +276,12 @@ impl Relay {
             tokio::select! {
                 published = &mut publishing => return Some(published),
                 () = tokio::time::sleep_until(*renewed + renew_every) => {
-                    match self.store.relay_lease(&self.options.owner, lease_ms).await {
+                    let renewal = self.store.relay_lease(&self.options.owner, lease_ms);
+                    let Some(renewal) = within_grace(shutdown, grace, renewal).await else {
+                        tracing::warn!("stopping, and renewing the relay lease took longer than the grace; dropping the batch");
+                        return None;
+                    };
+                    match renewal {
                         Ok(Some(now)) if now == epoch => *renewed = tokio::time::Instant::now(),
                         Ok(_) => {
                             tracing::warn!("lost the relay lease while publishing; dropping the batch");
@@ -291,8 +307,37 @@ impl Relay {
     }
 }
 
-/// How long a publish under way may go on once the host stops, before it is dropped.
+/// How long a publish under way may go on once the host stops, before it is dropped; and
+/// how long any of the relay's store calls may take then.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the stopping relay's hand-over of its lease may take: one short write, so a
+/// database that takes longer is not answering (the lease then expires on its own).
+const RELEASE_BOUND: Duration = Duration::from_secs(2);
+
+/// `call`'s answer, unless the host stops first and `call` then takes more than the grace:
+/// until `grace` when it began already, else [`STOP_GRACE`] after `shutdown`. `None` when cut
+/// short. A store call waits for a pool connection far longer than a stop may (a database
+/// that went away: sqlx's acquire timeout), and the relay's stop holds the host's.
+async fn within_grace<T>(
+    shutdown: &CancellationToken,
+    grace: Option<tokio::time::Instant>,
+    call: impl Future<Output = T>,
+) -> Option<T> {
+    let cut = async {
+        match grace {
+            Some(until) => tokio::time::sleep_until(until).await,
+            None => {
+                shutdown.cancelled().await;
+                tokio::time::sleep(STOP_GRACE).await;
+            }
+        }
+    };
+    tokio::select! {
+        answer = call => Some(answer),
+        () = cut => None,
+    }
+}
 
 /// Waits for the next cue to look for rows: a commit (`committed` resolves), then
 /// [`RelayOptions::linger`] more so that the commits landing meanwhile share the batch; or

@@ -708,6 +708,95 @@ async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     assert!(store.relay_lease("b", 300).await.unwrap().is_some(), "the stopping relay handed its lease over");
 }
 
+/// A store whose lease calls never answer once `hang` is set: a database gone away, each call
+/// waiting for a pool connection far longer than a stop may.
+struct HangingLease {
+    inner: Arc<dyn Store>,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+impl HangingLease {
+    async fn maybe_hang(&self) {
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[async_trait]
+impl OutboxStore for HangingLease {
+    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> crate::store::Result<Option<i64>> {
+        self.maybe_hang().await;
+        self.inner.relay_lease(owner, lease_ms).await
+    }
+    async fn relay_release(&self, owner: &str) -> crate::store::Result<()> {
+        self.maybe_hang().await;
+        self.inner.relay_release(owner).await
+    }
+    async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> crate::store::Result<Vec<OutboxRow>> {
+        self.inner.outbox_batch(limit, max_bytes).await
+    }
+    async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> crate::store::Result<()> {
+        self.inner.outbox_mark_published(ids, now).await
+    }
+    async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
+        self.inner.outbox_page(saga_id, after, limit).await
+    }
+    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> crate::store::Result<bool> {
+        self.inner.outbox_dead_letter(id, reason, now).await
+    }
+    async fn dead_letters(&self, before: Option<i64>, limit: u32) -> crate::store::Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(before, limit).await
+    }
+    async fn dead_letter(&self, event_id: &str) -> crate::store::Result<Option<DeadLetter>> {
+        self.inner.dead_letter(event_id).await
+    }
+    async fn dead_letter_redeliver(
+        &self,
+        event_id: &str,
+        now: i64,
+        audit: &crate::store::AuditEntry,
+    ) -> crate::store::Result<bool> {
+        self.inner.dead_letter_redeliver(event_id, now, audit).await
+    }
+    async fn dead_letter_discard(
+        &self,
+        event_id: &str,
+        now: i64,
+        audit: &crate::store::AuditEntry,
+    ) -> crate::store::Result<bool> {
+        self.inner.dead_letter_discard(event_id, now, audit).await
+    }
+}
+
+/// A stopping relay whose database stopped answering (its lease renewals and the hand-over
+/// hang) stops within the grace and the hand-over's bound, not when a store call gives up.
+#[tokio::test]
+async fn a_stopping_relay_does_not_wait_for_a_database_that_does_not_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let hanging = Arc::new(HangingLease { inner: Arc::clone(&store), hang: Default::default() });
+    let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
+    let options = RelayOptions { lease: TEST_LEASE, owner: "a".into(), ..RelayOptions::default() };
+    let (outbox, published): (Arc<dyn OutboxStore>, Arc<dyn Sink>) = (hanging.clone(), sink.clone());
+    let relay = Relay::new(outbox, published, Arc::new(SystemClock), DriverHandle::default(), Metrics::new(), options);
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(relay.run(shutdown.clone()));
+    while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hanging.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(TEST_LEASE / 3 + Duration::from_millis(100)).await; // a renewal is hanging now
+    let stopping = std::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(STOP_GRACE + RELEASE_BOUND + Duration::from_secs(3), relay)
+        .await
+        .expect("the stop waited for the database")
+        .unwrap();
+    assert!(stopping.elapsed() >= STOP_GRACE, "the grace was not given");
+    assert_eq!(pending(&*store).await.len(), 12, "a dropped publish marks nothing");
+}
+
 /// Dead letters page newest first by their outbox id: following the cursor reads each once.
 #[tokio::test]
 async fn dead_letters_page_by_cursor() {

@@ -18,6 +18,7 @@
 //! - `host.rs`: the host side of the imports (`state`, `log`), shared by every version.
 //! - `outbound.rs`: the host side of `wasi:http` for 0.2.0 plugins: grants, the idempotency
 //!   key and `traceparent` headers, and the per-call limits on requests.
+//! - `proxy.rs`: the egress proxy outbound requests may go through (`--outbound-proxy`).
 //! - `call.rs`: one call: a pool slot, store, limits, deadline, output checks, classification.
 //! - `cpu.rs`: the processor time a call takes, measured per poll of its future.
 //! - `bench.rs` (tests only): the plugin call benchmark, `Phases` included (BENCHMARKS.md).
@@ -45,12 +46,14 @@ mod engine;
 mod host;
 mod outbound;
 mod policy;
+mod proxy;
 mod stderr;
 mod wit;
 
 pub use engine::EPOCH_TICK;
 pub use host::MAX_SCAN;
-pub use outbound::{HttpLimits, TlsTrust};
+pub use outbound::{ClientCertChain, ClientKey, HttpLimits, TlsTrust};
+pub use proxy::{NoProxy, Proxy};
 
 /// Per-call limits. Configurable on the command line.
 #[derive(Debug, Clone)]

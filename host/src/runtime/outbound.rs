@@ -50,6 +50,7 @@ use sha2::{Digest as _, Sha256};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::call::Deadline;
+use super::proxy::{Blame, Proxy};
 use super::{OutboundRequest, PluginReader};
 use crate::grants::{self, Host, Origin, Scheme};
 
@@ -63,6 +64,8 @@ pub struct HttpLimits {
     pub max_response_bytes: u64,
     /// The certificate authorities an `https` server's certificate must chain to.
     pub trust: TlsTrust,
+    /// The egress proxy requests go through, if any (`--outbound-proxy`).
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 /// The certificate authorities an `https` request's server must chain to: the public ones
@@ -72,8 +75,66 @@ pub struct HttpLimits {
 #[derive(Clone)]
 pub struct TlsTrust {
     config: Arc<rustls::ClientConfig>,
+    roots: Arc<rustls::RootCertStore>,
     /// How many certificates the operator added (for `Debug`).
     added: usize,
+    /// Whether the host presents a client certificate to servers that ask for one.
+    presents: bool,
+}
+
+/// The certificate chain the host presents to `https` services that ask for a client
+/// certificate (mutual TLS, `--outbound-client-cert`): the host's own certificate first.
+#[derive(Clone)]
+pub struct ClientCertChain(Vec<rustls::pki_types::CertificateDer<'static>>);
+
+/// The private key of that certificate (`--outbound-client-key`).
+#[derive(Clone)]
+pub struct ClientKey(Arc<rustls::pki_types::PrivateKeyDer<'static>>);
+
+impl ClientCertChain {
+    /// `--outbound-client-cert`'s parser: a PEM file of one or more certificates, read at once.
+    pub fn from_flag(path: &str) -> Result<ClientCertChain, String> {
+        read_certificates(std::path::Path::new(path)).map(ClientCertChain).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl ClientKey {
+    /// `--outbound-client-key`'s parser: a PEM file holding a private key (PKCS#8, PKCS#1 or
+    /// SEC1), read at once.
+    pub fn from_flag(path: &str) -> Result<ClientKey, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{path}: no private key in it (a PEM `BEGIN PRIVATE KEY` block): {e}"))?;
+        Ok(ClientKey(Arc::new(key)))
+    }
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientKey(..)")
+    }
+}
+
+impl std::fmt::Debug for ClientCertChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientCertChain({} certificates)", self.0.len())
+    }
+}
+
+/// Every certificate of a PEM file, at least one. An error names the file and says what is
+/// wrong: unreadable, not PEM, no certificate in it.
+fn read_certificates(path: &std::path::Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{}: no certificate in it (a PEM `BEGIN CERTIFICATE` block)", path.display());
+    }
+    Ok(certs)
 }
 
 impl TlsTrust {
@@ -87,16 +148,19 @@ impl TlsTrust {
     /// what is wrong: unreadable, not PEM, no certificate in it, or one rustls cannot use as
     /// a trust anchor.
     pub fn with_pem_file(path: &std::path::Path) -> anyhow::Result<TlsTrust> {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::CertificateDer;
-        let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", path.display()))?;
-        if certs.is_empty() {
-            anyhow::bail!("{}: no certificate in it (a PEM `BEGIN CERTIFICATE` block)", path.display());
-        }
+        let certs = read_certificates(path)?;
         TlsTrust::with(certs).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The same trust, presenting `chain` and its `key` to servers that ask for a client
+    /// certificate (mutual TLS); servers that do not ask are sent nothing. Refused when the
+    /// key is not the certificate's, or of a kind rustls cannot sign with.
+    pub fn presenting(&self, chain: &ClientCertChain, key: &ClientKey) -> Result<TlsTrust, String> {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(Arc::clone(&self.roots))
+            .with_client_auth_cert(chain.0.clone(), key.0.clone_key())
+            .map_err(|e| format!("the client certificate and key cannot be used together: {e}"))?;
+        Ok(TlsTrust { config: Arc::new(config), presents: true, ..self.clone() })
     }
 
     /// `--outbound-ca-file`'s parser (serve and `plugin run`): the file read at once, so a bad
@@ -111,20 +175,22 @@ impl TlsTrust {
         for cert in added {
             roots.add(cert)?;
         }
-        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        Ok(TlsTrust { config: Arc::new(config), added: count })
+        let roots = Arc::new(roots);
+        let config = rustls::ClientConfig::builder().with_root_certificates(Arc::clone(&roots)).with_no_client_auth();
+        Ok(TlsTrust { config: Arc::new(config), roots, added: count, presents: false })
     }
 }
 
 impl std::fmt::Debug for TlsTrust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TlsTrust {{ public CAs and {} added }}", self.added)
+        let presents = if self.presents { ", presenting a client certificate" } else { "" };
+        write!(f, "TlsTrust {{ public CAs and {} added{presents} }}", self.added)
     }
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20, trust: TlsTrust::public() }
+        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20, trust: TlsTrust::public(), proxy: None }
     }
 }
 
@@ -350,6 +416,12 @@ impl CallFacts {
         notes.limit.get_or_insert(why);
     }
 
+    /// The host failed this call (not the plugin): it is unavailable, not an attempt.
+    fn note_host_error(&self, why: String) {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.host_error.get_or_insert(why);
+    }
+
     /// Time left to have requests out ([`Deadline::outbound_until`]).
     fn remaining(&self) -> Duration {
         self.deadline.outbound_until().saturating_duration_since(Instant::now())
@@ -396,7 +468,13 @@ impl CallFacts {
             tracing::info!(plugin = %self.plugin, %origin, "outbound request denied: origin not granted");
             return Err(Error::HttpRequestDenied);
         }
-        let addresses = self.resolve(&origin).await?;
+        // Through the egress proxy, unless the destination bypasses it: the proxy's addresses
+        // then, and the proxy resolves the service's name.
+        let proxy = self.limits.proxy.as_deref().filter(|p| p.applies_to(&origin.host));
+        let addresses = match proxy {
+            Some(proxy) => self.resolve_proxy(proxy).await?,
+            None => self.resolve(&origin).await?,
+        };
         let at = self.deadline.outbound_until();
         // Over a connection to an address just checked: a second lookup could answer otherwise.
         // The Host header keeps the name the plugin asked for, and so does TLS (its SNI and the
@@ -405,17 +483,51 @@ impl CallFacts {
         // handshake (no early data). A refused connection or an untrusted certificate sent
         // the service nothing, so a step failing at it has nothing out there to undo.
         let reached_out = || self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
+        let mut request = request;
         let sending = async {
-            let stream = connect_first(addresses).await?;
-            match scheme {
-                Scheme::Http => {
-                    reached_out();
-                    send_over(request, stream).await
+            let stream = connect_first(addresses).await.inspect_err(|e| {
+                if let Some(proxy) = proxy {
+                    self.note_host_error(format!("the outbound proxy {} could not be reached: {e}", proxy.origin()));
                 }
-                Scheme::Https => {
+            })?;
+            match (scheme, proxy) {
+                (Scheme::Http, None) => {
+                    reached_out();
+                    send_over(request, stream, Target::Origin).await
+                }
+                (Scheme::Http, Some(proxy)) => {
+                    proxy.address(&mut request);
+                    reached_out();
+                    let sent = send_over(request, stream, Target::Absolute).await?;
+                    // Only a proxy answers 407 (RFC 9110 §15.5.8): the host's credentials, not
+                    // the service's answer, and every request through it would get the same.
+                    // Its other answers (a 502 when it cannot reach the service, a 403 by its
+                    // policy) are the plugin's to read, as behind any HTTP proxy.
+                    if sent.0.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+                        let why =
+                            format!("the outbound proxy {} answered a request to {origin} with 407", proxy.origin());
+                        self.note_host_error(format!("{why} Proxy Authentication Required"));
+                        return Err(Error::ConfigurationError);
+                    }
+                    Ok(sent)
+                }
+                (Scheme::Https, None) => {
                     let stream = tls_handshake(stream, &origin.host, &self.limits.trust).await?;
                     reached_out();
-                    send_over(request, stream).await
+                    send_over(request, stream, Target::Origin).await
+                }
+                (Scheme::Https, Some(proxy)) => {
+                    let tunnel = proxy.tunnel(stream, &origin).await.map_err(|refused| {
+                        match refused.why {
+                            Some(Blame::Request(why)) => self.note_limit(why),
+                            Some(Blame::Host(why)) => self.note_host_error(why),
+                            None => {}
+                        }
+                        refused.error
+                    })?;
+                    let stream = tls_handshake(tunnel, &origin.host, &self.limits.trust).await?;
+                    reached_out();
+                    send_over(request, stream, Target::Origin).await
                 }
             }
         };
@@ -443,6 +555,37 @@ impl CallFacts {
             Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, origin.port)]),
             Host::Name(name) => name.clone(),
         };
+        let found = self.look_up(name, origin).await?;
+        if let Some(bad) = found.iter().find(|a| Origin::needs_exact_grant(a.ip())) {
+            tracing::warn!(plugin = %self.plugin, %origin, address = %bad.ip(), "outbound request denied: the name resolves to a link-local or metadata address");
+            // Said first in the attempt's error: the plugin only learns "denied", and the
+            // SDK's reading of that ("not granted") would send the operator to the grants.
+            self.note_limit(format!(
+                "{origin} resolved to {}, a link-local, metadata or unspecified address, which only a grant of that \
+                 exact address reaches",
+                bad.ip()
+            ));
+            return Err(Error::HttpRequestDenied);
+        }
+        Ok(found)
+    }
+
+    /// The egress proxy's addresses: the operator named it, so none is refused.
+    async fn resolve_proxy(&self, proxy: &Proxy) -> Result<Vec<SocketAddr>, Error> {
+        match &proxy.host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, proxy.port)]),
+            Host::Name(name) => self.look_up(name.clone(), &proxy.origin()).await.inspect_err(|e| {
+                self.note_host_error(format!(
+                    "the outbound proxy {}'s name could not be resolved ({e:?})",
+                    proxy.origin()
+                ));
+            }),
+        }
+    }
+
+    /// Every address `name` resolves to (`origin` names what for, in messages), within the
+    /// call's time and the bound on lookups in flight; at least one.
+    async fn look_up(&self, name: String, origin: &Origin) -> Result<Vec<SocketAddr>, Error> {
         let Ok(permit) = tokio::time::timeout(self.remaining(), LOOKUPS.acquire()).await else {
             // The host's failure, not the plugin's: the slots may be held by another plugin's
             // lookups of a name whose DNS server is down, and this step must not spend its
@@ -461,17 +604,6 @@ impl CallFacts {
             .await
             .map_err(|_| Error::DnsTimeout)?
             .map_err(|_| Error::DestinationNotFound)?;
-        if let Some(bad) = found.iter().find(|a| Origin::needs_exact_grant(a.ip())) {
-            tracing::warn!(plugin = %self.plugin, %origin, address = %bad.ip(), "outbound request denied: the name resolves to a link-local or metadata address");
-            // Said first in the attempt's error: the plugin only learns "denied", and the
-            // SDK's reading of that ("not granted") would send the operator to the grants.
-            self.note_limit(format!(
-                "{origin} resolved to {}, a link-local, metadata or unspecified address, which only a grant of that \
-                 exact address reaches",
-                bad.ip()
-            ));
-            return Err(Error::HttpRequestDenied);
-        }
         if found.is_empty() {
             return Err(Error::DestinationNotFound);
         }
@@ -544,15 +676,15 @@ async fn connect_first(addresses: Vec<SocketAddr>) -> Result<tokio::net::TcpStre
     }
 }
 
-/// The TLS client handshake on a connection to a checked address: the server must present a
+/// The TLS client handshake on a connection to a checked address (or a tunnel to one through
+/// the egress proxy): the server must present a
 /// certificate for `host` (the name the plugin asked for, or the granted IP) that chains to
 /// `trust`. Errors say which way it failed: the certificate (expired, another name, an
 /// unknown issuer), an alert from the server, or the protocol.
-async fn tls_handshake(
-    stream: tokio::net::TcpStream,
-    host: &Host,
-    trust: &TlsTrust,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Error> {
+async fn tls_handshake<S>(stream: S, host: &Host, trust: &TlsTrust) -> Result<tokio_rustls::client::TlsStream<S>, Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use rustls::pki_types::ServerName;
     let name = match host {
         Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
@@ -575,20 +707,32 @@ fn tls_error(e: std::io::Error) -> Error {
     }
 }
 
-/// Sends a request over HTTP/1.1 on an open connection (plain, or TLS). Returns the response
-/// and the connection's worker, which must run for the body to arrive. Unbounded in time: the
-/// caller bounds it (and the body, [`Limited`]).
+/// How a request line names its target (RFC 9112 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    /// The path only, the origin being in the Host header: to the service itself.
+    Origin,
+    /// The whole URL: to a forward proxy.
+    Absolute,
+}
+
+/// Sends a request over HTTP/1.1 on an open connection (plain, TLS, or to a proxy). Returns
+/// the response and the connection's worker, which must run for the body to arrive. Unbounded
+/// in time: the caller bounds it (and the body, [`Limited`]).
 async fn send_over<S>(
     mut request: http::Request<WasiBody>,
     stream: S,
+    target: Target,
 ) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    // The request line names the path only (the origin is in the Host header).
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| Error::HttpRequestUriInvalid)?;
+    if target == Target::Origin {
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        *request.uri_mut() =
+            http::Uri::builder().path_and_query(path).build().map_err(|_| Error::HttpRequestUriInvalid)?;
+    }
     // The connection is driven while the response head is awaited; if it ends first (the
     // service answered and closed it), the response (or the reason there is none) is ready.
     // It may end in an error after the whole response arrived: a TLS peer that closes without
@@ -732,7 +876,8 @@ mod tests {
         let open = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { answer_hello(listener.accept().await.unwrap().0).await });
         let stream = connect_first(vec![closed_address().await, open]).await.unwrap();
-        let (status, got) = read(send_over(get("http://inventory.internal/stock?sku=1"), stream).await.unwrap()).await;
+        let (status, got) =
+            read(send_over(get("http://inventory.internal/stock?sku=1"), stream, Target::Origin).await.unwrap()).await;
         assert_eq!((status, &got[..]), (200, &b"hello"[..]));
         let head = server.await.unwrap().expect("the request came whole");
         assert!(head.starts_with("GET /stock?sku=1 HTTP/1.1\r\n"), "the request line names the path only: {head}");
@@ -750,12 +895,29 @@ mod tests {
     /// the fixture CA, `tests/fixtures/tls`): it answers one request with `hello` and returns
     /// the request's head, or `None` when the client gave up during the handshake.
     async fn tls_server() -> (SocketAddr, tokio::task::JoinHandle<Option<String>>) {
+        tls_server_asking(None).await
+    }
+
+    /// The same, asking clients for a certificate issued by the fixture CA `client_ca` (mutual
+    /// TLS) when given.
+    async fn tls_server_asking(client_ca: Option<&str>) -> (SocketAddr, tokio::task::JoinHandle<Option<String>>) {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs: Vec<_> =
             CertificateDer::pem_file_iter(fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_file(fixture("localhost.key")).unwrap();
-        let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let builder = rustls::ServerConfig::builder();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(CertificateDer::from_pem_file(fixture(ca)).unwrap()).unwrap();
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap(),
+                )
+            }
+        };
+        let config = builder.with_single_cert(certs, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -775,7 +937,7 @@ mod tests {
         let host = Host::Name("localhost".into());
         let tls = tls_handshake(stream, &host, &trust).await.expect("the server's certificate is for localhost");
         let url = format!("https://localhost:{}/charges/o-1", open.port());
-        let (status, got) = read(send_over(get(&url), tls).await.unwrap()).await;
+        let (status, got) = read(send_over(get(&url), tls, Target::Origin).await.unwrap()).await;
         assert_eq!((status, &got[..]), (200, &b"hello"[..]));
         let head = server.await.unwrap().expect("the handshake succeeded and the request came whole");
         assert!(head.starts_with("GET /charges/o-1 HTTP/1.1\r\n"), "{head}");
@@ -817,6 +979,154 @@ mod tests {
         assert!(err.contains("garbage.pem"), "{err}");
         let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
         assert_eq!(format!("{trust:?}"), "TlsTrust { public CAs and 1 added }");
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_presents_the_host_s_certificate_to_a_service_that_asks() {
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        let (cert, key) = (fixture("client.pem"), fixture("client.key"));
+        let chain = ClientCertChain::from_flag(cert.to_str().unwrap()).unwrap();
+        let key = ClientKey::from_flag(key.to_str().unwrap()).unwrap();
+        let presenting = trust.presenting(&chain, &key).unwrap();
+        let host = Host::Name("localhost".into());
+        let call = |open: SocketAddr, trust: TlsTrust| {
+            let host = host.clone();
+            async move {
+                let stream = connect_first(vec![open]).await?;
+                let tls = tls_handshake(stream, &host, &trust).await?;
+                let url = format!("https://localhost:{}/charges/o-1", open.port());
+                Ok::<_, Error>(read(send_over(get(&url), tls, Target::Origin).await?).await)
+            }
+        };
+        let (open, server) = tls_server_asking(Some("client-ca.pem")).await;
+        let (status, got) = call(open, presenting.clone()).await.expect("the service took the host's certificate");
+        assert_eq!((status, &got[..]), (200, &b"hello"[..]));
+        assert!(server.await.unwrap().is_some());
+        // Without it the service ends the handshake, and nothing of the request is read.
+        let (open, server) = tls_server_asking(Some("client-ca.pem")).await;
+        assert!(call(open, trust).await.is_err(), "a service that asks is refused without one");
+        assert!(server.await.unwrap().is_none(), "the service refused the handshake");
+        // A service that does not ask is reached as before.
+        let (open, server) = tls_server().await;
+        assert_eq!(call(open, presenting).await.unwrap().0, 200);
+        assert!(server.await.unwrap().is_some());
+    }
+
+    /// Reads one request head from `socket` a byte at a time (nothing past it is consumed).
+    async fn read_head(socket: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(socket.read_u8().await.unwrap());
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    /// A forward proxy on 127.0.0.1 for one connection: a CONNECT is answered 200 and relayed
+    /// to `tunnel_to` when given, with `refusal` (a status line) otherwise. Returns the
+    /// request head it read.
+    async fn proxy_for_one(
+        tunnel_to: Option<SocketAddr>,
+        refusal: &'static str,
+    ) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let head = read_head(&mut socket).await;
+            match tunnel_to {
+                Some(service) if head.starts_with("CONNECT ") => {
+                    let mut upstream = tokio::net::TcpStream::connect(service).await.unwrap();
+                    socket.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut upstream).await;
+                }
+                _ => socket.write_all(format!("{refusal}\r\ncontent-length: 0\r\n\r\n").as_bytes()).await.unwrap(),
+            }
+            head
+        });
+        (addr, proxy)
+    }
+
+    #[tokio::test]
+    async fn https_through_the_proxy_tunnels_to_the_service_and_still_checks_its_certificate() {
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        let (service, server) = tls_server().await;
+        let (at, proxy_seen) = proxy_for_one(Some(service), "").await;
+        let proxy = Proxy::parse(&format!("http://svc:s3cret@{at}")).unwrap();
+        let origin = Origin::parse(&format!("https://localhost:{}", service.port())).unwrap();
+        let stream = connect_first(vec![at]).await.unwrap();
+        let tunnel = proxy.tunnel(stream, &origin).await.expect("the proxy opened it");
+        let tls = tls_handshake(tunnel, &origin.host, &trust).await.expect("the service's own certificate");
+        let url = format!("https://localhost:{}/charges/o-1", service.port());
+        let (status, got) = read(send_over(get(&url), tls, Target::Origin).await.unwrap()).await;
+        assert_eq!((status, &got[..]), (200, &b"hello"[..]));
+        let inside = server.await.unwrap().expect("the request came through the tunnel");
+        assert!(inside.starts_with("GET /charges/o-1 HTTP/1.1\r\n"), "{inside}");
+        assert!(
+            !inside.to_ascii_lowercase().contains("proxy-authorization"),
+            "credentials stay with the proxy: {inside}"
+        );
+        let seen = proxy_seen.await.unwrap();
+        let target = format!("localhost:{}", service.port());
+        assert!(seen.starts_with(&format!("CONNECT {target} HTTP/1.1\r\n")), "{seen}");
+        assert!(seen.to_ascii_lowercase().contains(&format!("host: {target}\r\n")), "{seen}");
+        assert!(seen.contains("proxy-authorization: Basic c3ZjOnMzY3JldA==\r\n"), "svc:s3cret: {seen}");
+        // Through the tunnel, a certificate for another name is refused as without a proxy.
+        let (service, _server) = tls_server().await;
+        let (at, _proxy) = proxy_for_one(Some(service), "").await;
+        let origin = Origin::parse(&format!("https://payments.internal:{}", service.port())).unwrap();
+        let tunnel = proxy.tunnel(connect_first(vec![at]).await.unwrap(), &origin).await.unwrap();
+        assert!(matches!(tls_handshake(tunnel, &origin.host, &trust).await, Err(Error::TlsCertificateError)));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_the_proxy_refuses_says_what_the_proxy_answered_and_whose_failure_it_is() {
+        let (at, seen) = proxy_for_one(None, "HTTP/1.1 403 Forbidden").await;
+        let proxy = Proxy::parse(&format!("http://{at}")).unwrap();
+        let origin = Origin::parse("https://payments.example.com").unwrap();
+        let refused = proxy.tunnel(connect_first(vec![at]).await.unwrap(), &origin).await.expect_err("refused");
+        let why =
+            format!("the outbound proxy http://{at} answered CONNECT payments.example.com:443 with 403 Forbidden");
+        assert_eq!(refused.why, Some(Blame::Request(why)));
+        assert!(matches!(refused.error, Error::ConnectionRefused), "{:?}", refused.error);
+        assert!(!seen.await.unwrap().to_ascii_lowercase().contains("proxy-authorization"), "no credentials configured");
+        // Credentials refused are the host's failure (every request would fail alike); a
+        // proxy that cannot reach the service, the request's.
+        for (status, host_fault) in
+            [("HTTP/1.1 407 Proxy Authentication Required", true), ("HTTP/1.1 502 Bad Gateway", false)]
+        {
+            let (at, _) = proxy_for_one(None, status).await;
+            let proxy = Proxy::parse(&format!("http://{at}")).unwrap();
+            let refused = proxy.tunnel(connect_first(vec![at]).await.unwrap(), &origin).await.expect_err(status);
+            let why = format!(
+                "the outbound proxy http://{at} answered CONNECT payments.example.com:443 with {}",
+                &status[9..]
+            );
+            match refused.why {
+                Some(Blame::Host(w)) if host_fault => assert_eq!(w, why),
+                Some(Blame::Request(w)) if !host_fault => assert_eq!(w, why),
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_http_through_the_proxy_names_the_whole_url_and_carries_only_the_host_s_credentials() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let proxy_seen = tokio::spawn(async move { answer_hello(listener.accept().await.unwrap().0).await });
+        let proxy = Proxy::parse(&format!("http://svc:s3cret@{at}")).unwrap();
+        let mut request = get("http://inventory.internal:9001/stock?sku=1");
+        request.headers_mut().insert("proxy-authorization", HeaderValue::from_static("Basic forged"));
+        proxy.address(&mut request);
+        let stream = connect_first(vec![at]).await.unwrap();
+        let (status, got) = read(send_over(request, stream, Target::Absolute).await.unwrap()).await;
+        assert_eq!((status, &got[..]), (200, &b"hello"[..]));
+        let head = proxy_seen.await.unwrap().unwrap();
+        assert!(head.starts_with("GET http://inventory.internal:9001/stock?sku=1 HTTP/1.1\r\n"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("host: inventory.internal:9001\r\n"), "{head}");
+        assert!(head.contains("proxy-authorization: Basic c3ZjOnMzY3JldA==\r\n") && !head.contains("forged"), "{head}");
     }
 
     #[test]
