@@ -13,6 +13,7 @@ pub mod driver;
 pub mod engine;
 pub mod event;
 pub mod failpoint;
+pub mod flags;
 pub mod grants;
 pub mod http;
 pub mod logs;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use sagahost::flags::Secret;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc rather than glibc's malloc: the host allocates small, short-lived buffers on
@@ -162,7 +163,7 @@ struct Serve {
     /// end, the service's certificate checked as without it), http requests in absolute form.
     /// The user info, percent-encoded, is sent to the proxy as Basic credentials. Default:
     /// none, requests go straight to their services.
-    #[arg(long, env = "SAGAHOST_OUTBOUND_PROXY", value_name = "URL", value_parser = sagahost::runtime::Proxy::from_flag)]
+    #[arg(long, env = "SAGAHOST_OUTBOUND_PROXY", hide_env_values = true, value_name = "URL", value_parser = Secret(sagahost::runtime::Proxy::parse))]
     outbound_proxy: Option<sagahost::runtime::Proxy>,
     /// Destinations reached without the proxy: a comma-separated list of host names (each with
     /// every name under it: corp.internal matches pay.corp.internal), IP addresses, CIDR blocks
@@ -245,30 +246,6 @@ fn parse_setting(s: &str) -> Result<(String, String), String> {
 /// its value may hold commas.)
 fn parse_settings(s: &str) -> Result<Settings, String> {
     s.split(',').filter(|part| !part.trim().is_empty()).map(parse_setting).collect::<Result<_, _>>().map(Settings)
-}
-
-/// A value parser whose errors never quote the value (clap's own do: "invalid value
-/// 'hunter2'"), for settings that may hold a secret (`sasl.password`).
-#[derive(Clone)]
-struct Secret<T>(fn(&str) -> Result<T, String>);
-
-impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Secret<T> {
-    type Value = T;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<T, clap::Error> {
-        let flag = arg.and_then(|a| a.get_long()).unwrap_or("a setting");
-        let refuse = |why: String| {
-            let message = format!("invalid --{flag}: {why} (the value is not shown: it may be a secret)\n");
-            clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd)
-        };
-        let text = value.to_str().ok_or_else(|| refuse("it is not UTF-8".to_owned()))?;
-        (self.0)(text).map_err(refuse)
-    }
 }
 
 /// Settings parsed from one comma-separated list.
@@ -437,7 +414,7 @@ mod tests {
         let mut secret = 0;
         for arg in serve.get_arguments() {
             let id = arg.get_id().as_str();
-            if ["admin_token", "kafka_config_list", "database", "api_token"].contains(&id) {
+            if ["admin_token", "kafka_config_list", "database", "api_token", "outbound_proxy"].contains(&id) {
                 secret += 1;
                 assert!(arg.is_hide_env_values_set(), "--{id} would print its secret in `serve --help`");
             }
@@ -630,10 +607,11 @@ mod tests {
         let err =
             Cli::try_parse_from(["sagahost", "serve", "--outbound-no-proxy", "corp.internal"]).err().expect("refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
-        let err = Cli::try_parse_from(["sagahost", "serve", "--outbound-proxy", "https://proxy:3128"])
+        let err = Cli::try_parse_from(["sagahost", "serve", "--outbound-proxy", "https://u:hunter2@proxy:3128"])
             .err()
             .expect("refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+        assert!(err.to_string().contains("plain http") && !err.to_string().contains("hunter2"), "{err}");
         assert!(config_of(&[]).limits.http.proxy.is_none());
     }
 

@@ -357,6 +357,12 @@ impl Metrics {
         self.relay_failures.get()
     }
 
+    /// `sagahost_events_published_total` as it stands.
+    #[cfg(test)]
+    pub fn events_published(&self) -> u64 {
+        self.events_published.get()
+    }
+
     /// A commit refused by the fence: this worker had lost the saga.
     pub fn stale_commit(&self) {
         self.stale_commits.inc();

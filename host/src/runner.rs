@@ -112,7 +112,7 @@ struct RunArgs {
     outbound_client_key: Option<crate::runtime::ClientKey>,
     /// An HTTP forward proxy the plugin's requests go through, http://[user:password@]host:port
     /// (serve's --outbound-proxy).
-    #[arg(long, value_name = "URL", value_parser = crate::runtime::Proxy::from_flag)]
+    #[arg(long, value_name = "URL", value_parser = crate::flags::Secret(crate::runtime::Proxy::parse))]
     outbound_proxy: Option<crate::runtime::Proxy>,
     /// Destinations reached without the proxy (serve's --outbound-no-proxy).
     #[arg(long, value_name = "LIST", requires = "outbound_proxy", value_parser = crate::runtime::NoProxy::from_flag)]

@@ -962,13 +962,21 @@ impl TlsFront {
     /// The same, asking for a client certificate issued by the fixture CA `client_ca` (mutual
     /// TLS) when given: a handshake without one counts as refused.
     async fn start_asking(backend: &str, client_ca: Option<&str>) -> TlsFront {
+        TlsFront::start_as(backend, "localhost", client_ca).await
+    }
+
+    /// The same, presenting the fixture certificate `{cert}.pem` instead; its URL names
+    /// `payments.internal` for the `internal` one (a name only an egress proxy resolves).
+    async fn start_as(backend: &str, cert: &str, client_ca: Option<&str>) -> TlsFront {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
-        let certs: Vec<_> =
-            CertificateDer::pem_file_iter(tls_fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
-        let key = PrivateKeyDer::from_pem_file(tls_fixture("localhost.key")).unwrap();
+        let certs: Vec<_> = CertificateDer::pem_file_iter(tls_fixture(&format!("{cert}.pem")))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_fixture(&format!("{cert}.key"))).unwrap();
         let builder = rustls::ServerConfig::builder();
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
@@ -983,7 +991,8 @@ impl TlsFront {
         let config = builder.with_single_cert(certs, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://localhost:{}", listener.local_addr().unwrap().port());
+        let name = if cert == "internal" { "payments.internal" } else { "localhost" };
+        let url = format!("https://{name}:{}", listener.local_addr().unwrap().port());
         let backend = backend.strip_prefix("http://").expect("a plain-HTTP service").to_owned();
         let (handshakes, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (ok, failed) = (Arc::clone(&handshakes), Arc::clone(&refused));
@@ -1114,13 +1123,16 @@ async fn a_service_whose_certificate_the_host_does_not_trust_is_never_sent_a_req
 /// An egress proxy, as a company network has one: an HTTP/1.1 forward proxy on 127.0.0.1 that
 /// wants Basic credentials (`svc:s3cret`; 407 otherwise), opens `CONNECT` tunnels (403 while
 /// `refuse_tunnels` is set) and forwards absolute-form requests (each on a connection of its
-/// own to the service, closed after the answer). Keeps every request line it was sent. Stops
-/// when dropped.
+/// own to the service, closed after the answer). It resolves names under `.internal` to
+/// 127.0.0.1 itself, as a proxy inside a network knows its names: the host cannot resolve them.
+/// Keeps every request line it was sent. Stops when dropped.
 struct EgressProxy {
     /// `http://svc:s3cret@127.0.0.1:<port>`.
     url: String,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     refuse_tunnels: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Credentials are checked on CONNECT only (absolute-form requests pass without).
+    check_tunnels_only: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The credentials it takes, base64 of `user:password`.
     accepts: std::sync::Arc<std::sync::Mutex<String>>,
     task: tokio::task::JoinHandle<()>,
@@ -1135,11 +1147,14 @@ impl EgressProxy {
         let url = format!("http://svc:s3cret@{}", listener.local_addr().unwrap());
         let lines = Arc::new(Mutex::new(Vec::new()));
         let refuse_tunnels = Arc::new(AtomicBool::new(false));
+        let check_tunnels_only = Arc::new(AtomicBool::new(false));
         let accepts = Arc::new(Mutex::new("c3ZjOnMzY3JldA==".to_owned()));
         let (seen, refuse, creds) = (lines.clone(), refuse_tunnels.clone(), accepts.clone());
+        let only_tunnels = check_tunnels_only.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let (seen, refuse, creds) = (seen.clone(), refuse.clone(), creds.clone());
+                let only_tunnels = only_tunnels.clone();
                 tokio::spawn(async move {
                     // The head, a byte at a time: whatever follows it is the body, relayed as is.
                     let mut head = Vec::new();
@@ -1154,18 +1169,23 @@ impl EgressProxy {
                     let credentials = format!("proxy-authorization: basic {}", creds.lock().unwrap().to_lowercase());
                     let answer =
                         |status: &str| format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                    if !head.to_lowercase().contains(&credentials) {
+                    let checked = head.starts_with("CONNECT ") || !only_tunnels.load(Ordering::SeqCst);
+                    if checked && !head.to_lowercase().contains(&credentials) {
                         let _ = client.write_all(answer("407 Proxy Authentication Required").as_bytes()).await;
                         return;
                     }
                     let mut parts = request_line.split(' ');
                     let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                    let resolve = |authority: &str| match authority.split_once(".internal:") {
+                        Some((_, port)) => format!("127.0.0.1:{port}"),
+                        None => authority.to_owned(),
+                    };
                     if method == "CONNECT" {
                         if refuse.load(Ordering::SeqCst) {
                             let _ = client.write_all(answer("403 Forbidden").as_bytes()).await;
                             return;
                         }
-                        let Ok(mut service) = tokio::net::TcpStream::connect(target).await else {
+                        let Ok(mut service) = tokio::net::TcpStream::connect(resolve(target)).await else {
                             let _ = client.write_all(answer("502 Bad Gateway").as_bytes()).await;
                             return;
                         };
@@ -1185,7 +1205,7 @@ impl EgressProxy {
                         }
                     }
                     forwarded.push_str("connection: close\r\n\r\n");
-                    let Ok(mut service) = tokio::net::TcpStream::connect(authority).await else {
+                    let Ok(mut service) = tokio::net::TcpStream::connect(resolve(authority)).await else {
                         let _ = client.write_all(answer("502 Bad Gateway").as_bytes()).await;
                         return;
                     };
@@ -1194,7 +1214,7 @@ impl EgressProxy {
                 });
             }
         });
-        EgressProxy { url, lines, refuse_tunnels, accepts, task }
+        EgressProxy { url, lines, refuse_tunnels, check_tunnels_only, accepts, task }
     }
 
     /// The request lines sent to it so far.
@@ -1209,21 +1229,22 @@ impl Drop for EgressProxy {
     }
 }
 
-/// A host whose plugins may reach nothing but through an egress proxy, save 127.0.0.0/8
-/// (`--outbound-no-proxy`): the inventory as `http://localhost:<port>` (absolute form through
-/// the proxy), the payment as `https://localhost:<port>` (a CONNECT tunnel, TLS to the service
-/// inside it), the shipping service as `http://127.0.0.1:<port>` (bypassing it). Then the
-/// proxy refuses tunnels: the charge fails saying what the proxy answered, and the saga is
-/// compensated. Then it refuses the host's credentials: the host's own failure, so the step
+/// A host whose plugins reach their services through an egress proxy, by names only the proxy
+/// resolves: the inventory as `http://inventory.internal:<port>` (absolute form through the
+/// proxy), the payment as `https://payments.internal:<port>` (a CONNECT tunnel, TLS to the
+/// service inside it, its certificate issued by a CA the host was given); the shipping service
+/// as `http://127.0.0.1:<port>`, a loopback address, never through it. Then the proxy refuses
+/// tunnels: the charge fails saying what the proxy answered, and the saga is compensated.
+/// Then it refuses the host's credentials to a tunnel: the host's own failure, so the step
 /// waits without spending its attempts, and goes on once they are right again.
 #[tokio::test]
-async fn steps_reach_their_services_through_the_egress_proxy_unless_bypassed() {
+async fn steps_reach_their_services_through_the_egress_proxy_by_names_only_it_resolves() {
     use std::sync::atomic::Ordering;
     let proxy = EgressProxy::start().await;
-    let trust = sagahost::runtime::TlsTrust::with_pem_file(&tls_fixture("ca.pem")).unwrap();
+    let trust = sagahost::runtime::TlsTrust::with_pem_file(&tls_fixture("internal-ca.pem")).unwrap();
     let via = sagahost::runtime::Proxy::parse(&proxy.url)
         .unwrap()
-        .bypassing(sagahost::runtime::NoProxy::parse("127.0.0.0/8").unwrap());
+        .bypassing(sagahost::runtime::NoProxy::parse("corp.example, 10.0.0.0/8").unwrap());
     let env = Env::start_configured(
         &[],
         &[],
@@ -1234,8 +1255,8 @@ async fn steps_reach_their_services_through_the_egress_proxy_unless_bypassed() {
         },
     )
     .await;
-    let payment = TlsFront::start(&env.services.payment.url).await;
-    let inventory = env.services.inventory.url.replace("127.0.0.1", "localhost");
+    let payment = TlsFront::start_as(&env.services.payment.url, "internal", None).await;
+    let inventory = env.services.inventory.url.replace("127.0.0.1", "inventory.internal");
     let shipping = env.services.shipping.url.clone();
     env.api.grant("http-inventory", &[&inventory]).await;
     env.api.grant("http-payment", &[&payment.url]).await;
@@ -1250,11 +1271,11 @@ async fn steps_reach_their_services_through_the_egress_proxy_unless_bypassed() {
     assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
     let lines = proxy.lines();
     let port = |url: &str| url.rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
-    let tunnel = format!("CONNECT localhost:{} HTTP/1.1", port(&payment.url));
+    let tunnel = format!("CONNECT payments.internal:{} HTTP/1.1", port(&payment.url));
     assert!(lines.contains(&tunnel), "the charge went through a tunnel: {lines:#?}");
-    let forwarded = format!(" http://localhost:{}/", port(&inventory));
+    let forwarded = format!(" http://inventory.internal:{}/", port(&inventory));
     assert!(lines.iter().any(|l| l.contains(&forwarded)), "the reservation, in absolute form: {lines:#?}");
-    assert!(!lines.iter().any(|l| l.contains(&port(&shipping))), "127.0.0.0/8 bypasses the proxy: {lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains(&port(&shipping))), "loopback is never proxied: {lines:#?}");
     assert_eq!(payment.handshakes(), (1, 0), "TLS end to end, with the service's own certificate");
 
     // The proxy refuses tunnels now: each charge attempt fails saying so, and the saga is
@@ -1265,28 +1286,44 @@ async fn steps_reach_their_services_through_the_egress_proxy_unless_bypassed() {
     let st = step(&s, "payment");
     assert_eq!((&st["status"], &st["attempts"]), (&json!("failed"), &json!(2)), "{s:#}");
     let error = st["last_error"].as_str().unwrap();
-    let answered = format!("answered CONNECT localhost:{} with 403 Forbidden", port(&payment.url));
+    let answered = format!("answered CONNECT payments.internal:{} with 403 Forbidden", port(&payment.url));
     assert!(error.contains(&answered) && error.contains(&proxy.url.replace("svc:s3cret@", "")), "{error}");
     assert!(!error.contains("s3cret"), "{error}");
     assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("release", 1)]));
     proxy.refuse_tunnels.store(false, Ordering::SeqCst);
 
-    // The host's credentials refused: not the step's failure. It is tried again every second
-    // or so without spending an attempt, and goes through once they are right again.
+    // The host's credentials refused, to the charge's tunnel: not the step's failure. It is
+    // tried again every second or so without spending an attempt, and goes through once they
+    // are right again. (The reservation is let through: only tunnels are checked meanwhile.)
     *proxy.accepts.lock().unwrap() = "b3RoZXI6Y3JlZHM=".to_owned();
-    let reservations = || proxy.lines().iter().filter(|l| l.contains(&forwarded)).count();
-    let before = reservations();
+    proxy.check_tunnels_only.store(true, Ordering::SeqCst);
+    let charges = || proxy.lines().iter().filter(|l| **l == tunnel).count();
+    let before = charges();
     let id = env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")).await;
     let start = Instant::now();
-    while reservations() < before + 3 {
+    while charges() < before + 2 {
         assert!(start.elapsed() < Duration::from_secs(20), "not tried again: {:#?}", proxy.lines());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = env.api.saga(SAGA, &id).await;
-    assert!(s["status"] == "CREATED" || s["status"] == "RUNNING", "{s:#}");
-    assert_eq!(step(&s, "inventory")["attempts"], 0, "a proxy refusing the host is no attempt: {s:#}");
+    assert_eq!(s["status"], "INVENTORY_RESERVED", "{s:#}");
+    assert_eq!(step(&s, "payment")["attempts"], 0, "a proxy refusing the host is no attempt: {s:#}");
     *proxy.accepts.lock().unwrap() = "c3ZjOnMzY3JldA==".to_owned();
     let s = env.api.settled(SAGA, &id).await;
     assert_eq!(s["status"], "COMPLETED", "{s:#}");
     assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+
+    // A 407 to a plain request may come from further on (or the service): the attempts count,
+    // saying what was answered, and the saga ends instead of waiting for ever. The request was
+    // sent (to the proxy), so the reservation is undone too, which fails alike: an operator's
+    // to resolve once the credentials are right.
+    *proxy.accepts.lock().unwrap() = "b3RoZXI6Y3JlZHM=".to_owned();
+    proxy.check_tunnels_only.store(false, Ordering::SeqCst);
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPENSATION_FAILED", "{s:#}");
+    let st = step(&s, "inventory");
+    assert_eq!(st["attempts"], 5, "{s:#}");
+    let error = st["last_error"].as_str().unwrap();
+    assert!(error.contains("407 Proxy Authentication Required (check the credentials"), "{error}");
+    assert_eq!(env.services.effects(&id).await, effects(&[]));
 }

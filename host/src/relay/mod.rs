@@ -165,7 +165,7 @@ impl Relay {
             let lease = if due {
                 let leasing = self.store.relay_lease(&self.options.owner, lease_ms);
                 // None: stopping, and the database did not answer within the grace.
-                let Some(lease) = within_grace(&shutdown, None, leasing).await else { break };
+                let Some(lease) = within_grace(&shutdown, &mut None, leasing).await else { break };
                 Some(lease)
             } else {
                 None
@@ -267,8 +267,9 @@ impl Relay {
         let lease_ms = self.options.lease.as_millis() as i64;
         let mut grace: Option<tokio::time::Instant> = None;
         loop {
-            let stop = async {
-                match grace {
+            let current = grace;
+            let stop = async move {
+                match current {
                     Some(until) => tokio::time::sleep_until(until).await,
                     None => shutdown.cancelled().await,
                 }
@@ -277,7 +278,7 @@ impl Relay {
                 published = &mut publishing => return Some(published),
                 () = tokio::time::sleep_until(*renewed + renew_every) => {
                     let renewal = self.store.relay_lease(&self.options.owner, lease_ms);
-                    let Some(renewal) = within_grace(shutdown, grace, renewal).await else {
+                    let Some(renewal) = within_grace(shutdown, &mut grace, renewal).await else {
                         tracing::warn!("stopping, and renewing the relay lease took longer than the grace; dropping the batch");
                         return None;
                     };
@@ -316,26 +317,26 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 /// `call`'s answer, unless the host stops first and `call` then takes more than the grace:
-/// until `grace` when it began already, else [`STOP_GRACE`] after `shutdown`. `None` when cut
+/// until `grace` when the stop began already, else [`STOP_GRACE`] after `shutdown`, which
+/// then sets `grace` (the stop has one grace, whatever it is spent on). `None` when cut
 /// short. A store call waits for a pool connection far longer than a stop may (a database
 /// that went away: sqlx's acquire timeout), and the relay's stop holds the host's.
 async fn within_grace<T>(
     shutdown: &CancellationToken,
-    grace: Option<tokio::time::Instant>,
+    grace: &mut Option<tokio::time::Instant>,
     call: impl Future<Output = T>,
 ) -> Option<T> {
-    let cut = async {
-        match grace {
-            Some(until) => tokio::time::sleep_until(until).await,
-            None => {
-                shutdown.cancelled().await;
-                tokio::time::sleep(STOP_GRACE).await;
-            }
+    tokio::pin!(call);
+    if grace.is_none() {
+        tokio::select! {
+            answer = &mut call => return Some(answer),
+            () = shutdown.cancelled() => *grace = Some(tokio::time::Instant::now() + STOP_GRACE),
         }
-    };
+    }
+    let until = grace.expect("set above");
     tokio::select! {
-        answer = call => Some(answer),
-        () = cut => None,
+        answer = &mut call => Some(answer),
+        () = tokio::time::sleep_until(until) => None,
     }
 }
 
@@ -407,13 +408,14 @@ async fn publish_once(
     // before it in the batch.
     let beyond = delivered_beyond(&rows, acked, &confirmed_after);
     let marked = acked + beyond.len();
-    metrics.published(marked);
     if marked > 0 {
         let ids: Vec<i64> = rows[..acked].iter().chain(beyond.iter().map(|&i| &rows[i])).map(|r| r.id).collect();
         if let Err(e) = store.outbox_mark_published(&ids, clock.now_ms()).await {
             metrics.relay_failed();
             return Err(e.into());
         }
+        // Counted once marked: a batch whose mark failed is sent again, and counted then.
+        metrics.published(marked);
         tracing::debug!(count = marked, lag_ms, "published events");
     }
     // A row the sink will never take must not stop every saga's events behind it: it goes to

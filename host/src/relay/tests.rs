@@ -544,6 +544,22 @@ async fn a_store_failure_on_the_refused_row_path_counts_as_a_relay_failure() {
     assert_eq!(pending(&*inner).await, all.iter().map(|r| r.id).collect::<Vec<_>>(), "nothing was marked");
 }
 
+/// `sagahost_events_published_total` counts rows once they are marked: a batch the sink took
+/// whose mark failed is sent again, and counted then, once.
+#[tokio::test]
+async fn a_batch_whose_mark_failed_is_counted_published_once_it_is_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = store_with_interleaved_events(dir.path()).await;
+    let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
+    let metrics = Metrics::new();
+    let sink = ScriptedSink::default();
+    let failing = FailingWrites { inner: Arc::clone(&inner), mark: true, dead_letter: false };
+    assert!(publish_once(&failing, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert_eq!(metrics.events_published(), 0, "taken by the sink, but not marked");
+    let batch = publish_once(&*inner, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    assert_eq!((batch.marked, metrics.events_published()), (4, 4));
+}
+
 /// The relay's cue with a commit already announced (`committed` ready), `linger` and a long
 /// poll interval; resolves to what `cue` answered and when.
 async fn cue_after_a_commit(linger: Duration, shutdown: &CancellationToken) -> (bool, std::time::Duration) {

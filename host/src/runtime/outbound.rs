@@ -470,7 +470,7 @@ impl CallFacts {
         }
         // Through the egress proxy, unless the destination bypasses it: the proxy's addresses
         // then, and the proxy resolves the service's name.
-        let proxy = self.limits.proxy.as_deref().filter(|p| p.applies_to(&origin.host));
+        let proxy = self.limits.proxy.as_deref().filter(|p| p.applies_to(&origin));
         let addresses = match proxy {
             Some(proxy) => self.resolve_proxy(proxy).await?,
             None => self.resolve(&origin).await?,
@@ -499,14 +499,19 @@ impl CallFacts {
                     proxy.address(&mut request);
                     reached_out();
                     let sent = send_over(request, stream, Target::Absolute).await?;
-                    // Only a proxy answers 407 (RFC 9110 §15.5.8): the host's credentials, not
-                    // the service's answer, and every request through it would get the same.
-                    // Its other answers (a 502 when it cannot reach the service, a 403 by its
-                    // policy) are the plugin's to read, as behind any HTTP proxy.
+                    // A 407 is a proxy's answer (RFC 9110 §15.5.8), most likely this one's to the
+                    // host's credentials: said so, and an error to the plugin rather than a
+                    // response it would read as the service's refusal. A failed attempt, not
+                    // the host's failure: it may come from a proxy further on, or from the
+                    // service itself, and must not make the step run again for ever. Its other
+                    // answers (a 502 when it cannot reach the service, a 403 by its policy) are
+                    // the plugin's to read, as behind any HTTP proxy.
                     if sent.0.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-                        let why =
-                            format!("the outbound proxy {} answered a request to {origin} with 407", proxy.origin());
-                        self.note_host_error(format!("{why} Proxy Authentication Required"));
+                        self.note_limit(format!(
+                            "the outbound proxy {} answered a request to {origin} with 407 Proxy Authentication \
+                             Required (check the credentials in --outbound-proxy)",
+                            proxy.origin()
+                        ));
                         return Err(Error::ConfigurationError);
                     }
                     Ok(sent)
@@ -570,15 +575,16 @@ impl CallFacts {
         Ok(found)
     }
 
-    /// The egress proxy's addresses: the operator named it, so none is refused.
+    /// The egress proxy's addresses: the operator named it, so none is refused. A name that
+    /// does not resolve is the host's failure (every request through it fails alike); a lookup
+    /// cut short by the call's own time is the call's, as any slow request is.
     async fn resolve_proxy(&self, proxy: &Proxy) -> Result<Vec<SocketAddr>, Error> {
         match &proxy.host {
             Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, proxy.port)]),
             Host::Name(name) => self.look_up(name.clone(), &proxy.origin()).await.inspect_err(|e| {
-                self.note_host_error(format!(
-                    "the outbound proxy {}'s name could not be resolved ({e:?})",
-                    proxy.origin()
-                ));
+                if matches!(e, Error::DestinationNotFound) {
+                    self.note_host_error(format!("the outbound proxy {}'s name does not resolve", proxy.origin()));
+                }
             }),
         }
     }

@@ -9,6 +9,9 @@
 //! - `http`: the request itself, its target in absolute form (`GET http://host:port/path`), as
 //!   RFC 9112 §3.2.2 has clients address a proxy.
 //!
+//! Requests to the host's own machine (`localhost`, loopback addresses) and to the proxy
+//! itself never go through it, nor those to destinations in the bypass list.
+//!
 //! The grant is checked first, on the service's origin, exactly as without a proxy. The host
 //! does not resolve the service's name then (the proxy does; inside such networks the host often
 //! cannot), so the refusal of names that resolve to link-local or metadata addresses is the
@@ -98,19 +101,24 @@ impl Proxy {
         Proxy { bypass, ..self }
     }
 
-    /// `--outbound-proxy`'s parser (serve and `plugin run`).
-    pub fn from_flag(url: &str) -> Result<Proxy, String> {
-        Proxy::parse(url)
-    }
-
     /// `http://host:port`: how the proxy is named in messages (never with credentials).
     pub(super) fn origin(&self) -> Origin {
         Origin { scheme: Scheme::Http, host: self.host.clone(), port: self.port }
     }
 
-    /// Whether a request to `host` goes through the proxy.
-    pub(super) fn applies_to(&self, host: &Host) -> bool {
-        !self.bypass.matches(host)
+    /// Whether a request to `origin` goes through the proxy. Never one to the host's own
+    /// machine (`localhost`, a name under it, a loopback address: through the proxy it would
+    /// reach the proxy's machine instead, its admin pages), nor one to the proxy itself (it
+    /// would carry the host's credentials to whatever the proxy serves there); as Go's
+    /// `ProxyFromEnvironment` does. Nor one the bypass list names.
+    pub(super) fn applies_to(&self, origin: &Origin) -> bool {
+        let own_machine = match &origin.host {
+            Host::Ip(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()) => true,
+            Host::Ip(ip) => ip.is_loopback(),
+            Host::Name(name) => name == "localhost" || name.ends_with(".localhost"),
+        };
+        let the_proxy = origin.host == self.host && origin.port == self.port;
+        !own_machine && !the_proxy && !self.bypass.matches(&origin.host)
     }
 
     /// Makes `request` (to `http://` `origin`) one for the proxy: absolute form (its URI keeps
@@ -157,8 +165,10 @@ impl Proxy {
                     Ok(()) => format!("closed the connection ({e})"),
                     Err(conn) => format!("failed ({conn})"),
                 };
+                // Many proxies and firewalls answer a destination they refuse so: this
+                // destination's failure, not every request's.
                 let why = format!("the outbound proxy {} {how} before answering CONNECT {target}", self.origin());
-                return Err(Refused { why: Some(Blame::Host(why)), error: Error::ConnectionTerminated });
+                return Err(Refused { why: Some(Blame::Request(why)), error: Error::ConnectionTerminated });
             }
         };
         let status = response.status();
@@ -233,7 +243,11 @@ impl NoProxy {
     /// Parses the list; an entry that is none of the forms above is refused, naming it.
     pub fn parse(list: &str) -> Result<NoProxy, String> {
         let mut entries = Vec::new();
-        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let all: Vec<&str> = list.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+        if all.len() > 1 && all.contains(&"*") {
+            return Err("`*` (every destination) stands alone, as curl reads it".to_owned());
+        }
+        for entry in all {
             entries.push(Bypass::parse(entry).map_err(|e| format!("no-proxy entry {entry:?}: {e}"))?);
         }
         Ok(NoProxy(entries))
@@ -256,6 +270,9 @@ impl Bypass {
         }
         if let Some((net, bits)) = entry.split_once('/') {
             let net: IpAddr = net.parse().map_err(|_| "a CIDR block is an IP address, '/' and a prefix length")?;
+            if matches!(net, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+                return Err("write an IPv4 block as IPv4 (10.0.0.0/8), not IPv4-mapped IPv6".to_owned());
+            }
             let max = if net.is_ipv4() { 32 } else { 128 };
             let bits =
                 bits.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(|| format!("the prefix is 0 to {max}"))?;
@@ -348,6 +365,26 @@ mod tests {
     }
 
     #[test]
+    fn the_host_s_own_machine_and_the_proxy_itself_are_never_reached_through_it() {
+        let p = Proxy::parse("http://proxy.internal:3128").unwrap().bypassing(NoProxy::parse("corp.internal").unwrap());
+        for (url, through) in [
+            ("http://payments.example.com", true),
+            ("https://10.1.2.3:8443", true),
+            ("http://localhost:9001", false),
+            ("http://api.localhost:9001", false),
+            ("http://127.0.0.1:9001", false),
+            ("http://127.8.9.1", false),
+            ("http://[::1]:9001", false),
+            ("http://[::ffff:127.0.0.1]:9001", false),
+            ("http://proxy.internal:3128", false),
+            ("http://proxy.internal:8080", true),
+            ("https://pay.corp.internal", false),
+        ] {
+            assert_eq!(p.applies_to(&Origin::parse(url).unwrap()), through, "{url}");
+        }
+    }
+
+    #[test]
     fn no_proxy_matches_names_under_a_domain_addresses_and_blocks() {
         let list = NoProxy::parse(" corp.internal, .svc.local ,*.mesh, 10.0.0.0/8, 192.168.1.7, [fd00::1], ,").unwrap();
         for (h, bypassed) in [
@@ -370,6 +407,8 @@ mod tests {
             assert_eq!(list.matches(&host(h)), bypassed, "{h}");
         }
         assert!(NoProxy::parse("*").unwrap().matches(&host("anything.example")));
+        assert!(NoProxy::parse("corp.internal,*").unwrap_err().contains("stands alone"));
+        assert!(NoProxy::parse("::ffff:10.0.0.0/104").unwrap_err().contains("IPv4"));
         assert!(!NoProxy::parse("").unwrap().matches(&host("anything.example")));
         assert!(NoProxy::parse("0.0.0.0/0").unwrap().matches(&host("8.8.8.8")));
         for (bad, why) in [
