@@ -1146,8 +1146,15 @@ impl Inner {
         }
     }
 
-    /// Counts a plugin call and its latency by outcome.
-    fn record<T>(&self, rec: &SagaRecord, step: &str, call: &'static str, out: &crate::runtime::CallOutcome<T>) {
+    /// Counts a plugin call and its latency by outcome, and its outbound requests.
+    fn record<T>(
+        &self,
+        rec: &SagaRecord,
+        step: &str,
+        plugin: &str,
+        call: &'static str,
+        out: &crate::runtime::CallOutcome<T>,
+    ) {
         let labels = crate::metrics::CallLabels {
             saga_type: rec.saga_type.clone(),
             step: step.to_owned(),
@@ -1155,6 +1162,7 @@ impl Inner {
             outcome: out.label,
         };
         self.metrics.call(labels, out.elapsed, &out.phases);
+        self.metrics.http_requests(plugin, &out.requests);
     }
 
     /// Runs execute attempt `attempt` of `step`. `in_flight_until`: the attempt was recorded as
@@ -1223,7 +1231,7 @@ impl Inner {
         let call = self.runtime.execute(&sdef.execute.digest, &sdef.execute.plugin, &info, &input, timeout);
         let out = traced(plugin_span(&sdef.execute, "execute"), call).await;
         tracing::debug!(saga_id = %rec.id, step = %sdef.name, attempt, elapsed_us = out.elapsed.as_micros() as u64, "execute returned");
-        self.record(rec, &sdef.name, "execute", &out);
+        self.record(rec, &sdef.name, &sdef.execute.plugin, "execute", &out);
         let outcome = out.result.map_err(|e| e.0)?;
         if let ExecuteOutcome::Trapped(e) = &outcome {
             tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "plugin trapped");
@@ -1340,7 +1348,7 @@ impl Inner {
         }
         let call = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout);
         let out = traced(plugin_span(&binding, "compensate"), call).await;
-        self.record(rec, &sdef.name, "compensate", &out);
+        self.record(rec, &sdef.name, &binding.plugin, "compensate", &out);
         let outcome = out.result.map_err(|e| e.0)?;
         if let CompensateOutcome::Failed(e) = &outcome {
             tracing::warn!(saga_id = %rec.id, step = %sdef.name, attempt, error = %e, "compensation failed");

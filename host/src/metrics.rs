@@ -30,6 +30,23 @@ pub struct CallLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of a plugin's outbound HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    plugin: String,
+    /// A granted origin, or `-`.
+    origin: String,
+    /// `2xx` and the like, or why no response came (`RequestMade::outcome`).
+    outcome: &'static str,
+}
+
+/// Labels of the time outbound requests took: by plugin and origin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OriginLabels {
+    plugin: String,
+    origin: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     saga_type: String,
@@ -83,6 +100,8 @@ pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     call_seconds: Family<CallLabels, Histogram, HistogramFn>,
+    http_requests: Family<RequestLabels, Counter>,
+    http_seconds: Family<OriginLabels, Histogram, HistogramFn>,
     /// The histograms of `sagahost_plugin_call_phase_seconds`, one per phase in [`PHASES`]
     /// order, created once: a call records its phases without a label lookup.
     call_phases: [Histogram; 4],
@@ -194,6 +213,21 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register("relay_failures", "Relay batches that failed and will be retried", relay_failures.clone());
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "plugin_http_requests",
+            "Plugins' outbound HTTP requests (sagahost:plugin@0.2.0) by plugin, granted origin (- for one not \
+             granted) and outcome: the response's status class (2xx, 4xx, ...) or why none came (denied, limit, dns, \
+             connect, tls, timeout, proxy, invalid, error)",
+            http_requests.clone(),
+        );
+        let http_seconds =
+            Family::<OriginLabels, Histogram, HistogramFn>::new_with_constructor(latency_histogram as HistogramFn);
+        registry.register(
+            "plugin_http_request_seconds",
+            "Time from a plugin's outbound request to its response's head (or the error), by plugin and origin",
+            http_seconds.clone(),
+        );
         let not_loadable = Counter::default();
         registry.register(
             "plugin_calls_not_loadable",
@@ -278,6 +312,8 @@ impl Metrics {
             registry,
             calls,
             call_seconds,
+            http_requests,
+            http_seconds,
             call_phases,
             call_cpu,
             events_published,
@@ -302,6 +338,16 @@ impl Metrics {
         }
         if let Some(cpu) = phases.cpu {
             self.call_cpu.observe(cpu.as_secs_f64());
+        }
+    }
+
+    /// Records a call's outbound HTTP requests (`plugin` made them).
+    pub fn http_requests(&self, plugin: &str, requests: &[crate::runtime::RequestMade]) {
+        for r in requests {
+            let labels = RequestLabels { plugin: plugin.to_owned(), origin: r.origin.clone(), outcome: r.outcome };
+            self.http_requests.get_or_create(&labels).inc();
+            let labels = OriginLabels { plugin: plugin.to_owned(), origin: r.origin.clone() };
+            self.http_seconds.get_or_create(&labels).observe(r.elapsed.as_secs_f64());
         }
     }
 

@@ -283,6 +283,19 @@ async fn happy_path_applies_each_effect_once_with_the_steps_keys() {
         ]
     );
     assert!(retries.is_empty(), "{retries:?}");
+    // Counted per plugin and granted origin, with the time to each response.
+    let metrics = String::from_utf8(env.host.get("/metrics").await.bytes).unwrap();
+    for (plugin, svc) in [
+        ("http-inventory", &env.services.inventory),
+        ("http-payment", &env.services.payment),
+        ("http-shipment", &env.services.shipping),
+    ] {
+        let labels = format!("plugin=\"{plugin}\",origin=\"{}\"", svc.url);
+        let count = format!("sagahost_plugin_http_requests_total{{{labels},outcome=\"2xx\"}} 1\n");
+        assert!(metrics.contains(&count), "no {count:?} in:\n{metrics}");
+        let timed = format!("sagahost_plugin_http_request_seconds_count{{{labels}}} 1\n");
+        assert!(metrics.contains(&timed), "no {timed:?} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
@@ -893,6 +906,11 @@ async fn a_request_to_an_origin_not_granted_is_denied_without_a_connection() {
     assert_eq!(env.services.payment.requests().await, 0);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "a denied request opened a connection");
+    // Counted as denied, under no origin: the plugin's URL is not a label.
+    let metrics = String::from_utf8(env.host.get("/metrics").await.bytes).unwrap();
+    let denied = "sagahost_plugin_http_requests_total{plugin=\"http-payment\",origin=\"-\",outcome=\"denied\"} 2\n";
+    assert!(metrics.contains(denied), "no {denied:?} in:\n{metrics}");
+    assert!(!metrics.contains(&format!("origin=\"{trap}\"")), "the denied URL became a label:\n{metrics}");
 }
 
 #[tokio::test]

@@ -340,19 +340,23 @@ async fn attempt<T>(
     };
     let instantiated = store.data().instantiated;
     let peak_memory_bytes = store.data().memory.used;
-    let requests = store.data().outbound.requests();
+    let recorded_requests = store.data().outbound.requests();
+    let made = store.data().outbound.made();
     let mut state = store.into_data().host;
     if let Some(e) = host_error {
-        return unavailable(e, started);
+        return CallOutcome { requests: made, ..unavailable(e, started) };
     }
     if state.logs_dropped > 0 {
         tracing::warn!(saga_id = %state.saga_id, step = %state.step, plugin = %state.plugin, dropped = state.logs_dropped, "plugin log lines dropped over the per-call limit");
     }
     if let Some(e) = state.host_error {
-        return unavailable(e, started);
+        return CallOutcome { requests: made, ..unavailable(e, started) };
     }
-    let recorded =
-        Recorded { logs: state.recorded_logs.take().unwrap_or_default(), logs_dropped: state.logs_dropped, requests };
+    let recorded = Recorded {
+        logs: state.recorded_logs.take().unwrap_or_default(),
+        logs_dropped: state.logs_dropped,
+        requests: recorded_requests,
+    };
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
     let ended = Instant::now();
@@ -366,6 +370,7 @@ async fn attempt<T>(
         phases,
         peak_memory_bytes,
         recorded,
+        requests: made,
     }
 }
 
@@ -401,6 +406,7 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
         phases: Phases::default(),
         peak_memory_bytes: 0,
         recorded: Recorded::default(),
+        requests: Vec::new(),
     }
 }
 

@@ -159,6 +159,23 @@ pub struct CallOutcome<T> {
     /// The call's log lines and outbound requests, kept only by a runtime made with
     /// [`Runtime::recording`] (`sagahost plugin run`); empty otherwise.
     pub recorded: Recorded,
+    /// Every outbound HTTP request the call made and how it went, for metrics (empty for most
+    /// calls: no allocation).
+    pub requests: Vec<RequestMade>,
+}
+
+/// One outbound HTTP request of a call, as metrics count it: whom it was for, how it ended,
+/// how long until it did (the response's head, or the error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestMade {
+    /// The origin it was for, canonical (`https://payments.example.com:443`), if the plugin
+    /// is granted it; `-` otherwise (not granted, the grants not read, not a URL), so that a
+    /// plugin cannot make up label values.
+    pub origin: String,
+    /// `1xx` to `5xx` for a response; else why none came: `denied`, `limit`, `dns`,
+    /// `connect`, `tls`, `timeout`, `proxy`, `invalid` or `error`.
+    pub outcome: &'static str,
+    pub elapsed: Duration,
 }
 
 /// What a recording runtime keeps of a call besides its outcome, for a plugin's author.

@@ -22,6 +22,9 @@
 //! 6. size: a response body past [`HttpLimits::max_response_bytes`] fails with
 //!    `HTTP-response-body-size` as it streams, so it is never held whole.
 //!
+//! Every request is counted for metrics ([`RequestMade`]: the granted origin, the status class
+//! or why no response came, the time to its head); the driver records them per plugin.
+//!
 //! What the plugin did wrong against a limit is kept in [`Notes::limit`] and prefixed to the
 //! attempt's error by `call.rs`, so `last_error` says which limit; a grant read that failed
 //! for the database's sake is kept in [`Notes::host_error`] and makes the call unavailable
@@ -51,7 +54,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::call::Deadline;
 use super::proxy::{Blame, Proxy};
-use super::{OutboundRequest, PluginReader};
+use super::{OutboundRequest, PluginReader, RequestMade};
 use crate::grants::{self, Host, Origin, Scheme};
 
 /// Limits on a call's outbound HTTP, and whom its `https` requests trust. Configurable on the
@@ -249,6 +252,8 @@ struct CallFacts {
     notes: Mutex<Notes>,
     /// Every request and how it went, when the runtime records calls (`Runtime::recording`).
     recorded: Option<Mutex<Vec<OutboundRequest>>>,
+    /// Every request's origin, outcome and time, for metrics.
+    made: Mutex<Vec<RequestMade>>,
 }
 
 impl Outbound {
@@ -274,6 +279,7 @@ impl Outbound {
                 grants: tokio::sync::OnceCell::new(),
                 notes: Mutex::new(Notes::default()),
                 recorded: record.then(|| Mutex::new(Vec::new())),
+                made: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -285,6 +291,11 @@ impl Outbound {
             Some(list) => std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner())),
             None => Vec::new(),
         }
+    }
+
+    /// Every request the call made, for metrics. Taken once, when the call ends.
+    pub(super) fn made(&self) -> Vec<RequestMade> {
+        std::mem::take(&mut *self.call.made.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// What was noticed during the call. Taken once, when the call ends.
@@ -315,6 +326,72 @@ impl WasiHttpHooks for Outbound {
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
+        // Counted for metrics, whatever becomes of it (a request dropped unanswered, its call
+        // over, is not).
+        let origin = request_origin(request.uri());
+        let call = Arc::clone(&self.call);
+        let sending = Box::into_pin(self.record(request));
+        Box::new(async move {
+            let started = Instant::now();
+            let sent = sending.await;
+            let outcome = match &sent {
+                Ok((response, _)) => status_class(response.status()),
+                Err(e) => failure_kind(e),
+            };
+            // Named only if granted: a label value a plugin cannot make up.
+            let granted = match (call.grants.get(), origin) {
+                (Some(Ok(granted)), Some(origin)) if grants::is_granted(granted, &origin) => origin.to_string(),
+                _ => "-".to_owned(),
+            };
+            let made = RequestMade { origin: granted, outcome, elapsed: started.elapsed() };
+            call.made.lock().unwrap_or_else(|e| e.into_inner()).push(made);
+            sent
+        })
+    }
+}
+
+/// A request's origin, if its URL has one.
+fn request_origin(uri: &http::Uri) -> Option<Origin> {
+    let scheme = uri.scheme_str().and_then(Scheme::parse)?;
+    Origin::from_authority(scheme, uri.authority()?.as_str()).ok()
+}
+
+/// `2xx` and the like: a response's status class, the label metrics count it under.
+fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Why no response came, in a word for metrics.
+fn failure_kind(e: &Error) -> &'static str {
+    match e {
+        Error::HttpRequestDenied => "denied",
+        Error::ConnectionLimitReached => "limit",
+        Error::HttpRequestUriInvalid | Error::HttpProtocolError => "invalid",
+        Error::DnsTimeout | Error::DnsError { .. } | Error::DestinationNotFound => "dns",
+        Error::Connect(_)
+        | Error::ConnectionRefused
+        | Error::ConnectionTerminated
+        | Error::DestinationUnavailable
+        | Error::DestinationIpProhibited
+        | Error::DestinationIpUnroutable => "connect",
+        Error::TlsCertificateError | Error::TlsProtocolError | Error::TlsAlertReceived { .. } | Error::Tls(_) => "tls",
+        Error::ConnectionTimeout | Error::ConnectionReadTimeout | Error::ConnectionWriteTimeout => "timeout",
+        Error::HttpResponseTimeout => "timeout",
+        Error::ConfigurationError => "proxy",
+        _ => "error",
+    }
+}
+
+impl Outbound {
+    /// [`Outbound::send`], its request kept in the call's record when the runtime records
+    /// calls (`sagahost plugin run`).
+    fn record(&mut self, request: http::Request<WasiBody>) -> Box<dyn Future<Output = Sent> + Send> {
         if self.call.recorded.is_none() {
             return self.send(request);
         }
