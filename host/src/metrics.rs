@@ -218,14 +218,15 @@ impl Metrics {
             "plugin_http_requests",
             "Plugins' outbound HTTP requests (sagahost:plugin@0.2.0) by plugin, granted origin (- for one not \
              granted) and outcome: the response's status class (2xx, 4xx, ...) or why none came (denied, limit, dns, \
-             connect, tls, timeout, proxy, invalid, error)",
+             connect, tls, timeout, protocol, proxy, late, abandoned, invalid, error)",
             http_requests.clone(),
         );
         let http_seconds =
             Family::<OriginLabels, Histogram, HistogramFn>::new_with_constructor(latency_histogram as HistogramFn);
         registry.register(
             "plugin_http_request_seconds",
-            "Time from a plugin's outbound request to its response's head (or the error), by plugin and origin",
+            "Time from a plugin's outbound request to its response's head (the grants' read, DNS, connecting and TLS \
+             included), of requests answered, by plugin and origin",
             http_seconds.clone(),
         );
         let not_loadable = Counter::default();
@@ -346,8 +347,10 @@ impl Metrics {
         for r in requests {
             let labels = RequestLabels { plugin: plugin.to_owned(), origin: r.origin.clone(), outcome: r.outcome };
             self.http_requests.get_or_create(&labels).inc();
-            let labels = OriginLabels { plugin: plugin.to_owned(), origin: r.origin.clone() };
-            self.http_seconds.get_or_create(&labels).observe(r.elapsed.as_secs_f64());
+            if r.responded {
+                let labels = OriginLabels { plugin: plugin.to_owned(), origin: r.origin.clone() };
+                self.http_seconds.get_or_create(&labels).observe(r.elapsed.as_secs_f64());
+            }
         }
     }
 

@@ -1309,6 +1309,13 @@ async fn steps_reach_their_services_through_the_egress_proxy_by_names_only_it_re
     assert!(!error.contains("s3cret"), "{error}");
     assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("release", 1)]));
     proxy.refuse_tunnels.store(false, Ordering::SeqCst);
+    // Counted as the proxy's refusals, under the service's origin.
+    let metrics = String::from_utf8(env.host.get("/metrics").await.bytes).unwrap();
+    let refused = format!(
+        "sagahost_plugin_http_requests_total{{plugin=\"http-payment\",origin=\"https://payments.internal:{}\",outcome=\"proxy\"}} 2\n",
+        port(&payment.url)
+    );
+    assert!(metrics.contains(&refused), "no {refused:?} in:\n{metrics}");
 
     // The host's credentials refused, to the charge's tunnel: not the step's failure. It is
     // tried again every second or so without spending an attempt, and goes through once they

@@ -457,10 +457,25 @@ async fn a_dead_letter_is_redelivered_or_discarded() {
 }
 
 /// A store whose writes of one kind fail (its database went away just then); the rest works.
+/// Its lease calls never answer while `hang_lease` is set (a database gone away: each call
+/// waits for a pool connection far longer than a stop may).
 struct FailingWrites {
     inner: Arc<dyn Store>,
     mark: bool,
     dead_letter: bool,
+    hang_lease: std::sync::atomic::AtomicBool,
+}
+
+impl FailingWrites {
+    fn new(inner: &Arc<dyn Store>, mark: bool, dead_letter: bool) -> FailingWrites {
+        FailingWrites { inner: Arc::clone(inner), mark, dead_letter, hang_lease: Default::default() }
+    }
+
+    async fn maybe_hang(&self) {
+        if self.hang_lease.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn gone() -> crate::store::Error {
@@ -470,9 +485,11 @@ fn gone() -> crate::store::Error {
 #[async_trait]
 impl OutboxStore for FailingWrites {
     async fn relay_lease(&self, owner: &str, lease_ms: i64) -> crate::store::Result<Option<i64>> {
+        self.maybe_hang().await;
         self.inner.relay_lease(owner, lease_ms).await
     }
     async fn relay_release(&self, owner: &str) -> crate::store::Result<()> {
+        self.maybe_hang().await;
         self.inner.relay_release(owner).await
     }
     async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> crate::store::Result<Vec<OutboxRow>> {
@@ -530,13 +547,13 @@ async fn a_store_failure_on_the_refused_row_path_counts_as_a_relay_failure() {
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
     // a1 refused with its batch, fits alone, and its mark fails.
-    let store = FailingWrites { inner: Arc::clone(&inner), mark: true, dead_letter: false };
+    let store = FailingWrites::new(&inner, true, false);
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
     assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
     assert_eq!(metrics.relay_failures(), 1, "a failed mark of the row sent alone");
     sink.script.lock().unwrap().clear();
     // a1 refused even alone, and its move to the dead letters fails.
-    let store = FailingWrites { inner: Arc::clone(&inner), mark: false, dead_letter: true };
+    let store = FailingWrites::new(&inner, false, true);
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
     assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
     assert_eq!(metrics.relay_failures(), 2, "a failed move to the dead letters");
@@ -553,7 +570,7 @@ async fn a_batch_whose_mark_failed_is_counted_published_once_it_is_marked() {
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
-    let failing = FailingWrites { inner: Arc::clone(&inner), mark: true, dead_letter: false };
+    let failing = FailingWrites::new(&inner, true, false);
     assert!(publish_once(&failing, &sink, &SystemClock, &metrics, &options).await.is_err());
     assert_eq!(metrics.events_published(), 0, "taken by the sink, but not marked");
     let batch = publish_once(&*inner, &sink, &SystemClock, &metrics, &options).await.unwrap();
@@ -724,74 +741,13 @@ async fn a_stopping_relay_drops_a_publish_past_the_grace() {
     assert!(store.relay_lease("b", 300).await.unwrap().is_some(), "the stopping relay handed its lease over");
 }
 
-/// A store whose lease calls never answer once `hang` is set: a database gone away, each call
-/// waiting for a pool connection far longer than a stop may.
-struct HangingLease {
-    inner: Arc<dyn Store>,
-    hang: std::sync::atomic::AtomicBool,
-}
-
-impl HangingLease {
-    async fn maybe_hang(&self) {
-        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-#[async_trait]
-impl OutboxStore for HangingLease {
-    async fn relay_lease(&self, owner: &str, lease_ms: i64) -> crate::store::Result<Option<i64>> {
-        self.maybe_hang().await;
-        self.inner.relay_lease(owner, lease_ms).await
-    }
-    async fn relay_release(&self, owner: &str) -> crate::store::Result<()> {
-        self.maybe_hang().await;
-        self.inner.relay_release(owner).await
-    }
-    async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> crate::store::Result<Vec<OutboxRow>> {
-        self.inner.outbox_batch(limit, max_bytes).await
-    }
-    async fn outbox_mark_published(&self, ids: &[i64], now: i64) -> crate::store::Result<()> {
-        self.inner.outbox_mark_published(ids, now).await
-    }
-    async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
-        self.inner.outbox_page(saga_id, after, limit).await
-    }
-    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> crate::store::Result<bool> {
-        self.inner.outbox_dead_letter(id, reason, now).await
-    }
-    async fn dead_letters(&self, before: Option<i64>, limit: u32) -> crate::store::Result<Vec<DeadLetter>> {
-        self.inner.dead_letters(before, limit).await
-    }
-    async fn dead_letter(&self, event_id: &str) -> crate::store::Result<Option<DeadLetter>> {
-        self.inner.dead_letter(event_id).await
-    }
-    async fn dead_letter_redeliver(
-        &self,
-        event_id: &str,
-        now: i64,
-        audit: &crate::store::AuditEntry,
-    ) -> crate::store::Result<bool> {
-        self.inner.dead_letter_redeliver(event_id, now, audit).await
-    }
-    async fn dead_letter_discard(
-        &self,
-        event_id: &str,
-        now: i64,
-        audit: &crate::store::AuditEntry,
-    ) -> crate::store::Result<bool> {
-        self.inner.dead_letter_discard(event_id, now, audit).await
-    }
-}
-
 /// A stopping relay whose database stopped answering (its lease renewals and the hand-over
 /// hang) stops within the grace and the hand-over's bound, not when a store call gives up.
 #[tokio::test]
 async fn a_stopping_relay_does_not_wait_for_a_database_that_does_not_answer() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_interleaved_events(dir.path()).await;
-    let hanging = Arc::new(HangingLease { inner: Arc::clone(&store), hang: Default::default() });
+    let hanging = Arc::new(FailingWrites::new(&store, false, false));
     let sink = Arc::new(SlowSink { delay: Duration::from_secs(60), started: Default::default() });
     let options = RelayOptions { lease: TEST_LEASE, owner: "a".into(), ..RelayOptions::default() };
     let (outbox, published): (Arc<dyn OutboxStore>, Arc<dyn Sink>) = (hanging.clone(), sink.clone());
@@ -801,7 +757,7 @@ async fn a_stopping_relay_does_not_wait_for_a_database_that_does_not_answer() {
     while sink.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    hanging.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    hanging.hang_lease.store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(TEST_LEASE / 3 + Duration::from_millis(100)).await; // a renewal is hanging now
     let stopping = std::time::Instant::now();
     shutdown.cancel();

@@ -172,10 +172,19 @@ pub struct RequestMade {
     /// is granted it; `-` otherwise (not granted, the grants not read, not a URL), so that a
     /// plugin cannot make up label values.
     pub origin: String,
-    /// `1xx` to `5xx` for a response; else why none came: `denied`, `limit`, `dns`,
-    /// `connect`, `tls`, `timeout`, `proxy`, `invalid` or `error`.
+    /// `1xx` to `5xx` for a response (its body may still fail: too large, cut off by the
+    /// call's end); else why none came: `denied` (not granted, or a link-local address),
+    /// `limit` (over the call's request count), `dns`, `connect` (refused, reset, closed),
+    /// `tls`, `timeout`, `protocol` (the answer was not HTTP), `proxy` (the egress proxy could
+    /// not be reached or refused), `late` (made after the call's time for requests was up),
+    /// `abandoned` (still out when the call ended, or dropped by the plugin), `invalid` (not a
+    /// URL) or `error`.
     pub outcome: &'static str,
+    /// From the plugin's send to the response's head, or to the failure (the grants' read, a
+    /// DNS lookup, connecting and TLS included).
     pub elapsed: Duration,
+    /// A response came (only those are timed in `sagahost_plugin_http_request_seconds`).
+    pub responded: bool,
 }
 
 /// What a recording runtime keeps of a call besides its outcome, for a plugin's author.

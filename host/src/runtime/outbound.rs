@@ -252,8 +252,20 @@ struct CallFacts {
     notes: Mutex<Notes>,
     /// Every request and how it went, when the runtime records calls (`Runtime::recording`).
     recorded: Option<Mutex<Vec<OutboundRequest>>>,
-    /// Every request's origin, outcome and time, for metrics.
-    made: Mutex<Vec<RequestMade>>,
+    /// Every request's origin, outcome and time, for metrics: a tally opened when the plugin
+    /// sends it, closed when it ends.
+    made: Mutex<Vec<Tally>>,
+}
+
+/// One request as metrics count it, while the call runs (see [`RequestMade`]).
+struct Tally {
+    origin: Option<Origin>,
+    started: Instant,
+    /// Set by the host on the way: the request failed at the egress proxy (`proxy`), or was
+    /// made after the call's time for requests was up (`late`).
+    why: Option<&'static str>,
+    /// How it ended and when; `None` while it has not (or never will: dropped unanswered).
+    ended: Option<(&'static str, Duration, bool)>,
 }
 
 impl Outbound {
@@ -293,9 +305,27 @@ impl Outbound {
         }
     }
 
-    /// Every request the call made, for metrics. Taken once, when the call ends.
+    /// Every request the call made, for metrics. Taken once, when the call ends: a request
+    /// still out then (its future dropped by the plugin, or the call over) is `abandoned`, timed
+    /// until now. Its origin is named only if the plugin is granted it: a label value a plugin
+    /// cannot make up.
     pub(super) fn made(&self) -> Vec<RequestMade> {
-        std::mem::take(&mut *self.call.made.lock().unwrap_or_else(|e| e.into_inner()))
+        let tallies = std::mem::take(&mut *self.call.made.lock().unwrap_or_else(|e| e.into_inner()));
+        let granted = match self.call.grants.get() {
+            Some(Ok(granted)) => granted.as_slice(),
+            _ => &[],
+        };
+        tallies
+            .into_iter()
+            .map(|t| {
+                let origin = match &t.origin {
+                    Some(origin) if grants::is_granted(granted, origin) => origin.to_string(),
+                    _ => "-".to_owned(),
+                };
+                let (outcome, elapsed, responded) = t.ended.unwrap_or(("abandoned", t.started.elapsed(), false));
+                RequestMade { origin, outcome, elapsed, responded }
+            })
+            .collect()
     }
 
     /// What was noticed during the call. Taken once, when the call ends.
@@ -326,25 +356,26 @@ impl WasiHttpHooks for Outbound {
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
-        // Counted for metrics, whatever becomes of it (a request dropped unanswered, its call
-        // over, is not).
-        let origin = request_origin(request.uri());
+        // Counted for metrics, whatever becomes of it ([`Outbound::made`]).
+        let tally = Tally { origin: request_origin(request.uri()), started: Instant::now(), why: None, ended: None };
+        let slot = {
+            let mut made = self.call.made.lock().unwrap_or_else(|e| e.into_inner());
+            made.push(tally);
+            made.len() - 1
+        };
         let call = Arc::clone(&self.call);
-        let sending = Box::into_pin(self.record(request));
+        let sending = Box::into_pin(self.record(request, slot));
         Box::new(async move {
-            let started = Instant::now();
             let sent = sending.await;
-            let outcome = match &sent {
-                Ok((response, _)) => status_class(response.status()),
-                Err(e) => failure_kind(e),
-            };
-            // Named only if granted: a label value a plugin cannot make up.
-            let granted = match (call.grants.get(), origin) {
-                (Some(Ok(granted)), Some(origin)) if grants::is_granted(granted, &origin) => origin.to_string(),
-                _ => "-".to_owned(),
-            };
-            let made = RequestMade { origin: granted, outcome, elapsed: started.elapsed() };
-            call.made.lock().unwrap_or_else(|e| e.into_inner()).push(made);
+            let mut made = call.made.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tally) = made.get_mut(slot) {
+                let (outcome, responded) = match &sent {
+                    Ok((response, _)) => (status_class(response.status()), true),
+                    Err(e) => (tally.why.unwrap_or_else(|| failure_kind(e)), false),
+                };
+                tally.ended = Some((outcome, tally.started.elapsed(), responded));
+            }
+            drop(made);
             sent
         })
     }
@@ -367,12 +398,13 @@ fn status_class(status: http::StatusCode) -> &'static str {
     }
 }
 
-/// Why no response came, in a word for metrics.
+/// Why no response came, in a word for metrics (the host's own reasons, `proxy` and `late`,
+/// are set on the way: [`CallFacts::tally_why`]).
 fn failure_kind(e: &Error) -> &'static str {
     match e {
         Error::HttpRequestDenied => "denied",
         Error::ConnectionLimitReached => "limit",
-        Error::HttpRequestUriInvalid | Error::HttpProtocolError => "invalid",
+        Error::HttpRequestUriInvalid => "invalid",
         Error::DnsTimeout | Error::DnsError { .. } | Error::DestinationNotFound => "dns",
         Error::Connect(_)
         | Error::ConnectionRefused
@@ -382,7 +414,12 @@ fn failure_kind(e: &Error) -> &'static str {
         | Error::DestinationIpUnroutable => "connect",
         Error::TlsCertificateError | Error::TlsProtocolError | Error::TlsAlertReceived { .. } | Error::Tls(_) => "tls",
         Error::ConnectionTimeout | Error::ConnectionReadTimeout | Error::ConnectionWriteTimeout => "timeout",
-        Error::HttpResponseTimeout => "timeout",
+        Error::HttpProtocolError => "protocol",
+        // The connection under the request: closed or reset before the answer, an answer that
+        // is not HTTP, or hyper's own timeout.
+        Error::Hyper(e) if e.is_timeout() => "timeout",
+        Error::Hyper(e) if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() => "protocol",
+        Error::Hyper(_) => "connect",
         Error::ConfigurationError => "proxy",
         _ => "error",
     }
@@ -391,14 +428,14 @@ fn failure_kind(e: &Error) -> &'static str {
 impl Outbound {
     /// [`Outbound::send`], its request kept in the call's record when the runtime records
     /// calls (`sagahost plugin run`).
-    fn record(&mut self, request: http::Request<WasiBody>) -> Box<dyn Future<Output = Sent> + Send> {
+    fn record(&mut self, request: http::Request<WasiBody>, slot: usize) -> Box<dyn Future<Output = Sent> + Send> {
         if self.call.recorded.is_none() {
-            return self.send(request);
+            return self.send(request, slot);
         }
         // Taken before the host rewrites the URI to the checked address.
         let (method, url) = (request.method().clone(), request.uri().to_string());
         let call = Arc::clone(&self.call);
-        let sending = self.send(request);
+        let sending = self.send(request, slot);
         let Some(recorded) = &call.recorded else { return sending };
         let index = {
             let mut list = recorded.lock().unwrap_or_else(|e| e.into_inner());
@@ -421,7 +458,8 @@ impl Outbound {
 
 impl Outbound {
     /// Sends one request of the plugin's (steps 1 to 6 of the module's doc).
-    fn send(&mut self, mut request: http::Request<WasiBody>) -> Box<dyn Future<Output = Sent> + Send> {
+    /// `slot`: the request's tally ([`CallFacts::made`]).
+    fn send(&mut self, mut request: http::Request<WasiBody>, slot: usize) -> Box<dyn Future<Output = Sent> + Send> {
         let call = Arc::clone(&self.call);
         let n = call.sent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         if n > call.limits.max_requests {
@@ -474,7 +512,7 @@ impl Outbound {
         match span {
             Some(span) => Box::new(tracing::Instrument::instrument(
                 async move {
-                    let sent = call.send(request).await;
+                    let sent = call.send(request, slot).await;
                     if let Ok((response, _)) = &sent {
                         tracing::Span::current().record("http.response.status_code", response.status().as_u16());
                     }
@@ -482,7 +520,7 @@ impl Outbound {
                 },
                 span,
             )),
-            None => Box::new(async move { call.send(request).await }),
+            None => Box::new(async move { call.send(request, slot).await }),
         }
     }
 }
@@ -533,8 +571,16 @@ impl CallFacts {
         }
     }
 
-    async fn send(self: Arc<Self>, request: http::Request<WasiBody>) -> Sent {
+    /// Says why request `slot` failed, for metrics, where the error alone would mislead.
+    fn tally_why(&self, slot: usize, why: &'static str) {
+        if let Some(tally) = self.made.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot) {
+            tally.why.get_or_insert(why);
+        }
+    }
+
+    async fn send(self: Arc<Self>, request: http::Request<WasiBody>, slot: usize) -> Sent {
         if self.remaining().is_zero() {
+            self.tally_why(slot, "late");
             return Err(Error::ConnectionTimeout);
         }
         let uri = request.uri();
@@ -549,7 +595,7 @@ impl CallFacts {
         // then, and the proxy resolves the service's name.
         let proxy = self.limits.proxy.as_deref().filter(|p| p.applies_to(&origin));
         let addresses = match proxy {
-            Some(proxy) => self.resolve_proxy(proxy).await?,
+            Some(proxy) => self.resolve_proxy(proxy).await.inspect_err(|_| self.tally_why(slot, "proxy"))?,
             None => self.resolve(&origin).await?,
         };
         let at = self.deadline.outbound_until();
@@ -564,6 +610,7 @@ impl CallFacts {
         let sending = async {
             let stream = connect_first(addresses).await.inspect_err(|e| {
                 if let Some(proxy) = proxy {
+                    self.tally_why(slot, "proxy");
                     self.note_host_error(format!("the outbound proxy {} could not be reached: {e}", proxy.origin()));
                 }
             })?;
@@ -584,6 +631,7 @@ impl CallFacts {
                     // answers (a 502 when it cannot reach the service, a 403 by its policy) are
                     // the plugin's to read, as behind any HTTP proxy.
                     if sent.0.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+                        self.tally_why(slot, "proxy");
                         self.note_limit(format!(
                             "the outbound proxy {} answered a request to {origin} with 407 Proxy Authentication \
                              Required (check the credentials in --outbound-proxy)",
@@ -600,6 +648,11 @@ impl CallFacts {
                 }
                 (Scheme::Https, Some(proxy)) => {
                     let tunnel = proxy.tunnel(stream, &origin).await.map_err(|refused| {
+                        // The proxy refused or failed the tunnel; one it could not open to the
+                        // service (502: `destination unavailable`) is the service's to count.
+                        if !matches!(refused.error, Error::DestinationUnavailable) {
+                            self.tally_why(slot, "proxy");
+                        }
                         match refused.why {
                             Some(Blame::Request(why)) => self.note_limit(why),
                             Some(Blame::Host(why)) => self.note_host_error(why),
@@ -951,6 +1004,32 @@ mod tests {
         tokio::spawn(Box::into_pin(worker));
         let status = response.status().as_u16();
         (status, response.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[test]
+    fn metrics_count_a_response_by_its_class_and_a_failure_by_its_kind() {
+        let classes: Vec<_> = [101, 200, 204, 302, 404, 429, 500, 503]
+            .map(|s| status_class(http::StatusCode::from_u16(s).unwrap()))
+            .into();
+        assert_eq!(classes, ["1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx"]);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        for (error, kind) in [
+            (Error::HttpRequestDenied, "denied"),
+            (Error::ConnectionLimitReached, "limit"),
+            (Error::DestinationNotFound, "dns"),
+            (Error::DnsTimeout, "dns"),
+            (Error::Connect(refused), "connect"),
+            (Error::ConnectionTerminated, "connect"),
+            (Error::DestinationUnavailable, "connect"),
+            (Error::TlsCertificateError, "tls"),
+            (Error::ConnectionTimeout, "timeout"),
+            (Error::HttpProtocolError, "protocol"),
+            (Error::HttpRequestUriInvalid, "invalid"),
+            (Error::ConfigurationError, "proxy"),
+            (Error::InternalError(None), "error"),
+        ] {
+            assert_eq!(failure_kind(&error), kind, "{error:?}");
+        }
     }
 
     #[tokio::test]

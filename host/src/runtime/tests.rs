@@ -698,6 +698,13 @@ async fn requests_past_the_per_call_limit_fail_and_last_error_names_the_limit() 
     let msg = retryable(&out);
     assert!(msg.starts_with("the plugin made more than 2 HTTP requests in one call"), "{msg}");
     assert_eq!(service.connections(), 2, "the third request never leaves the host");
+    // Counted for metrics: two answered, timed; the third over the limit.
+    let origin = crate::grants::Origin::parse(&service.origin).unwrap().to_string();
+    let made: Vec<_> = out.requests.iter().map(|r| (r.origin.as_str(), r.outcome, r.responded)).collect();
+    assert_eq!(
+        made,
+        [(origin.as_str(), "2xx", true), (origin.as_str(), "2xx", true), (origin.as_str(), "limit", false)]
+    );
 }
 
 #[tokio::test]
@@ -726,6 +733,9 @@ async fn a_request_to_a_service_that_never_answers_ends_with_the_calls_timeout()
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(service.connections(), 1);
     assert!(out.reached_out, "the request went out on the connection: it may have been applied");
+    let made: Vec<_> = out.requests.iter().map(|r| (r.outcome, r.responded)).collect();
+    assert!(made == [("timeout", false)] || made == [("abandoned", false)], "{made:?}");
+    assert!(out.requests[0].elapsed >= Duration::from_millis(400), "{:?}", out.requests);
 }
 
 /// A granted name that resolves to a metadata address is not reached, and the attempt's error
@@ -822,6 +832,8 @@ async fn a_request_after_the_calls_timeout_fails_though_slow_reads_were_credited
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(service.connections(), 0, "a request went out after the call's timeout");
     assert!(!out.reached_out);
+    let made: Vec<_> = out.requests.iter().map(|r| r.outcome).collect();
+    assert_eq!(made, ["late"], "made after the call's time for requests was up");
 }
 
 /// A grants read cut short because the plugin's own work used up the call's time is the
@@ -1168,6 +1180,9 @@ async fn only_a_recording_runtime_keeps_log_lines_and_requests() {
     let out = runtime.execute(&digest, "misbehave", &info(1), &http, TIMEOUT).await;
     assert_eq!(out.label, "done", "{out:?}");
     assert_eq!(out.recorded, Recorded::default());
+    // What metrics count, every runtime keeps: the granted origin, canonical.
+    let origin = crate::grants::Origin::parse(&service.origin).unwrap().to_string();
+    assert_eq!((out.requests.len(), &out.requests[0].origin, out.requests[0].outcome), (1, &origin, "2xx"));
     let recording = |reader| Arc::new(Runtime::new(Limits::default(), Arc::new(reader)).unwrap().recording());
     let runtime = recording(granting(&service.origin));
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
@@ -1188,6 +1203,8 @@ async fn only_a_recording_runtime_keeps_log_lines_and_requests() {
     assert_eq!(out.recorded.requests.len(), 1);
     assert_eq!(out.recorded.requests[0].status, None);
     assert_eq!(out.recorded.requests[0].error.as_deref(), Some("HttpRequestDenied"));
+    let made: Vec<_> = out.requests.iter().map(|r| (r.origin.as_str(), r.outcome)).collect();
+    assert_eq!(made, [("-", "denied")], "a plugin's URL is no label unless granted");
     let out = execute(&runtime, &digest, "log-flood").await;
     assert_eq!(out.recorded.logs.len(), Limits::default().log_lines as usize);
     assert!(out.recorded.logs_dropped > 0);
