@@ -1862,6 +1862,24 @@ mod tests {
     }
 
     impl Rig {
+        /// Creates a completing order (its request waiting for it, or handing it over at once)
+        /// while the driver runs: the creation's answer (within 10 s), the saga once it
+        /// completed (`None` when not within 20 s), and the faulty store.
+        async fn create_and_run(
+            self,
+            wait: bool,
+        ) -> (Result<crate::store::CreateOutcome, saga::Error>, Option<SagaRecord>, Arc<LandsThenFails>) {
+            let draft = self.order();
+            let shutdown = CancellationToken::new();
+            let running = tokio::spawn(self.driver.run(shutdown.clone()));
+            let created = tokio::time::timeout(Duration::from_secs(10), self.sagas.create(&draft, None, wait)).await;
+            let created = created.expect("no answer");
+            let done = completed(self.store.as_ref(), &draft.record.id).await;
+            shutdown.cancel();
+            running.await.unwrap();
+            (created, done, self.faulty)
+        }
+
         async fn new(
             faulty: impl FnOnce(Arc<dyn crate::store::Store>) -> LandsThenFails,
             read: Duration,
@@ -1916,16 +1934,10 @@ mod tests {
         let options = DriverOptions::default();
         assert!(options.chain_max_age < Duration::from_millis(300) && options.lease_ms >= 30_000);
         let rig = Rig::new(|s| LandsThenFails::new(s, true, false), Duration::from_millis(300), options).await;
-        let draft = rig.order();
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(rig.driver.run(shutdown.clone()));
-        let created = tokio::time::timeout(Duration::from_secs(10), rig.sagas.create(&draft, None, true)).await;
-        assert_eq!(created.expect("no answer").unwrap(), crate::store::CreateOutcome::Created);
-        let failed = !rig.faulty.fail_next_create.load(std::sync::atomic::Ordering::SeqCst);
+        let (created, done, faulty) = rig.create_and_run(true).await;
+        assert_eq!(created.unwrap(), crate::store::CreateOutcome::Created);
+        let failed = !faulty.fail_next_create.load(std::sync::atomic::Ordering::SeqCst);
         assert!(failed, "the creation went another way");
-        let done = completed(rig.store.as_ref(), &draft.record.id).await;
-        shutdown.cancel();
-        running.await.unwrap();
         let rec = done.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
     }
@@ -1953,14 +1965,8 @@ mod tests {
         let options = DriverOptions::default();
         assert!(options.lease_ms >= 30_000);
         let rig = Rig::new(|s| LandsThenFails::new(s, true, false), Duration::ZERO, options).await;
-        let draft = rig.order();
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(rig.driver.run(shutdown.clone()));
-        let created = tokio::time::timeout(Duration::from_secs(10), rig.sagas.create(&draft, None, false)).await;
-        assert!(created.expect("no answer").is_err(), "the store reported the creation failed");
-        let done = completed(rig.store.as_ref(), &draft.record.id).await;
-        shutdown.cancel();
-        running.await.unwrap();
+        let (created, done, _) = rig.create_and_run(false).await;
+        assert!(created.is_err(), "the store reported the creation failed");
         let rec = done.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
     }

@@ -68,8 +68,8 @@ impl Proxy {
         };
         let shown = format!("http://{address}");
         let origin = Origin::parse(&shown).map_err(|e| format!("the proxy URL: {e}"))?;
-        let authority = address.strip_suffix('/').unwrap_or(address);
-        if !authority.starts_with('[') && !authority.contains(':') || authority.ends_with(']') {
+        // A port is a ':' after the host (after an IPv6 address's closing bracket).
+        if !address.rsplit(']').next().is_some_and(|after_host| after_host.contains(':')) {
             return Err(format!("{shown:?}: give the proxy's port, e.g. http://proxy.internal:3128"));
         }
         let authorization = match userinfo {
