@@ -1845,8 +1845,8 @@ mod tests {
             tokio::time::sleep(self.0).await;
             Ok(Vec::new())
         }
-        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
-            Ok(Vec::new())
+        async fn grants(&self, _: &str) -> anyhow::Result<crate::grants::Grants> {
+            Ok(Default::default())
         }
     }
 

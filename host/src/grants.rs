@@ -1,18 +1,198 @@
-//! Outbound HTTP grants: which origins a plugin may reach (SPEC §4.1).
+//! Outbound HTTP grants: which origins a plugin may reach (SPEC §4.1), and the credentials
+//! the host adds to its requests there.
 //!
 //! Owns the [`Origin`] type (parsing, the canonical form stored and shown, matching a request
-//! against it) and the rule for link-local and metadata addresses. It must not do I/O: the
-//! admin API validates grants with it, the store keeps their canonical strings, and the
-//! runtime checks each outgoing request with it before any connection is opened.
+//! against it), the rule for link-local and metadata addresses, and [`Credential`]: a header
+//! the host sets on every request to one granted origin, its value a template naming secrets
+//! (`Bearer ${stripe-key}`) that only the host reads (`crate::secrets`), so the plugin never
+//! sees them. It must not do I/O: the admin API validates grants with it, the store keeps
+//! their canonical form, and the runtime checks each outgoing request with it before any
+//! connection is opened.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+
+use http::header::HeaderName;
+use serde::{Deserialize, Serialize};
 
 /// Most origins one plugin may be granted.
 pub const MAX_GRANTS: usize = 64;
 
 /// Longest origin accepted, in bytes.
 pub const MAX_ORIGIN_BYTES: usize = 256;
+
+/// Most credentials one plugin may be granted.
+pub const MAX_CREDENTIALS: usize = 16;
+
+/// Longest credential value (the template, before its secrets are read), in bytes.
+pub const MAX_CREDENTIAL_VALUE_BYTES: usize = 1024;
+
+/// Longest secret name, in bytes.
+pub const MAX_SECRET_NAME_BYTES: usize = 128;
+
+/// Everything granted to one plugin: the origins it may reach and the credentials the host
+/// adds to its requests there. Serialized as the audit trail's `before` and `after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Grants {
+    /// Canonical origins ([`normalize`]).
+    pub allowed_hosts: Vec<String>,
+    /// Canonical credentials ([`normalize_credentials`]), each for one of `allowed_hosts`.
+    pub credentials: Vec<Credential>,
+}
+
+/// A header the host sets on every request of the plugin's to one granted origin, replacing
+/// any the plugin set of that name. Its value is a template: text and `${name}` references to
+/// secrets the host reads from its secrets directory when it sends the request. The plugin
+/// never sees the value, and nothing the host shows or stores holds more than the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"origin": "https://api.stripe.com", "header": "Authorization", "value": "Bearer ${stripe-key}"}))]
+pub struct Credential {
+    /// One of the granted origins (any spelling of it; shown canonical).
+    #[schema(max_length = 256)]
+    pub origin: String,
+    /// The header's name (any case; shown lower case). Not one the host manages itself:
+    /// `host`, the framing and hop-by-hop headers, `proxy-*`, `idempotency-key`, `traceparent`,
+    /// `tracestate`.
+    #[schema(max_length = 128)]
+    pub header: String,
+    /// Visible ASCII text with at least one `${name}` reference to a secret of the host's
+    /// secrets directory (`--outbound-secrets-dir`): a name is 1-128 letters, digits, `.`,
+    /// `_` or `-`, starting with a letter or digit. At most 1,024 bytes.
+    #[schema(max_length = 1024)]
+    pub value: String,
+}
+
+/// One part of a credential's value: literal text or a secret's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Secret(&'a str),
+}
+
+/// Headers the host sets or the connection owns: a credential may not name them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+];
+
+/// Checks a secret's name: 1-128 letters, digits, `.`, `_` or `-`, starting with a letter or
+/// digit (so never `.`, `..` or Kubernetes' `..data`: a name is a file of the secrets
+/// directory, never a path).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let first_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let rest_ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !first_ok || !rest_ok || name.len() > MAX_SECRET_NAME_BYTES {
+        return Err(format!(
+            "{name:?} is not a secret name: 1-{MAX_SECRET_NAME_BYTES} letters, digits, '.', '_' or '-', starting \
+             with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Splits a credential's value into text and secret references, checking it: visible ASCII
+/// (and spaces) around `${name}` references, at least one reference (a value naming no secret
+/// is not a credential: the plugin can set such a header itself; it is also what a shell
+/// leaves of `"Bearer ${key}"` in double quotes), at most [`MAX_CREDENTIAL_VALUE_BYTES`].
+pub fn pieces(value: &str) -> Result<Vec<Piece<'_>>, String> {
+    if value.len() > MAX_CREDENTIAL_VALUE_BYTES {
+        return Err(format!("a credential's value has at most {MAX_CREDENTIAL_VALUE_BYTES} bytes"));
+    }
+    if let Some(bad) = value.chars().find(|c| !matches!(c, ' '..='~' | '\t')) {
+        return Err(format!(
+            "a credential's value is visible ASCII text and ${{name}} references; {bad:?} is not allowed"
+        ));
+    }
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(at) = rest.find("${") {
+        if at > 0 {
+            out.push(Piece::Text(&rest[..at]));
+        }
+        let after = &rest[at + 2..];
+        let end = after.find('}').ok_or("a credential's value has a ${ without its closing }")?;
+        let name = &after[..end];
+        check_secret_name(name)?;
+        out.push(Piece::Secret(name));
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    if !out.iter().any(|p| matches!(p, Piece::Secret(_))) {
+        return Err("a credential's value names no secret: write ${name} for the secret's file in the host's \
+             --outbound-secrets-dir (in a shell, inside single quotes)"
+            .to_owned());
+    }
+    Ok(out)
+}
+
+/// The secrets a credential's value names, in order (the value already checked by [`pieces`]).
+pub fn secret_names(value: &str) -> Vec<&str> {
+    pieces(value)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Secret(name) => Some(name),
+            Piece::Text(_) => None,
+        })
+        .collect()
+}
+
+/// Parses a credential as the command line writes it, `ORIGIN HEADER: VALUE`
+/// (`https://api.stripe.com Authorization: Bearer ${stripe-key}`): an origin, spaces, then
+/// the header line as `curl -H` takes it. Checked by [`normalize_credentials`] afterwards.
+pub fn parse_credential_flag(s: &str) -> Result<Credential, String> {
+    let form =
+        "a credential is 'ORIGIN HEADER: VALUE', e.g. 'https://api.stripe.com Authorization: Bearer ${stripe-key}'";
+    let (origin, line) = s.trim().split_once(char::is_whitespace).ok_or(form)?;
+    let (header, value) = line.trim_start().split_once(':').ok_or(form)?;
+    Ok(Credential { origin: origin.to_owned(), header: header.trim().to_owned(), value: value.trim().to_owned() })
+}
+
+/// Checks and normalizes a plugin's credentials against its granted origins (canonical, as
+/// [`normalize`] returns them): the origin canonical and granted, the header name lower case
+/// and not one the host manages, one credential per (origin, header), the value a valid
+/// template. An error names the entry (`credentials[1].header`) and says why.
+pub fn normalize_credentials(
+    allowed_hosts: &[String],
+    credentials: &[Credential],
+) -> Result<Vec<Credential>, (String, String)> {
+    if credentials.len() > MAX_CREDENTIALS {
+        return Err(("credentials".to_owned(), format!("at most {MAX_CREDENTIALS} credentials per plugin")));
+    }
+    let mut out: Vec<Credential> = Vec::with_capacity(credentials.len());
+    for (i, c) in credentials.iter().enumerate() {
+        let at = |field: &str| format!("credentials[{i}].{field}");
+        let origin = Origin::parse(&c.origin).map_err(|e| (at("origin"), e))?.to_string();
+        if !allowed_hosts.contains(&origin) {
+            return Err((at("origin"), format!("{origin} is not among allowed_hosts: grant the origin too")));
+        }
+        let header = HeaderName::from_bytes(c.header.as_bytes())
+            .map_err(|_| (at("header"), format!("{:?} is not an HTTP header name", c.header)))?;
+        let header = header.as_str();
+        if RESERVED_HEADERS.contains(&header) || header.starts_with("proxy-") {
+            return Err((at("header"), format!("{header} is set by the host or the connection, not by a credential")));
+        }
+        pieces(&c.value).map_err(|e| (at("value"), e))?;
+        if out.iter().any(|o| o.origin == origin && o.header == header) {
+            return Err((at("header"), format!("{origin} has two credentials for {header}: one per header")));
+        }
+        out.push(Credential { origin, header: header.to_owned(), value: c.value.clone() });
+    }
+    Ok(out)
+}
 
 /// `http` or `https`: nothing else is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,10 +375,37 @@ pub fn normalize(allowed: &[String]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// Parses stored grants (canonical, as [`normalize`] returns them) once, for the checks of
-/// one call. Strings that no longer parse are dropped: they grant nothing.
-pub fn parse_all(granted: &[String]) -> Vec<Origin> {
-    granted.iter().filter_map(|g| Origin::parse(g).ok()).collect()
+/// A plugin's grants parsed once, for the checks of one call.
+#[derive(Debug, Default)]
+pub struct Granted {
+    pub origins: Vec<Origin>,
+    /// Each credential's origin, header and value template.
+    pub credentials: Vec<(Origin, HeaderName, String)>,
+}
+
+impl Granted {
+    /// The credentials to add to a request to `origin`.
+    pub fn credentials_for<'a>(&'a self, origin: &'a Origin) -> impl Iterator<Item = (&'a HeaderName, &'a str)> + 'a {
+        self.credentials.iter().filter(move |(o, _, _)| o == origin).map(|(_, h, v)| (h, v.as_str()))
+    }
+}
+
+/// Parses stored grants (canonical, as [`normalize`] and [`normalize_credentials`] return
+/// them). Entries that no longer parse are dropped: they grant nothing.
+pub fn parse_all(granted: &Grants) -> Granted {
+    Granted {
+        origins: granted.allowed_hosts.iter().filter_map(|g| Origin::parse(g).ok()).collect(),
+        credentials: granted
+            .credentials
+            .iter()
+            .filter_map(|c| {
+                let origin = Origin::parse(&c.origin).ok()?;
+                let header = HeaderName::from_bytes(c.header.as_bytes()).ok()?;
+                pieces(&c.value).ok()?;
+                Some((origin, header, c.value.clone()))
+            })
+            .collect(),
+    }
 }
 
 /// Is a request to `origin` granted? Only an exact match is. A granted origin whose host is
@@ -254,8 +461,8 @@ mod tests {
 
     #[test]
     fn a_request_matches_only_its_exact_origin() {
-        let granted =
-            parse_all(&normalize(&["http://127.0.0.1:9001".into(), "https://api.example.com".into()]).unwrap());
+        let allowed_hosts = normalize(&["http://127.0.0.1:9001".into(), "https://api.example.com".into()]).unwrap();
+        let granted = parse_all(&Grants { allowed_hosts, credentials: vec![] }).origins;
         let at = |s: Scheme, a: &str| is_granted(&granted, &Origin::from_authority(s, a).unwrap());
         assert!(at(Scheme::Http, "127.0.0.1:9001"));
         assert!(at(Scheme::Https, "API.example.com"));
@@ -287,5 +494,106 @@ mod tests {
         for ip in ["127.0.0.1", "10.0.0.1", "192.168.1.1", "::1", "fd00:ec3::1", "8.8.8.8", "100.100.100.201"] {
             assert!(!Origin::needs_exact_grant(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    fn credential(origin: &str, header: &str, value: &str) -> Credential {
+        Credential { origin: origin.into(), header: header.into(), value: value.into() }
+    }
+
+    #[test]
+    fn a_credential_value_is_text_around_secret_references() {
+        assert_eq!(pieces("Bearer ${stripe-key}").unwrap(), [Piece::Text("Bearer "), Piece::Secret("stripe-key")]);
+        assert_eq!(
+            pieces("${user}:${pass.v2}$x").unwrap(),
+            [Piece::Secret("user"), Piece::Text(":"), Piece::Secret("pass.v2"), Piece::Text("$x")]
+        );
+        assert_eq!(secret_names("a ${one} b ${two_2}"), ["one", "two_2"]);
+        for (bad, why) in [
+            ("Bearer key", "names no secret"),
+            ("Bearer ", "names no secret"),
+            ("Bearer ${key", "closing }"),
+            ("${}", "not a secret name"),
+            ("${../etc/passwd}", "not a secret name"),
+            ("${..data}", "not a secret name"),
+            ("${.hidden}", "not a secret name"),
+            ("${a b}", "not a secret name"),
+            ("Bearer ${key}\r\nX-Evil: 1", "not allowed"),
+            ("caf\u{e9} ${key}", "not allowed"),
+        ] {
+            let e = pieces(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(pieces(&format!("${{k}}{}", "x".repeat(MAX_CREDENTIAL_VALUE_BYTES))).is_err());
+        assert!(check_secret_name(&"k".repeat(MAX_SECRET_NAME_BYTES)).is_ok());
+        assert!(check_secret_name(&"k".repeat(MAX_SECRET_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn credentials_normalize_against_the_granted_origins() {
+        let allowed = normalize(&["https://api.example.com".into(), "http://127.0.0.1:9002".into()]).unwrap();
+        let got = normalize_credentials(
+            &allowed,
+            &[
+                credential("HTTPS://API.example.com/", "Authorization", "Bearer ${api}"),
+                credential("http://127.0.0.1:9002", "X-Api-Key", "${key}"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                credential("https://api.example.com:443", "authorization", "Bearer ${api}"),
+                credential("http://127.0.0.1:9002", "x-api-key", "${key}"),
+            ]
+        );
+        let refused = |c: Credential, field: &str, why: &str| {
+            let (at, e) = normalize_credentials(&allowed, &[credential("https://api.example.com", "x-a", "${a}"), c])
+                .expect_err(field);
+            assert_eq!(at, format!("credentials[1].{field}"), "{e}");
+            assert!(e.contains(why), "{field}: {e}");
+        };
+        refused(credential("https://other.example.com", "x-b", "${b}"), "origin", "not among allowed_hosts");
+        refused(credential("api.example.com", "x-b", "${b}"), "origin", "not an origin");
+        refused(credential("https://api.example.com", "X-A", "${b}"), "header", "two credentials");
+        refused(credential("https://api.example.com", "bad header", "${b}"), "header", "not an HTTP header");
+        for reserved in
+            ["Host", "Content-Length", "Transfer-Encoding", "Proxy-Authorization", "Idempotency-Key", "traceparent"]
+        {
+            refused(credential("https://api.example.com", reserved, "${b}"), "header", "set by the host");
+        }
+        refused(credential("https://api.example.com", "x-b", "plain"), "value", "names no secret");
+        let many = vec![credential("https://api.example.com", "x-a", "${a}"); MAX_CREDENTIALS + 1];
+        assert_eq!(normalize_credentials(&allowed, &many).unwrap_err().0, "credentials");
+    }
+
+    #[test]
+    fn a_credential_flag_is_an_origin_and_a_header_line() {
+        assert_eq!(
+            parse_credential_flag("https://api.stripe.com  Authorization: Bearer ${stripe-key} ").unwrap(),
+            credential("https://api.stripe.com", "Authorization", "Bearer ${stripe-key}")
+        );
+        assert_eq!(
+            parse_credential_flag("http://127.0.0.1:9002 X-Api-Key:${k}").unwrap(),
+            credential("http://127.0.0.1:9002", "X-Api-Key", "${k}")
+        );
+        for bad in ["https://api.stripe.com", "https://api.stripe.com Authorization", ""] {
+            assert!(parse_credential_flag(bad).unwrap_err().contains("ORIGIN HEADER: VALUE"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parsed_grants_give_each_origin_its_own_credentials() {
+        let allowed_hosts = normalize(&["https://api.example.com".into(), "http://127.0.0.1:9002".into()]).unwrap();
+        let credentials = normalize_credentials(
+            &allowed_hosts,
+            &[credential("https://api.example.com", "authorization", "Bearer ${api}")],
+        )
+        .unwrap();
+        let granted = parse_all(&Grants { allowed_hosts, credentials });
+        let api = Origin::parse("https://api.example.com").unwrap();
+        let local = Origin::parse("http://127.0.0.1:9002").unwrap();
+        let got: Vec<_> = granted.credentials_for(&api).map(|(h, v)| (h.as_str(), v)).collect();
+        assert_eq!(got, [("authorization", "Bearer ${api}")]);
+        assert_eq!(granted.credentials_for(&local).count(), 0);
     }
 }

@@ -23,6 +23,7 @@ pub mod runner;
 pub mod runtime;
 pub mod saga;
 pub mod scaffold;
+pub mod secrets;
 pub mod store;
 pub mod telemetry;
 pub mod text;
@@ -129,7 +130,7 @@ impl PluginReader for StoreReader {
         Ok(self.0.state_scan(plugin, prefix, after, limit).await?)
     }
 
-    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+    async fn grants(&self, plugin: &str) -> anyhow::Result<crate::grants::Grants> {
         Ok(self.0.grants(plugin).await?)
     }
 }
@@ -264,6 +265,7 @@ impl App {
                 admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
                 api_tokens: config.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect(),
                 shared_database: config.database.as_deref().is_some_and(|url| url.starts_with("postgres")),
+                secrets: config.limits.http.secrets.clone(),
             }),
         };
         let listener =

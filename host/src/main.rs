@@ -170,6 +170,14 @@ struct Serve {
     /// (matched against IP addresses in URLs; names are not resolved for it), or * for all.
     #[arg(long, env = "SAGAHOST_OUTBOUND_NO_PROXY", value_name = "LIST", requires = "outbound_proxy", value_parser = sagahost::runtime::NoProxy::from_flag)]
     outbound_no_proxy: Option<sagahost::runtime::NoProxy>,
+    /// A directory of secrets, one per file, named by the file (a Kubernetes secret volume,
+    /// /run/secrets, systemd's $CREDENTIALS_DIRECTORY), for the credentials granted to plugins
+    /// (`PUT /admin/plugins/{name}/grants`): the host sets them as headers on the plugins'
+    /// requests, so a plugin never sees one. Each file is read when a request needs it, so a
+    /// rotated secret takes effect without a restart. Default: none, no credential can be
+    /// granted.
+    #[arg(long, env = "SAGAHOST_OUTBOUND_SECRETS_DIR", value_name = "DIR", value_parser = sagahost::secrets::Secrets::from_flag)]
+    outbound_secrets_dir: Option<sagahost::secrets::Secrets>,
     /// How many sagas run at once in this process.
     #[arg(long, env = "SAGAHOST_MAX_CONCURRENT_SAGAS", default_value_t = 64)]
     max_concurrent_sagas: usize,
@@ -310,6 +318,7 @@ fn config(args: Serve) -> Result<sagahost::Config, String> {
             _ => trust,
         },
         proxy: args.outbound_proxy.map(|p| Arc::new(p.bypassing(args.outbound_no_proxy.unwrap_or_default()))),
+        secrets: args.outbound_secrets_dir,
     };
     config.driver.max_concurrency = args.max_concurrent_sagas.max(1);
     config.driver.max_queued = usize::try_from(args.max_queued_sagas).unwrap_or(usize::MAX);

@@ -99,6 +99,15 @@ struct RunArgs {
     /// repeat the flag for several. Default: none.
     #[arg(long = "allow-host")]
     allow_host: Vec<String>,
+    /// A header the host sets on the plugin's requests to a granted origin, as
+    /// 'ORIGIN HEADER: VALUE' with ${name} for the file `name` of --outbound-secrets-dir, e.g.
+    /// 'https://api.stripe.com Authorization: Bearer ${stripe-key}' (in single quotes); repeat
+    /// the flag for several.
+    #[arg(long = "credential", value_name = "'ORIGIN HEADER: VALUE'", value_parser = crate::grants::parse_credential_flag)]
+    credential: Vec<crate::grants::Credential>,
+    /// The directory of the secrets credentials name (serve's --outbound-secrets-dir).
+    #[arg(long, value_name = "DIR", value_parser = crate::secrets::Secrets::from_flag)]
+    outbound_secrets_dir: Option<crate::secrets::Secrets>,
     /// A PEM file of certificate authorities the plugin's https requests may also chain to,
     /// besides the public ones (serve's --outbound-ca-file).
     #[arg(long, value_name = "PEM", value_parser = crate::runtime::TlsTrust::from_flag)]
@@ -192,7 +201,7 @@ pub async fn run(args: Args) -> ExitCode {
 /// A plugin's committed state and grants, held in memory.
 struct Seeded {
     state: BTreeMap<String, Vec<u8>>,
-    grants: Vec<String>,
+    grants: crate::grants::Grants,
 }
 
 #[async_trait]
@@ -217,7 +226,7 @@ impl PluginReader for Seeded {
             .collect())
     }
 
-    async fn grants(&self, _plugin: &str) -> anyhow::Result<Vec<String>> {
+    async fn grants(&self, _plugin: &str) -> anyhow::Result<crate::grants::Grants> {
         Ok(self.grants.clone())
     }
 }
@@ -291,7 +300,7 @@ async fn check(args: CheckArgs) -> Result<u8, Stop> {
     let size = wasm.len();
     // One call at a time: a single pooled slot is enough.
     let limits = Limits { concurrent_calls: 1, ..Limits::default() };
-    let runtime = new_runtime(limits, Seeded { state: BTreeMap::new(), grants: Vec::new() })?;
+    let runtime = new_runtime(limits, Seeded { state: BTreeMap::new(), grants: Default::default() })?;
     let (digest, caps) = load(&runtime, wasm).await?;
     let report = json!({
         "valid": true,
@@ -338,7 +347,15 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
         }
         None => BTreeMap::new(),
     };
-    let grants = crate::grants::normalize(&args.allow_host).map_err(|e| usage(format!("--allow-host: {e}")))?;
+    let allowed_hosts = crate::grants::normalize(&args.allow_host).map_err(|e| usage(format!("--allow-host: {e}")))?;
+    let credentials = crate::grants::normalize_credentials(&allowed_hosts, &args.credential)
+        .map_err(|(field, e)| usage(format!("--credential ({field}): {e}")))?;
+    for c in &credentials {
+        crate::secrets::check(args.outbound_secrets_dir.as_ref(), &c.value)
+            .await
+            .map_err(|e| usage(format!("--credential for {} {}: {e}", c.origin, c.header)))?;
+    }
+    let grants = crate::grants::Grants { allowed_hosts, credentials };
     let wasm = read_component(&args.component)?;
     let plugin = args.plugin.clone().unwrap_or_else(|| {
         args.component.file_stem().map_or_else(|| "plugin".to_owned(), |s| s.to_string_lossy().into_owned())
@@ -357,6 +374,7 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
                 .outbound_proxy
                 .clone()
                 .map(|p| std::sync::Arc::new(p.bypassing(args.outbound_no_proxy.clone().unwrap_or_default()))),
+            secrets: args.outbound_secrets_dir.clone(),
             ..crate::runtime::HttpLimits::default()
         },
         ..Limits::default()
@@ -414,7 +432,8 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
             "attempt": info.attempt, "idempotency_key": info.idempotency_key,
             "signal": info.signal, "signal_name": info.signal_name,
         },
-        "allowed_hosts": grants,
+        "allowed_hosts": grants.allowed_hosts,
+        "credentials": grants.credentials,
         "timeout_ms": args.timeout_ms,
         "memory_limit_bytes": memory_limit,
         "load_ms": load_ms,
@@ -578,7 +597,7 @@ mod tests {
     #[tokio::test]
     async fn the_seeded_reader_scans_in_order_after_a_key() {
         let state = parse_state(r#"{"a/1": 1, "a/2": 2, "a/3": 3, "b/1": 4}"#).unwrap();
-        let reader = Seeded { state, grants: vec![] };
+        let reader = Seeded { state, grants: Default::default() };
         let keys: Vec<String> =
             reader.scan("p", "a/", Some("a/1"), 10).await.unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a/2", "a/3"]);
@@ -590,7 +609,7 @@ mod tests {
     async fn bytes_that_are_no_component_are_refused_as_an_upload_would_be() {
         let runtime = new_runtime(
             Limits { concurrent_calls: 1, ..Limits::default() },
-            Seeded { state: BTreeMap::new(), grants: vec![] },
+            Seeded { state: BTreeMap::new(), grants: Default::default() },
         )
         .unwrap();
         let stop = load(&runtime, Vec::new()).await.unwrap_err();

@@ -229,9 +229,24 @@ async fn dead_letters_are_listed_redelivered_and_discarded() {
 async fn grants_refusals_and_local_usage_errors_have_their_exit_codes() {
     let host = admin_host().await;
     let run = cli(&host, &["plugins", "grants", "http-payment", "--allow", "HTTP://127.0.0.1", "-o", "json"]).await;
-    assert_eq!(run.exits(0).json(), json!({"plugin": "http-payment", "allowed_hosts": ["http://127.0.0.1:80"]}));
+    assert_eq!(
+        run.exits(0).json(),
+        json!({"plugin": "http-payment", "allowed_hosts": ["http://127.0.0.1:80"], "credentials": []})
+    );
     let run = cli(&host, &["plugins", "grants", "http-payment"]).await.exits(0);
     assert!(run.stdout.contains("http://127.0.0.1:80"), "{run:#?}");
+    // A credential goes with its origin; shown as its template. This host has no secrets
+    // directory, so the API refuses one (422 -> 1) saying why.
+    let credential = "http://127.0.0.1 Authorization: Bearer ${pay-key}";
+    let args = ["plugins", "grants", "http-payment", "--allow", "http://127.0.0.1", "--credential", credential];
+    let run = cli(&host, &args).await.exits(1);
+    assert!(run.stderr.contains("HTTP 422 unknown_secret") && run.stderr.contains("no secrets directory"), "{run:#?}");
+    let run = cli(&host, &["plugins", "grants", "http-payment", "--credential", credential]).await.exits(2);
+    assert!(run.stderr.contains("--allow"), "a credential alone is a usage error: {run:#?}");
+    let run =
+        cli(&host, &["plugins", "grants", "http-payment", "--allow", "http://127.0.0.1", "--credential", "x"]).await;
+    let run = run.exits(2);
+    assert!(run.stderr.contains("ORIGIN HEADER: VALUE"), "{run:#?}");
     let run = cli(&host, &["plugins", "grants", "http-payment", "--revoke-all", "-o", "json"]).await.exits(0);
     assert_eq!(run.json()["allowed_hosts"], json!([]));
     // The API refuses (422 -> 1) with its reason.
@@ -314,4 +329,30 @@ async fn an_unreachable_url_exits_3_and_a_url_that_is_not_sagahost_exits_8() {
     }
     a.abort();
     b.abort();
+}
+
+#[tokio::test]
+async fn grants_with_credentials_show_their_templates_never_the_secrets() {
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("pay-key"), "sk_cli_hidden\n").unwrap();
+    let dir = sagahost::secrets::Secrets::from_flag(secrets.path().to_str().unwrap()).unwrap();
+    let host = TestHost::start_with(move |c| {
+        c.admin_token = Some(TOKEN.into());
+        c.limits.http.secrets = Some(dir);
+    })
+    .await;
+    let credential = "https://pay.example.com Authorization: Bearer ${pay-key}";
+    let args = ["plugins", "grants", "http-payment", "--allow", "https://pay.example.com", "--credential", credential];
+    let run = cli(&host, &args).await.exits(0);
+    assert!(run.stdout.contains("https://pay.example.com:443 authorization: Bearer ${pay-key}"), "{run:#?}");
+    let shown = cli(&host, &["plugins", "grants", "http-payment", "-o", "json"]).await.exits(0);
+    assert_eq!(
+        shown.json()["credentials"],
+        json!([{"origin": "https://pay.example.com:443", "header": "authorization", "value": "Bearer ${pay-key}"}])
+    );
+    assert!(!run.stdout.contains("sk_cli") && !shown.stdout.contains("sk_cli"), "{run:#?} {shown:#?}");
+    // Another --allow without the credential replaces it away.
+    let run =
+        cli(&host, &["plugins", "grants", "http-payment", "--allow", "https://pay.example.com", "-o", "json"]).await;
+    assert_eq!(run.exits(0).json()["credentials"], json!([]));
 }

@@ -40,7 +40,7 @@ async fn grants_are_stored_canonical_audited_and_revoked_by_an_empty_list() {
     // None by default, for a built-in plugin as for any other.
     let r = get(&host, "payment").await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
-    assert_eq!(r.json(), json!({"plugin": "payment", "allowed_hosts": []}));
+    assert_eq!(r.json(), json!({"plugin": "payment", "allowed_hosts": [], "credentials": []}));
 
     let r = put(
         &host,
@@ -50,14 +50,14 @@ async fn grants_are_stored_canonical_audited_and_revoked_by_an_empty_list() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
     let canonical = json!(["http://127.0.0.1:9001", "https://payments.example.com:443", "http://[::1]:9002"]);
-    assert_eq!(r.json(), json!({"plugin": "payment", "allowed_hosts": canonical}));
+    assert_eq!(r.json(), json!({"plugin": "payment", "allowed_hosts": canonical, "credentials": []}));
     assert_eq!(get(&host, "payment").await.json()["allowed_hosts"], canonical);
     assert_eq!(get(&host, "inventory").await.json()["allowed_hosts"], json!([]), "grants are per plugin");
 
     // The runtime reads grants from the database, not from this process: a store opened
     // apart from the host (as another replica's would be) sees them at once.
     let other = open_store(host.dir.path()).await;
-    assert_eq!(json!(other.grants("payment").await.unwrap()), canonical);
+    assert_eq!(json!(other.grants("payment").await.unwrap().allowed_hosts), canonical);
 
     // Replaced whole; an empty list revokes everything.
     let r = put(&host, "payment", json!({"allowed_hosts": ["http://localhost:9003"]})).await;
@@ -65,7 +65,7 @@ async fn grants_are_stored_canonical_audited_and_revoked_by_an_empty_list() {
     let r = put(&host, "payment", json!({"allowed_hosts": []})).await;
     assert_eq!((r.status, r.json()["allowed_hosts"].clone()), (StatusCode::OK, json!([])));
     assert_eq!(get(&host, "payment").await.json()["allowed_hosts"], json!([]));
-    assert!(other.grants("payment").await.unwrap().is_empty());
+    assert!(other.grants("payment").await.unwrap().allowed_hosts.is_empty());
 
     // Every change is audited: who, and the list before and after.
     let entries = audit(&host, "payment").await;
@@ -75,12 +75,13 @@ async fn grants_are_stored_canonical_audited_and_revoked_by_an_empty_list() {
         .collect();
     let grants = json!("plugin.grants");
     let actor = json!("team-payments");
+    let hosts = |list: Value| json!({"allowed_hosts": list, "credentials": []});
     assert_eq!(
         got,
         [
-            (grants.clone(), actor.clone(), json!(["http://localhost:9003"]), json!([])),
-            (grants.clone(), actor.clone(), canonical.clone(), json!(["http://localhost:9003"])),
-            (grants, actor, json!([]), canonical),
+            (grants.clone(), actor.clone(), hosts(json!(["http://localhost:9003"])), hosts(json!([]))),
+            (grants.clone(), actor.clone(), hosts(canonical.clone()), hosts(json!(["http://localhost:9003"]))),
+            (grants, actor, hosts(json!([])), hosts(canonical)),
         ]
     );
 }
@@ -158,7 +159,10 @@ async fn an_uploaded_plugin_has_grants_and_the_routes_need_the_admin_token() {
         .send(host.client.post(host.url("/admin/plugins/counter")).bearer_auth(TOKEN).body(fixture("counter")))
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.bytes));
-    assert_eq!(get(&host, "counter").await.json(), json!({"plugin": "counter", "allowed_hosts": []}));
+    assert_eq!(
+        get(&host, "counter").await.json(),
+        json!({"plugin": "counter", "allowed_hosts": [], "credentials": []})
+    );
     let r = put(&host, "counter", json!({"allowed_hosts": ["https://api.example.com:8443"]})).await;
     assert_eq!(r.json()["allowed_hosts"], json!(["https://api.example.com:8443"]));
 
@@ -198,4 +202,112 @@ async fn the_openapi_document_describes_the_grants_routes() {
     assert_eq!(request["properties"]["allowed_hosts"]["items"]["maxLength"], 256);
     assert_eq!(request["example"]["allowed_hosts"][0], "http://127.0.0.1:9001");
     assert_eq!(schemas["GrantsView"]["example"]["plugin"], "payment");
+    assert_eq!(request["properties"]["credentials"]["maxItems"], 16, "{request:#}");
+    assert_eq!(schemas["Credential"]["additionalProperties"], false);
+    assert_eq!(schemas["Credential"]["required"], json!(["origin", "header", "value"]));
+}
+
+/// A host with admin on and `secrets` as its secrets directory.
+async fn host_with_secrets(secrets: &std::path::Path) -> TestHost {
+    let secrets = sagahost::secrets::Secrets::from_flag(secrets.to_str().unwrap()).unwrap();
+    TestHost::start_with(move |c| {
+        c.admin_token = Some(TOKEN.into());
+        c.limits.http.secrets = Some(secrets);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn credentials_name_secrets_the_host_can_read_and_only_their_templates_are_ever_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("stripe-key"), "sk_live_not_for_eyes\n").unwrap();
+    let host = host_with_secrets(dir.path()).await;
+    let body = json!({
+        "allowed_hosts": ["https://api.stripe.com", "http://127.0.0.1:9002"],
+        "credentials": [
+            {"origin": "HTTPS://API.Stripe.com", "header": "Authorization", "value": "Bearer ${stripe-key}"},
+            {"origin": "http://127.0.0.1:9002", "header": "X-Api-Key", "value": "${stripe-key}"}
+        ]
+    });
+    let r = put(&host, "payment", body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    let credentials = json!([
+        {"origin": "https://api.stripe.com:443", "header": "authorization", "value": "Bearer ${stripe-key}"},
+        {"origin": "http://127.0.0.1:9002", "header": "x-api-key", "value": "${stripe-key}"}
+    ]);
+    assert_eq!(r.json()["credentials"], credentials);
+    let shown = get(&host, "payment").await;
+    assert_eq!(shown.json()["credentials"], credentials);
+    let audited = audit(&host, "payment").await;
+    assert_eq!(audited[0]["after"]["credentials"], credentials);
+    // The secret itself is nowhere: not in the answers, the audit trail or the database.
+    let other = open_store(host.dir.path()).await;
+    assert_eq!(json!(other.grants("payment").await.unwrap().credentials), credentials);
+    for text in [String::from_utf8_lossy(&r.bytes).into_owned(), shown.json().to_string(), json!(audited).to_string()] {
+        assert!(!text.contains("sk_live"), "{text}");
+    }
+
+    // Refused, with the entry and the reason, and nothing changed: a secret this host cannot
+    // read, a credential for an origin not granted, a header the host manages, a value naming
+    // no secret (what a shell leaves of "Bearer ${key}" in double quotes).
+    std::fs::write(dir.path().join("empty"), "").unwrap();
+    for (credential, code, field, why) in [
+        (
+            json!({"origin": "https://api.stripe.com", "header": "authorization", "value": "Bearer ${stripe-kee}"}),
+            "unknown_secret",
+            "credentials[0].value",
+            "no secret named \"stripe-kee\"",
+        ),
+        (
+            json!({"origin": "https://api.stripe.com", "header": "authorization", "value": "Bearer ${empty}"}),
+            "unknown_secret",
+            "credentials[0].value",
+            "it is empty",
+        ),
+        (
+            json!({"origin": "https://evil.example", "header": "authorization", "value": "Bearer ${stripe-key}"}),
+            "invalid_grant",
+            "credentials[0].origin",
+            "not among allowed_hosts",
+        ),
+        (
+            json!({"origin": "https://api.stripe.com", "header": "Host", "value": "${stripe-key}"}),
+            "invalid_grant",
+            "credentials[0].header",
+            "set by the host",
+        ),
+        (
+            json!({"origin": "https://api.stripe.com", "header": "authorization", "value": "Bearer -key"}),
+            "invalid_grant",
+            "credentials[0].value",
+            "names no secret",
+        ),
+    ] {
+        let body = json!({"allowed_hosts": ["https://api.stripe.com"], "credentials": [credential]});
+        let r = put(&host, "payment", body).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {}", String::from_utf8_lossy(&r.bytes));
+        let e = &r.json()["error"];
+        assert_eq!((e["code"].as_str(), e["field"].as_str()), (Some(code), Some(field)), "{e}");
+        assert!(e["message"].as_str().unwrap().contains(why), "{e}");
+    }
+    // Not the body's shape: 400.
+    for credentials in [
+        json!({"origin": "x"}),
+        json!([{"origin": "https://api.stripe.com", "header": "a"}]),
+        json!([{
+        "origin": "https://api.stripe.com", "header": "a", "value": "${stripe-key}", "secret": "x"}]),
+    ] {
+        let body = json!({"allowed_hosts": ["https://api.stripe.com"], "credentials": credentials});
+        assert_eq!(put(&host, "payment", body).await.status, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(get(&host, "payment").await.json()["credentials"], credentials);
+    assert_eq!(audit(&host, "payment").await.len(), 1);
+
+    // A host without a secrets directory can grant no credential.
+    let plain = admin_host().await;
+    let body = json!({"allowed_hosts": ["https://api.stripe.com"], "credentials": [
+        {"origin": "https://api.stripe.com", "header": "authorization", "value": "Bearer ${stripe-key}"}]});
+    let r = put(&plain, "payment", body).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("no secrets directory"), "{}", r.json());
 }

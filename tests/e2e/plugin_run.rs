@@ -270,6 +270,61 @@ async fn outbound_requests_are_listed_with_their_status_or_why_they_were_denied(
 }
 
 #[tokio::test]
+async fn a_credential_is_read_from_the_secrets_directory_and_shown_only_as_its_template() {
+    // A service that answers 200 only to its key, 401 otherwise.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/hello",
+        axum::routing::get(|headers: axum::http::HeaderMap| async move {
+            match headers.get("authorization").map(|v| v.as_bytes()) {
+                Some(b"Bearer sk_local_1") => axum::http::StatusCode::OK,
+                _ => axum::http::StatusCode::UNAUTHORIZED,
+            }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let origin = format!("http://127.0.0.1:{port}");
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("local-key"), "sk_local_1\n").unwrap();
+    let dir = secrets.path().to_str().unwrap();
+    let credential = format!("{origin} Authorization: Bearer ${{local-key}}");
+    let input = misbehave_input("http-auth", json!({"url": format!("{origin}/hello")}));
+    let misbehave = wasm("misbehave");
+    let base = ["plugin", "run", &misbehave, "--input", &input, "--allow-host", &origin];
+    let with = ["--credential", &credential, "--outbound-secrets-dir", dir, "--json"];
+    let run = sagahost(&[&base[..], &with].concat()).await.exits(0);
+    assert!(!run.stdout.contains("sk_local"), "{run:#?}");
+    let r = run.json();
+    assert_eq!(r["output"], json!({"status": 200}), "{r:#}");
+    assert_eq!(
+        r["credentials"],
+        json!([{"origin": origin, "header": "authorization", "value": "Bearer ${local-key}"}])
+    );
+    // Without it the plugin's own header goes out, and the service refuses it.
+    let r = sagahost(&[&base[..], &["--json"]].concat()).await.exits(0).json();
+    assert_eq!(r["output"], json!({"status": 401}), "{r:#}");
+
+    // A secret that cannot be read, a credential for an origin not allowed, or one naming no
+    // secret: usage errors before any call.
+    let missing = format!("{origin} Authorization: Bearer ${{other-key}}");
+    let run =
+        sagahost(&[&base[..], &["--credential", &missing, "--outbound-secrets-dir", dir]].concat()).await.exits(2);
+    assert!(run.stderr.contains("--credential") && run.stderr.contains("no secret named"), "{run:#?}");
+    let run = sagahost(&[&base[..], &["--credential", &credential]].concat()).await.exits(2);
+    assert!(run.stderr.contains("no secrets directory"), "{run:#?}");
+    let elsewhere = "http://127.0.0.1:1 Authorization: Bearer ${local-key}";
+    let run =
+        sagahost(&[&base[..], &["--credential", elsewhere, "--outbound-secrets-dir", dir]].concat()).await.exits(2);
+    assert!(run.stderr.contains("not among allowed_hosts"), "{run:#?}");
+    let run = sagahost(&[&base[..], &["--credential", &origin]].concat()).await.exits(2);
+    assert!(run.stderr.contains("ORIGIN HEADER: VALUE"), "{run:#?}");
+    let run = sagahost(&[&base[..], &["--outbound-secrets-dir", "/nonexistent/secrets"]].concat()).await.exits(2);
+    assert!(run.stderr.contains("/nonexistent/secrets"), "{run:#?}");
+    server.abort();
+}
+
+#[tokio::test]
 async fn check_accepts_what_an_upload_accepts_and_refuses_with_the_reason() {
     let r = sagahost(&["plugin", "check", &wasm("payment"), "--json"]).await.exits(0).json();
     assert_eq!(r["valid"], true);

@@ -299,6 +299,79 @@ async fn happy_path_applies_each_effect_once_with_the_steps_keys() {
 }
 
 #[tokio::test]
+async fn the_payment_step_signs_in_with_a_key_only_the_host_reads_and_a_rotated_or_missing_key_is_handled() {
+    // The payment service wants its API key (as a payment provider's API does); the host holds
+    // it as a secret file and adds it to the http-payment plugin's requests to that service.
+    let files = tempfile::tempdir().unwrap();
+    let secrets = files.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let service_key = files.path().join("service-key");
+    std::fs::write(&service_key, "sk_test_first\n").unwrap();
+    std::fs::write(secrets.join("payment-key"), "sk_test_first\n").unwrap();
+    let dir = sagahost::secrets::Secrets::from_flag(secrets.to_str().unwrap()).unwrap();
+    let env = Env::start_configured(
+        &[],
+        &["--payment-api-key-file", service_key.to_str().unwrap()],
+        |_| {},
+        |c| c.limits.http.secrets = Some(dir),
+    )
+    .await;
+    let payment = env.services.payment.url.clone();
+    // Without the key the service refuses: the plugin alone could not charge.
+    let r = reqwest::Client::new()
+        .post(format!("{payment}/charges"))
+        .header("Idempotency-Key", key())
+        .json(&json!({"order_id": "o-1", "amount_cents": 1, "currency": "USD", "token": "tok_visa"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let grant = json!({"allowed_hosts": [payment], "credentials": [
+        {"origin": payment, "header": "Authorization", "value": "Bearer ${payment-key}"}]});
+    let (status, r) = env.api.call(Method::PUT, "/admin/plugins/http-payment/grants", Some(&grant)).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "payment")["attempts"], 1);
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+
+    // Rotated on both sides: the next charge sends the new key, with no restart.
+    std::fs::write(&service_key, "sk_test_second").unwrap();
+    std::fs::write(secrets.join("payment-key"), "sk_test_second\n").unwrap();
+    let (id, s) = env.run(order("tok_visa", "SKU-1", "US")).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+
+    // The secret's file gone: the host's failure, not the step's. Nothing is sent, no attempt
+    // is spent, and the step goes on once the file is back.
+    std::fs::remove_file(secrets.join("payment-key")).unwrap();
+    let id = env.api.submit(SAGA, order("tok_visa", "SKU-1", "US")).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let s = env.api.saga(SAGA, &id).await;
+    assert_eq!(s["status"], "INVENTORY_RESERVED", "{s:#}");
+    let payment_step = step(&s, "payment");
+    assert_eq!((&payment_step["status"], &payment_step["attempts"]), (&json!("pending"), &json!(0)), "{s:#}");
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1)]));
+    let metrics = String::from_utf8(env.host.get("/metrics").await.bytes).unwrap();
+    let held = format!(
+        "sagahost_plugin_http_requests_total{{plugin=\"http-payment\",origin=\"{payment}\",outcome=\"credential\"}}"
+    );
+    assert!(metrics.contains(&held), "no {held:?} in:\n{metrics}");
+    std::fs::write(secrets.join("payment-key"), "sk_test_second").unwrap();
+    let s = env.api.settled(SAGA, &id).await;
+    assert_eq!(s["status"], "COMPLETED", "{s:#}");
+    assert_eq!(step(&s, "payment")["attempts"], 1);
+    assert_eq!(env.services.effects(&id).await, effects(&[("reserve", 1), ("charge", 1), ("create", 1)]));
+    // The key itself shows nowhere the host answers: the saga, its events, the grants.
+    let events = json!(env.host.events(&id).await).to_string();
+    let (_, grants) = env.api.call(Method::GET, "/admin/plugins/http-payment/grants", None).await;
+    for text in [s.to_string(), events, grants.to_string()] {
+        assert!(!text.contains("sk_test"), "{text}");
+    }
+}
+
+#[tokio::test]
 async fn out_of_stock_declined_card_and_flaky_gateway_each_take_effect_as_the_service_decides() {
     let env = Env::start(&[], &[]).await;
     let (oos, declined, flaky) = tokio::join!(

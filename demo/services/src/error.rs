@@ -14,6 +14,9 @@ pub enum ApiError {
     /// 400: the request cannot be understood (bad JSON, a missing field, no key).
     #[error("{0}")]
     BadRequest(String),
+    /// 401: the payment service's API key is missing or wrong (`--payment-api-key-file`).
+    #[error("{0}")]
+    Unauthorized(String),
     /// 404: no such route or record.
     #[error("{0}")]
     NotFound(String),
@@ -44,6 +47,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

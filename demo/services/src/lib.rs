@@ -81,6 +81,11 @@ pub struct Config {
     /// How long a `tok_hold` charge holds its answer after committing, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     pub hold_ms: u64,
+    /// A file holding the payment service's API key: when set, charges and refunds need
+    /// `Authorization: Bearer <key>` (401 otherwise), as a real payment provider's API does.
+    /// The file is read on every request, so replacing it rotates the key.
+    #[arg(long, value_name = "FILE")]
+    pub payment_api_key_file: Option<PathBuf>,
 }
 
 /// The services, built and bound, not yet serving.
@@ -134,7 +139,12 @@ impl Services {
                 core.db.clone(),
                 shutdown.clone(),
             )?;
-            let routes = payment::routes(core.clone(), webhook.clone(), Duration::from_millis(config.hold_ms));
+            let routes = payment::routes(
+                core.clone(),
+                webhook.clone(),
+                Duration::from_millis(config.hold_ms),
+                config.payment_api_key_file.clone(),
+            );
             hook = Some(webhook);
             bound.push(Bound {
                 name: payment::NAME,

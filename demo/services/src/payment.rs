@@ -6,10 +6,13 @@
 //! the charge and then holds the answer for `--hold-ms` (for crash tests). Every other token
 //! charges.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -63,14 +66,39 @@ struct Payment {
     hold: Duration,
 }
 
-/// The service's routes, with `core` as their state.
-pub fn routes(core: Core, webhook: Webhook, hold: Duration) -> Router {
-    Router::new()
+/// The service's routes, with `core` as their state. With `api_key_file`, charges and
+/// refunds need its key as a bearer token; the 3-D Secure confirmation (the customer's bank)
+/// does not.
+pub fn routes(core: Core, webhook: Webhook, hold: Duration, api_key_file: Option<PathBuf>) -> Router {
+    let mut keyed = Router::new()
         .route("/charges", post(charge))
         .route("/charges/{order_id}", get(show))
-        .route("/charges/{order_id}/confirm", post(confirm))
-        .route("/refunds", post(refund))
-        .with_state(Payment { core, webhook, hold })
+        .route("/refunds", post(refund));
+    if let Some(file) = api_key_file {
+        keyed = keyed.route_layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            let file = file.clone();
+            async move { require_key(&file, req, next).await }
+        }));
+    }
+    Router::new().merge(keyed).route("/charges/{order_id}/confirm", post(confirm)).with_state(Payment {
+        core,
+        webhook,
+        hold,
+    })
+}
+
+/// Lets `req` through only with `Authorization: Bearer <the key in file>`, the file read now
+/// (so replacing it rotates the key; a trailing line break is not part of the key).
+async fn require_key(file: &std::path::Path, req: Request, next: Next) -> Result<Response, ApiError> {
+    let key = tokio::fs::read_to_string(file)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot read the API key file {}: {e}", file.display())))?;
+    let expected = format!("Bearer {}", key.trim_end_matches(['\r', '\n']));
+    match req.headers().get(axum::http::header::AUTHORIZATION) {
+        Some(sent) if sent.as_bytes() == expected.as_bytes() => Ok(next.run(req).await),
+        Some(_) => Err(ApiError::Unauthorized("invalid API key".to_owned())),
+        None => Err(ApiError::Unauthorized("no API key: send Authorization: Bearer <key>".to_owned())),
+    }
 }
 
 /// A charge record as the API shows it.

@@ -602,8 +602,8 @@ pub(crate) mod tests {
             Ok(Vec::new())
         }
 
-        async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
-            Ok(Vec::new())
+        async fn grants(&self, _: &str) -> anyhow::Result<crate::grants::Grants> {
+            Ok(Default::default())
         }
     }
 

@@ -83,14 +83,21 @@ pub enum Cmd {
         #[arg(long, value_name = "DIGEST")]
         compensate: Option<String>,
     },
-    /// Show the origins a plugin may reach over outbound HTTP; with --allow or --revoke-all,
-    /// replace them (audited).
+    /// Show the origins a plugin may reach over outbound HTTP and the credentials the host adds
+    /// there; with --allow or --revoke-all, replace them (audited).
     Grants {
         /// The plugin.
         name: String,
         /// An origin to grant (http[s]://host[:port]); repeat for several. Replaces the list.
         #[arg(long = "allow", value_name = "ORIGIN")]
         allow: Vec<String>,
+        /// A header the host sets on the plugin's requests to a granted origin, as
+        /// 'ORIGIN HEADER: VALUE' with ${name} for the host's secret `name` (a file of its
+        /// --outbound-secrets-dir), e.g. 'https://api.stripe.com Authorization: Bearer
+        /// ${stripe-key}', in single quotes; repeat for several. Replaces the credentials:
+        /// give them with every --allow change that should keep them.
+        #[arg(long = "credential", value_name = "'ORIGIN HEADER: VALUE'", requires = "allow", value_parser = crate::grants::parse_credential_flag)]
+        credential: Vec<crate::grants::Credential>,
         /// Revoke every grant.
         #[arg(long, conflicts_with = "allow")]
         revoke_all: bool,
@@ -126,7 +133,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             ctx.out.print(&body, bound);
             Ok(())
         }
-        Cmd::Grants { name, allow, revoke_all } => grants(&ctx, &name, allow, revoke_all).await,
+        Cmd::Grants { name, allow, credential, revoke_all } => grants(&ctx, &name, allow, credential, revoke_all).await,
         Cmd::State { name, prefix, limit, cursor, all } => state(&ctx, &name, prefix, limit, cursor, all).await,
     }
 }
@@ -234,20 +241,33 @@ fn bound(b: &Value, colour: bool) -> String {
     )
 }
 
-async fn grants(ctx: &Ctx, name: &str, allow: Vec<String>, revoke_all: bool) -> Result<(), Failure> {
+async fn grants(
+    ctx: &Ctx,
+    name: &str,
+    allow: Vec<String>,
+    credentials: Vec<crate::grants::Credential>,
+    revoke_all: bool,
+) -> Result<(), Failure> {
     let path = format!("/admin/plugins/{}/grants", encode(name));
     let body = if allow.is_empty() && !revoke_all {
         ctx.client.send(Method::GET, &path, Auth::Admin, Payload::None, None).await?.body
     } else {
-        let req = json!({ "allowed_hosts": allow });
+        let req = json!({ "allowed_hosts": allow, "credentials": credentials });
         ctx.client.send(Method::PUT, &path, Auth::Admin, Payload::Json(req), None).await?.body
     };
     ctx.out.print(&body, |g, colour| {
-        let hosts: Vec<&str> =
-            g["allowed_hosts"].as_array().map_or(&[][..], Vec::as_slice).iter().filter_map(Value::as_str).collect();
-        let hosts =
-            if hosts.is_empty() { Cell::new("none", super::table::Style::Dim) } else { hosts.join(", ").into() };
-        pairs(&[("plugin", text(g, "plugin").into()), ("allowed hosts", hosts)], colour)
+        let list = |field: &str, line: &dyn Fn(&Value) -> String| -> Cell {
+            let items: Vec<String> = g[field].as_array().map_or(&[][..], Vec::as_slice).iter().map(line).collect();
+            if items.is_empty() {
+                Cell::new("none", super::table::Style::Dim)
+            } else {
+                items.join(", ").into()
+            }
+        };
+        let hosts = list("allowed_hosts", &|h| h.as_str().unwrap_or_default().to_owned());
+        let credentials =
+            list("credentials", &|c| format!("{} {}: {}", text(c, "origin"), text(c, "header"), text(c, "value")));
+        pairs(&[("plugin", text(g, "plugin").into()), ("allowed hosts", hosts), ("credentials", credentials)], colour)
     });
     Ok(())
 }

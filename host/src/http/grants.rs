@@ -1,11 +1,14 @@
 //! `PUT` and `GET /admin/plugins/{name}/grants`: the origins a plugin may reach over outbound
-//! HTTP (SPEC §4.1). Default none; an empty list revokes every grant.
+//! HTTP (SPEC §4.1), and the credentials the host adds to its requests there. Default none;
+//! empty lists revoke every grant.
 //!
 //! Validation and the canonical form are `crate::grants`'s; this module only reads the body,
-//! checks that the plugin exists and hands the canonical list to the store. Grants live only
-//! in the database (`GrantStore`), never in the catalog, so a change made through one replica
+//! checks that the plugin exists and that every secret a credential names can be read on this
+//! host (`crate::secrets`), and hands the canonical grants to the store. Grants live only in
+//! the database (`GrantStore`), never in the catalog, so a change made through one replica
 //! holds on every replica from the next read on. Every change is audited (`plugin.grants`,
-//! with the list before and after) in the transaction that makes it.
+//! with the grants before and after: credentials' templates, never a secret) in the
+//! transaction that makes it.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -21,22 +24,31 @@ use super::openapi::OptionalKey;
 use super::plugins::check_plugin_name;
 use super::sagas::{answered_in_commit, idempotent, json_response, parse_body, to_json};
 use super::AppState;
-use crate::grants;
+use crate::grants::{self, Credential, Grants};
 use crate::store::AuditEntry;
 
 // The document below states the bound literally (utoipa takes literals only): keep them equal.
 const _: () = assert!(grants::MAX_GRANTS == 64);
 
-/// `PUT /admin/plugins/{name}/grants` body: the whole list, replacing the one before.
+/// `PUT /admin/plugins/{name}/grants` body: the whole grants, replacing those before.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"allowed_hosts": ["http://127.0.0.1:9001", "https://payments.example.com"]}))]
+#[schema(example = json!({"allowed_hosts": ["http://127.0.0.1:9001", "https://api.stripe.com"],
+                          "credentials": [{"origin": "https://api.stripe.com", "header": "Authorization",
+                                           "value": "Bearer ${stripe-key}"}]}))]
 pub struct GrantsRequest {
     /// Origins the plugin may reach: `http` or `https`, a host name or IP address, and an
     /// optional port; no path, query or user info. At most 64; duplicates count once. An empty
     /// list revokes every grant.
     #[schema(max_items = 64, inline, value_type = Vec<GrantedOrigin>)]
     pub allowed_hosts: Vec<String>,
+    /// Headers the host sets on the plugin's requests to granted origins, their values naming
+    /// secrets of the host's `--outbound-secrets-dir`, which the plugin never sees. At most
+    /// 16; one per origin and header. Absent or empty: none (a change of `allowed_hosts`
+    /// alone drops them: send them with every change).
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub credentials: Vec<Credential>,
 }
 
 /// One granted origin, as sent.
@@ -59,13 +71,29 @@ impl utoipa::PartialSchema for GrantedOrigin {
 impl ToSchema for GrantedOrigin {}
 
 /// A plugin's grants, in their canonical form: lower case, the port always written, IPv6 in
-/// brackets.
+/// brackets, header names lower case. Credentials show their templates, never a secret.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({"plugin": "payment",
-                          "allowed_hosts": ["http://127.0.0.1:9001", "https://payments.example.com:443"]}))]
+                          "allowed_hosts": ["http://127.0.0.1:9001", "https://api.stripe.com:443"],
+                          "credentials": [{"origin": "https://api.stripe.com:443", "header": "authorization",
+                                           "value": "Bearer ${stripe-key}"}]}))]
 pub struct GrantsView {
     pub plugin: String,
     pub allowed_hosts: Vec<String>,
+    pub credentials: Vec<Credential>,
+}
+
+impl GrantsView {
+    fn of(plugin: &str, grants: Grants) -> GrantsView {
+        GrantsView { plugin: plugin.to_owned(), allowed_hosts: grants.allowed_hosts, credentials: grants.credentials }
+    }
+}
+
+/// A 422 for `field` of the body.
+fn invalid_grant(code: &'static str, field: String, reason: String) -> ApiError {
+    let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, format!("{field}: {reason}"));
+    e.field = Some(field);
+    e
 }
 
 /// 404 unless some version of the plugin was uploaded (the built-in demo plugins are, at
@@ -78,15 +106,25 @@ async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
     Err(ApiError::not_found(format!("no plugin named '{name}'; upload one with POST /admin/plugins/{name} first")))
 }
 
-/// Grant a plugin the origins it may reach over outbound HTTP, replacing its grants (audited).
+/// Grant a plugin the origins it may reach over outbound HTTP and the credentials the host
+/// adds to its requests there, replacing its grants (audited).
 ///
-/// The list is stored in its canonical form (lower case, explicit port) and shared by every
-/// replica at once: a call reads it at its first request and checks every request against it
-/// before any connection is opened, so a change applies to the calls that make their first
-/// request after it (one in progress keeps what it read, at most for its timeout). An empty
-/// list revokes every grant. Link-local, cloud metadata and unspecified addresses
-/// (169.254.0.0/16, fe80::/10, fd00:ec2::/32, 100.100.100.200, 168.63.129.16, 0.0.0.0/8, ::)
-/// are reachable only when granted by that exact address.
+/// The grants are stored in their canonical form (lower case, explicit port) and shared by
+/// every replica at once: a call reads them at its first request and checks every request
+/// against them before any connection is opened, so a change applies to the calls that make
+/// their first request after it (one in progress keeps what it read, at most for its
+/// timeout). Empty lists revoke every grant. Link-local, cloud metadata and unspecified
+/// addresses (169.254.0.0/16, fe80::/10, fd00:ec2::/32, 100.100.100.200, 168.63.129.16,
+/// 0.0.0.0/8, ::) are reachable only when granted by that exact address.
+///
+/// A credential is a header the host sets on every request to its origin, replacing the
+/// plugin's own, its value a template such as `Bearer ${stripe-key}`: each `${name}` is the
+/// file `name` of the host's secrets directory (`--outbound-secrets-dir`), read when the
+/// request is sent, so a rotated file takes effect on the next request. The plugin never sees
+/// the value; this API, the audit trail and the database hold only the template. Every secret
+/// named must be readable on the replica that takes this request (422 `unknown_secret`
+/// otherwise); a replica that cannot read one when a request needs it holds the step back
+/// (no attempt spent) and logs why.
 #[utoipa::path(put, path = "/admin/plugins/{name}/grants", tag = "admin", params(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$"), ActorHeader, OptionalKey),
     request_body = GrantsRequest,
@@ -95,7 +133,7 @@ async fn check_uploaded(state: &AppState, name: &str) -> Result<(), ApiError> {
               (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody),
               (status = 409, description = "A request with this key is still in flight", body = ErrorBody,
                headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-              (status = 422, description = "An entry is not an http(s) origin, or there are more than 64; nothing changed", body = ErrorBody)))]
+              (status = 422, description = "An entry is not an http(s) origin, there are more than 64, a credential is not valid, or it names a secret this host cannot read; nothing changed", body = ErrorBody)))]
 pub async fn put_grants(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -106,44 +144,49 @@ pub async fn put_grants(
     let value = parse_body(body)?;
     let fingerprint = value.clone();
     let req: GrantsRequest = serde_json::from_value(value).map_err(|e| ApiError::invalid("", e))?;
-    let allowed_hosts = grants::normalize(&req.allowed_hosts).map_err(|reason| {
-        let mut e =
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_grant", format!("allowed_hosts: {reason}"));
-        e.field = Some("allowed_hosts".to_owned());
-        e
-    })?;
+    let allowed_hosts = grants::normalize(&req.allowed_hosts)
+        .map_err(|reason| invalid_grant("invalid_grant", "allowed_hosts".to_owned(), reason))?;
+    let credentials = grants::normalize_credentials(&allowed_hosts, &req.credentials)
+        .map_err(|(field, reason)| invalid_grant("invalid_grant", field, reason))?;
+    for (i, credential) in credentials.iter().enumerate() {
+        crate::secrets::check(state.config.secrets.as_ref(), &credential.value)
+            .await
+            .map_err(|e| invalid_grant("unknown_secret", format!("credentials[{i}].value"), e.to_string()))?;
+    }
     check_uploaded(&state, &name).await?;
+    let granted = Grants { allowed_hosts, credentials };
     let route = format!("PUT /admin/plugins/{name}/grants");
-    let (state, headers, name, allowed_hosts) = (&state, &headers, &name, &allowed_hosts);
+    let (state, headers, name, granted) = (&state, &headers, &name, &granted);
     idempotent(state, headers, route, &fingerprint, |key| async move {
         let who = actor(headers);
-        let body = to_json(&GrantsView { plugin: name.clone(), allowed_hosts: allowed_hosts.clone() })?;
+        let body = to_json(&GrantsView::of(name, granted.clone()))?;
         let entry = AuditEntry {
             actor: who.clone(),
             action: "plugin.grants".to_owned(),
             target: name.clone(),
             // The store sets `before` to the list this change replaces, read in its transaction.
             before: None,
-            after: Some(serde_json::json!(allowed_hosts)),
+            after: Some(serde_json::json!(granted)),
             note: None,
             // Stored with the change: a retry of a request that died after it replays this
             // answer rather than setting the grants again over a later change.
             answer: key.as_ref().map(|k| k.answer(StatusCode::OK, &body)),
         };
-        let previous = state.store.put_grants(name, allowed_hosts, &entry, state.clock.now_ms()).await?;
-        tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?allowed_hosts, "plugin grants changed");
+        let previous = state.store.put_grants(name, granted, &entry, state.clock.now_ms()).await?;
+        tracing::info!(plugin = %name, actor = %who, before = ?previous, after = ?granted, "plugin grants changed");
         Ok(answered_in_commit(json_response(StatusCode::OK, body, None), key.as_ref()))
     })
     .await
 }
 
-/// The origins a plugin may reach over outbound HTTP (empty: none).
+/// The origins a plugin may reach over outbound HTTP and the credentials the host adds there
+/// (empty: none). Credentials show their templates, never a secret.
 #[utoipa::path(get, path = "/admin/plugins/{name}/grants", tag = "admin", params(
            ("name" = String, Path, description = "A plugin name: 1-64 lowercase letters, digits, `-` or `_`, starting with a letter", pattern = "^[a-z][a-z0-9_-]{0,63}$")),
     responses((status = 200, description = "The grants in force", body = GrantsView),
               (status = 404, description = "No version of this plugin was ever uploaded", body = ErrorBody)))]
 pub async fn get_grants(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     check_uploaded(&state, &name).await?;
-    let allowed_hosts = state.store.grants(&name).await?;
-    Ok(json_response(StatusCode::OK, to_json(&GrantsView { plugin: name, allowed_hosts })?, None))
+    let granted = state.store.grants(&name).await?;
+    Ok(json_response(StatusCode::OK, to_json(&GrantsView::of(&name, granted))?, None))
 }

@@ -50,6 +50,9 @@ pub struct HttpConfig {
     /// Other processes may commit to the same database (PostgreSQL replicas): `Prefer: wait`
     /// must re-read the store to see their progress, not only listen to this process.
     pub shared_database: bool,
+    /// The secrets directory credentials name (`--outbound-secrets-dir`): a grant's
+    /// credential must name secrets found there.
+    pub secrets: Option<crate::secrets::Secrets>,
 }
 
 /// Shared state of every handler: cheap to clone.

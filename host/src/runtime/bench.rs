@@ -46,8 +46,8 @@ impl PluginReader for MemoryReader {
         Ok(Vec::new())
     }
 
-    async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
-        Ok(Vec::new())
+    async fn grants(&self, _: &str) -> anyhow::Result<crate::grants::Grants> {
+        Ok(Default::default())
     }
 }
 

@@ -104,8 +104,9 @@ pub trait PluginReader: Send + Sync + 'static {
         after: Option<&str>,
         limit: u32,
     ) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
-    /// The origins the plugin may reach, in canonical form (`crate::grants`); empty if none.
-    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>>;
+    /// The origins the plugin may reach and the credentials the host adds to its requests
+    /// there, in canonical form (`crate::grants`); empty if none.
+    async fn grants(&self, plugin: &str) -> anyhow::Result<crate::grants::Grants>;
 }
 
 /// What the host tells the plugin about a call (the WIT `call-context`).

@@ -8,7 +8,10 @@
 //!    request on) unless the plugin set one, and a W3C `traceparent` of the attempt;
 //! 3. the grant: the plugin's granted origins, read from the database on its first request of
 //!    the call, must contain the request's origin exactly; otherwise `HTTP-request-denied`
-//!    and no connection is opened;
+//!    and no connection is opened. The credentials granted for that origin are then set as
+//!    headers, replacing the plugin's own of those names, their secrets read from the host's
+//!    secrets directory now (`crate::secrets`): the plugin never sees them, and a secret
+//!    that cannot be read is the host's failure (the call is unavailable, no attempt spent);
 //! 4. the address: a host name is resolved here, and a link-local or metadata address is
 //!    refused unless a grant names that very IP; the request then connects to one of the
 //!    addresses that were checked (no second lookup that could rebind the name), trying them
@@ -69,6 +72,8 @@ pub struct HttpLimits {
     pub trust: TlsTrust,
     /// The egress proxy requests go through, if any (`--outbound-proxy`).
     pub proxy: Option<Arc<Proxy>>,
+    /// Where the secrets that credentials name are read (`--outbound-secrets-dir`).
+    pub secrets: Option<crate::secrets::Secrets>,
 }
 
 /// The certificate authorities an `https` request's server must chain to: the public ones
@@ -193,7 +198,13 @@ impl std::fmt::Debug for TlsTrust {
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_requests: 16, max_response_bytes: 1 << 20, trust: TlsTrust::public(), proxy: None }
+        HttpLimits {
+            max_requests: 16,
+            max_response_bytes: 1 << 20,
+            trust: TlsTrust::public(),
+            proxy: None,
+            secrets: None,
+        }
     }
 }
 
@@ -247,8 +258,8 @@ struct CallFacts {
     limits: HttpLimits,
     deadline: Arc<Deadline>,
     sent: AtomicU32,
-    /// The plugin's granted origins, parsed; read on its first request.
-    grants: tokio::sync::OnceCell<Result<Vec<Origin>, Option<String>>>,
+    /// The plugin's granted origins and credentials, parsed; read on its first request.
+    grants: tokio::sync::OnceCell<Result<grants::Granted, Option<String>>>,
     notes: Mutex<Notes>,
     /// Every request and how it went, when the runtime records calls (`Runtime::recording`).
     recorded: Option<Mutex<Vec<OutboundRequest>>>,
@@ -312,7 +323,7 @@ impl Outbound {
     pub(super) fn made(&self) -> Vec<RequestMade> {
         let tallies = std::mem::take(&mut *self.call.made.lock().unwrap_or_else(|e| e.into_inner()));
         let granted = match self.call.grants.get() {
-            Some(Ok(granted)) => granted.as_slice(),
+            Some(Ok(granted)) => granted.origins.as_slice(),
             _ => &[],
         };
         tallies
@@ -542,8 +553,8 @@ impl CallFacts {
         self.deadline.outbound_until().saturating_duration_since(Instant::now())
     }
 
-    /// The plugin's granted origins, read and parsed once per call.
-    async fn grants(&self) -> Result<&[Origin], Error> {
+    /// The plugin's granted origins and credentials, read and parsed once per call.
+    async fn grants(&self) -> Result<&grants::Granted, Error> {
         let read = self
             .grants
             .get_or_init(|| async {
@@ -587,10 +598,15 @@ impl CallFacts {
         let scheme = uri.scheme_str().and_then(Scheme::parse).ok_or(Error::HttpProtocolError)?;
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
         let origin = Origin::from_authority(scheme, authority.as_str()).map_err(|_| Error::HttpRequestUriInvalid)?;
-        if !grants::is_granted(self.grants().await?, &origin) {
+        let granted = self.grants().await?;
+        if !grants::is_granted(&granted.origins, &origin) {
             tracing::info!(plugin = %self.plugin, %origin, "outbound request denied: origin not granted");
             return Err(Error::HttpRequestDenied);
         }
+        let mut request = request;
+        self.add_credentials(granted, &origin, request.headers_mut()).await.inspect_err(|_| {
+            self.tally_why(slot, "credential");
+        })?;
         // Through the egress proxy, unless the destination bypasses it: the proxy's addresses
         // then, and the proxy resolves the service's name.
         let proxy = self.limits.proxy.as_deref().filter(|p| p.applies_to(&origin));
@@ -606,7 +622,6 @@ impl CallFacts {
         // handshake (no early data). A refused connection or an untrusted certificate sent
         // the service nothing, so a step failing at it has nothing out there to undo.
         let reached_out = || self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
-        let mut request = request;
         let sending = async {
             let stream = connect_first(addresses).await.inspect_err(|e| {
                 if let Some(proxy) = proxy {
@@ -680,6 +695,35 @@ impl CallFacts {
             .boxed_unsync()
         });
         Ok((response, io))
+    }
+
+    /// Sets the headers of the credentials granted for `origin` (step 3 of the module's doc),
+    /// replacing any the plugin set of those names, each rendered with its secrets read now.
+    /// A secret that cannot be read is the host's failure, not the plugin's: the request is
+    /// not sent, the call is unavailable (tried again in about a second, no attempt spent) and
+    /// the reason, which names the secret and never its value, goes to the host's log.
+    async fn add_credentials(
+        &self,
+        granted: &grants::Granted,
+        origin: &Origin,
+        headers: &mut http::HeaderMap,
+    ) -> Result<(), Error> {
+        for (header, template) in granted.credentials_for(origin) {
+            match crate::secrets::render(self.limits.secrets.as_ref(), template).await {
+                Ok(value) => {
+                    headers.insert(header.clone(), value);
+                }
+                Err(e) => {
+                    let why = format!("the credential {header} for {origin} cannot be added: {e}");
+                    tracing::error!(plugin = %self.plugin, %origin, %header, error = %e, "outbound credential unavailable");
+                    self.note_host_error(why);
+                    return Err(Error::InternalError(Some(
+                        "the host could not add this request's credentials".to_owned(),
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The addresses to connect to of a granted origin: its IP itself (granted by exact

@@ -20,7 +20,7 @@ struct FakeReader {
     delay: Duration,
     fail: bool,
     /// Granted origins by plugin.
-    grants: Mutex<HashMap<String, Vec<String>>>,
+    grants: Mutex<HashMap<String, crate::grants::Grants>>,
     /// Whether reading the grants blocks for `delay` too.
     slow_grants: bool,
 }
@@ -66,7 +66,7 @@ impl PluginReader for FakeReader {
         Ok(rows)
     }
 
-    async fn grants(&self, plugin: &str) -> anyhow::Result<Vec<String>> {
+    async fn grants(&self, plugin: &str) -> anyhow::Result<crate::grants::Grants> {
         if self.slow_grants {
             tokio::time::sleep(self.delay).await;
         }
@@ -635,11 +635,13 @@ fn http_input(mode: &str, url: &str) -> String {
 
 fn granting(origin: &str) -> FakeReader {
     let reader = FakeReader::default();
-    reader
-        .grants
-        .lock()
-        .unwrap()
-        .insert("misbehave".into(), vec![crate::grants::Origin::parse(origin).unwrap().to_string()]);
+    reader.grants.lock().unwrap().insert(
+        "misbehave".into(),
+        crate::grants::Grants {
+            allowed_hosts: vec![crate::grants::Origin::parse(origin).unwrap().to_string()],
+            credentials: vec![],
+        },
+    );
     reader
 }
 
@@ -685,6 +687,79 @@ async fn granted_requests_carry_the_idempotency_key_numbered_per_request_and_a_t
     let traces = service.header("traceparent");
     assert!(traces.iter().all(|t| t.is_some() && *t == traces[0]), "one traceparent per attempt: {traces:?}");
     assert!(traces[0].as_ref().unwrap().starts_with("00-"), "{traces:?}");
+}
+
+/// `granting(origin)` with a credential for it: `authorization` set from `template`.
+fn granting_with_credential(origin: &str, template: &str) -> FakeReader {
+    let reader = granting(origin);
+    reader.grants.lock().unwrap().get_mut("misbehave").unwrap().credentials = vec![crate::grants::Credential {
+        origin: crate::grants::Origin::parse(origin).unwrap().to_string(),
+        header: "authorization".into(),
+        value: template.into(),
+    }];
+    reader
+}
+
+/// How many `authorization` lines each request received carried.
+fn authorization_lines(service: &Service) -> Vec<usize> {
+    let requests = service.requests.lock().unwrap();
+    requests
+        .iter()
+        .map(|head| head.lines().filter(|l| l.to_ascii_lowercase().starts_with("authorization:")).count())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_granted_credential_replaces_the_plugin_s_header_with_the_host_s_secret_read_at_each_request() {
+    let service = Service::start(Some("{}".into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api-key"), "sk_test_42\n").unwrap();
+    let mut limits = Limits::default();
+    limits.http.secrets = Some(crate::secrets::Secrets::from_flag(dir.path().to_str().unwrap()).unwrap());
+    let reader = granting_with_credential(&service.origin, "Bearer ${api-key}");
+    let (runtime, digest) = misbehave(limits.clone(), reader).await;
+    let input = http_input("http-auth", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"status":200}"#.into())));
+    // Rotated: the next request reads the file anew.
+    std::fs::write(dir.path().join("api-key"), "sk_test_43").unwrap();
+    let out = runtime.execute(&digest, "misbehave", &info(2), &input, TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"status":200}"#.into())));
+    assert_eq!(service.header("authorization"), [Some("Bearer sk_test_42".into()), Some("Bearer sk_test_43".into())]);
+    assert_eq!(authorization_lines(&service), [1, 1], "the plugin's own header is replaced, not added to");
+
+    // The same plugin granted the origin without the credential sends its own header: the
+    // replacement above was the credential's doing.
+    let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
+    let out = runtime.execute(&digest, "misbehave", &info(1), &input, TIMEOUT).await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"status":200}"#.into())));
+    assert_eq!(service.header("authorization").last().cloned().flatten().as_deref(), Some("Bearer plugin-made"));
+}
+
+#[tokio::test]
+async fn a_credential_whose_secret_cannot_be_read_holds_the_call_back_as_the_host_s_failure() {
+    let service = Service::start(Some("{}".into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty"), "\n").unwrap();
+    let input = http_input("http-auth", &service.origin);
+    for (secrets, template, why) in [
+        (Some(dir.path()), "Bearer ${absent}", "no secret named \"absent\""),
+        (Some(dir.path()), "Bearer ${empty}", "it is empty"),
+        (None, "Bearer ${absent}", "no secrets directory"),
+    ] {
+        let mut limits = Limits::default();
+        limits.http.secrets = secrets.map(|d| crate::secrets::Secrets::from_flag(d.to_str().unwrap()).unwrap());
+        let (runtime, digest) = misbehave(limits, granting_with_credential(&service.origin, template)).await;
+        let out = runtime.execute(&digest, "misbehave", &info(1), &input, TIMEOUT).await;
+        // Unavailable: the host's failure, not an attempt of the plugin's.
+        let e = unavailable(&out);
+        assert!(e.contains("credential authorization") && e.contains(why), "{template}: {e}");
+        assert!(!out.reached_out, "nothing left the host");
+        let made: Vec<_> = out.requests.iter().map(|r| r.outcome).collect();
+        assert_eq!(made, ["credential"]);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(service.connections(), 0, "a request without its credential is never sent");
 }
 
 #[tokio::test]
@@ -1039,8 +1114,8 @@ impl PluginReader for GateReader {
         Ok(Vec::new())
     }
 
-    async fn grants(&self, _: &str) -> anyhow::Result<Vec<String>> {
-        Ok(Vec::new())
+    async fn grants(&self, _: &str) -> anyhow::Result<crate::grants::Grants> {
+        Ok(Default::default())
     }
 }
 

@@ -43,6 +43,7 @@ use async_trait::async_trait;
 
 use crate::engine::{SagaDefinition, SagaState, SagaStatus};
 use crate::event::OutboxEvent;
+use crate::grants::Grants;
 
 pub use error::{DatabaseError, Error, Result};
 
@@ -424,21 +425,15 @@ pub trait PluginStateStore: Send + Sync + 'static {
 /// database, never in the catalog, so every replica sees a change on its next read.
 #[async_trait]
 pub trait GrantStore: Send + Sync + 'static {
-    /// The origins granted to `plugin` as stored (canonical, see [`crate::grants::normalize`]);
-    /// empty when none were ever granted.
-    async fn grants(&self, plugin: &str) -> Result<Vec<String>>;
-    /// Replaces the grants of `plugin` (an empty list revokes every one) and writes the audit
-    /// entry in the same transaction, its `before` set to the previous list as read in that
-    /// transaction, so that of two concurrent changes each is audited with what it replaced.
-    /// Returns the previous list. The caller validates and normalizes: the store keeps what it
-    /// is given.
-    async fn put_grants(
-        &self,
-        plugin: &str,
-        allowed_hosts: &[String],
-        audit: &AuditEntry,
-        now: i64,
-    ) -> Result<Vec<String>>;
+    /// The origins and credentials granted to `plugin` as stored (canonical, see
+    /// [`crate::grants::normalize`]); empty when none were ever granted.
+    async fn grants(&self, plugin: &str) -> Result<Grants>;
+    /// Replaces the grants of `plugin`, origins and credentials together (empty lists revoke
+    /// every one) and writes the audit entry in the same transaction, its `before` set to the
+    /// previous grants as read in that transaction, so that of two concurrent changes each is
+    /// audited with what it replaced. Returns the previous grants. The caller validates and
+    /// normalizes: the store keeps what it is given.
+    async fn put_grants(&self, plugin: &str, grants: &Grants, audit: &AuditEntry, now: i64) -> Result<Grants>;
 }
 
 /// Idempotency keys of requests that create no saga (those that do claim theirs in

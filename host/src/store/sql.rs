@@ -1506,28 +1506,29 @@ pub(super) fn prefix_end(prefix: &str) -> Option<String> {
     None
 }
 
-fn grants_from_json(plugin: &str, json: &str) -> Result<Vec<String>> {
-    serde_json::from_str(json).map_err(|e| corrupt(format!("grants of plugin {plugin}: {e}")))
+/// A `plugin_grants` row's two JSON columns, read back.
+fn grants_from_row(plugin: &str, row: Option<AnyRow>) -> Result<Grants> {
+    let Some(row) = row else { return Ok(Grants::default()) };
+    let column = |name: &str| -> Result<String> { Ok(row.try_get(name)?) };
+    let bad = |e: serde_json::Error| corrupt(format!("grants of plugin {plugin}: {e}"));
+    Ok(Grants {
+        allowed_hosts: serde_json::from_str(&column("allowed_hosts")?).map_err(bad)?,
+        credentials: serde_json::from_str(&column("credentials")?).map_err(bad)?,
+    })
 }
+
+const GRANTS_ROW: &str = "SELECT allowed_hosts, credentials FROM plugin_grants WHERE plugin = $1";
 
 #[async_trait]
 impl GrantStore for SqlStore {
-    async fn grants(&self, plugin: &str) -> Result<Vec<String>> {
-        let json: Option<String> = sqlx::query_scalar("SELECT allowed_hosts FROM plugin_grants WHERE plugin = $1")
-            .bind(plugin)
-            .fetch_optional(&self.reader)
-            .await?;
-        json.map_or(Ok(Vec::new()), |json| grants_from_json(plugin, &json))
+    async fn grants(&self, plugin: &str) -> Result<Grants> {
+        let row = sqlx::query(GRANTS_ROW).bind(plugin).fetch_optional(&self.reader).await?;
+        grants_from_row(plugin, row)
     }
 
-    async fn put_grants(
-        &self,
-        plugin: &str,
-        allowed_hosts: &[String],
-        audit: &AuditEntry,
-        now: i64,
-    ) -> Result<Vec<String>> {
-        let json = serde_json::to_string(allowed_hosts).map_err(|e| corrupt(e.to_string()))?;
+    async fn put_grants(&self, plugin: &str, grants: &Grants, audit: &AuditEntry, now: i64) -> Result<Grants> {
+        let hosts = serde_json::to_string(&grants.allowed_hosts).map_err(|e| corrupt(e.to_string()))?;
+        let credentials = serde_json::to_string(&grants.credentials).map_err(|e| corrupt(e.to_string()))?;
         let mut tx = super::dialect::begin(&self.writer, None).await?;
         // Lock the plugin's row first, creating it with no grants if there is none: a
         // concurrent change waits here until this one commits, so the list read next is the
@@ -1540,14 +1541,12 @@ impl GrantStore for SqlStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let previous: String = sqlx::query_scalar("SELECT allowed_hosts FROM plugin_grants WHERE plugin = $1")
+        let previous = sqlx::query(GRANTS_ROW).bind(plugin).fetch_optional(&mut *tx).await?;
+        let previous = grants_from_row(plugin, previous)?;
+        sqlx::query("UPDATE plugin_grants SET allowed_hosts = $2, credentials = $3, updated_at = $4 WHERE plugin = $1")
             .bind(plugin)
-            .fetch_one(&mut *tx)
-            .await?;
-        let previous = grants_from_json(plugin, &previous)?;
-        sqlx::query("UPDATE plugin_grants SET allowed_hosts = $2, updated_at = $3 WHERE plugin = $1")
-            .bind(plugin)
-            .bind(json)
+            .bind(hosts)
+            .bind(credentials)
             .bind(now)
             .execute(&mut *tx)
             .await?;

@@ -698,7 +698,7 @@ fn the_end_of_a_prefix_range_is_the_least_string_above_it() {
     assert_eq!(end(""), None);
 }
 
-fn grant_entry(target: &str, after: &[String]) -> AuditEntry {
+fn grant_entry(target: &str, after: &Grants) -> AuditEntry {
     AuditEntry {
         actor: "admin".into(),
         action: "plugin.grants".into(),
@@ -710,41 +710,61 @@ fn grant_entry(target: &str, after: &[String]) -> AuditEntry {
     }
 }
 
+fn granting(origins: &[&str], credentials: &[(&str, &str, &str)]) -> Grants {
+    Grants {
+        allowed_hosts: origins.iter().map(|o| (*o).to_owned()).collect(),
+        credentials: credentials
+            .iter()
+            .map(|(origin, header, value)| crate::grants::Credential {
+                origin: (*origin).into(),
+                header: (*header).into(),
+                value: (*value).into(),
+            })
+            .collect(),
+    }
+}
+
 #[tokio::test]
 async fn grants_default_to_none_are_replaced_whole_and_audited_with_what_they_replaced() {
-    let one = vec!["http://127.0.0.1:9001".to_owned(), "https://payments.example.com:443".to_owned()];
-    let two = vec!["http://[::1]:9002".to_owned()];
+    let one = granting(
+        &["http://127.0.0.1:9001", "https://payments.example.com:443"],
+        &[("https://payments.example.com:443", "authorization", "Bearer ${pay-key}")],
+    );
+    let two = granting(&["http://[::1]:9002"], &[]);
+    let none = Grants::default();
     for b in backends().await {
         let s = &b.store;
-        assert!(s.grants("payment").await.unwrap().is_empty(), "{}: none by default", b.name);
-        assert!(
-            s.put_grants("payment", &one, &grant_entry("payment", &one), 1).await.unwrap().is_empty(),
-            "{}",
-            b.name
-        );
+        assert_eq!(s.grants("payment").await.unwrap(), none, "{}: none by default", b.name);
+        assert_eq!(s.put_grants("payment", &one, &grant_entry("payment", &one), 1).await.unwrap(), none, "{}", b.name);
         assert_eq!(s.grants("payment").await.unwrap(), one, "{}: in the order given", b.name);
-        assert!(s.grants("inventory").await.unwrap().is_empty(), "{}: grants are per plugin", b.name);
+        assert_eq!(s.grants("inventory").await.unwrap(), none, "{}: grants are per plugin", b.name);
         assert_eq!(s.put_grants("payment", &two, &grant_entry("payment", &two), 2).await.unwrap(), one, "{}", b.name);
-        assert_eq!(s.grants("payment").await.unwrap(), two, "{}", b.name);
-        // An empty list revokes everything.
-        assert_eq!(s.put_grants("payment", &[], &grant_entry("payment", &[]), 3).await.unwrap(), two, "{}", b.name);
-        assert!(s.grants("payment").await.unwrap().is_empty(), "{}", b.name);
+        assert_eq!(s.grants("payment").await.unwrap(), two, "{}: the credentials went with the origins", b.name);
+        // Empty lists revoke everything.
+        assert_eq!(s.put_grants("payment", &none, &grant_entry("payment", &none), 3).await.unwrap(), two, "{}", b.name);
+        assert_eq!(s.grants("payment").await.unwrap(), none, "{}", b.name);
 
         let log = s.audit_log(Some("payment"), None, 10).await.unwrap();
         let got: Vec<_> = log
             .iter()
             .map(|r| (r.at, r.entry.action.as_str(), r.entry.before.clone(), r.entry.after.clone()))
             .collect();
-        let json = |l: &[String]| Some(serde_json::json!(l));
+        let json = |g: &Grants| Some(serde_json::json!(g));
         assert_eq!(
             got,
             [
-                (3, "plugin.grants", json(&two), json(&[])),
+                (3, "plugin.grants", json(&two), json(&none)),
                 (2, "plugin.grants", json(&one), json(&two)),
-                (1, "plugin.grants", json(&[]), json(&one)),
+                (1, "plugin.grants", json(&none), json(&one)),
             ],
             "{}",
             b.name
+        );
+        assert_eq!(
+            json(&one).unwrap()["credentials"][0],
+            serde_json::json!({"origin": "https://payments.example.com:443", "header": "authorization",
+                               "value": "Bearer ${pay-key}"}),
+            "the audit trail holds the template, as the API shows it"
         );
         b.cleanup().await;
     }
@@ -758,8 +778,9 @@ async fn concurrent_grant_changes_each_audit_the_list_they_replaced() {
             .map(|i| {
                 let s = Arc::clone(s);
                 tokio::spawn(async move {
-                    let list = vec![format!("http://127.0.0.1:{}", 9000 + i)];
-                    s.put_grants("p", &list, &grant_entry("p", &list), i).await.unwrap()
+                    let origin = format!("http://127.0.0.1:{}", 9000 + i);
+                    let granted = granting(&[&origin], &[(&origin, "x-key", "${k}")]);
+                    s.put_grants("p", &granted, &grant_entry("p", &granted), i).await.unwrap()
                 })
             })
             .collect();
@@ -771,13 +792,18 @@ async fn concurrent_grant_changes_each_audit_the_list_they_replaced() {
         let mut log = s.audit_log(Some("p"), None, 100).await.unwrap();
         log.reverse();
         assert_eq!(log.len(), 8, "{}", b.name);
-        assert_eq!(log[0].entry.before, Some(serde_json::json!([])), "{}", b.name);
+        assert_eq!(log[0].entry.before, Some(serde_json::json!(Grants::default())), "{}", b.name);
         for pair in log.windows(2) {
             assert_eq!(pair[1].entry.before, pair[0].entry.after, "{}: {log:#?}", b.name);
         }
         let last = log.last().unwrap().entry.after.clone().unwrap();
         assert_eq!(serde_json::json!(s.grants("p").await.unwrap()), last, "{}", b.name);
-        assert_eq!(replaced.iter().filter(|r| r.is_empty()).count(), 1, "{}: exactly one found none", b.name);
+        assert_eq!(
+            replaced.iter().filter(|r| **r == Grants::default()).count(),
+            1,
+            "{}: exactly one found none",
+            b.name
+        );
         b.cleanup().await;
     }
 }

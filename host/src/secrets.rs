@@ -1,0 +1,218 @@
+//! The host's secrets: the files of one directory (`--outbound-secrets-dir`), each a secret
+//! named by its file name, such as a Kubernetes secret mounted as a volume, Docker's
+//! `/run/secrets` or systemd's `$CREDENTIALS_DIRECTORY`.
+//!
+//! Owns reading a secret and rendering a credential's value (`crate::grants::Credential`)
+//! with it. A secret is read from its file every time a request needs it, so a rotated
+//! secret (Kubernetes swaps the volume's files atomically) is used from the next request on,
+//! with no restart and no cache to go stale; the files are small and on a memory file system
+//! in every one of those deployments. A value never leaves this module except as the header
+//! value it renders (marked sensitive, so it is not indexed by HTTP/2's header compression nor
+//! shown by `Debug`): errors name the secret and its file, never its content.
+//!
+//! It must not know plugins, grants' storage or HTTP routes: the runtime renders the headers
+//! of a request, and the admin API checks that the secrets a credential names exist here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use tokio::io::AsyncReadExt as _;
+
+use crate::grants::{self, Piece};
+
+/// The largest secret file read, in bytes.
+pub const MAX_SECRET_BYTES: u64 = 8 << 10;
+
+/// Why a secret or a credential could not be used. Never holds a secret's content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The directory has no file of that name.
+    #[error("no secret named {name:?} in {dir} (the host's --outbound-secrets-dir)")]
+    Missing { name: String, dir: String },
+    /// The file exists but cannot serve as (part of) a header value.
+    #[error("the secret {name:?} ({path}) cannot be used: {why}")]
+    Unusable { name: String, path: String, why: String },
+    /// The credential's value is not a valid template (the admin API refuses those).
+    #[error("the credential's value is not valid: {0}")]
+    Template(String),
+    /// The value names a secret but this host has no secrets directory.
+    #[error("this host has no secrets directory (--outbound-secrets-dir), so it has no secret {name:?}")]
+    NoDirectory { name: String },
+}
+
+/// The directory secrets are read from. Cheap to clone.
+#[derive(Clone)]
+pub struct Secrets {
+    dir: Arc<Path>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({})", self.dir.display())
+    }
+}
+
+impl Secrets {
+    /// `--outbound-secrets-dir`'s parser: the directory must exist, so that a typo stops the
+    /// host at start rather than failing every request that needs a credential.
+    pub fn from_flag(path: &str) -> Result<Secrets, String> {
+        let dir = PathBuf::from(path);
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(Secrets { dir: dir.into() }),
+            Ok(_) => Err(format!("{path} is not a directory")),
+            Err(e) => Err(format!("cannot read the directory {path}: {e}")),
+        }
+    }
+
+    /// The directory, for logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads secret `name`: its file's content, one trailing line break dropped (files are
+    /// usually written with one). Refused when it is empty, larger than [`MAX_SECRET_BYTES`],
+    /// or holds anything but visible ASCII, spaces and tabs: a header value may hold nothing
+    /// else, and a line break in it would let a secret's file add headers of its own.
+    pub async fn read(&self, name: &str) -> Result<String, Error> {
+        grants::check_secret_name(name).map_err(|why| self.unusable(name, why))?;
+        let path = self.dir.join(name);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Missing { name: name.to_owned(), dir: self.dir.display().to_string() })
+            }
+            Err(e) => return Err(self.unusable(name, format!("cannot open it: {e}"))),
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_SECRET_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| self.unusable(name, format!("cannot read it: {e}")))?;
+        if bytes.len() as u64 > MAX_SECRET_BYTES {
+            return Err(self.unusable(name, format!("it is larger than {MAX_SECRET_BYTES} bytes")));
+        }
+        let bytes = match bytes.strip_suffix(b"\r\n").or_else(|| bytes.strip_suffix(b"\n")) {
+            Some(trimmed) => trimmed,
+            None => &bytes,
+        };
+        if bytes.is_empty() {
+            return Err(self.unusable(name, "it is empty".to_owned()));
+        }
+        if !bytes.iter().all(|b| matches!(b, b' '..=b'~' | b'\t')) {
+            return Err(self.unusable(
+                name,
+                "it holds a line break, a control character or non-ASCII, which a header value may not".to_owned(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    fn unusable(&self, name: &str, why: String) -> Error {
+        Error::Unusable { name: name.to_owned(), path: self.dir.join(name).display().to_string(), why }
+    }
+}
+
+/// Renders a credential's value (checked by [`grants::pieces`]): its text with each `${name}`
+/// replaced by that secret, read now. `None` for `secrets` (the host has no directory) fails
+/// on the first reference.
+pub async fn render(secrets: Option<&Secrets>, template: &str) -> Result<HeaderValue, Error> {
+    let pieces = grants::pieces(template).map_err(Error::Template)?;
+    let mut value = String::with_capacity(template.len() + 64);
+    for piece in pieces {
+        match piece {
+            Piece::Text(text) => value.push_str(text),
+            Piece::Secret(name) => match secrets {
+                Some(secrets) => value.push_str(&secrets.read(name).await?),
+                None => return Err(Error::NoDirectory { name: name.to_owned() }),
+            },
+        }
+    }
+    // Both parts were checked to be visible ASCII, spaces and tabs: always a valid value.
+    let mut header = HeaderValue::from_str(&value)
+        .map_err(|_| Error::Template("the rendered value is not a valid header value".to_owned()))?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// Checks that every secret `template` names can be read now (the admin API's check when a
+/// credential is granted). The first that cannot, and why.
+pub async fn check(secrets: Option<&Secrets>, template: &str) -> Result<(), Error> {
+    render(secrets, template).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Secrets) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let secrets = Secrets::from_flag(dir.path().to_str().unwrap()).unwrap();
+        (dir, secrets)
+    }
+
+    #[tokio::test]
+    async fn a_secret_is_its_file_without_the_trailing_line_break() {
+        let (_dir, secrets) =
+            dir_with(&[("plain", b"sk_live_1"), ("newline", b"sk_live_2\n"), ("crlf", b"sk_live_3\r\n")]);
+        assert_eq!(secrets.read("plain").await.unwrap(), "sk_live_1");
+        assert_eq!(secrets.read("newline").await.unwrap(), "sk_live_2");
+        assert_eq!(secrets.read("crlf").await.unwrap(), "sk_live_3");
+        let header = render(Some(&secrets), "Bearer ${newline}").await.unwrap();
+        assert_eq!(header, "Bearer sk_live_2");
+        assert!(header.is_sensitive());
+        assert_eq!(render(Some(&secrets), "${plain}:${crlf}").await.unwrap(), "sk_live_1:sk_live_3");
+    }
+
+    #[tokio::test]
+    async fn a_rotated_secret_is_read_anew() {
+        let (dir, secrets) = dir_with(&[("key", b"old")]);
+        assert_eq!(secrets.read("key").await.unwrap(), "old");
+        std::fs::write(dir.path().join("key"), b"new\n").unwrap();
+        assert_eq!(secrets.read("key").await.unwrap(), "new");
+    }
+
+    #[tokio::test]
+    async fn unusable_secrets_are_refused_without_showing_their_content() {
+        let big = vec![b'k'; MAX_SECRET_BYTES as usize + 1];
+        let (dir, secrets) = dir_with(&[
+            ("empty", b"\n"),
+            ("two-lines", b"sk_hidden_1\nX-Evil: yes\n"),
+            ("control", b"sk_hidden_2\x07"),
+            ("utf8", "sk_hidden_\u{e9}".as_bytes()),
+            ("big", &big),
+        ]);
+        std::fs::create_dir(dir.path().join("a-dir")).unwrap();
+        for (name, why) in [
+            ("empty", "empty"),
+            ("two-lines", "line break"),
+            ("control", "control character"),
+            ("utf8", "non-ASCII"),
+            ("big", "larger than"),
+            ("a-dir", "cannot read it"),
+        ] {
+            let e = secrets.read(name).await.expect_err(name).to_string();
+            assert!(e.contains(why) && e.contains(name), "{name}: {e}");
+            assert!(!e.contains("sk_hidden") && !e.contains("kkkk"), "{name}: {e}");
+        }
+        let missing = secrets.read("absent").await.unwrap_err();
+        assert!(matches!(missing, Error::Missing { .. }), "{missing}");
+        assert!(secrets.read("../etc").await.unwrap_err().to_string().contains("not a secret name"));
+        let e = render(None, "Bearer ${key}").await.unwrap_err();
+        assert_eq!(e, Error::NoDirectory { name: "key".into() });
+        assert!(check(Some(&secrets), "Bearer ${absent}").await.is_err());
+    }
+
+    #[test]
+    fn the_directory_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(Secrets::from_flag(dir.path().to_str().unwrap()).is_ok());
+        assert!(Secrets::from_flag(file.to_str().unwrap()).unwrap_err().contains("not a directory"));
+        assert!(Secrets::from_flag("/no/such/dir").unwrap_err().contains("cannot read"));
+    }
+}
