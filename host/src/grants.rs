@@ -30,6 +30,9 @@ pub const MAX_CREDENTIAL_VALUE_BYTES: usize = 1024;
 /// Longest secret name, in bytes.
 pub const MAX_SECRET_NAME_BYTES: usize = 128;
 
+/// Longest header name a credential may set, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 128;
+
 /// Everything granted to one plugin: the origins it may reach and the credentials the host
 /// adds to its requests there. Serialized as the audit trail's `before` and `after`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -102,14 +105,15 @@ pub fn check_secret_name(name: &str) -> Result<(), String> {
 }
 
 /// Splits a credential's value into text and secret references, checking it: visible ASCII
-/// (and spaces) around `${name}` references, at least one reference (a value naming no secret
+/// and spaces around `${name}` references (there is no escape: a value cannot hold a literal
+/// `${`), at least one reference (a value naming no secret
 /// is not a credential: the plugin can set such a header itself; it is also what a shell
 /// leaves of `"Bearer ${key}"` in double quotes), at most [`MAX_CREDENTIAL_VALUE_BYTES`].
 pub fn pieces(value: &str) -> Result<Vec<Piece<'_>>, String> {
     if value.len() > MAX_CREDENTIAL_VALUE_BYTES {
         return Err(format!("a credential's value has at most {MAX_CREDENTIAL_VALUE_BYTES} bytes"));
     }
-    if let Some(bad) = value.chars().find(|c| !matches!(c, ' '..='~' | '\t')) {
+    if let Some(bad) = value.chars().find(|c| !matches!(c, ' '..='~')) {
         return Err(format!(
             "a credential's value is visible ASCII text and ${{name}} references; {bad:?} is not allowed"
         ));
@@ -136,18 +140,6 @@ pub fn pieces(value: &str) -> Result<Vec<Piece<'_>>, String> {
             .to_owned());
     }
     Ok(out)
-}
-
-/// The secrets a credential's value names, in order (the value already checked by [`pieces`]).
-pub fn secret_names(value: &str) -> Vec<&str> {
-    pieces(value)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|p| match p {
-            Piece::Secret(name) => Some(name),
-            Piece::Text(_) => None,
-        })
-        .collect()
 }
 
 /// Parses a credential as the command line writes it, `ORIGIN HEADER: VALUE`
@@ -178,6 +170,9 @@ pub fn normalize_credentials(
         let origin = Origin::parse(&c.origin).map_err(|e| (at("origin"), e))?.to_string();
         if !allowed_hosts.contains(&origin) {
             return Err((at("origin"), format!("{origin} is not among allowed_hosts: grant the origin too")));
+        }
+        if c.header.len() > MAX_HEADER_NAME_BYTES {
+            return Err((at("header"), format!("a header name has at most {MAX_HEADER_NAME_BYTES} bytes")));
         }
         let header = HeaderName::from_bytes(c.header.as_bytes())
             .map_err(|_| (at("header"), format!("{:?} is not an HTTP header name", c.header)))?;
@@ -379,31 +374,29 @@ pub fn normalize(allowed: &[String]) -> Result<Vec<String>, String> {
 #[derive(Debug, Default)]
 pub struct Granted {
     pub origins: Vec<Origin>,
-    /// Each credential's origin, header and value template.
-    pub credentials: Vec<(Origin, HeaderName, String)>,
+    /// Each credential's origin, header name and value template, the last two as stored: the
+    /// runtime checks them when it sets the header, and one that no longer passes holds the
+    /// request back (the host's failure) rather than letting it go without its credential.
+    pub credentials: Vec<(Origin, String, String)>,
 }
 
 impl Granted {
-    /// The credentials to add to a request to `origin`.
-    pub fn credentials_for<'a>(&'a self, origin: &'a Origin) -> impl Iterator<Item = (&'a HeaderName, &'a str)> + 'a {
-        self.credentials.iter().filter(move |(o, _, _)| o == origin).map(|(_, h, v)| (h, v.as_str()))
+    /// The credentials to add to a request to `origin`: (header name, value template).
+    pub fn credentials_for<'a>(&'a self, origin: &'a Origin) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.credentials.iter().filter(move |(o, _, _)| o == origin).map(|(_, h, v)| (h.as_str(), v.as_str()))
     }
 }
 
 /// Parses stored grants (canonical, as [`normalize`] and [`normalize_credentials`] return
-/// them). Entries that no longer parse are dropped: they grant nothing.
+/// them). Origins that no longer parse are dropped: they grant nothing, and no request can be
+/// made to them.
 pub fn parse_all(granted: &Grants) -> Granted {
     Granted {
         origins: granted.allowed_hosts.iter().filter_map(|g| Origin::parse(g).ok()).collect(),
         credentials: granted
             .credentials
             .iter()
-            .filter_map(|c| {
-                let origin = Origin::parse(&c.origin).ok()?;
-                let header = HeaderName::from_bytes(c.header.as_bytes()).ok()?;
-                pieces(&c.value).ok()?;
-                Some((origin, header, c.value.clone()))
-            })
+            .filter_map(|c| Some((Origin::parse(&c.origin).ok()?, c.header.clone(), c.value.clone())))
             .collect(),
     }
 }
@@ -507,7 +500,6 @@ mod tests {
             pieces("${user}:${pass.v2}$x").unwrap(),
             [Piece::Secret("user"), Piece::Text(":"), Piece::Secret("pass.v2"), Piece::Text("$x")]
         );
-        assert_eq!(secret_names("a ${one} b ${two_2}"), ["one", "two_2"]);
         for (bad, why) in [
             ("Bearer key", "names no secret"),
             ("Bearer ", "names no secret"),
@@ -519,6 +511,7 @@ mod tests {
             ("${a b}", "not a secret name"),
             ("Bearer ${key}\r\nX-Evil: 1", "not allowed"),
             ("caf\u{e9} ${key}", "not allowed"),
+            ("Bearer\t${key}", "not allowed"),
         ] {
             let e = pieces(bad).expect_err(bad);
             assert!(e.contains(why), "{bad:?}: {e}");
@@ -556,6 +549,7 @@ mod tests {
         refused(credential("api.example.com", "x-b", "${b}"), "origin", "not an origin");
         refused(credential("https://api.example.com", "X-A", "${b}"), "header", "two credentials");
         refused(credential("https://api.example.com", "bad header", "${b}"), "header", "not an HTTP header");
+        refused(credential("https://api.example.com", &"x".repeat(129), "${b}"), "header", "at most 128");
         for reserved in
             ["Host", "Content-Length", "Transfer-Encoding", "Proxy-Authorization", "Idempotency-Key", "traceparent"]
         {
@@ -592,8 +586,14 @@ mod tests {
         let granted = parse_all(&Grants { allowed_hosts, credentials });
         let api = Origin::parse("https://api.example.com").unwrap();
         let local = Origin::parse("http://127.0.0.1:9002").unwrap();
-        let got: Vec<_> = granted.credentials_for(&api).map(|(h, v)| (h.as_str(), v)).collect();
+        let got: Vec<_> = granted.credentials_for(&api).collect();
         assert_eq!(got, [("authorization", "Bearer ${api}")]);
+        // A stored credential that no longer passes is kept, for the runtime to refuse.
+        let stale = Grants {
+            allowed_hosts: vec![api.to_string()],
+            credentials: vec![credential(&api.to_string(), "bad header", "${x}")],
+        };
+        assert_eq!(parse_all(&stale).credentials_for(&api).count(), 1);
         assert_eq!(granted.credentials_for(&local).count(), 0);
     }
 }

@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use tokio::io::AsyncReadExt as _;
@@ -23,6 +24,15 @@ use crate::grants::{self, Piece};
 
 /// The largest secret file read, in bytes.
 pub const MAX_SECRET_BYTES: u64 = 8 << 10;
+
+/// The largest header value a credential renders to, in bytes: what servers take at most in
+/// one header (nginx's default buffer is 8 KiB).
+pub const MAX_RENDERED_BYTES: usize = 8 << 10;
+
+/// How long reading one secret may take: the directory is a memory file system in every
+/// deployment it is meant for, so a read this slow is a hung mount, and the request should
+/// not wait on it (the read's thread may stay blocked; the request does not).
+const READ_BOUND: Duration = Duration::from_secs(2);
 
 /// Why a secret or a credential could not be used. Never holds a secret's content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,19 +81,29 @@ impl Secrets {
     }
 
     /// Reads secret `name`: its file's content, one trailing line break dropped (files are
-    /// usually written with one). Refused when it is empty, larger than [`MAX_SECRET_BYTES`],
-    /// or holds anything but visible ASCII, spaces and tabs: a header value may hold nothing
-    /// else, and a line break in it would let a secret's file add headers of its own.
+    /// usually written with one). Refused when it is not a regular file (a FIFO would block
+    /// the read), empty, larger than [`MAX_SECRET_BYTES`], or holds anything but visible ASCII
+    /// and spaces: a header value may hold nothing else, and a line break in it would let a
+    /// secret's file add headers of its own.
     pub async fn read(&self, name: &str) -> Result<String, Error> {
         grants::check_secret_name(name).map_err(|why| self.unusable(name, why))?;
+        tokio::time::timeout(READ_BOUND, self.read_unbounded(name))
+            .await
+            .unwrap_or_else(|_| Err(self.unusable(name, format!("reading it took over {READ_BOUND:?}"))))
+    }
+
+    async fn read_unbounded(&self, name: &str) -> Result<String, Error> {
         let path = self.dir.join(name);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(self.unusable(name, "it is not a regular file".to_owned())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::Missing { name: name.to_owned(), dir: self.dir.display().to_string() })
             }
-            Err(e) => return Err(self.unusable(name, format!("cannot open it: {e}"))),
-        };
+            Err(e) => return Err(self.unusable(name, format!("cannot read it: {e}"))),
+        }
+        let file =
+            tokio::fs::File::open(&path).await.map_err(|e| self.unusable(name, format!("cannot read it: {e}")))?;
         let mut bytes = Vec::new();
         file.take(MAX_SECRET_BYTES + 1)
             .read_to_end(&mut bytes)
@@ -99,7 +119,7 @@ impl Secrets {
         if bytes.is_empty() {
             return Err(self.unusable(name, "it is empty".to_owned()));
         }
-        if !bytes.iter().all(|b| matches!(b, b' '..=b'~' | b'\t')) {
+        if !bytes.iter().all(|b| matches!(b, b' '..=b'~')) {
             return Err(self.unusable(
                 name,
                 "it holds a line break, a control character or non-ASCII, which a header value may not".to_owned(),
@@ -114,18 +134,33 @@ impl Secrets {
 }
 
 /// Renders a credential's value (checked by [`grants::pieces`]): its text with each `${name}`
-/// replaced by that secret, read now. `None` for `secrets` (the host has no directory) fails
-/// on the first reference.
+/// replaced by that secret, read now, once per name (a secret named twice is the same value
+/// twice, even while its file is being replaced). `None` for `secrets` (the host has no
+/// directory) fails on the first reference. At most [`MAX_RENDERED_BYTES`].
 pub async fn render(secrets: Option<&Secrets>, template: &str) -> Result<HeaderValue, Error> {
     let pieces = grants::pieces(template).map_err(Error::Template)?;
+    let mut read: Vec<(&str, String)> = Vec::new();
     let mut value = String::with_capacity(template.len() + 64);
     for piece in pieces {
         match piece {
             Piece::Text(text) => value.push_str(text),
-            Piece::Secret(name) => match secrets {
-                Some(secrets) => value.push_str(&secrets.read(name).await?),
-                None => return Err(Error::NoDirectory { name: name.to_owned() }),
-            },
+            Piece::Secret(name) => {
+                if !read.iter().any(|(n, _)| *n == name) {
+                    let secret = match secrets {
+                        Some(secrets) => secrets.read(name).await?,
+                        None => return Err(Error::NoDirectory { name: name.to_owned() }),
+                    };
+                    read.push((name, secret));
+                }
+                if let Some((_, secret)) = read.iter().find(|(n, _)| *n == name) {
+                    value.push_str(secret);
+                }
+            }
+        }
+        if value.len() > MAX_RENDERED_BYTES {
+            return Err(Error::Template(format!(
+                "with its secrets the value is larger than {MAX_RENDERED_BYTES} bytes"
+            )));
         }
     }
     // Both parts were checked to be visible ASCII, spaces and tabs: always a valid value.
@@ -183,6 +218,7 @@ mod tests {
             ("two-lines", b"sk_hidden_1\nX-Evil: yes\n"),
             ("control", b"sk_hidden_2\x07"),
             ("utf8", "sk_hidden_\u{e9}".as_bytes()),
+            ("tab", b"sk_hidden_3\tx"),
             ("big", &big),
         ]);
         std::fs::create_dir(dir.path().join("a-dir")).unwrap();
@@ -191,8 +227,9 @@ mod tests {
             ("two-lines", "line break"),
             ("control", "control character"),
             ("utf8", "non-ASCII"),
+            ("tab", "control character"),
             ("big", "larger than"),
-            ("a-dir", "cannot read it"),
+            ("a-dir", "not a regular file"),
         ] {
             let e = secrets.read(name).await.expect_err(name).to_string();
             assert!(e.contains(why) && e.contains(name), "{name}: {e}");
@@ -204,6 +241,14 @@ mod tests {
         let e = render(None, "Bearer ${key}").await.unwrap_err();
         assert_eq!(e, Error::NoDirectory { name: "key".into() });
         assert!(check(Some(&secrets), "Bearer ${absent}").await.is_err());
+        // A FIFO would block a read: refused without opening it.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(secrets.read("fifo").await.unwrap_err().to_string().contains("not a regular file"));
+        // Named many times, a secret may not blow a header up.
+        std::fs::write(dir.path().join("k4"), "k".repeat(4 << 10)).unwrap();
+        let e = render(Some(&secrets), "${k4}${k4}${k4}").await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]

@@ -27,8 +27,14 @@ use super::AppState;
 use crate::grants::{self, Credential, Grants};
 use crate::store::AuditEntry;
 
-// The document below states the bound literally (utoipa takes literals only): keep them equal.
+// The document below states the bounds literally (utoipa takes literals only): keep them equal.
 const _: () = assert!(grants::MAX_GRANTS == 64);
+const _: () = assert!(grants::MAX_CREDENTIALS == 16);
+const _: () = assert!(
+    grants::MAX_ORIGIN_BYTES == 256
+        && grants::MAX_HEADER_NAME_BYTES == 128
+        && grants::MAX_CREDENTIAL_VALUE_BYTES == 1024
+);
 
 /// `PUT /admin/plugins/{name}/grants` body: the whole grants, replacing those before.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -148,16 +154,18 @@ pub async fn put_grants(
         .map_err(|reason| invalid_grant("invalid_grant", "allowed_hosts".to_owned(), reason))?;
     let credentials = grants::normalize_credentials(&allowed_hosts, &req.credentials)
         .map_err(|(field, reason)| invalid_grant("invalid_grant", field, reason))?;
-    for (i, credential) in credentials.iter().enumerate() {
-        crate::secrets::check(state.config.secrets.as_ref(), &credential.value)
-            .await
-            .map_err(|e| invalid_grant("unknown_secret", format!("credentials[{i}].value"), e.to_string()))?;
-    }
     check_uploaded(&state, &name).await?;
     let granted = Grants { allowed_hosts, credentials };
     let route = format!("PUT /admin/plugins/{name}/grants");
     let (state, headers, name, granted) = (&state, &headers, &name, &granted);
     idempotent(state, headers, route, &fingerprint, |key| async move {
+        // Inside the key's claim: a retry of a change that committed replays its answer, even
+        // where the secrets cannot be read now (another replica, a file rotated away since).
+        for (i, credential) in granted.credentials.iter().enumerate() {
+            crate::secrets::check(state.config.secrets.as_ref(), &credential.value)
+                .await
+                .map_err(|e| invalid_grant("unknown_secret", format!("credentials[{i}].value"), e.to_string()))?;
+        }
         let who = actor(headers);
         let body = to_json(&GrantsView::of(name, granted.clone()))?;
         let entry = AuditEntry {

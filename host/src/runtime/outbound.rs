@@ -42,6 +42,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest as _, Sha256};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -91,18 +93,27 @@ pub struct TlsTrust {
 }
 
 /// The certificate chain the host presents to `https` services that ask for a client
-/// certificate (mutual TLS, `--outbound-client-cert`): the host's own certificate first.
+/// certificate (mutual TLS, `--outbound-client-cert`): the host's own certificate first, and
+/// the file it was read from (read again when it changes: [`ClientIdentity`]).
 #[derive(Clone)]
-pub struct ClientCertChain(Vec<rustls::pki_types::CertificateDer<'static>>);
+pub struct ClientCertChain {
+    path: PathBuf,
+    certs: Vec<CertificateDer<'static>>,
+}
 
-/// The private key of that certificate (`--outbound-client-key`).
+/// The private key of that certificate (`--outbound-client-key`), and its file.
 #[derive(Clone)]
-pub struct ClientKey(Arc<rustls::pki_types::PrivateKeyDer<'static>>);
+pub struct ClientKey {
+    path: PathBuf,
+    key: Arc<PrivateKeyDer<'static>>,
+}
 
 impl ClientCertChain {
     /// `--outbound-client-cert`'s parser: a PEM file of one or more certificates, read at once.
     pub fn from_flag(path: &str) -> Result<ClientCertChain, String> {
-        read_certificates(std::path::Path::new(path)).map(ClientCertChain).map_err(|e| format!("{e:#}"))
+        let path = PathBuf::from(path);
+        let certs = read_certificates(&path).map_err(|e| format!("{e:#}"))?;
+        Ok(ClientCertChain { path, certs })
     }
 }
 
@@ -110,23 +121,139 @@ impl ClientKey {
     /// `--outbound-client-key`'s parser: a PEM file holding a private key (PKCS#8, PKCS#1 or
     /// SEC1), read at once.
     pub fn from_flag(path: &str) -> Result<ClientKey, String> {
-        use rustls::pki_types::pem::PemObject as _;
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
-            .map_err(|e| format!("{path}: no private key in it (a PEM `BEGIN PRIVATE KEY` block): {e}"))?;
-        Ok(ClientKey(Arc::new(key)))
+        let path = PathBuf::from(path);
+        let key = read_private_key(&path)?;
+        Ok(ClientKey { path, key: Arc::new(key) })
     }
+}
+
+/// The private key of a PEM file; an error names the file and never shows the key.
+fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: no private key in it (a PEM `BEGIN PRIVATE KEY` block): {e}", path.display()))
 }
 
 impl std::fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientKey(..)")
+        write!(f, "ClientKey({})", self.path.display())
     }
 }
 
 impl std::fmt::Debug for ClientCertChain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClientCertChain({} certificates)", self.0.len())
+        write!(f, "ClientCertChain({} certificates from {})", self.certs.len(), self.path.display())
+    }
+}
+
+/// How often the client certificate's files are looked at for a renewal, at most: at the
+/// first handshake that presents it after this long.
+const IDENTITY_RECHECK: Duration = Duration::from_secs(10);
+
+/// The host's client certificate as rustls asks for it at each handshake with a service that
+/// wants one: the pair of files read at start, read again when either file changes (its
+/// modification time or size), so a renewed certificate (cert-manager rewriting a Kubernetes
+/// secret, a cron job) is presented from the next handshake on, without a restart. A renewal
+/// that cannot be used (a key that is not the certificate's, as while one file is written and
+/// not yet the other, or a file that does not parse) is logged, and the previous pair is
+/// presented until a usable one is there: never none. The files are looked at most once per
+/// [`IDENTITY_RECHECK`], from a handshake (two `stat`s; a read only when they changed).
+struct ClientIdentity {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    recheck: Duration,
+    current: Mutex<Presented>,
+}
+
+struct Presented {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// The files' (modification time, size) when `key` was read from them.
+    stamp: FileStamps,
+    checked: Instant,
+}
+
+type FileStamps = [Option<(std::time::SystemTime, u64)>; 2];
+
+impl ClientIdentity {
+    fn new(
+        chain: &ClientCertChain,
+        key: &ClientKey,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        recheck: Duration,
+    ) -> Result<ClientIdentity, String> {
+        // Stamped before the pair is used, so a change made while it is read counts as one.
+        let stamp = stamps(&chain.path, &key.path);
+        let certified = certified(chain.certs.clone(), key.key.clone_key(), &provider)?;
+        Ok(ClientIdentity {
+            cert: chain.path.clone(),
+            key: key.path.clone(),
+            provider,
+            recheck,
+            current: Mutex::new(Presented { key: Arc::new(certified), stamp, checked: Instant::now() }),
+        })
+    }
+
+    /// The files read again: the new pair, or why it cannot be used.
+    fn reload(&self) -> Result<rustls::sign::CertifiedKey, String> {
+        let certs = read_certificates(&self.cert).map_err(|e| format!("{e:#}"))?;
+        let key = read_private_key(&self.key)?;
+        certified(certs, key, &self.provider)
+    }
+}
+
+/// The (modification time, size) of both files; `None` for one that cannot be read now.
+fn stamps(cert: &Path, key: &Path) -> FileStamps {
+    let stamp = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    [stamp(cert), stamp(key)]
+}
+
+/// A certificate chain and its key as one identity, refused when the key is not the
+/// certificate's or is of a kind rustls cannot sign with.
+fn certified(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    rustls::sign::CertifiedKey::from_der(certs, key, provider)
+        .map_err(|e| format!("the client certificate and key cannot be used together: {e}"))
+}
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.checked.elapsed() >= self.recheck {
+            current.checked = Instant::now();
+            let stamp = stamps(&self.cert, &self.key);
+            if stamp != current.stamp {
+                match self.reload() {
+                    Ok(renewed) => {
+                        tracing::info!(cert = %self.cert.display(), "client certificate renewed: presenting the new one");
+                        current.key = Arc::new(renewed);
+                        current.stamp = stamp;
+                    }
+                    // Tried again at the next check while the files stay as they are now.
+                    Err(e) => tracing::warn!(cert = %self.cert.display(), error = %e,
+                        "the client certificate's files changed but cannot be used; presenting the previous one"),
+                }
+            }
+        }
+        Some(Arc::clone(&current.key))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientIdentity({}, {})", self.cert.display(), self.key.display())
     }
 }
 
@@ -134,7 +261,6 @@ impl std::fmt::Debug for ClientCertChain {
 /// wrong: unreadable, not PEM, no certificate in it.
 fn read_certificates(path: &std::path::Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
     let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -162,12 +288,21 @@ impl TlsTrust {
 
     /// The same trust, presenting `chain` and its `key` to servers that ask for a client
     /// certificate (mutual TLS); servers that do not ask are sent nothing. Refused when the
-    /// key is not the certificate's, or of a kind rustls cannot sign with.
+    /// key is not the certificate's, or of a kind rustls cannot sign with. The pair's files
+    /// are read again when they change ([`ClientIdentity`]).
     pub fn presenting(&self, chain: &ClientCertChain, key: &ClientKey) -> Result<TlsTrust, String> {
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(Arc::clone(&self.roots))
-            .with_client_auth_cert(chain.0.clone(), key.0.clone_key())
-            .map_err(|e| format!("the client certificate and key cannot be used together: {e}"))?;
+        self.presenting_rechecked(chain, key, IDENTITY_RECHECK)
+    }
+
+    fn presenting_rechecked(
+        &self,
+        chain: &ClientCertChain,
+        key: &ClientKey,
+        recheck: Duration,
+    ) -> Result<TlsTrust, String> {
+        let builder = rustls::ClientConfig::builder().with_root_certificates(Arc::clone(&self.roots));
+        let identity = ClientIdentity::new(chain, key, Arc::clone(builder.crypto_provider()), recheck)?;
+        let config = builder.with_client_cert_resolver(Arc::new(identity));
         Ok(TlsTrust { config: Arc::new(config), presents: true, ..self.clone() })
     }
 
@@ -604,8 +739,10 @@ impl CallFacts {
             return Err(Error::HttpRequestDenied);
         }
         let mut request = request;
-        self.add_credentials(granted, &origin, request.headers_mut()).await.inspect_err(|_| {
-            self.tally_why(slot, "credential");
+        self.add_credentials(granted, &origin, &mut request).await.inspect_err(|e| {
+            if !matches!(e, Error::HttpRequestDenied) {
+                self.tally_why(slot, "credential");
+            }
         })?;
         // Through the egress proxy, unless the destination bypasses it: the proxy's addresses
         // then, and the proxy resolves the service's name.
@@ -699,19 +836,34 @@ impl CallFacts {
 
     /// Sets the headers of the credentials granted for `origin` (step 3 of the module's doc),
     /// replacing any the plugin set of those names, each rendered with its secrets read now.
-    /// A secret that cannot be read is the host's failure, not the plugin's: the request is
-    /// not sent, the call is unavailable (tried again in about a second, no attempt spent) and
-    /// the reason, which names the secret and never its value, goes to the host's log.
+    /// A secret that cannot be read (or a stored credential that no longer passes) is the
+    /// host's failure, not the plugin's: the request is not sent, the call is unavailable
+    /// (tried again in about a second, no attempt spent) and the reason, which names the secret
+    /// and never its value, goes to the host's log. A `TRACE` request, which a server answers
+    /// with the request it received, is refused where credentials would go: it would hand
+    /// them to the plugin.
     async fn add_credentials(
         &self,
         granted: &grants::Granted,
         origin: &Origin,
-        headers: &mut http::HeaderMap,
+        request: &mut http::Request<WasiBody>,
     ) -> Result<(), Error> {
-        for (header, template) in granted.credentials_for(origin) {
-            match crate::secrets::render(self.limits.secrets.as_ref(), template).await {
-                Ok(value) => {
-                    headers.insert(header.clone(), value);
+        let mut credentials = granted.credentials_for(origin).peekable();
+        if credentials.peek().is_some() && request.method() == http::Method::TRACE {
+            tracing::info!(plugin = %self.plugin, %origin, "outbound TRACE denied: the origin has credentials");
+            self.note_limit(format!(
+                "a TRACE request to {origin} was refused: the host adds credentials there, and TRACE echoes them"
+            ));
+            return Err(Error::HttpRequestDenied);
+        }
+        for (header, template) in credentials {
+            let rendered = match HeaderName::from_bytes(header.as_bytes()) {
+                Ok(name) => crate::secrets::render(self.limits.secrets.as_ref(), template).await.map(|v| (name, v)),
+                Err(_) => Err(crate::secrets::Error::Template(format!("{header:?} is not a header name"))),
+            };
+            match rendered {
+                Ok((name, value)) => {
+                    request.headers_mut().insert(name, value);
                 }
                 Err(e) => {
                     let why = format!("the credential {header} for {origin} cannot be added: {e}");
@@ -1216,6 +1368,66 @@ mod tests {
         let (open, server) = tls_server().await;
         assert_eq!(call(open, presenting).await.unwrap().0, 200);
         assert!(server.await.unwrap().is_some());
+    }
+
+    /// A TLS server for one handshake that asks for a client certificate of either fixture
+    /// client CA and returns the one it was shown (DER), `None` if it was shown none.
+    async fn tls_server_recording_client() -> (SocketAddr, tokio::task::JoinHandle<Option<Vec<u8>>>) {
+        use rustls::pki_types::pem::PemObject as _;
+        let certs: Vec<_> =
+            CertificateDer::pem_file_iter(fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(fixture("localhost.key")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in ["client-ca.pem", "client-ca-2.pem"] {
+            roots.add(CertificateDer::from_pem_file(fixture(ca)).unwrap()).unwrap();
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap();
+        let config =
+            rustls::ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs, key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(socket).await.ok()?;
+            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec())
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn a_renewed_client_certificate_is_presented_without_a_restart_and_a_broken_renewal_is_not() {
+        use rustls::pki_types::pem::PemObject as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::copy(fixture("client.pem"), &cert).unwrap();
+        std::fs::copy(fixture("client.key"), &key).unwrap();
+        let chain = ClientCertChain::from_flag(cert.to_str().unwrap()).unwrap();
+        let pair = ClientKey::from_flag(key.to_str().unwrap()).unwrap();
+        let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
+        let presenting = trust.presenting_rechecked(&chain, &pair, Duration::ZERO).unwrap();
+        let der = |name: &str| CertificateDer::from_pem_file(fixture(name)).unwrap().to_vec();
+        let shown = |trust: TlsTrust| async move {
+            let (open, server) = tls_server_recording_client().await;
+            let stream = connect_first(vec![open]).await.unwrap();
+            let _ = tls_handshake(stream, &Host::Name("localhost".into()), &trust).await;
+            server.await.unwrap()
+        };
+        assert_eq!(shown(presenting.clone()).await, Some(der("client.pem")));
+
+        // Renewed: the next handshake presents the new pair.
+        std::fs::copy(fixture("client-2.pem"), &cert).unwrap();
+        std::fs::copy(fixture("client-2.key"), &key).unwrap();
+        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+
+        // Half-written (a certificate without its key), or not PEM: the last good pair goes on.
+        std::fs::copy(fixture("client.pem"), &cert).unwrap();
+        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+        std::fs::write(&key, "not a key").unwrap();
+        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+        // Once both files agree again, they are taken.
+        std::fs::copy(fixture("client.key"), &key).unwrap();
+        assert_eq!(shown(presenting).await, Some(der("client.pem")));
     }
 
     /// Reads one request head from `socket` a byte at a time (nothing past it is consumed).

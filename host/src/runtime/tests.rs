@@ -728,6 +728,13 @@ async fn a_granted_credential_replaces_the_plugin_s_header_with_the_host_s_secre
     assert_eq!(service.header("authorization"), [Some("Bearer sk_test_42".into()), Some("Bearer sk_test_43".into())]);
     assert_eq!(authorization_lines(&service), [1, 1], "the plugin's own header is replaced, not added to");
 
+    // TRACE, which echoes the request, is refused where credentials would go.
+    let trace = http_input("http-trace", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(3), &trace, TIMEOUT).await;
+    let msg = retryable(&out);
+    assert!(msg.contains("TRACE") && msg.contains("echoes"), "{msg}");
+    assert_eq!(service.connections(), 2, "the TRACE never left the host");
+
     // The same plugin granted the origin without the credential sends its own header: the
     // replacement above was the credential's doing.
     let (runtime, digest) = misbehave(limits, granting(&service.origin)).await;
