@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderValue;
-use tokio::io::AsyncReadExt as _;
 
 use crate::grants::{self, Piece};
 
@@ -33,6 +32,35 @@ pub const MAX_RENDERED_BYTES: usize = 8 << 10;
 /// deployment it is meant for, so a read this slow is a hung mount, and the request should
 /// not wait on it (the read's thread may stay blocked; the request does not).
 const READ_BOUND: Duration = Duration::from_secs(2);
+
+/// Most reads of secrets at once, stuck ones included (see [`Secrets::read`]).
+const MAX_READS: usize = 8;
+
+/// Why a secret's file could not be read.
+enum Unreadable {
+    Missing,
+    Other(String),
+}
+
+/// Reads at most [`MAX_SECRET_BYTES`] + 1 bytes of a regular file (blocking). The check that
+/// it is one comes before the open, so a FIFO is not opened (and does not block the open); a
+/// file swapped for a FIFO in between blocks this thread only until [`READ_BOUND`] gives up
+/// on it, and holds one of the [`MAX_READS`] permits while it does.
+fn read_file(path: &Path) -> Result<Vec<u8>, Unreadable> {
+    use std::io::Read as _;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(Unreadable::Other("it is not a regular file".to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Unreadable::Missing),
+        Err(e) => return Err(Unreadable::Other(format!("cannot read it: {e}"))),
+    }
+    let file = std::fs::File::open(path).map_err(|e| Unreadable::Other(format!("cannot read it: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Unreadable::Other(format!("cannot read it: {e}")))?;
+    Ok(bytes)
+}
 
 /// Why a secret or a credential could not be used. Never holds a secret's content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,30 +113,38 @@ impl Secrets {
     /// the read), empty, larger than [`MAX_SECRET_BYTES`], or holds anything but visible ASCII
     /// and spaces: a header value may hold nothing else, and a line break in it would let a
     /// secret's file add headers of its own.
+    ///
+    /// The read is one blocking task holding one of [`MAX_READS`] permits until it ends, and
+    /// the request waits for it at most [`READ_BOUND`]: on a hung mount the reads still stuck
+    /// keep their threads, but never more than [`MAX_READS`] of them, so the blocking pool
+    /// (DNS lookups, compiles, the events file) is never filled by held-back steps retrying.
     pub async fn read(&self, name: &str) -> Result<String, Error> {
         grants::check_secret_name(name).map_err(|why| self.unusable(name, why))?;
-        tokio::time::timeout(READ_BOUND, self.read_unbounded(name))
-            .await
-            .unwrap_or_else(|_| Err(self.unusable(name, format!("reading it took over {READ_BOUND:?}"))))
+        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_READS);
+        let Ok(permit) = READS.try_acquire() else {
+            return Err(self.unusable(
+                name,
+                format!("{MAX_READS} reads of secrets are still stuck: is the directory on a hung mount?"),
+            ));
+        };
+        let path = self.dir.join(name);
+        let reading = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            read_file(&path)
+        });
+        match tokio::time::timeout(READ_BOUND, reading).await {
+            Ok(Ok(Ok(bytes))) => self.checked(name, bytes),
+            Ok(Ok(Err(Unreadable::Missing))) => {
+                Err(Error::Missing { name: name.to_owned(), dir: self.dir.display().to_string() })
+            }
+            Ok(Ok(Err(Unreadable::Other(why)))) => Err(self.unusable(name, why)),
+            Ok(Err(e)) => Err(self.unusable(name, format!("reading it failed: {e}"))),
+            Err(_) => Err(self.unusable(name, format!("reading it took over {READ_BOUND:?}"))),
+        }
     }
 
-    async fn read_unbounded(&self, name: &str) -> Result<String, Error> {
-        let path = self.dir.join(name);
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => return Err(self.unusable(name, "it is not a regular file".to_owned())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Missing { name: name.to_owned(), dir: self.dir.display().to_string() })
-            }
-            Err(e) => return Err(self.unusable(name, format!("cannot read it: {e}"))),
-        }
-        let file =
-            tokio::fs::File::open(&path).await.map_err(|e| self.unusable(name, format!("cannot read it: {e}")))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_SECRET_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| self.unusable(name, format!("cannot read it: {e}")))?;
+    /// A secret file's bytes as a secret, or why they cannot be one.
+    fn checked(&self, name: &str, bytes: Vec<u8>) -> Result<String, Error> {
         if bytes.len() as u64 > MAX_SECRET_BYTES {
             return Err(self.unusable(name, format!("it is larger than {MAX_SECRET_BYTES} bytes")));
         }
@@ -163,7 +199,7 @@ pub async fn render(secrets: Option<&Secrets>, template: &str) -> Result<HeaderV
             )));
         }
     }
-    // Both parts were checked to be visible ASCII, spaces and tabs: always a valid value.
+    // Both parts were checked to be visible ASCII and spaces: always a valid value.
     let mut header = HeaderValue::from_str(&value)
         .map_err(|_| Error::Template("the rendered value is not a valid header value".to_owned()))?;
     header.set_sensitive(true);

@@ -303,6 +303,24 @@ async fn credentials_name_secrets_the_host_can_read_and_only_their_templates_are
     assert_eq!(get(&host, "payment").await.json()["credentials"], credentials);
     assert_eq!(audit(&host, "payment").await.len(), 1);
 
+    // A refusal for a secret not there yet is not stored under the request's key: once the
+    // file is there (a secret reaching the pod late), the retry with the same key goes through.
+    let body = json!({"allowed_hosts": ["https://api.stripe.com"], "credentials": [
+        {"origin": "https://api.stripe.com", "header": "authorization", "value": "Bearer ${late-key}"}]});
+    let keyed = || {
+        host.client
+            .put(host.url("/admin/plugins/payment/grants"))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", "grant-late-key")
+            .json(&body)
+    };
+    let r = host.send(keyed()).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&r.bytes));
+    std::fs::write(dir.path().join("late-key"), "sk_live_late").unwrap();
+    let r = host.send(keyed()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.bytes));
+    assert_eq!(r.json()["credentials"][0]["value"], "Bearer ${late-key}");
+
     // A host without a secrets directory can grant no credential.
     let plain = admin_host().await;
     let body = json!({"allowed_hosts": ["https://api.stripe.com"], "credentials": [

@@ -161,10 +161,16 @@ pub async fn put_grants(
     idempotent(state, headers, route, &fingerprint, |key| async move {
         // Inside the key's claim: a retry of a change that committed replays its answer, even
         // where the secrets cannot be read now (another replica, a file rotated away since).
+        // Not stored: the answer depends on the files, not the request (a secret may reach
+        // the pod after this), so a retry with the key checks again.
         for (i, credential) in granted.credentials.iter().enumerate() {
-            crate::secrets::check(state.config.secrets.as_ref(), &credential.value)
-                .await
-                .map_err(|e| invalid_grant("unknown_secret", format!("credentials[{i}].value"), e.to_string()))?;
+            crate::secrets::check(state.config.secrets.as_ref(), &credential.value).await.map_err(|e| {
+                let code = match e {
+                    crate::secrets::Error::Template(_) => "invalid_grant",
+                    _ => "unknown_secret",
+                };
+                invalid_grant(code, format!("credentials[{i}].value"), e.to_string()).provisional()
+            })?;
         }
         let who = actor(headers);
         let body = to_json(&GrantsView::of(name, granted.clone()))?;

@@ -94,10 +94,12 @@ pub struct TlsTrust {
 
 /// The certificate chain the host presents to `https` services that ask for a client
 /// certificate (mutual TLS, `--outbound-client-cert`): the host's own certificate first, and
-/// the file it was read from (read again when it changes: [`ClientIdentity`]).
+/// the file it was read from (watched for a renewal: [`ClientIdentity`]).
 #[derive(Clone)]
 pub struct ClientCertChain {
     path: PathBuf,
+    /// The file as it was just before it was read.
+    stamp: FileStamp,
     certs: Vec<CertificateDer<'static>>,
 }
 
@@ -105,6 +107,7 @@ pub struct ClientCertChain {
 #[derive(Clone)]
 pub struct ClientKey {
     path: PathBuf,
+    stamp: FileStamp,
     key: Arc<PrivateKeyDer<'static>>,
 }
 
@@ -112,8 +115,9 @@ impl ClientCertChain {
     /// `--outbound-client-cert`'s parser: a PEM file of one or more certificates, read at once.
     pub fn from_flag(path: &str) -> Result<ClientCertChain, String> {
         let path = PathBuf::from(path);
+        let stamp = stamp(&path);
         let certs = read_certificates(&path).map_err(|e| format!("{e:#}"))?;
-        Ok(ClientCertChain { path, certs })
+        Ok(ClientCertChain { path, stamp, certs })
     }
 }
 
@@ -122,8 +126,9 @@ impl ClientKey {
     /// SEC1), read at once.
     pub fn from_flag(path: &str) -> Result<ClientKey, String> {
         let path = PathBuf::from(path);
+        let stamp = stamp(&path);
         let key = read_private_key(&path)?;
-        Ok(ClientKey { path, key: Arc::new(key) })
+        Ok(ClientKey { path, stamp, key: Arc::new(key) })
     }
 }
 
@@ -147,66 +152,155 @@ impl std::fmt::Debug for ClientCertChain {
     }
 }
 
-/// How often the client certificate's files are looked at for a renewal, at most: at the
-/// first handshake that presents it after this long.
+/// How often the client certificate's files are looked at for a renewal.
 const IDENTITY_RECHECK: Duration = Duration::from_secs(10);
 
+/// What tells a file's content changed without reading it: its inode, size, modification
+/// and change times (a copy that keeps the modification time still changes the change time
+/// or the inode); `None` while it cannot be read.
+type FileStamp = Option<(u64, u64, i64, i64, i64, i64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
+
 /// The host's client certificate as rustls asks for it at each handshake with a service that
-/// wants one: the pair of files read at start, read again when either file changes (its
-/// modification time or size), so a renewed certificate (cert-manager rewriting a Kubernetes
-/// secret, a cron job) is presented from the next handshake on, without a restart. A renewal
-/// that cannot be used (a key that is not the certificate's, as while one file is written and
-/// not yet the other, or a file that does not parse) is logged, and the previous pair is
-/// presented until a usable one is there: never none. The files are looked at most once per
-/// [`IDENTITY_RECHECK`], from a handshake (two `stat`s; a read only when they changed).
+/// wants one: the pair read at start, replaced when a renewal is read. A handshake only
+/// clones what is there (no file is touched on the way): a thread of its own
+/// ([`watch_identity`]) looks at the files every [`IDENTITY_RECHECK`] and reads them when
+/// they changed, so a renewed certificate (cert-manager rewriting a Kubernetes secret, a cron
+/// job) is presented from the next handshake on, without a restart, and a hung mount holds up
+/// that thread alone. A renewal that cannot be used (a key that is not the certificate's, as
+/// while one file is written and not yet the other, or a file that does not parse) is logged,
+/// and the previous pair is presented until a usable one is there: never none.
+#[derive(Debug)]
 struct ClientIdentity {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The TLS sessions the host may resume, forgotten when the client certificate is renewed: a
+/// resumed session skips client authentication and carries the identity of the handshake that
+/// made it, so with the sessions kept, a renewed certificate would not be presented to a
+/// service for as long as it keeps issuing tickets.
+#[derive(Debug)]
+struct Sessions(std::sync::RwLock<Arc<rustls::client::ClientSessionMemoryCache>>);
+
+impl Sessions {
+    fn new() -> Sessions {
+        Sessions(std::sync::RwLock::new(Sessions::empty()))
+    }
+
+    /// As many as rustls keeps by default.
+    fn empty() -> Arc<rustls::client::ClientSessionMemoryCache> {
+        Arc::new(rustls::client::ClientSessionMemoryCache::new(256))
+    }
+
+    fn now(&self) -> Arc<rustls::client::ClientSessionMemoryCache> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn forget(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Sessions::empty();
+    }
+}
+
+impl rustls::client::ClientSessionStore for Sessions {
+    fn set_kx_hint(&self, server: rustls::pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.now().set_kx_hint(server, group);
+    }
+
+    fn kx_hint(&self, server: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.now().kx_hint(server)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.now().set_tls12_session(server, value);
+    }
+
+    fn tls12_session(
+        &self,
+        server: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.now().tls12_session(server)
+    }
+
+    fn remove_tls12_session(&self, server: &rustls::pki_types::ServerName<'static>) {
+        self.now().remove_tls12_session(server);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.now().insert_tls13_ticket(server, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.now().take_tls13_ticket(server)
+    }
+}
+
+/// What the watching thread needs; it holds the identity and the sessions weakly, and ends
+/// once the configuration that uses them is gone.
+struct Watch {
     cert: PathBuf,
     key: PathBuf,
+    stamps: [FileStamp; 2],
     provider: Arc<rustls::crypto::CryptoProvider>,
-    recheck: Duration,
-    current: Mutex<Presented>,
+    identity: std::sync::Weak<ClientIdentity>,
+    sessions: std::sync::Weak<Sessions>,
+    every: Duration,
 }
 
-struct Presented {
-    key: Arc<rustls::sign::CertifiedKey>,
-    /// The files' (modification time, size) when `key` was read from them.
-    stamp: FileStamps,
-    checked: Instant,
-}
-
-type FileStamps = [Option<(std::time::SystemTime, u64)>; 2];
-
-impl ClientIdentity {
-    fn new(
-        chain: &ClientCertChain,
-        key: &ClientKey,
-        provider: Arc<rustls::crypto::CryptoProvider>,
-        recheck: Duration,
-    ) -> Result<ClientIdentity, String> {
-        // Stamped before the pair is used, so a change made while it is read counts as one.
-        let stamp = stamps(&chain.path, &key.path);
-        let certified = certified(chain.certs.clone(), key.key.clone_key(), &provider)?;
-        Ok(ClientIdentity {
-            cert: chain.path.clone(),
-            key: key.path.clone(),
-            provider,
-            recheck,
-            current: Mutex::new(Presented { key: Arc::new(certified), stamp, checked: Instant::now() }),
-        })
+/// Every `every`, reads the pair again if either file changed, and on success presents it
+/// from then on (the sessions made with the old one forgotten). A failed read leaves the
+/// stamps as they were, so it is tried again at the next look while the files stay changed.
+fn watch_identity(mut w: Watch) {
+    loop {
+        std::thread::sleep(w.every);
+        let (Some(identity), Some(sessions)) = (w.identity.upgrade(), w.sessions.upgrade()) else { return };
+        let stamps = [stamp(&w.cert), stamp(&w.key)];
+        if stamps == w.stamps {
+            continue;
+        }
+        let renewed = read_certificates(&w.cert)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|certs| certified(certs, read_private_key(&w.key)?, &w.provider));
+        match renewed {
+            Ok(renewed) => {
+                *identity.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(renewed);
+                sessions.forget();
+                w.stamps = stamps;
+                tracing::info!(cert = %w.cert.display(), "client certificate renewed: presenting the new one");
+            }
+            Err(e) => tracing::warn!(cert = %w.cert.display(), error = %e,
+                "the client certificate's files changed but cannot be used; presenting the previous one"),
+        }
     }
-
-    /// The files read again: the new pair, or why it cannot be used.
-    fn reload(&self) -> Result<rustls::sign::CertifiedKey, String> {
-        let certs = read_certificates(&self.cert).map_err(|e| format!("{e:#}"))?;
-        let key = read_private_key(&self.key)?;
-        certified(certs, key, &self.provider)
-    }
-}
-
-/// The (modification time, size) of both files; `None` for one that cannot be read now.
-fn stamps(cert: &Path, key: &Path) -> FileStamps {
-    let stamp = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-    [stamp(cert), stamp(key)]
 }
 
 /// A certificate chain and its key as one identity, refused when the key is not the
@@ -218,43 +312,6 @@ fn certified(
 ) -> Result<rustls::sign::CertifiedKey, String> {
     rustls::sign::CertifiedKey::from_der(certs, key, provider)
         .map_err(|e| format!("the client certificate and key cannot be used together: {e}"))
-}
-
-impl rustls::client::ResolvesClientCert for ClientIdentity {
-    fn resolve(
-        &self,
-        _hints: &[&[u8]],
-        _schemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.checked.elapsed() >= self.recheck {
-            current.checked = Instant::now();
-            let stamp = stamps(&self.cert, &self.key);
-            if stamp != current.stamp {
-                match self.reload() {
-                    Ok(renewed) => {
-                        tracing::info!(cert = %self.cert.display(), "client certificate renewed: presenting the new one");
-                        current.key = Arc::new(renewed);
-                        current.stamp = stamp;
-                    }
-                    // Tried again at the next check while the files stay as they are now.
-                    Err(e) => tracing::warn!(cert = %self.cert.display(), error = %e,
-                        "the client certificate's files changed but cannot be used; presenting the previous one"),
-                }
-            }
-        }
-        Some(Arc::clone(&current.key))
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for ClientIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClientIdentity({}, {})", self.cert.display(), self.key.display())
-    }
 }
 
 /// Every certificate of a PEM file, at least one. An error names the file and says what is
@@ -298,11 +355,30 @@ impl TlsTrust {
         &self,
         chain: &ClientCertChain,
         key: &ClientKey,
-        recheck: Duration,
+        every: Duration,
     ) -> Result<TlsTrust, String> {
         let builder = rustls::ClientConfig::builder().with_root_certificates(Arc::clone(&self.roots));
-        let identity = ClientIdentity::new(chain, key, Arc::clone(builder.crypto_provider()), recheck)?;
-        let config = builder.with_client_cert_resolver(Arc::new(identity));
+        let provider = Arc::clone(builder.crypto_provider());
+        let pair = certified(chain.certs.clone(), key.key.clone_key(), &provider)?;
+        let identity = Arc::new(ClientIdentity { current: std::sync::RwLock::new(Arc::new(pair)) });
+        let sessions = Arc::new(Sessions::new());
+        let mut config =
+            builder.with_client_cert_resolver(Arc::clone(&identity) as Arc<dyn rustls::client::ResolvesClientCert>);
+        config.resumption =
+            rustls::client::Resumption::store(Arc::clone(&sessions) as Arc<dyn rustls::client::ClientSessionStore>);
+        let watch = Watch {
+            cert: chain.path.clone(),
+            key: key.path.clone(),
+            stamps: [chain.stamp, key.stamp],
+            provider,
+            identity: Arc::downgrade(&identity),
+            sessions: Arc::downgrade(&sessions),
+            every,
+        };
+        std::thread::Builder::new()
+            .name("client-cert-watch".into())
+            .spawn(move || watch_identity(watch))
+            .map_err(|e| format!("cannot start watching the client certificate: {e}"))?;
         Ok(TlsTrust { config: Arc::new(config), presents: true, ..self.clone() })
     }
 
@@ -849,10 +925,13 @@ impl CallFacts {
         request: &mut http::Request<WasiBody>,
     ) -> Result<(), Error> {
         let mut credentials = granted.credentials_for(origin).peekable();
-        if credentials.peek().is_some() && request.method() == http::Method::TRACE {
+        // The standard echo methods, in any case (an extension method's name is the plugin's).
+        let echoes = ["TRACE", "TRACK"].iter().any(|m| request.method().as_str().eq_ignore_ascii_case(m));
+        if credentials.peek().is_some() && echoes {
             tracing::info!(plugin = %self.plugin, %origin, "outbound TRACE denied: the origin has credentials");
             self.note_limit(format!(
-                "a TRACE request to {origin} was refused: the host adds credentials there, and TRACE echoes them"
+                "a {} request to {origin} was refused: the host adds credentials there, and TRACE echoes them",
+                request.method()
             ));
             return Err(Error::HttpRequestDenied);
         }
@@ -1370,9 +1449,11 @@ mod tests {
         assert!(server.await.unwrap().is_some());
     }
 
-    /// A TLS server for one handshake that asks for a client certificate of either fixture
-    /// client CA and returns the one it was shown (DER), `None` if it was shown none.
-    async fn tls_server_recording_client() -> (SocketAddr, tokio::task::JoinHandle<Option<Vec<u8>>>) {
+    /// A TLS server that asks for a client certificate of either fixture client CA and sends
+    /// the one it was shown (DER) for each connection, `None` if none. One configuration for
+    /// all its connections, so a client may resume a session it had with it (rustls servers
+    /// keep sessions by default), and a resumed one shows the certificate it was made with.
+    async fn tls_server_recording_clients() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Option<Vec<u8>>>) {
         use rustls::pki_types::pem::PemObject as _;
         let certs: Vec<_> =
             CertificateDer::pem_file_iter(fixture("localhost.pem")).unwrap().collect::<Result<_, _>>().unwrap();
@@ -1387,12 +1468,18 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let tls = acceptor.accept(socket).await.ok()?;
-            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec())
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { return };
+                let shown = match acceptor.accept(socket).await {
+                    Ok(tls) => tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
+                    Err(_) => None,
+                };
+                let _ = tx.send(shown);
+            }
         });
-        (addr, server)
+        (addr, rx)
     }
 
     #[tokio::test]
@@ -1405,29 +1492,55 @@ mod tests {
         let chain = ClientCertChain::from_flag(cert.to_str().unwrap()).unwrap();
         let pair = ClientKey::from_flag(key.to_str().unwrap()).unwrap();
         let trust = TlsTrust::with_pem_file(&fixture("ca.pem")).unwrap();
-        let presenting = trust.presenting_rechecked(&chain, &pair, Duration::ZERO).unwrap();
-        let der = |name: &str| CertificateDer::from_pem_file(fixture(name)).unwrap().to_vec();
-        let shown = |trust: TlsTrust| async move {
-            let (open, server) = tls_server_recording_client().await;
-            let stream = connect_first(vec![open]).await.unwrap();
-            let _ = tls_handshake(stream, &Host::Name("localhost".into()), &trust).await;
-            server.await.unwrap()
+        let presenting = trust.presenting_rechecked(&chain, &pair, Duration::from_millis(20)).unwrap();
+        let der = |name: &str| Some(CertificateDer::from_pem_file(fixture(name)).unwrap().to_vec());
+        let (open, server) = tls_server_recording_clients().await;
+        let server = Arc::new(tokio::sync::Mutex::new(server));
+        // One handshake, a request and its answer read (so TLS 1.3 tickets arrive and the next
+        // handshake may resume): the certificate the service was shown.
+        let shown = |trust: TlsTrust| {
+            let server = Arc::clone(&server);
+            async move {
+                let stream = connect_first(vec![open]).await.unwrap();
+                if let Ok(mut tls) = tls_handshake(stream, &Host::Name("localhost".into()), &trust).await {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let _ = tls.write_all(b"ping").await;
+                    let _ = tokio::time::timeout(Duration::from_millis(100), tls.read(&mut [0u8; 16])).await;
+                }
+                server.lock().await.recv().await.unwrap()
+            }
         };
-        assert_eq!(shown(presenting.clone()).await, Some(der("client.pem")));
+        // The watcher looks every 20 ms: what a handshake shows once it had its chance.
+        let shown_soon = |trust: TlsTrust, want: Option<Vec<u8>>| async move {
+            let start = Instant::now();
+            loop {
+                let got = shown(trust.clone()).await;
+                if got == want || start.elapsed() > Duration::from_secs(5) {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert_eq!(shown(presenting.clone()).await, der("client.pem"));
+        // Resumed with it meanwhile: a renewal must not go unseen for as long as tickets last.
+        assert_eq!(shown(presenting.clone()).await, der("client.pem"));
 
-        // Renewed: the next handshake presents the new pair.
+        // Renewed: a later handshake presents the new pair.
         std::fs::copy(fixture("client-2.pem"), &cert).unwrap();
         std::fs::copy(fixture("client-2.key"), &key).unwrap();
-        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+        assert_eq!(shown_soon(presenting.clone(), der("client-2.pem")).await, der("client-2.pem"));
 
-        // Half-written (a certificate without its key), or not PEM: the last good pair goes on.
+        // Half-written (a certificate without its key), or not PEM: the last good pair goes on,
+        // look after look.
         std::fs::copy(fixture("client.pem"), &cert).unwrap();
-        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(shown(presenting.clone()).await, der("client-2.pem"));
         std::fs::write(&key, "not a key").unwrap();
-        assert_eq!(shown(presenting.clone()).await, Some(der("client-2.pem")));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(shown(presenting.clone()).await, der("client-2.pem"));
         // Once both files agree again, they are taken.
         std::fs::copy(fixture("client.key"), &key).unwrap();
-        assert_eq!(shown(presenting).await, Some(der("client.pem")));
+        assert_eq!(shown_soon(presenting, der("client.pem")).await, der("client.pem"));
     }
 
     /// Reads one request head from `socket` a byte at a time (nothing past it is consumed).

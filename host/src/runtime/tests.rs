@@ -765,6 +765,14 @@ async fn a_credential_whose_secret_cannot_be_read_holds_the_call_back_as_the_hos
         let made: Vec<_> = out.requests.iter().map(|r| r.outcome).collect();
         assert_eq!(made, ["credential"]);
     }
+    // A plugin that ignores its request's failure and answers done is held back all the same:
+    // its done would skip a request that was never sent.
+    let mut limits = Limits::default();
+    limits.http.secrets = Some(crate::secrets::Secrets::from_flag(dir.path().to_str().unwrap()).unwrap());
+    let (runtime, digest) = misbehave(limits, granting_with_credential(&service.origin, "Bearer ${absent}")).await;
+    let lenient = http_input("http-lenient", &service.origin);
+    let out = runtime.execute(&digest, "misbehave", &info(1), &lenient, TIMEOUT).await;
+    assert!(unavailable(&out).contains("absent"), "{:?}", out.result);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(service.connections(), 0, "a request without its credential is never sent");
 }
