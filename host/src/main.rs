@@ -170,10 +170,11 @@ struct Serve {
     /// (matched against IP addresses in URLs; names are not resolved for it), or * for all.
     #[arg(long, env = "SAGAHOST_OUTBOUND_NO_PROXY", value_name = "LIST", requires = "outbound_proxy", value_parser = sagahost::runtime::NoProxy::from_flag)]
     outbound_no_proxy: Option<sagahost::runtime::NoProxy>,
-    /// A directory of secrets, one per file, named by the file (a Kubernetes secret volume,
-    /// /run/secrets, systemd's $CREDENTIALS_DIRECTORY), for the credentials granted to plugins
-    /// (`PUT /admin/plugins/{name}/grants`): the host sets them as headers on the plugins'
-    /// requests, so a plugin never sees one. Each file is read when a request needs it, so a
+    /// A directory of secrets, one per file, named by the file (a Kubernetes secret volume of
+    /// its own, a Docker secret), for the credentials granted to plugins (`PUT
+    /// /admin/plugins/{name}/grants`): the host sets them as headers on the plugins' requests,
+    /// so a plugin never sees one. Hold only plugins' credentials there: the admin token can
+    /// grant any of them to any origin. Each file is read when a request needs it, so a
     /// rotated secret takes effect without a restart. Default: none, no credential can be
     /// granted.
     #[arg(long, env = "SAGAHOST_OUTBOUND_SECRETS_DIR", value_name = "DIR", value_parser = sagahost::secrets::Secrets::from_flag)]
