@@ -181,16 +181,15 @@ pub async fn render(secrets: Option<&Secrets>, template: &str) -> Result<HeaderV
         match piece {
             Piece::Text(text) => value.push_str(text),
             Piece::Secret(name) => {
-                if !read.iter().any(|(n, _)| *n == name) {
-                    let secret = match secrets {
-                        Some(secrets) => secrets.read(name).await?,
-                        None => return Err(Error::NoDirectory { name: name.to_owned() }),
-                    };
-                    read.push((name, secret));
-                }
-                if let Some((_, secret)) = read.iter().find(|(n, _)| *n == name) {
-                    value.push_str(secret);
-                }
+                let at = match read.iter().position(|(n, _)| *n == name) {
+                    Some(at) => at,
+                    None => {
+                        let secrets = secrets.ok_or_else(|| Error::NoDirectory { name: name.to_owned() })?;
+                        read.push((name, secrets.read(name).await?));
+                        read.len() - 1
+                    }
+                };
+                value.push_str(&read[at].1);
             }
         }
         if value.len() > MAX_RENDERED_BYTES {
