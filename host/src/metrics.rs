@@ -406,6 +406,12 @@ impl Metrics {
         self.relay_failures.get()
     }
 
+    /// `sagahost_dead_lettered_events_total` as it stands.
+    #[cfg(test)]
+    pub fn dead_letters_written(&self) -> u64 {
+        self.dead_lettered.get()
+    }
+
     /// `sagahost_events_published_total` as it stands.
     #[cfg(test)]
     pub fn events_published(&self) -> u64 {

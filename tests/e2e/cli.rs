@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{fixture, key, order, TestHost};
+use crate::harness::{fixture, key, order, TestHost, TEST_RELAY};
 use crate::process::{refusing_addr, run_command as sagahost, Run};
 
 const TOKEN: &str = "cli-admin-token";
@@ -183,16 +183,17 @@ async fn a_hot_swap_through_the_cli_sticks_a_compensation_then_fixes_retries_and
     assert_eq!(define["data"][0]["actor"], "ops@example.com");
 }
 
-/// Dead letters (made as the relay makes them, from a real saga's outbox rows): listed in a
-/// table and as JSON, one redelivered, one discarded (each retried with its idempotency key:
-/// the same answer), and either again without the key exits 4 (done already).
+/// Dead letters (made as the relay makes them, from a real saga's outbox rows, under the relay
+/// lease the test holds): listed in a table and as JSON, one redelivered, one discarded (each
+/// retried with its idempotency key: the same answer), and either again without the key exits
+/// 4 (done already).
 #[tokio::test]
 async fn dead_letters_are_listed_redelivered_and_discarded() {
-    let host = admin_host().await;
+    let (host, epoch) = TestHost::start_holding_the_relay(|c| c.admin_token = Some(TOKEN.into())).await;
     let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
     let rows = host.store.outbox_for_saga(&id).await.unwrap();
     for row in &rows[..2] {
-        assert!(host.store.outbox_dead_letter(row.id, "Message size too large", 0).await.unwrap());
+        assert!(host.store.outbox_dead_letter(row.id, "Message size too large", 0, TEST_RELAY, epoch).await.unwrap());
     }
     let (first, second) = (rows[0].event_id.as_str(), rows[1].event_id.as_str());
     let table = cli(&host, &["dead-letters", "list"]).await.exits(0);

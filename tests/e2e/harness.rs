@@ -90,6 +90,10 @@ pub async fn break_payment_compensation(host: &TestHost) -> sagahost::engine::Sa
     original
 }
 
+/// The owner under which [`TestHost::start_holding_the_relay`] holds the relay lease.
+#[allow(dead_code)] // used by the dead-letter tests
+pub const TEST_RELAY: &str = "test-relay";
+
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
     std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -138,6 +142,21 @@ impl TestHost {
     #[allow(dead_code)] // used by tests that tune the host
     pub async fn start_with(adjust: impl FnOnce(&mut sagahost::Config)) -> TestHost {
         Self::start_in(tempfile::tempdir().expect("temp dir"), adjust).await
+    }
+
+    /// [`TestHost::start_with`], the relay lease taken by the test (as [`TEST_RELAY`], for an
+    /// hour) before the host starts: the host's relay publishes nothing, so its outbox rows stay
+    /// unpublished for the test to move to the dead letters as a relay does, under the lease's
+    /// epoch (returned), until the test releases the lease (`relay_release(TEST_RELAY)`).
+    #[allow(dead_code)] // used by the dead-letter tests
+    pub async fn start_holding_the_relay(adjust: impl FnOnce(&mut sagahost::Config)) -> (TestHost, i64) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = database_for(dir.path()).await;
+        let store = sagahost::store::open(url.as_deref(), dir.path()).await.expect("open the host's database");
+        let epoch =
+            store.relay_lease(TEST_RELAY, 3_600_000).await.unwrap().expect("a new database's relay lease is free");
+        drop(store);
+        (Self::start_in(dir, adjust).await, epoch)
     }
 
     /// Starts a host on an existing data directory (to test restarts).

@@ -6,7 +6,7 @@ use sagahost::engine::{PluginRef, RetryPolicy};
 use sagahost::store::DefinitionSource;
 use serde_json::json;
 
-use crate::harness::{break_payment_compensation, fixture, key, order, TestHost};
+use crate::harness::{break_payment_compensation, fixture, key, order, TestHost, TEST_RELAY};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -346,37 +346,40 @@ async fn the_audit_trail_pages_by_cursor_over_http() {
 }
 
 /// An operator sends a dead letter again (once the sink takes it) or discards it, over HTTP,
-/// audited; the redelivered event reaches the sink again as it was. What the relay does with
+/// audited; the redelivered event reaches the sink as it was. What the relay does with
 /// refusals is tested with the broker (`kafka::`); here the letters are made as the relay
-/// makes them, from a real saga's outbox rows.
+/// makes them, from a real saga's outbox rows, under the relay lease the test holds.
 #[tokio::test]
 async fn dead_letters_are_redelivered_or_discarded_over_http() {
-    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let (host, epoch) = TestHost::start_holding_the_relay(|c| c.admin_token = Some(TOKEN.into())).await;
     let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
     let rows = host.store.outbox_for_saga(&id).await.unwrap();
     let admin = |req: reqwest::RequestBuilder| req.bearer_auth(TOKEN).header("X-Actor", "ops");
-    // Published first (the events file has them once), then moved to the dead letters.
+    // Refused for good: moved to the dead letters; then the host's relay takes the lease and
+    // publishes the rest of the saga's events.
+    for row in &rows[..2] {
+        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0, TEST_RELAY, epoch).await.unwrap());
+    }
+    host.store.relay_release(TEST_RELAY).await.unwrap();
     let events = || std::fs::read_to_string(host.dir.path().join("events.jsonl")).unwrap_or_default();
     let start = std::time::Instant::now();
     while !events().contains(&rows.last().unwrap().event_id) {
         assert!(start.elapsed() < std::time::Duration::from_secs(10), "the relay did not publish");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    for row in &rows[..2] {
-        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0).await.unwrap());
-    }
     let (created, second) = (rows[0].event_id.clone(), rows[1].event_id.clone());
+    assert_eq!((events().matches(&created).count(), events().matches(&second).count()), (0, 0), "dead letters sent");
     let listed = host.send(admin(host.client.get(host.url("/admin/dead-letters")))).await.json();
     assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed:#}");
 
-    // Redelivered: 202, out of the dead letters, and in the events file a second time.
+    // Redelivered: 202, out of the dead letters, and in the events file.
     let redeliver = |event: &str| host.client.post(host.url(&format!("/admin/dead-letters/{event}/redeliver")));
     let r = host.send(admin(redeliver(&created))).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
     assert_eq!(r.json(), json!({"event_id": created, "queued": true}));
     let start = std::time::Instant::now();
-    while events().matches(&created).count() < 2 {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "not published again");
+    while events().matches(&created).count() < 1 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "not published once redelivered");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let again = host.send(admin(redeliver(&created))).await;
@@ -389,7 +392,8 @@ async fn dead_letters_are_redelivered_or_discarded_over_http() {
     assert_eq!(host.send(admin(discard(&second))).await.status, StatusCode::NOT_FOUND);
     let listed = host.send(admin(host.client.get(host.url("/admin/dead-letters")))).await.json();
     assert_eq!(listed["data"], json!([]));
-    assert_eq!(events().matches(&second).count(), 1, "a discarded event is not sent again");
+    assert_eq!(events().matches(&second).count(), 0, "a discarded event is not sent");
+    assert_eq!(events().matches(&created).count(), 1, "a redelivered event is sent once");
 
     // Audited, with who and what the letter was.
     for (event, action) in [(&created, "dead_letter.redeliver"), (&second, "dead_letter.discard")] {
@@ -411,11 +415,11 @@ async fn dead_letters_are_redelivered_or_discarded_over_http() {
 /// on every mutating endpoint). Without the key a retry finds the letter gone (404).
 #[tokio::test]
 async fn a_dead_letter_request_retried_with_its_key_replays_its_answer() {
-    let host = TestHost::start_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    let (host, epoch) = TestHost::start_holding_the_relay(|c| c.admin_token = Some(TOKEN.into())).await;
     let id = host.run_order(&order("tok_visa", "SKU-1", "US")).await["id"].as_str().unwrap().to_owned();
     let rows = host.store.outbox_for_saga(&id).await.unwrap();
     for row in &rows[..2] {
-        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0).await.unwrap());
+        assert!(host.store.outbox_dead_letter(row.id, "too large for the broker", 0, TEST_RELAY, epoch).await.unwrap());
     }
     let (first, second) = (rows[0].event_id.clone(), rows[1].event_id.clone());
     let admin = |req: reqwest::RequestBuilder, key: &str| req.bearer_auth(TOKEN).header("Idempotency-Key", key);

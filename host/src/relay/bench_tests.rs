@@ -116,11 +116,12 @@ async fn drain(label: &str, store: &Arc<dyn Store>, sink: Box<dyn Sink>, sagas: 
         batch_size: env_or("BENCH_RELAY_BATCH", RelayOptions::default().batch_size),
         ..RelayOptions::default()
     };
+    let epoch = store.relay_lease(&options.owner, 3_600_000).await.unwrap().expect("the relay lease is free");
     let total = sagas * EVENTS_PER_SAGA as usize;
     let started = Instant::now();
     let mut published = 0;
     while published < total {
-        let n = publish_once(&**store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked;
+        let n = publish_once(&**store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap().marked;
         assert!(n > 0, "{label}: the relay stalled at {published} of {total} events");
         published += n;
     }

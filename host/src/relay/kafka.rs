@@ -339,7 +339,10 @@ mod tests {
         let bootstrap = cluster.bootstrap_servers();
         let stuck = key_on(&bootstrap, 1, 0).await;
         let (big, other) = (key_on(&bootstrap, 0, 0).await, key_on(&bootstrap, 0, 1).await);
-        let settings = vec![("message.max.bytes".into(), "10000".into()), ("message.timeout.ms".into(), "1000".into())];
+        // The stuck row times out after `message.timeout.ms`, and so does any row the producer
+        // has not delivered by then: 5 s, so that the other saga's row is delivered even on a
+        // loaded machine (with 1 s, a CI run once timed it out too).
+        let settings = vec![("message.max.bytes".into(), "10000".into()), ("message.timeout.ms".into(), "5000".into())];
         let sink = KafkaSink::new(KafkaOptions { brokers: bootstrap, topic: TOPIC.into(), settings }).unwrap();
         // The idempotent producer's id is taken while both brokers answer (asked of the broker
         // that goes down, it would hold back every message until they all timed out).

@@ -262,7 +262,7 @@ impl Relay {
         renew_every: Duration,
         renewed: &mut tokio::time::Instant,
     ) -> Option<anyhow::Result<Batch>> {
-        let publishing = self.publish_batch();
+        let publishing = self.publish_batch(epoch);
         tokio::pin!(publishing);
         let lease_ms = self.options.lease.as_millis() as i64;
         let mut grace: Option<tokio::time::Instant> = None;
@@ -302,9 +302,11 @@ impl Relay {
         }
     }
 
-    /// Publishes one batch.
-    pub async fn publish_batch(&self) -> anyhow::Result<Batch> {
-        publish_once(&*self.store, &*self.sink, &*self.clock, &self.metrics, &self.options).await
+    /// Publishes one batch as the holder of the relay lease at `epoch` (what
+    /// [`OutboxStore::relay_lease`] returned to this relay's owner): its dead letters are
+    /// fenced by it.
+    pub async fn publish_batch(&self, epoch: i64) -> anyhow::Result<Batch> {
+        publish_once(&*self.store, &*self.sink, &*self.clock, &self.metrics, &self.options, epoch).await
     }
 }
 
@@ -369,13 +371,15 @@ pub struct Batch {
 
 /// Publishes one batch: reads the oldest pending rows, hands them to the sink and marks the
 /// prefix it acknowledged (see [`settle`]). Apart from the [`Relay`] so tests can run it
-/// without a driver.
+/// without a driver. `epoch` is the relay lease's, as `options.owner` took it: a row the sink
+/// refused for good is dead-lettered only while that lease holds.
 async fn publish_once(
     store: &dyn OutboxStore,
     sink: &dyn Sink,
     clock: &dyn Clock,
     metrics: &Metrics,
     options: &RelayOptions,
+    epoch: i64,
 ) -> anyhow::Result<Batch> {
     let rows = match store.outbox_batch(options.batch_size, options.max_batch_bytes).await {
         Ok(rows) => rows,
@@ -453,11 +457,15 @@ async fn publish_once(
                 }
             }
         }
-        match store.outbox_dead_letter(row.id, &reason, clock.now_ms()).await {
+        match store.outbox_dead_letter(row.id, &reason, clock.now_ms(), &options.owner, epoch).await {
             Ok(true) => metrics.dead_lettered(),
-            // Gone meanwhile (purged, or dead-lettered by a relay whose lease had lapsed): not
-            // counted again.
-            Ok(false) => return Ok(batch(marked + 1)),
+            // Not this relay's to move any more: the lease changed hands since `epoch` (the new
+            // holder sends the row itself), or the row was delivered, dead-lettered, purged or
+            // redelivered meanwhile. Nothing written, nothing counted.
+            Ok(false) => {
+                tracing::warn!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good, but it is not this relay's to dead-letter any more (the relay lease moved on, or the event was handled meanwhile)");
+                return Ok(batch(marked));
+            }
             Err(e) => {
                 metrics.relay_failed();
                 return Err(e.into());

@@ -182,6 +182,11 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
     store
 }
 
+/// Takes the relay lease for `options.owner`, as the relay does before it publishes: its epoch.
+async fn lease(store: &dyn OutboxStore, options: &RelayOptions) -> i64 {
+    store.relay_lease(&options.owner, 3_600_000).await.unwrap().expect("the relay lease is free")
+}
+
 async fn pending(store: &dyn Store) -> Vec<i64> {
     store.outbox_pending(1000).await.unwrap().iter().map(|r| r.id).collect()
 }
@@ -213,10 +218,11 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
     let sink = ScriptedSink { script: Mutex::new(script.into()), ..ScriptedSink::default() };
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
+    let epoch = lease(&*store, &options).await;
 
     let mut acknowledged = 0;
     for (call, reply) in script.iter().enumerate() {
-        let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await;
+        let result = publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await;
         let n = match *reply {
             Reply::Prefix(n) | Reply::ErrorAfter(n) => n,
             Reply::TooLargeAfter(..) | Reply::RefusedFirst | Reply::StuckAt(_) => unreachable!("not in this script"),
@@ -241,7 +247,7 @@ async fn only_the_acknowledged_prefix_is_marked_and_the_rest_is_sent_again_in_or
     }
     // The script is spent: the sink takes everything now.
     while !pending(&*store).await.is_empty() {
-        publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+        publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
     }
     // The first delivery of every event was in outbox order, so in `seq` order per saga.
     let mut seen = HashSet::new();
@@ -262,7 +268,11 @@ async fn events_delivered_past_a_stuck_one_are_marked_for_every_saga_with_nothin
     let sink = ScriptedSink { script: Mutex::new([Reply::StuckAt(1)].into()), ..ScriptedSink::default() };
     let options = RelayOptions { batch_size: 12, ..RelayOptions::default() };
     let metrics = Metrics::new();
-    assert!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.is_err(), "a stuck event is an error");
+    let epoch = lease(&*store, &options).await;
+    assert!(
+        publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.is_err(),
+        "a stuck event is an error"
+    );
     let left: Vec<String> = store.outbox_pending(1000).await.unwrap().iter().map(|r| r.event_id.clone()).collect();
     let b: Vec<String> = all.iter().filter(|r| r.saga_id == "b").map(|r| r.event_id.clone()).collect();
     assert_eq!(left, b, "only saga b's events wait behind its stuck one");
@@ -274,7 +284,7 @@ async fn events_delivered_past_a_stuck_one_are_marked_for_every_saga_with_nothin
         );
     }
     // Next round the sink takes everything: only saga b's events are sent again.
-    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
     let again: Vec<String> = sink.batches.lock().unwrap()[1].iter().map(|r| r.event_id.clone()).collect();
     assert_eq!(again, b);
     assert!(pending(&*store).await.is_empty());
@@ -291,9 +301,10 @@ async fn a_batch_cut_by_its_byte_budget_is_full_and_the_rest_follows_in_order() 
     let three: usize = all[..3].iter().map(|r| r.payload.len()).sum();
     let options = RelayOptions { batch_size: 100, max_batch_bytes: three, ..RelayOptions::default() };
     let (metrics, sink) = (Metrics::new(), ScriptedSink::default());
+    let epoch = lease(&*store, &options).await;
     let mut batches = Vec::new();
     loop {
-        let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+        let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
         batches.push(batch);
         if !batch.full {
             break;
@@ -313,7 +324,8 @@ async fn a_batch_cut_by_its_byte_budget_is_full_and_the_rest_follows_in_order() 
     let options = RelayOptions { batch_size: 12, ..RelayOptions::default() };
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_interleaved_events(dir.path()).await;
-    let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    let epoch = lease(&*store, &options).await;
+    let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
     assert_eq!(batch, Batch { marked: 12, full: true });
 }
 
@@ -326,19 +338,20 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
+    let epoch = lease(&*store, &options).await;
     let dead =
         || async { store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
     let sent = |i: usize| sink.batches.lock().unwrap()[i].clone();
     // The broker takes a1 b1, then calls c1's request too large; alone it fits.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(2, false));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 3);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap().marked, 3);
     assert_eq!(sent(1), all[2..3], "the refused row went alone");
     assert!(dead().await.is_empty(), "a row that fits alone is not dead-lettered");
     assert_eq!(pending(&*store).await, all[3..].iter().map(|r| r.id).collect::<Vec<_>>());
     // a2 refused with a3 of its saga behind it in the batch, and a3 failed with it (a chain
     // commit's events share a request): a2 goes alone, and fits.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 1);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap().marked, 1);
     assert_eq!(sent(3), all[3..4], "a2 went alone");
     assert!(dead().await.is_empty(), "a2 fits alone");
     sink.script.lock().unwrap().clear();
@@ -346,23 +359,23 @@ async fn a_row_refused_with_its_batch_is_sent_alone_before_it_is_dead_lettered()
     // would land after it. Not sent again: a gap keeps the order. What was delivered of the
     // other sagas (a3, c2) is published; b3 waits behind the dead letter.
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, true));
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 3);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap().marked, 3);
     assert_eq!(sink.batches.lock().unwrap().len(), 5, "b2 was not sent alone");
     assert_eq!(dead().await, [all[4].event_id.clone()]);
     assert_eq!(pending(&*store).await, all[7..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().clear();
     // The rest up to b4, then b4 refused even alone: dead-lettered (once), a5 flows on.
     sink.script.lock().unwrap().push_back(Reply::Prefix(3));
-    let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options).await; // short: an error
+    let _ = publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await; // short: an error
     assert_eq!(pending(&*store).await, all[10..].iter().map(|r| r.id).collect::<Vec<_>>());
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
-    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap().marked, 1);
+    assert_eq!(publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap().marked, 1);
     let last = sink.batches.lock().unwrap().len() - 1;
     assert_eq!(sent(last), all[10..11], "b4 was tried alone");
     assert_eq!(dead().await.len(), 2);
     assert!(dead().await.contains(&all[10].event_id));
     sink.script.lock().unwrap().clear();
-    publish_once(&*store, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
     assert!(pending(&*store).await.is_empty());
 }
 
@@ -378,6 +391,7 @@ async fn a_dead_letter_is_redelivered_or_discarded() {
     // a1 b1 c1 ...: the first two rows are refused for good, each when it comes first.
     let (a1, b1, now) = (all[0].clone(), all[1].clone(), SystemClock.now_ms());
     let (options, metrics, sink) = (RelayOptions::default(), Metrics::new(), ScriptedSink::default());
+    let epoch = lease(&*store, &options).await;
     let dead =
         || async { store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.event_id).collect::<Vec<_>>() };
     let audit = |action: &str, target: &str| crate::store::AuditEntry {
@@ -394,7 +408,7 @@ async fn a_dead_letter_is_redelivered_or_discarded() {
         let store = Arc::clone(&store);
         async move { store.dead_letter_redeliver(&id, now, &entry).await.unwrap() }
     };
-    let publish = || publish_once(&*store, &sink, &SystemClock, &metrics, &options);
+    let publish = || publish_once(&*store, &sink, &SystemClock, &metrics, &options, epoch);
     let sent_since = |n: usize| sink.batches.lock().unwrap()[n..].concat();
     // (The scripted refusal holds until the script is cleared: each pass dead-letters the row
     // it finds first.)
@@ -504,11 +518,18 @@ impl OutboxStore for FailingWrites {
     async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> crate::store::Result<Vec<OutboxRow>> {
         self.inner.outbox_page(saga_id, after, limit).await
     }
-    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> crate::store::Result<bool> {
+    async fn outbox_dead_letter(
+        &self,
+        id: i64,
+        reason: &str,
+        now: i64,
+        owner: &str,
+        epoch: i64,
+    ) -> crate::store::Result<bool> {
         if self.dead_letter {
             return Err(gone());
         }
-        self.inner.outbox_dead_letter(id, reason, now).await
+        self.inner.outbox_dead_letter(id, reason, now, owner, epoch).await
     }
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> crate::store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(before, limit).await
@@ -546,19 +567,50 @@ async fn a_store_failure_on_the_refused_row_path_counts_as_a_relay_failure() {
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
+    let epoch = lease(&*inner, &options).await;
     // a1 refused with its batch, fits alone, and its mark fails.
     let store = FailingWrites::new(&inner, true, false);
     sink.script.lock().unwrap().push_back(Reply::TooLargeAfter(0, false));
-    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options, epoch).await.is_err());
     assert_eq!(metrics.relay_failures(), 1, "a failed mark of the row sent alone");
     sink.script.lock().unwrap().clear();
     // a1 refused even alone, and its move to the dead letters fails.
     let store = FailingWrites::new(&inner, false, true);
     sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
-    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert!(publish_once(&store, &sink, &SystemClock, &metrics, &options, epoch).await.is_err());
     assert_eq!(metrics.relay_failures(), 2, "a failed move to the dead letters");
     assert!(inner.dead_letters(None, 10).await.unwrap().is_empty());
     assert_eq!(pending(&*inner).await, all.iter().map(|r| r.id).collect::<Vec<_>>(), "nothing was marked");
+}
+
+/// A relay whose lease moved on while the sink was refusing a row (it paused; another replica
+/// took the lease) does not dead-letter the row: it is the new holder's to send, and that
+/// holder dead-letters it if the sink refuses it again. The stale relay's batch marks nothing
+/// and counts nothing.
+#[tokio::test]
+async fn a_relay_that_lost_its_lease_mid_publish_leaves_a_refused_row_to_the_new_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_interleaved_events(dir.path()).await;
+    let all = store.outbox_pending(1000).await.unwrap();
+    let a = RelayOptions { batch_size: 4, owner: "a".into(), ..RelayOptions::default() };
+    let b = RelayOptions { batch_size: 4, owner: "b".into(), ..RelayOptions::default() };
+    let (metrics, sink) = (Metrics::new(), ScriptedSink::default());
+    let a_epoch = lease(&*store, &a).await;
+    // a read its batch under its lease; by the time the refusal comes, b holds the lease.
+    store.relay_release("a").await.unwrap();
+    let b_epoch = lease(&*store, &b).await;
+    sink.script.lock().unwrap().push_back(Reply::RefusedFirst);
+    let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &a, a_epoch).await.unwrap();
+    assert_eq!(batch.marked, 0, "{batch:?}");
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty(), "a dead-lettered a row under a lost lease");
+    assert_eq!(pending(&*store).await, all.iter().map(|r| r.id).collect::<Vec<_>>(), "nothing marked");
+    assert_eq!(metrics.dead_letters_written(), 0, "counted");
+    // b gets the same refusal: its dead letter, counted.
+    let batch = publish_once(&*store, &sink, &SystemClock, &metrics, &b, b_epoch).await.unwrap();
+    assert_eq!(batch.marked, 1, "{batch:?}");
+    let dead: Vec<_> = store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.outbox_id).collect();
+    assert_eq!(dead, [all[0].id]);
+    assert_eq!(metrics.dead_letters_written(), 1, "not counted");
 }
 
 /// `sagahost_events_published_total` counts rows once they are marked: a batch the sink took
@@ -570,10 +622,11 @@ async fn a_batch_whose_mark_failed_is_counted_published_once_it_is_marked() {
     let options = RelayOptions { batch_size: 4, ..RelayOptions::default() };
     let metrics = Metrics::new();
     let sink = ScriptedSink::default();
+    let epoch = lease(&*inner, &options).await;
     let failing = FailingWrites::new(&inner, true, false);
-    assert!(publish_once(&failing, &sink, &SystemClock, &metrics, &options).await.is_err());
+    assert!(publish_once(&failing, &sink, &SystemClock, &metrics, &options, epoch).await.is_err());
     assert_eq!(metrics.events_published(), 0, "taken by the sink, but not marked");
-    let batch = publish_once(&*inner, &sink, &SystemClock, &metrics, &options).await.unwrap();
+    let batch = publish_once(&*inner, &sink, &SystemClock, &metrics, &options, epoch).await.unwrap();
     assert_eq!((batch.marked, metrics.events_published()), (4, 4));
 }
 
@@ -774,8 +827,9 @@ async fn a_stopping_relay_does_not_wait_for_a_database_that_does_not_answer() {
 async fn dead_letters_page_by_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_interleaved_events(dir.path()).await;
+    let epoch = store.relay_lease("a", 60_000).await.unwrap().unwrap();
     for row in store.outbox_pending(5).await.unwrap() {
-        assert!(store.outbox_dead_letter(row.id, "too large", 1).await.unwrap());
+        assert!(store.outbox_dead_letter(row.id, "too large", 1, "a", epoch).await.unwrap());
     }
     let all: Vec<i64> = store.dead_letters(None, 100).await.unwrap().iter().map(|d| d.outbox_id).collect();
     assert_eq!(all.len(), 5);

@@ -73,6 +73,9 @@ struct Statements {
     /// Takes or renews the lease named `$3` for `$1`, for `$2` ms: the relay's (`outbox`) and
     /// the janitor's (`janitor`) rows of `relay_lease`.
     take_lease: String,
+    /// The relay lease row while `$1` holds it at epoch `$2`, locked until the transaction
+    /// ends (PostgreSQL): a takeover waits for the write it fences.
+    relay_held: String,
     finished_sagas: String,
     next_due: String,
 }
@@ -118,6 +121,10 @@ impl Statements {
                  epoch = CASE WHEN relay_lease.owner = excluded.owner THEN relay_lease.epoch ELSE relay_lease.epoch + 1 END \
                  WHERE relay_lease.owner = excluded.owner OR relay_lease.lease_until <= {now} \
                  RETURNING epoch"
+            ),
+            relay_held: format!(
+                "SELECT epoch FROM relay_lease WHERE name = '{RELAY_LEASE}' AND owner = $1 AND epoch = $2{}",
+                d.for_update()
             ),
             // Locked, so no transition can commit to a saga while it is being deleted (none
             // should: it is finished, but an operator action is an outside event).
@@ -1727,14 +1734,22 @@ impl OutboxStore for SqlStore {
             .await
     }
 
-    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64) -> Result<bool> {
+    async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64, owner: &str, epoch: i64) -> Result<bool> {
+        let data = (Arc::clone(&self.sql), id, reason.to_owned(), now, owner.to_owned(), epoch);
         self.writes
-            .run((id, reason.to_owned(), now), |(id, reason, now), conn| {
+            .run(data, |(sql, id, reason, now, owner, epoch), conn| {
                 Box::pin(async move {
+                    // Fenced by the lease first (held to the commit on PostgreSQL), then by the
+                    // row: only while this holder still publishes, and only an event nobody
+                    // delivered or dead-lettered since it was read.
+                    let held = sqlx::query(&sql.relay_held).bind(owner).bind(*epoch).fetch_optional(&mut *conn).await?;
+                    if held.is_none() {
+                        return Ok(false);
+                    }
                     let moved = sqlx::query(
                         "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
-                         SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox WHERE id = $1 \
-                         ON CONFLICT (outbox_id) DO NOTHING",
+                         SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox \
+                         WHERE id = $1 AND published_at IS NULL ON CONFLICT (outbox_id) DO NOTHING",
                     )
                     .bind(id)
                     .bind(reason)
@@ -1743,11 +1758,13 @@ impl OutboxStore for SqlStore {
                     .await?
                     .rows_affected()
                         == 1;
-                    sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1 AND published_at IS NULL")
-                        .bind(id)
-                        .bind(now)
-                        .execute(&mut *conn)
-                        .await?;
+                    if moved {
+                        sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = $1")
+                            .bind(id)
+                            .bind(now)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
                     Ok(moved)
                 })
             })

@@ -507,6 +507,52 @@ async fn one_relay_lease_holder_at_a_time_and_takeover_after_expiry() {
     }
 }
 
+/// A row the sink refused is dead-lettered only by the relay lease's holder, under the epoch
+/// it took the lease at, and only while the row is still unpublished: a former holder that
+/// wakes from a pause (its refusal came before the lease moved on) writes nothing, neither
+/// over an event another relay delivered meanwhile nor over an operator's redelivery.
+#[tokio::test]
+async fn a_dead_letter_is_written_only_under_the_relay_lease_and_only_for_an_unpublished_row() {
+    const LIVE: i64 = 60_000;
+    for b in backends().await {
+        let s = &b.store;
+        for id in ["d1", "d2", "d3"] {
+            s.create_saga(&new_saga(id), None, 0).await.unwrap();
+        }
+        let rows = s.outbox_pending(10).await.unwrap();
+        let (r1, r2, r3) = (&rows[0], &rows[1], &rows[2]);
+        let dead =
+            || async { s.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.outbox_id).collect::<Vec<_>>() };
+        let pending = || async { s.outbox_pending(10).await.unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>() };
+        let a = s.relay_lease("a", LIVE).await.unwrap().unwrap();
+        // Not the holder, or not its epoch: nothing written.
+        assert!(!s.outbox_dead_letter(r1.id, "refused", 1, "b", a).await.unwrap(), "{}: b never held it", b.name);
+        assert!(!s.outbox_dead_letter(r1.id, "refused", 1, "a", a + 1).await.unwrap(), "{}: another epoch", b.name);
+        assert_eq!((dead().await, pending().await.len()), (vec![], 3), "{}", b.name);
+        // Delivered meanwhile (marked by whoever sent it): not a dead letter.
+        s.outbox_mark_published(&[r1.id], 1).await.unwrap();
+        assert!(!s.outbox_dead_letter(r1.id, "refused", 1, "a", a).await.unwrap(), "{}: r1 was delivered", b.name);
+        assert_eq!(dead().await, Vec::<i64>::new(), "{}", b.name);
+        // The holder, an unpublished row: moved, once.
+        assert!(s.outbox_dead_letter(r2.id, "refused", 1, "a", a).await.unwrap(), "{}", b.name);
+        assert!(!s.outbox_dead_letter(r2.id, "refused", 1, "a", a).await.unwrap(), "{}: twice", b.name);
+        assert_eq!((dead().await, pending().await), (vec![r2.id], vec![r3.id]), "{}", b.name);
+        // An operator sends it again; meanwhile a's lease lapsed and b took it over. a, waking
+        // with the refusal it got before, must not undo the redelivery; b may dead-letter.
+        assert!(s.dead_letter_redeliver(&r2.event_id, 2, &entry("dead_letter.redeliver", &r2.event_id)).await.unwrap());
+        s.relay_release("a").await.unwrap();
+        let b_epoch = s.relay_lease("b", LIVE).await.unwrap().unwrap();
+        assert!(b_epoch > a, "{}", b.name);
+        for id in [r2.id, r3.id] {
+            assert!(!s.outbox_dead_letter(id, "refused", 3, "a", a).await.unwrap(), "{}: a lost the lease", b.name);
+        }
+        assert_eq!((dead().await, pending().await), (vec![], vec![r2.id, r3.id]), "{}", b.name);
+        assert!(s.outbox_dead_letter(r3.id, "refused", 3, "b", b_epoch).await.unwrap(), "{}", b.name);
+        assert_eq!((dead().await, pending().await), (vec![r3.id], vec![r2.id]), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 /// The janitor's lease is a row of its own: one replica's janitor at a time, whoever holds
 /// the relay's.
 #[tokio::test]
