@@ -97,7 +97,7 @@ pub struct Catalog {
     /// version wanted twice is compiled once. Apart from `refreshing`, so that a refresh that
     /// needs no compile (a bind of a version loaded here) never waits behind one a call
     /// started (a version unloaded while idle, seconds for a large component).
-    compiling: tokio::sync::Mutex<()>,
+    compiling: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Whether host release `a` is newer than `b` by semver precedence (a pre-release before the
@@ -127,7 +127,7 @@ impl Catalog {
             refused: RwLock::new(HashMap::new()),
             version: AtomicI64::new(i64::MIN),
             refreshing: tokio::sync::Mutex::new(()),
-            compiling: tokio::sync::Mutex::new(()),
+            compiling: Arc::new(tokio::sync::Mutex::new(())),
         };
         catalog.refresh().await?;
         for builtin in crate::builtin::ALL {
@@ -413,10 +413,12 @@ impl Catalog {
         // Compile first: nothing invalid is ever stored (a version loaded here already is not
         // compiled again). One compile at a time, as every compile of this host
         // ([`Catalog::compile`]): uploads at once each held a compilation's memory (hundreds of
-        // MiB for a JavaScript or Python component).
+        // MiB for a JavaScript or Python component), held by the compile itself: an upload
+        // dropped at its deadline leaves its compile running, and its retry waits for it (and
+        // finds the version loaded) instead of compiling it again beside it.
         let digest = {
-            let _one = self.compiling.lock().await;
-            self.runtime.load(wasm.clone()).await?
+            let one = Arc::clone(&self.compiling).lock_owned().await;
+            self.runtime.load_holding(wasm.clone(), one).await?
         };
         let new = self.store.put_plugin(&digest, name, &wasm, self.clock.now_ms(), audit.as_ref()).await?;
         if !new {

@@ -114,7 +114,7 @@ pub(super) struct CallState {
     /// clone of it.
     stderr: StderrHead,
     http: WasiHttpCtx,
-    outbound: Outbound,
+    pub(super) outbound: Outbound,
     table: ResourceTable,
     memory: MemoryBudget,
     pub(super) host: HostState,
@@ -156,6 +156,54 @@ impl WasiHttpView for CallState {
         WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }
+
+/// The interface of wasi:http's outgoing requests, as `wasmtime_wasi_http` links it.
+const HTTP_TYPES: &str = "wasi:http/types@0.2.12";
+
+/// Redefines wasi:http's `set-method` and `set-authority` of an outgoing request so that a
+/// value over [`MAX_REQUEST_PART_BYTES`] is refused (as an invalid one is) before anything
+/// keeps it. `wasmtime_wasi_http` checks their syntax only, and keeps them whole in host
+/// memory outside the call's memory limit for as long as the plugin keeps the request: a
+/// method or an authority of tens of MiB on each of a call's hundreds of unsent requests held
+/// gigabytes. The path is bounded by its parser (64 KiB), headers by [`FIELDS_BYTES`].
+///
+/// [`FIELDS_BYTES`]: super::outbound::FIELDS_BYTES
+pub(super) fn bound_request_parts(linker: &mut wasmtime::component::Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi_http::p2::bindings::http::types::{HostOutgoingRequest as Requests, Method};
+    use wasmtime_wasi_http::p2::types::HostOutgoingRequest;
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(HTTP_TYPES)?;
+    types.func_wrap(
+        "[method]outgoing-request.set-method",
+        |mut store, (request, method): (Resource<HostOutgoingRequest>, Method)| {
+            let state: &mut CallState = store.data_mut();
+            if let Method::Other(other) = &method {
+                if other.len() > MAX_REQUEST_PART_BYTES {
+                    state.outbound.refused_part("method", other.len());
+                    return Ok((Err(()),));
+                }
+            }
+            Ok((Requests::set_method(&mut state.http(), request, method)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-authority",
+        |mut store, (request, authority): (Resource<HostOutgoingRequest>, Option<String>)| {
+            let state: &mut CallState = store.data_mut();
+            if let Some(long) = authority.as_ref().filter(|a| a.len() > MAX_REQUEST_PART_BYTES) {
+                state.outbound.refused_part("authority", long.len());
+                return Ok((Err(()),));
+            }
+            Ok((Requests::set_authority(&mut state.http(), request, authority)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The longest method or authority a plugin may set on a request ([`bound_request_parts`]).
+pub const MAX_REQUEST_PART_BYTES: usize = 8 << 10;
 
 /// One call to make: what it needs from the runtime, and what it calls.
 pub(super) struct Call<'a> {
@@ -333,7 +381,7 @@ async fn attempt<T>(
         Some(Err(trap)) => Ended::Trapped(classify_trap(&trap, &store, timeout)),
         None => Ended::Trapped(format!("timed out after {} ms", timeout.as_millis())),
     };
-    let Notes { limit, host_error, reached_out } = store.data().outbound.notes();
+    let Notes { limit, host_error, reached_out, .. } = store.data().outbound.notes();
     let ended = match limit {
         Some(limit) => ended.blame(&limit),
         None => ended,

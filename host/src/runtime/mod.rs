@@ -300,6 +300,7 @@ impl Runtime {
         // Linked for every component, used only by those whose world grants it (`policy.rs`
         // refuses a 0.1.0 component importing it); every request goes through `outbound.rs`.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        call::bound_request_parts(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for world in wit::WORLDS {
             world.add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
@@ -319,15 +320,33 @@ impl Runtime {
     /// Compiles and checks a component, and keeps it ready under its digest. Compiling takes
     /// tens of milliseconds of CPU, so it runs on the blocking pool. Idempotent.
     pub async fn load(self: &Arc<Self>, wasm: Vec<u8>) -> Result<String, LoadError> {
+        self.load_holding(wasm, ()).await
+    }
+
+    /// [`Runtime::load`], holding `hold` (a lock that keeps compiles one at a time) until the
+    /// compile ends. A compile cannot be stopped once begun: when the caller goes away first
+    /// (an upload past its deadline), the compile still finishes, keeps its result (so the
+    /// retry finds the version loaded) and only then lets `hold` go (so the retry did not
+    /// start a second compile of it beside the first).
+    pub async fn load_holding<H: Send + 'static>(
+        self: &Arc<Self>,
+        wasm: Vec<u8>,
+        hold: H,
+    ) -> Result<String, LoadError> {
         let digest = digest_of(&wasm);
         if self.is_loaded(&digest) {
             return Ok(digest);
         }
         let this = Arc::clone(self);
-        let (ready, caps) = tokio::task::spawn_blocking(move || this.compile(&wasm))
-            .await
-            .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
-        self.cache.insert(digest.clone(), ready, caps);
+        let keep = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            let (ready, caps) = this.compile(&wasm)?;
+            this.cache.insert(keep, ready, caps);
+            drop(hold);
+            Ok::<_, LoadError>(())
+        })
+        .await
+        .map_err(|e| LoadError::Invalid(format!("compiler task failed: {e}")))??;
         Ok(digest)
     }
 

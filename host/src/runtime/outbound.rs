@@ -34,9 +34,12 @@
 //! (one cut short because the call's own time was running out fails the request instead).
 //!
 //! Memory: a request the plugin builds but has not sent is held by the host (a body's
-//! buffered write up to [`BODY_CHUNK_BYTES`], a header set up to [`FIELDS_BYTES`]), outside
-//! the call's memory limit; the call's resource table holds at most
-//! [`HttpLimits::max_resources`] of them, and a plugin past it traps.
+//! buffered write up to [`BODY_CHUNK_BYTES`], a header set up to [`FIELDS_BYTES`], a method
+//! and an authority up to [`super::call::MAX_REQUEST_PART_BYTES`] each, a path up to its
+//! parser's 64 KiB), outside the call's memory limit; the call's resource table holds at
+//! most [`HttpLimits::max_resources`] of them, and a plugin past it traps. What is counted of
+//! each request for metrics (and recorded by `plugin run`) stops at the first request past
+//! [`HttpLimits::max_requests`].
 //!
 //! This module must not name a world version's generated types.
 
@@ -450,6 +453,11 @@ pub(super) struct Notes {
     /// A request left the host (it passed the grant check and a connection was tried): if
     /// the call fails, the service may have applied it.
     pub(super) reached_out: bool,
+    /// The call ended and its notes were read ([`Outbound::notes`]): no request leaves the
+    /// host after that. A request the plugin left running when it returned goes on in a task
+    /// of its own until the store is dropped; had it left after `reached_out` was read, the
+    /// step would count as never having reached the service (a charge with no refund).
+    closed: bool,
 }
 
 /// The hooks of one call's store.
@@ -550,9 +558,26 @@ impl Outbound {
             .collect()
     }
 
-    /// What was noticed during the call. Taken once, when the call ends.
+    /// Notes that the plugin set a request's `part` (its method or authority) `len` bytes long,
+    /// over [`super::call::MAX_REQUEST_PART_BYTES`], and was refused.
+    pub(super) fn refused_part(&self, part: &str, len: usize) {
+        self.call.note_limit(format!(
+            "the plugin set a request {part} of {len} bytes (at most {} are taken)",
+            super::call::MAX_REQUEST_PART_BYTES
+        ));
+    }
+
+    /// What was noticed during the call. Taken once, when the call ends: from then on no
+    /// request leaves the host ([`Notes::closed`]).
     pub(super) fn notes(&self) -> Notes {
-        std::mem::take(&mut *self.call.notes.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut notes = self.call.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.closed = true;
+        Notes {
+            limit: notes.limit.take(),
+            host_error: notes.host_error.take(),
+            reached_out: notes.reached_out,
+            closed: true,
+        }
     }
 }
 
@@ -578,12 +603,22 @@ impl WasiHttpHooks for Outbound {
         _options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
-        // Counted for metrics, whatever becomes of it ([`Outbound::made`]).
-        let tally = Tally { origin: request_origin(request.uri()), started: Instant::now(), why: None, ended: None };
+        // Counted for metrics, whatever becomes of it ([`Outbound::made`]); past the first
+        // request over the call's limit (refused, `limit`) no more: a plugin looping on
+        // refused requests would grow the list without bound, outside its memory limit.
         let slot = {
             let mut made = self.call.made.lock().unwrap_or_else(|e| e.into_inner());
-            made.push(tally);
-            made.len() - 1
+            if made.len() <= self.call.limits.max_requests as usize {
+                made.push(Tally {
+                    origin: request_origin(request.uri()),
+                    started: Instant::now(),
+                    why: None,
+                    ended: None,
+                });
+                made.len() - 1
+            } else {
+                usize::MAX
+            }
         };
         let call = Arc::clone(&self.call);
         let sending = Box::into_pin(self.record(request, slot));
@@ -660,7 +695,11 @@ impl Outbound {
         let sending = self.send(request, slot);
         let Some(recorded) = &call.recorded else { return sending };
         let index = {
+            // As the tallies: the requests over the limit past the first are not kept.
             let mut list = recorded.lock().unwrap_or_else(|e| e.into_inner());
+            if list.len() > call.limits.max_requests as usize {
+                return sending;
+            }
             list.push(OutboundRequest { method: method.to_string(), url, status: None, error: None });
             list.len() - 1
         };
@@ -668,9 +707,12 @@ impl Outbound {
             let sent = Box::into_pin(sending).await;
             if let Some(recorded) = &call.recorded {
                 let mut list = recorded.lock().unwrap_or_else(|e| e.into_inner());
-                match &sent {
-                    Ok((response, _)) => list[index].status = Some(response.status().as_u16()),
-                    Err(e) => list[index].error = Some(format!("{e:?}")),
+                // Gone when the call ended first (the list was taken).
+                if let Some(entry) = list.get_mut(index) {
+                    match &sent {
+                        Ok((response, _)) => entry.status = Some(response.status().as_u16()),
+                        Err(e) => entry.error = Some(format!("{e:?}")),
+                    }
                 }
             }
             sent
@@ -751,6 +793,17 @@ impl CallFacts {
     fn note_limit(&self, why: String) {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         notes.limit.get_or_insert(why);
+    }
+
+    /// Notes that a request leaves the host now, unless the call has ended
+    /// ([`Notes::closed`]): then it must not, and fails.
+    fn reach_out(&self) -> Result<(), Error> {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        if notes.closed {
+            return Err(Error::ConnectionTerminated);
+        }
+        notes.reached_out = true;
+        Ok(())
     }
 
     /// The host failed this call (not the plugin): it is unavailable, not an attempt.
@@ -834,7 +887,7 @@ impl CallFacts {
         // The call has reached out once the request may leave: on a connection, past TLS's
         // handshake (no early data). A refused connection or an untrusted certificate sent
         // the service nothing, so a step failing at it has nothing out there to undo.
-        let reached_out = || self.notes.lock().unwrap_or_else(|e| e.into_inner()).reached_out = true;
+        let reached_out = || self.reach_out();
         let sending = async {
             let stream = connect_first(addresses).await.inspect_err(|e| {
                 if let Some(proxy) = proxy {
@@ -844,12 +897,12 @@ impl CallFacts {
             })?;
             match (scheme, proxy) {
                 (Scheme::Http, None) => {
-                    reached_out();
+                    reached_out()?;
                     send_over(request, stream, Target::Origin).await
                 }
                 (Scheme::Http, Some(proxy)) => {
                     proxy.address(&mut request);
-                    reached_out();
+                    reached_out()?;
                     let sent = send_over(request, stream, Target::Absolute).await?;
                     // A 407 is a proxy's answer (RFC 9110 §15.5.8), most likely this one's to the
                     // host's credentials: said so, and an error to the plugin rather than a
@@ -871,7 +924,7 @@ impl CallFacts {
                 }
                 (Scheme::Https, None) => {
                     let stream = tls_handshake(stream, &origin.host, &self.limits.trust).await?;
-                    reached_out();
+                    reached_out()?;
                     send_over(request, stream, Target::Origin).await
                 }
                 (Scheme::Https, Some(proxy)) => {
@@ -889,7 +942,7 @@ impl CallFacts {
                         refused.error
                     })?;
                     let stream = tls_handshake(tunnel, &origin.host, &self.limits.trust).await?;
-                    reached_out();
+                    reached_out()?;
                     send_over(request, stream, Target::Origin).await
                 }
             }

@@ -468,6 +468,95 @@ async fn a_plugin_hoarding_unsent_requests_fails_at_the_resource_limit() {
     assert!(matches!(out.result, Ok(ExecuteOutcome::Done(_))), "{}", out.label);
 }
 
+/// A request's method and authority are kept by the host outside the call's memory limit, so
+/// a long one is refused as an invalid one is: unbounded, this call would keep 128 MiB (and
+/// a plugin with hundreds of requests and strings of tens of MiB, gigabytes). Short ones are
+/// taken as before.
+#[tokio::test]
+async fn a_plugin_setting_megabyte_methods_and_authorities_is_refused_them() {
+    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let out = execute(&runtime, &digest, "hoard-long-parts").await;
+    assert_eq!(out.result, Ok(ExecuteOutcome::Done(r#"{"long_taken":0,"short_taken":true}"#.into())), "{}", out.label);
+}
+
+/// A compile cannot be stopped: one whose caller went away (an upload past its deadline) runs
+/// on holding the compile lock, and keeps its result, so the caller's retry waits for it and
+/// finds the version loaded instead of compiling it a second time beside it.
+#[tokio::test]
+async fn a_compile_whose_caller_went_away_keeps_the_lock_and_its_result() {
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap());
+    let wasm = fixture("misbehave");
+    let digest = digest_of(&wasm);
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    let held = Arc::clone(&lock).lock_owned().await;
+    let loading = runtime.load_holding(wasm, held);
+    // Started, then dropped long before a compile of tens of milliseconds ends.
+    assert!(tokio::time::timeout(Duration::from_millis(1), loading).await.is_err());
+    assert!(lock.try_lock().is_err(), "the lock went with the caller while the compile ran on");
+    let start = std::time::Instant::now();
+    while !runtime.is_loaded(&digest) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the compile's result was dropped with its caller");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _free = tokio::time::timeout(Duration::from_secs(5), lock.lock()).await.expect("the compile kept the lock");
+}
+
+/// A request for the store of a call of plugin `test` (what `runtime.call` names it), to `url`.
+fn bare_request(url: &str) -> http::Request<wasmtime_wasi_http::WasiBody> {
+    use http_body_util::BodyExt as _;
+    let body = http_body_util::Empty::<bytes::Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+    http::Request::get(url).body(body).unwrap()
+}
+
+/// What metrics count of a call's requests stops at the first one over the call's limit: a
+/// plugin sending refused requests in a loop grew the list by one per request, outside its
+/// memory limit, for as long as the call ran.
+#[tokio::test]
+async fn a_plugin_looping_on_refused_requests_does_not_grow_the_calls_tally() {
+    use wasmtime_wasi_http::WasiHttpHooks as _;
+    let runtime = Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap();
+    let info = info(1);
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let max = Limits::default().http.max_requests as usize;
+    for _ in 0..10 * max {
+        let fut = Box::new(async { Ok(()) });
+        drop(store.data_mut().outbound.send_request(bare_request("http://127.0.0.1:1/x"), None, fut));
+    }
+    let made = store.data().outbound.made();
+    assert_eq!(made.len(), max + 1, "the requests up to the limit, and the first refused one");
+}
+
+/// A request a plugin left running when its call returned must not leave the host once the
+/// call's outcome (did it reach out?) was read: the step would count as never having reached
+/// the service, and a failed one would not be compensated (a charge with no refund).
+#[tokio::test]
+async fn no_request_leaves_the_host_after_the_call_ended() {
+    use wasmtime_wasi_http::WasiHttpHooks as _;
+    let service = Service::start(Some("{}".into())).await;
+    let reader = FakeReader::default();
+    let origin = crate::grants::Origin::parse(&service.origin).unwrap().to_string();
+    reader
+        .grants
+        .lock()
+        .unwrap()
+        .insert("test".into(), crate::grants::Grants { allowed_hosts: vec![origin], credentials: vec![] });
+    let runtime = Runtime::new(Limits::default(), Arc::new(reader)).unwrap();
+    let info = info(1);
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let fut = Box::new(async { Ok(()) });
+    let sent = store.data_mut().outbound.send_request(bare_request(&format!("{}/before", service.origin)), None, fut);
+    assert!(Box::into_pin(sent).await.is_ok(), "a request during the call goes out");
+    assert!(store.data().outbound.notes().reached_out);
+    // The call has ended (its notes were read); a request still on its way now:
+    let fut = Box::new(async { Ok(()) });
+    let late = store.data_mut().outbound.send_request(bare_request(&format!("{}/after", service.origin)), None, fut);
+    assert!(Box::into_pin(late).await.is_err(), "a request after the call ended was sent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let paths: Vec<String> =
+        service.requests.lock().unwrap().iter().map(|h| h.split(' ').nth(1).unwrap_or("").to_owned()).collect();
+    assert_eq!(paths, ["/before"], "only the request made during the call reached the service");
+}
+
 /// Random bytes are made in the host's memory before they are copied into the plugin's: a
 /// plugin asking for more than a small bound traps (wasi's own bound, 64 MiB per call of the
 /// import, let eight calls of 16 MiB each through, host memory the call's limit never saw).
