@@ -67,6 +67,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Bearer tokens for the client routes; empty leaves them open.
     pub api_tokens: Vec<String>,
+    /// Names requests may be addressed to besides `localhost` and IP addresses, while the
+    /// host listens on a loopback address (`--allowed-host`; `http::origin`).
+    pub allowed_hosts: Vec<String>,
     /// Publish events to Kafka instead of `<data_dir>/events.jsonl`.
     pub kafka: Option<relay::kafka::KafkaOptions>,
     /// When `<data_dir>/events.jsonl` rotates (unused with Kafka).
@@ -98,6 +101,7 @@ impl Config {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             admin_token: None,
             api_tokens: Vec::new(),
+            allowed_hosts: Vec::new(),
             kafka: None,
             events_file: relay::jsonl::JsonlOptions::default(),
             outbox_retention: Duration::from_secs(24 * 3600),
@@ -266,11 +270,16 @@ impl App {
                 api_tokens: config.api_tokens.iter().filter(|t| !t.is_empty()).cloned().collect(),
                 shared_database: config.database.as_deref().is_some_and(|url| url.starts_with("postgres")),
                 secrets: config.limits.http.secrets.clone(),
+                browsers: Arc::new(http::origin::Browsers::new(config.listen, &config.allowed_hosts)),
             }),
         };
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let listener = http::limits::LimitedListener::new(listener, config.serve.max_connections);
+        let listener = http::limits::LimitedListener::new(
+            listener,
+            config.serve.max_connections,
+            config.serve.write_stall_timeout,
+        );
         Ok(App {
             listener,
             router: http::router(state),

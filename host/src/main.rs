@@ -94,6 +94,14 @@ struct Serve {
     /// comma-separate in the environment variable) for several. Without one they are open.
     #[arg(long = "api-token", env = "SAGAHOST_API_TOKENS", hide_env_values = true, value_delimiter = ',', value_parser = bearer_token)]
     api_token: Vec<String>,
+    /// A name requests may be addressed to (the Host header), besides localhost and IP
+    /// addresses, while --listen is a loopback address: a DNS name pointing at 127.0.0.1
+    /// (through a reverse proxy that keeps Host, say); other names are refused (403
+    /// host_not_allowed), a defence against DNS rebinding. Repeat the flag (or comma-separate
+    /// in the environment variable) for several; '*' lets any name through. Listed on another
+    /// address, only the listed names (and localhost, IP addresses) are served.
+    #[arg(long = "allowed-host", env = "SAGAHOST_ALLOWED_HOSTS", value_delimiter = ',', value_parser = sagahost::http::origin::check_allowed_host)]
+    allowed_host: Vec<String>,
     /// Kafka bootstrap servers (host:port[,host:port]). Without them, events go to
     /// <data-dir>/events.jsonl.
     #[arg(long, env = "SAGAHOST_KAFKA_BROKERS")]
@@ -205,6 +213,10 @@ struct Serve {
     /// is closed.
     #[arg(long, env = "SAGAHOST_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_secs: u64,
+    /// How long writing an answer may make no progress (the client reads none of it) before
+    /// the connection is closed: a client that stops reading cannot hold a connection.
+    #[arg(long, env = "SAGAHOST_WRITE_STALL_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    write_stall_timeout_secs: u64,
     /// Open HTTP connections; more wait to be accepted.
     #[arg(long, env = "SAGAHOST_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
@@ -291,6 +303,7 @@ fn config(args: Serve) -> Result<sagahost::Config, String> {
     config.catalog_refresh = Duration::from_millis(args.catalog_refresh_ms);
     config.admin_token = args.admin_token;
     config.api_tokens = args.api_token;
+    config.allowed_hosts = args.allowed_host;
     config.kafka = args.kafka_brokers.map(|brokers| sagahost::relay::kafka::KafkaOptions {
         brokers,
         topic: args.kafka_topic,
@@ -334,6 +347,7 @@ fn config(args: Serve) -> Result<sagahost::Config, String> {
         max_waiters: args.max_waiters,
         max_connections: args.max_connections as usize,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+        write_stall_timeout: Duration::from_secs(args.write_stall_timeout_secs),
     };
     Ok(config)
 }

@@ -73,3 +73,60 @@ async fn api_tokens_close_the_client_routes_and_scope_idempotency_keys() {
     // Health and metrics stay open for probes.
     assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
 }
+
+/// A web page of another site cannot act on orders through its visitor's browser (a "simple"
+/// cross-origin POST needs no preflight: `text/plain`, no custom header), nor read the API by
+/// pointing a DNS name of its own at the loopback address the host listens on (DNS
+/// rebinding). Requests from the host's own pages, from `localhost`, by IP address, and from
+/// clients that are not browsers go through as before.
+#[tokio::test]
+async fn pages_of_other_origins_and_rebound_names_are_refused() {
+    const CONFIRMED: &str = r#"{"confirmed": true}"#;
+    let host = TestHost::start_with(|c| c.allowed_hosts = vec!["orders.example.com".into()]).await;
+    let waiting =
+        host.post_order(&key(), &order("tok_3ds", "SKU-1", "US")).await.json()["id"].as_str().unwrap().to_owned();
+    let before = host.wait_for(&waiting, |o| o["steps"][1]["waiting_for"] == "payment-confirmed").await;
+    let port = host.base.rsplit(':').next().unwrap().to_owned();
+    let cancel = || host.client.post(host.url(&format!("/orders/{waiting}/cancel")));
+    let signal = || host.client.post(host.url(&format!("/orders/{waiting}/signals/payment-confirmed")));
+
+    // A page of another site: refused, nothing changed.
+    for req in [
+        cancel().header("origin", "https://evil.example").header("content-type", "text/plain").body("{}"),
+        signal().header("origin", "https://evil.example").header("content-type", "text/plain").body(CONFIRMED),
+        signal().header("origin", "null").body(CONFIRMED),
+        signal().header("origin", format!("http://127.0.0.1:{}", port.parse::<u16>().unwrap() + 1)).body(CONFIRMED),
+    ] {
+        let r = host.send(req).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&r.bytes));
+        assert_eq!(r.json()["error"]["code"], "cross_origin");
+    }
+    let o = host.send(host.client.get(host.url(&format!("/orders/{waiting}")))).await.json();
+    assert_eq!(o["status"], before["status"], "{o:#}");
+    assert_eq!(o["steps"][1]["waiting_for"], "payment-confirmed", "{o:#}");
+
+    // A rebound name, even with a same-origin Origin: refused, saying which flag serves it.
+    let rebound = format!("rebind.evil.example:{port}");
+    for req in [
+        host.client.get(host.url("/orders")).header("host", &rebound),
+        signal().header("host", &rebound).header("origin", format!("http://{rebound}")).body(CONFIRMED),
+    ] {
+        let r = host.send(req).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&r.bytes));
+        assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains("--allowed-host rebind.evil.example"));
+    }
+
+    // localhost, a listed name, and the host's own pages (Origin = Host) go through.
+    for name in [format!("localhost:{port}"), format!("orders.example.com:{port}")] {
+        let r = host.send(host.client.get(host.url("/orders")).header("host", &name)).await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {}", String::from_utf8_lossy(&r.bytes));
+    }
+    let same =
+        signal().header("origin", format!("http://127.0.0.1:{port}")).json(&serde_json::json!({"confirmed": true}));
+    let r = host.send(same).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.bytes));
+    let done = host.wait_settled(&waiting).await;
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    host.stop().await;
+}

@@ -174,3 +174,32 @@ async fn a_client_that_trickles_its_headers_is_cut_off_at_the_header_deadline() 
     // A client that sends its head in time is served as usual.
     assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
 }
+
+/// A client that pipelines requests for large answers and reads none of them cannot hold its
+/// connection for ever (hyper has no write deadline): once writing to it makes no progress for
+/// the write-stall timeout, it is closed, and its place under the connection cap goes to the
+/// next client.
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_off_at_the_write_stall_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let host = TestHost::start_with(|c| {
+        c.serve.max_connections = 1;
+        c.serve.write_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr: std::net::SocketAddr = host.url("").trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut greedy = socket.connect(addr).await.unwrap();
+    // 400 answers of the console's script (about 40 KB each): far more than the kernel's
+    // buffers on both sides hold.
+    let requests = "GET /ui/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(400);
+    greedy.write_all(requests.as_bytes()).await.unwrap();
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let started = std::time::Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(20), fresh.get(host.url("/healthz")).send()).await;
+    let served = served.expect("a client that reads nothing kept the only connection").unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(900), "served before the stall timeout: was the cap held?");
+    drop(greedy);
+}

@@ -13,6 +13,10 @@
 //! - A request's head (request line and headers) must arrive within a deadline, so a client
 //!   that trickles its headers (slowloris) cannot hold a connection; [`serve`] sets it on
 //!   hyper, which axum's own `serve` does not expose.
+//! - Writing an answer must make progress: a connection whose client reads nothing of it for
+//!   [`ServeLimits::write_stall_timeout`] is closed ([`LimitedIo`]). Hyper has no write
+//!   deadline, and a client that pipelined requests for large answers and never read them
+//!   held its connection (its place under the connection cap) for ever.
 //!
 //! It must not know about routes: it sees requests and connections only.
 
@@ -41,6 +45,8 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// How long a client may take to send a request's head; then the connection is closed.
     pub header_read_timeout: Duration,
+    /// How long writing to a client may make no progress; then the connection is closed.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for ServeLimits {
@@ -51,6 +57,7 @@ impl Default for ServeLimits {
             max_waiters: 512,
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -60,13 +67,21 @@ pub struct Gates {
     limits: ServeLimits,
     in_flight: Arc<Semaphore>,
     waiters: Arc<Semaphore>,
+    /// Probes served past the in-flight cap ([`PROBES_PAST_CAP`]).
+    probes: Arc<Semaphore>,
 }
+
+/// Probes served at once once the in-flight cap is reached: `/readyz` and `/metrics` each ask
+/// the database, and unbounded, a flood of them (they need no token) went past the cap meant
+/// to protect it.
+pub const PROBES_PAST_CAP: usize = 8;
 
 impl Gates {
     pub fn new(limits: ServeLimits) -> Gates {
         Gates {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             waiters: Arc::new(Semaphore::new(limits.max_waiters)),
+            probes: Arc::new(Semaphore::new(PROBES_PAST_CAP)),
             limits,
         }
     }
@@ -98,9 +113,10 @@ fn is_upload(req: &Request) -> bool {
         && req.uri().path().strip_prefix("/admin/plugins/").is_some_and(|name| !name.is_empty() && !name.contains('/'))
 }
 
-/// The routes an orchestrator's probes and the metrics scraper use: never shed, so that a busy
-/// but healthy host is neither restarted by a liveness probe nor dark on its dashboards while
-/// it sheds load (each is cheap, and few are sent).
+/// The routes an orchestrator's probes and the metrics scraper use: not shed at the in-flight
+/// cap, so that a busy but healthy host is neither restarted by a liveness probe nor dark on
+/// its dashboards while it sheds load (each is cheap, and few are sent); past the cap at most
+/// [`PROBES_PAST_CAP`] at once.
 fn is_probe(req: &Request) -> bool {
     req.method() == axum::http::Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics")
 }
@@ -109,9 +125,12 @@ fn is_probe(req: &Request) -> bool {
 /// those past their deadline (`request_timeout`, or [`UPLOAD_TIMEOUT`] for a plugin upload if
 /// that is longer).
 pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) -> Response {
-    let _permit = match Arc::clone(&gates.in_flight).try_acquire_owned() {
-        Ok(permit) => Some(permit),
-        Err(_) if is_probe(&req) => None,
+    let permit = match Arc::clone(&gates.in_flight).try_acquire_owned() {
+        Err(_) if is_probe(&req) => Arc::clone(&gates.probes).try_acquire_owned(),
+        taken => taken,
+    };
+    let _permit = match permit {
+        Ok(permit) => permit,
         Err(_) => {
             return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -140,18 +159,51 @@ pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) ->
 pub struct LimitedListener {
     inner: tokio::net::TcpListener,
     permits: Arc<Semaphore>,
+    write_stall: Duration,
 }
 
 impl LimitedListener {
-    pub fn new(inner: tokio::net::TcpListener, max: usize) -> LimitedListener {
-        LimitedListener { inner, permits: Arc::new(Semaphore::new(max.max(1))) }
+    /// At most `max` connections, each closed once a write to it makes no progress for
+    /// `write_stall`.
+    pub fn new(inner: tokio::net::TcpListener, max: usize, write_stall: Duration) -> LimitedListener {
+        LimitedListener { inner, permits: Arc::new(Semaphore::new(max.max(1))), write_stall }
     }
 }
 
-/// A connection of a [`LimitedListener`]; its place is freed when it closes.
+/// A connection of a [`LimitedListener`]; its place is freed when it closes. A write that
+/// waits for the client longer than its `write_stall` fails, which ends the connection.
 pub struct LimitedIo {
     stream: tokio::net::TcpStream,
     _permit: OwnedSemaphorePermit,
+    write_stall: Duration,
+    /// Since when a write has waited for the client, as the timer that ends the wait.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl LimitedIo {
+    /// `polled` (a write's, or a flush's), failed once the write has made no progress for
+    /// the connection's `write_stall`.
+    fn within_stall<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stall = self.write_stall;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing of its answer for {} s", stall.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -164,7 +216,8 @@ impl axum::serve::Listener for LimitedListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    return (LimitedIo { stream, _permit: permit }, addr);
+                    let io = LimitedIo { stream, _permit: permit, write_stall: self.write_stall, stalled: None };
+                    return (io, addr);
                 }
                 // Out of file descriptors and the like: wait a moment rather than spin.
                 Err(e) => {
@@ -196,14 +249,16 @@ impl tokio::io::AsyncWrite for LimitedIo {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.within_stall(cx, polled)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = std::pin::Pin::new(&mut self.stream).poll_flush(cx);
+        self.within_stall(cx, polled)
     }
 
     fn poll_shutdown(
@@ -218,7 +273,8 @@ impl tokio::io::AsyncWrite for LimitedIo {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.within_stall(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -268,6 +324,46 @@ mod tests {
 
     fn request(method: &str, path: &str) -> Request {
         Request::builder().method(method).uri(path).body(axum::body::Body::empty()).unwrap()
+    }
+
+    /// Past the in-flight cap the probes are still served, but at most [`PROBES_PAST_CAP`] at
+    /// once: a flood of `/readyz` (each a database round trip, no token needed) went past the
+    /// cap without bound.
+    #[tokio::test]
+    async fn probes_past_the_in_flight_cap_are_served_a_few_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::ServiceExt as _;
+        let limits = ServeLimits { max_in_flight: 1, ..ServeLimits::default() };
+        let gates = Arc::new(Gates::new(limits));
+        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (n, p) = (Arc::clone(&now), Arc::clone(&peak));
+        let slow = move || {
+            let (now, peak) = (Arc::clone(&n), Arc::clone(&p));
+            async move {
+                let at = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(at, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                "ok"
+            }
+        };
+        let router = axum::Router::new()
+            .route("/readyz", axum::routing::get(slow.clone()))
+            .route("/orders", axum::routing::get(slow))
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&gates), guard));
+        let held = tokio::spawn(router.clone().oneshot(request("GET", "/orders")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probes = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            probes.spawn(router.clone().oneshot(request("GET", "/readyz")));
+        }
+        let mut served = 0;
+        while let Some(answer) = probes.join_next().await {
+            served += usize::from(answer.unwrap().unwrap().status() == StatusCode::OK);
+        }
+        assert_eq!(served, PROBES_PAST_CAP, "probes served while the cap was reached");
+        assert_eq!(peak.load(Ordering::SeqCst), PROBES_PAST_CAP + 1, "the held request and the probes");
+        assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod orders;
+pub mod origin;
 pub mod plugins;
 pub mod sagas;
 pub mod ui;
@@ -53,6 +54,8 @@ pub struct HttpConfig {
     /// The secrets directory credentials name (`--outbound-secrets-dir`): a grant's
     /// credential must name secrets found there.
     pub secrets: Option<crate::secrets::Secrets>,
+    /// What requests from browsers must show ([`origin`]).
+    pub browsers: Arc<origin::Browsers>,
 }
 
 /// Shared state of every handler: cheap to clone.
@@ -133,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.gates), limits::guard))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.config.browsers), origin::guard))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
