@@ -261,19 +261,20 @@ impl Catalog {
 
     /// [`Catalog::load`], one compile at a time (`compiling`), unless it is loaded by then.
     async fn compile(&self, digest: &str) -> Result<bool, Error> {
-        let _one = self.compiling.lock().await;
+        let one = Arc::clone(&self.compiling).lock_owned().await;
         if self.runtime.is_loaded(digest) {
             return Ok(true);
         }
-        self.load(digest).await
+        self.load(digest, one).await
     }
 
     /// Compiles a stored version, or notes why this build refuses it ([`NotLoaded::Refused`]);
-    /// `Ok(false)` if no replica stored it. Only a failed read is an error.
-    async fn load(&self, digest: &str) -> Result<bool, Error> {
+    /// `Ok(false)` if no replica stored it. Only a failed read is an error. `one` (the compile
+    /// lock) is held by the compile itself, to its end, even if this caller goes away first.
+    async fn load(&self, digest: &str, one: tokio::sync::OwnedMutexGuard<()>) -> Result<bool, Error> {
         let Some(row) = self.store.plugin(digest).await? else { return Ok(false) };
         self.plugin_names.write().unwrap_or_else(|e| e.into_inner()).insert(row.digest.clone(), row.name.clone());
-        match self.runtime.load(row.wasm).await {
+        match self.runtime.load_holding(row.wasm, one).await {
             Ok(_) => {
                 self.refused.write().unwrap_or_else(|e| e.into_inner()).remove(&row.digest);
             }

@@ -116,7 +116,13 @@ fn is_upload(req: &Request) -> bool {
 /// The routes an orchestrator's probes and the metrics scraper use: not shed at the in-flight
 /// cap, so that a busy but healthy host is neither restarted by a liveness probe nor dark on
 /// its dashboards while it sheds load (each is cheap, and few are sent); past the cap at most
-/// [`PROBES_PAST_CAP`] at once.
+/// [`PROBES_PAST_CAP`] at once, but `/healthz` ([`is_liveness`]), which asks nothing of the
+/// database, always.
+fn is_liveness(req: &Request) -> bool {
+    req.method() == axum::http::Method::GET && req.uri().path() == "/healthz"
+}
+
+/// See above.
 fn is_probe(req: &Request) -> bool {
     req.method() == axum::http::Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics")
 }
@@ -126,8 +132,10 @@ fn is_probe(req: &Request) -> bool {
 /// that is longer).
 pub async fn guard(State(gates): State<Arc<Gates>>, req: Request, next: Next) -> Response {
     let permit = match Arc::clone(&gates.in_flight).try_acquire_owned() {
-        Err(_) if is_probe(&req) => Arc::clone(&gates.probes).try_acquire_owned(),
-        taken => taken,
+        // Liveness asks nothing of anyone: never shed, whatever else waits.
+        Err(_) if is_liveness(&req) => Ok(None),
+        Err(_) if is_probe(&req) => Arc::clone(&gates.probes).try_acquire_owned().map(Some),
+        taken => taken.map(Some),
     };
     let _permit = match permit {
         Ok(permit) => permit,
@@ -348,6 +356,7 @@ mod tests {
             }
         };
         let router = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route("/readyz", axum::routing::get(slow.clone()))
             .route("/orders", axum::routing::get(slow))
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&gates), guard));
@@ -363,6 +372,19 @@ mod tests {
         }
         assert_eq!(served, PROBES_PAST_CAP, "probes served while the cap was reached");
         assert_eq!(peak.load(Ordering::SeqCst), PROBES_PAST_CAP + 1, "the held request and the probes");
+        // Liveness is never shed, however many readiness probes hold their places past the cap.
+        let mut hold = tokio::task::JoinSet::new();
+        hold.spawn(router.clone().oneshot(request("GET", "/orders")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for _ in 0..PROBES_PAST_CAP {
+            hold.spawn(router.clone().oneshot(request("GET", "/readyz")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let shed = router.clone().oneshot(request("GET", "/readyz")).await.unwrap();
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE, "the probes' places are all taken");
+        let live = router.clone().oneshot(request("GET", "/healthz")).await.unwrap();
+        assert_eq!(live.status(), StatusCode::OK);
+        while hold.join_next().await.is_some() {}
         assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);
     }
 

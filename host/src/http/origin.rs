@@ -14,9 +14,13 @@
 //! - **Origin.** A browser names the page's origin (`Origin`) on every cross-origin request,
 //!   and on every same-origin one but `GET` and `HEAD`. A request whose `Origin` is not the
 //!   host it was addressed to (`Host`, or `X-Forwarded-Host` from a proxy in front) is
-//!   refused: 403 `cross_origin`. The console is served by the host itself, so its own
-//!   requests pass; no CORS header is ever sent, so no other page could read an answer
-//!   anyway. Requests without `Origin` (curl, the CLI, services) are not a page's.
+//!   refused: 403 `cross_origin`, unless the browser itself says it is same-origin
+//!   (`Sec-Fetch-Site: same-origin`, which no page can set; a proxy that rewrites `Host`
+//!   hides the match otherwise) or it carries `Authorization` (a page can add that header to
+//!   a cross-origin request only through a CORS preflight, which this host never grants).
+//!   The console is served by the host itself, so its own requests pass; no CORS header is
+//!   ever sent, so no other page could read an answer anyway. Requests without `Origin`
+//!   (curl, the CLI, services) are not a page's.
 //! - **Host.** While the host listens on a loopback address only, a request must be addressed
 //!   to `localhost` (or a `*.localhost` name), an IP address, or a name `--allowed-host` lists:
 //!   any other name reaching a loopback listener was pointed at it by someone else's DNS.
@@ -77,6 +81,10 @@ impl Browsers {
             }
         }
         let origin = headers.get("origin")?;
+        let vouched = headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"same-origin");
+        if vouched || headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return None;
+        }
         let same = origin.to_str().ok().and_then(Target::from_origin).is_some_and(|origin| {
             let forwarded = headers
                 .get("x-forwarded-host")
@@ -165,6 +173,7 @@ pub async fn guard(State(browsers): State<Arc<Browsers>>, req: Request, next: Ne
 /// Checks an `--allowed-host` value: a host name (letters, digits, `-`, `.`), or `*` for any.
 pub fn check_allowed_host(name: &str) -> Result<String, String> {
     let name = name.trim();
+    let name = name.strip_suffix('.').filter(|n| !n.is_empty()).unwrap_or(name);
     let valid = name == "*"
         || (!name.is_empty()
             && name.len() <= 253
@@ -246,12 +255,21 @@ mod tests {
         assert_eq!(code(&b, Some("127.0.0.1:8080"), &proxied), None);
         let forged = [("origin", "https://evil.example"), ("x-forwarded-host", "api.example.com")];
         assert_eq!(code(&b, Some("127.0.0.1:8080"), &forged), Some("cross_origin"));
+        // A proxy that rewrites Host and says nothing: the browser's own word, or a token.
+        let rewritten = Some("127.0.0.1:8080");
+        let vouched = [("origin", "https://api.example.com:8443"), ("sec-fetch-site", "same-origin")];
+        assert_eq!(code(&b, rewritten, &vouched), None);
+        let cross = [("origin", "https://evil.example"), ("sec-fetch-site", "cross-site")];
+        assert_eq!(code(&b, rewritten, &cross), Some("cross_origin"));
+        let token = [("origin", "https://api.example.com"), ("authorization", "Bearer t")];
+        assert_eq!(code(&b, rewritten, &token), None);
     }
 
     #[test]
     fn allowed_host_flags_are_host_names() {
         assert_eq!(check_allowed_host(" API.example.com ").as_deref(), Ok("api.example.com"));
         assert_eq!(check_allowed_host("*").as_deref(), Ok("*"));
+        assert_eq!(check_allowed_host("api.example.com.").as_deref(), Ok("api.example.com"));
         for bad in ["", "http://api.example.com", "api.example.com:8080", "a/b", "a..b", "a b", "[::1]"] {
             assert!(check_allowed_host(bad).is_err(), "{bad:?}");
         }

@@ -464,7 +464,9 @@ async fn publish_once(
             // redelivered meanwhile. Nothing written, nothing counted.
             Ok(false) => {
                 tracing::warn!(saga_id = %row.saga_id, seq = row.seq, event_id = %row.event_id, %reason, "the sink refused an event for good, but it is not this relay's to dead-letter any more (the relay lease moved on, or the event was handled meanwhile)");
-                return Ok(batch(marked));
+                // Not full: read again after the next cue, not at once (a relay that lost its
+                // lease would send the same batch again and again until its next renewal).
+                return Ok(Batch { marked, full: false });
             }
             Err(e) => {
                 metrics.relay_failed();

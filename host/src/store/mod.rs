@@ -487,11 +487,12 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// The outbox rows of one saga with `seq` above `after`, in `seq` order, at most `limit`.
     async fn outbox_page(&self, saga_id: &str, after: i64, limit: u32) -> Result<Vec<OutboxRow>>;
     /// Moves an outbox row the sink refused for good into the dead letters, with the reason,
-    /// and marks it published, in one transaction, fenced by the relay lease: only while
-    /// `owner` holds it at `epoch` (what [`OutboxStore::relay_lease`] returned), and only a
-    /// row still unpublished. False, with nothing changed, otherwise: the row is gone, was
-    /// delivered or dead-lettered by another holder, or was redelivered by an operator after
-    /// this holder read it (a former holder that woke from a pause must not undo that).
+    /// and marks it published, in one transaction, fenced by the relay lease: only while no
+    /// other owner has taken it since `owner` took it at `epoch` (what
+    /// [`OutboxStore::relay_lease`] returned), and only a row still unpublished. False, with
+    /// nothing changed, otherwise: the row is gone, was delivered or dead-lettered by another
+    /// holder, or was redelivered by an operator after this holder read it (a former holder
+    /// that woke from a pause must not undo that).
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64, owner: &str, epoch: i64) -> Result<bool>;
     /// Dead-lettered events, newest first; with `before`, those older than that outbox id
     /// (the next page).

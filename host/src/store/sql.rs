@@ -73,9 +73,6 @@ struct Statements {
     /// Takes or renews the lease named `$3` for `$1`, for `$2` ms: the relay's (`outbox`) and
     /// the janitor's (`janitor`) rows of `relay_lease`.
     take_lease: String,
-    /// The relay lease row while `$1` holds it at epoch `$2`, locked until the transaction
-    /// ends (PostgreSQL): a takeover waits for the write it fences.
-    relay_held: String,
     finished_sagas: String,
     next_due: String,
 }
@@ -121,10 +118,6 @@ impl Statements {
                  epoch = CASE WHEN relay_lease.owner = excluded.owner THEN relay_lease.epoch ELSE relay_lease.epoch + 1 END \
                  WHERE relay_lease.owner = excluded.owner OR relay_lease.lease_until <= {now} \
                  RETURNING epoch"
-            ),
-            relay_held: format!(
-                "SELECT epoch FROM relay_lease WHERE name = '{RELAY_LEASE}' AND owner = $1 AND epoch = $2{}",
-                d.for_update()
             ),
             // Locked, so no transition can commit to a saga while it is being deleted (none
             // should: it is finished, but an operator action is an outside event).
@@ -1735,25 +1728,29 @@ impl OutboxStore for SqlStore {
     }
 
     async fn outbox_dead_letter(&self, id: i64, reason: &str, now: i64, owner: &str, epoch: i64) -> Result<bool> {
-        let data = (Arc::clone(&self.sql), id, reason.to_owned(), now, owner.to_owned(), epoch);
+        let data = (id, reason.to_owned(), now, owner.to_owned(), epoch);
         self.writes
-            .run(data, |(sql, id, reason, now, owner, epoch), conn| {
+            .run(data, |(id, reason, now, owner, epoch), conn| {
                 Box::pin(async move {
-                    // Fenced by the lease first (held to the commit on PostgreSQL), then by the
-                    // row: only while this holder still publishes, and only an event nobody
-                    // delivered or dead-lettered since it was read.
-                    let held = sqlx::query(&sql.relay_held).bind(owner).bind(*epoch).fetch_optional(&mut *conn).await?;
-                    if held.is_none() {
-                        return Ok(false);
-                    }
+                    // Fenced by the lease and by the row in one statement: only while no other
+                    // owner took the lease since `epoch`, and only an event nobody delivered or
+                    // dead-lettered since it was read. No row lock: the holder's own lease
+                    // renewal, on another connection, must never wait for this transaction
+                    // (on PostgreSQL the relay drives both from one task). So on PostgreSQL a
+                    // takeover that commits while this statement runs is not seen: a window
+                    // of one statement, where a pause before it always sees the takeover.
                     let moved = sqlx::query(
                         "INSERT INTO dead_letters (outbox_id, event_id, saga_id, seq, event_type, payload, reason, at) \
                          SELECT id, event_id, saga_id, seq, event_type, payload, $2, $3 FROM outbox \
-                         WHERE id = $1 AND published_at IS NULL ON CONFLICT (outbox_id) DO NOTHING",
+                         WHERE id = $1 AND published_at IS NULL AND EXISTS (SELECT 1 FROM relay_lease \
+                         WHERE name = $4 AND owner = $5 AND epoch = $6) ON CONFLICT (outbox_id) DO NOTHING",
                     )
                     .bind(id)
                     .bind(reason)
                     .bind(now)
+                    .bind(RELAY_LEASE)
+                    .bind(owner)
+                    .bind(*epoch)
                     .execute(&mut *conn)
                     .await?
                     .rows_affected()
