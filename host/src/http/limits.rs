@@ -113,16 +113,15 @@ fn is_upload(req: &Request) -> bool {
         && req.uri().path().strip_prefix("/admin/plugins/").is_some_and(|name| !name.is_empty() && !name.contains('/'))
 }
 
-/// The routes an orchestrator's probes and the metrics scraper use: not shed at the in-flight
-/// cap, so that a busy but healthy host is neither restarted by a liveness probe nor dark on
-/// its dashboards while it sheds load (each is cheap, and few are sent); past the cap at most
-/// [`PROBES_PAST_CAP`] at once, but `/healthz` ([`is_liveness`]), which asks nothing of the
-/// database, always.
+/// `GET /healthz`: asks nothing of the database, so it is served past every cap.
 fn is_liveness(req: &Request) -> bool {
     req.method() == axum::http::Method::GET && req.uri().path() == "/healthz"
 }
 
-/// See above.
+/// The routes an orchestrator's probes and the metrics scraper use: not shed at the in-flight
+/// cap, so that a busy but healthy host is neither restarted by a liveness probe nor dark on
+/// its dashboards while it sheds load (each is cheap, and few are sent); past the cap at most
+/// [`PROBES_PAST_CAP`] at once, but `/healthz` ([`is_liveness`]) always.
 fn is_probe(req: &Request) -> bool {
     req.method() == axum::http::Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics")
 }

@@ -116,6 +116,17 @@ fn body_limit(api: &mut OpenApi, limit: &str) {
 /// when the database is unavailable for a moment; 500 for a failure the client cannot fix.
 pub fn every_route(api: &mut OpenApi) {
     for op in operations(api) {
+        // `http::origin` answers it on every route (an admin route's 403 is described above).
+        add(
+            op,
+            "403",
+            error(
+                "A browser's request from a page of another origin (cross_origin), or one addressed to a name \
+                 this host does not serve while it listens on a loopback address (host_not_allowed)",
+                false,
+                false,
+            ),
+        );
         add(
             op,
             "503",
