@@ -35,7 +35,10 @@
 //! commit").
 //!
 //! A crash or a lost claim before the commit loses the whole chain, as it would lose one
-//! transition: its steps run again with the same idempotency keys. Nobody sees a chain's
+//! transition: its steps run again with the same idempotency keys. So does a chain whose calls
+//! read plugin state from this host's memory on a shared database (PostgreSQL) when the commit
+//! finds a value changed since (another replica wrote it): the saga is reloaded and the steps
+//! run again, reading those keys from the database (`Flushed::Reloaded`). Nobody sees a chain's
 //! middle: events, step rows and statuses appear at its commit, and a client waiting on the
 //! saga is answered only after it. If the store refuses a chain's data for good, the saga is
 //! reloaded and its transitions run again one commit each, so that the refused one is known
@@ -60,8 +63,8 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::engine::{self, Action, CompensateOutcome, Event, ExecuteOutcome};
 use crate::runtime::{CallInfo, Runtime};
-use crate::saga::{self, Deferred, Sagas, Staged};
-use crate::store::{SagaRecord, SagaStore, StateWrite};
+use crate::saga::{self, Deferred, Sagas, Staged, Touched};
+use crate::store::{SagaRecord, SagaStore};
 
 /// How long shutdown waits for plugin calls in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -684,6 +687,7 @@ impl Inner {
                         continue;
                     }
                     Flushed::Done | Flushed::Stop => return,
+                    Flushed::Reloaded => continue,
                     Flushed::Refused => {
                         chaining = false;
                         if !self.reload(&mut rec, epoch).await {
@@ -711,6 +715,7 @@ impl Inner {
                             chain_began = std::time::Instant::now();
                             continue;
                         }
+                        Flushed::Reloaded => continue,
                         Flushed::Stop | Flushed::Refused => return,
                     }
                 }
@@ -744,6 +749,7 @@ impl Inner {
                             }
                             continue;
                         }
+                        Flushed::Reloaded => continue,
                         Flushed::Refused | Flushed::Stop => return,
                     }
                     in_flight_until = rec.state.steps[step].in_flight_until;
@@ -811,8 +817,16 @@ impl Inner {
             };
             let Called { event, writes, call_time, reached_out } = called;
             // Kept for the refused-data path: a chain of one whose data the store refuses is
-            // recorded as a failed attempt of this call.
-            let first = staged.is_empty().then(|| event.clone());
+            // recorded as a failed attempt of this call, under the checks of its reads (the
+            // refused data may have come of a stale value).
+            let first = staged.is_empty().then(|| {
+                let checks = writes.as_ref().map(|t| Touched {
+                    plugin: t.plugin.clone(),
+                    writes: Vec::new(),
+                    checks: t.checks.clone(),
+                });
+                (event.clone(), checks)
+            });
             let keep = match self.sagas.stage(&mut rec, &mut staged, event, writes) {
                 Ok(keep) => keep,
                 Err(e) => {
@@ -843,6 +857,7 @@ impl Inner {
                     }
                 }
                 Flushed::Stop => return,
+                Flushed::Reloaded => continue,
                 Flushed::Refused => {
                     // The store refuses this data for good (it would on every retry). Reload
                     // the saga as committed; a chain runs again one commit per transition, so
@@ -857,11 +872,12 @@ impl Inner {
                     // hot loop.
                     let reason = "the host could not store this attempt's result (the host log says why)".to_owned();
                     tracing::warn!(saga_id = %id, "a plugin call's result cannot be stored; counting the attempt as failed");
+                    let (failed, checks) = failed;
                     let Some(failed) = failed.into_failure(reason) else {
                         self.release_later(&id, epoch).await;
                         return;
                     };
-                    let keep = match self.sagas.stage(&mut rec, &mut staged, failed, None) {
+                    let keep = match self.sagas.stage(&mut rec, &mut staged, failed, checks) {
                         Ok(keep) => keep,
                         Err(e) => {
                             tracing::error!(saga_id = %id, error = %e, "the engine refused a failed attempt");
@@ -871,6 +887,7 @@ impl Inner {
                     };
                     match self.flush(&mut rec, epoch, &mut staged, keep, &mut creating).await {
                         Flushed::Done if keep => {}
+                        Flushed::Reloaded => {}
                         Flushed::Done | Flushed::Stop => return,
                         Flushed::Refused => {
                             self.release_later(&id, epoch).await;
@@ -884,13 +901,16 @@ impl Inner {
 
     /// Commits the staged chain (`keep`: keeping the claim, else releasing it). `Refused`: the
     /// store refuses the chain's data for good; nothing was written and `rec` must be
-    /// reloaded. `Stop`: the saga is no longer this driver's to run (fenced, or a store error
-    /// after which the claim is given back shortly).
+    /// reloaded. `Reloaded`: a state value the chain read from memory had changed; nothing
+    /// was written and `rec` is reloaded, still this driver's. `Stop`: the saga is no longer
+    /// this driver's to run (fenced, or a store error after which the claim is given back
+    /// shortly).
     ///
     /// With `creating` (the saga's creation not committed yet) the creation commits in the
     /// same transaction, and the request waiting for it is answered; if its idempotency key
-    /// was not new nothing was written and the saga is dropped (`Stop`): the request learns
-    /// what the key holds.
+    /// was not new, or a value the chain read from memory had changed, nothing was written
+    /// and the saga is dropped (`Stop`): the request learns what the key holds, or creates
+    /// the saga alone for a driver to claim.
     async fn flush(
         &self,
         rec: &mut SagaRecord,
@@ -924,6 +944,22 @@ impl Inner {
                 self.metrics.stale_commit();
                 tracing::warn!(saga_id = %rec.id, epoch, transitions = n, "lost the saga to a newer claim; discarding this result");
                 Flushed::Stop
+            }
+            // A creation's request creates the saga itself once the deferral is dropped (with
+            // `creating`, on return), and a driver claims it: its steps then run again.
+            Err(saga::Error::StaleRead) if creating.is_some() => {
+                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; the saga is created alone and its steps run again");
+                Flushed::Stop
+            }
+            // Or the fence refused it (the check cannot tell): the reload says which.
+            Err(saga::Error::StaleRead) => {
+                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; running them again");
+                if self.reload(rec, epoch).await {
+                    Flushed::Reloaded
+                } else {
+                    self.metrics.stale_commit();
+                    Flushed::Stop
+                }
             }
             Err(saga::Error::Store(e)) if e.is_refused_data() => {
                 tracing::warn!(saga_id = %rec.id, error = %e, transitions = n, "the store refuses a commit's data");
@@ -1245,7 +1281,7 @@ impl Inner {
             jitter: rand::random::<f64>(),
             reached_out: out.reached_out,
         };
-        let writes = Some((sdef.execute.plugin.clone(), out.writes));
+        let writes = Some(Touched { plugin: sdef.execute.plugin.clone(), writes: out.writes, checks: out.checks });
         Ok(Called { event, writes, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
@@ -1362,7 +1398,7 @@ impl Inner {
         };
         Ok(Called {
             event,
-            writes: Some((binding.plugin, out.writes)),
+            writes: Some(Touched { plugin: binding.plugin, writes: out.writes, checks: out.checks }),
             call_time: out.elapsed,
             reached_out: out.reached_out,
         })
@@ -1475,8 +1511,8 @@ impl From<String> for Unserved {
 /// What an action produced for the engine.
 struct Called {
     event: Event,
-    /// The state writes to commit with the event: (plugin, writes).
-    writes: Option<(String, Vec<StateWrite>)>,
+    /// The state writes to commit with the event, and the reads its commit checks.
+    writes: Option<Touched>,
     /// The plugin call's wall-clock time.
     call_time: Duration,
     /// The call made an outbound request: it ends the chain.
@@ -1494,6 +1530,10 @@ impl Called {
 enum Flushed {
     Done,
     Refused,
+    /// Nothing was written: a state value the chain's calls read from memory had changed
+    /// (another replica wrote it). `rec` is the saga as committed, still this driver's; its
+    /// steps run again, reading those values from the database.
+    Reloaded,
     Stop,
 }
 
@@ -1691,7 +1731,11 @@ mod tests {
         sagas.create(&draft, None, false).await.unwrap();
         let mut rec = store.saga(&draft.record.id).await.unwrap().expect("created");
         let mut staged = saga::Staged::default();
-        let writes = Some(("p".to_owned(), vec![("k".to_owned(), Some(b"v".to_vec()))]));
+        let writes = Some(Touched {
+            plugin: "p".to_owned(),
+            writes: vec![("k".to_owned(), Some(b"v".to_vec()))],
+            checks: Vec::new(),
+        });
         sagas.stage(&mut rec, &mut staged, Event::Started { step: 0, attempt: 1 }, writes).unwrap();
         // Not claimed at epoch 7: the commit is refused, as any failed commit.
         let failed = sagas.commit_staged(&mut rec, 7, &mut staged, false, None).await;
@@ -1837,9 +1881,9 @@ mod tests {
 
     #[async_trait::async_trait]
     impl crate::runtime::PluginReader for SlowState {
-        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        async fn get(&self, _: &str, _: &str, _: bool) -> anyhow::Result<crate::store::StateRead> {
             tokio::time::sleep(self.0).await;
-            Ok(None)
+            Ok(crate::store::StateRead { value: None, checked: false })
         }
         async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
             tokio::time::sleep(self.0).await;
@@ -1885,10 +1929,19 @@ mod tests {
             read: Duration,
             options: DriverOptions,
         ) -> Rig {
+            Rig::reading(faulty, Arc::new(SlowState(read)), options).await
+        }
+
+        /// [`Rig::new`] with the plugins reading their state through `reader`.
+        async fn reading(
+            faulty: impl FnOnce(Arc<dyn crate::store::Store>) -> LandsThenFails,
+            reader: Arc<dyn crate::runtime::PluginReader>,
+            options: DriverOptions,
+        ) -> Rig {
             let dir = tempfile::tempdir().unwrap();
             let store = crate::store::open(None, dir.path()).await.unwrap();
             let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-            let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), Arc::new(SlowState(read))).unwrap());
+            let runtime = Arc::new(Runtime::new(crate::runtime::Limits::default(), reader).unwrap());
             let catalog =
                 Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
             let def = catalog.definition(crate::builtin::order::SAGA_TYPE).expect("the demo order saga");
@@ -1940,6 +1993,57 @@ mod tests {
         assert!(failed, "the creation went another way");
         let rec = done.expect("the saga was not run within 20 s (its lease is a minute)");
         assert!(rec.epoch >= 2, "claimed again after the claim was given back: epoch {}", rec.epoch);
+    }
+
+    /// Plugin state as a replica's memory may hold it on PostgreSQL: the first read of a
+    /// reservation that a call lets it guess is answered, checked, with a reservation of five
+    /// items the database never held; every other read finds nothing (as the database holds
+    /// nothing else a completing order reads).
+    #[derive(Default)]
+    struct StaleOnce(std::sync::atomic::AtomicBool);
+
+    #[async_trait::async_trait]
+    impl crate::runtime::PluginReader for StaleOnce {
+        async fn get(&self, _: &str, key: &str, guess: bool) -> anyhow::Result<crate::store::StateRead> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if guess && key.starts_with("reservation/") && !self.0.swap(true, SeqCst) {
+                let stale = serde_json::json!({"items": [{}, {}, {}, {}, {}], "status": "reserved"});
+                return Ok(crate::store::StateRead { value: Some(stale.to_string().into_bytes()), checked: true });
+            }
+            Ok(crate::store::StateRead { value: None, checked: false })
+        }
+        async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+            Ok(Vec::new())
+        }
+        async fn grants(&self, _: &str) -> anyhow::Result<crate::grants::Grants> {
+            Ok(Default::default())
+        }
+    }
+
+    /// A chain whose inventory step read a stale reservation from memory (it saw five items
+    /// reserved where the database holds none) is refused at its commit, and its steps run
+    /// again reading the database, at once: the order completes with its one item reserved.
+    /// Both with the saga created before its steps ran (the chain is reloaded and rerun) and
+    /// with its creation deferred to its first commit (the request then creates it alone and
+    /// a driver claims it). Without the rerun the saga sat claimed until its lease (a minute)
+    /// ran out, or completed with the stale reservation's output.
+    #[tokio::test]
+    async fn a_chain_that_read_a_stale_value_from_memory_runs_again_from_the_database() {
+        for wait in [false, true] {
+            let reader = Arc::new(StaleOnce::default());
+            let options = DriverOptions::default();
+            assert!(options.lease_ms >= 30_000);
+            let rig = Rig::reading(|s| LandsThenFails::new(s, false, false), reader.clone(), options).await;
+            let store = rig.store.clone();
+            let (created, done, _) = rig.create_and_run(wait).await;
+            assert_eq!(created.unwrap(), crate::store::CreateOutcome::Created, "wait {wait}");
+            assert!(reader.0.load(std::sync::atomic::Ordering::SeqCst), "wait {wait}: the stale answer was given");
+            let rec = done.unwrap_or_else(|| panic!("wait {wait}: not completed within 20 s"));
+            let output = rec.state.steps[0].output.clone().unwrap_or_default();
+            assert!(output.contains(r#""items":1"#), "wait {wait}: the inventory step's output is {output}");
+            let reserved = store.state_get("inventory", &format!("reservation/{}", rec.id)).await.unwrap();
+            assert!(reserved.is_some(), "wait {wait}: the reservation was made");
+        }
     }
 
     /// A database that answers reads (a saga is due now) but refuses every write: the driver

@@ -120,8 +120,8 @@ struct StoreReader(Arc<dyn Store>);
 
 #[async_trait]
 impl PluginReader for StoreReader {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.0.state_get(plugin, key).await?)
+    async fn get(&self, plugin: &str, key: &str, guess: bool) -> anyhow::Result<crate::store::StateRead> {
+        Ok(self.0.state_read(plugin, key, guess).await?)
     }
 
     async fn scan(

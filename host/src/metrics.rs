@@ -547,8 +547,17 @@ impl Metrics {
         scrape.register(
             "state_reads",
             "Plugin state reads (state.get) by what answered them: recently committed values kept in memory, the \
-             filter of keys never written (both only where this host owns the database), or the database",
+             filter of keys never written (both checked at the commit where hosts share the database), or the database",
             state_reads,
+        );
+        let refused = Counter::<u64>::default();
+        refused.inc_by(reads.checks_refused);
+        scrape.register(
+            "state_checks_refused",
+            "Commits refused while carrying state values read from memory on a shared database (PostgreSQL): \
+             another host changed a value, or the saga moved on (or its idempotency key was taken); the steps ran \
+             again reading the database",
+            refused,
         );
 
         let dropped = Counter::<u64>::default();

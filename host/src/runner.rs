@@ -206,8 +206,8 @@ struct Seeded {
 
 #[async_trait]
 impl PluginReader for Seeded {
-    async fn get(&self, _plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.state.get(key).cloned())
+    async fn get(&self, _plugin: &str, key: &str, _guess: bool) -> anyhow::Result<crate::store::StateRead> {
+        Ok(crate::store::StateRead { value: self.state.get(key).cloned(), checked: false })
     }
 
     async fn scan(
@@ -602,7 +602,7 @@ mod tests {
             reader.scan("p", "a/", Some("a/1"), 10).await.unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a/2", "a/3"]);
         assert_eq!(reader.scan("p", "a/", None, 1).await.unwrap().len(), 1);
-        assert_eq!(reader.get("p", "b/1").await.unwrap(), Some(b"4".to_vec()));
+        assert_eq!(reader.get("p", "b/1", false).await.unwrap().value, Some(b"4".to_vec()));
     }
 
     #[tokio::test]

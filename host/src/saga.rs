@@ -27,7 +27,7 @@ use crate::engine::{self, Event, EventSpec, SagaDefinition, SagaState};
 use crate::event::{Envelope, OutboxEvent};
 use crate::store::{
     self, AuditEntry, Commit, CreateOutcome, Creation, Fence, IdempotencyClaim, NewSaga, SagaRecord, SagaStore,
-    StateWrite, StoredResponse,
+    StateCheck, StateWrite, StoredResponse,
 };
 
 /// How often an outside event is recomputed when the saga keeps changing under it.
@@ -63,6 +63,12 @@ pub enum Error {
     /// was written, and the result it carried is discarded.
     #[error("the saga was changed by someone else; its result was discarded")]
     Fenced,
+    /// A chain whose calls read plugin state from memory was refused: a value they read had
+    /// changed (another replica wrote it), or the saga moved on. Nothing was written; the
+    /// values checked are read from the database from now on. Reload the saga and run its
+    /// steps again ([`store::Error::StaleRead`]).
+    #[error("a state value the steps read changed, or the saga was changed; their results were discarded")]
+    StaleRead,
     /// A new saga was refused: this many sagas created here wait for the driver already
     /// ([`crate::driver::DriverOptions::max_queued`]). Nothing was written.
     #[error("{0} new sagas wait for this host to start them; retry shortly")]
@@ -337,7 +343,7 @@ impl Sagas {
             let event = envelope.wrap(&t.event);
             rec.state = t.state;
             let outside = Outside { audit: audit.as_ref(), answer };
-            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], outside, None).await {
+            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], &[], outside, None).await {
                 Ok(()) => {
                     crate::failpoint!("apply-after-commit");
                     self.driver.wake();
@@ -361,7 +367,7 @@ impl Sagas {
         rec: &mut SagaRecord,
         staged: &mut Staged,
         event: Event,
-        writes: Option<(String, Vec<StateWrite>)>,
+        touched: Option<Touched>,
     ) -> Result<bool, Error> {
         let now = self.clock.now_ms();
         let t = match engine::apply(&rec.definition, &rec.state, event, now) {
@@ -376,8 +382,13 @@ impl Sagas {
                 staged.changed.push(i);
             }
         }
-        if let Some((plugin, writes)) = writes.filter(|(_, w)| !w.is_empty()) {
-            staged.writes.push((plugin, writes));
+        if let Some(Touched { plugin, writes, checks }) = touched {
+            if !checks.is_empty() {
+                staged.checks.push((plugin.clone(), checks));
+            }
+            if !writes.is_empty() {
+                staged.writes.push((plugin, writes));
+            }
         }
         rec.state = t.state;
         Ok(rec.state.next_run_at.is_some_and(|at| at <= now))
@@ -391,6 +402,8 @@ impl Sagas {
     ///
     /// `creating`: the saga's creation ([`Deferred`]) goes into the same transaction; then
     /// `Err(Fenced)` means its idempotency key was not new, and nothing was written.
+    /// `Err(StaleRead)`: the chain carried checks of state reads answered from memory and was
+    /// refused (a value changed, or the fence refused it); nothing was written.
     pub async fn commit_staged(
         &self,
         rec: &mut SagaRecord,
@@ -402,13 +415,17 @@ impl Sagas {
         let fence = if keep { Fence::Lease(epoch) } else { Fence::LeaseRelease(epoch) };
         let writes: Vec<(&str, &[StateWrite])> =
             staged.writes.iter().map(|(p, w)| (p.as_str(), w.as_slice())).collect();
+        let checks: Vec<(&str, &[StateCheck])> =
+            staged.checks.iter().map(|(p, c)| (p.as_str(), c.as_slice())).collect();
         let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
-        let committed =
-            self.commit(rec, fence, &staged.events, &staged.changed, &writes, Outside::default(), creation).await;
+        let committed = self
+            .commit(rec, fence, &staged.events, &staged.changed, &writes, &checks, Outside::default(), creation)
+            .await;
         staged.clear();
         match committed {
             Ok(()) => Ok(()),
             Err(store::Error::Fenced) => Err(Error::Fenced),
+            Err(store::Error::StaleRead) => Err(Error::StaleRead),
             Err(e) => Err(e.into()),
         }
     }
@@ -425,6 +442,7 @@ impl Sagas {
         events: &[OutboxEvent],
         changed_steps: &[usize],
         writes: &[(&str, &[StateWrite])],
+        checks: &[(&str, &[StateCheck])],
         outside: Outside<'_>,
         creation: Option<Creation<'_>>,
     ) -> Result<(), store::Error> {
@@ -448,6 +466,7 @@ impl Sagas {
             step_names: &step_names,
             changed_steps,
             plugin_writes: writes,
+            plugin_checks: checks,
             events,
             now,
             audit: outside.audit,
@@ -552,12 +571,24 @@ impl Deferred {
     }
 }
 
+/// What a plugin call leaves for its commit, besides its event: its plugin's state writes,
+/// and the reads answered from memory that the commit must find still true
+/// ([`store::StateRead::checked`]).
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Whose state space.
+    pub plugin: String,
+    pub writes: Vec<StateWrite>,
+    pub checks: Vec<StateCheck>,
+}
+
 /// Transitions of one saga staged by the driver and not yet committed: a commit chain.
 #[derive(Debug, Default)]
 pub struct Staged {
     events: Vec<OutboxEvent>,
     changed: Vec<usize>,
     writes: Vec<(String, Vec<StateWrite>)>,
+    checks: Vec<(String, Vec<StateCheck>)>,
 }
 
 impl Staged {
@@ -576,16 +607,18 @@ impl Staged {
         self.writes.iter().any(|(p, _)| p == plugin)
     }
 
-    /// State keys the staged calls write, counted per call (a key two calls write counts
-    /// twice).
+    /// State keys the staged calls write or had checked, counted per call (a key two calls
+    /// write counts twice): each is a row or a condition of the commit's statements.
     pub fn write_count(&self) -> usize {
-        self.writes.iter().map(|(_, w)| w.len()).sum()
+        self.writes.iter().map(|(_, w)| w.len()).sum::<usize>()
+            + self.checks.iter().map(|(_, c)| c.len()).sum::<usize>()
     }
 
     fn clear(&mut self) {
         self.events.clear();
         self.changed.clear();
         self.writes.clear();
+        self.checks.clear();
     }
 }
 

@@ -241,6 +241,11 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::PerSaga { sample: "sagahost_state_reads_total|answered_by=\"database\"" },
     },
     Figure {
+        key: "state_checks_refused_per_saga",
+        label: "commits refused for a stale state read, per saga",
+        kind: Kind::PerSaga { sample: "sagahost_state_checks_refused_total" },
+    },
+    Figure {
         key: "events_published_per_s",
         label: "events published per s",
         kind: Kind::PerSecond { sample: "sagahost_events_published_total" },

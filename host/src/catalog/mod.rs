@@ -597,8 +597,8 @@ pub(crate) mod tests {
 
     #[async_trait::async_trait]
     impl crate::runtime::PluginReader for NoState {
-        async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
-            Ok(None)
+        async fn get(&self, _: &str, _: &str, _: bool) -> anyhow::Result<crate::store::StateRead> {
+            Ok(crate::store::StateRead { value: None, checked: false })
         }
 
         async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {

@@ -313,7 +313,7 @@ pub(super) fn outside_error(
     match e {
         saga::Error::NotFound => not_found(saga_type, id),
         saga::Error::Refused(e, rec) => refused(e, rec),
-        saga::Error::Busy | saga::Error::Fenced => {
+        saga::Error::Busy | saga::Error::Fenced | saga::Error::StaleRead => {
             ApiError::conflict("busy", "the saga is changing rapidly; retry the request").with_retry_after(1)
         }
         saga::Error::Overloaded(queued) => overloaded(queued),

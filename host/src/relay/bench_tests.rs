@@ -70,6 +70,7 @@ async fn fill(store: &Arc<dyn Store>, prefix: &str, sagas: usize) {
                     step_names: &names,
                     changed_steps: &[],
                     plugin_writes: &[],
+                    plugin_checks: &[],
                     events: &events,
                     now: 0,
                     audit: None,

@@ -170,6 +170,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             step_names: &names,
             changed_steps: &[0],
             plugin_writes: &[],
+            plugin_checks: &[],
             events: std::slice::from_ref(&event),
             now: 1,
             audit: None,

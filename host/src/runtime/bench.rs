@@ -38,8 +38,8 @@ struct MemoryReader(HashMap<(String, String), Vec<u8>>);
 
 #[async_trait]
 impl PluginReader for MemoryReader {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.0.get(&(plugin.to_owned(), key.to_owned())).cloned())
+    async fn get(&self, plugin: &str, key: &str, _: bool) -> anyhow::Result<crate::store::StateRead> {
+        Ok(crate::store::StateRead { value: self.0.get(&(plugin.to_owned(), key.to_owned())).cloned(), checked: false })
     }
 
     async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {

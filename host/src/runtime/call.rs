@@ -214,6 +214,9 @@ pub(super) struct Call<'a> {
     pub(super) limits: &'a Limits,
     /// The component, if it is loaded.
     pub(super) ready: Option<Arc<dyn Prepared>>,
+    /// Its state reads may be answered from memory subject to a check at the commit (it
+    /// imports no outbound HTTP).
+    pub(super) guess: bool,
     pub(super) digest: &'a str,
     /// Whose state space the call reads and writes.
     pub(super) plugin: &'a str,
@@ -407,11 +410,13 @@ async fn attempt<T>(
     };
     let (label, outcome) = classify(ended);
     let writes = if matches!(label, "done" | "wait") { state.writes.into_iter().collect() } else { Vec::new() };
+    let checks = state.checks.into_iter().collect();
     let ended = Instant::now();
     let phases = Phases::split(started, built, instantiated, returned, ended);
     CallOutcome {
         result: Ok(outcome),
         writes,
+        checks,
         elapsed: ended - started,
         label,
         reached_out,
@@ -448,6 +453,7 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
     CallOutcome {
         result: Err(Unavailable(why)),
         writes: Vec::new(),
+        checks: Vec::new(),
         elapsed: started.elapsed(),
         label: "unavailable",
         reached_out: false,
@@ -467,6 +473,7 @@ pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
         &call.info.saga_id,
         &call.info.step,
         Arc::clone(call.reader),
+        call.guess,
         limits.clone(),
         Deadline::new(call.timeout),
         call.timeout,

@@ -66,6 +66,13 @@ pub(super) struct HostState {
     read_credit: Duration,
     /// Buffered writes: `None` is a delete. A BTreeMap so the commit order is deterministic.
     pub(super) writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Whether reads may be answered from the host's memory where they must then be checked
+    /// at the commit ([`crate::store::StateRead::checked`]): only for a component that cannot
+    /// reach another service, whose stale read can go nowhere but into that commit.
+    guess: bool,
+    /// The reads answered so ([`MAX_CHECKS`] at most; later reads ask the database), the
+    /// first of each key: the commit applies only if they still hold.
+    pub(super) checks: BTreeMap<String, Option<Vec<u8>>>,
     write_bytes: usize,
     log_lines: u32,
     pub(super) logs_dropped: u32,
@@ -77,11 +84,13 @@ pub(super) struct HostState {
 }
 
 impl HostState {
+    #[allow(clippy::too_many_arguments, reason = "one call's context, each part of a different kind")]
     pub(super) fn new(
         plugin: &str,
         saga_id: &str,
         step: &str,
         reader: Arc<dyn PluginReader>,
+        guess: bool,
         limits: Limits,
         deadline: Arc<Deadline>,
         timeout: Duration,
@@ -96,6 +105,8 @@ impl HostState {
             read_timeout: timeout,
             read_credit: timeout,
             writes: BTreeMap::new(),
+            guess,
+            checks: BTreeMap::new(),
             write_bytes: 0,
             log_lines: 0,
             logs_dropped: 0,
@@ -153,9 +164,22 @@ async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtim
     if let Some(buffered) = host.writes.get(&key) {
         return Ok(buffered.clone());
     }
+    if let Some(checked) = host.checks.get(&key) {
+        return Ok(checked.clone());
+    }
+    let guess = host.guess && host.checks.len() < MAX_CHECKS;
     let (reader, plugin) = (Arc::clone(&host.reader), host.plugin.clone());
-    read(&mut store, reader.get(&plugin, &key)).await
+    let answer = read(&mut store, reader.get(&plugin, &key, guess)).await?;
+    if answer.checked {
+        store.data_mut().host.checks.insert(key, answer.value.clone());
+    }
+    Ok(answer.value)
 }
+
+/// Most reads of one call answered from memory subject to a check at the commit: each check
+/// is a condition of the commit's statement, which takes a bounded number of arguments (and
+/// a chain ends at [`crate::driver`]'s bound on state keys, checks counted).
+pub const MAX_CHECKS: usize = 64;
 
 /// Most entries one `state.scan` returns, whatever `limit` the plugin asks for.
 pub const MAX_SCAN: u32 = 1000;

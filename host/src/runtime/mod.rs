@@ -37,7 +37,7 @@ use wasmtime::component::Linker;
 use wasmtime::Engine;
 
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
-use crate::store::StateWrite;
+use crate::store::{StateCheck, StateRead, StateWrite};
 
 mod cache;
 mod call;
@@ -94,7 +94,9 @@ impl Default for Limits {
 /// Implemented by the store; a trait so the runtime does not depend on how they are kept.
 #[async_trait]
 pub trait PluginReader: Send + Sync + 'static {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// `key`'s committed value; with `guess`, possibly answered from memory subject to a
+    /// check at the commit ([`crate::store::PluginStateStore::state_read`]).
+    async fn get(&self, plugin: &str, key: &str, guess: bool) -> anyhow::Result<StateRead>;
     /// Keys starting with `prefix`, in byte order, strictly after `after`, at most `limit`,
     /// and a shorter page when its values reach `crate::store::STATE_PAGE_BYTES`.
     async fn scan(
@@ -144,6 +146,11 @@ pub struct CallOutcome<T> {
     pub result: Result<T, Unavailable>,
     /// Empty unless the call succeeded: a failed call's writes are discarded.
     pub writes: Vec<StateWrite>,
+    /// The reads answered from memory that the commit of this outcome must find still true
+    /// ([`StateRead::checked`]), whatever the outcome: a failure or a rejection that came of a
+    /// stale value is as wrong as a success. Empty for the host's own failure (nothing is
+    /// committed).
+    pub checks: Vec<StateCheck>,
     pub elapsed: Duration,
     /// `done`, `wait`, `retryable`, `rejected`, `trap` or `unavailable`: a label for logs and
     /// metrics (a compensation's `Failed` does not say which kind of failure it was).
@@ -392,6 +399,8 @@ impl Runtime {
             reader: &self.reader,
             limits: &self.limits,
             ready: self.cache.get(digest),
+            // Stale answers only for a component that cannot carry them to another service.
+            guess: self.cache.capabilities(digest).is_some_and(|c| !c.outbound_http),
             digest,
             plugin,
             info,

@@ -11,6 +11,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 use super::*;
 use crate::engine::{CompensateOutcome, ExecuteOutcome};
+use crate::store::StateRead;
 
 /// Committed state in memory; reads can be made slow or failing.
 #[derive(Default)]
@@ -23,16 +24,19 @@ struct FakeReader {
     grants: Mutex<HashMap<String, crate::grants::Grants>>,
     /// Whether reading the grants blocks for `delay` too.
     slow_grants: bool,
+    /// Answers reads a caller lets it guess as a shared database's memory would: checked.
+    guesses: bool,
 }
 
 #[async_trait]
 impl PluginReader for FakeReader {
-    async fn get(&self, plugin: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, plugin: &str, key: &str, guess: bool) -> anyhow::Result<StateRead> {
         tokio::time::sleep(self.delay).await;
         if self.fail {
             anyhow::bail!("connection refused");
         }
-        Ok(self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned())
+        let value = self.values.lock().unwrap().get(&(plugin.to_owned(), key.to_owned())).cloned();
+        Ok(StateRead { value, checked: guess && self.guesses })
     }
 
     async fn scan(
@@ -1208,10 +1212,10 @@ struct GateReader {
 
 #[async_trait]
 impl PluginReader for GateReader {
-    async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    async fn get(&self, _: &str, _: &str, _: bool) -> anyhow::Result<StateRead> {
         self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.gate.acquire().await?.forget();
-        Ok(None)
+        Ok(StateRead { value: None, checked: false })
     }
 
     async fn scan(&self, _: &str, _: &str, _: Option<&str>, _: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
@@ -1388,4 +1392,33 @@ async fn only_a_recording_runtime_keeps_log_lines_and_requests() {
     assert_eq!(out.recorded.logs.len(), Limits::default().log_lines as usize);
     assert!(out.recorded.logs_dropped > 0);
     assert!(out.recorded.logs.iter().all(|l| !l.level.is_empty() && !l.message.is_empty()));
+}
+
+/// A call of a component that cannot reach another service lets the store answer its reads
+/// from memory subject to a check, and hands the reads so answered to its commit, whatever
+/// its outcome (a rejection that came of a stale value is as wrong as a success); a
+/// component importing outbound HTTP is never given such answers (a stale value must not
+/// reach another service), and neither is a runtime whose reader does not guess.
+#[tokio::test]
+async fn reads_answered_from_memory_go_to_the_commit_and_only_for_calls_that_stay_in_the_host() {
+    let reader = FakeReader { guesses: true, ..FakeReader::default() };
+    let runtime = Arc::new(Runtime::new(Limits::default(), Arc::new(reader)).unwrap());
+    let inventory = runtime.load(fixture("inventory")).await.unwrap();
+    let order = |sku: &str| json!({"input": {"items": [{"sku": sku, "quantity": 1}]}, "steps": {}}).to_string();
+    let info = CallInfo { saga_id: "o-1".into(), ..info(1) };
+    let out = runtime.execute(&inventory, "inventory", &info, &order("A-1"), TIMEOUT).await;
+    assert_eq!(out.label, "done", "{:?}", out.result);
+    assert_eq!(out.checks, vec![("reservation/o-1".to_owned(), None)], "the reservation was read absent");
+    assert_eq!(out.writes.len(), 1);
+    let out = runtime.execute(&inventory, "inventory", &info, &order("OOS-1"), TIMEOUT).await;
+    assert_eq!(out.label, "rejected", "{:?}", out.result);
+    assert!(out.writes.is_empty());
+    assert_eq!(out.checks, vec![("reservation/o-1".to_owned(), None)], "a rejection carries its reads too");
+
+    let (runtime, misbehave) =
+        misbehave(Limits::default(), FakeReader { guesses: true, ..FakeReader::default() }).await;
+    assert!(runtime.capabilities(&misbehave).unwrap().outbound_http);
+    let out = execute(&runtime, &misbehave, "read-state").await;
+    assert_eq!(out.label, "done", "{:?}", out.result);
+    assert!(out.checks.is_empty(), "{:?}", out.checks);
 }

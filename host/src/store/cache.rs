@@ -8,9 +8,13 @@
 //! session 16). [`KeyFilter`](super::keys::KeyFilter) answers reads of keys never written;
 //! this answers reads of keys written lately.
 //!
-//! Like the key filter it is sound only when every write of plugin state goes through this
-//! store, so it is used only where one process owns the database (SQLite opened by a serving
-//! host). It is filled only by commits, never by reads: a read could return a value that a
+//! Like the key filter it is exact only when every write of plugin state goes through this
+//! store (SQLite opened by a serving host). Where hosts share the database (PostgreSQL
+//! replicas) another host may have changed a value since, so there an answer from here is a
+//! guess the commit checks (`StateRead::checked`, `Commit::plugin_checks`): a commit that
+//! finds a value changed is refused and the key forgotten ([`StateCache::forget`]), and the
+//! steps run again reading the database. The rules below keep the cache exact with respect to
+//! this host's own commits either way. It is filled only by commits, never by reads: a read could return a value that a
 //! commit replaces while the read is on its way back, and caching that would serve the old
 //! value after the new one committed. The rules that keep it exact (a read answered from
 //! here returns what a database read at that moment would):
@@ -109,6 +113,24 @@ impl StateCache {
         drop(inner);
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(value)
+    }
+
+    /// Stops answering `key` (its stored value is dropped): another writer may have changed
+    /// it. A pending commit of it is left to resolve as it would.
+    pub(super) fn forget(&self, plugin: &str, key: &str) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(keys) = inner.plugins.get_mut(plugin) else { return };
+        let Some(entry) = keys.get_mut(key) else { return };
+        if let Some(value) = entry.value.take() {
+            inner.bytes -= size(plugin, key, &value);
+        }
+        if entry.pending == 0 {
+            keys.remove(key);
+            if keys.is_empty() {
+                inner.plugins.remove(plugin);
+            }
+        }
     }
 
     /// Reads answered from the cache since it was made.

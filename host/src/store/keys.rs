@@ -8,10 +8,14 @@
 //!
 //! [`KeyFilter`] is a scalable Bloom filter (Almeida et al., "Scalable Bloom Filters", 2007)
 //! of every (plugin, key) written since the store opened, seeded with every key stored when it
-//! opened. "Absent" is certain; "maybe" means read the database. It is sound only when every
-//! write of plugin state goes through this store, so it is used only where one process owns
-//! the database: SQLite opened by a serving host, which holds the file's lock
-//! ([`super::open_exclusive`]). The rules that keep it sound:
+//! opened. "Absent" is certain; "maybe" means read the database. It is exact only when every
+//! write of plugin state goes through this store: SQLite opened by a serving host, which holds
+//! the file's lock ([`super::open_exclusive`]). Where hosts share the database (PostgreSQL
+//! replicas, each serving host with its own filter), a key another host wrote since this one
+//! opened is missing, so there "absent" is a guess the commit checks (`StateRead::checked`):
+//! a commit that finds the key present after all is refused, the key goes into the filter,
+//! and the steps run again reading the database. The rules that keep it exact with respect
+//! to this host's own commits:
 //!
 //! - A key goes into the filter BEFORE the commit that writes it runs, so whoever can see the
 //!   committed row can see the key. A read that finds the key absent just before is ordered

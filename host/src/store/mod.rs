@@ -169,6 +169,22 @@ pub struct OutboxRow {
 /// A state write buffered during a plugin call: `None` deletes the key.
 pub type StateWrite = (String, Option<Vec<u8>>);
 
+/// A state read a commit must find still true: the key, and the value read (`None`: absent).
+/// Made for reads answered from memory where several hosts write the same database
+/// ([`StateRead::checked`]).
+pub type StateCheck = (String, Option<Vec<u8>>);
+
+/// How [`PluginStateStore::state_read`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateRead {
+    /// The value (`None`: absent).
+    pub value: Option<Vec<u8>>,
+    /// Answered from this host's memory while other hosts write the same database: the value
+    /// may be stale, and the commit of what the call did with it must check that it is not
+    /// ([`Commit::plugin_checks`]).
+    pub checked: bool,
+}
+
 /// The write that stands for each (plugin, key) of a commit's `plugin_writes`, in the order
 /// the keys were first written: a later write of a key replaces an earlier one.
 fn last_writes<'a>(plugin_writes: &[(&'a str, &'a [StateWrite])]) -> Vec<(&'a str, &'a str, &'a Option<Vec<u8>>)> {
@@ -216,6 +232,12 @@ pub struct Commit<'a> {
     /// The plugins' state writes, (plugin, writes) in the order the calls made them: a later
     /// write of a key wins.
     pub plugin_writes: &'a [(&'a str, &'a [StateWrite])],
+    /// State values the calls read from memory that may be stale ([`StateRead::checked`]),
+    /// (plugin, checks): the commit applies only if each key still holds the value read in
+    /// the database as its statement finds it (before the commit's own writes; on PostgreSQL
+    /// the statement's snapshot: a commit of the key by another host landing while it runs
+    /// is not seen, as it would not be by a read); else [`Error::StaleRead`].
+    pub plugin_checks: &'a [(&'a str, &'a [StateCheck])],
     /// The transitions' events in order, built by the caller: the first with
     /// `seq = read_seq + 1`, each next one `seq + 1`. At least one.
     pub events: &'a [OutboxEvent],
@@ -236,8 +258,9 @@ pub struct Commit<'a> {
     /// when it is that key's), then the saga row, its steps and its events written as the
     /// commit leaves them (its first event, `seq` 1, then the commit's), only if the claim
     /// went in: the same rows as [`SagaStore::create_saga`] followed by the commit.
-    /// A key that was not new writes nothing and the commit is [`Error::Fenced`]: the caller
-    /// then learns what the key holds from [`SagaStore::create_saga`].
+    /// A key that was not new writes nothing and the commit is [`Error::Fenced`]
+    /// ([`Error::StaleRead`] when it carries checks): the caller then learns what the key
+    /// holds from [`SagaStore::create_saga`].
     pub creation: Option<Creation<'a>>,
 }
 
@@ -393,7 +416,8 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Commits one transition, or a chain of them, if the saga's `seq` is still `read_seq`
     /// (and, for the driver's fences, its epoch is still the claim's); returns the new `seq`
     /// (`read_seq` + the number of events).
-    /// [`Error::Fenced`] if not, and then nothing was written.
+    /// [`Error::Fenced`] if not, and then nothing was written; [`Error::StaleRead`] instead
+    /// when the commit carries [`Commit::plugin_checks`] (which may be what refused it).
     async fn commit(&self, c: &Commit<'_>) -> Result<i64>;
 }
 
@@ -404,7 +428,17 @@ pub const STATE_PAGE_BYTES: usize = 4 << 20;
 /// The plugins' durable key-value spaces (written only by [`SagaStore::commit`]).
 #[async_trait]
 pub trait PluginStateStore: Send + Sync + 'static {
+    /// The committed value of `key`, as the database holds it now.
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// A plugin call's read of `key`. Where several hosts write the database and `guess` is
+    /// set, a value this host committed or a key it never saw may be answered from memory,
+    /// [`StateRead::checked`]: the commit of the call must then carry the read as a
+    /// [`StateCheck`]. Set `guess` only for calls whose effects stay within the host until
+    /// that commit (no outbound HTTP): a stale value must not reach another service.
+    async fn state_read(&self, plugin: &str, key: &str, guess: bool) -> Result<StateRead> {
+        let _ = guess;
+        Ok(StateRead { value: self.state_get(plugin, key).await?, checked: false })
+    }
     /// Keys starting with `prefix`, in byte order.
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>>;
     /// At most `limit` entries whose keys start with `prefix` and, when `after` is given, are
@@ -627,13 +661,16 @@ pub trait StatsStore: Send + Sync + 'static {
 }
 
 /// Plugin state reads (`state.get`) so far, by what answered them: the cache of recently
-/// committed values, the filter of keys never written (both only where this process owns
-/// the database), or the database.
+/// committed values, the filter of keys never written (on SQLite exact, where this process
+/// owns the database; on PostgreSQL checked at the commit), or the database.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateReadStats {
     pub cache: u64,
     pub filter: u64,
     pub database: u64,
+    /// Commits refused while they carried checks of reads answered from memory
+    /// ([`Error::StaleRead`]): a value another host changed, or a plain fence.
+    pub checks_refused: u64,
 }
 
 /// The hot-path writes so far: with group commit (SQLite) `jobs / transactions` is how many

@@ -68,6 +68,9 @@ const INSERT_SAGA_COLUMNS: &str = "id, saga_type, status, phase, reason, input, 
 struct Statements {
     insert_saga: String,
     insert_saga_if_claimed: String,
+    /// `INSERT INTO sagas (..) SELECT <values> WHERE `: the saga row's insert under a
+    /// condition ([`SqlStore::push_saga_insert`] with state checks).
+    insert_saga_where: String,
     claim_due: String,
     renew_lease: String,
     /// Takes or renews the lease named `$3` for `$1`, for `$2` ms: the relay's (`outbox`) and
@@ -88,6 +91,7 @@ impl Statements {
         );
         let skip_locked = d.skip_locked();
         Statements {
+            insert_saga_where: format!("INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) SELECT {insert_saga_values} WHERE "),
             insert_saga: format!(
                 "INSERT INTO sagas ({INSERT_SAGA_COLUMNS}) VALUES ({insert_saga_values}) RETURNING seq, id, last_event_id"
             ),
@@ -167,15 +171,22 @@ pub struct SqlStore {
     /// Plain reads. For PostgreSQL, the same pool as `writer`.
     reader: AnyPool,
     sql: Arc<Statements>,
-    /// The plugin state keys that may exist, where this process owns the database
-    /// ([`KeyFilter`]): reads of other keys answer "absent" without a query.
+    /// The plugin state keys that may exist, for a serving host ([`KeyFilter`]): reads of
+    /// other keys answer "absent" without a query (exactly where this process owns the
+    /// database; see `checked`).
     keys: Option<Arc<KeyFilter>>,
-    /// Recently committed plugin state, where this process owns the database
-    /// ([`StateCache`]): reads of those keys answer without a query.
+    /// Recently committed plugin state, for a serving host ([`StateCache`]): reads of those
+    /// keys answer without a query (exactly where this process owns the database).
     cache: Option<Arc<StateCache>>,
+    /// The filter and the cache answer for a database other hosts write too (PostgreSQL,
+    /// opened by a serving host): their answers may be stale, so a call's read answered from
+    /// them is checked by its commit ([`StateRead::checked`], [`check_conditions`]).
+    checked: bool,
     /// State reads the filter answered, and those that reached the database.
     filtered: AtomicU64,
     read_from_database: AtomicU64,
+    /// Commits refused while they carried checks ([`Error::StaleRead`]).
+    checks_refused: AtomicU64,
     /// The database file's lock, held while the store lives (SQLite opened exclusively).
     _lock: Option<std::fs::File>,
     /// The dialect's background work, stopped with the store.
@@ -194,7 +205,7 @@ impl SqlStore {
         now: i64,
     ) -> Result<()> {
         if let Some(c) = claim {
-            claim_statement(script, c, Some(&saga.id), now);
+            claim_statement(script, c, Some(&saga.id), now, &[]);
         }
         // Born claimed (epoch 1, as a claim would make it) when it has an owner.
         let row = SagaRow {
@@ -205,7 +216,7 @@ impl SqlStore {
             updated_at: saga.now,
             last_event_id: &saga.event.event_id,
         };
-        self.push_saga_insert(script, saga, claim, row)?;
+        self.push_saga_insert(script, saga, claim, row, &[])?;
         let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
         let steps = steps.map(|(i, (step, def))| step_values(i, &def.name, step));
         let fence = || [Arg::text(&saga.id), Arg::text(&saga.event.event_id)];
@@ -253,7 +264,7 @@ impl SqlStore {
             if own.is_some() {
                 response = None;
             }
-            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now);
+            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now, c.plugin_checks);
         }
         let row = SagaRow {
             state: c.state,
@@ -263,7 +274,7 @@ impl SqlStore {
             updated_at: c.now,
             last_event_id: &last.event_id,
         };
-        self.push_saga_insert(script, saga, creation.claim, row)?;
+        self.push_saga_insert(script, saga, creation.claim, row, c.plugin_checks)?;
         let fenced = || [Arg::text(&saga.id), Arg::text(&last.event_id)];
         let mut steps = Vec::with_capacity(c.state.steps.len());
         for (i, step) in c.state.steps.iter().enumerate() {
@@ -280,13 +291,14 @@ impl SqlStore {
     }
 
     /// The saga row's insert (the head of a creation's group), only if `claim` went in (its
-    /// statement pushed just before).
+    /// statement pushed just before) and the state `checks` hold ([`check_conditions`]).
     fn push_saga_insert(
         &self,
         script: &mut Script,
         saga: &NewSaga,
         claim: Option<&IdempotencyClaim>,
         row: SagaRow<'_>,
+        checks: &[(&str, &[StateCheck])],
     ) -> Result<()> {
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         let mut args = vec![
@@ -307,14 +319,40 @@ impl SqlStore {
             Arg::Int(Some(row.epoch)),
             Arg::Int(Some(row.updated_at)),
         ];
-        match claim {
+        let insert = match claim {
             Some(c) => {
                 args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
-                script.push_as(Role::Head("seq"), self.sql.insert_saga_if_claimed.clone(), args);
+                self.sql.insert_saga_if_claimed.clone()
             }
-            None => script.push_as(Role::Head("seq"), self.sql.insert_saga.clone(), args),
-        }
+            None => self.sql.insert_saga.clone(),
+        };
+        let insert = match check_conditions(checks, &mut args) {
+            None => insert,
+            Some(checks) => match claim {
+                Some(_) => {
+                    let claimed = insert
+                        .strip_suffix(COMMIT_RETURNING)
+                        .ok_or_else(|| corrupt("a saga insert without its RETURNING"))?;
+                    format!("{claimed} AND {checks}{COMMIT_RETURNING}")
+                }
+                None => format!("{}{checks}{COMMIT_RETURNING}", self.sql.insert_saga_where),
+            },
+        };
+        script.push_as(Role::Head("seq"), insert, args);
         Ok(())
+    }
+
+    /// A plugin state value as the database holds it now.
+    async fn state_from_database(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.read_from_database.fetch_add(1, Ordering::Relaxed);
+        self.read(|| async {
+            Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
+                .bind(plugin)
+                .bind(key)
+                .fetch_optional(&self.reader)
+                .await?)
+        })
+        .await
     }
 
     /// Runs a read again while it fails on a connection that died in the pool (the server
@@ -401,11 +439,14 @@ impl SqlStore {
         let lock = if exclusive { lock(dialect, url).await? } else { None };
         let pools = dialect.connect(url, max_connections).await?;
         dialect.migrator().run(&pools.writer).await?;
-        let keys = match lock {
-            Some(_) => Some(Arc::new(load_keys(&pools.reader).await?)),
-            None => None,
+        // Memory answers state reads for a serving host: exactly where it owns the database
+        // (its lock), checked at the commit where hosts share it by design.
+        let checked = exclusive && lock.is_none() && dialect.shared_by_hosts();
+        let keys = match lock.is_some() || checked {
+            true => Some(Arc::new(load_keys(&pools.reader).await?)),
+            false => None,
         };
-        tracing::debug!(dialect = dialect.name(), exclusive = keys.is_some(), "store open");
+        tracing::debug!(dialect = dialect.name(), exclusive = lock.is_some(), checked, "store open");
         let writes = if dialect.group_commit() {
             Writes::grouped(pools.writer.clone())
         } else {
@@ -420,8 +461,10 @@ impl SqlStore {
             sql,
             cache: keys.is_some().then(|| Arc::new(StateCache::new(cache::BUDGET, cache::LARGEST))),
             keys,
+            checked,
             filtered: AtomicU64::new(0),
             read_from_database: AtomicU64::new(0),
+            checks_refused: AtomicU64::new(0),
             _lock: lock,
             _background: pools.background,
         })
@@ -633,24 +676,50 @@ async fn bump_catalog(tx: &mut AnyConnection) -> Result<()> {
     Ok(())
 }
 
+/// The head of every claim of a key ([`CLAIM_INSERT`], [`CLAIM_WHERE`]).
+macro_rules! claim_into {
+    () => {
+        "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, \
+         response_body, locked_until, created_at, expires_at)"
+    };
+}
+/// The tail of every claim of a key: an expired row is replaced as if it never existed.
+macro_rules! claim_conflict {
+    () => {
+        " ON CONFLICT (caller, route, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+         saga_id = excluded.saga_id, response_status = excluded.response_status, \
+         response_body = excluded.response_body, locked_until = excluded.locked_until, \
+         created_at = excluded.created_at, expires_at = excluded.expires_at \
+         WHERE idempotency_keys.expires_at <= excluded.created_at"
+    };
+}
 /// Claims a key: inserts it unless it exists, and replaces a row past its expiry ($9 is now)
 /// as if it never existed. One atomic statement (an upsert): never SELECT-then-INSERT; one
 /// row affected means the key is now ours.
-const CLAIM_INSERT: &str = "INSERT INTO idempotency_keys (caller, route, key, fingerprint, saga_id, response_status, \
-     response_body, locked_until, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     ON CONFLICT (caller, route, key) DO UPDATE SET fingerprint = excluded.fingerprint, saga_id = excluded.saga_id, \
-     response_status = excluded.response_status, response_body = excluded.response_body, \
-     locked_until = excluded.locked_until, created_at = excluded.created_at, expires_at = excluded.expires_at \
-     WHERE idempotency_keys.expires_at <= excluded.created_at";
+const CLAIM_INSERT: &str =
+    concat!(claim_into!(), " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", claim_conflict!());
+/// [`CLAIM_INSERT`] under a further condition, numbered from `$11`
+/// (`CLAIM_WHERE + condition + CLAIM_CONFLICT`): a creation whose commit carries state checks
+/// claims its key only if they hold, or a refused commit would leave the key claimed for a
+/// saga that does not exist.
+const CLAIM_WHERE: &str = concat!(claim_into!(), " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE ");
+const CLAIM_CONFLICT: &str = claim_conflict!();
 
 /// The statement that claims an idempotency key for `saga_id` (or for a request that creates
-/// nothing): inserted unless it exists (an expired one is replaced).
-fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64) {
+/// nothing): inserted unless it exists (an expired one is replaced), and only if the state
+/// `checks` hold ([`check_conditions`]).
+fn claim_statement(
+    script: &mut Script,
+    c: &IdempotencyClaim,
+    saga_id: Option<&str>,
+    now: i64,
+    checks: &[(&str, &[StateCheck])],
+) {
     let (status, body) = match &c.response {
         Some((s, b)) => (Some(i64::from(*s)), Some(b.clone())),
         None => (None, None),
     };
-    let args = vec![
+    let mut args = vec![
         Arg::text(&c.caller),
         Arg::text(&c.route),
         Arg::text(&c.key),
@@ -662,14 +731,17 @@ fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&s
         Arg::Int(Some(now)),
         Arg::Int(Some(now + c.ttl_ms)),
     ];
-    script.push_as(Role::Claim, CLAIM_INSERT, args);
+    match check_conditions(checks, &mut args) {
+        None => script.push_as(Role::Claim, CLAIM_INSERT, args),
+        Some(checks) => script.push_as(Role::Claim, format!("{CLAIM_WHERE}{checks}{CLAIM_CONFLICT}"), args),
+    }
 }
 
 /// Claims an idempotency key inside `tx`: `None` if the key is now ours, else what the key
 /// already holds.
 async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let mut script = Script::default();
-    claim_statement(&mut script, c, None, now);
+    claim_statement(&mut script, c, None, now, &[]);
     let mut inserted = false;
     for s in &script.statements {
         inserted = bind(sqlx::query(&s.sql), &s.args).execute(&mut *tx).await?.rows_affected() == 1;
@@ -877,7 +949,7 @@ impl SagaStore for SqlStore {
         let single = script.single();
         // Announced before it is queued; dropped unresolved (uncached) on every error below.
         let cached = self.cache.as_ref().map(|cache| cache.begin(c.plugin_writes));
-        let seq = self
+        let submitted = self
             .writes
             .submit(
                 script,
@@ -898,12 +970,49 @@ impl SagaStore for SqlStore {
                 },
                 single,
             )
-            .await?;
+            .await;
+        let seq = match submitted {
+            Ok(seq) => seq,
+            Err(e) if c.plugin_checks.iter().any(|(_, checks)| !checks.is_empty()) => {
+                return Err(self.checks_refused(c.plugin_checks, e));
+            }
+            Err(e) => return Err(e),
+        };
         // Durable: its values may be served.
         if let Some(cached) = cached {
             cached.committed();
         }
         Ok(seq)
+    }
+}
+
+impl SqlStore {
+    /// A commit carrying state checks failed with `e`: when refused (`Fenced`), a checked
+    /// value may be stale (or the fence alone refused it: a check cannot tell which, and
+    /// either way the caller reloads), and it is [`Error::StaleRead`]; any other error is
+    /// passed on (data the database refuses may have come of a stale value too). Either way
+    /// the checked keys are no longer answered from memory: each is dropped from the cache
+    /// and marked in the filter as existing, so the steps' next reads of them ask the
+    /// database.
+    fn checks_refused(&self, checks: &[(&str, &[StateCheck])], e: Error) -> Error {
+        let e = match e {
+            Error::Fenced => {
+                self.checks_refused.fetch_add(1, Ordering::Relaxed);
+                Error::StaleRead
+            }
+            other => other,
+        };
+        for &(plugin, checks) in checks {
+            for (key, _) in checks {
+                if let Some(cache) = &self.cache {
+                    cache.forget(plugin, key);
+                }
+                if let Some(keys) = &self.keys {
+                    keys.insert(plugin, key);
+                }
+            }
+        }
+        e
     }
 }
 
@@ -1071,23 +1180,28 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
         Arg::Int(Some(new_seq)),
     ];
     args.extend(epoch.map(|e| Arg::Int(Some(e))));
-    let update: std::borrow::Cow<'static, str> = match &c.answer {
-        None => update.into(),
-        Some(answer) => {
-            let fenced = update
-                .strip_suffix(COMMIT_RETURNING)
-                .ok_or_else(|| corrupt("a commit's update without its RETURNING"))?;
-            let n = args.len();
-            args.extend([Arg::text(answer.caller), Arg::text(answer.route), Arg::text(answer.key)]);
-            format!(
-                "{fenced} AND EXISTS (SELECT 1 FROM idempotency_keys WHERE caller = ${} AND route = ${} AND key = ${} \
-                 AND response_status IS NULL{for_update}){COMMIT_RETURNING}",
-                n + 1,
-                n + 2,
-                n + 3
-            )
-            .into()
-        }
+    let mut conditions = String::new();
+    if let Some(answer) = &c.answer {
+        let n = args.len();
+        args.extend([Arg::text(answer.caller), Arg::text(answer.route), Arg::text(answer.key)]);
+        conditions = format!(
+            " AND EXISTS (SELECT 1 FROM idempotency_keys WHERE caller = ${} AND route = ${} AND key = ${} \
+             AND response_status IS NULL{for_update})",
+            n + 1,
+            n + 2,
+            n + 3
+        );
+    }
+    if let Some(checks) = check_conditions(c.plugin_checks, &mut args) {
+        conditions.push_str(" AND ");
+        conditions.push_str(&checks);
+    }
+    let update: std::borrow::Cow<'static, str> = if conditions.is_empty() {
+        update.into()
+    } else {
+        let fenced =
+            update.strip_suffix(COMMIT_RETURNING).ok_or_else(|| corrupt("a commit's update without its RETURNING"))?;
+        format!("{fenced}{conditions}{COMMIT_RETURNING}").into()
     };
     script.push_as(Role::Head("seq"), update, args);
     let mut steps = Vec::with_capacity(c.changed_steps.len());
@@ -1103,6 +1217,44 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
     push_rows(script, OUTBOX_INTO, OUTBOX_VALUES, OUTBOX_ORDER, fenced(), events);
     tail_statements(c, c.response, script, fenced);
     Ok(())
+}
+
+/// The condition that a commit's state checks hold ([`Commit::plugin_checks`]): each key
+/// still holds the value read, or is still absent, in the database as it stood before the
+/// commit (the head of its statements carries it, and on PostgreSQL every part of the one
+/// statement sees the snapshot from before it). Its arguments are appended to `args`,
+/// numbered after those already there. `None` without checks.
+fn check_conditions(checks: &[(&str, &[StateCheck])], args: &mut Vec<Arg>) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut sql = String::new();
+    for &(plugin, checks) in checks {
+        for (key, value) in checks {
+            if !sql.is_empty() {
+                sql.push_str(" AND ");
+            }
+            let n = args.len();
+            args.extend([Arg::text(plugin), Arg::text(key)]);
+            let _ = match value {
+                Some(value) => {
+                    args.push(Arg::Bytes(Some(value.clone())));
+                    write!(
+                        sql,
+                        "EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${} AND value = ${})",
+                        n + 1,
+                        n + 2,
+                        n + 3
+                    )
+                }
+                None => write!(
+                    sql,
+                    "NOT EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${})",
+                    n + 1,
+                    n + 2
+                ),
+            };
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
 }
 
 /// A commit's plugin state writes, each conditional on the fence `fenced` names.
@@ -1418,22 +1570,23 @@ fn renumber(sql: &str, offset: usize, out: &mut String) {
 #[async_trait]
 impl PluginStateStore for SqlStore {
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        if let Some(value) = self.cache.as_ref().and_then(|cache| cache.get(plugin, key)) {
-            return Ok(value);
+        Ok(self.state_read(plugin, key, false).await?.value)
+    }
+
+    async fn state_read(&self, plugin: &str, key: &str, guess: bool) -> Result<StateRead> {
+        // Exact where this process owns the database; a guess, checked later, where it does
+        // not (and only for a caller that can have it checked).
+        if !self.checked || guess {
+            let checked = self.checked;
+            if let Some(value) = self.cache.as_ref().and_then(|cache| cache.get(plugin, key)) {
+                return Ok(StateRead { value, checked });
+            }
+            if self.keys.as_ref().is_some_and(|keys| !keys.may_contain(plugin, key)) {
+                self.filtered.fetch_add(1, Ordering::Relaxed);
+                return Ok(StateRead { value: None, checked });
+            }
         }
-        if self.keys.as_ref().is_some_and(|keys| !keys.may_contain(plugin, key)) {
-            self.filtered.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        }
-        self.read_from_database.fetch_add(1, Ordering::Relaxed);
-        self.read(|| async {
-            Ok(sqlx::query_scalar("SELECT value FROM plugin_state WHERE plugin = $1 AND key = $2")
-                .bind(plugin)
-                .bind(key)
-                .fetch_optional(&self.reader)
-                .await?)
-        })
-        .await
+        Ok(StateRead { value: self.state_from_database(plugin, key).await?, checked: false })
     }
 
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {
@@ -2143,6 +2296,7 @@ impl StatsStore for SqlStore {
             cache: self.cache.as_ref().map_or(0, |cache| cache.hits()),
             filter: self.filtered.load(Ordering::Relaxed),
             database: self.read_from_database.load(Ordering::Relaxed),
+            checks_refused: self.checks_refused.load(Ordering::Relaxed),
         }
     }
 

@@ -113,6 +113,7 @@ fn commit<'a>(
         step_names: names,
         changed_steps: &[0],
         plugin_writes: &[],
+        plugin_checks: &[],
         events: std::slice::from_ref(event),
         now: 1,
         audit: None,
@@ -1750,7 +1751,11 @@ async fn a_serving_sqlite_host_answers_reads_of_state_it_committed_from_memory()
     drop(host);
     let host = open_exclusive(None, dir.path(), 1).await.unwrap();
     assert_eq!(host.state_get("payment", "charge/1").await.unwrap().as_deref(), Some(b"after a restart".as_slice()));
-    assert_eq!(host.state_read_stats(), StateReadStats { cache: 0, filter: 0, database: 1 }, "a restart starts empty");
+    assert_eq!(
+        host.state_read_stats(),
+        StateReadStats { cache: 0, filter: 0, database: 1, checks_refused: 0 },
+        "a restart starts empty"
+    );
 }
 
 /// The driver sleeps until `next_due`: a saga under someone's live lease is not due (it is
@@ -1828,4 +1833,141 @@ impl WriteLock {
         use sqlx::Executor as _;
         self.0.execute("ROLLBACK").await.unwrap();
     }
+}
+
+/// Commits `writes` and `checks` of `plugin` on saga s1 (created if missing), as the driver
+/// commits what a call did.
+async fn commit_checked(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], checks: &[StateCheck]) -> Result<i64> {
+    let rec = match s.saga("s1").await.unwrap() {
+        Some(rec) => rec,
+        None => {
+            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+            s.saga("s1").await.unwrap().unwrap()
+        }
+    };
+    let names = vec!["only".to_owned()];
+    let e = event("s1", &rec.state, rec.seq);
+    let mut c = commit(&rec.state, &names, &e, Fence::Takeover, rec.seq);
+    let plugin_writes = [(plugin, writes)];
+    let plugin_checks = [(plugin, checks)];
+    c.plugin_writes = &plugin_writes;
+    c.plugin_checks = &plugin_checks;
+    s.commit(&c).await
+}
+
+/// A commit that carries state checks applies only while each checked key still holds the
+/// value read (or is still absent), as the database stood before the commit's own writes;
+/// otherwise it writes nothing ([`Error::StaleRead`]). So does a saga's creation with its
+/// first commit: not even its idempotency key is claimed (its request creates the saga alone
+/// and finds the key new).
+#[tokio::test]
+async fn a_commit_applies_only_while_the_state_values_it_checks_still_stand() {
+    for b in backends().await {
+        let s = &b.store;
+        let put = |k: &str, v: &str| (k.to_owned(), Some(v.as_bytes().to_vec()));
+        commit_state(s, "p", &[put("a", "1")], false).await.unwrap();
+        let seq = s.saga("s1").await.unwrap().unwrap().seq;
+
+        for (checks, what) in [
+            (vec![("a".to_owned(), Some(b"0".to_vec()))], "a value changed"),
+            (vec![("a".to_owned(), None)], "a key read absent exists"),
+            (vec![("b".to_owned(), Some(b"1".to_vec()))], "a key read present is gone"),
+            (vec![("b".to_owned(), None), ("a".to_owned(), Some(b"0".to_vec()))], "one of two"),
+        ] {
+            let refused = commit_checked(s, "p", &[put("b", "x")], &checks).await;
+            assert!(matches!(refused, Err(Error::StaleRead)), "{}: {what}: {refused:?}", b.name);
+            assert_eq!(s.saga("s1").await.unwrap().unwrap().seq, seq, "{}: {what}: no transition", b.name);
+            assert_eq!(s.state_get("p", "b").await.unwrap(), None, "{}: {what}: no write", b.name);
+        }
+        // The checks see the database before the commit's own writes: "b absent" holds
+        // although the commit writes it, and "a is 1" although the commit changes it.
+        let checks = [("a".to_owned(), Some(b"1".to_vec())), ("b".to_owned(), None)];
+        commit_checked(s, "p", &[put("a", "2"), put("b", "x")], &checks).await.unwrap();
+        assert_eq!(s.state_get("p", "a").await.unwrap().as_deref(), Some(b"2".as_slice()), "{}", b.name);
+        assert_eq!(s.state_get("p", "b").await.unwrap().as_deref(), Some(b"x".as_slice()), "{}", b.name);
+
+        // A creation with its first commit, keyed and not: refused whole, then let through.
+        let names = vec!["only".to_owned()];
+        for (id, keyed) in [("s2", true), ("s3", false)] {
+            let first = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga(id) };
+            let events = [event(id, &first.state, 1)];
+            let writes = [("p", &[put(&format!("made/{id}"), "1")][..])];
+            let stale = [("a".to_owned(), Some(b"1".to_vec()))];
+            let current = [("a".to_owned(), Some(b"2".to_vec()))];
+            for (checks, ok) in [(&stale, false), (&current, true)] {
+                let claim = keyed.then(|| IdempotencyClaim { key: format!("{id}-{ok}"), ..waiting_claim() });
+                let checks = [("p", &checks[..])];
+                let mut c = commit(&first.state, &names, &events[0], Fence::LeaseRelease(1), 1);
+                c.saga_id = id;
+                c.plugin_writes = &writes;
+                c.plugin_checks = &checks;
+                c.creation = Some(Creation { saga: &first, claim: claim.as_ref() });
+                let done = s.commit(&c).await;
+                assert_eq!(done.is_ok(), ok, "{} {id}: {done:?}", b.name);
+                assert_eq!(s.saga(id).await.unwrap().is_some(), ok, "{} {id}", b.name);
+                assert_eq!(s.state_get("p", &format!("made/{id}")).await.unwrap().is_some(), ok, "{} {id}", b.name);
+                if !ok {
+                    assert!(matches!(done, Err(Error::StaleRead)), "{} {id}: {done:?}", b.name);
+                    if let Some(claim) = &claim {
+                        // The key is still new: the request's own creation takes it.
+                        let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
+                        assert_eq!(alone, CreateOutcome::Created, "{} {id}: the key was not claimed", b.name);
+                    }
+                }
+            }
+        }
+        b.cleanup().await;
+    }
+}
+
+/// PostgreSQL replicas answer a call's state reads from memory (values they committed, keys
+/// they never saw) when the call lets them guess, and say so (`checked`): another replica
+/// may have changed the value. The commit that checks a stale answer is refused and writes
+/// nothing, and from then on the key is read from the database; plain reads always are.
+#[tokio::test]
+async fn postgresql_replicas_answer_reads_from_memory_subject_to_the_commits_check() {
+    let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
+    if admin == "off" {
+        return;
+    }
+    let url = postgres::scratch_database(&admin, "sagahost_test").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_exclusive(Some(&url), dir.path(), 4).await.unwrap();
+    let b = open_exclusive(Some(&url), dir.path(), 4).await.unwrap();
+    let put = |k: &str, v: &str| (k.to_owned(), Some(v.as_bytes().to_vec()));
+    let read = |value: Option<&str>, checked: bool| StateRead { value: value.map(|v| v.as_bytes().to_vec()), checked };
+
+    commit_state(&a, "payment", &[put("charge/1", "charged")], false).await.unwrap();
+    let before = a.state_read_stats();
+    assert_eq!(a.state_read("payment", "charge/1", true).await.unwrap(), read(Some("charged"), true));
+    assert_eq!(a.state_read("payment", "charge/2", true).await.unwrap(), read(None, true), "never seen");
+    let after = a.state_read_stats();
+    assert_eq!((after.cache - before.cache, after.filter - before.filter, after.database - before.database), (1, 1, 0));
+    // No guess: the database.
+    assert_eq!(a.state_read("payment", "charge/1", false).await.unwrap(), read(Some("charged"), false));
+    assert_eq!(a.state_read_stats().database - after.database, 1);
+
+    // Another replica changes one and creates the other; A's memory still says otherwise.
+    commit_state(&b, "payment", &[put("charge/1", "refunded"), put("charge/2", "new")], false).await.unwrap();
+    assert_eq!(a.state_read("payment", "charge/1", true).await.unwrap(), read(Some("charged"), true));
+    assert_eq!(a.state_read("payment", "charge/2", true).await.unwrap(), read(None, true));
+    assert_eq!(a.state_get("payment", "charge/1").await.unwrap().as_deref(), Some(b"refunded".as_slice()));
+
+    // A commit checking those answers is refused, and A asks the database from then on.
+    for (key, seen, now) in [("charge/1", Some("charged"), "refunded"), ("charge/2", None, "new")] {
+        let checks = [(key.to_owned(), seen.map(|v| v.as_bytes().to_vec()))];
+        let refused = commit_checked(&a, "payment", &[put("other", "x")], &checks).await;
+        assert!(matches!(refused, Err(Error::StaleRead)), "{key}: {refused:?}");
+        assert_eq!(a.state_get("payment", "other").await.unwrap(), None, "{key}: nothing written");
+        assert_eq!(a.state_read("payment", key, true).await.unwrap(), read(Some(now), false), "{key}");
+    }
+    assert_eq!(a.state_read_stats().checks_refused, 2);
+
+    // Answers that still stand commit, and what A commits it answers from memory again.
+    let checks = [("charge/3".to_owned(), None)];
+    commit_checked(&a, "payment", &[put("charge/3", "third")], &checks).await.unwrap();
+    assert_eq!(a.state_read("payment", "charge/3", true).await.unwrap(), read(Some("third"), true));
+    assert_eq!(b.state_get("payment", "charge/3").await.unwrap().as_deref(), Some(b"third".as_slice()));
+    drop((a, b));
+    postgres::drop_database(&admin, &url).await.unwrap();
 }
