@@ -835,3 +835,73 @@ async fn a_keyed_signal_whose_client_hung_up_mid_commit_is_answered_once() {
         .flatten();
     assert_eq!(stored, Some(202), "the delivered signal's answer is stored under its key");
 }
+
+/// A replica answers a host-only plugin's state reads from memory, and its commit checks
+/// them: an order reserved on replica 0 and cancelled on replica 1, which started before the
+/// reservation was written (its key filter says there is none), still has its reservation
+/// released. Replica 1's compensation first reads "no reservation" from memory; the commit of
+/// that result is refused (counted in `sagahost_state_checks_refused_total`), and the steps
+/// run again reading the database. Without the check the order ended CANCELLED with its
+/// items still reserved.
+#[tokio::test]
+async fn a_compensation_on_a_replica_that_never_saw_the_reservation_still_releases_it() {
+    let mut c = Cluster::start(2, &[]).await;
+    let bases = c.bases();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/orders", bases[0]))
+        .header("Idempotency-Key", key())
+        .json(&crate::harness::order("tok_3ds", "SKU-1", "US"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    loop {
+        let parked: Option<String> = sqlx::query_scalar(
+            "SELECT s.id FROM sagas s JOIN saga_steps t ON t.saga_id = s.id \
+             WHERE s.id = $1 AND t.status = 'waiting' AND s.lease_owner IS NULL",
+        )
+        .bind(&id)
+        .fetch_optional(&c.pool)
+        .await
+        .unwrap();
+        if parked.is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the order never parked for its signal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Only replica 1 is left to compensate it.
+    let status = c.hosts[0].take().expect("replica 0").terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "replica 0 exited with {status}");
+    let r = http
+        .post(format!("{}/orders/{id}/cancel", bases[1]))
+        .header("Idempotency-Key", key())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "cancel: {}", r.status());
+    let cancelled = Instant::now();
+    loop {
+        let o: Value = http.get(format!("{}/orders/{id}", bases[1])).send().await.unwrap().json().await.unwrap();
+        if o["status"] == "CANCELLED" {
+            break;
+        }
+        assert!(cancelled.elapsed() < Duration::from_secs(20), "not cancelled within 20 s: {o:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reservation: String = sqlx::query_scalar(
+        "SELECT convert_from(value, 'UTF8') FROM plugin_state WHERE plugin = 'inventory' AND key = $1",
+    )
+    .bind(format!("reservation/{id}"))
+    .fetch_one(&c.pool)
+    .await
+    .unwrap();
+    let reservation: Value = serde_json::from_str(&reservation).unwrap();
+    assert_eq!(reservation["status"], "released", "{reservation:#}");
+    let refused = c.host(1).metric("sagahost_state_checks_refused_total").await;
+    assert!(refused >= 1.0, "replica 1 answered from the database, not from memory: {refused} refusals");
+}
