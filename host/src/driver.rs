@@ -948,16 +948,17 @@ impl Inner {
             // A creation's request creates the saga itself once the deferral is dropped (with
             // `creating`, on return), and a driver claims it: its steps then run again.
             Err(saga::Error::StaleRead) if creating.is_some() => {
-                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; the saga is created alone and its steps run again");
+                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed, or a request with the same idempotency key created its saga first; the request creates the saga alone if it is new");
                 Flushed::Stop
             }
             // Or the fence refused it (the check cannot tell): the reload says which.
             Err(saga::Error::StaleRead) => {
-                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; running them again");
                 if self.reload(rec, epoch).await {
+                    tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; running them again");
                     Flushed::Reloaded
                 } else {
                     self.metrics.stale_commit();
+                    tracing::warn!(saga_id = %rec.id, epoch, transitions = n, "lost the saga to a newer claim; discarding this result");
                     Flushed::Stop
                 }
             }

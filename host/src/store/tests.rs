@@ -1694,6 +1694,23 @@ async fn a_serving_sqlite_host_knows_which_state_keys_exist() {
 
 /// Commits `writes` of `plugin` on saga s1 (created if missing), fenced when `stale`.
 async fn commit_state(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], stale: bool) -> Result<i64> {
+    commit_call(s, plugin, writes, &[], stale).await
+}
+
+/// Commits `writes` and `checks` of `plugin` on saga s1 (created if missing), as the driver
+/// commits what a call did.
+async fn commit_checked(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], checks: &[StateCheck]) -> Result<i64> {
+    commit_call(s, plugin, writes, checks, false).await
+}
+
+/// Commits what a call of `plugin` did on saga s1 (created if missing), fenced when `stale`.
+async fn commit_call(
+    s: &Arc<dyn Store>,
+    plugin: &str,
+    writes: &[StateWrite],
+    checks: &[StateCheck],
+    stale: bool,
+) -> Result<i64> {
     let rec = match s.saga("s1").await.unwrap() {
         Some(rec) => rec,
         None => {
@@ -1706,7 +1723,9 @@ async fn commit_state(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], s
     let e = event("s1", &rec.state, read_seq);
     let mut c = commit(&rec.state, &names, &e, Fence::Takeover, read_seq);
     let plugin_writes = [(plugin, writes)];
+    let plugin_checks = [(plugin, checks)];
     c.plugin_writes = &plugin_writes;
+    c.plugin_checks = &plugin_checks;
     s.commit(&c).await
 }
 
@@ -1833,26 +1852,6 @@ impl WriteLock {
         use sqlx::Executor as _;
         self.0.execute("ROLLBACK").await.unwrap();
     }
-}
-
-/// Commits `writes` and `checks` of `plugin` on saga s1 (created if missing), as the driver
-/// commits what a call did.
-async fn commit_checked(s: &Arc<dyn Store>, plugin: &str, writes: &[StateWrite], checks: &[StateCheck]) -> Result<i64> {
-    let rec = match s.saga("s1").await.unwrap() {
-        Some(rec) => rec,
-        None => {
-            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
-            s.saga("s1").await.unwrap().unwrap()
-        }
-    };
-    let names = vec!["only".to_owned()];
-    let e = event("s1", &rec.state, rec.seq);
-    let mut c = commit(&rec.state, &names, &e, Fence::Takeover, rec.seq);
-    let plugin_writes = [(plugin, writes)];
-    let plugin_checks = [(plugin, checks)];
-    c.plugin_writes = &plugin_writes;
-    c.plugin_checks = &plugin_checks;
-    s.commit(&c).await
 }
 
 /// A commit that carries state checks applies only while each checked key still holds the
