@@ -815,19 +815,19 @@ impl Inner {
                     return;
                 }
             };
-            let Called { event, writes, call_time, reached_out } = called;
+            let Called { event, touched, call_time, reached_out } = called;
             // Kept for the refused-data path: a chain of one whose data the store refuses is
             // recorded as a failed attempt of this call, under the checks of its reads (the
             // refused data may have come of a stale value).
             let first = staged.is_empty().then(|| {
-                let checks = writes.as_ref().map(|t| Touched {
+                let checks = touched.as_ref().map(|t| Touched {
                     plugin: t.plugin.clone(),
                     writes: Vec::new(),
                     checks: t.checks.clone(),
                 });
                 (event.clone(), checks)
             });
-            let keep = match self.sagas.stage(&mut rec, &mut staged, event, writes) {
+            let keep = match self.sagas.stage(&mut rec, &mut staged, event, touched) {
                 Ok(keep) => keep,
                 Err(e) => {
                     // Cannot happen for an event built from the action just computed. Discard
@@ -1282,8 +1282,8 @@ impl Inner {
             jitter: rand::random::<f64>(),
             reached_out: out.reached_out,
         };
-        let writes = Some(Touched { plugin: sdef.execute.plugin.clone(), writes: out.writes, checks: out.checks });
-        Ok(Called { event, writes, call_time: out.elapsed, reached_out: out.reached_out })
+        let touched = Some(Touched { plugin: sdef.execute.plugin.clone(), writes: out.writes, checks: out.checks });
+        Ok(Called { event, touched, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
     /// A call of a plugin version this host cannot load; nothing is called.
@@ -1319,7 +1319,7 @@ impl Inner {
                     let minutes = refused_for / 60_000;
                     tracing::error!(saga_id = %rec.id, %step, error = %refused, minutes, "a step's plugin has run on no replica for minutes; its attempt fails");
                     let event = failed(format!("{refused}; no replica has run it for {minutes} minutes"));
-                    return Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false });
+                    return Ok(Called { event, touched: None, call_time: Duration::ZERO, reached_out: false });
                 }
                 tracing::error!(saga_id = %rec.id, %step, error = %refused, pause_s = NOT_LOADABLE_PAUSE.as_secs(), "a step's plugin cannot run on this host; leaving the saga to a replica that can");
                 let pause = i64::try_from(NOT_LOADABLE_PAUSE.as_millis()).unwrap_or(i64::MAX);
@@ -1328,7 +1328,7 @@ impl Inner {
             unknown @ crate::catalog::NotLoaded::Unknown(_) => {
                 tracing::warn!(saga_id = %rec.id, %step, error = %unknown, "a step's plugin version is stored nowhere; its attempt fails");
                 let event = failed(unknown.to_string());
-                Ok(Called { event, writes: None, call_time: Duration::ZERO, reached_out: false })
+                Ok(Called { event, touched: None, call_time: Duration::ZERO, reached_out: false })
             }
         }
     }
@@ -1399,7 +1399,7 @@ impl Inner {
         };
         Ok(Called {
             event,
-            writes: Some(Touched { plugin: binding.plugin, writes: out.writes, checks: out.checks }),
+            touched: Some(Touched { plugin: binding.plugin, writes: out.writes, checks: out.checks }),
             call_time: out.elapsed,
             reached_out: out.reached_out,
         })
@@ -1513,7 +1513,7 @@ impl From<String> for Unserved {
 struct Called {
     event: Event,
     /// The state writes to commit with the event, and the reads its commit checks.
-    writes: Option<Touched>,
+    touched: Option<Touched>,
     /// The plugin call's wall-clock time.
     call_time: Duration,
     /// The call made an outbound request: it ends the chain.
@@ -1523,7 +1523,7 @@ struct Called {
 impl Called {
     /// An action of the host alone: no call, no writes.
     fn host(event: Event) -> Called {
-        Called { event, writes: None, call_time: Duration::ZERO, reached_out: false }
+        Called { event, touched: None, call_time: Duration::ZERO, reached_out: false }
     }
 }
 

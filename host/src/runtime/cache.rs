@@ -48,12 +48,12 @@ impl Cache {
         self.ready.read().unwrap_or_else(|e| e.into_inner()).contains_key(digest)
     }
 
-    /// The compiled plugin, for a call: marks it used now.
-    pub(super) fn get(&self, digest: &str) -> Option<Arc<dyn Prepared>> {
+    /// The compiled plugin and what it may do, for a call: marks it used now.
+    pub(super) fn get(&self, digest: &str) -> Option<(Arc<dyn Prepared>, Capabilities)> {
         let ready = self.ready.read().unwrap_or_else(|e| e.into_inner());
         let entry = ready.get(digest)?;
         entry.used.store(self.now(), Ordering::Relaxed);
-        Some(Arc::clone(&entry.ready))
+        Some((Arc::clone(&entry.ready), entry.caps))
     }
 
     pub(super) fn capabilities(&self, digest: &str) -> Option<Capabilities> {

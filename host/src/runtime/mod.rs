@@ -393,14 +393,15 @@ impl Runtime {
     }
 
     fn call<'a>(&'a self, digest: &'a str, plugin: &'a str, info: &'a CallInfo, timeout: Duration) -> call::Call<'a> {
+        let (ready, caps) = self.cache.get(digest).unzip();
         call::Call {
             engine: &self.engine,
             slots: &self.slots,
             reader: &self.reader,
             limits: &self.limits,
-            ready: self.cache.get(digest),
+            ready,
             // Stale answers only for a component that cannot carry them to another service.
-            guess: self.cache.capabilities(digest).is_some_and(|c| !c.outbound_http),
+            guess: caps.is_some_and(|c| !c.outbound_http),
             digest,
             plugin,
             info,

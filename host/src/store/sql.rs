@@ -274,7 +274,9 @@ impl SqlStore {
             updated_at: c.now,
             last_event_id: &last.event_id,
         };
-        self.push_saga_insert(script, saga, creation.claim, row, c.plugin_checks)?;
+        // A claimed insert follows its claim, which carries the checks.
+        let checks = if creation.claim.is_some() { &[][..] } else { c.plugin_checks };
+        self.push_saga_insert(script, saga, creation.claim, row, checks)?;
         let fenced = || [Arg::text(&saga.id), Arg::text(&last.event_id)];
         let mut steps = Vec::with_capacity(c.state.steps.len());
         for (i, step) in c.state.steps.iter().enumerate() {
@@ -291,7 +293,8 @@ impl SqlStore {
     }
 
     /// The saga row's insert (the head of a creation's group), only if `claim` went in (its
-    /// statement pushed just before) and the state `checks` hold ([`check_conditions`]).
+    /// statement pushed just before), and without a claim only if the state `checks` hold
+    /// ([`check_conditions`]; a claim carries them itself: [`claim_statement`]).
     fn push_saga_insert(
         &self,
         script: &mut Script,
@@ -324,18 +327,9 @@ impl SqlStore {
                 args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
                 self.sql.insert_saga_if_claimed.clone()
             }
-            None => self.sql.insert_saga.clone(),
-        };
-        let insert = match check_conditions(checks, &mut args) {
-            None => insert,
-            Some(checks) => match claim {
-                Some(_) => {
-                    let claimed = insert
-                        .strip_suffix(COMMIT_RETURNING)
-                        .ok_or_else(|| corrupt("a saga insert without its RETURNING"))?;
-                    format!("{claimed} AND {checks}{COMMIT_RETURNING}")
-                }
-                None => format!("{}{checks}{COMMIT_RETURNING}", self.sql.insert_saga_where),
+            None => match check_conditions(checks, &mut args) {
+                None => self.sql.insert_saga.clone(),
+                Some(checks) => format!("{}{checks}{COMMIT_RETURNING}", self.sql.insert_saga_where),
             },
         };
         script.push_as(Role::Head("seq"), insert, args);
