@@ -65,11 +65,36 @@ struct GaugeLabels {
     gauge: &'static str,
 }
 
-/// Labels of a plugin call's phase.
+/// Labels of a plugin call's phase, or of a relay batch's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
-    /// One of [`PHASES`] ([`crate::runtime::Phases`]).
+    /// One of [`PHASES`] ([`crate::runtime::Phases`]), or of [`RelayPhase`].
     phase: &'static str,
+}
+
+/// A part of one relay batch, as labelled in `sagahost_relay_phase_seconds`: where the relay's
+/// time goes when it falls behind (the database's reads or marks, or the sink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayPhase {
+    /// Reading the batch from the outbox.
+    Read,
+    /// The sink's publish (for `events.jsonl` the write and fsync, for Kafka the produce
+    /// acknowledgements).
+    Publish,
+    /// Marking the delivered rows published.
+    Mark,
+}
+
+impl RelayPhase {
+    const ALL: [RelayPhase; 3] = [RelayPhase::Read, RelayPhase::Publish, RelayPhase::Mark];
+
+    fn label(self) -> &'static str {
+        match self {
+            RelayPhase::Read => "read",
+            RelayPhase::Publish => "publish",
+            RelayPhase::Mark => "mark",
+        }
+    }
 }
 
 /// Labels of a saga the driver settled.
@@ -107,6 +132,8 @@ pub struct Metrics {
     call_phases: [Histogram; 4],
     /// `sagahost_plugin_call_cpu_seconds`.
     call_cpu: Histogram,
+    /// `sagahost_relay_phase_seconds`, one per phase in [`RelayPhase::ALL`] order.
+    relay_phases: [Histogram; 3],
     events_published: Counter,
     relay_failures: Counter,
     transition_overhead: Histogram,
@@ -213,6 +240,16 @@ impl Metrics {
             events_published.clone(),
         );
         registry.register("relay_failures", "Relay batches that failed and will be retried", relay_failures.clone());
+        let relay_phase_seconds =
+            Family::<PhaseLabels, Histogram, HistogramFn>::new_with_constructor(latency_histogram as HistogramFn);
+        registry.register(
+            "relay_phase_seconds",
+            "Where the relay's batches spend their time, by phase: read (the outbox rows), publish (the sink's write \
+             or the broker's acknowledgements), mark (the delivered rows published)",
+            relay_phase_seconds.clone(),
+        );
+        let relay_phases =
+            RelayPhase::ALL.map(|p| relay_phase_seconds.get_or_create(&PhaseLabels { phase: p.label() }).clone());
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "plugin_http_requests",
@@ -317,6 +354,7 @@ impl Metrics {
             http_seconds,
             call_phases,
             call_cpu,
+            relay_phases,
             events_published,
             relay_failures,
             transition_overhead,
@@ -380,6 +418,11 @@ impl Metrics {
     /// The driver committed a saga into a terminal status or COMPENSATION_FAILED.
     pub fn settled(&self, saga_type: &str, status: &str) {
         self.settled.get_or_create(&SettledLabels { saga_type: saga_type.to_owned(), status: status.to_owned() }).inc();
+    }
+
+    /// One phase of a relay batch took `elapsed`.
+    pub fn relay_phase(&self, phase: RelayPhase, elapsed: Duration) {
+        self.relay_phases[phase as usize].observe(elapsed.as_secs_f64());
     }
 
     pub fn published(&self, n: usize) {

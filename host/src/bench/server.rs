@@ -251,6 +251,26 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::PerSecond { sample: "sagahost_events_published_total" },
     },
     Figure {
+        key: "relay_read_mean_ms",
+        label: "relay batch: read mean ms",
+        kind: Kind::LabelledMean { family: "sagahost_relay_phase_seconds", label: "phase=\"read\"", scale: 1e3 },
+    },
+    Figure {
+        key: "relay_publish_mean_ms",
+        label: "publish mean ms",
+        kind: Kind::LabelledMean { family: "sagahost_relay_phase_seconds", label: "phase=\"publish\"", scale: 1e3 },
+    },
+    Figure {
+        key: "relay_mark_mean_ms",
+        label: "mark mean ms",
+        kind: Kind::LabelledMean { family: "sagahost_relay_phase_seconds", label: "phase=\"mark\"", scale: 1e3 },
+    },
+    Figure {
+        key: "relay_batches_per_s",
+        label: "relay batches published per s",
+        kind: Kind::PerSecond { sample: "sagahost_relay_phase_seconds_count|phase=\"publish\"" },
+    },
+    Figure {
         key: "relay_failures",
         label: "relay failures",
         kind: Kind::Increase { sample: "sagahost_relay_failures_total" },

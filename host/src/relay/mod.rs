@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::driver::DriverHandle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RelayPhase};
 use crate::store::{OutboxRow, OutboxStore};
 
 /// What a sink did with a batch.
@@ -381,7 +381,10 @@ async fn publish_once(
     options: &RelayOptions,
     epoch: i64,
 ) -> anyhow::Result<Batch> {
-    let rows = match store.outbox_batch(options.batch_size, options.max_batch_bytes).await {
+    let began = std::time::Instant::now();
+    let read = store.outbox_batch(options.batch_size, options.max_batch_bytes).await;
+    metrics.relay_phase(RelayPhase::Read, began.elapsed());
+    let rows = match read {
         Ok(rows) => rows,
         Err(e) => {
             metrics.relay_failed();
@@ -401,7 +404,9 @@ async fn publish_once(
     if lag_ms as u128 > options.lag_warning.as_millis() {
         tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
     }
+    let began = std::time::Instant::now();
     let mut published = sink.publish(&rows).await;
+    metrics.relay_phase(RelayPhase::Publish, began.elapsed());
     let refused = published.refused.clone().filter(|_| published.acked < rows.len());
     let delivered_after = std::mem::take(&mut published.delivered_after);
     let confirmed_after = std::mem::take(&mut published.confirmed_after);
@@ -414,7 +419,10 @@ async fn publish_once(
     let marked = acked + beyond.len();
     if marked > 0 {
         let ids: Vec<i64> = rows[..acked].iter().chain(beyond.iter().map(|&i| &rows[i])).map(|r| r.id).collect();
-        if let Err(e) = store.outbox_mark_published(&ids, clock.now_ms()).await {
+        let began = std::time::Instant::now();
+        let marking = store.outbox_mark_published(&ids, clock.now_ms()).await;
+        metrics.relay_phase(RelayPhase::Mark, began.elapsed());
+        if let Err(e) = marking {
             metrics.relay_failed();
             return Err(e.into());
         }

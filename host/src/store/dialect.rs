@@ -4,7 +4,7 @@
 //! (`$N` placeholders, `ON CONFLICT`, `RETURNING`, `CAST(.. AS ..)`, row values, `UPDATE ..
 //! FROM`, `WITH .. AS MATERIALIZED`), and run through sqlx's `Any` driver. A [`Dialect`] holds
 //! the handful of clauses that cannot be shared (the database's clock, row locks that skip
-//! locked rows, how a snapshot read begins), how connections are made, which migrations apply,
+//! locked rows, how a snapshot read begins, a set of integers bound as one value), how connections are made, which migrations apply,
 //! and which of the database's error codes mean "try again".
 //!
 //! Adding a backend means one more `Dialect` (a file beside `sqlite.rs` and `postgres.rs`,
@@ -53,6 +53,11 @@ pub trait Dialect: Send + Sync + 'static {
     /// The statement that begins a read-only transaction in which several SELECTs see one
     /// snapshot (a saga row and its steps).
     fn begin_snapshot(&self) -> &'static str;
+    /// A condition that `column` is one of the 64-bit integers of the text parameter `param`,
+    /// written comma-separated (`1,2,3`; empty: none). One statement, prepared once, for a
+    /// set of any size, where `IN ($2, $3, ..)` takes a placeholder per member and a
+    /// statement per size.
+    fn in_integers(&self, column: &str, param: &str) -> String;
     /// Whether hot-path writes share transactions ([`super::batch::Writes::Grouped`]): true
     /// where the database has one writer and a commit is an fsync the next writer waits for.
     fn group_commit(&self) -> bool;

@@ -92,6 +92,11 @@ impl Dialect for Postgres {
         " FOR UPDATE"
     }
 
+    fn in_integers(&self, column: &str, param: &str) -> String {
+        // The list as an array literal: one index scan over the members.
+        format!("{column} = ANY (CAST('{{' || {param} || '}}' AS BIGINT[]))")
+    }
+
     fn begin_snapshot(&self) -> &'static str {
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
     }

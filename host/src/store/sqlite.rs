@@ -115,6 +115,11 @@ impl Dialect for Sqlite {
         ""
     }
 
+    fn in_integers(&self, column: &str, param: &str) -> String {
+        // The list as a JSON array: SQLite looks each member up by the column's index.
+        format!("{column} IN (SELECT value FROM json_each('[' || {param} || ']'))")
+    }
+
     fn begin_snapshot(&self) -> &'static str {
         // A deferred read transaction: in WAL mode its first SELECT fixes the snapshot.
         "BEGIN"

@@ -1123,6 +1123,37 @@ async fn the_relays_batch_is_bounded_by_rows_and_by_bytes() {
     }
 }
 
+/// A mark is one statement whatever its size (its ids travel as one value): it publishes
+/// exactly the rows it lists, however many, and nothing else; ids listed twice, or of rows
+/// already published, change nothing more.
+#[tokio::test]
+async fn a_mark_publishes_exactly_the_rows_it_lists() {
+    for b in backends().await {
+        let s = &b.store;
+        for i in 0..150 {
+            s.create_saga(&new_saga(&format!("m{i}")), None, 0).await.unwrap();
+        }
+        let all: Vec<i64> = s.outbox_pending(1_000).await.unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(all.len(), 150, "{}", b.name);
+        s.outbox_mark_published(&[], 1).await.unwrap();
+        assert_eq!(s.outbox_pending(1_000).await.unwrap().len(), 150, "{}: an empty mark", b.name);
+        // Every row but each seventh, the first one listed twice.
+        let (kept, marked): (Vec<i64>, Vec<i64>) = all.iter().partition(|&&id| id % 7 == 3);
+        assert!(!kept.is_empty() && !marked.is_empty(), "{}", b.name);
+        let mut listed = marked.clone();
+        listed.push(marked[0]);
+        s.outbox_mark_published(&listed, 2).await.unwrap();
+        let pending: Vec<i64> = s.outbox_pending(1_000).await.unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(pending, kept, "{}", b.name);
+        // The rest, with some published ones again.
+        let mut rest = kept.clone();
+        rest.extend(&marked[..10]);
+        s.outbox_mark_published(&rest, 3).await.unwrap();
+        assert!(s.outbox_pending(1_000).await.unwrap().is_empty(), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn housekeeping_deletes_in_batches_of_at_most_the_limit() {
     for b in backends().await {
