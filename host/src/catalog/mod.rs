@@ -16,7 +16,7 @@
 //! [`Error::Conflict`], and the cache is refreshed so that a retry sees the winner's change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -90,14 +90,50 @@ pub struct Catalog {
     refused: RwLock<HashMap<String, (String, String)>>,
     /// The store's catalog version this cache reflects (at least).
     version: AtomicI64,
-    /// One refresh at a time.
-    refreshing: tokio::sync::Mutex<()>,
+    /// One refresh at a time, each serving every caller that asked before it began.
+    refreshing: Refreshes,
     /// One compile at a time ([`Catalog::compile`]): two at once would hold two compilations'
     /// memory (hundreds of MiB for a JavaScript or Python component) on a small host, and a
     /// version wanted twice is compiled once. Apart from `refreshing`, so that a refresh that
     /// needs no compile (a bind of a version loaded here) never waits behind one a call
     /// started (a version unloaded while idle, seconds for a large component).
     compiling: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Refreshes shared by their callers. A caller (a compensation catching up, the periodic
+/// watch, a bind after a conflict) needs a refresh whose read of the store began after it
+/// asked: that one sees every change acknowledged before. One runs at a time, and each that
+/// succeeds serves every caller that was waiting when it began, so N callers at once cost
+/// two reads (the one under way when they came, which may predate them, and the next), not N
+/// in a queue. At the PostgreSQL peak every compensation caught up through one lock, a
+/// database round trip each: the queue added tens of milliseconds to each compensating saga.
+#[derive(Default)]
+struct Refreshes {
+    /// One refresh at a time.
+    one: tokio::sync::Mutex<()>,
+    /// How many refreshes began (counted before their read).
+    begun: AtomicU64,
+    /// The `begun` count of the last refresh that succeeded.
+    succeeded: AtomicU64,
+}
+
+impl Refreshes {
+    /// Runs `refresh`, one at a time, unless one that began after this call succeeded by the
+    /// time it is this call's turn.
+    async fn run<E, F: std::future::Future<Output = Result<(), E>>>(
+        &self,
+        refresh: impl FnOnce() -> F,
+    ) -> Result<(), E> {
+        let asked = self.begun.load(Ordering::SeqCst);
+        let _one = self.one.lock().await;
+        if self.succeeded.load(Ordering::SeqCst) > asked {
+            return Ok(());
+        }
+        let this = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        refresh().await?;
+        self.succeeded.store(this, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Whether host release `a` is newer than `b` by semver precedence (a pre-release before the
@@ -126,7 +162,7 @@ impl Catalog {
             plugin_names: RwLock::new(HashMap::new()),
             refused: RwLock::new(HashMap::new()),
             version: AtomicI64::new(i64::MIN),
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: Refreshes::default(),
             compiling: Arc::new(tokio::sync::Mutex::new(())),
         };
         catalog.refresh().await?;
@@ -214,8 +250,14 @@ impl Catalog {
     /// (older uploads, a canary not bound yet, what sagas in flight still pin) are compiled
     /// when a call needs them ([`Catalog::ensure_loaded`]): a host's memory and start-up time
     /// follow what is bound, not every version ever uploaded.
+    ///
+    /// Callers share refreshes: one that began after a call was made serves it too
+    /// ([`Refreshes`]).
     pub async fn refresh(&self) -> Result<(), Error> {
-        let _one = self.refreshing.lock().await;
+        self.refreshing.run(|| self.refresh_now()).await
+    }
+
+    async fn refresh_now(&self) -> Result<(), Error> {
         // Read the version first: a change committed while we load bumps it again, and the
         // next refresh picks that up.
         let version = self.store.catalog_version().await?;
@@ -619,6 +661,73 @@ pub(crate) mod tests {
             after: None,
             note: None,
             answer: None,
+        }
+    }
+
+    /// Callers that come while a refresh runs share the next one: it began after they asked,
+    /// so it sees what they must see; the one under way when they came, which may have read
+    /// the store before, serves none of them. A refresh that fails serves nobody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_waiting_for_a_refresh_share_the_next_one_not_the_one_under_way() {
+        use std::sync::atomic::AtomicUsize;
+        let refreshes = Arc::new(Refreshes::default());
+        // What the store says, and what the latest refresh read of it.
+        let stored = Arc::new(AtomicUsize::new(1));
+        let read = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        // The next refresh to run fails, once.
+        let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refresh = || {
+            let (stored, read, runs, fail_next) = (stored.clone(), read.clone(), runs.clone(), fail_next.clone());
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let seen = stored.load(Ordering::SeqCst);
+                let fail = fail_next.swap(false, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if fail {
+                    return Err("the store did not answer");
+                }
+                read.store(seen, Ordering::SeqCst);
+                Ok(())
+            }
+        };
+        for fail in [false, true] {
+            runs.store(0, Ordering::SeqCst);
+            // A refresh under way (it read the store before the change below) ...
+            let first = tokio::spawn({
+                let (refreshes, refresh) = (refreshes.clone(), refresh());
+                async move { refreshes.run(refresh).await }
+            });
+            let started = async {
+                while runs.load(Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), started).await.expect("the first refresh never ran");
+            // ... when a change is acknowledged and 50 callers ask (the first refresh for them
+            // fails, the second time round).
+            stored.fetch_add(1, Ordering::SeqCst);
+            let waiting: Vec<_> = (0..50)
+                .map(|_| {
+                    let (refreshes, refresh, read) = (refreshes.clone(), refresh(), read.clone());
+                    tokio::spawn(async move { refreshes.run(refresh).await.map(|()| read.load(Ordering::SeqCst)) })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            fail_next.store(fail, Ordering::SeqCst);
+            first.await.unwrap().unwrap();
+            let mut failed = 0;
+            for w in waiting {
+                match w.await.unwrap() {
+                    Ok(seen) => {
+                        assert_eq!(seen, stored.load(Ordering::SeqCst), "served by a refresh that read before it asked")
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            // The one under way, one for all who waited, and after a failed one another.
+            let expected = if fail { 3 } else { 2 };
+            assert_eq!((runs.load(Ordering::SeqCst), failed), (expected, usize::from(fail)), "fail {fail}");
         }
     }
 
