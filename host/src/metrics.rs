@@ -76,12 +76,12 @@ struct PhaseLabels {
 /// time goes when it falls behind (the database's reads or marks, or the sink).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayPhase {
-    /// Reading the batch from the outbox.
+    /// Reading the batch from the outbox (reads that find nothing are not counted).
     Read,
     /// The sink's publish (for `events.jsonl` the write and fsync, for Kafka the produce
-    /// acknowledgements).
+    /// acknowledgements), a refused row's retry alone included.
     Publish,
-    /// Marking the delivered rows published.
+    /// Marking the delivered rows published, or a refused one dead-lettered.
     Mark,
 }
 
@@ -93,6 +93,15 @@ impl RelayPhase {
             RelayPhase::Read => "read",
             RelayPhase::Publish => "publish",
             RelayPhase::Mark => "mark",
+        }
+    }
+
+    /// Its place in [`RelayPhase::ALL`] (and in `Metrics::relay_phases`).
+    fn index(self) -> usize {
+        match self {
+            RelayPhase::Read => 0,
+            RelayPhase::Publish => 1,
+            RelayPhase::Mark => 2,
         }
     }
 }
@@ -422,7 +431,7 @@ impl Metrics {
 
     /// One phase of a relay batch took `elapsed`.
     pub fn relay_phase(&self, phase: RelayPhase, elapsed: Duration) {
-        self.relay_phases[phase as usize].observe(elapsed.as_secs_f64());
+        self.relay_phases[phase.index()].observe(elapsed.as_secs_f64());
     }
 
     pub fn published(&self, n: usize) {

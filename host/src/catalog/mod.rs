@@ -675,15 +675,19 @@ pub(crate) mod tests {
         let stored = Arc::new(AtomicUsize::new(1));
         let read = Arc::new(AtomicUsize::new(0));
         let runs = Arc::new(AtomicUsize::new(0));
-        // The next refresh to run fails, once.
+        // The next refresh to run fails, once; a gated one waits for the gate after its read.
         let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let refresh = || {
-            let (stored, read, runs, fail_next) = (stored.clone(), read.clone(), runs.clone(), fail_next.clone());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let refresh = |gated: bool| {
+            let (stored, read, runs, fail_next, gate) =
+                (stored.clone(), read.clone(), runs.clone(), fail_next.clone(), gate.clone());
             move || async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 let seen = stored.load(Ordering::SeqCst);
                 let fail = fail_next.swap(false, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if gated {
+                    gate.acquire().await.unwrap().forget();
+                }
                 if fail {
                     return Err("the store did not answer");
                 }
@@ -695,7 +699,7 @@ pub(crate) mod tests {
             runs.store(0, Ordering::SeqCst);
             // A refresh under way (it read the store before the change below) ...
             let first = tokio::spawn({
-                let (refreshes, refresh) = (refreshes.clone(), refresh());
+                let (refreshes, refresh) = (refreshes.clone(), refresh(true));
                 async move { refreshes.run(refresh).await }
             });
             let started = async {
@@ -707,14 +711,26 @@ pub(crate) mod tests {
             // ... when a change is acknowledged and 50 callers ask (the first refresh for them
             // fails, the second time round).
             stored.fetch_add(1, Ordering::SeqCst);
+            let asking = Arc::new(AtomicUsize::new(0));
             let waiting: Vec<_> = (0..50)
                 .map(|_| {
-                    let (refreshes, refresh, read) = (refreshes.clone(), refresh(), read.clone());
-                    tokio::spawn(async move { refreshes.run(refresh).await.map(|()| read.load(Ordering::SeqCst)) })
+                    let (refreshes, refresh, read, asking) =
+                        (refreshes.clone(), refresh(false), read.clone(), asking.clone());
+                    tokio::spawn(async move {
+                        // Counted in the same poll as `run` notes what has begun.
+                        asking.fetch_add(1, Ordering::SeqCst);
+                        refreshes.run(refresh).await.map(|()| read.load(Ordering::SeqCst))
+                    })
                 })
                 .collect();
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let asked = async {
+                while asking.load(Ordering::SeqCst) < 50 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), asked).await.expect("the callers never asked");
             fail_next.store(fail, Ordering::SeqCst);
+            gate.add_permits(1);
             first.await.unwrap().unwrap();
             let mut failed = 0;
             for w in waiting {

@@ -383,7 +383,10 @@ async fn publish_once(
 ) -> anyhow::Result<Batch> {
     let began = std::time::Instant::now();
     let read = store.outbox_batch(options.batch_size, options.max_batch_bytes).await;
-    metrics.relay_phase(RelayPhase::Read, began.elapsed());
+    // Reads that found nothing (a poll, a cue for rows another batch took) are no batch's.
+    if read.as_ref().map_or(true, |rows| !rows.is_empty()) {
+        metrics.relay_phase(RelayPhase::Read, began.elapsed());
+    }
     let rows = match read {
         Ok(rows) => rows,
         Err(e) => {
@@ -404,9 +407,7 @@ async fn publish_once(
     if lag_ms as u128 > options.lag_warning.as_millis() {
         tracing::warn!(sink = %sink.name(), lag_ms, pending = rows.len(), "relay is behind");
     }
-    let began = std::time::Instant::now();
-    let mut published = sink.publish(&rows).await;
-    metrics.relay_phase(RelayPhase::Publish, began.elapsed());
+    let mut published = timed(metrics, RelayPhase::Publish, sink.publish(&rows)).await;
     let refused = published.refused.clone().filter(|_| published.acked < rows.len());
     let delivered_after = std::mem::take(&mut published.delivered_after);
     let confirmed_after = std::mem::take(&mut published.confirmed_after);
@@ -419,10 +420,7 @@ async fn publish_once(
     let marked = acked + beyond.len();
     if marked > 0 {
         let ids: Vec<i64> = rows[..acked].iter().chain(beyond.iter().map(|&i| &rows[i])).map(|r| r.id).collect();
-        let began = std::time::Instant::now();
-        let marking = store.outbox_mark_published(&ids, clock.now_ms()).await;
-        metrics.relay_phase(RelayPhase::Mark, began.elapsed());
-        if let Err(e) = marking {
+        if let Err(e) = timed(metrics, RelayPhase::Mark, store.outbox_mark_published(&ids, clock.now_ms())).await {
             metrics.relay_failed();
             return Err(e.into());
         }
@@ -446,9 +444,11 @@ async fn publish_once(
         let later_of_its_saga =
             delivered_after.iter().any(|&i| i > acked && rows.get(i).is_some_and(|r| r.saga_id == row.saga_id));
         if rows.len() - acked > 1 && !later_of_its_saga {
-            let alone = sink.publish(std::slice::from_ref(row)).await;
+            let alone = timed(metrics, RelayPhase::Publish, sink.publish(std::slice::from_ref(row))).await;
             if alone.acked >= 1 {
-                if let Err(e) = store.outbox_mark_published(&[row.id], clock.now_ms()).await {
+                let id = [row.id];
+                if let Err(e) = timed(metrics, RelayPhase::Mark, store.outbox_mark_published(&id, clock.now_ms())).await
+                {
                     metrics.relay_failed();
                     return Err(e.into());
                 }
@@ -465,7 +465,8 @@ async fn publish_once(
                 }
             }
         }
-        match store.outbox_dead_letter(row.id, &reason, clock.now_ms(), &options.owner, epoch).await {
+        let moving = store.outbox_dead_letter(row.id, &reason, clock.now_ms(), &options.owner, epoch);
+        match timed(metrics, RelayPhase::Mark, moving).await {
             Ok(true) => metrics.dead_lettered(),
             // Not this relay's to move any more: the lease changed hands since `epoch` (the new
             // holder sends the row itself), or the row was delivered, dead-lettered, purged or
@@ -491,6 +492,14 @@ async fn publish_once(
         Some(e) => Err(e),
         None => Ok(batch(acked)),
     }
+}
+
+/// `work`'s outcome, its time recorded as the relay's `phase`.
+async fn timed<T>(metrics: &Metrics, phase: RelayPhase, work: impl Future<Output = T>) -> T {
+    let began = std::time::Instant::now();
+    let out = work.await;
+    metrics.relay_phase(phase, began.elapsed());
+    out
 }
 
 /// The rows past the acknowledged prefix (`acked`) that are published all the same: delivered

@@ -4,8 +4,9 @@
 //! (`$N` placeholders, `ON CONFLICT`, `RETURNING`, `CAST(.. AS ..)`, row values, `UPDATE ..
 //! FROM`, `WITH .. AS MATERIALIZED`), and run through sqlx's `Any` driver. A [`Dialect`] holds
 //! the handful of clauses that cannot be shared (the database's clock, row locks that skip
-//! locked rows, how a snapshot read begins, a set of integers bound as one value), how connections are made, which migrations apply,
-//! and which of the database's error codes mean "try again".
+//! locked rows, how a snapshot read begins, a set of integers bound as one value), how
+//! connections are made, which migrations apply, and which of the database's error codes mean
+//! "try again".
 //!
 //! Adding a backend means one more `Dialect` (a file beside `sqlite.rs` and `postgres.rs`,
 //! listed in [`ALL`]) and one more folder under `migrations/`, in lockstep with the others.
