@@ -253,8 +253,9 @@ impl Metrics {
             Family::<PhaseLabels, Histogram, HistogramFn>::new_with_constructor(latency_histogram as HistogramFn);
         registry.register(
             "relay_phase_seconds",
-            "Where the relay's batches spend their time, by phase: read (the outbox rows), publish (the sink's write \
-             or the broker's acknowledgements), mark (the delivered rows published)",
+            "Where the relay's batches spend their time, by phase: read (a batch's outbox rows; reads that find \
+             none are not counted), publish (the sink's write or the broker's acknowledgements), mark (the delivered \
+             rows published, or a refused one dead-lettered)",
             relay_phase_seconds.clone(),
         );
         let relay_phases =
