@@ -652,14 +652,14 @@ impl Inner {
             // A compensation's binding, resolved once for the decision below and the call: a
             // refresh between two lookups could swap a version that stays within the host for
             // one that reaches out, and the refund would go out before the decision to
-            // compensate is durable. Resolved on a current catalog: a replica's cache may be a
-            // refresh behind a bind another replica acknowledged, even behind the version the
-            // saga pinned (created there after the bind), and would run the compensation the
-            // bind replaced.
+            // compensate is durable. Resolved on a current catalog, or on the cache with the
+            // catalog version its commit must find unchanged (`catalog_check`).
+            let mut catalog_check = None;
             let compensating = match &action {
                 Action::Compensate { step, .. } => {
-                    self.catalog.catch_up().await;
-                    Some(self.compensate_binding(&rec, *step))
+                    let (binding, check) = self.compensation_binding(&rec, *step, staged.catalog_refused()).await;
+                    catalog_check = check;
+                    Some(binding)
                 }
                 _ => None,
             };
@@ -778,7 +778,7 @@ impl Inner {
                     let binding = compensating.clone().expect("resolved for a compensation");
                     let call = traced(
                         attempt_span(&rec, step, attempt, "compensate"),
-                        self.compensate(&rec, step, attempt, binding),
+                        self.compensate(&rec, step, attempt, binding, catalog_check),
                     );
                     let Some(out) = self.call(&id, epoch, renewed, &mut creating, chain_began, call).await else {
                         return;
@@ -818,12 +818,13 @@ impl Inner {
             let Called { event, touched, call_time, reached_out } = called;
             // Kept for the refused-data path: a chain of one whose data the store refuses is
             // recorded as a failed attempt of this call, under the checks of its reads (the
-            // refused data may have come of a stale value).
+            // refused data may have come of a stale value) and of its binding.
             let first = staged.is_empty().then(|| {
                 let checks = touched.as_ref().map(|t| Touched {
                     plugin: t.plugin.clone(),
                     writes: Vec::new(),
                     checks: t.checks.clone(),
+                    catalog: t.catalog,
                 });
                 (event.clone(), checks)
             });
@@ -1018,6 +1019,39 @@ impl Inner {
     /// outbound HTTP, or is not loaded here yet (so nobody knows).
     fn reaches_out(&self, digest: &str) -> bool {
         self.runtime.capabilities(digest).is_none_or(|c| c.outbound_http)
+    }
+
+    /// The compensate binding of `step` for a compensation about to run, and the catalog
+    /// version its commit must find unchanged, if any ([`crate::store::Commit::catalog_check`]).
+    ///
+    /// A replica's cache may be a refresh behind a bind another replica acknowledged (even
+    /// behind the version the saga pinned, created there after the bind) and would run the
+    /// compensation the bind replaced. A binding whose effects stay within the host until its
+    /// commit is taken from the cache as it is, with the catalog version the cache reflects
+    /// (read first: the bindings are at least that new); its commit is refused if the catalog
+    /// moved since, and nothing it did is kept. One that may reach another service (a refund
+    /// out there cannot be taken back) is resolved after catching the catalog up, no check
+    /// needed; so is every compensation of a run after a refused check (`careful`), which
+    /// bounds the refusals at one however often the catalog changes. Catching up costs a
+    /// read of the shared catalog version, for which hundreds of compensations a second
+    /// queued on a busy pool (session 39); where this host owns its database there is
+    /// nothing to catch up on or check.
+    async fn compensation_binding(
+        &self,
+        rec: &SagaRecord,
+        step: usize,
+        careful: bool,
+    ) -> (engine::PluginRef, Option<i64>) {
+        if !careful {
+            if let Some(version) = self.catalog.version_to_check() {
+                let binding = self.compensate_binding(rec, step);
+                if !self.reaches_out(&binding.digest) {
+                    return (binding, Some(version));
+                }
+            }
+        }
+        self.catalog.catch_up().await;
+        (self.compensate_binding(rec, step), None)
     }
 
     /// The compensate binding of `step` in force now: the current definition's, by step name,
@@ -1282,7 +1316,12 @@ impl Inner {
             jitter: rand::random::<f64>(),
             reached_out: out.reached_out,
         };
-        let touched = Some(Touched { plugin: sdef.execute.plugin.clone(), writes: out.writes, checks: out.checks });
+        let touched = Some(Touched {
+            plugin: sdef.execute.plugin.clone(),
+            writes: out.writes,
+            checks: out.checks,
+            catalog: None,
+        });
         Ok(Called { event, touched, call_time: out.elapsed, reached_out: out.reached_out })
     }
 
@@ -1361,13 +1400,17 @@ impl Inner {
     }
 
     /// Runs compensate attempt `attempt` of `step` with `binding`, the compensate binding in
-    /// force ([`Inner::compensate_binding`], resolved once by the caller).
+    /// force ([`Inner::compensation_binding`], resolved once by the caller), and `catalog`, the
+    /// catalog version its commit must find unchanged, if any: an attempt that fails because
+    /// the version is stored nowhere is checked too (a stale binding may name one since
+    /// deleted).
     async fn compensate(
         &self,
         rec: &SagaRecord,
         step: usize,
         attempt: u32,
         binding: engine::PluginRef,
+        catalog: Option<i64>,
     ) -> Result<Called, Unserved> {
         let sdef = &rec.definition.steps[step];
         let info = call_info(rec, &sdef.name, attempt, "compensate", None);
@@ -1375,13 +1418,15 @@ impl Inner {
         let output = rec.state.steps[step].output.clone().unwrap_or_else(|| "null".to_owned());
         let timeout = Duration::from_millis(sdef.timeout_ms);
         if let Err(why) = self.catalog.ensure_loaded(&binding.digest).await {
-            return self.not_loaded(rec, step, why, |reason| Event::Compensated {
+            let called = self.not_loaded(rec, step, why, |reason| Event::Compensated {
                 step,
                 attempt,
                 digest: binding.digest.clone(),
                 outcome: CompensateOutcome::Failed(reason),
                 jitter: rand::random::<f64>(),
-            });
+            })?;
+            let touched = Touched { plugin: binding.plugin.clone(), catalog, ..Touched::default() };
+            return Ok(Called { touched: Some(touched), ..called });
         }
         let call = self.runtime.compensate(&binding.digest, &binding.plugin, &info, &input, &output, timeout);
         let out = traced(plugin_span(&binding, "compensate"), call).await;
@@ -1399,7 +1444,7 @@ impl Inner {
         };
         Ok(Called {
             event,
-            touched: Some(Touched { plugin: binding.plugin, writes: out.writes, checks: out.checks }),
+            touched: Some(Touched { plugin: binding.plugin, writes: out.writes, checks: out.checks, catalog }),
             call_time: out.elapsed,
             reached_out: out.reached_out,
         })
@@ -1735,7 +1780,7 @@ mod tests {
         let writes = Some(Touched {
             plugin: "p".to_owned(),
             writes: vec![("k".to_owned(), Some(b"v".to_vec()))],
-            checks: Vec::new(),
+            ..Touched::default()
         });
         sagas.stage(&mut rec, &mut staged, Event::Started { step: 0, attempt: 1 }, writes).unwrap();
         // Not claimed at epoch 7: the commit is refused, as any failed commit.
@@ -2104,5 +2149,76 @@ mod tests {
         rig.driver.inner.heartbeat("s", 1, renewed, call).await;
         let renewals = rig.faulty.renewals.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(renewals, 1, "the lease, 900 ms old when the call began, was renewed during its 400 ms");
+    }
+
+    /// A replica's catalog cache may be a refresh behind a compensation bound through
+    /// another replica. A compensation whose plugin stays within the host picks its binding
+    /// from the cache without reading the shared catalog (hundreds of such reads a second
+    /// queued on a busy PostgreSQL pool), and its commit checks that the catalog has not
+    /// moved since: after a bind elsewhere it is refused, nothing it did is kept, and it runs
+    /// again on the new binding. A driver that committed the stale binding's result would
+    /// run the compensation the bind replaced (SPEC 5.3: every compensation from then on
+    /// uses the new binding).
+    #[tokio::test]
+    async fn a_compensation_picked_from_a_stale_catalog_is_refused_at_its_commit_and_runs_on_the_new_binding() {
+        use crate::builtin::order::{PLUGINS, SAGA_TYPE};
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(None, dir.path()).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let reader = Arc::new(crate::StoreReader(store.clone()));
+        let new_runtime = || Arc::new(Runtime::new(crate::runtime::Limits::default(), reader.clone()).unwrap());
+        // Another replica's catalog, and this one's, on a store it shares with other hosts.
+        let theirs = Catalog::open(store.clone(), new_runtime(), Arc::clone(&clock)).await.unwrap();
+        let shared = Arc::new(crate::catalog::tests::SlowRead::shared(store.clone()));
+        let runtime = new_runtime();
+        let ours = Arc::new(Catalog::open(shared.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap());
+        let sagas = Arc::new(Sagas::new(store.clone(), Arc::clone(&clock), DriverHandle::default()));
+        let options = DriverOptions::default();
+        let driver = || {
+            let metrics = crate::metrics::Metrics::new();
+            let (catalog, runtime) = (Arc::clone(&ours), Arc::clone(&runtime));
+            Driver::new(
+                store.clone(),
+                Arc::clone(&sagas),
+                runtime,
+                catalog,
+                Arc::clone(&clock),
+                metrics,
+                options.clone(),
+            )
+        };
+        let def = ours.definition(SAGA_TYPE).unwrap();
+        let refund = |rec: &SagaRecord| {
+            let payment = &rec.state.steps[1];
+            (payment.compensate_digest.clone().unwrap_or_default(), payment.compensate_attempts)
+        };
+        // No carrier for XX: the payment is refunded, the reservation released.
+        let input = serde_json::json!({"customer_id": "c-42",
+            "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_cents": 1250}],
+            "currency": "USD", "payment": {"token": "tok_visa"},
+            "ship_to": {"name": "Ada", "line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "XX"}});
+        let cancelled = |r: &SagaRecord| r.state.phase == engine::Phase::Cancelled;
+
+        // Nothing changed: the compensations read no catalog version.
+        let draft = sagas.draft(&def, &input);
+        sagas.create(&draft, None, false).await.unwrap();
+        let reads = shared.versions_read.load(SeqCst);
+        let settled = drive_until(&store, driver(), &draft.record.id, cancelled).await;
+        assert_eq!(refund(&settled), (def.steps[1].compensate.digest.clone(), 1));
+        assert_eq!(shared.versions_read.load(SeqCst), reads, "a compensation read the shared catalog");
+
+        // Another replica binds a fixed refund; this replica's cache has not refreshed.
+        let fix = crate::catalog::tests::another_version(PLUGINS[1].1, "fixed refund");
+        let (fixed, _) = theirs.install_plugin("payment", fix).await.unwrap();
+        theirs.bind(SAGA_TYPE, "payment", None, Some(&fixed), crate::catalog::tests::audit).await.unwrap();
+        assert_ne!(ours.definition(SAGA_TYPE).unwrap().steps[1].compensate.digest, fixed, "refreshed already");
+        let draft = sagas.draft(&def, &input);
+        sagas.create(&draft, None, false).await.unwrap();
+        let settled = drive_until(&store, driver(), &draft.record.id, cancelled).await;
+        assert_eq!(refund(&settled), (fixed, 1), "the refund ran the binding replaced before it, or twice");
+        let refunded = store.state_get("payment", &format!("charge/{}", draft.record.id)).await.unwrap();
+        let refunded: serde_json::Value = serde_json::from_slice(&refunded.expect("charged")).unwrap();
+        assert_eq!(refunded["status"], "refunded", "{refunded}");
     }
 }

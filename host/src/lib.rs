@@ -116,7 +116,7 @@ impl Config {
 }
 
 /// Lets the runtime read plugin state and grants through the store without depending on it.
-struct StoreReader(Arc<dyn Store>);
+pub(crate) struct StoreReader(pub(crate) Arc<dyn Store>);
 
 #[async_trait]
 impl PluginReader for StoreReader {

@@ -343,7 +343,8 @@ impl Sagas {
             let event = envelope.wrap(&t.event);
             rec.state = t.state;
             let outside = Outside { audit: audit.as_ref(), answer };
-            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, &[], &[], outside, None).await {
+            let calls = Calls::default();
+            match self.commit(&mut rec, Fence::Takeover, &[event], &t.changed_steps, calls, outside, None).await {
                 Ok(()) => {
                     crate::failpoint!("apply-after-commit");
                     self.driver.wake();
@@ -382,7 +383,12 @@ impl Sagas {
                 staged.changed.push(i);
             }
         }
-        if let Some(Touched { plugin, writes, checks }) = touched {
+        if let Some(Touched { plugin, writes, checks, catalog }) = touched {
+            // The earliest version the chain's bindings were picked at: the cache only moves
+            // forward, so the store still at it means none of them was replaced since.
+            if let Some(version) = catalog {
+                staged.catalog.get_or_insert(version);
+            }
             if !checks.is_empty() {
                 staged.checks.push((plugin.clone(), checks));
             }
@@ -402,8 +408,10 @@ impl Sagas {
     ///
     /// `creating`: the saga's creation ([`Deferred`]) goes into the same transaction; then
     /// `Err(Fenced)` means its idempotency key was not new, and nothing was written.
-    /// `Err(StaleRead)`: the chain carried checks of state reads answered from memory and was
-    /// refused (a value changed, or the fence refused it); nothing was written.
+    /// `Err(StaleRead)`: the chain carried checks of state reads answered from memory, or of
+    /// the catalog version its compensations picked their bindings at, and was refused (a
+    /// value or the catalog changed, or the fence refused it); nothing was written. After a
+    /// refused catalog check, [`Staged::catalog_refused`] holds for the rest of the run.
     pub async fn commit_staged(
         &self,
         rec: &mut SagaRecord,
@@ -418,14 +426,18 @@ impl Sagas {
         let checks: Vec<(&str, &[StateCheck])> =
             staged.checks.iter().map(|(p, c)| (p.as_str(), c.as_slice())).collect();
         let creation = creating.map(|d| Creation { saga: &d.saga, claim: d.claim.as_ref() });
-        let committed = self
-            .commit(rec, fence, &staged.events, &staged.changed, &writes, &checks, Outside::default(), creation)
-            .await;
+        let catalog_checked = staged.catalog.is_some();
+        let calls = Calls { writes: &writes, checks: &checks, catalog: staged.catalog };
+        let committed =
+            self.commit(rec, fence, &staged.events, &staged.changed, calls, Outside::default(), creation).await;
         staged.clear();
         match committed {
             Ok(()) => Ok(()),
             Err(store::Error::Fenced) => Err(Error::Fenced),
-            Err(store::Error::StaleRead) => Err(Error::StaleRead),
+            Err(store::Error::StaleRead) => {
+                staged.catalog_refused |= catalog_checked;
+                Err(Error::StaleRead)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -441,8 +453,7 @@ impl Sagas {
         fence: Fence,
         events: &[OutboxEvent],
         changed_steps: &[usize],
-        writes: &[(&str, &[StateWrite])],
-        checks: &[(&str, &[StateCheck])],
+        calls: Calls<'_>,
         outside: Outside<'_>,
         creation: Option<Creation<'_>>,
     ) -> Result<(), store::Error> {
@@ -465,8 +476,9 @@ impl Sagas {
             state: &rec.state,
             step_names: &step_names,
             changed_steps,
-            plugin_writes: writes,
-            plugin_checks: checks,
+            plugin_writes: calls.writes,
+            plugin_checks: calls.checks,
+            catalog_check: calls.catalog,
             events,
             now,
             audit: outside.audit,
@@ -527,6 +539,15 @@ impl Sagas {
     }
 }
 
+/// What a driver's chain of calls leaves for its commit besides events: the plugins' state
+/// writes, and what the commit must find still true (the [`Touched`] of each call).
+#[derive(Default, Clone, Copy)]
+struct Calls<'a> {
+    writes: &'a [(&'a str, &'a [StateWrite])],
+    checks: &'a [(&'a str, &'a [StateCheck])],
+    catalog: Option<i64>,
+}
+
 /// What an outside event's commit carries besides the saga's change: the operator action's
 /// audit entry and the keyed request's answer.
 #[derive(Default, Clone, Copy)]
@@ -572,14 +593,17 @@ impl Deferred {
 }
 
 /// What a plugin call leaves for its commit, besides its event: its plugin's state writes,
-/// and the reads answered from memory that the commit must find still true
-/// ([`store::StateRead::checked`]).
+/// and what the commit must find still true: the reads answered from memory
+/// ([`store::StateRead::checked`]) and, for a compensation that picked its binding from a
+/// catalog cache that may be behind the store, the catalog version it was picked at
+/// ([`store::Commit::catalog_check`]).
 #[derive(Debug, Default)]
 pub struct Touched {
     /// Whose state space.
     pub plugin: String,
     pub writes: Vec<StateWrite>,
     pub checks: Vec<StateCheck>,
+    pub catalog: Option<i64>,
 }
 
 /// Transitions of one saga staged by the driver and not yet committed: a commit chain.
@@ -589,6 +613,14 @@ pub struct Staged {
     changed: Vec<usize>,
     writes: Vec<(String, Vec<StateWrite>)>,
     checks: Vec<(String, Vec<StateCheck>)>,
+    /// The catalog version to check ([`Touched::catalog`]): the earliest of the chain's.
+    catalog: Option<i64>,
+    /// A chain of this run was refused while it carried a catalog check: a compensation's
+    /// binding may have been replaced (another replica bound one), so the rest of the run
+    /// catches the catalog up before each compensation instead of checking it at the
+    /// commit. Kept across chains (not cleared with them): one refusal, then progress,
+    /// however often the catalog changes.
+    catalog_refused: bool,
 }
 
 impl Staged {
@@ -614,11 +646,17 @@ impl Staged {
             + self.checks.iter().map(|(_, c)| c.len()).sum::<usize>()
     }
 
+    /// See [`Staged::catalog_refused`] (the field).
+    pub fn catalog_refused(&self) -> bool {
+        self.catalog_refused
+    }
+
     fn clear(&mut self) {
         self.events.clear();
         self.changed.clear();
         self.writes.clear();
         self.checks.clear();
+        self.catalog = None;
     }
 }
 

@@ -406,6 +406,15 @@ impl Catalog {
         self.version.load(Ordering::Acquire)
     }
 
+    /// [`Catalog::version`] where other hosts share the store, so that the cache may be a
+    /// refresh behind it: what is read from the cache after this call is at least that new,
+    /// and a commit that finds the store still at it ([`crate::store::Commit::catalog_check`])
+    /// acted on a current catalog. `None` where this host owns its database: every change
+    /// goes through this cache, which is always current.
+    pub fn version_to_check(&self) -> Option<i64> {
+        self.store.shared_by_hosts().then(|| self.version())
+    }
+
     /// Makes sure a digest is loaded if any replica stored it (a version uploaded through
     /// another replica a moment ago, one not bound, one unloaded while idle: fetched and
     /// compiled now); otherwise says why not.
@@ -652,7 +661,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn audit(before: &StepDefinition, _: &StepDefinition) -> AuditEntry {
+    pub(crate) fn audit(before: &StepDefinition, _: &StepDefinition) -> AuditEntry {
         AuditEntry {
             actor: "test".into(),
             action: "binding.change".into(),
@@ -756,7 +765,7 @@ pub(crate) mod tests {
 
     /// `wasm` with a custom section appended: the same component, another digest (another
     /// upload of the same code).
-    fn another_version(wasm: &[u8], tag: &str) -> Vec<u8> {
+    pub(crate) fn another_version(wasm: &[u8], tag: &str) -> Vec<u8> {
         let payload = [&[1u8, b'v'][..], tag.as_bytes()].concat();
         assert!(payload.len() < 128, "one LEB128 byte");
         [wasm, &[0u8, payload.len() as u8][..], &payload].concat()
@@ -848,8 +857,12 @@ pub(crate) mod tests {
         let (store, runtime, clock) = parts(dir.path()).await;
         let a = Catalog::open(store.clone(), runtime, Arc::clone(&clock)).await.unwrap();
         // A replica on a database other hosts share (the wrapper says so; no read is slow).
-        let shared: Arc<dyn CatalogStore> =
-            Arc::new(SlowRead { inner: store.clone(), slow: String::new(), builtins_by: None });
+        let shared: Arc<dyn CatalogStore> = Arc::new(SlowRead {
+            inner: store.clone(),
+            slow: String::new(),
+            builtins_by: None,
+            versions_read: Default::default(),
+        });
         assert!(shared.shared_by_hosts() && !store.shared_by_hosts());
         let new_runtime = || Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         let b = Catalog::open(shared, new_runtime(), Arc::clone(&clock)).await.unwrap();
@@ -938,8 +951,12 @@ pub(crate) mod tests {
         let payment = |d: &store::StoredDefinition| d.definition.steps[1].execute.digest.clone();
 
         // This (older) release restarts on a store where that release stored it: left alone.
-        let newer: Arc<dyn CatalogStore> =
-            Arc::new(SlowRead { inner: store.clone(), slow: String::new(), builtins_by: Some("99.0.0") });
+        let newer: Arc<dyn CatalogStore> = Arc::new(SlowRead {
+            inner: store.clone(),
+            slow: String::new(),
+            builtins_by: Some("99.0.0"),
+            versions_read: Default::default(),
+        });
         Catalog::open(newer, Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
         assert_eq!(payment(&store.definition(ty).await.unwrap().unwrap()), digest, "downgraded by an older release");
 
@@ -955,11 +972,20 @@ pub(crate) mod tests {
 
     /// A catalog store whose read of one plugin version's bytes takes two seconds (a large
     /// component on a slow database); other hosts may change the catalog it reads.
-    struct SlowRead {
+    pub(crate) struct SlowRead {
         inner: Arc<dyn crate::store::Store>,
         slow: String,
         /// The release the stored built-ins say installed them, if not what was stored.
         builtins_by: Option<&'static str>,
+        /// How often the catalog version was read.
+        pub(crate) versions_read: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SlowRead {
+        /// `inner` as a store other hosts share, no read slow.
+        pub(crate) fn shared(inner: Arc<dyn crate::store::Store>) -> SlowRead {
+            SlowRead { inner, slow: String::new(), builtins_by: None, versions_read: Default::default() }
+        }
     }
 
     #[async_trait::async_trait]
@@ -1008,6 +1034,7 @@ pub(crate) mod tests {
             self.inner.put_definition(def, source, expected, now, audit).await
         }
         async fn catalog_version(&self) -> store::Result<i64> {
+            self.versions_read.fetch_add(1, Ordering::SeqCst);
             self.inner.catalog_version().await
         }
     }
@@ -1023,8 +1050,12 @@ pub(crate) mod tests {
         let old_digest = crate::runtime::digest_of(&old);
         store.put_plugin(&old_digest, "payment", &old, 0, None).await.unwrap();
         let a = Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&clock)).await.unwrap();
-        let slow: Arc<dyn CatalogStore> =
-            Arc::new(SlowRead { inner: store.clone(), slow: old_digest.clone(), builtins_by: None });
+        let slow: Arc<dyn CatalogStore> = Arc::new(SlowRead {
+            inner: store.clone(),
+            slow: old_digest.clone(),
+            builtins_by: None,
+            versions_read: Default::default(),
+        });
         let theirs = Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         let b = Arc::new(Catalog::open(slow, Arc::clone(&theirs), clock).await.unwrap());
         let new = another_version(crate::builtin::order::PLUGINS[1].1, "new");

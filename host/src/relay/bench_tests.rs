@@ -71,6 +71,7 @@ async fn fill(store: &Arc<dyn Store>, prefix: &str, sagas: usize) {
                     changed_steps: &[],
                     plugin_writes: &[],
                     plugin_checks: &[],
+                    catalog_check: None,
                     events: &events,
                     now: 0,
                     audit: None,

@@ -171,6 +171,7 @@ async fn store_with_interleaved_events(dir: &Path) -> Arc<dyn Store> {
             changed_steps: &[0],
             plugin_writes: &[],
             plugin_checks: &[],
+            catalog_check: None,
             events: std::slice::from_ref(&event),
             now: 1,
             audit: None,

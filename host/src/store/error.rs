@@ -15,10 +15,12 @@ pub enum Error {
     /// presented is no longer the saga's: someone else owns it now.
     #[error("the saga was changed by someone else; reload it and try again")]
     Fenced,
-    /// A commit that carried [`super::Commit::plugin_checks`] was refused: fenced as above, or
-    /// a state value its calls read from this host's memory is no longer the stored one
-    /// (another host wrote it). Nothing was written, and the values checked are no longer
-    /// answered from memory: reload the saga and run its steps again.
+    /// A commit that carried [`super::Commit::plugin_checks`] or a
+    /// [`super::Commit::catalog_check`] was refused: fenced as above, or a state value its
+    /// calls read from this host's memory is no longer the stored one (another host wrote
+    /// it), or the catalog changed since its compensations picked their bindings. Nothing was
+    /// written, and the values checked are no longer answered from memory: reload the saga
+    /// (and the catalog) and run its steps again.
     #[error("the saga was changed by someone else, or a state value it read changed; reload it and try again")]
     StaleRead,
     /// A compare-and-set lost: the stored definition is not the version the change was based on.

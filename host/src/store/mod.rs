@@ -238,6 +238,13 @@ pub struct Commit<'a> {
     /// the statement's snapshot: a commit of the key by another host landing while it runs
     /// is not seen, as it would not be by a read); else [`Error::StaleRead`].
     pub plugin_checks: &'a [(&'a str, &'a [StateCheck])],
+    /// The catalog version ([`CatalogStore::catalog_version`]) at which the chain's
+    /// compensations picked their bindings from a cache that may be a refresh behind the
+    /// store (other hosts share it): the commit applies only if the stored version is still
+    /// this one, so that no compensation commits on a binding replaced before it ran; else
+    /// [`Error::StaleRead`]. Like `plugin_checks`, the database as the commit's statement
+    /// finds it.
+    pub catalog_check: Option<i64>,
     /// The transitions' events in order, built by the caller: the first with
     /// `seq = read_seq + 1`, each next one `seq + 1`. At least one.
     pub events: &'a [OutboxEvent],
@@ -417,7 +424,8 @@ pub trait SagaStore: Send + Sync + 'static {
     /// (and, for the driver's fences, its epoch is still the claim's); returns the new `seq`
     /// (`read_seq` + the number of events).
     /// [`Error::Fenced`] if not, and then nothing was written; [`Error::StaleRead`] instead
-    /// when the commit carries [`Commit::plugin_checks`] (which may be what refused it).
+    /// when the commit carries [`Commit::plugin_checks`] or a [`Commit::catalog_check`]
+    /// (which may be what refused it).
     async fn commit(&self, c: &Commit<'_>) -> Result<i64>;
 }
 

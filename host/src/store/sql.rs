@@ -208,7 +208,7 @@ impl SqlStore {
         now: i64,
     ) -> Result<()> {
         if let Some(c) = claim {
-            claim_statement(script, c, Some(&saga.id), now, &[]);
+            claim_statement(script, c, Some(&saga.id), now, Checks::default());
         }
         // Born claimed (epoch 1, as a claim would make it) when it has an owner.
         let row = SagaRow {
@@ -219,7 +219,7 @@ impl SqlStore {
             updated_at: saga.now,
             last_event_id: &saga.event.event_id,
         };
-        self.push_saga_insert(script, saga, claim, row, &[])?;
+        self.push_saga_insert(script, saga, claim, row, Checks::default())?;
         let steps = saga.state.steps.iter().zip(&saga.definition.steps).enumerate();
         let steps = steps.map(|(i, (step, def))| step_values(i, &def.name, step));
         let fence = || [Arg::text(&saga.id), Arg::text(&saga.event.event_id)];
@@ -267,7 +267,7 @@ impl SqlStore {
             if own.is_some() {
                 response = None;
             }
-            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now, c.plugin_checks);
+            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now, Checks::of(c));
         }
         let row = SagaRow {
             state: c.state,
@@ -278,7 +278,7 @@ impl SqlStore {
             last_event_id: &last.event_id,
         };
         // A claimed insert follows its claim, which carries the checks.
-        let checks = if creation.claim.is_some() { &[][..] } else { c.plugin_checks };
+        let checks = if creation.claim.is_some() { Checks::default() } else { Checks::of(c) };
         self.push_saga_insert(script, saga, creation.claim, row, checks)?;
         let fenced = || [Arg::text(&saga.id), Arg::text(&last.event_id)];
         let mut steps = Vec::with_capacity(c.state.steps.len());
@@ -296,7 +296,7 @@ impl SqlStore {
     }
 
     /// The saga row's insert (the head of a creation's group), only if `claim` went in (its
-    /// statement pushed just before), and without a claim only if the state `checks` hold
+    /// statement pushed just before), and without a claim only if the `checks` hold
     /// ([`check_conditions`]; a claim carries them itself: [`claim_statement`]).
     fn push_saga_insert(
         &self,
@@ -304,7 +304,7 @@ impl SqlStore {
         saga: &NewSaga,
         claim: Option<&IdempotencyClaim>,
         row: SagaRow<'_>,
-        checks: &[(&str, &[StateCheck])],
+        checks: Checks<'_>,
     ) -> Result<()> {
         let definition = serde_json::to_string(&saga.definition).map_err(|e| corrupt(e.to_string()))?;
         let mut args = vec![
@@ -696,22 +696,16 @@ macro_rules! claim_conflict {
 const CLAIM_INSERT: &str =
     concat!(claim_into!(), " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", claim_conflict!());
 /// [`CLAIM_INSERT`] under a further condition, numbered from `$11`
-/// (`CLAIM_WHERE + condition + CLAIM_CONFLICT`): a creation whose commit carries state checks
+/// (`CLAIM_WHERE + condition + CLAIM_CONFLICT`): a creation whose commit carries checks
 /// claims its key only if they hold, or a refused commit would leave the key claimed for a
 /// saga that does not exist.
 const CLAIM_WHERE: &str = concat!(claim_into!(), " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE ");
 const CLAIM_CONFLICT: &str = claim_conflict!();
 
 /// The statement that claims an idempotency key for `saga_id` (or for a request that creates
-/// nothing): inserted unless it exists (an expired one is replaced), and only if the state
+/// nothing): inserted unless it exists (an expired one is replaced), and only if the
 /// `checks` hold ([`check_conditions`]).
-fn claim_statement(
-    script: &mut Script,
-    c: &IdempotencyClaim,
-    saga_id: Option<&str>,
-    now: i64,
-    checks: &[(&str, &[StateCheck])],
-) {
+fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64, checks: Checks<'_>) {
     let (status, body) = match &c.response {
         Some((s, b)) => (Some(i64::from(*s)), Some(b.clone())),
         None => (None, None),
@@ -738,7 +732,7 @@ fn claim_statement(
 /// already holds.
 async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let mut script = Script::default();
-    claim_statement(&mut script, c, None, now, &[]);
+    claim_statement(&mut script, c, None, now, Checks::default());
     let mut inserted = false;
     for s in &script.statements {
         inserted = bind(sqlx::query(&s.sql), &s.args).execute(&mut *tx).await?.rows_affected() == 1;
@@ -970,7 +964,7 @@ impl SagaStore for SqlStore {
             .await;
         let seq = match submitted {
             Ok(seq) => seq,
-            Err(e) if c.plugin_checks.iter().any(|(_, checks)| !checks.is_empty()) => {
+            Err(e) if Checks::of(c).any() => {
                 return Err(self.checks_refused(c.plugin_checks, e));
             }
             Err(e) => return Err(e),
@@ -984,9 +978,9 @@ impl SagaStore for SqlStore {
 }
 
 impl SqlStore {
-    /// A commit carrying state checks failed with `e`: when refused (`Fenced`), a checked
-    /// value may be stale (or the fence alone refused it: a check cannot tell which, and
-    /// either way the caller reloads), and it is [`Error::StaleRead`]; any other error is
+    /// A commit carrying checks ([`Checks`]) failed with `e`: when refused (`Fenced`), a
+    /// checked value may be stale (or the fence alone refused it: a check cannot tell which,
+    /// and either way the caller reloads), and it is [`Error::StaleRead`]; any other error is
     /// passed on (data the database refuses may have come of a stale value too). Either way
     /// the checked keys are no longer answered from memory: each is dropped from the cache
     /// and marked in the filter as existing, so the steps' next reads of them ask the
@@ -1180,7 +1174,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
             n + 3
         );
     }
-    if let Some(checks) = check_conditions(c.plugin_checks, &mut args) {
+    if let Some(checks) = check_conditions(Checks::of(c), &mut args) {
         conditions.push_str(" AND ");
         conditions.push_str(&checks);
     }
@@ -1207,15 +1201,39 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
     Ok(())
 }
 
-/// The condition that a commit's state checks hold ([`Commit::plugin_checks`]): each key
-/// still holds the value read, or is still absent, in the database as it stood before the
-/// commit (the head of its statements carries it, and on PostgreSQL every part of the one
-/// statement sees the snapshot from before it). Its arguments are appended to `args`,
-/// numbered after those already there. `None` without checks.
-fn check_conditions(checks: &[(&str, &[StateCheck])], args: &mut Vec<Arg>) -> Option<String> {
+/// What a commit must find still true in the database: the state values its calls read from
+/// memory ([`Commit::plugin_checks`]) and the catalog version its compensations picked their
+/// bindings at ([`Commit::catalog_check`]).
+#[derive(Clone, Copy, Default)]
+struct Checks<'a> {
+    state: &'a [(&'a str, &'a [StateCheck])],
+    catalog: Option<i64>,
+}
+
+impl<'a> Checks<'a> {
+    fn of(c: &Commit<'a>) -> Checks<'a> {
+        Checks { state: c.plugin_checks, catalog: c.catalog_check }
+    }
+
+    /// Whether there is anything to check.
+    fn any(&self) -> bool {
+        self.catalog.is_some() || self.state.iter().any(|(_, checks)| !checks.is_empty())
+    }
+}
+
+/// The condition that a commit's checks hold ([`Checks`]): each key still holds the value
+/// read, or is still absent, and the catalog version is still the one given, in the database
+/// as it stood before the commit (the head of its statements carries it, and on PostgreSQL
+/// every part of the one statement sees the snapshot from before it). Its arguments are
+/// appended to `args`, numbered after those already there. `None` without checks.
+fn check_conditions(checks: Checks<'_>, args: &mut Vec<Arg>) -> Option<String> {
     use std::fmt::Write as _;
     let mut sql = String::new();
-    for &(plugin, checks) in checks {
+    if let Some(version) = checks.catalog {
+        args.push(Arg::Int(Some(version)));
+        let _ = write!(sql, "EXISTS (SELECT 1 FROM catalog_version WHERE id = 1 AND version = ${})", args.len());
+    }
+    for &(plugin, checks) in checks.state {
         for (key, value) in checks {
             if !sql.is_empty() {
                 sql.push_str(" AND ");

@@ -114,6 +114,7 @@ fn commit<'a>(
         changed_steps: &[0],
         plugin_writes: &[],
         plugin_checks: &[],
+        catalog_check: None,
         events: std::slice::from_ref(event),
         now: 1,
         audit: None,
@@ -1940,6 +1941,74 @@ async fn a_commit_applies_only_while_the_state_values_it_checks_still_stand() {
                     assert!(matches!(done, Err(Error::StaleRead)), "{} {id}: {done:?}", b.name);
                     if let Some(claim) = &claim {
                         // The key is still new: the request's own creation takes it.
+                        let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
+                        assert_eq!(alone, CreateOutcome::Created, "{} {id}: the key was not claimed", b.name);
+                    }
+                }
+            }
+        }
+        b.cleanup().await;
+    }
+}
+
+/// A commit that carries a catalog check (a compensation's binding picked from a cache that
+/// may be behind the store) applies only while the stored catalog version is still the one
+/// checked: after any catalog change it writes nothing ([`Error::StaleRead`]), nor does a
+/// creation with its first commit (not even its key is claimed).
+#[tokio::test]
+async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
+    for b in backends().await {
+        let s = &b.store;
+        let put = |k: &str| (k.to_owned(), Some(b"1".to_vec()));
+        commit_state(s, "p", &[put("a")], false).await.unwrap();
+        let names = &["only".to_owned()];
+        let checked = |version: i64| async move {
+            let rec = s.saga("s1").await.unwrap().unwrap();
+            let e = event("s1", &rec.state, rec.seq);
+            let writes = [("p", &[put(&format!("at/{version}"))][..])];
+            let c = Commit {
+                plugin_writes: &writes,
+                catalog_check: Some(version),
+                ..commit(&rec.state, names, &e, Fence::Takeover, rec.seq)
+            };
+            s.commit(&c).await
+        };
+        let v1 = s.catalog_version().await.unwrap();
+        checked(v1).await.unwrap();
+        assert!(s.state_get("p", &format!("at/{v1}")).await.unwrap().is_some(), "{}", b.name);
+        // Another host uploads a version: the catalog moved on.
+        assert!(s.put_plugin("sha256:q", "q", b"wasm", 1, None).await.unwrap(), "{}", b.name);
+        let v2 = s.catalog_version().await.unwrap();
+        assert!(v2 > v1, "{}", b.name);
+        let seq = s.saga("s1").await.unwrap().unwrap().seq;
+        let refused = checked(v1).await;
+        assert!(matches!(refused, Err(Error::StaleRead)), "{}: {refused:?}", b.name);
+        assert_eq!(s.saga("s1").await.unwrap().unwrap().seq, seq, "{}: no transition", b.name);
+        assert_eq!(s.state_get("p", &format!("at/{v1}")).await.unwrap().as_deref(), Some(b"1".as_slice()));
+        checked(v2).await.unwrap();
+        assert!(s.state_get("p", &format!("at/{v2}")).await.unwrap().is_some(), "{}", b.name);
+
+        // A creation with its first commit, keyed and not: refused whole, then let through.
+        for (id, keyed) in [("s2", true), ("s3", false)] {
+            let first = NewSaga { lease: Some(("a".into(), 60_000)), ..new_saga(id) };
+            let events = [event(id, &first.state, 1)];
+            let writes = [("p", &[put(&format!("made/{id}"))][..])];
+            for (version, ok) in [(v1, false), (v2, true)] {
+                let claim = keyed.then(|| IdempotencyClaim { key: format!("{id}-{ok}"), ..waiting_claim() });
+                let c = Commit {
+                    saga_id: id,
+                    plugin_writes: &writes,
+                    catalog_check: Some(version),
+                    creation: Some(Creation { saga: &first, claim: claim.as_ref() }),
+                    ..commit(&first.state, names, &events[0], Fence::LeaseRelease(1), 1)
+                };
+                let done = s.commit(&c).await;
+                assert_eq!(done.is_ok(), ok, "{} {id}: {done:?}", b.name);
+                assert_eq!(s.saga(id).await.unwrap().is_some(), ok, "{} {id}", b.name);
+                assert_eq!(s.state_get("p", &format!("made/{id}")).await.unwrap().is_some(), ok, "{} {id}", b.name);
+                if !ok {
+                    assert!(matches!(done, Err(Error::StaleRead)), "{} {id}: {done:?}", b.name);
+                    if let Some(claim) = &claim {
                         let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
                         assert_eq!(alone, CreateOutcome::Created, "{} {id}: the key was not claimed", b.name);
                     }
