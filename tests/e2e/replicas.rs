@@ -301,6 +301,59 @@ async fn three_replicas_share_idempotency_keys_plugins_and_bindings() {
     assert!(bad.is_empty(), "{bad:#?}");
 }
 
+/// A compensation bound through one replica applies at once to the compensations another
+/// replica runs, though that replica's catalog is up to a refresh (250 ms) behind: it picks a
+/// host-only compensation's binding from its cache without reading the catalog, and the
+/// commit, which checks the catalog version, is refused when the cache was stale; the
+/// compensation then runs again on the new binding (SPEC 5.3: every compensation from now on
+/// uses the new compensate binding). Several rounds, each a bind and at once an order that
+/// compensates through the other replica: one that ran the replaced binding would fail here
+/// in most rounds.
+#[tokio::test]
+async fn a_compensation_bound_through_one_replica_applies_at_once_on_another() {
+    let c = Cluster::start(2, &[]).await;
+    let http = reqwest::Client::new();
+    let bases = c.bases();
+    let (_, def) = admin(&http, reqwest::Method::GET, format!("{}/admin/sagas/order", bases[0]), None).await;
+    let original = def["steps"][1]["compensate"].as_str().unwrap().to_owned();
+    // The payment plugin under two more digests: its bytes with a custom section appended.
+    let mut versions = vec![];
+    for tag in ["refund-one", "refund-two"] {
+        let payload = [&[1u8, b'v'][..], tag.as_bytes()].concat();
+        let wasm = [fixture("payment"), vec![0u8, payload.len() as u8], payload].concat();
+        let r = http
+            .post(format!("{}/admin/plugins/payment", bases[0]))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/wasm")
+            .body(wasm)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        versions.push(r.json::<Value>().await.unwrap()["digest"].as_str().unwrap().to_owned());
+    }
+    catalog_converges(&c).await;
+    let path = format!("{}/admin/sagas/order/steps/payment", bases[0]);
+    for (round, digest) in [&versions[0], &versions[1], &original, &versions[0]].into_iter().enumerate() {
+        let (status, bound) =
+            admin(&http, reqwest::Method::PUT, path.clone(), Some(json!({"compensate": digest}))).await;
+        assert_eq!(status, 200, "round {round}: {bound}");
+        let r = http
+            .post(format!("{}/orders", bases[1]))
+            .header("Idempotency-Key", key())
+            .header("Prefer", "wait=20")
+            .json(&crate::harness::order("tok_visa", "SKU-1", "XX"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}");
+        let o: Value = r.json().await.unwrap();
+        assert_eq!(o["status"], "CANCELLED", "round {round}: {o:#}");
+        assert_eq!(o["steps"][1]["compensate_digest"], json!(digest), "round {round}: the replaced binding ran: {o:#}");
+        assert_eq!(o["steps"][1]["compensate_attempts"], 1, "round {round}: {o:#}");
+    }
+}
+
 #[tokio::test]
 async fn a_request_waiting_on_one_replica_follows_its_saga_finished_by_another() {
     // Replica 0 creates a 3-D Secure order for a request that waits; the saga parks for its
