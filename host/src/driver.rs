@@ -949,13 +949,13 @@ impl Inner {
             // A creation's request creates the saga itself once the deferral is dropped (with
             // `creating`, on return), and a driver claims it: its steps then run again.
             Err(saga::Error::StaleRead) if creating.is_some() => {
-                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed, or a request with the same idempotency key created its saga first; the request creates the saga alone if it is new");
+                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory, or the catalog a compensation took its binding from, changed, or a request with the same idempotency key created its saga first; the request creates the saga alone if it is new");
                 Flushed::Stop
             }
             // Or the fence refused it (the check cannot tell): the reload says which.
             Err(saga::Error::StaleRead) => {
                 if self.reload(rec, epoch).await {
-                    tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory changed; running them again");
+                    tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory, or the catalog a compensation took its binding from, changed; running them again");
                     Flushed::Reloaded
                 } else {
                     self.metrics.stale_commit();
@@ -1032,10 +1032,11 @@ impl Inner {
     /// moved since, and nothing it did is kept. One that may reach another service (a refund
     /// out there cannot be taken back) is resolved after catching the catalog up, no check
     /// needed; so is every compensation of a run after a refused check (`careful`), which
-    /// bounds the refusals at one however often the catalog changes. Catching up costs a
-    /// read of the shared catalog version, for which hundreds of compensations a second
-    /// queued on a busy pool (session 39); where this host owns its database there is
-    /// nothing to catch up on or check.
+    /// bounds the refusals at one however often the catalog changes. Should the catch-up
+    /// fail (the database unreachable a moment), a host-only binding is checked at its commit
+    /// all the same. Catching up costs a read of the shared catalog version, for which
+    /// hundreds of compensations a second queued on a busy pool (session 39); where this
+    /// host owns its database there is nothing to catch up on or check.
     async fn compensation_binding(
         &self,
         rec: &SagaRecord,
@@ -1050,8 +1051,12 @@ impl Inner {
                 }
             }
         }
-        self.catalog.catch_up().await;
-        (self.compensate_binding(rec, step), None)
+        let caught_up = self.catalog.catch_up().await;
+        // Read before the binding, as above.
+        let version = self.catalog.version_to_check().filter(|_| !caught_up);
+        let binding = self.compensate_binding(rec, step);
+        let check = version.filter(|_| !self.reaches_out(&binding.digest));
+        (binding, check)
     }
 
     /// The compensate binding of `step` in force now: the current definition's, by step name,
@@ -1401,9 +1406,9 @@ impl Inner {
 
     /// Runs compensate attempt `attempt` of `step` with `binding`, the compensate binding in
     /// force ([`Inner::compensation_binding`], resolved once by the caller), and `catalog`, the
-    /// catalog version its commit must find unchanged, if any: an attempt that fails because
-    /// the version is stored nowhere is checked too (a stale binding may name one since
-    /// deleted).
+    /// catalog version its commit must find unchanged, if any: a failed attempt the host makes
+    /// up because the version cannot be loaded here is checked too (it came of the same
+    /// binding).
     async fn compensate(
         &self,
         rec: &SagaRecord,

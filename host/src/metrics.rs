@@ -612,6 +612,15 @@ impl Metrics {
              again reading the database",
             refused,
         );
+        let refused = Counter::<u64>::default();
+        refused.inc_by(reads.catalog_checks_refused);
+        scrape.register(
+            "catalog_checks_refused",
+            "Commits refused while carrying the catalog version a compensation picked its binding at, read from \
+             this host's catalog cache on a shared database (PostgreSQL): another host uploaded or bound a plugin or \
+             changed a definition since (or the saga moved on); the steps ran again on the current catalog",
+            refused,
+        );
 
         let dropped = Counter::<u64>::default();
         dropped.inc_by(crate::logs::lines_dropped());

@@ -63,11 +63,15 @@ pub enum Error {
     /// was written, and the result it carried is discarded.
     #[error("the saga was changed by someone else; its result was discarded")]
     Fenced,
-    /// A chain whose calls read plugin state from memory was refused: a value they read had
-    /// changed (another replica wrote it), or the saga moved on. Nothing was written; the
-    /// values checked are read from the database from now on. Reload the saga and run its
-    /// steps again ([`store::Error::StaleRead`]).
-    #[error("a state value the steps read changed, or the saga was changed; their results were discarded")]
+    /// A chain whose calls read plugin state from memory, or whose compensations took their
+    /// bindings from the catalog cache, was refused: a value they read had changed (another
+    /// replica wrote it), or the catalog had (another replica bound a plugin), or the saga
+    /// moved on. Nothing was written; the values checked are read from the database from now
+    /// on. Reload the saga and run its steps again ([`store::Error::StaleRead`]).
+    #[error(
+        "a state value the steps read, or the catalog their compensations' bindings came from, changed, or the saga \
+         was changed; their results were discarded"
+    )]
     StaleRead,
     /// A new saga was refused: this many sagas created here wait for the driver already
     /// ([`crate::driver::DriverOptions::max_queued`]). Nothing was written.

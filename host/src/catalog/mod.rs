@@ -376,13 +376,18 @@ impl Catalog {
     /// SPEC §5.3, "every compensation from now on"). Nothing to do where this process is its
     /// database's only host (every change goes through it and is cached as it commits); else
     /// one refresh, a single-row read when nothing changed. A failure is logged and the cache
-    /// serves, as it would until the next refresh anyway.
-    pub async fn catch_up(&self) {
+    /// serves, as it would until the next refresh anyway: false then (the cache may be
+    /// behind).
+    pub async fn catch_up(&self) -> bool {
         if !self.store.shared_by_hosts() {
-            return;
+            return true;
         }
-        if let Err(e) = self.refresh().await {
-            tracing::warn!(error = %e, "catching up with the stored catalog failed; using the cached one");
+        match self.refresh().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "catching up with the stored catalog failed; using the cached one");
+                false
+            }
         }
     }
 
@@ -397,7 +402,7 @@ impl Catalog {
         if !crate::engine::definition::is_valid_name(saga_type) {
             return None;
         }
-        self.catch_up().await;
+        let _ = self.catch_up().await;
         self.definition(saga_type)
     }
 
@@ -873,7 +878,7 @@ pub(crate) mod tests {
         let compensate =
             |c: &Catalog| c.definition(crate::builtin::order::SAGA_TYPE).unwrap().steps[1].compensate.digest.clone();
         assert_ne!(compensate(&b), digest, "the replica has not refreshed yet");
-        b.catch_up().await;
+        assert!(b.catch_up().await);
         assert_eq!(compensate(&b), digest, "the compensation runs the binding replaced a moment ago");
         // A type registered through the other replica is found at once, not after a refresh.
         let mut refund = (*a.definition(crate::builtin::order::SAGA_TYPE).unwrap()).clone();
@@ -883,7 +888,7 @@ pub(crate) mod tests {
         assert!(b.find_definition("refund").await.is_some(), "registered a moment ago through another replica");
         assert!(b.find_definition("no-such-type").await.is_none());
         let before = own.version();
-        own.catch_up().await;
+        assert!(own.catch_up().await);
         assert_eq!(own.version(), before, "a host owning its database read the catalog");
     }
 

@@ -21,7 +21,9 @@ pub enum Error {
     /// it), or the catalog changed since its compensations picked their bindings. Nothing was
     /// written, and the values checked are no longer answered from memory: reload the saga
     /// (and the catalog) and run its steps again.
-    #[error("the saga was changed by someone else, or a state value it read changed; reload it and try again")]
+    #[error(
+        "the saga was changed by someone else, or a state value it read or the catalog changed; reload it and try again"
+    )]
     StaleRead,
     /// A compare-and-set lost: the stored definition is not the version the change was based on.
     #[error("the definition was changed by someone else since it was read; reload it and try again")]

@@ -679,6 +679,9 @@ pub struct StateReadStats {
     /// Commits refused while they carried checks of reads answered from memory
     /// ([`Error::StaleRead`]): a value another host changed, or a plain fence.
     pub checks_refused: u64,
+    /// Commits refused while they carried a [`Commit::catalog_check`]: the catalog changed
+    /// since a compensation picked its binding from the cache, or a plain fence.
+    pub catalog_checks_refused: u64,
 }
 
 /// The hot-path writes so far: with group commit (SQLite) `jobs / transactions` is how many

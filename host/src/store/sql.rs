@@ -188,8 +188,10 @@ pub struct SqlStore {
     /// State reads the filter answered, and those that reached the database.
     filtered: AtomicU64,
     read_from_database: AtomicU64,
-    /// Commits refused while they carried checks ([`Error::StaleRead`]).
+    /// Commits refused while they carried state checks, and while they carried a catalog
+    /// check ([`Error::StaleRead`]; one carrying both counts in both).
     checks_refused: AtomicU64,
+    catalog_checks_refused: AtomicU64,
     /// The database file's lock, held while the store lives (SQLite opened exclusively).
     _lock: Option<std::fs::File>,
     /// The dialect's background work, stopped with the store.
@@ -462,6 +464,7 @@ impl SqlStore {
             filtered: AtomicU64::new(0),
             read_from_database: AtomicU64::new(0),
             checks_refused: AtomicU64::new(0),
+            catalog_checks_refused: AtomicU64::new(0),
             _lock: lock,
             _background: pools.background,
         })
@@ -964,9 +967,7 @@ impl SagaStore for SqlStore {
             .await;
         let seq = match submitted {
             Ok(seq) => seq,
-            Err(e) if Checks::of(c).any() => {
-                return Err(self.checks_refused(c.plugin_checks, e));
-            }
+            Err(e) if Checks::of(c).any() => return Err(self.checks_refused(Checks::of(c), e)),
             Err(e) => return Err(e),
         };
         // Durable: its values may be served.
@@ -985,15 +986,20 @@ impl SqlStore {
     /// the checked keys are no longer answered from memory: each is dropped from the cache
     /// and marked in the filter as existing, so the steps' next reads of them ask the
     /// database.
-    fn checks_refused(&self, checks: &[(&str, &[StateCheck])], e: Error) -> Error {
+    fn checks_refused(&self, checks: Checks<'_>, e: Error) -> Error {
         let e = match e {
             Error::Fenced => {
-                self.checks_refused.fetch_add(1, Ordering::Relaxed);
+                if checks.state.iter().any(|(_, checks)| !checks.is_empty()) {
+                    self.checks_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                if checks.catalog.is_some() {
+                    self.catalog_checks_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 Error::StaleRead
             }
             other => other,
         };
-        for &(plugin, checks) in checks {
+        for &(plugin, checks) in checks.state {
             for (key, _) in checks {
                 if let Some(cache) = &self.cache {
                     cache.forget(plugin, key);
@@ -2299,6 +2305,7 @@ impl StatsStore for SqlStore {
             filter: self.filtered.load(Ordering::Relaxed),
             database: self.read_from_database.load(Ordering::Relaxed),
             checks_refused: self.checks_refused.load(Ordering::Relaxed),
+            catalog_checks_refused: self.catalog_checks_refused.load(Ordering::Relaxed),
         }
     }
 

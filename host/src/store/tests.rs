@@ -1804,7 +1804,7 @@ async fn a_serving_sqlite_host_answers_reads_of_state_it_committed_from_memory()
     assert_eq!(host.state_get("payment", "charge/1").await.unwrap().as_deref(), Some(b"after a restart".as_slice()));
     assert_eq!(
         host.state_read_stats(),
-        StateReadStats { cache: 0, filter: 0, database: 1, checks_refused: 0 },
+        StateReadStats { cache: 0, filter: 0, database: 1, checks_refused: 0, catalog_checks_refused: 0 },
         "a restart starts empty"
     );
 }
@@ -1962,10 +1962,11 @@ async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
         let put = |k: &str| (k.to_owned(), Some(b"1".to_vec()));
         commit_state(s, "p", &[put("a")], false).await.unwrap();
         let names = &["only".to_owned()];
-        let checked = |version: i64| async move {
+        // Commits a write of `key`, checking `version`.
+        let checked = |version: i64, key: &'static str| async move {
             let rec = s.saga("s1").await.unwrap().unwrap();
             let e = event("s1", &rec.state, rec.seq);
-            let writes = [("p", &[put(&format!("at/{version}"))][..])];
+            let writes = [("p", &[put(key)][..])];
             let c = Commit {
                 plugin_writes: &writes,
                 catalog_check: Some(version),
@@ -1974,19 +1975,26 @@ async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
             s.commit(&c).await
         };
         let v1 = s.catalog_version().await.unwrap();
-        checked(v1).await.unwrap();
-        assert!(s.state_get("p", &format!("at/{v1}")).await.unwrap().is_some(), "{}", b.name);
+        checked(v1, "first").await.unwrap();
+        assert!(s.state_get("p", "first").await.unwrap().is_some(), "{}", b.name);
         // Another host uploads a version: the catalog moved on.
         assert!(s.put_plugin("sha256:q", "q", b"wasm", 1, None).await.unwrap(), "{}", b.name);
         let v2 = s.catalog_version().await.unwrap();
         assert!(v2 > v1, "{}", b.name);
         let seq = s.saga("s1").await.unwrap().unwrap().seq;
-        let refused = checked(v1).await;
+        let before = s.state_read_stats();
+        let refused = checked(v1, "stale").await;
         assert!(matches!(refused, Err(Error::StaleRead)), "{}: {refused:?}", b.name);
         assert_eq!(s.saga("s1").await.unwrap().unwrap().seq, seq, "{}: no transition", b.name);
-        assert_eq!(s.state_get("p", &format!("at/{v1}")).await.unwrap().as_deref(), Some(b"1".as_slice()));
-        checked(v2).await.unwrap();
-        assert!(s.state_get("p", &format!("at/{v2}")).await.unwrap().is_some(), "{}", b.name);
+        assert_eq!(s.state_get("p", "stale").await.unwrap(), None, "{}: no write", b.name);
+        let after = s.state_read_stats();
+        let counted = (
+            after.catalog_checks_refused - before.catalog_checks_refused,
+            after.checks_refused - before.checks_refused,
+        );
+        assert_eq!(counted, (1, 0), "{}: counted as a catalog refusal only", b.name);
+        checked(v2, "current").await.unwrap();
+        assert!(s.state_get("p", "current").await.unwrap().is_some(), "{}", b.name);
 
         // A creation with its first commit, keyed and not: refused whole, then let through.
         for (id, keyed) in [("s2", true), ("s3", false)] {
