@@ -246,6 +246,11 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::PerSaga { sample: "sagahost_state_checks_refused_total" },
     },
     Figure {
+        key: "catalog_checks_refused_per_saga",
+        label: "commits refused for a stale catalog, per saga",
+        kind: Kind::PerSaga { sample: "sagahost_catalog_checks_refused_total" },
+    },
+    Figure {
         key: "events_published_per_s",
         label: "events published per s",
         kind: Kind::PerSecond { sample: "sagahost_events_published_total" },
