@@ -1934,20 +1934,34 @@ async fn a_commit_applies_only_while_the_state_values_it_checks_still_stand() {
                 c.plugin_checks = &checks;
                 c.creation = Some(Creation { saga: &first, claim: claim.as_ref() });
                 let done = s.commit(&c).await;
-                assert_eq!(done.is_ok(), ok, "{} {id}: {done:?}", b.name);
-                assert_eq!(s.saga(id).await.unwrap().is_some(), ok, "{} {id}", b.name);
-                assert_eq!(s.state_get("p", &format!("made/{id}")).await.unwrap().is_some(), ok, "{} {id}", b.name);
-                if !ok {
-                    assert!(matches!(done, Err(Error::StaleRead)), "{} {id}: {done:?}", b.name);
-                    if let Some(claim) = &claim {
-                        // The key is still new: the request's own creation takes it.
-                        let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
-                        assert_eq!(alone, CreateOutcome::Created, "{} {id}: the key was not claimed", b.name);
-                    }
-                }
+                landed_whole_or_not_at_all(s, b.name, id, claim.as_ref(), done, ok).await;
             }
         }
         b.cleanup().await;
+    }
+}
+
+/// After a creation's first commit `done` of saga `id` (with state write `made/{id}` of plugin
+/// `p`, keyed by `claim` if any), which should have landed when `ok`: it did, or it wrote
+/// nothing and was [`Error::StaleRead`], not even its key claimed (the request's own creation
+/// then finds the key new).
+async fn landed_whole_or_not_at_all(
+    s: &Arc<dyn Store>,
+    backend: &str,
+    id: &str,
+    claim: Option<&IdempotencyClaim>,
+    done: Result<i64>,
+    ok: bool,
+) {
+    assert_eq!(done.is_ok(), ok, "{backend} {id}: {done:?}");
+    assert_eq!(s.saga(id).await.unwrap().is_some(), ok, "{backend} {id}");
+    assert_eq!(s.state_get("p", &format!("made/{id}")).await.unwrap().is_some(), ok, "{backend} {id}");
+    if !ok {
+        assert!(matches!(done, Err(Error::StaleRead)), "{backend} {id}: {done:?}");
+        if let Some(claim) = claim {
+            let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
+            assert_eq!(alone, CreateOutcome::Created, "{backend} {id}: the key was not claimed");
+        }
     }
 }
 
@@ -2011,16 +2025,7 @@ async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
                     ..commit(&first.state, names, &events[0], Fence::LeaseRelease(1), 1)
                 };
                 let done = s.commit(&c).await;
-                assert_eq!(done.is_ok(), ok, "{} {id}: {done:?}", b.name);
-                assert_eq!(s.saga(id).await.unwrap().is_some(), ok, "{} {id}", b.name);
-                assert_eq!(s.state_get("p", &format!("made/{id}")).await.unwrap().is_some(), ok, "{} {id}", b.name);
-                if !ok {
-                    assert!(matches!(done, Err(Error::StaleRead)), "{} {id}: {done:?}", b.name);
-                    if let Some(claim) = &claim {
-                        let alone = s.create_saga(&new_saga(&format!("{id}-alone")), Some(claim), 10).await.unwrap();
-                        assert_eq!(alone, CreateOutcome::Created, "{} {id}: the key was not claimed", b.name);
-                    }
-                }
+                landed_whole_or_not_at_all(s, b.name, id, claim.as_ref(), done, ok).await;
             }
         }
         b.cleanup().await;
