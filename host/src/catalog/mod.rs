@@ -862,12 +862,7 @@ pub(crate) mod tests {
         let (store, runtime, clock) = parts(dir.path()).await;
         let a = Catalog::open(store.clone(), runtime, Arc::clone(&clock)).await.unwrap();
         // A replica on a database other hosts share (the wrapper says so; no read is slow).
-        let shared: Arc<dyn CatalogStore> = Arc::new(SlowRead {
-            inner: store.clone(),
-            slow: String::new(),
-            builtins_by: None,
-            versions_read: Default::default(),
-        });
+        let shared: Arc<dyn CatalogStore> = Arc::new(SlowRead::shared(store.clone()));
         assert!(shared.shared_by_hosts() && !store.shared_by_hosts());
         let new_runtime = || Arc::new(Runtime::new(Default::default(), Arc::new(NoState)).unwrap());
         let b = Catalog::open(shared, new_runtime(), Arc::clone(&clock)).await.unwrap();
