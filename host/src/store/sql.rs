@@ -736,19 +736,32 @@ fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&s
 async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let mut script = Script::default();
     claim_statement(&mut script, c, None, now, Checks::default());
-    let mut inserted = false;
-    for s in &script.statements {
-        inserted = bind(sqlx::query(&s.sql), &s.args).execute(&mut *tx).await?.rows_affected() == 1;
+    for _ in 0..CLAIM_TRIES {
+        let mut inserted = false;
+        for s in &script.statements {
+            inserted = bind(sqlx::query(&s.sql), &s.args).execute(&mut *tx).await?.rows_affected() == 1;
+        }
+        if inserted {
+            return Ok(None);
+        }
+        if let Some(held) = claim_existing(tx, c, now).await? {
+            return Ok(Some(held));
+        }
     }
-    if inserted {
-        return Ok(None);
-    }
-    Ok(Some(claim_existing(tx, c, now).await?))
+    Ok(Some(CreateOutcome::InFlight))
 }
 
+/// How often a claim is made again when the row that refused it was gone by the time it was
+/// read ([`claim_existing`]): a key released or expired in between is free, and a key that
+/// keeps coming and going is in use by other requests of the moment (answered as in flight).
+const CLAIM_TRIES: usize = 3;
+
 /// What a key that was not new holds (after [`claim_statement`] found it taken): the first
-/// request's outcome.
-async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<CreateOutcome> {
+/// request's outcome. `None` if the row is gone: the request that held it released it (it
+/// failed before creating anything) or the janitor expired it, after the claim found it and
+/// before this read. Only a claim made outside a transaction can see that (PostgreSQL's
+/// single-statement creation; within one, the upsert keeps the row it found locked).
+async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let row = sqlx::query(
         "SELECT fingerprint, saga_id, response_status, response_body, locked_until FROM idempotency_keys \
          WHERE caller = $1 AND route = $2 AND key = $3",
@@ -756,24 +769,27 @@ async fn claim_existing(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) 
     .bind(&c.caller)
     .bind(&c.route)
     .bind(&c.key)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
     let fingerprint: String = row.try_get("fingerprint")?;
     if fingerprint != c.fingerprint {
-        return Ok(CreateOutcome::Mismatch);
+        return Ok(Some(CreateOutcome::Mismatch));
     }
     let existing_saga: Option<String> = row.try_get("saga_id")?;
     let status: Option<i64> = row.try_get("response_status")?;
     if let Some(status) = status {
         let body: Vec<u8> = row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default();
         let status = u16::try_from(status).map_err(|_| corrupt("status"))?;
-        return Ok(CreateOutcome::Replay { status, body, saga_id: existing_saga });
+        return Ok(Some(CreateOutcome::Replay { status, body, saga_id: existing_saga }));
     }
     let locked_until: i64 = row.try_get("locked_until")?;
     if locked_until > now {
-        return Ok(CreateOutcome::InFlight);
+        return Ok(Some(CreateOutcome::InFlight));
     }
-    Ok(CreateOutcome::Abandoned { saga_id: existing_saga.unwrap_or_default() })
+    Ok(Some(CreateOutcome::Abandoned { saga_id: existing_saga.unwrap_or_default() }))
 }
 
 #[async_trait]
@@ -795,14 +811,21 @@ impl SagaStore for SqlStore {
                         // A crash here, before the claim and the saga row commit, must leave
                         // neither: both are in this one transaction.
                         crate::failpoint!("intake-after-claim");
-                        // The saga insert is the only statement that returns a row.
-                        if !script.run(conn).await?.is_empty() {
-                            return Ok(CreateOutcome::Created);
+                        for _ in 0..CLAIM_TRIES {
+                            // The saga insert is the only statement that returns a row.
+                            if !script.run(conn).await?.is_empty() {
+                                return Ok(CreateOutcome::Created);
+                            }
+                            let Some(c) = claim else {
+                                return Err(corrupt("a saga without an idempotency key was not inserted"));
+                            };
+                            // A key gone since the claim found it: nothing was written, claim again.
+                            if let Some(held) = claim_existing(conn, c, *now).await? {
+                                return Ok(held);
+                            }
+                            tracing::debug!(key = %c.key, "an idempotency key was released or expired while claimed; claiming it again");
                         }
-                        match claim {
-                            Some(c) => claim_existing(conn, c, *now).await,
-                            None => Err(corrupt("a saga without an idempotency key was not inserted")),
-                        }
+                        Ok(CreateOutcome::InFlight)
                     })
                 },
                 single,

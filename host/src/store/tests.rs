@@ -453,6 +453,97 @@ async fn one_key_raced_from_many_connections_creates_one_saga() {
     }
 }
 
+/// Makes the next claim of an idempotency key find the key taken and then lose it: a trigger
+/// deletes the row the claim would conflict with and drops the claim's insert, as when the
+/// request holding the key releases it (or the janitor expires it) after the claim statement
+/// and before the read of what the key holds. Reads back whether the armed trigger fired.
+struct KeyVanishes;
+
+impl KeyVanishes {
+    const SQLITE: [&'static str; 2] = [
+        "CREATE TABLE IF NOT EXISTS vanish_once (n INTEGER)",
+        "CREATE TRIGGER IF NOT EXISTS vanish BEFORE INSERT ON idempotency_keys \
+         WHEN EXISTS (SELECT 1 FROM vanish_once) BEGIN \
+         DELETE FROM vanish_once; \
+         DELETE FROM idempotency_keys WHERE caller = NEW.caller AND route = NEW.route AND key = NEW.key; \
+         SELECT RAISE(IGNORE); END",
+    ];
+    const POSTGRES: [&'static str; 3] = [
+        "CREATE TABLE IF NOT EXISTS vanish_once (n INTEGER)",
+        "CREATE OR REPLACE FUNCTION vanish_claimed_key() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         DELETE FROM vanish_once; \
+         IF FOUND THEN \
+           DELETE FROM idempotency_keys WHERE caller = NEW.caller AND route = NEW.route AND key = NEW.key; \
+           RETURN NULL; \
+         END IF; \
+         RETURN NEW; END $$",
+        "CREATE OR REPLACE TRIGGER vanish BEFORE INSERT ON idempotency_keys \
+         FOR EACH ROW EXECUTE FUNCTION vanish_claimed_key()",
+    ];
+
+    async fn arm(b: &Backend) {
+        let mut statements: Vec<&str> = if b.file.is_some() { Self::SQLITE.to_vec() } else { Self::POSTGRES.to_vec() };
+        statements.push("INSERT INTO vanish_once (n) VALUES (1)");
+        Self::run(b, &statements).await;
+    }
+
+    async fn fired(b: &Backend) -> bool {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM vanish_once")
+            .fetch_one(&mut Self::connect(b).await)
+            .await
+            .unwrap();
+        left == 0
+    }
+
+    async fn run(b: &Backend, statements: &[&str]) {
+        use sqlx::Executor as _;
+        let mut conn = Self::connect(b).await;
+        for s in statements {
+            conn.execute(*s).await.unwrap();
+        }
+    }
+
+    /// A connection of its own to the backend's database, beside the store's.
+    async fn connect(b: &Backend) -> sqlx::AnyConnection {
+        use sqlx::Connection as _;
+        let url = match (&b.file, &b.pg) {
+            (Some(file), _) => sqlite::file_url(file),
+            (None, Some((_, url))) => url.clone(),
+            (None, None) => unreachable!("a backend is a file or a database"),
+        };
+        sqlx::AnyConnection::connect(&url).await.unwrap()
+    }
+}
+
+/// A key found taken by a claim and gone before the claim reads what it holds (its holder
+/// released it, or it expired) is free: the claim is made again and goes in. On PostgreSQL a
+/// creation's claim is one statement outside a transaction, so another request's release can
+/// land there; it failed the request with an internal error.
+#[tokio::test]
+async fn a_key_gone_between_a_claim_and_the_read_of_what_it_holds_is_claimed_again() {
+    for b in backends().await {
+        let c = waiting_claim();
+        assert_eq!(b.store.create_saga(&new_saga("a"), Some(&c), 0).await.unwrap(), CreateOutcome::Created);
+        KeyVanishes::arm(&b).await;
+        let again = b.store.create_saga(&new_saga("b"), Some(&c), 10).await;
+        assert!(KeyVanishes::fired(&b).await, "{}: the claim never met the vanishing key", b.name);
+        assert_eq!(again.unwrap(), CreateOutcome::Created, "{}: a creation whose key went", b.name);
+        assert!(b.store.saga("b").await.unwrap().is_some(), "{}: the saga of the key claimed again", b.name);
+        let replay = b.store.create_saga(&new_saga("c"), Some(&c), 20).await.unwrap();
+        assert_eq!(replay, CreateOutcome::InFlight, "{}: the key is held for the new saga", b.name);
+
+        // A key of a request that creates nothing, claimed in a transaction.
+        let other = IdempotencyClaim { route: "POST /x".into(), ..waiting_claim() };
+        assert_eq!(b.store.claim_key(&other, 0).await.unwrap(), CreateOutcome::Created, "{}", b.name);
+        KeyVanishes::arm(&b).await;
+        let again = b.store.claim_key(&other, 10).await;
+        assert!(KeyVanishes::fired(&b).await, "{}: the key claim never met the vanishing key", b.name);
+        assert_eq!(again.unwrap(), CreateOutcome::Created, "{}: a key claim whose key went", b.name);
+        assert_eq!(b.store.claim_key(&other, 20).await.unwrap(), CreateOutcome::InFlight, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn workers_claiming_at_once_take_disjoint_sagas() {
     for b in backends().await {
