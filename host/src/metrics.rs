@@ -607,9 +607,9 @@ impl Metrics {
         refused.inc_by(reads.checks_refused);
         scrape.register(
             "state_checks_refused",
-            "Commits refused while carrying state values read from memory on a shared database (PostgreSQL): \
-             another host changed a value, or the saga moved on (or its idempotency key was taken); the steps ran \
-             again reading the database",
+            "Commits refused while carrying the state values their calls read: another saga's commit (or, on a \
+             shared database, another host) changed a value since, or the saga moved on (or its idempotency key was \
+             taken); the steps ran again on the current values",
             refused,
         );
         let refused = Counter::<u64>::default();

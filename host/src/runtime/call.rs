@@ -214,8 +214,8 @@ pub(super) struct Call<'a> {
     pub(super) limits: &'a Limits,
     /// The component, if it is loaded.
     pub(super) ready: Option<Arc<dyn Prepared>>,
-    /// Its state reads may be answered from memory subject to a check at the commit (it
-    /// imports no outbound HTTP).
+    /// Its state reads are checked at the commit, and may be answered from memory (it imports
+    /// no outbound HTTP).
     pub(super) guess: bool,
     pub(super) digest: &'a str,
     /// Whose state space the call reads and writes.

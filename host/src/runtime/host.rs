@@ -66,12 +66,13 @@ pub(super) struct HostState {
     read_credit: Duration,
     /// Buffered writes: `None` is a delete. A BTreeMap so the commit order is deterministic.
     pub(super) writes: BTreeMap<String, Option<Vec<u8>>>,
-    /// Whether reads may be answered from the host's memory where they must then be checked
-    /// at the commit ([`crate::store::StateRead::checked`]): only for a component that cannot
-    /// reach another service, whose stale read can go nowhere but into that commit.
+    /// Whether the call's reads are checked at its commit ([`crate::store::StateRead::checked`]),
+    /// and so may also be answered from the host's memory where other hosts write the
+    /// database: only for a component that cannot reach another service, whose read of a
+    /// value changed meanwhile can go nowhere but into that refused commit.
     guess: bool,
-    /// The reads answered so ([`MAX_CHECKS`] at most; later reads ask the database), the
-    /// first of each key: the commit applies only if they still hold.
+    /// The reads to check ([`MAX_CHECKS`] at most; later reads are not checked), the first of
+    /// each key: the commit applies only if they still hold.
     pub(super) checks: BTreeMap<String, Option<Vec<u8>>>,
     write_bytes: usize,
     log_lines: u32,
@@ -176,9 +177,10 @@ async fn get(mut store: StoreContextMut<'_, CallState>, key: WasmStr) -> wasmtim
     Ok(answer.value)
 }
 
-/// Most reads of one call answered from memory subject to a check at the commit: each check
-/// is a condition of the commit's statement, which takes a bounded number of arguments (and
-/// a chain ends at [`crate::driver`]'s bound on state keys, checks counted).
+/// Most reads of one call checked at the commit: each check is a condition of the commit's
+/// statement, which takes a bounded number of arguments (and a chain ends at
+/// [`crate::driver`]'s bound on state keys, checks counted). Later reads ask the database and
+/// are not checked.
 pub const MAX_CHECKS: usize = 64;
 
 /// Most entries one `state.scan` returns, whatever `limit` the plugin asks for.

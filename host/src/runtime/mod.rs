@@ -94,8 +94,8 @@ impl Default for Limits {
 /// Implemented by the store; a trait so the runtime does not depend on how they are kept.
 #[async_trait]
 pub trait PluginReader: Send + Sync + 'static {
-    /// `key`'s committed value; with `guess`, possibly answered from memory subject to a
-    /// check at the commit ([`crate::store::PluginStateStore::state_read`]).
+    /// `key`'s committed value; with `guess`, checked at the commit and possibly answered
+    /// from memory ([`crate::store::PluginStateStore::state_read`]).
     async fn get(&self, plugin: &str, key: &str, guess: bool) -> anyhow::Result<StateRead>;
     /// Keys starting with `prefix`, in byte order, strictly after `after`, at most `limit`,
     /// and a shorter page when its values reach `crate::store::STATE_PAGE_BYTES`.

@@ -170,8 +170,7 @@ pub struct OutboxRow {
 pub type StateWrite = (String, Option<Vec<u8>>);
 
 /// A state read a commit must find still true: the key, and the value read (`None`: absent).
-/// Made for reads answered from memory where several hosts write the same database
-/// ([`StateRead::checked`]).
+/// Made for every read of a call that can have its reads checked ([`StateRead::checked`]).
 pub type StateCheck = (String, Option<Vec<u8>>);
 
 /// How [`PluginStateStore::state_read`] answered.
@@ -179,9 +178,10 @@ pub type StateCheck = (String, Option<Vec<u8>>);
 pub struct StateRead {
     /// The value (`None`: absent).
     pub value: Option<Vec<u8>>,
-    /// Answered from this host's memory while other hosts write the same database: the value
-    /// may be stale, and the commit of what the call did with it must check that it is not
-    /// ([`Commit::plugin_checks`]).
+    /// The commit of what the call did with the value must check that it still stands
+    /// ([`Commit::plugin_checks`]): another saga's commit of the key since this read (or,
+    /// where other hosts write the same database, a change this host's memory missed) would
+    /// otherwise be overwritten by a value computed from the old one (a lost update).
     pub checked: bool,
 }
 
@@ -232,7 +232,7 @@ pub struct Commit<'a> {
     /// The plugins' state writes, (plugin, writes) in the order the calls made them: a later
     /// write of a key wins.
     pub plugin_writes: &'a [(&'a str, &'a [StateWrite])],
-    /// State values the calls read from memory that may be stale ([`StateRead::checked`]),
+    /// State values the calls read, to check ([`StateRead::checked`]),
     /// (plugin, checks): the commit applies only if each key still holds the value read in
     /// the database as its statement finds it (before the commit's own writes; on PostgreSQL
     /// the statement's snapshot: a commit of the key by another host landing while it runs
@@ -438,11 +438,12 @@ pub const STATE_PAGE_BYTES: usize = 4 << 20;
 pub trait PluginStateStore: Send + Sync + 'static {
     /// The committed value of `key`, as the database holds it now.
     async fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
-    /// A plugin call's read of `key`. Where several hosts write the database and `guess` is
-    /// set, a value this host committed or a key it never saw may be answered from memory,
-    /// [`StateRead::checked`]: the commit of the call must then carry the read as a
-    /// [`StateCheck`]. Set `guess` only for calls whose effects stay within the host until
-    /// that commit (no outbound HTTP): a stale value must not reach another service.
+    /// A plugin call's read of `key`. With `guess` the answer is [`StateRead::checked`]: the
+    /// commit of the call must carry the read as a [`StateCheck`]; and where several hosts
+    /// write the database, a value this host committed or a key it never saw may then be
+    /// answered from memory. Set `guess` only for calls whose effects stay within the host
+    /// until that commit (no outbound HTTP): a refused commit runs the call again, and a
+    /// value changed meanwhile must not reach another service.
     async fn state_read(&self, plugin: &str, key: &str, guess: bool) -> Result<StateRead> {
         let _ = guess;
         Ok(StateRead { value: self.state_get(plugin, key).await?, checked: false })

@@ -1609,10 +1609,12 @@ impl PluginStateStore for SqlStore {
     }
 
     async fn state_read(&self, plugin: &str, key: &str, guess: bool) -> Result<StateRead> {
-        // Exact where this process owns the database; a guess, checked later, where it does
-        // not (and only for a caller that can have it checked).
+        // Every read of a caller that can have it checked is checked at its commit, however
+        // it was answered: another saga's commit of the key between this read and that commit
+        // refuses it (no lost update). Memory answers are exact where this process owns the
+        // database, and where it does not, only a checked caller may have them.
+        let checked = guess;
         if !self.checked || guess {
-            let checked = self.checked;
             if let Some(value) = self.cache.as_ref().and_then(|cache| cache.get(plugin, key)) {
                 return Ok(StateRead { value, checked });
             }
@@ -1621,7 +1623,7 @@ impl PluginStateStore for SqlStore {
                 return Ok(StateRead { value: None, checked });
             }
         }
-        Ok(StateRead { value: self.state_from_database(plugin, key).await?, checked: false })
+        Ok(StateRead { value: self.state_from_database(plugin, key).await?, checked })
     }
 
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>> {

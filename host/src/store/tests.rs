@@ -2127,6 +2127,39 @@ async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
 /// they never saw) when the call lets them guess, and say so (`checked`): another replica
 /// may have changed the value. The commit that checks a stale answer is refused and writes
 /// nothing, and from then on the key is read from the database; plain reads always are.
+/// Two sagas' calls read one key, both compute from the value read, both commit: the second
+/// commit must not replace the first's value with one computed from the value before it (a
+/// lost update). Every read of a caller whose commit can check it is checked, however it was
+/// answered (memory or database), and the commit that finds the value changed is refused.
+#[tokio::test]
+async fn a_commit_computed_from_a_value_another_commit_changed_since_is_refused() {
+    for b in backends().await {
+        let s = &b.store;
+        let put = |v: &str| vec![("total".to_owned(), Some(v.as_bytes().to_vec()))];
+        let read =
+            |value: Option<&str>, checked: bool| StateRead { value: value.map(|v| v.as_bytes().to_vec()), checked };
+        // Both read the absent key, and both the value the first committed.
+        assert_eq!(s.state_read("counter", "total", true).await.unwrap(), read(None, true), "{}", b.name);
+        commit_checked(s, "counter", &put("1"), &[("total".to_owned(), None)]).await.unwrap();
+        let refused = commit_checked(s, "counter", &put("1"), &[("total".to_owned(), None)]).await;
+        assert!(matches!(refused, Err(Error::StaleRead)), "{}: created meanwhile: {refused:?}", b.name);
+        // The refusal dropped the key from memory: this read asks the database, checked too.
+        let before = s.state_read_stats().database;
+        let seen = s.state_read("counter", "total", true).await.unwrap();
+        assert_eq!(seen, read(Some("1"), true), "{}", b.name);
+        assert_eq!(s.state_read_stats().database - before, 1, "{}: read from the database", b.name);
+        let (first, second) = (seen.value.clone(), seen.value);
+        commit_checked(s, "counter", &put("2"), &[("total".to_owned(), first)]).await.unwrap();
+        let refused = commit_checked(s, "counter", &put("2"), &[("total".to_owned(), second)]).await;
+        assert!(matches!(refused, Err(Error::StaleRead)), "{}: changed meanwhile: {refused:?}", b.name);
+        assert_eq!(s.state_get("counter", "total").await.unwrap().as_deref(), Some(b"2".as_slice()), "{}", b.name);
+        // A caller that cannot have its reads checked (it may reach another service) reads
+        // the stored value, unchecked.
+        assert_eq!(s.state_read("counter", "total", false).await.unwrap(), read(Some("2"), false), "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn postgresql_replicas_answer_reads_from_memory_subject_to_the_commits_check() {
     let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
@@ -2162,7 +2195,8 @@ async fn postgresql_replicas_answer_reads_from_memory_subject_to_the_commits_che
         let refused = commit_checked(&a, "payment", &[put("other", "x")], &checks).await;
         assert!(matches!(refused, Err(Error::StaleRead)), "{key}: {refused:?}");
         assert_eq!(a.state_get("payment", "other").await.unwrap(), None, "{key}: nothing written");
-        assert_eq!(a.state_read("payment", key, true).await.unwrap(), read(Some(now), false), "{key}");
+        // From the database now, and still checked: every read of a checked caller is.
+        assert_eq!(a.state_read("payment", key, true).await.unwrap(), read(Some(now), true), "{key}");
     }
     assert_eq!(a.state_read_stats().checks_refused, 2);
 
