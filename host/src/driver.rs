@@ -35,10 +35,11 @@
 //! commit").
 //!
 //! A crash or a lost claim before the commit loses the whole chain, as it would lose one
-//! transition: its steps run again with the same idempotency keys. So does a chain whose calls
-//! read plugin state from this host's memory on a shared database (PostgreSQL) when the commit
-//! finds a value changed since (another replica wrote it): the saga is reloaded and the steps
-//! run again, reading those keys from the database (`Flushed::Reloaded`). Nobody sees a chain's
+//! transition: its steps run again with the same idempotency keys. So does a chain whose commit
+//! finds a plugin state value its calls read changed since (another saga's commit, or on a
+//! shared database another replica, wrote it): the saga is reloaded and the steps run again on
+//! the current values (`Flushed::Reloaded`; after refusals in a row, a short pause first,
+//! `Staged::stale_read_pause`). Nobody sees a chain's
 //! middle: events, step rows and statuses appear at its commit, and a client waiting on the
 //! saga is answered only after it. If the store refuses a chain's data for good, the saga is
 //! reloaded and its transitions run again one commit each, so that the refused one is known
@@ -902,14 +903,15 @@ impl Inner {
 
     /// Commits the staged chain (`keep`: keeping the claim, else releasing it). `Refused`: the
     /// store refuses the chain's data for good; nothing was written and `rec` must be
-    /// reloaded. `Reloaded`: a state value the chain read from memory had changed; nothing
-    /// was written and `rec` is reloaded, still this driver's. `Stop`: the saga is no longer
+    /// reloaded. `Reloaded`: a state value the chain read had changed (or the catalog its
+    /// compensations took their bindings from); nothing was written and `rec` is reloaded,
+    /// still this driver's. `Stop`: the saga is no longer
     /// this driver's to run (fenced, or a store error after which the claim is given back
     /// shortly).
     ///
     /// With `creating` (the saga's creation not committed yet) the creation commits in the
     /// same transaction, and the request waiting for it is answered; if its idempotency key
-    /// was not new, or a value the chain read from memory had changed, nothing was written
+    /// was not new, or a value the chain read had changed, nothing was written
     /// and the saga is dropped (`Stop`): the request learns what the key holds, or creates
     /// the saga alone for a driver to claim.
     async fn flush(
@@ -949,13 +951,19 @@ impl Inner {
             // A creation's request creates the saga itself once the deferral is dropped (with
             // `creating`, on return), and a driver claims it: its steps then run again.
             Err(saga::Error::StaleRead) if creating.is_some() => {
-                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory, or the catalog a compensation took its binding from, changed, or a request with the same idempotency key created its saga first; the request creates the saga alone if it is new");
+                tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read, or the catalog a compensation took its binding from, changed, or a request with the same idempotency key created its saga first; the request creates the saga alone if it is new");
                 Flushed::Stop
             }
             // Or the fence refused it (the check cannot tell): the reload says which.
             Err(saga::Error::StaleRead) => {
+                // Refused again and again (a key every saga writes), the steps wait a little
+                // before they run again (well within the lease: at most 300 ms).
+                let pause = staged.stale_read_pause(rand::random::<f64>());
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 if self.reload(rec, epoch).await {
-                    tracing::info!(saga_id = %rec.id, transitions = n, "a state value the steps read from memory, or the catalog a compensation took its binding from, changed; running them again");
+                    tracing::info!(saga_id = %rec.id, transitions = n, pause_ms = pause.as_millis() as u64, "a state value the steps read, or the catalog a compensation took its binding from, changed; running them again");
                     Flushed::Reloaded
                 } else {
                     self.metrics.stale_commit();
@@ -1581,9 +1589,9 @@ impl Called {
 enum Flushed {
     Done,
     Refused,
-    /// Nothing was written: a state value the chain's calls read from memory had changed
-    /// (another replica wrote it). `rec` is the saga as committed, still this driver's; its
-    /// steps run again, reading those values from the database.
+    /// Nothing was written: a state value the chain's calls read had changed (another saga's
+    /// commit, or another replica, wrote it), or the catalog had. `rec` is the saga as
+    /// committed, still this driver's; its steps run again on the current values.
     Reloaded,
     Stop,
 }

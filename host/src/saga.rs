@@ -20,6 +20,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::driver::{DriverHandle, StatusChange};
@@ -63,11 +64,12 @@ pub enum Error {
     /// was written, and the result it carried is discarded.
     #[error("the saga was changed by someone else; its result was discarded")]
     Fenced,
-    /// A chain whose calls read plugin state from memory, or whose compensations took their
-    /// bindings from the catalog cache, was refused: a value they read had changed (another
-    /// replica wrote it), or the catalog had (another replica bound a plugin), or the saga
-    /// moved on. Nothing was written; the values checked are read from the database from now
-    /// on. Reload the saga and run its steps again ([`store::Error::StaleRead`]).
+    /// A chain whose calls read plugin state, or whose compensations took their bindings
+    /// from the catalog cache, was refused: a value they read had changed (another saga's
+    /// commit, or another replica, wrote it), or the catalog had (another replica bound a
+    /// plugin), or the saga moved on. Nothing was written; the values checked are no longer
+    /// answered from memory. Reload the saga and run its steps again
+    /// ([`store::Error::StaleRead`]).
     #[error(
         "a state value the steps read, or the catalog their compensations' bindings came from, changed, or the saga \
          was changed; their results were discarded"
@@ -412,7 +414,7 @@ impl Sagas {
     ///
     /// `creating`: the saga's creation ([`Deferred`]) goes into the same transaction; then
     /// `Err(Fenced)` means its idempotency key was not new, and nothing was written.
-    /// `Err(StaleRead)`: the chain carried checks of state reads answered from memory, or of
+    /// `Err(StaleRead)`: the chain carried checks of its calls' state reads, or of
     /// the catalog version its compensations picked their bindings at, and was refused (a
     /// value or the catalog changed, or the fence refused it); nothing was written. After a
     /// refused catalog check, [`Staged::catalog_refused`] holds for the rest of the run.
@@ -436,7 +438,10 @@ impl Sagas {
             self.commit(rec, fence, &staged.events, &staged.changed, calls, Outside::default(), creation).await;
         staged.clear();
         match committed {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                staged.refused_in_a_row = 0;
+                Ok(())
+            }
             Err(store::Error::Fenced) => Err(Error::Fenced),
             Err(store::Error::StaleRead) => {
                 staged.catalog_refused |= catalog_checked;
@@ -597,7 +602,7 @@ impl Deferred {
 }
 
 /// What a plugin call leaves for its commit, besides its event: its plugin's state writes,
-/// and what the commit must find still true: the reads answered from memory
+/// and what the commit must find still true: the reads it made
 /// ([`store::StateRead::checked`]) and, for a compensation that picked its binding from a
 /// catalog cache that may be behind the store, the catalog version it was picked at
 /// ([`store::Commit::catalog_check`]).
@@ -625,7 +630,15 @@ pub struct Staged {
     /// commit. Kept across chains (not cleared with them): one refusal, then progress,
     /// however often the catalog changes.
     catalog_refused: bool,
+    /// Chains of this run refused in a row ([`Error::StaleRead`]): each waits longer before
+    /// the steps run again ([`Staged::stale_read_pause`]). Kept across chains; a commit that
+    /// applies ends the row.
+    refused_in_a_row: u32,
 }
+
+/// The first pause before steps whose commit was refused for a changed state value run
+/// again ([`Staged::stale_read_pause`]), and the longest.
+const STALE_READ_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
 
 impl Staged {
     /// How many transitions are staged.
@@ -655,6 +668,22 @@ impl Staged {
         self.catalog_refused
     }
 
+    /// How long to wait before running the steps of a refused chain again: nothing after the
+    /// first refusal of a row (a value changed once: the rerun reads the new one), then 5 ms
+    /// doubling up to 200 ms, each stretched by up to half at random (`jitter` in 0..1), so
+    /// sagas whose calls keep meeting on one key (a count all of them write) stop running
+    /// in step: every refusal means another commit got in first, but without the pause the
+    /// slowest call could lose every time, and each rerun is a whole plugin call.
+    pub fn stale_read_pause(&mut self, jitter: f64) -> Duration {
+        self.refused_in_a_row = self.refused_in_a_row.saturating_add(1);
+        let Some(doublings) = self.refused_in_a_row.checked_sub(2) else {
+            return Duration::ZERO;
+        };
+        let (first, longest) = STALE_READ_PAUSE;
+        let pause = first.saturating_mul(1 << doublings.min(16)).min(longest);
+        pause.mul_f64(1.0 + jitter.clamp(0.0, 1.0) / 2.0)
+    }
+
     fn clear(&mut self) {
         self.events.clear();
         self.changed.clear();
@@ -680,5 +709,22 @@ pub(crate) async fn give_back_landed(store: &dyn SagaStore, id: &str, epoch: i64
             tracing::warn!(saga_id = %id, "releasing a creation that may have landed took over 1 s; its claim will expire");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_chains_wait_longer_each_time_in_a_row_up_to_a_bound() {
+        let mut staged = Staged::default();
+        let pauses: Vec<u128> = (0..10).map(|_| staged.stale_read_pause(0.0).as_millis()).collect();
+        assert_eq!(pauses, [0, 5, 10, 20, 40, 80, 160, 200, 200, 200]);
+        // The jitter stretches a pause by up to half, never shortens it.
+        let mut staged = Staged { refused_in_a_row: 3, ..Staged::default() };
+        assert_eq!(staged.stale_read_pause(1.0).as_millis(), 30);
+        let mut staged = Staged { refused_in_a_row: u32::MAX, ..Staged::default() };
+        assert_eq!(staged.stale_read_pause(7.0).as_millis(), 300, "the bound, and jitter clamped");
     }
 }

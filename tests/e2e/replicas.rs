@@ -965,5 +965,5 @@ async fn a_compensation_on_a_replica_that_never_saw_the_reservation_still_releas
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(refused >= 1.0, "replica 1 answered from the database, not from memory: {refused} refusals");
+    assert!(refused >= 1.0, "replica 1's commit was not refused for the value replica 0 changed: {refused} refusals");
 }

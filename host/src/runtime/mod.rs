@@ -146,7 +146,7 @@ pub struct CallOutcome<T> {
     pub result: Result<T, Unavailable>,
     /// Empty unless the call succeeded: a failed call's writes are discarded.
     pub writes: Vec<StateWrite>,
-    /// The reads answered from memory that the commit of this outcome must find still true
+    /// The reads that the commit of this outcome must find still true
     /// ([`StateRead::checked`]), whatever the outcome: a failure or a rejection that came of a
     /// stale value is as wrong as a success. Empty for the host's own failure (nothing is
     /// committed).

@@ -1394,8 +1394,8 @@ async fn only_a_recording_runtime_keeps_log_lines_and_requests() {
     assert!(out.recorded.logs.iter().all(|l| !l.level.is_empty() && !l.message.is_empty()));
 }
 
-/// A call of a component that cannot reach another service lets the store answer its reads
-/// from memory subject to a check, and hands the reads so answered to its commit, whatever
+/// A call of a component that cannot reach another service has its reads checked (and so may
+/// have them answered from memory), and hands the checked reads to its commit, whatever
 /// its outcome (a rejection that came of a stale value is as wrong as a success); a
 /// component importing outbound HTTP is never given such answers (a stale value must not
 /// reach another service), and neither is a runtime whose reader does not guess.

@@ -17,7 +17,7 @@ pub enum Error {
     Fenced,
     /// A commit that carried [`super::Commit::plugin_checks`] or a
     /// [`super::Commit::catalog_check`] was refused: fenced as above, or a state value its
-    /// calls read from this host's memory is no longer the stored one (another host wrote
+    /// calls read is no longer the stored one (another saga's commit, or another host, wrote
     /// it), or the catalog changed since its compensations picked their bindings. Nothing was
     /// written, and the values checked are no longer answered from memory: reload the saga
     /// (and the catalog) and run its steps again.

@@ -445,8 +445,7 @@ pub trait PluginStateStore: Send + Sync + 'static {
     /// until that commit (no outbound HTTP): a refused commit runs the call again, and a
     /// value changed meanwhile must not reach another service.
     async fn state_read(&self, plugin: &str, key: &str, guess: bool) -> Result<StateRead> {
-        let _ = guess;
-        Ok(StateRead { value: self.state_get(plugin, key).await?, checked: false })
+        Ok(StateRead { value: self.state_get(plugin, key).await?, checked: guess })
     }
     /// Keys starting with `prefix`, in byte order.
     async fn state_list(&self, plugin: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>>;
@@ -677,8 +676,8 @@ pub struct StateReadStats {
     pub cache: u64,
     pub filter: u64,
     pub database: u64,
-    /// Commits refused while they carried checks of reads answered from memory
-    /// ([`Error::StaleRead`]): a value another host changed, or a plain fence.
+    /// Commits refused while they carried checks of their calls' reads ([`Error::StaleRead`]):
+    /// a value another saga's commit (or another host) changed, or a plain fence.
     pub checks_refused: u64,
     /// Commits refused while they carried a [`Commit::catalog_check`]: the catalog changed
     /// since a compensation picked its binding from the cache, or a plain fence.

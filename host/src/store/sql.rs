@@ -176,15 +176,15 @@ pub struct SqlStore {
     sql: Arc<Statements>,
     /// The plugin state keys that may exist, for a serving host ([`KeyFilter`]): reads of
     /// other keys answer "absent" without a query (exactly where this process owns the
-    /// database; see `checked`).
+    /// database; see `guesses`).
     keys: Option<Arc<KeyFilter>>,
     /// Recently committed plugin state, for a serving host ([`StateCache`]): reads of those
     /// keys answer without a query (exactly where this process owns the database).
     cache: Option<Arc<StateCache>>,
     /// The filter and the cache answer for a database other hosts write too (PostgreSQL,
-    /// opened by a serving host): their answers may be stale, so a call's read answered from
-    /// them is checked by its commit ([`StateRead::checked`], [`check_conditions`]).
-    checked: bool,
+    /// opened by a serving host): their answers may be stale, so only a caller whose reads
+    /// are checked by its commit may have them ([`StateRead::checked`], [`check_conditions`]).
+    guesses: bool,
     /// State reads the filter answered, and those that reached the database.
     filtered: AtomicU64,
     read_from_database: AtomicU64,
@@ -440,12 +440,12 @@ impl SqlStore {
         dialect.migrator().run(&pools.writer).await?;
         // Memory answers state reads for a serving host: exactly where it owns the database
         // (its lock), checked at the commit where hosts share it by design.
-        let checked = exclusive && lock.is_none() && dialect.shared_by_hosts();
-        let keys = match lock.is_some() || checked {
+        let guesses = exclusive && lock.is_none() && dialect.shared_by_hosts();
+        let keys = match lock.is_some() || guesses {
             true => Some(Arc::new(load_keys(&pools.reader).await?)),
             false => None,
         };
-        tracing::debug!(dialect = dialect.name(), exclusive = lock.is_some(), checked, "store open");
+        tracing::debug!(dialect = dialect.name(), exclusive = lock.is_some(), guesses, "store open");
         let writes = if dialect.group_commit() {
             Writes::grouped(pools.writer.clone())
         } else {
@@ -460,7 +460,7 @@ impl SqlStore {
             sql,
             cache: keys.is_some().then(|| Arc::new(StateCache::new(cache::BUDGET, cache::LARGEST))),
             keys,
-            checked,
+            guesses,
             filtered: AtomicU64::new(0),
             read_from_database: AtomicU64::new(0),
             checks_refused: AtomicU64::new(0),
@@ -1230,8 +1230,8 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
     Ok(())
 }
 
-/// What a commit must find still true in the database: the state values its calls read from
-/// memory ([`Commit::plugin_checks`]) and the catalog version its compensations picked their
+/// What a commit must find still true in the database: the state values its calls read
+/// ([`Commit::plugin_checks`]) and the catalog version its compensations picked their
 /// bindings at ([`Commit::catalog_check`]).
 #[derive(Clone, Copy, Default)]
 struct Checks<'a> {
@@ -1614,7 +1614,7 @@ impl PluginStateStore for SqlStore {
         // refuses it (no lost update). Memory answers are exact where this process owns the
         // database, and where it does not, only a checked caller may have them.
         let checked = guess;
-        if !self.checked || guess {
+        if !self.guesses || guess {
             if let Some(value) = self.cache.as_ref().and_then(|cache| cache.get(plugin, key)) {
                 return Ok(StateRead { value, checked });
             }

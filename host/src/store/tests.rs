@@ -2123,10 +2123,6 @@ async fn a_commit_applies_only_while_the_catalog_version_it_checks_stands() {
     }
 }
 
-/// PostgreSQL replicas answer a call's state reads from memory (values they committed, keys
-/// they never saw) when the call lets them guess, and say so (`checked`): another replica
-/// may have changed the value. The commit that checks a stale answer is refused and writes
-/// nothing, and from then on the key is read from the database; plain reads always are.
 /// Two sagas' calls read one key, both compute from the value read, both commit: the second
 /// commit must not replace the first's value with one computed from the value before it (a
 /// lost update). Every read of a caller whose commit can check it is checked, however it was
@@ -2160,6 +2156,11 @@ async fn a_commit_computed_from_a_value_another_commit_changed_since_is_refused(
     }
 }
 
+/// PostgreSQL replicas answer a call's state reads from memory (values they committed, keys
+/// they never saw) when the call's reads are checked (`checked`): another replica may have
+/// changed the value. The commit that checks a stale answer is refused and writes nothing,
+/// and from then on the key is read from the database (still checked); reads of a caller
+/// that cannot be checked always ask the database.
 #[tokio::test]
 async fn postgresql_replicas_answer_reads_from_memory_subject_to_the_commits_check() {
     let admin = std::env::var("SAGAHOST_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned());
