@@ -173,6 +173,33 @@ async fn the_janitor_forgets_idempotency_keys_past_their_time_to_live() {
     assert_ne!(fresh.json()["id"], json!(ids[1]), "an expired key must not replay its old saga");
 }
 
+/// What [`six_at_once_counting_total`] leaves.
+struct Counted {
+    /// Commits refused for a value changed since their call read it.
+    refused: f64,
+    /// The `counter` fixture's `total`: one per committed call.
+    total: u64,
+    /// The calls made (three steps a saga).
+    calls: u64,
+}
+
+/// Starts a host on `dir` with `env`, sends six `counted` sagas at once in the fixture's
+/// `global` mode (each step reads `total` before a busy loop and writes it plus one after),
+/// waits until all completed, and kills the host.
+async fn six_at_once_counting_total(dir: &std::path::Path, env: &[(&str, &str)]) -> Counted {
+    let host = HostProcess::spawn(dir, None, env).await;
+    register_counted(&host.base, TOKEN).await;
+    let http = reqwest::Client::new();
+    let body = json!({"customer_id": "counted", "spin": 20, "global": true});
+    let ids: Vec<String> = futures::future::join_all((0..6).map(|_| create_counted(&http, &host.base, &body))).await;
+    wait_completed(&http, &host.base, &ids).await;
+    let refused = host.metric("sagahost_state_checks_refused_total").await;
+    host.kill().await;
+    let store = crate::harness::open_store(dir).await;
+    let total: u64 = serde_json::from_slice(&store.state_get("counter", "total").await.unwrap().unwrap()).unwrap();
+    Counted { refused, total, calls: (ids.len() * 3) as u64 }
+}
+
 /// With `--max-concurrent-sagas 1`, no two plugin calls overlap. The `counter` fixture reads
 /// its `total` before a slow busy loop and writes it after, so of two calls that overlap the
 /// later commit finds `total` changed since its read and is refused (and its step runs
@@ -182,17 +209,7 @@ async fn max_concurrent_sagas_one_never_runs_two_calls_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let max = std::env::var("TEST_MAX_CONCURRENT_SAGAS").unwrap_or_else(|_| "1".into()); // to show it failing
     let env = [("SAGAHOST_ADMIN_TOKEN", TOKEN), ("SAGAHOST_MAX_CONCURRENT_SAGAS", max.as_str())];
-    let host = HostProcess::spawn(dir.path(), None, &env).await;
-    register_counted(&host.base, TOKEN).await;
-    let http = reqwest::Client::new();
-    let body = json!({"customer_id": "counted", "spin": 20, "global": true});
-    let ids: Vec<String> = futures::future::join_all((0..6).map(|_| create_counted(&http, &host.base, &body))).await;
-    wait_completed(&http, &host.base, &ids).await;
-    let refused = host.metric("sagahost_state_checks_refused_total").await;
-    host.kill().await;
-    let store = crate::harness::open_store(dir.path()).await;
-    let total: u64 = serde_json::from_slice(&store.state_get("counter", "total").await.unwrap().unwrap()).unwrap();
-    let calls = (ids.len() * 3) as u64;
+    let Counted { refused, total, calls } = six_at_once_counting_total(dir.path(), &env).await;
     assert_eq!(refused, 0.0, "{refused} commits found a value changed since their call read it: calls overlapped");
     assert_eq!(total, calls, "{} of {calls} calls overlapped another one", calls - total);
 }
@@ -207,17 +224,8 @@ async fn max_concurrent_sagas_one_never_runs_two_calls_at_once() {
 #[tokio::test]
 async fn sagas_updating_one_key_at_once_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
-    let host = HostProcess::spawn(dir.path(), None, &[("SAGAHOST_ADMIN_TOKEN", TOKEN)]).await;
-    register_counted(&host.base, TOKEN).await;
-    let http = reqwest::Client::new();
-    let body = json!({"customer_id": "counted", "spin": 20, "global": true});
-    let ids: Vec<String> = futures::future::join_all((0..6).map(|_| create_counted(&http, &host.base, &body))).await;
-    wait_completed(&http, &host.base, &ids).await;
-    let refused = host.metric("sagahost_state_checks_refused_total").await;
-    host.kill().await;
-    let store = crate::harness::open_store(dir.path()).await;
-    let total: u64 = serde_json::from_slice(&store.state_get("counter", "total").await.unwrap().unwrap()).unwrap();
-    let calls = (ids.len() * 3) as u64;
+    let Counted { refused, total, calls } =
+        six_at_once_counting_total(dir.path(), &[("SAGAHOST_ADMIN_TOKEN", TOKEN)]).await;
     assert!(refused > 0.0, "no commit was refused: the calls did not overlap, so this run shows nothing");
     if crate::harness::on_postgres() {
         assert!(total <= calls, "{total} increments from {calls} calls");
