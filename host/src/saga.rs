@@ -445,6 +445,7 @@ impl Sagas {
             Err(store::Error::Fenced) => Err(Error::Fenced),
             Err(store::Error::StaleRead) => {
                 staged.catalog_refused |= catalog_checked;
+                staged.refused_in_a_row = staged.refused_in_a_row.saturating_add(1);
                 Err(Error::StaleRead)
             }
             Err(e) => Err(e.into()),
@@ -669,13 +670,12 @@ impl Staged {
     }
 
     /// How long to wait before running the steps of a refused chain again: nothing after the
-    /// first refusal of a row (a value changed once: the rerun reads the new one), then 5 ms
+    /// first refusal of a row ([`Staged::refused_in_a_row`], counted by `commit_staged`) (a value changed once: the rerun reads the new one), then 5 ms
     /// doubling up to 200 ms, each stretched by up to half at random (`jitter` in 0..1), so
     /// sagas whose calls keep meeting on one key (a count all of them write) stop running
     /// in step: every refusal means another commit got in first, but without the pause the
     /// slowest call could lose every time, and each rerun is a whole plugin call.
-    pub fn stale_read_pause(&mut self, jitter: f64) -> Duration {
-        self.refused_in_a_row = self.refused_in_a_row.saturating_add(1);
+    pub fn stale_read_pause(&self, jitter: f64) -> Duration {
         let Some(doublings) = self.refused_in_a_row.checked_sub(2) else {
             return Duration::ZERO;
         };
@@ -718,13 +718,13 @@ mod tests {
 
     #[test]
     fn refused_chains_wait_longer_each_time_in_a_row_up_to_a_bound() {
-        let mut staged = Staged::default();
-        let pauses: Vec<u128> = (0..10).map(|_| staged.stale_read_pause(0.0).as_millis()).collect();
+        let refused = |n: u32| Staged { refused_in_a_row: n, ..Staged::default() };
+        let pauses: Vec<u128> = (1..=10).map(|n| refused(n).stale_read_pause(0.0).as_millis()).collect();
         assert_eq!(pauses, [0, 5, 10, 20, 40, 80, 160, 200, 200, 200]);
         // The jitter stretches a pause by up to half, never shortens it.
-        let mut staged = Staged { refused_in_a_row: 3, ..Staged::default() };
+        let staged = refused(4);
         assert_eq!(staged.stale_read_pause(1.0).as_millis(), 30);
-        let mut staged = Staged { refused_in_a_row: u32::MAX, ..Staged::default() };
+        let staged = refused(u32::MAX);
         assert_eq!(staged.stale_read_pause(7.0).as_millis(), 300, "the bound, and jitter clamped");
     }
 }
