@@ -595,16 +595,29 @@ async fn a_replica_frozen_under_load_past_its_lease_breaks_no_invariant() {
     // above provokes one deterministically and asserts it.
     // A claim whose row the frozen replica had locked in an open transaction is free only once
     // PostgreSQL ends that session (idle_in_transaction_session_timeout, 10 s): wait that long.
+    // A commit the replica sent just before it froze can still land after its claims were read
+    // above; one that ended or parked the saga released the claim (owner cleared, epoch kept),
+    // so nothing is left in its hands to take over: only a saga still held is stuck.
     let start = Instant::now();
     loop {
-        let now = c.epochs(&held).await;
-        let stuck: Vec<_> = held.iter().zip(epochs.iter().zip(&now)).filter(|(_, (b, a))| a <= b).collect();
+        let mut stuck = Vec::new();
+        for (id, before) in held.iter().zip(&epochs) {
+            let (epoch, owner, status): (i64, Option<String>, String) =
+                sqlx::query_as("SELECT epoch, lease_owner, status FROM sagas WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&c.pool)
+                    .await
+                    .unwrap();
+            if epoch <= *before && owner.as_deref() == Some("replica-0") {
+                stuck.push((id, before, epoch, status));
+            }
+        }
         if stuck.is_empty() {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "not taken over from the frozen replica (id, (epoch before, after)): {stuck:?}"
+            "not taken over from the frozen replica (id, epoch before, after, status): {stuck:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -73,6 +73,13 @@ impl Error {
         matches!(self, Error::Database(e) if e.refused_data)
     }
 
+    /// An insert found its key taken (a unique or primary key constraint). A commit that
+    /// writes a key it read absent inserts it plainly, so this is how it learns another
+    /// commit created the key while its statement ran.
+    pub(super) fn is_unique_violation(&self) -> bool {
+        matches!(self, Error::Database(e) if e.unique_violation)
+    }
+
     /// The same failure for another caller (a failed group commit fails every job in it with
     /// one error): same kind, message and flags.
     pub(super) fn replicate(&self) -> Error {
@@ -81,6 +88,7 @@ impl Error {
             transient: e.transient,
             refused_data: e.refused_data,
             lost_connection: e.lost_connection,
+            unique_violation: e.unique_violation,
         };
         match self {
             Error::Fenced => Error::Fenced,
@@ -104,6 +112,7 @@ pub struct DatabaseError {
     transient: bool,
     refused_data: bool,
     lost_connection: bool,
+    unique_violation: bool,
 }
 
 impl DatabaseError {
@@ -129,7 +138,8 @@ impl DatabaseError {
             sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02"),
             _ => false,
         };
-        DatabaseError { source: Box::new(e), transient, refused_data, lost_connection }
+        let unique_violation = matches!(&e, sqlx::Error::Database(db) if db.is_unique_violation());
+        DatabaseError { source: Box::new(e), transient, refused_data, lost_connection, unique_violation }
     }
 }
 
@@ -166,6 +176,7 @@ impl From<sqlx::migrate::MigrateError> for Error {
                 transient: false,
                 refused_data: false,
                 lost_connection: false,
+                unique_violation: false,
             }),
         }
     }

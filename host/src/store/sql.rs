@@ -210,7 +210,7 @@ impl SqlStore {
         now: i64,
     ) -> Result<()> {
         if let Some(c) = claim {
-            claim_statement(script, c, Some(&saga.id), now, Checks::default());
+            claim_statement(script, c, Some(&saga.id), now, Checks::default(), "");
         }
         // Born claimed (epoch 1, as a claim would make it) when it has an owner.
         let row = SagaRow {
@@ -269,7 +269,15 @@ impl SqlStore {
             if own.is_some() {
                 response = None;
             }
-            claim_statement(script, with_response.as_ref().unwrap_or(claim), Some(&saga.id), c.now, Checks::of(c));
+            let for_update = self.dialect.for_update();
+            claim_statement(
+                script,
+                with_response.as_ref().unwrap_or(claim),
+                Some(&saga.id),
+                c.now,
+                Checks::of(c),
+                for_update,
+            );
         }
         let row = SagaRow {
             state: c.state,
@@ -332,7 +340,7 @@ impl SqlStore {
                 args.extend([Arg::text(&c.caller), Arg::text(&c.route), Arg::text(&c.key)]);
                 self.sql.insert_saga_if_claimed.clone()
             }
-            None => match check_conditions(checks, &mut args) {
+            None => match check_conditions(checks, self.dialect.for_update(), &mut args) {
                 None => self.sql.insert_saga.clone(),
                 Some(checks) => format!("{}{checks}{COMMIT_RETURNING}", self.sql.insert_saga_where),
             },
@@ -708,7 +716,14 @@ const CLAIM_CONFLICT: &str = claim_conflict!();
 /// The statement that claims an idempotency key for `saga_id` (or for a request that creates
 /// nothing): inserted unless it exists (an expired one is replaced), and only if the
 /// `checks` hold ([`check_conditions`]).
-fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&str>, now: i64, checks: Checks<'_>) {
+fn claim_statement(
+    script: &mut Script,
+    c: &IdempotencyClaim,
+    saga_id: Option<&str>,
+    now: i64,
+    checks: Checks<'_>,
+    for_update: &str,
+) {
     let (status, body) = match &c.response {
         Some((s, b)) => (Some(i64::from(*s)), Some(b.clone())),
         None => (None, None),
@@ -725,7 +740,7 @@ fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&s
         Arg::Int(Some(now)),
         Arg::Int(Some(now + c.ttl_ms)),
     ];
-    match check_conditions(checks, &mut args) {
+    match check_conditions(checks, for_update, &mut args) {
         None => script.push_as(Role::Claim, CLAIM_INSERT, args),
         Some(checks) => script.push_as(Role::Claim, format!("{CLAIM_WHERE}{checks}{CLAIM_CONFLICT}"), args),
     }
@@ -735,7 +750,7 @@ fn claim_statement(script: &mut Script, c: &IdempotencyClaim, saga_id: Option<&s
 /// already holds.
 async fn claim_in_tx(tx: &mut AnyConnection, c: &IdempotencyClaim, now: i64) -> Result<Option<CreateOutcome>> {
     let mut script = Script::default();
-    claim_statement(&mut script, c, None, now, Checks::default());
+    claim_statement(&mut script, c, None, now, Checks::default(), "");
     for _ in 0..CLAIM_TRIES {
         let mut inserted = false;
         for s in &script.statements {
@@ -1004,13 +1019,19 @@ impl SagaStore for SqlStore {
 impl SqlStore {
     /// A commit carrying checks ([`Checks`]) failed with `e`: when refused (`Fenced`), a
     /// checked value may be stale (or the fence alone refused it: a check cannot tell which,
-    /// and either way the caller reloads), and it is [`Error::StaleRead`]; any other error is
-    /// passed on (data the database refuses may have come of a stale value too). Either way
-    /// the checked keys are no longer answered from memory: each is dropped from the cache
-    /// and marked in the filter as existing, so the steps' next reads of them ask the
-    /// database.
+    /// and either way the caller reloads), and it is [`Error::StaleRead`]; so is a unique
+    /// violation of a commit that read a key absent (its plain insert of that key met the row
+    /// another commit created meanwhile: [`check_conditions`]). Any other error is passed on
+    /// (data the database refuses may have come of a stale value too). Either way the checked
+    /// keys are no longer answered from memory: each is dropped from the cache and marked in
+    /// the filter as existing, so the steps' next reads of them ask the database.
     fn checks_refused(&self, checks: Checks<'_>, e: Error) -> Error {
+        let read_absent = checks.state.iter().any(|(_, checks)| checks.iter().any(|(_, v)| v.is_none()));
         let e = match e {
+            e if e.is_unique_violation() && read_absent => {
+                self.checks_refused.fetch_add(1, Ordering::Relaxed);
+                Error::StaleRead
+            }
             Error::Fenced => {
                 if checks.state.iter().any(|(_, checks)| !checks.is_empty()) {
                     self.checks_refused.fetch_add(1, Ordering::Relaxed);
@@ -1203,7 +1224,7 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
             n + 3
         );
     }
-    if let Some(checks) = check_conditions(Checks::of(c), &mut args) {
+    if let Some(checks) = check_conditions(Checks::of(c), for_update, &mut args) {
         conditions.push_str(" AND ");
         conditions.push_str(&checks);
     }
@@ -1252,42 +1273,52 @@ impl<'a> Checks<'a> {
 
 /// The condition that a commit's checks hold ([`Checks`]): each key still holds the value
 /// read, or is still absent, and the catalog version is still the one given, in the database
-/// as it stood before the commit (the head of its statements carries it, and on PostgreSQL
-/// every part of the one statement sees the snapshot from before it). Its arguments are
+/// as it stood before the commit (the head of its statements carries it). Its arguments are
 /// appended to `args`, numbered after those already there. `None` without checks.
-fn check_conditions(checks: Checks<'_>, args: &mut Vec<Arg>) -> Option<String> {
+///
+/// On PostgreSQL every part of the one statement sees the snapshot from before it, and a
+/// commit of the same key may be under way there, not yet visible: the check of a value read
+/// locks its row (`for_update`), so it waits for that commit and then looks at the row as it
+/// left it (READ COMMITTED re-reads a row it waited for): changed or deleted, the check fails
+/// and the commit is refused. A key read absent has no row to lock: the commit writes it with
+/// a plain insert ([`state_statements`]), which fails on the row the other commit made
+/// (refused as well: [`SqlStore::checks_refused`]). Keys are checked in one order (plugin,
+/// key) so that two commits checking the same keys lock them alike. On SQLite, one writer:
+/// `for_update` is empty and nothing else can be under way.
+fn check_conditions(checks: Checks<'_>, for_update: &str, args: &mut Vec<Arg>) -> Option<String> {
     use std::fmt::Write as _;
     let mut sql = String::new();
     if let Some(version) = checks.catalog {
         args.push(Arg::Int(Some(version)));
         let _ = write!(sql, "EXISTS (SELECT 1 FROM catalog_version WHERE id = 1 AND version = ${})", args.len());
     }
-    for &(plugin, checks) in checks.state {
-        for (key, value) in checks {
-            if !sql.is_empty() {
-                sql.push_str(" AND ");
-            }
-            let n = args.len();
-            args.extend([Arg::text(plugin), Arg::text(key)]);
-            let _ = match value {
-                Some(value) => {
-                    args.push(Arg::Bytes(Some(value.clone())));
-                    write!(
-                        sql,
-                        "EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${} AND value = ${})",
-                        n + 1,
-                        n + 2,
-                        n + 3
-                    )
-                }
-                None => write!(
-                    sql,
-                    "NOT EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${})",
-                    n + 1,
-                    n + 2
-                ),
-            };
+    let mut state: Vec<(&str, &str, &Option<Vec<u8>>)> = checks
+        .state
+        .iter()
+        .flat_map(|&(plugin, checks)| checks.iter().map(move |(key, value)| (plugin, key.as_str(), value)))
+        .collect();
+    state.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    for (plugin, key, value) in state {
+        if !sql.is_empty() {
+            sql.push_str(" AND ");
         }
+        let n = args.len();
+        args.extend([Arg::text(plugin), Arg::text(key)]);
+        let _ = match value {
+            Some(value) => {
+                args.push(Arg::Bytes(Some(value.clone())));
+                write!(
+                    sql,
+                    "EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${} AND value = ${}{for_update})",
+                    n + 1,
+                    n + 2,
+                    n + 3
+                )
+            }
+            None => {
+                write!(sql, "NOT EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${})", n + 1, n + 2)
+            }
+        };
     }
     (!sql.is_empty()).then_some(sql)
 }
@@ -1295,12 +1326,23 @@ fn check_conditions(checks: Checks<'_>, args: &mut Vec<Arg>) -> Option<String> {
 /// A commit's plugin state writes, each conditional on the fence `fenced` names.
 fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [Arg; 2]) {
     // The last write of each key is what stands; one statement for the puts, one per delete.
-    // (One upsert may not touch a row twice, hence the last write per key only.)
-    let mut puts = Vec::new();
+    // (One upsert may not touch a row twice, hence the last write per key only.) A key the
+    // commit checked absent is inserted, not upserted: should another commit have created it
+    // while this one's statement ran, the insert fails rather than overwrite what that commit
+    // wrote from a value this one never saw ([`check_conditions`]).
+    let read_absent = |plugin: &str, key: &str| {
+        c.plugin_checks.iter().any(|&(p, checks)| p == plugin && checks.iter().any(|(k, v)| k == key && v.is_none()))
+    };
+    let (mut puts, mut inserts) = (Vec::new(), Vec::new());
     for (plugin, key, value) in last_writes(c.plugin_writes) {
         match value {
             Some(v) => {
-                puts.push(vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))])
+                let row = vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))];
+                if read_absent(plugin, key) {
+                    inserts.push(row)
+                } else {
+                    puts.push(row)
+                }
             }
             None => {
                 let mut args: Vec<Arg> = fenced().into();
@@ -1310,6 +1352,7 @@ fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [A
         }
     }
     push_rows_with(script, STATE_INTO, 4, false, STATE_UPSERT, fenced(), puts);
+    push_rows_with(script, STATE_INTO, 4, false, "", fenced(), inserts);
 }
 
 /// A commit's stored response (unless it went elsewhere), its request's answer and its audit

@@ -2156,6 +2156,76 @@ async fn a_commit_computed_from_a_value_another_commit_changed_since_is_refused(
     }
 }
 
+/// A commit that runs while another commit of a key it read is under way, not yet committed:
+/// on PostgreSQL its statement's snapshot does not see that commit, so a check made against
+/// that snapshot alone passed, and its write then waited for the other's row and replaced it
+/// (a lost update, a delete undone, a created value overwritten). Now the check of a value
+/// read waits for the row and looks at it as the other commit left it, and a key read absent
+/// is inserted plainly, which fails on the row the other made: refused either way, and the
+/// other commit's write stands. On SQLite the commit waits for the other writer and then sees
+/// its write. The other commit is a transaction of its own connection, held open until this
+/// commit is seen waiting.
+#[tokio::test]
+async fn a_commit_running_while_another_commit_writes_a_key_it_read_is_refused() {
+    use sqlx::{Connection as _, Executor as _};
+    for b in backends().await {
+        let s = &b.store;
+        let v = |s: &str| Some(s.as_bytes().to_vec());
+        let seeded = [("total".to_owned(), v("1")), ("gone".to_owned(), v("x"))];
+        commit_checked(s, "counter", &seeded, &[]).await.unwrap();
+        let update = "UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = 'total'";
+        let delete = "DELETE FROM plugin_state WHERE plugin = 'counter' AND key = 'gone'";
+        let insert = "INSERT INTO plugin_state (plugin, key, value, updated_at) VALUES ('counter', 'fresh', $1, 0)";
+        // (key, the value this commit read, the other commit's statement, what then stands)
+        let cases =
+            [("total", v("1"), update, v("2")), ("gone", v("x"), delete, None), ("fresh", None, insert, v("2"))];
+        for (key, seen, other, stands) in cases {
+            let mut conn = KeyVanishes::connect(&b).await;
+            let mut tx = conn.begin().await.unwrap();
+            let other = sqlx::query(other);
+            tx.execute(if stands.is_some() { other.bind(b"2".to_vec()) } else { other }).await.unwrap();
+            let commit = {
+                let (s, key, seen) = (s.clone(), key.to_owned(), seen.clone());
+                tokio::spawn(async move {
+                    let writes = [(key.clone(), Some(b"from a stale read".to_vec()))];
+                    commit_checked(&s, "counter", &writes, &[(key, seen)]).await
+                })
+            };
+            if let Some((_, url)) = &b.pg {
+                // Seen waiting for the other's row: its statement began before that commit.
+                let start = std::time::Instant::now();
+                let mut watch = sqlx::AnyConnection::connect(url).await.unwrap();
+                loop {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                         AND datname = current_database() AND application_name = 'sagahost'",
+                    )
+                    .fetch_one(&mut watch)
+                    .await
+                    .unwrap();
+                    if waiting > 0 {
+                        break;
+                    }
+                    assert!(start.elapsed().as_secs() < 10, "{key}: the commit never waited for the row");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            tx.commit().await.unwrap();
+            let refused = commit.await.unwrap();
+            assert!(matches!(refused, Err(Error::StaleRead)), "{}: {key}: {refused:?}", b.name);
+            assert_eq!(
+                s.state_get("counter", key).await.unwrap(),
+                stands,
+                "{}: {key}: the other's write stands",
+                b.name
+            );
+        }
+        b.cleanup().await;
+    }
+}
+
 /// PostgreSQL replicas answer a call's state reads from memory (values they committed, keys
 /// they never saw) when the call's reads are checked (`checked`): another replica may have
 /// changed the value. The commit that checks a stale answer is refused and writes nothing,
