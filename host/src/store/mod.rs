@@ -234,9 +234,10 @@ pub struct Commit<'a> {
     pub plugin_writes: &'a [(&'a str, &'a [StateWrite])],
     /// State values the calls read, to check ([`StateRead::checked`]),
     /// (plugin, checks): the commit applies only if each key still holds the value read in
-    /// the database as its statement finds it (before the commit's own writes; on PostgreSQL
-    /// the statement's snapshot: a commit of the key by another host landing while it runs
-    /// is not seen, as it would not be by a read); else [`Error::StaleRead`].
+    /// the database as its statement finds it (before the commit's own writes); else
+    /// [`Error::StaleRead`]. On PostgreSQL a key the commit also writes is held from its check
+    /// to its end, and another commit of it still under way is waited for and then checked
+    /// (no lost update); a key it only reads is checked in the statement's snapshot.
     pub plugin_checks: &'a [(&'a str, &'a [StateCheck])],
     /// The catalog version ([`CatalogStore::catalog_version`]) at which the chain's
     /// compensations picked their bindings from a cache that may be a refresh behind the

@@ -1020,15 +1020,14 @@ impl SqlStore {
     /// A commit carrying checks ([`Checks`]) failed with `e`: when refused (`Fenced`), a
     /// checked value may be stale (or the fence alone refused it: a check cannot tell which,
     /// and either way the caller reloads), and it is [`Error::StaleRead`]; so is a unique
-    /// violation of a commit that read a key absent (its plain insert of that key met the row
+    /// violation of a commit that inserts a key it read absent (that insert met the row
     /// another commit created meanwhile: [`check_conditions`]). Any other error is passed on
     /// (data the database refuses may have come of a stale value too). Either way the checked
     /// keys are no longer answered from memory: each is dropped from the cache and marked in
     /// the filter as existing, so the steps' next reads of them ask the database.
     fn checks_refused(&self, checks: Checks<'_>, e: Error) -> Error {
-        let read_absent = checks.state.iter().any(|(_, checks)| checks.iter().any(|(_, v)| v.is_none()));
         let e = match e {
-            e if e.is_unique_violation() && read_absent => {
+            e if e.is_unique_violation() && checks.inserts() => {
                 self.checks_refused.fetch_add(1, Ordering::Relaxed);
                 Error::StaleRead
             }
@@ -1253,21 +1252,39 @@ fn commit_script(c: &Commit<'_>, script: &mut Script, for_update: &str) -> Resul
 
 /// What a commit must find still true in the database: the state values its calls read
 /// ([`Commit::plugin_checks`]) and the catalog version its compensations picked their
-/// bindings at ([`Commit::catalog_check`]).
+/// bindings at ([`Commit::catalog_check`]); with the writes that go with them
+/// ([`Commit::plugin_writes`]): a checked key the commit writes is locked.
 #[derive(Clone, Copy, Default)]
 struct Checks<'a> {
     state: &'a [(&'a str, &'a [StateCheck])],
+    writes: &'a [(&'a str, &'a [StateWrite])],
     catalog: Option<i64>,
 }
 
 impl<'a> Checks<'a> {
     fn of(c: &Commit<'a>) -> Checks<'a> {
-        Checks { state: c.plugin_checks, catalog: c.catalog_check }
+        Checks { state: c.plugin_checks, writes: c.plugin_writes, catalog: c.catalog_check }
     }
 
     /// Whether there is anything to check.
     fn any(&self) -> bool {
         self.catalog.is_some() || self.state.iter().any(|(_, checks)| !checks.is_empty())
+    }
+
+    /// Whether the commit writes (or deletes) `key` of `plugin`.
+    fn writes(&self, plugin: &str, key: &str) -> bool {
+        self.writes.iter().any(|&(p, writes)| p == plugin && writes.iter().any(|(k, _)| k == key))
+    }
+
+    /// Whether the commit read `key` of `plugin` absent: its value is then inserted, not
+    /// upserted ([`state_statements`]).
+    fn read_absent(&self, plugin: &str, key: &str) -> bool {
+        self.state.iter().any(|&(p, checks)| p == plugin && checks.iter().any(|(k, v)| k == key && v.is_none()))
+    }
+
+    /// Whether some key the commit read absent gets a value from it (a plain insert).
+    fn inserts(&self) -> bool {
+        last_writes(self.writes).iter().any(|&(plugin, key, value)| value.is_some() && self.read_absent(plugin, key))
     }
 }
 
@@ -1277,14 +1294,18 @@ impl<'a> Checks<'a> {
 /// appended to `args`, numbered after those already there. `None` without checks.
 ///
 /// On PostgreSQL every part of the one statement sees the snapshot from before it, and a
-/// commit of the same key may be under way there, not yet visible: the check of a value read
-/// locks its row (`for_update`), so it waits for that commit and then looks at the row as it
-/// left it (READ COMMITTED re-reads a row it waited for): changed or deleted, the check fails
-/// and the commit is refused. A key read absent has no row to lock: the commit writes it with
-/// a plain insert ([`state_statements`]), which fails on the row the other commit made
-/// (refused as well: [`SqlStore::checks_refused`]). Keys are checked in one order (plugin,
-/// key) so that two commits checking the same keys lock them alike. On SQLite, one writer:
-/// `for_update` is empty and nothing else can be under way.
+/// commit of the same key may be under way there, not yet visible. For a key the commit
+/// writes (a lost update otherwise): the check of the value read locks its row
+/// (`for_update`), so it waits for that commit and then looks at the row as it left it (READ
+/// COMMITTED re-reads a row it waited for): changed or deleted, the check fails and the
+/// commit is refused; read absent, there is no row to lock, and the commit inserts the key
+/// plainly ([`state_statements`]), which fails on the row the other commit made (refused as
+/// well: [`SqlStore::checks_refused`]). A key the commit only reads is not held: a commit of
+/// it landing meanwhile is as if it came after this one, and readers of a hot key do not
+/// queue for it (what stays possible is write skew: two commits each reading what the other
+/// writes). Keys are checked in one order (plugin, key), and written in it, so that commits
+/// locking the same keys lock them alike. On SQLite, one writer: `for_update` is empty and
+/// nothing else can be under way.
 fn check_conditions(checks: Checks<'_>, for_update: &str, args: &mut Vec<Arg>) -> Option<String> {
     use std::fmt::Write as _;
     let mut sql = String::new();
@@ -1307,9 +1328,10 @@ fn check_conditions(checks: Checks<'_>, for_update: &str, args: &mut Vec<Arg>) -
         let _ = match value {
             Some(value) => {
                 args.push(Arg::Bytes(Some(value.clone())));
+                let lock = if checks.writes(plugin, key) { for_update } else { "" };
                 write!(
                     sql,
-                    "EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${} AND value = ${}{for_update})",
+                    "EXISTS (SELECT 1 FROM plugin_state WHERE plugin = ${} AND key = ${} AND value = ${}{lock})",
                     n + 1,
                     n + 2,
                     n + 3
@@ -1329,16 +1351,17 @@ fn state_statements(c: &Commit<'_>, script: &mut Script, fenced: impl Fn() -> [A
     // (One upsert may not touch a row twice, hence the last write per key only.) A key the
     // commit checked absent is inserted, not upserted: should another commit have created it
     // while this one's statement ran, the insert fails rather than overwrite what that commit
-    // wrote from a value this one never saw ([`check_conditions`]).
-    let read_absent = |plugin: &str, key: &str| {
-        c.plugin_checks.iter().any(|&(p, checks)| p == plugin && checks.iter().any(|(k, v)| k == key && v.is_none()))
-    };
+    // wrote from a value this one never saw ([`check_conditions`]). Rows are written in key
+    // order, as checks lock them, so commits writing the same keys lock them alike.
+    let checks = Checks::of(c);
+    let mut last = last_writes(c.plugin_writes);
+    last.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let (mut puts, mut inserts) = (Vec::new(), Vec::new());
-    for (plugin, key, value) in last_writes(c.plugin_writes) {
+    for (plugin, key, value) in last {
         match value {
             Some(v) => {
                 let row = vec![Arg::text(plugin), Arg::text(key), Arg::Bytes(Some(v.clone())), Arg::Int(Some(c.now))];
-                if read_absent(plugin, key) {
+                if checks.read_absent(plugin, key) {
                     inserts.push(row)
                 } else {
                     puts.push(row)
