@@ -589,9 +589,9 @@ async fn a_replica_frozen_under_load_past_its_lease_breaks_no_invariant() {
     // Three leases long: the others take its sagas over (new epochs) meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Deterministic: every saga the frozen replica still held was claimed again by another
-    // replica (its epoch moved), so whatever the frozen one had in hand can no longer commit. Whether
-    // its late commits are counted as stale depends on where it froze (a lease renewal may
-    // notice the takeover first), so that count is printed, not asserted; the mid-call test
+    // replica (its epoch moved), so whatever the frozen one had in hand can no longer commit.
+    // Whether its late commits are counted as stale depends on where it froze (a lease renewal
+    // may notice the takeover first), so that count is printed, not asserted; the mid-call test
     // above provokes one deterministically and asserts it.
     // A claim whose row the frozen replica had locked in an open transaction is free only once
     // PostgreSQL ends that session (idle_in_transaction_session_timeout, 10 s): wait that long.
