@@ -670,11 +670,12 @@ impl Staged {
     }
 
     /// How long to wait before running the steps of a refused chain again: nothing after the
-    /// first refusal of a row ([`Staged::refused_in_a_row`], counted by `commit_staged`) (a value changed once: the rerun reads the new one), then 5 ms
-    /// doubling up to 200 ms, each stretched by up to half at random (`jitter` in 0..1), so
-    /// sagas whose calls keep meeting on one key (a count all of them write) stop running
-    /// in step: every refusal means another commit got in first, but without the pause the
-    /// slowest call could lose every time, and each rerun is a whole plugin call.
+    /// first refusal of a row ([`Staged::refused_in_a_row`], counted by `commit_staged`; a
+    /// value changed once, and the rerun reads the new one), then 5 ms doubling up to 200 ms,
+    /// each stretched by up to half at random (`jitter` in 0..1), so sagas whose calls keep
+    /// meeting on one key (a count all of them write) stop running in step: every refusal
+    /// means another commit got in first, but without the pause the slowest call could lose
+    /// every time, and each rerun is a whole plugin call.
     pub fn stale_read_pause(&self, jitter: f64) -> Duration {
         let Some(doublings) = self.refused_in_a_row.checked_sub(2) else {
             return Duration::ZERO;

@@ -14,8 +14,9 @@
 //! guess the commit checks (`StateRead::checked`, `Commit::plugin_checks`): a commit that
 //! finds a value changed is refused and the key forgotten ([`StateCache::forget`]), and the
 //! steps run again reading the database. (Every read of such a call is checked, wherever it
-//! was answered: the check is what keeps two sagas from losing each other's updates.) The rules below keep the cache exact with respect to
-//! this host's own commits either way. It is filled only by commits, never by reads: a read could return a value that a
+//! was answered: the check is what keeps two sagas from losing each other's updates.) The
+//! rules below keep the cache exact with respect to this host's own commits either way.
+//! It is filled only by commits, never by reads: a read could return a value that a
 //! commit replaces while the read is on its way back, and caching that would serve the old
 //! value after the new one committed. The rules that keep it exact (a read answered from
 //! here returns what a database read at that moment would):
