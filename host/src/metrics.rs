@@ -117,7 +117,12 @@ struct SettledLabels {
 type HistogramFn = fn() -> Histogram;
 
 /// The phases of a plugin call, as labelled in `sagahost_plugin_call_phase_seconds`.
-const PHASES: [&str; 4] = ["setup", "instantiate", "run", "collect"];
+/// `release` comes after the call has answered (giving its sandbox back to the pool), so it
+/// is no part of `sagahost_plugin_call_seconds` ([`crate::runtime::Runtime::observing_releases`]).
+const PHASES: [&str; 5] = ["setup", "instantiate", "run", "collect", "release"];
+
+/// `release`'s place in [`PHASES`].
+const RELEASE: usize = 4;
 
 fn phase_histogram() -> Histogram {
     // 1 µs to about 4 s: a pooled instantiation takes microseconds.
@@ -138,7 +143,7 @@ pub struct Metrics {
     http_seconds: Family<OriginLabels, Histogram, HistogramFn>,
     /// The histograms of `sagahost_plugin_call_phase_seconds`, one per phase in [`PHASES`]
     /// order, created once: a call records its phases without a label lookup.
-    call_phases: [Histogram; 4],
+    call_phases: [Histogram; 5],
     /// `sagahost_plugin_call_cpu_seconds`.
     call_cpu: Histogram,
     /// `sagahost_relay_phase_seconds`, one per phase in [`RelayPhase::ALL`] order.
@@ -220,7 +225,9 @@ impl Metrics {
         registry.register(
             "plugin_call_phase_seconds",
             "Where plugin calls' time goes, by phase: setup (a sandbox slot and the call's store), instantiate, \
-             run (the export, host imports included), collect (checking the answer, dropping the instance)",
+             run (the export, host imports included), collect (checking the answer, taking its writes); and \
+             release, giving the call's sandbox back to the pool (dropping the instance, resetting its memory), \
+             which comes after the call has answered, off the saga's path, and is not in plugin_call_seconds",
             call_phase_seconds.clone(),
         );
         let call_phases = PHASES.map(|phase| call_phase_seconds.get_or_create(&PhaseLabels { phase }).clone());
@@ -382,12 +389,18 @@ impl Metrics {
         self.call_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         self.calls.get_or_create(&labels).inc();
         let times = [phases.setup, phases.instantiate, phases.run, phases.collect];
-        for (histogram, time) in self.call_phases.iter().zip(times) {
+        for (histogram, time) in self.call_phases[..RELEASE].iter().zip(times) {
             histogram.observe(time.as_secs_f64());
         }
         if let Some(cpu) = phases.cpu {
             self.call_cpu.observe(cpu.as_secs_f64());
         }
+    }
+
+    /// Records how long a call's sandbox took to give back, after the call
+    /// ([`crate::runtime::Runtime::observing_releases`]).
+    pub fn sandbox_released(&self, took: Duration) {
+        self.call_phases[RELEASE].observe(took.as_secs_f64());
     }
 
     /// Records a call's outbound HTTP requests (`plugin` made them).

@@ -702,6 +702,20 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     for phase in ["setup", "instantiate", "run", "collect"] {
         assert_eq!(value(&format!("sagahost_plugin_call_phase_seconds_count{{phase=\"{phase}\"}}")), calls, "{phase}");
     }
+    // And each call's sandbox given back to the pool after it answered (by a task of its own,
+    // which may still be under way at a scrape: scrape again).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+        let start = r#"sagahost_plugin_call_phase_seconds_count{phase="release"} "#;
+        let released: f64 = text.lines().find_map(|l| l.strip_prefix(start)).map_or(0.0, |v| v.parse().unwrap());
+        assert!(released <= calls, "{released} sandboxes released after {calls} calls: {text}");
+        if released == calls {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{released} of {calls} sandboxes released: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // One call in 64 has its processor time measured, the first among them.
     assert_eq!(value("sagahost_plugin_call_cpu_seconds_count"), (calls / 64.0).ceil(), "{text}");
     assert!(value("sagahost_plugin_call_cpu_seconds_sum") > 0.0, "{text}");

@@ -176,6 +176,15 @@ pub const FIGURES: &[Figure] = &[
         },
     },
     Figure {
+        key: "plugin_call_release_mean_us",
+        label: "sandbox release after the call mean µs",
+        kind: Kind::LabelledMean {
+            family: "sagahost_plugin_call_phase_seconds",
+            label: "phase=\"release\"",
+            scale: 1e6,
+        },
+    },
+    Figure {
         key: "plugin_call_cpu_mean_us",
         label: "plugin call CPU mean µs",
         kind: Kind::HistogramMean { family: "sagahost_plugin_call_cpu_seconds", scale: 1e6 },

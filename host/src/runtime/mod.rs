@@ -239,7 +239,10 @@ pub struct Phases {
     pub instantiate: Duration,
     /// Running the export, the host's imports (state reads) included.
     pub run: Duration,
-    /// Checking and classifying the answer, taking the writes, dropping the instance.
+    /// Checking and classifying the answer, taking the writes. Giving the call's sandbox back
+    /// to the pool (dropping the instance, which resets the memory it wrote to the module's
+    /// initial image) comes after the call has answered, off the saga's path; it is not a
+    /// phase of the call ([`Runtime::observing_releases`]).
     pub collect: Duration,
     /// The processor time the call itself took: its threads' CPU time while the call was
     /// being polled, summed over the polls (`cpu.rs`). Unlike the wall-clock phases it
@@ -250,6 +253,10 @@ pub struct Phases {
     /// where threads' CPU clocks are not available.
     pub cpu: Option<Duration>,
 }
+
+/// Told how long one call's sandbox took to give back to the pool, once it has been
+/// ([`Runtime::observing_releases`]).
+pub type ReleaseObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// The host's runtime measures the processor time of one call in this many
 /// ([`Phases::cpu`]). The clock costs two system calls per poll, about 3 µs of a ~60 µs call,
@@ -290,8 +297,10 @@ pub struct Runtime {
     reader: Arc<dyn PluginReader>,
     limits: Limits,
     /// One permit per sandbox slot of the engine's pool: a call holds one while its store
-    /// lives, so the pool never runs out.
-    slots: tokio::sync::Semaphore,
+    /// lives (until its sandbox is given back, after the call), so the pool never runs out.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Told how long each call's sandbox took to give back ([`Runtime::observing_releases`]).
+    released: Option<ReleaseObserver>,
     /// Keep each call's log lines and requests in [`CallOutcome::recorded`].
     record: bool,
     /// Calls so far, to measure one in [`CPU_SAMPLE_EVERY`]'s processor time.
@@ -312,8 +321,26 @@ impl Runtime {
             world.add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         let cache = cache::Cache::new();
-        let slots = tokio::sync::Semaphore::new(limits.concurrent_calls.max(1) as usize);
-        Ok(Runtime { engine, linker, cache, reader, limits, slots, record: false, calls: Default::default() })
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.concurrent_calls.max(1) as usize));
+        Ok(Runtime {
+            engine,
+            linker,
+            cache,
+            reader,
+            limits,
+            slots,
+            released: None,
+            record: false,
+            calls: Default::default(),
+        })
+    }
+
+    /// This runtime tells `observe` how long each call's sandbox took to give back to the pool
+    /// (the `release` phase of `sagahost_plugin_call_phase_seconds`): that happens after the
+    /// call has answered, off the saga's path, so it is in no call's [`Phases`].
+    pub fn observing_releases(mut self, observe: ReleaseObserver) -> Runtime {
+        self.released = Some(observe);
+        self
     }
 
     /// This runtime keeps every call's log lines and outbound requests in
@@ -397,6 +424,7 @@ impl Runtime {
         call::Call {
             engine: &self.engine,
             slots: &self.slots,
+            released: self.released.as_ref(),
             reader: &self.reader,
             limits: &self.limits,
             ready,

@@ -1027,23 +1027,33 @@ async fn a_grants_read_cut_short_by_the_calls_end_is_the_hosts_failure_only_when
     let service = Service::start(Some("{}".into())).await;
     // How long `busy` computes here at the fastest of three runs (plugins have no clock): the
     // call's timeout is a quarter as long again, so the first request comes with about a fifth
-    // of it left, well under half even if this run computes faster than the measured ones
-    // (a machine whose load falls meanwhile; a slower run just times out, which is the
-    // plugin's timeout too).
-    let (runtime, digest) = misbehave(Limits::default(), FakeReader::default()).await;
-    let mut fastest = Duration::MAX;
-    for _ in 0..3 {
-        let busy = execute(&runtime, &digest, "busy").await;
-        assert!(matches!(busy.result, Ok(ExecuteOutcome::Done(_))), "{:?}", busy.result);
-        fastest = fastest.min(busy.elapsed);
+    // of it left, well under half unless this run computes over a third faster than the
+    // measured ones (a slower run just times out, which is the plugin's timeout too). Under a
+    // test run's load that happens (the three measured runs shared the cores, this one did
+    // not): the host then rightly calls the slow grants read its own failure. So a run that
+    // says so is measured and tried again, up to three times; a host that always blamed
+    // itself fails every time.
+    let (busy_runtime, busy_digest) = misbehave(Limits::default(), FakeReader::default()).await;
+    let mut tries = Vec::new();
+    loop {
+        let mut fastest = Duration::MAX;
+        for _ in 0..3 {
+            let busy = execute(&busy_runtime, &busy_digest, "busy").await;
+            assert!(matches!(busy.result, Ok(ExecuteOutcome::Done(_))), "{:?}", busy.result);
+            fastest = fastest.min(busy.elapsed);
+        }
+        let timeout = (fastest * 5 / 4).max(Duration::from_millis(60));
+        // The grants read takes far longer than what is left.
+        let reader = FakeReader { delay: timeout * 4, slow_grants: true, ..granting(&service.origin) };
+        let (runtime, digest) = misbehave(Limits::default(), reader).await;
+        let input = http_input("busy-then-http-get", &service.origin);
+        let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
+        if matches!(out.label, "trap" | "retryable") {
+            break;
+        }
+        tries.push(format!("{:?} with a timeout of {timeout:?}", out.result));
+        assert!(tries.len() < 3, "a grants read cut short by the call's end was the host's failure: {tries:?}");
     }
-    let timeout = (fastest * 5 / 4).max(Duration::from_millis(60));
-    // The grants read takes far longer than what is left.
-    let reader = FakeReader { delay: timeout * 4, slow_grants: true, ..granting(&service.origin) };
-    let (runtime, digest) = misbehave(Limits::default(), reader).await;
-    let input = http_input("busy-then-http-get", &service.origin);
-    let out = runtime.execute(&digest, "misbehave", &info(1), &input, timeout).await;
-    assert!(matches!(out.label, "trap" | "retryable"), "{:?}", out.result);
     // Two state reads of 200 ms each (credited back) in a 500 ms call, then a grants read of
     // 200 ms with under 100 ms left.
     let timeout = Duration::from_millis(500);
@@ -1251,7 +1261,52 @@ async fn the_drivers_default_concurrency_fits_the_pool() {
     for call in calls {
         assert_eq!(call.await.unwrap().label, "done");
     }
-    assert_eq!(runtime.engine.pooling_allocator_metrics().unwrap().component_instances(), 0);
+    // Each sandbox is given back just after its call answered.
+    released(&runtime, Limits::default().concurrent_calls as usize).await;
+}
+
+/// Waits until every sandbox slot is back in the pool: none holds an instance and every
+/// permit is free (`slots` permits in all).
+async fn released(runtime: &Runtime, slots: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let held = runtime.engine.pooling_allocator_metrics().unwrap().component_instances();
+        if held == 0 && runtime.slots.available_permits() == slots {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{held} sandboxes were never given back");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A call answers before its sandbox is given back to the pool: the reset of the memory it
+/// wrote comes after, in a task of its own, which holds the slot's permit until the slot is
+/// clean and then tells the runtime's observer how long it took.
+#[tokio::test]
+async fn a_calls_sandbox_is_given_back_after_it_answers() {
+    let limits = Limits { concurrent_calls: 1, ..Limits::default() };
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let observed = Arc::clone(&times);
+    let runtime = Runtime::new(limits, Arc::new(FakeReader::default()))
+        .unwrap()
+        .observing_releases(Arc::new(move |took| observed.lock().unwrap().push(took)));
+    let runtime = Arc::new(runtime);
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    let out = execute(&runtime, &digest, "fine").await;
+    assert_eq!(out.label, "done", "{:?}", out.result);
+    // This thread has not yielded since the call answered (`#[tokio::test]` runs on one
+    // thread): its instance and the slot's permit are still held, and nothing was observed.
+    assert_eq!(runtime.engine.pooling_allocator_metrics().unwrap().component_instances(), 1);
+    assert_eq!(runtime.slots.available_permits(), 0, "the slot is held until it is clean");
+    assert!(times.lock().unwrap().is_empty());
+    // The one slot serves the next calls: each waits for the one before to be given back.
+    for _ in 0..3 {
+        assert_eq!(execute(&runtime, &digest, "fine").await.label, "done");
+    }
+    released(&runtime, 1).await;
+    let times = times.lock().unwrap();
+    assert_eq!(times.len(), 4, "{times:?}");
+    assert!(times.iter().all(|t| *t > Duration::ZERO), "{times:?}");
 }
 
 #[tokio::test]
@@ -1305,7 +1360,7 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     let limits = Limits { concurrent_calls: 1, ..Limits::default() };
     let reader = Arc::new(FakeReader::default());
     let mut runtime = Runtime::new(limits, reader).unwrap();
-    runtime.slots = tokio::sync::Semaphore::new(2);
+    runtime.slots = Arc::new(tokio::sync::Semaphore::new(2));
     let runtime = Arc::new(runtime);
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
