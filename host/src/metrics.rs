@@ -236,8 +236,8 @@ impl Metrics {
             "plugin_call_cpu_seconds",
             format!(
                 "Processor time of plugin calls (one call in {} is measured): the calls' own work (wasm, host \
-                 imports, instantiation, teardown), without the waits for a core, a sandbox slot or a state read \
-                 that plugin_call_seconds includes",
+                 imports, instantiation; not the release phase after the call), without the waits for a core, a \
+                 sandbox slot or a state read that plugin_call_seconds includes",
                 crate::runtime::CPU_SAMPLE_EVERY
             ),
             call_cpu.clone(),

@@ -80,6 +80,13 @@ impl Error {
         matches!(self, Error::Database(e) if e.unique_violation)
     }
 
+    /// The database broke a deadlock by failing this transaction (PostgreSQL's 40P01): it
+    /// wrote nothing. A commit whose checks lock the rows of keys it writes can meet one with
+    /// another commit writing those keys in another order.
+    pub(super) fn is_deadlock(&self) -> bool {
+        matches!(self, Error::Database(e) if e.deadlock)
+    }
+
     /// The same failure for another caller (a failed group commit fails every job in it with
     /// one error): same kind, message and flags.
     pub(super) fn replicate(&self) -> Error {
@@ -89,6 +96,7 @@ impl Error {
             refused_data: e.refused_data,
             lost_connection: e.lost_connection,
             unique_violation: e.unique_violation,
+            deadlock: e.deadlock,
         };
         match self {
             Error::Fenced => Error::Fenced,
@@ -113,6 +121,7 @@ pub struct DatabaseError {
     refused_data: bool,
     lost_connection: bool,
     unique_violation: bool,
+    deadlock: bool,
 }
 
 impl DatabaseError {
@@ -139,7 +148,8 @@ impl DatabaseError {
             _ => false,
         };
         let unique_violation = matches!(&e, sqlx::Error::Database(db) if db.is_unique_violation());
-        DatabaseError { source: Box::new(e), transient, refused_data, lost_connection, unique_violation }
+        let deadlock = matches!(&e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01"));
+        DatabaseError { source: Box::new(e), transient, refused_data, lost_connection, unique_violation, deadlock }
     }
 }
 
@@ -177,6 +187,7 @@ impl From<sqlx::migrate::MigrateError> for Error {
                 refused_data: false,
                 lost_connection: false,
                 unique_violation: false,
+                deadlock: false,
             }),
         }
     }

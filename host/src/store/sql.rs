@@ -1021,13 +1021,22 @@ impl SqlStore {
     /// checked value may be stale (or the fence alone refused it: a check cannot tell which,
     /// and either way the caller reloads), and it is [`Error::StaleRead`]; so is a unique
     /// violation of a commit that inserts a key it read absent (that insert met the row
-    /// another commit created meanwhile: [`check_conditions`]). Any other error is passed on
+    /// another commit created meanwhile: [`check_conditions`]), and a deadlock of a commit
+    /// whose checks lock rows (PostgreSQL: the database failed it to let another commit
+    /// through; nothing was written). Any other error is passed on
     /// (data the database refuses may have come of a stale value too). Either way the checked
     /// keys are no longer answered from memory: each is dropped from the cache and marked in
     /// the filter as existing, so the steps' next reads of them ask the database.
     fn checks_refused(&self, checks: Checks<'_>, e: Error) -> Error {
         let e = match e {
             e if e.is_unique_violation() && checks.inserts() => {
+                self.checks_refused.fetch_add(1, Ordering::Relaxed);
+                Error::StaleRead
+            }
+            // Its checks' row locks met another commit's writes in the other order, and the
+            // database failed this side (nothing written): run the steps again on a reload,
+            // after the refused commit's pause, as for a changed value.
+            e if e.is_deadlock() && checks.state.iter().any(|(_, checks)| !checks.is_empty()) => {
                 self.checks_refused.fetch_add(1, Ordering::Relaxed);
                 Error::StaleRead
             }

@@ -2194,22 +2194,7 @@ async fn a_commit_running_while_another_commit_writes_a_key_it_read_is_refused()
             };
             if let Some((_, url)) = &b.pg {
                 // Seen waiting for the other's row: its statement began before that commit.
-                let start = std::time::Instant::now();
-                let mut watch = sqlx::AnyConnection::connect(url).await.unwrap();
-                loop {
-                    let waiting: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                         AND datname = current_database() AND application_name = 'sagahost'",
-                    )
-                    .fetch_one(&mut watch)
-                    .await
-                    .unwrap();
-                    if waiting > 0 {
-                        break;
-                    }
-                    assert!(start.elapsed().as_secs() < 10, "{key}: the commit never waited for the row");
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
+                store_waits_for_a_lock(url, &format!("{key}: the commit")).await;
             } else {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 assert!(!commit.is_finished(), "{key}: the commit did not wait for the other writer");
@@ -2235,6 +2220,82 @@ async fn a_commit_running_while_another_commit_writes_a_key_it_read_is_refused()
             let done = tokio::time::timeout(std::time::Duration::from_secs(5), read_only).await;
             assert!(matches!(done, Ok(Ok(_))), "a commit that only read the key waited for it: {done:?}");
             tx.commit().await.unwrap();
+        }
+        b.cleanup().await;
+    }
+}
+
+/// Waits (10 s at most) until one of the store's connections to the PostgreSQL database at
+/// `url` waits for a lock; `who` names the statement in the failure message.
+async fn store_waits_for_a_lock(url: &str, who: &str) {
+    use sqlx::Connection as _;
+    let start = std::time::Instant::now();
+    let mut watch = sqlx::AnyConnection::connect(url).await.unwrap();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND application_name = 'sagahost'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(start.elapsed().as_secs() < 10, "{who} never waited for a lock");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// On PostgreSQL a commit's check of a key it writes takes that row's lock, so the commit can
+/// deadlock with another transaction that holds a key the commit writes without having read
+/// it and then wants the checked one. The database fails one side: a commit carrying checks
+/// that is failed so is refused like a stale read (the steps run again on a reload), not
+/// failed as a broken commit, and writes nothing; the other side's writes stand.
+#[tokio::test]
+async fn a_checked_commit_failed_to_break_a_deadlock_is_refused_as_a_stale_read() {
+    use sqlx::{Connection as _, Executor as _};
+    for b in backends().await {
+        let Some((_, url)) = &b.pg else {
+            b.cleanup().await;
+            continue;
+        };
+        let s = &b.store;
+        let v = |s: &str| Some(s.as_bytes().to_vec());
+        commit_checked(s, "counter", &[("a".to_owned(), v("1")), ("b".to_owned(), v("1"))], &[]).await.unwrap();
+        let before = s.state_read_stats().checks_refused;
+        let mut conn = KeyVanishes::connect(&b).await;
+        // This side looks for a deadlock only after 30 s of waiting: the commit's side (1 s,
+        // the server's default) finds it first, and PostgreSQL fails the side that finds it.
+        conn.execute("SET deadlock_timeout = '30s'").await.unwrap();
+        let mut tx = conn.begin().await.unwrap();
+        let update = |key: &'static str| {
+            sqlx::query(if key == "a" {
+                "UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = 'a'"
+            } else {
+                "UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = 'b'"
+            })
+            .bind(b"2".to_vec())
+        };
+        tx.execute(update("b")).await.unwrap();
+        // The commit checks `a` (its row lock taken) and writes `b` unread: it waits for `b`.
+        let commit = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let writes = [("a".to_owned(), Some(b"mine".to_vec())), ("b".to_owned(), Some(b"mine".to_vec()))];
+                commit_checked(&s, "counter", &writes, &[("a".to_owned(), Some(b"1".to_vec()))]).await
+            })
+        };
+        store_waits_for_a_lock(url, "the commit, for b's row,").await;
+        // Now this side wants `a`, which the commit holds: a deadlock, which fails the commit
+        // (this statement goes on once it has).
+        tx.execute(update("a")).await.unwrap();
+        let refused = commit.await.unwrap();
+        assert!(matches!(refused, Err(Error::StaleRead)), "{refused:?}");
+        assert_eq!(s.state_read_stats().checks_refused, before + 1);
+        tx.commit().await.unwrap();
+        for key in ["a", "b"] {
+            assert_eq!(s.state_get("counter", key).await.unwrap(), v("2"), "{key}: the other side's write stands");
         }
         b.cleanup().await;
     }
