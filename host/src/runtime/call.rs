@@ -438,10 +438,11 @@ async fn attempt<T>(
 /// Dropping the store drops its instances, and the pool resets each memory to its module's
 /// initial image (finding the pages the call wrote takes a system call, then they are copied
 /// back or zeroed: a fifth of a demo plugin's call, measured). Nothing of the call's result
-/// waits for that: a task does it, which the runtime runs on this thread as soon as the
-/// caller next waits (for its commit, which takes far longer). The slot's permit goes with
-/// the store, so no call is handed the slot before it is clean. Every call that got a store
-/// ends here, whatever its outcome.
+/// waits for that: a task does it, which tokio runs next on this worker thread once the
+/// caller yields, mostly to wait for its commit (which takes far longer). The slot's permit
+/// goes with the store, so no call is handed the slot before it is clean; a call that finds
+/// every permit held waits, which yields to these tasks. Every call that got a store ends
+/// here, whatever its outcome.
 fn release(store: Store<CallState>, slot: OwnedSemaphorePermit, observe: Option<super::ReleaseObserver>) {
     tokio::spawn(async move {
         let started = Instant::now();
