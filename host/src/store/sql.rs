@@ -1036,12 +1036,12 @@ impl SqlStore {
             // Its checks' row locks met another commit's writes in the other order, and the
             // database failed this side (nothing written): run the steps again on a reload,
             // after the refused commit's pause, as for a changed value.
-            e if e.is_deadlock() && checks.state.iter().any(|(_, checks)| !checks.is_empty()) => {
+            e if e.is_deadlock() && checks.any_state() => {
                 self.checks_refused.fetch_add(1, Ordering::Relaxed);
                 Error::StaleRead
             }
             Error::Fenced => {
-                if checks.state.iter().any(|(_, checks)| !checks.is_empty()) {
+                if checks.any_state() {
                     self.checks_refused.fetch_add(1, Ordering::Relaxed);
                 }
                 if checks.catalog.is_some() {
@@ -1277,7 +1277,12 @@ impl<'a> Checks<'a> {
 
     /// Whether there is anything to check.
     fn any(&self) -> bool {
-        self.catalog.is_some() || self.state.iter().any(|(_, checks)| !checks.is_empty())
+        self.catalog.is_some() || self.any_state()
+    }
+
+    /// Whether there is a state value to check.
+    fn any_state(&self) -> bool {
+        self.state.iter().any(|(_, checks)| !checks.is_empty())
     }
 
     /// Whether the commit writes (or deletes) `key` of `plugin`.

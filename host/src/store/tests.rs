@@ -2270,12 +2270,9 @@ async fn a_checked_commit_failed_to_break_a_deadlock_is_refused_as_a_stale_read(
         conn.execute("SET deadlock_timeout = '30s'").await.unwrap();
         let mut tx = conn.begin().await.unwrap();
         let update = |key: &'static str| {
-            sqlx::query(if key == "a" {
-                "UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = 'a'"
-            } else {
-                "UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = 'b'"
-            })
-            .bind(b"2".to_vec())
+            sqlx::query("UPDATE plugin_state SET value = $1 WHERE plugin = 'counter' AND key = $2")
+                .bind(b"2".to_vec())
+                .bind(key)
         };
         tx.execute(update("b")).await.unwrap();
         // The commit checks `a` (its row lock taken) and writes `b` unread: it waits for `b`.
