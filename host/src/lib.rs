@@ -228,9 +228,10 @@ impl App {
                 Some(synced)
             }
         };
-        let released = Arc::clone(&metrics);
+        let (released, made) = (Arc::clone(&metrics), Arc::clone(&metrics));
         let runtime = Runtime::new(config.limits.clone(), Arc::new(StoreReader(store.clone())))?
-            .observing_releases(Arc::new(move |took| released.sandbox_released(took)));
+            .observing_releases(Arc::new(move |took| released.sandbox_released(took)))
+            .keeping_spares(Some(Arc::new(move |took| made.spare_made(took))));
         let runtime = Arc::new(runtime);
         let catalog = Arc::new(Catalog::open(store.clone(), Arc::clone(&runtime), Arc::clone(&config.clock)).await?);
         let sagas = Arc::new(saga::Sagas::new(store.clone(), Arc::clone(&config.clock), DriverHandle::default()));

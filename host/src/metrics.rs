@@ -117,12 +117,17 @@ struct SettledLabels {
 type HistogramFn = fn() -> Histogram;
 
 /// The phases of a plugin call, as labelled in `sagahost_plugin_call_phase_seconds`.
-/// `release` comes after the call has answered (giving its sandbox back to the pool), so it
-/// is no part of `sagahost_plugin_call_seconds` ([`crate::runtime::Runtime::observing_releases`]).
-const PHASES: [&str; 5] = ["setup", "instantiate", "run", "collect", "release"];
+/// `release` comes after the call has answered (giving its sandbox back to the pool), and
+/// `spare` before a call (an instance made ahead of it), so neither is part of
+/// `sagahost_plugin_call_seconds` ([`crate::runtime::Runtime::observing_releases`],
+/// [`crate::runtime::Runtime::keeping_spares`]).
+const PHASES: [&str; 6] = ["setup", "instantiate", "run", "collect", "release", "spare"];
 
 /// `release`'s place in [`PHASES`].
 const RELEASE: usize = 4;
+
+/// `spare`'s place in [`PHASES`].
+const SPARE: usize = 5;
 
 fn phase_histogram() -> Histogram {
     // 1 µs to about 4 s: a pooled instantiation takes microseconds.
@@ -143,7 +148,7 @@ pub struct Metrics {
     http_seconds: Family<OriginLabels, Histogram, HistogramFn>,
     /// The histograms of `sagahost_plugin_call_phase_seconds`, one per phase in [`PHASES`]
     /// order, created once: a call records its phases without a label lookup.
-    call_phases: [Histogram; 5],
+    call_phases: [Histogram; PHASES.len()],
     /// `sagahost_plugin_call_cpu_seconds`.
     call_cpu: Histogram,
     /// `sagahost_relay_phase_seconds`, one per phase in [`RelayPhase::ALL`] order.
@@ -227,7 +232,9 @@ impl Metrics {
             "Where plugin calls' time goes, by phase: setup (a sandbox slot and the call's store), instantiate, \
              run (the export, host imports included), collect (checking the answer, taking its writes); and \
              release, giving the call's sandbox back to the pool (dropping the instance, resetting its memory), \
-             which comes after the call has answered, off the saga's path, and is not in plugin_call_seconds",
+             which comes after the call has answered, off the saga's path; and spare, instantiating a component \
+             ahead of its next call, off the saga's path too (a call that takes the spare has an instantiate \
+             phase of nearly nothing). Neither release nor spare is in plugin_call_seconds",
             call_phase_seconds.clone(),
         );
         let call_phases = PHASES.map(|phase| call_phase_seconds.get_or_create(&PhaseLabels { phase }).clone());
@@ -401,6 +408,12 @@ impl Metrics {
     /// ([`crate::runtime::Runtime::observing_releases`]).
     pub fn sandbox_released(&self, took: Duration) {
         self.call_phases[RELEASE].observe(took.as_secs_f64());
+    }
+
+    /// Records how long a spare instance took to make, ahead of a call
+    /// ([`crate::runtime::Runtime::keeping_spares`]).
+    pub fn spare_made(&self, took: Duration) {
+        self.call_phases[SPARE].observe(took.as_secs_f64());
     }
 
     /// Records a call's outbound HTTP requests (`plugin` made them).

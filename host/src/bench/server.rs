@@ -185,6 +185,11 @@ pub const FIGURES: &[Figure] = &[
         },
     },
     Figure {
+        key: "plugin_call_spare_mean_us",
+        label: "spare instance made ahead of a call mean µs",
+        kind: Kind::LabelledMean { family: "sagahost_plugin_call_phase_seconds", label: "phase=\"spare\"", scale: 1e6 },
+    },
+    Figure {
         key: "plugin_call_cpu_mean_us",
         label: "plugin call CPU mean µs",
         kind: Kind::HistogramMean { family: "sagahost_plugin_call_cpu_seconds", scale: 1e6 },

@@ -38,6 +38,7 @@ use super::cpu::Timed;
 use super::engine::PER_CALL;
 use super::host::HostState;
 use super::outbound::{Notes, Outbound};
+use super::spare::Spares;
 use super::stderr::StderrHead;
 use super::wit::{Answer, Export, Prepared};
 use super::{CallInfo, CallOutcome, Limits, Phases, PluginReader, Recorded, Unavailable};
@@ -121,6 +122,12 @@ pub(super) struct CallState {
     /// When the component was instantiated, set by the world's [`Prepared`] call: it splits
     /// a call's time into [`Phases`].
     pub(super) instantiated: Option<Instant>,
+    /// The store holds a spare being instantiated ahead of any call (`spare.rs`): the
+    /// `sagahost:plugin` imports trap, and a WASI or HTTP import marks it `touched`.
+    pub(super) ahead: bool,
+    /// Set when a WASI or wasi:http import was reached while `ahead`: the spare is thrown
+    /// away.
+    pub(super) touched: bool,
 }
 
 #[cfg(test)]
@@ -143,6 +150,7 @@ pub(super) const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.touched |= self.ahead;
         let stderr = &self.stderr;
         let ctx = self.wasi.get_or_insert_with(|| {
             WasiCtxBuilder::new().stderr(stderr.clone()).max_random_size(MAX_RANDOM_BYTES).build()
@@ -153,6 +161,7 @@ impl WasiView for CallState {
 
 impl WasiHttpView for CallState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.touched |= self.ahead;
         WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }
@@ -210,6 +219,8 @@ pub(super) struct Call<'a> {
     pub(super) engine: &'a Engine,
     /// The permits for the engine's sandbox slots.
     pub(super) slots: &'a Arc<Semaphore>,
+    /// Instances made ahead of calls, when the runtime keeps them.
+    pub(super) spares: Option<&'a Arc<Spares>>,
     /// Told how long the call's sandbox took to give back ([`release`]).
     pub(super) released: Option<&'a super::ReleaseObserver>,
     pub(super) reader: &'a Arc<dyn PluginReader>,
@@ -356,11 +367,28 @@ async fn attempt<T>(
             }
         },
     };
-    let mut store = new_store(&call);
+    let spare = call.spares.and_then(|spares| spares.take(&ready));
+    if let Some(spares) = call.spares {
+        spares.refill(&ready, spare.is_some());
+    }
+    let (mut store, live, slot) = match spare {
+        Some(spare) => {
+            let (mut store, live, permit) = spare.into_parts();
+            fit(&mut store, &call);
+            (store, Some(live), Permits { call: slot, spare: Some(permit) })
+        }
+        None => (new_store(&call), None, Permits { call: slot, spare: None }),
+    };
     let built = Instant::now();
     let deadline = Arc::clone(&store.data().host.deadline);
     let answer = {
-        let running = ready.call(&mut store, info, export);
+        let running = match &live {
+            Some(live) => {
+                store.data_mut().instantiated = Some(built);
+                live.call(&mut store, info, export)
+            }
+            None => ready.call(&mut store, info, export),
+        };
         tokio::pin!(running);
         // The deadline moves while state reads are credited back, so the guard re-arms until
         // the call ends or the deadline (plus grace) has really passed.
@@ -376,6 +404,7 @@ async fn attempt<T>(
         }
     };
     let returned = Instant::now();
+    drop(live);
     let ended = match answer {
         Some(Ok(answer)) => Ended::Answered(answer),
         // The permits make this unreachable; should wasmtime count otherwise, it is still
@@ -434,6 +463,13 @@ async fn attempt<T>(
     }
 }
 
+/// The permits a call's sandbox holds until it is given back: the call's own (the runtime's
+/// bound on calls at once), and the spare's when the call was handed an instance made ahead.
+struct Permits {
+    call: OwnedSemaphorePermit,
+    spare: Option<OwnedSemaphorePermit>,
+}
+
 /// Gives a call's sandbox back to the pool once the call has answered, off the saga's path.
 /// Dropping the store drops its instances, and the pool resets each memory to its module's
 /// initial image (finding the pages the call wrote takes a system call, then they are copied
@@ -442,12 +478,15 @@ async fn attempt<T>(
 /// caller yields, mostly to wait for its commit (which takes far longer). The slot's permit
 /// goes with the store, so no call is handed the slot before it is clean; a call that finds
 /// every permit held waits, which yields to these tasks. Every call that got a store ends
-/// here, whatever its outcome.
-fn release(store: Store<CallState>, slot: OwnedSemaphorePermit, observe: Option<super::ReleaseObserver>) {
+/// here, whatever its outcome. A call made in a spare (`spare.rs`) also gives back the spare's
+/// slot, with the same store.
+fn release(store: Store<CallState>, slot: Permits, observe: Option<super::ReleaseObserver>) {
     tokio::spawn(async move {
         let started = Instant::now();
+        let Permits { call, spare } = slot;
         drop(store);
-        drop(slot);
+        drop(call);
+        drop(spare);
         if let Some(observe) = observe {
             observe(started.elapsed());
         }
@@ -492,35 +531,89 @@ fn unavailable<T>(why: String, started: Instant) -> CallOutcome<T> {
 }
 
 pub(super) fn new_store(call: &Call<'_>) -> Store<CallState> {
-    // Rust panics print to stderr; we keep the first few KiB to explain the trap.
-    let stderr = StderrHead::new(4 << 10);
-    let limits = call.limits;
+    let (host, outbound) = call_parts(call);
+    store_with(call.engine, call.limits, host, outbound, false)
+}
+
+/// A store for a spare instance (`spare.rs`): no call's context yet, and `ahead`, so an import
+/// made while it is instantiated traps or marks it. [`fit`] makes it a call's.
+pub(super) fn spare_store(engine: &Engine, limits: &Limits, reader: &Arc<dyn PluginReader>) -> Store<CallState> {
+    let nobody = CallInfo {
+        saga_id: String::new(),
+        saga_type: String::new(),
+        step: String::new(),
+        attempt: 0,
+        idempotency_key: String::new(),
+        signal: None,
+        signal_name: None,
+    };
+    let deadline = Deadline::new(SPARE_TIMEOUT);
+    let host =
+        HostState::new("", "", "", Arc::clone(reader), false, limits.clone(), Arc::clone(&deadline), SPARE_TIMEOUT);
+    let outbound = Outbound::new("", &nobody, Arc::clone(reader), limits.http.clone(), deadline, false);
+    store_with(engine, limits, host, outbound, true)
+}
+
+/// How long an instantiation ahead of a call may run guest code (a start function) before it
+/// is interrupted and the spare thrown away.
+const SPARE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Makes a spare's store the call's: its context, deadline, limits on requests and records,
+/// and a fresh epoch deadline (the spare's was set when it was made, and has passed).
+fn fit(store: &mut Store<CallState>, call: &Call<'_>) {
+    let (host, outbound) = call_parts(call);
+    let state = store.data_mut();
+    state.host = host;
+    state.outbound = outbound;
+    state.ahead = false;
+    store.set_epoch_deadline(1);
+}
+
+/// What a store holds of one call: the imports' state and the outbound requests' context.
+fn call_parts(call: &Call<'_>) -> (HostState, Outbound) {
     let mut host = HostState::new(
         call.plugin,
         &call.info.saga_id,
         &call.info.step,
         Arc::clone(call.reader),
         call.guess,
-        limits.clone(),
+        call.limits.clone(),
         Deadline::new(call.timeout),
         call.timeout,
     );
     host.recorded_logs = call.record.then(Vec::new);
-    let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
     let outbound = Outbound::new(
         call.plugin,
         call.info,
         Arc::clone(call.reader),
-        limits.http.clone(),
+        call.limits.http.clone(),
         Arc::clone(&host.deadline),
         call.record,
     );
+    (host, outbound)
+}
+
+fn store_with(engine: &Engine, limits: &Limits, host: HostState, outbound: Outbound, ahead: bool) -> Store<CallState> {
+    // Rust panics print to stderr; we keep the first few KiB to explain the trap.
+    let stderr = StderrHead::new(4 << 10);
+    let memory = MemoryBudget { limit: limits.memory_bytes, used: 0, exceeded: false };
     let mut http = WasiHttpCtx::new();
     http.set_field_size_limit(super::outbound::FIELDS_BYTES);
     let mut table = ResourceTable::new();
     table.set_max_capacity(limits.http.max_resources());
-    let state = CallState { wasi: None, stderr, http, outbound, table, memory, host, instantiated: None };
-    let mut store = Store::new(call.engine, state);
+    let state = CallState {
+        wasi: None,
+        stderr,
+        http,
+        outbound,
+        table,
+        memory,
+        host,
+        instantiated: None,
+        ahead,
+        touched: false,
+    };
+    let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);
     store.set_epoch_deadline(1);
     let mut ticks = 0u32;

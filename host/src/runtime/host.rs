@@ -140,16 +140,43 @@ where
     // `types` holds only type definitions, but a component imports it all the same.
     linker.instance(&format!("sagahost:plugin/types@{version}"))?;
     let mut state = linker.instance(&format!("sagahost:plugin/state@{version}"))?;
-    state.func_wrap_async("get", |store, (key,): (WasmStr,)| Box::new(async move { Ok((get(store, key).await?,)) }))?;
-    state.func_wrap("set", |store, (key, value): (WasmStr, WasmList<u8>)| set(store, key, Some(value)))?;
-    state.func_wrap("delete", |store, (key,): (WasmStr,)| set(store, key, None))?;
+    state.func_wrap_async("get", |store, (key,): (WasmStr,)| {
+        Box::new(async move {
+            in_a_call(&store)?;
+            Ok((get(store, key).await?,))
+        })
+    })?;
+    state.func_wrap("set", |store, (key, value): (WasmStr, WasmList<u8>)| {
+        in_a_call(&store)?;
+        set(store, key, Some(value))
+    })?;
+    state.func_wrap("delete", |store, (key,): (WasmStr,)| {
+        in_a_call(&store)?;
+        set(store, key, None)
+    })?;
     if with_scan {
         state.func_wrap_async("scan", |store, (prefix, after, limit): (WasmStr, Option<WasmStr>, u32)| {
-            Box::new(async move { Ok((scan(store, prefix, after, limit).await?,)) })
+            Box::new(async move {
+                in_a_call(&store)?;
+                Ok((scan(store, prefix, after, limit).await?,))
+            })
         })?;
     }
     let mut log = linker.instance(&format!("sagahost:plugin/log@{version}"))?;
-    log.func_wrap("log", |store, (level, message): (L, WasmStr)| self::log(store, level.into(), message))?;
+    log.func_wrap("log", |store, (level, message): (L, WasmStr)| {
+        in_a_call(&store)?;
+        self::log(store, level.into(), message)
+    })?;
+    Ok(())
+}
+
+/// Traps an import made while the component is instantiated ahead of any call (a start
+/// function's, `spare.rs`): there is no call yet whose state it could read or write. The
+/// instance is thrown away and the component is instantiated by its calls from then on.
+pub(super) fn in_a_call(store: &StoreContextMut<'_, CallState>) -> wasmtime::Result<()> {
+    if store.data().ahead {
+        return Err(wasmtime::format_err!("the component called the host while it was instantiated ahead of a call"));
+    }
     Ok(())
 }
 

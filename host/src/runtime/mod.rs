@@ -20,6 +20,7 @@
 //!   key and `traceparent` headers, and the per-call limits on requests.
 //! - `proxy.rs`: the egress proxy outbound requests may go through (`--outbound-proxy`).
 //! - `call.rs`: one call: a pool slot, store, limits, deadline, output checks, classification.
+//! - `spare.rs`: instances made ahead of calls, off the saga's path, each taken by one call.
 //! - `cpu.rs`: the processor time a call takes, measured per poll of its future.
 //! - `bench.rs` (tests only): the plugin call benchmark, `Phases` included (BENCHMARKS.md).
 //!
@@ -47,6 +48,7 @@ mod host;
 mod outbound;
 mod policy;
 mod proxy;
+mod spare;
 mod stderr;
 mod wit;
 
@@ -54,6 +56,7 @@ pub use engine::EPOCH_TICK;
 pub use host::MAX_SCAN;
 pub use outbound::{ClientCertChain, ClientKey, HttpLimits, TlsTrust};
 pub use proxy::{NoProxy, Proxy};
+pub use spare::SpareObserver;
 
 /// Per-call limits. Configurable on the command line.
 #[derive(Debug, Clone)]
@@ -301,6 +304,8 @@ pub struct Runtime {
     slots: Arc<tokio::sync::Semaphore>,
     /// Told how long each call's sandbox took to give back ([`Runtime::observing_releases`]).
     released: Option<ReleaseObserver>,
+    /// Instances made ahead of calls ([`Runtime::keeping_spares`]).
+    spares: Option<Arc<spare::Spares>>,
     /// Keep each call's log lines and requests in [`CallOutcome::recorded`].
     record: bool,
     /// Calls so far, to measure one in [`CPU_SAMPLE_EVERY`]'s processor time.
@@ -330,6 +335,7 @@ impl Runtime {
             limits,
             slots,
             released: None,
+            spares: None,
             record: false,
             calls: Default::default(),
         })
@@ -340,6 +346,23 @@ impl Runtime {
     /// call has answered, off the saga's path, so it is in no call's [`Phases`].
     pub fn observing_releases(mut self, observe: ReleaseObserver) -> Runtime {
         self.released = Some(observe);
+        self
+    }
+
+    /// This runtime instantiates components ahead of their calls (`spare.rs`): after a call, a
+    /// task makes the next call's fresh instance while the saga waits for its commit, and the
+    /// next call of that component takes it instead of instantiating on its path. Each call
+    /// still runs in an instance no call has used. `made` is told how long each spare took (the
+    /// `spare` phase of `sagahost_plugin_call_phase_seconds`: no call's [`Phases`]). The host
+    /// keeps spares; a one-shot runtime (`sagahost plugin run`) has no next call to make one
+    /// for.
+    pub fn keeping_spares(mut self, made: Option<SpareObserver>) -> Runtime {
+        self.spares = Some(Arc::new(spare::Spares::new(
+            self.engine.clone(),
+            self.limits.clone(),
+            Arc::clone(&self.reader),
+            made,
+        )));
         self
     }
 
@@ -424,6 +447,7 @@ impl Runtime {
         call::Call {
             engine: &self.engine,
             slots: &self.slots,
+            spares: self.spares.as_ref(),
             released: self.released.as_ref(),
             reader: &self.reader,
             limits: &self.limits,

@@ -1365,9 +1365,13 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
     let info = info(1);
-    let mut taken = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
-    let _instance =
-        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut taken, &component).await.unwrap();
+    // The pool also has slots for spares, which this runtime does not keep: take them all.
+    let mut taken = Vec::new();
+    for _ in 0..=spare::SPARES {
+        let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await.unwrap();
+        taken.push(store);
+    }
     let out = execute(&runtime, &digest, "fine").await;
     assert!(unavailable(&out).contains("no sandbox slot was free"), "{:?}", out.result);
     drop(taken);
@@ -1476,4 +1480,172 @@ async fn reads_answered_from_memory_go_to_the_commit_and_only_for_calls_that_sta
     let out = execute(&runtime, &misbehave, "read-state").await;
     assert_eq!(out.label, "done", "{:?}", out.result);
     assert!(out.checks.is_empty(), "{:?}", out.checks);
+}
+
+/// A runtime keeping spares (`spare.rs`), with `misbehave` loaded; its digest and the number of
+/// spares made so far.
+async fn sparing(limits: Limits) -> (Arc<Runtime>, String, Arc<std::sync::atomic::AtomicUsize>) {
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&made);
+    let runtime =
+        Runtime::new(limits, Arc::new(FakeReader::default())).unwrap().keeping_spares(Some(Arc::new(move |took| {
+            assert!(took > Duration::ZERO);
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })));
+    let runtime = Arc::new(runtime);
+    let digest = runtime.load(fixture("misbehave")).await.unwrap();
+    (runtime, digest, made)
+}
+
+/// Waits (yielding to the spares' and releases' tasks) until `runtime` holds `spares` spares.
+async fn spares_ready(runtime: &Runtime, spares: usize) {
+    let started = std::time::Instant::now();
+    while runtime.spares.as_ref().unwrap().len() != spares {
+        assert!(started.elapsed() < Duration::from_secs(10), "{spares} spares were never made");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_spare_takes_the_instantiation_off_the_next_calls_path_and_serves_that_call_only() {
+    let (runtime, digest, made) = sparing(Limits::default()).await;
+    let first = execute(&runtime, &digest, "fine").await;
+    assert_eq!(first.label, "done", "{:?}", first.result);
+    assert!(first.phases.instantiate > Duration::ZERO, "no spare yet: the first call instantiates");
+    spares_ready(&runtime, 1).await;
+    // A trap in a spare's instance reaches no other call: each call below takes a spare made
+    // after the call before it, and leaves it to be given back.
+    for mode in ["panic", "fine", "panic", "fine"] {
+        let out = execute(&runtime, &digest, mode).await;
+        assert_eq!(out.phases.instantiate, Duration::ZERO, "{mode}: the call took a spare");
+        match mode {
+            "panic" => assert!(trapped(&out).contains("misbehave: panic on attempt 1"), "{}", trapped(&out)),
+            _ => assert_eq!(out.label, "done", "{:?}", out.result),
+        }
+        // The call took the only spare, and one is made to replace it.
+        spares_ready(&runtime, 1).await;
+    }
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 5, "one spare per call");
+    // Every instance of the pool is a spare or is given back with its call's slot.
+    let started = std::time::Instant::now();
+    loop {
+        let held = runtime.engine.pooling_allocator_metrics().unwrap().component_instances();
+        if held == 1 && runtime.slots.available_permits() == Limits::default().concurrent_calls as usize {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{held} instances held, not the one spare");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_call_that_finds_no_spare_makes_one_more_up_to_the_components_bound() {
+    let (runtime, digest, _) = sparing(Limits::default()).await;
+    // Calls at once: each that finds no spare makes one more, up to the bound; one that takes
+    // a spare makes its replacement.
+    let calls = spare::PER_COMPONENT + 4;
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let (runtime, digest) = (Arc::clone(&runtime), digest.clone());
+        running.spawn(async move { execute(&runtime, &digest, "fine").await });
+    }
+    let mut missed = 0;
+    while let Some(out) = running.join_next().await {
+        let out = out.unwrap();
+        assert_eq!(out.label, "done", "{:?}", out.result);
+        missed += usize::from(out.phases.instantiate > Duration::ZERO);
+    }
+    assert!(missed > 0);
+    let kept = missed.min(spare::PER_COMPONENT);
+    spares_ready(&runtime, kept).await;
+    // Taken one by one, each is replaced.
+    for _ in 0..3 {
+        assert_eq!(execute(&runtime, &digest, "fine").await.phases.instantiate, Duration::ZERO);
+    }
+    spares_ready(&runtime, kept).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(runtime.spares.as_ref().unwrap().len(), kept, "no more than the bound");
+}
+
+/// A component whose instantiation fails, or reaches for WASI (as a start function could).
+struct Unsparable {
+    reaches_wasi: bool,
+    no_spares: std::sync::atomic::AtomicBool,
+}
+
+struct NeverCalled;
+
+impl wit::Instance for NeverCalled {
+    fn call<'a>(
+        &'a self,
+        _: &'a mut wasmtime::Store<call::CallState>,
+        _: &'a CallInfo,
+        _: wit::Export<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<wit::Answer>> + Send + 'a>> {
+        unreachable!("a spare that reached the host is never handed to a call")
+    }
+}
+
+impl wit::Prepared for Unsparable {
+    fn instantiate<'a>(&'a self, store: &'a mut wasmtime::Store<call::CallState>) -> wit::Instantiating<'a> {
+        Box::pin(async move {
+            if !self.reaches_wasi {
+                return Err(wasmtime::format_err!("the component failed to instantiate"));
+            }
+            let _ = wasmtime_wasi::WasiView::ctx(store.data_mut());
+            Ok(Box::new(NeverCalled) as Box<dyn wit::Instance>)
+        })
+    }
+
+    fn no_spares(&self) -> &std::sync::atomic::AtomicBool {
+        &self.no_spares
+    }
+}
+
+#[tokio::test]
+async fn no_spare_is_kept_of_a_component_whose_instantiation_fails_or_reaches_the_host() {
+    let (runtime, _, made) = sparing(Limits::default()).await;
+    let spares = runtime.spares.as_ref().unwrap();
+    for reaches_wasi in [false, true] {
+        let component: Arc<dyn wit::Prepared> =
+            Arc::new(Unsparable { reaches_wasi, no_spares: std::sync::atomic::AtomicBool::new(false) });
+        spares.refill(&component, false);
+        let started = std::time::Instant::now();
+        while !component.no_spares().load(std::sync::atomic::Ordering::Relaxed) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the spare's failure was never noted");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(spares.take(&component).is_none());
+        // Its calls instantiate it themselves from now on: no more are made.
+        spares.refill(&component, false);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(spares.take(&component).is_none());
+    }
+    assert_eq!(spares.len(), 0);
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // Their slots were given back: all of them are free for spares of other components.
+    assert_eq!(spares.free_slots(), spare::SPARES as usize);
+}
+
+#[tokio::test]
+async fn an_instance_made_ahead_of_a_call_cannot_reach_the_host() {
+    let runtime = Runtime::new(Limits::default(), Arc::new(FakeReader::default())).unwrap();
+    let reader: Arc<dyn PluginReader> = Arc::new(FakeReader::default());
+    let mut store = call::spare_store(&runtime.engine, &runtime.limits, &reader);
+    assert!(store.data().ahead && !store.data().touched);
+    use wasmtime::AsContextMut as _;
+    let err = host::in_a_call(&store.as_context_mut()).expect_err("the sagahost imports trap");
+    assert!(err.to_string().contains("instantiated ahead of a call"), "{err}");
+    // A WASI or wasi:http import marks the spare, which is then thrown away.
+    let _ = wasmtime_wasi::WasiView::ctx(store.data_mut());
+    assert!(store.data().touched);
+    let mut store = call::spare_store(&runtime.engine, &runtime.limits, &reader);
+    let _ = wasmtime_wasi_http::WasiHttpView::http(store.data_mut());
+    assert!(store.data().touched);
+    // A call's own store is not ahead: its imports are served.
+    let info = info(1);
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    host::in_a_call(&store.as_context_mut()).expect("a call's store reaches the host");
+    let _ = wasmtime_wasi::WasiView::ctx(store.data_mut());
+    assert!(!store.data().touched);
 }

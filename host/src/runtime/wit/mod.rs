@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use wasmtime::component::{Component, InstancePre, Linker};
@@ -26,18 +27,43 @@ use super::{CallInfo, LoadError};
 macro_rules! prepared_step {
     () => {
         /// A component of this version with its exports checked.
-        struct Ready(bindings::StepPre<CallState>);
+        struct Ready {
+            pre: bindings::StepPre<CallState>,
+            /// Set once an instantiation ahead of a call called the host (`spare.rs`).
+            no_spares: std::sync::atomic::AtomicBool,
+        }
+
+        impl Ready {
+            fn new(pre: bindings::StepPre<CallState>) -> Ready {
+                Ready { pre, no_spares: std::sync::atomic::AtomicBool::new(false) }
+            }
+        }
+
+        /// An instance of this version's component, in the store it was made in.
+        struct Live(bindings::Step);
 
         impl Prepared for Ready {
+            fn instantiate<'a>(&'a self, store: &'a mut Store<CallState>) -> Instantiating<'a> {
+                Box::pin(async move {
+                    let step = self.pre.instantiate_async(&mut *store).await?;
+                    Ok(Box::new(Live(step)) as Box<dyn Instance>)
+                })
+            }
+
+            fn no_spares(&self) -> &std::sync::atomic::AtomicBool {
+                &self.no_spares
+            }
+        }
+
+        impl Instance for Live {
             fn call<'a>(
                 &'a self,
                 store: &'a mut Store<CallState>,
                 info: &'a CallInfo,
                 export: Export<'a>,
             ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
+                let step = &self.0;
                 Box::pin(async move {
-                    let step = self.0.instantiate_async(&mut *store).await?;
-                    store.data_mut().instantiated = Some(std::time::Instant::now());
                     let ctx = context(info);
                     Ok(match export {
                         Export::Execute { input } => match step.call_execute(&mut *store, &ctx, input).await? {
@@ -104,9 +130,37 @@ pub(super) trait PluginWorld: Sync {
     fn prepare(&self, pre: InstancePre<CallState>) -> wasmtime::Result<Arc<dyn Prepared>>;
 }
 
+/// An instantiation under way ([`Prepared::instantiate`]).
+pub(super) type Instantiating<'a> = Pin<Box<dyn Future<Output = wasmtime::Result<Box<dyn Instance>>> + Send + 'a>>;
+
 /// A compiled component of some world version, ready to instantiate in a fresh store.
 pub(super) trait Prepared: Send + Sync {
-    /// Instantiates the component in `store` and runs one export.
+    /// Instantiates the component in `store`.
+    fn instantiate<'a>(&'a self, store: &'a mut Store<CallState>) -> Instantiating<'a>;
+
+    /// Set when an instantiation of this component ahead of a call reached for the host: it
+    /// is then instantiated by its calls only (`spare.rs`).
+    fn no_spares(&self) -> &AtomicBool;
+
+    /// Instantiates the component in `store`, marks the store instantiated, and runs one
+    /// export.
+    fn call<'a>(
+        &'a self,
+        store: &'a mut Store<CallState>,
+        info: &'a CallInfo,
+        export: Export<'a>,
+    ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
+        Box::pin(async move {
+            let instance = self.instantiate(&mut *store).await?;
+            store.data_mut().instantiated = Some(std::time::Instant::now());
+            instance.call(store, info, export).await
+        })
+    }
+}
+
+/// An instance of a component, in the store it was made in: its exports, run once.
+pub(super) trait Instance: Send {
+    /// Runs one export.
     fn call<'a>(
         &'a self,
         store: &'a mut Store<CallState>,

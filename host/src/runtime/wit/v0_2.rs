@@ -14,7 +14,7 @@ use std::sync::Arc;
 use wasmtime::component::{InstancePre, Linker};
 use wasmtime::Store;
 
-use super::{Answer, Export, PluginWorld, Prepared};
+use super::{Answer, Export, Instance, Instantiating, PluginWorld, Prepared};
 use crate::runtime::call::CallState;
 use crate::runtime::{host, CallInfo};
 
@@ -54,7 +54,7 @@ impl PluginWorld for V0_2 {
     }
 
     fn prepare(&self, pre: InstancePre<CallState>) -> wasmtime::Result<Arc<dyn Prepared>> {
-        Ok(Arc::new(Ready(StepPre::new(pre)?)))
+        Ok(Arc::new(Ready::new(StepPre::new(pre)?)))
     }
 }
 
