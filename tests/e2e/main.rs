@@ -716,6 +716,28 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
         assert!(std::time::Instant::now() < deadline, "{released} of {calls} sandboxes released: {text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The host keeps spare instances: after a call a task makes its component's next instance
+    // (at most one per call), and a later call that takes it instantiates in no time at all
+    // (the first bucket, 1 µs: the sagas above ran one after another, each long after the
+    // spares of the one before were made).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+        let start = r#"sagahost_plugin_call_phase_seconds_count{phase="spare"} "#;
+        let made: f64 = text.lines().find_map(|l| l.strip_prefix(start)).map_or(0.0, |v| v.parse().unwrap());
+        assert!(made <= calls, "{made} spares made after {calls} calls: {text}");
+        if made >= 1.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no spare made after {calls} calls: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let instant: f64 = text
+        .lines()
+        .find(|l| l.starts_with("sagahost_plugin_call_phase_seconds_bucket{") && l.contains(r#"phase="instantiate""#))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap());
+    assert!(instant >= 1.0, "no call took a spare: {text}");
     // One call in 64 has its processor time measured, the first among them.
     assert_eq!(value("sagahost_plugin_call_cpu_seconds_count"), (calls / 64.0).ceil(), "{text}");
     assert!(value("sagahost_plugin_call_cpu_seconds_sum") > 0.0, "{text}");

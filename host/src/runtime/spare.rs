@@ -104,10 +104,11 @@ impl Spares {
         self.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A spare of `component`, if one is ready: the oldest.
+    /// A spare of `component`, if one is ready: the newest, whose memory is likeliest still in
+    /// the processor's caches (taking the oldest cycled every spare through them).
     pub(super) fn take(&self, component: &Arc<dyn Prepared>) -> Option<Spare> {
         let mut ready = self.ready();
-        let at = ready.iter().position(|spare| same(&spare.component, component))?;
+        let at = ready.iter().rposition(|spare| same(&spare.component, component))?;
         ready.remove(at)
     }
 
