@@ -1581,7 +1581,7 @@ impl wit::Instance for NeverCalled {
         _: &'a mut wasmtime::Store<call::CallState>,
         _: &'a CallInfo,
         _: wit::Export<'a>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<wit::Answer>> + Send + 'a>> {
+    ) -> wit::Answering<'a> {
         unreachable!("a spare that reached the host is never handed to a call")
     }
 }

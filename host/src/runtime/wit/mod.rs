@@ -61,7 +61,7 @@ macro_rules! prepared_step {
                 store: &'a mut Store<CallState>,
                 info: &'a CallInfo,
                 export: Export<'a>,
-            ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
+            ) -> Answering<'a> {
                 let step = &self.0;
                 Box::pin(async move {
                     let ctx = context(info);
@@ -130,6 +130,9 @@ pub(super) trait PluginWorld: Sync {
     fn prepare(&self, pre: InstancePre<CallState>) -> wasmtime::Result<Arc<dyn Prepared>>;
 }
 
+/// An export's call under way ([`Instance::call`]).
+pub(super) type Answering<'a> = Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>>;
+
 /// An instantiation under way ([`Prepared::instantiate`]).
 pub(super) type Instantiating<'a> = Pin<Box<dyn Future<Output = wasmtime::Result<Box<dyn Instance>>> + Send + 'a>>;
 
@@ -144,12 +147,7 @@ pub(super) trait Prepared: Send + Sync {
 
     /// Instantiates the component in `store`, marks the store instantiated, and runs one
     /// export.
-    fn call<'a>(
-        &'a self,
-        store: &'a mut Store<CallState>,
-        info: &'a CallInfo,
-        export: Export<'a>,
-    ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>> {
+    fn call<'a>(&'a self, store: &'a mut Store<CallState>, info: &'a CallInfo, export: Export<'a>) -> Answering<'a> {
         Box::pin(async move {
             let instance = self.instantiate(&mut *store).await?;
             store.data_mut().instantiated = Some(std::time::Instant::now());
@@ -161,12 +159,7 @@ pub(super) trait Prepared: Send + Sync {
 /// An instance of a component, in the store it was made in: its exports, run once.
 pub(super) trait Instance: Send {
     /// Runs one export.
-    fn call<'a>(
-        &'a self,
-        store: &'a mut Store<CallState>,
-        info: &'a CallInfo,
-        export: Export<'a>,
-    ) -> Pin<Box<dyn Future<Output = wasmtime::Result<Answer>> + Send + 'a>>;
+    fn call<'a>(&'a self, store: &'a mut Store<CallState>, info: &'a CallInfo, export: Export<'a>) -> Answering<'a>;
 }
 
 /// Which export a call runs, with its arguments.

@@ -7,14 +7,12 @@
 //! Owns the conversions between this version's generated types and the host's own. It must
 //! not hold host logic: the imports are served by `host.rs`, calls are run by `call.rs`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use wasmtime::component::{InstancePre, Linker};
 use wasmtime::Store;
 
-use super::{Answer, Export, Instance, Instantiating, PluginWorld, Prepared};
+use super::{Answer, Answering, Export, Instance, Instantiating, PluginWorld, Prepared};
 use crate::runtime::call::CallState;
 use crate::runtime::{host, CallInfo};
 
