@@ -82,6 +82,11 @@ fn same(a: &Arc<dyn Prepared>, b: &Arc<dyn Prepared>) -> bool {
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
 }
 
+/// Whether `ready` holds [`PER_COMPONENT`] spares of `component`.
+fn full(ready: &VecDeque<Spare>, component: &Arc<dyn Prepared>) -> bool {
+    ready.iter().filter(|spare| same(&spare.component, component)).count() >= PER_COMPONENT
+}
+
 impl Spares {
     pub(super) fn new(
         engine: Engine,
@@ -121,7 +126,7 @@ impl Spares {
         }
         let evicted = {
             let mut ready = self.ready();
-            if !took && ready.iter().filter(|spare| same(&spare.component, component)).count() >= PER_COMPONENT {
+            if !took && full(&ready, component) {
                 return;
             }
             match Arc::clone(&self.permits).try_acquire_owned() {
@@ -159,7 +164,7 @@ impl Spares {
                 let mut ready = self.ready();
                 // Calls that found none at once each asked for one: past the bound, the last
                 // made is dropped (here: a spare's reset is this task's, not a call's).
-                if ready.iter().filter(|spare| same(&spare.component, &component)).count() < PER_COMPONENT {
+                if !full(&ready, &component) {
                     ready.push_back(Spare { component, store, instance, permit });
                 }
             }
