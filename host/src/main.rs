@@ -146,6 +146,11 @@ struct Serve {
     /// Log lines kept per plugin call.
     #[arg(long, env = "SAGAHOST_PLUGIN_LOG_LINES", default_value_t = 100)]
     plugin_log_lines: u32,
+    /// Plugin instances made ahead of their calls, kept at most at once (0 to 1024; 0: none,
+    /// each call instantiates its plugin on the saga's path). Each takes a sandbox slot of its
+    /// own; they cost a little CPU to make, which the calls then save.
+    #[arg(long, env = "SAGAHOST_PLUGIN_SPARES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    plugin_spares: u32,
     /// HTTP requests one plugin call may make (sagahost:plugin@0.2.0); past it, requests fail
     /// inside the plugin and the step's last_error names the limit.
     #[arg(long, env = "SAGAHOST_PLUGIN_HTTP_MAX_REQUESTS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -323,6 +328,7 @@ fn config(args: Serve) -> Result<sagahost::Config, String> {
     config.limits.memory_bytes = usize::try_from(args.plugin_memory_mib << 20).unwrap_or(usize::MAX);
     config.limits.output_bytes = usize::try_from(args.plugin_output_kib << 10).unwrap_or(usize::MAX);
     config.limits.log_lines = args.plugin_log_lines;
+    config.limits.spares = args.plugin_spares;
     let trust = args.outbound_ca_file.clone().unwrap_or_else(sagahost::runtime::TlsTrust::public);
     config.limits.http = sagahost::runtime::HttpLimits {
         max_requests: args.plugin_http_max_requests,
@@ -524,6 +530,8 @@ mod tests {
         // A limit shifted past a usize's bits would wrap to nothing.
         assert_eq!(usage(&["sagahost", "serve", "--plugin-memory-mib", "17592186044416"]), 2);
         assert_eq!(usage(&["sagahost", "serve", "--plugin-output-kib", "0"]), 2);
+        // Each spare reserves a sandbox slot's address space (4 GiB).
+        assert_eq!(usage(&["sagahost", "serve", "--plugin-spares", "1025"]), 2);
         // A key held past its time to live would be forgotten while its request runs.
         assert_eq!(usage(&["sagahost", "serve", "--request-timeout-secs", "1801"]), 2);
     }
@@ -573,15 +581,18 @@ mod tests {
             "2",
             "--plugin-http-max-response-bytes",
             "100",
+            "--plugin-spares",
+            "0",
         ])
         .limits;
         assert_eq!((limits.memory_bytes, limits.output_bytes, limits.log_lines), (3 << 20, 5 << 10, 7));
+        assert_eq!(limits.spares, 0);
         assert_eq!((limits.http.max_requests, limits.http.max_response_bytes), (2, 100));
         // The flags' defaults are the library's defaults.
         let (flags, library) = (config_of(&[]).limits, sagahost::runtime::Limits::default());
         assert_eq!(
-            (flags.memory_bytes, flags.output_bytes, flags.log_lines),
-            (library.memory_bytes, library.output_bytes, library.log_lines)
+            (flags.memory_bytes, flags.output_bytes, flags.log_lines, flags.spares),
+            (library.memory_bytes, library.output_bytes, library.log_lines, library.spares)
         );
         assert_eq!(
             (flags.http.max_requests, flags.http.max_response_bytes),

@@ -106,6 +106,13 @@ impl RelayPhase {
     }
 }
 
+/// Labels of `sagahost_plugin_call_spares`: whether a call took a spare instance.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpareLabels {
+    /// `taken` or `missed` ([`crate::runtime::Phases::spare`]).
+    result: &'static str,
+}
+
 /// Labels of a saga the driver settled.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SettledLabels {
@@ -151,6 +158,9 @@ pub struct Metrics {
     call_phases: [Histogram; PHASES.len()],
     /// `sagahost_plugin_call_cpu_seconds`.
     call_cpu: Histogram,
+    /// `sagahost_plugin_call_spares`: calls that took a spare, and that found none.
+    spares_taken: Counter,
+    spares_missed: Counter,
     /// `sagahost_relay_phase_seconds`, one per phase in [`RelayPhase::ALL`] order.
     relay_phases: [Histogram; 3],
     events_published: Counter,
@@ -239,6 +249,18 @@ impl Metrics {
         );
         let call_phases = PHASES.map(|phase| call_phase_seconds.get_or_create(&PhaseLabels { phase }).clone());
         let call_cpu = phase_histogram();
+        let spares = Family::<SpareLabels, Counter>::default();
+        registry.register(
+            "plugin_call_spares",
+            "Plugin calls of components the host keeps spare instances of (--plugin-spares), by whether the \
+             call took one (taken: no instantiation on its path) or found none ready (missed: it instantiated, \
+             and one more is made for the next call); a component whose instantiation reaches the host has none",
+            spares.clone(),
+        );
+        // One statement each: a `get_or_create` holds the family's lock until its statement ends,
+        // and the next one's insert waits for it.
+        let spares_taken = spares.get_or_create(&SpareLabels { result: "taken" }).clone();
+        let spares_missed = spares.get_or_create(&SpareLabels { result: "missed" }).clone();
         registry.register(
             "plugin_call_cpu_seconds",
             format!(
@@ -378,6 +400,8 @@ impl Metrics {
             http_seconds,
             call_phases,
             call_cpu,
+            spares_taken,
+            spares_missed,
             relay_phases,
             events_published,
             relay_failures,
@@ -401,6 +425,15 @@ impl Metrics {
         }
         if let Some(cpu) = phases.cpu {
             self.call_cpu.observe(cpu.as_secs_f64());
+        }
+        match phases.spare {
+            Some(true) => {
+                self.spares_taken.inc();
+            }
+            Some(false) => {
+                self.spares_missed.inc();
+            }
+            None => {}
         }
     }
 

@@ -298,8 +298,8 @@ fn new_runtime(limits: Limits, reader: Seeded) -> Result<Arc<Runtime>, Stop> {
 async fn check(args: CheckArgs) -> Result<u8, Stop> {
     let wasm = read_component(&args.component)?;
     let size = wasm.len();
-    // One call at a time: a single pooled slot is enough.
-    let limits = Limits { concurrent_calls: 1, ..Limits::default() };
+    // One call at a time: a single pooled slot is enough, and no spare (no next call).
+    let limits = Limits { concurrent_calls: 1, spares: 0, ..Limits::default() };
     let runtime = new_runtime(limits, Seeded { state: BTreeMap::new(), grants: Default::default() })?;
     let (digest, caps) = load(&runtime, wasm).await?;
     let report = json!({
@@ -368,6 +368,8 @@ async fn run_call(args: RunArgs) -> Result<u8, Stop> {
         memory_bytes: args.plugin_memory_mib << 20,
         output_bytes: args.plugin_output_kib << 10,
         concurrent_calls: 1,
+        // One call: no next call to make an instance ahead of.
+        spares: 0,
         http: crate::runtime::HttpLimits {
             trust,
             proxy: args

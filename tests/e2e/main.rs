@@ -738,6 +738,12 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
         .and_then(|l| l.rsplit(' ').next())
         .map_or(0.0, |v| v.parse().unwrap());
     assert!(instant >= 1.0, "no call took a spare: {text}");
+    // Every call took a spare or found none (the demo plugins all allow them): the first call
+    // of each component at least missed, and a later one took what the one before made.
+    let spares = |result: &str| value(&format!("sagahost_plugin_call_spares_total{{result=\"{result}\"}}"));
+    let (taken, missed) = (spares("taken"), spares("missed"));
+    assert_eq!(taken + missed, calls, "{text}");
+    assert!(taken >= 1.0 && missed >= 1.0, "{text}");
     // One call in 64 has its processor time measured, the first among them.
     assert_eq!(value("sagahost_plugin_call_cpu_seconds_count"), (calls / 64.0).ceil(), "{text}");
     assert!(value("sagahost_plugin_call_cpu_seconds_sum") > 0.0, "{text}");

@@ -190,6 +190,11 @@ pub const FIGURES: &[Figure] = &[
         kind: Kind::LabelledMean { family: "sagahost_plugin_call_phase_seconds", label: "phase=\"spare\"", scale: 1e6 },
     },
     Figure {
+        key: "plugin_call_spare_misses_per_saga",
+        label: "plugin calls that found no spare instance per saga",
+        kind: Kind::PerSaga { sample: "sagahost_plugin_call_spares_total|result=\"missed\"" },
+    },
+    Figure {
         key: "plugin_call_cpu_mean_us",
         label: "plugin call CPU mean µs",
         kind: Kind::HistogramMean { family: "sagahost_plugin_call_cpu_seconds", scale: 1e6 },

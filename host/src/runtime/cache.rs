@@ -66,8 +66,8 @@ impl Cache {
     }
 
     /// Drops the plugins not handed to a call (nor loaded) for `idle`, but those `keep` names;
-    /// returns their digests. A call running one keeps its share until it ends.
-    pub(super) fn drop_idle(&self, idle: Duration, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    /// returns their digests and components. A call running one keeps its share until it ends.
+    pub(super) fn drop_idle(&self, idle: Duration, keep: impl Fn(&str) -> bool) -> Vec<(String, Arc<dyn Prepared>)> {
         let cutoff = self.now().saturating_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
         let mut ready = self.ready.write().unwrap_or_else(|e| e.into_inner());
         let idle: Vec<String> = ready
@@ -75,10 +75,7 @@ impl Cache {
             .filter(|(digest, e)| e.used.load(Ordering::Relaxed) <= cutoff && !keep(digest))
             .map(|(digest, _)| digest.clone())
             .collect();
-        for digest in &idle {
-            ready.remove(digest);
-        }
-        idle
+        idle.into_iter().filter_map(|digest| ready.remove(&digest).map(|entry| (digest, entry.ready))).collect()
     }
 
     /// The compiled component of `wasm`: compiled now (tens of milliseconds of CPU).

@@ -368,6 +368,11 @@ async fn attempt<T>(
         },
     };
     let spare = call.spares.and_then(|spares| spares.take(&ready));
+    // Taken, missed, or none kept of this component.
+    let took_spare = call
+        .spares
+        .filter(|_| spare.is_some() || !ready.no_spares().load(std::sync::atomic::Ordering::Relaxed))
+        .map(|_| spare.is_some());
     if let Some(spares) = call.spares {
         spares.refill(&ready, spare.is_some());
     }
@@ -448,7 +453,7 @@ async fn attempt<T>(
     let checks = std::mem::take(&mut state.checks).into_iter().collect();
     let ended = Instant::now();
     release(store, slot, call.released.cloned());
-    let phases = Phases::split(started, built, instantiated, returned, ended);
+    let phases = Phases { spare: took_spare, ..Phases::split(started, built, instantiated, returned, ended) };
     CallOutcome {
         result: Ok(outcome),
         writes,
@@ -510,6 +515,7 @@ impl Phases {
             run: returned - instantiated,
             collect: ended - returned,
             cpu: None,
+            spare: None,
         }
     }
 }

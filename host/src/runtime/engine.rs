@@ -67,10 +67,11 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 ///
 /// The pool holds `limits.concurrent_calls` calls' worth of everything a call may create
 /// ([`PER_CALL`]), and the runtime admits at most that many calls at once, so the pool cannot
-/// run out; and [`SPARES`](super::spare::SPARES) more for the spare instances made ahead of
-/// calls (`spare.rs`), which have slots of their own. Address space: one memory slot is a 4 GiB reservation plus a 32 MiB guard (which
-/// lets Cranelift drop bounds checks on 32-bit memories), so 256 calls reserve about 4 TiB of
-/// the 128 TiB a Linux process can address, none of it backed until used.
+/// run out; and `limits.spares` more for the spare instances made ahead of calls
+/// (`spare.rs`), which have slots of their own. Address space: one memory slot is a 4 GiB
+/// reservation plus a 32 MiB guard (which lets Cranelift drop bounds checks on 32-bit
+/// memories), so 256 calls and 64 spares reserve about 5 TiB of the 128 TiB a Linux process
+/// can address, none of it backed until used.
 pub(super) fn new(limits: &Limits) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.epoch_interruption(true);
@@ -99,7 +100,7 @@ pub(super) fn new(limits: &Limits) -> anyhow::Result<Engine> {
 /// The pool for `limits.concurrent_calls` calls at once, and the spare instances made ahead of
 /// calls (`spare.rs`), which have slots of their own.
 fn pool(limits: &Limits) -> PoolingAllocationConfig {
-    let calls = limits.concurrent_calls.max(1).saturating_add(super::spare::SPARES);
+    let calls = limits.concurrent_calls.max(1).saturating_add(limits.spares);
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(calls)
         .total_core_instances(calls.saturating_mul(PER_CALL.instances))

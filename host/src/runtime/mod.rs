@@ -77,6 +77,11 @@ pub struct Limits {
     /// start-up (address space, not memory); a call beyond them waits for a slot, at most for
     /// its timeout, and then ends `Unavailable`. Keep it at least the driver's concurrency.
     pub concurrent_calls: u32,
+    /// Instances made ahead of calls that a runtime keeping them
+    /// ([`Runtime::keeping_spares`]) holds at once, each in a pool slot of its own (address
+    /// space, like a call's, and the memory its instantiation wrote). 0 keeps none: every call
+    /// instantiates its component on its own path.
+    pub spares: u32,
 }
 
 impl Default for Limits {
@@ -89,6 +94,7 @@ impl Default for Limits {
             log_line_bytes: 4 << 10,
             http: HttpLimits::default(),
             concurrent_calls: 256,
+            spares: spare::SPARES,
         }
     }
 }
@@ -255,6 +261,10 @@ pub struct Phases {
     /// more), for every call of a [`Runtime::recording`] runtime; `None` for the others and
     /// where threads' CPU clocks are not available.
     pub cpu: Option<Duration>,
+    /// Whether the call took an instance made ahead of it (`Some(true)`: its `instantiate`
+    /// is nothing) or found none of a component the runtime keeps spares of (`Some(false)`);
+    /// `None` when the runtime keeps no spares of the component ([`Runtime::keeping_spares`]).
+    pub spare: Option<bool>,
 }
 
 /// Told how long one call's sandbox took to give back to the pool, once it has been
@@ -354,15 +364,17 @@ impl Runtime {
     /// next call of that component takes it instead of instantiating on its path. Each call
     /// still runs in an instance no call has used. `made` is told how long each spare took (the
     /// `spare` phase of `sagahost_plugin_call_phase_seconds`: no call's [`Phases`]). The host
-    /// keeps spares; a one-shot runtime (`sagahost plugin run`) has no next call to make one
-    /// for.
+    /// keeps up to [`Limits::spares`] (none when 0); a one-shot runtime (`sagahost plugin run`)
+    /// has no next call to make one for.
     pub fn keeping_spares(mut self, made: Option<SpareObserver>) -> Runtime {
-        self.spares = Some(Arc::new(spare::Spares::new(
-            self.engine.clone(),
-            self.limits.clone(),
-            Arc::clone(&self.reader),
-            made,
-        )));
+        if self.limits.spares > 0 {
+            self.spares = Some(Arc::new(spare::Spares::new(
+                self.engine.clone(),
+                self.limits.clone(),
+                Arc::clone(&self.reader),
+                made,
+            )));
+        }
         self
     }
 
@@ -437,9 +449,15 @@ impl Runtime {
     }
 
     /// Unloads the components no call was handed for `idle`, but those `keep` names (the
-    /// versions bound now); returns their digests. Each is loaded again when a call needs it.
+    /// versions bound now), and throws away their spares (which would keep each compiled
+    /// component in memory, and a pool slot, for good: no call takes a spare of a version it
+    /// no longer runs); returns their digests. Each is loaded again when a call needs it.
     pub fn unload_idle(&self, idle: Duration, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        self.cache.drop_idle(idle, keep)
+        let (digests, components): (Vec<String>, Vec<_>) = self.cache.drop_idle(idle, keep).into_iter().unzip();
+        if let Some(spares) = &self.spares {
+            spares.forget(&components);
+        }
+        digests
     }
 
     fn call<'a>(&'a self, digest: &'a str, plugin: &'a str, info: &'a CallInfo, timeout: Duration) -> call::Call<'a> {

@@ -17,10 +17,12 @@
 //! ([`super::wit::Prepared::no_spares`]), as before; so a spare differs from an instance made
 //! at the call in nothing the plugin can see but the time it was made.
 //!
-//! Bounds: [`SPARES`] spares at once, from slots of the engine's pool set aside for them
-//! (`engine.rs`), so spares never take a call's slot; at most [`PER_COMPONENT`] of one
-//! component. A call that finds none makes one more (up to that bound), a call that takes one
-//! makes its replacement; a new spare that finds every slot taken evicts the oldest.
+//! Bounds: [`Limits::spares`] spares at once ([`SPARES`] by default; `--plugin-spares`), from
+//! slots of the engine's pool set aside for them (`engine.rs`), so spares never take a call's
+//! slot; at most [`PER_COMPONENT`] of one component. A call that finds none makes one more (up
+//! to that bound), a call that takes one makes its replacement; a new spare that finds every
+//! slot taken evicts the oldest. The spares of a component the runtime unloads (an idle
+//! version no longer bound: [`super::Runtime::unload_idle`]) are thrown away with it.
 //!
 //! This module must not name a world version's generated types: it sees components only
 //! through [`Prepared`].
@@ -37,8 +39,8 @@ use super::call::{spare_store, CallState};
 use super::wit::{Instance, Prepared};
 use super::{Limits, PluginReader};
 
-/// The most spares a runtime keeps at once; the engine's pool has this many slots more than
-/// the calls it admits at once.
+/// The most spares a runtime keeps at once unless told otherwise ([`Limits::spares`]); the
+/// engine's pool has that many slots more than the calls it admits at once.
 pub(super) const SPARES: u32 = 64;
 
 /// The most spares of one component: enough for the calls of one step that arrive together
@@ -48,7 +50,8 @@ pub(super) const PER_COMPONENT: usize = 16;
 /// Told how long each spare took to make ([`super::Runtime::keeping_spares`]).
 pub type SpareObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
-/// A component instantiated in a store of its own, waiting for a call.
+/// A component instantiated in a store of its own, waiting for a call. Fields drop in order:
+/// the store (resetting its slot) before the slot's permit.
 pub(super) struct Spare {
     component: Arc<dyn Prepared>,
     store: Store<CallState>,
@@ -94,14 +97,8 @@ impl Spares {
         reader: Arc<dyn PluginReader>,
         made: Option<SpareObserver>,
     ) -> Spares {
-        Spares {
-            engine,
-            limits,
-            reader,
-            permits: Arc::new(Semaphore::new(SPARES as usize)),
-            ready: Mutex::new(VecDeque::new()),
-            made,
-        }
+        let permits = Arc::new(Semaphore::new(limits.spares as usize));
+        Spares { engine, limits, reader, permits, ready: Mutex::new(VecDeque::new()), made }
     }
 
     fn ready(&self) -> std::sync::MutexGuard<'_, VecDeque<Spare>> {
@@ -175,6 +172,25 @@ impl Spares {
             // failure is theirs to report.
             Ok(_) | Err(_) => component.no_spares().store(true, Ordering::Relaxed),
         }
+    }
+
+    /// Throws away the spares of `components` (unloaded: no call will take them), giving their
+    /// slots back. Spares being made when this runs are kept, and so are their components,
+    /// until evicted as the oldest.
+    pub(super) fn forget(&self, components: &[Arc<dyn Prepared>]) {
+        if components.is_empty() {
+            return;
+        }
+        let forgotten: VecDeque<Spare> = {
+            let mut ready = self.ready();
+            let (gone, kept): (VecDeque<Spare>, VecDeque<Spare>) = std::mem::take(&mut *ready)
+                .into_iter()
+                .partition(|spare| components.iter().any(|component| same(&spare.component, component)));
+            *ready = kept;
+            gone
+        };
+        // Each spare's store is reset and its slot freed here, outside the lock.
+        drop(forgotten);
     }
 
     /// How many spares are ready.

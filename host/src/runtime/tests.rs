@@ -1355,9 +1355,9 @@ async fn a_busy_plugin_leaves_the_threads_timers_and_sockets_served_on_every_tic
 
 #[tokio::test]
 async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
-    // Admit two calls to a pool of one, with the one slot taken: the engine refuses the
-    // instance, which must not count as the plugin's attempt.
-    let limits = Limits { concurrent_calls: 1, ..Limits::default() };
+    // Admit two calls to a pool of one (no slots for spares), with the one slot taken: the
+    // engine refuses the instance, which must not count as the plugin's attempt.
+    let limits = Limits { concurrent_calls: 1, spares: 0, ..Limits::default() };
     let reader = Arc::new(FakeReader::default());
     let mut runtime = Runtime::new(limits, reader).unwrap();
     runtime.slots = Arc::new(tokio::sync::Semaphore::new(2));
@@ -1365,13 +1365,8 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
     let info = info(1);
-    // The pool also has slots for spares, which this runtime does not keep: take them all.
-    let mut taken = Vec::new();
-    for _ in 0..=spare::SPARES {
-        let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
-        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await.unwrap();
-        taken.push(store);
-    }
+    let mut taken = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut taken, &component).await.unwrap();
     let out = execute(&runtime, &digest, "fine").await;
     assert!(unavailable(&out).contains("no sandbox slot was free"), "{:?}", out.result);
     drop(taken);
@@ -1512,12 +1507,14 @@ async fn a_spare_takes_the_instantiation_off_the_next_calls_path_and_serves_that
     let first = execute(&runtime, &digest, "fine").await;
     assert_eq!(first.label, "done", "{:?}", first.result);
     assert!(first.phases.instantiate > Duration::ZERO, "no spare yet: the first call instantiates");
+    assert_eq!(first.phases.spare, Some(false), "a miss");
     spares_ready(&runtime, 1).await;
     // A trap in a spare's instance reaches no other call: each call below takes a spare made
     // after the call before it, and leaves it to be given back.
     for mode in ["panic", "fine", "panic", "fine"] {
         let out = execute(&runtime, &digest, mode).await;
         assert_eq!(out.phases.instantiate, Duration::ZERO, "{mode}: the call took a spare");
+        assert_eq!(out.phases.spare, Some(true), "{mode}");
         match mode {
             "panic" => assert!(trapped(&out).contains("misbehave: panic on attempt 1"), "{}", trapped(&out)),
             _ => assert_eq!(out.label, "done", "{:?}", out.result),
@@ -1536,6 +1533,56 @@ async fn a_spare_takes_the_instantiation_off_the_next_calls_path_and_serves_that
         assert!(started.elapsed() < Duration::from_secs(10), "{held} instances held, not the one spare");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+#[tokio::test]
+async fn a_runtime_told_to_keep_no_spares_instantiates_every_call_in_a_pool_without_their_slots() {
+    let limits = Limits { concurrent_calls: 2, spares: 0, ..Limits::default() };
+    let (runtime, digest, made) = sparing(limits).await;
+    assert!(runtime.spares.is_none());
+    for _ in 0..3 {
+        let out = execute(&runtime, &digest, "fine").await;
+        assert_eq!(out.label, "done", "{:?}", out.result);
+        assert!(out.phases.instantiate > Duration::ZERO);
+        assert_eq!(out.phases.spare, None, "no spares are kept: neither taken nor missed");
+    }
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The pool has the two calls' slots and no more: a third instance is refused.
+    released(&runtime, 2).await;
+    let info = info(1);
+    let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await.unwrap();
+        stores.push(store);
+    }
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
+    let refused = wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await;
+    assert!(refused.is_err_and(|e| e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()));
+}
+
+#[tokio::test]
+async fn the_spares_of_an_unloaded_component_are_thrown_away_with_it() {
+    let (runtime, digest, _) = sparing(Limits::default()).await;
+    assert_eq!(execute(&runtime, &digest, "fine").await.label, "done");
+    spares_ready(&runtime, 1).await;
+    // A version still bound stays loaded, and keeps its spare.
+    assert!(runtime.unload_idle(Duration::ZERO, |_| true).is_empty());
+    assert_eq!(runtime.spares.as_ref().unwrap().len(), 1);
+    // Unloaded (an idle version no longer bound), its spare goes too: it would keep the
+    // compiled component in memory and hold a pool slot for good.
+    assert_eq!(runtime.unload_idle(Duration::ZERO, |_| false), vec![digest.clone()]);
+    let spares = runtime.spares.as_ref().unwrap();
+    assert_eq!(spares.len(), 0);
+    assert_eq!(spares.free_slots(), spare::SPARES as usize, "its slot is free again");
+    // The call's own sandbox is given back by a task of its own; then the pool holds nothing.
+    released(&runtime, Limits::default().concurrent_calls as usize).await;
+    // Loaded again, it is a new component: its first call instantiates, and makes a spare.
+    let again = runtime.load(fixture("misbehave")).await.unwrap();
+    let out = execute(&runtime, &again, "fine").await;
+    assert_eq!((out.label, out.phases.spare), ("done", Some(false)));
+    spares_ready(&runtime, 1).await;
 }
 
 #[tokio::test]
