@@ -148,7 +148,8 @@ struct Serve {
     plugin_log_lines: u32,
     /// Plugin instances made ahead of their calls, kept at most at once (0 to 1024; 0: none,
     /// each call instantiates its plugin on the saga's path). Each takes a sandbox slot of its
-    /// own; they cost a little CPU to make, which the calls then save.
+    /// own; making them costs CPU off the saga's path, which the calls' instantiation no
+    /// longer takes on it.
     #[arg(long, env = "SAGAHOST_PLUGIN_SPARES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1024))]
     plugin_spares: u32,
     /// HTTP requests one plugin call may make (sagahost:plugin@0.2.0); past it, requests fail

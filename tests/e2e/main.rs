@@ -662,6 +662,23 @@ async fn data_survives_a_restart() {
     assert_eq!(host.event_types(&id).await.len(), 5);
 }
 
+/// Scrapes `/metrics` until the sample whose line starts with `start` is `enough` (it is counted
+/// by tasks of their own, which may still be under way at a scrape), at most 10 s; it never
+/// exceeds `calls`, one per call.
+async fn scrape_until(host: &TestHost, start: &str, calls: f64, enough: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
+        let count: f64 = text.lines().find_map(|l| l.strip_prefix(start)).map_or(0.0, |v| v.parse().unwrap());
+        assert!(count <= calls, "{start}{count} after {calls} calls: {text}");
+        if enough(count) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{start}{count} after {calls} calls, never enough: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     let host = TestHost::start().await;
@@ -704,34 +721,14 @@ async fn metrics_count_sagas_by_status_plugin_calls_and_the_outbox() {
     }
     // And each call's sandbox given back to the pool after it answered (by a task of its own,
     // which may still be under way at a scrape: scrape again).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
-        let start = r#"sagahost_plugin_call_phase_seconds_count{phase="release"} "#;
-        let released: f64 = text.lines().find_map(|l| l.strip_prefix(start)).map_or(0.0, |v| v.parse().unwrap());
-        assert!(released <= calls, "{released} sandboxes released after {calls} calls: {text}");
-        if released == calls {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{released} of {calls} sandboxes released: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let released = r#"sagahost_plugin_call_phase_seconds_count{phase="release"} "#;
+    scrape_until(&host, released, calls, |released| released == calls).await;
     // The host keeps spare instances: after a call a task makes its component's next instance
     // (at most one per call), and a later call that takes it instantiates in no time at all
     // (the first bucket, 1 µs: the sagas above ran one after another, each long after the
     // spares of the one before were made).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = String::from_utf8(host.get("/metrics").await.bytes).unwrap();
-        let start = r#"sagahost_plugin_call_phase_seconds_count{phase="spare"} "#;
-        let made: f64 = text.lines().find_map(|l| l.strip_prefix(start)).map_or(0.0, |v| v.parse().unwrap());
-        assert!(made <= calls, "{made} spares made after {calls} calls: {text}");
-        if made >= 1.0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no spare made after {calls} calls: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let made = r#"sagahost_plugin_call_phase_seconds_count{phase="spare"} "#;
+    scrape_until(&host, made, calls, |made| made >= 1.0).await;
     let instant: f64 = text
         .lines()
         .find(|l| l.starts_with("sagahost_plugin_call_phase_seconds_bucket{") && l.contains(r#"phase="instantiate""#))

@@ -1353,6 +1353,18 @@ async fn a_busy_plugin_leaves_the_threads_timers_and_sockets_served_on_every_tic
     assert!(woken >= 25, "the timer fired only {woken} times while the plugin computed for 1 s");
 }
 
+/// A store holding an instance of `component` from `runtime`'s pool, past the runtime's own
+/// bound on calls: a slot taken as a call would take it, or the pool's refusal.
+async fn occupy_slot(
+    runtime: &Runtime,
+    component: &wasmtime::component::Component,
+    info: &CallInfo,
+) -> wasmtime::Result<wasmtime::Store<call::CallState>> {
+    let mut store = call::new_store(&runtime.call("sha256:test", "test", info, TIMEOUT));
+    wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, component).await?;
+    Ok(store)
+}
+
 #[tokio::test]
 async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     // Admit two calls to a pool of one (no slots for spares), with the one slot taken: the
@@ -1365,8 +1377,7 @@ async fn an_exhausted_pool_is_the_hosts_failure_not_the_plugins() {
     let digest = runtime.load(fixture("misbehave")).await.unwrap();
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
     let info = info(1);
-    let mut taken = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
-    wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut taken, &component).await.unwrap();
+    let taken = occupy_slot(&runtime, &component, &info).await.unwrap();
     let out = execute(&runtime, &digest, "fine").await;
     assert!(unavailable(&out).contains("no sandbox slot was free"), "{:?}", out.result);
     drop(taken);
@@ -1551,14 +1562,11 @@ async fn a_runtime_told_to_keep_no_spares_instantiates_every_call_in_a_pool_with
     released(&runtime, 2).await;
     let info = info(1);
     let component = wasmtime::component::Component::new(&runtime.engine, memories_component(1, 1)).unwrap();
-    let mut stores = Vec::new();
-    for _ in 0..2 {
-        let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
-        wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await.unwrap();
-        stores.push(store);
-    }
-    let mut store = call::new_store(&runtime.call("sha256:test", "test", &info, TIMEOUT));
-    let refused = wasmtime::component::Linker::new(&runtime.engine).instantiate_async(&mut store, &component).await;
+    let _taken = (
+        occupy_slot(&runtime, &component, &info).await.unwrap(),
+        occupy_slot(&runtime, &component, &info).await.unwrap(),
+    );
+    let refused = occupy_slot(&runtime, &component, &info).await;
     assert!(refused.is_err_and(|e| e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()));
 }
 
