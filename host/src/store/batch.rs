@@ -2,11 +2,11 @@
 //!
 //! SQLite admits one writer, and with `synchronous = FULL` every commit waits for an fsync.
 //! Committed one by one, 32 sagas' transitions queue for the disk (about 1 ms each here) and
-//! the host idles at one core. [`Writes::Grouped`] hands every hot-path write (a saga
-//! transition, a creation with its idempotency claim, a claim, a lease renewal, an outbox
-//! mark) to one task that owns the writer connection while it works: it takes every job that
-//! is queued, runs them one after another inside ONE transaction, commits once, and only then
-//! answers each caller. Nobody is answered before the flush that makes their write durable,
+//! the host idles at one core. [`Writes::Grouped`] hands every write (a saga transition, a
+//! creation with its idempotency claim, a claim, a lease renewal, an outbox mark, and the rarer
+//! ones: the janitor's purges, catalog, grant and audit changes) to one task that owns the
+//! writer connection for good: it takes every job that is queued, runs them one after another
+//! inside ONE transaction, commits once, and only then answers each caller. Nobody is answered before the flush that makes their write durable,
 //! so "acknowledged means durable" holds exactly as with one commit per write. With one
 //! caller the batch is that caller's job alone: no timer, no added latency; under load the
 //! batch is whatever queued during the previous flush.
@@ -37,7 +37,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Error, Result, WriteStats};
@@ -237,8 +238,15 @@ impl<D: Send + Sync + 'static, T: Send + 'static> Queued for Slot<D, T> {
 }
 
 /// The writer task: takes whatever is queued, up to [`MAX_BATCH`], and commits it together.
+///
+/// It takes the pool's connection once and keeps it for every batch, until the store is
+/// dropped or the connection is lost: sqlx tests a connection as it goes back to its pool (a
+/// ping, one more round trip to SQLite's connection thread, and a wake-up of that thread, per
+/// batch). Nothing else writes through the pool (every write is a job), so nobody waits for
+/// it.
 async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>, counters: Arc<Counters>) {
     let mut batch: Vec<Box<dyn Queued>> = Vec::with_capacity(MAX_BATCH);
+    let mut held: Option<PoolConnection<Any>> = None;
     while let Some(first) = queue.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -248,8 +256,27 @@ async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn 
             }
         }
         counters.transactions.fetch_add(1, Ordering::Relaxed);
-        run_batch(&pool, &mut batch).await;
+        if held.is_none() {
+            match pool.acquire().await {
+                Ok(conn) => held = Some(conn),
+                Err(e) => {
+                    let e = Error::from(e);
+                    batch.drain(..).for_each(|job| job.fail(e.replicate()));
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = held.as_mut() else { continue };
+        if !run_batch(conn, &mut batch).await {
+            // Closed, not given back: the next batch connects again.
+            if let Some(lost) = held.take() {
+                let _ = lost.close().await;
+            }
+        }
         debug_assert!(batch.is_empty());
+    }
+    if let Some(conn) = held {
+        let _ = conn.close().await;
     }
 }
 
@@ -261,25 +288,40 @@ enum Failed {
     Job,
 }
 
-async fn run_batch(pool: &AnyPool, batch: &mut Vec<Box<dyn Queued>>) {
+/// Runs `batch` on `conn` and answers every job. False when the connection was lost on the
+/// way (the next batch needs a new one).
+async fn run_batch(conn: &mut AnyConnection, batch: &mut Vec<Box<dyn Queued>>) -> bool {
     tracing::trace!(jobs = batch.len(), "group commit");
-    match together(pool, batch).await {
-        Ok(()) => batch.drain(..).for_each(|job| job.answer()),
-        Err(Failed::Batch(e)) => batch.drain(..).for_each(|job| job.fail(e.replicate())),
+    match together(conn, batch).await {
+        Ok(()) => {
+            batch.drain(..).for_each(|job| job.answer());
+            true
+        }
+        Err(Failed::Batch(e)) => {
+            batch.drain(..).for_each(|job| job.fail(e.replicate()));
+            !e.is_lost_connection()
+        }
         Err(Failed::Job) => {
             // Each alone, so the failure stays with its job.
+            let mut kept = true;
             for mut job in batch.drain(..) {
-                match alone(pool, job.as_mut()).await {
+                match alone(conn, job.as_mut()).await {
                     Ok(()) => job.answer(),
-                    Err(e) => job.fail(e),
+                    Err(e) => {
+                        kept &= !e.is_lost_connection();
+                        job.fail(e);
+                    }
                 }
             }
+            kept
         }
     }
 }
 
-async fn together(pool: &AnyPool, batch: &mut [Box<dyn Queued>]) -> Result<(), Failed> {
-    let mut tx = super::dialect::begin(pool, None).await.map_err(Failed::Batch)?;
+/// The batch in one transaction on the writer's own connection. (Not [`super::dialect::begin`]:
+/// this task is never cancelled halfway, so no `BEGIN` of it can be forgotten.)
+async fn together(conn: &mut AnyConnection, batch: &mut [Box<dyn Queued>]) -> Result<(), Failed> {
+    let mut tx = sqlx::Connection::begin(conn).await.map_err(|e| Failed::Batch(e.into()))?;
     for job in batch.iter_mut() {
         if job.run(&mut tx).await.is_err() {
             let _ = tx.rollback().await;
@@ -291,8 +333,8 @@ async fn together(pool: &AnyPool, batch: &mut [Box<dyn Queued>]) -> Result<(), F
 
 /// Runs one job in its own transaction: `Ok` when its kept result may be sent (committed, or
 /// refused without writing).
-async fn alone(pool: &AnyPool, job: &mut dyn Queued) -> Result<()> {
-    let mut tx = super::dialect::begin(pool, None).await?;
+async fn alone(conn: &mut AnyConnection, job: &mut dyn Queued) -> Result<()> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     match job.run(&mut tx).await {
         Ok(()) => Ok(tx.commit().await?),
         Err(e) => {

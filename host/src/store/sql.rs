@@ -165,12 +165,10 @@ struct SagaRow<'a> {
 /// The one implementation of every store role.
 pub struct SqlStore {
     dialect: &'static dyn Dialect,
-    /// The hot-path writes (transitions, creations, claims, leases, outbox marks), grouped
-    /// into shared commits where the database has one writer ([`Writes`]).
+    /// Every write (transitions, creations, claims, leases, outbox marks, the janitor's
+    /// purges, catalog, grants and audit changes), grouped into shared commits where the
+    /// database has one writer ([`Writes`]). It owns the writer pool.
     writes: Writes,
-    /// Every other write, and the connection the group commit borrows per batch. For SQLite,
-    /// exactly one connection.
-    writer: AnyPool,
     /// Plain reads. For PostgreSQL, the same pool as `writer`.
     reader: AnyPool,
     sql: Arc<Statements>,
@@ -454,16 +452,11 @@ impl SqlStore {
             false => None,
         };
         tracing::debug!(dialect = dialect.name(), exclusive = lock.is_some(), guesses, "store open");
-        let writes = if dialect.group_commit() {
-            Writes::grouped(pools.writer.clone())
-        } else {
-            Writes::direct(pools.writer.clone())
-        };
+        let writes = if dialect.group_commit() { Writes::grouped(pools.writer) } else { Writes::direct(pools.writer) };
         let sql = Arc::new(Statements::new(dialect));
         Ok(SqlStore {
             dialect,
             writes,
-            writer: pools.writer,
             reader: pools.reader,
             sql,
             cache: keys.is_some().then(|| Arc::new(StateCache::new(cache::BUDGET, cache::LARGEST))),
@@ -592,22 +585,111 @@ fn outbox_from_row(r: &AnyRow) -> Result<OutboxRow> {
     })
 }
 
-/// Ends a dead letter's redelivery or discard: deletes the letter and commits with `audit`; or,
-/// with no letter to delete (done already, by another request), rolls everything back.
-async fn letter_removed(
-    mut tx: sqlx::Transaction<'static, sqlx::Any>,
-    event_id: &str,
+/// [`CatalogStore::put_definition`]'s job: `expected_version` as that method takes it.
+#[allow(clippy::too_many_arguments)]
+async fn put_definition(
+    tx: &mut AnyConnection,
+    saga_type: &str,
+    json: &str,
+    source: &str,
+    expected_version: Option<i64>,
+    release: Option<&'static str>,
     now: i64,
-    audit: &AuditEntry,
-) -> Result<bool> {
+    audit: Option<&AuditEntry>,
+) -> Result<i64> {
+    let version: Option<i64> = match expected_version {
+            // Replace a definition that must exist at exactly this version.
+            Some(expected) if expected > 0 => {
+                sqlx::query_scalar(
+                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1, \
+                     builtin_release = $6 WHERE saga_type = $1 AND version = $5 RETURNING version",
+                )
+                .bind(saga_type)
+                .bind(json)
+                .bind(source)
+                .bind(now)
+                .bind(expected)
+                .bind(release)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+            // Create, or (no expectation) replace whatever is there. With an expectation of 0
+            // the update never matches, so an existing definition is a conflict.
+            _ => {
+                sqlx::query_scalar(
+                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version, builtin_release) \
+                     VALUES ($1, $2, $3, $4, 1, $6) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
+                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1, \
+                     builtin_release = excluded.builtin_release WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
+                )
+                .bind(saga_type)
+                .bind(json)
+                .bind(source)
+                .bind(now)
+                .bind(expected_version)
+                .bind(release)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+        };
+    // Nothing matched: nothing was written.
+    let Some(version) = version else {
+        return Err(Error::Conflict);
+    };
+    bump_catalog(&mut *tx).await?;
+    if let Some(a) = audit {
+        insert_audit(&mut *tx, a, now).await?;
+    }
+    Ok(version)
+}
+
+/// [`OutboxStore::dead_letter_redeliver`]'s job.
+async fn redeliver(tx: &mut AnyConnection, event_id: &str, now: i64, audit: &AuditEntry) -> Result<()> {
+    // The row still there is unpublished again first: the update locks it, so a janitor's
+    // purge that picked it meanwhile finds it unpublished when it gets the row and keeps
+    // it (its condition is on the row itself, `OUTBOX_PURGE`). Where the janitor purged
+    // it already, it is written again from the dead letter (the same event id, saga and
+    // seq: consumers see the same event). Either way the relay sends it next.
+    sqlx::query(
+        "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
+    )
+    .bind(event_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) \
+             SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
+             ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    letter_removed(tx, event_id, now, audit).await
+}
+
+/// Ends a dead letter's redelivery or discard: deletes the letter and writes `audit`; or, with
+/// no letter to delete (done already, by another request), refuses with [`Error::Conflict`],
+/// which rolls the job back ([`Writes`]). The job wrote nothing then anyway where writes are
+/// grouped (one writer: the letter was gone before the job's first statement, which therefore
+/// matched no row), as a refusal in a shared transaction must.
+async fn letter_removed(tx: &mut AnyConnection, event_id: &str, now: i64, audit: &AuditEntry) -> Result<()> {
     let removed = sqlx::query("DELETE FROM dead_letters WHERE event_id = $1").bind(event_id).execute(&mut *tx).await?;
     if removed.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(false);
+        // No such letter (any more): nothing of the job stays, written or not.
+        return Err(Error::Conflict);
     }
-    insert_audit(&mut tx, audit, now).await?;
-    tx.commit().await?;
-    Ok(true)
+    insert_audit(tx, audit, now).await
+}
+
+/// Whether a job ending in [`letter_removed`] removed the letter (`false`: there was none).
+fn letter_gone(removed: Result<()>) -> Result<bool> {
+    match removed {
+        Ok(()) => Ok(true),
+        Err(Error::Conflict) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn dead_letter_from_row(r: &AnyRow) -> Result<DeadLetter> {
@@ -949,8 +1031,11 @@ impl SagaStore for SqlStore {
     }
 
     async fn release_owner(&self, owner: &str) -> Result<u64> {
-        let r = sqlx::query(RELEASE_OWNER).bind(owner).execute(&self.writer).await?;
-        Ok(r.rows_affected())
+        self.writes
+            .run_one(owner.to_owned(), |owner, conn| {
+                Box::pin(async move { Ok(sqlx::query(RELEASE_OWNER).bind(owner).execute(conn).await?.rows_affected()) })
+            })
+            .await
     }
 
     async fn database_now_ms(&self) -> Result<Option<i64>> {
@@ -1799,32 +1884,47 @@ impl GrantStore for SqlStore {
     async fn put_grants(&self, plugin: &str, grants: &Grants, audit: &AuditEntry, now: i64) -> Result<Grants> {
         let hosts = serde_json::to_string(&grants.allowed_hosts).map_err(|e| corrupt(e.to_string()))?;
         let credentials = serde_json::to_string(&grants.credentials).map_err(|e| corrupt(e.to_string()))?;
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        // Lock the plugin's row first, creating it with no grants if there is none: a
-        // concurrent change waits here until this one commits, so the list read next is the
-        // one this change replaces, and the audit trail chains without a gap.
-        sqlx::query(
-            "INSERT INTO plugin_grants (plugin, allowed_hosts, updated_at) VALUES ($1, '[]', $2) \
+        let data = (plugin.to_owned(), hosts, credentials, audit.clone(), now);
+        self.writes
+            .run(data, |(plugin, hosts, credentials, audit, now), conn| {
+                Box::pin(put_grants(conn, plugin, hosts, credentials, audit, *now))
+            })
+            .await
+    }
+}
+
+/// [`GrantStore::put_grants`]'s job: the grants' lists already JSON.
+async fn put_grants(
+    tx: &mut AnyConnection,
+    plugin: &str,
+    hosts: &str,
+    credentials: &str,
+    audit: &AuditEntry,
+    now: i64,
+) -> Result<Grants> {
+    // Lock the plugin's row first, creating it with no grants if there is none: a
+    // concurrent change waits here until this one commits, so the list read next is the
+    // one this change replaces, and the audit trail chains without a gap.
+    sqlx::query(
+        "INSERT INTO plugin_grants (plugin, allowed_hosts, updated_at) VALUES ($1, '[]', $2) \
              ON CONFLICT (plugin) DO UPDATE SET updated_at = plugin_grants.updated_at",
-        )
+    )
+    .bind(plugin)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let previous = sqlx::query(GRANTS_ROW).bind(plugin).fetch_optional(&mut *tx).await?;
+    let previous = grants_from_row(plugin, previous)?;
+    sqlx::query("UPDATE plugin_grants SET allowed_hosts = $2, credentials = $3, updated_at = $4 WHERE plugin = $1")
         .bind(plugin)
+        .bind(hosts)
+        .bind(credentials)
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let previous = sqlx::query(GRANTS_ROW).bind(plugin).fetch_optional(&mut *tx).await?;
-        let previous = grants_from_row(plugin, previous)?;
-        sqlx::query("UPDATE plugin_grants SET allowed_hosts = $2, credentials = $3, updated_at = $4 WHERE plugin = $1")
-            .bind(plugin)
-            .bind(hosts)
-            .bind(credentials)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        let audit = AuditEntry { before: Some(serde_json::json!(previous)), ..audit.clone() };
-        insert_audit(&mut tx, &audit, now).await?;
-        tx.commit().await?;
-        Ok(previous)
-    }
+    let audit = AuditEntry { before: Some(serde_json::json!(previous)), ..audit.clone() };
+    insert_audit(tx, &audit, now).await?;
+    Ok(previous)
 }
 
 #[async_trait]
@@ -1941,12 +2041,18 @@ impl SqlStore {
 
     /// Ends the lease `name` at once, if `owner` holds it.
     async fn release_lease(&self, name: &str, owner: &str) -> Result<()> {
-        sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = $1 AND owner = $2")
-            .bind(name)
-            .bind(owner)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        self.writes
+            .run_one((name.to_owned(), owner.to_owned()), |(name, owner), conn| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE relay_lease SET lease_until = 0 WHERE name = $1 AND owner = $2")
+                        .bind(name)
+                        .bind(owner)
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
     }
 }
 
@@ -2046,34 +2152,21 @@ impl OutboxStore for SqlStore {
     }
 
     async fn dead_letter_redeliver(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        // The row still there is unpublished again first: the update locks it, so a janitor's
-        // purge that picked it meanwhile finds it unpublished when it gets the row and keeps
-        // it (its condition is on the row itself, `OUTBOX_PURGE`). Where the janitor purged
-        // it already, it is written again from the dead letter (the same event id, saga and
-        // seq: consumers see the same event). Either way the relay sends it next.
-        sqlx::query(
-            "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
-             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
-        )
-        .bind(event_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) \
-             SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(event_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        letter_removed(tx, event_id, now, audit).await
+        let data = (event_id.to_owned(), now, audit.clone());
+        let redelivered = self
+            .writes
+            .run(data, |(event_id, now, audit), conn| Box::pin(redeliver(conn, event_id, *now, audit)))
+            .await;
+        letter_gone(redelivered)
     }
 
     async fn dead_letter_discard(&self, event_id: &str, now: i64, audit: &AuditEntry) -> Result<bool> {
-        let tx = super::dialect::begin(&self.writer, None).await?;
-        letter_removed(tx, event_id, now, audit).await
+        let data = (event_id.to_owned(), now, audit.clone());
+        let discarded = self
+            .writes
+            .run(data, |(event_id, now, audit), conn| Box::pin(letter_removed(conn, event_id, *now, audit)))
+            .await;
+        letter_gone(discarded)
     }
 
     async fn dead_letters(&self, before: Option<i64>, limit: u32) -> Result<Vec<DeadLetter>> {
@@ -2118,26 +2211,32 @@ impl CatalogStore for SqlStore {
         now: i64,
         audit: Option<&AuditEntry>,
     ) -> Result<bool> {
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        let r = sqlx::query(
-            "INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(digest)
-        .bind(name)
-        .bind(wasm.len() as i64)
-        .bind(wasm)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let new = r.rows_affected() == 1;
-        if new {
-            bump_catalog(&mut tx).await?;
-            if let Some(a) = audit {
-                insert_audit(&mut tx, a, now).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(new)
+        let data = (digest.to_owned(), name.to_owned(), wasm.to_vec(), now, audit.cloned());
+        self.writes
+            .run(data, |(digest, name, wasm, now, audit), tx| {
+                Box::pin(async move {
+                    let r = sqlx::query(
+                        "INSERT INTO plugins (digest, name, size, wasm, uploaded_at) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(digest)
+                    .bind(name)
+                    .bind(wasm.len() as i64)
+                    .bind(wasm.as_slice())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    let new = r.rows_affected() == 1;
+                    if new {
+                        bump_catalog(&mut *tx).await?;
+                        if let Some(a) = audit {
+                            insert_audit(&mut *tx, a, *now).await?;
+                        }
+                    }
+                    Ok(new)
+                })
+            })
+            .await
     }
 
     async fn plugins(&self) -> Result<Vec<PluginRow>> {
@@ -2206,52 +2305,12 @@ impl CatalogStore for SqlStore {
         };
         // A built-in is this release's (an admin's change is no release's).
         let release = (source == "builtin").then_some(env!("CARGO_PKG_VERSION"));
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        let version: Option<i64> = match expected_version {
-            // Replace a definition that must exist at exactly this version.
-            Some(expected) if expected > 0 => {
-                sqlx::query_scalar(
-                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1, \
-                     builtin_release = $6 WHERE saga_type = $1 AND version = $5 RETURNING version",
-                )
-                .bind(&def.saga_type)
-                .bind(json)
-                .bind(source)
-                .bind(now)
-                .bind(expected)
-                .bind(release)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            // Create, or (no expectation) replace whatever is there. With an expectation of 0
-            // the update never matches, so an existing definition is a conflict.
-            _ => {
-                sqlx::query_scalar(
-                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version, builtin_release) \
-                     VALUES ($1, $2, $3, $4, 1, $6) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
-                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1, \
-                     builtin_release = excluded.builtin_release WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
-                )
-                .bind(&def.saga_type)
-                .bind(json)
-                .bind(source)
-                .bind(now)
-                .bind(expected_version)
-                .bind(release)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-        };
-        let Some(version) = version else {
-            tx.rollback().await?;
-            return Err(Error::Conflict);
-        };
-        bump_catalog(&mut tx).await?;
-        if let Some(a) = audit {
-            insert_audit(&mut tx, a, now).await?;
-        }
-        tx.commit().await?;
-        Ok(version)
+        let data = (def.saga_type.clone(), json, source, expected_version, release, now, audit.cloned());
+        self.writes
+            .run(data, |(saga_type, json, source, expected, release, now, audit), tx| {
+                Box::pin(put_definition(tx, saga_type, json, source, *expected, *release, *now, audit.as_ref()))
+            })
+            .await
     }
 
     async fn catalog_version(&self) -> Result<i64> {
@@ -2266,8 +2325,7 @@ impl CatalogStore for SqlStore {
 #[async_trait]
 impl AuditStore for SqlStore {
     async fn audit(&self, entry: &AuditEntry, now: i64) -> Result<()> {
-        let mut conn = self.writer.acquire().await?;
-        insert_audit(&mut conn, entry, now).await
+        self.writes.run_one((entry.clone(), now), |(entry, now), conn| Box::pin(insert_audit(conn, entry, *now))).await
     }
 
     async fn audit_log(&self, target: Option<&str>, before: Option<i64>, limit: u32) -> Result<Vec<AuditRecord>> {
@@ -2332,66 +2390,88 @@ impl JanitorStore for SqlStore {
         // subquery picked and a request claimed again meanwhile (the claim renews it in place)
         // is re-checked against its new version by the outer condition only; without it the
         // fresh claim would be deleted and a retry of that request could create a second saga.
-        let r = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE expires_at <= $1 AND (caller, route, key) IN \
+        self.writes
+            .run_one((now, limit), |(now, limit), conn| {
+                Box::pin(async move {
+                    let (now, limit) = (*now, *limit);
+                    let r = sqlx::query(
+                        "DELETE FROM idempotency_keys WHERE expires_at <= $1 AND (caller, route, key) IN \
              (SELECT caller, route, key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
-        )
-        .bind(now)
-        .bind(i64::from(limit))
-        .execute(&self.writer)
-        .await?;
-        Ok(r.rows_affected())
+                    )
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .execute(conn)
+                    .await?;
+                    Ok(r.rows_affected())
+                })
+            })
+            .await
     }
 
     async fn outbox_purge(&self, before: i64, limit: u32) -> Result<u64> {
-        let r = sqlx::query(OUTBOX_PURGE).bind(before).bind(i64::from(limit)).execute(&self.writer).await?;
-        Ok(r.rows_affected())
+        self.writes
+            .run_one((before, limit), |(before, limit), conn| {
+                Box::pin(async move {
+                    let r = sqlx::query(OUTBOX_PURGE).bind(before).bind(i64::from(*limit)).execute(conn).await?;
+                    Ok(r.rows_affected())
+                })
+            })
+            .await
     }
 
     async fn purge_finished_sagas(&self, before: i64, limit: u32, rows: u32) -> Result<Purged> {
-        let mut tx = super::dialect::begin(&self.writer, None).await?;
-        let ids: Vec<String> = sqlx::query_scalar(&self.sql.finished_sagas)
-            .bind(before)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
-        // A saga's outbox rows in chunks, within the call's budget of rows; the saga's steps
-        // (at most 64) and its row once none is left. Where the budget runs out mid-saga, the
-        // chunks deleted so far commit (published events past the retention: nothing needs
-        // them) and the saga, still finished, is picked again by the next call.
-        let (mut budget, mut sagas, mut more) = (i64::from(rows.max(1)), 0, ids.len() == limit as usize);
-        'sagas: for id in &ids {
-            loop {
-                let chunk = budget.min(PURGE_CHUNK);
-                if chunk == 0 {
-                    more = true;
-                    break 'sagas;
-                }
-                // Published rows only, checked on the deleted row itself: a dead letter
-                // redelivered meanwhile (its row unpublished again, or written again) is sent
-                // first, whatever becomes of its saga (the relay needs only the row).
-                let deleted = sqlx::query(
-                    "DELETE FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL AND id IN \
-                     (SELECT id FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL LIMIT $2)",
-                )
-                .bind(id)
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected() as i64;
-                budget -= deleted;
-                if deleted < chunk {
-                    break;
-                }
-            }
-            for sql in ["DELETE FROM saga_steps WHERE saga_id = $1", "DELETE FROM sagas WHERE id = $1"] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
-            }
-            sagas += 1;
-        }
-        tx.commit().await?;
-        Ok(Purged { sagas, more })
+        let data = (Arc::clone(&self.sql), before, limit, rows);
+        self.writes
+            .run(data, |(sql, before, limit, rows), conn| Box::pin(purge_finished(sql, *before, *limit, *rows, conn)))
+            .await
     }
+}
+
+/// [`JanitorStore::purge_finished_sagas`]'s job.
+async fn purge_finished(
+    sql: &Statements,
+    before: i64,
+    limit: u32,
+    rows: u32,
+    tx: &mut AnyConnection,
+) -> Result<Purged> {
+    let ids: Vec<String> =
+        sqlx::query_scalar(&sql.finished_sagas).bind(before).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+    // A saga's outbox rows in chunks, within the call's budget of rows; the saga's steps
+    // (at most 64) and its row once none is left. Where the budget runs out mid-saga, the
+    // chunks deleted so far commit (published events past the retention: nothing needs
+    // them) and the saga, still finished, is picked again by the next call.
+    let (mut budget, mut sagas, mut more) = (i64::from(rows.max(1)), 0, ids.len() == limit as usize);
+    'sagas: for id in &ids {
+        loop {
+            let chunk = budget.min(PURGE_CHUNK);
+            if chunk == 0 {
+                more = true;
+                break 'sagas;
+            }
+            // Published rows only, checked on the deleted row itself: a dead letter
+            // redelivered meanwhile (its row unpublished again, or written again) is sent
+            // first, whatever becomes of its saga (the relay needs only the row).
+            let deleted = sqlx::query(
+                "DELETE FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL AND id IN \
+                     (SELECT id FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL LIMIT $2)",
+            )
+            .bind(id)
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as i64;
+            budget -= deleted;
+            if deleted < chunk {
+                break;
+            }
+        }
+        for sql in ["DELETE FROM saga_steps WHERE saga_id = $1", "DELETE FROM sagas WHERE id = $1"] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        sagas += 1;
+    }
+    Ok(Purged { sagas, more })
 }
 
 #[async_trait]

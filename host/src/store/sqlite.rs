@@ -2,9 +2,10 @@
 //!
 //! Writes go through a pool of exactly one connection. SQLite allows one writer at a time
 //! anyway; funnelling writes through one connection means a transaction never meets
-//! `SQLITE_BUSY` halfway (no deferred-to-write lock upgrade can fail), and it is the natural
-//! place to batch commits across sagas later. Reads use a separate pool of read-only
-//! connections: in WAL mode readers never block the writer nor each other.
+//! `SQLITE_BUSY` halfway (no deferred-to-write lock upgrade can fail), and it is where commits
+//! are shared across sagas: the group-commit task (`batch.rs`) takes that connection for good,
+//! and every write is a job of it. Reads use a separate pool of read-only connections: in WAL
+//! mode readers never block the writer nor each other.
 //!
 //! `synchronous = FULL`: a commit is on disk before we acknowledge it, so "nothing
 //! acknowledged is lost" holds across power loss, not only process crashes.

@@ -646,6 +646,47 @@ async fn a_dead_letter_is_written_only_under_the_relay_lease_and_only_for_an_unp
     }
 }
 
+/// An operator's redelivery or discard of a dead letter happens once: again (a double click,
+/// two operators) it answers false and writes nothing, neither an outbox row nor an audit
+/// entry; and where writes share a transaction, that refusal leaves the others in it alone.
+#[tokio::test]
+async fn a_dead_letter_is_redelivered_or_discarded_once_and_a_second_try_writes_nothing() {
+    const LIVE: i64 = 60_000;
+    for b in backends().await {
+        let s = &b.store;
+        for id in ["e1", "e2"] {
+            s.create_saga(&new_saga(id), None, 0).await.unwrap();
+        }
+        let rows = s.outbox_pending(10).await.unwrap();
+        let (r1, r2) = (rows[0].clone(), rows[1].clone());
+        let a = s.relay_lease("a", LIVE).await.unwrap().unwrap();
+        let audited = || async { s.audit_log(None, None, 100).await.unwrap().len() };
+        let pending = || async { s.outbox_pending(10).await.unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>() };
+        assert!(s.outbox_dead_letter(r1.id, "refused", 1, "a", a).await.unwrap(), "{}", b.name);
+        assert!(s.outbox_dead_letter(r2.id, "refused", 1, "a", a).await.unwrap(), "{}", b.name);
+        let redeliver = entry("dead_letter.redeliver", &r1.event_id);
+        assert!(s.dead_letter_redeliver(&r1.event_id, 2, &redeliver).await.unwrap(), "{}", b.name);
+        assert_eq!((pending().await, audited().await), (vec![r1.id], 1), "{}", b.name);
+        // Again, alone and beside a write that commits in the same batch (SQLite).
+        assert!(!s.dead_letter_redeliver(&r1.event_id, 3, &redeliver).await.unwrap(), "{}: twice", b.name);
+        let e3 = new_saga("e3");
+        let (again, created) =
+            tokio::join!(s.dead_letter_redeliver(&r1.event_id, 3, &redeliver), s.create_saga(&e3, None, 3));
+        assert!(!again.unwrap(), "{}: beside another write", b.name);
+        assert_eq!(created.unwrap(), CreateOutcome::Created, "{}", b.name);
+        assert_eq!(pending().await.len(), 2, "{}: r1 once, and e3's event", b.name);
+        assert_eq!(audited().await, 1, "{}", b.name);
+        let discard = entry("dead_letter.discard", &r2.event_id);
+        assert!(s.dead_letter_discard(&r2.event_id, 4, &discard).await.unwrap(), "{}", b.name);
+        assert!(!s.dead_letter_discard(&r2.event_id, 5, &discard).await.unwrap(), "{}: twice", b.name);
+        assert!(!s.dead_letter_redeliver(&r2.event_id, 5, &redeliver).await.unwrap(), "{}: discarded", b.name);
+        assert!(s.dead_letters(None, 10).await.unwrap().is_empty(), "{}", b.name);
+        assert!(!pending().await.contains(&r2.id), "{}: a discarded event stays unsent", b.name);
+        assert_eq!(audited().await, 2, "{}", b.name);
+        b.cleanup().await;
+    }
+}
+
 /// The janitor's lease is a row of its own: one replica's janitor at a time, whoever holds
 /// the relay's.
 #[tokio::test]
