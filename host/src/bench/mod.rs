@@ -21,6 +21,7 @@ pub mod report;
 pub mod schedule;
 pub mod server;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
@@ -385,11 +386,13 @@ where
 {
     let before = scrape(&generator.client, metrics_urls).await;
     let server_before = cpu(pids);
+    let switches_before = switches(pids);
     let own_before = server::cpu_time("self");
     let measured = load().await;
     let ended = Instant::now();
     let own_after = server::cpu_time("self");
     let server_after = cpu(pids);
+    let switches_after = switches(pids);
     let asked = ended.elapsed();
     let after = scrape(&generator.client, metrics_urls).await;
 
@@ -410,6 +413,19 @@ where
     if let (Some(b), Some(a)) = (server_before, server_after) {
         if t.ok() > 0 {
             run.server_cpu_ms_per_saga = Some((a - b).as_secs_f64() * 1000.0 / t.ok() as f64);
+        }
+    }
+    if let (Some(b), Some(a)) = (switches_before, switches_after) {
+        if t.ok() > 0 {
+            let per_saga = |n: u64| n as f64 / t.ok() as f64;
+            // A group that appeared during the run counts whole; one whose threads ended, not.
+            let by_thread: BTreeMap<String, f64> = a
+                .iter()
+                .map(|(group, &n)| (group.clone(), per_saga(n.saturating_sub(b.get(group).copied().unwrap_or(0)))))
+                .filter(|&(_, n)| n > 0.0)
+                .collect();
+            run.server_context_switches_per_saga = Some(by_thread.values().sum());
+            run.server_context_switches_by_thread = by_thread;
         }
     }
     run.server_file_huge_pages_mib = huge_pages(pids);
@@ -498,6 +514,21 @@ fn cpu(pids: &[String]) -> Option<Duration> {
         }
     }
     Some(total)
+}
+
+/// The context switches of `pids`' threads by thread group, summed over the processes; `None`
+/// if one cannot be read (no warning: [`cpu`] gave it).
+fn switches(pids: &[String]) -> Option<BTreeMap<String, u64>> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut all = BTreeMap::new();
+    for pid in pids {
+        for (group, n) in server::context_switches(pid)? {
+            *all.entry(group).or_insert(0) += n;
+        }
+    }
+    Some(all)
 }
 
 /// The summed MiB of `pids`' files mapped with huge pages; `None` if one cannot be read (no

@@ -158,6 +158,10 @@ pub struct Run {
     pub servers_restarted: Vec<String>,
     /// CPU time (user + system) of the `--pid` processes per saga that ended as expected.
     pub server_cpu_ms_per_saga: Option<f64>,
+    /// Context switches of the `--pid` processes' threads per saga that ended as expected, and
+    /// the same by thread group (a pool's threads together: `server::context_switches`).
+    pub server_context_switches_per_saga: Option<f64>,
+    pub server_context_switches_by_thread: BTreeMap<String, f64>,
     /// MiB of the `--pid` processes' files (their code, mostly) mapped with huge pages at the
     /// end of the run (README, "Running it"): 0 for a binary run from an ordinary disk.
     pub server_file_huge_pages_mib: Option<f64>,
@@ -222,6 +226,8 @@ impl Run {
             server: BTreeMap::new(),
             servers_restarted: Vec::new(),
             server_cpu_ms_per_saga: None,
+            server_context_switches_per_saga: None,
+            server_context_switches_by_thread: BTreeMap::new(),
             server_file_huge_pages_mib: None,
             generator_cpu_s: None,
             generator_cpu_us_per_saga: None,
@@ -305,6 +311,12 @@ impl Run {
                 .collect();
             if let Some(cpu) = self.server_cpu_ms_per_saga {
                 parts.push(format!("CPU {cpu:.2} ms per saga"));
+            }
+            if let Some(switches) = self.server_context_switches_per_saga {
+                let mut busiest: Vec<(&String, &f64)> = self.server_context_switches_by_thread.iter().collect();
+                busiest.sort_by(|a, b| b.1.total_cmp(a.1));
+                let top: Vec<String> = busiest.iter().take(4).map(|(group, n)| format!("{group} {n:.1}")).collect();
+                parts.push(format!("context switches {switches:.1} per saga ({})", top.join(", ")));
             }
             if let Some(mib) = self.server_file_huge_pages_mib {
                 parts.push(format!("code on huge pages {mib:.0} MiB"));

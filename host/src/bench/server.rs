@@ -406,6 +406,47 @@ fn parse_huge_file_pages(rollup: &str) -> Option<u64> {
     found
 }
 
+/// Context switches (voluntary and involuntary) of each thread of a process so far, summed by
+/// thread group ([`thread_group`]), from `/proc/{pid}/task/*/{comm,status}`; `None` where there
+/// is no `/proc` or no such process. A thread that ended before the read is missing from it.
+/// At low rates a saga's time goes mostly to threads waking each other (a statement's round
+/// trip to SQLite's connection thread, a commit's answer), so the switches per saga, and whose
+/// they are, say where to look.
+pub fn context_switches(pid: &str) -> Option<BTreeMap<String, u64>> {
+    let mut groups = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let path = task.path();
+        // A thread may end between the listing and the reads: skipped.
+        let (Ok(comm), Ok(status)) =
+            (std::fs::read_to_string(path.join("comm")), std::fs::read_to_string(path.join("status")))
+        else {
+            continue;
+        };
+        if let Some(n) = parse_switches(&status) {
+            *groups.entry(thread_group(comm.trim()).to_owned()).or_insert(0) += n;
+        }
+    }
+    Some(groups)
+}
+
+/// The sum of `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a
+/// `/proc/PID/task/TID/status` file.
+fn parse_switches(status: &str) -> Option<u64> {
+    let field = |name: &str| {
+        status.lines().find_map(|line| line.strip_prefix(name)?.trim_start_matches(':').trim().parse::<u64>().ok())
+    };
+    Some(field("voluntary_ctxt_switches")? + field("nonvoluntary_ctxt_switches")?)
+}
+
+/// A thread's name without a pool's numbering (`tokio-runtime-worker-3`, `pool-12`): the
+/// threads of one pool count together. (Linux keeps 15 bytes of a name: `sqlx-sqlite-wor`.)
+fn thread_group(comm: &str) -> &str {
+    match comm.rsplit_once('-') {
+        Some((group, n)) if !group.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => group,
+        _ => comm,
+    }
+}
+
 /// utime and stime of a `/proc/PID/stat` line. The command name (field 2) is in parentheses
 /// and may hold spaces and parentheses itself, so fields are counted after its last `)`.
 fn parse_stat(stat: &str) -> Option<Duration> {
@@ -554,6 +595,24 @@ mod tests {
         assert_eq!(parse_huge_file_pages("ShmemPmdMapped: 0 kB\nFilePmdMapped: 0 kB\n"), Some(0));
         assert_eq!(parse_huge_file_pages("Rss: 5 kB\nAnonHugePages: 2048 kB\n"), None);
         assert_eq!(parse_huge_file_pages("ShmemPmdMapped: many kB\n"), None);
+    }
+
+    #[test]
+    fn context_switches_are_summed_by_thread_pool() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(parse_switches(status), Some(15));
+        assert_eq!(parse_switches("Name:\tx\nvoluntary_ctxt_switches:\t12\n"), None);
+        assert_eq!(thread_group("tokio-runtime-worker-3"), "tokio-runtime-worker");
+        assert_eq!(thread_group("sqlx-sqlite-wor"), "sqlx-sqlite-wor");
+        assert_eq!(thread_group("pool-12"), "pool");
+        assert_eq!(thread_group("-7"), "-7");
+        assert_eq!(thread_group("epoch-"), "epoch-");
+        // This test process has threads that have switched on Linux.
+        if cfg!(target_os = "linux") {
+            let own = context_switches("self").expect("/proc/self/task");
+            assert!(own.values().sum::<u64>() > 0, "{own:?}");
+        }
+        assert_eq!(context_switches("0"), None);
     }
 
     #[test]
