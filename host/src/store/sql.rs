@@ -597,41 +597,30 @@ async fn put_definition(
     now: i64,
     audit: Option<&AuditEntry>,
 ) -> Result<i64> {
-    let version: Option<i64> = match expected_version {
-            // Replace a definition that must exist at exactly this version.
-            Some(expected) if expected > 0 => {
-                sqlx::query_scalar(
-                    "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1, \
-                     builtin_release = $6 WHERE saga_type = $1 AND version = $5 RETURNING version",
-                )
-                .bind(saga_type)
-                .bind(json)
-                .bind(source)
-                .bind(now)
-                .bind(expected)
-                .bind(release)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            // Create, or (no expectation) replace whatever is there. With an expectation of 0
-            // the update never matches, so an existing definition is a conflict.
-            _ => {
-                sqlx::query_scalar(
-                    "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version, builtin_release) \
-                     VALUES ($1, $2, $3, $4, 1, $6) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
-                     source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1, \
-                     builtin_release = excluded.builtin_release WHERE CAST($5 AS BIGINT) IS NULL RETURNING version",
-                )
-                .bind(saga_type)
-                .bind(json)
-                .bind(source)
-                .bind(now)
-                .bind(expected_version)
-                .bind(release)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-        };
+    let sql = match expected_version {
+        // Replace a definition that must exist at exactly this version.
+        Some(expected) if expected > 0 => {
+            "UPDATE saga_definitions SET definition = $2, source = $3, updated_at = $4, version = version + 1, \
+             builtin_release = $6 WHERE saga_type = $1 AND version = $5 RETURNING version"
+        }
+        // Create, or (no expectation) replace whatever is there. With an expectation of 0 the
+        // update never matches, so an existing definition is a conflict.
+        _ => {
+            "INSERT INTO saga_definitions (saga_type, definition, source, updated_at, version, builtin_release) \
+             VALUES ($1, $2, $3, $4, 1, $6) ON CONFLICT (saga_type) DO UPDATE SET definition = excluded.definition, \
+             source = excluded.source, updated_at = excluded.updated_at, version = saga_definitions.version + 1, \
+             builtin_release = excluded.builtin_release WHERE CAST($5 AS BIGINT) IS NULL RETURNING version"
+        }
+    };
+    let version: Option<i64> = sqlx::query_scalar(sql)
+        .bind(saga_type)
+        .bind(json)
+        .bind(source)
+        .bind(now)
+        .bind(expected_version)
+        .bind(release)
+        .fetch_optional(&mut *tx)
+        .await?;
     // Nothing matched: nothing was written.
     let Some(version) = version else {
         return Err(Error::Conflict);
@@ -652,15 +641,15 @@ async fn redeliver(tx: &mut AnyConnection, event_id: &str, now: i64, audit: &Aud
     // seq: consumers see the same event). Either way the relay sends it next.
     sqlx::query(
         "UPDATE outbox SET published_at = NULL WHERE event_id = $1 AND published_at IS NOT NULL \
-             AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
+         AND EXISTS (SELECT 1 FROM dead_letters WHERE dead_letters.event_id = $1)",
     )
     .bind(event_id)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
         "INSERT INTO outbox (event_id, saga_id, seq, event_type, payload, created_at) \
-             SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
-             ON CONFLICT DO NOTHING",
+         SELECT event_id, saga_id, seq, event_type, payload, $2 FROM dead_letters WHERE event_id = $1 \
+         ON CONFLICT DO NOTHING",
     )
     .bind(event_id)
     .bind(now)
@@ -1907,7 +1896,7 @@ async fn put_grants(
     // one this change replaces, and the audit trail chains without a gap.
     sqlx::query(
         "INSERT INTO plugin_grants (plugin, allowed_hosts, updated_at) VALUES ($1, '[]', $2) \
-             ON CONFLICT (plugin) DO UPDATE SET updated_at = plugin_grants.updated_at",
+         ON CONFLICT (plugin) DO UPDATE SET updated_at = plugin_grants.updated_at",
     )
     .bind(plugin)
     .bind(now)
@@ -2454,7 +2443,7 @@ async fn purge_finished(
             // first, whatever becomes of its saga (the relay needs only the row).
             let deleted = sqlx::query(
                 "DELETE FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL AND id IN \
-                     (SELECT id FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL LIMIT $2)",
+                 (SELECT id FROM outbox WHERE saga_id = $1 AND published_at IS NOT NULL LIMIT $2)",
             )
             .bind(id)
             .bind(chunk)
