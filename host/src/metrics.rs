@@ -644,12 +644,16 @@ impl Metrics {
         transactions.inc_by(writes.transactions);
         scrape.register(
             "store_write_transactions",
-            "Database transactions the hot-path writes ran in (with group commit many writes share one)",
+            "Database transactions the writes ran in (with group commit many writes share one)",
             transactions,
         );
         let jobs = Counter::<u64>::default();
         jobs.inc_by(writes.jobs);
-        scrape.register("store_writes", "Hot-path writes (transitions, creations, claims, leases, outbox marks)", jobs);
+        scrape.register(
+            "store_writes",
+            "Writes (transitions, creations, claims, leases, outbox marks; purges, catalog and grant changes)",
+            jobs,
+        );
 
         let reads = store.state_read_stats();
         let state_reads = Family::<AnsweredBy, Counter>::default();

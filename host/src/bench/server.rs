@@ -231,7 +231,7 @@ pub const FIGURES: &[Figure] = &[
     },
     Figure {
         key: "store_writes_per_saga",
-        label: "store writes per saga (hot path)",
+        label: "store writes per saga",
         kind: Kind::PerSaga { sample: "sagahost_store_writes_total" },
     },
     Figure {

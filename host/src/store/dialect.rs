@@ -59,7 +59,7 @@ pub trait Dialect: Send + Sync + 'static {
     /// set of any size, where `IN ($2, $3, ..)` takes a placeholder per member and a
     /// statement per size.
     fn in_integers(&self, column: &str, param: &str) -> String;
-    /// Whether hot-path writes share transactions ([`super::batch::Writes::Grouped`]): true
+    /// Whether writes share transactions ([`super::batch::Writes::Grouped`]): true
     /// where the database has one writer and a commit is an fsync the next writer waits for.
     fn group_commit(&self) -> bool;
     /// How the statements of one write are folded into fewer queries, each a round trip.

@@ -21,7 +21,7 @@
 //! saga's `seq` being the one its state was read at, and the driver's also on its `epoch`, so
 //! neither a worker that lost its claim nor a change computed from a stale read can commit.
 //!
-//! The hot-path writes go through one commit path, `batch.rs`: on SQLite many of them share a
+//! Every write goes through one commit path, `batch.rs`: on SQLite many of them share a
 //! transaction and its fsync (group commit), on PostgreSQL each has its own. Either way a
 //! write is answered only once it is durable.
 
@@ -659,7 +659,7 @@ pub trait StatsStore: Send + Sync + 'static {
     async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)>;
     /// Sagas by (type, status, count), for metrics.
     async fn saga_counts(&self) -> Result<Vec<(String, String, i64)>>;
-    /// How the hot-path writes were committed since the store opened (no database read).
+    /// How the writes were committed since the store opened (no database read).
     fn write_stats(&self) -> WriteStats {
         WriteStats::default()
     }
@@ -685,7 +685,7 @@ pub struct StateReadStats {
     pub catalog_checks_refused: u64,
 }
 
-/// The hot-path writes so far: with group commit (SQLite) `jobs / transactions` is how many
+/// The writes so far: with group commit (SQLite) `jobs / transactions` is how many
 /// writes shared each commit and its fsync; elsewhere the two are equal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
