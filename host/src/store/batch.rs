@@ -6,10 +6,11 @@
 //! creation with its idempotency claim, a claim, a lease renewal, an outbox mark, and the rarer
 //! ones: the janitor's purges, catalog, grant and audit changes) to one task that owns the
 //! writer connection for good: it takes every job that is queued, runs them one after another
-//! inside ONE transaction, commits once, and only then answers each caller. Nobody is answered before the flush that makes their write durable,
-//! so "acknowledged means durable" holds exactly as with one commit per write. With one
-//! caller the batch is that caller's job alone: no timer, no added latency; under load the
-//! batch is whatever queued during the previous flush.
+//! inside ONE transaction, commits once, and only then answers each caller. Nobody is answered
+//! before the flush that makes their write durable, so "acknowledged means durable" holds
+//! exactly as with one commit per write. With one caller the batch is that caller's job alone:
+//! no timer, no added latency; under load the batch is whatever queued during the previous
+//! flush.
 //!
 //! A batch keeps each job's all-or-nothing meaning:
 //! - A job that refuses (`Fenced`: its saga moved on; `Conflict`: a compare-and-set lost) has
@@ -256,17 +257,17 @@ async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn 
             }
         }
         counters.transactions.fetch_add(1, Ordering::Relaxed);
-        if held.is_none() {
-            match pool.acquire().await {
-                Ok(conn) => held = Some(conn),
+        let conn = match held.take() {
+            Some(conn) => held.insert(conn),
+            None => match pool.acquire().await {
+                Ok(conn) => held.insert(conn),
                 Err(e) => {
                     let e = Error::from(e);
                     batch.drain(..).for_each(|job| job.fail(e.replicate()));
                     continue;
                 }
-            }
-        }
-        let Some(conn) = held.as_mut() else { continue };
+            },
+        };
         if !run_batch(conn, &mut batch).await {
             // Closed, not given back: the next batch connects again.
             if let Some(lost) = held.take() {
