@@ -38,6 +38,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use futures_util::TryStreamExt as _;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
@@ -247,7 +248,7 @@ impl<D: Send + Sync + 'static, T: Send + 'static> Queued for Slot<D, T> {
 /// it.
 async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn Queued>>, counters: Arc<Counters>) {
     let mut batch: Vec<Box<dyn Queued>> = Vec::with_capacity(MAX_BATCH);
-    let mut held: Option<PoolConnection<Any>> = None;
+    let mut held: Option<Writer> = None;
     while let Some(first) = queue.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -257,10 +258,10 @@ async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn 
             }
         }
         counters.transactions.fetch_add(1, Ordering::Relaxed);
-        let conn = match held.take() {
-            Some(conn) => held.insert(conn),
+        let writer = match held.take() {
+            Some(writer) => held.insert(writer),
             None => match pool.acquire().await {
-                Ok(conn) => held.insert(conn),
+                Ok(conn) => held.insert(Writer { conn, begun: false }),
                 Err(e) => {
                     let e = Error::from(e);
                     batch.drain(..).for_each(|job| job.fail(e.replicate()));
@@ -268,16 +269,91 @@ async fn group_commit(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Box<dyn 
                 }
             },
         };
-        if !run_batch(conn, &mut batch).await {
+        if !run_batch(writer, &mut batch).await {
             // Closed, not given back: the next batch connects again.
             if let Some(lost) = held.take() {
-                let _ = lost.close().await;
+                let _ = lost.conn.close().await;
             }
         }
         debug_assert!(batch.is_empty());
     }
-    if let Some(conn) = held {
-        let _ = conn.close().await;
+    // Closing rolls back the transaction begun for a batch that never came: it wrote nothing.
+    if let Some(writer) = held {
+        let _ = writer.conn.close().await;
+    }
+}
+
+/// The writer's connection, and whether a transaction is open on it that no statement has
+/// touched yet.
+///
+/// A batch's commit begins the next batch's transaction in the same round trip to the
+/// connection's thread (`COMMIT; BEGIN`), so a batch starts without one of its own: at low
+/// rates, where every write is a batch of one, that is one round trip of three. SQLite's
+/// `BEGIN` is deferred: it takes no lock and fixes no snapshot until the transaction's first
+/// statement, so an idle transaction holds back nothing (not the checkpointer, not the WAL's
+/// restart) and the next batch sees every commit before it. Only these statements open and
+/// close transactions on this connection (no job does; sqlx's own transaction methods are not
+/// used here, as they would not know of this one).
+struct Writer {
+    conn: PoolConnection<Any>,
+    begun: bool,
+}
+
+impl Writer {
+    /// Makes sure a transaction is open. Should a `BEGIN` find one open that this does not
+    /// know of (none can be, but a connection stuck in one would refuse every batch), that one
+    /// is rolled back and the `BEGIN` tried once more.
+    async fn open(&mut self) -> Result<()> {
+        if self.begun {
+            return Ok(());
+        }
+        if sqlx::Executor::execute(&mut *self.conn, "BEGIN").await.is_err() {
+            self.roll_back().await;
+            sqlx::Executor::execute(&mut *self.conn, "BEGIN").await?;
+        }
+        self.begun = true;
+        Ok(())
+    }
+
+    /// Commits the open transaction and begins the next one. `Ok` once the commit is durable,
+    /// whether or not the `BEGIN` after it ran (if not, the next batch begins on its own).
+    async fn commit(&mut self) -> Result<()> {
+        self.begun = false;
+        let mut done = 0;
+        let failed = {
+            // One result per statement, in order: an error before the first is the commit's.
+            let mut results = sqlx::Executor::fetch_many(&mut *self.conn, "COMMIT; BEGIN");
+            loop {
+                match results.try_next().await {
+                    Ok(Some(_)) => done += 1,
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            }
+        };
+        match (failed, done) {
+            (None, _) => {
+                self.begun = done == 2;
+                Ok(())
+            }
+            (Some(e), 0) => {
+                // SQLite may have rolled the transaction back itself (an I/O error) or kept it
+                // open (busy): either way it is gone after this, and none of it is durable.
+                self.roll_back().await;
+                Err(e.into())
+            }
+            (Some(e), _) => {
+                tracing::debug!(error = %e, "the writer's next transaction did not begin; the next batch begins it");
+                Ok(())
+            }
+        }
+    }
+
+    /// Rolls the open transaction back. A failure to is not reported: the transaction is gone
+    /// either way (or the connection is, which the batch's own error shows).
+    async fn roll_back(&mut self) {
+        self.begun = false;
+        let _ = sqlx::Executor::execute(&mut *self.conn, "ROLLBACK").await;
     }
 }
 
@@ -289,11 +365,11 @@ enum Failed {
     Job,
 }
 
-/// Runs `batch` on `conn` and answers every job. False when the connection was lost on the
+/// Runs `batch` on `writer` and answers every job. False when the connection was lost on the
 /// way (the next batch needs a new one).
-async fn run_batch(conn: &mut AnyConnection, batch: &mut Vec<Box<dyn Queued>>) -> bool {
+async fn run_batch(writer: &mut Writer, batch: &mut Vec<Box<dyn Queued>>) -> bool {
     tracing::trace!(jobs = batch.len(), "group commit");
-    match together(conn, batch).await {
+    match together(writer, batch).await {
         Ok(()) => {
             batch.drain(..).for_each(|job| job.answer());
             true
@@ -306,7 +382,7 @@ async fn run_batch(conn: &mut AnyConnection, batch: &mut Vec<Box<dyn Queued>>) -
             // Each alone, so the failure stays with its job.
             let mut kept = true;
             for mut job in batch.drain(..) {
-                match alone(conn, job.as_mut()).await {
+                match alone(writer, job.as_mut()).await {
                     Ok(()) => job.answer(),
                     Err(e) => {
                         kept &= !e.is_lost_connection();
@@ -321,25 +397,25 @@ async fn run_batch(conn: &mut AnyConnection, batch: &mut Vec<Box<dyn Queued>>) -
 
 /// The batch in one transaction on the writer's own connection. (Not [`super::dialect::begin`]:
 /// this task is never cancelled halfway, so no `BEGIN` of it can be forgotten.)
-async fn together(conn: &mut AnyConnection, batch: &mut [Box<dyn Queued>]) -> Result<(), Failed> {
-    let mut tx = sqlx::Connection::begin(conn).await.map_err(|e| Failed::Batch(e.into()))?;
+async fn together(writer: &mut Writer, batch: &mut [Box<dyn Queued>]) -> Result<(), Failed> {
+    writer.open().await.map_err(Failed::Batch)?;
     for job in batch.iter_mut() {
-        if job.run(&mut tx).await.is_err() {
-            let _ = tx.rollback().await;
+        if job.run(&mut writer.conn).await.is_err() {
+            writer.roll_back().await;
             return Err(Failed::Job);
         }
     }
-    tx.commit().await.map_err(|e| Failed::Batch(e.into()))
+    writer.commit().await.map_err(Failed::Batch)
 }
 
 /// Runs one job in its own transaction: `Ok` when its kept result may be sent (committed, or
 /// refused without writing).
-async fn alone(conn: &mut AnyConnection, job: &mut dyn Queued) -> Result<()> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    match job.run(&mut tx).await {
-        Ok(()) => Ok(tx.commit().await?),
+async fn alone(writer: &mut Writer, job: &mut dyn Queued) -> Result<()> {
+    writer.open().await?;
+    match job.run(&mut writer.conn).await {
+        Ok(()) => writer.commit().await,
         Err(e) => {
-            let _ = tx.rollback().await;
+            writer.roll_back().await;
             Err(e)
         }
     }

@@ -1754,6 +1754,37 @@ async fn a_write_failing_halfway_fails_alone_and_leaves_nothing() {
     }
 }
 
+/// Between batches the SQLite writer sits in the transaction its last commit began for the
+/// next batch (`COMMIT; BEGIN`): deferred, it must hold back nothing. Another connection takes
+/// the write lock at once and a checkpoint copies and truncates the whole WAL (neither could
+/// if that transaction held a lock or a snapshot), and the next write commits as ever.
+#[tokio::test]
+async fn the_sqlite_writers_idle_transaction_holds_no_lock_and_no_snapshot() {
+    use sqlx::{Connection as _, Executor as _, Row as _};
+    for b in backends().await {
+        let Some(file) = &b.file else {
+            b.cleanup().await;
+            continue;
+        };
+        for i in 0..3 {
+            b.store.create_saga(&new_saga(&format!("idle{i}")), None, 0).await.unwrap();
+        }
+        let mut other = sqlx::SqliteConnection::connect(&sqlite::file_url(file)).await.unwrap();
+        other.execute("PRAGMA busy_timeout = 0").await.unwrap();
+        other.execute("BEGIN IMMEDIATE").await.expect("the idle writer holds no lock");
+        other.execute("ROLLBACK").await.unwrap();
+        // The store's own checkpointer may be copying right now: wait for it, not for ever.
+        other.execute("PRAGMA busy_timeout = 2000").await.unwrap();
+        let row = other.fetch_one("PRAGMA wal_checkpoint(TRUNCATE)").await.unwrap();
+        let (busy, log, copied): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((busy, log, copied), (0, 0, 0), "sqlite: the WAL was not truncated: a snapshot held it back");
+        other.close().await.unwrap();
+        b.store.create_saga(&new_saga("idle3"), None, 0).await.unwrap();
+        assert_eq!(b.store.list_sagas("order", None, None, 100).await.unwrap().len(), 4, "sqlite");
+        b.cleanup().await;
+    }
+}
+
 /// A saga created with a lease is born claimed (epoch 1, owned), so no other claimer takes
 /// it while the lease runs; without one it is free for the first claim.
 #[tokio::test]
