@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
+use sqlx::pool::PoolConnection;
 use sqlx::Row;
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::{Any, AnyConnection, AnyPool};
 
 use super::batch::Writes;
 use super::cache::{self, StateCache};
@@ -171,6 +172,9 @@ pub struct SqlStore {
     writes: Writes,
     /// Plain reads. For PostgreSQL, the same pool as `writer`.
     reader: AnyPool,
+    /// A connection of `reader` the relay's reads keep from one batch to the next
+    /// (`outbox_batch`).
+    relay_conn: std::sync::Mutex<Option<PoolConnection<Any>>>,
     sql: Arc<Statements>,
     /// The plugin state keys that may exist, for a serving host ([`KeyFilter`]): reads of
     /// other keys answer "absent" without a query (exactly where this process owns the
@@ -458,6 +462,7 @@ impl SqlStore {
             dialect,
             writes,
             reader: pools.reader,
+            relay_conn: std::sync::Mutex::new(None),
             sql,
             cache: keys.is_some().then(|| Arc::new(StateCache::new(cache::BUDGET, cache::LARGEST))),
             keys,
@@ -2058,7 +2063,7 @@ impl OutboxStore for SqlStore {
     async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
         // The oldest `limit` first (the index on unpublished rows, no more rows read), then
         // their running size: a row goes in while the rows before it stay under the budget.
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM ( \
                SELECT p.*, SUM(LENGTH(p.payload)) OVER (ORDER BY p.id) - LENGTH(p.payload) AS before_it FROM ( \
                  SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox \
@@ -2067,9 +2072,19 @@ impl OutboxStore for SqlStore {
              ) AS b WHERE before_it < $2 ORDER BY id",
         )
         .bind(i64::from(limit))
-        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
-        .fetch_all(&self.reader)
-        .await?;
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        // On a connection kept from one batch to the next: sqlx tests every connection that
+        // goes back to its pool (a ping: one more round trip per read, on SQLite a wake-up of
+        // the connection's thread too), and at low rates the relay reads once per saga. Taken
+        // out while in use, so a read that fails or is dropped halfway gives it back to the
+        // pool, which tests it, instead of keeping it.
+        let held = self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => self.reader.acquire().await?,
+        };
+        let rows = query.fetch_all(&mut *conn).await?;
+        *self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
         rows.iter().map(outbox_from_row).collect()
     }
 

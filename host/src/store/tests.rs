@@ -1256,6 +1256,46 @@ async fn the_relays_batch_is_bounded_by_rows_and_by_bytes() {
     }
 }
 
+/// The relay's reads keep a connection from one batch to the next; a read dropped at any point
+/// (the relay stopped halfway) leaves no half-read connection behind for the next one.
+#[tokio::test]
+async fn relay_reads_dropped_halfway_leave_the_next_read_whole() {
+    for b in backends().await {
+        let s = &b.store;
+        for i in 0..20 {
+            s.create_saga(&new_saga(&format!("r{i:02}")), None, 0).await.unwrap();
+        }
+        let ids = |rows: Vec<OutboxRow>| rows.iter().map(|r| r.id).collect::<Vec<_>>();
+        let all = ids(s.outbox_pending(100).await.unwrap());
+        assert_eq!(all.len(), 20, "{}", b.name);
+        let mut dropped = 0;
+        for polls in 1..=12 {
+            // Polled `polls` times, yielding in between (the query is on its way meanwhile),
+            // then dropped unless it finished.
+            let mut read = s.outbox_batch(100, usize::MAX);
+            let mut finished = None;
+            for _ in 0..polls {
+                let poll =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(read.as_mut(), cx)))
+                        .await;
+                if let std::task::Poll::Ready(rows) = poll {
+                    finished = Some(rows);
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            match finished {
+                Some(rows) => assert_eq!(ids(rows.unwrap()), all, "{}: a whole read", b.name),
+                None => dropped += 1,
+            }
+            drop(read);
+            assert_eq!(ids(s.outbox_batch(100, usize::MAX).await.unwrap()), all, "{}: after {polls} polls", b.name);
+        }
+        assert!(dropped > 0, "{}: no read was dropped halfway", b.name);
+        b.cleanup().await;
+    }
+}
+
 /// A mark is one statement whatever its size (its ids travel as one value): it publishes
 /// exactly the rows it lists, however many, and nothing else; ids listed twice, or of rows
 /// already published, change nothing more.
