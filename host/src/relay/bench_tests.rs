@@ -128,6 +128,8 @@ async fn drain(label: &str, store: &Arc<dyn Store>, sink: Box<dyn Sink>, sagas: 
         published += n;
     }
     let elapsed = started.elapsed();
+    // The next sink's drain on this store has an owner of its own.
+    store.relay_release(&options.owner).await.unwrap();
     let rate = total as f64 / elapsed.as_secs_f64();
     println!(
         "relay {label}: {total} events in {:.2} s = {rate:.0} events/s (batch {})",
