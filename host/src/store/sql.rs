@@ -384,6 +384,33 @@ impl SqlStore {
         }
     }
 
+    /// [`OutboxStore::outbox_batch`], one attempt, on the relay's kept connection
+    /// (`relay_conn`).
+    async fn outbox_batch_once(&self, limit: u32, max_bytes: usize) -> Result<Vec<AnyRow>> {
+        // The oldest `limit` first (the index on unpublished rows, no more rows read), then
+        // their running size: a row goes in while the rows before it stay under the budget.
+        let query = sqlx::query(
+            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM ( \
+               SELECT p.*, SUM(LENGTH(p.payload)) OVER (ORDER BY p.id) - LENGTH(p.payload) AS before_it FROM ( \
+                 SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox \
+                 WHERE published_at IS NULL ORDER BY id LIMIT $1 \
+               ) AS p \
+             ) AS b WHERE before_it < $2 ORDER BY id",
+        )
+        .bind(i64::from(limit))
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        // Taken out while in use, so a read that fails or is dropped halfway gives it back to
+        // the pool, which tests it, instead of keeping it.
+        let held = self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => self.reader.acquire().await?,
+        };
+        let rows = query.fetch_all(&mut *conn).await?;
+        *self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
+        Ok(rows)
+    }
+
     /// [`SagaStore::saga`], one attempt.
     async fn saga_once(&self, id: &str) -> Result<Option<SagaRecord>> {
         // One read transaction, so the saga row and its steps are one snapshot.
@@ -2061,30 +2088,12 @@ impl OutboxStore for SqlStore {
     }
 
     async fn outbox_batch(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
-        // The oldest `limit` first (the index on unpublished rows, no more rows read), then
-        // their running size: a row goes in while the rows before it stay under the budget.
-        let query = sqlx::query(
-            "SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM ( \
-               SELECT p.*, SUM(LENGTH(p.payload)) OVER (ORDER BY p.id) - LENGTH(p.payload) AS before_it FROM ( \
-                 SELECT id, event_id, saga_id, seq, event_type, payload, created_at FROM outbox \
-                 WHERE published_at IS NULL ORDER BY id LIMIT $1 \
-               ) AS p \
-             ) AS b WHERE before_it < $2 ORDER BY id",
-        )
-        .bind(i64::from(limit))
-        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX));
         // On a connection kept from one batch to the next: sqlx tests every connection that
         // goes back to its pool (a ping: one more round trip per read, on SQLite a wake-up of
-        // the connection's thread too), and at low rates the relay reads once per saga. Taken
-        // out while in use, so a read that fails or is dropped halfway gives it back to the
-        // pool, which tests it, instead of keeping it.
-        let held = self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let mut conn = match held {
-            Some(conn) => conn,
-            None => self.reader.acquire().await?,
-        };
-        let rows = query.fetch_all(&mut *conn).await?;
-        *self.relay_conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
+        // the connection's thread too), and at low rates the relay reads once per saga. Kept,
+        // it skips the pool's check of an idle connection too (PostgreSQL), so one that died
+        // meanwhile (a restart, a failover) is read again on another, as every read is.
+        let rows = self.read(|| self.outbox_batch_once(limit, max_bytes)).await?;
         rows.iter().map(outbox_from_row).collect()
     }
 

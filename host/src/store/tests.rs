@@ -1673,6 +1673,36 @@ async fn reads_right_after_the_server_ended_every_session_succeed() {
     }
 }
 
+/// The relay's reads keep their connection, out of the pool's sight: one the server ended
+/// while it was kept (a restart, a failover) fails its read, which runs again on another.
+#[tokio::test]
+async fn a_relay_read_whose_kept_connection_the_server_ended_is_read_again() {
+    use sqlx::Connection as _;
+    for b in backends().await {
+        if let Some((admin, url)) = &b.pg {
+            let s = &b.store;
+            s.create_saga(&new_saga("s1"), None, 0).await.unwrap();
+            let before = s.outbox_batch(100, usize::MAX).await.unwrap();
+            assert_eq!(before.len(), 1);
+            let db = url.rsplit('/').next().unwrap();
+            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+            let ended: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'sagahost'",
+            )
+            .bind(db)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            assert!(!ended.is_empty());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let after = s.outbox_batch(100, usize::MAX).await.expect("a relay read after the sessions ended");
+            assert_eq!(after.iter().map(|r| r.id).collect::<Vec<_>>(), before.iter().map(|r| r.id).collect::<Vec<_>>());
+        }
+        b.cleanup().await;
+    }
+}
+
 /// Architecture invariant: only `store/` speaks to the database. Checked in code, so that a
 /// `sqlx::` path outside it (a leaked error type, a stray query) fails the build's tests.
 #[test]
